@@ -1,0 +1,1 @@
+"""The management HTTP API (FastAPI): workloads by slug, keys, workers."""

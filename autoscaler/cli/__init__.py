@@ -1,0 +1,39 @@
+"""The ``autoscaler`` command: one click group, one module per family of subcommands.
+
+Each module in ``COMMAND_MODULES`` exposes ``register(group)``; the group imports them
+lazily so that ``autoscaler --help`` stays fast and a client command never loads the
+server stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "autoscaler.cli.serve",
+    "autoscaler.cli.workloads",
+    "autoscaler.cli.catalog",
+    "autoscaler.cli.engine_sim",
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="gpu-autoscaler")
+def main() -> None:
+    """GPU inference autoscaler: declare workloads, get scaled, routed endpoints."""
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:  # a missing dependency, not a missing command module
+                raise
+            continue
+        module.register(main)
+
+
+_register_all()

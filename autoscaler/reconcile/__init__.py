@@ -1,0 +1,1 @@
+"""Level-based loops that read state, call ``decide`` and carry out its actions."""

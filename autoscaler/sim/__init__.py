@@ -1,0 +1,1 @@
+"""Trace replay on a simulated cloud, baselines and the oracle."""

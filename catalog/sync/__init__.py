@@ -1,0 +1,1 @@
+"""Fetch offers from AWS and GCP into a new snapshot."""
