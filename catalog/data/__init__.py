@@ -1,0 +1,1 @@
+"""The bundled data files: GPU table, CUDA table, offer snapshot."""
