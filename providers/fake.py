@@ -1,0 +1,197 @@
+"""A recording fake provider for tests of the layers above.
+
+Like Karpenter's fake cloud provider it records every call, takes an injected next error
+per method, and keeps its machines in a :class:`FakeCloud` that outlives any one
+:class:`FakeProvider`, so a test can "crash" the controller by dropping the provider and
+build a new one with no memory that still finds the instances by their tags.
+"""
+
+from __future__ import annotations
+
+import builtins
+import itertools
+from collections import defaultdict, deque
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from providers.base import (
+    CLUSTER_TAG,
+    Clock,
+    Instance,
+    InstanceState,
+    LaunchRequest,
+    NotFound,
+    ProviderError,
+    SpotInterruption,
+    SystemClock,
+    pick_for_launch,
+    utc,
+)
+
+Method = Literal["launch", "terminate", "list", "describe", "find_by_launch_id", "interruptions"]
+
+
+@dataclass(frozen=True, slots=True)
+class FakeCall:
+    """One call the fake received, in order."""
+
+    method: Method
+    argument: object
+
+
+@dataclass(slots=True)
+class _Machine:
+    instance: Instance
+    running_at: float
+
+
+class FakeCloud:
+    """The fake's world: machines, idempotency tokens, interruptions, on an injected clock.
+
+    Instances are ``PENDING`` for ``boot_seconds`` of clock time, then ``RUNNING``.
+    Terminated and interrupted instances stay visible with that state until
+    :meth:`forget` removes them, as EC2 keeps terminated instances listed for a while.
+    """
+
+    def __init__(self, *, clock: Clock | None = None, boot_seconds: float = 0.0) -> None:
+        self.clock: Clock = clock or SystemClock()
+        self.boot_seconds = boot_seconds
+        self._machines: dict[str, _Machine] = {}
+        self._by_token: dict[str, str] = {}
+        self._interruptions: dict[str, SpotInterruption] = {}
+        self._ids = itertools.count(1)
+        self.launch_error: type[ProviderError] | None = None
+        """While set, every launch fails with this error (the cloud is out of capacity…)."""
+
+    def create(self, request: LaunchRequest, provider: str) -> Instance:
+        existing = self._by_token.get(request.client_token)
+        if existing is not None:
+            return self.get(existing)
+        instance_id = f"{provider}-{next(self._ids):08d}"
+        now = self.clock.now()
+        instance = Instance(
+            provider=request.offer.provider,
+            instance_id=instance_id,
+            launch_id=request.launch_id,
+            zone=request.offer.zone,
+            instance_type=request.offer.instance_type,
+            state=InstanceState.PENDING,
+            spot=request.spot,
+            launched_at=utc(now),
+            tags=request.tags,
+            private_address=f"10.0.{len(self._machines) // 250}.{len(self._machines) % 250 + 2}",
+        )
+        self._machines[instance_id] = _Machine(instance, running_at=now + self.boot_seconds)
+        self._by_token[request.client_token] = instance_id
+        return self.get(instance_id)
+
+    def get(self, instance_id: str) -> Instance:
+        machine = self._machines.get(instance_id)
+        if machine is None:
+            raise KeyError(instance_id)
+        if (
+            machine.instance.state is InstanceState.PENDING
+            and self.clock.now() >= machine.running_at
+        ):
+            machine.instance = replace(machine.instance, state=InstanceState.RUNNING)
+        return machine.instance
+
+    def all(self) -> builtins.list[Instance]:
+        return [self.get(instance_id) for instance_id in self._machines]
+
+    def set_state(self, instance_id: str, state: InstanceState) -> Instance:
+        machine = self._machines[instance_id]
+        machine.instance = replace(machine.instance, state=state)
+        return machine.instance
+
+    def interrupt(self, instance_id: str, *, reason: str = "spot capacity reclaimed") -> None:
+        """Reclaim a spot instance as the provider would."""
+        instance = self.get(instance_id)
+        if not instance.spot:
+            raise ValueError(f"{instance_id} is on-demand; only spot instances are interrupted")
+        self.set_state(instance_id, InstanceState.INTERRUPTED)
+        self._interruptions[instance_id] = SpotInterruption(
+            instance_id=instance_id,
+            launch_id=instance.launch_id,
+            zone=instance.zone,
+            instance_type=instance.instance_type,
+            noticed_at=utc(self.clock.now()),
+            reason=reason,
+        )
+
+    def interruptions(self) -> builtins.list[SpotInterruption]:
+        return [i for key, i in self._interruptions.items() if key in self._machines]
+
+    def forget(self, instance_id: str) -> None:
+        """The provider stops showing the instance at all (after termination)."""
+        self._machines.pop(instance_id, None)
+
+
+class FakeProvider:
+    """A :class:`providers.base.Provider` over a :class:`FakeCloud` that records its calls.
+
+    ``fail_next(method, error)`` makes the next call of ``method`` raise ``error``; give an
+    error class to have the fake write the message with the action that failed.
+    """
+
+    def __init__(self, cloud: FakeCloud | None = None, *, name: str = "fake") -> None:
+        self.name = name
+        self.cloud = cloud or FakeCloud()
+        self.calls: builtins.list[FakeCall] = []
+        self._errors: dict[Method, deque[ProviderError | type[ProviderError]]] = defaultdict(deque)
+
+    def fail_next(self, method: Method, error: ProviderError | type[ProviderError]) -> None:
+        """Queue ``error`` for the next call of ``method`` (errors queue up in order)."""
+        self._errors[method].append(error)
+
+    def calls_to(self, method: Method) -> builtins.list[FakeCall]:
+        return [call for call in self.calls if call.method == method]
+
+    def _enter(self, method: Method, argument: object, action: str) -> None:
+        self.calls.append(FakeCall(method, argument))
+        queue = self._errors.get(method)
+        if queue:
+            error = queue.popleft()
+            raise error if isinstance(error, ProviderError) else error(action, "injected")
+
+    async def launch(self, request: LaunchRequest) -> Instance:
+        self._enter("launch", request, request.action)
+        if self.cloud.launch_error is not None:
+            raise self.cloud.launch_error(request.action, "the cloud refuses launches")
+        return self.cloud.create(request, self.name)
+
+    async def terminate(self, instance_id: str) -> None:
+        self._enter("terminate", instance_id, f"terminating {instance_id}")
+        try:
+            instance = self.cloud.get(instance_id)
+        except KeyError:
+            return
+        if not instance.state.is_gone:
+            self.cloud.set_state(instance_id, InstanceState.TERMINATED)
+
+    async def list(self, cluster_id: str) -> builtins.list[Instance]:
+        self._enter("list", cluster_id, f"listing instances of cluster {cluster_id}")
+        return [i for i in self.cloud.all() if i.tags.get(CLUSTER_TAG) == cluster_id]
+
+    async def describe(self, instance_id: str) -> Instance:
+        action = f"describing {instance_id}"
+        self._enter("describe", instance_id, action)
+        try:
+            return self.cloud.get(instance_id)
+        except KeyError:
+            raise NotFound(action, "no such instance") from None
+
+    async def find_by_launch_id(self, cluster_id: str, launch_id: str) -> Instance | None:
+        self._enter("find_by_launch_id", (cluster_id, launch_id), f"finding launch {launch_id}")
+        return pick_for_launch(
+            [
+                i
+                for i in self.cloud.all()
+                if i.tags.get(CLUSTER_TAG) == cluster_id and i.launch_id == launch_id
+            ]
+        )
+
+    async def interruptions(self, cluster_id: str) -> builtins.list[SpotInterruption]:
+        self._enter("interruptions", cluster_id, f"listing interruptions of {cluster_id}")
+        ids = {i.instance_id for i in self.cloud.all() if i.tags.get(CLUSTER_TAG) == cluster_id}
+        return [i for i in self.cloud.interruptions() if i.instance_id in ids]
