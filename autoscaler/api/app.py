@@ -1,0 +1,297 @@
+"""The management API: workloads by slug, their data keys, project tokens.
+
+Every route needs a control token (``ik_sdk_…``): an admin token for any project, or a
+project token for its own. A data key (``ik_live_…``) is for the gateway only and gets
+401 here. Handlers are thin: validation is the spec's, state changes are the store's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+import autoscaler
+from autoscaler.api.errors import ApiError, handle_api_error
+from autoscaler.api.views import (
+    DataKeyCreate,
+    TokenCreate,
+    decision_view,
+    instance_view,
+    token_view,
+    workload_view,
+)
+from autoscaler.spec import OnDrift, WorkloadSpec, deprecations, describe_errors
+from autoscaler.store import records, tokens, workloads
+from autoscaler.store.models import Token
+from autoscaler.store.tokens import TokenKind
+
+Slug = Annotated[str, Path(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
+
+
+@dataclass(frozen=True, slots=True)
+class ApiState:
+    sessions: async_sessionmaker[AsyncSession]
+    now: Callable[[], datetime]
+    on_change: Callable[[], None] = lambda: None  # tells in-process loops to look now
+
+
+def _state(request: Request) -> ApiState:
+    state: ApiState = request.app.state.api
+    return state
+
+
+State = Annotated[ApiState, Depends(_state)]
+
+
+async def _session(state: State) -> AsyncIterator[AsyncSession]:
+    async with state.sessions() as s, s.begin():
+        yield s
+
+
+Session = Annotated[AsyncSession, Depends(_session)]
+
+
+async def _caller(s: Session, authorization: Annotated[str | None, Header()] = None) -> Token:
+    return await _authenticate(s, authorization)
+
+
+Caller = Annotated[Token, Depends(_caller)]
+
+
+def _project_access(project: Slug, token: Caller) -> str:
+    if token.kind == TokenKind.ADMIN.value or token.project == project:
+        return project
+    raise ApiError(403, "forbidden", f"this token is not allowed on project {project!r}")
+
+
+Project = Annotated[str, Depends(_project_access)]
+router = APIRouter()
+
+
+def create_app(state: ApiState) -> FastAPI:
+    app = FastAPI(
+        title="GPU autoscaler management API",
+        version=autoscaler.__version__,
+        description="Declare GPU serving workloads; manage their data keys.",
+    )
+    app.state.api = state
+    app.add_exception_handler(ApiError, handle_api_error)
+    app.add_exception_handler(RequestValidationError, _request_validation_error)
+    app.include_router(router)
+    return app
+
+
+@router.get("/healthz", tags=["meta"])
+async def healthz() -> dict[str, str]:
+    return {"status": "ok", "version": autoscaler.__version__}
+
+
+@router.put("/v1/projects/{project}/workloads/{slug}", tags=["workloads"])
+async def ensure(
+    project: Project,
+    slug: Slug,
+    request: Request,
+    s: Session,
+    state: State,
+    on_drift: Annotated[OnDrift, Query()] = OnDrift.RECONCILE,
+) -> JSONResponse:
+    raw = await _json_object(request)
+    raw.setdefault("slug", slug)
+    if raw["slug"] != slug:
+        raise ApiError(
+            422,
+            "slug_mismatch",
+            f"the body's slug {raw['slug']!r} is not the path's {slug!r}",
+            details=[{"path": "slug", "message": "must equal the path", "value": raw["slug"]}],
+        )
+    spec = _validate_spec(raw)
+    try:
+        result = await workloads.ensure_workload(
+            s, project=project, spec=spec, on_drift=on_drift, now=state.now()
+        )
+    except workloads.DriftRefused as exc:
+        raise ApiError(
+            409,
+            "drift_refused",
+            f"{project}/{slug} differs from the stored spec and on_drift is 'fail'",
+            details=exc.diff,
+        ) from None
+    body = {
+        "action": result.action.value,
+        "project": project,
+        "workload": workload_view(result.workload),
+        "generation": result.workload.generation,
+        "diff": result.diff,
+        "warnings": deprecations(raw),
+    }
+    state.on_change()
+    status = 201 if result.action is workloads.EnsureAction.CREATED else 200
+    return JSONResponse(body, status_code=status)
+
+
+@router.get("/v1/projects/{project}/workloads", tags=["workloads"])
+async def list_(project: Project, s: Session) -> dict[str, Any]:
+    rows = await workloads.list_workloads(s, project=project)
+    return {"items": [workload_view(w) for w in rows]}
+
+
+@router.get("/v1/projects/{project}/workloads/{slug}", tags=["workloads"])
+async def get(project: Project, slug: Slug, s: Session) -> dict[str, Any]:
+    return workload_view(await _existing(s, project, slug))
+
+
+@router.get("/v1/projects/{project}/workloads/{slug}/replicas", tags=["workloads"])
+async def replicas(project: Project, slug: Slug, s: Session, state: State) -> dict[str, Any]:
+    row = await _existing(s, project, slug)
+    now = state.now()
+    return {"items": [instance_view(i, now) for i in await records.instances_of(s, row.id)]}
+
+
+@router.get("/v1/projects/{project}/workloads/{slug}/decisions", tags=["workloads"])
+async def decisions(
+    project: Project,
+    slug: Slug,
+    s: Session,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 20,
+) -> dict[str, Any]:
+    row = await _existing(s, project, slug)
+    found = await records.recent_decisions(s, row.id, limit=limit)
+    return {"items": [decision_view(d) for d in found]}
+
+
+@router.delete("/v1/projects/{project}/workloads/{slug}", tags=["workloads"])
+async def delete(project: Project, slug: Slug, s: Session, state: State) -> dict[str, Any]:
+    now = state.now()
+    row = await workloads.delete_workload(s, project=project, slug=slug, now=now)
+    if row is None:
+        raise _not_found(project, slug)
+    for key in await tokens.list_tokens(s, project=project, workload_slug=slug):
+        await tokens.revoke_token(s, token_id=key.id, project=project, now=now)
+    state.on_change()
+    return {"deleted": True, "workload": workload_view(row)}
+
+
+@router.post("/v1/projects/{project}/workloads/{slug}/keys", status_code=201, tags=["keys"])
+async def create_key(
+    project: Project, slug: Slug, s: Session, state: State, body: DataKeyCreate | None = None
+) -> dict[str, Any]:
+    await _existing(s, project, slug)
+    issued = await tokens.issue_token(
+        s,
+        kind=TokenKind.LIVE,
+        project=project,
+        workload_slug=slug,
+        name=body.name if body else "",
+        now=state.now(),
+    )
+    state.on_change()
+    return {**token_view(issued.token), "secret": issued.secret}
+
+
+@router.get("/v1/projects/{project}/workloads/{slug}/keys", tags=["keys"])
+async def list_keys(project: Project, slug: Slug, s: Session) -> dict[str, Any]:
+    await _existing(s, project, slug)
+    found = await tokens.list_tokens(s, project=project, workload_slug=slug)
+    return {"items": [token_view(t) for t in found]}
+
+
+@router.delete("/v1/projects/{project}/workloads/{slug}/keys/{key_id}", tags=["keys"])
+async def revoke_key(
+    project: Project, slug: Slug, key_id: str, s: Session, state: State
+) -> dict[str, Any]:
+    key = await tokens.revoke_token(s, token_id=key_id, project=project, now=state.now())
+    if key is None or key.workload_slug != slug:
+        raise ApiError(404, "key_not_found", f"no key {key_id!r} on {project}/{slug}")
+    state.on_change()
+    return token_view(key)
+
+
+@router.post("/v1/projects/{project}/tokens", status_code=201, tags=["tokens"])
+async def create_project_token(
+    project: Slug,
+    s: Session,
+    state: State,
+    token: Caller,
+    body: TokenCreate | None = None,
+) -> dict[str, Any]:
+    if token.kind != TokenKind.ADMIN.value:
+        raise ApiError(403, "forbidden", "only an admin token makes project tokens")
+    await workloads.ensure_project(s, project=project, now=state.now())
+    issued = await tokens.issue_token(
+        s, kind=TokenKind.SDK, project=project, name=body.name if body else "", now=state.now()
+    )
+    return {**token_view(issued.token), "secret": issued.secret}
+
+
+async def _authenticate(s: AsyncSession, authorization: str | None) -> Token:
+    unauthorized = {"WWW-Authenticate": "Bearer"}
+    if not authorization or not authorization.lower().startswith("bearer "):
+        raise ApiError(401, "unauthorized", "missing bearer token (ik_sdk_…)", headers=unauthorized)
+    secret = authorization[7:].strip()
+    token = await tokens.verify_secret(s, secret)
+    if token is None:
+        raise ApiError(401, "unauthorized", "unknown or revoked token", headers=unauthorized)
+    if token.kind == TokenKind.LIVE.value:
+        raise ApiError(
+            401,
+            "unauthorized",
+            "a data key (ik_live_…) is for the gateway; the management API takes ik_sdk_ tokens",
+            headers=unauthorized,
+        )
+    return token
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_json", "the body must be a JSON object (a workload spec)")
+    return body
+
+
+def _validate_spec(raw: dict[str, Any]) -> WorkloadSpec:
+    try:
+        return WorkloadSpec.model_validate(raw)
+    except ValidationError as exc:
+        details = describe_errors(exc)
+        first = details[0]
+        raise ApiError(
+            422,
+            "invalid_spec",
+            f"{first['path']}: {first['message']}"
+            + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
+            details=details,
+        ) from None
+
+
+async def _existing(s: AsyncSession, project: str, slug: str) -> Any:
+    row = await workloads.get_workload(s, project=project, slug=slug)
+    if row is None:
+        raise _not_found(project, slug)
+    return row
+
+
+def _not_found(project: str, slug: str) -> ApiError:
+    return ApiError(404, "workload_not_found", f"no workload {slug!r} in project {project!r}")
+
+
+async def _request_validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    details = [
+        {"path": ".".join(str(p) for p in e["loc"]), "message": e["msg"], "value": None}
+        for e in exc.errors()
+    ]
+    return JSONResponse(
+        {"error": {"code": "invalid_request", "message": "invalid request", "details": details}},
+        status_code=422,
+    )

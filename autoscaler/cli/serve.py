@@ -1,0 +1,58 @@
+"""Server roles: ``autoscaler run`` (all in one process)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from autoscaler.store.db import default_data_dir
+
+
+def register(group: click.Group) -> None:
+    group.add_command(run)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--api-port", default=8001, show_default=True, help="Management API port.")
+@click.option("--gateway-port", default=8000, show_default=True, help="Gateway (data plane) port.")
+@click.option(
+    "--db",
+    "database_url",
+    envvar="AUTOSCALER_DB",
+    help="SQLAlchemy async URL; default SQLite in the data dir.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_data_dir,
+    show_default="$AUTOSCALER_DATA_DIR or ~/.local/share/autoscaler",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Controller configuration (YAML).",
+)
+def run(
+    host: str,
+    api_port: int,
+    gateway_port: int,
+    database_url: str | None,
+    data_dir: Path,
+    config_path: Path | None,
+) -> None:
+    """Run every role in one process: management API, controller, gateway, local worker."""
+    from autoscaler.service import RunSettings, run_all
+    from autoscaler.uvloop import run_async
+
+    settings = RunSettings(
+        host=host,
+        api_port=api_port,
+        gateway_port=gateway_port,
+        data_dir=data_dir,
+        database_url=database_url,
+        config_path=config_path,
+    )
+    run_async(run_all(settings))

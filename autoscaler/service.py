@@ -1,0 +1,128 @@
+"""Process roles: everything in one process (``autoscaler run``) or apart.
+
+``run_all`` opens the store (migrating it), makes sure an admin token exists, and serves
+the management API; the controller, gateway and local worker join the same event loop.
+Shutdown on SIGINT/SIGTERM is graceful: servers stop accepting, loops finish their tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import uvicorn
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from autoscaler.api.app import ApiState, create_app
+from autoscaler.store import tokens
+from autoscaler.store.db import default_data_dir, open_store, session_factory, sqlite_url
+from autoscaler.store.tokens import TokenKind
+
+ADMIN_TOKEN_ENV = "AUTOSCALER_ADMIN_TOKEN"
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class RunSettings:
+    """Where ``autoscaler run`` listens and keeps its state."""
+
+    host: str = "127.0.0.1"
+    api_port: int = 8001
+    gateway_port: int = 8000
+    data_dir: Path = field(default_factory=default_data_dir)
+    database_url: str | None = None
+    config_path: Path | None = None
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or sqlite_url(self.data_dir)
+
+
+async def ensure_admin_token(
+    sessions: async_sessionmaker[AsyncSession], *, announce: Callable[[str], None]
+) -> None:
+    """Adopt ``$AUTOSCALER_ADMIN_TOKEN``, or on first start make one and announce it once."""
+    given = os.environ.get(ADMIN_TOKEN_ENV)
+    async with sessions() as s, s.begin():
+        if given:
+            if not given.startswith("ik_sdk_") or len(given) < 24:
+                raise SystemExit(
+                    f"{ADMIN_TOKEN_ENV} must look like ik_sdk_ followed by at least 17 characters"
+                )
+            if await tokens.verify_secret(s, given) is None:
+                await tokens.issue_token(
+                    s, kind=TokenKind.ADMIN, name="admin (env)", secret=given, now=utc_now()
+                )
+            return
+        if await tokens.has_admin_token(s):
+            return
+        issued = await tokens.issue_token(s, kind=TokenKind.ADMIN, name="admin", now=utc_now())
+    announce(
+        "Admin token (shown once; only its hash is stored):\n"
+        f"  export AUTOSCALER_SDK_TOKEN={issued.secret}\n"
+    )
+
+
+def _uvicorn_server(app: object, *, host: str, port: int) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app,  # type: ignore[arg-type]
+        host=host,
+        port=port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+    )
+    server = uvicorn.Server(config)
+    # The process owns its signals: stopping every role is run_all's job, not uvicorn's.
+    server.capture_signals = contextlib.nullcontext  # type: ignore[method-assign,assignment]
+    return server
+
+
+async def run_all(settings: RunSettings) -> None:
+    """Serve every role in this process until SIGINT or SIGTERM."""
+    async with open_store(settings.db_url) as engine:
+        sessions = session_factory(engine)
+        await ensure_admin_token(sessions, announce=lambda text: print(text, flush=True))
+        api = create_app(ApiState(sessions=sessions, now=utc_now))
+        api_server = _uvicorn_server(api, host=settings.host, port=settings.api_port)
+        print(
+            f"management API on http://{settings.host}:{settings.api_port} "
+            f"(state: {_redact(settings.db_url)})",
+            flush=True,
+        )
+        await _serve_until_signal([api_server.serve()], stop=[api_server])
+
+
+async def _serve_until_signal(tasks: list[Awaitable[None]], *, stop: list[uvicorn.Server]) -> None:
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stopping.set)
+    running = [asyncio.ensure_future(t) for t in tasks]
+    waiter = asyncio.ensure_future(stopping.wait())
+    done, _ = await asyncio.wait([*running, waiter], return_when=asyncio.FIRST_COMPLETED)
+    for server in stop:
+        server.should_exit = True
+    await asyncio.gather(*running, return_exceptions=True)
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiter
+    for task in done:
+        if task is not waiter and task.exception() is not None:
+            raise task.exception()  # type: ignore[misc]
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url

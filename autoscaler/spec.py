@@ -1,0 +1,625 @@
+"""The workload contract: what users write, validated at the boundary.
+
+A ``WorkloadSpec`` says *what* to serve (model, engine, modality) and *how much* (the
+execution policy). It never says where: placement is the service's job. Every rule here
+answers with the field path, the value and what is allowed, and unknown keys anywhere
+are refused (a typo must not silently do nothing).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Iterator, Mapping
+from datetime import time
+from enum import StrEnum
+from typing import Annotated, Any, Literal, Self
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from catalog.gpus import UnknownGpuError, resolve_gpu
+
+
+class Backend(StrEnum):
+    """The serving engine. Members answer to both spellings: ``Backend.VLLM_OMNI`` and
+    ``Backend.VllmOmni``."""
+
+    VLLM = "vllm"
+    SGLANG = "sglang"
+    OLLAMA = "ollama"
+    VLLM_OMNI = "vllm-omni"
+    Vllm = "vllm"
+    Sglang = "sglang"
+    Ollama = "ollama"
+    VllmOmni = "vllm-omni"
+
+
+class TaskType(StrEnum):
+    """The modality a workload serves."""
+
+    TEXT2TEXT = "text2text"
+    EMBEDDING = "embedding"
+    TEXT2IMAGE = "text2image"
+    TEXT2AUDIO = "text2audio"
+    AUDIO2TEXT = "audio2text"
+    RERANKER = "reranker"
+    CLASSIFICATION = "classification"
+    REWARD = "reward"
+    IMAGE2TEXT = "image2text"
+    IMAGE2IMAGE = "image2image"
+    TEXT2VIDEO = "text2video"
+    AUDIO2AUDIO = "audio2audio"
+
+
+#: Image, audio and video modalities; only vllm-omni serves them.
+OMNI_TASK_TYPES = frozenset(
+    t for t in TaskType if any(m in t.value for m in ("image", "audio", "video"))
+)
+#: Modalities served only through the gateway's async jobs route.
+JOB_ONLY_TASK_TYPES = frozenset({TaskType.RERANKER, TaskType.CLASSIFICATION, TaskType.REWARD})
+
+
+class ExecutionPolicy(StrEnum):
+    FIXED = "fixed"
+    SCHEDULED = "scheduled"
+    AUTOSCALING = "autoscaling"
+
+
+class OnDrift(StrEnum):
+    """What ``ensure`` does when the stored spec differs from the one given."""
+
+    RECONCILE = "reconcile"
+    FAIL = "fail"
+    IGNORE = "ignore"
+
+
+SLUG_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+CUDA_VERSION_RE = re.compile(r"^\d{2}\.\d$")
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# Keys people carry over from other systems, mapped to ours.
+_RENAMED_KEYS = {"min_replicas": "min_workers", "max_replicas": "max_workers"}
+
+
+class StrictModel(BaseModel):
+    """Refuses unknown keys with a suggestion, and is immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _refuse_unknown_keys(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        if isinstance(data, Mapping):
+            known = set(cls.model_fields) | {
+                f.alias for f in cls.model_fields.values() if f.alias is not None
+            }
+            unknown = [k for k in data if k not in known]
+            if unknown:
+                key = str(unknown[0])
+                hint = (
+                    f" (did you mean {_RENAMED_KEYS[key]!r}?)"
+                    if key in _RENAMED_KEYS
+                    else _suggest(key, sorted(known))
+                )
+                raise PydanticCustomError(
+                    "unknown_field",
+                    "unknown field '{field}'{hint}; allowed: {allowed}",
+                    {"field": key, "hint": hint, "allowed": ", ".join(sorted(known))},
+                )
+        return handler(data)
+
+
+# --- fixed ------------------------------------------------------------------------------
+
+
+class FixedPolicy(StrictModel):
+    """Run exactly ``replicas`` replicas."""
+
+    replicas: Annotated[int, Field(ge=0, strict=True)] = 1
+
+
+# --- scheduled --------------------------------------------------------------------------
+
+DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str | int) -> int:
+    """``"1h"``, ``"90m"``, ``"1h30m"``, ``"45s"`` or a number of seconds, to seconds (> 0)."""
+    if isinstance(text, int):
+        seconds = text
+    else:
+        m = _DURATION_RE.match(text.strip().lower())
+        if not text.strip() or m is None:
+            raise ValueError(f"duration {text!r} is not like '1h', '90m', '1h30m' or seconds")
+        h, mi, s = (int(g) if g else 0 for g in m.groups())
+        seconds = h * 3600 + mi * 60 + s
+    if seconds <= 0:
+        raise ValueError(f"duration must be positive, got {text!r}")
+    return seconds
+
+
+def _parse_days(text: str) -> frozenset[int]:
+    if text.lower() in ("daily", "everyday", "every-day"):
+        return frozenset(range(7))
+    days: set[int] = set()
+    for part in text.split(","):
+        ends = part.strip().lower().split("-")
+        if len(ends) > 2 or any(e[:3] not in DAY_NAMES or len(e) < 3 for e in ends):
+            raise ValueError(
+                f"days {text!r}: use Mon..Sun names, ranges like Mon-Fri, lists like "
+                "Mon,Wed,Fri, or Daily"
+            )
+        first, last = DAY_NAMES.index(ends[0][:3]), DAY_NAMES.index(ends[-1][:3])
+        # A range may wrap the week: Fri-Mon is Fri, Sat, Sun, Mon.
+        span = (last - first) % 7
+        days.update((first + i) % 7 for i in range(span + 1))
+    return frozenset(days)
+
+
+def _parse_clock(text: str) -> time:
+    m = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if m is None or int(m.group(1)) > 24 or int(m.group(2)) > 59:
+        raise ValueError(f"time {text!r} is not HH:MM")
+    hour, minute = int(m.group(1)), int(m.group(2))
+    if hour == 24:
+        if minute:
+            raise ValueError(f"time {text!r} is past 24:00")
+        return time(0, 0)
+    return time(hour, minute)
+
+
+class Window(BaseModel):
+    """A weekly window: ``days`` (0 = Monday) from ``start`` to ``end`` in ``tz``.
+
+    ``end <= start`` means the window crosses midnight and ends the next day; the day
+    named is the day the window opens.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    days: frozenset[int]
+    start: time
+    end: time
+    tz: str
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.tz)
+
+    @classmethod
+    def parse(cls, text: str) -> Window:
+        """Parse ``"Mon-Fri 08:00-20:00 Europe/Madrid"``; the zone is UTC when omitted."""
+        parts = text.split()
+        if len(parts) not in (2, 3):
+            raise ValueError(
+                f"window {text!r} is not like 'Mon-Fri 08:00-20:00 Europe/Madrid' "
+                "(days, HH:MM-HH:MM, optional IANA time zone)"
+            )
+        days = _parse_days(parts[0])
+        times = parts[1].split("-")
+        if len(times) != 2:
+            raise ValueError(f"window {text!r}: hours must be HH:MM-HH:MM")
+        start, end = _parse_clock(times[0]), _parse_clock(times[1])
+        tz = parts[2] if len(parts) == 3 else "UTC"
+        try:
+            ZoneInfo(tz)
+        except (ZoneInfoNotFoundError, ValueError):
+            hint = _suggest(tz, sorted(available_timezones()))
+            raise ValueError(f"window {text!r}: unknown time zone {tz!r}{hint}") from None
+        if start == end:
+            raise ValueError(f"window {text!r} is empty: it starts and ends at {times[0]}")
+        return cls(days=days, start=start, end=end, tz=tz)
+
+
+def validate_cron(expr: str) -> str:
+    """Check a five-field crontab expression with apscheduler's parser."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expr.split()
+    if len(fields) != 5:
+        raise ValueError(
+            f"cron {expr!r} has {len(fields)} fields; five are needed: "
+            "minute hour day-of-month month day-of-week"
+        )
+    try:
+        CronTrigger.from_crontab(expr, timezone="UTC")
+    except ValueError as exc:
+        raise ValueError(f"cron {expr!r} is not valid: {exc}") from None
+    return " ".join(fields)
+
+
+class ScheduledPolicy(StrictModel):
+    """Run ``replicas`` replicas while a schedule is active.
+
+    Either ``cron`` (each firing starts ``duration`` of activity, default 1h; ``timezone``
+    defaults to UTC) or ``window`` (``"Mon-Fri 08:00-20:00 Europe/Madrid"``).
+    """
+
+    cron: str | None = None
+    window: str | None = None
+    duration: str | int | None = None
+    timezone: str = "UTC"
+    replicas: Annotated[int, Field(ge=0, strict=True)] = 1
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        return None if value is None else validate_cron(value)
+
+    @field_validator("window")
+    @classmethod
+    def _window(cls, value: str | None) -> str | None:
+        if value is not None:
+            Window.parse(value)
+        return value
+
+    @field_validator("duration")
+    @classmethod
+    def _duration(cls, value: str | int | None) -> str | int | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            hint = _suggest(value, sorted(available_timezones()))
+            raise ValueError(f"unknown time zone {value!r}{hint}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> Self:
+        if (self.cron is None) == (self.window is None):
+            raise ValueError("give exactly one of 'cron' or 'window'")
+        if self.window is not None and self.duration is not None:
+            raise ValueError("'duration' goes with 'cron'; a window has its own end time")
+        return self
+
+    @property
+    def duration_sec(self) -> int:
+        return parse_duration(self.duration if self.duration is not None else "1h")
+
+    @property
+    def parsed_window(self) -> Window | None:
+        return None if self.window is None else Window.parse(self.window)
+
+
+# --- autoscaling ------------------------------------------------------------------------
+
+PositiveUsd = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def _check_cuda_versions(values: list[str] | None) -> list[str] | None:
+    for v in values or []:
+        if not CUDA_VERSION_RE.match(v):
+            raise ValueError(f"CUDA version {v!r} is not like '12.4' or '13.0'")
+    return values
+
+
+def _canonical_gpu_names(names: list[str]) -> list[str]:
+    canonical: list[str] = []
+    for name in names:
+        try:
+            canonical.append(resolve_gpu(name).display_name)
+        except UnknownGpuError as exc:
+            raise ValueError(str(exc)) from None
+    return list(dict.fromkeys(canonical))
+
+
+class CloudPool(StrictModel):
+    """The GPUs a workload may buy, and the pool's own limits."""
+
+    gpu_pool: Annotated[list[str], Field(min_length=1)]
+    max_hourly_cost_usd: PositiveUsd | None = None
+    max_instances: Annotated[int, Field(ge=1, strict=True)] | None = None
+    allowed_cuda_versions: list[str] | None = None
+
+    @field_validator("gpu_pool")
+    @classmethod
+    def _gpu_pool(cls, value: list[str]) -> list[str]:
+        return _canonical_gpu_names(value)
+
+    @field_validator("allowed_cuda_versions")
+    @classmethod
+    def _cuda(cls, value: list[str] | None) -> list[str] | None:
+        return _check_cuda_versions(value)
+
+
+class CloudWorkers(StrictModel):
+    source: Literal["cloud"] = "cloud"
+    cloud_pool: CloudPool
+
+
+class PrivateWorkers(StrictModel):
+    source: Literal["private"]
+    private_worker_ids: Annotated[list[str], Field(min_length=1)]
+
+
+def _worker_source(value: Any) -> str | None:
+    """``workers.source`` picks the shape; cloud when it is left out."""
+    if isinstance(value, Mapping):
+        source = value.get("source", "cloud")
+        return source if isinstance(source, str) else None
+    return getattr(value, "source", None)
+
+
+class AutoscalingPolicy(StrictModel):
+    """Scale between ``min_workers`` and ``max_workers`` on measured TTFT.
+
+    Cloud workers need a ``max_hourly_cost_usd`` ceiling: the sum of the hourly prices
+    of every instance not confirmed terminated never exceeds it. ``scale_to_zero`` acts
+    only when ``min_workers`` is 0; with it off the floor is one replica.
+    """
+
+    min_workers: Annotated[int, Field(ge=0, strict=True)] = 0
+    max_workers: Annotated[int, Field(ge=1, strict=True)]
+    max_hourly_cost_usd: PositiveUsd | None = None
+    workers: (
+        Annotated[
+            Annotated[CloudWorkers, Tag("cloud")] | Annotated[PrivateWorkers, Tag("private")],
+            Discriminator(_worker_source),
+        ]
+        | None
+    ) = None
+    gpu_pool: Annotated[list[str] | None, Field(exclude=True)] = None  # legacy; see _legacy_pool
+    autoscaling_strategy: Literal["ttft_latency_sec"] = "ttft_latency_sec"
+    upper_allowed_latency_sec: PositiveUsd = 1.0
+    lower_allowed_latency_sec: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
+    ttft_percentile: Annotated[float, Field(gt=0, le=1)] = 0.95
+    scale_up_time_window_sec: Annotated[float, Field(gt=0)] = 60.0
+    scale_down_time_window_sec: Annotated[float, Field(gt=0)] = 300.0
+    scaling_up_timeout_sec: Annotated[float, Field(gt=0)] = 1200.0
+    scaling_down_timeout_sec: Annotated[float, Field(gt=0)] = 120.0
+    scale_to_zero: bool = True
+    scale_to_zero_timeout_sec: Annotated[float, Field(gt=0)] = 900.0
+    enable_fast_autoscaling: bool = False
+    allow_spot_instances: bool = False
+    regions: list[str] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_pool(cls, data: Any) -> Any:
+        """Fold the legacy root ``gpu_pool`` into ``workers.cloud_pool``."""
+        if not isinstance(data, Mapping) or "gpu_pool" not in data:
+            return data
+        data = dict(data)
+        flat = data.pop("gpu_pool")
+        if "allowed_cuda_versions" in data:
+            raise ValueError(
+                "the legacy root 'gpu_pool' cannot carry CUDA pins; move both under "
+                "workers.cloud_pool (gpu_pool, allowed_cuda_versions)"
+            )
+        workers = data.get("workers")
+        if isinstance(workers, Mapping) and workers.get("source", "cloud") != "cloud":
+            raise ValueError("root 'gpu_pool' is for cloud workers; private workers take none")
+        pool = dict((workers or {}).get("cloud_pool") or {})
+        if "gpu_pool" in pool:
+            raise ValueError("give 'gpu_pool' once: under workers.cloud_pool, not also at the root")
+        if pool.get("allowed_cuda_versions"):
+            raise ValueError(
+                "the legacy root 'gpu_pool' cannot carry CUDA pins; move it to "
+                "workers.cloud_pool.gpu_pool"
+            )
+        pool["gpu_pool"] = flat
+        data["workers"] = {**(workers or {}), "source": "cloud", "cloud_pool": pool}
+        return data
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:
+        if self.max_workers < max(1, self.min_workers):
+            raise ValueError(
+                f"max_workers ({self.max_workers}) must be at least max(1, min_workers) "
+                f"= {max(1, self.min_workers)}"
+            )
+        if self.lower_allowed_latency_sec >= self.upper_allowed_latency_sec:
+            raise ValueError(
+                f"lower_allowed_latency_sec ({self.lower_allowed_latency_sec}) must be below "
+                f"upper_allowed_latency_sec ({self.upper_allowed_latency_sec})"
+            )
+        cloud = self.workers is None or isinstance(self.workers, CloudWorkers)
+        if cloud and self.max_hourly_cost_usd is None:
+            raise ValueError(
+                "max_hourly_cost_usd is required for cloud workers: the hard ceiling "
+                "on the sum of hourly prices (a number > 0)"
+            )
+        return self
+
+    @property
+    def cloud_pool(self) -> CloudPool | None:
+        return self.workers.cloud_pool if isinstance(self.workers, CloudWorkers) else None
+
+    @property
+    def private_worker_ids(self) -> list[str]:
+        return self.workers.private_worker_ids if isinstance(self.workers, PrivateWorkers) else []
+
+
+PolicyConfig = FixedPolicy | ScheduledPolicy | AutoscalingPolicy
+POLICY_CONFIG_TYPES: dict[ExecutionPolicy, type[StrictModel]] = {
+    ExecutionPolicy.FIXED: FixedPolicy,
+    ExecutionPolicy.SCHEDULED: ScheduledPolicy,
+    ExecutionPolicy.AUTOSCALING: AutoscalingPolicy,
+}
+
+
+# --- the workload -----------------------------------------------------------------------
+
+
+class WorkloadSpec(StrictModel):
+    """A declared serving workload. ``slug`` identifies it in its project."""
+
+    name: Annotated[str, Field(min_length=1)]
+    slug: str
+    model: Annotated[str, Field(min_length=1)]
+    backend: Backend = Backend.VLLM
+    task_type: TaskType = TaskType.TEXT2TEXT
+    command: str | None = None
+    vllm_version: str | None = None
+    worker_id: str | None = None
+    model_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    execution_policy: ExecutionPolicy = ExecutionPolicy.FIXED
+    execution_policy_config: PolicyConfig = Field(default_factory=FixedPolicy)
+
+    @field_validator("name", "model")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+    @field_validator("slug")
+    @classmethod
+    def _slug(cls, value: str) -> str:
+        if not SLUG_RE.match(value):
+            raise ValueError(
+                f"slug {value!r} must be a lowercase DNS label: a-z, 0-9 and '-', "
+                "at most 63 characters, starting and ending with a letter or digit"
+            )
+        return value
+
+    @field_validator("execution_policy_config", mode="wrap")
+    @classmethod
+    def _policy_config(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
+        policy = info.data.get("execution_policy")
+        if policy is None:  # execution_policy itself was invalid; it has its own error
+            return handler(value)
+        config_type = POLICY_CONFIG_TYPES[policy]
+        if isinstance(value, config_type):
+            return value
+        if value is None:
+            value = {}
+        if isinstance(value, BaseModel):
+            raise PydanticCustomError(
+                "policy_mismatch",
+                "a {given} config does not fit execution_policy {policy!r}",
+                {"given": type(value).__name__, "policy": policy.value},
+            )
+        return config_type.model_validate(value)
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> Self:
+        if self.vllm_version is not None and self.backend not in (
+            Backend.VLLM,
+            Backend.VLLM_OMNI,
+        ):
+            raise ValueError(
+                f"vllm_version {self.vllm_version!r} applies only to backend vllm or "
+                f"vllm-omni, not {self.backend.value!r}"
+            )
+        if self.task_type in OMNI_TASK_TYPES and self.backend is not Backend.VLLM_OMNI:
+            raise ValueError(
+                f"task_type {self.task_type.value!r} is served only by backend 'vllm-omni', "
+                f"not {self.backend.value!r}"
+            )
+        config = self.execution_policy_config
+        if (
+            self.worker_id is not None
+            and isinstance(config, AutoscalingPolicy)
+            and config.cloud_pool is not None
+        ):
+            raise ValueError(
+                f"worker_id {self.worker_id!r} pins the workload to a private worker; it "
+                "conflicts with workers.cloud_pool (remove one of them)"
+            )
+        return self
+
+    # -- identity -------------------------------------------------------------------
+
+    def canonical(self) -> dict[str, Any]:
+        """The spec as plain JSON values, defaults filled in: what is stored and hashed."""
+        return self.model_dump(mode="json")
+
+    def spec_hash(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class WorkloadDocument(WorkloadSpec):
+    """One document of a workload file: the spec's fields plus an optional ``on_drift``."""
+
+    on_drift: OnDrift = OnDrift.RECONCILE
+
+    def spec(self) -> WorkloadSpec:
+        return WorkloadSpec.model_validate(self.model_dump(exclude={"on_drift"}))
+
+
+def spec_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Field-level differences between two canonical specs, as dotted paths."""
+    return [
+        {"path": path, "old": before, "new": after}
+        for path, before, after in _walk_diff(old, new, prefix="")
+    ]
+
+
+def _walk_diff(old: Any, new: Any, *, prefix: str) -> Iterator[tuple[str, Any, Any]]:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in sorted(set(old) | set(new)):
+            path = f"{prefix}.{key}" if prefix else str(key)
+            yield from _walk_diff(old.get(key), new.get(key), prefix=path)
+    elif old != new:
+        yield prefix, old, new
+
+
+def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
+    """Validation errors as ``{path, message, value}``: what was wrong and where."""
+    details: list[dict[str, Any]] = []
+    for error in exc.errors(include_url=False):
+        path = ".".join(str(p) for p in _drop_union_tags(error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        value = error.get("input")
+        details.append({"path": path or "(root)", "message": message, "value": _jsonable(value)})
+    return details
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def deprecations(raw: Mapping[str, Any]) -> list[str]:
+    """Notices for deprecated forms in a raw workload document (accepted, but warned of)."""
+    notices: list[str] = []
+    config = raw.get("execution_policy_config")
+    if isinstance(config, Mapping) and "gpu_pool" in config:
+        notices.append(
+            "execution_policy_config.gpu_pool is deprecated: write "
+            "workers: {source: cloud, cloud_pool: {gpu_pool: [...]}} (it can carry CUDA pins)"
+        )
+    return notices
+
+
+def _drop_union_tags(loc: tuple[int | str, ...]) -> list[int | str]:
+    # pydantic puts the chosen tag of a tagged union in the path ("workers.cloud.…");
+    # users never wrote it, so the path they see leaves it out.
+    return [p for i, p in enumerate(loc) if not (i and loc[i - 1] == "workers" and p in _TAGS)]
+
+
+_TAGS = frozenset({"cloud", "private"})

@@ -1,0 +1,191 @@
+"""Tables. Facts are stored (timestamps of what happened); phases are derived from them.
+
+Every timestamp is UTC. SQLite drops time zones, so :class:`UtcDateTime` stores naive UTC
+and hands back aware datetimes on both backends.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in, aware UTC datetimes out, on SQLite and PostgreSQL alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: store aware UTC datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UtcDateTime, dict[str, Any]: JSON}
+
+
+class Project(Base):
+    __tablename__ = "projects"
+
+    slug: Mapped[str] = mapped_column(String(63), primary_key=True)
+    created_at: Mapped[datetime]
+
+
+class Token(Base):
+    """An API credential, stored as a SHA-256 hash; the secret is shown once.
+
+    ``kind`` is ``admin`` (every project), ``sdk`` (management API of one project) or
+    ``live`` (the gateway, one workload of one project).
+    """
+
+    __tablename__ = "tokens"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))
+    secret_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(24))
+    project: Mapped[str | None] = mapped_column(String(63), index=True)
+    workload_slug: Mapped[str | None] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(200), default="")
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class Workload(Base):
+    """One generation line of a workload. Soft-deleted rows stay until drained."""
+
+    __tablename__ = "workloads"
+    __table_args__ = (
+        Index(
+            "uq_workloads_live_slug",
+            "project",
+            "slug",
+            unique=True,
+            sqlite_where=text("deleted_at IS NULL"),
+            postgresql_where=text("deleted_at IS NULL"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    project: Mapped[str] = mapped_column(ForeignKey("projects.slug"))
+    slug: Mapped[str] = mapped_column(String(63))
+    name: Mapped[str] = mapped_column(String(200))
+    spec: Mapped[dict[str, Any]]
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    deleted_at: Mapped[datetime | None]
+    last_request_at: Mapped[datetime | None]
+
+
+class Instance(Base):
+    """The ledger: one row per launch, written before the provider is called.
+
+    Phase is derived from the timestamps (see :mod:`autoscaler.store.phase`).
+    """
+
+    __tablename__ = "instances"
+
+    launch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    workload_id: Mapped[int] = mapped_column(ForeignKey("workloads.id"), index=True)
+    project: Mapped[str] = mapped_column(String(63))
+    workload_slug: Mapped[str] = mapped_column(String(63))
+    spec_generation: Mapped[int] = mapped_column(Integer)
+    provider: Mapped[str] = mapped_column(String(16))
+    offer_key: Mapped[str] = mapped_column(String(200))
+    region: Mapped[str] = mapped_column(String(64))
+    zone: Mapped[str] = mapped_column(String(64))
+    instance_type: Mapped[str] = mapped_column(String(64))
+    gpu: Mapped[str] = mapped_column(String(64))
+    gpu_count: Mapped[int] = mapped_column(Integer)
+    spot: Mapped[bool] = mapped_column(Boolean, default=False)
+    hourly_usd: Mapped[float] = mapped_column(Float)
+    worker_id: Mapped[str | None] = mapped_column(String(40))
+    instance_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    url: Mapped[str | None] = mapped_column(String(300))
+    engine_key: Mapped[str | None] = mapped_column(String(100))
+    intent_at: Mapped[datetime]
+    launched_at: Mapped[datetime | None]
+    ready_at: Mapped[datetime | None]
+    drain_requested_at: Mapped[datetime | None]
+    terminate_requested_at: Mapped[datetime | None]
+    terminated_confirmed_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Decision(Base):
+    """A decision the controller acted on or refused, with its inputs and reason."""
+
+    __tablename__ = "decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    workload_id: Mapped[int] = mapped_column(ForeignKey("workloads.id"), index=True)
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(32))
+    inputs: Mapped[dict[str, Any]]
+    result: Mapped[dict[str, Any]]
+    reason: Mapped[str] = mapped_column(Text)
+    cost_delta_usd_per_hour: Mapped[float] = mapped_column(Float, default=0.0)
+    acted: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Worker(Base):
+    """A private GPU box running ``autoscaler agent``."""
+
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project: Mapped[str] = mapped_column(String(63), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    token_hash: Mapped[str] = mapped_column(String(64))
+    address: Mapped[str | None] = mapped_column(String(300))
+    gpus: Mapped[dict[str, Any]]
+    registered_at: Mapped[datetime]
+    last_heartbeat_at: Mapped[datetime | None]
+
+
+class Job(Base):
+    """An async request held by the gateway until a replica has answered it."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project: Mapped[str] = mapped_column(String(63))
+    workload_slug: Mapped[str] = mapped_column(String(63), index=True)
+    route: Mapped[str] = mapped_column(String(100))
+    request: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    result: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime]
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
