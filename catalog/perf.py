@@ -1,0 +1,636 @@
+"""What a GPU can serve: prefill and decode speed, batch size, and a continuous-batching engine.
+
+One latency and capacity model, shared by placement (how many replicas of which GPU a
+load needs), ``autoscaler engine-sim`` (a fake engine that answers as slowly as a real
+one would) and the trace simulator (``autoscaler simulate``). Pure: no clock, no I/O.
+
+The model, for a decoder-only transformer of ``P`` billion parameters at ``b`` bytes per
+parameter, tensor-parallel over ``n`` GPUs:
+
+* **Prefill is compute-bound.** A prompt token costs ``2·P`` GFLOP, so prefill runs at
+  ``n · TFLOPS · PREFILL_MFU · tp_efficiency / (2·P)`` tokens/s, but never faster than one
+  forward pass, which must read every weight once (``prefill_seconds`` takes the larger).
+* **Decode is bandwidth-bound.** Each step reads the weights once and each running
+  sequence's KV cache, and emits one token per sequence:
+  ``step = max(bytes_read / (n · bandwidth · DECODE_BANDWIDTH_EFFICIENCY · tp),
+  2·P·batch / (n · TFLOPS · PREFILL_MFU · tp)) + STEP_OVERHEAD_S``.
+  Per-sequence speed is ``1 / step``: highest at batch 1, falling slowly as the batch
+  grows and the KV reads add up.
+* **The batch is bounded by KV-cache memory.** ``GPU_MEMORY_UTILIZATION`` of the memory,
+  less the weights and a runtime reserve per GPU, holds the KV cache; each sequence
+  reserves ``KV_TOKENS_PER_SEQUENCE`` tokens of it. vLLM's ``max_num_seqs`` default (256)
+  caps it.
+
+Calibration, for Llama-3.1-8B in bf16 on one GPU (``serving_profile(gpu, 1, 8.0)``):
+
+============================  ============  ============================
+GPU                           prefill tok/s  decode tok/s/seq at batch 1
+============================  ============  ============================
+NVIDIA H100 80GB HBM3         ~30 900        ~157
+NVIDIA A100-SXM4-80GB         ~9 750         ~98
+NVIDIA L4                     ~3 780         ~15
+============================  ============  ============================
+
+These sit inside published vLLM and SGLang figures for that model (prefill roughly
+25-33k tokens/s on H100, 9-11k on A100, 3-4k on L4; batch-1 decode close to memory
+bandwidth over weight bytes, e.g. 3.35 TB/s / 16 GB on H100).
+
+Sources:
+
+* Dense BF16/FP16 tensor TFLOPS and memory bandwidth: NVIDIA datasheets: H100
+  (SXM 989 TFLOPS, 3.35 TB/s; PCIe 756, 2.0 TB/s; NVL 835, 3.9 TB/s), H200 (989, 4.8
+  TB/s), B200 (2 250, 8 TB/s), GB200 (2 500, 8 TB/s), A100 (312; 1.555 TB/s at 40 GB,
+  2.039 TB/s SXM 80 GB, 1.935 TB/s PCIe 80 GB), L40S (362, 864 GB/s), L40 (181, 864
+  GB/s), L4 (121, 300 GB/s), A10 (125, 600 GB/s), T4 (65, 320 GB/s), V100 (125, 900
+  GB/s), P100 (18.7, 732 GB/s), RTX 6000 Ada (364, 960 GB/s), RTX PRO 6000 Blackwell
+  Server (504, 1.6 TB/s), RTX A6000 (155, 768 GB/s), GeForce RTX 4090 (165, 1 008 GB/s).
+  The sparsity-doubled figures NVIDIA also prints are not used. AWS publishes no tensor
+  figure for the A10G; 70 TFLOPS and 600 GB/s are the commonly cited ones.
+* Efficiencies (MFU about 0.5 in prefill, about 80 % of peak bandwidth in decode): the
+  vLLM and SGLang published serving benchmarks (vLLM performance dashboard and v0.6
+  release blog, SGLang v0.2/v0.4 benchmark posts) for Llama-3.1-8B/70B on A100 and H100.
+* Memory: vLLM's defaults (``gpu_memory_utilization`` 0.9, ``max_num_seqs`` 256); the
+  Llama-3.1-8B KV cache is 32 layers x 8 KV heads x 128 dims x 2 (K and V) x 2 bytes =
+  128 KiB per token. Other sizes scale it as ``(P / 8) ** 0.43`` (Llama-3.1-70B: 320 KiB).
+* Tensor parallelism keeps ``TP_EFFICIENCY_NVLINK`` (NVLink) or ``TP_EFFICIENCY_PCIE`` of
+  linear scaling per doubling of GPUs.
+
+The engine (:class:`BatchEngine`) is continuous batching on that profile: requests are
+admitted while fewer than ``max_batch`` sequences run, and wait in FIFO order beyond it;
+admitted prompts are prefilled one at a time, first come first served, and prefill takes
+priority over decoding (decode steps pause while a prompt is prefilled, as in vLLM's
+default scheduler before chunked prefill). The first token appears when a request's
+prefill ends; the rest come one per decode step. Between events every running sequence
+advances at the same rate, so the engine jumps from event to event instead of stepping
+token by token: a one-hour trace of twenty thousand requests simulates in well under a
+second.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+
+from catalog.gpus import UnknownGpuError, resolve_gpu
+
+PREFILL_MFU = 0.5
+"""Fraction of peak dense tensor FLOPS a prefill (and a decode step's compute) achieves."""
+
+DECODE_BANDWIDTH_EFFICIENCY = 0.8
+"""Fraction of peak memory bandwidth a decode step achieves."""
+
+STEP_OVERHEAD_S = 0.0004
+"""Scheduling, sampling and kernel-launch time added to every decode step."""
+
+GPU_MEMORY_UTILIZATION = 0.9
+"""vLLM's default share of GPU memory the engine may use."""
+
+RUNTIME_RESERVE_BYTES_PER_GPU = 1.5e9
+"""Activations, CUDA graphs and the CUDA context: memory neither weights nor KV cache."""
+
+MAX_NUM_SEQS = 256
+"""vLLM's default cap on concurrently running sequences."""
+
+KV_TOKENS_PER_SEQUENCE = 2048
+"""KV-cache tokens reserved per running sequence when sizing the batch."""
+
+DECODE_CONTEXT_TOKENS = 1024
+"""Mean context a decoding sequence attends over: the KV bytes each step reads per sequence."""
+
+REFERENCE_PARAMS_B = 8.0
+REFERENCE_KV_BYTES_PER_TOKEN = 131_072.0  # Llama-3.1-8B in bf16
+KV_SCALING_EXPONENT = 0.43  # 8B -> 128 KiB, 70B -> 320 KiB per token
+
+TP_EFFICIENCY_NVLINK = 0.9
+TP_EFFICIENCY_PCIE = 0.75
+
+_GIB = 1024**3
+
+
+@dataclass(frozen=True, slots=True)
+class GpuSpec:
+    """A GPU's datasheet figures: dense BF16/FP16 tensor TFLOPS, memory bandwidth, memory."""
+
+    display_name: str
+    tflops: float
+    bandwidth_tb_s: float
+    vram_gib: float
+    nvlink: bool
+
+
+def _spec(name: str, tflops: float, tb_s: float, gib: float, *, nvlink: bool) -> GpuSpec:
+    return GpuSpec(
+        display_name=name, tflops=tflops, bandwidth_tb_s=tb_s, vram_gib=gib, nvlink=nvlink
+    )
+
+
+# Memory is what nvidia-smi shows (the same figures as catalog/data/gpus.json).
+_SPECS: tuple[GpuSpec, ...] = (
+    _spec("Tesla M60", 4.8, 0.16, 8.0, nvlink=False),
+    _spec("Tesla P4", 5.5, 0.192, 7.5, nvlink=False),
+    _spec("Tesla P100-PCIE-16GB", 18.7, 0.732, 16.0, nvlink=False),
+    _spec("Tesla V100-SXM2-16GB", 125.0, 0.9, 16.0, nvlink=True),
+    _spec("Tesla V100-SXM2-32GB", 125.0, 0.9, 32.0, nvlink=True),
+    _spec("Tesla T4", 65.0, 0.32, 15.0, nvlink=False),
+    _spec("NVIDIA T4G", 65.0, 0.32, 15.0, nvlink=False),
+    _spec("NVIDIA A10G", 70.0, 0.6, 22.5, nvlink=False),
+    _spec("NVIDIA A10", 125.0, 0.6, 22.5, nvlink=False),
+    _spec("NVIDIA RTX A6000", 154.8, 0.768, 48.0, nvlink=False),
+    _spec("NVIDIA A100-SXM4-40GB", 312.0, 1.555, 40.0, nvlink=True),
+    _spec("NVIDIA A100-PCIE-40GB", 312.0, 1.555, 40.0, nvlink=False),
+    _spec("NVIDIA A100-SXM4-80GB", 312.0, 2.039, 80.0, nvlink=True),
+    _spec("NVIDIA A100 80GB PCIe", 312.0, 1.935, 80.0, nvlink=False),
+    _spec("NVIDIA L4", 121.0, 0.3, 22.5, nvlink=False),
+    _spec("NVIDIA L40", 181.0, 0.864, 45.0, nvlink=False),
+    _spec("NVIDIA L40S", 362.0, 0.864, 45.0, nvlink=False),
+    _spec("NVIDIA GeForce RTX 4090", 165.2, 1.008, 24.0, nvlink=False),
+    _spec("NVIDIA RTX 6000 Ada Generation", 364.2, 0.96, 48.0, nvlink=False),
+    _spec("NVIDIA H100 PCIe", 756.0, 2.0, 79.6, nvlink=False),
+    _spec("NVIDIA H100 NVL", 835.0, 3.9, 93.6, nvlink=True),
+    _spec("NVIDIA H100 80GB HBM3", 989.0, 3.35, 79.6, nvlink=True),
+    _spec("NVIDIA H200", 989.0, 4.8, 140.4, nvlink=True),
+    _spec("NVIDIA B200", 2250.0, 8.0, 179.1, nvlink=True),
+    _spec("NVIDIA GB200", 2500.0, 8.0, 184.0, nvlink=True),
+    _spec("NVIDIA RTX PRO 6000 Blackwell Server Edition", 503.8, 1.597, 95.6, nvlink=False),
+)
+_BY_NAME: dict[str, GpuSpec] = {spec.display_name.casefold(): spec for spec in _SPECS}
+
+
+class ModelDoesNotFit(ValueError):
+    """The weights, the runtime reserve and one sequence's KV cache exceed the GPUs' memory."""
+
+
+def known_gpus() -> tuple[str, ...]:
+    """Display names of every GPU the performance model knows."""
+    return tuple(spec.display_name for spec in _SPECS)
+
+
+def gpu_spec(gpu: str) -> GpuSpec:
+    """The datasheet figures for ``gpu``: a display name or any alias the GPU table knows.
+
+    Raises ``ValueError`` naming the GPU (and the closest known names) when it is unknown.
+    """
+    found = _BY_NAME.get(" ".join(gpu.split()).casefold())
+    if found is not None:
+        return found
+    try:
+        display = resolve_gpu(gpu).display_name
+    except UnknownGpuError as exc:
+        raise ValueError(f"no performance figures for GPU {gpu!r}: {exc}") from exc
+    found = _BY_NAME.get(display.casefold())
+    if found is None:
+        raise ValueError(f"no performance figures for GPU {display!r} (named {gpu!r})")
+    return found
+
+
+def kv_bytes_per_token(params_b: float) -> float:
+    """KV-cache bytes one token of context holds, for a model of ``params_b`` billion params."""
+    scale: float = (params_b / REFERENCE_PARAMS_B) ** KV_SCALING_EXPONENT
+    return REFERENCE_KV_BYTES_PER_TOKEN * scale
+
+
+@dataclass(frozen=True, slots=True)
+class ServingProfile:
+    """How fast one replica (``gpu_count`` x ``gpu``, tensor-parallel) serves one model.
+
+    Speeds are in tokens per second of the whole replica; times in seconds. Build it with
+    :func:`serving_profile`.
+    """
+
+    gpu: str
+    gpu_count: int
+    params_b: float
+    bytes_per_param: float
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    """Per sequence, at batch 1."""
+    max_batch: int
+    weight_bytes: float
+    kv_bytes_per_token: float
+    kv_capacity_tokens: int
+    effective_bandwidth_bytes_s: float
+    effective_flops: float
+
+    def decode_step_seconds(self, batch: int) -> float:
+        """One decode step with ``batch`` running sequences (each gains one token)."""
+        batch = max(batch, 1)
+        read = self.weight_bytes + batch * DECODE_CONTEXT_TOKENS * self.kv_bytes_per_token
+        memory = read / self.effective_bandwidth_bytes_s
+        compute = 2e9 * self.params_b * batch / self.effective_flops
+        return max(memory, compute) + STEP_OVERHEAD_S
+
+    def decode_tokens_per_s_at(self, batch: int) -> float:
+        """Tokens per second each sequence gets when ``batch`` sequences decode together."""
+        return 1.0 / self.decode_step_seconds(batch)
+
+    def prefill_seconds(self, input_tokens: int) -> float:
+        """Time to prefill a prompt of ``input_tokens`` on an otherwise idle replica."""
+        if input_tokens < 0:
+            raise ValueError(f"input_tokens must be >= 0, got {input_tokens}")
+        return max(input_tokens / self.prefill_tokens_per_s, self.decode_step_seconds(1))
+
+    def ttft_seconds(self, input_tokens: int, *, queued_prefill_tokens: int = 0) -> float:
+        """Time to first token behind ``queued_prefill_tokens`` of prompts not yet prefilled."""
+        if queued_prefill_tokens < 0:
+            raise ValueError(f"queued_prefill_tokens must be >= 0, got {queued_prefill_tokens}")
+        return self.prefill_seconds(input_tokens + queued_prefill_tokens)
+
+    def request_seconds(self, *, input_tokens: int, output_tokens: int, batch: int = 1) -> float:
+        """End-to-end time of one request decoding alongside ``batch - 1`` others."""
+        decode = max(output_tokens - 1, 0) * self.decode_step_seconds(batch)
+        return self.prefill_seconds(input_tokens) + decode
+
+    def capacity_rps(self, *, input_tokens: float, output_tokens: float) -> float:
+        """Requests per second a saturated replica completes for this mean token mix.
+
+        The replica's time per request: its share of prefill compute plus its share of
+        decode steps run at full batch.
+        """
+        if input_tokens < 0 or output_tokens < 0:
+            raise ValueError(
+                f"token counts must be >= 0, got input {input_tokens}, output {output_tokens}"
+            )
+        prefill = input_tokens / self.prefill_tokens_per_s
+        decode = output_tokens * self.decode_step_seconds(self.max_batch) / self.max_batch
+        busy = prefill + decode
+        if busy == 0:
+            return math.inf
+        return 1.0 / busy
+
+
+def _tp_efficiency(spec: GpuSpec, gpu_count: int) -> float:
+    per_doubling = TP_EFFICIENCY_NVLINK if spec.nvlink else TP_EFFICIENCY_PCIE
+    return float(per_doubling ** math.log2(gpu_count))
+
+
+def _kv_capacity_tokens(
+    spec: GpuSpec, *, gpu_count: int, weight_bytes: float, kv_per_token: float
+) -> int:
+    usable = spec.vram_gib * _GIB * GPU_MEMORY_UTILIZATION * gpu_count
+    free = usable - weight_bytes - RUNTIME_RESERVE_BYTES_PER_GPU * gpu_count
+    return max(int(free // kv_per_token), 0)
+
+
+def serving_profile(
+    gpu: str,
+    gpu_count: int,
+    params_b: float,
+    bytes_per_param: float = 2.0,
+    *,
+    max_batch: int | None = None,
+) -> ServingProfile:
+    """The serving profile of ``gpu_count`` x ``gpu`` for a ``params_b``-billion model.
+
+    ``bytes_per_param`` is 2 for bf16/fp16, 1 for fp8/int8, 0.5 for 4-bit. ``max_batch``
+    lowers (never raises) the batch the KV cache allows, like vLLM's ``--max-num-seqs``.
+    Raises ``ValueError`` for an unknown GPU or bad numbers, and :class:`ModelDoesNotFit`
+    when the model leaves no room for even one sequence's KV cache.
+    """
+    spec = gpu_spec(gpu)
+    _check_sizes(gpu_count=gpu_count, params_b=params_b, bytes_per_param=bytes_per_param)
+    tp = _tp_efficiency(spec, gpu_count)
+    weight_bytes = params_b * 1e9 * bytes_per_param
+    kv_per_token = kv_bytes_per_token(params_b)
+    capacity = _kv_capacity_tokens(
+        spec, gpu_count=gpu_count, weight_bytes=weight_bytes, kv_per_token=kv_per_token
+    )
+    fitting = min(capacity // KV_TOKENS_PER_SEQUENCE, MAX_NUM_SEQS)
+    if fitting < 1:
+        raise ModelDoesNotFit(
+            f"a {params_b:g}B model at {bytes_per_param:g} bytes/param "
+            f"({weight_bytes / 1e9:.1f} GB of weights) does not fit on {gpu_count} x "
+            f"{spec.display_name} ({spec.vram_gib:g} GiB each) with room for its KV cache"
+        )
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    flops = spec.tflops * 1e12 * PREFILL_MFU * gpu_count * tp
+    bandwidth = spec.bandwidth_tb_s * 1e12 * DECODE_BANDWIDTH_EFFICIENCY * gpu_count * tp
+    profile = ServingProfile(
+        gpu=spec.display_name,
+        gpu_count=gpu_count,
+        params_b=params_b,
+        bytes_per_param=bytes_per_param,
+        prefill_tokens_per_s=flops / (2e9 * params_b),
+        decode_tokens_per_s=0.0,
+        max_batch=fitting if max_batch is None else min(fitting, max_batch),
+        weight_bytes=weight_bytes,
+        kv_bytes_per_token=kv_per_token,
+        kv_capacity_tokens=capacity,
+        effective_bandwidth_bytes_s=bandwidth,
+        effective_flops=flops,
+    )
+    return _with_decode_speed(profile)
+
+
+def _with_decode_speed(profile: ServingProfile) -> ServingProfile:
+    return replace(profile, decode_tokens_per_s=profile.decode_tokens_per_s_at(1))
+
+
+def _check_sizes(*, gpu_count: int, params_b: float, bytes_per_param: float) -> None:
+    if isinstance(gpu_count, bool) or not isinstance(gpu_count, int) or gpu_count < 1:
+        raise ValueError(f"gpu_count must be a whole number >= 1, got {gpu_count!r}")
+    if not params_b > 0 or math.isinf(params_b):
+        raise ValueError(f"params_b (billions of parameters) must be > 0, got {params_b!r}")
+    if not 0 < bytes_per_param <= 4:
+        raise ValueError(f"bytes_per_param must be in (0, 4], got {bytes_per_param!r}")
+
+
+def fits(gpu: str, gpu_count: int, params_b: float, bytes_per_param: float = 2.0) -> bool:
+    """Whether the model fits on ``gpu_count`` x ``gpu`` with room for at least one sequence."""
+    try:
+        serving_profile(gpu, gpu_count, params_b, bytes_per_param)
+    except ModelDoesNotFit:
+        return False
+    return True
+
+
+# --- the continuous-batching engine ------------------------------------------------------
+
+
+class EventKind(StrEnum):
+    """What happened to a request inside the engine."""
+
+    FIRST_TOKEN = "first_token"
+    FINISHED = "finished"
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTiming:
+    """When a request arrived, started prefill, produced its first token and finished."""
+
+    request_id: int
+    arrival_s: float
+    admitted_s: float
+    first_token_s: float
+    finished_s: float
+    input_tokens: int
+    output_tokens: int
+
+    @property
+    def queue_s(self) -> float:
+        """Time spent waiting for a batch slot."""
+        return self.admitted_s - self.arrival_s
+
+    @property
+    def ttft_s(self) -> float:
+        """Time to first token."""
+        return self.first_token_s - self.arrival_s
+
+    @property
+    def e2e_s(self) -> float:
+        """Arrival to last token."""
+        return self.finished_s - self.arrival_s
+
+
+@dataclass(frozen=True, slots=True)
+class EngineEvent:
+    """A first token or a finish, at engine time ``at_s``; ``timing`` is set on FINISHED."""
+
+    kind: EventKind
+    request_id: int
+    at_s: float
+    timing: RequestTiming | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRequest:
+    """One request for :func:`simulate`: when it arrives and how many tokens in and out."""
+
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(slots=True)
+class _Sequence:
+    request_id: int
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+    admitted_s: float = math.nan
+    first_token_s: float = math.nan
+    finish_progress: float = math.nan
+    start_progress: float = math.nan
+
+    def timing(self, finished_s: float) -> RequestTiming:
+        return RequestTiming(
+            request_id=self.request_id,
+            arrival_s=self.arrival_s,
+            admitted_s=self.admitted_s,
+            first_token_s=self.first_token_s,
+            finished_s=finished_s,
+            input_tokens=self.input_tokens,
+            output_tokens=self.output_tokens,
+        )
+
+
+# Float slack when comparing decode progress: a sequence due at step k finishes at step k.
+_EPS = 1e-9
+
+
+@dataclass(slots=True)
+class BatchEngine:
+    """A continuous-batching engine on a :class:`ServingProfile`, advanced by its caller.
+
+    Time is whatever the caller says it is (seconds, from ``start_s``): the trace
+    simulator passes simulated time, engine-sim the scaled wall clock. Call
+    :meth:`advance` up to a moment before :meth:`submit` at that moment; each call
+    returns the events that happened on the way, in time order.
+    """
+
+    profile: ServingProfile
+    start_s: float = 0.0
+    _now: float = field(init=False)
+    _progress: float = field(init=False, default=0.0)
+    _next_id: int = field(init=False, default=0)
+    _waiting: deque[_Sequence] = field(init=False, default_factory=deque)
+    _prefilling: deque[_Sequence] = field(init=False, default_factory=deque)
+    _prefill_left_s: float = field(init=False, default=0.0)
+    _decode_heap: list[tuple[float, int]] = field(init=False, default_factory=list)
+    _decoding: dict[int, _Sequence] = field(init=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._now = self.start_s
+
+    @property
+    def now_s(self) -> float:
+        """The engine's time: the last moment it was advanced to."""
+        return self._now
+
+    @property
+    def running(self) -> int:
+        """Sequences holding a batch slot (prefilling or decoding)."""
+        return len(self._prefilling) + len(self._decoding)
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a batch slot."""
+        return len(self._waiting)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing running, nothing waiting."""
+        return not (self._waiting or self._prefilling or self._decoding)
+
+    def submit(self, *, input_tokens: int, output_tokens: int) -> int:
+        """Add a request arriving now; returns its id. Admitted at once if a slot is free."""
+        if input_tokens < 0 or output_tokens < 0:
+            raise ValueError(
+                f"token counts must be >= 0, got input {input_tokens}, output {output_tokens}"
+            )
+        request_id = self._next_id
+        self._next_id += 1
+        self._waiting.append(
+            _Sequence(request_id, self._now, input_tokens=input_tokens, output_tokens=output_tokens)
+        )
+        self._admit()
+        return request_id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a request wherever it is (the client went away); ``False`` if unknown."""
+        if self._decoding.pop(request_id, None) is not None:
+            self._admit()
+            return True  # its heap entry is skipped when it surfaces
+        for queue in (self._waiting, self._prefilling):
+            for index, seq in enumerate(queue):
+                if seq.request_id == request_id:
+                    del queue[index]
+                    if queue is self._prefilling and index == 0:
+                        self._start_prefill()
+                    self._admit()
+                    return True
+        return False
+
+    def generated_tokens(self, request_id: int) -> int:
+        """Output tokens produced so far by a running request (0 while waiting or prefilling)."""
+        seq = self._decoding.get(request_id)
+        if seq is None:
+            return 0
+        return min(1 + int(self._progress - seq.start_progress + _EPS), seq.output_tokens)
+
+    def next_event_s(self) -> float | None:
+        """When the next first token or finish happens if nothing else arrives; None if idle."""
+        if self._prefilling:
+            return self._now + self._prefill_left_s
+        self._drop_cancelled_heads()
+        if self._decode_heap:
+            steps = max(self._decode_heap[0][0] - self._progress, 0.0)
+            return self._now + steps * self.profile.decode_step_seconds(len(self._decoding))
+        return None
+
+    def advance(self, until_s: float) -> list[EngineEvent]:
+        """Run the engine up to ``until_s``; the events that happened, in time order."""
+        if until_s < self._now:
+            raise ValueError(f"cannot advance back in time from {self._now} to {until_s}")
+        events: list[EngineEvent] = []
+        while True:
+            due = self.next_event_s()
+            if due is None or due > until_s:
+                self._run_for(until_s - self._now)
+                self._now = until_s
+                return events
+            self._run_for(due - self._now)
+            self._now = due
+            # Land exactly on the event, whatever the float arithmetic above rounded to.
+            if self._prefilling:
+                self._prefill_left_s = 0.0
+                self._finish_prefill(events)
+            else:
+                self._progress = max(self._progress, self._decode_heap[0][0])
+                self._finish_decodes(events)
+            self._admit()
+
+    def drain(self) -> list[EngineEvent]:
+        """Run until every submitted request has finished."""
+        events: list[EngineEvent] = []
+        while (due := self.next_event_s()) is not None:
+            events.extend(self.advance(due))
+        return events
+
+    # Internals: time passes for prefill (if any) or else decode.
+
+    def _run_for(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self._prefilling:
+            self._prefill_left_s = max(self._prefill_left_s - seconds, 0.0)
+        elif self._decoding:
+            self._progress += seconds / self.profile.decode_step_seconds(len(self._decoding))
+
+    def _admit(self) -> None:
+        while self._waiting and self.running < self.profile.max_batch:
+            seq = self._waiting.popleft()
+            seq.admitted_s = self._now
+            self._prefilling.append(seq)
+            if len(self._prefilling) == 1:
+                self._start_prefill()
+
+    def _start_prefill(self) -> None:
+        if self._prefilling:
+            self._prefill_left_s = self.profile.prefill_seconds(self._prefilling[0].input_tokens)
+
+    def _finish_prefill(self, events: list[EngineEvent]) -> None:
+        seq = self._prefilling.popleft()
+        seq.first_token_s = self._now
+        events.append(EngineEvent(EventKind.FIRST_TOKEN, seq.request_id, self._now))
+        if seq.output_tokens <= 1:
+            events.append(self._finished(seq))
+        else:
+            seq.start_progress = self._progress
+            seq.finish_progress = self._progress + seq.output_tokens - 1
+            self._decoding[seq.request_id] = seq
+            heapq.heappush(self._decode_heap, (seq.finish_progress, seq.request_id))
+        self._start_prefill()
+
+    def _finish_decodes(self, events: list[EngineEvent]) -> None:
+        heap = self._decode_heap
+        while heap and heap[0][0] <= self._progress + _EPS:
+            _, request_id = heapq.heappop(heap)
+            seq = self._decoding.pop(request_id, None)
+            if seq is not None:
+                events.append(self._finished(seq))
+
+    def _finished(self, seq: _Sequence) -> EngineEvent:
+        timing = seq.timing(self._now)
+        return EngineEvent(EventKind.FINISHED, seq.request_id, self._now, timing)
+
+    def _drop_cancelled_heads(self) -> None:
+        heap = self._decode_heap
+        while heap and heap[0][1] not in self._decoding:
+            heapq.heappop(heap)
+
+
+def simulate(profile: ServingProfile, requests: Iterable[EngineRequest]) -> list[RequestTiming]:
+    """Replay ``requests`` through one engine; their timings, in the order given.
+
+    Arrivals need not be sorted. Deterministic: the same input gives the same output.
+    """
+    given: Sequence[EngineRequest] = list(requests)
+    order = sorted(range(len(given)), key=lambda index: given[index].arrival_s)
+    start = given[order[0]].arrival_s if order else 0.0
+    engine = BatchEngine(profile, start_s=start)
+    position_of: dict[int, int] = {}
+    timings: list[RequestTiming | None] = [None] * len(given)
+    for index in order:
+        request = given[index]
+        _collect(engine.advance(request.arrival_s), position_of, timings)
+        request_id = engine.submit(
+            input_tokens=request.input_tokens, output_tokens=request.output_tokens
+        )
+        position_of[request_id] = index
+    _collect(engine.drain(), position_of, timings)
+    return [timing for timing in timings if timing is not None]
+
+
+def _collect(
+    events: list[EngineEvent],
+    position_of: dict[int, int],
+    timings: list[RequestTiming | None],
+) -> None:
+    for event in events:
+        if event.timing is not None:
+            timings[position_of.pop(event.request_id)] = event.timing
