@@ -59,8 +59,18 @@ class Offer:
 
     @property
     def key(self) -> str:
-        """A stable identity: provider/zone/instance type."""
-        return f"{self.provider.value}/{self.zone}/{self.instance_type}"
+        """A stable identity: provider/zone/instance type.
+
+        GCP N1 machines take GPUs as attachments, so one machine type carries several
+        offers; for those (label ``accelerator_type``) the key adds ``+COUNTxTYPE``.
+        """
+        base = f"{self.provider.value}/{self.zone}/{self.instance_type}"
+        attached = self.label("accelerator_type")
+        return base if attached is None else f"{base}+{self.gpu_count}x{attached}"
+
+    def label(self, name: str) -> str | None:
+        """The value of label ``name``, or ``None``."""
+        return next((value for key, value in self.labels if key == name), None)
 
     def price(self, *, spot: bool) -> float:
         """The hourly price on the given market; spot falls back to nothing, never silently."""

@@ -1,0 +1,206 @@
+"""Which offers fit a request, cheapest first, and why the others do not.
+
+PURE: values in, values out; no I/O library. ``select_offers`` checks every offer against
+every constraint of an ``OfferRequest`` and returns the feasible ones ordered by the price
+the request would pay (spot where allowed and sold, else on-demand), ties broken by the
+offer's key so that the same catalog and request always give the same answer. Each
+rejected offer carries the first constraint it failed, in the order of ``RejectReason``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from catalog.cuda import cuda_version, offer_cuda_problem
+from catalog.gpus import UnknownGpuError, resolve_gpu
+from catalog.model import GpuModel, Offer, ProviderName
+
+
+class RejectReason(StrEnum):
+    """Why an offer does not fit, in the order the constraints are checked."""
+
+    PROVIDER = "provider"
+    REGION = "region"
+    GPU = "gpu"
+    GPU_COUNT = "gpu-count"
+    VRAM = "vram"
+    CUDA = "cuda"
+    UNAVAILABLE = "unavailable"
+    OVER_CEILING = "over-ceiling"
+
+
+class Market(StrEnum):
+    ON_DEMAND = "on-demand"
+    SPOT = "spot"
+
+
+@dataclass(frozen=True, slots=True)
+class OfferRequest:
+    """What a workload needs from an offer. Empty tuples and ``None`` mean "any".
+
+    ``gpus`` are GPU names (display names or aliases; canonicalised on construction).
+    ``min_vram_gib`` is the instance's total GPU memory (per-GPU VRAM x count);
+    ``gpu_count`` an exact number of GPUs. ``spot`` allows (does not require) spot:
+    offers that sell spot are priced at spot. ``unavailable`` holds ``Offer.key``s
+    currently marked out of capacity.
+    """
+
+    gpus: tuple[str, ...] = ()
+    min_vram_gib: float | None = None
+    gpu_count: int | None = None
+    providers: tuple[ProviderName, ...] = ()
+    regions: tuple[str, ...] = ()
+    spot: bool = False
+    max_usd_per_hour: float | None = None
+    cuda_versions: tuple[str, ...] = ()
+    unavailable: frozenset[str] = field(default_factory=frozenset)
+
+    def __post_init__(self) -> None:
+        canonical = tuple(dict.fromkeys(resolve_gpu(name).display_name for name in self.gpus))
+        object.__setattr__(self, "gpus", canonical)
+        for version in self.cuda_versions:
+            cuda_version(version)  # raises naming the unknown version
+        if self.min_vram_gib is not None and not self.min_vram_gib > 0:
+            raise ValueError(f"min_vram_gib must be > 0, got {self.min_vram_gib}")
+        if self.gpu_count is not None and self.gpu_count < 1:
+            raise ValueError(f"gpu_count must be >= 1, got {self.gpu_count}")
+        ceiling = self.max_usd_per_hour
+        if ceiling is not None and not (ceiling > 0 and math.isfinite(ceiling)):
+            raise ValueError(f"max_usd_per_hour must be a positive number, got {ceiling}")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A feasible offer and the price the request would pay for it."""
+
+    offer: Offer
+    market: Market
+    usd_per_hour: float
+
+    @property
+    def on_demand_usd_per_hour(self) -> float:
+        return self.offer.on_demand_usd_per_hour
+
+    @property
+    def spot_usd_per_hour(self) -> float | None:
+        return self.offer.spot_usd_per_hour
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """An offer that does not fit, with the first constraint it failed."""
+
+    offer: Offer
+    reason: RejectReason
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """``feasible`` cheapest first; ``rejected`` in catalog order."""
+
+    feasible: tuple[Candidate, ...]
+    rejected: tuple[Rejection, ...]
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.feasible[0] if self.feasible else None
+
+
+def price_for(offer: Offer, *, spot: bool) -> tuple[Market, float]:
+    """The market and hourly price a request pays: spot when allowed and sold."""
+    if spot and offer.spot_usd_per_hour is not None:
+        return Market.SPOT, offer.spot_usd_per_hour
+    return Market.ON_DEMAND, offer.on_demand_usd_per_hour
+
+
+def select_offers(offers: Iterable[Offer], request: OfferRequest) -> Selection:
+    """The offers that satisfy ``request``, cheapest first, and why every other one does not."""
+    checker = _Checker(request)
+    feasible: list[Candidate] = []
+    rejected: list[Rejection] = []
+    for offer in offers:
+        problem = checker.problem(offer)
+        if problem is None:
+            market, price = price_for(offer, spot=request.spot)
+            feasible.append(Candidate(offer=offer, market=market, usd_per_hour=price))
+        else:
+            rejected.append(Rejection(offer=offer, reason=problem[0], detail=problem[1]))
+    feasible.sort(key=_order)
+    return Selection(feasible=tuple(feasible), rejected=tuple(rejected))
+
+
+def _order(candidate: Candidate) -> tuple[float, float, str, str, int]:
+    offer = candidate.offer
+    return (
+        candidate.usd_per_hour,
+        offer.on_demand_usd_per_hour,
+        offer.key,
+        offer.gpu,
+        offer.gpu_count,
+    )
+
+
+class _Checker:
+    """One request's constraints, with per-call caches (GPU lookups, CUDA verdicts)."""
+
+    def __init__(self, request: OfferRequest) -> None:
+        self.request = request
+        self.providers = frozenset(request.providers)
+        self.regions = frozenset(request.regions)
+        self.gpus = frozenset(request.gpus)
+        self._gpu_cache: dict[str, GpuModel | None] = {}
+        self._cuda_cache: dict[tuple[ProviderName, str], str | None] = {}
+
+    def problem(self, offer: Offer) -> tuple[RejectReason, str] | None:
+        request = self.request
+        if self.providers and offer.provider not in self.providers:
+            allowed = ", ".join(sorted(p.value for p in self.providers))
+            return RejectReason.PROVIDER, f"provider {offer.provider.value} not in {allowed}"
+        if self.regions and offer.region not in self.regions:
+            return (
+                RejectReason.REGION,
+                f"region {offer.region} not in {', '.join(sorted(self.regions))}",
+            )
+        gpu = self._gpu(offer.gpu)
+        if gpu is None:
+            return RejectReason.GPU, f"unknown GPU {offer.gpu!r}"
+        if self.gpus and gpu.display_name not in self.gpus:
+            return RejectReason.GPU, f"{gpu.display_name} not in the GPU pool"
+        if request.gpu_count is not None and offer.gpu_count != request.gpu_count:
+            return RejectReason.GPU_COUNT, f"{offer.gpu_count} GPUs, need {request.gpu_count}"
+        vram = gpu.vram_gib * offer.gpu_count
+        if request.min_vram_gib is not None and vram < request.min_vram_gib:
+            return RejectReason.VRAM, f"{vram:g} GiB of GPU memory, need {request.min_vram_gib:g}"
+        cuda = self._cuda(offer.provider, gpu)
+        if cuda is not None:
+            return RejectReason.CUDA, cuda
+        if offer.key in request.unavailable:
+            return RejectReason.UNAVAILABLE, "marked unavailable (no capacity recently)"
+        market, price = price_for(offer, spot=request.spot)
+        ceiling = request.max_usd_per_hour
+        if ceiling is not None and price > ceiling:
+            return (
+                RejectReason.OVER_CEILING,
+                f"${price:.4f}/h {market.value} > ceiling ${ceiling:g}/h",
+            )
+        return None
+
+    def _gpu(self, name: str) -> GpuModel | None:
+        if name not in self._gpu_cache:
+            try:
+                self._gpu_cache[name] = resolve_gpu(name)
+            except UnknownGpuError:
+                self._gpu_cache[name] = None
+        return self._gpu_cache[name]
+
+    def _cuda(self, provider: ProviderName, gpu: GpuModel) -> str | None:
+        key = (provider, gpu.display_name)
+        if key not in self._cuda_cache:
+            self._cuda_cache[key] = offer_cuda_problem(
+                provider=provider, gpu=gpu, pins=self.request.cuda_versions
+            )
+        return self._cuda_cache[key]
