@@ -109,6 +109,7 @@ class StrictModel(BaseModel):
     @model_validator(mode="wrap")
     @classmethod
     def _refuse_unknown_keys(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        data = cls._normalise(data)
         if isinstance(data, Mapping):
             known = set(cls.model_fields) | {
                 f.alias for f in cls.model_fields.values() if f.alias is not None
@@ -127,6 +128,11 @@ class StrictModel(BaseModel):
                     {"field": key, "hint": hint, "allowed": ", ".join(sorted(known))},
                 )
         return handler(data)
+
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        """Rewrite accepted legacy forms into the current one, before any check."""
+        return data
 
 
 # --- fixed ------------------------------------------------------------------------------
@@ -193,7 +199,8 @@ class Window(BaseModel):
     """A weekly window: ``days`` (0 = Monday) from ``start`` to ``end`` in ``tz``.
 
     ``end <= start`` means the window crosses midnight and ends the next day; the day
-    named is the day the window opens.
+    named is the day the window opens. ``start == end`` (written ``00:00-24:00``) is a
+    whole day.
     """
 
     model_config = ConfigDict(frozen=True)
@@ -227,7 +234,7 @@ class Window(BaseModel):
         except (ZoneInfoNotFoundError, ValueError):
             hint = _suggest(tz, sorted(available_timezones()))
             raise ValueError(f"window {text!r}: unknown time zone {tz!r}{hint}") from None
-        if start == end:
+        if start == end and times[1] != "24:00":
             raise ValueError(f"window {text!r} is empty: it starts and ends at {times[0]}")
         return cls(days=days, start=start, end=end, tz=tz)
 
@@ -385,7 +392,7 @@ class AutoscalingPolicy(StrictModel):
         ]
         | None
     ) = None
-    gpu_pool: Annotated[list[str] | None, Field(exclude=True)] = None  # legacy; see _legacy_pool
+    gpu_pool: Annotated[list[str] | None, Field(exclude=True)] = None  # legacy; see _normalise
     autoscaling_strategy: Literal["ttft_latency_sec"] = "ttft_latency_sec"
     upper_allowed_latency_sec: PositiveUsd = 1.0
     lower_allowed_latency_sec: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
@@ -400,9 +407,8 @@ class AutoscalingPolicy(StrictModel):
     allow_spot_instances: bool = False
     regions: list[str] | None = None
 
-    @model_validator(mode="before")
     @classmethod
-    def _legacy_pool(cls, data: Any) -> Any:
+    def _normalise(cls, data: Any) -> Any:
         """Fold the legacy root ``gpu_pool`` into ``workers.cloud_pool``."""
         if not isinstance(data, Mapping) or "gpu_pool" not in data:
             return data

@@ -1,0 +1,374 @@
+"""Client commands, kubectl-style: apply, get, describe, delete, keys, tokens.
+
+Exit codes: 0 done; 1 the API refused or could not be reached; 2 bad input (the file or
+the spec), with every message naming the field. A file is validated whole before any of
+it is applied, so a bad document leaves the stored state untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+import httpx
+import yaml
+from pydantic import ValidationError
+
+from autoscaler.cli.output import emit, print_table
+from autoscaler.sdk import ApiError, ConfigError, ManagementClient
+from autoscaler.spec import WorkloadDocument, describe_errors
+
+EXIT_API, EXIT_INPUT = 1, 2
+
+project_option = click.option(
+    "--project", "-p", envvar="AUTOSCALER_PROJECT", required=True, help="Project slug."
+)
+url_option = click.option(
+    "--url",
+    envvar="AUTOSCALER_URL",
+    default="http://127.0.0.1:8001",
+    show_default=True,
+    help="Management API.",
+)
+output_option = click.option(
+    "-o", "--output", type=click.Choice(["table", "json", "yaml"]), default="table"
+)
+
+
+def register(group: click.Group) -> None:
+    for command in (apply, get, describe, delete, keys, tokens):
+        group.add_command(command)
+
+
+@contextmanager
+def _client(url: str, project: str) -> Iterator[ManagementClient]:
+    """A client whose failures become clear messages and exit codes."""
+    try:
+        with ManagementClient.from_env(project=project, url=url) as client:
+            yield client
+    except ConfigError as exc:
+        _fail(str(exc), code=EXIT_INPUT)
+    except ApiError as exc:
+        lines = [f"error: {exc.message} ({exc.code}, HTTP {exc.status})"]
+        lines += [f"  {_detail(d)}" for d in exc.details]
+        _fail("\n".join(lines), code=EXIT_INPUT if exc.status in (400, 422) else EXIT_API)
+    except httpx.TransportError as exc:
+        _fail(f"error: cannot reach the management API at {url}: {exc}", code=EXIT_API)
+
+
+def _detail(detail: dict[str, Any]) -> str:
+    if "old" in detail:
+        return f"{detail['path']}: {detail['old']!r} -> {detail['new']!r}"
+    return f"{detail.get('path')}: {detail.get('message')} (got {detail.get('value')!r})"
+
+
+def _fail(message: str, *, code: int) -> None:
+    click.echo(message, err=True)
+    sys.exit(code)
+
+
+# -- apply ----------------------------------------------------------------------------------
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    """The workload documents of a YAML or JSON file: one per YAML document, or a list."""
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            loaded: list[Any] = [json.loads(text)]
+        else:
+            loaded = [d for d in yaml.safe_load_all(text) if d is not None]
+    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        raise click.ClickException(f"{path}: not valid YAML/JSON: {exc}") from None
+    docs: list[Any] = []
+    for item in loaded:
+        docs.extend(item if isinstance(item, list) else [item])
+    for i, doc in enumerate(docs, 1):
+        if not isinstance(doc, dict):
+            raise click.ClickException(f"{path}: document {i} is not a mapping of spec fields")
+    if not docs:
+        raise click.ClickException(f"{path}: no workload documents")
+    return docs
+
+
+def _validate_all(path: Path, docs: Sequence[dict[str, Any]]) -> list[WorkloadDocument]:
+    problems: list[str] = []
+    valid: list[WorkloadDocument] = []
+    for i, doc in enumerate(docs, 1):
+        label = f"{path}: document {i}" + (f" ({doc['slug']})" if "slug" in doc else "")
+        try:
+            valid.append(WorkloadDocument.model_validate(doc))
+        except ValidationError as exc:
+            problems += [
+                f"{label}: {d['path']}: {d['message']} (got {d['value']!r})"
+                for d in describe_errors(exc)
+            ]
+    if problems:
+        _fail("\n".join(problems), code=EXIT_INPUT)
+    return valid
+
+
+@click.command()
+@click.option(
+    "-f",
+    "--filename",
+    "files",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Workload file (YAML or JSON); repeatable.",
+)
+@click.option(
+    "--on-drift",
+    type=click.Choice(["reconcile", "fail", "ignore"]),
+    help="Override each document's on_drift.",
+)
+@project_option
+@url_option
+@output_option
+def apply(
+    files: tuple[Path, ...], on_drift: str | None, project: str, url: str, output: str
+) -> None:
+    """Create or update the workloads in FILE(s), by slug."""
+    batches = [(path, load_documents(path)) for path in files]
+    validated = [(path, docs, _validate_all(path, docs)) for path, docs in batches]
+    results: list[dict[str, Any]] = []
+    with _client(url, project) as client:
+        for _path, docs, parsed in validated:
+            for raw, doc in zip(docs, parsed, strict=True):
+                body = {k: v for k, v in raw.items() if k != "on_drift"}
+                ref = client.ensure(body, on_drift=on_drift or doc.on_drift)
+                results.append(
+                    {
+                        "workload": ref.workload_slug,
+                        "action": ref.action,
+                        "generation": ref.generation,
+                        "diff": ref.diff,
+                        "warnings": ref.warnings,
+                    }
+                )
+                for warning in ref.warnings:
+                    click.echo(f"warning: {ref.workload_slug}: {warning}", err=True)
+    if output != "table":
+        emit(results, output)
+        return
+    for r in results:
+        click.echo(f"workload/{r['workload']} {r['action']} (generation {r['generation']})")
+        for d in r["diff"]:
+            click.echo(f"  {_detail(d)}")
+
+
+# -- get / describe / delete ---------------------------------------------------------------
+
+
+def _policy_summary(spec: dict[str, Any]) -> str:
+    config = spec.get("execution_policy_config") or {}
+    policy = spec.get("execution_policy", "fixed")
+    if policy == "fixed":
+        return f"fixed x{config.get('replicas', 1)}"
+    if policy == "scheduled":
+        return f"scheduled {config.get('cron') or config.get('window')}"
+    ceiling = config.get("max_hourly_cost_usd")
+    limit = f" <= ${ceiling}/h" if ceiling else ""
+    return f"autoscaling {config.get('min_workers', 0)}-{config.get('max_workers')}{limit}"
+
+
+@click.command()
+@click.argument("slug", required=False)
+@project_option
+@url_option
+@output_option
+def get(slug: str | None, project: str, url: str, output: str) -> None:
+    """List workloads, or show one."""
+    with _client(url, project) as client:
+        items = [client.get(slug)] if slug else client.list()
+    if output != "table":
+        emit(items[0] if slug else items, output)
+        return
+    print_table(
+        ["SLUG", "NAME", "MODEL", "BACKEND", "POLICY", "GEN", "UPDATED"],
+        [
+            [
+                w["slug"],
+                w["name"],
+                w["spec"]["model"],
+                w["spec"]["backend"],
+                _policy_summary(w["spec"]),
+                str(w["generation"]),
+                w["updated_at"][:19],
+            ]
+            for w in items
+        ],
+    )
+
+
+@click.command()
+@click.argument("slug")
+@click.option("--limit", default=10, show_default=True, help="How many recent decisions.")
+@project_option
+@url_option
+@output_option
+def describe(slug: str, limit: int, project: str, url: str, output: str) -> None:
+    """Show a workload with its replicas and recent decisions."""
+    with _client(url, project) as client:
+        workload = client.get(slug)
+        replicas = client.replicas(slug)
+        decisions = client.decisions(slug, limit=limit)
+    if output != "table":
+        emit({**workload, "replicas": replicas, "decisions": decisions}, output)
+        return
+    spec = workload["spec"]
+    click.echo(f"Workload:    {workload['project']}/{workload['slug']} ({workload['name']})")
+    click.echo(f"Model:       {spec['model']} on {spec['backend']} ({spec['task_type']})")
+    click.echo(f"Policy:      {_policy_summary(spec)}")
+    click.echo(f"Generation:  {workload['generation']}   spec {workload['spec_hash'][:12]}")
+    click.echo(f"Updated:     {workload['updated_at']}")
+    click.echo("\nSpec:")
+    click.echo(_indent(yaml.safe_dump(spec, sort_keys=False)))
+    click.echo(f"Replicas ({len(replicas)}):")
+    print_table(
+        ["LAUNCH", "PHASE", "OFFER", "GPU", "SPOT", "$/H", "AGE", "URL"],
+        [
+            [
+                r["launch_id"],
+                r["phase"],
+                r["offer"],
+                f"{r['gpu']} x{r['gpu_count']}",
+                "yes" if r["spot"] else "no",
+                f"{r['hourly_usd']:.3f}",
+                _age(r["age_sec"]),
+                r["url"] or "-",
+            ]
+            for r in replicas
+        ],
+        empty="  (none)",
+    )
+    click.echo(f"\nRecent decisions ({len(decisions)}):")
+    print_table(
+        ["AT", "KIND", "ACTED", "$/H DELTA", "REASON"],
+        [
+            [
+                d["at"][:19],
+                d["kind"],
+                "yes" if d["acted"] else "no",
+                f"{d['cost_delta_usd_per_hour']:+.3f}",
+                d["reason"],
+            ]
+            for d in decisions
+        ],
+        empty="  (none)",
+    )
+
+
+def _indent(text: str) -> str:
+    return "\n".join("  " + line for line in text.rstrip().splitlines())
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+@click.command()
+@click.argument("slugs", nargs=-1, required=True)
+@project_option
+@url_option
+def delete(slugs: tuple[str, ...], project: str, url: str) -> None:
+    """Delete workloads: their replicas are drained and terminated, their keys revoked."""
+    with _client(url, project) as client:
+        for slug in slugs:
+            client.delete(slug)
+            click.echo(f"workload/{slug} deleted")
+
+
+# -- keys and tokens --------------------------------------------------------------------------
+
+
+@click.group()
+def keys() -> None:
+    """Data keys (ik_live_…) for the gateway, one workload each."""
+
+
+@keys.command("create")
+@click.argument("slug")
+@click.option("--name", default="", help="A label to recognise the key by.")
+@project_option
+@url_option
+@output_option
+def keys_create(slug: str, name: str, project: str, url: str, output: str) -> None:
+    """Make a data key; its secret is printed this once."""
+    with _client(url, project) as client:
+        key = client.create_key(slug, name=name)
+    _show_secret(key.id, key.secret, output)
+
+
+@keys.command("list")
+@click.argument("slug")
+@project_option
+@url_option
+@output_option
+def keys_list(slug: str, project: str, url: str, output: str) -> None:
+    """List a workload's data keys (never their secrets)."""
+    with _client(url, project) as client:
+        items = client.list_keys(slug)
+    if output != "table":
+        emit(items, output)
+        return
+    print_table(
+        ["ID", "PREFIX", "NAME", "CREATED", "REVOKED"],
+        [
+            [k["id"], k["prefix"] + "…", k["name"], k["created_at"][:19], _short(k["revoked_at"])]
+            for k in items
+        ],
+        empty="(no keys)",
+    )
+
+
+@keys.command("revoke")
+@click.argument("slug")
+@click.argument("key_id")
+@project_option
+@url_option
+def keys_revoke(slug: str, key_id: str, project: str, url: str) -> None:
+    """Revoke a data key; the gateway refuses it within seconds."""
+    with _client(url, project) as client:
+        client.revoke_key(slug, key_id)
+    click.echo(f"key/{key_id} revoked")
+
+
+@click.group()
+def tokens() -> None:
+    """Control tokens (ik_sdk_…) for the management API."""
+
+
+@tokens.command("create")
+@click.option("--name", default="", help="A label to recognise the token by.")
+@project_option
+@url_option
+@output_option
+def tokens_create(name: str, project: str, url: str, output: str) -> None:
+    """Make a control token for a project (needs an admin token); printed this once."""
+    with _client(url, project) as client:
+        token = client.create_project_token(name=name)
+    _show_secret(token.id, token.secret, output)
+
+
+def _show_secret(token_id: str, secret: str, output: str) -> None:
+    if output != "table":
+        emit({"id": token_id, "secret": secret}, output)
+        return
+    click.echo(f"id:     {token_id}")
+    click.echo(f"secret: {secret}")
+    click.echo("(the secret is shown only now; store it safely)", err=True)
+
+
+def _short(value: str | None) -> str:
+    return value[:19] if value else "-"

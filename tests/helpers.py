@@ -1,0 +1,166 @@
+"""Test plumbing: PostgreSQL databases per test, a live API server, free ports, processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import asyncpg
+import httpx
+import uvicorn
+
+from autoscaler.api.app import ApiState, create_app
+from autoscaler.service import ensure_admin_token, utc_now
+from autoscaler.store.db import open_store, session_factory
+
+
+async def pg_available(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(f"{dsn}/postgres", timeout=3)
+    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+        return False
+    await conn.close()
+    return True
+
+
+async def pg_create_database(dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(f"{dsn}/postgres")
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def pg_drop_database(dsn: str, name: str) -> None:
+    conn = await asyncpg.connect(f"{dsn}/postgres")
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_until(predicate: Callable[[], bool], *, timeout: float = 20.0, what: str) -> None:
+    """Poll ``predicate`` until true; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def http_ok(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1.0).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+class ApiServer:
+    """The management API on 127.0.0.1 in a background thread with its own event loop."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._error: BaseException | None = None
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to the test thread on exit
+            self._error = exc
+
+    async def _serve(self) -> None:
+        async with open_store(self.database_url) as engine:
+            sessions = session_factory(engine)
+            await ensure_admin_token(sessions, announce=lambda _text: None)
+            app = create_app(ApiState(sessions=sessions, now=utc_now))
+            config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+            self._server = uvicorn.Server(config)
+            await self._server.serve()
+
+    def __enter__(self) -> ApiServer:
+        self._thread.start()
+        wait_until(
+            lambda: http_ok(self.url + "/healthz") or not self._thread.is_alive(),
+            what="the API server to start",
+        )
+        if not self._thread.is_alive():
+            raise RuntimeError(f"the API server died: {self._error!r}")
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        self._thread.join(timeout=15)
+        if self._error is not None:
+            raise self._error
+
+
+class Process:
+    """A child process that is always stopped: SIGTERM, then SIGKILL after a grace period."""
+
+    def __init__(
+        self, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+    ) -> None:
+        self.argv = list(argv)
+        self.env = {**os.environ, **(env or {})}
+        self.cwd = cwd
+        self.proc: subprocess.Popen[str] | None = None
+
+    def __enter__(self) -> Process:
+        self.proc = subprocess.Popen(
+            self.argv,
+            env=self.env,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        return self
+
+    def stop(self, grace: float = 10.0) -> str:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        out = self.proc.stdout.read() if self.proc.stdout else ""
+        self.proc.stdout and self.proc.stdout.close()
+        return out
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def autoscaler_cli(*args: str) -> list[str]:
+    """The argv that runs this checkout's ``autoscaler`` command."""
+    return [sys.executable, "-m", "autoscaler", *args]
