@@ -1,0 +1,82 @@
+"""The ``engine-sim`` command, shared by ``autoscaler engine-sim`` and ``python -m``."""
+
+from __future__ import annotations
+
+import click
+
+from catalog.perf import ModelDoesNotFit
+from providers.engine_sim.config import DEFAULT_GPU, DEFAULT_MODEL, EngineSimConfig
+from providers.engine_sim.server import run
+
+
+@click.command(name="engine-sim", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port; 0 picks one.")
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="Served model name.")
+@click.option("--gpu", default=DEFAULT_GPU, show_default=True, help="GPU display name.")
+@click.option("--gpu-count", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--params-b", type=click.FloatRange(min=0, min_open=True), default=8.0, show_default=True,
+    help="Model size in billions of parameters.",
+)  # fmt: skip
+@click.option(
+    "--bytes-per-param", type=click.FloatRange(min=0, max=4, min_open=True), default=2.0,
+    show_default=True, help="2 for bf16, 1 for fp8, 0.5 for 4-bit.",
+)  # fmt: skip
+@click.option(
+    "--max-batch", type=click.IntRange(min=1), default=None,
+    help="Cap on concurrent sequences (default: what the KV cache holds, at most 256).",
+)  # fmt: skip
+@click.option(
+    "--api-key", envvar="ENGINE_SIM_API_KEY", default=None,
+    help="Require 'Authorization: Bearer KEY' on /v1 routes.",
+)  # fmt: skip
+@click.option(
+    "--time-scale", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+    help="Run every modelled latency this many times faster (metrics stay unscaled).",
+)  # fmt: skip
+@click.option(
+    "--startup-delay", type=click.FloatRange(min=0), default=0.0, show_default=True,
+    help="Wall-clock seconds /health answers 503, as while loading weights.",
+)  # fmt: skip
+@click.option(
+    "--fail-after", type=click.IntRange(min=1), default=None,
+    help="Exit abruptly after serving this many inference requests.",
+)  # fmt: skip
+def command(
+    *,
+    host: str,
+    port: int,
+    model: str,
+    gpu: str,
+    gpu_count: int,
+    params_b: float,
+    bytes_per_param: float,
+    max_batch: int | None,
+    api_key: str | None,
+    time_scale: float,
+    startup_delay: float,
+    fail_after: int | None,
+) -> None:
+    """Serve a simulated OpenAI-compatible engine whose latency follows the GPU's performance."""
+    try:
+        config = EngineSimConfig(
+            host=host,
+            port=port,
+            model=model,
+            gpu=gpu,
+            gpu_count=gpu_count,
+            params_b=params_b,
+            bytes_per_param=bytes_per_param,
+            max_batch=max_batch,
+            api_key=api_key,
+            time_scale=time_scale,
+            startup_delay_s=startup_delay,
+            fail_after=fail_after,
+        )
+        config.profile()
+    except ModelDoesNotFit as exc:
+        raise click.UsageError(str(exc)) from exc
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    run(config)

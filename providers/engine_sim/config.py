@@ -1,0 +1,60 @@
+"""What engine-sim simulates (GPU, model size) and how it serves (address, key, speed-up)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from catalog.perf import ServingProfile, serving_profile
+
+DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
+DEFAULT_GPU = "NVIDIA A100-SXM4-80GB"
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSimConfig:
+    """Settings of one simulated engine. Invalid values raise ``ValueError`` naming the field.
+
+    ``time_scale`` divides every latency the model computes (prefill, decode, queueing) so
+    tests and benchmarks run fast; the metrics still report the model's unscaled times.
+    ``startup_delay_s`` is wall-clock seconds (not scaled) during which ``/health`` answers
+    503, like an engine loading weights. After ``fail_after`` completed inference requests
+    the process exits abruptly.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: str = DEFAULT_MODEL
+    gpu: str = DEFAULT_GPU
+    gpu_count: int = 1
+    params_b: float = 8.0
+    bytes_per_param: float = 2.0
+    max_batch: int | None = None
+    api_key: str | None = None
+    time_scale: float = 1.0
+    startup_delay_s: float = 0.0
+    fail_after: int | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if not self.model.strip():
+            raise ValueError("model must be a non-empty name")
+        if not (self.time_scale > 0 and math.isfinite(self.time_scale)):
+            raise ValueError(f"time_scale must be a finite number > 0, got {self.time_scale}")
+        if not (self.startup_delay_s >= 0 and math.isfinite(self.startup_delay_s)):
+            raise ValueError(f"startup_delay_s must be >= 0, got {self.startup_delay_s}")
+        if self.fail_after is not None and self.fail_after < 1:
+            raise ValueError(f"fail_after must be >= 1, got {self.fail_after}")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be non-empty when given")
+
+    def profile(self) -> ServingProfile:
+        """The serving profile the latencies follow (raises ``ValueError`` if it cannot serve)."""
+        return serving_profile(
+            self.gpu,
+            self.gpu_count,
+            self.params_b,
+            self.bytes_per_param,
+            max_batch=self.max_batch,
+        )

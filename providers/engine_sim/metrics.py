@@ -1,0 +1,103 @@
+"""vLLM's Prometheus metrics, by vLLM's names and buckets, for one simulated engine.
+
+Names, types and buckets follow vLLM's ``vllm/v1/metrics/loggers.py`` (the ``vllm:``
+prefix, a ``model_name`` label), so dashboards and scrapers written for vLLM read
+engine-sim unchanged. Times are the performance model's, unscaled by ``--time-scale``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from catalog.perf import RequestTiming
+
+TTFT_BUCKETS = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)  # fmt: skip
+TPOT_BUCKETS = (
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+    10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+REQUEST_LATENCY_BUCKETS = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)  # fmt: skip
+
+
+class EngineMetrics:
+    """The metrics of one engine, in a registry of its own (several engines share a process
+    in tests)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, labels, registry=self.registry)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, labels, registry=self.registry)
+
+        self._running = gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches."
+        )
+        self._waiting = gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed."
+        )
+        self._prompt = counter("vllm:prompt_tokens", "Number of prefill tokens processed.")
+        self._generation = counter(
+            "vllm:generation_tokens", "Number of generation tokens processed."
+        )
+        self._success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
+        self._ttft = histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            TTFT_BUCKETS,
+        )
+        self._tpot = histogram(
+            "vllm:time_per_output_token_seconds",
+            "Histogram of time per output token in seconds.",
+            TPOT_BUCKETS,
+        )
+        self._e2e = histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self._queue = histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            REQUEST_LATENCY_BUCKETS,
+        )
+        self._model = model_name
+
+    def first_token(self, ttft_s: float) -> None:
+        """A request produced its first token ``ttft_s`` after arriving."""
+        self._ttft.labels(self._model).observe(ttft_s)
+
+    def finished(self, timing: RequestTiming, *, finished_reason: str) -> None:
+        """A request completed: count its tokens and record its latencies."""
+        model = self._model
+        self._prompt.labels(model).inc(timing.input_tokens)
+        self._generation.labels(model).inc(timing.output_tokens)
+        self._success.labels(model, finished_reason).inc()
+        self._e2e.labels(model).observe(timing.e2e_s)
+        self._queue.labels(model).observe(timing.queue_s)
+        if timing.output_tokens > 1:
+            per_token = (timing.finished_s - timing.first_token_s) / (timing.output_tokens - 1)
+            self._tpot.labels(model).observe(per_token)
+
+    def render(self, *, running: int, waiting: int) -> bytes:
+        """The Prometheus text exposition, with the gauges set to the engine's state now."""
+        self._running.labels(self._model).set(running)
+        self._waiting.labels(self._model).set(waiting)
+        return generate_latest(self.registry)

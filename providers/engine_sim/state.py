@@ -1,0 +1,81 @@
+"""The state one engine-sim application shares between its handlers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from catalog.perf import RequestTiming, ServingProfile
+from providers.engine_sim.config import EngineSimConfig
+from providers.engine_sim.live import LiveEngine, Ticket
+from providers.engine_sim.metrics import EngineMetrics
+from providers.engine_sim.parsing import ApiError
+
+# Long enough for the last response's bytes to leave the process before it exits.
+_EXIT_GRACE_S = 0.05
+
+
+def exit_abruptly() -> None:
+    """End the process at once, as a crashed engine would: no cleanup, no goodbye."""
+    os._exit(3)
+
+
+@dataclass(slots=True)
+class EngineState:
+    """Config, profile, engine and metrics of one application, and its readiness."""
+
+    config: EngineSimConfig
+    profile: ServingProfile
+    engine: LiveEngine
+    metrics: EngineMetrics
+    ready_at: float
+    on_fail: Callable[[], None] = exit_abruptly
+    served: int = field(default=0)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the simulated weights have loaded."""
+        return time.monotonic() >= self.ready_at
+
+    def require_ready(self) -> None:
+        """Refuse work with a 503 while loading, as vLLM's server is simply not up yet."""
+        if not self.ready:
+            wait = max(self.ready_at - time.monotonic(), 0.0)
+            raise ApiError(
+                503,
+                f"model {self.config.model} is still loading",
+                kind="service_unavailable",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
+
+    def submit(self, *, input_tokens: int, output_tokens: int, finished_reason: str) -> Ticket:
+        """Start a request on the engine; its metrics are recorded as its moments arrive."""
+        ticket = self.engine.submit(input_tokens=input_tokens, output_tokens=output_tokens)
+        metrics = self.metrics
+
+        def on_first_token(future: asyncio.Future[float]) -> None:
+            if not future.cancelled():
+                metrics.first_token(future.result() - ticket.arrival_s)
+
+        def on_finished(future: asyncio.Future[RequestTiming]) -> None:
+            if not future.cancelled():
+                metrics.finished(future.result(), finished_reason=finished_reason)
+
+        ticket.first_token.add_done_callback(on_first_token)
+        ticket.finished.add_done_callback(on_finished)
+        return ticket
+
+    def count_served(self) -> None:
+        """One more inference response sent in full; past ``fail_after``, die."""
+        self.served += 1
+        limit = self.config.fail_after
+        if limit is not None and self.served == limit:
+            asyncio.get_running_loop().call_later(_EXIT_GRACE_S, self.on_fail)
+
+
+STATE: web.AppKey[EngineState] = web.AppKey("engine_sim_state", EngineState)
