@@ -1,0 +1,298 @@
+"""The EC2 provider against moto's server over HTTP, behind a proxy that adds
+ClientToken idempotency and injected capacity, quota and throttling errors."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import aioboto3
+import pytest
+from botocore.exceptions import ClientError
+from moto.backends import get_backend
+from moto.core.models import DEFAULT_ACCOUNT_ID
+from moto.ec2.models.instances import StateReason
+from moto.server import ThreadedMotoServer
+from types_aiobotocore_ec2.client import EC2Client
+
+from catalog.model import Offer, ProviderName
+from providers.aws import SPOT_INTERRUPTION_CODE, AwsConfig, AwsProvider, translate
+from providers.base import (
+    CLUSTER_TAG,
+    InstanceState,
+    InsufficientCapacity,
+    NotFound,
+    Provider,
+    QuotaExceeded,
+    SpotInterruptionSource,
+    Terminal,
+    Transient,
+)
+from tests.fakes.ec2_proxy import Ec2Proxy
+from tests.providers.contract import (
+    Capability,
+    ErrorKind,
+    ProviderContract,
+    ProviderHarness,
+    make_request,
+)
+
+REGION = "us-east-1"
+ZONE = "us-east-1a"
+MOTO_AMI = "ami-785db401"
+OFFER = Offer(
+    provider=ProviderName.AWS,
+    region=REGION,
+    zone=ZONE,
+    instance_type="g5.xlarge",
+    gpu="NVIDIA A10G",
+    gpu_count=1,
+    vcpus=4,
+    memory_gib=16,
+    on_demand_usd_per_hour=1.006,
+    spot_usd_per_hour=0.4024,
+)
+
+
+@pytest.fixture(scope="module")
+def moto_server() -> Iterator[ThreadedMotoServer]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def proxy(moto_server: ThreadedMotoServer) -> Iterator[Ec2Proxy]:
+    host, port = moto_server.get_host_and_port()
+    proxy = Ec2Proxy(upstream_host=host, upstream_port=port)
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.fixture(autouse=True)
+def aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent/aws-config")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent/aws-credentials")
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
+async def ec2(proxy: Ec2Proxy) -> AsyncIterator[EC2Client]:
+    async with aioboto3.Session().client("ec2", region_name=REGION, endpoint_url=proxy.url) as c:
+        yield c
+
+
+def _config(proxy: Ec2Proxy, **overrides: object) -> AwsConfig:
+    settings: dict[str, object] = {
+        "regions": (REGION,),
+        "endpoint_url": proxy.url,
+        "gateway_cidr": "203.0.113.10/32",
+        "ami_overrides": {"12.4": MOTO_AMI},
+        "retry_wait_seconds": 0.01,
+        "max_attempts": 3,
+    }
+    settings.update(overrides)
+    return AwsConfig(**settings)  # type: ignore[arg-type]
+
+
+def _moto_instance(instance_id: str) -> Any:
+    backend = get_backend("ec2")[DEFAULT_ACCOUNT_ID][REGION]
+    return backend.get_instance(instance_id)
+
+
+class AwsHarness:
+    offer = OFFER
+    capabilities: frozenset[Capability] = frozenset({"capacity", "quota", "throttle", "preempt"})
+
+    def __init__(self, proxy: Ec2Proxy) -> None:
+        self.proxy = proxy
+
+    def new_provider(self) -> Provider:
+        return AwsProvider(_config(self.proxy))
+
+    async def fail_launches(self, kind: ErrorKind | None) -> None:
+        self.proxy.fail(kind)
+
+    async def preempt(self, instance_id: str) -> None:
+        instance = _moto_instance(instance_id)
+        instance.terminate()
+        instance.state_reason = StateReason(
+            f"{SPOT_INTERRUPTION_CODE}: Spot instance termination", SPOT_INTERRUPTION_CODE
+        )
+
+    async def settle(self) -> None:
+        """moto starts instances running at once."""
+
+
+class TestAwsContract(ProviderContract):
+    @pytest.fixture
+    def harness(self, proxy: Ec2Proxy) -> ProviderHarness:
+        return AwsHarness(proxy)
+
+
+def test_the_aws_provider_is_a_provider_with_spot_interruptions() -> None:
+    provider = AwsProvider(AwsConfig())
+    assert isinstance(provider, Provider)
+    assert isinstance(provider, SpotInterruptionSource)
+
+
+async def test_launch_tags_volumes_sets_user_data_and_buys_spot(
+    proxy: Ec2Proxy, ec2: EC2Client
+) -> None:
+    provider = AwsProvider(_config(proxy))
+    request = make_request(AwsHarness(proxy), cluster_id="c-aws-1", spot=True)
+
+    instance = await provider.launch(request)
+
+    volumes = await ec2.describe_volumes(
+        Filters=[{"Name": f"tag:{CLUSTER_TAG}", "Values": ["c-aws-1"]}]
+    )
+    assert [a["InstanceId"] for v in volumes["Volumes"] for a in v["Attachments"]] == [
+        instance.instance_id
+    ]
+    user_data = await ec2.describe_instance_attribute(
+        InstanceId=instance.instance_id, Attribute="userData"
+    )
+    assert base64.b64decode(user_data["UserData"]["Value"]).decode() == (
+        request.boot.startup_script
+    )
+    described = await ec2.describe_instances(InstanceIds=[instance.instance_id])
+    raw = described["Reservations"][0]["Instances"][0]
+    assert raw["ImageId"] == MOTO_AMI
+    assert raw["InstanceLifecycle"] == "spot"
+    assert instance.spot is True
+    assert instance.private_address
+
+
+async def test_the_cluster_security_group_admits_the_engine_port_from_the_gateway_only(
+    proxy: Ec2Proxy, ec2: EC2Client
+) -> None:
+    provider = AwsProvider(_config(proxy))
+    await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-sg"))
+    await AwsProvider(_config(proxy)).launch(make_request(AwsHarness(proxy), cluster_id="c-aws-sg"))
+
+    groups = await ec2.describe_security_groups(
+        Filters=[{"Name": "group-name", "Values": ["autoscaler-c-aws-sg"]}]
+    )
+    assert len(groups["SecurityGroups"]) == 1
+    rules = groups["SecurityGroups"][0]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], [i["CidrIp"] for i in r["IpRanges"]]) for r in rules] == [
+        (8080, 8080, ["203.0.113.10/32"])
+    ]
+
+
+async def test_the_ami_comes_from_the_ssm_parameter_without_an_override(
+    proxy: Ec2Proxy, moto_server: ThreadedMotoServer, ec2: EC2Client
+) -> None:
+    host, port = moto_server.get_host_and_port()
+    async with aioboto3.Session().client(
+        "ssm", region_name=REGION, endpoint_url=f"http://{host}:{port}"
+    ) as ssm:
+        await ssm.put_parameter(Name="/test/gpu-ami", Value="ami-1e749f67", Type="String")
+    provider = AwsProvider(
+        _config(proxy, ami_overrides={}, ami_parameter="/test/gpu-ami", endpoint_url=proxy.url)
+    )
+
+    instance = await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-ami"))
+
+    described = await ec2.describe_instances(InstanceIds=[instance.instance_id])
+    assert described["Reservations"][0]["Instances"][0]["ImageId"] == "ami-1e749f67"
+
+
+async def test_a_missing_ami_parameter_is_terminal(proxy: Ec2Proxy) -> None:
+    provider = AwsProvider(_config(proxy, ami_overrides={}, ami_parameter="/test/missing"))
+
+    with pytest.raises(Terminal, match="resolving AMI /test/missing") as caught:
+        await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-noami"))
+    assert isinstance(caught.value.__cause__, ClientError)
+
+
+async def test_a_brief_throttle_is_retried_with_the_same_token_buying_one_instance(
+    proxy: Ec2Proxy,
+) -> None:
+    provider = AwsProvider(_config(proxy))
+    proxy.fail("throttle", times=2)
+
+    instance = await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-thr"))
+
+    assert proxy.run_instances_calls == 3
+    assert [i.instance_id for i in await provider.list("c-aws-thr")] == [instance.instance_id]
+
+
+async def test_capacity_errors_are_not_retried(proxy: Ec2Proxy) -> None:
+    provider = AwsProvider(_config(proxy))
+    proxy.fail("capacity")
+
+    with pytest.raises(InsufficientCapacity, match="InsufficientInstanceCapacity"):
+        await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-ice"))
+
+    assert proxy.run_instances_calls == 1
+
+
+async def test_a_preempted_spot_instance_reads_as_interrupted(proxy: Ec2Proxy) -> None:
+    harness = AwsHarness(proxy)
+    provider = AwsProvider(_config(proxy))
+    spot = await provider.launch(make_request(harness, cluster_id="c-aws-pre", spot=True))
+
+    await harness.preempt(spot.instance_id)
+
+    assert (await provider.describe(spot.instance_id)).state is InstanceState.INTERRUPTED
+
+
+async def test_an_unknown_subnet_is_terminal_and_names_the_launch(proxy: Ec2Proxy) -> None:
+    provider = AwsProvider(_config(proxy, subnets={ZONE: "subnet-0000dead"}))
+
+    with pytest.raises(Terminal, match=r"launching g5\.xlarge in us-east-1a") as caught:
+        await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-bad"))
+    assert "InvalidSubnetID.NotFound" in str(caught.value)
+    assert isinstance(caught.value.__cause__, ClientError)
+
+
+async def test_describe_of_a_malformed_id_is_not_found(proxy: Ec2Proxy) -> None:
+    with pytest.raises(NotFound, match="describing nonsense"):
+        await AwsProvider(_config(proxy)).describe("nonsense")
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError(
+        {
+            "Error": {"Code": code, "Message": "m"},
+            "ResponseMetadata": {
+                "HTTPStatusCode": status,
+                "HTTPHeaders": {},
+                "HostId": "",
+                "RequestId": "r",
+                "RetryAttempts": 0,
+            },
+        },
+        "RunInstances",
+    )
+
+
+@pytest.mark.parametrize(
+    ("code", "status", "expected"),
+    [
+        ("InsufficientInstanceCapacity", 500, InsufficientCapacity),
+        ("InstanceLimitExceeded", 400, QuotaExceeded),
+        ("VcpuLimitExceeded", 400, QuotaExceeded),
+        ("MaxSpotInstanceCountExceeded", 400, QuotaExceeded),
+        ("RequestLimitExceeded", 503, Transient),
+        ("InternalError", 500, Transient),
+        ("Unsupported", 400, Terminal),
+        ("InvalidParameterValue", 400, Terminal),
+        ("IdempotentParameterMismatch", 400, Terminal),
+        ("InvalidInstanceID.NotFound", 400, NotFound),
+    ],
+)
+def test_ec2_error_codes_map_to_what_the_caller_should_do(
+    code: str, status: int, expected: type[Exception]
+) -> None:
+    error = translate(_client_error(code, status), "launching g5.xlarge in us-east-1a for w")
+    assert type(error) is expected
+    assert str(error).startswith(f"launching g5.xlarge in us-east-1a for w: {code}")
