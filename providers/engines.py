@@ -1,0 +1,348 @@
+"""Serving engines: which image, port, health path and command each backend boots with.
+
+A workload names its backend by wire string (``vllm``, ``sglang``, ``ollama``,
+``vllm-omni``); this module turns (backend, model, the user's ``command``, version pin,
+task type, CUDA pin) into a :class:`~providers.base.BootSpec`.
+
+The user's ``command`` is parsed with :func:`shlex.split`. It may repeat the engine's own
+program (``vllm serve MODEL --max-model-len 8192``) or give only the extra arguments
+(``--max-model-len 8192``). Flags the service owns (the port, the bind address, the API
+key, the model) are refused with an error that names the flag, because the service sets
+them itself and a second value would either break routing or open the engine.
+
+Secrets never enter a BootSpec as values. Each replica's engine API key is named
+:data:`ENGINE_KEY_SECRET`; the Hugging Face token :data:`HF_TOKEN_SECRET`. The command
+refers to the key as ``${ENGINE_API_KEY}`` and whoever starts the engine (the startup
+script, the local provider, the worker agent) substitutes the value it resolved with
+:func:`expand_secrets`. Ollama has no API key: its port must be reachable from the
+gateway only (``Engine.api_key`` is False so callers can tell).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from providers.base import BootSpec
+
+__all__ = [
+    "ENGINES",
+    "ENGINE_KEY_SECRET",
+    "HF_TOKEN_SECRET",
+    "MODEL_CACHE_DIR",
+    "CommandError",
+    "Engine",
+    "boot_spec",
+    "engine_argv",
+    "engine_for",
+    "expand_secrets",
+    "image_for",
+    "secret_ref",
+]
+
+ENGINE_KEY_SECRET = "ENGINE_API_KEY"
+HF_TOKEN_SECRET = "HF_TOKEN"
+#: Where the engine keeps downloaded weights inside its container; the host mounts a
+#: volume here so a restarted engine does not download the model again.
+MODEL_CACHE_DIR = "/root/.cache/huggingface"
+_OLLAMA_MODELS_DIR = "/root/.ollama"
+
+_POOLING_TASKS = frozenset({"embedding", "reranker", "classification", "reward"})
+# vLLM before 0.10.1 selects pooling with --task; later versions with --runner pooling.
+_VLLM_TASK_FLAG = {
+    "embedding": "embed",
+    "reranker": "score",
+    "classification": "classify",
+    "reward": "reward",
+}
+_VLLM_RUNNER_SINCE = (0, 10, 1)
+_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?([-.+a-zA-Z0-9]*)$")
+
+
+class CommandError(ValueError):
+    """The workload's engine command cannot be used as given; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """How one backend is served.
+
+    ``program`` is the argv prefix that starts the OpenAI-compatible server;
+    ``program_aliases`` are other prefixes a user may write in ``command`` for it.
+    ``owned_flags`` are set by the service and refused in the user's command.
+    ``warmup`` is run inside the container after the server answers and before the
+    replica is reported ready (``{model}`` is replaced by the model). ``fixed_args``
+    follow the model on every command line (vllm-omni's ``--omni``).
+    """
+
+    backend: str
+    image_repository: str
+    default_tag: str
+    port: int
+    health_path: str
+    program: tuple[str, ...]
+    program_aliases: tuple[tuple[str, ...], ...]
+    owned_flags: frozenset[str]
+    model_positional: bool
+    api_key: bool
+    cache_dir: str = MODEL_CACHE_DIR
+    warmup: tuple[str, ...] = ()
+    fixed_args: tuple[str, ...] = ()
+
+    def image(self, version: str | None = None) -> str:
+        """``repository:tag``: the pinned version when given, else the default tag."""
+        tag = self.default_tag if version is None else _tag(version, backend=self.backend)
+        return f"{self.image_repository}:{tag}"
+
+
+_VLLM_OWNED = frozenset({"--port", "--host", "--api-key", "--model", "--uds"})
+
+ENGINES: Mapping[str, Engine] = {
+    "vllm": Engine(
+        backend="vllm",
+        image_repository="vllm/vllm-openai",
+        default_tag="v0.11.0",
+        port=8000,
+        health_path="/health",
+        program=("vllm", "serve"),
+        program_aliases=(
+            ("python", "-m", "vllm.entrypoints.openai.api_server"),
+            ("python3", "-m", "vllm.entrypoints.openai.api_server"),
+        ),
+        owned_flags=_VLLM_OWNED,
+        model_positional=True,
+        api_key=True,
+    ),
+    "vllm-omni": Engine(
+        backend="vllm-omni",
+        image_repository="vllm/vllm-omni",
+        default_tag="v0.12.0rc1",
+        port=8000,
+        health_path="/health",
+        program=("vllm", "serve"),
+        program_aliases=(),
+        owned_flags=_VLLM_OWNED,
+        model_positional=True,
+        api_key=True,
+        fixed_args=("--omni",),
+    ),
+    "sglang": Engine(
+        backend="sglang",
+        image_repository="lmsysorg/sglang",
+        default_tag="v0.5.5",
+        port=30000,
+        health_path="/health",
+        program=("python3", "-m", "sglang.launch_server"),
+        program_aliases=(("python", "-m", "sglang.launch_server"),),
+        owned_flags=frozenset({"--port", "--host", "--api-key", "--model-path", "--model"}),
+        model_positional=False,
+        api_key=True,
+    ),
+    "ollama": Engine(
+        backend="ollama",
+        image_repository="ollama/ollama",
+        default_tag="0.13.5",
+        port=11434,
+        health_path="/api/version",
+        program=("ollama", "serve"),
+        program_aliases=(),
+        owned_flags=frozenset(),
+        model_positional=False,
+        api_key=False,
+        cache_dir=_OLLAMA_MODELS_DIR,
+        warmup=("ollama", "pull", "{model}"),
+    ),
+}
+
+
+def engine_for(backend: str) -> Engine:
+    """The engine for a backend wire string; the error lists the known ones."""
+    try:
+        return ENGINES[backend]
+    except KeyError:
+        known = ", ".join(sorted(ENGINES))
+        raise ValueError(f"unknown backend {backend!r}: known backends are {known}") from None
+
+
+def image_for(*, backend: str, vllm_version: str | None = None) -> str:
+    """The container image for a backend; ``vllm_version`` pins vllm and vllm-omni."""
+    engine = engine_for(backend)
+    if vllm_version is not None and backend not in ("vllm", "vllm-omni"):
+        raise ValueError(f"vllm_version applies to vllm and vllm-omni only, not {backend!r}")
+    return engine.image(vllm_version)
+
+
+def secret_ref(name: str) -> str:
+    """How a command refers to a secret resolved where the engine starts: ``${NAME}``."""
+    return "${" + name + "}"
+
+
+def expand_secrets(
+    argv: Sequence[str], *, secrets: Mapping[str, str], names: Sequence[str]
+) -> list[str]:
+    """``argv`` with each ``${NAME}`` of ``names`` replaced by its value in ``secrets``.
+
+    A referenced secret without a value is an error naming it (never the other values).
+    """
+    expanded = []
+    for arg in argv:
+        for name in names:
+            ref = secret_ref(name)
+            if ref in arg:
+                if name not in secrets:
+                    raise KeyError(f"the engine command needs secret {name}, which has no value")
+                arg = arg.replace(ref, secrets[name])
+        expanded.append(arg)
+    return expanded
+
+
+def engine_argv(
+    *,
+    backend: str,
+    model: str,
+    command: str | None = None,
+    task_type: str = "text2text",
+    vllm_version: str | None = None,
+) -> tuple[str, ...]:
+    """The engine's full argv: its program, the model, service-owned flags, user args."""
+    engine = engine_for(backend)
+    user_args = _user_args(engine, model=model, command=command)
+    if engine.backend == "ollama":
+        return engine.program
+    argv: list[str] = list(engine.program)
+    if engine.model_positional:
+        argv.append(model)
+    else:
+        argv += ["--model-path", model]
+    argv += engine.fixed_args
+    argv += ["--host", "0.0.0.0", "--port", str(engine.port)]
+    argv += ["--api-key", secret_ref(ENGINE_KEY_SECRET)]
+    argv += _task_args(engine, task_type=task_type, user_args=user_args, version=vllm_version)
+    return (*argv, *user_args)
+
+
+def boot_spec(
+    *,
+    backend: str,
+    model: str,
+    command: str | None = None,
+    vllm_version: str | None = None,
+    task_type: str = "text2text",
+    cuda_version: str | None = None,
+    startup_script: str | None = None,
+) -> BootSpec:
+    """How a replica of this workload boots (without a startup script unless given).
+
+    The engine's API key and the Hugging Face token are named in ``secret_env_names``
+    and resolved where the engine starts; see the module docstring.
+    """
+    engine = engine_for(backend)
+    argv = engine_argv(
+        backend=backend,
+        model=model,
+        command=command,
+        task_type=task_type,
+        vllm_version=vllm_version,
+    )
+    secrets = (ENGINE_KEY_SECRET, HF_TOKEN_SECRET) if engine.api_key else (HF_TOKEN_SECRET,)
+    return BootSpec(
+        image=image_for(backend=backend, vllm_version=vllm_version),
+        command=argv,
+        port=engine.port,
+        health_path=engine.health_path,
+        model_id=model,
+        env={"HF_HOME": MODEL_CACHE_DIR} if engine.cache_dir == MODEL_CACHE_DIR else {},
+        secret_env_names=secrets,
+        cuda_version=cuda_version,
+        startup_script=startup_script,
+    )
+
+
+# --- the user's command -------------------------------------------------------------
+
+
+def _user_args(engine: Engine, *, model: str, command: str | None) -> list[str]:
+    if command is None or not command.strip():
+        return []
+    try:
+        tokens = shlex.split(command)
+    except ValueError as exc:
+        raise CommandError(f"command {command!r} cannot be parsed: {exc}") from None
+    tokens = _strip_program(engine, tokens)
+    if engine.model_positional and tokens and not tokens[0].startswith("-"):
+        if tokens[0] != model:
+            raise CommandError(
+                f"command serves model {tokens[0]!r} but the workload's model is {model!r}; "
+                "leave the model out of the command"
+            )
+        tokens = tokens[1:]
+    if engine.backend == "ollama" and tokens:
+        raise CommandError(
+            f"ollama takes no command-line arguments, got {shlex.join(tokens)!r}; "
+            "configure ollama through its model, not the command"
+        )
+    for token in tokens:
+        _refuse_owned(engine, token)
+        if secret_ref(ENGINE_KEY_SECRET) in token or secret_ref(HF_TOKEN_SECRET) in token:
+            raise CommandError(f"command argument {token!r} refers to a secret the service owns")
+    return tokens
+
+
+def _strip_program(engine: Engine, tokens: list[str]) -> list[str]:
+    for prefix in (engine.program, *engine.program_aliases):
+        if tuple(tokens[: len(prefix)]) == prefix:
+            return tokens[len(prefix) :]
+    if tokens and not tokens[0].startswith("-") and tokens[0] in {p[0] for p in _programs()}:
+        expected = shlex.join(engine.program)
+        raise CommandError(
+            f"command starts with {shlex.join(tokens[:3])!r}, which is not how backend "
+            f"{engine.backend!r} starts; write {expected!r} or give only the arguments"
+        )
+    return tokens
+
+
+def _programs() -> list[tuple[str, ...]]:
+    return [p for e in ENGINES.values() for p in (e.program, *e.program_aliases)]
+
+
+def _refuse_owned(engine: Engine, token: str) -> None:
+    if not token.startswith("--"):
+        return
+    flag = token.split("=", 1)[0].replace("_", "-")
+    if flag in engine.owned_flags:
+        raise CommandError(
+            f"command sets {flag}, which the service owns for backend {engine.backend!r} "
+            f"(it sets {', '.join(sorted(engine.owned_flags))} itself); remove it"
+        )
+
+
+def _task_args(
+    engine: Engine, *, task_type: str, user_args: list[str], version: str | None
+) -> list[str]:
+    if task_type not in _POOLING_TASKS:
+        return []
+    chosen = {arg.split("=", 1)[0] for arg in user_args}
+    if engine.backend == "sglang":
+        return [] if "--is-embedding" in chosen else ["--is-embedding"]
+    if engine.backend != "vllm" or chosen & {"--task", "--runner", "--convert"}:
+        return []
+    if version is None or _version_tuple(version) >= _VLLM_RUNNER_SINCE:
+        return ["--runner", "pooling"]
+    return ["--task", _VLLM_TASK_FLAG[task_type]]
+
+
+def _tag(version: str, *, backend: str) -> str:
+    if not _VERSION_RE.match(version):
+        raise ValueError(
+            f"vllm_version {version!r} for backend {backend!r} is not a version like 0.11.0"
+        )
+    return version if version.startswith("v") else f"v{version}"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    match = _VERSION_RE.match(version)
+    if match is None:
+        raise ValueError(f"vllm_version {version!r} is not a version like 0.11.0")
+    return tuple(int(part) for part in match.groups()[:3] if part is not None)
