@@ -1,0 +1,306 @@
+"""Where the next replica goes: a private worker, or the catalog offer that serves the
+model at the lowest cost per unit of capacity.
+
+The rules:
+
+* **Private workers first.** A workload pinned to a worker (``worker_id``) or sourcing
+  private workers goes to the named worker carrying the fewest of its replicas (ties in
+  the order named), never to the cloud. Workers marked unavailable are skipped.
+* **Cheapest per capacity.** Every feasible offer (GPU pool, regions, CUDA pins, model
+  memory: ``catalog.query``) is priced on each market it may use: spot when the policy
+  allows it and the offer sells it, and on-demand always (the fallback when spot has
+  just failed). Options are ranked by dollars per hour per request/s of serving capacity
+  for this model (``catalog.perf``, the model engine-sim and the simulator use): a GPU a
+  third the price that serves a tenth of the load is not cheaper. Offers without
+  performance figures rank after all those with figures, by raw price.
+* **Skip recent failures.** ``unavailable`` maps :func:`unavailable_key` (offer and
+  market, or a worker) to the time until which it is skipped: a spot stock-out leaves the
+  same offer's on-demand market usable.
+* **Spread on ties.** Among options of equal cost per capacity, the zone and then the
+  region carrying fewest of the workload's replicas wins; then the offer key, so the same
+  inputs always give the same answer.
+* **Stay in the budget.** ``max_usd_per_hour`` (the headroom left under the ceilings)
+  skips options that could not be bought anyway, so a cheaper-per-hour offer is chosen
+  over a refusal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
+from catalog.model import Offer
+from catalog.perf import ModelDoesNotFit, serving_profile
+from catalog.query import Market, OfferRequest, select_offers
+
+DEFAULT_INPUT_TOKENS = 1024.0
+"""Mean prompt length assumed when ranking offers by serving capacity."""
+
+DEFAULT_OUTPUT_TOKENS = 256.0
+"""Mean completion length assumed when ranking offers by serving capacity."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementOption:
+    """An offer that fits the workload, with one replica's capacity on it (requests/s for
+    this model; ``None`` when the performance model has no figures for its GPU)."""
+
+    offer: Offer
+    capacity_rps: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a replica goes (an offer on a market, or a private worker), or why nowhere.
+
+    ``offer`` and ``worker_id`` are both ``None`` when nothing fits; ``reason`` says why.
+    """
+
+    reason: str
+    offer: Offer | None = None
+    market: Market | None = None
+    usd_per_hour: float = 0.0
+    capacity_rps: float | None = None
+    worker_id: str | None = None
+
+    @property
+    def found(self) -> bool:
+        return self.offer is not None or self.worker_id is not None
+
+
+def unavailable_key(offer: Offer, market: Market) -> str:
+    """The key that marks one market of one offer unavailable after a failed launch."""
+    return offer.key if market is Market.ON_DEMAND else f"{offer.key}#spot"
+
+
+def worker_key(worker_id: str) -> str:
+    """The key that marks a private worker unavailable."""
+    return f"private/{worker_id}"
+
+
+def replica_capacity_rps(
+    offer: Offer,
+    *,
+    params_b: float,
+    bytes_per_param: float = 2.0,
+    input_tokens: float = DEFAULT_INPUT_TOKENS,
+    output_tokens: float = DEFAULT_OUTPUT_TOKENS,
+) -> float | None:
+    """Requests/s one replica on ``offer`` serves for the model; 0 when it does not fit;
+    ``None`` when the GPU has no performance figures."""
+    try:
+        profile = serving_profile(offer.gpu, offer.gpu_count, params_b, bytes_per_param)
+    except ModelDoesNotFit:
+        return 0.0
+    except ValueError:
+        return None
+    return profile.capacity_rps(input_tokens=input_tokens, output_tokens=output_tokens)
+
+
+def choose_private_worker(
+    *,
+    worker_ids: Sequence[str],
+    replicas_per_worker: Mapping[str, int],
+    unavailable: Mapping[str, datetime],
+    now: datetime,
+) -> Placement:
+    """The named worker carrying the fewest replicas of the workload, skipping unavailable
+    ones; ties go to the worker named first."""
+    usable = [w for w in worker_ids if not _blocked(unavailable, worker_key(w), now)]
+    if not usable:
+        return Placement(
+            reason=f"no private worker available: {', '.join(worker_ids)} all marked unavailable"
+        )
+    chosen = min(usable, key=lambda w: (replicas_per_worker.get(w, 0), worker_ids.index(w)))
+    load = replicas_per_worker.get(chosen, 0)
+    return Placement(
+        reason=f"private worker {chosen} ({load} replica(s) of this workload on it already)",
+        worker_id=chosen,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Priced:
+    option: PlacementOption
+    market: Market
+    usd_per_hour: float
+
+    @property
+    def cost_per_capacity(self) -> float:
+        capacity = self.option.capacity_rps
+        return self.usd_per_hour / capacity if capacity else math.inf
+
+
+def choose_offer(
+    *,
+    options: Iterable[PlacementOption],
+    allow_spot: bool,
+    unavailable: Mapping[str, datetime],
+    now: datetime,
+    current_zones: Sequence[str] = (),
+    max_usd_per_hour: float | None = None,
+) -> Placement:
+    """The option with the lowest cost per capacity, by the rules in the module docstring.
+
+    ``current_zones`` holds the zone of each of the workload's live replicas.
+    """
+    skipped: Counter[str] = Counter()
+    priced: list[_Priced] = []
+    for option in options:
+        if option.capacity_rps is not None and option.capacity_rps <= 0:
+            skipped["model does not fit"] += 1
+            continue
+        for market, price in _markets(option.offer, allow_spot=allow_spot):
+            if _blocked(unavailable, unavailable_key(option.offer, market), now):
+                skipped[f"{market.value} marked unavailable"] += 1
+            elif max_usd_per_hour is not None and price > max_usd_per_hour:
+                skipped[f"{market.value} over the ${max_usd_per_hour:.2f}/h headroom"] += 1
+            else:
+                priced.append(_Priced(option, market, price))
+    if not priced:
+        return Placement(reason=f"no offer fits: {_counts(skipped) or 'no candidate offers'}")
+    zones = Counter(current_zones)
+    regions = Counter(_region_of(z, priced) for z in current_zones)
+    best = min(priced, key=lambda p: _rank(p, zones=zones, regions=regions))
+    return Placement(
+        reason=_chosen_reason(best, among=len(priced), zones=zones, skipped=skipped),
+        offer=best.option.offer,
+        market=best.market,
+        usd_per_hour=best.usd_per_hour,
+        capacity_rps=best.option.capacity_rps,
+    )
+
+
+def _markets(offer: Offer, *, allow_spot: bool) -> list[tuple[Market, float]]:
+    markets = [(Market.ON_DEMAND, offer.on_demand_usd_per_hour)]
+    if allow_spot and offer.spot_usd_per_hour is not None:
+        markets.insert(0, (Market.SPOT, offer.spot_usd_per_hour))
+    return markets
+
+
+def _blocked(unavailable: Mapping[str, datetime], key: str, now: datetime) -> bool:
+    until = unavailable.get(key)
+    return until is not None and until > now
+
+
+def _rank(
+    p: _Priced, *, zones: Counter[str], regions: Counter[str]
+) -> tuple[bool, float, int, int, float, str, str]:
+    offer = p.option.offer
+    return (
+        p.option.capacity_rps is None,
+        # Rounded so that float noise does not break a tie that should spread zones.
+        round(p.cost_per_capacity, 9) if p.option.capacity_rps else round(p.usd_per_hour, 9),
+        zones[offer.zone],
+        regions[offer.region],
+        p.usd_per_hour,
+        offer.key,
+        p.market.value,
+    )
+
+
+def _region_of(zone: str, priced: Sequence[_Priced]) -> str:
+    for p in priced:
+        if p.option.offer.zone == zone:
+            return p.option.offer.region
+    return zone
+
+
+def _chosen_reason(best: _Priced, *, among: int, zones: Counter[str], skipped: Counter[str]) -> str:
+    offer = best.option.offer
+    what = (
+        f"{offer.gpu_count} x {offer.gpu} {offer.key} {best.market.value} "
+        f"${best.usd_per_hour:.4g}/h"
+    )
+    if best.option.capacity_rps:
+        why = (
+            f"lowest cost per capacity: ${best.cost_per_capacity:.4g}/h per req/s "
+            f"({best.option.capacity_rps:.3g} req/s per replica)"
+        )
+    else:
+        why = "cheapest (no performance figures for this GPU)"
+    text = (
+        f"{what}: {why} of {among} option(s); zone {offer.zone} has {zones[offer.zone]} replica(s)"
+    )
+    return f"{text}; skipped {_counts(skipped)}" if skipped else text
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{n} {what}" for what, n in sorted(counter.items()))
+
+
+# --- from a workload spec and the catalog ------------------------------------------------
+
+
+def place_replica(
+    *,
+    spec: WorkloadSpec,
+    offers: Iterable[Offer],
+    unavailable: Mapping[str, datetime],
+    now: datetime,
+    current_zones: Sequence[str] = (),
+    replicas_per_worker: Mapping[str, int] | None = None,
+    params_b: float | None = None,
+    bytes_per_param: float = 2.0,
+    model_memory_gib: float | None = None,
+    max_usd_per_hour: float | None = None,
+) -> Placement:
+    """Where the workload's next replica goes.
+
+    Private workers where the spec names them; otherwise the catalog ``offers`` filtered
+    by the cloud pool (GPU names, CUDA pins), the policy's regions and the model's memory
+    (``spec.model_memory_gib``, else ``model_memory_gib``), ranked per capacity for a
+    ``params_b``-billion model (by raw price when ``params_b`` is not known).
+    """
+    policy = spec.execution_policy_config
+    autoscaling = policy if isinstance(policy, AutoscalingPolicy) else None
+    workers = [spec.worker_id] if spec.worker_id else []
+    workers += autoscaling.private_worker_ids if autoscaling else []
+    if workers:
+        return choose_private_worker(
+            worker_ids=list(dict.fromkeys(workers)),
+            replicas_per_worker=replicas_per_worker or {},
+            unavailable=unavailable,
+            now=now,
+        )
+    request = _offer_request(autoscaling, memory_gib=spec.model_memory_gib or model_memory_gib)
+    selection = select_offers(offers, request)
+    options = [
+        PlacementOption(
+            offer=c.offer,
+            capacity_rps=(
+                None
+                if params_b is None
+                else replica_capacity_rps(
+                    c.offer, params_b=params_b, bytes_per_param=bytes_per_param
+                )
+            ),
+        )
+        for c in selection.feasible
+    ]
+    placement = choose_offer(
+        options=options,
+        allow_spot=autoscaling.allow_spot_instances if autoscaling else False,
+        unavailable=unavailable,
+        now=now,
+        current_zones=current_zones,
+        max_usd_per_hour=max_usd_per_hour,
+    )
+    if placement.found or not selection.rejected:
+        return placement
+    rejected = Counter(r.reason.value for r in selection.rejected)
+    return Placement(reason=f"{placement.reason}; catalog rejected {_counts(rejected)}")
+
+
+def _offer_request(policy: AutoscalingPolicy | None, *, memory_gib: float | None) -> OfferRequest:
+    pool = policy.cloud_pool if policy else None
+    return OfferRequest(
+        gpus=tuple(pool.gpu_pool) if pool else (),
+        min_vram_gib=memory_gib,
+        regions=tuple(policy.regions or ()) if policy else (),
+        cuda_versions=tuple(pool.allowed_cuda_versions or ()) if pool else (),
+    )

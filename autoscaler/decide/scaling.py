@@ -1,0 +1,384 @@
+"""How many replicas an autoscaling workload wants, from measured TTFT and load.
+
+The rules, in the order they are tried (the first that applies decides):
+
+1. **Scale to zero.** ``min_workers: 0`` with ``scale_to_zero``, nothing in flight or
+   queued, and no request for ``scale_to_zero_timeout_sec``: zero replicas.
+2. **Wake from zero.** No replica ready or booting and a request waiting (or seen within
+   the idle timeout): ``max(1, min_workers)`` at once, without waiting for a window.
+3. **Scale up.** The ``ttft_percentile`` of TTFT over the scale-up window has been above
+   ``upper_allowed_latency_sec`` for the whole scale-up window (the breach start is kept
+   in :class:`ScaleMemory`, which the caller stores and passes back). The step grows
+   with how far TTFT is off target, and replicas already booting count toward it, so a
+   breach that persists while machines boot does not buy more machines.
+4. **Scale down.** The percentile over the scale-down window has been below
+   ``lower_allowed_latency_sec`` for the whole scale-down window, TTFT is not above the
+   upper bound, nothing is queued, and the replicas left could carry the measured load
+   (consolidation check). Then one replica goes (several when a per-replica capacity is
+   known and the load is far below it, never more than half at once).
+5. Otherwise hold.
+
+Hysteresis is time, never ticks: a breach must hold for the window measured in seconds
+from ``breach_since``. With ``enable_fast_autoscaling`` the scale-up window is cut to
+:data:`FAST_SCALE_UP_WINDOW_SEC` and the step may triple capacity instead of doubling
+it; scale-down keeps its full window (removing capacity is the risky direction).
+
+The result always lies in ``[floor, max_workers]`` where the floor is ``min_workers``
+(one when ``min_workers`` is 0 and ``scale_to_zero`` is off), or is 0 by rule 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from autoscaler.spec import AutoscalingPolicy
+
+FAST_SCALE_UP_WINDOW_SEC = 10.0
+"""The scale-up window (and hold) when ``enable_fast_autoscaling`` is on."""
+
+SAFE_UTILIZATION = 0.75
+"""Share of a replica's capacity the consolidation check lets the remaining replicas run at."""
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """What the gateway measured for one workload.
+
+    ``ttft_samples`` are ``(time, ttft_seconds)`` pairs, at least as far back as the
+    longer of the two windows; older ones are ignored. ``request_rate`` is requests per
+    second over the recent past, ``in_flight`` requests being served now, ``queue_depth``
+    requests held by the gateway (no replica, or async jobs not yet started).
+    """
+
+    ttft_samples: tuple[tuple[datetime, float], ...] = ()
+    request_rate: float = 0.0
+    in_flight: int = 0
+    queue_depth: int = 0
+    last_request_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCounts:
+    """Replicas by phase. ``booting`` includes pending intents (bought, not serving yet)."""
+
+    ready: int = 0
+    booting: int = 0
+    draining: int = 0
+
+    @property
+    def serving_or_soon(self) -> int:
+        return self.ready + self.booting
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaCapacity:
+    """How much one replica can carry for this model (from ``catalog.perf``), if known.
+
+    ``requests_per_s`` a saturated replica completes; ``max_concurrency`` sequences it
+    runs at once (the engine's batch limit).
+    """
+
+    requests_per_s: float
+    max_concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleMemory:
+    """What the scaler remembers between calls; store it and pass it back next time.
+
+    ``breach_since``: since when TTFT has been above the upper bound (the scale-up
+    condition); ``calm_since``: since when below the lower bound (scale-down).
+    """
+
+    breach_since: datetime | None = None
+    calm_since: datetime | None = None
+
+
+class Direction(StrEnum):
+    UP = "up"
+    DOWN = "down"
+    HOLD = "hold"
+    ZERO = "zero"
+    WAKE = "wake"
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleDecision:
+    """The number of replicas wanted (ready + booting), why, and the memory to keep."""
+
+    desired: int
+    reason: str
+    direction: Direction
+    memory: ScaleMemory
+    ttft_up_s: float | None = None
+    """The TTFT percentile over the scale-up window (``None``: no samples)."""
+    ttft_down_s: float | None = None
+    """The TTFT percentile over the scale-down window."""
+
+
+def ttft_percentile(
+    samples: Iterable[tuple[datetime, float]], *, q: float, since: datetime
+) -> float | None:
+    """The ``q`` quantile (0 < q <= 1, nearest rank) of the TTFTs measured after ``since``."""
+    if not 0 < q <= 1:
+        raise ValueError(f"percentile q must be in (0, 1], got {q}")
+    values = sorted(ttft for at, ttft in samples if at > since)
+    if not values:
+        return None
+    return values[max(math.ceil(q * len(values)) - 1, 0)]
+
+
+def floor_of(policy: AutoscalingPolicy) -> int:
+    """The fewest replicas the policy keeps while it is not scaled to zero."""
+    if policy.min_workers == 0 and not policy.scale_to_zero:
+        return 1
+    return policy.min_workers
+
+
+def scale_up_window_sec(policy: AutoscalingPolicy) -> float:
+    if policy.enable_fast_autoscaling:
+        return min(policy.scale_up_time_window_sec, FAST_SCALE_UP_WINDOW_SEC)
+    return policy.scale_up_time_window_sec
+
+
+def desired_replicas(
+    *,
+    policy: AutoscalingPolicy,
+    signals: Signals,
+    fleet: FleetCounts,
+    memory: ScaleMemory,
+    now: datetime,
+    capacity: ReplicaCapacity | None = None,
+) -> ScaleDecision:
+    """How many replicas (ready + booting) the workload should have at ``now``."""
+    up_window = scale_up_window_sec(policy)
+    down_window = policy.scale_down_time_window_sec
+    q = policy.ttft_percentile
+    ttft_up = ttft_percentile(signals.ttft_samples, q=q, since=now - timedelta(seconds=up_window))
+    ttft_down = ttft_percentile(
+        signals.ttft_samples, q=q, since=now - timedelta(seconds=down_window)
+    )
+    memory = _remember(policy, memory, signals=signals, up=ttft_up, down=ttft_down, now=now)
+    ctx = _Context(policy, signals, fleet, memory, now, capacity, ttft_up, ttft_down)
+    decision = _to_zero(ctx) or _wake(ctx) or _up(ctx, up_window) or _down(ctx, down_window)
+    return decision or ctx.hold()
+
+
+@dataclass(frozen=True, slots=True)
+class _Context:
+    policy: AutoscalingPolicy
+    signals: Signals
+    fleet: FleetCounts
+    memory: ScaleMemory
+    now: datetime
+    capacity: ReplicaCapacity | None
+    ttft_up: float | None
+    ttft_down: float | None
+
+    @property
+    def current(self) -> int:
+        return self.fleet.serving_or_soon
+
+    def clamp(self, count: int) -> int:
+        return min(max(count, floor_of(self.policy)), self.policy.max_workers)
+
+    def decide(
+        self, desired: int, direction: Direction, reason: str, memory: ScaleMemory | None = None
+    ) -> ScaleDecision:
+        return ScaleDecision(
+            desired=desired,
+            reason=reason,
+            direction=direction,
+            memory=self.memory if memory is None else memory,
+            ttft_up_s=self.ttft_up,
+            ttft_down_s=self.ttft_down,
+        )
+
+    def hold(self) -> ScaleDecision:
+        desired = self.clamp(self.current)
+        if desired != self.current:
+            bound = "min_workers floor" if desired > self.current else "max_workers"
+            return self.decide(
+                desired, Direction.HOLD, f"{self.current} replicas -> {desired}: the {bound}"
+            )
+        return self.decide(desired, Direction.HOLD, f"hold at {desired}: {self.latency_text()}")
+
+    def latency_text(self) -> str:
+        p = self.policy
+        pct = f"p{p.ttft_percentile * 100:g}"
+        if self.ttft_up is None:
+            return f"no TTFT samples in the last {scale_up_window_sec(p):g}s"
+        return (
+            f"TTFT {pct} {self.ttft_up:.3f}s over {scale_up_window_sec(p):g}s is within "
+            f"[{p.lower_allowed_latency_sec:g}s, {p.upper_allowed_latency_sec:g}s] or has "
+            "not held long enough"
+        )
+
+    def held_for(self, since: datetime | None, window_sec: float) -> float | None:
+        """Seconds the condition has held, if it has held for the whole window."""
+        if since is None:
+            return None
+        held = (self.now - since).total_seconds()
+        return held if held >= window_sec else None
+
+
+def _remember(
+    policy: AutoscalingPolicy,
+    memory: ScaleMemory,
+    *,
+    signals: Signals,
+    up: float | None,
+    down: float | None,
+    now: datetime,
+) -> ScaleMemory:
+    breach = up is not None and up > policy.upper_allowed_latency_sec
+    idle = down is None and signals.in_flight == 0 and signals.queue_depth == 0
+    calm = idle or (down is not None and down < policy.lower_allowed_latency_sec)
+    calm = calm and not breach
+    return ScaleMemory(
+        breach_since=(memory.breach_since or now) if breach else None,
+        calm_since=(memory.calm_since or now) if calm else None,
+    )
+
+
+def _to_zero(ctx: _Context) -> ScaleDecision | None:
+    p, s = ctx.policy, ctx.signals
+    if p.min_workers != 0 or not p.scale_to_zero or s.in_flight or s.queue_depth:
+        return None
+    if s.last_request_at is None:
+        idle = "no request seen"
+    else:
+        idle_sec = (ctx.now - s.last_request_at).total_seconds()
+        if idle_sec < p.scale_to_zero_timeout_sec:
+            return None
+        idle = f"idle {idle_sec:.0f}s >= scale_to_zero_timeout_sec {p.scale_to_zero_timeout_sec:g}"
+    return ctx.decide(0, Direction.ZERO, f"scale to zero: {idle}", ScaleMemory())
+
+
+def _wake(ctx: _Context) -> ScaleDecision | None:
+    s = ctx.signals
+    if ctx.current > 0:
+        return None
+    if not (s.queue_depth or s.in_flight or s.last_request_at is not None):
+        return None
+    desired = ctx.clamp(1)
+    waiting = s.queue_depth + s.in_flight
+    return ctx.decide(
+        desired,
+        Direction.WAKE,
+        f"wake from zero: {waiting} request(s) waiting and no replica ready or booting; "
+        f"{desired} at once",
+        ScaleMemory(),
+    )
+
+
+def _up(ctx: _Context, window_sec: float) -> ScaleDecision | None:
+    held = ctx.held_for(ctx.memory.breach_since, window_sec)
+    if held is None or ctx.ttft_up is None:
+        return None
+    p, fleet = ctx.policy, ctx.fleet
+    serving = max(fleet.ready, 1)
+    off_by = ctx.ttft_up / p.upper_allowed_latency_sec  # > 1
+    growth = 3.0 if p.enable_fast_autoscaling else 2.0
+    # TTFT grows at least in proportion to load per replica near saturation, so the
+    # capacity that brings it back to target is about ``ready x off_by``.
+    wanted = math.ceil(serving * min(off_by, growth))
+    wanted = max(wanted, fleet.ready + 1)
+    pct = f"p{p.ttft_percentile * 100:g}"
+    breach = (
+        f"TTFT {pct} {ctx.ttft_up:.3f}s > upper {p.upper_allowed_latency_sec:g}s "
+        f"for {held:.0f}s (window {window_sec:g}s)"
+    )
+    if wanted <= ctx.current:
+        return ctx.decide(
+            ctx.clamp(ctx.current),
+            Direction.HOLD,
+            f"{breach}; {fleet.booting} replica(s) booting already cover the {wanted} needed",
+        )
+    desired = ctx.clamp(wanted)
+    if desired <= ctx.current:
+        return ctx.decide(
+            desired, Direction.HOLD, f"{breach}; already at max_workers {p.max_workers}"
+        )
+    # Restart the hold: the new replicas get a full window to take effect before more.
+    restarted = replace(ctx.memory, breach_since=ctx.now)
+    return ctx.decide(
+        desired,
+        Direction.UP,
+        f"{breach}: {ctx.current} -> {desired} ({fleet.ready} ready, {fleet.booting} booting; "
+        f"{off_by:.1f}x over target)",
+        restarted,
+    )
+
+
+def _down(ctx: _Context, window_sec: float) -> ScaleDecision | None:
+    held = ctx.held_for(ctx.memory.calm_since, window_sec)
+    p, fleet, s = ctx.policy, ctx.fleet, ctx.signals
+    floor = floor_of(p)
+    if held is None or fleet.booting or ctx.current <= floor:
+        return None
+    if ctx.ttft_up is not None and ctx.ttft_up > p.upper_allowed_latency_sec:
+        return None  # never shed capacity while latency is over the bound
+    if s.queue_depth:
+        return ctx.decide(
+            ctx.clamp(ctx.current),
+            Direction.HOLD,
+            f"TTFT is low but {s.queue_depth} request(s) are queued: keep {ctx.current}",
+        )
+    target, why = _consolidated(ctx)
+    if target >= ctx.current:
+        return ctx.decide(ctx.clamp(ctx.current), Direction.HOLD, why)
+    desired = max(target, floor)
+    pct = f"p{p.ttft_percentile * 100:g}"
+    latency = (
+        "no traffic"
+        if ctx.ttft_down is None
+        else f"TTFT {pct} {ctx.ttft_down:.3f}s < lower {p.lower_allowed_latency_sec:g}s"
+    )
+    return ctx.decide(
+        desired,
+        Direction.DOWN,
+        f"{latency} for {held:.0f}s (window {window_sec:g}s): {ctx.current} -> {desired}; {why}",
+        replace(ctx.memory, calm_since=ctx.now),
+    )
+
+
+def _consolidated(ctx: _Context) -> tuple[int, str]:
+    """How many replicas the measured load needs, with the reason; at most one fewer
+    without a capacity figure, at most half fewer with one."""
+    s, cap, ready = ctx.signals, ctx.capacity, ctx.fleet.ready
+    one_less = ready - 1
+    if one_less < 1:
+        return 0, "no load to carry"
+    if cap is None:
+        # Without a capacity figure, project TTFT as growing with load per replica (an
+        # underestimate near saturation, so keep a margin below the upper bound).
+        ttft = ctx.ttft_down or 0.0
+        projected = ttft * ready / one_less
+        limit = ctx.policy.upper_allowed_latency_sec * SAFE_UTILIZATION
+        load = (
+            f"{s.request_rate:.2f} req/s, {s.in_flight} in flight on {one_less} replicas "
+            f"projects TTFT {projected:.3f}s"
+        )
+        if projected > limit:
+            return ready, f"TTFT is low but {load} > {limit:.3f}s: keep {ready}"
+        return one_less, load
+    safe_rps = cap.requests_per_s * SAFE_UTILIZATION
+    by_rate = math.ceil(s.request_rate / safe_rps) if safe_rps > 0 else ready
+    by_concurrency = (
+        math.ceil(s.in_flight / (cap.max_concurrency * SAFE_UTILIZATION))
+        if cap.max_concurrency
+        else 0
+    )
+    needed = max(by_rate, by_concurrency, math.ceil(ready / 2), 1)
+    load = (
+        f"{s.request_rate:.2f} req/s and {s.in_flight} in flight need {needed} "
+        f"at {SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each"
+    )
+    if needed >= ready:
+        return ready, f"TTFT is low but {load}: keep {ready}"
+    return needed, load
