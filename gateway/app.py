@@ -1,0 +1,409 @@
+"""The gateway process: routes, the store refresh loop, job workers, metrics.
+
+``Gateway(sessions=…)`` runs inside ``autoscaler run`` (the management API calls
+``notify_change()`` on every change, the controller reads ``signals()``), and
+``serve_gateway()`` runs it alone (``autoscaler gateway``) against a shared database,
+where the controller reads ``GET /internal/signals`` with an admin token instead.
+
+Routes (all under ``/endpoint/{project}/{workload}/v1/``): ``chat/completions``,
+``completions``, ``embeddings``, ``images/generations``, ``audio/speech``,
+``audio/transcriptions`` are proxied; ``models`` is answered from the spec (no replica
+needed, so it never wakes a workload); ``jobs`` and ``jobs/{id}`` are async jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from autoscaler.store.db import open_store, session_factory
+from autoscaler.store.models import Workload
+from gateway import jobs
+from gateway.auth import authorize, is_admin
+from gateway.dispatch import Dispatcher, DispatchLimits
+from gateway.errors import GatewayError, error_response
+from gateway.proxy import Forwarder, ProxyLimits
+from gateway.routes import RouteTable, WorkloadRef, WorkloadRoute, load_route_table
+from gateway.signals import Metrics, Signals, SignalSnapshot
+
+log = logging.getLogger(__name__)
+
+PROXIED_ROUTES = frozenset(
+    {
+        "chat/completions",
+        "completions",
+        "embeddings",
+        "images/generations",
+        "audio/speech",
+        "audio/transcriptions",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    """Limits and timings. Durations are seconds; sizes are bytes."""
+
+    refresh_interval_sec: float = 1.0
+    #: How long a request to a workload with no ready replica is held (GPU boot time).
+    cold_start_timeout_sec: float = 300.0
+    #: Per-workload overrides of the cold-start deadline, keyed ``"project/slug"``.
+    cold_start_timeouts: Mapping[str, float] = field(default_factory=dict)
+    cold_start_retry_after_sec: float = 30.0
+    queue_timeout_sec: float = 60.0
+    max_queued_per_workload: int = 1000
+    replica_concurrency_cap: int = 64
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024
+    idle_timeout_sec: float = 300.0
+    keepalive_timeout_sec: float = 75.0
+    connect_timeout_sec: float = 5.0
+    refused_cooldown_sec: float = 2.0
+    signal_window_sec: float = 900.0
+    job_workers: int = 4
+    job_poll_interval_sec: float = 1.0
+    job_timeout_sec: float = 900.0
+    #: Normal traffic updates ``workloads.last_request_at`` at most this often.
+    last_request_write_interval_sec: float = 10.0
+
+    def cold_start_deadline(self, ref: WorkloadRef) -> float:
+        return self.cold_start_timeouts.get(f"{ref[0]}/{ref[1]}", self.cold_start_timeout_sec)
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Gateway:
+    """The OpenAI-compatible data plane over the store's routes and keys."""
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: GatewaySettings | None = None,
+        on_demand: Callable[[WorkloadRef], None] | None = None,
+        wall_clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings or GatewaySettings()
+        self._sessions = sessions
+        self._on_demand = on_demand
+        self._wall_clock = wall_clock
+        self._table = RouteTable()
+        self.metrics = Metrics()
+        self._signals = Signals(window_sec=self.settings.signal_window_sec, metrics=self.metrics)
+        s = self.settings
+        self._dispatcher = Dispatcher(
+            limits=DispatchLimits(
+                replica_concurrency_cap=s.replica_concurrency_cap,
+                max_queued_per_workload=s.max_queued_per_workload,
+                queue_timeout_sec=s.queue_timeout_sec,
+                cold_start_timeout_sec=s.cold_start_deadline,
+                cold_start_retry_after_sec=s.cold_start_retry_after_sec,
+                refused_cooldown_sec=s.refused_cooldown_sec,
+            ),
+            signals=self._signals,
+            on_cold_start=self._cold_start,
+            rng=rng,
+        )
+        self._changed: asyncio.Event | None = None
+        self._client: aiohttp.ClientSession | None = None
+        self._forwarder: Forwarder | None = None
+        self._jobs: jobs.JobRunner | None = None
+        self._runner: web.AppRunner | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+        self._written_last_request: dict[WorkloadRef, float] = {}
+        self.port: int | None = None
+
+    # -- public interface ----------------------------------------------------------
+
+    async def start(self, host: str = "127.0.0.1", port: int = 8000) -> None:
+        """Load routes, start serving on ``host:port`` (0 picks a free port; see ``port``)."""
+        self._changed = asyncio.Event()
+        await self.refresh()
+        s = self.settings
+        self._client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding"),
+        )
+        self._forwarder = Forwarder(
+            session=self._client,
+            dispatcher=self._dispatcher,
+            signals=self._signals,
+            limits=ProxyLimits(
+                max_body_bytes=s.max_body_bytes,
+                idle_timeout_sec=s.idle_timeout_sec,
+                connect_timeout_sec=s.connect_timeout_sec,
+            ),
+            wall_clock=self._wall_clock,
+        )
+        self._jobs = jobs.JobRunner(
+            sessions=self._sessions,
+            dispatcher=self._dispatcher,
+            client=self._client,
+            routes=lambda: self._table.workloads,
+            now=_utc_now,
+            workers=s.job_workers,
+            poll_interval_sec=s.job_poll_interval_sec,
+            job_timeout_sec=s.job_timeout_sec,
+        )
+        self._runner = web.AppRunner(
+            self.make_app(),
+            handler_cancellation=True,
+            access_log=None,
+            keepalive_timeout=s.keepalive_timeout_sec,
+            max_field_size=s.max_header_bytes,
+            max_line_size=s.max_header_bytes,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = int(self._runner.addresses[0][1])
+        self._refresher = asyncio.create_task(self._refresh_loop())
+        self._jobs.start()
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self._jobs is not None:
+            await self._jobs.stop()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for task in list(self._background):
+            with contextlib.suppress(Exception):
+                await task
+        if self._client is not None:
+            await self._client.close()
+
+    def notify_change(self) -> None:
+        """Something changed in the store (workloads, replicas, keys): reload now."""
+        if self._changed is not None:
+            self._changed.set()
+
+    def signals(self) -> dict[WorkloadRef, SignalSnapshot]:
+        """Per-workload signals for the controller, keyed ``(project, slug)``."""
+        return self._signals.snapshot(now=self._wall_clock())
+
+    async def refresh(self) -> None:
+        """Reload routes and keys from the store and serve any request they unblock."""
+        async with self._sessions() as s:
+            table = await load_route_table(s)
+            depths = await jobs.queue_depths(s)
+        self._table = table
+        self._dispatcher.update(table.workloads)
+        self._signals.set_async_depth(depths)
+        if self._jobs is not None and any(
+            r.ready for ref, r in table.workloads.items() if ref in depths
+        ):
+            self._jobs.poke()
+
+    def make_app(self) -> web.Application:
+        app = web.Application(client_max_size=self.settings.max_body_bytes)
+        app.router.add_route("*", "/endpoint/{project}/{workload}/v1/{tail:.*}", self._handle)
+        app.router.add_get("/internal/signals", self._internal_signals)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
+        return app
+
+    # -- background ----------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        assert self._changed is not None
+        assert self._jobs is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.refresh_interval_sec):
+                    await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self.refresh()
+                await self._write_last_requests()
+                await self._jobs.requeue_stale()
+            except Exception:
+                log.exception("refreshing gateway routes from the store failed")
+
+    def _cold_start(self, ref: WorkloadRef) -> None:
+        """No ready replica: tell the controller now, and the store for other processes."""
+        if self._on_demand is not None:
+            self._on_demand(ref)
+        self._spawn(self._write_last_request(ref, self._wall_clock()))
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _write_last_requests(self) -> None:
+        interval = self.settings.last_request_write_interval_sec
+        for ref, snap in self._signals.snapshot(now=self._wall_clock()).items():
+            last = snap.last_request_at
+            if last is not None and last - self._written_last_request.get(ref, 0.0) >= interval:
+                await self._write_last_request(ref, last)
+
+    async def _write_last_request(self, ref: WorkloadRef, at: float) -> None:
+        self._written_last_request[ref] = at
+        try:
+            async with self._sessions() as s, s.begin():
+                await s.execute(
+                    update(Workload)
+                    .where(
+                        Workload.project == ref[0],
+                        Workload.slug == ref[1],
+                        Workload.deleted_at.is_(None),
+                    )
+                    .values(last_request_at=datetime.fromtimestamp(at, UTC))
+                )
+        except Exception:
+            log.exception("recording the last request time of %s/%s failed", *ref)
+
+    # -- handlers ------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        arrived = time.perf_counter()
+        info = request.match_info
+        try:
+            route = authorize(
+                self._table,
+                authorization=request.headers.get("Authorization"),
+                project=info["project"],
+                slug=info["workload"],
+            )
+        except GatewayError as exc:
+            return exc.response()
+        tail = info["tail"].strip("/")
+        status = 500
+        try:
+            response = await self._dispatch(request, route=route, tail=tail, arrived=arrived)
+            status = response.status
+            return response
+        except GatewayError as exc:
+            status = exc.status
+            return exc.response()
+        except ConnectionResetError:
+            status = 499  # the caller went away mid-response
+            raise
+        except asyncio.CancelledError:
+            status = 499
+            raise
+        finally:
+            self.metrics.requests.labels(*route.ref, str(status)).inc()
+            self.metrics.duration.labels(*route.ref).observe(time.perf_counter() - arrived)
+
+    async def _dispatch(
+        self, request: web.Request, *, route: WorkloadRoute, tail: str, arrived: float
+    ) -> web.StreamResponse:
+        if tail == "models" or tail.startswith("models/"):
+            return _models(route, tail)
+        if tail == "jobs" or tail.startswith("jobs/"):
+            return await self._jobs_route(request, route=route, tail=tail)
+        if tail not in PROXIED_ROUTES:
+            raise GatewayError(404, f"unknown route /v1/{tail}", code="unknown_route")
+        if request.method != "POST":
+            raise GatewayError(405, f"/v1/{tail} takes POST, not {request.method}")
+        if route.job_only:
+            raise GatewayError(
+                400,
+                f"workload {route.ref[1]!r} serves {route.task_type.value}, which is served "
+                "only as async jobs: POST /v1/jobs",
+                code="jobs_only",
+            )
+        self._signals.arrived(route.ref, now=self._wall_clock())
+        assert self._forwarder is not None
+        return await self._forwarder.forward(request, route=route, path=tail, arrived=arrived)
+
+    async def _jobs_route(
+        self, request: web.Request, *, route: WorkloadRoute, tail: str
+    ) -> web.StreamResponse:
+        if tail == "jobs":
+            if request.method != "POST":
+                raise GatewayError(405, f"/v1/jobs takes POST, not {request.method}")
+            if request.content_length is not None and (
+                request.content_length > self.settings.max_body_bytes
+            ):
+                raise GatewayError(413, "job request body is too large", code="request_too_large")
+            submission = jobs.parse_submission(await request.read(), route=route)
+            self._signals.arrived(route.ref, now=self._wall_clock())
+            async with self._sessions() as s, s.begin():
+                job = await jobs.submit_job(s, ref=route.ref, submission=submission, now=_utc_now())
+                view = jobs.job_view(job)
+            if not route.ready:
+                self._cold_start(route.ref)
+            self.notify_change()  # queue depth changed; workers look at once
+            return web.json_response(view, status=202)
+        if request.method != "GET":
+            raise GatewayError(405, f"/v1/{tail} takes GET, not {request.method}")
+        async with self._sessions() as s:
+            job = await jobs.get_job(s, ref=route.ref, job_id=tail.removeprefix("jobs/"))
+            return web.json_response(jobs.job_view(job))
+
+    async def _internal_signals(self, request: web.Request) -> web.Response:
+        if not is_admin(self._table, request.headers.get("Authorization")):
+            return error_response(401, "an admin token is required", code="invalid_api_key")
+        payload = {"signals": [snap.to_json() for snap in self.signals().values()]}
+        return web.json_response(payload)
+
+    async def _metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+
+def _models(route: WorkloadRoute, tail: str) -> web.Response:
+    model = {"id": route.model, "object": "model", "created": 0, "owned_by": route.ref[0]}
+    if tail == "models":
+        return web.json_response({"object": "list", "data": [model]})
+    if tail.removeprefix("models/") == route.model:
+        return web.json_response(model)
+    raise GatewayError(
+        404, f"no model {tail.removeprefix('models/')!r} here", code="model_not_found"
+    )
+
+
+async def serve_gateway(
+    *,
+    database_url: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: GatewaySettings | None = None,
+) -> None:
+    """Run the gateway alone until SIGINT or SIGTERM (``autoscaler gateway``)."""
+    async with open_store(database_url) as engine:
+        gateway = Gateway(sessions=session_factory(engine), settings=settings)
+        await gateway.start(host, port)
+        print(f"gateway on http://{host}:{gateway.port}", flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        try:
+            await stopping.wait()
+        finally:
+            await gateway.stop()
+
+
+def signals_from_json(payload: bytes) -> list[SignalSnapshot]:
+    """Parse ``GET /internal/signals`` (for a controller running apart)."""
+    data = json.loads(payload)
+    return [SignalSnapshot.from_json(item) for item in data["signals"]]

@@ -1,0 +1,68 @@
+"""Which replica takes the next request: a pure decision over replica load.
+
+Least outstanding requests among replicas that accept work (ready, not draining, under
+their concurrency cap, not excluded for this request). With many replicas an exact scan
+is replaced by the power of two choices: two random candidates, the less loaded wins,
+which keeps the choice O(1) and avoids herding onto one replica that every gateway sees
+as the least loaded. No I/O here; the caller passes the random source.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+
+#: Above this many eligible replicas, sample two instead of scanning them all.
+TWO_CHOICES_THRESHOLD = 8
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaLoad:
+    """One replica as the balancer sees it."""
+
+    key: str
+    outstanding: int
+    cap: int
+    draining: bool = False
+
+    @property
+    def has_room(self) -> bool:
+        return not self.draining and self.outstanding < self.cap
+
+
+def eligible(
+    replicas: Sequence[ReplicaLoad], *, excluded: Collection[str] = ()
+) -> list[ReplicaLoad]:
+    """Replicas that may take a new request now."""
+    return [r for r in replicas if r.has_room and r.key not in excluded]
+
+
+def choose_replica(
+    replicas: Sequence[ReplicaLoad],
+    *,
+    rng: random.Random,
+    excluded: Collection[str] = (),
+) -> ReplicaLoad | None:
+    """The replica for the next request, or None when none may take it.
+
+    ``excluded`` holds replicas already tried for this request or refusing connections.
+    Ties on outstanding requests are broken at random so equal replicas share the load.
+    """
+    candidates = eligible(replicas, excluded=excluded)
+    if not candidates:
+        return None
+    if len(candidates) > TWO_CHOICES_THRESHOLD:
+        first, second = rng.sample(candidates, 2)
+        return first if first.outstanding <= second.outstanding else second
+    least = min(r.outstanding for r in candidates)
+    return rng.choice([r for r in candidates if r.outstanding == least])
+
+
+def has_capacity(replicas: Sequence[ReplicaLoad], *, excluded: Collection[str] = ()) -> bool:
+    return any(r.has_room and r.key not in excluded for r in replicas)
+
+
+def admit_to_queue(*, queued: int, limit: int) -> bool:
+    """Whether one more request may wait (the wait queue is bounded)."""
+    return queued < limit

@@ -1,0 +1,252 @@
+"""Leases on replicas: balancing, per-replica caps, the bounded wait queue, cold starts.
+
+A request takes a :class:`Lease` on one replica and gives it back when its response is
+done. When no replica can take it, the request waits in its workload's FIFO queue: for
+a replica with room (bounded by ``queue_timeout_sec``), or, when the workload has no
+ready replica at all, for a cold start (bounded by the workload's cold-start deadline,
+after demand is recorded so the controller scales from zero). Waiters are served in
+arrival order, and a newcomer never overtakes a waiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+
+from gateway.balancing import ReplicaLoad, admit_to_queue, choose_replica
+from gateway.errors import GatewayError
+from gateway.routes import Replica, WorkloadRef, WorkloadRoute
+from gateway.signals import Signals
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchLimits:
+    replica_concurrency_cap: int
+    max_queued_per_workload: int
+    queue_timeout_sec: float
+    cold_start_timeout_sec: Callable[[WorkloadRef], float]
+    cold_start_retry_after_sec: float
+    refused_cooldown_sec: float
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    ref: WorkloadRef
+    replica: Replica
+
+
+@dataclass(slots=True)
+class _Waiter:
+    future: asyncio.Future[Lease]
+    cold: bool
+
+
+@dataclass(slots=True)
+class _WorkloadState:
+    outstanding: dict[str, int] = field(default_factory=dict)
+    cooling_until: dict[str, float] = field(default_factory=dict)
+    waiters: deque[_Waiter] = field(default_factory=deque)
+
+
+class Dispatcher:
+    """Hands out leases on the replicas of the current route table."""
+
+    def __init__(
+        self,
+        *,
+        limits: DispatchLimits,
+        signals: Signals,
+        on_cold_start: Callable[[WorkloadRef], None],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._limits = limits
+        self._signals = signals
+        self._on_cold_start = on_cold_start
+        self._rng = rng or random.Random()
+        self._routes: dict[WorkloadRef, WorkloadRoute] = {}
+        self._states: dict[WorkloadRef, _WorkloadState] = {}
+
+    # -- route changes -------------------------------------------------------------
+
+    def update(self, routes: dict[WorkloadRef, WorkloadRoute]) -> None:
+        """Adopt a new route table and serve whoever it lets through."""
+        self._routes = routes
+        for ref, state in self._states.items():
+            if state.waiters:
+                self._serve_waiters(ref)
+
+    # -- leases --------------------------------------------------------------------
+
+    async def acquire(self, ref: WorkloadRef, *, excluded: Collection[str] = ()) -> Lease:
+        """A lease on a replica of ``ref``, waiting in line if none has room.
+
+        ``excluded`` are replicas this request already tried; a retry never waits.
+        """
+        state = self._state(ref)
+        if not state.waiters:
+            lease = self._try_lease(ref, state, excluded=excluded)
+            if lease is not None:
+                return lease
+        if excluded:
+            raise GatewayError(
+                502,
+                "no replica of this workload accepted the connection",
+                code="upstream_unavailable",
+            )
+        return await self._wait(ref, state)
+
+    def release(self, lease: Lease) -> None:
+        state = self._state(lease.ref)
+        count = state.outstanding.get(lease.replica.key, 0) - 1
+        if count > 0:
+            state.outstanding[lease.replica.key] = count
+        else:
+            state.outstanding.pop(lease.replica.key, None)
+        window = self._signals.window(lease.ref)
+        window.in_flight -= 1
+        self._signals.metrics.in_flight.labels(*lease.ref).dec()
+        if state.waiters:
+            self._serve_waiters(lease.ref)
+
+    def refused(self, lease: Lease) -> None:
+        """The replica refused a connection: send it nothing for a short while."""
+        state = self._state(lease.ref)
+        state.cooling_until[lease.replica.key] = (
+            time.monotonic() + self._limits.refused_cooldown_sec
+        )
+        loop = asyncio.get_running_loop()
+        loop.call_later(self._limits.refused_cooldown_sec, self._serve_waiters, lease.ref)
+
+    # -- internals -----------------------------------------------------------------
+
+    def _state(self, ref: WorkloadRef) -> _WorkloadState:
+        state = self._states.get(ref)
+        if state is None:
+            state = self._states[ref] = _WorkloadState()
+        return state
+
+    def _try_lease(
+        self, ref: WorkloadRef, state: _WorkloadState, *, excluded: Collection[str] = ()
+    ) -> Lease | None:
+        route = self._routes.get(ref)
+        if route is None or not route.replicas:
+            return None
+        skip = set(excluded)
+        if state.cooling_until:
+            now = time.monotonic()
+            for key, until in list(state.cooling_until.items()):
+                if until > now:
+                    skip.add(key)
+                else:
+                    del state.cooling_until[key]
+        cap = self._limits.replica_concurrency_cap
+        loads = [
+            ReplicaLoad(
+                key=r.key, outstanding=state.outstanding.get(r.key, 0), cap=cap, draining=r.draining
+            )
+            for r in route.replicas
+        ]
+        chosen = choose_replica(loads, rng=self._rng, excluded=skip)
+        if chosen is None:
+            return None
+        replica = next(r for r in route.replicas if r.key == chosen.key)
+        state.outstanding[replica.key] = chosen.outstanding + 1
+        self._signals.window(ref).in_flight += 1
+        self._signals.metrics.in_flight.labels(*ref).inc()
+        return Lease(ref=ref, replica=replica)
+
+    def _is_cold(self, ref: WorkloadRef) -> bool:
+        route = self._routes.get(ref)
+        return route is None or not route.ready
+
+    async def _wait(self, ref: WorkloadRef, state: _WorkloadState) -> Lease:
+        cold = self._is_cold(ref)
+        limits = self._limits
+        if not admit_to_queue(queued=len(state.waiters), limit=limits.max_queued_per_workload):
+            if cold:
+                raise GatewayError(
+                    503,
+                    "the workload is starting and its wait queue is full; retry later",
+                    code="cold_start_queue_full",
+                    retry_after=limits.cold_start_retry_after_sec,
+                )
+            raise GatewayError(
+                429,
+                "every replica is at its concurrency cap and the wait queue is full",
+                code="queue_full",
+                retry_after=1,
+            )
+        timeout = limits.cold_start_timeout_sec(ref) if cold else limits.queue_timeout_sec
+        if cold:
+            self._on_cold_start(ref)
+        waiter = _Waiter(future=asyncio.get_running_loop().create_future(), cold=cold)
+        state.waiters.append(waiter)
+        window = self._signals.window(ref)
+        window.queued += 1
+        window.cold_start_waiting += cold
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                lease = await waiter.future
+        except TimeoutError:
+            if not _holds_lease(waiter):
+                raise self._timed_out(cold=cold, timeout=timeout) from None
+            lease = waiter.future.result()  # served just as the deadline passed
+        except asyncio.CancelledError:
+            if _holds_lease(waiter):
+                self.release(waiter.future.result())
+            raise
+        finally:
+            window.queued -= 1
+            window.cold_start_waiting -= cold
+            if not waiter.future.done():
+                waiter.future.cancel()
+            if waiter in state.waiters:
+                state.waiters.remove(waiter)
+        waited = time.monotonic() - started
+        histogram = (
+            self._signals.metrics.cold_start_wait if cold else self._signals.metrics.queue_wait
+        )
+        histogram.labels(*ref).observe(waited)
+        return lease
+
+    def _timed_out(self, *, cold: bool, timeout: float) -> GatewayError:
+        if cold:
+            return GatewayError(
+                503,
+                f"no replica of this workload became ready within {timeout:g} s; it is "
+                "scaling up from zero, retry later",
+                code="cold_start_timeout",
+                retry_after=self._limits.cold_start_retry_after_sec,
+            )
+        return GatewayError(
+            503,
+            f"every replica stayed at its concurrency cap for {timeout:g} s",
+            code="queue_timeout",
+            retry_after=1,
+        )
+
+    def _serve_waiters(self, ref: WorkloadRef) -> None:
+        state = self._state(ref)
+        while state.waiters:
+            waiter = state.waiters[0]
+            if waiter.future.done():
+                state.waiters.popleft()
+                continue
+            lease = self._try_lease(ref, state)
+            if lease is None:
+                return
+            state.waiters.popleft()
+            waiter.future.set_result(lease)
+
+    def queued(self, ref: WorkloadRef) -> int:
+        state = self._states.get(ref)
+        return 0 if state is None else len(state.waiters)
+
+
+def _holds_lease(waiter: _Waiter) -> bool:
+    return waiter.future.done() and not waiter.future.cancelled()

@@ -1,0 +1,289 @@
+"""Async jobs: submit now, fetch the result later. Kept in the ``jobs`` table.
+
+``POST …/v1/jobs`` with ``{"route": "chat/completions", "body": {...}}`` (``route``
+defaults by the workload's modality; reranker, classification and reward are served
+only here) answers 202 with the job. ``GET …/v1/jobs/{id}`` answers its status
+(``queued`` → ``running`` → ``succeeded`` | ``failed``) and, when finished, the
+replica's answer. Workers in every gateway claim queued jobs with a conditional update,
+so several gateways share one queue and a restart loses nothing: a job left ``running``
+by a gateway that died is queued again after ``job_timeout_sec``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import aiohttp
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from autoscaler.spec import TaskType
+from autoscaler.store.models import Job
+from gateway.dispatch import Dispatcher
+from gateway.errors import GatewayError
+from gateway.routes import WorkloadRef, WorkloadRoute
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+
+#: Job route -> path on the replica (vLLM's pooling routes sit outside /v1).
+JOB_ROUTES = {
+    "chat/completions": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+    "images/generations": "/v1/images/generations",
+    "audio/speech": "/v1/audio/speech",
+    "rerank": "/v1/rerank",
+    "score": "/v1/score",
+    "classify": "/classify",
+    "pooling": "/pooling",
+}
+DEFAULT_ROUTE = {
+    TaskType.TEXT2TEXT: "chat/completions",
+    TaskType.IMAGE2TEXT: "chat/completions",
+    TaskType.EMBEDDING: "embeddings",
+    TaskType.TEXT2IMAGE: "images/generations",
+    TaskType.TEXT2AUDIO: "audio/speech",
+    TaskType.RERANKER: "rerank",
+    TaskType.CLASSIFICATION: "classify",
+    TaskType.REWARD: "pooling",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class JobSubmission:
+    route: str
+    body: dict[str, Any]
+
+
+def parse_submission(raw: bytes, *, route: WorkloadRoute) -> JobSubmission:
+    """Validate a job request body; errors name the field and what is allowed."""
+    try:
+        data = json.loads(raw or b"{}")
+    except ValueError as exc:
+        raise GatewayError(400, f"job request body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise GatewayError(400, "job request body must be a JSON object")
+    unknown = set(data) - {"route", "body"}
+    if unknown:
+        raise GatewayError(
+            400, f"unknown job field(s) {sorted(unknown)}: a job has 'route' and 'body'"
+        )
+    job_route = data.get("route", DEFAULT_ROUTE.get(route.task_type))
+    if job_route not in JOB_ROUTES:
+        raise GatewayError(
+            400,
+            f"job route {job_route!r} is not one of {sorted(JOB_ROUTES)}",
+            code="invalid_job_route",
+        )
+    body = data.get("body")
+    if not isinstance(body, dict):
+        raise GatewayError(400, "job field 'body' must be a JSON object: the request to run")
+    return JobSubmission(route=job_route, body=body)
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    return {
+        "id": job.id,
+        "object": "job",
+        "workload": job.workload_slug,
+        "route": job.route,
+        "status": job.status,
+        "created_at": job.created_at.isoformat(),
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "result": job.result,
+        "error": job.error,
+    }
+
+
+async def submit_job(
+    session: AsyncSession, *, ref: WorkloadRef, submission: JobSubmission, now: datetime
+) -> Job:
+    job = Job(
+        id="job_" + secrets.token_hex(12),
+        project=ref[0],
+        workload_slug=ref[1],
+        route=submission.route,
+        request=submission.body,
+        status=QUEUED,
+        result=None,
+        error=None,
+        created_at=now,
+        started_at=None,
+        finished_at=None,
+    )
+    session.add(job)
+    await session.flush()
+    return job
+
+
+async def get_job(session: AsyncSession, *, ref: WorkloadRef, job_id: str) -> Job:
+    job = await session.get(Job, job_id)
+    if job is None or (job.project, job.workload_slug) != ref:
+        raise GatewayError(404, f"no job {job_id!r} in this workload", code="job_not_found")
+    return job
+
+
+async def queue_depths(session: AsyncSession) -> dict[WorkloadRef, int]:
+    rows = await session.execute(
+        select(Job.project, Job.workload_slug, func.count())
+        .where(Job.status == QUEUED)
+        .group_by(Job.project, Job.workload_slug)
+    )
+    return {(p, w): int(n) for p, w, n in rows}
+
+
+class JobRunner:
+    """Workers that drain queued jobs against ready replicas."""
+
+    def __init__(
+        self,
+        *,
+        sessions: async_sessionmaker[AsyncSession],
+        dispatcher: Dispatcher,
+        client: aiohttp.ClientSession,
+        routes: Callable[[], dict[WorkloadRef, WorkloadRoute]],
+        now: Callable[[], datetime],
+        workers: int,
+        poll_interval_sec: float,
+        job_timeout_sec: float,
+    ) -> None:
+        self._sessions = sessions
+        self._dispatcher = dispatcher
+        self._client = client
+        self._routes = routes
+        self._now = now
+        self._workers = workers
+        self._poll = poll_interval_sec
+        self._job_timeout = job_timeout_sec
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+
+    def poke(self) -> None:
+        """A job was submitted or a replica became ready: look now."""
+        self._wake.set()
+
+    async def requeue_stale(self) -> None:
+        cutoff = self._now() - timedelta(seconds=self._job_timeout)
+        async with self._sessions() as s, s.begin():
+            await s.execute(
+                update(Job)
+                .where(Job.status == RUNNING, Job.started_at < cutoff)
+                .values(status=QUEUED, started_at=None)
+            )
+
+    async def _work(self) -> None:
+        while True:
+            try:
+                job = await self._claim()
+            except Exception:
+                log.exception("claiming an async job failed")
+                job = None
+            if job is None:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._poll):
+                        await self._wake.wait()
+                continue
+            await self._run(job)
+
+    async def _claim(self) -> Job | None:
+        """Take the oldest queued job whose workload has a ready replica."""
+        routable = [ref for ref, r in self._routes().items() if r.ready]
+        if not routable:
+            return None
+        async with self._sessions() as s, s.begin():
+            candidates = await s.scalars(
+                select(Job).where(Job.status == QUEUED).order_by(Job.created_at).limit(50)
+            )
+            for job in candidates:
+                if (job.project, job.workload_slug) not in routable:
+                    continue
+                claimed = await s.execute(
+                    update(Job)
+                    .where(Job.id == job.id, Job.status == QUEUED)
+                    .values(status=RUNNING, started_at=self._now())
+                )
+                if claimed.rowcount == 1:  # type: ignore[attr-defined]
+                    return job
+        return None
+
+    async def _run(self, job: Job) -> None:
+        ref = (job.project, job.workload_slug)
+        try:
+            lease = await self._dispatcher.acquire(ref)
+        except GatewayError as exc:
+            await self._finish(job.id, status=QUEUED, result=None, error=exc.message)
+            return
+        try:
+            status, result, error = await self._call(
+                job, url=lease.replica.url, key=lease.replica.engine_key
+            )
+        finally:
+            self._dispatcher.release(lease)
+        await self._finish(job.id, status=status, result=result, error=error)
+
+    async def _call(
+        self, job: Job, *, url: str, key: str | None
+    ) -> tuple[str, dict[str, Any] | None, str | None]:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            async with self._client.post(
+                url + JOB_ROUTES[job.route], json=job.request, headers=headers
+            ) as resp:
+                raw = await resp.read()
+                result = _result(resp.status, resp.content_type, raw)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return FAILED, None, f"the replica failed: {type(exc).__name__}: {exc}"
+        if resp.status >= 400:
+            return FAILED, result, f"the replica answered HTTP {resp.status}"
+        return SUCCEEDED, result, None
+
+    async def _finish(
+        self, job_id: str, *, status: str, result: dict[str, Any] | None, error: str | None
+    ) -> None:
+        done = status in (SUCCEEDED, FAILED)
+        async with self._sessions() as s, s.begin():
+            await s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(
+                    status=status,
+                    result=result,
+                    error=error,
+                    finished_at=self._now() if done else None,
+                    started_at=None if status == QUEUED else Job.started_at,
+                )
+            )
+
+
+def _result(status: int, content_type: str, raw: bytes) -> dict[str, Any]:
+    out: dict[str, Any] = {"status_code": status, "content_type": content_type}
+    if content_type == "application/json":
+        with contextlib.suppress(ValueError):
+            out["body"] = json.loads(raw)
+            return out
+    out["body_base64"] = base64.b64encode(raw).decode()
+    return out

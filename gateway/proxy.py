@@ -1,0 +1,251 @@
+"""Forwarding one request to a replica and its response back, streamed both ways.
+
+Response chunks are written to the caller as they arrive (SSE stays unbuffered). The
+caller's data key never reaches the replica: ``Authorization`` is replaced by the
+replica's own engine key. Hop-by-hop headers (RFC 9110 §7.6.1, and any the
+``Connection`` header names) are dropped in both directions. A replica that refuses the
+connection is skipped and the request retried on another: nothing reached it. Any other
+upstream failure is answered, never retried. A replica dying mid-stream ends the
+caller's response with an error event (SSE) and a truncated body, so clients see an
+error instead of hanging; a caller hanging up cancels the upstream request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from gateway.dispatch import Dispatcher, Lease
+from gateway.errors import GatewayError, error_body
+from gateway.routes import WorkloadRoute
+from gateway.signals import Signals
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {"host", "authorization", "content-length"}
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
+
+#: Bodies up to this size are read whole: cheaper than streaming and safe to retry.
+_SMALL_BODY = 256 * 1024
+_CHUNK = 64 * 1024
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyLimits:
+    max_body_bytes: int
+    idle_timeout_sec: float
+    connect_timeout_sec: float
+
+
+def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
+    tokens: set[str] = set()
+    for value in headers.getall("Connection", ()):
+        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
+    return tokens
+
+
+def request_headers(incoming: CIMultiDictProxy[str], *, engine_key: str | None) -> CIMultiDict[str]:
+    drop = _REQUEST_DROP | _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    if engine_key:
+        out["Authorization"] = f"Bearer {engine_key}"
+    return out
+
+
+def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    drop = _RESPONSE_DROP | _connection_tokens(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in drop:
+            out.add(name, value)
+    return out
+
+
+class Forwarder:
+    """Sends requests to replicas over one shared aiohttp client session."""
+
+    def __init__(
+        self,
+        *,
+        session: aiohttp.ClientSession,
+        dispatcher: Dispatcher,
+        signals: Signals,
+        limits: ProxyLimits,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._session = session
+        self._dispatcher = dispatcher
+        self._signals = signals
+        self._limits = limits
+        self._wall_clock = wall_clock
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=limits.connect_timeout_sec,
+            sock_read=limits.idle_timeout_sec,
+        )
+
+    async def forward(
+        self, request: web.Request, *, route: WorkloadRoute, path: str, arrived: float
+    ) -> web.StreamResponse:
+        """Proxy ``request`` to ``/v1/{path}`` on a replica of ``route``."""
+        length = request.content_length
+        if length is not None and length > self._limits.max_body_bytes:
+            raise _too_large(self._limits.max_body_bytes)
+        body: bytes | AsyncIterator[bytes] | None
+        if length is not None and length <= _SMALL_BODY:
+            body = await request.read() if length else None
+        elif request.body_exists:
+            body = self._stream_body(request)
+        else:
+            body = None
+        tried: list[str] = []
+        while True:
+            lease = await self._dispatcher.acquire(route.ref, excluded=tried)
+            try:
+                upstream = await self._open(
+                    request, lease=lease, path=path, body=body, length=length
+                )
+            except aiohttp.ClientConnectorError:
+                self._dispatcher.refused(lease)
+                self._dispatcher.release(lease)
+                tried.append(lease.replica.key)
+                continue
+            except BaseException:
+                self._dispatcher.release(lease)
+                raise
+            break
+        try:
+            return await self._relay(request, upstream=upstream, route=route, arrived=arrived)
+        finally:
+            upstream.close()
+            self._dispatcher.release(lease)
+
+    async def _open(
+        self,
+        request: web.Request,
+        *,
+        lease: Lease,
+        path: str,
+        body: bytes | AsyncIterator[bytes] | None,
+        length: int | None,
+    ) -> aiohttp.ClientResponse:
+        headers = request_headers(request.headers, engine_key=lease.replica.engine_key)
+        if length is not None and body is not None:
+            headers["Content-Length"] = str(length)
+        url = f"{lease.replica.url}/v1/{path}"
+        if request.query_string:
+            url = f"{url}?{request.query_string}"
+        try:
+            return await self._session.request(
+                request.method,
+                url,
+                headers=headers,
+                data=body,
+                timeout=self._timeout,
+                allow_redirects=False,
+            )
+        except BodyTooLarge:
+            raise _too_large(self._limits.max_body_bytes) from None
+        except aiohttp.ClientConnectorError:
+            raise
+        except TimeoutError:
+            raise GatewayError(
+                504, "the replica did not answer in time", code="upstream_timeout"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise GatewayError(
+                502, f"the replica failed before answering: {exc}", code="upstream_error"
+            ) from None
+
+    async def _stream_body(self, request: web.Request) -> AsyncIterator[bytes]:
+        sent = 0
+        while True:
+            async with asyncio.timeout(self._limits.idle_timeout_sec):
+                chunk = await request.content.readany()
+            if not chunk:
+                return
+            sent += len(chunk)
+            if sent > self._limits.max_body_bytes:
+                raise BodyTooLarge
+            yield chunk
+
+    async def _relay(
+        self,
+        request: web.Request,
+        *,
+        upstream: aiohttp.ClientResponse,
+        route: WorkloadRoute,
+        arrived: float,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.update(response_headers(upstream.headers))
+        if upstream.content_length is not None:
+            response.content_length = upstream.content_length
+        measure = upstream.status < 400
+        await response.prepare(request)
+        try:
+            first = True
+            async for chunk in upstream.content.iter_any():
+                if first and measure:
+                    self._record_ttft(route, arrived)
+                first = False
+                await response.write(chunk)
+            if first and measure:  # an empty body: its headers were the first byte
+                self._record_ttft(route, arrived)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await self._abort(request, response, exc)
+            return response
+        await response.write_eof()
+        return response
+
+    def _record_ttft(self, route: WorkloadRoute, arrived: float) -> None:
+        self._signals.first_byte(
+            route.ref, now=self._wall_clock(), ttft=time.perf_counter() - arrived
+        )
+
+    async def _abort(
+        self, request: web.Request, response: web.StreamResponse, exc: BaseException
+    ) -> None:
+        """End a response whose replica failed after the headers went out."""
+        if response.content_type == "text/event-stream":
+            message = f"the replica failed mid-stream: {type(exc).__name__}"
+            event = b"data: " + error_body(502, message, code="upstream_error") + b"\n\n"
+            with contextlib.suppress(ConnectionError):
+                await response.write(event)
+        # Closing without the final chunk tells every HTTP client the body is incomplete.
+        if request.transport is not None:
+            request.transport.close()
+
+
+def _too_large(limit: int) -> GatewayError:
+    return GatewayError(
+        413,
+        f"request body exceeds the gateway's limit of {limit} bytes",
+        code="request_too_large",
+    )

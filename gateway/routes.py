@@ -1,0 +1,122 @@
+"""The gateway's picture of the store: workloads, their ready replicas, data keys.
+
+Loaded whole into frozen values and swapped atomically, so a request never sees half a
+refresh. The gateway reloads it every ``refresh_interval_sec`` and at once when
+``notify_change()`` is called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from autoscaler.spec import JOB_ONLY_TASK_TYPES, TaskType
+from autoscaler.store.models import Instance, Token, Workload
+from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.tokens import TokenKind
+
+WorkloadRef = tuple[str, str]  # (project, slug)
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    """A replica the gateway may route to (ready) or must let finish (draining)."""
+
+    key: str  # the ledger's launch id
+    url: str
+    engine_key: str | None
+    draining: bool
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadRoute:
+    ref: WorkloadRef
+    workload_id: int
+    model: str
+    task_type: TaskType
+    replicas: tuple[Replica, ...]
+    last_request_at: datetime | None
+
+    @property
+    def job_only(self) -> bool:
+        return self.task_type in JOB_ONLY_TASK_TYPES
+
+    @property
+    def ready(self) -> tuple[Replica, ...]:
+        return tuple(r for r in self.replicas if not r.draining)
+
+
+@dataclass(frozen=True, slots=True)
+class DataKey:
+    project: str
+    workload_slug: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTable:
+    workloads: dict[WorkloadRef, WorkloadRoute] = field(default_factory=dict)
+    data_keys: dict[str, DataKey] = field(default_factory=dict)  # by SHA-256 of the secret
+    admin_hashes: frozenset[str] = frozenset()
+
+
+async def load_route_table(session: AsyncSession) -> RouteTable:
+    """Read live workloads, their routable replicas and unrevoked keys."""
+    workload_rows = list(
+        await session.scalars(select(Workload).where(Workload.deleted_at.is_(None)))
+    )
+    instance_rows = await session.scalars(
+        select(Instance).where(
+            Instance.ready_at.is_not(None),
+            Instance.url.is_not(None),
+            Instance.terminate_requested_at.is_(None),
+            Instance.terminated_confirmed_at.is_(None),
+        )
+    )
+    by_workload: dict[int, list[Replica]] = {}
+    for row in instance_rows:
+        phase = phase_of(row)
+        if phase not in (Phase.READY, Phase.DRAINING) or row.url is None:
+            continue
+        by_workload.setdefault(row.workload_id, []).append(
+            Replica(
+                key=row.launch_id,
+                url=row.url.rstrip("/"),
+                engine_key=row.engine_key,
+                draining=phase is Phase.DRAINING,
+            )
+        )
+    workloads = {
+        (w.project, w.slug): WorkloadRoute(
+            ref=(w.project, w.slug),
+            workload_id=w.id,
+            model=str(w.spec.get("model", w.slug)),
+            task_type=_task_type(w.spec.get("task_type")),
+            replicas=tuple(sorted(by_workload.get(w.id, []), key=lambda r: r.key)),
+            last_request_at=w.last_request_at,
+        )
+        for w in workload_rows
+    }
+    token_rows = await session.scalars(
+        select(Token).where(
+            Token.revoked_at.is_(None),
+            Token.kind.in_([TokenKind.LIVE.value, TokenKind.ADMIN.value]),
+        )
+    )
+    data_keys: dict[str, DataKey] = {}
+    admin: set[str] = set()
+    for token in token_rows:
+        if token.kind == TokenKind.ADMIN.value:
+            admin.add(token.secret_hash)
+        elif token.project is not None and token.workload_slug is not None:
+            data_keys[token.secret_hash] = DataKey(token.project, token.workload_slug)
+    return RouteTable(workloads=workloads, data_keys=data_keys, admin_hashes=frozenset(admin))
+
+
+def _task_type(value: object) -> TaskType:
+    try:
+        return TaskType(str(value))
+    except ValueError:
+        return TaskType.TEXT2TEXT

@@ -1,0 +1,246 @@
+"""What the gateway measures per workload, for Prometheus and for the controller.
+
+TTFT is the time from a request's arrival at the gateway to the first body byte from the
+replica (for a non-streamed response, its first byte too), so it includes any queueing
+and cold-start wait: what the caller felt. The controller reads :class:`SignalSnapshot`
+values: raw TTFT samples with their wall-clock times over a window, so it can take its
+own percentile over its own scale-up and scale-down windows.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from gateway.routes import WorkloadRef
+
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SignalSnapshot:
+    """One workload's signals at ``at`` (wall-clock seconds since the epoch).
+
+    ``ttft_samples`` are ``(finished_at, seconds)`` pairs, oldest first, within
+    ``window_sec`` of ``at``. ``queued`` counts requests held by the gateway (waiting for
+    a free replica or a cold start); ``async_queue_depth`` counts queued async jobs.
+    """
+
+    project: str
+    workload: str
+    at: float
+    window_sec: float
+    ttft_samples: tuple[tuple[float, float], ...]
+    requests_in_window: int
+    in_flight: int
+    queued: int
+    cold_start_waiting: int
+    async_queue_depth: int
+    last_request_at: float | None
+
+    @property
+    def request_rate(self) -> float:
+        """Requests per second over the window."""
+        return self.requests_in_window / self.window_sec
+
+    def ttft_since(self, since: float) -> list[float]:
+        return [v for t, v in self.ttft_samples if t >= since]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "project": self.project,
+            "workload": self.workload,
+            "at": self.at,
+            "window_sec": self.window_sec,
+            "ttft_samples": [list(s) for s in self.ttft_samples],
+            "requests_in_window": self.requests_in_window,
+            "request_rate": self.request_rate,
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "cold_start_waiting": self.cold_start_waiting,
+            "async_queue_depth": self.async_queue_depth,
+            "last_request_at": self.last_request_at,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SignalSnapshot:
+        return cls(
+            project=str(data["project"]),
+            workload=str(data["workload"]),
+            at=float(data["at"]),
+            window_sec=float(data["window_sec"]),
+            ttft_samples=tuple((float(t), float(v)) for t, v in data["ttft_samples"]),
+            requests_in_window=int(data["requests_in_window"]),
+            in_flight=int(data["in_flight"]),
+            queued=int(data["queued"]),
+            cold_start_waiting=int(data["cold_start_waiting"]),
+            async_queue_depth=int(data["async_queue_depth"]),
+            last_request_at=(
+                None if data["last_request_at"] is None else float(data["last_request_at"])
+            ),
+        )
+
+    @property
+    def last_request_datetime(self) -> datetime | None:
+        if self.last_request_at is None:
+            return None
+        return datetime.fromtimestamp(self.last_request_at, UTC)
+
+
+class WorkloadWindow:
+    """Sliding window of one workload's requests; trimmed lazily on write and read."""
+
+    __slots__ = (
+        "arrivals",
+        "async_queue_depth",
+        "cold_start_waiting",
+        "in_flight",
+        "last_request_at",
+        "queued",
+        "ttft",
+    )
+
+    def __init__(self) -> None:
+        self.ttft: deque[tuple[float, float]] = deque()
+        self.arrivals: deque[float] = deque()
+        self.in_flight = 0
+        self.queued = 0
+        self.cold_start_waiting = 0
+        self.async_queue_depth = 0
+        self.last_request_at: float | None = None
+
+    def trim(self, *, now: float, window_sec: float) -> None:
+        horizon = now - window_sec
+        while self.ttft and self.ttft[0][0] < horizon:
+            self.ttft.popleft()
+        while self.arrivals and self.arrivals[0] < horizon:
+            self.arrivals.popleft()
+
+
+class Metrics:
+    """The gateway's Prometheus metrics, in a registry of its own."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        labels = ("project", "workload")
+        self.ttft = Histogram(
+            "autoscaler_gateway_ttft_seconds",
+            "Arrival at the gateway to the first body byte from the replica.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "autoscaler_gateway_request_duration_seconds",
+            "Arrival at the gateway to the last byte sent to the caller.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests = Counter(
+            "autoscaler_gateway_requests",
+            "Requests answered, by HTTP status.",
+            (*labels, "status"),
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "autoscaler_gateway_in_flight_requests",
+            "Requests being served by a replica.",
+            labels,
+            registry=self.registry,
+        )
+        self.queue_wait = Histogram(
+            "autoscaler_gateway_queue_wait_seconds",
+            "Time a request waited for a replica with room.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.cold_start_wait = Histogram(
+            "autoscaler_gateway_cold_start_wait_seconds",
+            "Time a request was held because no replica was ready.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.async_queue_depth = Gauge(
+            "autoscaler_gateway_async_queue_depth",
+            "Async jobs queued and not yet started.",
+            labels,
+            registry=self.registry,
+        )
+
+
+class Signals:
+    """Per-workload windows and metrics; the one place requests are recorded."""
+
+    def __init__(self, *, window_sec: float, metrics: Metrics) -> None:
+        self.window_sec = window_sec
+        self.metrics = metrics
+        self._windows: dict[WorkloadRef, WorkloadWindow] = {}
+
+    def window(self, ref: WorkloadRef) -> WorkloadWindow:
+        found = self._windows.get(ref)
+        if found is None:
+            found = self._windows[ref] = WorkloadWindow()
+        return found
+
+    def arrived(self, ref: WorkloadRef, *, now: float) -> WorkloadWindow:
+        w = self.window(ref)
+        w.arrivals.append(now)
+        w.last_request_at = now
+        w.trim(now=now, window_sec=self.window_sec)
+        return w
+
+    def first_byte(self, ref: WorkloadRef, *, now: float, ttft: float) -> None:
+        w = self.window(ref)
+        w.ttft.append((now, ttft))
+        self.metrics.ttft.labels(*ref).observe(ttft)
+
+    def set_async_depth(self, depths: dict[WorkloadRef, int]) -> None:
+        for ref, w in self._windows.items():
+            if ref not in depths:
+                w.async_queue_depth = 0
+                self.metrics.async_queue_depth.labels(*ref).set(0)
+        for ref, depth in depths.items():
+            self.window(ref).async_queue_depth = depth
+            self.metrics.async_queue_depth.labels(*ref).set(depth)
+
+    def snapshot(self, *, now: float) -> dict[WorkloadRef, SignalSnapshot]:
+        out: dict[WorkloadRef, SignalSnapshot] = {}
+        for ref, w in self._windows.items():
+            w.trim(now=now, window_sec=self.window_sec)
+            out[ref] = SignalSnapshot(
+                project=ref[0],
+                workload=ref[1],
+                at=now,
+                window_sec=self.window_sec,
+                ttft_samples=tuple(w.ttft),
+                requests_in_window=len(w.arrivals),
+                in_flight=w.in_flight,
+                queued=w.queued,
+                cold_start_waiting=w.cold_start_waiting,
+                async_queue_depth=w.async_queue_depth,
+                last_request_at=w.last_request_at,
+            )
+        return out
