@@ -1,0 +1,249 @@
+"""This machine as a provider: real engine-sim processes on 127.0.0.1, talked to over HTTP.
+
+Every test's state directory is swept on teardown: any process a record names is killed
+and the test fails if one was still running that the test did not mean to leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from catalog.model import Offer, ProviderName
+from providers.base import BootSpec, InstanceState, LaunchRequest, Provider, Terminal
+from providers.engines import ENGINE_KEY_SECRET, boot_spec
+from providers.local import EngineSimLauncher, LaunchCommand, LocalProvider
+from tests.providers.contract import (
+    Capability,
+    ErrorKind,
+    ProviderContract,
+    ProviderHarness,
+    make_request,
+)
+
+OFFER = Offer(
+    provider=ProviderName.LOCAL,
+    region="local",
+    zone="local",
+    instance_type="local",
+    gpu="NVIDIA A10G",
+    gpu_count=1,
+    vcpus=2,
+    memory_gib=8,
+    on_demand_usd_per_hour=0.0,
+    spot_usd_per_hour=0.0,
+)
+ENGINE_KEY = "ek-test-" + "e" * 24
+
+
+async def fixed_secrets(_request: LaunchRequest) -> Mapping[str, str]:
+    return {ENGINE_KEY_SECRET: ENGINE_KEY}
+
+
+def pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie has exited; only its entry remains until it is reaped.
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def recorded_pids(state_dir: Path) -> list[int]:
+    return [json.loads(p.read_text())["pid"] for p in state_dir.glob("*.json")]
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    directory = tmp_path / "local"
+    yield directory
+    for pid in recorded_pids(directory) if directory.exists() else []:
+        if pid_running(pid):
+            os.killpg(pid, signal.SIGKILL)
+        with_reap(pid)
+        assert not pid_running(pid), f"process {pid} survived the test"
+
+
+def with_reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+def rewrite_record(state_dir: Path, *, start_ticks_delta: int) -> dict[str, Any]:
+    [record_path] = state_dir.glob("*.json")
+    record: dict[str, Any] = json.loads(record_path.read_text())
+    record["start_ticks"] += start_ticks_delta
+    record_path.write_text(json.dumps(record))
+    return record
+
+
+class LocalHarness:
+    offer = OFFER
+    capabilities: frozenset[Capability] = frozenset()
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def new_provider(self) -> Provider:
+        return LocalProvider(
+            state_dir=self.state_dir,
+            launcher=EngineSimLauncher(time_scale=50.0),
+            secrets=fixed_secrets,
+            grace_seconds=5.0,
+        )
+
+    async def fail_launches(self, kind: ErrorKind | None) -> None:
+        raise AssertionError("this machine cannot run out of capacity")
+
+    async def preempt(self, instance_id: str) -> None:
+        raise AssertionError("this machine has no spot market")
+
+    async def settle(self) -> None:
+        return None
+
+
+class TestLocalContract(ProviderContract):
+    @pytest.fixture
+    def harness(self, state_dir: Path) -> ProviderHarness:
+        return LocalHarness(state_dir)
+
+
+@dataclass(frozen=True)
+class ShellLauncher:
+    """Runs a bash snippet instead of an engine."""
+
+    script: str
+
+    def command(
+        self, boot: BootSpec, *, host: str, port: int, offer: Offer, secrets: Mapping[str, str]
+    ) -> LaunchCommand:
+        return LaunchCommand(("bash", "-c", self.script))
+
+
+def provider(state_dir: Path, **kwargs: object) -> LocalProvider:
+    return LocalProvider(state_dir=state_dir, secrets=fixed_secrets, **kwargs)  # type: ignore[arg-type]
+
+
+def request_for(model: str = "Qwen/Qwen2.5-0.5B-Instruct") -> LaunchRequest:
+    request = make_request(LocalHarness(Path()), cluster_id="c-local")
+    boot = boot_spec(backend="vllm", model=model)
+    return LaunchRequest(
+        offer=request.offer,
+        spot=False,
+        boot=boot,
+        launch_id=request.launch_id,
+        tags=request.tags,
+    )
+
+
+async def wait_healthy(base: str) -> None:
+    async with httpx.AsyncClient(timeout=2.0) as client:
+        for _ in range(400):
+            try:
+                if (await client.get(f"{base}/health")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+    raise AssertionError(f"{base} never answered /health")
+
+
+async def test_a_launched_engine_serves_with_its_own_key_and_stops_on_terminate(
+    state_dir: Path,
+) -> None:
+    local = provider(state_dir, launcher=EngineSimLauncher(time_scale=50.0))
+    instance = await local.launch(request_for())
+    base = f"http://{instance.private_address}"
+    assert instance.private_address is not None
+    assert instance.private_address.startswith("127.0.0.1:")
+
+    await wait_healthy(base)
+    async with httpx.AsyncClient(timeout=10.0) as client:
+        body = {
+            "model": "Qwen/Qwen2.5-0.5B-Instruct",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4,
+        }
+        denied = await client.post(f"{base}/v1/chat/completions", json=body)
+        served = await client.post(
+            f"{base}/v1/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {ENGINE_KEY}"},
+        )
+    assert denied.status_code == 401
+    assert served.status_code == 200
+    assert served.json()["choices"][0]["message"]["content"]
+
+    [pid] = recorded_pids(state_dir)
+    await local.terminate(instance.instance_id)
+    assert not pid_running(pid)
+    assert (await local.describe(instance.instance_id)).state is InstanceState.TERMINATED
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"{base}/health")
+
+
+async def test_an_engine_ignoring_sigterm_is_killed_after_the_grace_period(
+    state_dir: Path,
+) -> None:
+    local = provider(
+        state_dir, launcher=ShellLauncher("trap '' TERM; sleep 60 & wait"), grace_seconds=0.3
+    )
+    instance = await local.launch(request_for())
+    [pid] = recorded_pids(state_dir)
+    assert pid_running(pid)
+
+    await local.terminate(instance.instance_id)
+
+    assert not pid_running(pid)
+    assert (await local.describe(instance.instance_id)).state is InstanceState.TERMINATED
+
+
+async def test_a_process_that_exits_by_itself_is_gone_with_its_exit_status(
+    state_dir: Path,
+) -> None:
+    local = provider(state_dir, launcher=ShellLauncher("exit 3"))
+    instance = await local.launch(request_for())
+
+    for _ in range(100):
+        if (await local.describe(instance.instance_id)).state is InstanceState.TERMINATED:
+            break
+        await asyncio.sleep(0.02)
+
+    assert (await local.describe(instance.instance_id)).state is InstanceState.TERMINATED
+    assert local.exit_status(instance.instance_id) == 3
+
+
+async def test_a_pid_that_is_no_longer_ours_is_never_signalled(state_dir: Path) -> None:
+    local = provider(state_dir, launcher=ShellLauncher("sleep 60"))
+    instance = await local.launch(request_for())
+    # As if the engine died and the OS gave its pid to another program since.
+    record = rewrite_record(state_dir, start_ticks_delta=-1)
+
+    described = await provider(state_dir).describe(instance.instance_id)
+    await provider(state_dir).terminate(instance.instance_id)
+
+    assert described.state is InstanceState.TERMINATED
+    assert pid_running(record["pid"])  # the stranger lives on; the fixture cleans it up
+
+
+async def test_a_missing_engine_program_is_terminal_and_names_the_launch(
+    state_dir: Path,
+) -> None:
+    local = provider(state_dir, launcher=EngineSimLauncher(python="/nonexistent/python"))
+    request = request_for()
+
+    with pytest.raises(Terminal, match=r"launching local .*support-bot: cannot start"):
+        await local.launch(request)
+    assert await local.list("c-local") == []
