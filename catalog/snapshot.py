@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import resources
@@ -151,7 +151,7 @@ def _offer_to_row(offer: Offer) -> list[Any]:
 
 def render_snapshot(snapshot: Snapshot) -> str:
     """Encode a snapshot as JSON, offers sorted by key so that diffs stay readable."""
-    ordered = sorted(snapshot.offers, key=lambda offer: (offer.key, offer.gpu, offer.gpu_count))
+    ordered = canonical_order(snapshot.offers)
     document = {
         "format": FORMAT_VERSION,
         "taken_at": snapshot.taken_at.isoformat(),
@@ -163,6 +163,11 @@ def render_snapshot(snapshot: Snapshot) -> str:
     rows = ",\n    ".join(json.dumps(_offer_to_row(offer)) for offer in ordered)
     head = json.dumps(document, indent=2)[:-2]
     return f'{head},\n  "rows": [\n    {rows}\n  ]\n}}\n'
+
+
+def canonical_order(offers: Iterable[Offer]) -> tuple[Offer, ...]:
+    """Offers in the order a snapshot file stores them: by key."""
+    return tuple(sorted(offers, key=lambda offer: (offer.key, offer.gpu, offer.gpu_count)))
 
 
 def write_snapshot(snapshot: Snapshot, path: Path) -> None:
