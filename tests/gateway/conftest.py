@@ -6,6 +6,8 @@ functions, as the management API and the controller would.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -30,6 +33,7 @@ from providers.engine_sim.server import EngineSimServer
 MODEL = "sim/llama-8b"
 ENGINE_KEY = "engine-secret-key"
 PROJECT = "acme"
+HI: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 Sessions = async_sessionmaker[AsyncSession]
 
@@ -142,10 +146,14 @@ StartGateway = Callable[..., Awaitable[Gateway]]
 async def start_gateway(sessions: Sessions) -> AsyncIterator[StartGateway]:
     gateways: list[Gateway] = []
 
-    async def start(**settings: Any) -> Gateway:
+    async def start(
+        *, on_demand: Callable[[tuple[str, str]], None] | None = None, **settings: Any
+    ) -> Gateway:
         options: dict[str, Any] = {"refresh_interval_sec": 0.2, "job_poll_interval_sec": 0.2}
         options.update(settings)
-        gateway = Gateway(sessions=sessions, settings=GatewaySettings(**options))
+        gateway = Gateway(
+            sessions=sessions, settings=GatewaySettings(**options), on_demand=on_demand
+        )
         await gateway.start("127.0.0.1", 0)
         gateways.append(gateway)
         return gateway
@@ -163,3 +171,15 @@ def sdk(gateway: Gateway, slug: str, key: str, *, project: str = PROJECT) -> ope
     return openai.AsyncOpenAI(
         base_url=base_url(gateway, slug, project=project), api_key=key, max_retries=0
     )
+
+
+async def eventually(check: Callable[[], bool | Awaitable[bool]], *, within: float = 20.0) -> None:
+    """Wait until ``check`` holds; fail (TimeoutError) if it does not within ``within`` s."""
+    async with asyncio.timeout(within):
+        while True:
+            result = check()
+            if inspect.isawaitable(result):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.02)
