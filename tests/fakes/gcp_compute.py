@@ -1,0 +1,294 @@
+"""A fake of the GCE Compute REST API on 127.0.0.1, for what ``providers/gcp.py`` calls.
+
+Serves instances insert/get/delete/list/aggregatedList (with ``labels.KEY = "VALUE"``
+filters), zone operations get and aggregated operations list. It honours ``requestId``
+(the same id returns the same operation and creates nothing new), refuses a taken name
+with 409, and lets tests inject failures and preempt spot VMs:
+
+* ``fail_inserts("capacity" | "quota" | "unavailable" | "throttle" | None)``: capacity and
+  quota fail the insert *operation* (as GCE does, after accepting the request); 503 and
+  429 fail the HTTP request itself.
+* ``preempt(zone, name)``: deletes the spot VM and records a
+  ``compute.instances.preempted`` operation.
+* ``settle()``: every instance that is provisioning becomes ``RUNNING``.
+
+Insert operations report ``RUNNING`` on the first read and ``DONE`` after, so clients
+must poll.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import threading
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
+
+GceFailure = Literal["capacity", "quota", "unavailable", "throttle"]
+
+_PREFIX = "/compute/v1/projects/"
+_OPERATION_FAILURES = {
+    "capacity": (
+        "ZONE_RESOURCE_POOL_EXHAUSTED",
+        "The zone does not have enough resources available to fulfill the request.",
+    ),
+    "quota": ("QUOTA_EXCEEDED", "Quota 'NVIDIA_A100_GPUS' exceeded. Limit: 0.0 in region."),
+}
+_HTTP_FAILURES = {
+    "unavailable": (503, "backendError", "The service is currently unavailable."),
+    "throttle": (429, "rateLimitExceeded", "Rate Limit Exceeded"),
+}
+
+
+def _now() -> str:
+    return datetime.now(tz=UTC).isoformat()
+
+
+def _matches(resource: dict[str, Any], filter_text: str) -> bool:
+    for path, value in re.findall(r'([A-Za-z0-9_.\-]+)\s*=\s*"([^"]*)"', filter_text):
+        current: Any = resource
+        for part in path.split("."):
+            current = current.get(part) if isinstance(current, dict) else None
+        if current != value:
+            return False
+    return True
+
+
+class FakeGceServer:
+    """Start with :meth:`start`, stop with :meth:`stop`; ``endpoint`` is the api_endpoint."""
+
+    def __init__(self) -> None:
+        self.instances: dict[tuple[str, str], dict[str, Any]] = {}
+        self.operations: dict[str, dict[str, Any]] = {}
+        self.insert_requests = 0
+        self._by_request_id: dict[str, str] = {}
+        self._failure: GceFailure | None = None
+        self._ids = itertools.count(1000)
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    # Levers for tests.
+
+    def fail_inserts(self, failure: GceFailure | None) -> None:
+        with self._lock:
+            self._failure = failure
+
+    def settle(self) -> None:
+        with self._lock:
+            for instance in self.instances.values():
+                if instance["status"] in ("PROVISIONING", "STAGING"):
+                    instance["status"] = "RUNNING"
+
+    def preempt(self, zone: str, name: str) -> None:
+        with self._lock:
+            instance = self.instances.pop((zone, name))
+            if instance.get("scheduling", {}).get("provisioningModel") != "SPOT":
+                raise ValueError(f"{zone}/{name} is not a spot VM")
+            self._operation(
+                project=instance["_project"],
+                zone=zone,
+                kind="compute.instances.preempted",
+                target=instance["selfLink"],
+                done=True,
+                status_message="Instance was preempted.",
+            )
+
+    # The API.
+
+    def _operation(
+        self,
+        *,
+        project: str,
+        zone: str,
+        kind: str,
+        target: str,
+        done: bool,
+        error: tuple[str, str] | None = None,
+        status_message: str = "",
+    ) -> dict[str, Any]:
+        number = next(self._ids)
+        name = f"operation-{number}"
+        operation: dict[str, Any] = {
+            "kind": "compute#operation",
+            "id": str(number),
+            "name": name,
+            "zone": f"{self.endpoint}{_PREFIX}{project}/zones/{zone}",
+            "operationType": kind,
+            "targetLink": target,
+            "status": "DONE" if done else "RUNNING",
+            "progress": 100 if done else 0,
+            "insertTime": _now(),
+            "selfLink": f"{self.endpoint}{_PREFIX}{project}/zones/{zone}/operations/{name}",
+        }
+        if status_message:
+            operation["statusMessage"] = status_message
+        if error is not None:
+            operation["error"] = {"errors": [{"code": error[0], "message": error[1]}]}
+            operation["httpErrorStatusCode"] = 503 if error[0].startswith("ZONE") else 403
+        self.operations[name] = operation
+        return operation
+
+    def _insert(
+        self, project: str, zone: str, body: dict[str, Any], query: dict[str, str]
+    ) -> tuple[int, Any]:
+        self.insert_requests += 1
+        if self._failure in _HTTP_FAILURES:
+            return _http_error(*_HTTP_FAILURES[self._failure])
+        rid = query.get("requestId")
+        if rid and rid in self._by_request_id:
+            return 200, self.operations[self._by_request_id[rid]]
+        name = body["name"]
+        link = f"{self.endpoint}{_PREFIX}{project}/zones/{zone}/instances/{name}"
+        if (zone, name) in self.instances:
+            return _http_error(409, "alreadyExists", f"The resource '{link}' already exists")
+        failure = _OPERATION_FAILURES.get(self._failure or "")
+        if failure is None:
+            number = next(self._ids)
+            self.instances[(zone, name)] = {
+                **body,
+                "kind": "compute#instance",
+                "id": str(number),
+                "zone": f"{self.endpoint}{_PREFIX}{project}/zones/{zone}",
+                "status": "PROVISIONING",
+                "creationTimestamp": _now(),
+                "selfLink": link,
+                "networkInterfaces": [
+                    {
+                        **interface,
+                        "networkIP": f"10.128.0.{number % 250 + 2}",
+                        "accessConfigs": [
+                            {**config, "natIP": f"203.0.113.{number % 250 + 2}"}
+                            for config in interface.get("accessConfigs", [])
+                        ],
+                    }
+                    for interface in body.get("networkInterfaces", [])
+                ],
+                "_project": project,
+            }
+        operation = self._operation(
+            project=project, zone=zone, kind="insert", target=link, done=False, error=failure
+        )
+        if rid:
+            self._by_request_id[rid] = operation["name"]
+        return 200, operation
+
+    def _route(
+        self, method: str, path: str, query: dict[str, str], body: dict[str, Any]
+    ) -> tuple[int, Any]:
+        if not path.startswith(_PREFIX):
+            return _http_error(404, "notFound", f"no route {path}")
+        parts = path[len(_PREFIX) :].split("/")
+        project = parts[0]
+        rest = parts[1:]
+        with self._lock:
+            match rest, method:
+                case ["zones", zone, "instances"], "POST":
+                    return self._insert(project, zone, body, query)
+                case ["zones", zone, "instances"], "GET":
+                    items = [
+                        _public(i)
+                        for (z, _), i in self.instances.items()
+                        if z == zone and _matches(i, query.get("filter", ""))
+                    ]
+                    return 200, {"kind": "compute#instanceList", "items": items}
+                case ["aggregated", "instances"], "GET":
+                    scoped: dict[str, Any] = {}
+                    for (zone, _), listed in self.instances.items():
+                        if _matches(listed, query.get("filter", "")):
+                            entry = scoped.setdefault(f"zones/{zone}", {"instances": []})
+                            entry["instances"].append(_public(listed))
+                    return 200, {"kind": "compute#instanceAggregatedList", "items": scoped}
+                case ["zones", zone, "instances", name], "GET":
+                    found = self.instances.get((zone, name))
+                    if found is None:
+                        return _http_error(404, "notFound", f"instance {name} not found")
+                    return 200, _public(found)
+                case ["zones", zone, "instances", name], "DELETE":
+                    deleted = self.instances.pop((zone, name), None)
+                    if deleted is None:
+                        return _http_error(404, "notFound", f"instance {name} not found")
+                    return 200, self._operation(
+                        project=project,
+                        zone=zone,
+                        kind="delete",
+                        target=deleted["selfLink"],
+                        done=True,
+                    )
+                case ["zones", zone, "operations", name], "GET":
+                    operation = self.operations.get(name)
+                    if operation is None:
+                        return _http_error(404, "notFound", f"operation {name} not found")
+                    reply = dict(operation)
+                    operation["status"] = "DONE"  # the next read sees it finished
+                    operation["progress"] = 100
+                    return 200, reply
+                case ["aggregated", "operations"], "GET":
+                    scoped = {}
+                    for operation in self.operations.values():
+                        if _matches(operation, query.get("filter", "")):
+                            zone = operation["zone"].rsplit("/", 1)[-1]
+                            entry = scoped.setdefault(f"zones/{zone}", {"operations": []})
+                            entry["operations"].append(operation)
+                    return 200, {"kind": "compute#operationAggregatedList", "items": scoped}
+        return _http_error(404, "notFound", f"no route {method} {path}")
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                url = urlsplit(self.path)
+                query = {k: v[0] for k, v in parse_qs(url.query).items()}
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                body = json.loads(raw) if raw else {}
+                status, payload = server._route(self.command, url.path, query, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_DELETE = _serve
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        return Handler
+
+
+def _public(instance: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in instance.items() if not k.startswith("_")}
+
+
+def _http_error(status: int, reason: str, message: str) -> tuple[int, Any]:
+    return status, {
+        "error": {
+            "code": status,
+            "message": message,
+            "errors": [{"message": message, "domain": "global", "reason": reason}],
+        }
+    }
