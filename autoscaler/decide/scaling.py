@@ -249,6 +249,8 @@ def _to_zero(ctx: _Context) -> ScaleDecision | None:
     p, s = ctx.policy, ctx.signals
     if p.min_workers != 0 or not p.scale_to_zero or s.in_flight or s.queue_depth:
         return None
+    if ctx.ttft_up is not None and ctx.ttft_up > p.upper_allowed_latency_sec:
+        return None  # requests were slow just now: not idle, whatever the clock says
     if s.last_request_at is None:
         idle = "no request seen"
     else:

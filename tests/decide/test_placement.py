@@ -1,0 +1,184 @@
+"""Placement: private workers first, cost per capacity, spot fallback, failures, spreading."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoscaler.decide.placement import (
+    PlacementOption,
+    choose_offer,
+    place_replica,
+    replica_capacity_rps,
+    unavailable_key,
+    worker_key,
+)
+from autoscaler.spec import WorkloadSpec
+from catalog.model import Offer, ProviderName
+from catalog.query import Market
+
+NOW = datetime(2024, 6, 1, tzinfo=UTC)
+
+
+def offer(
+    gpu: str = "NVIDIA L4",
+    *,
+    price: float = 1.0,
+    spot: float | None = None,
+    zone: str = "us-east-1a",
+    itype: str = "g6.xlarge",
+    count: int = 1,
+) -> Offer:
+    return Offer(
+        provider=ProviderName.AWS,
+        region=zone[:-1],
+        zone=zone,
+        instance_type=itype,
+        gpu=gpu,
+        gpu_count=count,
+        vcpus=8,
+        memory_gib=32,
+        on_demand_usd_per_hour=price,
+        spot_usd_per_hour=spot,
+    )
+
+
+def spec(**config: Any) -> WorkloadSpec:
+    base: dict[str, Any] = {"max_workers": 4, "max_hourly_cost_usd": 50.0}
+    base.update(config)
+    return WorkloadSpec.model_validate(
+        {
+            "name": "bot",
+            "slug": "bot",
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "execution_policy": "autoscaling",
+            "execution_policy_config": base,
+        }
+    )
+
+
+def test_cost_per_capacity_beats_raw_price() -> None:
+    cheap_slow = offer("NVIDIA L4", price=0.80, itype="g6.xlarge")
+    dear_fast = offer("NVIDIA H100 80GB HBM3", price=6.0, itype="p5.4xlarge")
+    options = [
+        PlacementOption(o, replica_capacity_rps(o, params_b=8.0)) for o in (cheap_slow, dear_fast)
+    ]
+    l4, h100 = (o.capacity_rps or 0 for o in options)
+    assert 0.8 / l4 > 6.0 / h100  # the L4 is cheaper per hour, not per request
+    chosen = choose_offer(options=options, allow_spot=False, unavailable={}, now=NOW)
+    assert chosen.offer == dear_fast
+    assert "lowest cost per capacity" in chosen.reason
+
+
+def test_spot_when_allowed_and_on_demand_when_spot_just_failed() -> None:
+    o = offer(price=1.0, spot=0.4)
+    options = [PlacementOption(o, 2.0)]
+    spot = choose_offer(options=options, allow_spot=True, unavailable={}, now=NOW)
+    assert (spot.market, spot.usd_per_hour) == (Market.SPOT, 0.4)
+    failed = {unavailable_key(o, Market.SPOT): NOW + timedelta(minutes=5)}
+    fallback = choose_offer(options=options, allow_spot=True, unavailable=failed, now=NOW)
+    assert (fallback.market, fallback.usd_per_hour) == (Market.ON_DEMAND, 1.0)
+    assert "1 spot marked unavailable" in fallback.reason
+    expired = {unavailable_key(o, Market.SPOT): NOW}
+    again = choose_offer(options=options, allow_spot=True, unavailable=expired, now=NOW)
+    assert again.market is Market.SPOT
+    no_spot = choose_offer(options=options, allow_spot=False, unavailable={}, now=NOW)
+    assert no_spot.market is Market.ON_DEMAND
+
+
+def test_nothing_fits_says_why() -> None:
+    o = offer(price=3.0)
+    blocked = {unavailable_key(o, Market.ON_DEMAND): NOW + timedelta(minutes=1)}
+    placement = choose_offer(
+        options=[PlacementOption(o, 1.0)], allow_spot=False, unavailable=blocked, now=NOW
+    )
+    assert not placement.found
+    assert placement.reason == "no offer fits: 1 on-demand marked unavailable"
+    over = choose_offer(
+        options=[PlacementOption(o, 1.0)],
+        allow_spot=False,
+        unavailable={},
+        now=NOW,
+        max_usd_per_hour=2.0,
+    )
+    assert "over the $2.00/h headroom" in over.reason
+
+
+def test_equal_prices_spread_over_zones() -> None:
+    a, b = offer(zone="us-east-1a"), offer(zone="us-east-1b")
+    options = [PlacementOption(a, 1.0), PlacementOption(b, 1.0)]
+    first = choose_offer(options=options, allow_spot=False, unavailable={}, now=NOW)
+    assert first.offer == a
+    second = choose_offer(
+        options=options, allow_spot=False, unavailable={}, now=NOW, current_zones=["us-east-1a"]
+    )
+    assert second.offer == b
+
+
+def test_private_workers_come_first_and_fill_evenly() -> None:
+    s = spec(workers={"source": "private", "private_worker_ids": ["wrk_a", "wrk_b"]})
+    placed = place_replica(
+        spec=s,
+        offers=[offer()],
+        unavailable={},
+        now=NOW,
+        replicas_per_worker={"wrk_a": 1},
+    )
+    assert placed.worker_id == "wrk_b"
+    assert placed.offer is None
+    down = {worker_key("wrk_b"): NOW + timedelta(minutes=1)}
+    placed = place_replica(spec=s, offers=[], unavailable=down, now=NOW)
+    assert placed.worker_id == "wrk_a"
+
+
+def test_catalog_placement_honours_the_pool_and_model_memory() -> None:
+    s = spec(workers={"cloud_pool": {"gpu_pool": ["L4", "A10G"]}})
+    offers = [
+        offer("NVIDIA L4", price=0.8, itype="g6.xlarge"),
+        offer("NVIDIA A10G", price=1.0, itype="g5.xlarge"),
+        offer("NVIDIA H100 80GB HBM3", price=0.1, itype="p5.cheap"),  # not in the pool
+    ]
+    placed = place_replica(spec=s, offers=offers, unavailable={}, now=NOW, params_b=8.0)
+    assert placed.offer is not None
+    assert placed.offer.gpu in ("NVIDIA L4", "NVIDIA A10G")
+    too_big = place_replica(spec=s, offers=offers, unavailable={}, now=NOW, model_memory_gib=60.0)
+    assert not too_big.found
+    assert "vram" in too_big.reason
+
+
+GPUS = [
+    "NVIDIA L4",
+    "Tesla T4",
+    "NVIDIA A10G",
+    "NVIDIA L40S",
+    "NVIDIA A100-SXM4-80GB",
+    "NVIDIA H100 80GB HBM3",
+]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(GPUS), st.floats(0.2, 40.0), st.sampled_from([1, 2, 4])),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_chosen_offer_has_the_lowest_cost_per_capacity(rows: list[tuple[str, float, int]]) -> None:
+    offers = [
+        offer(gpu, price=price, count=count, itype=f"t{i}")
+        for i, (gpu, price, count) in enumerate(rows)
+    ]
+    options = [PlacementOption(o, replica_capacity_rps(o, params_b=8.0)) for o in offers]
+    chosen = choose_offer(options=options, allow_spot=False, unavailable={}, now=NOW)
+    fitting = [o for o in options if o.capacity_rps]
+    if not fitting:  # an 8B model fits no T4
+        assert not chosen.found
+        assert "model does not fit" in chosen.reason
+        return
+    assert chosen.capacity_rps
+    best = min(o.offer.on_demand_usd_per_hour / (o.capacity_rps or 1) for o in fitting)
+    assert chosen.usd_per_hour / chosen.capacity_rps <= best * (1 + 1e-9)

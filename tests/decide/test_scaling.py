@@ -1,0 +1,255 @@
+"""Desired replicas from TTFT, load and fleet state."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from autoscaler.decide.scaling import (
+    Direction,
+    FleetCounts,
+    ReplicaCapacity,
+    ScaleMemory,
+    Signals,
+    desired_replicas,
+    ttft_percentile,
+)
+from autoscaler.spec import AutoscalingPolicy
+
+T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+
+
+def policy(**overrides: Any) -> AutoscalingPolicy:
+    fields: dict[str, Any] = {
+        "min_workers": 1,
+        "max_workers": 8,
+        "max_hourly_cost_usd": 100.0,
+        "workers": {"cloud_pool": {"gpu_pool": ["L4"]}},
+        "upper_allowed_latency_sec": 1.0,
+        "lower_allowed_latency_sec": 0.2,
+        "scale_up_time_window_sec": 60,
+        "scale_down_time_window_sec": 300,
+    }
+    fields.update(overrides)
+    return AutoscalingPolicy.model_validate(fields)
+
+
+def samples(ttft: float, *, now: datetime, seconds: int, every: int = 1) -> tuple[Any, ...]:
+    return tuple((now - timedelta(seconds=s), ttft) for s in range(0, seconds, every))
+
+
+def busy(ttft: float, now: datetime, **kw: Any) -> Signals:
+    return Signals(
+        ttft_samples=samples(ttft, now=now, seconds=400),
+        request_rate=kw.get("rate", 10.0),
+        in_flight=kw.get("in_flight", 4),
+        last_request_at=now,
+        queue_depth=kw.get("queue", 0),
+    )
+
+
+def run(
+    p: AutoscalingPolicy,
+    *,
+    fleet: FleetCounts,
+    ttft: float,
+    start: datetime,
+    seconds: int,
+    **kw: Any,
+) -> Any:
+    """Tick every 5 s for ``seconds`` with steady TTFT; the last decision."""
+    memory = ScaleMemory()
+    decision = None
+    for step in range(0, seconds + 1, 5):
+        now = start + timedelta(seconds=step)
+        decision = desired_replicas(
+            policy=p, signals=busy(ttft, now, **kw), fleet=fleet, memory=memory, now=now
+        )
+        memory = decision.memory
+    return decision
+
+
+def test_percentile_is_nearest_rank_over_the_window() -> None:
+    data = [(T0 - timedelta(seconds=i), float(i)) for i in range(1, 101)]  # 1..100
+    assert ttft_percentile(data, q=0.95, since=T0 - timedelta(seconds=1000)) == 95.0
+    assert ttft_percentile(data, q=0.5, since=T0 - timedelta(seconds=10.5)) == 5.0
+    assert ttft_percentile(data, q=0.95, since=T0) is None
+
+
+def test_breach_must_hold_for_the_whole_window_before_scaling_up() -> None:
+    p = policy()
+    fleet = FleetCounts(ready=2)
+    early = run(p, fleet=fleet, ttft=1.5, start=T0, seconds=55)
+    assert early.desired == 2
+    assert early.direction is Direction.HOLD
+    late = run(p, fleet=fleet, ttft=1.5, start=T0, seconds=60)
+    assert late.direction is Direction.UP
+    assert late.desired == 3  # 1.5x over target on 2 replicas: 3
+    assert "> upper 1s" in late.reason
+
+
+def test_step_grows_with_how_far_ttft_is_off_target_but_at_most_doubles() -> None:
+    p = policy()
+    assert run(p, fleet=FleetCounts(ready=2), ttft=1.9, start=T0, seconds=60).desired == 4
+    assert run(p, fleet=FleetCounts(ready=2), ttft=9.0, start=T0, seconds=60).desired == 4
+    fast = policy(enable_fast_autoscaling=True)
+    assert run(fast, fleet=FleetCounts(ready=2), ttft=9.0, start=T0, seconds=10).desired == 6
+
+
+def test_replicas_booting_count_toward_relief() -> None:
+    p = policy()
+    decision = run(p, fleet=FleetCounts(ready=2, booting=1), ttft=1.5, start=T0, seconds=120)
+    assert decision.desired == 3
+    assert decision.direction is Direction.HOLD
+    assert "booting already cover" in decision.reason
+
+
+def test_hold_restarts_after_a_scale_up() -> None:
+    p = policy()
+    memory = ScaleMemory()
+    fleet = FleetCounts(ready=2)
+    ups = 0
+    for step in range(0, 91, 5):
+        now = T0 + timedelta(seconds=step)
+        d = desired_replicas(policy=p, signals=busy(1.5, now), fleet=fleet, memory=memory, now=now)
+        memory = d.memory
+        ups += d.direction is Direction.UP
+    assert ups == 1
+
+
+def test_scale_down_needs_calm_for_the_scale_down_window() -> None:
+    p = policy()
+    fleet = FleetCounts(ready=3)
+    assert run(p, fleet=fleet, ttft=0.05, start=T0, seconds=295).desired == 3
+    down = run(p, fleet=fleet, ttft=0.05, start=T0, seconds=300)
+    assert down.direction is Direction.DOWN
+    assert down.desired == 2
+
+
+def test_consolidation_keeps_a_replica_the_rest_could_not_carry() -> None:
+    p = policy()
+    memory = ScaleMemory(calm_since=T0 - timedelta(seconds=600))
+    signals = busy(0.15, T0, rate=30.0, in_flight=40)
+    capacity = ReplicaCapacity(requests_per_s=12.0, max_concurrency=64)
+    decision = desired_replicas(
+        policy=p,
+        signals=signals,
+        fleet=FleetCounts(ready=4),
+        memory=memory,
+        now=T0,
+        capacity=capacity,
+    )
+    assert decision.desired == 4  # 30 req/s at 75 % of 12 needs 4
+    assert "keep 4" in decision.reason
+    light = busy(0.15, T0, rate=5.0, in_flight=4)
+    decision = desired_replicas(
+        policy=p,
+        signals=light,
+        fleet=FleetCounts(ready=4),
+        memory=memory,
+        now=T0,
+        capacity=capacity,
+    )
+    assert decision.desired == 2  # at most half at once
+
+
+def test_consolidation_without_capacity_projects_ttft() -> None:
+    p = policy(lower_allowed_latency_sec=0.7)
+    memory = ScaleMemory(calm_since=T0 - timedelta(seconds=600))
+    decision = desired_replicas(
+        policy=p, signals=busy(0.6, T0), fleet=FleetCounts(ready=2), memory=memory, now=T0
+    )
+    assert decision.desired == 2  # 0.6 s on two replicas projects 1.2 s on one
+    assert "projects TTFT 1.200s" in decision.reason
+
+
+def test_idle_past_timeout_scales_to_zero_and_a_request_wakes_it_at_once() -> None:
+    p = policy(min_workers=0, scale_to_zero_timeout_sec=900)
+    fleet = FleetCounts(ready=1)
+    last = T0 - timedelta(seconds=901)
+    idle = Signals(last_request_at=last)
+    zero = desired_replicas(policy=p, signals=idle, fleet=fleet, memory=ScaleMemory(), now=T0)
+    assert zero.desired == 0
+    assert zero.direction is Direction.ZERO
+    assert "idle 901s" in zero.reason
+    waiting = Signals(queue_depth=1, last_request_at=T0)
+    woken = desired_replicas(
+        policy=p, signals=waiting, fleet=FleetCounts(), memory=ScaleMemory(), now=T0
+    )
+    assert woken.desired == 1
+    assert woken.direction is Direction.WAKE
+
+
+def test_scale_to_zero_off_keeps_one_replica() -> None:
+    p = policy(min_workers=0, scale_to_zero=False)
+    idle = Signals(last_request_at=T0 - timedelta(hours=5))
+    decision = desired_replicas(
+        policy=p, signals=idle, fleet=FleetCounts(ready=1), memory=ScaleMemory(), now=T0
+    )
+    assert decision.desired == 1
+
+
+def test_max_workers_caps_scale_up() -> None:
+    p = policy(max_workers=3)
+    decision = run(p, fleet=FleetCounts(ready=3), ttft=5.0, start=T0, seconds=60)
+    assert decision.desired == 3
+    assert "max_workers 3" in decision.reason
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[AutoscalingPolicy, list[tuple[float, int, int, int, int]]]:
+    lo = draw(st.integers(0, 3))
+    hi = draw(st.integers(max(lo, 1), 10))
+    p = policy(
+        min_workers=lo,
+        max_workers=hi,
+        scale_to_zero=draw(st.booleans()),
+        enable_fast_autoscaling=draw(st.booleans()),
+        scale_to_zero_timeout_sec=draw(st.sampled_from([30, 900])),
+    )
+    ticks = draw(
+        st.lists(
+            st.tuples(
+                st.floats(0.0, 5.0),  # ttft
+                st.integers(0, 12),  # ready
+                st.integers(0, 3),  # booting
+                st.one_of(st.just(0), st.integers(0, 20)),  # in flight
+                st.integers(0, 60),  # seconds since last request
+            ),
+            min_size=1,
+            max_size=40,
+        )
+    )
+    return p, ticks
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_desired_stays_within_bounds_and_never_sheds_while_slow(
+    scenario: tuple[AutoscalingPolicy, list[tuple[float, int, int, int, int]]],
+) -> None:
+    p, ticks = scenario
+    memory = ScaleMemory()
+    now = T0
+    floor = p.min_workers if (p.min_workers or p.scale_to_zero) else 1
+    for ttft, ready, booting, in_flight, idle in ticks:
+        now += timedelta(seconds=15)
+        signals = Signals(
+            ttft_samples=samples(ttft, now=now, seconds=60, every=3) if ready else (),
+            request_rate=float(in_flight),
+            in_flight=in_flight,
+            last_request_at=now - timedelta(seconds=idle),
+        )
+        fleet = FleetCounts(ready=ready, booting=booting)
+        d = desired_replicas(policy=p, signals=signals, fleet=fleet, memory=memory, now=now)
+        memory = d.memory
+        assert d.desired == 0 or floor <= d.desired <= p.max_workers, d.reason
+        if d.desired == 0:
+            assert p.min_workers == 0
+            assert p.scale_to_zero
+        if d.ttft_up_s is not None and d.ttft_up_s > p.upper_allowed_latency_sec:
+            assert d.desired >= min(ready + booting, p.max_workers), d.reason
+        assert d.reason
