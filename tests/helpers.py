@@ -131,6 +131,7 @@ class Process:
         self.env = {**os.environ, **(env or {})}
         self.cwd = cwd
         self.proc: subprocess.Popen[str] | None = None
+        self.output: str | None = None
 
     def __enter__(self) -> Process:
         self.proc = subprocess.Popen(
@@ -153,9 +154,11 @@ class Process:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
-        out = self.proc.stdout.read() if self.proc.stdout else ""
-        self.proc.stdout and self.proc.stdout.close()
-        return out
+        if self.output is None:
+            assert self.proc.stdout is not None
+            self.output = self.proc.stdout.read()
+            self.proc.stdout.close()
+        return self.output
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -56,7 +56,9 @@ async def _session(state: State) -> AsyncIterator[AsyncSession]:
         yield s
 
 
-Session = Annotated[AsyncSession, Depends(_session)]
+# scope="function": commit before the response is sent, so a client that reads right
+# after a write sees it.
+Session = Annotated[AsyncSession, Depends(_session, scope="function")]
 
 
 async def _caller(s: Session, authorization: Annotated[str | None, Header()] = None) -> Token:

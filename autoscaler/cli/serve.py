@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from autoscaler.store.db import default_data_dir
+from autoscaler.paths import default_data_dir
 
 
 def register(group: click.Group) -> None:

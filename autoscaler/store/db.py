@@ -8,7 +8,6 @@ that controllers starting together do not race.
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,12 +25,6 @@ from sqlalchemy.ext.asyncio import (
 
 # An arbitrary constant: the advisory lock id that serialises migrations on PostgreSQL.
 _MIGRATION_LOCK_ID = 7_264_001
-
-
-def default_data_dir() -> Path:
-    """``$AUTOSCALER_DATA_DIR``, else ``~/.local/share/autoscaler``."""
-    env = os.environ.get("AUTOSCALER_DATA_DIR")
-    return Path(env) if env else Path.home() / ".local" / "share" / "autoscaler"
 
 
 def sqlite_url(data_dir: Path) -> str:

@@ -1,0 +1,246 @@
+"""The management API over HTTP (a live uvicorn server) through the SDK and raw httpx."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from autoscaler.sdk import ApiError, ManagementClient
+from autoscaler.spec import WorkloadSpec
+from tests.conftest import ADMIN_TOKEN
+from tests.helpers import ApiServer
+
+SPEC: dict[str, Any] = {
+    "name": "Support bot",
+    "slug": "support-bot",
+    "model": "meta-llama/Llama-3.1-8B-Instruct",
+    "execution_policy": "autoscaling",
+    "execution_policy_config": {
+        "max_workers": 2,
+        "max_hourly_cost_usd": 10,
+        "workers": {"cloud_pool": {"gpu_pool": ["NVIDIA L4"]}},
+    },
+}
+
+
+def client(
+    server: ApiServer, *, token: str = ADMIN_TOKEN, project: str = "acme"
+) -> ManagementClient:
+    return ManagementClient(url=server.url, token=token, project=project, retries=1)
+
+
+def test_ensure_create_unchanged_update(api_server: ApiServer) -> None:
+    with client(api_server) as c:
+        created = c.ensure(SPEC)
+        unchanged = c.ensure(WorkloadSpec.model_validate(SPEC))
+        changed = {**SPEC, "model": "Qwen/Qwen2.5-7B-Instruct"}
+        updated = c.ensure(changed)
+        assert (created.action, created.generation) == ("created", 1)
+        assert (unchanged.action, unchanged.generation) == ("unchanged", 1)
+        assert (updated.action, updated.generation) == ("updated", 2)
+        assert updated.diff == [
+            {
+                "path": "model",
+                "old": "meta-llama/Llama-3.1-8B-Instruct",
+                "new": "Qwen/Qwen2.5-7B-Instruct",
+            }
+        ]
+        assert c.get("support-bot")["spec"]["model"] == "Qwen/Qwen2.5-7B-Instruct"
+        assert [w["slug"] for w in c.list()] == ["support-bot"]
+
+
+def test_status_codes_201_then_200(api_server: ApiServer) -> None:
+    url = f"{api_server.url}/v1/projects/acme/workloads/support-bot"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    assert httpx.put(url, json=SPEC, headers=headers).status_code == 201
+    assert httpx.put(url, json=SPEC, headers=headers).status_code == 200
+
+
+def test_drift_fail_is_409_with_the_diff_and_keeps_the_spec(api_server: ApiServer) -> None:
+    with client(api_server) as c:
+        c.ensure(SPEC)
+        with pytest.raises(ApiError) as info:
+            c.ensure({**SPEC, "name": "Renamed"}, on_drift="fail")
+        assert (info.value.status, info.value.code) == (409, "drift_refused")
+        assert info.value.details == [{"path": "name", "old": "Support bot", "new": "Renamed"}]
+        ignored = c.ensure({**SPEC, "name": "Renamed"}, on_drift="ignore")
+        assert (ignored.action, ignored.generation) == ("ignored", 1)
+        assert c.get("support-bot")["name"] == "Support bot"
+
+
+def test_invalid_spec_is_422_naming_the_field_and_changes_nothing(api_server: ApiServer) -> None:
+    with client(api_server) as c:
+        c.ensure(SPEC)
+        bad = {
+            **SPEC,
+            "execution_policy_config": {**SPEC["execution_policy_config"], "min_replicas": 1},
+        }
+        with pytest.raises(ApiError) as info:
+            c.ensure(bad)
+        assert (info.value.status, info.value.code) == (422, "invalid_spec")
+        assert info.value.details[0]["path"] == "execution_policy_config"
+        assert "did you mean 'min_workers'" in info.value.details[0]["message"]
+        after = c.get("support-bot")
+        assert after["generation"] == 1
+        assert "min_replicas" not in after["spec"]["execution_policy_config"]
+
+
+def test_body_slug_must_match_the_path(api_server: ApiServer) -> None:
+    response = httpx.put(
+        f"{api_server.url}/v1/projects/acme/workloads/other",
+        json=SPEC,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
+    assert response.status_code == 422
+    assert response.json()["error"]["code"] == "slug_mismatch"
+
+
+def test_legacy_pool_answers_with_a_warning(api_server: ApiServer) -> None:
+    legacy = {
+        **SPEC,
+        "execution_policy_config": {
+            "max_workers": 2,
+            "max_hourly_cost_usd": 10,
+            "gpu_pool": ["NVIDIA L4"],
+        },
+    }
+    with client(api_server) as c:
+        ref = c.ensure(legacy)
+    assert ref.action == "created"
+    assert ref.warnings and "deprecated" in ref.warnings[0]
+
+
+def test_no_token_is_401(api_server: ApiServer) -> None:
+    response = httpx.get(f"{api_server.url}/v1/projects/acme/workloads")
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthorized"
+    assert response.headers["www-authenticate"] == "Bearer"
+    bogus = httpx.get(
+        f"{api_server.url}/v1/projects/acme/workloads",
+        headers={"Authorization": "Bearer ik_sdk_nope"},
+    )
+    assert bogus.status_code == 401
+
+
+def test_project_token_is_scoped_to_its_project(api_server: ApiServer) -> None:
+    with client(api_server, project="acme") as admin:
+        acme_token = admin.create_project_token(name="ci").secret
+    assert acme_token.startswith("ik_sdk_")
+    with client(api_server, token=acme_token, project="acme") as acme:
+        assert acme.ensure(SPEC).action == "created"
+    with client(api_server, token=acme_token, project="globex") as other:
+        with pytest.raises(ApiError) as info:
+            other.list()
+        assert (info.value.status, info.value.code) == (403, "forbidden")
+        with pytest.raises(ApiError):
+            other.ensure(SPEC)
+    with client(api_server, token=acme_token, project="acme") as acme:
+        with pytest.raises(ApiError) as info:
+            acme.create_project_token()
+        assert info.value.status == 403
+
+
+def test_data_key_is_refused_on_the_management_api(api_server: ApiServer) -> None:
+    with client(api_server) as c:
+        c.ensure(SPEC)
+        key = c.create_key("support-bot", name="app")
+    assert key.secret.startswith("ik_live_")
+    with client(api_server, token=key.secret) as keyed:
+        with pytest.raises(ApiError) as info:
+            keyed.list()
+    assert info.value.status == 401
+    assert "data key" in info.value.message
+
+
+def test_keys_are_listed_without_secrets_and_revoked(api_server: ApiServer) -> None:
+    with client(api_server) as c:
+        c.ensure(SPEC)
+        key = c.create_key("support-bot", name="app")
+        listed = c.list_keys("support-bot")
+        assert [(k["id"], k["name"], k["revoked_at"]) for k in listed] == [(key.id, "app", None)]
+        assert all("secret" not in k and key.secret not in str(k) for k in listed)
+        c.revoke_key("support-bot", key.id)
+        assert c.list_keys("support-bot")[0]["revoked_at"] is not None
+        with pytest.raises(ApiError) as info:
+            c.revoke_key("support-bot", "tok_missing")
+        assert info.value.status == 404
+
+
+def test_delete_removes_the_workload_and_revokes_its_keys(api_server: ApiServer) -> None:
+    with client(api_server) as c:
+        c.ensure(SPEC)
+        c.create_key("support-bot")
+        assert c.delete("support-bot")["deleted"] is True
+        with pytest.raises(ApiError) as info:
+            c.get("support-bot")
+        assert (info.value.status, info.value.code) == (404, "workload_not_found")
+        assert c.list() == []
+        with pytest.raises(ApiError):
+            c.delete("support-bot")
+        recreated = c.ensure(SPEC)
+        assert (recreated.action, recreated.generation) == ("created", 1)
+        keys = c.list_keys("support-bot")
+        assert len(keys) == 1 and keys[0]["revoked_at"] is not None
+
+
+def test_replicas_and_decisions_of_a_new_workload_are_empty(api_server: ApiServer) -> None:
+    with client(api_server) as c:
+        c.ensure(SPEC)
+        assert c.replicas("support-bot") == []
+        assert c.decisions("support-bot") == []
+
+
+def test_openapi_document_lists_the_routes(api_server: ApiServer) -> None:
+    paths = httpx.get(f"{api_server.url}/openapi.json").json()["paths"]
+    assert "/v1/projects/{project}/workloads/{slug}" in paths
+    assert "/v1/projects/{project}/workloads/{slug}/keys" in paths
+
+
+def test_sdk_from_env(api_server: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AUTOSCALER_URL", api_server.url)
+    monkeypatch.setenv("AUTOSCALER_SDK_TOKEN", ADMIN_TOKEN)
+    with ManagementClient.from_env(project="acme") as c:
+        ref = c.ensure(WorkloadSpec.model_validate(SPEC))
+    assert (ref.project_slug, ref.workload_slug, ref.generation, ref.action) == (
+        "acme",
+        "support-bot",
+        1,
+        "created",
+    )
+
+
+def test_sdk_retries_5xx_then_gives_up_with_the_error() -> None:
+    calls: list[int] = []
+
+    def flaky(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        if len(calls) < 3:
+            return httpx.Response(
+                503, json={"error": {"code": "unavailable", "message": "busy", "details": []}}
+            )
+        return httpx.Response(200, json={"items": []})
+
+    c = ManagementClient(
+        url="http://api.invalid",
+        token="ik_sdk_x",
+        project="acme",
+        transport=httpx.MockTransport(flaky),
+    )
+    assert c.list() == []
+    assert len(calls) == 3
+    calls.clear()
+    c404 = ManagementClient(
+        url="http://api.invalid",
+        token="ik_sdk_x",
+        project="acme",
+        transport=httpx.MockTransport(
+            lambda r: httpx.Response(
+                404, json={"error": {"code": "workload_not_found", "message": "no", "details": []}}
+            )
+        ),
+    )
+    with pytest.raises(ApiError) as info:
+        c404.get("x")
+    assert info.value.code == "workload_not_found"

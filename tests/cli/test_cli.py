@@ -1,0 +1,174 @@
+"""The CLI as a user runs it: subprocesses against a running ``autoscaler run``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import Process, autoscaler_cli, free_port, http_ok, wait_until
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+ADMIN = "ik_sdk_cli-test-admin-" + "y" * 20
+
+
+@dataclass
+class Service:
+    url: str
+    env: dict[str, str]
+    process: Process
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            autoscaler_cli(*args), env=self.env, capture_output=True, text=True, timeout=60
+        )
+
+
+@pytest.fixture(scope="module")
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """One ``autoscaler run`` for the module; each test works in a project of its own."""
+    api_port, gateway_port = free_port(), free_port()
+    env = {
+        "AUTOSCALER_DATA_DIR": str(tmp_path_factory.mktemp("data")),
+        "AUTOSCALER_ADMIN_TOKEN": ADMIN,
+    }
+    argv = autoscaler_cli("run", "--api-port", str(api_port), "--gateway-port", str(gateway_port))
+    with Process(argv, env=env) as proc:
+        url = f"http://127.0.0.1:{api_port}"
+        wait_until(lambda: http_ok(url + "/healthz"), timeout=60, what="autoscaler run")
+        client_env = {
+            **proc.env,
+            "AUTOSCALER_URL": url,
+            "AUTOSCALER_SDK_TOKEN": ADMIN,
+        }
+        yield Service(url=url, env=client_env, process=proc)
+
+
+@pytest.fixture
+def service(running: Service, request: pytest.FixtureRequest) -> Service:
+    project = request.node.name.removeprefix("test_").replace("_", "-")[:40].strip("-")
+    return Service(
+        url=running.url, env={**running.env, "AUTOSCALER_PROJECT": project}, process=running.process
+    )
+
+
+def test_apply_twice_then_edit(service: Service, tmp_path: Path) -> None:
+    path = tmp_path / "bot.yaml"
+    shutil.copy(EXAMPLES / "chat-fixed.yaml", path)
+
+    first = service.cli("apply", "-f", str(path))
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "workload/support-bot created (generation 1)"
+
+    second = service.cli("apply", "-f", str(path))
+    assert second.stdout.strip() == "workload/support-bot unchanged (generation 1)"
+
+    doc = yaml.safe_load(path.read_text())
+    doc["execution_policy_config"]["replicas"] = 2
+    path.write_text(yaml.safe_dump(doc))
+    third = service.cli("apply", "-f", str(path))
+    assert third.returncode == 0
+    assert "workload/support-bot updated (generation 2)" in third.stdout
+    assert "execution_policy_config.replicas: 1 -> 2" in third.stdout
+
+    listed = service.cli("get")
+    assert listed.returncode == 0
+    header, row = listed.stdout.strip().splitlines()
+    assert header.split()[:3] == ["SLUG", "NAME", "MODEL"]
+    assert row.startswith("support-bot") and "fixed x2" in row
+
+    described = service.cli("describe", "support-bot")
+    assert described.returncode == 0
+    assert "Generation:  2" in described.stdout
+    assert "meta-llama/Llama-3.1-8B-Instruct" in described.stdout
+    assert "Replicas" in described.stdout and "Recent decisions" in described.stdout
+
+    as_json = json.loads(service.cli("get", "support-bot", "-o", "json").stdout)
+    assert as_json["generation"] == 2
+
+
+def test_bad_file_exits_2_naming_the_field_and_changes_nothing(
+    service: Service, tmp_path: Path
+) -> None:
+    good = tmp_path / "good.yaml"
+    shutil.copy(EXAMPLES / "chat-fixed.yaml", good)
+    assert service.cli("apply", "-f", str(good)).returncode == 0
+
+    doc = yaml.safe_load(good.read_text())
+    bad_docs = [
+        {**doc, "model": "changed/but-not-applied"},
+        {
+            **doc,
+            "slug": "second",
+            "execution_policy": "autoscaling",
+            "execution_policy_config": {"min_replicas": 1, "max_workers": 2},
+        },
+    ]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump_all(bad_docs))
+    result = service.cli("apply", "-f", str(bad))
+    assert result.returncode == 2
+    assert "document 2 (second): execution_policy_config" in result.stderr
+    assert "did you mean 'min_workers'" in result.stderr
+
+    after = json.loads(service.cli("get", "-o", "json").stdout)
+    assert [(w["slug"], w["spec"]["model"], w["generation"]) for w in after] == [
+        ("support-bot", "meta-llama/Llama-3.1-8B-Instruct", 1)
+    ]
+
+
+def test_apply_every_example_in_one_file_list(service: Service) -> None:
+    files = sorted(EXAMPLES.glob("*.yaml"))
+    args = [arg for f in files for arg in ("-f", str(f))]
+    result = service.cli("apply", *args)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count(" created (generation 1)") == len(files)
+    assert len(json.loads(service.cli("get", "-o", "json").stdout)) == len(files)
+
+
+def test_keys_lifecycle_and_delete(service: Service) -> None:
+    assert service.cli("apply", "-f", str(EXAMPLES / "chat-fixed.yaml")).returncode == 0
+    created = json.loads(service.cli("keys", "create", "support-bot", "-o", "json").stdout)
+    assert created["secret"].startswith("ik_live_")
+    listed = service.cli("keys", "list", "support-bot")
+    assert created["id"] in listed.stdout and created["secret"] not in listed.stdout
+    assert service.cli("keys", "revoke", "support-bot", created["id"]).returncode == 0
+    deleted = service.cli("delete", "support-bot")
+    assert deleted.stdout.strip() == "workload/support-bot deleted"
+    missing = service.cli("get", "support-bot")
+    assert missing.returncode == 1
+    assert "no workload 'support-bot'" in missing.stderr
+
+
+def test_missing_token_and_unreachable_server_are_clear(service: Service) -> None:
+    env = {k: v for k, v in service.env.items() if k != "AUTOSCALER_SDK_TOKEN"}
+    no_token = subprocess.run(autoscaler_cli("get"), env=env, capture_output=True, text=True)
+    assert no_token.returncode == 2
+    assert "AUTOSCALER_SDK_TOKEN" in no_token.stderr
+    down = subprocess.run(
+        autoscaler_cli("get", "--url", f"http://127.0.0.1:{free_port()}"),
+        env=service.env,
+        capture_output=True,
+        text=True,
+    )
+    assert down.returncode == 1
+    assert "cannot reach the management API" in down.stderr
+
+
+def test_first_start_prints_an_admin_token_once(tmp_path: Path) -> None:
+    port = free_port()
+    env = {"AUTOSCALER_DATA_DIR": str(tmp_path / "data"), "AUTOSCALER_ADMIN_TOKEN": ""}
+    argv = autoscaler_cli("run", "--api-port", str(port), "--gateway-port", str(free_port()))
+    outputs = []
+    for _ in range(2):
+        with Process(argv, env=env) as proc:
+            wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=60, what="run")
+            outputs.append(proc.stop())
+    assert "export AUTOSCALER_SDK_TOKEN=ik_sdk_" in outputs[0]
+    assert "AUTOSCALER_SDK_TOKEN" not in outputs[1]

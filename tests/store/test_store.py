@@ -1,0 +1,219 @@
+"""The store on SQLite and on PostgreSQL alike: ensure, drift, tokens, UTC, migrations."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from autoscaler.spec import OnDrift, WorkloadSpec
+from autoscaler.store import tokens, workloads
+from autoscaler.store.db import migrate
+from autoscaler.store.models import Instance, Workload
+from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.tokens import TokenKind
+from autoscaler.store.workloads import EnsureAction
+
+NOW = datetime(2026, 3, 29, 0, 30, tzinfo=UTC)
+
+
+def spec(**overrides: object) -> WorkloadSpec:
+    raw = {"name": "Support bot", "slug": "support-bot", "model": "m/x-8B", **overrides}
+    return WorkloadSpec.model_validate(raw)
+
+
+async def ensure(
+    sessions: async_sessionmaker[AsyncSession],
+    s: WorkloadSpec,
+    *,
+    on_drift: OnDrift = OnDrift.RECONCILE,
+    project: str = "acme",
+) -> workloads.EnsureResult:
+    async with sessions() as session, session.begin():
+        return await workloads.ensure_workload(
+            session, project=project, spec=s, on_drift=on_drift, now=NOW
+        )
+
+
+async def test_ensure_creates_then_is_idempotent(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    first = await ensure(sessions, spec())
+    again = await ensure(sessions, spec())
+    assert (first.action, first.workload.generation) == (EnsureAction.CREATED, 1)
+    assert (again.action, again.workload.generation) == (EnsureAction.UNCHANGED, 1)
+    assert again.workload.id == first.workload.id
+
+
+async def test_changed_spec_reconciles_with_a_diff(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await ensure(sessions, spec())
+    result = await ensure(sessions, spec(execution_policy_config={"replicas": 3}))
+    assert result.action is EnsureAction.UPDATED
+    assert result.workload.generation == 2
+    assert result.diff == [{"path": "execution_policy_config.replicas", "old": 1, "new": 3}]
+    async with sessions() as session:
+        stored = await workloads.get_workload(session, project="acme", slug="support-bot")
+    assert stored is not None and stored.spec["execution_policy_config"] == {"replicas": 3}
+
+
+async def test_drift_fail_refuses_and_keeps_the_stored_spec(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await ensure(sessions, spec())
+    with pytest.raises(workloads.DriftRefused) as info:
+        await ensure(sessions, spec(model="m/other"), on_drift=OnDrift.FAIL)
+    assert info.value.diff == [{"path": "model", "old": "m/x-8B", "new": "m/other"}]
+    ignored = await ensure(sessions, spec(model="m/other"), on_drift=OnDrift.IGNORE)
+    assert ignored.action is EnsureAction.IGNORED
+    async with sessions() as session:
+        stored = await workloads.get_workload(session, project="acme", slug="support-bot")
+    assert stored is not None
+    assert (stored.spec["model"], stored.generation) == ("m/x-8B", 1)
+
+
+async def test_same_slug_in_two_projects_are_two_workloads(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    a = await ensure(sessions, spec(), project="acme")
+    b = await ensure(sessions, spec(), project="globex")
+    assert a.workload.id != b.workload.id
+    async with sessions() as session:
+        assert [w.project for w in await workloads.list_workloads(session, project="globex")] == [
+            "globex"
+        ]
+
+
+async def test_concurrent_ensures_of_one_slug_make_one_workload(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    results = await asyncio.gather(*(ensure(sessions, spec()) for _ in range(5)))
+    assert sorted(r.action.value for r in results).count("created") == 1
+    async with sessions() as session:
+        rows = (await session.scalars(select(Workload))).all()
+    assert len(rows) == 1
+
+
+async def test_delete_is_soft_and_the_slug_can_be_reused(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await ensure(sessions, spec())
+    async with sessions() as session, session.begin():
+        deleted = await workloads.delete_workload(
+            session, project="acme", slug="support-bot", now=NOW
+        )
+    assert deleted is not None and deleted.deleted_at == NOW
+    again = await ensure(sessions, spec())
+    assert (again.action, again.workload.generation) == (EnsureAction.CREATED, 1)
+    async with sessions() as session:
+        rows = (await session.scalars(select(Workload).order_by(Workload.id))).all()
+    assert [r.deleted_at is not None for r in rows] == [True, False]
+
+
+async def test_timestamps_come_back_as_aware_utc(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    madrid = timezone(timedelta(hours=2))
+    async with sessions() as session, session.begin():
+        await workloads.ensure_workload(
+            session,
+            project="acme",
+            spec=spec(),
+            on_drift=OnDrift.RECONCILE,
+            now=datetime(2026, 6, 1, 14, 0, tzinfo=madrid),
+        )
+    async with sessions() as session:
+        row = await workloads.get_workload(session, project="acme", slug="support-bot")
+    assert row is not None
+    assert row.created_at == datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    assert row.created_at.utcoffset() == timedelta(0)
+
+
+async def test_naive_datetimes_are_refused(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions() as session, session.begin():
+        with pytest.raises(Exception, match="naive datetime"):
+            await workloads.ensure_workload(
+                session,
+                project="acme",
+                spec=spec(),
+                on_drift=OnDrift.RECONCILE,
+                now=datetime(2026, 6, 1, 14, 0),
+            )
+
+
+async def test_tokens_are_stored_as_hashes_and_verify(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    await ensure(sessions, spec())
+    async with sessions() as session, session.begin():
+        issued = await tokens.issue_token(
+            session, kind=TokenKind.LIVE, project="acme", workload_slug="support-bot", now=NOW
+        )
+    assert issued.secret.startswith("ik_live_")
+    assert issued.token.secret_hash != issued.secret
+    assert issued.secret not in issued.token.prefix + issued.token.secret_hash
+    async with sessions() as session, session.begin():
+        found = await tokens.verify_secret(session, issued.secret)
+        assert found is not None and found.workload_slug == "support-bot"
+        assert await tokens.verify_secret(session, issued.secret + "x") is None
+        await tokens.revoke_token(session, token_id=issued.token.id, project="acme", now=NOW)
+    async with sessions() as session:
+        assert await tokens.verify_secret(session, issued.secret) is None
+
+
+async def test_token_scoping_rules_are_enforced_at_creation(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    async with sessions() as session:
+        with pytest.raises(ValueError, match="belong to a workload"):
+            await tokens.issue_token(session, kind=TokenKind.LIVE, project="acme", now=NOW)
+        with pytest.raises(ValueError, match="belongs to a project"):
+            await tokens.issue_token(session, kind=TokenKind.SDK, now=NOW)
+
+
+async def test_phase_is_derived_from_stored_facts(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    created = await ensure(sessions, spec())
+    row = Instance(
+        launch_id="l-1",
+        workload_id=created.workload.id,
+        project="acme",
+        workload_slug="support-bot",
+        spec_generation=1,
+        provider="local",
+        offer_key="local/host/engine-sim",
+        region="local",
+        zone="host",
+        instance_type="engine-sim",
+        gpu="NVIDIA L4",
+        gpu_count=1,
+        hourly_usd=0.0,
+        intent_at=NOW,
+    )
+    seen = [phase_of(row)]
+    for fact in ("launched_at", "ready_at", "drain_requested_at", "terminate_requested_at"):
+        setattr(row, fact, NOW)
+        seen.append(phase_of(row))
+    row.terminated_confirmed_at = NOW
+    seen.append(phase_of(row))
+    assert seen == list(Phase)
+    async with sessions() as session, session.begin():
+        session.add(row)
+    async with sessions() as session:
+        stored = await session.get(Instance, "l-1")
+        assert stored is not None and phase_of(stored) is Phase.TERMINATED
+
+
+async def test_migrations_are_idempotent(engine: AsyncEngine) -> None:
+    await migrate(engine)
+    await migrate(engine)
+    async with engine.connect() as conn:
+        from sqlalchemy import text
+
+        version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
+    assert version is not None
