@@ -20,8 +20,8 @@ import uvicorn
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.api.app import ApiState, create_app
-from autoscaler.store import tokens
 from autoscaler.paths import default_data_dir
+from autoscaler.store import tokens
 from autoscaler.store.db import open_store, session_factory, sqlite_url
 from autoscaler.store.tokens import TokenKind
 

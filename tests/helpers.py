@@ -26,7 +26,7 @@ from autoscaler.store.db import open_store, session_factory
 async def pg_available(dsn: str) -> bool:
     try:
         conn = await asyncpg.connect(f"{dsn}/postgres", timeout=3)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError):
+    except (TimeoutError, OSError, asyncpg.PostgresError):
         return False
     await conn.close()
     return True

@@ -147,9 +147,8 @@ def test_data_key_is_refused_on_the_management_api(api_server: ApiServer) -> Non
         c.ensure(SPEC)
         key = c.create_key("support-bot", name="app")
     assert key.secret.startswith("ik_live_")
-    with client(api_server, token=key.secret) as keyed:
-        with pytest.raises(ApiError) as info:
-            keyed.list()
+    with client(api_server, token=key.secret) as keyed, pytest.raises(ApiError) as info:
+        keyed.list()
     assert info.value.status == 401
     assert "data key" in info.value.message
 

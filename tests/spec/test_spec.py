@@ -1,4 +1,4 @@
-"""The workload contract: every validation rule answers with the field, the value and what is allowed."""
+"""The workload contract: every rule answers with the field, the value and what is allowed."""
 
 from __future__ import annotations
 
