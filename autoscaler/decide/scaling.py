@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from autoscaler.spec import AutoscalingPolicy
@@ -59,6 +59,29 @@ class Signals:
     in_flight: int = 0
     queue_depth: int = 0
     last_request_at: datetime | None = None
+
+    @classmethod
+    def from_epoch(
+        cls,
+        *,
+        ttft_samples: Iterable[tuple[float, float]],
+        request_rate: float,
+        in_flight: int,
+        queue_depth: int,
+        last_request_at: float | None,
+    ) -> Signals:
+        """Signals from epoch-second timestamps (the gateway's ``SignalSnapshot`` form)."""
+        return cls(
+            ttft_samples=tuple((_from_epoch(t), v) for t, v in ttft_samples),
+            request_rate=request_rate,
+            in_flight=in_flight,
+            queue_depth=queue_depth,
+            last_request_at=None if last_request_at is None else _from_epoch(last_request_at),
+        )
+
+
+def _from_epoch(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +141,8 @@ class ScaleDecision:
     """The TTFT percentile over the scale-up window (``None``: no samples)."""
     ttft_down_s: float | None = None
     """The TTFT percentile over the scale-down window."""
+    recheck_at: datetime | None = None
+    """When the decision changes by itself (a schedule opening or closing), if known."""
 
 
 def ttft_percentile(

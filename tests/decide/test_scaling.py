@@ -8,6 +8,7 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from autoscaler.decide.desired import desired_count
 from autoscaler.decide.scaling import (
     Direction,
     FleetCounts,
@@ -17,7 +18,7 @@ from autoscaler.decide.scaling import (
     desired_replicas,
     ttft_percentile,
 )
-from autoscaler.spec import AutoscalingPolicy
+from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 
@@ -253,3 +254,39 @@ def test_desired_stays_within_bounds_and_never_sheds_while_slow(
         if d.ttft_up_s is not None and d.ttft_up_s > p.upper_allowed_latency_sec:
             assert d.desired >= min(ready + booting, p.max_workers), d.reason
         assert d.reason
+
+
+def test_every_policy_gives_a_desired_count_with_its_reason() -> None:
+    def make(policy: str, config: dict[str, Any]) -> WorkloadSpec:
+        return WorkloadSpec.model_validate(
+            {
+                "name": "w",
+                "slug": "w",
+                "model": "m",
+                "execution_policy": policy,
+                "execution_policy_config": config,
+            }
+        )
+
+    kw: dict[str, Any] = {"signals": Signals(), "fleet": FleetCounts(), "memory": ScaleMemory()}
+    fixed = desired_count(spec=make("fixed", {"replicas": 2}), now=T0, **kw)
+    assert (fixed.desired, fixed.reason) == (2, "fixed: 2 replicas")
+    night = make("scheduled", {"window": "Daily 22:00-06:00 UTC", "replicas": 3})
+    closed = desired_count(spec=night, now=T0, **kw)
+    assert closed.desired == 0
+    assert closed.recheck_at == T0.replace(hour=22)
+    assert closed.reason.startswith("scheduled: window")
+    auto = make("autoscaling", {"min_workers": 1, "max_workers": 2, "max_hourly_cost_usd": 5})
+    assert desired_count(spec=auto, now=T0, **kw).desired == 1
+
+
+def test_signals_from_epoch_seconds() -> None:
+    s = Signals.from_epoch(
+        ttft_samples=[(T0.timestamp(), 0.5)],
+        request_rate=2.0,
+        in_flight=1,
+        queue_depth=0,
+        last_request_at=T0.timestamp(),
+    )
+    assert s.ttft_samples == ((T0, 0.5),)
+    assert s.last_request_at == T0
