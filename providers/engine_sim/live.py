@@ -26,10 +26,6 @@ class Ticket:
     first_token: asyncio.Future[float] = field(repr=False)
     finished: asyncio.Future[RequestTiming] = field(repr=False)
 
-    @property
-    def done(self) -> bool:
-        return self.finished.done()
-
 
 class LiveEngine:
     """A :class:`BatchEngine` advanced in real time, ``time_scale`` times faster than life."""
@@ -103,7 +99,10 @@ class LiveEngine:
         return ticket
 
     def cancel(self, ticket: Ticket) -> None:
-        """Withdraw a request whose client went away, freeing its batch slot."""
+        """Withdraw a request whose client went away, freeing its batch slot.
+
+        Harmless for a request that has finished: call it unconditionally on the way out.
+        """
         self.sync()
         if self._tickets.pop(ticket.request_id, None) is not None:
             self._engine.cancel(ticket.request_id)

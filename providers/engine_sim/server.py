@@ -26,7 +26,10 @@ class EngineSimServer:
         self, config: EngineSimConfig, *, on_fail: Callable[[], None] = exit_abruptly
     ) -> None:
         self.config = config
-        self._runner = web.AppRunner(create_app(config, on_fail=on_fail), access_log=None)
+        # Cancel a handler whose client hung up, so its sequence leaves the batch as in vLLM.
+        self._runner = web.AppRunner(
+            create_app(config, on_fail=on_fail), access_log=None, handler_cancellation=True
+        )
         self.host = config.host
         self.port = config.port
 

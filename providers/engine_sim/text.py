@@ -169,8 +169,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
             await response.prepare(request)
             await response.write_eof()
     finally:
-        if not ticket.done:
-            state.engine.cancel(ticket)
+        state.engine.cancel(ticket)  # a no-op once finished; frees the slot if abandoned
     state.count_served()
     return response
 

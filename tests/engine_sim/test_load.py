@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
 
 from tests.engine_sim.conftest import MODEL, StartEngine, metric_samples
 
@@ -42,3 +43,26 @@ async def test_ttft_rises_when_requests_queue_beyond_the_batch(start_engine: Sta
     loaded = (loaded_sum - single_sum) / (loaded_count - single_count)
     # Six of the eight waited for whole 200-token decodes of the two ahead of them.
     assert loaded > 10 * single
+
+
+async def test_a_client_that_hangs_up_frees_its_batch_slot(start_engine: StartEngine) -> None:
+    server = await start_engine(max_batch=1)
+    long = {"model": MODEL, "prompt": "x", "max_tokens": 30_000}
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            await client.post("/v1/completions", json=long, timeout=0.3)
+        async with client.stream("POST", "/v1/completions", json=long | {"stream": True}) as r:
+            async for line in r.aiter_lines():
+                assert line.startswith("data: {")
+                break  # leave after the first token: the connection is closed mid-stream
+        for _ in range(200):
+            text = (await client.get("/metrics")).text
+            running = metric_samples(text, "vllm:num_requests_running")
+            if running["vllm:num_requests_running"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("abandoned requests still hold the batch")
+        quick = await client.post("/v1/completions", json={"model": MODEL, "prompt": "y"})
+    assert quick.status_code == 200
+    assert metric_samples(text, "vllm:num_requests_waiting") == {"vllm:num_requests_waiting": 0.0}
