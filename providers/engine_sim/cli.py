@@ -6,7 +6,6 @@ import click
 
 from catalog.perf import ModelDoesNotFit
 from providers.engine_sim.config import DEFAULT_GPU, DEFAULT_MODEL, EngineSimConfig
-from providers.engine_sim.server import run
 
 
 @click.command(name="engine-sim", context_settings={"help_option_names": ["-h", "--help"]})
@@ -79,4 +78,7 @@ def command(
         raise click.UsageError(str(exc)) from exc
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from exc
+    # Imported here so that registering the command does not load the server stack.
+    from providers.engine_sim.server import run
+
     run(config)
