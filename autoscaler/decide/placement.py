@@ -222,7 +222,7 @@ def _chosen_reason(best: _Priced, *, among: int, zones: Counter[str], skipped: C
             f"({best.option.capacity_rps:.3g} req/s per replica)"
         )
     else:
-        why = "cheapest (no performance figures for this GPU)"
+        why = "cheapest per hour (no capacity figure: model size or GPU figures unknown)"
     text = (
         f"{what}: {why} of {among} option(s); zone {offer.zone} has {zones[offer.zone]} replica(s)"
     )
@@ -269,19 +269,20 @@ def place_replica(
         )
     request = _offer_request(autoscaling, memory_gib=spec.model_memory_gib or model_memory_gib)
     selection = select_offers(offers, request)
-    options = [
-        PlacementOption(
-            offer=c.offer,
-            capacity_rps=(
+    # One profile per GPU shape, not per offer: a catalog repeats shapes across zones.
+    capacities: dict[tuple[str, int], float | None] = {}
+    options: list[PlacementOption] = []
+    for c in selection.feasible:
+        shape = (c.offer.gpu, c.offer.gpu_count)
+        if shape not in capacities:
+            capacities[shape] = (
                 None
                 if params_b is None
                 else replica_capacity_rps(
                     c.offer, params_b=params_b, bytes_per_param=bytes_per_param
                 )
-            ),
-        )
-        for c in selection.feasible
-    ]
+            )
+        options.append(PlacementOption(offer=c.offer, capacity_rps=capacities[shape]))
     placement = choose_offer(
         options=options,
         allow_spot=autoscaling.allow_spot_instances if autoscaling else False,
