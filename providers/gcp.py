@@ -241,6 +241,11 @@ class GcpProvider:
         self._zone_operations = compute_v1.ZoneOperationsClient(**kwargs)
         self._global_operations = compute_v1.GlobalOperationsClient(**kwargs)
 
+    def close(self) -> None:
+        """Close the HTTP sessions of the underlying clients."""
+        for client in (self._instances, self._zone_operations, self._global_operations):
+            client.transport.close()
+
     # The protocol.
 
     async def launch(self, request: LaunchRequest) -> Instance:

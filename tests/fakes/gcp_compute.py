@@ -269,6 +269,10 @@ class FakeGceServer:
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
+                # No keep-alive: a handler thread waiting on an idle client socket would
+                # outlive the server.
+                self.send_header("Connection", "close")
+                self.close_connection = True
                 self.end_headers()
                 self.wfile.write(data)
 

@@ -38,6 +38,8 @@ from tests.providers.contract import (
     make_request,
 )
 
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
+
 REGION = "us-east-1"
 ZONE = "us-east-1a"
 MOTO_AMI = "ami-785db401"

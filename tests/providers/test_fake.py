@@ -24,6 +24,8 @@ from tests.providers.contract import (
     make_request,
 )
 
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
+
 OFFER = Offer(
     provider=ProviderName.AWS,
     region="us-east-1",

@@ -38,6 +38,8 @@ from tests.providers.contract import (
     make_request,
 )
 
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
+
 ZONE = "us-central1-a"
 OFFER = Offer(
     provider=ProviderName.GCP,

@@ -28,6 +28,8 @@ from tests.providers.contract import (
     make_request,
 )
 
+pytestmark = pytest.mark.usefixtures("no_leaked_threads")
+
 OFFER = Offer(
     provider=ProviderName.SIMULATED,
     region="sim-east",
