@@ -244,7 +244,7 @@ class GcpProvider:
     def close(self) -> None:
         """Close the HTTP sessions of the underlying clients."""
         for client in (self._instances, self._zone_operations, self._global_operations):
-            client.transport.close()
+            client.transport.close()  # type: ignore[no-untyped-call]
 
     # The protocol.
 
