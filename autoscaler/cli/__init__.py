@@ -16,6 +16,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "autoscaler.cli.workloads",
     "autoscaler.cli.catalog",
     "autoscaler.cli.engine_sim",
+    "autoscaler.cli.agent",
 )
 
 
