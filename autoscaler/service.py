@@ -24,6 +24,7 @@ from autoscaler.paths import default_data_dir
 from autoscaler.store import tokens
 from autoscaler.store.db import open_store, session_factory, sqlite_url
 from autoscaler.store.tokens import TokenKind
+from gateway.app import Gateway
 
 ADMIN_TOKEN_ENV = "AUTOSCALER_ADMIN_TOKEN"
 
@@ -93,14 +94,20 @@ async def run_all(settings: RunSettings) -> None:
     async with open_store(settings.db_url) as engine:
         sessions = session_factory(engine)
         await ensure_admin_token(sessions, announce=lambda text: print(text, flush=True))
-        api = create_app(ApiState(sessions=sessions, now=utc_now))
+        gateway = Gateway(sessions=sessions)
+        api = create_app(ApiState(sessions=sessions, now=utc_now, on_change=gateway.notify_change))
         api_server = _uvicorn_server(api, host=settings.host, port=settings.api_port)
+        await gateway.start(settings.host, settings.gateway_port)
         print(
-            f"management API on http://{settings.host}:{settings.api_port} "
+            f"management API on http://{settings.host}:{settings.api_port}, "
+            f"gateway on http://{settings.host}:{gateway.port} "
             f"(state: {_redact(settings.db_url)})",
             flush=True,
         )
-        await _serve_until_signal([api_server.serve()], stop=[api_server])
+        try:
+            await _serve_until_signal([api_server.serve()], stop=[api_server])
+        finally:
+            await gateway.stop()
 
 
 async def _serve_until_signal(tasks: list[Awaitable[None]], *, stop: list[uvicorn.Server]) -> None:

@@ -1,4 +1,4 @@
-"""Server roles: ``autoscaler run`` (all in one process)."""
+"""Server roles: ``autoscaler run`` (all in one process) and the roles apart."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from autoscaler.paths import default_data_dir
 
 def register(group: click.Group) -> None:
     group.add_command(run)
+    group.add_command(gateway)
 
 
 @click.command()
@@ -56,3 +57,21 @@ def run(
         config_path=config_path,
     )
     run_async(run_all(settings))
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8000, show_default=True, help="Gateway port.")
+@click.option(
+    "--db",
+    "database_url",
+    envvar="AUTOSCALER_DB",
+    required=True,
+    help="The shared store, e.g. postgresql+asyncpg://user@host/db.",
+)
+def gateway(host: str, port: int, database_url: str) -> None:
+    """Run the gateway alone; routes and keys come from the shared store."""
+    from autoscaler.uvloop import run_async
+    from gateway.app import serve_gateway
+
+    run_async(serve_gateway(database_url=database_url, host=host, port=port))
