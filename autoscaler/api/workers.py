@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 import os
 import secrets
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path
@@ -256,8 +256,3 @@ def _assignment(row: Instance, workload: Workload | None) -> dict[str, Any]:
         name: value for name, value in values.items() if value and name in boot.secret_env_names
     }
     return item
-
-
-def lost_since(worker: Worker, *, now: datetime, timeout: timedelta = HEARTBEAT_TIMEOUT) -> bool:
-    """Whether ``worker``'s replicas count as lost at ``now``."""
-    return worker_is_lost(last_heartbeat_at=worker.last_heartbeat_at, now=now, timeout=timeout)
