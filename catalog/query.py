@@ -13,6 +13,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from catalog.cuda import cuda_version, offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
@@ -133,14 +134,18 @@ def select_offers(offers: Iterable[Offer], request: OfferRequest) -> Selection:
     return Selection(feasible=tuple(feasible), rejected=tuple(rejected))
 
 
-def _order(candidate: Candidate) -> tuple[float, float, str, str, int]:
+def _order(candidate: Candidate) -> tuple[float, float, str, str, str, str, int, tuple[Any, ...]]:
+    # The same fields as Offer.key, without building the string for every offer.
     offer = candidate.offer
     return (
         candidate.usd_per_hour,
         offer.on_demand_usd_per_hour,
-        offer.key,
+        offer.provider.value,
+        offer.zone,
+        offer.instance_type,
         offer.gpu,
         offer.gpu_count,
+        offer.labels,
     )
 
 
@@ -178,7 +183,7 @@ class _Checker:
         cuda = self._cuda(offer.provider, gpu)
         if cuda is not None:
             return RejectReason.CUDA, cuda
-        if offer.key in request.unavailable:
+        if request.unavailable and offer.key in request.unavailable:
             return RejectReason.UNAVAILABLE, "marked unavailable (no capacity recently)"
         market, price = price_for(offer, spot=request.spot)
         ceiling = request.max_usd_per_hour
