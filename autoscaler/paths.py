@@ -1,12 +1,10 @@
-"""Where the service keeps its files. Light on purpose: the CLI imports it at start-up."""
+"""Where the service keeps its files: one data dir, shared with the catalog's snapshot.
+
+Light on purpose: the CLI imports it at start-up.
+"""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
+from catalog.snapshot import default_data_dir
 
-
-def default_data_dir() -> Path:
-    """``$AUTOSCALER_DATA_DIR``, else ``~/.local/share/autoscaler``."""
-    env = os.environ.get("AUTOSCALER_DATA_DIR")
-    return Path(env) if env else Path.home() / ".local" / "share" / "autoscaler"
+__all__ = ["default_data_dir"]
