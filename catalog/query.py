@@ -134,9 +134,11 @@ def select_offers(offers: Iterable[Offer], request: OfferRequest) -> Selection:
     return Selection(feasible=tuple(feasible), rejected=tuple(rejected))
 
 
-def _order(candidate: Candidate) -> tuple[float, float, str, str, str, str, int, tuple[Any, ...]]:
-    # The same fields as Offer.key, without building the string for every offer.
+def _order(candidate: Candidate) -> tuple[Any, ...]:
+    # Offer.key's fields first (without building the string), then every other field, so
+    # that even duplicate keys sort the same whatever the input order.
     offer = candidate.offer
+    spot = offer.spot_usd_per_hour
     return (
         candidate.usd_per_hour,
         offer.on_demand_usd_per_hour,
@@ -146,6 +148,10 @@ def _order(candidate: Candidate) -> tuple[float, float, str, str, str, str, int,
         offer.gpu,
         offer.gpu_count,
         offer.labels,
+        offer.region,
+        -1.0 if spot is None else spot,
+        offer.vcpus,
+        offer.memory_gib,
     )
 
 
