@@ -230,3 +230,18 @@ def _api_error(response: httpx.Response) -> ApiError:
         return ApiError(response.status_code, error["code"], error["message"], error["details"])
     except (ValueError, KeyError, TypeError):
         return ApiError(response.status_code, "http_error", response.text[:500] or "no body")
+
+
+# The data plane's client lives beside this one; ``from autoscaler.sdk import DataClient``.
+from autoscaler.data_client import DataClient, Endpoint, GatewayError  # noqa: E402
+
+__all__ = [
+    "ApiError",
+    "ConfigError",
+    "CreatedSecret",
+    "DataClient",
+    "Endpoint",
+    "GatewayError",
+    "ManagementClient",
+    "WorkloadRef",
+]

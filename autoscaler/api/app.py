@@ -7,18 +7,16 @@ project token for its own. A data key (``ik_live_…``) is for the gateway only 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request
+from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 
 import autoscaler
+from autoscaler.api.deps import ApiState, Caller, Project, Session, Slug, State
 from autoscaler.api.errors import ApiError, handle_api_error
 from autoscaler.api.views import (
     DataKeyCreate,
@@ -28,53 +26,11 @@ from autoscaler.api.views import (
     token_view,
     workload_view,
 )
+from autoscaler.api.workers import router as workers_router
 from autoscaler.spec import OnDrift, WorkloadSpec, deprecations, describe_errors
 from autoscaler.store import records, tokens, workloads
-from autoscaler.store.models import Token
 from autoscaler.store.tokens import TokenKind
 
-Slug = Annotated[str, Path(pattern=r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")]
-
-
-@dataclass(frozen=True, slots=True)
-class ApiState:
-    sessions: async_sessionmaker[AsyncSession]
-    now: Callable[[], datetime]
-    on_change: Callable[[], None] = lambda: None  # tells in-process loops to look now
-
-
-def _state(request: Request) -> ApiState:
-    state: ApiState = request.app.state.api
-    return state
-
-
-State = Annotated[ApiState, Depends(_state)]
-
-
-async def _session(state: State) -> AsyncIterator[AsyncSession]:
-    async with state.sessions() as s, s.begin():
-        yield s
-
-
-# scope="function": commit before the response is sent, so a client that reads right
-# after a write sees it.
-Session = Annotated[AsyncSession, Depends(_session, scope="function")]
-
-
-async def _caller(s: Session, authorization: Annotated[str | None, Header()] = None) -> Token:
-    return await _authenticate(s, authorization)
-
-
-Caller = Annotated[Token, Depends(_caller)]
-
-
-def _project_access(project: Slug, token: Caller) -> str:
-    if token.kind == TokenKind.ADMIN.value or token.project == project:
-        return project
-    raise ApiError(403, "forbidden", f"this token is not allowed on project {project!r}")
-
-
-Project = Annotated[str, Depends(_project_access)]
 router = APIRouter()
 
 
@@ -88,6 +44,7 @@ def create_app(state: ApiState) -> FastAPI:
     app.add_exception_handler(ApiError, handle_api_error)
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.include_router(router)
+    app.include_router(workers_router)
     return app
 
 
@@ -231,24 +188,6 @@ async def create_project_token(
         s, kind=TokenKind.SDK, project=project, name=body.name if body else "", now=state.now()
     )
     return {**token_view(issued.token), "secret": issued.secret}
-
-
-async def _authenticate(s: AsyncSession, authorization: str | None) -> Token:
-    unauthorized = {"WWW-Authenticate": "Bearer"}
-    if not authorization or not authorization.lower().startswith("bearer "):
-        raise ApiError(401, "unauthorized", "missing bearer token (ik_sdk_…)", headers=unauthorized)
-    secret = authorization[7:].strip()
-    token = await tokens.verify_secret(s, secret)
-    if token is None:
-        raise ApiError(401, "unauthorized", "unknown or revoked token", headers=unauthorized)
-    if token.kind == TokenKind.LIVE.value:
-        raise ApiError(
-            401,
-            "unauthorized",
-            "a data key (ik_live_…) is for the gateway; the management API takes ik_sdk_ tokens",
-            headers=unauthorized,
-        )
-    return token
 
 
 async def _json_object(request: Request) -> dict[str, Any]:

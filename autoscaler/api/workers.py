@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from autoscaler.api.app import Project, Session, State
+from autoscaler.api.deps import Project, Session, State
 from autoscaler.api.errors import ApiError
 from autoscaler.store import workloads
 from autoscaler.store.models import Instance, Worker, Workload
