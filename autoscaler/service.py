@@ -1,7 +1,9 @@
 """Process roles: everything in one process (``autoscaler run``) or apart.
 
 ``run_all`` opens the store (migrating it), makes sure an admin token exists, and serves
-the management API; the controller, gateway and local worker join the same event loop.
+the management API, the gateway and the controller (with the providers of ``--config``,
+or this machine alone) on one event loop. The API's changes wake the controller at once,
+and so does a request the gateway holds for a workload with no ready replica.
 Shutdown on SIGINT/SIGTERM is graceful: servers stop accepting, loops finish their tick.
 """
 
@@ -17,9 +19,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from autoscaler.api.app import ApiState, create_app
+from autoscaler.api.app import create_app
+from autoscaler.api.deps import ApiState
+from autoscaler.config import load_config
+from autoscaler.controller import GatewaySignals, build_controller, run_controller
 from autoscaler.paths import default_data_dir
 from autoscaler.store import tokens
 from autoscaler.store.db import open_store, session_factory, sqlite_url
@@ -43,6 +51,7 @@ class RunSettings:
     data_dir: Path = field(default_factory=default_data_dir)
     database_url: str | None = None
     config_path: Path | None = None
+    dry_run: bool = False
 
     @property
     def db_url(self) -> str:
@@ -94,30 +103,69 @@ async def run_all(settings: RunSettings) -> None:
     async with open_store(settings.db_url) as engine:
         sessions = session_factory(engine)
         await ensure_admin_token(sessions, announce=lambda text: print(text, flush=True))
-        gateway = Gateway(sessions=sessions)
-        api = create_app(ApiState(sessions=sessions, now=utc_now, on_change=gateway.notify_change))
+        config = load_config(settings.config_path)
+        wake = asyncio.Event()
+        gateway = Gateway(sessions=sessions, on_demand=lambda _ref: wake.set())
+
+        def changed() -> None:
+            gateway.notify_change()
+            wake.set()
+
+        controller = build_controller(
+            config,
+            sessions=sessions,
+            data_dir=settings.data_dir,
+            signals=GatewaySignals(gateway.signals),
+            notify_change=gateway.notify_change,
+            dry_run=settings.dry_run,
+        )
+        api = create_app(ApiState(sessions=sessions, now=utc_now, on_change=changed))
+        mount_metrics(api, controller.deps.metrics.registry)
         api_server = _uvicorn_server(api, host=settings.host, port=settings.api_port)
         await gateway.start(settings.host, settings.gateway_port)
         print(
             f"management API on http://{settings.host}:{settings.api_port}, "
             f"gateway on http://{settings.host}:{gateway.port} "
-            f"(state: {_redact(settings.db_url)})",
+            f"(state: {_redact(settings.db_url)}; providers: "
+            f"{', '.join(controller.deps.providers.names) or 'none'}"
+            f"{'; dry run' if settings.dry_run else ''})",
             flush=True,
         )
+        stopping = asyncio.Event()
+        loop = run_controller(controller, engine=engine, stopping=stopping, wake=wake)
         try:
-            await _serve_until_signal([api_server.serve()], stop=[api_server])
+            await _serve_until_signal(
+                [api_server.serve(), loop], stop=[api_server], stopping=stopping
+            )
         finally:
             await gateway.stop()
+            await controller.close()
 
 
-async def _serve_until_signal(tasks: list[Awaitable[None]], *, stop: list[uvicorn.Server]) -> None:
+def mount_metrics(api: FastAPI, registry: CollectorRegistry) -> None:
+    """Serve ``registry`` at ``GET /metrics`` on the management API (no token: scrapers
+    read it; it holds no secret)."""
+
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    api.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+
+
+async def _serve_until_signal(
+    tasks: list[Awaitable[None]],
+    *,
+    stop: list[uvicorn.Server],
+    stopping: asyncio.Event | None = None,
+) -> None:
     loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
+    stopping = stopping or asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stopping.set)
     running = [asyncio.ensure_future(t) for t in tasks]
     waiter = asyncio.ensure_future(stopping.wait())
     done, _ = await asyncio.wait([*running, waiter], return_when=asyncio.FIRST_COMPLETED)
+    stopping.set()  # one role ending (a port in use…) stops the others
     for server in stop:
         server.should_exit = True
     await asyncio.gather(*running, return_exceptions=True)

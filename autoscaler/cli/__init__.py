@@ -17,6 +17,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "autoscaler.cli.catalog",
     "autoscaler.cli.engine_sim",
     "autoscaler.cli.agent",
+    "autoscaler.cli.controller",
 )
 
 

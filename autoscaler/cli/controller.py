@@ -1,0 +1,85 @@
+"""``autoscaler controller``: the controller role apart from the API and gateway."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from autoscaler.paths import default_data_dir
+
+
+def register(group: click.Group) -> None:
+    group.add_command(controller)
+
+
+@click.command()
+@click.option(
+    "--db",
+    "database_url",
+    envvar="AUTOSCALER_DB",
+    help="SQLAlchemy async URL of the shared store; default SQLite in the data dir.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Controller configuration (YAML): providers, fleet ceiling, cluster id.",
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_data_dir,
+    show_default="$AUTOSCALER_DATA_DIR or ~/.local/share/autoscaler",
+)
+@click.option("--dry-run", is_flag=True, help="Compute and log decisions; buy nothing.")
+@click.option(
+    "--gateway-url",
+    envvar="AUTOSCALER_GATEWAY_URL",
+    help="Read TTFT and load signals from this gateway (GET /internal/signals).",
+)
+@click.option(
+    "--gateway-token",
+    envvar="AUTOSCALER_ADMIN_TOKEN",
+    help="Admin token for the gateway's signals (default $AUTOSCALER_ADMIN_TOKEN).",
+)
+@click.option("--metrics-host", default="127.0.0.1", show_default=True)
+@click.option(
+    "--metrics-port", default=9464, show_default=True, help="Prometheus /metrics (0: off)."
+)
+def controller(
+    database_url: str | None,
+    config_path: Path | None,
+    data_dir: Path,
+    dry_run: bool,
+    gateway_url: str | None,
+    gateway_token: str | None,
+    metrics_host: str,
+    metrics_port: int,
+) -> None:
+    """Run the controller alone: reconcile workloads against the providers.
+
+    Several controllers may share one PostgreSQL store; one leads (an advisory lock) and
+    the others stand by.
+    """
+    from autoscaler.config import ConfigError, load_config
+    from autoscaler.controller import ControllerOptions, serve_controller
+    from autoscaler.store.db import sqlite_url
+    from autoscaler.uvloop import run_async
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if gateway_url and not gateway_token:
+        raise click.UsageError("--gateway-url needs --gateway-token (or $AUTOSCALER_ADMIN_TOKEN)")
+    options = ControllerOptions(
+        database_url=database_url or sqlite_url(data_dir),
+        data_dir=data_dir,
+        dry_run=dry_run,
+        gateway_url=gateway_url,
+        gateway_token=gateway_token,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
+    )
+    run_async(serve_controller(config, options))

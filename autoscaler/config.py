@@ -1,0 +1,165 @@
+"""The controller's configuration: which providers to buy from, the fleet ceiling, the
+cluster id. YAML, read with ``--config FILE``; validated by pydantic.
+
+With no file, the controller uses this machine alone (the local provider running
+engine-sim processes), so ``autoscaler run`` works on a laptop with no cloud account.
+
+AWS credentials and endpoints come from the standard AWS environment and profiles
+(``AWS_PROFILE``, ``AWS_ENDPOINT_URL``…), GCP's from application default credentials or
+``credentials_file``; the file holds no secret. A bad file fails with the key that is
+wrong: ``controller config /etc/autoscaler.yaml: providers.aws.regions: …``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from providers.aws import DLAMI_PARAMETER, AwsConfig
+from providers.gcp import GcpConfig
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineAccess(_Strict):
+    """How the controller and gateway reach a provider's engines.
+
+    ``engine_address`` (``host`` or ``host:port``) replaces every instance's own address:
+    for engines reached through a tunnel or a local proxy, and for tests.
+    """
+
+    engine_address: str | None = None
+    address: Literal["private", "public"] = "private"
+
+
+class AwsSettings(EngineAccess):
+    regions: Annotated[list[str], Field(min_length=1)] = ["us-east-1"]
+    subnets: dict[str, str] = {}
+    security_group_id: str | None = None
+    gateway_cidr: str = "0.0.0.0/0"
+    ami_parameter: str = DLAMI_PARAMETER
+    ami_overrides: dict[str, str] = {}
+    root_volume_gib: Annotated[int, Field(ge=8)] = 200
+    endpoint_url: str | None = None
+    max_attempts: Annotated[int, Field(ge=1)] = 4
+    retry_wait_seconds: Annotated[float, Field(ge=0)] = 1.0
+
+    def provider_config(self) -> AwsConfig:
+        return AwsConfig(
+            regions=tuple(self.regions),
+            subnets=dict(self.subnets),
+            security_group_id=self.security_group_id,
+            gateway_cidr=self.gateway_cidr,
+            ami_parameter=self.ami_parameter,
+            ami_overrides=dict(self.ami_overrides),
+            root_volume_gib=self.root_volume_gib,
+            endpoint_url=self.endpoint_url,
+            max_attempts=self.max_attempts,
+            retry_wait_seconds=self.retry_wait_seconds,
+        )
+
+
+class GcpSettings(EngineAccess):
+    project: Annotated[str, Field(min_length=1)]
+    zones: Annotated[list[str], Field(min_length=1)]
+    network: str = "global/networks/default"
+    subnetwork: str | None = None
+    endpoint: str | None = None
+    credentials_file: Path | None = None
+    external_ip: bool = True
+
+    def provider_config(self) -> GcpConfig:
+        credentials: Any = None
+        if self.credentials_file is not None:
+            from google.oauth2 import service_account
+
+            credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
+                str(self.credentials_file)
+            )
+        return GcpConfig(
+            project=self.project,
+            network=self.network,
+            subnetwork=self.subnetwork,
+            external_ip=self.external_ip,
+            client_options={"api_endpoint": self.endpoint} if self.endpoint else None,
+            credentials=credentials,
+        )
+
+
+class LocalSettings(_Strict):
+    """This machine as a provider: engine processes (engine-sim unless ``launcher`` says)."""
+
+    launcher: Literal["engine-sim", "host", "docker"] = "engine-sim"
+    gpu: str = "NVIDIA H100 80GB HBM3"
+    gpu_count: Annotated[int, Field(ge=1)] = 1
+    time_scale: Annotated[float, Field(gt=0)] = 1.0
+    state_dir: Path | None = None
+
+
+class ProvidersSettings(_Strict):
+    aws: AwsSettings | None = None
+    gcp: GcpSettings | None = None
+    local: LocalSettings | None = None
+
+
+class ControllerConfig(_Strict):
+    """Everything the controller needs besides the store and the workloads."""
+
+    cluster_id: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*$")]
+    fleet_max_hourly_cost_usd: Annotated[float, Field(gt=0)] | None = None
+    providers: ProvidersSettings = ProvidersSettings(local=LocalSettings())
+    tick_sec: Annotated[float, Field(gt=0)] = 5.0
+    orphan_grace_sec: Annotated[float, Field(ge=0)] = 600.0
+    unavailable_sec: Annotated[float, Field(gt=0)] = 600.0
+    unhealthy_grace_sec: Annotated[float, Field(ge=0)] = 30.0
+    health_timeout_sec: Annotated[float, Field(gt=0)] = 3.0
+    catalog_max_age_sec: Annotated[float, Field(gt=0)] = 7 * 86400.0
+
+
+DEFAULT_CLUSTER_ID = "local"
+
+
+def default_config() -> ControllerConfig:
+    """No file: this machine only, under the cluster id ``local``."""
+    return ControllerConfig(cluster_id=DEFAULT_CLUSTER_ID)
+
+
+def parse_config(data: object, *, source: str) -> ControllerConfig:
+    """Validate a parsed YAML document; errors name ``source`` and the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"controller config {source}: expected a mapping at the top level")
+    data = {"cluster_id": DEFAULT_CLUSTER_ID, **data}
+    try:
+        return ControllerConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"controller config {source}: {problems}") from None
+
+
+def load_config(path: Path | None) -> ControllerConfig:
+    """The configuration in ``path`` (YAML), or the default when ``path`` is ``None``."""
+    if path is None:
+        return default_config()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"controller config {path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"controller config {path}: not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path))

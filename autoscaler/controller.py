@@ -1,0 +1,393 @@
+"""The controller process: builds the reconcilers' dependencies from the configuration
+and runs :func:`autoscaler.reconcile.loop.reconcile_once` in a loop, as leader.
+
+* **Providers** from :class:`autoscaler.config.ControllerConfig`: AWS, GCP, and this
+  machine (engine-sim processes by default; the only provider when there is no config).
+* **Offers**: the catalog snapshot's offers of the configured providers (AWS regions and
+  GCP zones of the config), plus an offer for this machine when the local provider is on.
+* **Signals**: the gateway's, in process (:class:`GatewaySignals`) or over HTTP from
+  ``GET /internal/signals`` when the gateway runs apart (:class:`HttpSignals`).
+* **Leader election** on PostgreSQL: ``pg_try_advisory_lock`` on a dedicated
+  connection. The lock lives as long as that session, so a standby takes over when the
+  leader's process or connection dies; a leader that loses its connection stops
+  reconciling at once. On SQLite there is one controller and no election.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+
+from autoscaler.config import ControllerConfig, LocalSettings
+from autoscaler.decide.scaling import Signals
+from autoscaler.metrics import ControllerMetrics
+from autoscaler.reconcile.deps import (
+    Deps,
+    HealthChecker,
+    HttpHealthChecker,
+    NoSignals,
+    ProviderEntry,
+    ProviderRegistry,
+    Settings,
+    SignalsSource,
+    WorkloadRef,
+    ledger_secrets,
+    log,
+)
+from autoscaler.reconcile.loop import reconcile_once
+from catalog.model import Offer, ProviderName
+from catalog.snapshot import Snapshot, load_catalog
+from providers.base import Clock, SystemClock
+from providers.local import (
+    DockerLauncher,
+    EngineLauncher,
+    EngineSimLauncher,
+    HostProcessLauncher,
+    LocalProvider,
+    offer_for_this_machine,
+)
+
+LEADER_LOCK_ID = 7_264_002
+"""The advisory lock id leaders hold on PostgreSQL (migrations use 7_264_001)."""
+
+
+class GatewaySignals:
+    """Signals from a gateway in this process (``gateway.app.Gateway.signals``)."""
+
+    def __init__(self, snapshots: Callable[[], Mapping[WorkloadRef, Any]]) -> None:
+        self._snapshots = snapshots
+
+    async def signals(self) -> Mapping[WorkloadRef, Signals]:
+        return {ref: signals_of(snap) for ref, snap in self._snapshots().items()}
+
+
+class HttpSignals:
+    """Signals from a gateway apart: ``GET {url}/internal/signals`` with an admin token."""
+
+    def __init__(self, *, url: str, token: str, timeout_sec: float = 5.0) -> None:
+        self._url = url.rstrip("/") + "/internal/signals"
+        self._client = httpx.AsyncClient(
+            timeout=timeout_sec, trust_env=False, headers={"Authorization": f"Bearer {token}"}
+        )
+
+    async def signals(self) -> Mapping[WorkloadRef, Signals]:
+        from gateway.app import signals_from_json
+
+        response = await self._client.get(self._url)
+        response.raise_for_status()
+        return {(s.project, s.workload): signals_of(s) for s in signals_from_json(response.content)}
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def signals_of(snapshot: Any) -> Signals:
+    """``decide`` signals from a gateway ``SignalSnapshot``."""
+    return Signals.from_epoch(
+        ttft_samples=snapshot.ttft_samples,
+        request_rate=snapshot.request_rate,
+        in_flight=snapshot.in_flight,
+        queue_depth=snapshot.queued + snapshot.async_queue_depth,
+        last_request_at=snapshot.last_request_at,
+    )
+
+
+# --- building the dependencies -------------------------------------------------------
+
+
+def build_registry(
+    config: ControllerConfig,
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    data_dir: Path,
+    clock: Clock,
+) -> ProviderRegistry:
+    """The providers the configuration names."""
+    entries: dict[str, ProviderEntry] = {}
+    p = config.providers
+    if p.aws is not None:
+        from providers.aws import AwsProvider
+
+        entries[ProviderName.AWS.value] = ProviderEntry(
+            AwsProvider(p.aws.provider_config(), clock=clock),
+            engine_address=p.aws.engine_address,
+            public=p.aws.address == "public",
+        )
+    if p.gcp is not None:
+        from providers.gcp import GcpProvider
+
+        entries[ProviderName.GCP.value] = ProviderEntry(
+            GcpProvider(p.gcp.provider_config()),
+            engine_address=p.gcp.engine_address,
+            public=p.gcp.address == "public",
+        )
+    if p.local is not None:
+        entries[ProviderName.LOCAL.value] = ProviderEntry(
+            LocalProvider(
+                state_dir=p.local.state_dir or data_dir / "local-instances",
+                launcher=_launcher(p.local),
+                secrets=ledger_secrets(sessions),
+                clock=clock,
+                grace_seconds=5.0,
+            )
+        )
+    return ProviderRegistry(entries)
+
+
+def _launcher(local: LocalSettings) -> EngineLauncher:
+    if local.launcher == "host":
+        return HostProcessLauncher()
+    if local.launcher == "docker":
+        return DockerLauncher()
+    return EngineSimLauncher(time_scale=local.time_scale, gpu=local.gpu)
+
+
+def offers_for(config: ControllerConfig, catalog: Snapshot) -> tuple[Offer, ...]:
+    """The offers placement may choose from under this configuration."""
+    p = config.providers
+    aws_regions = set(p.aws.regions) if p.aws else set()
+    gcp_zones = set(p.gcp.zones) if p.gcp else set()
+    chosen = [
+        o
+        for o in catalog.offers
+        if (o.provider is ProviderName.AWS and o.region in aws_regions)
+        or (o.provider is ProviderName.GCP and o.zone in gcp_zones)
+    ]
+    if p.local is not None:
+        chosen.append(offer_for_this_machine(gpu=p.local.gpu, gpu_count=p.local.gpu_count))
+    return tuple(chosen)
+
+
+@dataclass
+class Controller:
+    """A controller ready to run: its dependencies and the catalog it places from."""
+
+    deps: Deps
+    catalog: Snapshot
+
+    async def step(self) -> float:
+        """One pass (if leader); seconds until the next."""
+        self.deps.metrics.catalog_age.set(
+            self.catalog.age(now=datetime.fromtimestamp(self.deps.clock.now(), UTC))
+        )
+        return await reconcile_once(self.deps)
+
+    async def close(self) -> None:
+        """Release clients (HTTP health checks, gateway signals, cloud SDK clients)."""
+        for thing in (self.deps.health, self.deps.signals):
+            closer = getattr(thing, "aclose", None)
+            if closer is not None:
+                await closer()
+        for entry in self.deps.providers.entries.values():
+            close = getattr(entry.provider, "close", None)
+            if close is not None:
+                close()
+
+
+def build_controller(
+    config: ControllerConfig,
+    *,
+    sessions: async_sessionmaker[AsyncSession],
+    data_dir: Path,
+    signals: SignalsSource | None = None,
+    notify_change: Callable[[], None] = lambda: None,
+    dry_run: bool = False,
+    clock: Clock | None = None,
+    health: HealthChecker | None = None,
+    metrics: ControllerMetrics | None = None,
+    catalog: Snapshot | None = None,
+) -> Controller:
+    clock = clock or SystemClock()
+    snapshot = catalog or load_catalog(data_dir)
+    offers = offers_for(config, snapshot)
+    deps = Deps(
+        sessions=sessions,
+        providers=build_registry(config, sessions=sessions, data_dir=data_dir, clock=clock),
+        clock=clock,
+        signals=signals or NoSignals(),
+        health=health or HttpHealthChecker(timeout_sec=config.health_timeout_sec),
+        offers=lambda: offers,
+        settings=Settings(
+            cluster_id=config.cluster_id,
+            fleet_max_hourly_cost_usd=config.fleet_max_hourly_cost_usd,
+            tick_sec=config.tick_sec,
+            orphan_grace_sec=config.orphan_grace_sec,
+            unavailable_sec=config.unavailable_sec,
+            unhealthy_grace_sec=config.unhealthy_grace_sec,
+            dry_run=dry_run,
+        ),
+        metrics=metrics or ControllerMetrics(),
+        notify_change=notify_change,
+    )
+    return Controller(deps=deps, catalog=snapshot)
+
+
+# --- running --------------------------------------------------------------------------
+
+
+class LeaderLock:
+    """Leadership among controllers sharing a store.
+
+    PostgreSQL: ``pg_try_advisory_lock`` on a connection kept open for as long as this
+    controller leads. SQLite: always the leader (one controller per file).
+    """
+
+    def __init__(self, engine: AsyncEngine, *, lock_id: int = LEADER_LOCK_ID) -> None:
+        self._engine = engine
+        self._lock_id = lock_id
+        self._conn: AsyncConnection | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self._engine.dialect.name == "postgresql"
+
+    async def hold(self) -> bool:
+        """True while this controller is the leader (acquiring the lock if free)."""
+        if not self.shared:
+            return True
+        if self._conn is not None:
+            try:
+                await self._conn.execute(text("SELECT 1"))
+                return True
+            except Exception:
+                log.warning("lost the leader connection; standing down")
+                await self.release()
+                return False
+        conn = await self._engine.connect()
+        try:
+            got = await conn.scalar(text(f"SELECT pg_try_advisory_lock({self._lock_id})"))
+            await conn.commit()
+        except Exception:
+            await conn.close()
+            raise
+        if not got:
+            await conn.close()
+            return False
+        self._conn = conn
+        log.info("leader lock acquired")
+        return True
+
+    async def release(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+
+async def run_controller(
+    controller: Controller,
+    *,
+    engine: AsyncEngine,
+    stopping: asyncio.Event,
+    wake: asyncio.Event | None = None,
+    standby_poll_sec: float = 5.0,
+) -> None:
+    """Reconcile until ``stopping`` is set; ``wake`` cuts a wait short (a new workload)."""
+    lock = LeaderLock(engine)
+    wake = wake or asyncio.Event()
+    metrics = controller.deps.metrics
+    try:
+        while not stopping.is_set():
+            try:
+                leader = await lock.hold()
+            except Exception as exc:
+                log.warning("leader election failed: %s", exc)
+                leader = False
+            metrics.leader.set(1 if leader else 0)
+            delay = standby_poll_sec
+            if leader:
+                try:
+                    delay = await controller.step()
+                except Exception:
+                    log.exception("reconcile pass failed")
+                    delay = controller.deps.settings.tick_sec
+            await _wait(stopping, wake, max(delay, 0.2))
+    finally:
+        metrics.leader.set(0)
+        await lock.release()
+
+
+async def _wait(stopping: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
+    waiters = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(wake.wait())]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+        await asyncio.gather(*waiters, return_exceptions=True)
+    wake.clear()
+
+
+@dataclass(frozen=True, slots=True)
+class ControllerOptions:
+    """How ``autoscaler controller`` runs (besides the configuration file)."""
+
+    database_url: str
+    data_dir: Path
+    dry_run: bool = False
+    gateway_url: str | None = None
+    gateway_token: str | None = None
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9464
+
+
+async def serve_controller(config: ControllerConfig, options: ControllerOptions) -> None:
+    """Run the controller alone until SIGINT or SIGTERM, with ``/metrics`` on its port."""
+    from aiohttp import web
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    from autoscaler.store.db import open_store, session_factory
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    async with open_store(options.database_url) as engine:
+        signals: SignalsSource | None = None
+        if options.gateway_url and options.gateway_token:
+            signals = HttpSignals(url=options.gateway_url, token=options.gateway_token)
+        controller = build_controller(
+            config,
+            sessions=session_factory(engine),
+            data_dir=options.data_dir,
+            signals=signals,
+            dry_run=options.dry_run,
+        )
+        registry = controller.deps.metrics.registry
+
+        async def metrics(_request: web.Request) -> web.Response:
+            return web.Response(
+                body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+            )
+
+        runner: web.AppRunner | None = None
+        if options.metrics_port:
+            app = web.Application()
+            app.router.add_get("/metrics", metrics)
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, options.metrics_host, options.metrics_port).start()
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        print(
+            f"controller for cluster {config.cluster_id} "
+            f"(providers: {', '.join(controller.deps.providers.names) or 'none'}"
+            f"{'; dry run' if options.dry_run else ''})",
+            flush=True,
+        )
+        try:
+            await run_controller(controller, engine=engine, stopping=stopping)
+        finally:
+            if runner is not None:
+                await runner.cleanup()
+            await controller.close()

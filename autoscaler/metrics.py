@@ -1,0 +1,149 @@
+"""The controller's Prometheus metrics, in a registry of their own.
+
+Names start ``autoscaler_controller_`` (the gateway's start ``autoscaler_gateway_``);
+``deploy/prometheus/alerts.yml`` alerts on them. Label values are bounded: workloads,
+providers, phases, and refusal reasons from a fixed set (:func:`refusal_reason`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_WORKLOAD = ("project", "workload")
+_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_BOOT_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1200.0, 1800.0)
+
+REFUSAL_REASONS = (
+    "workload_ceiling",
+    "pool_ceiling",
+    "max_instances",
+    "fleet_ceiling",
+    "no_offer",
+)
+
+
+def refusal_reason(text: str) -> str:
+    """The bounded label for a refusal message from ``decide.budget`` or ``decide.plan``."""
+    for needle, label in (
+        ("max_instances", "max_instances"),
+        ("fleet ceiling", "fleet_ceiling"),
+        ("cloud pool ceiling", "pool_ceiling"),
+        ("workload ceiling", "workload_ceiling"),
+    ):
+        if needle in text:
+            return label
+    return "no_offer"
+
+
+class ControllerMetrics:
+    """Every metric the controller exports; one instance per process."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.replicas = Gauge(
+            "autoscaler_controller_replicas",
+            "Replicas by phase (ledger rows not confirmed terminated).",
+            (*_WORKLOAD, "phase"),
+            registry=r,
+        )
+        self.desired = Gauge(
+            "autoscaler_controller_desired_replicas",
+            "Replicas the workload's policy wants now.",
+            _WORKLOAD,
+            registry=r,
+        )
+        self.workload_usd = Gauge(
+            "autoscaler_controller_workload_usd_per_hour",
+            "Hourly price of the workload's instances not confirmed terminated.",
+            _WORKLOAD,
+            registry=r,
+        )
+        self.workload_ceiling = Gauge(
+            "autoscaler_controller_workload_ceiling_usd_per_hour",
+            "The workload's hourly ceiling (absent when it has none).",
+            _WORKLOAD,
+            registry=r,
+        )
+        self.fleet_usd = Gauge(
+            "autoscaler_controller_fleet_usd_per_hour",
+            "Hourly price of every instance not confirmed terminated.",
+            registry=r,
+        )
+        self.fleet_ceiling = Gauge(
+            "autoscaler_controller_fleet_ceiling_usd_per_hour",
+            "The fleet-wide hourly ceiling of the configuration (0: none).",
+            registry=r,
+        )
+        self.refused = Counter(
+            "autoscaler_controller_scale_up_refused",
+            "Launches the budget (or a lack of offers) refused, by reason.",
+            (*_WORKLOAD, "reason"),
+            registry=r,
+        )
+        self.blocked = Gauge(
+            "autoscaler_controller_scale_up_blocked",
+            "1 while the workload wants more replicas than the budget or offers allow.",
+            (*_WORKLOAD, "reason"),
+            registry=r,
+        )
+        self.provider_errors = Counter(
+            "autoscaler_controller_provider_errors",
+            "Provider calls that failed, by provider, operation and error type.",
+            ("provider", "operation", "code"),
+            registry=r,
+        )
+        self.launches = Counter(
+            "autoscaler_controller_launches",
+            "Instances bought.",
+            ("provider",),
+            registry=r,
+        )
+        self.launch_to_ready = Histogram(
+            "autoscaler_controller_launch_to_ready_seconds",
+            "From the intent to the engine answering its health path.",
+            ("provider",),
+            buckets=_BOOT_BUCKETS,
+            registry=r,
+        )
+        self.reconcile_duration = Histogram(
+            "autoscaler_controller_reconcile_duration_seconds",
+            "One pass over every workload.",
+            buckets=_DURATION_BUCKETS,
+            registry=r,
+        )
+        self.reconcile_errors = Counter(
+            "autoscaler_controller_reconcile_errors",
+            "Workload reconciles that failed (the others went on).",
+            _WORKLOAD,
+            registry=r,
+        )
+        self.last_reconcile = Gauge(
+            "autoscaler_controller_last_reconcile_timestamp_seconds",
+            "When the last pass finished (Unix seconds).",
+            registry=r,
+        )
+        self.orphans = Counter(
+            "autoscaler_controller_orphans_found",
+            "Tagged instances the ledger did not know, by provider.",
+            ("provider",),
+            registry=r,
+        )
+        self.catalog_age = Gauge(
+            "autoscaler_controller_catalog_age_seconds",
+            "Age of the offer catalog placement uses.",
+            registry=r,
+        )
+        self.leader = Gauge(
+            "autoscaler_controller_leader",
+            "1 while this controller holds the leader lock and reconciles.",
+            registry=r,
+        )
+
+    def forget_workload(self, project: str, workload: str) -> None:
+        """Drop a gone workload's series so dashboards do not show it forever."""
+        for gauge in (self.desired, self.workload_usd, self.workload_ceiling):
+            with contextlib.suppress(KeyError):
+                gauge.remove(project, workload)

@@ -1,0 +1,179 @@
+"""What a reconcile pass depends on, passed in explicitly (no globals, no sleeps).
+
+The trace simulator builds a :class:`Deps` with a simulated clock, the simulated
+provider, an in-memory signals source and a health checker that asks the simulation;
+``autoscaler run`` and ``autoscaler controller`` build one with the wall clock, real
+providers, the gateway's signals and HTTP health checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import httpx
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from autoscaler.decide.scaling import ScaleMemory, Signals
+from autoscaler.metrics import ControllerMetrics
+from autoscaler.store.models import Instance as LedgerRow
+from catalog.model import Offer
+from providers.base import Clock, Instance, LaunchRequest, Provider
+from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET
+from providers.local import SecretSource
+
+log = logging.getLogger("autoscaler.controller")
+
+WorkloadRef = tuple[str, str]
+"""(project, slug)"""
+
+
+class SignalsSource(Protocol):
+    """What the gateway measured, per workload."""
+
+    async def signals(self) -> Mapping[WorkloadRef, Signals]: ...
+
+
+class NoSignals:
+    """No gateway: every workload looks idle."""
+
+    async def signals(self) -> Mapping[WorkloadRef, Signals]:
+        return {}
+
+
+class HealthChecker(Protocol):
+    """Whether a replica's engine answers its health path."""
+
+    async def healthy(self, *, url: str, health_path: str, engine_key: str | None) -> bool: ...
+
+
+class HttpHealthChecker:
+    """GET ``url + health_path`` with the engine key; healthy on a 2xx answer."""
+
+    def __init__(self, *, timeout_sec: float = 3.0) -> None:
+        self._client = httpx.AsyncClient(timeout=timeout_sec, trust_env=False)
+
+    async def healthy(self, *, url: str, health_path: str, engine_key: str | None) -> bool:
+        headers = {"Authorization": f"Bearer {engine_key}"} if engine_key else {}
+        try:
+            response = await self._client.get(url.rstrip("/") + health_path, headers=headers)
+        except httpx.HTTPError:
+            return False
+        return response.is_success
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderEntry:
+    """A provider and how its engines are reached.
+
+    ``engine_address`` (``host`` or ``host:port``) replaces every instance's address (a
+    tunnel, a local proxy, tests); else the private (or ``public``) address is used.
+    """
+
+    provider: Provider
+    engine_address: str | None = None
+    public: bool = False
+
+    def engine_url(self, instance: Instance, *, port: int) -> str | None:
+        address = self.engine_address or (
+            instance.public_address if self.public else instance.private_address
+        )
+        if not address:
+            return None
+        host_port = address if _has_port(address) else f"{address}:{port}"
+        return f"http://{host_port}"
+
+
+def _has_port(address: str) -> bool:
+    if address.startswith("["):
+        return "]:" in address
+    return address.count(":") == 1
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRegistry:
+    """Providers by name (``catalog.model.ProviderName`` values: ``aws``, ``local``…)."""
+
+    entries: Mapping[str, ProviderEntry]
+
+    def get(self, name: str) -> ProviderEntry | None:
+        return self.entries.get(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.entries)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The controller's knobs (from :class:`autoscaler.config.ControllerConfig`)."""
+
+    cluster_id: str
+    fleet_max_hourly_cost_usd: float | None = None
+    tick_sec: float = 5.0
+    orphan_grace_sec: float = 600.0
+    unavailable_sec: float = 600.0
+    unhealthy_grace_sec: float = 30.0
+    refusal_log_interval_sec: float = 300.0
+    dry_run: bool = False
+
+
+@dataclass
+class Memory:
+    """What the controller remembers between passes. Losing it (a restart) is harmless:
+    hysteresis restarts, an unavailable offer may be tried once more, a refusal is
+    logged again."""
+
+    scale: dict[int, ScaleMemory] = field(default_factory=dict)
+    unavailable: dict[str, datetime] = field(default_factory=dict)
+    unhealthy_since: dict[str, datetime] = field(default_factory=dict)
+    last_desired: dict[int, int] = field(default_factory=dict)
+    last_refusal: dict[int, tuple[str, datetime]] = field(default_factory=dict)
+    dry_run_plans: dict[int, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class Deps:
+    """Everything one reconcile pass uses."""
+
+    sessions: async_sessionmaker[AsyncSession]
+    providers: ProviderRegistry
+    clock: Clock
+    signals: SignalsSource
+    health: HealthChecker
+    offers: Callable[[], Sequence[Offer]]
+    settings: Settings
+    metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
+    notify_change: Callable[[], None] = lambda: None
+    memory: Memory = field(default_factory=Memory)
+
+
+def ledger_secrets(
+    sessions: async_sessionmaker[AsyncSession], *, environ: Mapping[str, str] | None = None
+) -> SecretSource:
+    """A :data:`providers.local.SecretSource` that reads each replica's engine key from
+    its ledger row (so a launch resumed after a restart gets the same key), and the
+    Hugging Face token from the environment."""
+    env = os.environ if environ is None else environ
+
+    async def secrets(request: LaunchRequest) -> Mapping[str, str]:
+        async with sessions() as s:
+            key = await s.scalar(
+                select(LedgerRow.engine_key).where(LedgerRow.launch_id == request.launch_id)
+            )
+        found: dict[str, str] = {}
+        if key and ENGINE_KEY_SECRET in request.boot.secret_env_names:
+            found[ENGINE_KEY_SECRET] = key
+        if HF_TOKEN_SECRET in request.boot.secret_env_names and env.get(HF_TOKEN_SECRET):
+            found[HF_TOKEN_SECRET] = env[HF_TOKEN_SECRET]
+        return found
+
+    return secrets

@@ -1,0 +1,102 @@
+"""Ledger reads and writes the reconcilers share: open rows, views for the plan, the
+decisions log."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from autoscaler.decide.plan import ReplicaPhase, ReplicaView
+from autoscaler.decide.scaling import FleetCounts
+from autoscaler.store.models import Decision, Workload
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.phase import Phase, phase_of
+
+
+async def open_rows(session: AsyncSession, workload_id: int) -> list[LedgerRow]:
+    """The workload's rows not confirmed terminated, oldest first."""
+    return list(
+        await session.scalars(
+            select(LedgerRow)
+            .where(
+                LedgerRow.workload_id == workload_id,
+                LedgerRow.terminated_confirmed_at.is_(None),
+            )
+            .order_by(LedgerRow.intent_at, LedgerRow.launch_id)
+        )
+    )
+
+
+async def fleet_usd_per_hour(session: AsyncSession) -> float:
+    """Hourly total of every row not confirmed terminated (pending intents included)."""
+    total = await session.scalar(
+        select(func.coalesce(func.sum(LedgerRow.hourly_usd), 0.0)).where(
+            LedgerRow.terminated_confirmed_at.is_(None)
+        )
+    )
+    return float(total or 0.0)
+
+
+async def workloads_to_reconcile(session: AsyncSession) -> list[Workload]:
+    """Live workloads, and deleted ones that still have rows to drain and terminate."""
+    still_open = select(LedgerRow.workload_id).where(LedgerRow.terminated_confirmed_at.is_(None))
+    return list(
+        await session.scalars(
+            select(Workload)
+            .where(Workload.deleted_at.is_(None) | Workload.id.in_(still_open))
+            .order_by(Workload.id)
+        )
+    )
+
+
+def replica_view(row: LedgerRow, *, in_flight: int) -> ReplicaView:
+    return ReplicaView(
+        launch_id=row.launch_id,
+        phase=ReplicaPhase(phase_of(row).value),
+        generation=row.spec_generation,
+        offer_key=row.offer_key,
+        usd_per_hour=row.hourly_usd,
+        intent_at=row.intent_at,
+        ready_at=row.ready_at,
+        drain_requested_at=row.drain_requested_at,
+        in_flight=in_flight,
+    )
+
+
+def fleet_counts(rows: Sequence[LedgerRow]) -> FleetCounts:
+    phases = [phase_of(r) for r in rows]
+    return FleetCounts(
+        ready=phases.count(Phase.READY),
+        booting=phases.count(Phase.PENDING) + phases.count(Phase.BOOTING),
+        draining=phases.count(Phase.DRAINING),
+    )
+
+
+def record_decision(
+    session: AsyncSession,
+    *,
+    workload_id: int,
+    at: datetime,
+    kind: str,
+    reason: str,
+    inputs: dict[str, Any],
+    result: dict[str, Any],
+    cost_delta: float = 0.0,
+    acted: bool = True,
+) -> None:
+    session.add(
+        Decision(
+            workload_id=workload_id,
+            at=at,
+            kind=kind,
+            inputs=inputs,
+            result=result,
+            reason=reason,
+            cost_delta_usd_per_hour=cost_delta,
+            acted=acted,
+        )
+    )

@@ -1,0 +1,141 @@
+"""Liveness: engines coming up, engines dying, instances confirmed gone.
+
+* A booting replica whose engine answers its health path (with the replica's engine
+  key) becomes ready: ``ready_at`` is set and the gateway told to reload its routes.
+* A booting replica not ready within ``scaling_up_timeout_sec`` is terminated by the
+  plan (``decide.plan``), and its offer marked unavailable for a while.
+* A ready replica whose engine stops answering for ``unhealthy_grace_sec`` is
+  terminated; one whose instance the provider reports gone is closed. The plan then
+  launches a replacement.
+* ``terminated_confirmed_at`` is set only on the provider's word: the instance shows
+  as terminated, or ``describe`` says there is no such instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from autoscaler.reconcile.deps import Deps, log
+from autoscaler.reconcile.observe import Observation, count_provider_error
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.phase import Phase, phase_of
+from providers.base import Instance, InstanceState, NotFound, ProviderError
+
+
+async def sync_with_provider(
+    deps: Deps,
+    session: AsyncSession,
+    *,
+    rows: Sequence[LedgerRow],
+    observed: Observation,
+    port: int,
+    now: datetime,
+) -> None:
+    """Bring each launched row in line with what its provider shows."""
+    for row in rows:
+        if row.worker_id is not None or row.instance_id is None:
+            continue
+        if not observed.knows(row.provider):
+            continue
+        instance: Instance | None = observed.by_provider[row.provider].get(row.instance_id)
+        if instance is None:
+            described = await _describe(deps, row)
+            if described is False:
+                continue
+            instance = described if isinstance(described, Instance) else None
+        if instance is None or instance.state.is_gone:
+            _confirm_gone(row, instance, now=now)
+        elif row.terminate_requested_at is not None and instance.state in (
+            InstanceState.PENDING,
+            InstanceState.RUNNING,
+        ):
+            await terminate_instance(deps, row)
+        elif row.url is None:
+            entry = deps.providers.get(row.provider)
+            if entry is not None:
+                row.url = entry.engine_url(instance, port=port)
+    await session.commit()
+
+
+async def _describe(deps: Deps, row: LedgerRow) -> Instance | bool | None:
+    """The instance, ``None`` when the provider says there is none, ``False`` when it did
+    not answer (nothing is concluded then)."""
+    entry = deps.providers.get(row.provider)
+    if entry is None or row.instance_id is None:
+        return False
+    try:
+        return await entry.provider.describe(row.instance_id)
+    except NotFound:
+        return None
+    except ProviderError as exc:
+        count_provider_error(deps, provider=row.provider, operation="describe", error=exc)
+        return False
+
+
+def _confirm_gone(row: LedgerRow, instance: Instance | None, *, now: datetime) -> None:
+    row.terminated_confirmed_at = now
+    if row.terminate_requested_at is None:
+        state = "no longer exists" if instance is None else f"is {instance.state.value}"
+        row.last_error = f"died: instance {row.instance_id} {state} at the provider"
+        log.warning("replica %s of %s %s", row.launch_id, row.workload_slug, row.last_error)
+
+
+async def terminate_instance(deps: Deps, row: LedgerRow) -> None:
+    """Ask the provider to terminate the row's instance (idempotent); errors are counted
+    and retried on the next pass, since ``terminate_requested_at`` stays set."""
+    entry = deps.providers.get(row.provider)
+    if entry is None or row.instance_id is None or row.worker_id is not None:
+        return
+    try:
+        await entry.provider.terminate(row.instance_id)
+    except ProviderError as exc:
+        count_provider_error(deps, provider=row.provider, operation="terminate", error=exc)
+        row.last_error = str(exc)
+        log.warning("terminating %s: %s", row.instance_id, exc)
+
+
+async def check_health(
+    deps: Deps,
+    session: AsyncSession,
+    *,
+    rows: Sequence[LedgerRow],
+    health_path: str,
+    now: datetime,
+) -> list[LedgerRow]:
+    """Mark booting replicas ready when healthy; return ready ones unhealthy for too long."""
+    candidates = [
+        r for r in rows if r.url is not None and phase_of(r) in (Phase.BOOTING, Phase.READY)
+    ]
+    answers = await asyncio.gather(
+        *(
+            deps.health.healthy(url=r.url or "", health_path=health_path, engine_key=r.engine_key)
+            for r in candidates
+        )
+    )
+    dead: list[LedgerRow] = []
+    changed = False
+    for row, healthy in zip(candidates, answers, strict=True):
+        if phase_of(row) is Phase.BOOTING:
+            if healthy:
+                row.ready_at = now
+                changed = True
+                seconds = max(0.0, (now - row.intent_at).total_seconds())
+                deps.metrics.launch_to_ready.labels(row.provider).observe(seconds)
+                log.info(
+                    "replica %s of %s ready after %.0fs", row.launch_id, row.workload_slug, seconds
+                )
+            continue
+        if healthy:
+            deps.memory.unhealthy_since.pop(row.launch_id, None)
+            continue
+        since = deps.memory.unhealthy_since.setdefault(row.launch_id, now)
+        if (now - since).total_seconds() >= deps.settings.unhealthy_grace_sec:
+            dead.append(row)
+    if changed:
+        await session.commit()
+        deps.notify_change()
+    return dead

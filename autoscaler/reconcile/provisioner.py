@@ -1,0 +1,269 @@
+"""Buying replicas: the intent row first, then the provider call.
+
+The order is the no-leak invariant. The row (with its launch id, offer and price) is
+committed before the provider is asked, so the budget counts it and a crash in between
+leaves a row that :func:`resolve_intent` settles on the next pass by looking the launch
+id up by tag; the launch id is also the provider's idempotency token, so asking again
+never buys a second machine.
+
+Outcomes of a launch call:
+
+* an instance: the row gets ``instance_id``, ``launched_at`` and the engine URL;
+* :class:`~providers.base.Transient`: the row stays pending and is resolved next pass;
+* any other provider error (capacity, quota, an invalid request): the provider bought
+  nothing, so the row is closed on its word, the offer's market is marked unavailable
+  for a while, and the next pass places elsewhere.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from autoscaler.decide.placement import Placement, worker_key
+from autoscaler.reconcile.deps import Deps, ProviderEntry, log
+from autoscaler.reconcile.ledger import record_decision
+from autoscaler.reconcile.observe import count_provider_error
+from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.models import Workload
+from catalog.model import ProviderName
+from catalog.query import Market
+from providers.base import (
+    BootSpec,
+    Instance,
+    InsufficientCapacity,
+    LaunchRequest,
+    ProviderError,
+    QuotaExceeded,
+    Transient,
+    instance_tags,
+)
+from providers.engines import boot_spec
+
+
+def new_launch_id() -> str:
+    """A launch id: short enough for EC2's 64-character ClientToken and GCE names."""
+    return f"ln-{secrets.token_hex(10)}"
+
+
+def workload_boot(spec: WorkloadSpec, *, cuda_version: str | None = None) -> BootSpec:
+    return boot_spec(
+        backend=spec.backend.value,
+        model=spec.model,
+        command=spec.command,
+        vllm_version=spec.vllm_version,
+        task_type=spec.task_type.value,
+        cuda_version=cuda_version,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LaunchOutcome:
+    row: LedgerRow
+    bought: bool
+    error: str | None = None
+
+
+async def launch_replica(
+    deps: Deps,
+    session: AsyncSession,
+    *,
+    workload: Workload,
+    spec: WorkloadSpec,
+    placement: Placement,
+    reason: str,
+    now: datetime,
+) -> LaunchOutcome:
+    """Write the intent, commit, then ask the provider (or assign a private worker)."""
+    launch_id = new_launch_id()
+    row = LedgerRow(
+        launch_id=launch_id,
+        workload_id=workload.id,
+        project=workload.project,
+        workload_slug=workload.slug,
+        spec_generation=workload.generation,
+        provider=ProviderName.PRIVATE.value,
+        offer_key="",
+        region="",
+        zone="",
+        instance_type="",
+        gpu="",
+        gpu_count=0,
+        spot=False,
+        hourly_usd=placement.usd_per_hour,
+        worker_id=placement.worker_id,
+        engine_key=secrets.token_urlsafe(24),
+        intent_at=now,
+    )
+    offer = placement.offer
+    if offer is not None:
+        row.provider = offer.provider.value
+        row.offer_key = offer.key
+        row.region, row.zone = offer.region, offer.zone
+        row.instance_type, row.gpu, row.gpu_count = offer.instance_type, offer.gpu, offer.gpu_count
+        row.spot = placement.market is Market.SPOT
+    else:
+        row.offer_key = worker_key(placement.worker_id or "")
+    session.add(row)
+    record_decision(
+        session,
+        workload_id=workload.id,
+        at=now,
+        kind="launch",
+        reason=f"{reason}: {placement.reason}",
+        inputs={"placement": placement.reason, "offer": row.offer_key, "spot": row.spot},
+        result={"launch_id": launch_id, "usd_per_hour": row.hourly_usd},
+        cost_delta=row.hourly_usd,
+    )
+    await session.commit()  # the intent exists before the provider hears of it
+    if offer is None:
+        return LaunchOutcome(row=row, bought=True)  # the worker's agent starts it
+    return await _call_launch(deps, session, row=row, spec=spec, now=now)
+
+
+async def _call_launch(
+    deps: Deps, session: AsyncSession, *, row: LedgerRow, spec: WorkloadSpec, now: datetime
+) -> LaunchOutcome:
+    entry = deps.providers.get(row.provider)
+    if entry is None:
+        return await _refused(deps, session, row=row, now=now, error=f"no provider {row.provider}")
+    offer = next((o for o in deps.offers() if o.key == row.offer_key), None)
+    if offer is None:
+        return await _refused(
+            deps, session, row=row, now=now, error=f"offer {row.offer_key} left the catalog"
+        )
+    boot = workload_boot(spec, cuda_version=_cuda_pin(spec))
+    request = LaunchRequest(
+        offer=offer,
+        spot=row.spot,
+        boot=boot,
+        launch_id=row.launch_id,
+        tags=instance_tags(
+            cluster_id=deps.settings.cluster_id,
+            project=row.project,
+            workload=row.workload_slug,
+            launch_id=row.launch_id,
+        ),
+    )
+    try:
+        instance = await entry.provider.launch(request)
+    except Transient as exc:
+        count_provider_error(deps, provider=row.provider, operation="launch", error=exc)
+        row.last_error = str(exc)
+        await session.commit()
+        log.warning("launch %s: %s (resolved next pass)", row.launch_id, exc)
+        return LaunchOutcome(row=row, bought=False, error=str(exc))
+    except ProviderError as exc:
+        count_provider_error(deps, provider=row.provider, operation="launch", error=exc)
+        mark_unavailable(deps, row=row, now=now)
+        return await _refused(deps, session, row=row, now=now, error=str(exc), error_type=exc)
+    adopt(row, instance, entry=entry, port=boot.port, now=now)
+    deps.metrics.launches.labels(row.provider).inc()
+    await session.commit()
+    return LaunchOutcome(row=row, bought=True)
+
+
+def _cuda_pin(spec: WorkloadSpec) -> str | None:
+    policy = spec.execution_policy_config
+    pool = policy.cloud_pool if isinstance(policy, AutoscalingPolicy) else None
+    pins = pool.allowed_cuda_versions if pool else None
+    return max(pins, key=_version_key) if pins else None
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in version.split(".") if p.isdigit())
+
+
+def adopt(
+    row: LedgerRow, instance: Instance, *, entry: ProviderEntry, port: int, now: datetime
+) -> None:
+    """Record the provider's instance on the row."""
+    row.instance_id = instance.instance_id
+    row.launched_at = row.launched_at or min(instance.launched_at, now)
+    row.url = row.url or entry.engine_url(instance, port=port)
+    row.last_error = None
+
+
+def mark_unavailable(deps: Deps, *, row: LedgerRow, now: datetime) -> None:
+    """Skip this offer's market (or this worker) for ``unavailable_sec``."""
+    key = (
+        worker_key(row.worker_id)
+        if row.worker_id
+        else (f"{row.offer_key}#spot" if row.spot else row.offer_key)
+    )
+    deps.memory.unavailable[key] = now + timedelta(seconds=deps.settings.unavailable_sec)
+
+
+async def _refused(
+    deps: Deps,
+    session: AsyncSession,
+    *,
+    row: LedgerRow,
+    now: datetime,
+    error: str,
+    error_type: ProviderError | None = None,
+) -> LaunchOutcome:
+    """The provider bought nothing (its word): close the row, log why."""
+    row.last_error = f"launch failed: {error}"
+    row.terminated_confirmed_at = now
+    what = (
+        "no capacity"
+        if isinstance(error_type, InsufficientCapacity)
+        else "quota"
+        if isinstance(error_type, QuotaExceeded)
+        else "refused"
+    )
+    record_decision(
+        session,
+        workload_id=row.workload_id,
+        at=now,
+        kind="launch_failed",
+        reason=f"launch {row.launch_id} failed ({what}); {row.offer_key} skipped for "
+        f"{deps.settings.unavailable_sec:g}s: {error}",
+        inputs={"launch_id": row.launch_id, "offer": row.offer_key, "spot": row.spot},
+        result={"error": error},
+        cost_delta=-row.hourly_usd,
+    )
+    await session.commit()
+    log.warning("launch %s failed: %s", row.launch_id, error)
+    return LaunchOutcome(row=row, bought=False, error=error)
+
+
+async def resolve_intent(
+    deps: Deps, session: AsyncSession, *, row: LedgerRow, spec: WorkloadSpec | None, now: datetime
+) -> None:
+    """Settle a pending intent left by a crash or a transient failure.
+
+    Found by its launch id: adopt the instance. Not found: launch again under the same
+    launch id (idempotent), unless the row is being terminated, in which case nothing
+    exists to terminate and the row is closed.
+    """
+    entry = deps.providers.get(row.provider)
+    if entry is None:
+        return
+    try:
+        found = await entry.provider.find_by_launch_id(deps.settings.cluster_id, row.launch_id)
+    except ProviderError as exc:
+        count_provider_error(deps, provider=row.provider, operation="find", error=exc)
+        return
+    port = workload_boot(spec).port if spec is not None else 8000
+    if found is not None:
+        adopt(row, found, entry=entry, port=port, now=now)
+        if found.state.is_gone:
+            row.terminated_confirmed_at = now
+            row.last_error = f"instance {found.instance_id} {found.state.value} at the provider"
+        await session.commit()
+        log.info("intent %s resolved: instance %s", row.launch_id, found.instance_id)
+        return
+    if row.terminate_requested_at is not None or spec is None:
+        row.terminated_confirmed_at = now
+        row.last_error = row.last_error or "never launched: the provider has no such launch"
+        await session.commit()
+        return
+    if deps.settings.dry_run:
+        return
+    await _call_launch(deps, session, row=row, spec=spec, now=now)

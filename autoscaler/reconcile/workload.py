@@ -1,0 +1,437 @@
+"""One workload, one pass: observe its replicas, decide, carry the plan out.
+
+The steps, in order:
+
+1. **Sync** each launched row with what its provider shows (confirm gone, re-send a
+   termination that did not take, learn the engine URL).
+2. **Resolve** intents a crash or a transient failure left pending (by launch id).
+3. **Health**: booting replicas that answer become ready; ready ones that stopped
+   answering are terminated.
+4. **Decide** the desired count (``decide.desired``; 0 for a deleted workload), **place**
+   the next replica (``decide.placement``, within the budget headroom) and **plan**
+   (``decide.plan``: liveness timeouts, drains, scale up/down, spec drift, budget).
+5. **Act**: terminations and drains are written to the ledger before the provider is
+   called; launches go through the provisioner (intent first); refusals are logged as
+   decisions with ``acted = false`` and counted, never bought.
+
+In dry-run mode steps 4's results are logged as decisions (``acted = false``) whenever
+the plan changes, and nothing is bought, drained or terminated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from autoscaler.decide.budget import BudgetLimits, limits_for
+from autoscaler.decide.desired import desired_count
+from autoscaler.decide.placement import Placement, place_replica
+from autoscaler.decide.plan import Drain, Launch, Plan, Terminate, Timeouts, plan_actions
+from autoscaler.decide.scaling import (
+    Direction,
+    FleetCounts,
+    ScaleDecision,
+    ScaleMemory,
+    Signals,
+)
+from autoscaler.metrics import REFUSAL_REASONS, refusal_reason
+from autoscaler.reconcile.deps import Deps, WorkloadRef, log
+from autoscaler.reconcile.ledger import (
+    fleet_counts,
+    fleet_usd_per_hour,
+    open_rows,
+    record_decision,
+    replica_view,
+)
+from autoscaler.reconcile.liveness import check_health, sync_with_provider, terminate_instance
+from autoscaler.reconcile.observe import Observation
+from autoscaler.reconcile.provisioner import launch_replica, mark_unavailable, resolve_intent
+from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.models import Workload
+from autoscaler.store.phase import Phase, phase_of
+from catalog.sizing import estimate_model_memory
+from providers.engines import engine_for
+
+_GIB = 2**30
+
+
+async def reconcile_workload(
+    deps: Deps,
+    *,
+    workload_id: int,
+    observed: Observation,
+    signals: Mapping[WorkloadRef, Signals],
+    now: datetime,
+) -> float | None:
+    """One pass over one workload; seconds until it should run again (``None``: the
+    usual tick)."""
+    async with deps.sessions() as s:
+        workload = await s.get(Workload, workload_id)
+        if workload is None:
+            return None
+        spec = WorkloadSpec.model_validate(workload.spec)
+        engine = engine_for(spec.backend.value)
+        rows = await open_rows(s, workload.id)
+        await sync_with_provider(deps, s, rows=rows, observed=observed, port=engine.port, now=now)
+        for row in _still_open(rows):
+            if row.worker_id is None and row.instance_id is None:
+                await resolve_intent(deps, s, row=row, spec=spec, now=now)
+        rows = _still_open(rows)
+        dead = await check_health(deps, s, rows=rows, health_path=engine.health_path, now=now)
+        for row in dead:
+            await _terminate(
+                deps,
+                s,
+                row=row,
+                reason=f"unhealthy: {engine.health_path} has not answered for "
+                f"{deps.settings.unhealthy_grace_sec:g}s",
+                now=now,
+            )
+        rows = _still_open(rows)
+        signal = _signals_for(workload, signals)
+        decision = _desired(deps, workload=workload, spec=spec, rows=rows, signal=signal, now=now)
+        plan, placement = _plan(
+            deps,
+            workload=workload,
+            spec=spec,
+            rows=rows,
+            desired=decision.desired,
+            signal=signal,
+            fleet_usd=await fleet_usd_per_hour(s),
+            now=now,
+        )
+        await _log_scale(
+            deps, s, workload=workload, decision=decision, rows=rows, signal=signal, now=now
+        )
+        if deps.settings.dry_run:
+            await _log_dry_run(deps, s, workload=workload, plan=plan, now=now)
+        else:
+            await _act(
+                deps,
+                s,
+                workload=workload,
+                spec=spec,
+                rows=rows,
+                plan=plan,
+                placement=placement,
+                now=now,
+            )
+        await _log_refusals(deps, s, workload=workload, plan=plan, now=now)
+        _export(
+            deps, workload=workload, spec=spec, rows=_still_open(rows), desired=decision.desired
+        )
+    due = [plan.requeue_after] if plan.requeue_after is not None else []
+    if decision.recheck_at is not None:
+        due.append(max(0.0, (decision.recheck_at - now).total_seconds()))
+    return min(due) if due else None
+
+
+def _still_open(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
+    return [r for r in rows if r.terminated_confirmed_at is None]
+
+
+def _signals_for(workload: Workload, signals: Mapping[WorkloadRef, Signals]) -> Signals:
+    signal = signals.get((workload.project, workload.slug), Signals())
+    stored = workload.last_request_at
+    if stored is not None and (signal.last_request_at is None or stored > signal.last_request_at):
+        signal = dataclasses.replace(signal, last_request_at=stored)
+    return signal
+
+
+def _desired(
+    deps: Deps,
+    *,
+    workload: Workload,
+    spec: WorkloadSpec,
+    rows: Sequence[LedgerRow],
+    signal: Signals,
+    now: datetime,
+) -> ScaleDecision:
+    counts = fleet_counts(rows)
+    memory = deps.memory.scale.get(workload.id, ScaleMemory())
+    if workload.deleted_at is not None:
+        return ScaleDecision(
+            desired=0,
+            reason="workload deleted: drain and terminate every replica",
+            direction=Direction.ZERO,
+            memory=memory,
+        )
+    decision = desired_count(spec=spec, signals=signal, fleet=counts, memory=memory, now=now)
+    deps.memory.scale[workload.id] = decision.memory
+    return decision
+
+
+def _autoscaling(spec: WorkloadSpec) -> AutoscalingPolicy | None:
+    policy = spec.execution_policy_config
+    return policy if isinstance(policy, AutoscalingPolicy) else None
+
+
+def _timeouts(spec: WorkloadSpec) -> Timeouts:
+    policy = _autoscaling(spec)
+    if policy is None:
+        return Timeouts()
+    return Timeouts(
+        scaling_up_sec=policy.scaling_up_timeout_sec,
+        scaling_down_sec=policy.scaling_down_timeout_sec,
+    )
+
+
+def _plan(
+    deps: Deps,
+    *,
+    workload: Workload,
+    spec: WorkloadSpec,
+    rows: Sequence[LedgerRow],
+    desired: int,
+    signal: Signals,
+    fleet_usd: float,
+    now: datetime,
+) -> tuple[Plan, Placement | None]:
+    limits = limits_for(
+        _autoscaling(spec), fleet_usd_per_hour=deps.settings.fleet_max_hourly_cost_usd
+    )
+    live = [r.hourly_usd for r in rows]
+    placement = None
+    if desired > 0 and workload.deleted_at is None:
+        placement = _place(
+            deps,
+            spec=spec,
+            rows=rows,
+            headroom=_headroom(limits, live=live, fleet_usd=fleet_usd),
+            now=now,
+        )
+    plan = plan_actions(
+        desired=desired,
+        replicas=[replica_view(r, in_flight=signal.in_flight) for r in rows],
+        spec_generation=workload.generation,
+        timeouts=_timeouts(spec),
+        limits=limits,
+        launch_usd_per_hour=placement.usd_per_hour if placement and placement.found else None,
+        now=now,
+        fleet_live_usd_per_hour=fleet_usd if limits.fleet_usd_per_hour is not None else None,
+    )
+    if placement is not None and not placement.found and plan.refusals:
+        reason = f"launch not possible: {placement.reason}"
+        plan = dataclasses.replace(
+            plan, refusals=tuple(dataclasses.replace(r, reason=reason) for r in plan.refusals)
+        )
+    return plan, placement
+
+
+def _headroom(limits: BudgetLimits, *, live: Sequence[float], fleet_usd: float) -> float | None:
+    room: list[float] = []
+    for ceiling in (limits.workload_usd_per_hour, limits.pool_usd_per_hour):
+        if ceiling is not None:
+            room.append(ceiling - sum(live))
+    if limits.fleet_usd_per_hour is not None:
+        room.append(limits.fleet_usd_per_hour - fleet_usd)
+    return max(0.0, min(room)) + 1e-9 if room else None
+
+
+def _place(
+    deps: Deps,
+    *,
+    spec: WorkloadSpec,
+    rows: Sequence[LedgerRow],
+    headroom: float | None,
+    now: datetime,
+) -> Placement:
+    memory = estimate_model_memory(spec.model, spec.command, hint_gib=spec.model_memory_gib)
+    params_b = memory.weights_gib * _GIB / 1e9 / 2.0 if memory.weights_gib else None
+    per_worker: dict[str, int] = {}
+    for r in rows:
+        if r.worker_id:
+            per_worker[r.worker_id] = per_worker.get(r.worker_id, 0) + 1
+    return place_replica(
+        spec=spec,
+        offers=deps.offers(),
+        unavailable=deps.memory.unavailable,
+        now=now,
+        current_zones=[r.zone for r in rows if r.zone],
+        replicas_per_worker=per_worker,
+        params_b=params_b,
+        model_memory_gib=memory.gib,
+        max_usd_per_hour=headroom,
+    )
+
+
+async def _act(
+    deps: Deps,
+    s: AsyncSession,
+    *,
+    workload: Workload,
+    spec: WorkloadSpec,
+    rows: Sequence[LedgerRow],
+    plan: Plan,
+    placement: Placement | None,
+    now: datetime,
+) -> None:
+    by_id = {r.launch_id: r for r in rows}
+    for action in plan.actions:
+        if isinstance(action, Terminate) and action.launch_id in by_id:
+            row = by_id[action.launch_id]
+            if phase_of(row) in (Phase.PENDING, Phase.BOOTING) and "not ready" in action.reason:
+                mark_unavailable(deps, row=row, now=now)
+            await _terminate(deps, s, row=row, reason=action.reason, now=now)
+        elif isinstance(action, Drain) and action.launch_id in by_id:
+            row = by_id[action.launch_id]
+            row.drain_requested_at = now
+            record_decision(
+                s,
+                workload_id=workload.id,
+                at=now,
+                kind="drain",
+                reason=action.reason,
+                inputs={"launch_id": row.launch_id, "phase": "ready"},
+                result={"launch_id": row.launch_id},
+            )
+            await s.commit()
+            deps.notify_change()
+        elif isinstance(action, Launch) and placement is not None and placement.found:
+            outcome = await launch_replica(
+                deps,
+                s,
+                workload=workload,
+                spec=spec,
+                placement=placement,
+                reason=action.reason,
+                now=now,
+            )
+            if not outcome.bought and outcome.error and outcome.row.terminated_confirmed_at:
+                break  # the offer is marked unavailable: place again next pass
+
+
+async def _terminate(
+    deps: Deps, s: AsyncSession, *, row: LedgerRow, reason: str, now: datetime
+) -> None:
+    if deps.settings.dry_run:
+        return
+    row.terminate_requested_at = row.terminate_requested_at or now
+    record_decision(
+        s,
+        workload_id=row.workload_id,
+        at=now,
+        kind="terminate",
+        reason=reason,
+        inputs={"launch_id": row.launch_id, "phase": phase_of(row).value},
+        result={"launch_id": row.launch_id, "instance_id": row.instance_id},
+        cost_delta=-row.hourly_usd,
+    )
+    await s.commit()  # the request is on record before the provider hears of it
+    await terminate_instance(deps, row)
+    await s.commit()
+    deps.notify_change()
+
+
+async def _log_scale(
+    deps: Deps,
+    s: AsyncSession,
+    *,
+    workload: Workload,
+    decision: ScaleDecision,
+    rows: Sequence[LedgerRow],
+    signal: Signals,
+    now: datetime,
+) -> None:
+    if deps.memory.last_desired.get(workload.id) == decision.desired:
+        return
+    deps.memory.last_desired[workload.id] = decision.desired
+    counts = fleet_counts(rows)
+    record_decision(
+        s,
+        workload_id=workload.id,
+        at=now,
+        kind="scale",
+        reason=("dry-run: " if deps.settings.dry_run else "") + decision.reason,
+        inputs=_inputs(counts, signal, decision),
+        result={"desired": decision.desired, "direction": decision.direction.value},
+        acted=not deps.settings.dry_run,
+    )
+    await s.commit()
+
+
+def _inputs(counts: FleetCounts, signal: Signals, decision: ScaleDecision) -> dict[str, Any]:
+    return {
+        "ready": counts.ready,
+        "booting": counts.booting,
+        "draining": counts.draining,
+        "ttft_up_s": decision.ttft_up_s,
+        "ttft_down_s": decision.ttft_down_s,
+        "request_rate": signal.request_rate,
+        "in_flight": signal.in_flight,
+        "queue_depth": signal.queue_depth,
+        "last_request_at": signal.last_request_at.isoformat() if signal.last_request_at else None,
+    }
+
+
+async def _log_refusals(
+    deps: Deps, s: AsyncSession, *, workload: Workload, plan: Plan, now: datetime
+) -> None:
+    labels = (workload.project, workload.slug)
+    reasons = {refusal_reason(r.reason): r.reason for r in plan.refusals}
+    for label in REFUSAL_REASONS:
+        deps.metrics.blocked.labels(*labels, label).set(1 if label in reasons else 0)
+    if not reasons:
+        deps.memory.last_refusal.pop(workload.id, None)
+        return
+    label, text = next(iter(reasons.items()))
+    last = deps.memory.last_refusal.get(workload.id)
+    interval = deps.settings.refusal_log_interval_sec
+    if last is not None and last[0] == label and (now - last[1]).total_seconds() < interval:
+        return
+    deps.memory.last_refusal[workload.id] = (label, now)
+    deps.metrics.refused.labels(*labels, label).inc()
+    record_decision(
+        s,
+        workload_id=workload.id,
+        at=now,
+        kind="refused",
+        reason=text,
+        inputs={"refusals": [r.reason for r in plan.refusals]},
+        result={"launched": 0, "reason": label},
+        acted=False,
+    )
+    await s.commit()
+    log.warning("%s/%s: %s", workload.project, workload.slug, text)
+
+
+async def _log_dry_run(
+    deps: Deps, s: AsyncSession, *, workload: Workload, plan: Plan, now: datetime
+) -> None:
+    signature = tuple(f"{type(a).__name__}: {a.reason}" for a in plan.actions)
+    if deps.memory.dry_run_plans.get(workload.id) == signature:
+        return
+    deps.memory.dry_run_plans[workload.id] = signature
+    for action in plan.actions:
+        record_decision(
+            s,
+            workload_id=workload.id,
+            at=now,
+            kind=type(action).__name__.lower(),
+            reason=f"dry-run: {action.reason}",
+            inputs={"launch_id": getattr(action, "launch_id", None)},
+            result={"dry_run": True},
+            acted=False,
+        )
+    await s.commit()
+
+
+def _export(
+    deps: Deps, *, workload: Workload, spec: WorkloadSpec, rows: Sequence[LedgerRow], desired: int
+) -> None:
+    m = deps.metrics
+    labels = (workload.project, workload.slug)
+    phases = [phase_of(r) for r in rows]
+    for phase in Phase:
+        if phase is not Phase.TERMINATED:
+            m.replicas.labels(*labels, phase.value).set(phases.count(phase))
+    m.desired.labels(*labels).set(desired)
+    m.workload_usd.labels(*labels).set(sum(r.hourly_usd for r in rows))
+    policy = _autoscaling(spec)
+    if policy is not None and policy.max_hourly_cost_usd is not None:
+        m.workload_ceiling.labels(*labels).set(policy.max_hourly_cost_usd)
