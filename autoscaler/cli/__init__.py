@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "autoscaler.cli.engine_sim",
     "autoscaler.cli.agent",
     "autoscaler.cli.controller",
+    "autoscaler.cli.simulate",
 )
 
 

@@ -1,0 +1,69 @@
+"""The run's timeline as a PNG: request rate, replicas by phase, TTFT p95 against the
+target, and spend against the ceiling. Needs matplotlib (the ``sim`` extra)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from autoscaler.sim.report import RunReport
+
+
+def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float | None) -> None:
+    """Write ``report``'s timeline to ``path`` (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - the sim extra is installed by the gate
+        raise RuntimeError("--plot needs matplotlib: pip install 'gpu-autoscaler[sim]'") from exc
+    rows = report.timeline
+    minutes = [row["t"] / 60.0 for row in rows]
+    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
+    rate, fleet, ttft, spend = axes
+    rate.plot(minutes, [row["request_rate"] for row in rows], color="tab:blue")
+    rate.set_ylabel("requests/s\n(60 s window)")
+    rate.set_title(
+        f"{report.policy} on {report.trace} at {report.rate_scale:g}x the request rate: "
+        f"SLO {report.slo_attainment:.1%}, ${report.cost_usd:.2f}"
+    )
+    fleet.stackplot(
+        minutes,
+        [row["ready"] for row in rows],
+        [row["booting"] for row in rows],
+        [row["draining"] for row in rows],
+        labels=["ready", "booting", "draining"],
+        colors=["tab:green", "tab:orange", "tab:gray"],
+        step="post",
+    )
+    fleet.step(
+        minutes,
+        [row["desired"] for row in rows],
+        where="post",
+        color="black",
+        linewidth=0.8,
+        label="desired",
+    )
+    fleet.set_ylabel("replicas")
+    fleet.legend(loc="upper left", fontsize="small")
+    p95 = [row["ttft_p95_s"] if row["ttft_p95_s"] is not None else float("nan") for row in rows]
+    ttft.plot(minutes, p95, color="tab:red", label="TTFT p95 (60 s)")
+    ttft.axhline(report.ttft_target_s, color="black", linestyle="--", label="target")
+    ttft.set_yscale("log")
+    ttft.set_ylabel("seconds")
+    ttft.legend(loc="upper left", fontsize="small")
+    spend.step(
+        minutes,
+        [row["usd_per_hour"] for row in rows],
+        where="post",
+        color="tab:purple",
+        label="$/h",
+    )
+    if ceiling_usd_per_hour is not None:
+        spend.axhline(ceiling_usd_per_hour, color="black", linestyle="--", label="ceiling")
+    spend.set_ylabel("$/h")
+    spend.set_xlabel("minutes (simulated)")
+    spend.legend(loc="upper left", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,138 @@
+"""What a run reports: requests served, SLO attainment, TTFT percentiles, cost, events."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from autoscaler.sim.gateway import Outcome
+from autoscaler.sim.workload import SloRule
+from autoscaler.sim.world import Outcomes
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in (0, 1]) of sorted ``values``."""
+    if not values:
+        return None
+    return values[max(math.ceil(q * len(values)) - 1, 0)]
+
+
+@dataclass(frozen=True, slots=True)
+class RunReport:
+    """One policy's run on one trace."""
+
+    policy: str
+    trace: str
+    rate_scale: float
+    seed: int
+    spot: bool
+    ttft_target_s: float
+    requests: int
+    served: int
+    refused_too_long: int
+    rejected_503: int
+    cut: int
+    slo_attainment: float
+    """Share of requests (refused ones excepted) with TTFT <= max(target, 1.5 x prefill)."""
+    flat_attainment: float
+    """Share of requests (refused ones excepted) with TTFT <= target."""
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+    ttft_p99_s: float | None
+    cost_usd: float
+    gpu_hours: float
+    duration_s: float
+    scale_events: dict[str, int]
+    oracle_cost_usd: float | None = None
+    timeline: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def cost_vs_oracle(self) -> float | None:
+        if not self.oracle_cost_usd:
+            return None
+        return self.cost_usd / self.oracle_cost_usd
+
+    def to_json(self, *, detail: bool = True) -> dict[str, Any]:
+        data = asdict(self)
+        data["cost_vs_oracle"] = self.cost_vs_oracle
+        if not detail:
+            data.pop("timeline")
+            data.pop("events")
+        return data
+
+    def summary(self) -> str:
+        def ms(v: float | None) -> str:
+            return "-" if v is None else f"{v * 1000:.0f} ms"
+
+        ratio = self.cost_vs_oracle
+        events = ", ".join(f"{n} {k}" for k, n in sorted(self.scale_events.items())) or "none"
+        lines = [
+            f"policy {self.policy} on {self.trace} at {self.rate_scale:g}x the request rate "
+            f"(time compressed {self.rate_scale:g}x), spot {'allowed' if self.spot else 'off'}, "
+            f"seed {self.seed}",
+            f"  requests served     {self.served} of {self.requests} "
+            f"({self.refused_too_long} refused: longer than the model's context; "
+            f"{self.rejected_503} rejected 503; {self.cut} cut by a lost replica)",
+            f"  SLO attainment      {self.slo_attainment:.2%} within max({self.ttft_target_s:g}s, "
+            f"1.5 x prefill); flat {self.flat_attainment:.2%} within {self.ttft_target_s:g}s",
+            f"  TTFT p50/p95/p99    {ms(self.ttft_p50_s)} / {ms(self.ttft_p95_s)} / "
+            f"{ms(self.ttft_p99_s)}",
+            f"  cost                ${self.cost_usd:.2f} over {self.duration_s / 60:.1f} min"
+            + (
+                "" if ratio is None else f" ({ratio:.2f}x the oracle's ${self.oracle_cost_usd:.2f})"
+            ),
+            f"  GPU-hours           {self.gpu_hours:.2f}",
+            f"  scale events        {events}",
+        ]
+        return "\n".join(lines)
+
+
+def build_report(
+    *,
+    outcomes: Outcomes,
+    slo: SloRule,
+    policy: str,
+    trace: str,
+    rate_scale: float,
+    seed: int,
+    spot: bool,
+    oracle_cost_usd: float | None,
+) -> RunReport:
+    records = outcomes.records
+    counted = [r for r in records if r.outcome is not Outcome.REFUSED]
+    ttfts = sorted(r.ttft_s for r in counted if r.ttft_s is not None)
+    met = sum(
+        1
+        for r in counted
+        if r.ttft_s is not None and slo.met(ttft_s=r.ttft_s, input_tokens=r.input_tokens)
+    )
+    flat = sum(1 for r in counted if r.ttft_s is not None and r.ttft_s <= slo.target_s)
+    kinds = Counter(e.kind for e in outcomes.events)
+    return RunReport(
+        policy=policy,
+        trace=trace,
+        rate_scale=rate_scale,
+        seed=seed,
+        spot=spot,
+        ttft_target_s=slo.target_s,
+        requests=len(records),
+        served=sum(1 for r in records if r.outcome in (Outcome.SERVED, Outcome.CUT)),
+        refused_too_long=len(records) - len(counted),
+        rejected_503=sum(1 for r in records if r.outcome is Outcome.REJECTED),
+        cut=sum(1 for r in records if r.outcome is Outcome.CUT),
+        slo_attainment=met / len(counted) if counted else 1.0,
+        flat_attainment=flat / len(counted) if counted else 1.0,
+        ttft_p50_s=percentile(ttfts, 0.50),
+        ttft_p95_s=percentile(ttfts, 0.95),
+        ttft_p99_s=percentile(ttfts, 0.99),
+        cost_usd=outcomes.cost_usd,
+        gpu_hours=outcomes.gpu_hours,
+        duration_s=outcomes.end_s,
+        scale_events=dict(kinds),
+        oracle_cost_usd=oracle_cost_usd,
+        timeline=[asdict(s) for s in outcomes.timeline],
+        events=[asdict(e) for e in outcomes.events],
+    )

@@ -1,0 +1,104 @@
+"""Request traces: ``arrival_s,input_tokens,output_tokens`` rows, sorted by arrival."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+COLUMNS = ("arrival_s", "input_tokens", "output_tokens")
+
+
+class TraceError(ValueError):
+    """A trace file that cannot be replayed; names the file, the line and the problem."""
+
+
+@dataclass(frozen=True, slots=True)
+class TraceRequest:
+    """One request of a trace: when it arrives (seconds from the start), tokens in and out."""
+
+    arrival_s: float
+    input_tokens: int
+    output_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class TraceStats:
+    """The load a trace puts on a service."""
+
+    requests: int
+    span_s: float
+    mean_rps: float
+    peak_rps: float
+    """Highest request rate over any whole minute (from the first arrival)."""
+    mean_input_tokens: float
+    mean_output_tokens: float
+
+
+def load_trace(path: Path) -> list[TraceRequest]:
+    """Read a trace CSV; arrivals are made relative to the first one."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise TraceError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
+    rows = csv.reader(text.splitlines())
+    header = next(rows, None)
+    if header is None or tuple(h.strip() for h in header) != COLUMNS:
+        raise TraceError(f"{path}: the first line must be the header {','.join(COLUMNS)}")
+    requests = [_parse(path, line_no, row) for line_no, row in enumerate(rows, start=2) if row]
+    if not requests:
+        raise TraceError(f"{path}: no requests after the header")
+    for line_no, (before, after) in enumerate(itertools.pairwise(requests), start=3):
+        if after.arrival_s < before.arrival_s:
+            raise TraceError(f"{path}:{line_no}: arrival_s goes back in time; sort rows by arrival")
+    start = requests[0].arrival_s
+    return [TraceRequest(r.arrival_s - start, r.input_tokens, r.output_tokens) for r in requests]
+
+
+def _parse(path: Path, line_no: int, row: Sequence[str]) -> TraceRequest:
+    where = f"{path}:{line_no}"
+    if len(row) != len(COLUMNS):
+        raise TraceError(f"{where}: expected {len(COLUMNS)} columns, got {len(row)}")
+    try:
+        arrival = float(row[0])
+        tokens_in, tokens_out = int(row[1]), int(row[2])
+    except ValueError:
+        raise TraceError(f"{where}: expected a number, seconds and two token counts") from None
+    if not math.isfinite(arrival) or arrival < 0:
+        raise TraceError(f"{where}: arrival_s must be a finite number >= 0, got {row[0]}")
+    if tokens_in < 1 or tokens_out < 1:
+        raise TraceError(f"{where}: token counts must be >= 1, got {tokens_in}, {tokens_out}")
+    return TraceRequest(arrival, tokens_in, tokens_out)
+
+
+def scale_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceRequest]:
+    """The same requests ``factor`` times as fast: arrival times divided by ``factor``.
+
+    Time is compressed, so an hour-long trace at ``factor`` 4 lasts fifteen minutes at four
+    times the request rate; the requests themselves (tokens in and out) are unchanged.
+    """
+    if not factor > 0 or math.isinf(factor):
+        raise ValueError(f"rate scale must be a finite number > 0, got {factor}")
+    return [TraceRequest(r.arrival_s / factor, r.input_tokens, r.output_tokens) for r in requests]
+
+
+def trace_stats(requests: Sequence[TraceRequest]) -> TraceStats:
+    """Request count, span, mean and peak one-minute rate, and mean token counts."""
+    if not requests:
+        return TraceStats(0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    span = requests[-1].arrival_s - requests[0].arrival_s
+    per_minute: dict[int, int] = {}
+    for r in requests:
+        minute = int((r.arrival_s - requests[0].arrival_s) // 60)
+        per_minute[minute] = per_minute.get(minute, 0) + 1
+    return TraceStats(
+        requests=len(requests),
+        span_s=span,
+        mean_rps=len(requests) / max(span, 1.0),
+        peak_rps=max(per_minute.values()) / 60.0,
+        mean_input_tokens=sum(r.input_tokens for r in requests) / len(requests),
+        mean_output_tokens=sum(r.output_tokens for r in requests) / len(requests),
+    )

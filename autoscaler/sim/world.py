@@ -1,0 +1,545 @@
+"""The discrete-event simulation: a clock, the simulated cloud, replicas, the gateway and
+a controller that carries out a policy's count with the controller's own decisions.
+
+Time jumps from event to event (an arrival, a first token, a finish, a machine becoming
+ready or being reclaimed, a controller tick, a timeline sample), so an hour of traffic
+replays in seconds. Every random draw comes from generators seeded by ``seed``: the
+cloud's (stock-outs, boot times, spot lifetimes) and the gateway's (balancing ties).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+
+from autoscaler.decide.budget import BudgetLimits, check_launch, limits_for
+from autoscaler.decide.placement import Placement, place_replica, unavailable_key
+from autoscaler.decide.plan import (
+    Drain,
+    Launch,
+    ReplicaPhase,
+    ReplicaView,
+    Terminate,
+    Timeouts,
+    plan_actions,
+)
+from autoscaler.decide.scaling import FleetCounts
+from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
+from autoscaler.sim.policies import ControlView, Policy
+from autoscaler.sim.trace import TraceRequest
+from autoscaler.sim.workload import SimWorkload
+from catalog.model import Offer
+from catalog.perf import BatchEngine, EventKind
+from catalog.query import Market
+from gateway.balancing import ReplicaLoad
+from providers.base import BootSpec, LaunchRequest, instance_tags
+from providers.errors import InsufficientCapacity, QuotaExceeded
+from providers.simulated import SimulatedCloud, SimulationConfig
+
+EPOCH_S = 1_700_000_000.0
+"""Simulated time 0 on the cloud's clock (any fixed instant would do)."""
+
+UNAVAILABLE_FOR_S = 900.0
+"""How long a market of an offer is skipped after it was stocked out."""
+
+SAMPLE_INTERVAL_S = 10.0
+"""Timeline resolution."""
+
+WARM_LEAD_S = 1800.0
+"""Warm-start replicas are bought this long before time 0; billing starts at time 0."""
+
+LAUNCH_ATTEMPTS = 8
+"""Offers tried per launch before giving up until the next tick."""
+
+
+class SimClock:
+    """The simulation's clock, on the ``providers.base.Clock`` protocol."""
+
+    def __init__(self, start: float) -> None:
+        self.t = start
+
+    def now(self) -> float:
+        return self.t
+
+
+@dataclass(slots=True)
+class SimReplica:
+    """One bought machine and, once it is ready, its engine."""
+
+    launch_id: str
+    instance_id: str
+    offer: Offer
+    spot: bool
+    usd_per_hour: float
+    intent_s: float
+    running_s: float
+    interrupt_s: float | None
+    engine: BatchEngine | None = None
+    drain_s: float | None = None
+    ended_s: float | None = None
+    requests: dict[int, RequestRecord] = field(default_factory=dict)
+
+    def phase(self) -> ReplicaPhase:
+        if self.ended_s is not None:
+            return ReplicaPhase.TERMINATED
+        if self.drain_s is not None:
+            return ReplicaPhase.DRAINING
+        return ReplicaPhase.READY if self.engine is not None else ReplicaPhase.BOOTING
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """The timeline at one moment."""
+
+    t: float
+    request_rate: float
+    ready: int
+    booting: int
+    draining: int
+    desired: int
+    ttft_p95_s: float | None
+    usd_per_hour: float
+
+
+@dataclass(frozen=True, slots=True)
+class ScaleEvent:
+    t: float
+    kind: str
+    detail: str
+
+
+@dataclass(slots=True)
+class Outcomes:
+    """What a run produced: every request, the timeline, the events and the bill."""
+
+    records: list[RecordOutcome]
+    timeline: list[Sample]
+    events: list[ScaleEvent]
+    cost_usd: float
+    gpu_hours: float
+    end_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RecordOutcome:
+    input_tokens: int
+    arrival_s: float
+    ttft_s: float | None
+    outcome: Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class CloudSettings:
+    """The simulated cloud's behaviour for a run (seeded separately)."""
+
+    boot_median_s: float = 180.0
+    boot_sigma: float = 0.35
+    stockout_probability: float = 0.02
+    stockout_s: float = 900.0
+    spot_interruptions_per_hour: float = 0.2
+
+
+class World:
+    """One run of one policy on one trace."""
+
+    def __init__(
+        self,
+        *,
+        workload: SimWorkload,
+        offers: Sequence[Offer],
+        policy: Policy,
+        requests: Sequence[TraceRequest],
+        seed: int,
+        cloud: CloudSettings,
+        allow_spot: bool,
+        initial_replicas: int,
+    ) -> None:
+        from providers.simulated import LogNormalBootTime
+
+        self.workload = workload
+        self.spec = with_spot(workload, allow_spot).spec
+        self.offers = list(offers)
+        self.policy = policy
+        self.requests = requests
+        self.clock = SimClock(EPOCH_S)
+        self.cloud = SimulatedCloud(
+            clock=self.clock,
+            config=SimulationConfig(
+                seed=seed,
+                boot_time=LogNormalBootTime(cloud.boot_median_s, cloud.boot_sigma),
+                stockout_probability=cloud.stockout_probability,
+                stockout_seconds=cloud.stockout_s,
+                spot_interruptions_per_hour=cloud.spot_interruptions_per_hour,
+            ),
+        )
+        self.gateway = SimGateway(rng=random.Random(seed + 1), epoch_s=EPOCH_S)
+        self.replicas: dict[str, SimReplica] = {}
+        self.unavailable: dict[str, datetime] = {}
+        self.events: list[ScaleEvent] = []
+        self.timeline: list[Sample] = []
+        self.records = [
+            RequestRecord(i, r.arrival_s, r.input_tokens, r.output_tokens)
+            for i, r in enumerate(requests)
+        ]
+        auto = workload.autoscaling
+        self.limits: BudgetLimits = limits_for(auto)
+        self.timeouts = Timeouts(
+            scaling_up_sec=auto.scaling_up_timeout_sec if auto else 1200.0,
+            scaling_down_sec=auto.scaling_down_timeout_sec if auto else 120.0,
+        )
+        self.keep_s = max(
+            60.0,
+            auto.scale_up_time_window_sec if auto else 0.0,
+            auto.scale_down_time_window_sec if auto else 0.0,
+        )
+        self._launches = 0
+        self._desired = initial_replicas
+        self._warm_start(initial_replicas)
+
+    # --- time -------------------------------------------------------------------------
+
+    @property
+    def t(self) -> float:
+        return self.clock.t - EPOCH_S
+
+    def _set_time(self, t: float) -> None:
+        self.clock.t = EPOCH_S + t
+
+    def run(self) -> Outcomes:
+        start_cost = self.cloud.cost_usd()
+        pending = list(self.records)
+        n, i = len(pending), 0
+        next_tick = 0.0
+        next_sample = 0.0
+        horizon = (self.requests[-1].arrival_s if self.requests else 0.0) + 7200.0
+        while True:
+            t = min(
+                pending[i].arrival_s if i < n else math.inf,
+                next_tick,
+                next_sample,
+                self._next_machine_event(),
+                self._next_engine_event(),
+            )
+            if t > horizon:
+                break
+            self.gateway.observe_until(t)
+            self._set_time(t)
+            self._engine_events(t)
+            self._machine_events(t)
+            while i < n and pending[i].arrival_s <= t:
+                self._arrive(pending[i], t)
+                i += 1
+            self.gateway.expire(t)
+            self._dispatch(t)
+            if t >= next_tick:
+                requeue = self._tick(t)
+                next_tick = t + min(self.policy.interval_s, requeue or math.inf)
+            if t >= next_sample:
+                self._sample(t)
+                next_sample = t + SAMPLE_INTERVAL_S
+            if i >= n and not self.gateway.queue and self.gateway.in_flight == 0:
+                break
+        end = self.t
+        self._sample(end)
+        return Outcomes(
+            records=[
+                RecordOutcome(r.input_tokens, r.arrival_s, r.ttft_s, r.outcome)
+                for r in self.records
+            ],
+            timeline=self.timeline,
+            events=self.events,
+            cost_usd=self.cloud.cost_usd() - start_cost,
+            gpu_hours=self._gpu_hours(end),
+            end_s=end,
+        )
+
+    def _gpu_hours(self, end: float) -> float:
+        total = 0.0
+        for r in self.replicas.values():
+            stop = min(x for x in (r.ended_s, r.interrupt_s, end) if x is not None)
+            total += max(0.0, stop - max(r.intent_s, 0.0)) * r.offer.gpu_count
+        return total / 3600.0
+
+    # --- events -----------------------------------------------------------------------
+
+    def _next_machine_event(self) -> float:
+        soonest = math.inf
+        for r in self.replicas.values():
+            if r.ended_s is not None:
+                continue
+            if r.engine is None:
+                soonest = min(soonest, r.running_s)
+            if r.interrupt_s is not None:
+                soonest = min(soonest, r.interrupt_s)
+        return soonest
+
+    def _next_engine_event(self) -> float:
+        soonest = math.inf
+        for r in self.replicas.values():
+            if r.engine is not None and r.ended_s is None:
+                due = r.engine.next_event_s()
+                if due is not None and due < soonest:
+                    soonest = due
+        return soonest
+
+    def _engine_events(self, t: float) -> None:
+        for r in self.replicas.values():
+            if r.engine is None or r.ended_s is not None:
+                continue
+            for event in r.engine.advance(max(t, r.engine.now_s)):
+                record = r.requests.get(event.request_id)
+                if record is None:
+                    continue
+                if event.kind is EventKind.FIRST_TOKEN:
+                    record.first_token_s = event.at_s
+                    self.gateway.first_token(record, t=event.at_s)
+                if event.timing is not None:
+                    record.finished_s = event.at_s
+                    record.outcome = Outcome.SERVED
+                    del r.requests[event.request_id]
+                    self.gateway.in_flight -= 1
+
+    def _machine_events(self, t: float) -> None:
+        for r in list(self.replicas.values()):
+            if r.ended_s is not None:
+                continue
+            if r.interrupt_s is not None and r.interrupt_s <= t:
+                self._end(r, t, why="spot interruption")
+                self.events.append(ScaleEvent(t, "interrupted", f"{r.launch_id} {r.offer.key}"))
+                continue
+            if r.engine is None and r.running_s <= t:
+                r.engine = BatchEngine(self.workload.profile(r.offer), start_s=t)
+                self.events.append(ScaleEvent(t, "ready", f"{r.launch_id} {r.offer.key}"))
+
+    def _end(self, r: SimReplica, t: float, *, why: str) -> None:
+        r.ended_s = t
+        for record in r.requests.values():
+            self.gateway.in_flight -= 1
+            if record.first_token_s is None:
+                self.gateway.requeue(record, t=t)
+            else:
+                record.outcome = Outcome.CUT
+                record.finished_s = t
+        r.requests.clear()
+        r.engine = None
+
+    def _arrive(self, record: RequestRecord, t: float) -> None:
+        if record.input_tokens + record.output_tokens > self.workload.max_context_tokens:
+            record.outcome = Outcome.REFUSED
+            self.gateway.last_request_s = t  # the gateway saw it, then refused it
+            return
+        any_ready = any(r.phase() is ReplicaPhase.READY for r in self.replicas.values())
+        self.gateway.arrive(record, t=t, any_ready=any_ready)
+
+    def _dispatch(self, t: float) -> None:
+        queue = self.gateway.queue
+        if not queue:
+            return
+        serving = [r for r in self.replicas.values() if r.engine is not None and r.ended_s is None]
+        if not serving:
+            return
+        by_key = {r.launch_id: r for r in serving}
+        loads = [
+            ReplicaLoad(r.launch_id, len(r.requests), self.gateway.cap, r.drain_s is not None)
+            for r in serving
+        ]
+        index = {load.key: n for n, load in enumerate(loads)}
+        while queue:
+            chosen = self.gateway.choose(loads)
+            if chosen is None:
+                return
+            record = queue.popleft()
+            replica = by_key[chosen.key]
+            assert replica.engine is not None
+            engine_id = replica.engine.submit(
+                input_tokens=record.input_tokens, output_tokens=record.output_tokens
+            )
+            replica.requests[engine_id] = record
+            record.replica = replica.launch_id
+            self.gateway.in_flight += 1
+            n = index[chosen.key]
+            loads[n] = ReplicaLoad(chosen.key, chosen.outstanding + 1, chosen.cap, chosen.draining)
+
+    # --- the controller ---------------------------------------------------------------
+
+    def _fleet(self) -> FleetCounts:
+        phases = [r.phase() for r in self.replicas.values()]
+        return FleetCounts(
+            ready=phases.count(ReplicaPhase.READY),
+            booting=phases.count(ReplicaPhase.BOOTING),
+            draining=phases.count(ReplicaPhase.DRAINING),
+        )
+
+    def _tick(self, t: float) -> float | None:
+        now = as_datetime(self.clock.t)
+        view = ControlView(
+            now_s=t,
+            now=now,
+            signals=self.gateway.signals(t, keep_s=self.keep_s),
+            fleet=self._fleet(),
+            gateway=self.gateway,
+        )
+        want = self.policy.desired(view)
+        if want.count != self._desired:
+            kind = "scale-up" if want.count > self._desired else "scale-down"
+            self.events.append(
+                ScaleEvent(t, kind, f"{self._desired} -> {want.count}: {want.reason}")
+            )
+            self._desired = want.count
+        live = [r for r in self.replicas.values() if r.ended_s is None]
+        placement = self._place(now)
+        plan = plan_actions(
+            desired=want.count,
+            replicas=[self._view(r) for r in live],
+            spec_generation=1,
+            timeouts=self.timeouts,
+            limits=self.limits,
+            launch_usd_per_hour=placement.usd_per_hour if placement.found else None,
+            now=now,
+        )
+        for refusal in plan.refusals:
+            self.events.append(ScaleEvent(t, "refused", refusal.reason))
+        for action in plan.actions:
+            if isinstance(action, Launch):
+                self._launch(t)
+            elif isinstance(action, Drain):
+                self.replicas[action.launch_id].drain_s = t
+                self.events.append(ScaleEvent(t, "drain", f"{action.launch_id}: {action.reason}"))
+            elif isinstance(action, Terminate):
+                r = self.replicas[action.launch_id]
+                self.cloud.terminate(r.instance_id)
+                self._end(r, t, why=action.reason)
+                self.events.append(
+                    ScaleEvent(t, "terminate", f"{action.launch_id}: {action.reason}")
+                )
+        return plan.requeue_after
+
+    def _view(self, r: SimReplica) -> ReplicaView:
+        return ReplicaView(
+            launch_id=r.launch_id,
+            phase=r.phase(),
+            generation=1,
+            offer_key=r.offer.key,
+            usd_per_hour=r.usd_per_hour,
+            intent_at=as_datetime(EPOCH_S + r.intent_s),
+            ready_at=None if r.engine is None else as_datetime(EPOCH_S + r.running_s),
+            drain_requested_at=None if r.drain_s is None else as_datetime(EPOCH_S + r.drain_s),
+            in_flight=len(r.requests),
+        )
+
+    def _place(self, now: datetime) -> Placement:
+        live = [r for r in self.replicas.values() if r.ended_s is None]
+        spent = sum(r.usd_per_hour for r in live)
+        ceilings = [
+            c for c in (self.limits.workload_usd_per_hour, self.limits.pool_usd_per_hour) if c
+        ]
+        return place_replica(
+            spec=self.spec,
+            offers=self.offers,
+            unavailable=self.unavailable,
+            now=now,
+            current_zones=[r.offer.zone for r in live],
+            params_b=self.workload.params_b,
+            bytes_per_param=self.workload.bytes_per_param,
+            max_usd_per_hour=(min(ceilings) - spent) if ceilings else None,
+        )
+
+    def _launch(self, t: float) -> None:
+        now = as_datetime(self.clock.t)
+        for _ in range(LAUNCH_ATTEMPTS):
+            placement = self._place(now)
+            if placement.offer is None or placement.market is None:
+                self.events.append(ScaleEvent(t, "refused", placement.reason))
+                return
+            live = [r.usd_per_hour for r in self.replicas.values() if r.ended_s is None]
+            verdict = check_launch(
+                live_usd_per_hour=live, new_usd_per_hour=placement.usd_per_hour, limits=self.limits
+            )
+            if not verdict.allowed:
+                self.events.append(ScaleEvent(t, "refused", verdict.reason))
+                return
+            spot = placement.market is Market.SPOT
+            try:
+                self._buy(placement.offer, spot=spot, price=placement.usd_per_hour, t=t)
+                return
+            except (InsufficientCapacity, QuotaExceeded) as exc:
+                key = unavailable_key(placement.offer, placement.market)
+                self.unavailable[key] = now + timedelta(seconds=UNAVAILABLE_FOR_S)
+                self.events.append(ScaleEvent(t, "stock-out", str(exc)))
+
+    def _buy(self, offer: Offer, *, spot: bool, price: float, t: float) -> None:
+        self._launches += 1
+        launch_id = f"l-{self._launches:05d}"
+        request = LaunchRequest(
+            offer=offer,
+            spot=spot,
+            boot=replace(_BOOT, model_id=self.spec.model),
+            launch_id=launch_id,
+            tags=instance_tags(
+                cluster_id="sim", project="sim", workload=self.spec.slug, launch_id=launch_id
+            ),
+        )
+        instance = self.cloud.launch(request)
+        machine = next(m for m in self.cloud.visible() if m.instance_id == instance.instance_id)
+        self.replicas[launch_id] = SimReplica(
+            launch_id=launch_id,
+            instance_id=instance.instance_id,
+            offer=offer,
+            spot=spot,
+            usd_per_hour=price,
+            intent_s=t,
+            running_s=machine.running_at - EPOCH_S,
+            interrupt_s=None if machine.interrupt_at is None else machine.interrupt_at - EPOCH_S,
+        )
+        market = "spot" if spot else "on-demand"
+        self.events.append(
+            ScaleEvent(t, "launch", f"{launch_id} {offer.key} {market} ${price:.4g}/h")
+        )
+
+    def first_placement(self) -> Offer | None:
+        """The offer placement picks for a first replica, nothing marked unavailable."""
+        return self._place(as_datetime(self.clock.t)).offer
+
+    def _warm_start(self, count: int) -> None:
+        """``count`` replicas bought before time 0, so a run starts with a serving fleet."""
+        self._set_time(-WARM_LEAD_S)
+        for _ in range(count):
+            self._launch(-WARM_LEAD_S)
+        self._set_time(0.0)
+        if count:
+            self.gateway.last_request_s = 0.0  # the fleet was serving before the trace began
+
+    def _sample(self, t: float) -> None:
+        fleet = self._fleet()
+        self.timeline.append(
+            Sample(
+                t=t,
+                request_rate=self.gateway.rate(t, window_s=60.0),
+                ready=fleet.ready,
+                booting=fleet.booting,
+                draining=fleet.draining,
+                desired=self._desired,
+                ttft_p95_s=self.gateway.ttft_quantile(t, window_s=60.0, q=0.95),
+                usd_per_hour=self.cloud.hourly_spend_usd(),
+            )
+        )
+
+
+_BOOT = BootSpec(
+    image="vllm/vllm-openai", command=("serve",), port=8000, health_path="/health", model_id="m"
+)
+
+
+def with_spot(workload: SimWorkload, allow_spot: bool) -> SimWorkload:
+    """The workload with spot allowed or not (the benchmark runs both)."""
+    policy = workload.autoscaling
+    if policy is None or policy.allow_spot_instances == allow_spot:
+        return workload
+    config = policy.model_copy(update={"allow_spot_instances": allow_spot})
+    spec = workload.spec.model_copy(update={"execution_policy_config": config})
+    return SimWorkload(
+        spec, workload.params_b, workload.bytes_per_param, workload.max_context_tokens
+    )
