@@ -93,6 +93,7 @@ async def reconcile_workload(
                 now=now,
             )
         rows = _still_open(rows)
+        _avoid_slow_offers(deps, rows=rows, timeouts=_timeouts(spec), now=now)
         signal = _signals_for(workload, signals)
         decision = _desired(deps, workload=workload, spec=spec, rows=rows, signal=signal, now=now)
         plan, placement = _plan(
@@ -133,6 +134,17 @@ async def reconcile_workload(
 
 def _still_open(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     return [r for r in rows if r.terminated_confirmed_at is None]
+
+
+def _avoid_slow_offers(
+    deps: Deps, *, rows: Sequence[LedgerRow], timeouts: Timeouts, now: datetime
+) -> None:
+    """Mark the offers of replicas past their boot deadline unavailable before placing,
+    so their replacements go elsewhere (the plan terminates them)."""
+    for row in rows:
+        starting = phase_of(row) in (Phase.PENDING, Phase.BOOTING)
+        if starting and (now - row.intent_at).total_seconds() >= timeouts.scaling_up_sec:
+            mark_unavailable(deps, row=row, now=now)
 
 
 def _signals_for(workload: Workload, signals: Mapping[WorkloadRef, Signals]) -> Signals:
@@ -197,12 +209,13 @@ def _plan(
     )
     live = [r.hourly_usd for r in rows]
     placement = None
+    headroom = _headroom(limits, live=live, fleet_usd=fleet_usd)
     if desired > 0 and workload.deleted_at is None:
         placement = _place(
             deps,
             spec=spec,
             rows=rows,
-            headroom=_headroom(limits, live=live, fleet_usd=fleet_usd),
+            headroom=None if headroom is None else headroom[0] + 1e-9,
             now=now,
         )
     plan = plan_actions(
@@ -217,20 +230,34 @@ def _plan(
     )
     if placement is not None and not placement.found and plan.refusals:
         reason = f"launch not possible: {placement.reason}"
+        if headroom is not None and "headroom" in placement.reason:
+            reason = (
+                f"launch refused: ${headroom[0]:.2f}/h left under the {headroom[1]}; "
+                f"{placement.reason}"
+            )
         plan = dataclasses.replace(
             plan, refusals=tuple(dataclasses.replace(r, reason=reason) for r in plan.refusals)
         )
     return plan, placement
 
 
-def _headroom(limits: BudgetLimits, *, live: Sequence[float], fleet_usd: float) -> float | None:
-    room: list[float] = []
-    for ceiling in (limits.workload_usd_per_hour, limits.pool_usd_per_hour):
+def _headroom(
+    limits: BudgetLimits, *, live: Sequence[float], fleet_usd: float
+) -> tuple[float, str] | None:
+    """Dollars per hour left under the tightest ceiling, and that ceiling's name."""
+    room: list[tuple[float, str]] = []
+    for ceiling, name in (
+        (limits.workload_usd_per_hour, "workload ceiling"),
+        (limits.pool_usd_per_hour, "cloud pool ceiling"),
+    ):
         if ceiling is not None:
-            room.append(ceiling - sum(live))
+            room.append((ceiling - sum(live), name))
     if limits.fleet_usd_per_hour is not None:
-        room.append(limits.fleet_usd_per_hour - fleet_usd)
-    return max(0.0, min(room)) + 1e-9 if room else None
+        room.append((limits.fleet_usd_per_hour - fleet_usd, "fleet ceiling"))
+    if not room:
+        return None
+    left, name = min(room)
+    return max(0.0, left), name
 
 
 def _place(
@@ -275,8 +302,6 @@ async def _act(
     for action in plan.actions:
         if isinstance(action, Terminate) and action.launch_id in by_id:
             row = by_id[action.launch_id]
-            if phase_of(row) in (Phase.PENDING, Phase.BOOTING) and "not ready" in action.reason:
-                mark_unavailable(deps, row=row, now=now)
             await _terminate(deps, s, row=row, reason=action.reason, now=now)
         elif isinstance(action, Drain) and action.launch_id in by_id:
             row = by_id[action.launch_id]
