@@ -18,7 +18,8 @@ import asyncpg
 import httpx
 import uvicorn
 
-from autoscaler.api.app import ApiState, create_app
+from autoscaler.api.app import create_app
+from autoscaler.api.deps import ApiState
 from autoscaler.service import ensure_admin_token, utc_now
 from autoscaler.store.db import open_store, session_factory
 

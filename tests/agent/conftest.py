@@ -11,7 +11,8 @@ import uvicorn
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.api import workers
-from autoscaler.api.app import ApiState, create_app
+from autoscaler.api.app import create_app
+from autoscaler.api.deps import ApiState
 from autoscaler.service import ensure_admin_token
 from autoscaler.store.db import open_store, session_factory
 from tests.conftest import ADMIN_TOKEN
