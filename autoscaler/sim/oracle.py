@@ -21,8 +21,9 @@ It knows every future request and the boot time, and is computed as follows:
    is held through when holding for the gap costs less than a new boot, else the
    replica is released and relaunched. This is exact for the given needs.
 5. **Cost.** (replica-seconds held + boot-seconds of each launch after time 0) x the
-   offer's price. The fleet of slot 0 is ready at time 0, as every policy's warm start
-   is. Spot prices are used when the workload allows spot, with no interruption.
+   offer's price, up to the last arrival (the last slot is billed only that far). The
+   fleet of slot 0 is ready at time 0, as every policy's warm start is. Spot prices are
+   used when the workload allows spot, with no interruption.
 6. **Offer.** Steps 2-5 run for the few GPU shapes cheapest per capacity for this trace's
    mean token mix (each at its cheapest price), and the cheapest result is the oracle.
 
@@ -247,7 +248,12 @@ def oracle_for_offer(
     counts, misses = spend_allowance(slots, need, allowance=allowance)
     fleet, launches = hold_or_relaunch(counts, slot_s=slot_s, boot_s=boot_s)
     price = offer.price(spot=spot)
-    replica_s = sum(fleet) * slot_s + launches * boot_s
+    # The last slot is billed only up to the last arrival: the trace ends there.
+    lengths = [slot_s] * len(fleet)
+    if requests and lengths:
+        lengths[-1] = requests[-1].arrival_s - slot_s * (len(fleet) - 1)
+    replica_s = sum(n * length for n, length in zip(fleet, lengths, strict=True))
+    replica_s += launches * boot_s
     return OraclePlan(
         offer=offer,
         spot=spot,

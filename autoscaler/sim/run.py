@@ -26,6 +26,7 @@ from autoscaler.sim.workload import (
     feasible_offers,
 )
 from autoscaler.sim.world import CloudSettings, World, with_spot
+from autoscaler.spec import FixedPolicy
 from catalog.model import Offer
 from catalog.perf import EngineRequest, ServingProfile, simulate
 
@@ -198,7 +199,10 @@ def _concurrency_at(prepared: Prepared, rate: float) -> float:
 
 def initial_replicas(prepared: Prepared, policy: Policy) -> int:
     """The warm fleet at time 0: a static policy's count, else the first minute's load."""
-    if isinstance(policy, ControllerPolicy) and policy.name.startswith("static"):
+    fixed = isinstance(policy, ControllerPolicy) and isinstance(
+        policy.spec.execution_policy_config, FixedPolicy
+    )
+    if fixed:
         low, _ = policy.bounds()
         return low
     first_minute = sum(1 for r in prepared.requests if r.arrival_s < 60.0) / 60.0

@@ -1,0 +1,160 @@
+"""The simulator: known answers, determinism, the SLO rule, the oracle, and the fact that
+the controller's own decision code drives it."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+import autoscaler.decide.scaling as scaling
+from autoscaler.sim.policies import ControllerPolicy, static_policy
+from autoscaler.sim.run import Prepared, Scenario, policies, prepare, run_policy
+from autoscaler.sim.trace import TraceError, TraceRequest, load_trace, scale_rate
+from autoscaler.sim.workload import SimWorkload, SloRule
+from catalog.model import Offer
+from catalog.perf import serving_profile
+from tests.sim.conftest import CALM_CLOUD, constant, ramp, write_trace
+
+
+def _prepare(
+    workload: SimWorkload,
+    offers: tuple[Offer, ...],
+    requests: list[TraceRequest],
+    *,
+    seed: int = 0,
+    rate_scale: float = 1.0,
+) -> Prepared:
+    return prepare(
+        Scenario(
+            workload=workload,
+            offers=offers,
+            requests=requests,
+            trace_name="test",
+            rate_scale=rate_scale,
+            seed=seed,
+            cloud=CALM_CLOUD,
+        )
+    )
+
+
+def test_static_fleet_on_constant_load_has_known_answers(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    prepared = _prepare(workload, offers, constant(rps=1.0, seconds=600))
+    report = run_policy(prepared, static_policy(prepared.workload.spec, replicas=2, name="s2"))
+    profile = serving_profile("NVIDIA H100 80GB HBM3", 1, workload.params_b)
+    # One request a second on two idle H100s: every request is alone on its replica.
+    assert report.served == 600
+    assert report.slo_attainment == 1.0
+    assert report.ttft_p50_s == pytest.approx(profile.prefill_seconds(200), rel=1e-6)
+    assert report.ttft_p99_s == pytest.approx(profile.prefill_seconds(200), rel=1e-6)
+    # Two replicas billed from time 0 to the last request's end, at the offer's price.
+    price = prepared.offer.price(spot=False)
+    assert report.cost_usd == pytest.approx(2 * price * report.duration_s / 3600, rel=1e-6)
+    assert report.gpu_hours == pytest.approx(2 * report.duration_s / 3600, rel=1e-6)
+    assert report.scale_events.get("scale-up", 0) == 0
+
+
+def test_same_seed_same_report_and_other_seed_differs(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    requests = ramp(300)
+
+    def run(seed: int) -> dict[str, object]:
+        prepared = _prepare(workload, offers, requests, seed=seed)
+        return run_policy(prepared, policies(prepared, ["ours"])[0]).to_json()
+
+    first, again, other = run(7), run(7), run(8)
+    assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
+    assert first["events"] != other["events"]  # boot times are drawn from the seed
+
+
+def test_slo_allows_long_prompts_their_prefill_time() -> None:
+    fastest = serving_profile("NVIDIA H100 80GB HBM3", 1, 8.03)
+    rule = SloRule(target_s=1.0, fastest=fastest)
+    long_prompt = 60_000
+    prefill = fastest.prefill_seconds(long_prompt)
+    assert prefill > 1.0  # physically unmeetable under a flat 1 s target
+    assert rule.bound_s(200) == 1.0
+    assert rule.bound_s(long_prompt) == pytest.approx(1.5 * prefill)
+    assert rule.met(ttft_s=1.4 * prefill, input_tokens=long_prompt)
+    assert not rule.met(ttft_s=1.6 * prefill, input_tokens=long_prompt)
+    assert not rule.met(ttft_s=1.2, input_tokens=200)
+
+
+def test_requests_longer_than_the_context_are_refused_and_counted(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    requests = [TraceRequest(k * 1.0, 9000 if k % 10 == 0 else 300, 5) for k in range(100)]
+    prepared = _prepare(workload, offers, requests)
+    report = run_policy(prepared, static_policy(prepared.workload.spec, replicas=1, name="s1"))
+    assert report.refused_too_long == 10  # 9,000 + 5 tokens > --max-model-len 8192
+    assert report.served == 90
+    assert report.slo_attainment == 1.0  # refused requests are reported, not counted
+
+
+def test_oracle_never_costs_more_than_a_policy_that_meets_the_slo(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    prepared = _prepare(workload, offers, ramp())
+    met = 0
+    for count in range(1, 5):
+        report = run_policy(
+            prepared, static_policy(prepared.workload.spec, replicas=count, name=f"s{count}")
+        )
+        if report.slo_attainment >= 0.99:
+            met += 1
+            assert prepared.oracle.cost_usd <= report.cost_usd
+    ours = run_policy(prepared, policies(prepared, ["ours"])[0])
+    if ours.slo_attainment >= 0.99:
+        assert prepared.oracle.cost_usd <= ours.cost_usd
+    assert met >= 1  # the comparison above really happened
+    assert max(prepared.oracle.fleet) >= 2  # and the ramp needs more than one replica
+
+
+def test_a_change_in_the_controllers_decision_code_changes_the_simulation(
+    workload: SimWorkload, offers: tuple[Offer, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prepared = _prepare(workload, offers, ramp())
+
+    def launches() -> int:
+        policy = ControllerPolicy(spec=prepared.workload.spec)
+        return run_policy(prepared, policy).scale_events.get("launch", 0)
+
+    before = launches()
+    assert before > 1  # the ramp makes our controller scale up
+    # The controller's scale-up rule, switched off in autoscaler.decide.scaling itself.
+    monkeypatch.setattr(scaling, "_up", lambda ctx, window_sec: None)
+    assert launches() < before
+
+
+def test_rate_scale_compresses_time() -> None:
+    requests = [TraceRequest(0.0, 10, 1), TraceRequest(60.0, 10, 1)]
+    assert [r.arrival_s for r in scale_rate(requests, 4.0)] == [0.0, 15.0]
+    with pytest.raises(ValueError, match="rate scale"):
+        scale_rate(requests, 0.0)
+
+
+def test_bad_trace_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("arrival_s,input_tokens,output_tokens\n0,10,1\n1,ten,1\n", encoding="utf-8")
+    with pytest.raises(TraceError, match=r"t\.csv:3"):
+        load_trace(path)
+    path.write_text("arrival_s,input_tokens,output_tokens\n5,10,1\n1,10,1\n", encoding="utf-8")
+    with pytest.raises(TraceError, match="back in time"):
+        load_trace(path)
+    write_trace(path, [TraceRequest(10.0, 5, 5), TraceRequest(12.5, 6, 7)])
+    assert load_trace(path) == [TraceRequest(0.0, 5, 5), TraceRequest(2.5, 6, 7)]
+
+
+def test_costs_are_finite_and_timeline_covers_the_run(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    prepared = _prepare(workload, offers, ramp(300))
+    report = run_policy(prepared, policies(prepared, ["knative-kpa"])[0])
+    assert math.isfinite(report.cost_usd) and report.cost_usd > 0
+    assert report.timeline[0]["t"] == 0.0
+    assert report.timeline[-1]["t"] == pytest.approx(report.duration_s)
