@@ -183,6 +183,17 @@ class Controller:
         )
         return await reconcile_once(self.deps)
 
+    async def stop_local_replicas(self) -> None:
+        """Stop the engine processes this machine runs for the cluster: on a laptop the
+        replicas end with the service (the ledger learns it on the next start, and
+        replaces them)."""
+        entry = self.deps.providers.get(ProviderName.LOCAL.value)
+        if entry is None:
+            return
+        for instance in await entry.provider.list(self.deps.settings.cluster_id):
+            if not instance.state.is_gone:
+                await entry.provider.terminate(instance.instance_id)
+
     async def close(self) -> None:
         """Release clients (HTTP health checks, gateway signals, cloud SDK clients)."""
         for thing in (self.deps.health, self.deps.signals):

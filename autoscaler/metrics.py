@@ -147,3 +147,9 @@ class ControllerMetrics:
         for gauge in (self.desired, self.workload_usd, self.workload_ceiling):
             with contextlib.suppress(KeyError):
                 gauge.remove(project, workload)
+        for phase in ("pending", "booting", "ready", "draining", "terminating"):
+            with contextlib.suppress(KeyError):
+                self.replicas.remove(project, workload, phase)
+        for reason in REFUSAL_REASONS:
+            with contextlib.suppress(KeyError):
+                self.blocked.remove(project, workload, reason)

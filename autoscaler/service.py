@@ -139,6 +139,7 @@ async def run_all(settings: RunSettings) -> None:
             )
         finally:
             await gateway.stop()
+            await controller.stop_local_replicas()
             await controller.close()
 
 

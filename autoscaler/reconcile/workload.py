@@ -123,9 +123,11 @@ async def reconcile_workload(
                 now=now,
             )
         await _log_refusals(deps, s, workload=workload, plan=plan, now=now)
-        _export(
-            deps, workload=workload, spec=spec, rows=_still_open(rows), desired=decision.desired
-        )
+        left = _still_open(rows)
+        if workload.deleted_at is not None and not left:
+            deps.metrics.forget_workload(workload.project, workload.slug)
+        else:
+            _export(deps, workload=workload, spec=spec, rows=left, desired=decision.desired)
     due = [plan.requeue_after] if plan.requeue_after is not None else []
     if decision.recheck_at is not None:
         due.append(max(0.0, (decision.recheck_at - now).total_seconds()))

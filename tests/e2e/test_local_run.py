@@ -1,0 +1,131 @@
+"""``autoscaler run`` on this machine, as the quickstart uses it: apply the fixed chat
+example, see engine-sim replicas come up and answer through the gateway, delete the
+workload and see every engine process gone."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.helpers import Process, autoscaler_cli, free_port, http_ok, wait_until
+
+EXAMPLES = Path(__file__).parents[2] / "examples"
+ADMIN = "ik_sdk_e2e-local-admin-" + "z" * 20
+
+pytestmark = pytest.mark.slow
+
+
+def _engine_pids(port: int) -> list[int]:
+    """Processes running engine-sim on ``port`` (from /proc, as ps would show them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z" and b"providers.engine_sim" in argv and str(port).encode() in argv:
+            found.append(int(entry.name))
+    return found
+
+
+def test_run_serves_the_fixed_example_on_engine_sim_and_delete_stops_it(
+    tmp_path: Path,
+) -> None:
+    api_port, gateway_port = free_port(), free_port()
+    doc = yaml.safe_load((EXAMPLES / "chat-fixed.yaml").read_text())
+    doc["execution_policy_config"]["replicas"] = 2
+    spec_file = tmp_path / "chat.yaml"
+    spec_file.write_text(yaml.safe_dump(doc))
+    env = {"AUTOSCALER_DATA_DIR": str(tmp_path / "data"), "AUTOSCALER_ADMIN_TOKEN": ADMIN}
+    config = tmp_path / "controller.yaml"
+    config.write_text("cluster_id: laptop\ntick_sec: 1\nproviders:\n  local: {}\n")
+    argv = autoscaler_cli(
+        "run",
+        "--api-port",
+        str(api_port),
+        "--gateway-port",
+        str(gateway_port),
+        "--config",
+        str(config),
+    )
+    api = f"http://127.0.0.1:{api_port}"
+    with Process(argv, env=env) as service:
+        wait_until(lambda: http_ok(api + "/healthz"), timeout=60, what="autoscaler run")
+        cli_env = {
+            **service.env,
+            "AUTOSCALER_URL": api,
+            "AUTOSCALER_SDK_TOKEN": ADMIN,
+            "AUTOSCALER_PROJECT": "demo",
+        }
+
+        def cli(*args: str) -> str:
+            done = subprocess.run(
+                autoscaler_cli(*args), env=cli_env, capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        assert "created" in cli("apply", "-f", str(spec_file))
+        headers = {"Authorization": f"Bearer {ADMIN}"}
+        replicas_url = f"{api}/v1/projects/demo/workloads/support-bot/replicas"
+
+        def ready() -> list[dict[str, object]]:
+            items = httpx.get(replicas_url, headers=headers, timeout=5).json()["items"]
+            return [r for r in items if r["phase"] == "ready"]
+
+        wait_until(lambda: len(ready()) == 2, timeout=60, what="two ready replicas")
+        urls = sorted(str(r["url"]) for r in ready())
+        described = cli("describe", "support-bot")
+        for url in urls:
+            assert url in described
+        assert described.count(" ready ") >= 2
+        ports = [int(url.rsplit(":", 1)[1]) for url in urls]
+        assert all(_engine_pids(port) for port in ports)
+
+        key = cli("keys", "create", "support-bot").split("secret:")[1].split()[0]
+        gateway = f"http://127.0.0.1:{gateway_port}/endpoint/demo/support-bot/v1"
+        with httpx.Client(timeout=30) as client:
+
+            def chat() -> httpx.Response:
+                return client.post(
+                    f"{gateway}/chat/completions",
+                    headers={"Authorization": f"Bearer {key}"},
+                    json={
+                        "model": doc["model"],
+                        "messages": [{"role": "user", "content": "hello"}],
+                        "max_tokens": 4,
+                    },
+                )
+
+            # The gateway reloads keys within its refresh interval.
+            wait_until(lambda: chat().status_code != 401, timeout=10, what="the new data key")
+            for _ in range(4):
+                answer = chat()
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["message"]["content"]
+            metrics = client.get(f"{api}/metrics").text
+        assert 'autoscaler_controller_replicas{phase="ready",project="demo",' in metrics
+        assert "autoscaler_controller_launch_to_ready_seconds_count" in metrics
+
+        assert "deleted" in cli("delete", "support-bot")
+        wait_until(
+            lambda: not any(_engine_pids(port) for port in ports),
+            timeout=60,
+            what="engine-sim processes to stop after the delete",
+        )
+        decisions = httpx.get(
+            f"{api}/v1/projects/demo/workloads/support-bot/decisions", headers=headers
+        )
+        assert decisions.status_code == 404  # the workload is gone from the API
+        log = service.stop()
+    assert "providers: local" in log
+    assert json.dumps(urls)  # the URLs were real http://127.0.0.1:PORT addresses
+    assert all(url.startswith("http://127.0.0.1:") for url in urls)
