@@ -151,7 +151,9 @@ class SimGateway:
         last = self.last_request_s
         return Signals(
             ttft_samples=tuple((at, v) for _, at, v in self.ttft),
-            request_rate=self.rate(t, window_s=SIGNAL_WINDOW_S),
+            # Before a full window has passed since time 0, the traffic before the trace
+            # is unknown: the rate is over the time elapsed, as if it had been the same.
+            request_rate=self.rate(t, window_s=min(SIGNAL_WINDOW_S, max(t, 60.0))),
             in_flight=self.in_flight,
             queue_depth=len(self.queue),
             last_request_at=None if last is None else as_datetime(self.epoch_s + last),

@@ -1,0 +1,108 @@
+"""Our policy against the baselines and the oracle on the bundled traces.
+
+Runs every policy (``autoscaler.sim.run.POLICY_NAMES``) on ``azure2023_code.csv``,
+``azure2023_conv.csv`` and ``mooncake_synthetic.csv`` at the rate scales in
+:data:`RATE_SCALES` (chosen so that the peaks need several replicas), with and without
+spot, and prints one table: SLO attainment, cost, and cost over the oracle's cost.
+
+    .venv/bin/python -m bench.policy [--seed N] [--traces DIR] [--json FILE]
+
+The workload is :data:`WORKLOAD`: Llama-3.1-8B, 128k context, 1-64 replicas on L40S,
+A100 80GB or H100, $400/h ceiling, TTFT target 1 s; the same defaults for every trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from autoscaler.sim.run import POLICY_NAMES, Scenario, policies, prepare, run_policy
+from autoscaler.sim.trace import load_trace
+from autoscaler.sim.workload import sim_workload
+from autoscaler.spec import WorkloadSpec
+from catalog.snapshot import load_catalog
+
+RATE_SCALES: dict[str, float] = {
+    "azure2023_code.csv": 4.0,
+    "azure2023_conv.csv": 8.0,
+    "mooncake_synthetic.csv": 1.0,
+}
+
+WORKLOAD = {
+    "name": "Policy benchmark",
+    "slug": "policy-bench",
+    "model": "meta-llama/Llama-3.1-8B-Instruct",
+    "command": "--max-model-len 131072",
+    "execution_policy": "autoscaling",
+    "execution_policy_config": {
+        "min_workers": 1,
+        "max_workers": 64,
+        "max_hourly_cost_usd": 400,
+        "upper_allowed_latency_sec": 1.0,
+        "lower_allowed_latency_sec": 0.2,
+        "workers": {
+            "source": "cloud",
+            "cloud_pool": {
+                "gpu_pool": ["NVIDIA L40S", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"]
+            },
+        },
+    },
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--traces", type=Path, default=Path(__file__).parent.parent / "traces")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    args = parser.parse_args()
+    workload = sim_workload(WorkloadSpec.model_validate(WORKLOAD))
+    offers = load_catalog().offers
+    rows: list[dict[str, object]] = []
+    started = time.perf_counter()
+    header = (
+        f"{'trace':<24} {'x':>3} {'spot':<4} {'policy':<13} {'SLO':>7} {'flat':>7} "
+        f"{'p99 TTFT':>9} {'cost $':>8} {'/oracle':>7}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, scale in RATE_SCALES.items():
+        requests = load_trace(args.traces / name)
+        for spot in (False, True):
+            prepared = prepare(
+                Scenario(
+                    workload=workload,
+                    offers=offers,
+                    requests=requests,
+                    trace_name=name,
+                    rate_scale=scale,
+                    seed=args.seed,
+                    allow_spot=spot,
+                )
+            )
+            oracle = prepared.oracle
+            print(
+                f"{name:<24} {scale:>3g} {'yes' if spot else 'no':<4} {'oracle':<13} "
+                f"{'>=99%':>7} {'':>7} {'':>9} {oracle.cost_usd:>8.2f} {1.0:>7.2f}"
+            )
+            for policy in policies(prepared, POLICY_NAMES):
+                report = run_policy(prepared, policy)
+                p99 = report.ttft_p99_s
+                ratio = report.cost_vs_oracle
+                print(
+                    f"{name:<24} {scale:>3g} {'yes' if spot else 'no':<4} {report.policy:<13} "
+                    f"{report.slo_attainment:>7.2%} {report.flat_attainment:>7.2%} "
+                    f"{'-' if p99 is None else f'{p99:.2f}s':>9} {report.cost_usd:>8.2f} "
+                    f"{'-' if ratio is None else f'{ratio:.2f}':>7}",
+                    flush=True,
+                )
+                rows.append(report.to_json(detail=False))
+    print(f"\n{len(rows)} runs in {time.perf_counter() - started:.0f} s (seed {args.seed})")
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
