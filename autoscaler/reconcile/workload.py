@@ -404,7 +404,6 @@ async def _log_refusals(
     for label in REFUSAL_REASONS:
         deps.metrics.blocked.labels(*labels, label).set(1 if label in reasons else 0)
     if not reasons:
-        deps.memory.last_refusal.pop(workload.id, None)
         return
     label, text = next(iter(reasons.items()))
     last = deps.memory.last_refusal.get(workload.id)
