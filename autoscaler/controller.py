@@ -290,7 +290,11 @@ class LeaderLock:
         return True
 
     async def release(self) -> None:
+        """End the leader's session (not just return it to the pool): the lock goes with
+        it, so a standby takes over on its next try."""
         if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.invalidate()
             with contextlib.suppress(Exception):
                 await self._conn.close()
             self._conn = None

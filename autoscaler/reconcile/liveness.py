@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.reconcile.deps import Deps, log
 from autoscaler.reconcile.observe import Observation, count_provider_error
+from autoscaler.reconcile.provisioner import mark_unavailable
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
 from providers.base import Instance, InstanceState, NotFound, ProviderError
@@ -49,6 +50,8 @@ async def sync_with_provider(
             instance = described if isinstance(described, Instance) else None
         if instance is None or instance.state.is_gone:
             _confirm_gone(row, instance, now=now)
+            if instance is not None and instance.state is InstanceState.INTERRUPTED:
+                mark_unavailable(deps, row=row, now=now)  # spot reclaimed: avoid it a while
         elif row.terminate_requested_at is not None and instance.state in (
             InstanceState.PENDING,
             InstanceState.RUNNING,

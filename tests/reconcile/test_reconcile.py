@@ -350,3 +350,18 @@ async def test_decisions_are_listed_for_describe(world: World) -> None:
     launch = (await world.decisions("launch"))[0]
     assert launch.cost_delta_usd_per_hour == pytest.approx(L40S.on_demand_usd_per_hour)
     assert launch.result["launch_id"]
+
+
+async def test_a_spot_interruption_is_replaced_away_from_that_spot_market(world: World) -> None:
+    spec = autoscaling("bot", allow_spot_instances=True)
+    await world.apply(spec)
+    await world.step()
+    [row] = await world.rows("bot")
+    assert row.spot
+    world.cloud.interrupt(row.instance_id or "")
+    await world.step(5)
+    rows = await world.rows("bot")
+    assert "interrupted" in (rows[0].last_error or "")
+    assert rows[0].terminated_confirmed_at is not None
+    replacement = rows[1]
+    assert (replacement.offer_key, replacement.spot) != (row.offer_key, True)

@@ -1,0 +1,109 @@
+"""Controller configuration errors name the key; leaders are elected on PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from pathlib import Path
+
+import pytest
+
+from autoscaler.config import ConfigError, load_config, parse_config
+from autoscaler.controller import LeaderLock, offers_for
+from autoscaler.store.db import open_store
+from catalog.snapshot import load_bundled
+from tests.conftest import PG_HOST, _require_pg
+from tests.helpers import pg_create_database, pg_drop_database
+
+
+def test_no_config_means_this_machine_alone() -> None:
+    config = load_config(None)
+    assert config.cluster_id == "local"
+    assert config.providers.local is not None
+    assert config.providers.aws is None and config.providers.gcp is None
+    offers = offers_for(config, load_bundled())
+    assert [o.provider.value for o in offers] == ["local"]
+
+
+def test_a_full_config_reads_every_provider(tmp_path: Path) -> None:
+    path = tmp_path / "controller.yaml"
+    path.write_text(
+        "cluster_id: prod-eu\n"
+        "fleet_max_hourly_cost_usd: 120\n"
+        "providers:\n"
+        "  aws:\n"
+        "    regions: [us-east-1, eu-west-1]\n"
+        "    subnets: {us-east-1a: subnet-123}\n"
+        "    security_group_id: sg-1\n"
+        "    ami_overrides: {'12.4': ami-1}\n"
+        "    endpoint_url: http://127.0.0.1:5000\n"
+        "  gcp:\n"
+        "    project: acme-ml\n"
+        "    zones: [europe-west4-a]\n"
+        "    network: global/networks/ml\n"
+    )
+    config = load_config(path)
+    assert config.fleet_max_hourly_cost_usd == 120
+    assert config.providers.local is None  # named providers only
+    aws = config.providers.aws
+    assert aws is not None
+    assert aws.provider_config().regions == ("us-east-1", "eu-west-1")
+    assert aws.provider_config().subnets == {"us-east-1a": "subnet-123"}
+    offers = offers_for(config, load_bundled())
+    assert {o.provider.value for o in offers} == {"aws", "gcp"}
+    assert {o.region for o in offers if o.provider.value == "aws"} <= {"us-east-1", "eu-west-1"}
+
+
+@pytest.mark.parametrize(
+    ("document", "names"),
+    [
+        ({"fleet_max_hourly_cost_usd": -5}, "fleet_max_hourly_cost_usd"),
+        ({"providers": {"aws": {"regions": []}}}, "providers.aws.regions"),
+        ({"providers": {"gcp": {"zones": ["a"]}}}, "providers.gcp.project"),
+        ({"providers": {"aws": {"regon": "x"}}}, "providers.aws.regon"),
+        ({"cluster_id": "Not Valid!"}, "cluster_id"),
+        ({"tick_sec": "soon"}, "tick_sec"),
+    ],
+)
+def test_bad_config_names_the_key(document: dict[str, object], names: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(document, source="ctl.yaml")
+    assert f"controller config ctl.yaml: {names}" in str(caught.value)
+
+
+def test_unreadable_and_malformed_files_say_so(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("providers: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+@pytest.mark.postgres
+def test_one_leader_at_a_time_and_a_standby_takes_over() -> None:
+    _require_pg()
+    name = "autoscaler_test_" + secrets.token_hex(6)
+    asyncio.run(pg_create_database(PG_HOST, name))
+    url = f"{PG_HOST.replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
+
+    async def scenario() -> None:
+        async with open_store(url) as a, open_store(url) as b:
+            first, second = LeaderLock(a), LeaderLock(b)
+            assert await first.hold()
+            assert not await second.hold()  # standby
+            assert await first.hold()  # still leading
+            await first.release()  # its session ends (as when the process dies)
+            assert await second.hold()
+            assert not await first.hold()
+            await second.release()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        asyncio.run(pg_drop_database(PG_HOST, name))
+
+
+async def test_sqlite_has_a_single_leader(tmp_path: Path) -> None:
+    async with open_store(f"sqlite+aiosqlite:///{tmp_path / 's.db'}") as engine:
+        assert await LeaderLock(engine).hold()
