@@ -75,3 +75,13 @@ def test_every_alert_reads_a_metric_the_code_exports() -> None:
         "ControllerDown",
     ):
         assert needed in alerts
+
+
+def test_the_dashboard_reads_only_exported_metrics() -> None:
+    import json
+
+    dashboard = json.loads((RULES_DIR.parent / "grafana" / "autoscaler-dashboard.json").read_text())
+    exported = _exported(ControllerMetrics().registry) | _exported(GatewayMetrics().registry)
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bautoscaler_[a-z_]+", e)}
+    assert used and used <= exported, sorted(used - exported)
