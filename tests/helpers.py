@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -168,3 +170,30 @@ class Process:
 def autoscaler_cli(*args: str) -> list[str]:
     """The argv that runs this checkout's ``autoscaler`` command."""
     return [sys.executable, "-m", "autoscaler", *args]
+
+
+def pid_running(pid: int) -> bool:
+    """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat")
+    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+def recorded_pids(directory: Path) -> list[int]:
+    """The pids in a local provider's (or agent's) per-launch state files."""
+    if not directory.exists():
+        return []
+    return [json.loads(p.read_text())["pid"] for p in directory.glob("*.json")]
+
+
+def kill_recorded(directory: Path) -> None:
+    """Teardown: kill and reap every recorded engine process, and prove none survived."""
+    for pid in recorded_pids(directory):
+        if pid_running(pid):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        assert not pid_running(pid), f"engine process {pid} survived the test"

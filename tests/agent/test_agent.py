@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import textwrap
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
@@ -37,6 +35,7 @@ from providers.base import BootSpec
 from providers.local import EngineSimLauncher, LaunchCommand
 from tests.agent.conftest import SteppedNow, WorkersApiServer
 from tests.conftest import ADMIN_TOKEN
+from tests.helpers import kill_recorded, pid_running, recorded_pids
 
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 ENGINE_KEY = "ek-agent-" + "a" * 24
@@ -44,28 +43,11 @@ MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 A10G = [GpuInfo(name="NVIDIA A10G", memory_mib=23028, driver_version="560.35.03")]
 
 
-def pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def recorded_pids(directory: Path) -> list[int]:
-    return [json.loads(p.read_text())["pid"] for p in directory.glob("*.json")]
-
-
 @pytest.fixture
 def agent_dir(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "agent"
     yield directory
-    for pid in recorded_pids(directory) if directory.exists() else []:
-        if pid_running(pid):
-            os.killpg(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        assert not pid_running(pid), f"replica process {pid} survived the test"
+    kill_recorded(directory)
 
 
 @dataclass

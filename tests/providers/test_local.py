@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import os
-import signal
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from catalog.model import Offer, ProviderName
 from providers.base import BootSpec, InstanceState, LaunchRequest, Provider, Terminal
 from providers.engines import ENGINE_KEY_SECRET, boot_spec
 from providers.local import EngineSimLauncher, LaunchCommand, LocalProvider
+from tests.helpers import kill_recorded, pid_running, recorded_pids
 from tests.providers.contract import (
     Capability,
     ErrorKind,
@@ -50,29 +50,11 @@ async def fixed_secrets(_request: LaunchRequest) -> Mapping[str, str]:
     return {ENGINE_KEY_SECRET: ENGINE_KEY}
 
 
-def pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie has exited; only its entry remains until it is reaped.
-    stat = Path(f"/proc/{pid}/stat")
-    return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
-
-
-def recorded_pids(state_dir: Path) -> list[int]:
-    return [json.loads(p.read_text())["pid"] for p in state_dir.glob("*.json")]
-
-
 @pytest.fixture
 def state_dir(tmp_path: Path) -> Iterator[Path]:
     directory = tmp_path / "local"
     yield directory
-    for pid in recorded_pids(directory) if directory.exists() else []:
-        if pid_running(pid):
-            os.killpg(pid, signal.SIGKILL)
-        with_reap(pid)
-        assert not pid_running(pid), f"process {pid} survived the test"
+    kill_recorded(directory)
 
 
 def with_reap(pid: int) -> None:
