@@ -6,8 +6,13 @@ engine-sim processes), so ``autoscaler run`` works on a laptop with no cloud acc
 
 AWS credentials and endpoints come from the standard AWS environment and profiles
 (``AWS_PROFILE``, ``AWS_ENDPOINT_URL``…), GCP's from application default credentials or
-``credentials_file``; the file holds no secret. A bad file fails with the key that is
-wrong: ``controller config /etc/autoscaler.yaml: providers.aws.regions: …``.
+``credentials_file``; the file holds no secret. Cloud instances boot from a startup
+script that calls back to the management API at ``callback_url`` for their secrets (the
+engine key; the Hugging Face token from ``$HF_TOKEN`` or the file ``hf_token_file``), so
+a configuration with ``providers.aws`` or ``providers.gcp`` must name that address.
+
+A bad file fails with the key that is wrong:
+``controller config /etc/autoscaler.yaml: providers.aws.regions: …``.
 """
 
 from __future__ import annotations
@@ -123,6 +128,22 @@ class ControllerConfig(_Strict):
     unhealthy_grace_sec: Annotated[float, Field(ge=0)] = 30.0
     health_timeout_sec: Annotated[float, Field(gt=0)] = 3.0
     catalog_max_age_sec: Annotated[float, Field(gt=0)] = 7 * 86400.0
+    callback_url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")] | None = None
+    """The management API's address as cloud instances reach it (``https://host:8001``)."""
+    hf_token_file: Path | None = None
+    """A file holding the Hugging Face token handed to booting instances (else ``$HF_TOKEN``)."""
+
+    def missing_callback(self) -> str | None:
+        """Why this configuration cannot boot cloud instances, or ``None``."""
+        clouds = [name for name in ("aws", "gcp") if getattr(self.providers, name) is not None]
+        if not clouds or self.callback_url is not None:
+            return None
+        named = " and ".join(f"providers.{name}" for name in clouds)
+        return (
+            f"callback_url: required with {named}: the management API address cloud "
+            "instances can reach (e.g. https://autoscaler.internal:8001), where their startup "
+            "script fetches the engine key and reports ready or failed"
+        )
 
 
 DEFAULT_CLUSTER_ID = "local"
@@ -141,13 +162,17 @@ def parse_config(data: object, *, source: str) -> ControllerConfig:
         raise ConfigError(f"controller config {source}: expected a mapping at the top level")
     data = {"cluster_id": DEFAULT_CLUSTER_ID, **data}
     try:
-        return ControllerConfig.model_validate(data)
+        config = ControllerConfig.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
             for err in exc.errors()
         )
         raise ConfigError(f"controller config {source}: {problems}") from None
+    missing = config.missing_callback()
+    if missing is not None:
+        raise ConfigError(f"controller config {source}: {missing}")
+    return config
 
 
 def load_config(path: Path | None) -> ControllerConfig:

@@ -237,6 +237,7 @@ def build_controller(
             unavailable_sec=config.unavailable_sec,
             unhealthy_grace_sec=config.unhealthy_grace_sec,
             dry_run=dry_run,
+            callback_url=config.callback_url,
         ),
         metrics=metrics or ControllerMetrics(),
         notify_change=notify_change,

@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.api.app import create_app
+from autoscaler.api.boot import BootSecrets, configure_boot
 from autoscaler.api.deps import ApiState
 from autoscaler.config import load_config
 from autoscaler.controller import GatewaySignals, build_controller, run_controller
@@ -120,6 +121,7 @@ async def run_all(settings: RunSettings) -> None:
             dry_run=settings.dry_run,
         )
         api = create_app(ApiState(sessions=sessions, now=utc_now, on_change=changed))
+        configure_boot(api, BootSecrets(hf_token_file=config.hf_token_file))
         mount_metrics(api, controller.deps.metrics.registry)
         api_server = _uvicorn_server(api, host=settings.host, port=settings.api_port)
         await gateway.start(settings.host, settings.gateway_port)

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import autoscaler
+from autoscaler.api.boot import router as boot_router
 from autoscaler.api.deps import ApiState, Caller, Project, Session, Slug, State
 from autoscaler.api.errors import ApiError, handle_api_error
 from autoscaler.api.views import (
@@ -45,6 +46,7 @@ def create_app(state: ApiState) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.include_router(router)
     app.include_router(workers_router)
+    app.include_router(boot_router)
     return app
 
 

@@ -36,6 +36,7 @@ def register(group: click.Group) -> None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="Controller configuration (YAML).",
 )
+@click.option("--dry-run", is_flag=True, help="Compute and log decisions; buy nothing.")
 def run(
     host: str,
     api_port: int,
@@ -43,11 +44,17 @@ def run(
     database_url: str | None,
     data_dir: Path,
     config_path: Path | None,
+    dry_run: bool,
 ) -> None:
     """Run every role in one process: management API, controller, gateway, local worker."""
+    from autoscaler.config import ConfigError, load_config
     from autoscaler.service import RunSettings, run_all
     from autoscaler.uvloop import run_async
 
+    try:
+        load_config(config_path)  # a bad file fails here, naming its key, before serving
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     settings = RunSettings(
         host=host,
         api_port=api_port,
@@ -55,6 +62,7 @@ def run(
         data_dir=data_dir,
         database_url=database_url,
         config_path=config_path,
+        dry_run=dry_run,
     )
     run_async(run_all(settings))
 

@@ -124,6 +124,7 @@ class Settings:
     unhealthy_grace_sec: float = 30.0
     refusal_log_interval_sec: float = 300.0
     dry_run: bool = False
+    callback_url: str | None = None  # the management API as cloud instances reach it
 
 
 @dataclass

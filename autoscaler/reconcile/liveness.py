@@ -4,6 +4,10 @@
   key) becomes ready: ``ready_at`` is set and the gateway told to reload its routes.
 * A booting replica not ready within ``scaling_up_timeout_sec`` is terminated by the
   plan (``decide.plan``), and its offer marked unavailable for a while.
+* A booting replica whose startup script reported failure (the boot callback records
+  ``last_error`` starting with :data:`BOOT_FAILED`) is terminated at once, and its offer
+  marked unavailable; a "ready" report only wakes the controller, whose own health
+  check sets ``ready_at``.
 * A ready replica whose engine stops answering for ``unhealthy_grace_sec`` is
   terminated; one whose instance the provider reports gone is closed. The plan then
   launches a replacement.
@@ -25,6 +29,18 @@ from autoscaler.reconcile.provisioner import mark_unavailable
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
 from providers.base import Instance, InstanceState, NotFound, ProviderError
+
+BOOT_FAILED = "boot failed: "
+"""How ``last_error`` starts when an instance's startup script reported failure."""
+
+
+def failed_boots(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
+    """Booting replicas whose instance reported that its startup script failed."""
+    return [
+        r
+        for r in rows
+        if phase_of(r) is Phase.BOOTING and (r.last_error or "").startswith(BOOT_FAILED)
+    ]
 
 
 async def sync_with_provider(

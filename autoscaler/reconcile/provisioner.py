@@ -13,10 +13,18 @@ Outcomes of a launch call:
 * any other provider error (capacity, quota, an invalid request): the provider bought
   nothing, so the row is closed on its word, the offer's market is marked unavailable
   for a while, and the next pass places elsewhere.
+
+Cloud instances (AWS, GCP) boot from a startup script (``providers.bootstrap``) that
+calls back to the management API at ``{callback_url}/v1/boot/{launch_id}`` with a
+per-instance token: :func:`boot_token`, an HMAC of the launch id keyed by the row's
+engine key, so no new secret is stored (the API derives it again to check a caller).
+Local and simulated providers start their engines themselves and get no script.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -42,12 +50,30 @@ from providers.base import (
     Transient,
     instance_tags,
 )
+from providers.bootstrap import BootCallback, with_startup_script
 from providers.engines import boot_spec
+
+SCRIPTED_PROVIDERS = frozenset({ProviderName.AWS.value, ProviderName.GCP.value})
+"""Providers whose instances boot from the startup script (the rest start engines)."""
 
 
 def new_launch_id() -> str:
     """A launch id: short enough for EC2's 64-character ClientToken and GCE names."""
     return f"ln-{secrets.token_hex(10)}"
+
+
+def boot_token(*, launch_id: str, engine_key: str) -> str:
+    """The bearer token a launch's startup script proves itself with (hex HMAC-SHA256)."""
+    message = f"autoscaler-boot-callback:{launch_id}".encode()
+    return hmac.new(engine_key.encode(), message, hashlib.sha256).hexdigest()
+
+
+def boot_callback(*, callback_url: str, launch_id: str, engine_key: str) -> BootCallback:
+    """Where the launch's startup script fetches its secrets and reports."""
+    return BootCallback(
+        url=f"{callback_url.rstrip('/')}/v1/boot/{launch_id}",
+        token=boot_token(launch_id=launch_id, engine_key=engine_key),
+    )
 
 
 def workload_boot(spec: WorkloadSpec, *, cuda_version: str | None = None) -> BootSpec:
@@ -136,7 +162,9 @@ async def _call_launch(
         return await _refused(
             deps, session, row=row, now=now, error=f"offer {row.offer_key} left the catalog"
         )
-    boot = workload_boot(spec, cuda_version=_cuda_pin(spec))
+    boot = _scripted(
+        deps, row=row, spec=spec, boot=workload_boot(spec, cuda_version=_cuda_pin(spec))
+    )
     request = LaunchRequest(
         offer=offer,
         spot=row.spot,
@@ -165,6 +193,21 @@ async def _call_launch(
     deps.metrics.launches.labels(row.provider).inc()
     await session.commit()
     return LaunchOutcome(row=row, bought=True)
+
+
+def _scripted(deps: Deps, *, row: LedgerRow, spec: WorkloadSpec, boot: BootSpec) -> BootSpec:
+    """``boot`` with its startup script, for providers whose instances boot from one.
+
+    ``callback_url`` is required by the configuration wherever AWS or GCP is configured;
+    without it (a hand-built ``Settings``) the request goes out as it is.
+    """
+    url = deps.settings.callback_url
+    if row.provider not in SCRIPTED_PROVIDERS or url is None or not row.engine_key:
+        return boot
+    callback = boot_callback(callback_url=url, launch_id=row.launch_id, engine_key=row.engine_key)
+    return with_startup_script(
+        boot, backend=spec.backend.value, launch_id=row.launch_id, callback=callback
+    )
 
 
 def _cuda_pin(spec: WorkloadSpec) -> str | None:

@@ -47,7 +47,12 @@ from autoscaler.reconcile.ledger import (
     record_decision,
     replica_view,
 )
-from autoscaler.reconcile.liveness import check_health, sync_with_provider, terminate_instance
+from autoscaler.reconcile.liveness import (
+    check_health,
+    failed_boots,
+    sync_with_provider,
+    terminate_instance,
+)
 from autoscaler.reconcile.observe import Observation
 from autoscaler.reconcile.provisioner import launch_replica, mark_unavailable, resolve_intent
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
@@ -92,6 +97,9 @@ async def reconcile_workload(
                 f"{deps.settings.unhealthy_grace_sec:g}s",
                 now=now,
             )
+        for row in failed_boots(rows):
+            mark_unavailable(deps, row=row, now=now)
+            await _terminate(deps, s, row=row, reason=row.last_error or "boot failed", now=now)
         rows = _still_open(rows)
         _avoid_slow_offers(deps, rows=rows, timeouts=_timeouts(spec), now=now)
         signal = _signals_for(workload, signals)

@@ -119,6 +119,7 @@ def aws_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 def _config(proxy: Ec2Proxy, cluster: str, **extra: Any) -> dict[str, Any]:
     return {
         "cluster_id": cluster,
+        "callback_url": "http://127.0.0.1:9",  # no instance here runs its startup script
         "providers": {
             "aws": {
                 "regions": [REGION],

@@ -30,6 +30,7 @@ def test_a_full_config_reads_every_provider(tmp_path: Path) -> None:
     path.write_text(
         "cluster_id: prod-eu\n"
         "fleet_max_hourly_cost_usd: 120\n"
+        "callback_url: https://autoscaler.internal:8001\n"
         "providers:\n"
         "  aws:\n"
         "    regions: [us-east-1, eu-west-1]\n"
