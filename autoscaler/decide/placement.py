@@ -13,6 +13,12 @@ The rules:
   for this model (``catalog.perf``, the model engine-sim and the simulator use): a GPU a
   third the price that serves a tenth of the load is not cheaper. Offers without
   performance figures rank after all those with figures, by raw price.
+* **Prompts must fit the TTFT target.** Given the prompt length the gateway measures,
+  an option whose prefill of a typical prompt alone takes more than
+  :data:`PREFILL_SHARE_OF_TARGET` of ``upper_allowed_latency_sec`` ranks after every
+  option that does not (fastest prefill first among them): a GPU that spends most of
+  the target prefilling one prompt misses it as soon as two arrive together, and no
+  number of replicas fixes that.
 * **Skip recent failures.** ``unavailable`` maps :func:`unavailable_key` (offer and
   market, or a worker) to the time until which it is skipped: a spot stock-out leaves the
   same offer's on-demand market usable.
@@ -43,6 +49,9 @@ DEFAULT_INPUT_TOKENS = 1024.0
 DEFAULT_OUTPUT_TOKENS = 256.0
 """Mean completion length assumed when ranking offers by serving capacity."""
 
+PREFILL_SHARE_OF_TARGET = 0.5
+"""The most of the TTFT target a typical prompt's prefill may take on a preferred offer."""
+
 
 @dataclass(frozen=True, slots=True)
 class PlacementOption:
@@ -51,6 +60,8 @@ class PlacementOption:
 
     offer: Offer
     capacity_rps: float | None
+    prefill_s: float | None = None
+    """Prefill of a typical prompt alone on one replica (``None``: not known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +145,10 @@ class _Priced:
         capacity = self.option.capacity_rps
         return self.usd_per_hour / capacity if capacity else math.inf
 
+    def too_slow(self, budget_s: float | None) -> bool:
+        prefill = self.option.prefill_s
+        return budget_s is not None and prefill is not None and prefill > budget_s
+
 
 def choose_offer(
     *,
@@ -143,10 +158,12 @@ def choose_offer(
     now: datetime,
     current_zones: Sequence[str] = (),
     max_usd_per_hour: float | None = None,
+    prefill_budget_s: float | None = None,
 ) -> Placement:
     """The option with the lowest cost per capacity, by the rules in the module docstring.
 
-    ``current_zones`` holds the zone of each of the workload's live replicas.
+    ``current_zones`` holds the zone of each of the workload's live replicas. Options
+    whose ``prefill_s`` exceeds ``prefill_budget_s`` rank after all others.
     """
     skipped: Counter[str] = Counter()
     priced: list[_Priced] = []
@@ -165,9 +182,18 @@ def choose_offer(
         return Placement(reason=f"no offer fits: {_counts(skipped) or 'no candidate offers'}")
     zones = Counter(current_zones)
     regions = Counter(_region_of(z, priced) for z in current_zones)
-    best = min(priced, key=lambda p: _rank(p, zones=zones, regions=regions))
+    best = min(
+        priced,
+        key=lambda p: (_speed_rank(p, prefill_budget_s), _rank(p, zones=zones, regions=regions)),
+    )
+    reason = _chosen_reason(best, among=len(priced), zones=zones, skipped=skipped)
+    if best.too_slow(prefill_budget_s):
+        reason += (
+            f"; no option prefills a typical prompt within {prefill_budget_s:.3g}s "
+            f"(this one takes {best.option.prefill_s:.3g}s): the fastest was taken"
+        )
     return Placement(
-        reason=_chosen_reason(best, among=len(priced), zones=zones, skipped=skipped),
+        reason=reason,
         offer=best.option.offer,
         market=best.market,
         usd_per_hour=best.usd_per_hour,
@@ -201,6 +227,13 @@ def _rank(
         offer.key,
         p.market.value,
     )
+
+
+def _speed_rank(p: _Priced, budget_s: float | None) -> tuple[bool, float]:
+    """Options within the prefill budget first; beyond it, the fastest first."""
+    if p.too_slow(budget_s):
+        return True, p.option.prefill_s or 0.0
+    return False, 0.0
 
 
 def _region_of(zone: str, priced: Sequence[_Priced]) -> str:
@@ -248,6 +281,8 @@ def place_replica(
     bytes_per_param: float = 2.0,
     model_memory_gib: float | None = None,
     max_usd_per_hour: float | None = None,
+    input_tokens: float | None = None,
+    output_tokens: float | None = None,
 ) -> Placement:
     """Where the workload's next replica goes.
 
@@ -255,6 +290,10 @@ def place_replica(
     by the cloud pool (GPU names, CUDA pins), the policy's regions and the model's memory
     (``spec.model_memory_gib``, else ``model_memory_gib``), ranked per capacity for a
     ``params_b``-billion model (by raw price when ``params_b`` is not known).
+    ``input_tokens`` and ``output_tokens`` are the measured mean prompt and completion
+    lengths (defaults :data:`DEFAULT_INPUT_TOKENS`, :data:`DEFAULT_OUTPUT_TOKENS`); with
+    a measured prompt length, offers too slow to prefill it within the TTFT target rank
+    last.
     """
     policy = spec.execution_policy_config
     autoscaling = policy if isinstance(policy, AutoscalingPolicy) else None
@@ -269,20 +308,25 @@ def place_replica(
         )
     request = _offer_request(autoscaling, memory_gib=spec.model_memory_gib or model_memory_gib)
     selection = select_offers(offers, request)
+    mix = (input_tokens or DEFAULT_INPUT_TOKENS, output_tokens or DEFAULT_OUTPUT_TOKENS)
     # One profile per GPU shape, not per offer: a catalog repeats shapes across zones.
-    capacities: dict[tuple[str, int], float | None] = {}
+    shapes: dict[tuple[str, int], tuple[float | None, float | None]] = {}
     options: list[PlacementOption] = []
     for c in selection.feasible:
         shape = (c.offer.gpu, c.offer.gpu_count)
-        if shape not in capacities:
-            capacities[shape] = (
-                None
+        if shape not in shapes:
+            shapes[shape] = (
+                (None, None)
                 if params_b is None
-                else replica_capacity_rps(
-                    c.offer, params_b=params_b, bytes_per_param=bytes_per_param
+                else _shape_figures(
+                    c.offer, params_b=params_b, bytes_per_param=bytes_per_param, mix=mix
                 )
             )
-        options.append(PlacementOption(offer=c.offer, capacity_rps=capacities[shape]))
+        capacity, prefill = shapes[shape]
+        options.append(PlacementOption(offer=c.offer, capacity_rps=capacity, prefill_s=prefill))
+    budget = None
+    if autoscaling is not None and input_tokens is not None:
+        budget = PREFILL_SHARE_OF_TARGET * autoscaling.upper_allowed_latency_sec
     placement = choose_offer(
         options=options,
         allow_spot=autoscaling.allow_spot_instances if autoscaling else False,
@@ -290,11 +334,26 @@ def place_replica(
         now=now,
         current_zones=current_zones,
         max_usd_per_hour=max_usd_per_hour,
+        prefill_budget_s=budget,
     )
     if placement.found or not selection.rejected:
         return placement
     rejected = Counter(r.reason.value for r in selection.rejected)
     return Placement(reason=f"{placement.reason}; catalog rejected {_counts(rejected)}")
+
+
+def _shape_figures(
+    offer: Offer, *, params_b: float, bytes_per_param: float, mix: tuple[float, float]
+) -> tuple[float | None, float | None]:
+    """One replica's capacity (requests/s) at ``mix`` and its prefill of the mean prompt."""
+    try:
+        profile = serving_profile(offer.gpu, offer.gpu_count, params_b, bytes_per_param)
+    except ModelDoesNotFit:
+        return 0.0, None
+    except ValueError:
+        return None, None
+    capacity = profile.capacity_rps(input_tokens=mix[0], output_tokens=mix[1])
+    return capacity, profile.prefill_seconds(round(mix[0]))
 
 
 def _offer_request(policy: AutoscalingPolicy | None, *, memory_gib: float | None) -> OfferRequest:

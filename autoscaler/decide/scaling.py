@@ -43,6 +43,16 @@ FAST_SCALE_UP_WINDOW_SEC = 10.0
 SAFE_UTILIZATION = 0.75
 """Share of a replica's capacity the consolidation check lets the remaining replicas run at."""
 
+CALM_SHARE_OF_UPPER = 0.5
+"""With a capacity figure, TTFT below this share of the upper bound counts as calm."""
+
+RECENT_LOAD_WINDOW_SEC = 60.0
+"""The window the recent request rate is read over: first tokens (one per request
+answered, from ``ttft_samples``) plus requests still waiting for one."""
+
+BACKLOG_CLEAR_SEC = 60.0
+"""Queued requests are to be cleared within this, on top of the incoming rate."""
+
 
 @dataclass(frozen=True, slots=True)
 class Signals:
@@ -187,9 +197,23 @@ def desired_replicas(
     ttft_down = ttft_percentile(
         signals.ttft_samples, q=q, since=now - timedelta(seconds=down_window)
     )
-    memory = _remember(policy, memory, signals=signals, up=ttft_up, down=ttft_down, now=now)
+    memory = _remember(
+        policy,
+        memory,
+        signals=signals,
+        up=ttft_up,
+        down=ttft_down,
+        now=now,
+        measured=capacity is not None,
+    )
     ctx = _Context(policy, signals, fleet, memory, now, capacity, ttft_up, ttft_down)
-    decision = _to_zero(ctx) or _wake(ctx) or _up(ctx, up_window) or _down(ctx, down_window)
+    decision = (
+        _to_zero(ctx)
+        or _wake(ctx)
+        or _load_up(ctx)
+        or _up(ctx, up_window)
+        or _down(ctx, down_window)
+    )
     return decision or ctx.hold()
 
 
@@ -259,10 +283,16 @@ def _remember(
     up: float | None,
     down: float | None,
     now: datetime,
+    measured: bool = False,
 ) -> ScaleMemory:
     breach = up is not None and up > policy.upper_allowed_latency_sec
     idle = down is None and signals.in_flight == 0 and signals.queue_depth == 0
-    calm = idle or (down is not None and down < policy.lower_allowed_latency_sec)
+    # With a capacity figure the consolidation check can tell what the load needs, so
+    # TTFT comfortably inside the bounds (under half the upper bound) is calm enough.
+    lower = policy.lower_allowed_latency_sec
+    if measured:
+        lower = max(lower, CALM_SHARE_OF_UPPER * policy.upper_allowed_latency_sec)
+    calm = idle or (down is not None and down < lower)
     calm = calm and not breach
     return ScaleMemory(
         breach_since=(memory.breach_since or now) if breach else None,
@@ -300,6 +330,50 @@ def _wake(ctx: _Context) -> ScaleDecision | None:
         f"wake from zero: {waiting} request(s) waiting and no replica ready or booting; "
         f"{desired} at once",
         ScaleMemory(),
+    )
+
+
+def recent_rate(signals: Signals, *, now: datetime) -> float:
+    """Requests per second over :data:`RECENT_LOAD_WINDOW_SEC`: those answered (a TTFT
+    sample each), plus those queued, which arrived and await an answer. Never below the
+    gateway's own (longer-window) ``request_rate``."""
+    since = now - timedelta(seconds=RECENT_LOAD_WINDOW_SEC)
+    answered = sum(1 for at, _ in signals.ttft_samples if at > since)
+    recent = (answered + signals.queue_depth) / RECENT_LOAD_WINDOW_SEC
+    return max(recent, signals.request_rate)
+
+
+def load_need(capacity: ReplicaCapacity, signals: Signals, *, now: datetime) -> tuple[int, float]:
+    """Replicas the measured load needs at :data:`SAFE_UTILIZATION` of ``capacity``, with
+    the queue cleared within :data:`BACKLOG_CLEAR_SEC`; and the rate it was read as."""
+    rate = recent_rate(signals, now=now)
+    per_replica = capacity.requests_per_s * SAFE_UTILIZATION
+    if per_replica <= 0:
+        return 0, rate
+    backlog = signals.queue_depth / BACKLOG_CLEAR_SEC
+    return math.ceil((rate + backlog) / per_replica - 1e-9), rate
+
+
+def _load_up(ctx: _Context) -> ScaleDecision | None:
+    """Scale up at once, without a window, when a capacity figure is known and the
+    measured request rate needs more replicas than are ready or booting: three-minute
+    boots cannot wait for TTFT to breach first."""
+    cap = ctx.capacity
+    if cap is None or ctx.current == 0:
+        return None
+    need, rate = load_need(cap, ctx.signals, now=ctx.now)
+    if need <= ctx.current:
+        return None
+    desired = ctx.clamp(need)
+    if desired <= ctx.current:
+        return None
+    return ctx.decide(
+        desired,
+        Direction.UP,
+        f"load {rate:.2f} req/s and {ctx.signals.queue_depth} queued need {need} at "
+        f"{SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each: "
+        f"{ctx.current} -> {desired} ({ctx.fleet.ready} ready, {ctx.fleet.booting} booting)",
+        replace(ctx.memory, calm_since=None),
     )
 
 
@@ -394,8 +468,7 @@ def _consolidated(ctx: _Context) -> tuple[int, str]:
         if projected > limit:
             return ready, f"TTFT is low but {load} > {limit:.3f}s: keep {ready}"
         return one_less, load
-    safe_rps = cap.requests_per_s * SAFE_UTILIZATION
-    by_rate = math.ceil(s.request_rate / safe_rps) if safe_rps > 0 else ready
+    by_rate, rate = load_need(cap, s, now=ctx.now)
     by_concurrency = (
         math.ceil(s.in_flight / (cap.max_concurrency * SAFE_UTILIZATION))
         if cap.max_concurrency
@@ -403,7 +476,7 @@ def _consolidated(ctx: _Context) -> tuple[int, str]:
     )
     needed = max(by_rate, by_concurrency, math.ceil(ready / 2), 1)
     load = (
-        f"{s.request_rate:.2f} req/s and {s.in_flight} in flight need {needed} "
+        f"{rate:.2f} req/s and {s.in_flight} in flight need {needed} "
         f"at {SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each"
     )
     if needed >= ready:

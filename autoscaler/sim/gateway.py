@@ -79,6 +79,9 @@ class SimGateway:
     in_flight: int = 0
     last_request_s: float | None = None
     concurrency: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=120))
+    finished: deque[tuple[float, int, int]] = field(default_factory=deque)
+    """``(time, prompt tokens, completion tokens)`` of requests answered, for the mix."""
+    _mix_sums: list[int] = field(default_factory=lambda: [0, 0])
     _next_second: float = 0.0
 
     def observe_until(self, t: float) -> None:
@@ -115,6 +118,26 @@ class SimGateway:
     def first_token(self, record: RequestRecord, *, t: float) -> None:
         ttft = t - record.arrival_s
         self.ttft.append((t, as_datetime(self.epoch_s + t), ttft))
+
+    def finish(self, record: RequestRecord, *, t: float) -> None:
+        """A request answered in full: its token counts (the response's ``usage``)."""
+        self.finished.append((t, record.input_tokens, record.output_tokens))
+        self._mix_sums[0] += record.input_tokens
+        self._mix_sums[1] += record.output_tokens
+
+    def token_mix(self, t: float) -> tuple[float, float] | None:
+        """Mean prompt and completion tokens of requests answered over the signal window.
+
+        The real gateway does not report this yet; it would read ``usage`` from responses.
+        """
+        while self.finished and self.finished[0][0] < t - SIGNAL_WINDOW_S:
+            _, tokens_in, tokens_out = self.finished.popleft()
+            self._mix_sums[0] -= tokens_in
+            self._mix_sums[1] -= tokens_out
+        if not self.finished:
+            return None
+        n = len(self.finished)
+        return self._mix_sums[0] / n, self._mix_sums[1] / n
 
     def trim(self, t: float, *, keep_s: float) -> None:
         horizon = t - keep_s

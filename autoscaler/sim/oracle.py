@@ -24,8 +24,11 @@ It knows every future request and the boot time, and is computed as follows:
    offer's price, up to the last arrival (the last slot is billed only that far). The
    fleet of slot 0 is ready at time 0, as every policy's warm start is. Spot prices are
    used when the workload allows spot, with no interruption.
-6. **Offer.** Steps 2-5 run for the few GPU shapes cheapest per capacity for this trace's
-   mean token mix (each at its cheapest price), and the cheapest result is the oracle.
+6. **Offer.** Steps 2-5 run for the two GPU shapes cheapest per capacity for this
+   trace's mean token mix (each at its cheapest price) among those that can meet the SLO
+   at all: a shape whose single-request prefill already misses more than the allowance
+   (a GPU too slow for the trace's long prompts) is skipped, and the misses it cannot
+   avoid are spent from the allowance in step 3. The cheapest result is the oracle.
 
 The result ignores stock-outs, spot interruptions, the gateway's concurrency cap and the
 request tails that spill past a slot's end: all of them would only raise it.
@@ -85,30 +88,32 @@ def slot_misses(
     owner: list[dict[int, TraceRequest]] = [{} for _ in range(replicas)]
     rng = random.Random(seed)
     misses = 0
+    due = [math.inf] * replicas  # each engine's next event; only the touched ones change
 
-    def settle(events_of: int, until: float) -> int:
+    def settle(k: int, until: float) -> int:
         found = 0
-        for event in engines[events_of].advance(until):
+        for event in engines[k].advance(until):
             if event.kind is EventKind.FIRST_TOKEN:
-                r = owner[events_of][event.request_id]
+                r = owner[k][event.request_id]
                 if not slo.met(ttft_s=event.at_s - r.arrival_s, input_tokens=r.input_tokens):
                     found += 1
             if event.timing is not None:
-                outstanding[events_of] -= 1
-                del owner[events_of][event.request_id]
+                outstanding[k] -= 1
+                del owner[k][event.request_id]
         return found
 
     for r in requests:
         for k in range(replicas):
-            due = engines[k].next_event_s()
-            if due is not None and due <= r.arrival_s:
+            if due[k] <= r.arrival_s:
                 misses += settle(k, r.arrival_s)
+                due[k] = engines[k].next_event_s() or math.inf
         least = min(outstanding)
         choice = rng.choice([k for k in range(replicas) if outstanding[k] == least])
         misses += settle(choice, r.arrival_s)  # nothing due, but the engine must reach now
         request_id = engines[choice].submit(
             input_tokens=r.input_tokens, output_tokens=r.output_tokens
         )
+        due[choice] = engines[choice].next_event_s() or math.inf
         owner[choice][request_id] = r
         outstanding[choice] += 1
     for k in range(replicas):
@@ -131,13 +136,7 @@ class _Slot:
         self.slo = slo
         self.seed = seed
         self._memo: dict[int, int] = {}
-        self.unavoidable = sum(
-            1
-            for r in requests
-            if not slo.met(
-                ttft_s=profile.prefill_seconds(r.input_tokens), input_tokens=r.input_tokens
-            )
-        )
+        self.unavoidable = _unavoidable(profile, requests, slo)
 
     def misses(self, n: int) -> int:
         if n <= 0:
@@ -165,6 +164,15 @@ class _Slot:
         return high
 
 
+def _unavoidable(profile: ServingProfile, requests: Sequence[TraceRequest], slo: SloRule) -> int:
+    """Requests missing the SLO even alone on an idle replica of ``profile``."""
+    return sum(
+        1
+        for r in requests
+        if not slo.met(ttft_s=profile.prefill_seconds(r.input_tokens), input_tokens=r.input_tokens)
+    )
+
+
 def _slots(requests: Sequence[TraceRequest], slot_s: float) -> list[list[TraceRequest]]:
     if not requests:
         return []
@@ -181,7 +189,9 @@ def spend_allowance(
     """Drop replicas where one fewer adds the fewest misses, within ``allowance``."""
     counts = list(need)
     misses = sum(s.misses(n) if n else 0 for s, n in zip(slots, counts, strict=True))
-    spent = misses - sum(s.unavoidable for s in slots)
+    # Misses no fleet of this offer avoids are spent from the allowance too: an offer too
+    # slow for the long prompts does not get them for free.
+    spent = misses
     heap: list[tuple[int, int]] = []
     for k, s in enumerate(slots):
         if counts[k] > 0:
@@ -294,14 +304,20 @@ def oracle(
         shape = (offer.gpu, offer.gpu_count)
         if shape not in cheapest or price < cheapest[shape][0]:
             cheapest[shape] = (price, offer, spot)
+    allowance = math.floor((1.0 - attainment) * len(served))
     ranked: list[tuple[float, Offer, bool, ServingProfile]] = []
     for price, offer, spot in cheapest.values():
         profile = workload.profile(offer)
+        if _unavoidable(profile, served, slo) > allowance:
+            continue  # even an idle replica per request misses too many long prompts
         rps = profile.capacity_rps(input_tokens=mean_in, output_tokens=mean_out)
         ranked.append((price / rps, offer, spot, profile))
     ranked.sort(key=lambda item: (item[0], item[1].key))
     if not ranked:
-        raise ValueError(f"workload {workload.spec.slug}: no offer to compute the oracle on")
+        raise ValueError(
+            f"workload {workload.spec.slug}: no offer can meet the SLO for "
+            f"{attainment:.0%} of this trace's requests, whatever the fleet"
+        )
     plans = [
         oracle_for_offer(
             requests=served,

@@ -16,7 +16,9 @@ policies differ only in the count they ask for.
 * :class:`ConcurrencyPolicy`: Knative's KPA: desired = ceil(mean concurrency / target)
   over a 60 s stable window, every 2 s; when the 6 s panic window asks for at least
   twice the current count, panic mode scales on the panic window and never down, until
-  the stable window has not asked for panic for 60 s.
+  the stable window has not asked for panic for 60 s; a step down keeps at least half
+  the ready replicas (``max-scale-down-rate`` 2). The target is Knative's default: the
+  per-replica cap (``containerConcurrency``) x 70 %.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class ControlView:
     signals: Signals
     fleet: FleetCounts
     gateway: SimGateway
+    capacity: ReplicaCapacity | None = None
+    """One replica's capacity at the measured token mix (``catalog.perf``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +97,7 @@ class ControllerPolicy:
             fleet=view.fleet,
             memory=self.memory,
             now=view.now,
-            capacity=self.capacity,
+            capacity=self.capacity or view.capacity,
         )
         self.memory = decision.memory
         return Want(decision.desired, decision.reason)
@@ -166,6 +170,8 @@ class ConcurrencyPolicy:
     stable_window_s: float = 60.0
     panic_window_s: float = 6.0
     panic_threshold: float = 2.0
+    max_scale_down_rate: float = 2.0
+    """At most ``ready / rate`` replicas remain after one step down (Knative's default)."""
     _panic_since: float | None = None
     _panic_count: int = 0
 
@@ -190,7 +196,8 @@ class ConcurrencyPolicy:
             why = f"panic: concurrency {panic:.1f} over {self.panic_window_s:g}s"
         else:
             self._panic_count = 0
-            count = want_stable
+            floor = math.ceil(view.fleet.ready / self.max_scale_down_rate)
+            count = max(want_stable, floor)
             why = f"stable: concurrency {stable:.1f} over {self.stable_window_s:g}s"
         count = _clamp(count, self.min_replicas, self.max_replicas)
         return Want(count, f"{why} / target {self.target_concurrency:.1f} -> {count}")

@@ -6,9 +6,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from enum import StrEnum
 from pathlib import Path
 
-from autoscaler.decide.scaling import SAFE_UTILIZATION, ReplicaCapacity
+from autoscaler.decide.scaling import SAFE_UTILIZATION
+from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP
 from autoscaler.sim.oracle import OraclePlan, oracle
 from autoscaler.sim.policies import (
     ConcurrencyPolicy,
@@ -18,7 +20,13 @@ from autoscaler.sim.policies import (
     static_policy,
 )
 from autoscaler.sim.report import RunReport, build_report
-from autoscaler.sim.trace import TraceRequest, TraceStats, scale_rate, trace_stats
+from autoscaler.sim.trace import (
+    TraceRequest,
+    TraceStats,
+    overlay_rate,
+    scale_rate,
+    trace_stats,
+)
 from autoscaler.sim.workload import (
     SimWorkload,
     SloRule,
@@ -28,12 +36,24 @@ from autoscaler.sim.workload import (
 from autoscaler.sim.world import CloudSettings, World, with_spot
 from autoscaler.spec import FixedPolicy
 from catalog.model import Offer
-from catalog.perf import EngineRequest, ServingProfile, simulate
+from catalog.perf import ServingProfile
 
 ATTAINMENT_TARGET = 0.99
 """The share of requests the SLO asks to be within the TTFT target."""
 
+KNATIVE_TARGET_UTILIZATION = 0.7
+"""Knative's ``container-concurrency-target-percentage`` default."""
+
 POLICY_NAMES = ("ours", "static-peak", "static-mean", "skyserve-qps", "knative-kpa")
+
+
+class RateMode(StrEnum):
+    """How ``rate_scale`` raises the request rate."""
+
+    COMPRESS = "compress"
+    """Arrival times divided by the scale: the trace runs that much faster and shorter."""
+    OVERLAY = "overlay"
+    """The trace laid over itself, shifted: more callers, the same time axis."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +65,7 @@ class Scenario:
     requests: Sequence[TraceRequest]
     trace_name: str
     rate_scale: float = 1.0
+    rate_mode: RateMode = RateMode.COMPRESS
     ttft_slo_s: float | None = None
     seed: int = 0
     allow_spot: bool = False
@@ -76,7 +97,8 @@ def prepare(scenario: Scenario) -> Prepared:
     offers = feasible_offers(workload, scenario.offers)
     if not offers:
         raise ValueError(f"workload {workload.spec.slug}: no catalog offer can serve the model")
-    requests = scale_rate(scenario.requests, scenario.rate_scale)
+    scale = overlay_rate if scenario.rate_mode is RateMode.OVERLAY else scale_rate
+    requests = scale(scenario.requests, scenario.rate_scale)
     stats = trace_stats(requests)
     slo = SloRule(target_s=target, fastest=fastest_single_gpu(workload, offers))
     probe = World(
@@ -88,12 +110,15 @@ def prepare(scenario: Scenario) -> Prepared:
         cloud=scenario.cloud,
         allow_spot=scenario.allow_spot,
         initial_replicas=0,
+        initial_mix=first_minute_mix(requests),
     )
     placement = probe.first_placement()
     if placement is None:
         raise ValueError(f"workload {workload.spec.slug}: placement finds no offer")
     offer = placement
     profile = workload.profile(offer)
+    # The gateway's per-replica cap bounds the batch a replica ever runs.
+    profile = replace(profile, max_batch=min(profile.max_batch, REPLICA_CONCURRENCY_CAP))
     capacity = profile.capacity_rps(
         input_tokens=stats.mean_input_tokens, output_tokens=stats.mean_output_tokens
     )
@@ -119,6 +144,16 @@ def prepare(scenario: Scenario) -> Prepared:
         capacity_rps=capacity,
         oracle=plan,
     )
+
+
+def first_minute_mix(requests: Sequence[TraceRequest]) -> tuple[float, float] | None:
+    """Mean prompt and completion tokens over the first minute: what the gateway had
+    measured when the warm fleet was placed, before time 0."""
+    first = [r for r in requests if r.arrival_s < requests[0].arrival_s + 60.0] if requests else []
+    if not first:
+        return None
+    n = len(first)
+    return sum(r.input_tokens for r in first) / n, sum(r.output_tokens for r in first) / n
 
 
 def _with_target(workload: SimWorkload, target: float | None) -> SimWorkload:
@@ -155,7 +190,9 @@ def policies(prepared: Prepared, names: Sequence[str] = POLICY_NAMES) -> list[Po
     made: dict[str, Policy] = {}
     for name in names:
         if name == "ours":
-            made[name] = ControllerPolicy(spec=prepared.workload.spec, capacity=_capacity(prepared))
+            # No fixed capacity: the simulated controller computes it every tick from the
+            # measured token mix on the fleet's offer (``World._capacity``).
+            made[name] = ControllerPolicy(spec=prepared.workload.spec)
         elif name == "static-peak":
             count = min(max(math.ceil(stats.peak_rps / per_replica), 1), high)
             made[name] = static_policy(prepared.workload.spec, replicas=count, name=name)
@@ -167,34 +204,14 @@ def policies(prepared: Prepared, names: Sequence[str] = POLICY_NAMES) -> list[Po
                 target_qps_per_replica=per_replica, min_replicas=max(low, 1), max_replicas=high
             )
         elif name == "knative-kpa":
+            # Knative's defaults: the target is containerConcurrency (the gateway's cap)
+            # times container-concurrency-target-percentage (70 %).
             made[name] = ConcurrencyPolicy(
-                target_concurrency=max(_concurrency_at(prepared, per_replica), 1.0),
+                target_concurrency=REPLICA_CONCURRENCY_CAP * KNATIVE_TARGET_UTILIZATION,
                 min_replicas=max(low, 1),
                 max_replicas=high,
             )
     return [made[name] for name in names]
-
-
-def _capacity(prepared: Prepared) -> ReplicaCapacity:
-    """What the controller is told one replica carries: placement's capacity figure."""
-    return ReplicaCapacity(
-        requests_per_s=prepared.profile.capacity_rps(input_tokens=1024.0, output_tokens=256.0),
-        max_concurrency=prepared.profile.max_batch,
-    )
-
-
-def _concurrency_at(prepared: Prepared, rate: float) -> float:
-    """Mean requests in flight on one replica serving ``rate`` requests/s of this trace's
-    mix (Little's law over a replay of the trace's first requests at that rate)."""
-    sample = prepared.requests[:2000]
-    if not sample or rate <= 0:
-        return 1.0
-    replay = [
-        EngineRequest(k / rate, r.input_tokens, r.output_tokens) for k, r in enumerate(sample)
-    ]
-    timings = simulate(prepared.profile, replay)
-    span = max(t.finished_s for t in timings) - replay[0].arrival_s
-    return sum(t.e2e_s for t in timings) / span if span > 0 else 1.0
 
 
 def initial_replicas(prepared: Prepared, policy: Policy) -> int:
@@ -223,6 +240,7 @@ def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
         cloud=scenario.cloud,
         allow_spot=scenario.allow_spot,
         initial_replicas=initial_replicas(prepared, policy),
+        initial_mix=first_minute_mix(prepared.requests),
     )
     outcomes = world.run()
     return build_report(

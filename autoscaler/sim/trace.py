@@ -85,6 +85,41 @@ def scale_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceReq
     return [TraceRequest(r.arrival_s / factor, r.input_tokens, r.output_tokens) for r in requests]
 
 
+def overlay_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceRequest]:
+    """``factor`` times the request rate on the trace's own time axis.
+
+    The trace is laid over itself: copy ``j`` of ``ceil(factor)`` is shifted by
+    ``j / ceil(factor)`` of the span (wrapping around the end), and the last copy keeps
+    only every request whose position falls in its fractional share, so ``factor`` 2.5
+    gives two and a half times the requests. This is a busier service with more
+    independent callers: the minute-to-minute shape, the bursts and the token mix stay
+    real, and the trace lasts as long as it did, so a three-minute boot is as long
+    against it as in production. (:func:`scale_rate` instead compresses time.)
+    """
+    if not factor > 0 or math.isinf(factor):
+        raise ValueError(f"rate scale must be a finite number > 0, got {factor}")
+    if not requests:
+        return []
+    start = requests[0].arrival_s
+    span = requests[-1].arrival_s - start
+    copies = math.ceil(factor)
+    out: list[TraceRequest] = []
+    for j in range(copies):
+        share = min(factor - j, 1.0)
+        shift = span * j / copies
+        for k, r in enumerate(requests):
+            # Keep request k of a partial copy when it crosses a multiple of 1/share:
+            # an even thinning, the same every run.
+            if share < 1.0 and math.floor((k + 1) * share) == math.floor(k * share):
+                continue
+            at = r.arrival_s - start + shift
+            if at > span:
+                at -= span
+            out.append(TraceRequest(start + at, r.input_tokens, r.output_tokens))
+    out.sort(key=lambda r: r.arrival_s)
+    return out
+
+
 def trace_stats(requests: Sequence[TraceRequest]) -> TraceStats:
     """Request count, span, mean and peak one-minute rate, and mean token counts."""
     if not requests:

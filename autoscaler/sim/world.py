@@ -16,7 +16,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from autoscaler.decide.budget import BudgetLimits, check_launch, limits_for
-from autoscaler.decide.placement import Placement, place_replica, unavailable_key
+from autoscaler.decide.placement import (
+    DEFAULT_INPUT_TOKENS,
+    DEFAULT_OUTPUT_TOKENS,
+    Placement,
+    place_replica,
+    unavailable_key,
+)
 from autoscaler.decide.plan import (
     Drain,
     Launch,
@@ -26,7 +32,7 @@ from autoscaler.decide.plan import (
     Timeouts,
     plan_actions,
 )
-from autoscaler.decide.scaling import FleetCounts
+from autoscaler.decide.scaling import FleetCounts, ReplicaCapacity
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
 from autoscaler.sim.policies import ControlView, Policy
 from autoscaler.sim.trace import TraceRequest
@@ -156,6 +162,7 @@ class World:
         cloud: CloudSettings,
         allow_spot: bool,
         initial_replicas: int,
+        initial_mix: tuple[float, float] | None = None,
     ) -> None:
         from providers.simulated import LogNormalBootTime
 
@@ -197,6 +204,11 @@ class World:
         )
         self._launches = 0
         self._desired = initial_replicas
+        # When each serving engine next produces a first token or a finish. Engines are
+        # advanced lazily (only when due or when a request is submitted), which is exact:
+        # between its own events an engine's state evolves deterministically.
+        self._due: dict[str, float] = {}
+        self._initial_mix = initial_mix
         self._warm_start(initial_replicas)
 
     # --- time -------------------------------------------------------------------------
@@ -277,30 +289,37 @@ class World:
         return soonest
 
     def _next_engine_event(self) -> float:
-        soonest = math.inf
-        for r in self.replicas.values():
-            if r.engine is not None and r.ended_s is None:
-                due = r.engine.next_event_s()
-                if due is not None and due < soonest:
-                    soonest = due
-        return soonest
+        return min(self._due.values(), default=math.inf)
+
+    def _refresh_due(self, r: SimReplica) -> None:
+        due = None if r.engine is None or r.ended_s is not None else r.engine.next_event_s()
+        if due is None:
+            self._due.pop(r.launch_id, None)
+        else:
+            self._due[r.launch_id] = due
 
     def _engine_events(self, t: float) -> None:
-        for r in self.replicas.values():
-            if r.engine is None or r.ended_s is not None:
+        for launch_id in [k for k, due in self._due.items() if due <= t]:
+            r = self.replicas[launch_id]
+            assert r.engine is not None
+            self._replica_events(r, t)
+            self._refresh_due(r)
+
+    def _replica_events(self, r: SimReplica, t: float) -> None:
+        assert r.engine is not None
+        for event in r.engine.advance(max(t, r.engine.now_s)):
+            record = r.requests.get(event.request_id)
+            if record is None:
                 continue
-            for event in r.engine.advance(max(t, r.engine.now_s)):
-                record = r.requests.get(event.request_id)
-                if record is None:
-                    continue
-                if event.kind is EventKind.FIRST_TOKEN:
-                    record.first_token_s = event.at_s
-                    self.gateway.first_token(record, t=event.at_s)
-                if event.timing is not None:
-                    record.finished_s = event.at_s
-                    record.outcome = Outcome.SERVED
-                    del r.requests[event.request_id]
-                    self.gateway.in_flight -= 1
+            if event.kind is EventKind.FIRST_TOKEN:
+                record.first_token_s = event.at_s
+                self.gateway.first_token(record, t=event.at_s)
+            if event.timing is not None:
+                record.finished_s = event.at_s
+                record.outcome = Outcome.SERVED
+                self.gateway.finish(record, t=event.at_s)
+                del r.requests[event.request_id]
+                self.gateway.in_flight -= 1
 
     def _machine_events(self, t: float) -> None:
         for r in list(self.replicas.values()):
@@ -325,6 +344,7 @@ class World:
                 record.finished_s = t
         r.requests.clear()
         r.engine = None
+        self._due.pop(r.launch_id, None)
 
     def _arrive(self, record: RequestRecord, t: float) -> None:
         if record.input_tokens + record.output_tokens > self.workload.max_context_tokens:
@@ -354,10 +374,13 @@ class World:
             record = queue.popleft()
             replica = by_key[chosen.key]
             assert replica.engine is not None
+            if replica.engine.now_s < t:
+                self._replica_events(replica, t)  # nothing is due before t: no events
             engine_id = replica.engine.submit(
                 input_tokens=record.input_tokens, output_tokens=record.output_tokens
             )
             replica.requests[engine_id] = record
+            self._refresh_due(replica)
             record.replica = replica.launch_id
             self.gateway.in_flight += 1
             n = index[chosen.key]
@@ -381,6 +404,7 @@ class World:
             signals=self.gateway.signals(t, keep_s=self.keep_s),
             fleet=self._fleet(),
             gateway=self.gateway,
+            capacity=self._capacity(now),
         )
         want = self.policy.desired(view)
         if want.count != self._desired:
@@ -417,6 +441,25 @@ class World:
                 )
         return plan.requeue_after
 
+    def _mix(self) -> tuple[float, float] | None:
+        return self.gateway.token_mix(self.t) or self._initial_mix
+
+    def _capacity(self, now: datetime) -> ReplicaCapacity | None:
+        """One replica's capacity at the measured token mix, on the offer most of the fleet
+        runs on (placement's next choice when there is none): what the controller would
+        compute from ``catalog.perf`` and the gateway's mix."""
+        live = [r.offer for r in self.replicas.values() if r.ended_s is None]
+        offer = max(live, key=live.count) if live else self._place(now).offer
+        if offer is None:
+            return None
+        profile = self.workload.profile(offer)
+        batch = min(profile.max_batch, self.gateway.cap)
+        tokens_in, tokens_out = self._mix() or (DEFAULT_INPUT_TOKENS, DEFAULT_OUTPUT_TOKENS)
+        rps = replace(profile, max_batch=batch).capacity_rps(
+            input_tokens=tokens_in, output_tokens=tokens_out
+        )
+        return ReplicaCapacity(requests_per_s=rps, max_concurrency=batch)
+
     def _view(self, r: SimReplica) -> ReplicaView:
         return ReplicaView(
             launch_id=r.launch_id,
@@ -433,6 +476,7 @@ class World:
     def _place(self, now: datetime) -> Placement:
         live = [r for r in self.replicas.values() if r.ended_s is None]
         spent = sum(r.usd_per_hour for r in live)
+        mix = self._mix()
         ceilings = [
             c for c in (self.limits.workload_usd_per_hour, self.limits.pool_usd_per_hour) if c
         ]
@@ -445,6 +489,8 @@ class World:
             params_b=self.workload.params_b,
             bytes_per_param=self.workload.bytes_per_param,
             max_usd_per_hour=(min(ceilings) - spent) if ceilings else None,
+            input_tokens=mix[0] if mix else None,
+            output_tokens=mix[1] if mix else None,
         )
 
     def _launch(self, t: float) -> None:
