@@ -182,3 +182,24 @@ def test_chosen_offer_has_the_lowest_cost_per_capacity(rows: list[tuple[str, flo
     assert chosen.capacity_rps
     best = min(o.offer.on_demand_usd_per_hour / (o.capacity_rps or 1) for o in fitting)
     assert chosen.usd_per_hour / chosen.capacity_rps <= best * (1 + 1e-9)
+
+
+def test_measured_long_prompts_rank_offers_too_slow_to_prefill_them_last() -> None:
+    s = spec(workers={"cloud_pool": {"gpu_pool": ["NVIDIA L40S", "NVIDIA H100 80GB HBM3"]}})
+    slow = offer("NVIDIA L40S", price=1.86, itype="g6e.xlarge")
+    fast = offer("NVIDIA H100 80GB HBM3", price=12.2, itype="a3-highgpu-1g", zone="us-east-1b")
+    short = place_replica(
+        spec=s, offers=[slow, fast], unavailable={}, now=NOW, params_b=8.0, input_tokens=1200.0
+    )
+    assert short.offer == slow  # cheaper per capacity, and 0.1 s of prefill fits the target
+    long = place_replica(
+        spec=s, offers=[slow, fast], unavailable={}, now=NOW, params_b=8.0, input_tokens=15000.0
+    )
+    # 15k tokens: 1.3 s of prefill on the L40S, over half the 1 s target; 0.49 s on an H100.
+    assert long.offer == fast
+    # When nothing prefills it in time, the fastest is taken and the reason says so.
+    huge = place_replica(
+        spec=s, offers=[slow, fast], unavailable={}, now=NOW, params_b=8.0, input_tokens=60000.0
+    )
+    assert huge.offer == fast
+    assert "the fastest was taken" in huge.reason

@@ -290,3 +290,112 @@ def test_signals_from_epoch_seconds() -> None:
     )
     assert s.ttft_samples == ((T0, 0.5),)
     assert s.last_request_at == T0
+
+
+def test_measured_load_scales_up_at_once_without_a_ttft_breach() -> None:
+    p = policy()
+    capacity = ReplicaCapacity(requests_per_s=4.0, max_concurrency=64)
+    # 60 answered in the last minute at TTFT 0.3 s: 1 req/s needs the one replica.
+    now = T0
+    quiet = Signals(ttft_samples=samples(0.3, now=now, seconds=60), last_request_at=now)
+    held = desired_replicas(
+        policy=p,
+        signals=quiet,
+        fleet=FleetCounts(ready=1),
+        memory=ScaleMemory(),
+        now=now,
+        capacity=capacity,
+    )
+    assert held.desired == 1
+    rush = Signals(
+        ttft_samples=samples(0.3, now=now, seconds=60, every=1) * 10,
+        queue_depth=30,
+        last_request_at=now,
+    )
+    up = desired_replicas(
+        policy=p,
+        signals=rush,
+        fleet=FleetCounts(ready=1),
+        memory=ScaleMemory(),
+        now=now,
+        capacity=capacity,
+    )
+    assert up.direction is Direction.UP
+    # 600 answered + 30 queued over a minute (10.5 req/s), plus the queue cleared within a
+    # minute (0.5 req/s), at 75 % of 4 req/s each: 11 / 3 -> 4 replicas.
+    assert up.desired == 4
+    assert "30 queued" in up.reason
+    # Replicas already booting count: nothing more is bought.
+    covered = desired_replicas(
+        policy=p,
+        signals=rush,
+        fleet=FleetCounts(ready=1, booting=4),
+        memory=ScaleMemory(),
+        now=now,
+        capacity=capacity,
+    )
+    assert covered.desired == 5 and covered.direction is not Direction.UP
+    assert covered.desired >= up.desired
+
+
+def test_with_a_capacity_figure_ttft_well_inside_the_bounds_lets_the_fleet_consolidate() -> None:
+    p = policy()
+    capacity = ReplicaCapacity(requests_per_s=10.0, max_concurrency=64)
+    memory = ScaleMemory()
+    now = T0
+    decision = None
+    for _ in range(40):  # 400 s of TTFT at 0.4 s: above the 0.2 s lower bound
+        now += timedelta(seconds=10)
+        signals = Signals(
+            ttft_samples=samples(0.4, now=now, seconds=400, every=10),
+            request_rate=4.0,
+            in_flight=8,
+            last_request_at=now,
+        )
+        decision = desired_replicas(
+            policy=p,
+            signals=signals,
+            fleet=FleetCounts(ready=4),
+            memory=memory,
+            now=now,
+            capacity=capacity,
+        )
+        memory = decision.memory
+        if decision.direction is Direction.DOWN:
+            break
+    assert decision is not None and decision.direction is Direction.DOWN
+    assert decision.desired == 2  # 4 req/s at 75 % of 10 each needs 1; at most half go
+    # Without a capacity figure the user's lower bound rules: no scale-down at 0.4 s.
+    plain = run(p, fleet=FleetCounts(ready=4), ttft=0.4, start=T0, seconds=400)
+    assert plain.direction is not Direction.DOWN
+
+
+@settings(max_examples=150, deadline=None)
+@given(scenarios(), st.floats(0.5, 30.0), st.integers(0, 40))
+def test_with_capacity_desired_stays_within_bounds_and_never_sheds_while_slow(
+    scenario: tuple[AutoscalingPolicy, list[tuple[float, int, int, int, int]]],
+    rps: float,
+    queued: int,
+) -> None:
+    p, ticks = scenario
+    capacity = ReplicaCapacity(requests_per_s=rps, max_concurrency=64)
+    memory = ScaleMemory()
+    now = T0
+    floor = p.min_workers if (p.min_workers or p.scale_to_zero) else 1
+    for ttft, ready, booting, in_flight, idle in ticks:
+        now += timedelta(seconds=15)
+        signals = Signals(
+            ttft_samples=samples(ttft, now=now, seconds=60, every=3) if ready else (),
+            request_rate=float(in_flight),
+            in_flight=in_flight,
+            queue_depth=queued if in_flight else 0,
+            last_request_at=now - timedelta(seconds=idle),
+        )
+        fleet = FleetCounts(ready=ready, booting=booting)
+        d = desired_replicas(
+            policy=p, signals=signals, fleet=fleet, memory=memory, now=now, capacity=capacity
+        )
+        memory = d.memory
+        assert d.desired == 0 or floor <= d.desired <= p.max_workers, d.reason
+        if d.ttft_up_s is not None and d.ttft_up_s > p.upper_allowed_latency_sec:
+            assert d.desired >= min(ready + booting, p.max_workers), d.reason
