@@ -1,12 +1,18 @@
 """Streamed SSE through the gateway against direct to the same engine-sim, side by side.
 
-    .venv/bin/python -m bench.gateway [--requests 400] [--concurrency 1 32] [--max-tokens 32]
+    .venv/bin/python -m bench.gateway [--concurrency 1 32] [--rounds 3] [--seconds 3]
 
 Starts an engine-sim and a gateway (with auth, metrics and TTFT recording on, as in
-production) as separate processes on 127.0.0.1, seeds a throwaway SQLite store, then for
-each concurrency runs the same bounded stream load directly and through the gateway and
-prints throughput (streams/s, tokens/s), its ratio, and TTFT p50/p99 with the latency the
-gateway adds. Every run is bounded in count (``--requests``) and time (``--seconds``).
+production) as separate processes on uvloop, on 127.0.0.1, and seeds a throwaway SQLite
+store. For each concurrency it runs ``--rounds`` rounds; a round warms each path up, then
+measures direct and through the gateway back to back, alternating which goes first, so a
+noisy neighbour or a CPU frequency change lands on both. It prints, per path, throughput
+(the median over rounds), the throughput ratio (the median of each round's gateway/direct
+ratio), TTFT p50/p99 over every stream of every round with the latency the gateway adds,
+and the CPU time each process spent per stream (load generator, engine, gateway): on a
+small machine where all three share the cores, CPU per stream is the figure that does
+not move with the neighbours. Every run is bounded in count (``--requests``) and time
+(``--seconds``).
 """
 
 from __future__ import annotations
@@ -14,11 +20,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import os
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -36,37 +45,67 @@ ENGINE_KEY = "bench-engine-key"
 
 
 @dataclass(frozen=True, slots=True)
+class Target:
+    url: str
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
 class RunResult:
     streams: int
     chunks: int
     seconds: float
     ttfts: tuple[float, ...]
+    #: CPU seconds (user + system) each process spent during the run.
+    cpu: dict[str, float]
 
     @property
     def streams_per_sec(self) -> float:
         return self.streams / self.seconds
 
-    def tokens_per_sec(self, max_tokens: int) -> float:
-        return self.streams * max_tokens / self.seconds
+
+@dataclass(slots=True)
+class PathStats:
+    """Every round's run of one path at one concurrency."""
+
+    runs: list[RunResult] = field(default_factory=list)
+
+    @property
+    def streams_per_sec(self) -> float:
+        return statistics.median(r.streams_per_sec for r in self.runs)
+
+    @property
+    def chunks_per_stream(self) -> float:
+        return sum(r.chunks for r in self.runs) / max(1, sum(r.streams for r in self.runs))
 
     def ttft_ms(self, q: float) -> float:
-        ordered = sorted(self.ttfts)
+        ordered = sorted(t for r in self.runs for t in r.ttfts)
         return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    def cpu_us_per_stream(self, process: str) -> float:
+        streams = sum(r.streams for r in self.runs)
+        return 1e6 * sum(r.cpu.get(process, 0.0) for r in self.runs) / max(1, streams)
+
+
+def request_body(max_tokens: int) -> bytes:
+    return json.dumps(
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me about GPUs."}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+    ).encode()
 
 
 async def _one_stream(
-    http: aiohttp.ClientSession, url: str, key: str, max_tokens: int
+    http: aiohttp.ClientSession, target: Target, body: bytes
 ) -> tuple[float, int]:
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Tell me about GPUs."}],
-        "max_tokens": max_tokens,
-        "stream": True,
-    }
+    headers = {"Authorization": f"Bearer {target.key}", "Content-Type": "application/json"}
     started = time.perf_counter()
     ttft = None
     chunks = 0
-    async with http.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+    async with http.post(target.url, data=body, headers=headers) as resp:
         resp.raise_for_status()
         async for _chunk in resp.content.iter_any():
             if ttft is None:
@@ -75,45 +114,116 @@ async def _one_stream(
     return ttft or 0.0, chunks
 
 
+class CpuClock:
+    """CPU seconds (user + system) of this process and of the server processes."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self._pids = pids
+        self._tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def read(self) -> dict[str, float]:
+        times = os.times()
+        out = {"loadgen": times.user + times.system}
+        for name, pid in self._pids.items():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # Fields 14 and 15 of /proc/PID/stat, after the parenthesised command name.
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out[name] = (int(fields[11]) + int(fields[12])) / self._tick
+        return out
+
+
 async def run_load(
-    *, url: str, key: str, concurrency: int, requests: int, seconds: float, max_tokens: int
+    *,
+    target: Target,
+    concurrency: int,
+    requests: int,
+    seconds: float,
+    warmup: float,
+    body: bytes,
+    clock: CpuClock,
 ) -> RunResult:
+    """``concurrency`` callers streaming back to back: warmed up, then measured."""
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
-        await _one_stream(http, url, key, max_tokens)  # warm the connection pool
-        remaining = requests
+        remaining = 0
+        measuring = False
         ttfts: list[float] = []
         chunks = 0
-        deadline = time.perf_counter() + seconds
-        started = time.perf_counter()
 
-        async def worker() -> None:
+        async def worker(deadline: float) -> None:
             nonlocal remaining, chunks
             while remaining > 0 and time.perf_counter() < deadline:
                 remaining -= 1
-                ttft, n = await _one_stream(http, url, key, max_tokens)
-                ttfts.append(ttft)
-                chunks += n
+                ttft, n = await _one_stream(http, target, body)
+                if measuring:
+                    ttfts.append(ttft)
+                    chunks += n
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        # Warm-up: open the connections, fill the gateway's pool, let the loops settle.
+        remaining = requests
+        warm_deadline = time.perf_counter() + warmup
+        await asyncio.gather(*(worker(warm_deadline) for _ in range(concurrency)))
+
+        remaining = requests
+        measuring = True
+        before = clock.read()
+        started = time.perf_counter()
+        deadline = started + seconds
+        await asyncio.gather(*(worker(deadline) for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
-    return RunResult(streams=len(ttfts), chunks=chunks, seconds=elapsed, ttfts=tuple(ttfts))
+        after = clock.read()
+    cpu = {name: after[name] - before.get(name, 0.0) for name in after}
+    return RunResult(
+        streams=len(ttfts), chunks=chunks, seconds=elapsed, ttfts=tuple(ttfts), cpu=cpu
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    url: str
+    pid: int
+    said: tuple[str, ...]
 
 
 @contextlib.asynccontextmanager
-async def process(*args: str) -> AsyncIterator[str]:
-    """Start a server process; yields the first http:// URL it prints."""
+async def process(*args: str) -> AsyncIterator[Started]:
+    """Start a server process; yields the first http:// URL it prints and its pid."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, *args, stdout=asyncio.subprocess.PIPE
     )
     try:
         assert proc.stdout is not None
-        line = (await asyncio.wait_for(proc.stdout.readline(), 30)).decode()
-        yield next(w for w in line.split() if w.startswith("http://")).rstrip("/)")
+        said: list[str] = []
+        async with asyncio.timeout(30):
+            while True:
+                line = (await proc.stdout.readline()).decode()
+                if not line:
+                    raise RuntimeError(f"{' '.join(args)} exited before serving")
+                said.append(line.strip())
+                url = next((w for w in line.split() if w.startswith("http://")), None)
+                if url is not None:
+                    break
+        yield Started(url=url.rstrip("/)"), pid=proc.pid, said=tuple(said))
     finally:
         if proc.returncode is None:
             proc.terminate()
         await proc.wait()
+
+
+def gateway_process(
+    database_url: str, *, source: str | None = None
+) -> contextlib.AbstractAsyncContextManager[Started]:
+    args = ["-m", "bench.gateway", "--serve-gateway", database_url]
+    if source is not None:
+        args += ["--gateway-src", str(Path(source).resolve())]
+    return process(*args)
+
+
+def uses_uvloop(pid: int) -> bool:
+    """Whether uvloop's extension is mapped into the process (Linux only)."""
+    with contextlib.suppress(OSError):
+        return "uvloop/loop." in Path(f"/proc/{pid}/maps").read_text()
+    return False
 
 
 async def seed(database_url: str, engine_url: str) -> str:
@@ -153,11 +263,20 @@ async def seed(database_url: str, engine_url: str) -> str:
         return issued.secret
 
 
-def serve_gateway_main(database_url: str) -> None:
+async def _serve_gateway(database_url: str, source: str | None) -> None:
+    if source is not None:  # a gateway package from another checkout, for before/after
+        assert "gateway" not in sys.modules
+        sys.path.insert(0, source)
+    from gateway import app
     from gateway.app import GatewaySettings, serve_gateway
 
+    loop = asyncio.get_running_loop()
+    print(
+        f"event loop {type(loop).__module__}.{type(loop).__name__}, gateway from {app.__file__}",
+        flush=True,
+    )
     settings = GatewaySettings(replica_concurrency_cap=1024)
-    run_async(serve_gateway(database_url=database_url, host="127.0.0.1", port=0, settings=settings))
+    await serve_gateway(database_url=database_url, host="127.0.0.1", port=0, settings=settings)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -165,73 +284,128 @@ async def main(args: argparse.Namespace) -> None:
         database_url = f"sqlite+aiosqlite:///{Path(tmp) / 'state.db'}"
         engine_args = ["-m", "providers.engine_sim", "--port", "0", "--model", MODEL]
         engine_args += ["--api-key", ENGINE_KEY, "--time-scale", str(args.time_scale)]
-        async with process(*engine_args) as engine_url:
-            key = await seed(database_url, engine_url)
-            async with process(
-                "-m", "bench.gateway", "--serve-gateway", database_url
-            ) as gateway_url:
-                targets = {
-                    "direct": (f"{engine_url}/v1/chat/completions", ENGINE_KEY),
-                    "gateway": (
-                        f"{gateway_url}/endpoint/bench/bench/v1/chat/completions",
-                        key,
-                    ),
-                }
-                print(
-                    f"{args.requests} streams of {args.max_tokens} tokens per run, at most "
-                    f"{args.seconds:g} s; engine-sim time scale {args.time_scale:g}\n"
+        async with process(*engine_args) as engine, contextlib.AsyncExitStack() as stack:
+            key = await seed(database_url, engine.url)
+            gateways = {"gateway": await stack.enter_async_context(gateway_process(database_url))}
+            if args.baseline:
+                gateways["baseline"] = await stack.enter_async_context(
+                    gateway_process(database_url, source=args.baseline)
                 )
-                header = (
-                    f"{'conc':>4} {'path':>8} {'streams/s':>10} {'tokens/s':>10} "
-                    f"{'ratio':>6} {'ttft p50 ms':>12} {'ttft p99 ms':>12} "
-                    f"{'added p50':>10} {'added p99':>10}"
+            targets = {"direct": Target(f"{engine.url}/v1/chat/completions", ENGINE_KEY)}
+            for name, gw in gateways.items():
+                targets[name] = Target(f"{gw.url}/endpoint/bench/bench/v1/chat/completions", key)
+            clock = CpuClock({"engine": engine.pid} | {n: g.pid for n, g in gateways.items()})
+            _print_setup(args, engine=engine, gateways=gateways)
+            print(_header(gateways))
+            for concurrency in args.concurrency:
+                stats = await _measure(
+                    concurrency=concurrency, targets=targets, args=args, clock=clock
                 )
-                print(header)
-                for concurrency in args.concurrency:
-                    results: dict[str, RunResult] = {}
-                    for name, (url, secret) in targets.items():
-                        results[name] = await run_load(
-                            url=url,
-                            key=secret,
-                            concurrency=concurrency,
-                            requests=args.requests,
-                            seconds=args.seconds,
-                            max_tokens=args.max_tokens,
-                        )
-                    _print(concurrency, results, max_tokens=args.max_tokens)
+                _print(concurrency, stats, max_tokens=args.max_tokens, gateways=list(gateways))
 
 
-def _print(concurrency: int, results: dict[str, RunResult], *, max_tokens: int) -> None:
-    direct = results["direct"]
-    for name, r in results.items():
-        ratio = r.streams_per_sec / direct.streams_per_sec
-        added = ""
+def _print_setup(
+    args: argparse.Namespace, *, engine: Started, gateways: dict[str, Started]
+) -> None:
+    loop = asyncio.get_running_loop()
+    print(
+        f"{args.rounds} rounds per concurrency, each {args.warmup:g} s warm-up + at most "
+        f"{args.seconds:g} s or {args.requests} streams per path; {args.max_tokens} tokens "
+        f"per stream; engine-sim time scale {args.time_scale:g}; {os.cpu_count()} CPUs"
+    )
+    for name, gw in gateways.items():
+        print(f"{name}: {gw.said[0]}")
+    on_uvloop = [f"load generator {type(loop).__module__.startswith('uvloop')}"]
+    on_uvloop += [f"{n} {uses_uvloop(p.pid)}" for n, p in {"engine": engine, **gateways}.items()]
+    print(f"uvloop: {', '.join(on_uvloop)}\n")
+
+
+async def _measure(
+    *,
+    concurrency: int,
+    targets: dict[str, Target],
+    args: argparse.Namespace,
+    clock: CpuClock,
+) -> dict[str, PathStats]:
+    body = request_body(args.max_tokens)
+    names = list(targets)
+    stats = {name: PathStats() for name in names}
+    for round_no in range(args.rounds):
+        # Rotate who goes first, so drift in the machine's load lands on every path.
+        shift = round_no % len(names)
+        for name in names[shift:] + names[:shift]:
+            result = await run_load(
+                target=targets[name],
+                concurrency=concurrency,
+                requests=args.requests,
+                seconds=args.seconds,
+                warmup=args.warmup,
+                body=body,
+                clock=clock,
+            )
+            stats[name].runs.append(result)
+    return stats
+
+
+def _header(gateways: dict[str, Started]) -> str:
+    return (
+        f"{'conc':>4} {'path':>8} {'streams/s':>10} {'tokens/s':>9} {'ratio':>6} "
+        f"{'ttft p50':>9} {'ttft p99':>9} {'added p50':>10} {'added p99':>10} "
+        f"{'chunks':>6}  cpu us/stream: {'loadgen':>8} {'engine':>8}"
+        + "".join(f" {name:>8}" for name in gateways)
+    )
+
+
+def _print(
+    concurrency: int, stats: dict[str, PathStats], *, max_tokens: int, gateways: list[str]
+) -> None:
+    direct = stats["direct"]
+    for name, s in stats.items():
+        ratios = [
+            g.streams_per_sec / d.streams_per_sec for g, d in zip(s.runs, direct.runs, strict=True)
+        ]
+        added = " " * 21
         if name != "direct":
             added = (
-                f"{r.ttft_ms(0.5) - direct.ttft_ms(0.5):>+10.2f} "
-                f"{r.ttft_ms(0.99) - direct.ttft_ms(0.99):>+10.2f}"
+                f"{s.ttft_ms(0.5) - direct.ttft_ms(0.5):>+10.2f} "
+                f"{s.ttft_ms(0.99) - direct.ttft_ms(0.99):>+10.2f}"
             )
+        cpu = " ".join(f"{s.cpu_us_per_stream(p):>8.0f}" for p in ("loadgen", "engine", *gateways))
         print(
-            f"{concurrency:>4} {name:>8} {r.streams_per_sec:>10.1f} "
-            f"{r.tokens_per_sec(max_tokens):>10.0f} "
-            f"{ratio:>6.2f} {r.ttft_ms(0.5):>12.2f} {r.ttft_ms(0.99):>12.2f} {added}"
+            f"{concurrency:>4} {name:>8} {s.streams_per_sec:>10.1f} "
+            f"{s.streams_per_sec * max_tokens:>9.0f} {statistics.median(ratios):>6.2f} "
+            f"{s.ttft_ms(0.5):>9.2f} {s.ttft_ms(0.99):>9.2f} {added} "
+            f"{s.chunks_per_stream:>6.1f}                {cpu}",
+            flush=True,
         )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=400, help="streams per run")
-    parser.add_argument("--seconds", type=float, default=20.0, help="time bound per run")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per path")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time bound per run")
+    parser.add_argument("--warmup", type=float, default=0.5, help="warm-up seconds per run")
+    parser.add_argument("--requests", type=int, default=20000, help="streams bound per run")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--time-scale", type=float, default=1000.0)
+    parser.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also measure the gateway package found in DIR (a checkout of another "
+        "version), interleaved with the rest: before/after figures from one machine state",
+    )
     parser.add_argument("--serve-gateway", metavar="DATABASE_URL", help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    parser.add_argument("--gateway-src", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.seconds <= 0 or args.requests < 1 or args.warmup < 0:
+        parser.error("--rounds and --requests must be >= 1, --seconds > 0, --warmup >= 0")
+    return args
 
 
 if __name__ == "__main__":
     parsed = parse_args(sys.argv[1:])
     if parsed.serve_gateway:
-        serve_gateway_main(parsed.serve_gateway)
+        run_async(_serve_gateway(parsed.serve_gateway, parsed.gateway_src))
     else:
         run_async(main(parsed))

@@ -130,6 +130,8 @@ class Gateway:
         self._refresher: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._written_last_request: dict[WorkloadRef, float] = {}
+        self._queue_depths: dict[WorkloadRef, int] = {}
+        self._requeued_at = float("-inf")
         self.port: int | None = None
 
     # -- public interface ----------------------------------------------------------
@@ -140,9 +142,14 @@ class Gateway:
         await self.refresh()
         s = self.settings
         self._client = aiohttp.ClientSession(
+            # A keep-alive pool per replica, unbounded here: the dispatcher caps requests.
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            # Bodies pass through as the replica encoded them.
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding"),
+            # One session serves every caller: a cookie a replica sets for one caller must
+            # not be replayed to the next (and a jar costs a lookup per request).
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
         self._forwarder = Forwarder(
             session=self._client,
@@ -160,6 +167,7 @@ class Gateway:
             dispatcher=self._dispatcher,
             client=self._client,
             routes=lambda: self._table.workloads,
+            queued=lambda: self._queue_depths,
             now=_utc_now,
             workers=s.job_workers,
             poll_interval_sec=s.job_poll_interval_sec,
@@ -210,6 +218,7 @@ class Gateway:
             table = await load_route_table(s)
             depths = await jobs.queue_depths(s)
         self._table = table
+        self._queue_depths = depths
         self._dispatcher.update(table.workloads)
         self._signals.set_async_depth(depths)
         if self._jobs is not None and any(
@@ -238,9 +247,19 @@ class Gateway:
             try:
                 await self.refresh()
                 await self._write_last_requests()
-                await self._jobs.requeue_stale()
+                await self._requeue_stale_jobs()
             except Exception:
                 log.exception("refreshing gateway routes from the store failed")
+
+    async def _requeue_stale_jobs(self) -> None:
+        """Queue again jobs left running by a gateway that died; a tenth of the job
+        timeout between looks is soon enough and spares the store a write a second."""
+        assert self._jobs is not None
+        s = self.settings
+        now = time.monotonic()
+        if now - self._requeued_at >= max(s.refresh_interval_sec, s.job_timeout_sec / 10):
+            self._requeued_at = now
+            await self._jobs.requeue_stale()
 
     def _cold_start(self, ref: WorkloadRef) -> None:
         """No ready replica: tell the controller now, and the store for other processes."""
@@ -255,9 +274,8 @@ class Gateway:
 
     async def _write_last_requests(self) -> None:
         interval = self.settings.last_request_write_interval_sec
-        for ref, snap in self._signals.snapshot(now=self._wall_clock()).items():
-            last = snap.last_request_at
-            if last is not None and last - self._written_last_request.get(ref, 0.0) >= interval:
+        for ref, last in self._signals.last_requests().items():
+            if last - self._written_last_request.get(ref, 0.0) >= interval:
                 await self._write_last_request(ref, last)
 
     async def _write_last_request(self, ref: WorkloadRef, at: float) -> None:
@@ -306,8 +324,9 @@ class Gateway:
             status = 499
             raise
         finally:
-            self.metrics.requests.labels(*route.ref, str(status)).inc()
-            self.metrics.duration.labels(*route.ref).observe(time.perf_counter() - arrived)
+            children = self._signals.metrics_of(route.ref)
+            children.requests(status).inc()
+            children.duration.observe(time.perf_counter() - arrived)
 
     async def _dispatch(
         self, request: web.Request, *, route: WorkloadRoute, tail: str, arrived: float

@@ -108,7 +108,7 @@ class Dispatcher:
             state.outstanding.pop(lease.replica.key, None)
         window = self._signals.window(lease.ref)
         window.in_flight -= 1
-        self._signals.metrics.in_flight.labels(*lease.ref).dec()
+        self._signals.metrics_of(lease.ref).in_flight.dec()
         if state.waiters:
             self._serve_waiters(lease.ref)
 
@@ -156,7 +156,7 @@ class Dispatcher:
         replica = next(r for r in route.replicas if r.key == chosen.key)
         state.outstanding[replica.key] = chosen.outstanding + 1
         self._signals.window(ref).in_flight += 1
-        self._signals.metrics.in_flight.labels(*ref).inc()
+        self._signals.metrics_of(ref).in_flight.inc()
         return Lease(ref=ref, replica=replica)
 
     def _is_cold(self, ref: WorkloadRef) -> bool:

@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -154,6 +154,7 @@ class JobRunner:
         dispatcher: Dispatcher,
         client: aiohttp.ClientSession,
         routes: Callable[[], dict[WorkloadRef, WorkloadRoute]],
+        queued: Callable[[], Mapping[WorkloadRef, int]],
         now: Callable[[], datetime],
         workers: int,
         poll_interval_sec: float,
@@ -163,6 +164,7 @@ class JobRunner:
         self._dispatcher = dispatcher
         self._client = client
         self._routes = routes
+        self._queued = queued
         self._now = now
         self._workers = workers
         self._poll = poll_interval_sec
@@ -210,8 +212,14 @@ class JobRunner:
             await self._run(job)
 
     async def _claim(self) -> Job | None:
-        """Take the oldest queued job whose workload has a ready replica."""
-        routable = [ref for ref, r in self._routes().items() if r.ready]
+        """Take the oldest queued job whose workload has a ready replica.
+
+        Only workloads whose last known queue depth (``queued``, refreshed with the
+        routes) is above zero are looked for, so idle workers leave the store alone;
+        whoever refreshes the depths pokes the workers when a routable one has jobs.
+        """
+        depths = self._queued()
+        routable = [ref for ref, r in self._routes().items() if r.ready and depths.get(ref)]
         if not routable:
             return None
         async with self._sessions() as s, s.begin():

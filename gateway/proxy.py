@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.dispatch import Dispatcher, Lease
@@ -60,31 +61,39 @@ class ProxyLimits:
     connect_timeout_sec: float
 
 
-def _connection_tokens(headers: CIMultiDictProxy[str]) -> set[str]:
-    tokens: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        tokens.update(t.strip().lower() for t in value.split(",") if t.strip())
-    return tokens
+def _drop_set(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
+    """``base`` plus whatever the ``Connection`` header names as hop-by-hop."""
+    named = headers.getall("Connection", ())
+    if not named:
+        return base
+    tokens = {t.strip().lower() for value in named for t in value.split(",")}
+    tokens.discard("")
+    return base | tokens
 
 
 def request_headers(incoming: CIMultiDictProxy[str], *, engine_key: str | None) -> CIMultiDict[str]:
-    drop = _REQUEST_DROP | _connection_tokens(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        if name.lower() not in drop:
-            out.add(name, value)
+    drop = _drop_set(incoming, _REQUEST_DROP)
+    out = CIMultiDict([(k, v) for k, v in incoming.items() if k.lower() not in drop])
     if engine_key:
         out["Authorization"] = f"Bearer {engine_key}"
     return out
 
 
 def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    drop = _RESPONSE_DROP | _connection_tokens(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        if name.lower() not in drop:
-            out.add(name, value)
-    return out
+    drop = _drop_set(upstream, _RESPONSE_DROP)
+    return CIMultiDict([(k, v) for k, v in upstream.items() if k.lower() not in drop])
+
+
+class _RelayedResponse(web.StreamResponse):
+    """A streamed response whose headers leave with its first body bytes.
+
+    ``prepare()`` only serializes the headers; the first ``write()`` (or ``write_eof()``)
+    sends them and the body in one segment, and the relay flushes them on their own
+    (``send_headers()``) when no body byte is at hand yet, so the caller never waits for
+    headers the replica already sent.
+    """
+
+    _send_headers_immediately = False
 
 
 class Forwarder:
@@ -203,25 +212,37 @@ class Forwarder:
         route: WorkloadRoute,
         arrived: float,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-        response.headers.update(response_headers(upstream.headers))
+        """Copy the replica's answer to the caller, each chunk as soon as it arrives.
+
+        Write calls are the relay's main cost, so they are coalesced where that delays
+        nothing: headers go out with body bytes that came in the same read as the
+        replica's headers, and the last chunk goes out with the end of the body when the
+        replica's end had already arrived too.
+        """
+        response = _RelayedResponse(status=upstream.status, reason=upstream.reason)
+        response.headers.extend(response_headers(upstream.headers))
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         measure = upstream.status < 400
-        await response.prepare(request)
+        content = upstream.content
+        writer = await response.prepare(request)
+        assert writer is not None
         try:
-            first = True
-            async for chunk in upstream.content.iter_any():
-                if first and measure:
-                    self._record_ttft(route, arrived)
-                first = False
-                await response.write(chunk)
-            if first and measure:  # an empty body: its headers were the first byte
+            chunk = content.read_nowait()
+            if not chunk and not content.is_eof():
+                writer.send_headers()
+                chunk = await content.readany()
+            if measure:  # the first body byte, or the end of an empty body
                 self._record_ttft(route, arrived)
+            while chunk:
+                if content.at_eof():
+                    break
+                await response.write(chunk)
+                chunk = await content.readany()
         except (aiohttp.ClientError, TimeoutError) as exc:
-            await self._abort(request, response, exc)
+            await self._abort(request, response, writer, exc)
             return response
-        await response.write_eof()
+        await response.write_eof(chunk)
         return response
 
     def _record_ttft(self, route: WorkloadRoute, arrived: float) -> None:
@@ -230,9 +251,15 @@ class Forwarder:
         )
 
     async def _abort(
-        self, request: web.Request, response: web.StreamResponse, exc: BaseException
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        writer: AbstractStreamWriter,
+        exc: BaseException,
     ) -> None:
-        """End a response whose replica failed after the headers went out."""
+        """End a response whose replica failed after its headers arrived."""
+        with contextlib.suppress(ConnectionError):
+            writer.send_headers()
         if response.content_type == "text/event-stream":
             message = f"the replica failed mid-stream: {type(exc).__name__}"
             event = b"data: " + error_body(502, message, code="upstream_error") + b"\n\n"

@@ -191,6 +191,28 @@ class Metrics:
         )
 
 
+class WorkloadMetrics:
+    """One workload's label children, looked up once: ``labels()`` takes a lock and
+    hashes the label values on every call, which the request path need not pay."""
+
+    __slots__ = ("_metrics", "_ref", "_requests", "duration", "in_flight", "ttft")
+
+    def __init__(self, metrics: Metrics, ref: WorkloadRef) -> None:
+        self._metrics = metrics
+        self._ref = ref
+        self.ttft = metrics.ttft.labels(*ref)
+        self.duration = metrics.duration.labels(*ref)
+        self.in_flight = metrics.in_flight.labels(*ref)
+        self._requests: dict[int, Counter] = {}
+
+    def requests(self, status: int) -> Counter:
+        """The ``requests_total`` child for ``status``."""
+        child = self._requests.get(status)
+        if child is None:
+            child = self._requests[status] = self._metrics.requests.labels(*self._ref, str(status))
+        return child
+
+
 class Signals:
     """Per-workload windows and metrics; the one place requests are recorded."""
 
@@ -198,6 +220,13 @@ class Signals:
         self.window_sec = window_sec
         self.metrics = metrics
         self._windows: dict[WorkloadRef, WorkloadWindow] = {}
+        self._children: dict[WorkloadRef, WorkloadMetrics] = {}
+
+    def metrics_of(self, ref: WorkloadRef) -> WorkloadMetrics:
+        found = self._children.get(ref)
+        if found is None:
+            found = self._children[ref] = WorkloadMetrics(self.metrics, ref)
+        return found
 
     def window(self, ref: WorkloadRef) -> WorkloadWindow:
         found = self._windows.get(ref)
@@ -215,7 +244,7 @@ class Signals:
     def first_byte(self, ref: WorkloadRef, *, now: float, ttft: float) -> None:
         w = self.window(ref)
         w.ttft.append((now, ttft))
-        self.metrics.ttft.labels(*ref).observe(ttft)
+        self.metrics_of(ref).ttft.observe(ttft)
 
     def set_async_depth(self, depths: dict[WorkloadRef, int]) -> None:
         for ref, w in self._windows.items():
@@ -225,6 +254,15 @@ class Signals:
         for ref, depth in depths.items():
             self.window(ref).async_queue_depth = depth
             self.metrics.async_queue_depth.labels(*ref).set(depth)
+
+    def last_requests(self) -> dict[WorkloadRef, float]:
+        """When each workload last got a request; cheaper than a snapshot, which copies
+        every TTFT sample in the window."""
+        return {
+            ref: w.last_request_at
+            for ref, w in self._windows.items()
+            if w.last_request_at is not None
+        }
 
     def snapshot(self, *, now: float) -> dict[WorkloadRef, SignalSnapshot]:
         out: dict[WorkloadRef, SignalSnapshot] = {}
