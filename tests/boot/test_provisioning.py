@@ -7,7 +7,9 @@ import dataclasses
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
 
 from autoscaler.config import ConfigError, parse_config
@@ -19,7 +21,7 @@ from autoscaler.store.phase import Phase
 from providers.base import LaunchRequest
 from providers.fake import FakeProvider
 from providers.local import offer_for_this_machine
-from tests.helpers import autoscaler_cli
+from tests.helpers import Process, autoscaler_cli, free_port, http_ok, wait_until
 from tests.reconcile.world import OFFERS, World, autoscaling, fixed
 
 CALLBACK = "https://autoscaler.internal:8001"
@@ -123,3 +125,31 @@ def test_autoscaler_run_refuses_such_a_config_before_serving(tmp_path: Path) -> 
     )
     assert done.returncode == 1
     assert f"controller config {config}: callback_url: required with providers.aws" in done.stderr
+
+
+def test_autoscaler_run_dry_run_logs_the_plan_and_starts_nothing(tmp_path: Path) -> None:
+    api_port, gateway_port = free_port(), free_port()
+    api = f"http://127.0.0.1:{api_port}"
+    admin = "ik_sdk_dry-run-admin-" + "d" * 20
+    argv = autoscaler_cli(
+        "run", "--dry-run", "--api-port", str(api_port), "--gateway-port", str(gateway_port)
+    )
+    env = {"AUTOSCALER_DATA_DIR": str(tmp_path / "data"), "AUTOSCALER_ADMIN_TOKEN": admin}
+    headers = {"Authorization": f"Bearer {admin}"}
+    workload = f"{api}/v1/projects/demo/workloads/chat"
+    with Process(argv, env=env) as service:
+        wait_until(lambda: http_ok(api + "/healthz"), timeout=60, what="autoscaler run")
+        spec = fixed("chat").model_dump(mode="json", exclude_none=True)
+        assert httpx.put(workload, json=spec, headers=headers).status_code == 201
+
+        def planned() -> list[dict[str, Any]]:
+            items = httpx.get(f"{workload}/decisions", headers=headers).json()["items"]
+            return [d for d in items if d["reason"].startswith("dry-run: ")]
+
+        wait_until(lambda: bool(planned()), timeout=30, what="a dry-run decision")
+        replicas = httpx.get(f"{workload}/replicas", headers=headers).json()["items"]
+        decisions = planned()
+        output = service.stop()
+    assert "; dry run)" in output
+    assert replicas == []
+    assert not any(d["acted"] for d in decisions)
