@@ -16,9 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.cli import main
 from tests.agent.conftest import WorkersApiServer
-from tests.agent.test_agent import assign, create_workload, ledger_row, pid_running
+from tests.agent.test_agent import assign, create_workload, ledger_row
 from tests.conftest import ADMIN_TOKEN
-from tests.helpers import Process, autoscaler_cli
+from tests.helpers import Process, autoscaler_cli, pid_running
 
 
 @pytest.fixture
