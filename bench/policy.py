@@ -15,11 +15,20 @@ A100 80GB or H100, $400/h ceiling, TTFT target 1 s; the same defaults for every 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
 
-from autoscaler.sim.run import POLICY_NAMES, RateMode, Scenario, policies, prepare, run_policy
+from autoscaler.sim.run import (
+    POLICY_NAMES,
+    RateMode,
+    Scenario,
+    policies,
+    prepare,
+    replay_oracle,
+    run_policy,
+)
 from autoscaler.sim.trace import load_trace
 from autoscaler.sim.workload import sim_workload
 from autoscaler.spec import WorkloadSpec
@@ -63,6 +72,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--traces", type=Path, default=Path(__file__).parent.parent / "traces")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    parser.add_argument(
+        "--check-oracle",
+        action="store_true",
+        help="also replay the oracle's fleet plan through the simulator (oracle-replay rows)",
+    )
     args = parser.parse_args()
     workload = sim_workload(WorkloadSpec.model_validate(WORKLOAD))
     offers = load_catalog().offers
@@ -94,8 +108,9 @@ def main() -> None:
                 f"{name:<24} {scale:>3g} {'yes' if spot else 'no':<4} {'oracle':<13} "
                 f"{'>=99%':>7} {'':>7} {'':>9} {oracle.cost_usd:>8.2f} {1.0:>7.2f}"
             )
-            for policy in policies(prepared, POLICY_NAMES):
-                report = run_policy(prepared, policy)
+            reports = (run_policy(prepared, p) for p in policies(prepared, POLICY_NAMES))
+            checks = [replay_oracle] if args.check_oracle else []
+            for report in itertools.chain(reports, (check(prepared) for check in checks)):
                 p99 = report.ttft_p99_s
                 ratio = report.cost_vs_oracle
                 print(

@@ -28,7 +28,16 @@ import click
     default=1.0,
     show_default=True,
     type=float,
-    help="X times the request rate: arrival times divided by X (time compressed).",
+    help="X times the request rate (see --rate-mode).",
+)
+@click.option(
+    "--rate-mode",
+    default="overlay",
+    show_default=True,
+    type=click.Choice(["overlay", "compress"]),
+    help="How --rate-scale raises the rate: overlay lays the trace over itself shifted "
+    "(its real length and shape, X times the callers; what the benchmark uses); compress "
+    "divides arrival times by X (X times as fast, 1/X as long).",
 )
 @click.option(
     "--ttft-slo",
@@ -66,6 +75,7 @@ def command(
     trace_path: Path,
     workload_path: Path,
     rate_scale: float,
+    rate_mode: str,
     ttft_slo: float | None,
     seed: int,
     policy: str,
@@ -78,9 +88,10 @@ def command(
     The controller's own decisions (autoscaler.decide) drive simulated replicas with the
     engine-sim latency model, behind the gateway's balancing, on a simulated cloud with
     catalog prices, lognormal boot times (median 3 min), stock-outs and spot interruptions.
-    --rate-scale X compresses time: the trace runs X times as fast.
+    --rate-scale X runs X times the request rate: by default (--rate-mode overlay) the
+    trace is laid over itself and keeps its length; --rate-mode compress speeds it up.
     """
-    from autoscaler.sim.run import Scenario, policies, prepare, run_policy
+    from autoscaler.sim.run import RateMode, Scenario, policies, prepare, run_policy
     from autoscaler.sim.trace import TraceError, load_trace
     from autoscaler.sim.workload import WorkloadFileError, load_workload
     from catalog.snapshot import load_catalog
@@ -102,6 +113,7 @@ def command(
         requests=requests,
         trace_name=trace_path.name,
         rate_scale=rate_scale,
+        rate_mode=RateMode(rate_mode),
         ttft_slo_s=ttft_slo,
         seed=seed,
         allow_spot=allow_spot,

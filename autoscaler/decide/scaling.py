@@ -34,6 +34,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from statistics import NormalDist
 
 from autoscaler.spec import AutoscalingPolicy
 
@@ -52,6 +53,19 @@ answered, from ``ttft_samples``) plus requests still waiting for one."""
 
 BACKLOG_CLEAR_SEC = 60.0
 """Queued requests are to be cleared within this, on top of the incoming rate."""
+
+WAIT_QUANTILE = 0.99
+"""With a prefill time known, the fleet is sized so that this share of requests waits no
+longer than the TTFT target leaves after a typical prompt's own prefill."""
+
+BURST_BUCKET_SEC = 2.0
+"""The burst floor reads arrival rates over buckets this long."""
+
+PREFILL_TTFT_FACTOR = 1.5
+"""A TTFT quantile up to this times the same quantile of prefill alone is explained by
+long prompts, not by too few replicas (the simulator's SLO rule uses the same factor)."""
+
+_MAX_QUEUE_REPLICAS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +131,12 @@ class ReplicaCapacity:
 
     requests_per_s: float
     max_concurrency: int | None = None
+    prefill_s: float | None = None
+    """Mean time one replica takes to prefill a prompt of the measured mix, alone. With it
+    the scaler sizes the fleet by queueing (:func:`queue_need`), not a flat utilisation."""
+    prefill_scv: float = 1.0
+    """Squared coefficient of variation of prefill times (the prompt-length spread:
+    variance over squared mean). 1 is as spread as an exponential."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +224,7 @@ def desired_replicas(
         up=ttft_up,
         down=ttft_down,
         now=now,
-        measured=capacity is not None,
+        capacity=capacity,
     )
     ctx = _Context(policy, signals, fleet, memory, now, capacity, ttft_up, ttft_down)
     decision = (
@@ -283,21 +303,47 @@ def _remember(
     up: float | None,
     down: float | None,
     now: datetime,
-    measured: bool = False,
+    capacity: ReplicaCapacity | None = None,
 ) -> ScaleMemory:
-    breach = up is not None and up > policy.upper_allowed_latency_sec
+    breach = up is not None and up > breach_bound(policy, capacity)
     idle = down is None and signals.in_flight == 0 and signals.queue_depth == 0
     # With a capacity figure the consolidation check can tell what the load needs, so
-    # TTFT comfortably inside the bounds (under half the upper bound) is calm enough.
+    # TTFT comfortably inside the bounds (under half the upper bound), or no more than
+    # the prompt mix's own prefill explains, is calm enough.
     lower = policy.lower_allowed_latency_sec
-    if measured:
+    if capacity is not None:
         lower = max(lower, CALM_SHARE_OF_UPPER * policy.upper_allowed_latency_sec)
+        prefill = prefill_quantile(capacity, policy.ttft_percentile)
+        if prefill is not None:
+            lower = max(lower, min(PREFILL_TTFT_FACTOR * prefill, policy.upper_allowed_latency_sec))
     calm = idle or (down is not None and down < lower)
     calm = calm and not breach
     return ScaleMemory(
         breach_since=(memory.breach_since or now) if breach else None,
         calm_since=(memory.calm_since or now) if calm else None,
     )
+
+
+def prefill_quantile(capacity: ReplicaCapacity, q: float) -> float | None:
+    """The ``q`` quantile of prefill time alone, from its mean and spread taken as
+    lognormal (``sigma^2 = ln(1 + scv)``); ``None`` without a prefill time."""
+    mean = capacity.prefill_s
+    if mean is None or mean <= 0:
+        return None
+    sigma = math.sqrt(math.log1p(max(capacity.prefill_scv, 0.0)))
+    z = NormalDist().inv_cdf(min(max(q, 1e-6), 1 - 1e-6))
+    return mean * math.exp(sigma * z - sigma * sigma / 2.0)
+
+
+def breach_bound(policy: AutoscalingPolicy, capacity: ReplicaCapacity | None) -> float:
+    """The TTFT percentile above which the TTFT rule scales up: the upper bound, or, when
+    the measured prompt mix alone puts that percentile of prefill higher,
+    :data:`PREFILL_TTFT_FACTOR` times it (more replicas do not prefill a prompt faster)."""
+    upper = policy.upper_allowed_latency_sec
+    prefill = None if capacity is None else prefill_quantile(capacity, policy.ttft_percentile)
+    if prefill is None:
+        return upper
+    return max(upper, PREFILL_TTFT_FACTOR * prefill)
 
 
 def _to_zero(ctx: _Context) -> ScaleDecision | None:
@@ -343,15 +389,122 @@ def recent_rate(signals: Signals, *, now: datetime) -> float:
     return max(recent, signals.request_rate)
 
 
-def load_need(capacity: ReplicaCapacity, signals: Signals, *, now: datetime) -> tuple[int, float]:
-    """Replicas the measured load needs at :data:`SAFE_UTILIZATION` of ``capacity``, with
-    the queue cleared within :data:`BACKLOG_CLEAR_SEC`; and the rate it was read as."""
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with ``servers`` servers and
+    ``offered`` load (arrival rate x mean service time); 1 when ``offered >= servers``."""
+    if offered <= 0:
+        return 0.0
+    if offered >= servers:
+        return 1.0
+    blocking = 1.0  # Erlang B by its stable recurrence
+    for k in range(1, servers + 1):
+        blocking = offered * blocking / (k + offered * blocking)
+    rho = offered / servers
+    return blocking / (1.0 - rho * (1.0 - blocking))
+
+
+def queue_need(
+    *, rate: float, service_s: float, service_scv: float, wait_s: float, quantile: float
+) -> int:
+    """The fewest servers for which the ``quantile`` of waiting time stays within ``wait_s``.
+
+    M/G/c with Poisson arrivals: an arrival waits with the Erlang C probability, and a
+    wait, when there is one, is taken as exponential with the M/M/c rate ``(c - a) / S``
+    scaled by ``2 / (1 + scv)`` (the Allen-Cunneen / Kingman correction for service-time
+    spread). So ``P(wait > t) = C(c, a) * exp(-2 (c - a) t / ((1 + scv) S))``.
+    """
+    offered = rate * service_s
+    if offered <= 0:
+        return 0
+    allowed = 1.0 - quantile
+    servers = max(math.floor(offered) + 1, 1)
+    spread = (1.0 + max(service_scv, 0.0)) / 2.0
+    while servers < _MAX_QUEUE_REPLICAS:
+        decay = (servers - offered) / (service_s * spread)
+        if erlang_c(servers, offered) * math.exp(-decay * max(wait_s, 0.0)) <= allowed:
+            return servers
+        servers += 1
+    return servers
+
+
+def _wait_budget(capacity: ReplicaCapacity, upper_s: float) -> float | None:
+    """How long a typical request may wait before its own prefill, if known and positive."""
+    if capacity.prefill_s is None or capacity.prefill_s <= 0:
+        return None
+    return upper_s - capacity.prefill_s
+
+
+def load_need(
+    capacity: ReplicaCapacity, signals: Signals, *, now: datetime, upper_s: float | None = None
+) -> tuple[int, float]:
+    """Replicas the measured load needs, and the rate it was read as.
+
+    Throughput: the rate (queue cleared within :data:`BACKLOG_CLEAR_SEC`) at
+    :data:`SAFE_UTILIZATION` of ``capacity``. With a prefill time and ``upper_s`` (the
+    TTFT target), also queueing: the fewest replicas for which :data:`WAIT_QUANTILE` of
+    arrivals wait no more than the target leaves after a typical prefill
+    (:func:`queue_need`); the larger of the two counts.
+    """
     rate = recent_rate(signals, now=now)
     per_replica = capacity.requests_per_s * SAFE_UTILIZATION
     if per_replica <= 0:
         return 0, rate
-    backlog = signals.queue_depth / BACKLOG_CLEAR_SEC
-    return math.ceil((rate + backlog) / per_replica - 1e-9), rate
+    load = rate + signals.queue_depth / BACKLOG_CLEAR_SEC
+    need = math.ceil(load / per_replica - 1e-9)
+    return max(need, _queue_need(capacity, load, upper_s)), rate
+
+
+def _queue_need(capacity: ReplicaCapacity, rate: float, upper_s: float | None) -> int:
+    budget = None if upper_s is None else _wait_budget(capacity, upper_s)
+    if budget is None or capacity.prefill_s is None:
+        return 0
+    return queue_need(
+        rate=rate,
+        service_s=capacity.prefill_s,
+        service_scv=capacity.prefill_scv,
+        # A typical prompt that alone takes longer than the target gets no budget to
+        # wait; size for its wait to be short against its own prefill instead.
+        wait_s=budget if budget > 0 else capacity.prefill_s * (PREFILL_TTFT_FACTOR - 1.0),
+        quantile=WAIT_QUANTILE,
+    )
+
+
+def peak_arrival_rate(
+    signals: Signals, *, now: datetime, over_s: float, bucket_s: float = BURST_BUCKET_SEC
+) -> float:
+    """The highest arrival rate over any ``bucket_s`` bucket of the last ``over_s`` seconds.
+
+    Arrival times are read from the TTFT samples (first token time minus TTFT, exact for
+    every request answered); requests still queued count in the latest bucket.
+    """
+    since = now - timedelta(seconds=over_s)
+    buckets: dict[int, int] = {}
+    for at, ttft in signals.ttft_samples:
+        arrived = at - timedelta(seconds=ttft)
+        if arrived > since:
+            key = math.floor((now - arrived).total_seconds() / bucket_s)
+            buckets[key] = buckets.get(key, 0) + 1
+    buckets[0] = buckets.get(0, 0) + signals.queue_depth
+    return max(buckets.values()) / bucket_s
+
+
+def burst_floor(
+    capacity: ReplicaCapacity, signals: Signals, *, now: datetime, policy: AutoscalingPolicy
+) -> tuple[int, float]:
+    """Replicas the peak :data:`BURST_BUCKET_SEC` arrival rate of the last
+    ``scale_down_time_window_sec`` needs by queueing (:func:`queue_need`), and that rate.
+
+    A keep-alive rule: capacity a burst needed is held for the scale-down window after
+    it. Releasing a replica and buying it back within a boot time costs more than holding
+    it (billing runs from launch) and misses the burst it was bought for, so the hold
+    should be at least a boot; the default window (300 s) covers a typical GPU boot of
+    about three minutes. Zero without a prefill time.
+    """
+    budget = _wait_budget(capacity, policy.upper_allowed_latency_sec)
+    if budget is None:
+        return 0, 0.0
+    peak = peak_arrival_rate(signals, now=now, over_s=policy.scale_down_time_window_sec)
+    return _queue_need(capacity, peak, policy.upper_allowed_latency_sec), peak
 
 
 def _load_up(ctx: _Context) -> ScaleDecision | None:
@@ -361,20 +514,39 @@ def _load_up(ctx: _Context) -> ScaleDecision | None:
     cap = ctx.capacity
     if cap is None or ctx.current == 0:
         return None
-    need, rate = load_need(cap, ctx.signals, now=ctx.now)
-    if need <= ctx.current:
+    upper = ctx.policy.upper_allowed_latency_sec
+    need, rate = load_need(cap, ctx.signals, now=ctx.now, upper_s=upper)
+    burst, peak = burst_floor(cap, ctx.signals, now=ctx.now, policy=ctx.policy)
+    if max(need, burst) <= ctx.current:
         return None
-    desired = ctx.clamp(need)
+    desired = ctx.clamp(max(need, burst))
     if desired <= ctx.current:
         return None
+    why = (
+        f"load {rate:.2f} req/s and {ctx.signals.queue_depth} queued need {need} "
+        f"({_capacity_text(cap)})"
+    )
+    if burst > need:
+        why = (
+            f"a burst of {peak:.2f} req/s over {BURST_BUCKET_SEC:g}s in the last "
+            f"{ctx.policy.scale_down_time_window_sec:g}s needs {burst} ({_capacity_text(cap)})"
+        )
     return ctx.decide(
         desired,
         Direction.UP,
-        f"load {rate:.2f} req/s and {ctx.signals.queue_depth} queued need {need} at "
-        f"{SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each: "
-        f"{ctx.current} -> {desired} ({ctx.fleet.ready} ready, {ctx.fleet.booting} booting)",
+        f"{why}: {ctx.current} -> {desired} ({ctx.fleet.ready} ready, {ctx.fleet.booting} booting)",
         replace(ctx.memory, calm_since=None),
     )
+
+
+def _capacity_text(cap: ReplicaCapacity) -> str:
+    text = f"{SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each"
+    if cap.prefill_s is not None:
+        text += (
+            f"; p{WAIT_QUANTILE * 100:g} wait within the target after a "
+            f"{cap.prefill_s:.3f}s prefill (spread {cap.prefill_scv:.2f})"
+        )
+    return text
 
 
 def _up(ctx: _Context, window_sec: float) -> ScaleDecision | None:
@@ -383,17 +555,20 @@ def _up(ctx: _Context, window_sec: float) -> ScaleDecision | None:
         return None
     p, fleet = ctx.policy, ctx.fleet
     serving = max(fleet.ready, 1)
-    off_by = ctx.ttft_up / p.upper_allowed_latency_sec  # > 1
+    bound = breach_bound(p, ctx.capacity)
+    off_by = ctx.ttft_up / bound  # > 1
     growth = 3.0 if p.enable_fast_autoscaling else 2.0
     # TTFT grows at least in proportion to load per replica near saturation, so the
     # capacity that brings it back to target is about ``ready x off_by``.
     wanted = math.ceil(serving * min(off_by, growth))
     wanted = max(wanted, fleet.ready + 1)
     pct = f"p{p.ttft_percentile * 100:g}"
-    breach = (
-        f"TTFT {pct} {ctx.ttft_up:.3f}s > upper {p.upper_allowed_latency_sec:g}s "
-        f"for {held:.0f}s (window {window_sec:g}s)"
+    over = (
+        f"upper {p.upper_allowed_latency_sec:g}s"
+        if bound == p.upper_allowed_latency_sec
+        else f"{bound:.3g}s ({PREFILL_TTFT_FACTOR:g}x the {pct} prefill alone)"
     )
+    breach = f"TTFT {pct} {ctx.ttft_up:.3f}s > {over} for {held:.0f}s (window {window_sec:g}s)"
     if wanted <= ctx.current:
         return ctx.decide(
             ctx.clamp(ctx.current),
@@ -468,16 +643,18 @@ def _consolidated(ctx: _Context) -> tuple[int, str]:
         if projected > limit:
             return ready, f"TTFT is low but {load} > {limit:.3f}s: keep {ready}"
         return one_less, load
-    by_rate, rate = load_need(cap, s, now=ctx.now)
+    upper = ctx.policy.upper_allowed_latency_sec
+    by_rate, rate = load_need(cap, s, now=ctx.now, upper_s=upper)
+    by_burst, peak = burst_floor(cap, s, now=ctx.now, policy=ctx.policy)
     by_concurrency = (
         math.ceil(s.in_flight / (cap.max_concurrency * SAFE_UTILIZATION))
         if cap.max_concurrency
         else 0
     )
-    needed = max(by_rate, by_concurrency, math.ceil(ready / 2), 1)
+    needed = max(by_rate, by_burst, by_concurrency, math.ceil(ready / 2), 1)
     load = (
-        f"{rate:.2f} req/s and {s.in_flight} in flight need {needed} "
-        f"at {SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each"
+        f"{rate:.2f} req/s (peak {peak:.2f} over {BURST_BUCKET_SEC:g}s) and {s.in_flight} "
+        f"in flight need {needed} ({_capacity_text(cap)})"
     )
     if needed >= ready:
         return ready, f"TTFT is low but {load}: keep {ready}"

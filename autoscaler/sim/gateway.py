@@ -81,7 +81,8 @@ class SimGateway:
     concurrency: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=120))
     finished: deque[tuple[float, int, int]] = field(default_factory=deque)
     """``(time, prompt tokens, completion tokens)`` of requests answered, for the mix."""
-    _mix_sums: list[int] = field(default_factory=lambda: [0, 0])
+    _mix_sums: list[int] = field(default_factory=lambda: [0, 0, 0])
+    """Prompt tokens, completion tokens and squared prompt tokens of ``finished``."""
     _next_second: float = 0.0
 
     def observe_until(self, t: float) -> None:
@@ -124,6 +125,7 @@ class SimGateway:
         self.finished.append((t, record.input_tokens, record.output_tokens))
         self._mix_sums[0] += record.input_tokens
         self._mix_sums[1] += record.output_tokens
+        self._mix_sums[2] += record.input_tokens * record.input_tokens
 
     def token_mix(self, t: float) -> tuple[float, float] | None:
         """Mean prompt and completion tokens of requests answered over the signal window.
@@ -134,10 +136,20 @@ class SimGateway:
             _, tokens_in, tokens_out = self.finished.popleft()
             self._mix_sums[0] -= tokens_in
             self._mix_sums[1] -= tokens_out
+            self._mix_sums[2] -= tokens_in * tokens_in
         if not self.finished:
             return None
         n = len(self.finished)
         return self._mix_sums[0] / n, self._mix_sums[1] / n
+
+    def prompt_scv(self, t: float) -> float | None:
+        """The spread of prompt lengths over the signal window (variance over the squared
+        mean), measured like :meth:`token_mix`; ``None`` before any answer."""
+        mix = self.token_mix(t)
+        if mix is None or mix[0] <= 0:
+            return None
+        mean_square = self._mix_sums[2] / len(self.finished)
+        return max(mean_square / (mix[0] * mix[0]) - 1.0, 0.0)
 
     def trim(self, t: float, *, keep_s: float) -> None:
         horizon = t - keep_s

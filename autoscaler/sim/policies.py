@@ -201,3 +201,32 @@ class ConcurrencyPolicy:
             why = f"stable: concurrency {stable:.1f} over {self.stable_window_s:g}s"
         count = _clamp(count, self.min_replicas, self.max_replicas)
         return Want(count, f"{why} / target {self.target_concurrency:.1f} -> {count}")
+
+
+@dataclass(slots=True)
+class ScheduledFleetPolicy:
+    """A fleet known in advance: ``fleet[k]`` replicas serving in slot ``k`` of ``slot_s``
+    seconds, each bought ``lead_s`` (the boot time) before its slot starts. Replays the
+    oracle's plan through the simulator to check that it meets the SLO there."""
+
+    fleet: tuple[int, ...]
+    slot_s: float
+    lead_s: float
+    name: str = "oracle-replay"
+    interval_s: float = CONTROLLER_INTERVAL_S
+
+    def bounds(self) -> tuple[int, int]:
+        return min(self.fleet, default=0), max(self.fleet, default=0)
+
+    def count_at(self, t: float) -> int:
+        """Replicas wanted (ready or booting) at ``t``: the slot now and any booting for a
+        slot that starts within the lead."""
+        if not self.fleet:
+            return 0
+        now = min(max(int(t // self.slot_s), 0), len(self.fleet) - 1)
+        ahead = min(max(int((t + self.lead_s) // self.slot_s), 0), len(self.fleet) - 1)
+        return max(self.fleet[now : ahead + 1])
+
+    def desired(self, view: ControlView) -> Want:
+        count = self.count_at(view.now_s)
+        return Want(count, f"the oracle's plan: {count} replicas")

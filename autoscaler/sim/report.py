@@ -46,6 +46,8 @@ class RunReport:
     duration_s: float
     scale_events: dict[str, int]
     oracle_cost_usd: float | None = None
+    rate_mode: str = "compress"
+    """How the rate was scaled: ``overlay`` (trace laid over itself) or ``compress``."""
     timeline: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -71,7 +73,7 @@ class RunReport:
         events = ", ".join(f"{n} {k}" for k, n in sorted(self.scale_events.items())) or "none"
         lines = [
             f"policy {self.policy} on {self.trace} at {self.rate_scale:g}x the request rate "
-            f"(time compressed {self.rate_scale:g}x), spot {'allowed' if self.spot else 'off'}, "
+            f"({self._scaling()}), spot {'allowed' if self.spot else 'off'}, "
             f"seed {self.seed}",
             f"  requests served     {self.served} of {self.requests} "
             f"({self.refused_too_long} refused: longer than the model's context; "
@@ -89,6 +91,11 @@ class RunReport:
         ]
         return "\n".join(lines)
 
+    def _scaling(self) -> str:
+        if self.rate_mode == "overlay":
+            return f"trace overlaid {self.rate_scale:g}x on its own time axis"
+        return f"time compressed {self.rate_scale:g}x"
+
 
 def build_report(
     *,
@@ -100,6 +107,7 @@ def build_report(
     seed: int,
     spot: bool,
     oracle_cost_usd: float | None,
+    rate_mode: str = "compress",
 ) -> RunReport:
     records = outcomes.records
     counted = [r for r in records if r.outcome is not Outcome.REFUSED]
@@ -133,6 +141,7 @@ def build_report(
         duration_s=outcomes.end_s,
         scale_events=dict(kinds),
         oracle_cost_usd=oracle_cost_usd,
+        rate_mode=rate_mode,
         timeline=[asdict(s) for s in outcomes.timeline],
         events=[asdict(e) for e in outcomes.events],
     )

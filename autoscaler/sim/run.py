@@ -9,14 +9,21 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from autoscaler.decide.scaling import SAFE_UTILIZATION
-from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP
+from autoscaler.decide.scaling import (
+    SAFE_UTILIZATION,
+    ReplicaCapacity,
+    Signals,
+    burst_floor,
+    load_need,
+)
+from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP, as_datetime
 from autoscaler.sim.oracle import OraclePlan, oracle
 from autoscaler.sim.policies import (
     ConcurrencyPolicy,
     ControllerPolicy,
     Policy,
     RequestRatePolicy,
+    ScheduledFleetPolicy,
     static_policy,
 )
 from autoscaler.sim.report import RunReport, build_report
@@ -33,8 +40,8 @@ from autoscaler.sim.workload import (
     fastest_single_gpu,
     feasible_offers,
 )
-from autoscaler.sim.world import CloudSettings, World, with_spot
-from autoscaler.spec import FixedPolicy
+from autoscaler.sim.world import EPOCH_S, CloudSettings, World, with_spot
+from autoscaler.spec import AutoscalingPolicy, FixedPolicy
 from catalog.model import Offer
 from catalog.perf import ServingProfile
 
@@ -215,17 +222,50 @@ def policies(prepared: Prepared, names: Sequence[str] = POLICY_NAMES) -> list[Po
 
 
 def initial_replicas(prepared: Prepared, policy: Policy) -> int:
-    """The warm fleet at time 0: a static policy's count, else the first minute's load."""
-    fixed = isinstance(policy, ControllerPolicy) and isinstance(
-        policy.spec.execution_policy_config, FixedPolicy
-    )
-    if fixed:
+    """The warm fleet at time 0: a static policy's count; for our controller, what its
+    own load and burst rules ask for the first minute's traffic; for the other
+    autoscalers, the first minute's rate at :data:`SAFE_UTILIZATION` of a replica."""
+    config = policy.spec.execution_policy_config if isinstance(policy, ControllerPolicy) else None
+    if isinstance(config, FixedPolicy):
         low, _ = policy.bounds()
         return low
-    first_minute = sum(1 for r in prepared.requests if r.arrival_s < 60.0) / 60.0
     low, high = _bounds(prepared)
+    first = [r for r in prepared.requests if r.arrival_s < 60.0]
+    if isinstance(config, AutoscalingPolicy):
+        return min(max(_controller_warm_count(prepared, config, first), low, 1), high)
     per_replica = prepared.capacity_rps * SAFE_UTILIZATION
-    return min(max(math.ceil(first_minute / per_replica), low, 1), high)
+    return min(max(math.ceil(len(first) / 60.0 / per_replica), low, 1), high)
+
+
+def _controller_warm_count(
+    prepared: Prepared, policy: AutoscalingPolicy, first: Sequence[TraceRequest]
+) -> int:
+    """What ``decide.scaling``'s load and burst rules ask for had the first minute's
+    requests arrived in the minute before time 0 (answered at once), at their mix."""
+    if not first:
+        return 0
+    n = len(first)
+    mean_in = sum(r.input_tokens for r in first) / n
+    mean_out = sum(r.output_tokens for r in first) / n
+    square = sum(r.input_tokens * r.input_tokens for r in first) / n
+    capacity = ReplicaCapacity(
+        requests_per_s=prepared.profile.capacity_rps(input_tokens=mean_in, output_tokens=mean_out),
+        max_concurrency=prepared.profile.max_batch,
+        prefill_s=prepared.profile.prefill_seconds(round(mean_in)),
+        prefill_scv=max(square / (mean_in * mean_in) - 1.0, 0.0),
+    )
+    zero = EPOCH_S
+    signals = Signals.from_epoch(
+        ttft_samples=[(zero + r.arrival_s - 60.0, 0.0) for r in first],
+        request_rate=n / 60.0,
+        in_flight=0,
+        queue_depth=0,
+        last_request_at=zero,
+    )
+    now = as_datetime(zero)
+    need, _ = load_need(capacity, signals, now=now, upper_s=policy.upper_allowed_latency_sec)
+    burst, _ = burst_floor(capacity, signals, now=now, policy=policy)
+    return max(need, burst)
 
 
 def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
@@ -252,6 +292,7 @@ def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
         seed=scenario.seed,
         spot=scenario.allow_spot,
         oracle_cost_usd=prepared.oracle.cost_usd,
+        rate_mode=scenario.rate_mode.value,
     )
 
 
@@ -265,3 +306,37 @@ def compare(
 
 def trace_name(path: Path) -> str:
     return path.name
+
+
+def replay_oracle(prepared: Prepared) -> RunReport:
+    """The oracle's fleet plan replayed through the simulator on its own terms (its offer
+    only, every boot exactly the median, no stock-outs, no interruptions): whether the
+    plan it prices meets the SLO where every policy is measured."""
+    plan = prepared.oracle
+    scenario = prepared.scenario
+    cloud = replace(
+        scenario.cloud, boot_sigma=1e-9, stockout_probability=0.0, spot_interruptions_per_hour=0.0
+    )
+    policy = ScheduledFleetPolicy(fleet=plan.fleet, slot_s=plan.slot_s, lead_s=plan.boot_s)
+    world = World(
+        workload=prepared.workload,
+        offers=[o for o in prepared.offers if o.key == plan.offer.key],
+        policy=policy,
+        requests=prepared.requests,
+        seed=scenario.seed,
+        cloud=cloud,
+        allow_spot=plan.spot,
+        initial_replicas=plan.fleet[0] if plan.fleet else 0,
+        initial_mix=first_minute_mix(prepared.requests),
+    )
+    return build_report(
+        outcomes=world.run(),
+        slo=prepared.slo,
+        policy=policy.name,
+        trace=scenario.trace_name,
+        rate_scale=scenario.rate_scale,
+        seed=scenario.seed,
+        spot=plan.spot,
+        oracle_cost_usd=plan.cost_usd,
+        rate_mode=scenario.rate_mode.value,
+    )

@@ -11,11 +11,12 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
+from autoscaler.decide.inputs import model_size
 from autoscaler.spec import AutoscalingPolicy, WorkloadDocument, WorkloadSpec, describe_errors
 from catalog.model import Offer
 from catalog.perf import ModelDoesNotFit, ServingProfile, serving_profile
 from catalog.query import OfferRequest, select_offers
-from catalog.sizing import GIB, KNOWN_MODELS, QUANT_PATTERNS, estimate_model_memory
+from catalog.sizing import KNOWN_MODELS
 
 LLAMA3_CONTEXT_TOKENS = 131_072
 """Context of a model the sizing table knows no limit for: Llama 3.1's 128k."""
@@ -69,18 +70,16 @@ def load_workload(path: Path) -> SimWorkload:
 
 def sim_workload(spec: WorkloadSpec) -> SimWorkload:
     """Model size (billions of parameters, bytes each) and context for ``spec``."""
-    estimate = estimate_model_memory(spec.model, spec.command)
-    bytes_per_param = _bytes_per_param(spec)
-    if estimate.weights_gib <= 0:
+    size = model_size(spec)  # the controller's own reading (decide.inputs)
+    if size is None:
         raise WorkloadFileError(
             f"workload {spec.slug}: cannot tell the size of model {spec.model!r}; the "
             "simulator needs a parameter count in the model name (e.g. '-8B')"
         )
-    params_b = estimate.weights_gib * GIB / 1e9 / bytes_per_param
     return SimWorkload(
         spec=spec,
-        params_b=round(params_b, 2),
-        bytes_per_param=bytes_per_param,
+        params_b=size.params_b,
+        bytes_per_param=size.bytes_per_param,
         max_context_tokens=_context(spec),
     )
 
@@ -96,15 +95,6 @@ def _flags(command: str | None) -> dict[str, str]:
             value = words[index + 1]
         flags[name] = value
     return flags
-
-
-def _bytes_per_param(spec: WorkloadSpec) -> float:
-    flags = _flags(spec.command)
-    text = " ".join([spec.model.casefold(), flags.get("dtype", ""), flags.get("quantization", "")])
-    for pattern, size, _label in QUANT_PATTERNS:
-        if pattern.search(text):
-            return size
-    return 2.0
 
 
 def _context(spec: WorkloadSpec) -> int:

@@ -16,13 +16,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from autoscaler.decide.budget import BudgetLimits, check_launch, limits_for
-from autoscaler.decide.placement import (
-    DEFAULT_INPUT_TOKENS,
-    DEFAULT_OUTPUT_TOKENS,
-    Placement,
-    place_replica,
-    unavailable_key,
-)
+from autoscaler.decide.inputs import ModelSize, TokenMix, decision_inputs, shape_of
+from autoscaler.decide.placement import Placement, place_replica, unavailable_key
 from autoscaler.decide.plan import (
     Drain,
     Launch,
@@ -414,14 +409,22 @@ class World:
             )
             self._desired = want.count
         live = [r for r in self.replicas.values() if r.ended_s is None]
-        placement = self._place(now)
+        # Placement (a catalog scan) matters only when the plan may launch: more wanted
+        # than live replicas not draining, or a boot past its timeout to replace.
+        staying = sum(1 for r in live if r.drain_s is None)
+        overdue = any(
+            r.engine is None and t - r.intent_s >= self.timeouts.scaling_up_sec for r in live
+        )
+        placement = self._place(now) if want.count > staying or overdue else None
         plan = plan_actions(
             desired=want.count,
             replicas=[self._view(r) for r in live],
             spec_generation=1,
             timeouts=self.timeouts,
             limits=self.limits,
-            launch_usd_per_hour=placement.usd_per_hour if placement.found else None,
+            launch_usd_per_hour=(
+                placement.usd_per_hour if placement is not None and placement.found else None
+            ),
             now=now,
         )
         for refusal in plan.refusals:
@@ -445,20 +448,15 @@ class World:
         return self.gateway.token_mix(self.t) or self._initial_mix
 
     def _capacity(self, now: datetime) -> ReplicaCapacity | None:
-        """One replica's capacity at the measured token mix, on the offer most of the fleet
-        runs on (placement's next choice when there is none): what the controller would
-        compute from ``catalog.perf`` and the gateway's mix."""
-        live = [r.offer for r in self.replicas.values() if r.ended_s is None]
-        offer = max(live, key=live.count) if live else self._place(now).offer
-        if offer is None:
-            return None
-        profile = self.workload.profile(offer)
-        batch = min(profile.max_batch, self.gateway.cap)
-        tokens_in, tokens_out = self._mix() or (DEFAULT_INPUT_TOKENS, DEFAULT_OUTPUT_TOKENS)
-        rps = replace(profile, max_batch=batch).capacity_rps(
-            input_tokens=tokens_in, output_tokens=tokens_out
-        )
-        return ReplicaCapacity(requests_per_s=rps, max_concurrency=batch)
+        """One replica's capacity at the measured token mix, on the GPU shape most of the
+        fleet runs on: the controller's own mapping, ``decide.inputs.decision_inputs``."""
+        return decision_inputs(
+            mix=TokenMix.of(self._mix(), input_scv=self.gateway.prompt_scv(self.t)),
+            model=ModelSize(self.workload.params_b, self.workload.bytes_per_param),
+            fleet=[shape_of(r.offer) for r in self.replicas.values() if r.ended_s is None],
+            next_shape=lambda: shape_of(self._place(now).offer),
+            concurrency_cap=self.gateway.cap,
+        ).capacity
 
     def _view(self, r: SimReplica) -> ReplicaView:
         return ReplicaView(

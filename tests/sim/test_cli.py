@@ -21,6 +21,7 @@ def test_simulate_writes_report_and_plot(tmp_path: Path, workload_file: Path) ->
             "--trace", str(trace),
             "--workload", str(workload_file),
             "--rate-scale", "2",
+            "--rate-mode", "compress",
             "--ttft-slo", "0.8",
             "--seed", "3",
             "--report", str(report),
@@ -47,3 +48,25 @@ def test_simulate_names_a_bad_trace(tmp_path: Path, workload_file: Path) -> None
     )
     assert result.exit_code != 0
     assert "bad.csv" in result.output and "header" in result.output
+
+
+def test_simulate_overlays_the_trace_by_default(tmp_path: Path, workload_file: Path) -> None:
+    trace = write_trace(tmp_path / "trace.csv", constant(rps=1.0, seconds=240))
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(
+        main,
+        [
+            "simulate",
+            "--trace", str(trace),
+            "--workload", str(workload_file),
+            "--rate-scale", "2",
+            "--report", str(report),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "requests served     480 of 480" in result.output
+    assert "trace overlaid 2x on its own time axis" in result.output
+    data = json.loads(report.read_text())
+    assert data["rate_mode"] == "overlay"
+    # The overlaid trace keeps its four minutes; compressed it would last two.
+    assert data["duration_s"] >= 239

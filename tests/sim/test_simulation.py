@@ -126,8 +126,10 @@ def test_a_change_in_the_controllers_decision_code_changes_the_simulation(
 
     before = launches()
     assert before > 1  # the ramp makes our controller scale up
-    # The controller's scale-up rule, switched off in autoscaler.decide.scaling itself.
+    # The controller's scale-up rules (TTFT and load), switched off in
+    # autoscaler.decide.scaling itself.
     monkeypatch.setattr(scaling, "_up", lambda ctx, window_sec: None)
+    monkeypatch.setattr(scaling, "_load_up", lambda ctx: None)
     assert launches() < before
 
 
