@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,11 @@ from autoscaler.decide.scaling import (
     ReplicaCapacity,
     ScaleMemory,
     Signals,
+    breach_bound,
+    burst_floor,
     desired_replicas,
+    erlang_c,
+    queue_need,
     ttft_percentile,
 )
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
@@ -399,3 +404,103 @@ def test_with_capacity_desired_stays_within_bounds_and_never_sheds_while_slow(
         assert d.desired == 0 or floor <= d.desired <= p.max_workers, d.reason
         if d.ttft_up_s is not None and d.ttft_up_s > p.upper_allowed_latency_sec:
             assert d.desired >= min(ready + booting, p.max_workers), d.reason
+
+
+def test_queue_need_matches_erlang_c_and_grows_with_prompt_spread() -> None:
+    # M/M/1 at 50 % load: an arrival waits with probability 0.5.
+    assert erlang_c(1, 0.5) == pytest.approx(0.5)
+    # Two servers, offered load 1: C = 1/3 (textbook M/M/2 at rho 0.5).
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert erlang_c(3, 3.0) == 1.0  # saturated: everyone waits
+    steady = queue_need(rate=20.0, service_s=0.2, service_scv=1.0, wait_s=0.8, quantile=0.99)
+    # Offered load 4: never fewer than 5 servers; the p99 wait within 0.8 s needs a margin.
+    assert steady >= 5
+    spread = queue_need(rate=20.0, service_s=0.2, service_scv=4.0, wait_s=0.8, quantile=0.99)
+    assert spread > steady  # heavy-tailed prompts need more headroom at the same mean
+    looser = queue_need(rate=20.0, service_s=0.2, service_scv=1.0, wait_s=5.0, quantile=0.99)
+    assert looser < steady  # a longer allowed wait needs fewer replicas
+    assert queue_need(rate=0.0, service_s=0.2, service_scv=1.0, wait_s=0.8, quantile=0.99) == 0
+
+
+def test_with_a_prefill_time_the_fleet_is_sized_by_queueing_not_flat_utilisation() -> None:
+    p = policy(max_workers=64)
+    now = T0
+    # 20 req/s answered over the last minute at TTFT 0.4 s; a replica completes 40 req/s,
+    # so 75 % utilisation alone would keep one replica.
+    load = Signals(ttft_samples=samples(0.4, now=now, seconds=60) * 20, last_request_at=now)
+    flat = ReplicaCapacity(requests_per_s=40.0, max_concurrency=64)
+    queued = ReplicaCapacity(
+        requests_per_s=40.0, max_concurrency=64, prefill_s=0.2, prefill_scv=1.0
+    )
+    by_rate = desired_replicas(
+        policy=p, signals=load, fleet=FleetCounts(ready=1), memory=ScaleMemory(), now=now,
+        capacity=flat,
+    )  # fmt: skip
+    by_queue = desired_replicas(
+        policy=p, signals=load, fleet=FleetCounts(ready=1), memory=ScaleMemory(), now=now,
+        capacity=queued,
+    )  # fmt: skip
+    assert by_rate.desired == 1
+    want = queue_need(rate=20.0, service_s=0.2, service_scv=1.0, wait_s=0.8, quantile=0.99)
+    assert by_queue.desired == want and by_queue.direction is Direction.UP
+    assert "p99 wait" in by_queue.reason
+
+
+def test_a_burst_is_held_for_the_scale_down_window_then_released() -> None:
+    p = policy(max_workers=64, scale_down_time_window_sec=300)
+    capacity = ReplicaCapacity(
+        requests_per_s=40.0, max_concurrency=64, prefill_s=0.2, prefill_scv=1.0
+    )
+    burst_at = T0
+    # 60 requests arrived within one second (answered 0.5 s later), then a trickle.
+    burst = tuple((burst_at + timedelta(seconds=0.5), 0.5) for _ in range(60))
+
+    def decide(now: datetime, ready: int) -> Any:
+        trickle = samples(0.3, now=now, seconds=60, every=5)
+        kept = tuple(s for s in burst if s[0] > now - timedelta(seconds=400))
+        signals = Signals(ttft_samples=kept + trickle, last_request_at=now)
+        return desired_replicas(
+            policy=p, signals=signals, fleet=FleetCounts(ready=ready), memory=ScaleMemory(),
+            now=now, capacity=capacity,
+        )  # fmt: skip
+
+    after = decide(burst_at + timedelta(seconds=60), ready=1)
+    assert after.direction is Direction.UP and "burst" in after.reason
+    held = after.desired
+    assert held > 3
+    # Within the window the floor stands: no consolidation below it.
+    assert decide(burst_at + timedelta(seconds=250), ready=held).desired == held
+    # Past the window the floor is gone and the trickle needs one replica.
+    assert (
+        burst_floor(
+            capacity,
+            Signals(ttft_samples=samples(0.3, now=burst_at + timedelta(seconds=400), seconds=60)),
+            now=burst_at + timedelta(seconds=400),
+            policy=p,
+        )[0]
+        <= 1
+    )
+
+
+def test_ttft_that_long_prompts_explain_does_not_scale_up() -> None:
+    p = policy(max_workers=64)
+    # Prompts averaging 0.5 s of prefill with a wide spread: p95 prefill alone is ~1.5 s.
+    capacity = ReplicaCapacity(
+        requests_per_s=40.0, max_concurrency=64, prefill_s=0.5, prefill_scv=1.5
+    )
+    assert breach_bound(p, capacity) > p.upper_allowed_latency_sec
+    assert breach_bound(p, None) == p.upper_allowed_latency_sec
+    now = T0
+    memory = ScaleMemory()
+    decision = None
+    for step in range(0, 121, 10):
+        at = now + timedelta(seconds=step)
+        signals = Signals(
+            ttft_samples=samples(1.3, now=at, seconds=120, every=2), last_request_at=at
+        )
+        decision = desired_replicas(
+            policy=p, signals=signals, fleet=FleetCounts(ready=2), memory=memory, now=at,
+            capacity=capacity,
+        )  # fmt: skip
+        memory = decision.memory
+    assert decision is not None and decision.direction is not Direction.UP
