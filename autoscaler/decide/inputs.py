@@ -1,0 +1,197 @@
+"""From what the gateway measured to what the decisions take: one mapping, shared.
+
+The controller (``autoscaler.reconcile.workload``) and the trace simulator
+(``autoscaler.sim.world``) both call :func:`decision_inputs`, so the simulation measures
+the controller that ships. It turns the measured token mix, the fleet's GPU shapes and
+the model's size into:
+
+* ``capacity``: one replica's :class:`~autoscaler.decide.scaling.ReplicaCapacity` for
+  ``decide.desired.desired_count`` — ``catalog.perf.serving_profile`` for the GPU shape
+  most of the live fleet runs on (placement's choice for a first replica when there is
+  no fleet) and the model's parameter count, its batch limited to the gateway's
+  per-replica concurrency cap, at the measured mean prompt and completion lengths
+  (placement's defaults while nothing has been measured), with the prefill time of the
+  mean prompt alone and the spread of prompt lengths (variance over squared mean);
+* ``input_tokens`` / ``output_tokens``: the measured means for
+  ``decide.placement.place_replica`` (``None`` while nothing has been measured, so
+  placement applies no prefill budget).
+
+:func:`model_size` reads the model's parameter count and bytes per parameter from a
+workload spec (``catalog.sizing``), the figures ``catalog.perf`` needs.
+"""
+
+from __future__ import annotations
+
+import shlex
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import overload
+
+from autoscaler.decide.placement import DEFAULT_INPUT_TOKENS, DEFAULT_OUTPUT_TOKENS
+from autoscaler.decide.scaling import ReplicaCapacity, Signals
+from autoscaler.spec import WorkloadSpec
+from catalog.model import Offer
+from catalog.perf import serving_profile
+from catalog.sizing import GIB, QUANT_PATTERNS, estimate_model_memory
+
+DEFAULT_CONCURRENCY_CAP = 64
+"""The gateway's default per-replica concurrency cap (``GatewaySettings``), used when a
+measurement does not say which cap the gateway runs with."""
+
+DEFAULT_PREFILL_SCV = 1.0
+"""The prompt-length spread assumed before one is measured: as spread as an exponential."""
+
+GpuShape = tuple[str, int]
+"""One replica's machine for the performance model: (GPU display name, GPU count)."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenMix:
+    """Mean prompt (input) and completion (output) tokens per request, as measured."""
+
+    input_tokens: float
+    output_tokens: float
+    input_scv: float | None = None
+    """The spread of prompt lengths: their variance over their squared mean (``None``:
+    not measured)."""
+
+    @classmethod
+    def of(
+        cls, pair: tuple[float, float] | None, *, input_scv: float | None = None
+    ) -> TokenMix | None:
+        """A mix from ``(input, output)`` means, or ``None`` for no measurement."""
+        if pair is None:
+            return None
+        return cls(input_tokens=pair[0], output_tokens=pair[1], input_scv=input_scv)
+
+
+@dataclass(frozen=True, slots=True)
+class Measured:
+    """What the gateway measured for one workload: the scaling signals, the token mix
+    over its window (``None``: no request answered in it) and the per-replica
+    concurrency cap it enforces (``None``: not reported; the default is assumed)."""
+
+    signals: Signals = field(default_factory=Signals)
+    token_mix: TokenMix | None = None
+    concurrency_cap: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSize:
+    """The model's size as ``catalog.perf`` takes it."""
+
+    params_b: float
+    bytes_per_param: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionInputs:
+    """What ``desired_count`` (``capacity``) and ``place_replica`` (the token means) take."""
+
+    capacity: ReplicaCapacity | None
+    input_tokens: float | None
+    output_tokens: float | None
+    shape: GpuShape | None = None
+    """The GPU shape the capacity was figured for."""
+
+
+@overload
+def shape_of(offer: Offer) -> GpuShape: ...
+@overload
+def shape_of(offer: None) -> None: ...
+@overload
+def shape_of(offer: Offer | None) -> GpuShape | None: ...
+def shape_of(offer: Offer | None) -> GpuShape | None:
+    """The GPU shape of ``offer`` (``None`` for none)."""
+    return None if offer is None else (offer.gpu, offer.gpu_count)
+
+
+def decision_inputs(
+    *,
+    mix: TokenMix | None,
+    model: ModelSize | None,
+    fleet: Sequence[GpuShape],
+    next_shape: Callable[[], GpuShape | None],
+    concurrency_cap: int | None,
+) -> DecisionInputs:
+    """The decision inputs for one workload, by the rules in the module docstring.
+
+    ``fleet`` holds the GPU shape of each live replica (booting and draining included);
+    ``next_shape`` is asked only when it is empty (placement's choice for a first
+    replica); ``model`` is ``None`` when the model's size is unknown (no capacity).
+    """
+    shape = Counter(fleet).most_common(1)[0][0] if fleet else next_shape()
+    capacity = None
+    if shape is not None and model is not None:
+        capacity = replica_capacity(
+            shape, model=model, mix=mix, concurrency_cap=concurrency_cap or DEFAULT_CONCURRENCY_CAP
+        )
+    return DecisionInputs(
+        capacity=capacity,
+        input_tokens=None if mix is None else mix.input_tokens,
+        output_tokens=None if mix is None else mix.output_tokens,
+        shape=shape,
+    )
+
+
+def replica_capacity(
+    shape: GpuShape, *, model: ModelSize, mix: TokenMix | None, concurrency_cap: int
+) -> ReplicaCapacity | None:
+    """One replica's capacity on ``shape`` at ``mix``; ``None`` when the model does not
+    fit the shape or the performance model has no figures for its GPU."""
+    try:
+        profile = serving_profile(shape[0], shape[1], model.params_b, model.bytes_per_param)
+    except ValueError:  # ModelDoesNotFit, or no figures for the GPU
+        return None
+    # The gateway never sends a replica more than its cap, whatever the engine could batch.
+    batch = min(profile.max_batch, concurrency_cap)
+    tokens_in, tokens_out = (
+        (mix.input_tokens, mix.output_tokens)
+        if mix is not None
+        else (DEFAULT_INPUT_TOKENS, DEFAULT_OUTPUT_TOKENS)
+    )
+    rps = replace(profile, max_batch=batch).capacity_rps(
+        input_tokens=tokens_in, output_tokens=tokens_out
+    )
+    scv = None if mix is None else mix.input_scv
+    return ReplicaCapacity(
+        requests_per_s=rps,
+        max_concurrency=batch,
+        prefill_s=profile.prefill_seconds(round(tokens_in)),
+        prefill_scv=DEFAULT_PREFILL_SCV if scv is None else scv,
+    )
+
+
+def model_size(spec: WorkloadSpec) -> ModelSize | None:
+    """Billions of parameters and bytes per parameter of ``spec``'s model (from its name
+    and its ``--dtype`` / ``--quantization`` flags); ``None`` when the name carries no
+    parameter count the sizing table can read."""
+    estimate = estimate_model_memory(spec.model, spec.command)
+    if estimate.weights_gib <= 0:
+        return None
+    bytes_per_param = _bytes_per_param(spec)
+    params_b = estimate.weights_gib * GIB / 1e9 / bytes_per_param
+    return ModelSize(params_b=round(params_b, 2), bytes_per_param=bytes_per_param)
+
+
+def _bytes_per_param(spec: WorkloadSpec) -> float:
+    flags = _flags(spec.command)
+    text = " ".join([spec.model.casefold(), flags.get("dtype", ""), flags.get("quantization", "")])
+    for pattern, size, _label in QUANT_PATTERNS:
+        if pattern.search(text):
+            return size
+    return 2.0
+
+
+def _flags(command: str | None) -> dict[str, str]:
+    words = shlex.split(command or "")
+    flags: dict[str, str] = {}
+    for index, word in enumerate(words):
+        if not word.startswith("--"):
+            continue
+        name, _, value = word[2:].partition("=")
+        if not value and index + 1 < len(words) and not words[index + 1].startswith("--"):
+            value = words[index + 1]
+        flags[name] = value
+    return flags
