@@ -107,7 +107,11 @@ class Gateway:
         self._wall_clock = wall_clock
         self._table = RouteTable()
         self.metrics = Metrics()
-        self._signals = Signals(window_sec=self.settings.signal_window_sec, metrics=self.metrics)
+        self._signals = Signals(
+            window_sec=self.settings.signal_window_sec,
+            metrics=self.metrics,
+            concurrency_cap=self.settings.replica_concurrency_cap,
+        )
         s = self.settings
         self._dispatcher = Dispatcher(
             limits=DispatchLimits(

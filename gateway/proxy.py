@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway import tokens
 from gateway.dispatch import Dispatcher, Lease
 from gateway.errors import GatewayError, error_body
 from gateway.routes import WorkloadRoute
@@ -150,10 +151,17 @@ class Forwarder:
                 raise
             break
         try:
-            return await self._relay(request, upstream=upstream, route=route, arrived=arrived)
+            response, answer = await self._relay(
+                request, upstream=upstream, route=route, arrived=arrived, path=path
+            )
         finally:
             upstream.close()
             self._dispatcher.release(lease)
+        if answer is not None:
+            self._record_tokens(
+                route, answer=answer, body=body if isinstance(body, bytes) else None, length=length
+            )
+        return response
 
     async def _open(
         self,
@@ -211,8 +219,10 @@ class Forwarder:
         upstream: aiohttp.ClientResponse,
         route: WorkloadRoute,
         arrived: float,
-    ) -> web.StreamResponse:
-        """Copy the replica's answer to the caller, each chunk as soon as it arrives.
+        path: str,
+    ) -> tuple[web.StreamResponse, tokens.Answer | None]:
+        """Copy the replica's answer to the caller, each chunk as soon as it arrives; and
+        what the token count needs of a complete answer on a counted route.
 
         Write calls are the relay's main cost, so they are coalesced where that delays
         nothing: headers go out with body bytes that came in the same read as the
@@ -224,6 +234,10 @@ class Forwarder:
         if upstream.content_length is not None:
             response.content_length = upstream.content_length
         measure = upstream.status < 400
+        kind = tokens.COUNTED_ROUTES.get(path) if measure else None
+        stream = kind is not None and upstream.content_type == "text/event-stream"
+        events = 0
+        previous = b""
         content = upstream.content
         writer = await response.prepare(request)
         assert writer is not None
@@ -238,12 +252,29 @@ class Forwarder:
                 if content.at_eof():
                     break
                 await response.write(chunk)
+                if stream:
+                    events += chunk.count(b"data:")
+                previous = chunk
                 chunk = await content.readany()
         except (aiohttp.ClientError, TimeoutError) as exc:
             await self._abort(request, response, writer, exc)
-            return response
+            return response, None
         await response.write_eof(chunk)
-        return response
+        if kind is None:
+            return response, None
+        if stream:
+            events += chunk.count(b"data:")
+        tail = tokens.tail_of(previous, chunk)
+        return response, tokens.Answer(kind=kind, stream=stream, events=events, tail=tail)
+
+    def _record_tokens(
+        self, route: WorkloadRoute, *, answer: tokens.Answer, body: bytes | None, length: int | None
+    ) -> None:
+        counts = tokens.token_counts(answer, body=body, body_length=length)
+        if counts is not None:
+            self._signals.answered(
+                route.ref, now=self._wall_clock(), input_tokens=counts[0], output_tokens=counts[1]
+            )
 
     def _record_ttft(self, route: WorkloadRoute, arrived: float) -> None:
         self._signals.first_byte(

@@ -5,10 +5,18 @@ replica (for a non-streamed response, its first byte too), so it includes any qu
 and cold-start wait: what the caller felt. The controller reads :class:`SignalSnapshot`
 values: raw TTFT samples with their wall-clock times over a window, so it can take its
 own percentile over its own scale-up and scale-down windows.
+
+The token mix is measured per answered request (chat and text completions, embeddings):
+prompt tokens from the response's ``usage.prompt_tokens``, else estimated from the
+request body (characters of ``messages[*].content`` / ``prompt`` ÷ 4); completion tokens
+from ``usage.completion_tokens``, else the stream's token events, else ``max_tokens``.
+The window keeps each request's pair and running sums, so a snapshot's mean and spread
+(:class:`TokenStats`) cost nothing per request.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,12 +46,52 @@ _LATENCY_BUCKETS = (
 
 
 @dataclass(frozen=True, slots=True)
+class TokenStats:
+    """Prompt (input) and completion (output) tokens per request answered in the window:
+    how many requests, and the mean and standard deviation of each."""
+
+    requests: int
+    input_mean: float
+    input_std: float
+    output_mean: float
+    output_std: float
+
+    @property
+    def input_scv(self) -> float | None:
+        """The spread of prompt lengths: variance over squared mean (``None``: mean 0)."""
+        if self.input_mean <= 0:
+            return None
+        return (self.input_std / self.input_mean) ** 2
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "input_mean": self.input_mean,
+            "input_std": self.input_std,
+            "output_mean": self.output_mean,
+            "output_std": self.output_std,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TokenStats:
+        return cls(
+            requests=int(data["requests"]),
+            input_mean=float(data["input_mean"]),
+            input_std=float(data["input_std"]),
+            output_mean=float(data["output_mean"]),
+            output_std=float(data["output_std"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class SignalSnapshot:
     """One workload's signals at ``at`` (wall-clock seconds since the epoch).
 
     ``ttft_samples`` are ``(finished_at, seconds)`` pairs, oldest first, within
     ``window_sec`` of ``at``. ``queued`` counts requests held by the gateway (waiting for
     a free replica or a cold start); ``async_queue_depth`` counts queued async jobs.
+    ``tokens`` is the token mix of requests answered within the window (``None``: none
+    was); ``concurrency_cap`` the most requests the gateway sends one replica at once.
     """
 
     project: str
@@ -57,6 +105,8 @@ class SignalSnapshot:
     cold_start_waiting: int
     async_queue_depth: int
     last_request_at: float | None
+    tokens: TokenStats | None = None
+    concurrency_cap: int | None = None
 
     @property
     def request_rate(self) -> float:
@@ -80,6 +130,8 @@ class SignalSnapshot:
             "cold_start_waiting": self.cold_start_waiting,
             "async_queue_depth": self.async_queue_depth,
             "last_request_at": self.last_request_at,
+            "tokens": None if self.tokens is None else self.tokens.to_json(),
+            "concurrency_cap": self.concurrency_cap,
         }
 
     @classmethod
@@ -97,6 +149,11 @@ class SignalSnapshot:
             async_queue_depth=int(data["async_queue_depth"]),
             last_request_at=(
                 None if data["last_request_at"] is None else float(data["last_request_at"])
+            ),
+            # Absent from the answers of gateways that predate the token mix.
+            tokens=None if data.get("tokens") is None else TokenStats.from_json(data["tokens"]),
+            concurrency_cap=(
+                None if data.get("concurrency_cap") is None else int(data["concurrency_cap"])
             ),
         )
 
@@ -117,12 +174,18 @@ class WorkloadWindow:
         "in_flight",
         "last_request_at",
         "queued",
+        "token_sums",
+        "tokens",
         "ttft",
     )
 
     def __init__(self) -> None:
         self.ttft: deque[tuple[float, float]] = deque()
         self.arrivals: deque[float] = deque()
+        self.tokens: deque[tuple[float, int, int]] = deque()
+        # Sums of input, output, input² and output² over ``tokens``; whole numbers, so
+        # adding and removing samples never drifts.
+        self.token_sums = [0, 0, 0, 0]
         self.in_flight = 0
         self.queued = 0
         self.cold_start_waiting = 0
@@ -135,6 +198,39 @@ class WorkloadWindow:
             self.ttft.popleft()
         while self.arrivals and self.arrivals[0] < horizon:
             self.arrivals.popleft()
+        tokens, sums = self.tokens, self.token_sums
+        while tokens and tokens[0][0] < horizon:
+            _, tokens_in, tokens_out = tokens.popleft()
+            sums[0] -= tokens_in
+            sums[1] -= tokens_out
+            sums[2] -= tokens_in * tokens_in
+            sums[3] -= tokens_out * tokens_out
+
+    def add_tokens(self, *, now: float, input_tokens: int, output_tokens: int) -> None:
+        self.tokens.append((now, input_tokens, output_tokens))
+        sums = self.token_sums
+        sums[0] += input_tokens
+        sums[1] += output_tokens
+        sums[2] += input_tokens * input_tokens
+        sums[3] += output_tokens * output_tokens
+
+    def token_stats(self) -> TokenStats | None:
+        n = len(self.tokens)
+        if not n:
+            return None
+        total_in, total_out, square_in, square_out = self.token_sums
+        return TokenStats(
+            requests=n,
+            input_mean=total_in / n,
+            input_std=_std(total_in, square_in, n),
+            output_mean=total_out / n,
+            output_std=_std(total_out, square_out, n),
+        )
+
+
+def _std(total: int, squares: int, n: int) -> float:
+    """Population standard deviation from exact integer sums."""
+    return math.sqrt(max(squares * n - total * total, 0)) / n
 
 
 class Metrics:
@@ -216,9 +312,12 @@ class WorkloadMetrics:
 class Signals:
     """Per-workload windows and metrics; the one place requests are recorded."""
 
-    def __init__(self, *, window_sec: float, metrics: Metrics) -> None:
+    def __init__(
+        self, *, window_sec: float, metrics: Metrics, concurrency_cap: int | None = None
+    ) -> None:
         self.window_sec = window_sec
         self.metrics = metrics
+        self.concurrency_cap = concurrency_cap
         self._windows: dict[WorkloadRef, WorkloadWindow] = {}
         self._children: dict[WorkloadRef, WorkloadMetrics] = {}
 
@@ -245,6 +344,12 @@ class Signals:
         w = self.window(ref)
         w.ttft.append((now, ttft))
         self.metrics_of(ref).ttft.observe(ttft)
+
+    def answered(
+        self, ref: WorkloadRef, *, now: float, input_tokens: int, output_tokens: int
+    ) -> None:
+        """A request answered in full, with its prompt and completion token counts."""
+        self.window(ref).add_tokens(now=now, input_tokens=input_tokens, output_tokens=output_tokens)
 
     def set_async_depth(self, depths: dict[WorkloadRef, int]) -> None:
         for ref, w in self._windows.items():
@@ -280,5 +385,7 @@ class Signals:
                 cold_start_waiting=w.cold_start_waiting,
                 async_queue_depth=w.async_queue_depth,
                 last_request_at=w.last_request_at,
+                tokens=w.token_stats(),
+                concurrency_cap=self.concurrency_cap,
             )
         return out

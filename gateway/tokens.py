@@ -1,0 +1,156 @@
+"""Token counts of one answered request, from what the gateway relayed anyway.
+
+Prompt (input) tokens: the response's ``usage.prompt_tokens`` when it has one, else an
+estimate from the request body: the characters of ``messages[*].content`` (text parts
+of multi-part content too), ``prompt`` or ``input`` ÷ :data:`CHARS_PER_TOKEN`, plus any
+prompt given as token ids, one each. A body the gateway streamed on without reading
+whole, or one that is not JSON, counts its bytes ÷ :data:`CHARS_PER_TOKEN`.
+
+Completion (output) tokens: ``usage.completion_tokens`` when present; else, for a
+streamed (SSE) answer, its events less the stream's framing (``[DONE]``, the final
+event carrying ``finish_reason``, a chat stream's first event carrying only the role);
+else the request's ``max_completion_tokens`` / ``max_tokens``.
+Embeddings have none.
+
+``usage`` sits at the end of an OpenAI answer (the last event of a stream with
+``stream_options.include_usage``), so only the last bytes relayed are searched, and the
+request body is parsed only when the answer had no ``usage.prompt_tokens``, after the
+answer has gone out.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+CHARS_PER_TOKEN = 4
+"""Characters per token assumed when a prompt's tokens are estimated from its text."""
+
+TAIL_BYTES = 2048
+"""How many of an answer's last bytes are searched for its ``usage``."""
+
+COUNTED_ROUTES = {"chat/completions": "chat", "completions": "text", "embeddings": "embedding"}
+"""Routes whose token mix is measured, and which kind of answer they give."""
+
+_USAGE = b'"usage"'
+_PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_DONE = b"data: [DONE]"
+_EVENT = b"data:"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the relay saw of one answer: ``events`` counts SSE ``data:`` events (0 for an
+    answer that is not a stream), ``tail`` holds its last bytes."""
+
+    kind: str
+    stream: bool
+    events: int
+    tail: bytes
+
+
+def tail_of(previous: bytes, last: bytes) -> bytes:
+    """The last :data:`TAIL_BYTES` of an answer whose last two chunks were these."""
+    if len(last) >= TAIL_BYTES:
+        return last[-TAIL_BYTES:]
+    return previous[-(TAIL_BYTES - len(last)) :] + last
+
+
+def token_counts(
+    answer: Answer, *, body: bytes | None, body_length: int | None
+) -> tuple[int, int] | None:
+    """``(input, output)`` tokens of one answered request; ``None`` when the output is not
+    known (no usage, not a stream, no ``max_tokens``) or the input cannot be estimated."""
+    prompt, completion = _usage(answer.tail)
+    request: dict[str, Any] | None = None
+    if prompt is None or (completion is None and not answer.stream):
+        request = _parse(body)
+    if prompt is None:
+        prompt = _estimate_prompt(request, body=body, body_length=body_length)
+    if answer.kind == "embedding":
+        completion = 0
+    elif completion is None:
+        completion = _stream_tokens(answer) if answer.stream else _max_tokens(request)
+    if prompt is None or completion is None:
+        return None
+    return prompt, completion
+
+
+def _usage(tail: bytes) -> tuple[int | None, int | None]:
+    at = tail.rfind(_USAGE)
+    if at < 0:
+        return None, None
+    prompt = _PROMPT_TOKENS.search(tail, at)
+    completion = _COMPLETION_TOKENS.search(tail, at)
+    return (
+        None if prompt is None else int(prompt.group(1)),
+        None if completion is None else int(completion.group(1)),
+    )
+
+
+def _stream_tokens(answer: Answer) -> int:
+    framing = 1 + (answer.kind == "chat")  # the finish event; a chat's role event
+    framing += _DONE in answer.tail
+    return max(answer.events - framing, 0)
+
+
+def _parse(body: bytes | None) -> dict[str, Any] | None:
+    if not body:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _estimate_prompt(
+    request: dict[str, Any] | None, *, body: bytes | None, body_length: int | None
+) -> int | None:
+    if request is None:
+        size = len(body) if body else body_length
+        return None if size is None else math.ceil(size / CHARS_PER_TOKEN)
+    chars = ids = 0
+    messages = request.get("messages")
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict):
+                c, i = _units(message.get("content"))
+                chars, ids = chars + c, ids + i
+    for name in ("prompt", "input"):
+        c, i = _units(request.get(name))
+        chars, ids = chars + c, ids + i
+    return ids + math.ceil(chars / CHARS_PER_TOKEN)
+
+
+def _units(value: Any) -> tuple[int, int]:
+    """Characters of text and count of token ids in a prompt value."""
+    if isinstance(value, str):
+        return len(value), 0
+    if isinstance(value, bool):
+        return 0, 0
+    if isinstance(value, int):
+        return 0, 1
+    if isinstance(value, dict):
+        return _units(value.get("text"))
+    if isinstance(value, list):
+        chars = ids = 0
+        for item in value:
+            c, i = _units(item)
+            chars, ids = chars + c, ids + i
+        return chars, ids
+    return 0, 0
+
+
+def _max_tokens(request: dict[str, Any] | None) -> int | None:
+    if request is None:
+        return None
+    for name in ("max_completion_tokens", "max_tokens"):
+        value = request.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
