@@ -6,7 +6,10 @@ and runs :func:`autoscaler.reconcile.loop.reconcile_once` in a loop, as leader.
 * **Offers**: the catalog snapshot's offers of the configured providers (AWS regions and
   GCP zones of the config), plus an offer for this machine when the local provider is on.
 * **Signals**: the gateway's, in process (:class:`GatewaySignals`) or over HTTP from
-  ``GET /internal/signals`` when the gateway runs apart (:class:`HttpSignals`).
+  ``GET /internal/signals`` when the gateway runs apart (:class:`HttpSignals`): TTFT
+  samples, load, and the token mix with the gateway's per-replica concurrency cap
+  (:func:`measured_of`), which the reconciler turns into a capacity figure and placement's
+  prompt length (``decide.inputs``).
 * **Leader election** on PostgreSQL: ``pg_try_advisory_lock`` on a dedicated
   connection. The lock lives as long as that session, so a standby takes over when the
   leader's process or connection dies; a leader that loses its connection stops
@@ -30,6 +33,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from autoscaler.config import ControllerConfig, LocalSettings
+from autoscaler.decide.inputs import Measured, TokenMix
 from autoscaler.decide.scaling import Signals
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.reconcile.deps import (
@@ -68,8 +72,8 @@ class GatewaySignals:
     def __init__(self, snapshots: Callable[[], Mapping[WorkloadRef, Any]]) -> None:
         self._snapshots = snapshots
 
-    async def signals(self) -> Mapping[WorkloadRef, Signals]:
-        return {ref: signals_of(snap) for ref, snap in self._snapshots().items()}
+    async def signals(self) -> Mapping[WorkloadRef, Measured]:
+        return {ref: measured_of(snap) for ref, snap in self._snapshots().items()}
 
 
 class HttpSignals:
@@ -81,12 +85,14 @@ class HttpSignals:
             timeout=timeout_sec, trust_env=False, headers={"Authorization": f"Bearer {token}"}
         )
 
-    async def signals(self) -> Mapping[WorkloadRef, Signals]:
+    async def signals(self) -> Mapping[WorkloadRef, Measured]:
         from gateway.app import signals_from_json
 
         response = await self._client.get(self._url)
         response.raise_for_status()
-        return {(s.project, s.workload): signals_of(s) for s in signals_from_json(response.content)}
+        return {
+            (s.project, s.workload): measured_of(s) for s in signals_from_json(response.content)
+        }
 
     async def aclose(self) -> None:
         await self._client.aclose()
@@ -100,6 +106,21 @@ def signals_of(snapshot: Any) -> Signals:
         in_flight=snapshot.in_flight,
         queue_depth=snapshot.queued + snapshot.async_queue_depth,
         last_request_at=snapshot.last_request_at,
+    )
+
+
+def measured_of(snapshot: Any) -> Measured:
+    """Signals, token mix and concurrency cap from a gateway ``SignalSnapshot``."""
+    tokens = snapshot.tokens
+    mix = None
+    if tokens is not None and tokens.requests > 0:
+        mix = TokenMix(
+            input_tokens=tokens.input_mean,
+            output_tokens=tokens.output_mean,
+            input_scv=tokens.input_scv,
+        )
+    return Measured(
+        signals=signals_of(snapshot), token_mix=mix, concurrency_cap=snapshot.concurrency_cap
     )
 
 

@@ -19,7 +19,8 @@ import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from autoscaler.decide.scaling import ScaleMemory, Signals
+from autoscaler.decide.inputs import Measured
+from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.store.models import Instance as LedgerRow
 from catalog.model import Offer
@@ -34,15 +35,15 @@ WorkloadRef = tuple[str, str]
 
 
 class SignalsSource(Protocol):
-    """What the gateway measured, per workload."""
+    """What the gateway measured, per workload: its scaling signals and token mix."""
 
-    async def signals(self) -> Mapping[WorkloadRef, Signals]: ...
+    async def signals(self) -> Mapping[WorkloadRef, Measured]: ...
 
 
 class NoSignals:
     """No gateway: every workload looks idle."""
 
-    async def signals(self) -> Mapping[WorkloadRef, Signals]:
+    async def signals(self) -> Mapping[WorkloadRef, Measured]:
         return {}
 
 

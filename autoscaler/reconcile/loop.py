@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.inputs import Measured
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
 from autoscaler.reconcile.ledger import fleet_usd_per_hour, workloads_to_reconcile
 from autoscaler.reconcile.observe import observe
@@ -55,7 +55,7 @@ async def reconcile_once(deps: Deps) -> float:
     return due
 
 
-async def _signals(deps: Deps) -> Mapping[WorkloadRef, Signals]:
+async def _signals(deps: Deps) -> Mapping[WorkloadRef, Measured]:
     try:
         return await deps.signals.signals()
     except Exception as exc:  # the controller acts without them rather than not at all

@@ -9,7 +9,10 @@ The steps, in order:
    answering are terminated.
 4. **Decide** the desired count (``decide.desired``; 0 for a deleted workload), **place**
    the next replica (``decide.placement``, within the budget headroom) and **plan**
-   (``decide.plan``: liveness timeouts, drains, scale up/down, spec drift, budget).
+   (``decide.plan``: liveness timeouts, drains, scale up/down, spec drift, budget). The
+   gateway's measured token mix becomes one replica's capacity for the count and the
+   prompt and completion lengths for placement through ``decide.inputs.decision_inputs``,
+   the same mapping the trace simulator runs.
 5. **Act**: terminations and drains are written to the ledger before the provider is
    called; launches go through the provisioner (intent first); refusals are logged as
    decisions with ``acted = false`` and counted, never bought.
@@ -29,6 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.budget import BudgetLimits, limits_for
 from autoscaler.decide.desired import desired_count
+from autoscaler.decide.inputs import (
+    DecisionInputs,
+    Measured,
+    decision_inputs,
+    model_size,
+    shape_of,
+)
 from autoscaler.decide.placement import Placement, place_replica
 from autoscaler.decide.plan import Drain, Launch, Plan, Terminate, Timeouts, plan_actions
 from autoscaler.decide.scaling import (
@@ -62,15 +72,13 @@ from autoscaler.store.phase import Phase, phase_of
 from catalog.sizing import estimate_model_memory
 from providers.engines import engine_for
 
-_GIB = 2**30
-
 
 async def reconcile_workload(
     deps: Deps,
     *,
     workload_id: int,
     observed: Observation,
-    signals: Mapping[WorkloadRef, Signals],
+    signals: Mapping[WorkloadRef, Measured],
     now: datetime,
 ) -> float | None:
     """One pass over one workload; seconds until it should run again (``None``: the
@@ -102,20 +110,39 @@ async def reconcile_workload(
             await _terminate(deps, s, row=row, reason=row.last_error or "boot failed", now=now)
         rows = _still_open(rows)
         _avoid_slow_offers(deps, rows=rows, timeouts=_timeouts(spec), now=now)
-        signal = _signals_for(workload, signals)
-        decision = _desired(deps, workload=workload, spec=spec, rows=rows, signal=signal, now=now)
+        measured = _signals_for(workload, signals)
+        signal = measured.signals
+        fleet_usd = await fleet_usd_per_hour(s)
+        limits = limits_for(
+            _autoscaling(spec), fleet_usd_per_hour=deps.settings.fleet_max_hourly_cost_usd
+        )
+        headroom = _headroom(limits, live=[r.hourly_usd for r in rows], fleet_usd=fleet_usd)
+        placer = _Placer(deps, spec=spec, rows=rows, measured=measured, headroom=headroom, now=now)
+        inputs = _inputs_for(workload, spec=spec, rows=rows, measured=measured, placer=placer)
+        decision = _desired(
+            deps, workload=workload, spec=spec, rows=rows, signal=signal, inputs=inputs, now=now
+        )
         plan, placement = _plan(
-            deps,
             workload=workload,
             spec=spec,
             rows=rows,
             desired=decision.desired,
             signal=signal,
-            fleet_usd=await fleet_usd_per_hour(s),
+            limits=limits,
+            headroom=headroom,
+            placer=placer,
+            fleet_usd=fleet_usd,
             now=now,
         )
         await _log_scale(
-            deps, s, workload=workload, decision=decision, rows=rows, signal=signal, now=now
+            deps,
+            s,
+            workload=workload,
+            decision=decision,
+            rows=rows,
+            signal=signal,
+            inputs=inputs,
+            now=now,
         )
         if deps.settings.dry_run:
             await _log_dry_run(deps, s, workload=workload, plan=plan, now=now)
@@ -157,12 +184,77 @@ def _avoid_slow_offers(
             mark_unavailable(deps, row=row, now=now)
 
 
-def _signals_for(workload: Workload, signals: Mapping[WorkloadRef, Signals]) -> Signals:
-    signal = signals.get((workload.project, workload.slug), Signals())
+def _signals_for(workload: Workload, signals: Mapping[WorkloadRef, Measured]) -> Measured:
+    measured = signals.get((workload.project, workload.slug), Measured())
+    signal = measured.signals
     stored = workload.last_request_at
     if stored is not None and (signal.last_request_at is None or stored > signal.last_request_at):
         signal = dataclasses.replace(signal, last_request_at=stored)
-    return signal
+        measured = dataclasses.replace(measured, signals=signal)
+    return measured
+
+
+def _inputs_for(
+    workload: Workload,
+    *,
+    spec: WorkloadSpec,
+    rows: Sequence[LedgerRow],
+    measured: Measured,
+    placer: _Placer,
+) -> DecisionInputs:
+    """One replica's capacity and the token means for placement, from the measured mix
+    (``decide.inputs``: the simulator's mapping too). Only autoscaling reads a capacity;
+    a deleted workload places nothing."""
+    if workload.deleted_at is not None or _autoscaling(spec) is None:
+        mix = measured.token_mix
+        return DecisionInputs(
+            capacity=None,
+            input_tokens=None if mix is None else mix.input_tokens,
+            output_tokens=None if mix is None else mix.output_tokens,
+        )
+    return decision_inputs(
+        mix=measured.token_mix,
+        model=model_size(spec),
+        fleet=[(r.gpu, r.gpu_count) for r in rows],
+        next_shape=lambda: shape_of(placer.placement().offer),
+        concurrency_cap=measured.concurrency_cap,
+    )
+
+
+class _Placer:
+    """Places the workload's next replica once per pass, when first asked: the capacity
+    figure of a workload with no replica and the plan's launch share the answer."""
+
+    def __init__(
+        self,
+        deps: Deps,
+        *,
+        spec: WorkloadSpec,
+        rows: Sequence[LedgerRow],
+        measured: Measured,
+        headroom: tuple[float, str] | None,
+        now: datetime,
+    ) -> None:
+        self._deps = deps
+        self._spec = spec
+        self._rows = rows
+        self._mix = measured.token_mix
+        self._headroom = headroom
+        self._now = now
+        self._placement: Placement | None = None
+
+    def placement(self) -> Placement:
+        if self._placement is None:
+            self._placement = _place(
+                self._deps,
+                spec=self._spec,
+                rows=self._rows,
+                headroom=None if self._headroom is None else self._headroom[0] + 1e-9,
+                input_tokens=None if self._mix is None else self._mix.input_tokens,
+                output_tokens=None if self._mix is None else self._mix.output_tokens,
+                now=self._now,
+            )
+        return self._placement
 
 
 def _desired(
@@ -172,6 +264,7 @@ def _desired(
     spec: WorkloadSpec,
     rows: Sequence[LedgerRow],
     signal: Signals,
+    inputs: DecisionInputs,
     now: datetime,
 ) -> ScaleDecision:
     counts = fleet_counts(rows)
@@ -183,7 +276,14 @@ def _desired(
             direction=Direction.ZERO,
             memory=memory,
         )
-    decision = desired_count(spec=spec, signals=signal, fleet=counts, memory=memory, now=now)
+    decision = desired_count(
+        spec=spec,
+        signals=signal,
+        fleet=counts,
+        memory=memory,
+        now=now,
+        capacity=inputs.capacity,
+    )
     deps.memory.scale[workload.id] = decision.memory
     return decision
 
@@ -204,30 +304,21 @@ def _timeouts(spec: WorkloadSpec) -> Timeouts:
 
 
 def _plan(
-    deps: Deps,
     *,
     workload: Workload,
     spec: WorkloadSpec,
     rows: Sequence[LedgerRow],
     desired: int,
     signal: Signals,
+    limits: BudgetLimits,
+    headroom: tuple[float, str] | None,
+    placer: _Placer,
     fleet_usd: float,
     now: datetime,
 ) -> tuple[Plan, Placement | None]:
-    limits = limits_for(
-        _autoscaling(spec), fleet_usd_per_hour=deps.settings.fleet_max_hourly_cost_usd
-    )
-    live = [r.hourly_usd for r in rows]
     placement = None
-    headroom = _headroom(limits, live=live, fleet_usd=fleet_usd)
     if desired > 0 and workload.deleted_at is None:
-        placement = _place(
-            deps,
-            spec=spec,
-            rows=rows,
-            headroom=None if headroom is None else headroom[0] + 1e-9,
-            now=now,
-        )
+        placement = placer.placement()
     plan = plan_actions(
         desired=desired,
         replicas=[replica_view(r, in_flight=signal.in_flight) for r in rows],
@@ -276,10 +367,12 @@ def _place(
     spec: WorkloadSpec,
     rows: Sequence[LedgerRow],
     headroom: float | None,
+    input_tokens: float | None,
+    output_tokens: float | None,
     now: datetime,
 ) -> Placement:
     memory = estimate_model_memory(spec.model, spec.command, hint_gib=spec.model_memory_gib)
-    params_b = memory.weights_gib * _GIB / 1e9 / 2.0 if memory.weights_gib else None
+    size = model_size(spec)
     per_worker: dict[str, int] = {}
     for r in rows:
         if r.worker_id:
@@ -291,9 +384,12 @@ def _place(
         now=now,
         current_zones=[r.zone for r in rows if r.zone],
         replicas_per_worker=per_worker,
-        params_b=params_b,
+        params_b=None if size is None else size.params_b,
+        bytes_per_param=2.0 if size is None else size.bytes_per_param,
         model_memory_gib=memory.gib,
         max_usd_per_hour=headroom,
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
     )
 
 
@@ -371,6 +467,7 @@ async def _log_scale(
     decision: ScaleDecision,
     rows: Sequence[LedgerRow],
     signal: Signals,
+    inputs: DecisionInputs,
     now: datetime,
 ) -> None:
     if deps.memory.last_desired.get(workload.id) == decision.desired:
@@ -383,14 +480,17 @@ async def _log_scale(
         at=now,
         kind="scale",
         reason=("dry-run: " if deps.settings.dry_run else "") + decision.reason,
-        inputs=_inputs(counts, signal, decision),
+        inputs=_inputs(counts, signal, decision, inputs),
         result={"desired": decision.desired, "direction": decision.direction.value},
         acted=not deps.settings.dry_run,
     )
     await s.commit()
 
 
-def _inputs(counts: FleetCounts, signal: Signals, decision: ScaleDecision) -> dict[str, Any]:
+def _inputs(
+    counts: FleetCounts, signal: Signals, decision: ScaleDecision, inputs: DecisionInputs
+) -> dict[str, Any]:
+    capacity = inputs.capacity
     return {
         "ready": counts.ready,
         "booting": counts.booting,
@@ -401,6 +501,10 @@ def _inputs(counts: FleetCounts, signal: Signals, decision: ScaleDecision) -> di
         "in_flight": signal.in_flight,
         "queue_depth": signal.queue_depth,
         "last_request_at": signal.last_request_at.isoformat() if signal.last_request_at else None,
+        "input_tokens": inputs.input_tokens,
+        "output_tokens": inputs.output_tokens,
+        "capacity": None if capacity is None else dataclasses.asdict(capacity),
+        "capacity_gpu": None if inputs.shape is None else f"{inputs.shape[1]} x {inputs.shape[0]}",
     }
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from autoscaler.decide.inputs import Measured, TokenMix
 from autoscaler.decide.scaling import Signals
 from autoscaler.reconcile.deps import (
     Deps,
@@ -68,10 +69,20 @@ class FakeHealth:
 
 @dataclass
 class FakeSignals:
-    by_ref: dict[WorkloadRef, Signals] = field(default_factory=dict)
+    """Signals per workload, and the token mix the gateway measured for some."""
 
-    async def signals(self) -> Mapping[WorkloadRef, Signals]:
-        return dict(self.by_ref)
+    by_ref: dict[WorkloadRef, Signals] = field(default_factory=dict)
+    mixes: dict[WorkloadRef, TokenMix] = field(default_factory=dict)
+    measured: dict[WorkloadRef, Measured] = field(default_factory=dict)
+    """Whole measurements (as ``controller.measured_of`` reads a gateway's); these win."""
+
+    async def signals(self) -> Mapping[WorkloadRef, Measured]:
+        refs = set(self.by_ref) | set(self.mixes)
+        found = {
+            ref: Measured(signals=self.by_ref.get(ref, Signals()), token_mix=self.mixes.get(ref))
+            for ref in refs
+        }
+        return found | self.measured
 
 
 def fixed(slug: str, replicas: int = 1, **extra: Any) -> WorkloadSpec:
