@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -137,29 +137,43 @@ async def _fetch_region(
     return offers
 
 
-async def _gpu_types(ec2: EC2Client, *, config: AwsSyncConfig, region: str) -> dict[str, _GpuType]:
-    found: dict[str, _GpuType] = {}
+async def _pages(
+    method: Callable[..., Awaitable[Any]],
+    *,
+    action: str,
+    config: AwsSyncConfig,
+    **kwargs: Any,
+) -> AsyncIterator[Mapping[str, Any]]:
+    """Every page of a paginated AWS call, each fetched with throttling retries."""
     token: str | None = None
     while True:
-        kwargs: dict[str, Any] = {
-            "MaxResults": 100,
-            "Filters": [{"Name": "instance-type", "Values": [f"{f}.*" for f in config.families]}],
-        }
-        if token:
-            kwargs["NextToken"] = token
-        page = await call_with_retry(
-            f"aws {region} DescribeInstanceTypes",
-            functools.partial(ec2.describe_instance_types, **kwargs),
+        page_kwargs = {**kwargs, "NextToken": token} if token else kwargs
+        page: Mapping[str, Any] = await call_with_retry(
+            action,
+            functools.partial(method, **page_kwargs),
             policy=config.retry,
             is_throttling=is_throttling,
         )
+        yield page
+        token = page.get("NextToken")
+        if not token:
+            return
+
+
+async def _gpu_types(ec2: EC2Client, *, config: AwsSyncConfig, region: str) -> dict[str, _GpuType]:
+    found: dict[str, _GpuType] = {}
+    async for page in _pages(
+        ec2.describe_instance_types,
+        action=f"aws {region} DescribeInstanceTypes",
+        config=config,
+        MaxResults=100,
+        Filters=[{"Name": "instance-type", "Values": [f"{f}.*" for f in config.families]}],
+    ):
         for item in page.get("InstanceTypes", []):
             parsed = _parse_gpu_type(item)
             if parsed is not None:
                 found[parsed.instance_type] = parsed
-        token = page.get("NextToken")
-        if not token:
-            return found
+    return found
 
 
 def _parse_gpu_type(item: Mapping[str, Any]) -> _GpuType | None:
@@ -193,25 +207,15 @@ async def _offerings(
 ) -> set[tuple[str, str]]:
     found: set[tuple[str, str]] = set()
     for chunk in _chunks(types):
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {
-                "LocationType": "availability-zone",
-                "Filters": [{"Name": "instance-type", "Values": chunk}],
-            }
-            if token:
-                kwargs["NextToken"] = token
-            page = await call_with_retry(
-                f"aws {region} DescribeInstanceTypeOfferings",
-                functools.partial(ec2.describe_instance_type_offerings, **kwargs),
-                policy=config.retry,
-                is_throttling=is_throttling,
-            )
+        async for page in _pages(
+            ec2.describe_instance_type_offerings,
+            action=f"aws {region} DescribeInstanceTypeOfferings",
+            config=config,
+            LocationType="availability-zone",
+            Filters=[{"Name": "instance-type", "Values": chunk}],
+        ):
             for item in page.get("InstanceTypeOfferings", []):
                 found.add((item["InstanceType"], item["Location"]))
-            token = page.get("NextToken")
-            if not token:
-                break
     return found
 
 
@@ -221,29 +225,19 @@ async def _spot_prices(
     latest: dict[tuple[str, str], tuple[datetime, float]] = {}
     now = datetime.now(UTC)  # StartTime=now asks for the price in force now, per zone
     for chunk in _chunks(types):
-        token: str | None = None
-        while True:
-            kwargs: dict[str, Any] = {
-                "InstanceTypes": chunk,
-                "ProductDescriptions": ["Linux/UNIX"],
-                "StartTime": now,
-            }
-            if token:
-                kwargs["NextToken"] = token
-            page = await call_with_retry(
-                f"aws {region} DescribeSpotPriceHistory",
-                functools.partial(ec2.describe_spot_price_history, **kwargs),
-                policy=config.retry,
-                is_throttling=is_throttling,
-            )
+        async for page in _pages(
+            ec2.describe_spot_price_history,
+            action=f"aws {region} DescribeSpotPriceHistory",
+            config=config,
+            InstanceTypes=chunk,
+            ProductDescriptions=["Linux/UNIX"],
+            StartTime=now,
+        ):
             for item in page.get("SpotPriceHistory", []):
                 key = (item["InstanceType"], item["AvailabilityZone"])
                 stamp = item["Timestamp"]
                 if key not in latest or stamp > latest[key][0]:
                     latest[key] = (stamp, float(item["SpotPrice"]))
-            token = page.get("NextToken")
-            if not token:
-                break
     return {key: price for key, (_, price) in latest.items()}
 
 
@@ -262,21 +256,14 @@ async def _on_demand_prices(
     pricing: PricingClient, *, config: AwsSyncConfig, region: str, types: set[str]
 ) -> dict[str, float]:
     prices: dict[str, float] = {}
-    token: str | None = None
-    while True:
-        kwargs: dict[str, Any] = {
-            "ServiceCode": "AmazonEC2",
-            "Filters": _pricing_filters(region),
-            "MaxResults": 100,
-        }
-        if token:
-            kwargs["NextToken"] = token
-        page = await call_with_retry(
-            f"aws {region} GetProducts",
-            functools.partial(pricing.get_products, **kwargs),
-            policy=config.retry,
-            is_throttling=is_throttling,
-        )
+    async for page in _pages(
+        pricing.get_products,
+        action=f"aws {region} GetProducts",
+        config=config,
+        ServiceCode="AmazonEC2",
+        Filters=_pricing_filters(region),
+        MaxResults=100,
+    ):
         for document in page.get("PriceList", []):
             parsed = parse_price_list_item(document)
             if parsed is not None and parsed[0] in types:
@@ -284,9 +271,7 @@ async def _on_demand_prices(
                 # Several products can match (license models, market options); the
                 # cheapest positive one is the plain on-demand Linux price.
                 prices[instance_type] = min(price, prices.get(instance_type, price))
-        token = page.get("NextToken")
-        if not token:
-            return prices
+    return prices
 
 
 def parse_price_list_item(document: str | Mapping[str, Any]) -> tuple[str, float] | None:
