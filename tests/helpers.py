@@ -197,3 +197,59 @@ def kill_recorded(directory: Path) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         assert not pid_running(pid), f"engine process {pid} survived the test"
+
+
+class RunningService:
+    """``autoscaler run`` as a child process, and its CLI bound to one project.
+
+    ``with RunningService(argv, env=…, api_url=…, token=…, project=…) as service:``
+    waits for ``/healthz``; ``service.cli(*args)`` runs a client command and
+    ``service.ok(*args)`` runs one that must succeed, returning its stdout.
+    """
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        env: dict[str, str],
+        api_url: str,
+        token: str,
+        project: str,
+    ) -> None:
+        self.process = Process(argv, env=env)
+        self.url = api_url
+        self.env = {
+            **self.process.env,
+            "AUTOSCALER_URL": api_url,
+            "AUTOSCALER_SDK_TOKEN": token,
+            "AUTOSCALER_PROJECT": project,
+        }
+
+    def __enter__(self) -> RunningService:
+        self.process.__enter__()
+        wait_until(lambda: http_ok(self.url + "/healthz"), timeout=60, what="autoscaler run")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.stop()
+
+    def stop(self) -> str:
+        """Stop the service (SIGTERM, then SIGKILL); its combined output."""
+        return self.process.stop()
+
+    def with_project(self, project: str) -> RunningService:
+        """The same service, its CLI bound to another project."""
+        other = object.__new__(RunningService)
+        other.process, other.url = self.process, self.url
+        other.env = {**self.env, "AUTOSCALER_PROJECT": project}
+        return other
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            autoscaler_cli(*args), env=self.env, capture_output=True, text=True, timeout=60
+        )
+
+    def ok(self, *args: str) -> str:
+        done = self.cli(*args)
+        assert done.returncode == 0, done.stderr
+        return done.stdout

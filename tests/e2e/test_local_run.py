@@ -5,14 +5,13 @@ workload and see every engine process gone."""
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
 
-from tests.helpers import Process, autoscaler_cli, free_port, http_ok, wait_until
+from tests.helpers import RunningService, autoscaler_cli, free_port, wait_until
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 ADMIN = "ik_sdk_e2e-local-admin-" + "z" * 20
@@ -57,21 +56,8 @@ def test_run_serves_the_fixed_example_on_engine_sim_and_delete_stops_it(
         str(config),
     )
     api = f"http://127.0.0.1:{api_port}"
-    with Process(argv, env=env) as service:
-        wait_until(lambda: http_ok(api + "/healthz"), timeout=60, what="autoscaler run")
-        cli_env = {
-            **service.env,
-            "AUTOSCALER_URL": api,
-            "AUTOSCALER_SDK_TOKEN": ADMIN,
-            "AUTOSCALER_PROJECT": "demo",
-        }
-
-        def cli(*args: str) -> str:
-            done = subprocess.run(
-                autoscaler_cli(*args), env=cli_env, capture_output=True, text=True, timeout=60
-            )
-            assert done.returncode == 0, done.stderr
-            return done.stdout
+    with RunningService(argv, env=env, api_url=api, token=ADMIN, project="demo") as service:
+        cli = service.ok
 
         assert "created" in cli("apply", "-f", str(spec_file))
         headers = {"Authorization": f"Bearer {ADMIN}"}

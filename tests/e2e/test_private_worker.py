@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -17,7 +16,14 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import Process, autoscaler_cli, free_port, http_ok, pid_running, wait_until
+from tests.helpers import (
+    Process,
+    RunningService,
+    autoscaler_cli,
+    free_port,
+    pid_running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -82,21 +88,8 @@ def test_a_private_worker_serves_the_workload_through_the_gateway_until_deleted(
         "--time-scale",
         "50",
     )
-    with Process(service_argv, env=env) as service:
-        wait_until(lambda: http_ok(api + "/healthz"), timeout=60, what="autoscaler run")
-        cli_env = {
-            **service.env,
-            "AUTOSCALER_URL": api,
-            "AUTOSCALER_SDK_TOKEN": ADMIN,
-            "AUTOSCALER_PROJECT": "acme",
-        }
-
-        def cli(*args: str) -> str:
-            done = subprocess.run(
-                autoscaler_cli(*args), env=cli_env, capture_output=True, text=True, timeout=60
-            )
-            assert done.returncode == 0, done.stderr
-            return done.stdout
+    with RunningService(service_argv, env=env, api_url=api, token=ADMIN, project="acme") as service:
+        cli = service.ok
 
         with Process(agent_argv, env=env) as agent:
             saved = agent_state / "worker.json"
