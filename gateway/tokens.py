@@ -2,9 +2,10 @@
 
 Prompt (input) tokens: the response's ``usage.prompt_tokens`` when it has one, else an
 estimate from the request body: the characters of ``messages[*].content`` (text parts
-of multi-part content too), ``prompt`` or ``input`` ÷ :data:`CHARS_PER_TOKEN`, plus any
-prompt given as token ids, one each. A body the gateway streamed on without reading
-whole, or one that is not JSON, counts its bytes ÷ :data:`CHARS_PER_TOKEN`.
+of multi-part content too), ``prompt`` or ``input`` ÷ :data:`CHARS_PER_TOKEN`, read off
+the raw JSON without parsing it; a prompt given as a list (token ids count one each)
+is parsed. A body the gateway streamed on without reading whole, or one that is not
+JSON, counts its bytes ÷ :data:`CHARS_PER_TOKEN`.
 
 Completion (output) tokens: ``usage.completion_tokens`` when present; else, for a
 streamed (SSE) answer, its events less the stream's framing (``[DONE]``, the final
@@ -13,8 +14,8 @@ else the request's ``max_completion_tokens`` / ``max_tokens``.
 Embeddings have none.
 
 ``usage`` sits at the end of an OpenAI answer (the last event of a stream with
-``stream_options.include_usage``), so only the last bytes relayed are searched, and the
-request body is parsed only when the answer had no ``usage.prompt_tokens``, after the
+``stream_options.include_usage``), so only the last bytes relayed are searched; the
+request body is read only when the answer had no ``usage.prompt_tokens``, after the
 answer has gone out.
 """
 
@@ -38,6 +39,8 @@ COUNTED_ROUTES = {"chat/completions": "chat", "completions": "text", "embeddings
 _USAGE = b'"usage"'
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_PROMPT_KEY = re.compile(rb'"(content|text|prompt|input)"\s*:\s*(["\[])')
+_BACKSLASH = ord("\\")
 _DONE = b"data: [DONE]"
 _EVENT = b"data:"
 
@@ -66,15 +69,16 @@ def token_counts(
     """``(input, output)`` tokens of one answered request; ``None`` when the output is not
     known (no usage, not a stream, no ``max_tokens``) or the input cannot be estimated."""
     prompt, completion = _usage(answer.tail)
-    request: dict[str, Any] | None = None
-    if prompt is None or (completion is None and not answer.stream):
-        request = _parse(body)
     if prompt is None:
-        prompt = _estimate_prompt(request, body=body, body_length=body_length)
+        chars = None if body is None else _scan_prompt_chars(body)
+        if chars is not None:
+            prompt = math.ceil(chars / CHARS_PER_TOKEN)
+        else:
+            prompt = _estimate_prompt(_parse(body), body=body, body_length=body_length)
     if answer.kind == "embedding":
         completion = 0
     elif completion is None:
-        completion = _stream_tokens(answer) if answer.stream else _max_tokens(request)
+        completion = _stream_tokens(answer) if answer.stream else _max_tokens(_parse(body))
     if prompt is None or completion is None:
         return None
     return prompt, completion
@@ -96,6 +100,47 @@ def _stream_tokens(answer: Answer) -> int:
     framing = 1 + (answer.kind == "chat")  # the finish event; a chat's role event
     framing += _DONE in answer.tail
     return max(answer.events - framing, 0)
+
+
+def _scan_prompt_chars(body: bytes) -> int | None:
+    """Characters of the prompt's strings (``content``, ``text`` parts, ``prompt``,
+    ``input``), read off the raw JSON without parsing it; ``None`` for a prompt given as
+    a list (token ids, several prompts), which the parse handles. A key inside a string
+    cannot match: its quotes would be escaped. A ``\\uXXXX`` escape counts as one
+    character, other escapes as the two they are written with."""
+    chars = 0
+    at = 0
+    ascii_only = body.isascii()
+    # One-byte find runs at memchr speed, a two-byte one does not: look for \uXXXX
+    # escapes (six written characters for one) only in strings holding a backslash.
+    escaped = body.find(b"\\") >= 0
+    while (key := _PROMPT_KEY.search(body, at)) is not None:
+        at = key.end()
+        if key.group(2) == b"[":
+            if key.group(1) == b"content":
+                continue  # multi-part content: its "text" parts come next
+            return None
+        end = _string_end(body, at)
+        if end < 0:
+            return None
+        chars += end - at if ascii_only else len(body[at:end].decode("utf-8", "replace"))
+        if escaped and body.find(b"\\", at, end) >= 0:
+            chars -= 5 * body.count(b"\\u", at, end)
+        at = end + 1
+    return chars
+
+
+def _string_end(body: bytes, start: int) -> int:
+    """Where the JSON string starting at ``start`` ends (its closing quote), or -1."""
+    end = body.find(b'"', start)
+    while end > 0 and body[end - 1] == _BACKSLASH:
+        slashes = 1
+        while body[end - 1 - slashes] == _BACKSLASH:
+            slashes += 1
+        if slashes % 2 == 0:
+            break  # the backslashes escape each other, not the quote
+        end = body.find(b'"', end + 1)
+    return end
 
 
 def _parse(body: bytes | None) -> dict[str, Any] | None:

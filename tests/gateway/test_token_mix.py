@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import httpx
@@ -137,3 +138,24 @@ def test_fallbacks_when_the_answer_has_no_usage() -> None:
         kind="embedding", stream=False, events=0, tail=b'"usage":{"prompt_tokens":7}'
     )
     assert token_counts(embedding, body=None, body_length=None) == (7, 0)
+
+
+def test_prompt_estimate_reads_the_raw_body_like_a_parse() -> None:
+    stream = Answer(kind="chat", stream=True, events=4, tail=b"data: [DONE]\n\n")
+
+    def prompt(body: dict[str, object], *, ensure_ascii: bool = True) -> int:
+        raw = json.dumps(body, ensure_ascii=ensure_ascii).encode()
+        counts = token_counts(stream, body=raw, body_length=len(raw))
+        assert counts is not None
+        return counts[0]
+
+    # 8 characters, one of them an escaped quote (written as two): 9 / 4 -> 3.
+    assert prompt({"messages": [{"role": "user", "content": 'say "hi!'}]}) == 3
+    # Not ASCII: characters, not bytes (12 characters: 36 bytes, or 72 as \u escapes).
+    japanese: dict[str, object] = {"messages": [{"role": "user", "content": "日本語" * 4}]}
+    assert prompt(japanese) == prompt(japanese, ensure_ascii=False) == 3
+    # Multi-part content and a key-like text inside a string.
+    parts = [{"type": "text", "text": "a" * 8}, {"type": "image_url", "image_url": {"url": "x"}}]
+    assert prompt({"messages": [{"role": "user", "content": parts}], "x": '"prompt": "zz'}) == 2
+    # Token ids are counted one each (by a parse).
+    assert prompt({"prompt": [[5, 6, 7, 8, 9]]}) == 5
