@@ -6,32 +6,19 @@ import json
 import shutil
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import Process, autoscaler_cli, free_port, http_ok, wait_until
+from tests.helpers import Process, RunningService, autoscaler_cli, free_port, http_ok, wait_until
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 ADMIN = "ik_sdk_cli-test-admin-" + "y" * 20
 
 
-@dataclass
-class Service:
-    url: str
-    env: dict[str, str]
-    process: Process
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            autoscaler_cli(*args), env=self.env, capture_output=True, text=True, timeout=60
-        )
-
-
 @pytest.fixture(scope="module")
-def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     """One ``autoscaler run`` for the module; each test works in a project of its own."""
     api_port, gateway_port = free_port(), free_port()
     env = {
@@ -39,26 +26,18 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "AUTOSCALER_ADMIN_TOKEN": ADMIN,
     }
     argv = autoscaler_cli("run", "--api-port", str(api_port), "--gateway-port", str(gateway_port))
-    with Process(argv, env=env) as proc:
-        url = f"http://127.0.0.1:{api_port}"
-        wait_until(lambda: http_ok(url + "/healthz"), timeout=60, what="autoscaler run")
-        client_env = {
-            **proc.env,
-            "AUTOSCALER_URL": url,
-            "AUTOSCALER_SDK_TOKEN": ADMIN,
-        }
-        yield Service(url=url, env=client_env, process=proc)
+    url = f"http://127.0.0.1:{api_port}"
+    with RunningService(argv, env=env, api_url=url, token=ADMIN, project="unused") as service:
+        yield service
 
 
 @pytest.fixture
-def service(running: Service, request: pytest.FixtureRequest) -> Service:
+def service(running: RunningService, request: pytest.FixtureRequest) -> RunningService:
     project = request.node.name.removeprefix("test_").replace("_", "-")[:40].strip("-")
-    return Service(
-        url=running.url, env={**running.env, "AUTOSCALER_PROJECT": project}, process=running.process
-    )
+    return running.with_project(project)
 
 
-def test_apply_twice_then_edit(service: Service, tmp_path: Path) -> None:
+def test_apply_twice_then_edit(service: RunningService, tmp_path: Path) -> None:
     path = tmp_path / "bot.yaml"
     shutil.copy(EXAMPLES / "chat-fixed.yaml", path)
 
@@ -94,7 +73,7 @@ def test_apply_twice_then_edit(service: Service, tmp_path: Path) -> None:
 
 
 def test_bad_file_exits_2_naming_the_field_and_changes_nothing(
-    service: Service, tmp_path: Path
+    service: RunningService, tmp_path: Path
 ) -> None:
     good = tmp_path / "good.yaml"
     shutil.copy(EXAMPLES / "chat-fixed.yaml", good)
@@ -123,7 +102,7 @@ def test_bad_file_exits_2_naming_the_field_and_changes_nothing(
     ]
 
 
-def test_apply_every_example_in_one_file_list(service: Service) -> None:
+def test_apply_every_example_in_one_file_list(service: RunningService) -> None:
     files = sorted(EXAMPLES.glob("*.yaml"))
     args = [arg for f in files for arg in ("-f", str(f))]
     result = service.cli("apply", *args)
@@ -132,7 +111,7 @@ def test_apply_every_example_in_one_file_list(service: Service) -> None:
     assert len(json.loads(service.cli("get", "-o", "json").stdout)) == len(files)
 
 
-def test_keys_lifecycle_and_delete(service: Service) -> None:
+def test_keys_lifecycle_and_delete(service: RunningService) -> None:
     assert service.cli("apply", "-f", str(EXAMPLES / "chat-fixed.yaml")).returncode == 0
     created = json.loads(service.cli("keys", "create", "support-bot", "-o", "json").stdout)
     assert created["secret"].startswith("ik_live_")
@@ -146,7 +125,7 @@ def test_keys_lifecycle_and_delete(service: Service) -> None:
     assert "no workload 'support-bot'" in missing.stderr
 
 
-def test_missing_token_and_unreachable_server_are_clear(service: Service) -> None:
+def test_missing_token_and_unreachable_server_are_clear(service: RunningService) -> None:
     env = {k: v for k, v in service.env.items() if k != "AUTOSCALER_SDK_TOKEN"}
     no_token = subprocess.run(autoscaler_cli("get"), env=env, capture_output=True, text=True)
     assert no_token.returncode == 2
