@@ -11,8 +11,12 @@ The rules:
   allows it and the offer sells it, and on-demand always (the fallback when spot has
   just failed). Options are ranked by dollars per hour per request/s of serving capacity
   for this model (``catalog.perf``, the model engine-sim and the simulator use): a GPU a
-  third the price that serves a tenth of the load is not cheaper. Offers without
-  performance figures rank after all those with figures, by raw price.
+  third the price that serves a tenth of the load is not cheaper. The capacity is the
+  *usable* one: the batch is bounded by the gateway's per-replica concurrency cap
+  (``concurrency_cap``, :data:`GATEWAY_CONCURRENCY_CAP` by default), because the gateway
+  never sends a replica more requests at once, so a GPU whose KV cache could batch 220
+  sequences serves like one that batches 64. Offers without performance figures rank
+  after all those with figures, by raw price.
 * **Prompts must fit the TTFT target.** Given the prompt length the gateway measures,
   an option whose prefill of a typical prompt alone takes more than
   :data:`PREFILL_SHARE_OF_TARGET` of ``upper_allowed_latency_sec`` ranks after every
@@ -48,6 +52,12 @@ DEFAULT_INPUT_TOKENS = 1024.0
 
 DEFAULT_OUTPUT_TOKENS = 256.0
 """Mean completion length assumed when ranking offers by serving capacity."""
+
+GATEWAY_CONCURRENCY_CAP = 64
+"""The default of the gateway's per-replica concurrency cap
+(``gateway.app.GatewaySettings.replica_concurrency_cap``): the most requests a replica is
+ever given at once, so the most sequences it ever batches. Decisions do not import the
+gateway; callers that run another cap pass it."""
 
 PREFILL_SHARE_OF_TARGET = 0.5
 """The most of the TTFT target a typical prompt's prefill may take on a preferred offer."""
@@ -100,11 +110,15 @@ def replica_capacity_rps(
     bytes_per_param: float = 2.0,
     input_tokens: float = DEFAULT_INPUT_TOKENS,
     output_tokens: float = DEFAULT_OUTPUT_TOKENS,
+    concurrency_cap: int = GATEWAY_CONCURRENCY_CAP,
 ) -> float | None:
-    """Requests/s one replica on ``offer`` serves for the model; 0 when it does not fit;
-    ``None`` when the GPU has no performance figures."""
+    """Requests/s one replica on ``offer`` serves for the model, its batch bounded by the
+    gateway's ``concurrency_cap``; 0 when it does not fit; ``None`` when the GPU has no
+    performance figures."""
     try:
-        profile = serving_profile(offer.gpu, offer.gpu_count, params_b, bytes_per_param)
+        profile = serving_profile(
+            offer.gpu, offer.gpu_count, params_b, bytes_per_param, max_batch=_cap(concurrency_cap)
+        )
     except ModelDoesNotFit:
         return 0.0
     except ValueError:
@@ -283,6 +297,7 @@ def place_replica(
     max_usd_per_hour: float | None = None,
     input_tokens: float | None = None,
     output_tokens: float | None = None,
+    concurrency_cap: int = GATEWAY_CONCURRENCY_CAP,
 ) -> Placement:
     """Where the workload's next replica goes.
 
@@ -293,8 +308,10 @@ def place_replica(
     ``input_tokens`` and ``output_tokens`` are the measured mean prompt and completion
     lengths (defaults :data:`DEFAULT_INPUT_TOKENS`, :data:`DEFAULT_OUTPUT_TOKENS`); with
     a measured prompt length, offers too slow to prefill it within the TTFT target rank
-    last.
+    last. ``concurrency_cap`` is the gateway's per-replica cap: no replica's capacity is
+    counted at a batch larger than it.
     """
+    _cap(concurrency_cap)
     policy = spec.execution_policy_config
     autoscaling = policy if isinstance(policy, AutoscalingPolicy) else None
     workers = [spec.worker_id] if spec.worker_id else []
@@ -319,7 +336,11 @@ def place_replica(
                 (None, None)
                 if params_b is None
                 else _shape_figures(
-                    c.offer, params_b=params_b, bytes_per_param=bytes_per_param, mix=mix
+                    c.offer,
+                    params_b=params_b,
+                    bytes_per_param=bytes_per_param,
+                    mix=mix,
+                    concurrency_cap=concurrency_cap,
                 )
             )
         capacity, prefill = shapes[shape]
@@ -343,17 +364,34 @@ def place_replica(
 
 
 def _shape_figures(
-    offer: Offer, *, params_b: float, bytes_per_param: float, mix: tuple[float, float]
+    offer: Offer,
+    *,
+    params_b: float,
+    bytes_per_param: float,
+    mix: tuple[float, float],
+    concurrency_cap: int,
 ) -> tuple[float | None, float | None]:
-    """One replica's capacity (requests/s) at ``mix`` and its prefill of the mean prompt."""
+    """One replica's usable capacity (requests/s, batch bounded by ``concurrency_cap``) at
+    ``mix`` and its prefill of the mean prompt."""
     try:
-        profile = serving_profile(offer.gpu, offer.gpu_count, params_b, bytes_per_param)
+        profile = serving_profile(
+            offer.gpu, offer.gpu_count, params_b, bytes_per_param, max_batch=concurrency_cap
+        )
     except ModelDoesNotFit:
         return 0.0, None
     except ValueError:
         return None, None
     capacity = profile.capacity_rps(input_tokens=mix[0], output_tokens=mix[1])
     return capacity, profile.prefill_seconds(round(mix[0]))
+
+
+def _cap(concurrency_cap: int) -> int:
+    """``concurrency_cap``, checked: a bad cap must not pass for a GPU without figures."""
+    if concurrency_cap < 1:
+        raise ValueError(
+            f"concurrency_cap (the gateway's per-replica cap) must be >= 1, got {concurrency_cap}"
+        )
+    return concurrency_cap
 
 
 def _offer_request(policy: AutoscalingPolicy | None, *, memory_gib: float | None) -> OfferRequest:

@@ -5,10 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from autoscaler.decide.placement import (
+    Placement,
     PlacementOption,
     choose_offer,
     place_replica,
@@ -203,3 +205,47 @@ def test_measured_long_prompts_rank_offers_too_slow_to_prefill_them_last() -> No
     )
     assert huge.offer == fast
     assert "the fastest was taken" in huge.reason
+
+
+def test_capacity_is_bounded_by_the_gateways_concurrency_cap() -> None:
+    s = spec(
+        allow_spot_instances=True,
+        workers={"cloud_pool": {"gpu_pool": ["NVIDIA L40S", "NVIDIA H100 80GB HBM3"]}},
+    )
+    l40s = offer("NVIDIA L40S", price=1.86, spot=0.59, itype="g6e.xlarge")
+    h100 = offer("NVIDIA H100 80GB HBM3", price=12.2, spot=1.98, itype="a3-highgpu-1g")
+    tokens_in, tokens_out = 1155.0, 211.0  # the Azure conversation trace's mean mix
+
+    def place(cap: int) -> Placement:
+        return place_replica(
+            spec=s,
+            offers=[l40s, h100],
+            unavailable={},
+            now=NOW,
+            params_b=8.0,
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            concurrency_cap=cap,
+        )
+
+    def capacity(o: Offer, cap: int) -> float | None:
+        return replica_capacity_rps(
+            o, params_b=8.0, input_tokens=tokens_in, output_tokens=tokens_out, concurrency_cap=cap
+        )
+
+    # The H100's KV cache could batch ~220 sequences, but the gateway never gives a replica
+    # more than 64 at once: per usable capacity the L40S spot offer is the cheaper one.
+    capped = place(64)
+    assert capped.offer == l40s and capped.market is Market.SPOT
+    assert capped.capacity_rps == capacity(l40s, 64)
+    # A gateway run with a cap above the H100's batch makes the H100 the better buy.
+    assert place(256).offer == h100
+    narrow, wide = capacity(h100, 64), capacity(h100, 256)
+    assert narrow is not None and wide is not None and narrow < wide
+
+
+def test_a_concurrency_cap_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="concurrency_cap"):
+        place_replica(
+            spec=spec(), offers=[offer()], unavailable={}, now=NOW, params_b=8.0, concurrency_cap=0
+        )
