@@ -1,8 +1,8 @@
 """The ``autoscaler`` command: one click group, one module per family of subcommands.
 
-Each module in ``COMMAND_MODULES`` exposes ``register(group)``; the group imports them
-lazily so that ``autoscaler --help`` stays fast and a client command never loads the
-server stack.
+Each module in ``COMMAND_MODULES`` exposes ``register(group)``. The modules import their
+heavy dependencies inside the command functions, so ``autoscaler --help`` stays fast and
+a client command never loads the server stack.
 """
 
 from __future__ import annotations
@@ -30,13 +30,7 @@ def main() -> None:
 
 def _register_all() -> None:
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:  # a missing dependency, not a missing command module
-                raise
-            continue
-        module.register(main)
+        importlib.import_module(name).register(main)
 
 
 _register_all()
