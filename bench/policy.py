@@ -4,9 +4,12 @@ Runs every policy (``autoscaler.sim.run.POLICY_NAMES``) on ``azure2023_code.csv`
 ``azure2023_conv.csv`` and ``mooncake_synthetic.csv`` at the rate scales in
 :data:`RATE_SCALES` (the trace overlaid on itself, time axis kept; chosen so that the
 peaks need several replicas), with and without spot, and prints one table: SLO
-attainment, cost, and cost over the oracle's cost.
+attainment, cost, and cost over the oracle's cost. The oracle's row carries its plan's
+attainment when replayed in the simulator (``autoscaler.sim.oracle``: the plan is
+repaired until that replay meets the SLO), its shape, its relaxed cost and the rounds
+of repair.
 
-    .venv/bin/python -m bench.policy [--seed N] [--traces DIR] [--json FILE]
+    .venv/bin/python -m bench.policy [--seed N] [--traces DIR] [--json FILE] [--check-oracle]
 
 The workload is :data:`WORKLOAD`: Llama-3.1-8B, 128k context, 1-64 replicas on L40S,
 A100 80GB or H100, $400/h ceiling, TTFT target 1 s; the same defaults for every trace.
@@ -75,7 +78,7 @@ def main() -> None:
     parser.add_argument(
         "--check-oracle",
         action="store_true",
-        help="also replay the oracle's fleet plan through the simulator (oracle-replay rows)",
+        help="also print the full report of the oracle's replay (oracle-replay rows)",
     )
     args = parser.parse_args()
     workload = sim_workload(WorkloadSpec.model_validate(WORKLOAD))
@@ -104,9 +107,32 @@ def main() -> None:
                 )
             )
             oracle = prepared.oracle
+            replayed = oracle.replayed
+            attained = "-" if replayed is None else f"{replayed.attainment:.2%}"
             print(
                 f"{name:<24} {scale:>3g} {'yes' if spot else 'no':<4} {'oracle':<13} "
-                f"{'>=99%':>7} {'':>7} {'':>9} {oracle.cost_usd:>8.2f} {1.0:>7.2f}"
+                f"{attained:>7} {'':>7} {'':>9} {oracle.cost_usd:>8.2f} {1.0:>7.2f}  "
+                f"{oracle.offer.gpu_count} x {oracle.offer.gpu}, peak {max(oracle.fleet)}; "
+                f"relaxed ${oracle.relaxed_cost_usd or oracle.cost_usd:.2f}, "
+                f"{oracle.repair_rounds} repair round(s)"
+                + ("" if oracle.meets_slo else "; its replay MISSES the SLO"),
+                flush=True,
+            )
+            rows.append(
+                {
+                    "policy": "oracle",
+                    "trace": name,
+                    "rate_scale": scale,
+                    "spot": spot,
+                    "cost_usd": oracle.cost_usd,
+                    "relaxed_cost_usd": oracle.relaxed_cost_usd,
+                    "replayed_slo_attainment": None if replayed is None else replayed.attainment,
+                    "replayed_billed_usd": None if replayed is None else replayed.billed_usd,
+                    "meets_slo": oracle.meets_slo,
+                    "repair_rounds": oracle.repair_rounds,
+                    "offer": oracle.offer.key,
+                    "fleet": list(oracle.fleet),
+                }
             )
             reports = (run_policy(prepared, p) for p in policies(prepared, POLICY_NAMES))
             checks = [replay_oracle] if args.check_oracle else []

@@ -16,8 +16,8 @@ from autoscaler.decide.scaling import (
     burst_floor,
     load_need,
 )
-from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP, as_datetime
-from autoscaler.sim.oracle import OraclePlan, oracle
+from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP, Outcome, as_datetime
+from autoscaler.sim.oracle import OraclePlan, Replayed, oracle
 from autoscaler.sim.policies import (
     ConcurrencyPolicy,
     ControllerPolicy,
@@ -40,7 +40,7 @@ from autoscaler.sim.workload import (
     fastest_single_gpu,
     feasible_offers,
 )
-from autoscaler.sim.world import EPOCH_S, CloudSettings, World, with_spot
+from autoscaler.sim.world import EPOCH_S, CloudSettings, Outcomes, World, with_spot
 from autoscaler.spec import AutoscalingPolicy, FixedPolicy
 from catalog.model import Offer
 from catalog.perf import ServingProfile
@@ -138,6 +138,14 @@ def prepare(scenario: Scenario) -> Prepared:
         boot_s=scenario.cloud.boot_median_s,
         allow_spot=scenario.allow_spot,
         seed=scenario.seed,
+        replay=_PlanReplay(
+            workload=workload,
+            offers=offers,
+            requests=requests,
+            slo=slo,
+            seed=scenario.seed,
+            cloud=scenario.cloud,
+        ),
     )
     return Prepared(
         scenario=scenario,
@@ -311,28 +319,22 @@ def trace_name(path: Path) -> str:
 def replay_oracle(prepared: Prepared) -> RunReport:
     """The oracle's fleet plan replayed through the simulator on its own terms (its offer
     only, every boot exactly the median, no stock-outs, no interruptions): whether the
-    plan it prices meets the SLO where every policy is measured."""
+    plan it prices meets the SLO where every policy is measured. ``prepare`` already
+    replayed it (``prepared.oracle.replayed``); this is the full report of that run."""
     plan = prepared.oracle
     scenario = prepared.scenario
-    cloud = replace(
-        scenario.cloud, boot_sigma=1e-9, stockout_probability=0.0, spot_interruptions_per_hour=0.0
-    )
-    policy = ScheduledFleetPolicy(fleet=plan.fleet, slot_s=plan.slot_s, lead_s=plan.boot_s)
-    world = World(
+    world = plan_world(
         workload=prepared.workload,
-        offers=[o for o in prepared.offers if o.key == plan.offer.key],
-        policy=policy,
+        offers=prepared.offers,
         requests=prepared.requests,
         seed=scenario.seed,
-        cloud=cloud,
-        allow_spot=plan.spot,
-        initial_replicas=plan.fleet[0] if plan.fleet else 0,
-        initial_mix=first_minute_mix(prepared.requests),
+        cloud=scenario.cloud,
+        plan=plan,
     )
     return build_report(
         outcomes=world.run(),
         slo=prepared.slo,
-        policy=policy.name,
+        policy=world.policy.name,
         trace=scenario.trace_name,
         rate_scale=scenario.rate_scale,
         seed=scenario.seed,
@@ -340,3 +342,107 @@ def replay_oracle(prepared: Prepared) -> RunReport:
         oracle_cost_usd=plan.cost_usd,
         rate_mode=scenario.rate_mode.value,
     )
+
+
+def plan_world(
+    *,
+    workload: SimWorkload,
+    offers: Sequence[Offer],
+    requests: Sequence[TraceRequest],
+    seed: int,
+    cloud: CloudSettings,
+    plan: OraclePlan,
+) -> World:
+    """A simulation of ``plan`` on the oracle's own terms: its offer only, every boot
+    exactly the median and bought that far ahead of its slot, no stock-outs, no
+    interruptions; the replicas the first slots need are ready at time 0."""
+    exact = replace(
+        cloud,
+        boot_median_s=plan.boot_s,
+        boot_sigma=1e-9,
+        stockout_probability=0.0,
+        spot_interruptions_per_hour=0.0,
+    )
+    policy = ScheduledFleetPolicy(fleet=plan.fleet, slot_s=plan.slot_s, lead_s=plan.boot_s)
+    return World(
+        workload=workload,
+        offers=[o for o in offers if o.key == plan.offer.key],
+        policy=policy,
+        requests=requests,
+        seed=seed,
+        cloud=exact,
+        allow_spot=plan.spot,
+        # Replicas booting at time 0 for the first slots were bought before it, as the
+        # warm fleet was: they are ready at time 0.
+        initial_replicas=policy.count_at(0.0),
+        initial_mix=first_minute_mix(requests),
+    )
+
+
+def replayed(outcomes: Outcomes, *, slo: SloRule, slot_s: float, slots: int) -> Replayed:
+    """Requests and SLO misses per slot of arrival (refused requests not counted)."""
+    counted = [0] * slots
+    missed = [0] * slots
+    for r in outcomes.records:
+        if r.outcome is Outcome.REFUSED:
+            continue
+        k = min(int(r.arrival_s // slot_s), slots - 1)
+        counted[k] += 1
+        if r.ttft_s is None or not slo.met(ttft_s=r.ttft_s, input_tokens=r.input_tokens):
+            missed[k] += 1
+    return Replayed(requests=tuple(counted), misses=tuple(missed), billed_usd=outcomes.cost_usd)
+
+
+_REPLAYS: dict[tuple[object, ...], Replayed] = {}
+"""Replays already run, by trace, model, SLO, seed, boot time, GPU shape and fleet: the
+runs with and without spot of one trace share them (the oracle's replay has no
+interruptions, so the market does not change what happens). Billed at $1 per replica-hour;
+:meth:`_PlanReplay.__call__` prices it."""
+
+_REPLAYS_KEPT = 256
+
+
+@dataclass(frozen=True, slots=True)
+class _PlanReplay:
+    """:data:`autoscaler.sim.oracle.Replay` for one scenario."""
+
+    workload: SimWorkload
+    offers: Sequence[Offer]
+    requests: Sequence[TraceRequest]
+    slo: SloRule
+    seed: int
+    cloud: CloudSettings
+    fingerprint: int = 0
+
+    def __post_init__(self) -> None:
+        trace = hash(tuple(self.requests))
+        model = (self.workload.params_b, self.workload.bytes_per_param)
+        key = hash((trace, model, self.workload.max_context_tokens, self.slo, self.seed))
+        object.__setattr__(self, "fingerprint", key)
+
+    def __call__(self, plan: OraclePlan) -> Replayed:
+        key = (
+            self.fingerprint,
+            self.cloud.boot_median_s,
+            plan.offer.gpu,
+            plan.offer.gpu_count,
+            plan.slot_s,
+            plan.fleet,
+        )
+        if key not in _REPLAYS:
+            world = plan_world(
+                workload=self.workload,
+                offers=self.offers,
+                requests=self.requests,
+                seed=self.seed,
+                cloud=self.cloud,
+                plan=plan,
+            )
+            if len(_REPLAYS) >= _REPLAYS_KEPT:
+                _REPLAYS.pop(next(iter(_REPLAYS)))
+            run = replayed(
+                world.run(), slo=self.slo, slot_s=plan.slot_s, slots=max(len(plan.fleet), 1)
+            )
+            _REPLAYS[key] = replace(run, billed_usd=run.billed_usd / plan.usd_per_hour)
+        per_hour = _REPLAYS[key]
+        return replace(per_hour, billed_usd=per_hour.billed_usd * plan.usd_per_hour)
