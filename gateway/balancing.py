@@ -1,7 +1,12 @@
 """Which replica takes the next request: a pure decision over replica load.
 
-Least outstanding requests among replicas that accept work (ready, not draining, under
-their concurrency cap, not excluded for this request). With many replicas an exact scan
+Least outstanding work among replicas that accept work (ready, not draining, under
+their concurrency cap, not excluded for this request). A replica's work is its
+outstanding requests weighted by their estimated prompt tokens (:func:`request_work`),
+ties broken by fewer outstanding requests: a short prompt is not sent behind a replica
+busy prefilling a long one, which counting requests alone would do (prefill time grows
+with the prompt, and a request's first token waits for the prefills ahead of it). With
+equal prompts this is least outstanding requests. With many replicas an exact scan
 is replaced by the power of two choices: two random candidates, the less loaded wins,
 which keeps the choice O(1) and avoids herding onto one replica that every gateway sees
 as the least loaded. No I/O here; the caller passes the random source.
@@ -25,10 +30,22 @@ class ReplicaLoad:
     outstanding: int
     cap: int
     draining: bool = False
+    work: int = 0
+    """The :func:`request_work` of its outstanding requests (0 when not weighed)."""
 
     @property
     def has_room(self) -> bool:
         return not self.draining and self.outstanding < self.cap
+
+
+def request_work(prompt_tokens: int) -> int:
+    """A request's weight in a replica's outstanding work: its estimated prompt tokens,
+    at least one so a request whose prompt is unknown still counts."""
+    return max(prompt_tokens, 1)
+
+
+def _load(replica: ReplicaLoad) -> tuple[int, int]:
+    return replica.work, replica.outstanding
 
 
 def eligible(
@@ -47,16 +64,17 @@ def choose_replica(
     """The replica for the next request, or None when none may take it.
 
     ``excluded`` holds replicas already tried for this request or refusing connections.
-    Ties on outstanding requests are broken at random so equal replicas share the load.
+    Ties on outstanding work and requests are broken at random so equal replicas share
+    the load.
     """
     candidates = eligible(replicas, excluded=excluded)
     if not candidates:
         return None
     if len(candidates) > TWO_CHOICES_THRESHOLD:
         first, second = rng.sample(candidates, 2)
-        return first if first.outstanding <= second.outstanding else second
-    least = min(r.outstanding for r in candidates)
-    return rng.choice([r for r in candidates if r.outstanding == least])
+        return first if _load(first) <= _load(second) else second
+    least = min(_load(r) for r in candidates)
+    return rng.choice([r for r in candidates if _load(r) == least])
 
 
 def has_capacity(replicas: Sequence[ReplicaLoad], *, excluded: Collection[str] = ()) -> bool:

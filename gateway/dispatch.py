@@ -1,11 +1,13 @@
 """Leases on replicas: balancing, per-replica caps, the bounded wait queue, cold starts.
 
 A request takes a :class:`Lease` on one replica and gives it back when its response is
-done. When no replica can take it, the request waits in its workload's FIFO queue: for
-a replica with room (bounded by ``queue_timeout_sec``), or, when the workload has no
-ready replica at all, for a cold start (bounded by the workload's cold-start deadline,
-after demand is recorded so the controller scales from zero). Waiters are served in
-arrival order, and a newcomer never overtakes a waiter.
+done. A lease carries the request's estimated prompt tokens, so the balancer weighs each
+replica's outstanding work (``gateway.balancing``). When no replica can take it, the
+request waits in its workload's FIFO queue: for a replica with room (bounded by
+``queue_timeout_sec``), or, when the workload has no ready replica at all, for a cold
+start (bounded by the workload's cold-start deadline, after demand is recorded so the
+controller scales from zero). Waiters are served in arrival order, and a newcomer never
+overtakes a waiter.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from gateway.balancing import ReplicaLoad, admit_to_queue, choose_replica
+from gateway.balancing import ReplicaLoad, admit_to_queue, choose_replica, request_work
 from gateway.errors import GatewayError
 from gateway.routes import Replica, WorkloadRef, WorkloadRoute
 from gateway.signals import Signals
@@ -37,17 +39,21 @@ class DispatchLimits:
 class Lease:
     ref: WorkloadRef
     replica: Replica
+    work: int = 1
+    """The request's :func:`~gateway.balancing.request_work`, given back on release."""
 
 
 @dataclass(slots=True)
 class _Waiter:
     future: asyncio.Future[Lease]
     cold: bool
+    work: int
 
 
 @dataclass(slots=True)
 class _WorkloadState:
     outstanding: dict[str, int] = field(default_factory=dict)
+    work: dict[str, int] = field(default_factory=dict)
     cooling_until: dict[str, float] = field(default_factory=dict)
     waiters: deque[_Waiter] = field(default_factory=deque)
 
@@ -81,14 +87,18 @@ class Dispatcher:
 
     # -- leases --------------------------------------------------------------------
 
-    async def acquire(self, ref: WorkloadRef, *, excluded: Collection[str] = ()) -> Lease:
+    async def acquire(
+        self, ref: WorkloadRef, *, excluded: Collection[str] = (), prompt_tokens: int = 0
+    ) -> Lease:
         """A lease on a replica of ``ref``, waiting in line if none has room.
 
         ``excluded`` are replicas this request already tried; a retry never waits.
+        ``prompt_tokens`` is the request's estimated prompt (0 when unknown).
         """
         state = self._state(ref)
+        work = request_work(prompt_tokens)
         if not state.waiters:
-            lease = self._try_lease(ref, state, excluded=excluded)
+            lease = self._try_lease(ref, state, work=work, excluded=excluded)
             if lease is not None:
                 return lease
         if excluded:
@@ -97,15 +107,18 @@ class Dispatcher:
                 "no replica of this workload accepted the connection",
                 code="upstream_unavailable",
             )
-        return await self._wait(ref, state)
+        return await self._wait(ref, state, work=work)
 
     def release(self, lease: Lease) -> None:
         state = self._state(lease.ref)
-        count = state.outstanding.get(lease.replica.key, 0) - 1
+        key = lease.replica.key
+        count = state.outstanding.get(key, 0) - 1
         if count > 0:
-            state.outstanding[lease.replica.key] = count
+            state.outstanding[key] = count
+            state.work[key] = state.work.get(key, 0) - lease.work
         else:
-            state.outstanding.pop(lease.replica.key, None)
+            state.outstanding.pop(key, None)
+            state.work.pop(key, None)
         window = self._signals.window(lease.ref)
         window.in_flight -= 1
         self._signals.metrics_of(lease.ref).in_flight.dec()
@@ -130,7 +143,12 @@ class Dispatcher:
         return state
 
     def _try_lease(
-        self, ref: WorkloadRef, state: _WorkloadState, *, excluded: Collection[str] = ()
+        self,
+        ref: WorkloadRef,
+        state: _WorkloadState,
+        *,
+        work: int,
+        excluded: Collection[str] = (),
     ) -> Lease | None:
         route = self._routes.get(ref)
         if route is None or not route.replicas:
@@ -146,7 +164,11 @@ class Dispatcher:
         cap = self._limits.replica_concurrency_cap
         loads = [
             ReplicaLoad(
-                key=r.key, outstanding=state.outstanding.get(r.key, 0), cap=cap, draining=r.draining
+                key=r.key,
+                outstanding=state.outstanding.get(r.key, 0),
+                cap=cap,
+                draining=r.draining,
+                work=state.work.get(r.key, 0),
             )
             for r in route.replicas
         ]
@@ -155,15 +177,16 @@ class Dispatcher:
             return None
         replica = next(r for r in route.replicas if r.key == chosen.key)
         state.outstanding[replica.key] = chosen.outstanding + 1
+        state.work[replica.key] = chosen.work + work
         self._signals.window(ref).in_flight += 1
         self._signals.metrics_of(ref).in_flight.inc()
-        return Lease(ref=ref, replica=replica)
+        return Lease(ref=ref, replica=replica, work=work)
 
     def _is_cold(self, ref: WorkloadRef) -> bool:
         route = self._routes.get(ref)
         return route is None or not route.ready
 
-    async def _wait(self, ref: WorkloadRef, state: _WorkloadState) -> Lease:
+    async def _wait(self, ref: WorkloadRef, state: _WorkloadState, *, work: int) -> Lease:
         cold = self._is_cold(ref)
         limits = self._limits
         if not admit_to_queue(queued=len(state.waiters), limit=limits.max_queued_per_workload):
@@ -183,7 +206,7 @@ class Dispatcher:
         timeout = limits.cold_start_timeout_sec(ref) if cold else limits.queue_timeout_sec
         if cold:
             self._on_cold_start(ref)
-        waiter = _Waiter(future=asyncio.get_running_loop().create_future(), cold=cold)
+        waiter = _Waiter(future=asyncio.get_running_loop().create_future(), cold=cold, work=work)
         state.waiters.append(waiter)
         window = self._signals.window(ref)
         window.queued += 1
@@ -237,7 +260,7 @@ class Dispatcher:
             if waiter.future.done():
                 state.waiters.popleft()
                 continue
-            lease = self._try_lease(ref, state)
+            lease = self._try_lease(ref, state, work=waiter.work)
             if lease is None:
                 return
             state.waiters.popleft()

@@ -135,8 +135,11 @@ class Forwarder:
         else:
             body = None
         tried: list[str] = []
+        prompt_tokens = tokens.routing_estimate(length)
         while True:
-            lease = await self._dispatcher.acquire(route.ref, excluded=tried)
+            lease = await self._dispatcher.acquire(
+                route.ref, excluded=tried, prompt_tokens=prompt_tokens
+            )
             try:
                 upstream = await self._open(
                     request, lease=lease, path=path, body=body, length=length

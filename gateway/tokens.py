@@ -56,6 +56,14 @@ class Answer:
     tail: bytes
 
 
+def routing_estimate(body_length: int | None) -> int:
+    """A request's prompt tokens as the balancer weighs it, known before the body is
+    read: its declared length ÷ :data:`CHARS_PER_TOKEN` (0 when unknown). The JSON
+    around the prompt counts too; for the long prompts whose prefill matters it is small.
+    """
+    return 0 if not body_length else math.ceil(body_length / CHARS_PER_TOKEN)
+
+
 def tail_of(previous: bytes, last: bytes) -> bytes:
     """The last :data:`TAIL_BYTES` of an answer whose last two chunks were these."""
     if len(last) >= TAIL_BYTES:

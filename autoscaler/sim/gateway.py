@@ -1,10 +1,11 @@
-"""The simulated gateway: a wait queue, least-outstanding balancing, and the signals.
+"""The simulated gateway: a wait queue, least-outstanding-work balancing, and the signals.
 
 Routing uses the gateway's own pure balancer (``gateway.balancing.choose_replica``) over
-the same replica view the real gateway builds (outstanding requests, the per-replica
-concurrency cap, draining). TTFT is measured as the gateway measures it: from the
-request's arrival at the gateway to its first token, queueing and cold-start waits
-included; the request rate is arrivals over the gateway's signal window.
+the same replica view the real gateway builds (outstanding requests and their prompt
+tokens, the per-replica concurrency cap, draining). TTFT is measured as the gateway
+measures it: from the request's arrival at the gateway to its first token, queueing and
+cold-start waits included; the request rate is arrivals over the gateway's signal
+window.
 """
 
 from __future__ import annotations

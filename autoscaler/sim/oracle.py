@@ -9,7 +9,7 @@ two stages.
 
 1. **Slots.** Time is cut into ``slot_s`` slots (60 s) from the first arrival.
 2. **Need per slot.** For each slot and each replica count ``n``, the slot's requests
-   are replayed on ``n`` replicas (``catalog.perf.BatchEngine``, least-outstanding
+   are replayed on ``n`` replicas (``catalog.perf.BatchEngine``, least-outstanding-work
    balancing, the batch bounded by the gateway's per-replica cap) that first served the
    slot before, so the batch slots and queue it leaves behind count; only the slot's own
    requests' SLO misses are counted (``misses(n)``; the SLO is
@@ -78,6 +78,7 @@ from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.workload import SimWorkload, SloRule
 from catalog.model import Offer
 from catalog.perf import BatchEngine, EventKind, ServingProfile
+from gateway.balancing import request_work
 
 SLOT_S = 60.0
 SHAPES_TRIED = 4
@@ -175,6 +176,7 @@ def slot_misses(
     start = requests[0].arrival_s
     engines = [BatchEngine(profile, start_s=start) for _ in range(replicas)]
     outstanding = [0] * replicas
+    work = [0] * replicas
     owner: list[dict[int, TraceRequest]] = [{} for _ in range(replicas)]
     rng = random.Random(seed)
     misses = 0
@@ -191,6 +193,7 @@ def slot_misses(
                     found += 1
             if event.timing is not None:
                 outstanding[k] -= 1
+                work[k] -= request_work(owner[k][event.request_id].input_tokens)
                 del owner[k][event.request_id]
         return found
 
@@ -199,8 +202,9 @@ def slot_misses(
             if due[k] <= r.arrival_s:
                 misses += settle(k, r.arrival_s)
                 due[k] = engines[k].next_event_s() or math.inf
-        least = min(outstanding)
-        choice = rng.choice([k for k in range(replicas) if outstanding[k] == least])
+        # The gateway's rule (gateway.balancing): least outstanding work, then requests.
+        least = min(zip(work, outstanding, strict=True))
+        choice = rng.choice([k for k in range(replicas) if (work[k], outstanding[k]) == least])
         misses += settle(choice, r.arrival_s)  # nothing due, but the engine must reach now
         request_id = engines[choice].submit(
             input_tokens=r.input_tokens, output_tokens=r.output_tokens
@@ -208,6 +212,7 @@ def slot_misses(
         due[choice] = engines[choice].next_event_s() or math.inf
         owner[choice][request_id] = r
         outstanding[choice] += 1
+        work[choice] += request_work(r.input_tokens)
     for k in range(replicas):
         for event in engines[k].drain():
             if event.kind is EventKind.FIRST_TOKEN:

@@ -35,7 +35,7 @@ from autoscaler.sim.workload import SimWorkload
 from catalog.model import Offer
 from catalog.perf import BatchEngine, EventKind
 from catalog.query import Market
-from gateway.balancing import ReplicaLoad
+from gateway.balancing import ReplicaLoad, request_work
 from providers.base import BootSpec, LaunchRequest, instance_tags
 from providers.errors import InsufficientCapacity, QuotaExceeded
 from providers.simulated import SimulatedCloud, SimulationConfig
@@ -82,6 +82,8 @@ class SimReplica:
     drain_s: float | None = None
     ended_s: float | None = None
     requests: dict[int, RequestRecord] = field(default_factory=dict)
+    work: int = 0
+    """The balancer's weight of ``requests`` (``gateway.balancing.request_work``)."""
 
     def phase(self) -> ReplicaPhase:
         if self.ended_s is not None:
@@ -314,6 +316,7 @@ class World:
                 record.outcome = Outcome.SERVED
                 self.gateway.finish(record, t=event.at_s)
                 del r.requests[event.request_id]
+                r.work -= request_work(record.input_tokens)
                 self.gateway.in_flight -= 1
 
     def _machine_events(self, t: float) -> None:
@@ -338,6 +341,7 @@ class World:
                 record.outcome = Outcome.CUT
                 record.finished_s = t
         r.requests.clear()
+        r.work = 0
         r.engine = None
         self._due.pop(r.launch_id, None)
 
@@ -358,7 +362,9 @@ class World:
             return
         by_key = {r.launch_id: r for r in serving}
         loads = [
-            ReplicaLoad(r.launch_id, len(r.requests), self.gateway.cap, r.drain_s is not None)
+            ReplicaLoad(
+                r.launch_id, len(r.requests), self.gateway.cap, r.drain_s is not None, r.work
+            )
             for r in serving
         ]
         index = {load.key: n for n, load in enumerate(loads)}
@@ -375,11 +381,17 @@ class World:
                 input_tokens=record.input_tokens, output_tokens=record.output_tokens
             )
             replica.requests[engine_id] = record
+            # The gateway weighs a request by its body's length / 4 characters per
+            # token, about its prompt tokens: the simulator passes the prompt's tokens.
+            work = request_work(record.input_tokens)
+            replica.work += work
             self._refresh_due(replica)
             record.replica = replica.launch_id
             self.gateway.in_flight += 1
             n = index[chosen.key]
-            loads[n] = ReplicaLoad(chosen.key, chosen.outstanding + 1, chosen.cap, chosen.draining)
+            loads[n] = ReplicaLoad(
+                chosen.key, chosen.outstanding + 1, chosen.cap, chosen.draining, chosen.work + work
+            )
 
     # --- the controller ---------------------------------------------------------------
 
