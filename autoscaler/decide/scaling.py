@@ -42,7 +42,8 @@ FAST_SCALE_UP_WINDOW_SEC = 10.0
 """The scale-up window (and hold) when ``enable_fast_autoscaling`` is on."""
 
 SAFE_UTILIZATION = 0.75
-"""Share of a replica's capacity the consolidation check lets the remaining replicas run at."""
+"""Share of a replica's throughput the load need runs it at when batch slots cannot be
+sized (no prefill time or batch size); the consolidation check's margin likewise."""
 
 CALM_SHARE_OF_UPPER = 0.5
 """With a capacity figure, TTFT below this share of the upper bound counts as calm."""
@@ -439,19 +440,51 @@ def load_need(
 ) -> tuple[int, float]:
     """Replicas the measured load needs, and the rate it was read as.
 
-    Throughput: the rate (queue cleared within :data:`BACKLOG_CLEAR_SEC`) at
-    :data:`SAFE_UTILIZATION` of ``capacity``. With a prefill time and ``upper_s`` (the
-    TTFT target), also queueing: the fewest replicas for which :data:`WAIT_QUANTILE` of
-    arrivals wait no more than the target leaves after a typical prefill
-    (:func:`queue_need`); the larger of the two counts.
+    Throughput, for the rate (queue cleared within :data:`BACKLOG_CLEAR_SEC`): with a
+    prefill time, a batch size and ``upper_s`` (the TTFT target), the replicas whose
+    batch slots let :data:`WAIT_QUANTILE` of arrivals start within the target's wait
+    budget (:func:`slot_need`); otherwise :data:`SAFE_UTILIZATION` of ``capacity``.
+    With a prefill time, also queueing for prefill: the fewest replicas for which
+    :data:`WAIT_QUANTILE` of arrivals wait no more than the target leaves after a
+    typical prefill (:func:`queue_need`); the larger of the two counts.
     """
     rate = recent_rate(signals, now=now)
     per_replica = capacity.requests_per_s * SAFE_UTILIZATION
     if per_replica <= 0:
         return 0, rate
     load = rate + signals.queue_depth / BACKLOG_CLEAR_SEC
-    need = math.ceil(load / per_replica - 1e-9)
+    need = slot_need(capacity, load, upper_s)
+    if need is None:
+        need = math.ceil(load / per_replica - 1e-9)
     return max(need, _queue_need(capacity, load, upper_s)), rate
+
+
+def slot_need(capacity: ReplicaCapacity, rate: float, upper_s: float | None) -> int | None:
+    """Replicas whose batch slots carry ``rate`` so that :data:`WAIT_QUANTILE` of
+    arrivals find a slot within the wait budget (``upper_s`` less a typical prefill);
+    ``None`` without a prefill time, a batch size or a positive budget.
+
+    Each replica's ``max_concurrency`` sequences are servers of an M/G/c queue; a
+    request holds one, by Little's law, ``max_concurrency / requests_per_s`` seconds at
+    saturation (its time is shorter in a smaller batch, so this errs long), with
+    exponential spread. Sized by :func:`queue_need` over all the fleet's slots, which
+    asks for less headroom the more slots share the load, where a flat utilisation
+    asks the same of one replica as of ten.
+    """
+    slots = capacity.max_concurrency
+    budget = None if upper_s is None else _wait_budget(capacity, upper_s)
+    if not slots or budget is None or budget <= 0 or capacity.requests_per_s <= 0:
+        return None
+    if rate <= 0:
+        return 0
+    needed = queue_need(
+        rate=rate,
+        service_s=slots / capacity.requests_per_s,
+        service_scv=1.0,
+        wait_s=budget,
+        quantile=WAIT_QUANTILE,
+    )
+    return math.ceil(needed / slots)
 
 
 def _queue_need(capacity: ReplicaCapacity, rate: float, upper_s: float | None) -> int:
@@ -540,7 +573,10 @@ def _load_up(ctx: _Context) -> ScaleDecision | None:
 
 
 def _capacity_text(cap: ReplicaCapacity) -> str:
-    text = f"{SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each"
+    if cap.prefill_s is not None and cap.max_concurrency:
+        text = f"{cap.max_concurrency} batch slots at {cap.requests_per_s:.2f} req/s each"
+    else:
+        text = f"{SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each"
     if cap.prefill_s is not None:
         text += (
             f"; p{WAIT_QUANTILE * 100:g} wait within the target after a "
