@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +21,9 @@ from autoscaler.decide.scaling import (
     burst_floor,
     desired_replicas,
     erlang_c,
+    load_need,
     queue_need,
+    slot_need,
     ttft_percentile,
 )
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
@@ -504,3 +507,43 @@ def test_ttft_that_long_prompts_explain_does_not_scale_up() -> None:
         )  # fmt: skip
         memory = decision.memory
     assert decision is not None and decision.direction is not Direction.UP
+
+
+@settings(max_examples=60)
+@given(
+    rate=st.floats(min_value=0.1, max_value=200.0),
+    rps=st.floats(min_value=0.5, max_value=50.0),
+    slots=st.integers(min_value=1, max_value=256),
+)
+def test_batch_slots_never_run_a_fleet_past_its_throughput(
+    rate: float, rps: float, slots: int
+) -> None:
+    capacity = ReplicaCapacity(
+        requests_per_s=rps, max_concurrency=slots, prefill_s=0.1, prefill_scv=1.0
+    )
+    need = slot_need(capacity, rate, 1.0)
+    assert need is not None
+    assert need * rps > rate  # the fleet's throughput always exceeds the load
+    # More load never needs fewer replicas.
+    more = slot_need(capacity, rate * 1.5, 1.0)
+    assert more is not None and more >= need
+
+
+def test_slots_shared_by_several_replicas_need_less_headroom_than_a_flat_share() -> None:
+    """11.3 req/s on replicas of 64 slots completing 4.49 req/s each (the conversation
+    mix on an L40S): three replicas at 84 % of their throughput start 99 % of requests
+    within the wait budget, where a flat 75 % asks for four; one replica's slots alone
+    still get no more than the flat share."""
+    now = T0
+    capacity = ReplicaCapacity(
+        requests_per_s=4.49, max_concurrency=64, prefill_s=0.05, prefill_scv=1.0
+    )
+    load = Signals(request_rate=11.3, last_request_at=now)
+    need, _ = load_need(capacity, load, now=now, upper_s=1.0)
+    assert need == 3
+    flat, _ = load_need(replace(capacity, prefill_s=None), load, now=now, upper_s=1.0)
+    assert flat == 4
+    alone = slot_need(capacity, 0.8 * 4.49, 1.0)
+    assert alone == 2  # 80 % of one replica's throughput is over a single batch's share
+    # Without a budget left after the prefill, the flat share applies.
+    assert slot_need(replace(capacity, prefill_s=1.5), 11.3, 1.0) is None
