@@ -1,12 +1,13 @@
 """Which replica takes the next request: a pure decision over replica load.
 
 Least outstanding work among replicas that accept work (ready, not draining, under
-their concurrency cap, not excluded for this request). A replica's work is its
-outstanding requests weighted by their estimated prompt tokens (:func:`request_work`),
-ties broken by fewer outstanding requests: a short prompt is not sent behind a replica
-busy prefilling a long one, which counting requests alone would do (prefill time grows
-with the prompt, and a request's first token waits for the prefills ahead of it). With
-equal prompts this is least outstanding requests. With many replicas an exact scan
+their concurrency cap, not excluded for this request). A replica's work is the
+estimated prompt tokens (:func:`request_work`) of its requests still awaiting their first
+token, ties broken by fewer outstanding requests: a short prompt is not sent behind a
+replica busy prefilling a long one, which counting requests alone would do (prefill time
+grows with the prompt, and a request's first token waits for the prefills ahead of it).
+A request whose first token is back weighs only as one outstanding request. With equal
+prompts this is least outstanding requests. With many replicas an exact scan
 is replaced by the power of two choices: two random candidates, the less loaded wins,
 which keeps the choice O(1) and avoids herding onto one replica that every gateway sees
 as the least loaded. No I/O here; the caller passes the random source.
@@ -31,7 +32,7 @@ class ReplicaLoad:
     cap: int
     draining: bool = False
     work: int = 0
-    """The :func:`request_work` of its outstanding requests (0 when not weighed)."""
+    """The :func:`request_work` of its requests awaiting a first token (0 if unweighed)."""
 
     @property
     def has_room(self) -> bool:

@@ -1,8 +1,9 @@
 """Leases on replicas: balancing, per-replica caps, the bounded wait queue, cold starts.
 
 A request takes a :class:`Lease` on one replica and gives it back when its response is
-done. A lease carries the request's estimated prompt tokens, so the balancer weighs each
-replica's outstanding work (``gateway.balancing``). When no replica can take it, the
+done. A lease carries the request's estimated prompt tokens until its first token comes
+back (:meth:`Dispatcher.prefilled`), so the balancer weighs each replica's outstanding
+prefill work (``gateway.balancing``). When no replica can take it, the
 request waits in its workload's FIFO queue: for a replica with room (bounded by
 ``queue_timeout_sec``), or, when the workload has no ready replica at all, for a cold
 start (bounded by the workload's cold-start deadline, after demand is recorded so the
@@ -35,12 +36,13 @@ class DispatchLimits:
     refused_cooldown_sec: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Lease:
     ref: WorkloadRef
     replica: Replica
     work: int = 1
-    """The request's :func:`~gateway.balancing.request_work`, given back on release."""
+    """The request's :func:`~gateway.balancing.request_work` while its prefill is
+    outstanding; 0 once its first token is back."""
 
 
 @dataclass(slots=True)
@@ -124,6 +126,15 @@ class Dispatcher:
         self._signals.metrics_of(lease.ref).in_flight.dec()
         if state.waiters:
             self._serve_waiters(lease.ref)
+
+    def prefilled(self, lease: Lease) -> None:
+        """The request's first token is back: its prefill no longer weighs on the replica."""
+        if lease.work:
+            state = self._state(lease.ref)
+            key = lease.replica.key
+            if key in state.work:
+                state.work[key] -= lease.work
+            lease.work = 0
 
     def refused(self, lease: Lease) -> None:
         """The replica refused a connection: send it nothing for a short while."""

@@ -155,7 +155,7 @@ class Forwarder:
             break
         try:
             response, answer = await self._relay(
-                request, upstream=upstream, route=route, arrived=arrived, path=path
+                request, upstream=upstream, route=route, arrived=arrived, path=path, lease=lease
             )
         finally:
             upstream.close()
@@ -223,6 +223,7 @@ class Forwarder:
         route: WorkloadRoute,
         arrived: float,
         path: str,
+        lease: Lease,
     ) -> tuple[web.StreamResponse, tokens.Answer | None]:
         """Copy the replica's answer to the caller, each chunk as soon as it arrives; and
         what the token count needs of a complete answer on a counted route.
@@ -249,6 +250,7 @@ class Forwarder:
             if not chunk and not content.is_eof():
                 writer.send_headers()
                 chunk = await content.readany()
+            self._dispatcher.prefilled(lease)
             if measure:  # the first body byte, or the end of an empty body
                 self._record_ttft(route, arrived)
             while chunk:

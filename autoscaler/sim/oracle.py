@@ -187,13 +187,13 @@ def slot_misses(
         for event in engines[k].advance(until):
             if event.kind is EventKind.FIRST_TOKEN:
                 r = owner[k][event.request_id]
+                work[k] -= request_work(r.input_tokens)  # its prefill is done
                 if r.arrival_s >= counted_from and not slo.met(
                     ttft_s=event.at_s - r.arrival_s, input_tokens=r.input_tokens
                 ):
                     found += 1
             if event.timing is not None:
                 outstanding[k] -= 1
-                work[k] -= request_work(owner[k][event.request_id].input_tokens)
                 del owner[k][event.request_id]
         return found
 

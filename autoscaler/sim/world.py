@@ -311,12 +311,12 @@ class World:
             if event.kind is EventKind.FIRST_TOKEN:
                 record.first_token_s = event.at_s
                 self.gateway.first_token(record, t=event.at_s)
+                r.work -= request_work(record.input_tokens)  # its prefill is done
             if event.timing is not None:
                 record.finished_s = event.at_s
                 record.outcome = Outcome.SERVED
                 self.gateway.finish(record, t=event.at_s)
                 del r.requests[event.request_id]
-                r.work -= request_work(record.input_tokens)
                 self.gateway.in_flight -= 1
 
     def _machine_events(self, t: float) -> None:

@@ -154,14 +154,19 @@ def _dispatcher(keys: str) -> tuple[Dispatcher, WorkloadRef]:
 
 async def test_dispatcher_sends_short_prompts_past_a_replica_holding_a_long_one() -> None:
     """Through the gateway's dispatcher: a long prompt on one replica, two short ones on
-    the other; the next short request joins the short ones, and once the long prompt is
-    answered its replica is the least loaded again."""
+    the other; the next short request joins the short ones. Once the long prompt's first
+    token is back, its replica (one request against three) is the least loaded again."""
     dispatcher, ref = _dispatcher("ab")
     long = await dispatcher.acquire(ref, prompt_tokens=30_000)
     shorts = [await dispatcher.acquire(ref, prompt_tokens=100) for _ in range(2)]
     assert {s.replica.key for s in shorts} == {"ab".replace(long.replica.key, "")}
     third = await dispatcher.acquire(ref, prompt_tokens=100)
     assert third.replica.key != long.replica.key
-    dispatcher.release(long)
+    dispatcher.prefilled(long)
     after = await dispatcher.acquire(ref, prompt_tokens=100)
     assert after.replica.key == long.replica.key
+    for lease in (long, *shorts, third, after):
+        dispatcher.release(lease)
+    # Every lease given back: both replicas are idle again and share the next two.
+    again = [await dispatcher.acquire(ref, prompt_tokens=9) for _ in "ab"]
+    assert {lease.replica.key for lease in again} == {"a", "b"}
