@@ -19,6 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from autoscaler.store.db import open_store, session_factory
 from tests.helpers import ApiServer, pg_available, pg_create_database, pg_drop_database
 
+pytest_plugins = ["tests.fakes.aws"]
+
 PG_HOST = os.environ.get("AUTOSCALER_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 ADMIN_TOKEN = "ik_sdk_test-admin-" + "x" * 24
 

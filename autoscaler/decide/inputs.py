@@ -176,7 +176,7 @@ def model_size(spec: WorkloadSpec) -> ModelSize | None:
 
 
 def _bytes_per_param(spec: WorkloadSpec) -> float:
-    flags = _flags(spec.command)
+    flags = command_flags(spec.command)
     text = " ".join([spec.model.casefold(), flags.get("dtype", ""), flags.get("quantization", "")])
     for pattern, size, _label in QUANT_PATTERNS:
         if pattern.search(text):
@@ -184,7 +184,8 @@ def _bytes_per_param(spec: WorkloadSpec) -> float:
     return 2.0
 
 
-def _flags(command: str | None) -> dict[str, str]:
+def command_flags(command: str | None) -> dict[str, str]:
+    """``--name value`` and ``--name=value`` flags of an engine command, by name."""
     words = shlex.split(command or "")
     flags: dict[str, str] = {}
     for index, word in enumerate(words):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from autoscaler.decide.inputs import model_size
+from autoscaler.decide.inputs import command_flags, model_size
 from autoscaler.spec import AutoscalingPolicy, WorkloadDocument, WorkloadSpec, describe_errors
 from catalog.model import Offer
 from catalog.perf import ModelDoesNotFit, ServingProfile, serving_profile
@@ -84,21 +83,8 @@ def sim_workload(spec: WorkloadSpec) -> SimWorkload:
     )
 
 
-def _flags(command: str | None) -> dict[str, str]:
-    words = shlex.split(command or "")
-    flags: dict[str, str] = {}
-    for index, word in enumerate(words):
-        if not word.startswith("--"):
-            continue
-        name, _, value = word[2:].partition("=")
-        if not value and index + 1 < len(words) and not words[index + 1].startswith("--"):
-            value = words[index + 1]
-        flags[name] = value
-    return flags
-
-
 def _context(spec: WorkloadSpec) -> int:
-    flags = _flags(spec.command)
+    flags = command_flags(spec.command)
     for flag in ("max-model-len", "context-length", "max-seq-len"):
         value = flags.get(flag)
         if value:

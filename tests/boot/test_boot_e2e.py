@@ -23,7 +23,6 @@ from typing import Any
 import aioboto3
 import httpx
 import pytest
-from moto.server import ThreadedMotoServer
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -87,23 +86,6 @@ case "$1" in
   inspect) echo running ;;
 esac
 """
-
-
-@pytest.fixture(scope="module")
-def moto_server() -> Iterator[ThreadedMotoServer]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def proxy(moto_server: ThreadedMotoServer) -> Iterator[Ec2Proxy]:
-    host, port = moto_server.get_host_and_port()
-    proxy = Ec2Proxy(upstream_host=host, upstream_port=port)
-    proxy.start()
-    yield proxy
-    proxy.stop()
 
 
 @pytest.fixture

@@ -64,14 +64,6 @@ L40S = _offer("g6e.xlarge", "NVIDIA L40S", 1.861)  # not in the pool
 CATALOG = Snapshot(offers=(T4, L4, A10G, L40S), taken_at=datetime.now(UTC), source="test catalog")
 
 
-@pytest.fixture(scope="module")
-def moto_server() -> Iterator[ThreadedMotoServer]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    yield server
-    server.stop()
-
-
 class HoldingProxy(Ec2Proxy):
     """Lets RunInstances reach moto, then holds the answer while ``hold`` is set, so the
     controller can be killed after the machine exists and before it hears of it."""

@@ -4,7 +4,7 @@ ClientToken idempotency and injected capacity, quota and throttling errors."""
 from __future__ import annotations
 
 import base64
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aioboto3
@@ -55,23 +55,6 @@ OFFER = Offer(
     on_demand_usd_per_hour=1.006,
     spot_usd_per_hour=0.4024,
 )
-
-
-@pytest.fixture(scope="module")
-def moto_server() -> Iterator[ThreadedMotoServer]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def proxy(moto_server: ThreadedMotoServer) -> Iterator[Ec2Proxy]:
-    host, port = moto_server.get_host_and_port()
-    proxy = Ec2Proxy(upstream_host=host, upstream_port=port)
-    proxy.start()
-    yield proxy
-    proxy.stop()
 
 
 @pytest.fixture(autouse=True)
