@@ -235,12 +235,16 @@ def scenarios(draw: st.DrawFn) -> tuple[AutoscalingPolicy, list[tuple[float, int
     return p, ticks
 
 
-@settings(max_examples=200, deadline=None)
-@given(scenarios())
-def test_desired_stays_within_bounds_and_never_sheds_while_slow(
-    scenario: tuple[AutoscalingPolicy, list[tuple[float, int, int, int, int]]],
+def assert_bounded_and_never_shedding_while_slow(
+    p: AutoscalingPolicy,
+    ticks: list[tuple[float, int, int, int, int]],
+    *,
+    capacity: ReplicaCapacity | None = None,
+    queued: int = 0,
 ) -> None:
-    p, ticks = scenario
+    """Step the scaler every 15 s through ``ticks``; after each step desired stays within
+    [floor, max] (or 0 only where scaling to zero is allowed) and never drops below the
+    fleet while TTFT is above the upper bound."""
     memory = ScaleMemory()
     now = T0
     floor = p.min_workers if (p.min_workers or p.scale_to_zero) else 1
@@ -250,10 +254,13 @@ def test_desired_stays_within_bounds_and_never_sheds_while_slow(
             ttft_samples=samples(ttft, now=now, seconds=60, every=3) if ready else (),
             request_rate=float(in_flight),
             in_flight=in_flight,
+            queue_depth=queued if in_flight else 0,
             last_request_at=now - timedelta(seconds=idle),
         )
         fleet = FleetCounts(ready=ready, booting=booting)
-        d = desired_replicas(policy=p, signals=signals, fleet=fleet, memory=memory, now=now)
+        d = desired_replicas(
+            policy=p, signals=signals, fleet=fleet, memory=memory, now=now, capacity=capacity
+        )
         memory = d.memory
         assert d.desired == 0 or floor <= d.desired <= p.max_workers, d.reason
         if d.desired == 0:
@@ -262,6 +269,15 @@ def test_desired_stays_within_bounds_and_never_sheds_while_slow(
         if d.ttft_up_s is not None and d.ttft_up_s > p.upper_allowed_latency_sec:
             assert d.desired >= min(ready + booting, p.max_workers), d.reason
         assert d.reason
+
+
+@settings(max_examples=200, deadline=None)
+@given(scenarios())
+def test_desired_stays_within_bounds_and_never_sheds_while_slow(
+    scenario: tuple[AutoscalingPolicy, list[tuple[float, int, int, int, int]]],
+) -> None:
+    p, ticks = scenario
+    assert_bounded_and_never_shedding_while_slow(p, ticks)
 
 
 def test_every_policy_gives_a_desired_count_with_its_reason() -> None:
@@ -387,26 +403,7 @@ def test_with_capacity_desired_stays_within_bounds_and_never_sheds_while_slow(
 ) -> None:
     p, ticks = scenario
     capacity = ReplicaCapacity(requests_per_s=rps, max_concurrency=64)
-    memory = ScaleMemory()
-    now = T0
-    floor = p.min_workers if (p.min_workers or p.scale_to_zero) else 1
-    for ttft, ready, booting, in_flight, idle in ticks:
-        now += timedelta(seconds=15)
-        signals = Signals(
-            ttft_samples=samples(ttft, now=now, seconds=60, every=3) if ready else (),
-            request_rate=float(in_flight),
-            in_flight=in_flight,
-            queue_depth=queued if in_flight else 0,
-            last_request_at=now - timedelta(seconds=idle),
-        )
-        fleet = FleetCounts(ready=ready, booting=booting)
-        d = desired_replicas(
-            policy=p, signals=signals, fleet=fleet, memory=memory, now=now, capacity=capacity
-        )
-        memory = d.memory
-        assert d.desired == 0 or floor <= d.desired <= p.max_workers, d.reason
-        if d.ttft_up_s is not None and d.ttft_up_s > p.upper_allowed_latency_sec:
-            assert d.desired >= min(ready + booting, p.max_workers), d.reason
+    assert_bounded_and_never_shedding_while_slow(p, ticks, capacity=capacity, queued=queued)
 
 
 def test_queue_need_matches_erlang_c_and_grows_with_prompt_spread() -> None:
