@@ -12,11 +12,13 @@ from hypothesis import strategies as st
 
 from autoscaler.decide.desired import desired_count
 from autoscaler.decide.scaling import (
+    BURST_HEADROOM,
     Direction,
     FleetCounts,
     ReplicaCapacity,
     ScaleMemory,
     Signals,
+    arrival_curve,
     breach_bound,
     burst_floor,
     desired_replicas,
@@ -425,9 +427,10 @@ def test_queue_need_matches_erlang_c_and_grows_with_prompt_spread() -> None:
 def test_with_a_prefill_time_the_fleet_is_sized_by_queueing_not_flat_utilisation() -> None:
     p = policy(max_workers=64)
     now = T0
-    # 20 req/s answered over the last minute at TTFT 0.4 s; a replica completes 40 req/s,
-    # so 75 % utilisation alone would keep one replica.
-    load = Signals(ttft_samples=samples(0.4, now=now, seconds=60) * 20, last_request_at=now)
+    # 20 req/s, evenly spaced, answered over the last minute at TTFT 0.4 s; a replica
+    # completes 40 req/s, so 75 % utilisation alone would keep one replica.
+    steady = tuple((now - timedelta(seconds=k / 20), 0.4) for k in range(60 * 20))
+    load = Signals(ttft_samples=steady, last_request_at=now)
     flat = ReplicaCapacity(requests_per_s=40.0, max_concurrency=64)
     queued = ReplicaCapacity(
         requests_per_s=40.0, max_concurrency=64, prefill_s=0.2, prefill_scv=1.0
@@ -480,6 +483,43 @@ def test_a_burst_is_held_for_the_scale_down_window_then_released() -> None:
         )[0]
         <= 1
     )
+
+
+def arrived(now: datetime, ages: list[float], ttft: float = 0.3) -> tuple[Any, ...]:
+    """TTFT samples of requests that arrived ``ages`` seconds before ``now``."""
+    return tuple((now - timedelta(seconds=age) + timedelta(seconds=ttft), ttft) for age in ages)
+
+
+def test_the_arrival_curve_counts_the_densest_window_of_each_length() -> None:
+    now = T0
+    cluster = [5.0 - k * 0.05 for k in range(10)]  # 10 requests within half a second
+    old = [400.0] * 50  # a bigger burst, but older than the window
+    signals = Signals(ttft_samples=arrived(now, cluster + old), queue_depth=4)
+    curve = arrival_curve(signals, now=now, over_s=300, windows=(1.0, 8.0))
+    # Within one second: the cluster; within eight: the cluster and the 4 queued now.
+    assert curve == {1.0: 10, 8.0: 14}
+
+
+def test_the_burst_floor_carries_headroom_over_the_largest_burst_within_the_target() -> None:
+    p = policy(max_workers=64)
+    capacity = ReplicaCapacity(
+        requests_per_s=40.0, max_concurrency=64, prefill_s=0.2, prefill_scv=1.0
+    )
+    now = T0
+
+    def floor(ages: list[float]) -> int:
+        signals = Signals(ttft_samples=arrived(now, ages))
+        return burst_floor(capacity, signals, now=now, policy=p)[0]
+
+    sharp = floor([30.0 + k * 0.01 for k in range(60)])  # 60 requests within 0.6 s
+    # c replicas clear n prefills of 0.2 s arriving within w seconds with no wait past
+    # the budget (1 s target - 0.2 s prefill) when c >= n * 0.2 / (w + 0.8); the floor
+    # provides that for a burst BURST_HEADROOM times as large, and no more.
+    exact = BURST_HEADROOM * 60 * 0.2 / (1.0 + 0.8)
+    assert sharp - 1 < exact <= sharp
+    assert floor([30.0 + k * 0.01 for k in range(120)]) > sharp  # a bigger burst, more
+    assert floor([30.0 + k * 0.125 for k in range(60)]) < sharp  # the same, spread over 8 s
+    assert floor([]) == 0
 
 
 def test_ttft_that_long_prompts_explain_does_not_scale_up() -> None:
