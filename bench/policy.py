@@ -7,7 +7,9 @@ peaks need several replicas), with and without spot, and prints one table: SLO
 attainment, cost, and cost over the oracle's cost. The oracle's row carries its plan's
 attainment when replayed in the simulator (``autoscaler.sim.oracle``: the plan is
 repaired until that replay meets the SLO), its shape, its relaxed cost and the rounds
-of repair.
+of repair. A ``static-N`` row follows the baselines: the smallest fixed fleet that meets
+the SLO, found by replaying 1, 2, ... replicas (:func:`cheapest_static`), the best
+static fleet in hindsight.
 
     .venv/bin/python -m bench.policy [--seed N] [--traces DIR] [--json FILE] [--check-oracle]
 
@@ -23,8 +25,12 @@ import json
 import time
 from pathlib import Path
 
+from autoscaler.sim.policies import static_policy
+from autoscaler.sim.report import RunReport
 from autoscaler.sim.run import (
+    ATTAINMENT_TARGET,
     POLICY_NAMES,
+    Prepared,
     RateMode,
     Scenario,
     policies,
@@ -68,6 +74,20 @@ WORKLOAD = {
         },
     },
 }
+
+
+def cheapest_static(prepared: Prepared, *, most: int = 64) -> RunReport | None:
+    """The smallest fixed fleet whose replay meets the SLO: the best static fleet in
+    hindsight (its size is chosen knowing the whole trace), a yardstick for what holding
+    capacity through every burst costs. ``None`` if ``most`` replicas do not."""
+    for count in range(1, most + 1):
+        name = f"static-{count}"
+        report = run_policy(
+            prepared, static_policy(prepared.workload.spec, replicas=count, name=name)
+        )
+        if report.slo_attainment >= ATTAINMENT_TARGET:
+            return report
+    return None
 
 
 def main() -> None:
@@ -134,9 +154,12 @@ def main() -> None:
                     "fleet": list(oracle.fleet),
                 }
             )
-            reports = (run_policy(prepared, p) for p in policies(prepared, POLICY_NAMES))
+            made = policies(prepared, POLICY_NAMES)
+            reports = [run_policy(prepared, p) for p in made]
+            best = cheapest_static(prepared)
             checks = [replay_oracle] if args.check_oracle else []
-            for report in itertools.chain(reports, (check(prepared) for check in checks)):
+            extra = [best] if best is not None else []
+            for report in itertools.chain(reports, extra, (check(prepared) for check in checks)):
                 p99 = report.ttft_p99_s
                 ratio = report.cost_vs_oracle
                 print(
