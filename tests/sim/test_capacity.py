@@ -6,11 +6,13 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+from autoscaler.decide.scaling import ReplicaCapacity, Signals, burst_floor
+from autoscaler.sim.gateway import as_datetime
 from autoscaler.sim.policies import static_policy
 from autoscaler.sim.run import RateMode, Scenario, prepare, run_policy
 from autoscaler.sim.trace import TraceRequest, overlay_rate, trace_stats
 from autoscaler.sim.workload import SimWorkload
-from autoscaler.sim.world import World
+from autoscaler.sim.world import EPOCH_S, World
 from catalog.model import Offer
 from tests.sim.conftest import CALM_CLOUD, constant
 
@@ -119,3 +121,37 @@ def test_oracle_skips_a_gpu_too_slow_for_the_prompts(
     assert prepared.oracle.misses <= 0.01 * len(long_prompts)
     # Placement, told the measured prompt length, agrees.
     assert prepared.offer.gpu == "NVIDIA H100 80GB HBM3"
+
+
+def test_the_fleet_the_burst_floor_asks_for_serves_the_burst_within_the_target(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    # 60 prompts of 4,000 tokens within 0.6 s: 7.8 s of H100 prefill at once.
+    burst = [TraceRequest(30.0 + k * 0.01, 4000, 20) for k in range(60)]
+    prepared = prepare(_scenario(workload, offers, burst))
+    auto = prepared.workload.autoscaling
+    assert auto is not None
+    capacity = ReplicaCapacity(
+        requests_per_s=prepared.profile.capacity_rps(input_tokens=4000, output_tokens=20),
+        max_concurrency=prepared.profile.max_batch,
+        prefill_s=prepared.profile.prefill_seconds(4000),
+        prefill_scv=0.0,
+    )
+    now = as_datetime(EPOCH_S + 40.0)
+    seen = Signals.from_epoch(
+        ttft_samples=[(EPOCH_S + r.arrival_s + 0.5, 0.5) for r in burst],
+        request_rate=0.0,
+        in_flight=0,
+        queue_depth=0,
+        last_request_at=EPOCH_S + 30.6,
+    )
+    floor, worst = burst_floor(capacity, seen, now=now, policy=auto)
+    assert worst is not None and worst.requests == 60
+    attained = {}
+    for count in (floor, max(floor // 3, 1)):
+        fleet = static_policy(prepared.workload.spec, replicas=count, name=f"s{count}")
+        attained[count] = run_policy(prepared, fleet).flat_attainment
+    # The floor's replicas answer every prompt of the burst within the 1 s target; a
+    # third of them leave most of it waiting past it.
+    assert attained[floor] == 1.0
+    assert attained[max(floor // 3, 1)] < 0.5
