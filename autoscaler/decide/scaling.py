@@ -529,12 +529,13 @@ def arrival_curve(
     seconds of the last ``over_s`` seconds.
 
     Arrival times are read from the TTFT samples (first token time minus TTFT, exact for
-    every request answered); requests still queued arrived by ``now``.
+    every request answered). Requests still queued are left out: when they arrived is not
+    known, and counting them all as arriving now made a backlog look like a burst and
+    bought replicas for it (the load need carries the backlog).
     """
     since = now - timedelta(seconds=over_s)
     ages = [(now - at).total_seconds() + ttft for at, ttft in signals.ttft_samples]
     ages = sorted([age for age in ages if now - timedelta(seconds=age) > since])
-    ages = [0.0] * signals.queue_depth + ages
     curve: dict[float, int] = {}
     for window in windows:
         most, first = 0, 0

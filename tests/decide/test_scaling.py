@@ -494,10 +494,19 @@ def test_the_arrival_curve_counts_the_densest_window_of_each_length() -> None:
     now = T0
     cluster = [5.0 - k * 0.05 for k in range(10)]  # 10 requests within half a second
     old = [400.0] * 50  # a bigger burst, but older than the window
-    signals = Signals(ttft_samples=arrived(now, cluster + old), queue_depth=4)
+    trickle = [60.0 + k * 5.0 for k in range(20)]  # one every 5 s
+    signals = Signals(ttft_samples=arrived(now, cluster + old + trickle), queue_depth=40)
     curve = arrival_curve(signals, now=now, over_s=300, windows=(1.0, 8.0))
-    # Within one second: the cluster; within eight: the cluster and the 4 queued now.
-    assert curve == {1.0: 10, 8.0: 14}
+    # Within one second, or eight: the cluster. The 40 queued requests arrived at times
+    # unknown: a backlog, not a burst, so they are not counted as one.
+    assert curve == {1.0: 10, 8.0: 10}
+    assert arrival_curve(signals, now=now, over_s=300, windows=(20.0,)) == {20.0: 10}
+    assert arrival_curve(Signals(ttft_samples=arrived(now, trickle)), now=now, over_s=300) == {
+        1.0: 1,
+        2.0: 1,
+        4.0: 1,
+        8.0: 2,
+    }
 
 
 def test_the_burst_floor_carries_headroom_over_the_largest_burst_within_the_target() -> None:
