@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import random
 from dataclasses import replace
+from pathlib import Path
 
 from autoscaler.decide.scaling import ReplicaCapacity, Signals, burst_floor
 from autoscaler.sim.gateway import as_datetime
 from autoscaler.sim.policies import static_policy
 from autoscaler.sim.run import RateMode, Scenario, prepare, run_policy
-from autoscaler.sim.trace import TraceRequest, overlay_rate, trace_stats
-from autoscaler.sim.workload import SimWorkload
+from autoscaler.sim.trace import TraceRequest, load_trace, overlay_rate, trace_stats
+from autoscaler.sim.workload import SimWorkload, sim_workload
 from autoscaler.sim.world import EPOCH_S, World
+from autoscaler.spec import WorkloadSpec
 from catalog.model import Offer
 from tests.sim.conftest import CALM_CLOUD, constant
 
@@ -155,3 +157,37 @@ def test_the_fleet_the_burst_floor_asks_for_serves_the_burst_within_the_target(
     # third of them leave most of it waiting past it.
     assert attained[floor] == 1.0
     assert attained[max(floor // 3, 1)] < 0.5
+
+
+def test_more_replicas_never_meet_the_slo_for_fewer_requests_on_long_tailed_prompts(
+    offers: tuple[Offer, ...],
+) -> None:
+    # Five minutes of Mooncake's trace laid over itself (prompts up to 128k tokens): with
+    # the balancer sampling two replicas above eight, nine to twelve H100s met the SLO for
+    # fewer requests than eight did.
+    trace = Path(__file__).parents[2] / "traces" / "mooncake_synthetic.csv"
+    requests = [r for r in overlay_rate(load_trace(trace), 2.0) if r.arrival_s < 300.0]
+    spec = WorkloadSpec.model_validate(
+        {
+            "name": "Long prompts",
+            "slug": "long-prompts",
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "command": "--max-model-len 131072",
+            "execution_policy": "autoscaling",
+            "execution_policy_config": {
+                "min_workers": 1,
+                "max_workers": 16,
+                "max_hourly_cost_usd": 400,
+                "workers": {"cloud_pool": {"gpu_pool": ["NVIDIA H100 80GB HBM3"]}},
+            },
+        }
+    )
+    prepared = prepare(_scenario(sim_workload(spec), offers, requests))
+    attained = [
+        run_policy(
+            prepared, static_policy(prepared.workload.spec, replicas=n, name=f"s{n}")
+        ).slo_attainment
+        for n in (8, 10, 12)
+    ]
+    assert attained == sorted(attained)
+    assert attained[0] >= 0.99
