@@ -12,6 +12,7 @@ the SLO, found by replaying 1, 2, ... replicas (:func:`cheapest_static`), the be
 static fleet in hindsight.
 
     .venv/bin/python -m bench.policy [--seed N] [--traces DIR] [--json FILE] [--check-oracle]
+        [--rate-scale X]
 
 The workload is :data:`WORKLOAD`: Llama-3.1-8B, 128k context, 1-64 replicas on L40S,
 A100 80GB or H100, $400/h ceiling, TTFT target 1 s; the same defaults for every trace.
@@ -96,6 +97,12 @@ def main() -> None:
     parser.add_argument("--traces", type=Path, default=Path(__file__).parent.parent / "traces")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument(
+        "--rate-scale",
+        type=float,
+        default=None,
+        help="one rate scale for every trace instead of RATE_SCALES (a robustness check)",
+    )
+    parser.add_argument(
         "--check-oracle",
         action="store_true",
         help="also print the full report of the oracle's replay (oracle-replay rows)",
@@ -111,7 +118,8 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for name, scale in RATE_SCALES.items():
+    scales = {name: args.rate_scale or scale for name, scale in RATE_SCALES.items()}
+    for name, scale in scales.items():
         requests = load_trace(args.traces / name)
         for spot in (False, True):
             prepared = prepare(

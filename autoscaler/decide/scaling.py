@@ -75,8 +75,8 @@ for the next burst has to be there before it; on the Azure code trace a burst is
 followed minutes later by a larger one (61, then 68 requests within a second), and a
 burst's prompts run longer than the mean the floor is sized with (2.5k tokens against
 2.0k). Measured on the three benchmark traces (``bench.policy``): 1.4 misses the SLO on
-code and Mooncake, 1.5 on code, 1.6 meets it on all three at seeds 0-2, 1.75 costs 13 %
-more on code for no gain (``docs/decisions.md``)."""
+code and Mooncake, 1.5 meets it by 0.1-0.2 points, 1.6 with a margin on all three (seeds
+0-2), 1.75 costs 13 % more on code for no gain (``docs/decisions.md``)."""
 
 PREFILL_TTFT_FACTOR = 1.5
 """A TTFT quantile up to this times the same quantile of prefill alone is explained by
