@@ -162,8 +162,7 @@ def main() -> None:
                     "fleet": list(oracle.fleet),
                 }
             )
-            made = policies(prepared, POLICY_NAMES)
-            reports = [run_policy(prepared, p) for p in made]
+            reports = [run_policy(prepared, p) for p in policies(prepared, POLICY_NAMES)]
             best = cheapest_static(prepared)
             checks = [replay_oracle] if args.check_oracle else []
             extra = [best] if best is not None else []

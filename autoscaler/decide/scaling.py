@@ -503,17 +503,26 @@ def slot_need(capacity: ReplicaCapacity, rate: float, upper_s: float | None) -> 
     return math.ceil(needed / slots)
 
 
-def _queue_need(capacity: ReplicaCapacity, rate: float, upper_s: float | None) -> int:
+def _allowed_wait(capacity: ReplicaCapacity, upper_s: float | None) -> float | None:
+    """How long a typical request may wait before its prefill: the wait budget, or, when
+    a typical prompt alone takes longer than the target (no budget), a wait short
+    against its own prefill (the SLO allows :data:`PREFILL_TTFT_FACTOR` times it).
+    ``None`` without a prefill time or a target."""
     budget = None if upper_s is None else _wait_budget(capacity, upper_s)
     if budget is None or capacity.prefill_s is None:
+        return None
+    return budget if budget > 0 else capacity.prefill_s * (PREFILL_TTFT_FACTOR - 1.0)
+
+
+def _queue_need(capacity: ReplicaCapacity, rate: float, upper_s: float | None) -> int:
+    wait = _allowed_wait(capacity, upper_s)
+    if wait is None or capacity.prefill_s is None:
         return 0
     return queue_need(
         rate=rate,
         service_s=capacity.prefill_s,
         service_scv=capacity.prefill_scv,
-        # A typical prompt that alone takes longer than the target gets no budget to
-        # wait; size for its wait to be short against its own prefill instead.
-        wait_s=budget if budget > 0 else capacity.prefill_s * (PREFILL_TTFT_FACTOR - 1.0),
+        wait_s=wait,
         quantile=WAIT_QUANTILE,
     )
 
@@ -580,16 +589,14 @@ def burst_floor(
     hold should be at least a boot; the default window (300 s) covers a typical GPU boot
     of about three minutes. Zero without a prefill time.
     """
-    budget = _wait_budget(capacity, policy.upper_allowed_latency_sec)
-    if budget is None or capacity.prefill_s is None:
+    wait = _allowed_wait(capacity, policy.upper_allowed_latency_sec)
+    if wait is None or capacity.prefill_s is None:
         return 0, None
-    if budget <= 0:
-        budget = capacity.prefill_s * (PREFILL_TTFT_FACTOR - 1.0)
     curve = arrival_curve(signals, now=now, over_s=policy.scale_down_time_window_sec)
     worst: Burst | None = None
     for window, requests in curve.items():
         work = BURST_HEADROOM * requests * capacity.prefill_s
-        replicas = math.ceil(work / (window + budget) - 1e-9)
+        replicas = math.ceil(work / (window + wait) - 1e-9)
         if replicas > 0 and (worst is None or replicas > worst.replicas):
             worst = Burst(requests=requests, window_s=window, replicas=replicas)
     return (0, None) if worst is None else (worst.replicas, worst)
