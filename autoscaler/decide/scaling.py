@@ -542,9 +542,8 @@ def arrival_curve(
     known, and counting them all as arriving now made a backlog look like a burst and
     bought replicas for it (the load need carries the backlog).
     """
-    since = now - timedelta(seconds=over_s)
     ages = [(now - at).total_seconds() + ttft for at, ttft in signals.ttft_samples]
-    ages = sorted([age for age in ages if now - timedelta(seconds=age) > since])
+    ages = sorted(age for age in ages if age < over_s)
     curve: dict[float, int] = {}
     for window in windows:
         most, first = 0, 0
