@@ -126,6 +126,9 @@ class ControllerConfig(_Strict):
     orphan_grace_sec: Annotated[float, Field(ge=0)] = 600.0
     unavailable_sec: Annotated[float, Field(gt=0)] = 600.0
     unhealthy_grace_sec: Annotated[float, Field(ge=0)] = 30.0
+    visibility_grace_sec: Annotated[float, Field(ge=0)] = 300.0
+    """How long an instance missing at the provider counts as not visible yet (eventual
+    consistency) before it is settled by tag lookup and a terminate by id."""
     health_timeout_sec: Annotated[float, Field(gt=0)] = 3.0
     catalog_max_age_sec: Annotated[float, Field(gt=0)] = 7 * 86400.0
     callback_url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")] | None = None

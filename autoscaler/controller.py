@@ -257,6 +257,7 @@ def build_controller(
             orphan_grace_sec=config.orphan_grace_sec,
             unavailable_sec=config.unavailable_sec,
             unhealthy_grace_sec=config.unhealthy_grace_sec,
+            visibility_grace_sec=config.visibility_grace_sec,
             dry_run=dry_run,
             callback_url=config.callback_url,
         ),

@@ -51,11 +51,22 @@ class FakeCloud:
     Instances are ``PENDING`` for ``boot_seconds`` of clock time, then ``RUNNING``.
     Terminated and interrupted instances stay visible with that state until
     :meth:`forget` removes them, as EC2 keeps terminated instances listed for a while.
+    Like EC2, the cloud is eventually consistent when ``visibility_delay_sec`` is set: a
+    new instance is returned by the launch call but is missing from ``list``,
+    ``describe``, ``find_by_launch_id`` and ``terminate`` for that long.
     """
 
-    def __init__(self, *, clock: Clock | None = None, boot_seconds: float = 0.0) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        boot_seconds: float = 0.0,
+        visibility_delay_sec: float = 0.0,
+    ) -> None:
         self.clock: Clock = clock or SystemClock()
         self.boot_seconds = boot_seconds
+        self.visibility_delay_sec = visibility_delay_sec
+        self._created_at: dict[str, float] = {}
         self._machines: dict[str, _Machine] = {}
         self._by_token: dict[str, str] = {}
         self._interruptions: dict[str, SpotInterruption] = {}
@@ -82,6 +93,7 @@ class FakeCloud:
             private_address=f"10.0.{len(self._machines) // 250}.{len(self._machines) % 250 + 2}",
         )
         self._machines[instance_id] = _Machine(instance, running_at=now + self.boot_seconds)
+        self._created_at[instance_id] = now
         self._by_token[request.client_token] = instance_id
         return self.get(instance_id)
 
@@ -98,6 +110,15 @@ class FakeCloud:
 
     def all(self) -> builtins.list[Instance]:
         return [self.get(instance_id) for instance_id in self._machines]
+
+    def visible(self, instance_id: str) -> bool:
+        """Whether the API shows the instance yet (see ``visibility_delay_sec``)."""
+        created = self._created_at.get(instance_id)
+        return created is None or self.clock.now() - created >= self.visibility_delay_sec
+
+    def shown(self) -> builtins.list[Instance]:
+        """The instances the API shows now."""
+        return [i for i in self.all() if self.visible(i.instance_id)]
 
     def set_state(self, instance_id: str, state: InstanceState) -> Instance:
         machine = self._machines[instance_id]
@@ -166,16 +187,20 @@ class FakeProvider:
             instance = self.cloud.get(instance_id)
         except KeyError:
             return
+        if not self.cloud.visible(instance_id):
+            return  # as EC2: an id not shown yet is "not found", taken as already gone
         if not instance.state.is_gone:
             self.cloud.set_state(instance_id, InstanceState.TERMINATED)
 
     async def list(self, cluster_id: str) -> builtins.list[Instance]:
         self._enter("list", cluster_id, f"listing instances of cluster {cluster_id}")
-        return [i for i in self.cloud.all() if i.tags.get(CLUSTER_TAG) == cluster_id]
+        return [i for i in self.cloud.shown() if i.tags.get(CLUSTER_TAG) == cluster_id]
 
     async def describe(self, instance_id: str) -> Instance:
         action = f"describing {instance_id}"
         self._enter("describe", instance_id, action)
+        if not self.cloud.visible(instance_id):
+            raise NotFound(action, "no such instance")
         try:
             return self.cloud.get(instance_id)
         except KeyError:
@@ -186,7 +211,7 @@ class FakeProvider:
         return pick_for_launch(
             [
                 i
-                for i in self.cloud.all()
+                for i in self.cloud.shown()
                 if i.tags.get(CLUSTER_TAG) == cluster_id and i.launch_id == launch_id
             ]
         )

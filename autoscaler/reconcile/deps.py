@@ -123,6 +123,8 @@ class Settings:
     orphan_grace_sec: float = 600.0
     unavailable_sec: float = 600.0
     unhealthy_grace_sec: float = 30.0
+    visibility_grace_sec: float = 300.0
+    """How long an instance the provider does not show is taken as "not visible yet"."""
     refusal_log_interval_sec: float = 300.0
     dry_run: bool = False
     callback_url: str | None = None  # the management API as cloud instances reach it
@@ -137,6 +139,9 @@ class Memory:
     scale: dict[int, ScaleMemory] = field(default_factory=dict)
     unavailable: dict[str, datetime] = field(default_factory=dict)
     unhealthy_since: dict[str, datetime] = field(default_factory=dict)
+    not_visible_since: dict[str, datetime] = field(default_factory=dict)
+    """Launch id -> when this controller first found no trace of its instance (losing it
+    only restarts the visibility grace)."""
     last_desired: dict[int, int] = field(default_factory=dict)
     last_refusal: dict[int, tuple[str, datetime]] = field(default_factory=dict)
     dry_run_plans: dict[int, tuple[str, ...]] = field(default_factory=dict)

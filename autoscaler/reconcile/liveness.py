@@ -12,7 +12,17 @@
   terminated; one whose instance the provider reports gone is closed. The plan then
   launches a replacement.
 * ``terminated_confirmed_at`` is set only on the provider's word: the instance shows
-  as terminated, or ``describe`` says there is no such instance.
+  as terminated (or interrupted), or a terminate call for it succeeded.
+
+Absence is not confirmation. Clouds are eventually consistent: EC2 answers
+``InvalidInstanceID.NotFound`` for a while after ``RunInstances`` returned the instance.
+An instance that neither ``list`` nor ``describe`` shows is "not visible yet", and its row
+stays open (its price still counts against every ceiling, so no replacement is bought).
+Only once it has stayed invisible for ``visibility_grace_sec`` of this controller's
+observation is it settled: looked up by its launch-id tag (found: adopted again), else
+terminated by id, and the row is closed when that terminate call succeeds. If a
+machine still existed unseen after all that, it carries the cluster's tags and the
+orphan sweep terminates it once it shows.
 """
 
 from __future__ import annotations
@@ -64,9 +74,13 @@ async def sync_with_provider(
             if described is False:
                 continue
             instance = described if isinstance(described, Instance) else None
-        if instance is None or instance.state.is_gone:
+        if instance is None:
+            await _not_visible(deps, session, row=row, now=now)
+            continue
+        deps.memory.not_visible_since.pop(row.launch_id, None)
+        if instance.state.is_gone:
             _confirm_gone(row, instance, now=now)
-            if instance is not None and instance.state is InstanceState.INTERRUPTED:
+            if instance.state is InstanceState.INTERRUPTED:
                 mark_unavailable(deps, row=row, now=now)  # spot reclaimed: avoid it a while
         elif row.terminate_requested_at is not None and instance.state in (
             InstanceState.PENDING,
@@ -95,11 +109,75 @@ async def _describe(deps: Deps, row: LedgerRow) -> Instance | bool | None:
         return False
 
 
-def _confirm_gone(row: LedgerRow, instance: Instance | None, *, now: datetime) -> None:
+def not_visible_for(deps: Deps, *, launch_id: str, now: datetime) -> float:
+    """Seconds this controller has seen no trace of the launch's instance (0 at first)."""
+    since = deps.memory.not_visible_since.setdefault(launch_id, now)
+    return max(0.0, (now - since).total_seconds())
+
+
+async def _not_visible(deps: Deps, session: AsyncSession, *, row: LedgerRow, now: datetime) -> None:
+    """Neither ``list`` nor ``describe`` shows the row's instance.
+
+    Within ``visibility_grace_sec`` nothing is concluded. After it, the launch id is
+    looked up by tag, and failing that the instance is terminated by id: the row is
+    closed only when that call succeeds (a terminate is idempotent and succeeds for an
+    instance already gone).
+    """
+    waited = not_visible_for(deps, launch_id=row.launch_id, now=now)
+    grace = deps.settings.visibility_grace_sec
+    if waited < grace:
+        if waited == 0:
+            log.info(
+                "instance %s of %s not visible at the provider yet; nothing concluded for %gs",
+                row.instance_id,
+                row.launch_id,
+                grace,
+            )
+        return
+    entry = deps.providers.get(row.provider)
+    if entry is None or row.instance_id is None or deps.settings.dry_run:
+        return
+    try:
+        found = await entry.provider.find_by_launch_id(deps.settings.cluster_id, row.launch_id)
+    except ProviderError as exc:
+        count_provider_error(deps, provider=row.provider, operation="find", error=exc)
+        return
+    if found is not None:
+        deps.memory.not_visible_since.pop(row.launch_id, None)
+        row.instance_id = found.instance_id
+        if found.state.is_gone:
+            _confirm_gone(row, found, now=now)
+        return
+    if row.terminate_requested_at is None:
+        row.terminate_requested_at = now
+        row.last_error = (
+            f"died: instance {row.instance_id} not visible at the provider for {waited:.0f}s"
+        )
+        log.warning("replica %s of %s %s", row.launch_id, row.workload_slug, row.last_error)
+    await session.commit()  # the request is on record before the provider hears of it
+    try:
+        await entry.provider.terminate(row.instance_id)
+    except ProviderError as exc:
+        count_provider_error(deps, provider=row.provider, operation="terminate", error=exc)
+        log.warning("terminating unseen %s: %s", row.instance_id, exc)
+        return
+    row.terminated_confirmed_at = now
+    deps.memory.not_visible_since.pop(row.launch_id, None)
+    log.info(
+        "replica %s of %s closed: not visible for %.0fs and terminate %s accepted",
+        row.launch_id,
+        row.workload_slug,
+        waited,
+        row.instance_id,
+    )
+
+
+def _confirm_gone(row: LedgerRow, instance: Instance, *, now: datetime) -> None:
     row.terminated_confirmed_at = now
     if row.terminate_requested_at is None:
-        state = "no longer exists" if instance is None else f"is {instance.state.value}"
-        row.last_error = f"died: instance {row.instance_id} {state} at the provider"
+        row.last_error = (
+            f"died: instance {row.instance_id} is {instance.state.value} at the provider"
+        )
         log.warning("replica %s of %s %s", row.launch_id, row.workload_slug, row.last_error)
 
 

@@ -177,6 +177,7 @@ async def _call_launch(
             launch_id=row.launch_id,
         ),
     )
+    deps.memory.not_visible_since.pop(row.launch_id, None)  # a machine may exist from now
     try:
         instance = await entry.provider.launch(request)
     except Transient as exc:
@@ -282,8 +283,12 @@ async def resolve_intent(
     """Settle a pending intent left by a crash or a transient failure.
 
     Found by its launch id: adopt the instance. Not found: launch again under the same
-    launch id (idempotent), unless the row is being terminated, in which case nothing
-    exists to terminate and the row is closed.
+    launch id (idempotent: the provider answers with the machine a lost answer described),
+    unless the row is being terminated. Then a machine created by the last attempt may
+    simply not be visible yet, so the row is closed as never launched only once the
+    launch id has stayed unseen for ``visibility_grace_sec`` since this controller's last
+    launch attempt; were it still to appear, it carries the cluster's tags and the orphan
+    sweep terminates it.
     """
     entry = deps.providers.get(row.provider)
     if entry is None:
@@ -295,6 +300,7 @@ async def resolve_intent(
         return
     port = workload_boot(spec).port if spec is not None else 8000
     if found is not None:
+        deps.memory.not_visible_since.pop(row.launch_id, None)
         adopt(row, found, entry=entry, port=port, now=now)
         if found.state.is_gone:
             row.terminated_confirmed_at = now
@@ -303,6 +309,10 @@ async def resolve_intent(
         log.info("intent %s resolved: instance %s", row.launch_id, found.instance_id)
         return
     if row.terminate_requested_at is not None or spec is None:
+        unseen = deps.memory.not_visible_since.setdefault(row.launch_id, now)
+        if (now - unseen).total_seconds() < deps.settings.visibility_grace_sec:
+            return
+        deps.memory.not_visible_since.pop(row.launch_id, None)
         row.terminated_confirmed_at = now
         row.last_error = row.last_error or "never launched: the provider has no such launch"
         await session.commit()

@@ -1,22 +1,39 @@
 """A 127.0.0.1 reverse proxy in front of moto's EC2 server, adding what moto lacks.
 
-moto ignores ``RunInstances``' ``ClientToken`` and never runs out of capacity. This proxy
-answers a repeated ``ClientToken`` with the first response (as EC2 does), and answers
-``RunInstances`` with an EC2 error document while a failure is injected.
+moto ignores ``RunInstances``' ``ClientToken``, never runs out of capacity, never loses
+an answer and shows a new instance at once. Real EC2 does all of these, so the proxy
+adds them:
+
+* **ClientToken idempotency, kept at creation.** The first ``RunInstances`` with a token
+  that creates an instance records token -> answer the moment moto created it, before
+  the answer is sent (or lost); a repeat gets that answer, never a second machine.
+* **Injected faults** (:meth:`Ec2Proxy.fail`, :meth:`Ec2Proxy.inject`): EC2 error
+  documents (capacity, quota, throttling, 5xx), a **lost** answer (the request reaches
+  moto and takes effect, then the connection closes with no answer) and a **timeout**
+  (the same, after holding the connection ``hang_sec``). Each rule applies to chosen
+  actions, a number of times or with a probability.
+* **Eventual consistency** (``hide_new_sec``): an instance created through the proxy is
+  missing from ``DescribeInstances`` (filtered or by id: ``InvalidInstanceID.NotFound``)
+  and from ``TerminateInstances`` for that long after ``RunInstances`` answered, as EC2
+  answers for a while after a launch.
 """
 
 from __future__ import annotations
 
 import http.client
+import random
+import re
 import threading
-from dataclasses import dataclass
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Literal
 from urllib.parse import parse_qs
 
-Ec2Failure = Literal["capacity", "quota", "throttle"]
+Ec2Failure = Literal["capacity", "quota", "throttle", "server_error", "lost", "timeout"]
 
-_FAILURES: dict[Ec2Failure, tuple[int, str, str]] = {
+_ERRORS: dict[str, tuple[int, str, str]] = {
     "capacity": (
         500,
         "InsufficientInstanceCapacity",
@@ -28,7 +45,12 @@ _FAILURES: dict[Ec2Failure, tuple[int, str, str]] = {
         "You have requested more instances than your current instance limit allows.",
     ),
     "throttle": (503, "RequestLimitExceeded", "Request limit exceeded."),
+    "server_error": (500, "InternalError", "An internal error has occurred."),
 }
+_TAKES_EFFECT = frozenset({"lost", "timeout"})
+"""Faults where the request reaches moto (and so takes effect) before the answer fails."""
+
+_INSTANCE_ID = re.compile(rb"<instanceId>(i-[0-9a-f]+)</instanceId>")
 
 
 @dataclass(slots=True)
@@ -36,18 +58,52 @@ class _Cached:
     status: int
     headers: list[tuple[str, str]]
     body: bytes
+    drop: bool = False
+    """Close the connection without answering (the answer was lost)."""
+
+
+@dataclass(slots=True)
+class FaultRule:
+    """Fail matching calls with ``fault``: ``times`` more (``None``: no limit), each with
+    ``probability``; ``actions`` names the EC2 actions (``None``: every action)."""
+
+    fault: Ec2Failure
+    actions: frozenset[str] | None = frozenset({"RunInstances"})
+    times: int | None = None
+    probability: float = 1.0
+
+
+@dataclass(slots=True)
+class ProxyCounts:
+    """What the proxy did, for reports."""
+
+    calls: dict[str, int] = field(default_factory=dict)
+    faults: dict[str, int] = field(default_factory=dict)
+    hidden: int = 0
+    token_repeats: int = 0
 
 
 class Ec2Proxy:
     """Start with :meth:`start`, stop with :meth:`stop`; ``url`` is the endpoint to use."""
 
-    def __init__(self, *, upstream_host: str, upstream_port: int) -> None:
+    def __init__(
+        self,
+        *,
+        upstream_host: str,
+        upstream_port: int,
+        hang_sec: float = 2.0,
+        seed: int | None = None,
+    ) -> None:
         self.upstream = (upstream_host, upstream_port)
-        self.failure: Ec2Failure | None = None
-        self.failures_left: int | None = None
-        """With a failure set: how many more launches fail (``None``: all of them)."""
+        self.hang_sec = hang_sec
+        self.hide_new_sec = 0.0
+        """Eventual consistency: how long a new instance stays invisible."""
         self.run_instances_calls = 0
+        self.counts = ProxyCounts()
+        self._rules: list[FaultRule] = []
+        self._random = random.Random(seed)
         self._tokens: dict[str, _Cached] = {}
+        self._created: dict[str, float] = {}
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -61,9 +117,24 @@ class Ec2Proxy:
         return f"http://{host!s}:{port}"
 
     def fail(self, failure: Ec2Failure | None, *, times: int | None = None) -> None:
+        """Fail ``RunInstances`` with ``failure`` (``times`` more, or always); ``None``
+        clears every rule."""
         with self._lock:
-            self.failure = failure
-            self.failures_left = times
+            self._rules = [] if failure is None else [FaultRule(failure, times=times)]
+
+    def inject(self, rule: FaultRule) -> None:
+        """Add a fault rule beside the others."""
+        with self._lock:
+            self._rules.append(rule)
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self._rules = []
+
+    def hidden_ids(self) -> set[str]:
+        """Instances created through the proxy that EC2 would not show yet."""
+        with self._lock:
+            return self._hidden_locked()
 
     def start(self) -> None:
         self._thread.start()
@@ -72,6 +143,8 @@ class Ec2Proxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
+
+    # The parts.
 
     def _forward(self, method: str, path: str, headers: dict[str, str], body: bytes) -> _Cached:
         connection = http.client.HTTPConnection(*self.upstream, timeout=30)
@@ -82,37 +155,99 @@ class Ec2Proxy:
         finally:
             connection.close()
 
-    def _injected(self) -> _Cached | None:
-        if self.failure is None:
-            return None
-        status, code, message = _FAILURES[self.failure]
-        if self.failures_left is not None:
-            self.failures_left -= 1
-            if self.failures_left <= 0:
-                self.failure = None
-        body = (
-            '<?xml version="1.0" encoding="UTF-8"?>\n'
-            f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message>"
-            "</Error></Errors><RequestID>0000-injected</RequestID></Response>"
-        ).encode()
-        return _Cached(status, [("Content-Type", "text/xml")], body)
+    def _hidden_locked(self) -> set[str]:
+        if self.hide_new_sec <= 0:
+            return set()
+        now = time.monotonic()
+        return {i for i, at in self._created.items() if now - at < self.hide_new_sec}
+
+    def _fault_for(self, action: str) -> Ec2Failure | None:
+        with self._lock:
+            for rule in self._rules:
+                if rule.actions is not None and action not in rule.actions:
+                    continue
+                if rule.times is not None and rule.times <= 0:
+                    continue
+                if rule.probability < 1.0 and self._random.random() >= rule.probability:
+                    continue
+                if rule.times is not None:
+                    rule.times -= 1
+                self.counts.faults[rule.fault] = self.counts.faults.get(rule.fault, 0) + 1
+                return rule.fault
+        return None
 
     def _handle(self, method: str, path: str, headers: dict[str, str], body: bytes) -> _Cached:
         form = parse_qs(body.decode(errors="replace")) if method == "POST" else {}
-        if form.get("Action") != ["RunInstances"]:
-            return self._forward(method, path, headers, body)
+        action = form.get("Action", [""])[0]
         with self._lock:
-            self.run_instances_calls += 1
-            injected = self._injected()
-            if injected is not None:
-                return injected
-            token = form.get("ClientToken", [""])[0]
+            self.counts.calls[action] = self.counts.calls.get(action, 0) + 1
+            if action == "RunInstances":
+                self.run_instances_calls += 1
+        fault = self._fault_for(action)
+        if fault is not None and fault not in _TAKES_EFFECT:
+            return _error(*_ERRORS[fault])
+        if action == "RunInstances":
+            result = self._run_instances(method, path, headers, body, form)
+        elif action in ("DescribeInstances", "TerminateInstances"):
+            result = self._consistent(action, method, path, headers, body, form)
+        else:
+            result = self._forward(method, path, headers, body)
+        if fault is not None:
+            if fault == "timeout":
+                time.sleep(self.hang_sec)
+            return _Cached(0, [], b"", drop=True)
+        return result
+
+    def _run_instances(
+        self,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        form: dict[str, list[str]],
+    ) -> _Cached:
+        token = form.get("ClientToken", [""])[0]
+        with self._lock:  # one creation per token, even for concurrent repeats
             if token and token in self._tokens:
+                self.counts.token_repeats += 1
                 return self._tokens[token]
             response = self._forward(method, path, headers, body)
-            if token and response.status == 200:
-                self._tokens[token] = response
+            if response.status == 200:
+                now = time.monotonic()
+                for raw in _INSTANCE_ID.findall(response.body):
+                    self._created[raw.decode()] = now
+                if token:
+                    self._tokens[token] = response  # kept at creation, answered or not
             return response
+
+    def _consistent(
+        self,
+        action: str,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        form: dict[str, list[str]],
+    ) -> _Cached:
+        hidden = self.hidden_ids()
+        named = [v[0] for k, v in form.items() if k.startswith("InstanceId.")]
+        unseen = [i for i in named if i in hidden]
+        if unseen:
+            with self._lock:
+                self.counts.hidden += 1
+            return _error(
+                400,
+                "InvalidInstanceID.NotFound",
+                f"The instance ID '{unseen[0]}' does not exist",
+            )
+        response = self._forward(method, path, headers, body)
+        if action != "DescribeInstances" or not hidden or response.status != 200:
+            return response
+        stripped, removed = _without_instances(response.body, hidden)
+        if removed:
+            with self._lock:
+                self.counts.hidden += 1
+        return _Cached(response.status, response.headers, stripped)
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         proxy = self
@@ -125,6 +260,9 @@ class Ec2Proxy:
                 body = self.rfile.read(length) if length else b""
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 result = proxy._handle(self.command, self.path, headers, body)
+                if result.drop:
+                    self.close_connection = True
+                    return
                 self.send_response(result.status)
                 for key, value in result.headers:
                     if key.lower() not in ("content-length", "transfer-encoding", "connection"):
@@ -139,3 +277,43 @@ class Ec2Proxy:
                 pass
 
         return Handler
+
+
+def _error(status: int, code: str, message: str) -> _Cached:
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message>"
+        "</Error></Errors><RequestID>0000-injected</RequestID></Response>"
+    ).encode()
+    return _Cached(status, [("Content-Type", "text/xml")], body)
+
+
+def _without_instances(body: bytes, hidden: set[str]) -> tuple[bytes, int]:
+    """A DescribeInstances answer without the ``hidden`` instances (and reservations left
+    empty), and how many were removed. Namespace-agnostic: elements match by local name."""
+    root = ET.fromstring(body)
+    namespace = root.tag[1 : root.tag.index("}")] if root.tag.startswith("{") else ""
+    if namespace:
+        ET.register_namespace("", namespace)
+    removed = 0
+    reservations = _child(root, "reservationSet")
+    if reservations is None:
+        return body, 0
+    for reservation in list(reservations):
+        instances = _child(reservation, "instancesSet")
+        if instances is None:
+            continue
+        for item in list(instances):
+            instance_id = _child(item, "instanceId")
+            if instance_id is not None and (instance_id.text or "") in hidden:
+                instances.remove(item)
+                removed += 1
+        if len(instances) == 0:
+            reservations.remove(reservation)
+    if not removed:
+        return body, 0
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True), removed
+
+
+def _child(element: ET.Element, name: str) -> ET.Element | None:
+    return next((c for c in element if c.tag.rsplit("}", 1)[-1] == name), None)

@@ -138,11 +138,18 @@ async def test_a_replica_that_dies_is_replaced(world: World) -> None:
     await world.step(5)
     [row] = await world.rows("bot")
     assert row.ready_at is not None
-    world.cloud.forget(row.instance_id or "")  # the machine vanished
+    world.health.down.add(row.url or "")
+    world.cloud.forget(row.instance_id or "")  # the machine vanished without a trace
+    await world.step(5)
+    # Absence is not confirmation: the row stays open (and counted) for the grace.
+    assert (await world.rows("bot"))[0].terminated_confirmed_at is None
+    await world.step(world.deps.settings.visibility_grace_sec)
+    rows = await world.rows("bot")
+    assert rows[0].terminated_confirmed_at is not None  # after a terminate by id succeeded
+    assert row.instance_id in [c.argument for c in world.provider.calls_to("terminate")]
+    assert "died" in (rows[0].last_error or "")
     await world.step(5)
     rows = await world.rows("bot")
-    assert rows[0].terminated_confirmed_at is not None
-    assert "died" in (rows[0].last_error or "")
     assert len(rows) == 2 and rows[1].terminated_confirmed_at is None
 
 
