@@ -32,7 +32,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from catalog.cuda import cuda_version, offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
+from catalog.model import ProviderName
 
 
 class Backend(StrEnum):
@@ -47,6 +49,10 @@ class Backend(StrEnum):
     Sglang = "sglang"
     Ollama = "ollama"
     VllmOmni = "vllm-omni"
+
+
+#: The backends' wire strings, each once (the enum's CamelCase members are aliases).
+BACKENDS: tuple[str, ...] = tuple(dict.fromkeys(b.value for b in Backend))
 
 
 class TaskType(StrEnum):
@@ -324,7 +330,28 @@ def _check_cuda_versions(values: list[str] | None) -> list[str] | None:
     for v in values or []:
         if not CUDA_VERSION_RE.match(v):
             raise ValueError(f"CUDA version {v!r} is not like '12.4' or '13.0'")
+        cuda_version(v)  # an unknown version: the error lists the known ones
     return values
+
+
+# Where a pinned GPU may run: the clouds (their machine images' drivers must run the pin)
+# or this machine and private workers (they bring their own driver).
+_CUDA_PROVIDERS = (ProviderName.AWS, ProviderName.GCP, ProviderName.LOCAL)
+
+
+def _cuda_pool_problem(gpu_pool: list[str], pins: list[str]) -> str | None:
+    """Why no GPU of the pool runs any pinned CUDA version anywhere, or ``None``."""
+    problems: list[str] = []
+    for name in gpu_pool:
+        gpu = resolve_gpu(name)
+        found = [
+            offer_cuda_problem(provider=provider, gpu=gpu, pins=tuple(pins))
+            for provider in _CUDA_PROVIDERS
+        ]
+        if any(problem is None for problem in found):
+            return None
+        problems.append(next(p for p in found if p is not None))
+    return "no GPU of the pool can run the pinned CUDA versions: " + "; ".join(problems)
 
 
 def _canonical_gpu_names(names: list[str]) -> list[str]:
@@ -354,6 +381,18 @@ class CloudPool(StrictModel):
     @classmethod
     def _cuda(cls, value: list[str] | None) -> list[str] | None:
         return _check_cuda_versions(value)
+
+    @model_validator(mode="after")
+    def _pins_fit_the_pool(self) -> Self:
+        if self.allowed_cuda_versions:
+            problem = _cuda_pool_problem(self.gpu_pool, self.allowed_cuda_versions)
+            if problem is not None:
+                raise PydanticCustomError(
+                    "cuda_unsatisfiable",
+                    "allowed_cuda_versions {pins}: {problem}",
+                    {"pins": self.allowed_cuda_versions, "problem": problem},
+                )
+        return self
 
 
 class CloudWorkers(StrictModel):
@@ -463,6 +502,39 @@ class AutoscalingPolicy(StrictModel):
         return self.workers.private_worker_ids if isinstance(self.workers, PrivateWorkers) else []
 
 
+def _default_config(policy: ExecutionPolicy, *, worker_id: str | None) -> dict[str, Any]:
+    """The config a policy gets when none is given, or an error naming what is missing.
+
+    fixed: one replica. autoscaling on a pinned private worker: 0 to 1 replica on that
+    worker. scheduled and cloud autoscaling have no default: a schedule and a dollar
+    ceiling are the user's to choose.
+    """
+    if policy is ExecutionPolicy.FIXED:
+        return {}
+    if policy is ExecutionPolicy.AUTOSCALING and worker_id is not None:
+        return {
+            "max_workers": 1,
+            "workers": {"source": "private", "private_worker_ids": [worker_id]},
+        }
+    if policy is ExecutionPolicy.SCHEDULED:
+        missing = (
+            "exactly one of 'cron' (e.g. \"0 2 * * *\") or 'window' "
+            '(e.g. "Mon-Fri 08:00-20:00 UTC")'
+        )
+    else:
+        missing = (
+            "'max_workers' and 'max_hourly_cost_usd' (the hard $/h ceiling cloud workers "
+            'need; it has no default), e.g. {"max_workers": 3, "max_hourly_cost_usd": 5.0, '
+            '"workers": {"source": "cloud", "cloud_pool": {"gpu_pool": '
+            '["NVIDIA A100-SXM4-80GB"]}}}'
+        )
+    raise PydanticCustomError(
+        "policy_config_missing",
+        "execution_policy {policy} needs an execution_policy_config; missing: {missing}",
+        {"policy": repr(policy.value), "missing": missing},
+    )
+
+
 PolicyConfig = FixedPolicy | ScheduledPolicy | AutoscalingPolicy
 POLICY_CONFIG_TYPES: dict[ExecutionPolicy, type[StrictModel]] = {
     ExecutionPolicy.FIXED: FixedPolicy,
@@ -487,7 +559,32 @@ class WorkloadSpec(StrictModel):
     worker_id: str | None = None
     model_memory_gib: Annotated[float, Field(gt=0)] | None = None
     execution_policy: ExecutionPolicy = ExecutionPolicy.FIXED
-    execution_policy_config: PolicyConfig = Field(default_factory=FixedPolicy)
+    execution_policy_config: PolicyConfig = Field(
+        default_factory=FixedPolicy, validate_default=True
+    )
+
+    @classmethod
+    def _normalise(cls, data: Any) -> Any:
+        """A missing ``execution_policy_config`` is checked like an empty one, so that a
+        policy that needs one says what is missing instead of falling back to fixed."""
+        if isinstance(data, Mapping) and data.get("execution_policy_config") is None:
+            return {**data, "execution_policy_config": None}
+        return data
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _backend(cls, value: Any) -> Any:
+        if isinstance(value, str) and value not in BACKENDS:
+            raise PydanticCustomError(
+                "unknown_backend",
+                "unknown backend {value}{hint}; allowed: {allowed}",
+                {
+                    "value": repr(value),
+                    "hint": _suggest(value, list(BACKENDS)),
+                    "allowed": ", ".join(BACKENDS),
+                },
+            )
+        return value
 
     @field_validator("name", "model")
     @classmethod
@@ -517,13 +614,13 @@ class WorkloadSpec(StrictModel):
         config_type = POLICY_CONFIG_TYPES[policy]
         if isinstance(value, config_type):
             return value
-        if value is None:
-            value = {}
+        if value is None or value == {}:
+            value = _default_config(policy, worker_id=info.data.get("worker_id"))
         if isinstance(value, BaseModel):
             raise PydanticCustomError(
                 "policy_mismatch",
-                "a {given} config does not fit execution_policy {policy!r}",
-                {"given": type(value).__name__, "policy": policy.value},
+                "a {given} config does not fit execution_policy {policy}",
+                {"given": type(value).__name__, "policy": repr(policy.value)},
             )
         return config_type.model_validate(value)
 

@@ -122,7 +122,7 @@ ENGINES: Mapping[str, Engine] = {
         port=8000,
         health_path="/health",
         program=("vllm", "serve"),
-        program_aliases=(),
+        program_aliases=(("vllm-omni", "serve"),),
         owned_flags=_VLLM_OWNED,
         model_positional=True,
         api_key=True,
@@ -273,9 +273,11 @@ def _user_args(engine: Engine, *, model: str, command: str | None) -> list[str]:
     tokens = _strip_program(engine, tokens)
     if engine.model_positional and tokens and not tokens[0].startswith("-"):
         if tokens[0] != model:
+            program = shlex.join(engine.program)
             raise CommandError(
-                f"command serves model {tokens[0]!r} but the workload's model is {model!r}; "
-                "leave the model out of the command"
+                f"command serves model {tokens[0]!r} but the workload's model is {model!r} "
+                f"(backend {engine.backend!r} starts as {program!r}); write "
+                f"'{program} {model} [flags]' or give only the flags"
             )
         tokens = tokens[1:]
     if engine.backend == "ollama" and tokens:

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import autoscaler
+from autoscaler.admission import runnable_problems, worker_problems
 from autoscaler.api.boot import router as boot_router
 from autoscaler.api.deps import ApiState, Caller, Project, Session, Slug, State
 from autoscaler.api.errors import ApiError, handle_api_error
@@ -30,6 +31,7 @@ from autoscaler.api.views import (
 from autoscaler.api.workers import router as workers_router
 from autoscaler.spec import OnDrift, WorkloadSpec, deprecations, describe_errors
 from autoscaler.store import records, tokens, workloads
+from autoscaler.store import workers as workers_store
 from autoscaler.store.tokens import TokenKind
 
 router = APIRouter()
@@ -74,6 +76,7 @@ async def ensure(
             details=[{"path": "slug", "message": "must equal the path", "value": raw["slug"]}],
         )
     spec = _validate_spec(raw)
+    await _admit(s, project=project, spec=spec)
     try:
         result = await workloads.ensure_workload(
             s, project=project, spec=spec, on_drift=on_drift, now=state.now()
@@ -215,6 +218,21 @@ def _validate_spec(raw: dict[str, Any]) -> WorkloadSpec:
             + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
             details=details,
         ) from None
+
+
+async def _admit(s: AsyncSession, *, project: str, spec: WorkloadSpec) -> None:
+    """Refuse a spec the controller could not run (422, nothing stored)."""
+    registered = await workers_store.registered_ids(s, project=project)
+    problems = runnable_problems(spec) + worker_problems(spec, registered=registered)
+    if problems:
+        details = [p.as_detail() for p in problems]
+        raise ApiError(
+            422,
+            "invalid_spec",
+            f"{problems[0].path}: {problems[0].message}"
+            + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""),
+            details=details,
+        )
 
 
 async def _existing(s: AsyncSession, project: str, slug: str) -> Any:

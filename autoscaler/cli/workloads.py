@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import httpx
@@ -67,7 +67,7 @@ def _detail(detail: dict[str, Any]) -> str:
     return f"{detail.get('path')}: {detail.get('message')} (got {detail.get('value')!r})"
 
 
-def _fail(message: str, *, code: int) -> None:
+def _fail(message: str, *, code: int) -> NoReturn:
     click.echo(message, err=True)
     sys.exit(code)
 
@@ -76,7 +76,11 @@ def _fail(message: str, *, code: int) -> None:
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
-    """The workload documents of a YAML or JSON file: one per YAML document, or a list."""
+    """The workload documents of a YAML or JSON file: one per YAML document, or a list.
+
+    A file that does not parse, holds no document or holds something other than mappings
+    exits with code 2, like any other invalid input.
+    """
     text = path.read_text()
     try:
         if path.suffix == ".json":
@@ -84,15 +88,15 @@ def load_documents(path: Path) -> list[dict[str, Any]]:
         else:
             loaded = [d for d in yaml.safe_load_all(text) if d is not None]
     except (yaml.YAMLError, json.JSONDecodeError) as exc:
-        raise click.ClickException(f"{path}: not valid YAML/JSON: {exc}") from None
+        _fail(f"error: {path}: not valid YAML/JSON: {exc}", code=EXIT_INPUT)
     docs: list[Any] = []
     for item in loaded:
         docs.extend(item if isinstance(item, list) else [item])
     for i, doc in enumerate(docs, 1):
         if not isinstance(doc, dict):
-            raise click.ClickException(f"{path}: document {i} is not a mapping of spec fields")
+            _fail(f"error: {path}: document {i} is not a mapping of spec fields", code=EXIT_INPUT)
     if not docs:
-        raise click.ClickException(f"{path}: no workload documents")
+        _fail(f"error: {path}: no workload documents (the file is empty)", code=EXIT_INPUT)
     return docs
 
 

@@ -145,6 +145,8 @@ class Memory:
     last_desired: dict[int, int] = field(default_factory=dict)
     last_refusal: dict[int, tuple[str, datetime]] = field(default_factory=dict)
     dry_run_plans: dict[int, tuple[str, ...]] = field(default_factory=dict)
+    unrunnable: dict[int, str] = field(default_factory=dict)
+    """Per workload, why its stored spec cannot run (logged once while it stays so)."""
 
 
 @dataclass

@@ -28,8 +28,10 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from autoscaler.admission import runnable_problems
 from autoscaler.decide.budget import BudgetLimits, limits_for
 from autoscaler.decide.desired import desired_count
 from autoscaler.decide.inputs import (
@@ -65,7 +67,7 @@ from autoscaler.reconcile.liveness import (
 )
 from autoscaler.reconcile.observe import Observation
 from autoscaler.reconcile.provisioner import launch_replica, mark_unavailable, resolve_intent
-from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
+from autoscaler.spec import AutoscalingPolicy, WorkloadSpec, describe_errors
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
 from autoscaler.store.phase import Phase, phase_of
@@ -87,7 +89,13 @@ async def reconcile_workload(
         workload = await s.get(Workload, workload_id)
         if workload is None:
             return None
-        spec = WorkloadSpec.model_validate(workload.spec)
+        try:
+            spec = WorkloadSpec.model_validate(workload.spec)
+        except ValidationError as exc:
+            await _report_unrunnable(
+                deps, s, workload=workload, problems=describe_errors(exc), now=now
+            )
+            return None
         engine = engine_for(spec.backend.value)
         rows = await open_rows(s, workload.id)
         await sync_with_provider(deps, s, rows=rows, observed=observed, port=engine.port, now=now)
@@ -109,6 +117,11 @@ async def reconcile_workload(
             mark_unavailable(deps, row=row, now=now)
             await _terminate(deps, s, row=row, reason=row.last_error or "boot failed", now=now)
         rows = _still_open(rows)
+        problems = [] if workload.deleted_at else [p.as_detail() for p in runnable_problems(spec)]
+        if problems:
+            await _report_unrunnable(deps, s, workload=workload, problems=problems, now=now)
+            return None
+        deps.memory.unrunnable.pop(workload.id, None)
         _avoid_slow_offers(deps, rows=rows, timeouts=_timeouts(spec), now=now)
         measured = _signals_for(workload, signals)
         signal = measured.signals
@@ -167,6 +180,36 @@ async def reconcile_workload(
     if decision.recheck_at is not None:
         due.append(max(0.0, (decision.recheck_at - now).total_seconds()))
     return min(due) if due else None
+
+
+async def _report_unrunnable(
+    deps: Deps,
+    s: AsyncSession,
+    *,
+    workload: Workload,
+    problems: Sequence[Mapping[str, Any]],
+    now: datetime,
+) -> None:
+    """A stored spec the controller cannot run (stored before a check existed, or a
+    catalog or engine table that changed since): one ``invalid_spec`` decision and one
+    warning while it stays so, and nothing launched."""
+    text = "; ".join(f"{p['path']}: {p['message']}" for p in problems)
+    if deps.memory.unrunnable.get(workload.id) == text:
+        return
+    deps.memory.unrunnable[workload.id] = text
+    deps.metrics.reconcile_errors.labels(workload.project, workload.slug).inc()
+    record_decision(
+        s,
+        workload_id=workload.id,
+        at=now,
+        kind="invalid_spec",
+        reason=f"generation {workload.generation} cannot run, nothing launched: {text}",
+        inputs={"generation": workload.generation},
+        result={"problems": list(problems)},
+        acted=False,
+    )
+    await s.commit()
+    log.warning("%s/%s: spec cannot run: %s", workload.project, workload.slug, text)
 
 
 def _still_open(rows: Sequence[LedgerRow]) -> list[LedgerRow]:

@@ -102,8 +102,53 @@ def test_bad_file_exits_2_naming_the_field_and_changes_nothing(
     ]
 
 
-def test_apply_every_example_in_one_file_list(service: RunningService) -> None:
-    files = sorted(EXAMPLES.glob("*.yaml"))
+@pytest.mark.parametrize(
+    ("name", "text", "says"),
+    [
+        ("empty.yaml", "", "no workload documents"),
+        ("comments.yaml", "# nothing here\n", "no workload documents"),
+        ("broken.yaml", "name: [unclosed\n", "not valid YAML/JSON"),
+        ("broken.json", "{", "not valid YAML/JSON"),
+        ("scalar.yaml", "just a string\n", "document 1 is not a mapping"),
+    ],
+)
+def test_unreadable_files_exit_2(
+    service: RunningService, tmp_path: Path, name: str, text: str, says: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    result = service.cli("apply", "-f", str(path))
+    assert result.returncode == 2
+    assert says in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_command_the_engine_refuses_exits_2_and_stores_nothing(
+    service: RunningService, tmp_path: Path
+) -> None:
+    doc = yaml.safe_load((EXAMPLES / "chat-fixed.yaml").read_text())
+    doc["command"] = "autoscaler engine-sim --model x"
+    path = tmp_path / "bad-command.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = service.cli("apply", "-f", str(path))
+    assert result.returncode == 2
+    assert "command: command serves model 'autoscaler'" in result.stderr
+    assert json.loads(service.cli("get", "-o", "json").stdout) == []
+
+
+def test_apply_every_example_in_one_file_list(service: RunningService, tmp_path: Path) -> None:
+    # The private-worker example names placeholder ids: register a worker for each.
+    placeholders = ("wrk_0123456789abcdef", "wrk_fedcba9876543210")
+    workers = [
+        json.loads(service.ok("workers", "register", "-o", "json"))["id"] for _ in placeholders
+    ]
+    files = []
+    for example in sorted(EXAMPLES.glob("*.yaml")):
+        text = example.read_text()
+        for placeholder, worker in zip(placeholders, workers, strict=True):
+            text = text.replace(placeholder, worker)
+        copy = tmp_path / example.name
+        copy.write_text(text)
+        files.append(copy)
     args = [arg for f in files for arg in ("-f", str(f))]
     result = service.cli("apply", *args)
     assert result.returncode == 0, result.stderr

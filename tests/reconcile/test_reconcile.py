@@ -270,6 +270,24 @@ async def test_a_failing_workload_does_not_stall_another(world: World) -> None:
     assert await world.rows("broken") == []
     errors = world.deps.metrics.reconcile_errors.labels(PROJECT, "broken")._value.get()
     assert errors == 1
+    await world.step(3)  # reported once while it stays so, not once per pass
+    [invalid] = await world.decisions("invalid_spec")
+    assert not invalid.acted and "unknown field 'bad'" in invalid.reason
+    assert world.deps.metrics.reconcile_errors.labels(PROJECT, "broken")._value.get() == 1
+
+
+async def test_a_stored_command_the_engine_refuses_buys_nothing_and_says_why_once(
+    world: World,
+) -> None:
+    # Stored past the API's admission (written before the check existed).
+    await world.apply(fixed("bot", 1, command="autoscaler engine-sim --model x"))
+    for _ in range(3):
+        await world.step(5)
+    assert await world.rows("bot") == []
+    assert world.live_instances() == []
+    [invalid] = await world.decisions("invalid_spec")
+    assert invalid.reason.startswith("generation 1 cannot run, nothing launched: command:")
+    assert "'autoscaler'" in invalid.reason
 
 
 async def test_a_scale_up_over_the_ceiling_is_refused_logged_and_not_bought(
