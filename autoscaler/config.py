@@ -17,12 +17,15 @@ A bad file fails with the key that is wrong:
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from catalog.cuda import MachineImage, parse_driver
+from catalog.model import ProviderName
 from providers.aws import DLAMI_PARAMETER, AwsConfig
 from providers.gcp import GcpConfig
 
@@ -73,6 +76,13 @@ class AwsSettings(EngineAccess):
         )
 
 
+class GcpImage(_Strict):
+    """A GCE boot image family (``project/family``) and the NVIDIA driver it ships."""
+
+    family: Annotated[str, Field(pattern=r"^([a-z][-a-z0-9]*/)?[a-z][-a-z0-9]*$")]
+    driver: Annotated[str, Field(pattern=r"^\d+(\.\d+)*$")]
+
+
 class GcpSettings(EngineAccess):
     project: Annotated[str, Field(min_length=1)]
     zones: Annotated[list[str], Field(min_length=1)]
@@ -81,6 +91,22 @@ class GcpSettings(EngineAccess):
     endpoint: str | None = None
     credentials_file: Path | None = None
     external_ip: bool = True
+    firewall: Literal["manage", "check"] = "manage"
+    """``manage``: create the cluster's firewall rule; ``check``: refuse to start without one."""
+    source_ranges: Annotated[list[str], Field(min_length=1)] = ["0.0.0.0/0"]
+    """Who may reach the engine port: the gateway's address ranges."""
+    images: Annotated[list[GcpImage], Field(min_length=1)] | None = None
+    """Boot images to choose from by driver (default: the catalog's CUDA/driver table)."""
+
+    @field_validator("source_ranges")
+    @classmethod
+    def _cidrs(cls, ranges: list[str]) -> list[str]:
+        for text in ranges:
+            try:
+                ipaddress.ip_network(text, strict=False)
+            except ValueError:
+                raise ValueError(f"{text!r} is not an address range such as 10.0.0.0/16") from None
+        return ranges
 
     def provider_config(self) -> GcpConfig:
         credentials: Any = None
@@ -90,11 +116,20 @@ class GcpSettings(EngineAccess):
             credentials = service_account.Credentials.from_service_account_file(  # type: ignore[no-untyped-call]
                 str(self.credentials_file)
             )
+        images = None
+        if self.images is not None:
+            images = tuple(
+                MachineImage(ProviderName.GCP, image.family, parse_driver(image.driver))
+                for image in self.images
+            )
         return GcpConfig(
             project=self.project,
             network=self.network,
             subnetwork=self.subnetwork,
             external_ip=self.external_ip,
+            firewall=self.firewall,
+            source_ranges=tuple(self.source_ranges),
+            images=images,
             client_options={"api_endpoint": self.endpoint} if self.endpoint else None,
             credentials=credentials,
         )
@@ -116,6 +151,16 @@ class ProvidersSettings(_Strict):
     local: LocalSettings | None = None
 
 
+class CatalogSyncSettings(_Strict):
+    """The scheduled catalog sync (``autoscaler.catalog_sync``): every ``interval_sec``
+    (``null``: never), each run moved by up to ``jitter_sec`` either way. It runs only
+    where ``providers.aws`` or ``providers.gcp`` is configured (there is nothing to fetch
+    otherwise), on the leading controller."""
+
+    interval_sec: Annotated[float, Field(ge=60)] | None = 86400.0
+    jitter_sec: Annotated[float, Field(ge=0)] = 900.0
+
+
 class ControllerConfig(_Strict):
     """Everything the controller needs besides the store and the workloads."""
 
@@ -131,6 +176,8 @@ class ControllerConfig(_Strict):
     consistency) before it is settled by tag lookup and a terminate by id."""
     health_timeout_sec: Annotated[float, Field(gt=0)] = 3.0
     catalog_max_age_sec: Annotated[float, Field(gt=0)] = 7 * 86400.0
+    """A catalog older than this is stale (the CatalogStale alert)."""
+    catalog_sync: CatalogSyncSettings = CatalogSyncSettings()
     callback_url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")] | None = None
     """The management API's address as cloud instances reach it (``https://host:8001``)."""
     hf_token_file: Path | None = None

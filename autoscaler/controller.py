@@ -5,6 +5,10 @@ and runs :func:`autoscaler.reconcile.loop.reconcile_once` in a loop, as leader.
   machine (engine-sim processes by default; the only provider when there is no config).
 * **Offers**: the catalog snapshot's offers of the configured providers (AWS regions and
   GCP zones of the config), plus an offer for this machine when the local provider is on.
+  The snapshot is live (:class:`autoscaler.catalog_sync.LiveCatalog`): a sync, scheduled
+  here or run by hand into the data dir, reaches the next placement without a restart.
+* **Preflight**: providers with a start check (the GCP firewall in ``check`` mode) are
+  asked before the first pass; a failed check stops the controller with what to fix.
 * **Signals**: the gateway's, in process (:class:`GatewaySignals`) or over HTTP from
   ``GET /internal/signals`` when the gateway runs apart (:class:`HttpSignals`): TTFT
   samples, load, and the token mix with the gateway's per-replica concurrency cap
@@ -20,7 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import os
 import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -29,10 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from autoscaler.config import ControllerConfig, LocalSettings
+from autoscaler.catalog_sync import (
+    CatalogSync,
+    LiveCatalog,
+    Syncer,
+    SyncSchedule,
+    schedule_sync,
+    start_scheduler,
+)
+from autoscaler.config import ConfigError, ControllerConfig, LocalSettings
 from autoscaler.decide.inputs import Measured, TokenMix
 from autoscaler.decide.scaling import Signals
 from autoscaler.metrics import ControllerMetrics
@@ -52,7 +67,7 @@ from autoscaler.reconcile.deps import (
 from autoscaler.reconcile.loop import reconcile_once
 from catalog.model import Offer, ProviderName
 from catalog.snapshot import Snapshot, load_catalog
-from providers.base import Clock, SystemClock
+from providers.base import Clock, ProviderError, SystemClock
 from providers.local import (
     DockerLauncher,
     EngineLauncher,
@@ -190,19 +205,86 @@ def offers_for(config: ControllerConfig, catalog: Snapshot) -> tuple[Offer, ...]
     return tuple(chosen)
 
 
+def config_syncer(config: ControllerConfig, *, data_dir: Path) -> Syncer | None:
+    """The sync of the configured clouds' regions into ``data_dir`` (``None`` without a
+    cloud). Credentials as for ``autoscaler catalog sync``: the AWS environment, GCP's
+    application default credentials (or ``credentials_file``), the Cloud Billing API
+    key from ``$GOOGLE_API_KEY``."""
+    p = config.providers
+    if p.aws is None and p.gcp is None:
+        return None
+    from catalog.sync.aws import AwsSyncConfig
+    from catalog.sync.base import NullProgress
+    from catalog.sync.gcp import GcpSyncConfig
+    from catalog.sync.run import SyncRequest, sync_catalog
+
+    aws = None
+    if p.aws is not None:
+        endpoints = {"ec2": p.aws.endpoint_url} if p.aws.endpoint_url else {}
+        aws = AwsSyncConfig(regions=tuple(p.aws.regions), endpoints=endpoints)
+    gcp = None
+    if p.gcp is not None:
+        gcp = GcpSyncConfig(
+            project=p.gcp.project,
+            regions=tuple(sorted({zone.rsplit("-", 1)[0] for zone in p.gcp.zones})),
+            credentials=p.gcp.provider_config().credentials,
+            compute_endpoint=p.gcp.endpoint,
+            billing_api_key=os.environ.get("GOOGLE_API_KEY"),
+        )
+    request = SyncRequest(data_dir=data_dir, aws=aws, gcp=gcp)
+
+    async def sync(now: datetime) -> Snapshot:
+        result = await sync_catalog(request, progress=NullProgress(), now=now)
+        return dataclasses.replace(result.snapshot, location=str(result.path))
+
+    return sync
+
+
 @dataclass
 class Controller:
-    """A controller ready to run: its dependencies and the catalog it places from."""
+    """A controller ready to run: its dependencies, the live catalog it places from, and
+    the scheduled catalog sync (``None`` when nothing is synced)."""
 
     deps: Deps
-    catalog: Snapshot
+    live: LiveCatalog
+    sync: CatalogSync | None = None
+    schedule: SyncSchedule | None = None
+    leading: bool = False
+    catalog_max_age_sec: float = 7 * 86400.0
+
+    @property
+    def catalog(self) -> Snapshot:
+        return self.live.snapshot
 
     async def step(self) -> float:
         """One pass (if leader); seconds until the next."""
+        self.live.refresh()
         self.deps.metrics.catalog_age.set(
             self.catalog.age(now=datetime.fromtimestamp(self.deps.clock.now(), UTC))
         )
+        self.deps.metrics.catalog_max_age.set(self.catalog_max_age_sec)
         return await reconcile_once(self.deps)
+
+    async def preflight(self) -> None:
+        """Run each provider's start check; ``ConfigError`` says what to fix."""
+        for name, entry in self.deps.providers.entries.items():
+            check = getattr(entry.provider, "preflight", None)
+            if check is None:
+                continue
+            try:
+                await check(self.deps.settings.cluster_id)
+            except ProviderError as exc:
+                raise ConfigError(f"providers.{name}: {exc}") from None
+
+    def schedule_jobs(self, scheduler: Any) -> None:
+        """Add the catalog sync to ``scheduler`` (at once when the catalog is already
+        older than the interval, so a standby taking over a stale catalog syncs)."""
+        if self.sync is None or self.schedule is None:
+            return
+        job = schedule_sync(scheduler, self.sync, self.schedule)
+        now = datetime.fromtimestamp(self.deps.clock.now(), UTC)
+        if self.catalog.age(now=now) > self.schedule.interval_sec:
+            job.modify(next_run_time=datetime.now(UTC))
 
     async def stop_local_replicas(self) -> None:
         """Stop the engine processes this machine runs for the cluster: on a laptop the
@@ -239,17 +321,23 @@ def build_controller(
     health: HealthChecker | None = None,
     metrics: ControllerMetrics | None = None,
     catalog: Snapshot | None = None,
+    syncer: Syncer | None = None,
 ) -> Controller:
     clock = clock or SystemClock()
-    snapshot = catalog or load_catalog(data_dir)
-    offers = offers_for(config, snapshot)
+    metrics = metrics or ControllerMetrics()
+    live = LiveCatalog(
+        catalog or load_catalog(data_dir),
+        data_dir=data_dir,
+        select=lambda snapshot: offers_for(config, snapshot),
+        metrics=metrics,
+    )
     deps = Deps(
         sessions=sessions,
         providers=build_registry(config, sessions=sessions, data_dir=data_dir, clock=clock),
         clock=clock,
         signals=signals or NoSignals(),
         health=health or HttpHealthChecker(timeout_sec=config.health_timeout_sec),
-        offers=lambda: offers,
+        offers=live.offers,
         settings=Settings(
             cluster_id=config.cluster_id,
             fleet_max_hourly_cost_usd=config.fleet_max_hourly_cost_usd,
@@ -261,10 +349,25 @@ def build_controller(
             dry_run=dry_run,
             callback_url=config.callback_url,
         ),
-        metrics=metrics or ControllerMetrics(),
+        metrics=metrics,
         notify_change=notify_change,
     )
-    return Controller(deps=deps, catalog=snapshot)
+    controller = Controller(deps=deps, live=live, catalog_max_age_sec=config.catalog_max_age_sec)
+    interval = config.catalog_sync.interval_sec
+    syncer = syncer or config_syncer(config, data_dir=data_dir)
+    if syncer is not None and interval is not None:
+        controller.sync = CatalogSync(
+            live=live,
+            syncer=syncer,
+            data_dir=data_dir,
+            clock=clock,
+            metrics=metrics,
+            is_leader=lambda: controller.leading,
+        )
+        controller.schedule = SyncSchedule(
+            interval_sec=interval, jitter_sec=config.catalog_sync.jitter_sec
+        )
+    return controller
 
 
 # --- running --------------------------------------------------------------------------
@@ -335,6 +438,7 @@ async def run_controller(
     lock = LeaderLock(engine)
     wake = wake or asyncio.Event()
     metrics = controller.deps.metrics
+    scheduler: AsyncIOScheduler | None = None
     try:
         while not stopping.is_set():
             try:
@@ -342,7 +446,11 @@ async def run_controller(
             except Exception as exc:
                 log.warning("leader election failed: %s", exc)
                 leader = False
+            controller.leading = leader
             metrics.leader.set(1 if leader else 0)
+            if leader and scheduler is None:
+                # Scheduled jobs start with leadership: a standby never syncs the catalog.
+                scheduler = start_scheduler(controller.schedule_jobs)
             delay = standby_poll_sec
             if leader:
                 try:
@@ -352,6 +460,9 @@ async def run_controller(
                     delay = controller.deps.settings.tick_sec
             await _wait(stopping, wake, max(delay, 0.2))
     finally:
+        if scheduler is not None:
+            scheduler.shutdown(wait=False)
+        controller.leading = False
         metrics.leader.set(0)
         await lock.release()
 
@@ -399,6 +510,11 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
             signals=signals,
             dry_run=options.dry_run,
         )
+        try:
+            await controller.preflight()
+        except ConfigError:
+            await controller.close()
+            raise
         registry = controller.deps.metrics.registry
 
         async def metrics(_request: web.Request) -> web.Response:

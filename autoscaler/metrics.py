@@ -136,6 +136,45 @@ class ControllerMetrics:
             "Age of the offer catalog placement uses.",
             registry=r,
         )
+        self.catalog_max_age = Gauge(
+            "autoscaler_controller_catalog_max_age_seconds",
+            "The catalog age the configuration tolerates (catalog_max_age_sec).",
+            registry=r,
+        )
+        self.catalog_syncs = Counter(
+            "autoscaler_controller_catalog_syncs",
+            "Catalog syncs and reloads by result: ok, failed (the previous catalog was "
+            "kept), unreadable (a snapshot file that could not be read).",
+            ("result",),
+            registry=r,
+        )
+        self.ttft_target = Gauge(
+            "autoscaler_controller_workload_ttft_target_seconds",
+            "The workload's TTFT target: upper_allowed_latency_sec of its autoscaling "
+            "policy, above which it scales up (absent for fixed and scheduled workloads).",
+            _WORKLOAD,
+            registry=r,
+        )
+        self.ttft_lower = Gauge(
+            "autoscaler_controller_workload_ttft_lower_seconds",
+            "The TTFT below which the workload may scale down (lower_allowed_latency_sec).",
+            _WORKLOAD,
+            registry=r,
+        )
+        self.max_replicas = Gauge(
+            "autoscaler_controller_workload_max_replicas",
+            "The most replicas the workload's policy allows (max_workers, or its fixed "
+            "or scheduled count).",
+            _WORKLOAD,
+            registry=r,
+        )
+        self.spot_notices = Counter(
+            "autoscaler_controller_spot_notices",
+            "Spot interruption notices acted on (the replica drained and replaced), by "
+            "provider and where the notice came from.",
+            ("provider", "source"),
+            registry=r,
+        )
         self.leader = Gauge(
             "autoscaler_controller_leader",
             "1 while this controller holds the leader lock and reconciles.",
@@ -144,7 +183,14 @@ class ControllerMetrics:
 
     def forget_workload(self, project: str, workload: str) -> None:
         """Drop a gone workload's series so dashboards do not show it forever."""
-        for gauge in (self.desired, self.workload_usd, self.workload_ceiling):
+        for gauge in (
+            self.desired,
+            self.workload_usd,
+            self.workload_ceiling,
+            self.ttft_target,
+            self.ttft_lower,
+            self.max_replicas,
+        ):
             with contextlib.suppress(KeyError):
                 gauge.remove(project, workload)
         for phase in ("pending", "booting", "ready", "draining", "terminating"):

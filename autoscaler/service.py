@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.api.app import create_app
 from autoscaler.api.boot import BootSecrets, configure_boot
 from autoscaler.api.deps import ApiState
-from autoscaler.config import load_config
+from autoscaler.config import ConfigError, load_config
 from autoscaler.controller import GatewaySignals, build_controller, run_controller
 from autoscaler.paths import default_data_dir
 from autoscaler.store import tokens
@@ -120,6 +120,11 @@ async def run_all(settings: RunSettings) -> None:
             notify_change=gateway.notify_change,
             dry_run=settings.dry_run,
         )
+        try:
+            await controller.preflight()  # before serving: a refused start says what to fix
+        except ConfigError:
+            await controller.close()
+            raise
         api = create_app(ApiState(sessions=sessions, now=utc_now, on_change=changed))
         configure_boot(api, BootSecrets(hf_token_file=config.hf_token_file))
         mount_metrics(api, controller.deps.metrics.registry)

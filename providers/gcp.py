@@ -18,6 +18,15 @@ A GCE ``TERMINATED`` status means stopped, not deleted: such an instance still e
 (its disk still costs money), so it reads as ``STOPPING``; only a deleted instance is gone.
 Spot VMs are deleted on preemption; the preemption is reported from the
 ``compute.instances.preempted`` operations GCE records.
+
+The boot disk's image is chosen from the same CUDA/driver table the catalog admits
+offers by (``catalog.cuda``): the Deep Learning VM family with the newest driver that runs
+the pinned CUDA version on the offer's GPU, so an offer the catalog admitted for a pin
+always boots a driver that runs it. ``GcpConfig.images`` replaces the table's GCP rows
+(each a family and the driver it ships); a pin no configured image runs is refused
+before anything is bought.
+
+The engine port is reachable only through a firewall rule; see :mod:`providers.gcp_firewall`.
 """
 
 from __future__ import annotations
@@ -31,10 +40,10 @@ import json
 import re
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from google.api_core import exceptions as google_exceptions
 from google.cloud import compute_v1
@@ -45,7 +54,9 @@ from tenacity import (
     wait_exponential,
 )
 
-from catalog.model import ProviderName
+from catalog.cuda import MachineImage, driver_runs, driver_supports_gpu, machine_images
+from catalog.gpus import UnknownGpuError, resolve_gpu
+from catalog.model import Offer, ProviderName
 from providers.base import (
     CLUSTER_TAG,
     LAUNCH_ID_TAG,
@@ -61,16 +72,22 @@ from providers.base import (
     Transient,
     pick_for_launch,
 )
+from providers.engines import ENGINES
+from providers.gcp_firewall import (
+    RuleSpec,
+    allowed_ports,
+    cluster_network_tag,
+    firewall_rule_name,
+    is_ours,
+    missing_ports,
+    needs_update,
+)
 
 T = TypeVar("T")
 
 IMAGE_PROJECT = "deeplearning-platform-release"
-DEFAULT_IMAGE_FAMILIES: Mapping[str, str] = {
-    "12.1": "common-cu121-debian-11-py310",
-    "12.3": "common-cu123-ubuntu-2204-py310",
-    "12.4": "common-cu124-ubuntu-2204-py310",
-    "default": "common-cu124-ubuntu-2204-py310",
-}
+ENGINE_PORTS: tuple[int, ...] = tuple(sorted({engine.port for engine in ENGINES.values()}))
+"""Every port an engine listens on: what the firewall rule must admit in check mode."""
 TAGS_METADATA_KEY = "autoscaler-tags"
 PREEMPTED = "compute.instances.preempted"
 # The request id namespace: fixed forever, or repeated launches stop being idempotent.
@@ -110,18 +127,22 @@ _GPU_ACCELERATORS = {
 class GcpConfig:
     """Where and how to launch on GCE.
 
-    ``image_families`` maps a CUDA pin ("12.4", or "default") to a Deep Learning VM image
-    family in ``image_project``. ``client_options`` and ``credentials`` go to the client
-    library unchanged (tests point ``api_endpoint`` at a local server).
+    ``images``: the machine images to boot from, each ``"project/family"`` with the
+    driver it ships (``None``: the GCP rows of ``catalog/data/cuda.json``, the table the
+    catalog admits offers by). ``firewall``: ``manage`` creates the cluster's rule,
+    ``check`` only verifies at start that one admits ``source_ranges`` to the engine
+    ports (:mod:`providers.gcp_firewall`). ``client_options`` and ``credentials`` go to
+    the client library unchanged (tests point ``api_endpoint`` at a local server).
     """
 
     project: str
     network: str = "global/networks/default"
     subnetwork: str | None = None
-    image_project: str = IMAGE_PROJECT
-    image_families: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_IMAGE_FAMILIES))
+    images: tuple[MachineImage, ...] | None = None
     boot_disk_gib: int = 200
     network_tags: tuple[str, ...] = ("autoscaler-engine",)
+    firewall: Literal["manage", "check"] = "manage"
+    source_ranges: tuple[str, ...] = ("0.0.0.0/0",)
     external_ip: bool = True
     client_options: Mapping[str, Any] | None = None
     credentials: Any = None
@@ -134,8 +155,14 @@ class GcpConfig:
     def __post_init__(self) -> None:
         if not self.project:
             raise ValueError("GcpConfig.project must name the GCP project")
-        if "default" not in self.image_families:
-            raise ValueError("GcpConfig.image_families needs a 'default' entry")
+        if self.images is not None and not self.images:
+            raise ValueError("GcpConfig.images must list at least one image (or be None)")
+        if not self.source_ranges:
+            raise ValueError("GcpConfig.source_ranges must name at least one address range")
+
+    @property
+    def machine_images(self) -> tuple[MachineImage, ...]:
+        return self.images if self.images is not None else machine_images(ProviderName.GCP)
 
 
 # Names, labels and request ids.
@@ -226,6 +253,33 @@ def _operation_error(operation: compute_v1.Operation, action: str, retry_after: 
     raise Terminal(action, detail)
 
 
+def choose_image(
+    offer: Offer, *, cuda: str | None, images: tuple[MachineImage, ...]
+) -> MachineImage:
+    """The image to boot ``offer`` from: of the images whose driver runs CUDA ``cuda`` on
+    the offer's GPU (any image whose driver knows the GPU, when nothing is pinned), the
+    one with the newest driver. Raises ``LookupError`` saying why none fits."""
+    try:
+        gpu = resolve_gpu(offer.gpu)
+    except UnknownGpuError as error:
+        raise LookupError(str(error)) from None
+    if cuda:
+        fitting = [i for i in images if driver_runs(i.driver, version=cuda, gpu=gpu)]
+    else:
+        fitting = [i for i in images if driver_supports_gpu(i.driver, gpu)]
+    if not fitting:
+        wanted = f"runs CUDA {cuda}" if cuda else "supports it"
+        offered = ", ".join(f"{i.name} (driver {i.driver_text})" for i in images)
+        raise LookupError(f"no image's driver {wanted} on {gpu.display_name}; images: {offered}")
+    return max(fitting, key=lambda image: image.driver)
+
+
+def image_source(image: MachineImage) -> str:
+    """``projects/P/global/images/family/F`` for an image named ``P/F`` (or ``F``)."""
+    project, _, family = image.name.rpartition("/")
+    return f"projects/{project or IMAGE_PROJECT}/global/images/family/{family}"
+
+
 class GcpProvider:
     """A :class:`providers.base.Provider` (and spot interruption source) for GCE."""
 
@@ -240,10 +294,17 @@ class GcpProvider:
         self._instances = compute_v1.InstancesClient(**kwargs)
         self._zone_operations = compute_v1.ZoneOperationsClient(**kwargs)
         self._global_operations = compute_v1.GlobalOperationsClient(**kwargs)
+        self._firewalls = compute_v1.FirewallsClient(**kwargs)
+        self._admitted: set[tuple[str, int]] = set()
 
     def close(self) -> None:
         """Close the HTTP sessions of the underlying clients."""
-        for client in (self._instances, self._zone_operations, self._global_operations):
+        for client in (
+            self._instances,
+            self._zone_operations,
+            self._global_operations,
+            self._firewalls,
+        ):
             client.transport.close()  # type: ignore[no-untyped-call]
 
     # The protocol.
@@ -253,6 +314,8 @@ class GcpProvider:
         zone = request.offer.zone
         name = instance_name(request.cluster_id, request.launch_id)
         resource = self._resource(request, name=name)
+        if self.config.firewall == "manage":
+            await self.admit_engine_port(request.cluster_id, port=request.boot.port)
         try:
             operation = await self._insert(
                 resource, zone=zone, rid=request_id(request.launch_id), action=action
@@ -363,8 +426,10 @@ class GcpProvider:
         offer = request.offer
         zone = offer.zone
         pin = request.boot.cuda_version
-        families = self.config.image_families
-        family = families.get(pin or "default", families["default"])
+        try:
+            image = choose_image(offer, cuda=pin, images=self.config.machine_images)
+        except LookupError as error:
+            raise Terminal(request.action, f"choosing the boot image: {error}") from None
         metadata = [
             compute_v1.Items(key=TAGS_METADATA_KEY, value=json.dumps(dict(request.tags))),
         ]
@@ -392,7 +457,7 @@ class GcpProvider:
             machine_type=f"zones/{zone}/machineTypes/{offer.instance_type}",
             labels=_labels(request.tags),
             metadata=compute_v1.Metadata(items=metadata),
-            tags=compute_v1.Tags(items=builtins.list(self.config.network_tags)),
+            tags=compute_v1.Tags(items=self._network_tags(request.cluster_id)),
             scheduling=scheduling,
             network_interfaces=[interface],
             disks=[
@@ -400,9 +465,7 @@ class GcpProvider:
                     boot=True,
                     auto_delete=True,
                     initialize_params=compute_v1.AttachedDiskInitializeParams(
-                        source_image=(
-                            f"projects/{self.config.image_project}/global/images/family/{family}"
-                        ),
+                        source_image=image_source(image),
                         disk_size_gb=self.config.boot_disk_gib,
                         labels=_labels(request.tags),
                     ),
@@ -431,6 +494,141 @@ class GcpProvider:
             if marker in offer.gpu.upper().split():
                 return accelerator
         raise Terminal(request.action, f"no GCE accelerator type known for {offer.gpu!r}")
+
+    def _network_tags(self, cluster_id: str) -> builtins.list[str]:
+        return [*self.config.network_tags, cluster_network_tag(cluster_id)]
+
+    # The firewall rule (providers.gcp_firewall).
+
+    def _rule_spec(self, cluster_id: str, ports: tuple[int, ...]) -> RuleSpec:
+        return RuleSpec(
+            cluster_id=cluster_id,
+            network=self.config.network,
+            source_ranges=self.config.source_ranges,
+            ports=ports,
+        )
+
+    async def admit_engine_port(self, cluster_id: str, *, port: int) -> None:
+        """Make the cluster's firewall rule admit ``port`` (created on first use, widened
+        when a new port is needed, otherwise reused as it is)."""
+        if (cluster_id, port) in self._admitted:
+            return
+        name = firewall_rule_name(cluster_id)
+        action = f"admitting the gateway to tcp:{port} with firewall rule {name}"
+        rule = await self._firewall(name, action=action)
+        if rule is None:
+            body = self._rule_spec(cluster_id, (port,)).body()
+            try:
+                await self._firewall_change(
+                    action,
+                    partial(
+                        self._firewalls.insert_unary,
+                        request=compute_v1.InsertFirewallRequest(
+                            project=self.config.project,
+                            firewall_resource=compute_v1.Firewall.from_json(json.dumps(body)),
+                            request_id=request_id(f"{name}:{port}", "firewall"),
+                        ),
+                        retry=None,
+                    ),
+                )
+            except Terminal as error:
+                if not isinstance(error.__cause__, google_exceptions.Conflict):
+                    raise
+                rule = await self._firewall(name, action=action)  # made by another controller
+        if rule is not None:
+            await self._widen(rule, cluster_id=cluster_id, port=port, action=action)
+        self._admitted.add((cluster_id, port))
+
+    async def _widen(
+        self, rule: dict[str, Any], *, cluster_id: str, port: int, action: str
+    ) -> None:
+        name = str(rule.get("name", ""))
+        if not is_ours(rule, cluster_id):
+            raise Terminal(
+                action,
+                f"a firewall rule {name} exists that this cluster did not make; "
+                "rename or delete it, or set firewall: check",
+            )
+        ports = tuple(sorted(_rule_ports(rule) | {port}))
+        spec = self._rule_spec(cluster_id, ports)
+        if not needs_update(rule, spec):
+            return
+        await self._firewall_change(
+            action,
+            partial(
+                self._firewalls.patch_unary,
+                project=self.config.project,
+                firewall=name,
+                firewall_resource=compute_v1.Firewall.from_json(json.dumps(spec.body())),
+                retry=None,
+            ),
+        )
+
+    async def preflight(self, cluster_id: str) -> None:
+        """In ``check`` mode, refuse (``Terminal``, with the ``gcloud`` command to run) when
+        no firewall rule admits the source ranges to every engine port of the cluster."""
+        if self.config.firewall != "check":
+            return
+        action = f"checking the firewall rules of project {self.config.project}"
+        listed = await self._retrying(
+            action,
+            lambda: builtins.list(self._firewalls.list(project=self.config.project, retry=None)),
+        )
+        rules = [json.loads(compute_v1.Firewall.to_json(rule)) for rule in listed]
+        spec = self._rule_spec(cluster_id, ENGINE_PORTS)
+        missing = missing_ports(rules, spec, instance_tags=self._network_tags(cluster_id))
+        if missing:
+            needed = self._rule_spec(cluster_id, missing)
+            raise Terminal(
+                action,
+                f"no rule admits {', '.join(spec.source_ranges)} to tcp:"
+                f"{','.join(str(p) for p in missing)} on the cluster's instances (network "
+                f"tag {spec.target_tag}), so the gateway could not reach their engines; "
+                f"create one: {needed.gcloud_command(self.config.project)}",
+            )
+
+    async def release_cluster(self, cluster_id: str) -> builtins.list[str]:
+        """Delete what the provider made for the cluster besides instances (its firewall
+        rule); refused while an instance of the cluster still exists. Returns what was
+        deleted."""
+        action = f"releasing cluster {cluster_id}"
+        alive = [i.instance_id for i in await self.list(cluster_id) if not i.state.is_gone]
+        if alive:
+            raise Terminal(action, f"instances of the cluster still exist: {', '.join(alive)}")
+        name = firewall_rule_name(cluster_id)
+        rule = await self._firewall(name, action=action)
+        if rule is None or not is_ours(rule, cluster_id):
+            return []
+        try:
+            await self._firewall_change(
+                action,
+                partial(
+                    self._firewalls.delete_unary,
+                    project=self.config.project,
+                    firewall=name,
+                    retry=None,
+                ),
+            )
+        except NotFound:
+            return []
+        self._admitted = {k for k in self._admitted if k[0] != cluster_id}
+        return [f"firewall rule {name}"]
+
+    async def _firewall(self, name: str, *, action: str) -> dict[str, Any] | None:
+        try:
+            raw = await self._retrying(
+                action,
+                lambda: self._firewalls.get(project=self.config.project, firewall=name, retry=None),
+            )
+        except NotFound:
+            return None
+        found: dict[str, Any] = json.loads(compute_v1.Firewall.to_json(raw))
+        return found
+
+    async def _firewall_change(self, action: str, call: Callable[[], compute_v1.Operation]) -> None:
+        """Send a firewall insert, patch or delete and wait for its global operation."""
+        operation = await self._retrying(action, call)
+        await self._wait(operation, zone=None, action=action)
 
     # Reading instances.
 
@@ -483,8 +681,11 @@ class GcpProvider:
             raise NotFound(f"reading {instance_id!r}", "a GCE instance id is '<zone>/<name>'")
         return zone, name
 
-    async def _wait(self, operation: compute_v1.Operation, *, zone: str, action: str) -> None:
-        """Poll the zone operation until it is done, then raise its error if any."""
+    async def _wait(
+        self, operation: compute_v1.Operation, *, zone: str | None, action: str
+    ) -> None:
+        """Poll the zone (or, with no zone, global) operation until it is done, then
+        raise its error if any."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.operation_timeout_seconds
         retry_after = self.config.throttle_retry_after
@@ -492,16 +693,23 @@ class GcpProvider:
             if loop.time() > deadline:
                 raise Transient(action, f"operation {operation.name} still running", retry_after=60)
             await asyncio.sleep(self.config.operation_poll_seconds)
-            operation = await self._retrying(
-                action,
+            poll: Callable[[], compute_v1.Operation] = (
                 partial(
+                    self._global_operations.get,
+                    project=self.config.project,
+                    operation=operation.name,
+                    retry=None,
+                )
+                if zone is None
+                else partial(
                     self._zone_operations.get,
                     project=self.config.project,
                     zone=zone,
                     operation=operation.name,
                     retry=None,
-                ),
+                )
             )
+            operation = await self._retrying(action, poll)
         _operation_error(operation, action, retry_after)
 
     async def _retrying(self, action: str, call: Callable[[], T]) -> T:
@@ -523,6 +731,10 @@ class GcpProvider:
         raise AssertionError("unreachable: tenacity reraises the last error")
 
 
+def _rule_ports(rule: dict[str, Any]) -> set[int]:
+    return allowed_ports(rule) or set()
+
+
 def _timestamp(text: str) -> datetime:
     if not text:
         return datetime.now(tz=UTC)
@@ -531,9 +743,11 @@ def _timestamp(text: str) -> datetime:
 
 
 __all__ = [
-    "DEFAULT_IMAGE_FAMILIES",
+    "ENGINE_PORTS",
     "GcpConfig",
     "GcpProvider",
+    "choose_image",
+    "image_source",
     "instance_name",
     "launch_id_of",
     "request_id",

@@ -11,6 +11,7 @@ from autoscaler.paths import default_data_dir
 
 def register(group: click.Group) -> None:
     group.add_command(controller)
+    group.add_command(cluster_group)
 
 
 @click.command()
@@ -82,4 +83,48 @@ def controller(
         metrics_host=metrics_host,
         metrics_port=metrics_port,
     )
-    run_async(serve_controller(config, options))
+    try:
+        run_async(serve_controller(config, options))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group("cluster")
+def cluster_group() -> None:
+    """The cloud resources a cluster holds besides its instances."""
+
+
+@cluster_group.command("release")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The controller configuration naming the cluster and its providers.",
+)
+def release(config_path: Path) -> None:
+    """Delete what the providers made for the cluster besides instances (the GCP
+    firewall rule). Refused while any instance of the cluster still exists: delete the
+    workloads and let the controller terminate their replicas first."""
+    from autoscaler.config import ConfigError, load_config
+    from autoscaler.uvloop import run_async
+    from providers.errors import ProviderError
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if config.providers.gcp is None:
+        click.echo(f"cluster {config.cluster_id}: nothing to release (no provider made any)")
+        return
+    from providers.gcp import GcpProvider
+
+    provider = GcpProvider(config.providers.gcp.provider_config())
+    try:
+        released = run_async(provider.release_cluster(config.cluster_id))
+    except ProviderError as exc:
+        raise click.ClickException(str(exc)) from None
+    finally:
+        provider.close()
+    for what in released or ["nothing left to release"]:
+        click.echo(f"cluster {config.cluster_id}: gcp {what}" + (" deleted" if released else ""))

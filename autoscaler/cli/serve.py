@@ -64,7 +64,10 @@ def run(
         config_path=config_path,
         dry_run=dry_run,
     )
-    run_async(run_all(settings))
+    try:
+        run_async(run_all(settings))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.command()

@@ -38,7 +38,9 @@ from autoscaler.reconcile.observe import count_provider_error
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
-from catalog.model import ProviderName
+from catalog.cuda import offer_cuda_problem
+from catalog.gpus import UnknownGpuError, resolve_gpu
+from catalog.model import Offer, ProviderName
 from catalog.query import Market
 from providers.base import (
     BootSpec,
@@ -163,7 +165,7 @@ async def _call_launch(
             deps, session, row=row, now=now, error=f"offer {row.offer_key} left the catalog"
         )
     boot = _scripted(
-        deps, row=row, spec=spec, boot=workload_boot(spec, cuda_version=_cuda_pin(spec))
+        deps, row=row, spec=spec, boot=workload_boot(spec, cuda_version=_cuda_pin(spec, offer))
     )
     request = LaunchRequest(
         offer=offer,
@@ -211,11 +213,25 @@ def _scripted(deps: Deps, *, row: LedgerRow, spec: WorkloadSpec, boot: BootSpec)
     )
 
 
-def _cuda_pin(spec: WorkloadSpec) -> str | None:
+def _cuda_pin(spec: WorkloadSpec, offer: Offer) -> str | None:
+    """The newest pinned CUDA version the offer's machine image can run: the catalog
+    admitted the offer for at least one of the pins, and the instance boots (and checks
+    its driver) for that one."""
     policy = spec.execution_policy_config
     pool = policy.cloud_pool if isinstance(policy, AutoscalingPolicy) else None
     pins = pool.allowed_cuda_versions if pool else None
-    return max(pins, key=_version_key) if pins else None
+    if not pins:
+        return None
+    try:
+        gpu = resolve_gpu(offer.gpu)
+    except UnknownGpuError:
+        return max(pins, key=_version_key)
+    runnable = [
+        pin
+        for pin in pins
+        if offer_cuda_problem(provider=offer.provider, gpu=gpu, pins=(pin,)) is None
+    ]
+    return max(runnable or pins, key=_version_key)
 
 
 def _version_key(version: str) -> tuple[int, ...]:

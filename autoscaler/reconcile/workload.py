@@ -23,6 +23,7 @@ the plan changes, and nothing is bought, drained or terminated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -50,7 +51,7 @@ from autoscaler.decide.scaling import (
     ScaleMemory,
     Signals,
 )
-from autoscaler.metrics import REFUSAL_REASONS, refusal_reason
+from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
 from autoscaler.reconcile.ledger import (
     fleet_counts,
@@ -616,3 +617,18 @@ def _export(
     policy = _autoscaling(spec)
     if policy is not None and policy.max_hourly_cost_usd is not None:
         m.workload_ceiling.labels(*labels).set(policy.max_hourly_cost_usd)
+    _export_bounds(m, labels=labels, spec=spec)
+
+
+def _export_bounds(m: ControllerMetrics, *, labels: tuple[str, str], spec: WorkloadSpec) -> None:
+    """The workload's own targets, for alert rules and dashboards to compare against."""
+    config = spec.execution_policy_config
+    if isinstance(config, AutoscalingPolicy):
+        m.ttft_target.labels(*labels).set(config.upper_allowed_latency_sec)
+        m.ttft_lower.labels(*labels).set(config.lower_allowed_latency_sec)
+        m.max_replicas.labels(*labels).set(config.max_workers)
+        return
+    for gauge in (m.ttft_target, m.ttft_lower):
+        with contextlib.suppress(KeyError):
+            gauge.remove(*labels)  # a policy changed away from autoscaling has no target
+    m.max_replicas.labels(*labels).set(config.replicas)

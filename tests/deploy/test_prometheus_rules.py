@@ -72,7 +72,10 @@ def test_every_alert_reads_a_metric_the_code_exports() -> None:
         "OrphanInstances",
         "SlowColdStarts",
         "CatalogStale",
+        "CatalogSyncFailing",
         "ControllerDown",
+        "TtftAboveTargetAtMaxReplicas",
+        "WorkloadSpendNearCeiling",
     ):
         assert needed in alerts
 
@@ -85,3 +88,14 @@ def test_the_dashboard_reads_only_exported_metrics() -> None:
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {m for e in exprs for m in re.findall(r"\bautoscaler_[a-z_]+", e)}
     assert used and used <= exported, sorted(used - exported)
+
+
+def test_the_dashboard_shows_each_workloads_ttft_target_beside_its_measurement() -> None:
+    import json
+
+    dashboard = json.loads((RULES_DIR.parent / "grafana" / "autoscaler-dashboard.json").read_text())
+    [panel] = [p for p in dashboard["panels"] if "TTFT" in p["title"]]
+    exprs = [t["expr"] for t in panel["targets"]]
+    assert any("autoscaler_gateway_ttft_seconds_bucket" in e for e in exprs)
+    assert any("autoscaler_controller_workload_ttft_target_seconds" in e for e in exprs)
+    assert all("by (project, workload" in e for e in exprs)  # one line pair per workload

@@ -12,6 +12,10 @@ with 409, and lets tests inject failures and preempt spot VMs:
   ``compute.instances.preempted`` operation.
 * ``settle()``: every instance that is provisioning becomes ``RUNNING``.
 
+Firewall rules (``global/firewalls``: insert, get, patch, delete, list) change through
+global operations (``global/operations``), which also report ``RUNNING`` first;
+``firewall_calls`` records each insert, patch and delete.
+
 Insert operations report ``RUNNING`` on the first read and ``DONE`` after, so clients
 must poll.
 """
@@ -64,6 +68,9 @@ class FakeGceServer:
         self.instances: dict[tuple[str, str], dict[str, Any]] = {}
         self.operations: dict[str, dict[str, Any]] = {}
         self.insert_requests = 0
+        self.firewalls: dict[str, dict[str, Any]] = {}
+        self.firewall_calls: list[tuple[str, str]] = []
+        self.global_operations: dict[str, dict[str, Any]] = {}
         self._by_request_id: dict[str, str] = {}
         self._failure: GceFailure | None = None
         self._ids = itertools.count(1000)
@@ -192,6 +199,71 @@ class FakeGceServer:
             self._by_request_id[rid] = operation["name"]
         return 200, operation
 
+    def _global_operation(self, project: str, kind: str, target: str) -> dict[str, Any]:
+        number = next(self._ids)
+        name = f"operation-g{number}"
+        operation: dict[str, Any] = {
+            "kind": "compute#operation",
+            "id": str(number),
+            "name": name,
+            "operationType": kind,
+            "targetLink": target,
+            "status": "RUNNING",
+            "progress": 0,
+            "insertTime": _now(),
+            "selfLink": f"{self.endpoint}{_PREFIX}{project}/global/operations/{name}",
+        }
+        self.global_operations[name] = operation
+        return operation
+
+    def _firewall_route(
+        self,
+        method: str,
+        project: str,
+        rest: list[str],
+        body: dict[str, Any],
+        query: dict[str, str],
+    ) -> tuple[int, Any]:
+        base = f"{self.endpoint}{_PREFIX}{project}/global/firewalls"
+        match rest, method:
+            case [], "GET":
+                return 200, {"kind": "compute#firewallList", "items": list(self.firewalls.values())}
+            case [], "POST":
+                rid = query.get("requestId")
+                if rid and rid in self._by_request_id:
+                    return 200, self.global_operations[self._by_request_id[rid]]
+                name = body["name"]
+                if name in self.firewalls:
+                    return _http_error(
+                        409, "alreadyExists", f"The resource '{base}/{name}' already exists"
+                    )
+                self.firewall_calls.append(("insert", name))
+                self.firewalls[name] = {
+                    **body,
+                    "kind": "compute#firewall",
+                    "selfLink": f"{base}/{name}",
+                }
+                operation = self._global_operation(project, "insert", f"{base}/{name}")
+                if rid:
+                    self._by_request_id[rid] = operation["name"]
+                return 200, operation
+            case [name], "GET":
+                if name not in self.firewalls:
+                    return _http_error(404, "notFound", f"firewall {name} not found")
+                return 200, self.firewalls[name]
+            case [name], "PATCH":
+                if name not in self.firewalls:
+                    return _http_error(404, "notFound", f"firewall {name} not found")
+                self.firewall_calls.append(("patch", name))
+                self.firewalls[name] = {**self.firewalls[name], **body}
+                return 200, self._global_operation(project, "patch", f"{base}/{name}")
+            case [name], "DELETE":
+                if self.firewalls.pop(name, None) is None:
+                    return _http_error(404, "notFound", f"firewall {name} not found")
+                self.firewall_calls.append(("delete", name))
+                return 200, self._global_operation(project, "delete", f"{base}/{name}")
+        return _http_error(404, "notFound", f"no route {method} firewalls/{'/'.join(rest)}")
+
     def _route(
         self, method: str, path: str, query: dict[str, str], body: dict[str, Any]
     ) -> tuple[int, Any]:
@@ -201,7 +273,17 @@ class FakeGceServer:
         project = parts[0]
         rest = parts[1:]
         with self._lock:
+            if rest[:2] == ["global", "firewalls"]:
+                return self._firewall_route(method, project, rest[2:], body, query)
             match rest, method:
+                case ["global", "operations", name], "GET":
+                    found_op = self.global_operations.get(name)
+                    if found_op is None:
+                        return _http_error(404, "notFound", f"operation {name} not found")
+                    reply = dict(found_op)
+                    found_op["status"] = "DONE"
+                    found_op["progress"] = 100
+                    return 200, reply
                 case ["zones", zone, "instances"], "POST":
                     return self._insert(project, zone, body, query)
                 case ["zones", zone, "instances"], "GET":
@@ -276,7 +358,7 @@ class FakeGceServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            do_GET = do_POST = do_DELETE = _serve
+            do_GET = do_POST = do_DELETE = do_PATCH = _serve
 
             def log_message(self, format: str, *args: object) -> None:
                 pass

@@ -9,10 +9,21 @@ import pytest
 from google.api_core import exceptions as google_exceptions
 from google.auth.credentials import AnonymousCredentials
 
+from catalog.cuda import (
+    MachineImage,
+    cuda_version,
+    driver_runs,
+    known_cuda_versions,
+    offer_cuda_problem,
+)
+from catalog.cuda import machine_images as table_images
+from catalog.gpus import resolve_gpu
 from catalog.model import Offer, ProviderName
+from catalog.snapshot import load_bundled
 from providers.base import (
     InstanceState,
     InsufficientCapacity,
+    LaunchRequest,
     NotFound,
     Provider,
     QuotaExceeded,
@@ -21,14 +32,18 @@ from providers.base import (
     Transient,
 )
 from providers.gcp import (
+    ENGINE_PORTS,
     GcpConfig,
     GcpProvider,
+    choose_image,
+    image_source,
     instance_name,
     label_value,
     launch_id_of,
     request_id,
     translate,
 )
+from providers.gcp_firewall import cluster_network_tag, firewall_rule_name
 from tests.fakes.gcp_compute import FakeGceServer
 from tests.providers.contract import (
     Capability,
@@ -134,8 +149,10 @@ async def test_launch_sends_labels_spot_scheduling_image_family_and_startup_scri
         "automaticRestart": False,
     }
     source = sent["disks"][0]["initializeParams"]["sourceImage"]
+    # The newest-driver image that runs the 12.4 pin on an L4, from the catalog's table.
     assert source == (
-        "projects/deeplearning-platform-release/global/images/family/common-cu124-ubuntu-2204-py310"
+        "projects/deeplearning-platform-release/global/images/family/"
+        "common-cu129-ubuntu-2204-nvidia-580"
     )
     metadata = {item["key"]: item["value"] for item in sent["metadata"]["items"]}
     assert metadata["startup-script"] == request.boot.startup_script
@@ -279,3 +296,155 @@ async def test_a_preempted_spot_vm_is_reported_with_its_launch(gce: FakeGceServe
     with pytest.raises(NotFound):
         await provider.describe(instance.instance_id)
     assert InstanceState.INTERRUPTED.is_gone
+
+
+def _with_port(request: LaunchRequest, port: int) -> LaunchRequest:
+    return replace(request, boot=replace(request.boot, port=port))
+
+
+def _source_image(gce: FakeGceServer, instance_id: str) -> str:
+    zone, name = instance_id.split("/")
+    return str(gce.instances[(zone, name)]["disks"][0]["initializeParams"]["sourceImage"])
+
+
+async def test_the_firewall_rule_is_created_once_reused_and_removed_with_the_cluster(
+    gce: FakeGceServer,
+) -> None:
+    cluster = "fw-life"
+    name = firewall_rule_name(cluster)
+    provider = GcpProvider(_config(gce, source_ranges=("10.20.0.0/16",)))
+    harness = GcpHarness(gce)
+
+    first = await provider.launch(make_request(harness, cluster_id=cluster))
+    second = await provider.launch(make_request(harness, cluster_id=cluster))
+    # A controller restarted (a new provider object) finds the rule and leaves it as it is.
+    third = await GcpProvider(_config(gce, source_ranges=("10.20.0.0/16",))).launch(
+        make_request(harness, cluster_id=cluster)
+    )
+
+    assert [c for c in gce.firewall_calls if c[1] == name] == [("insert", name)]
+    rule = gce.firewalls[name]
+    assert rule["sourceRanges"] == ["10.20.0.0/16"]
+    assert rule["targetTags"] == [cluster_network_tag(cluster)]
+    assert rule["allowed"] == [{"IPProtocol": "tcp", "ports": ["8080"]}]
+    assert f"autoscaler:cluster={cluster}" in rule["description"]
+    for instance in (first, second, third):
+        zone, vm = instance.instance_id.split("/")
+        assert cluster_network_tag(cluster) in gce.instances[(zone, vm)]["tags"]["items"]
+
+    # An engine on another port widens the same rule instead of making a second one.
+    fourth = await provider.launch(_with_port(make_request(harness, cluster_id=cluster), 30000))
+    assert gce.firewalls[name]["allowed"] == [{"IPProtocol": "tcp", "ports": ["8080", "30000"]}]
+    assert [c for c in gce.firewall_calls if c[1] == name] == [("insert", name), ("patch", name)]
+
+    with pytest.raises(Terminal, match="instances of the cluster still exist"):
+        await provider.release_cluster(cluster)
+    assert name in gce.firewalls
+    for instance in (first, second, third, fourth):
+        await provider.terminate(instance.instance_id)
+
+    assert await provider.release_cluster(cluster) == [f"firewall rule {name}"]
+    assert name not in gce.firewalls
+    assert await provider.release_cluster(cluster) == []  # idempotent
+
+
+async def test_a_rule_under_our_name_that_is_not_ours_is_left_alone(gce: FakeGceServer) -> None:
+    cluster = "fw-foreign"
+    name = firewall_rule_name(cluster)
+    gce.firewalls[name] = {"name": name, "description": "made by hand", "allowed": []}
+    provider = GcpProvider(_config(gce))
+    before = gce.insert_requests
+
+    with pytest.raises(Terminal, match=f"a firewall rule {name} exists that this cluster did not"):
+        await provider.launch(make_request(GcpHarness(gce), cluster_id=cluster))
+
+    assert gce.insert_requests == before  # nothing bought
+    assert await provider.release_cluster(cluster) == []
+    assert gce.firewalls[name]["description"] == "made by hand"
+    del gce.firewalls[name]
+
+
+async def test_check_mode_refuses_to_start_with_the_exact_rule_to_create(
+    gce: FakeGceServer,
+) -> None:
+    cluster = "fw-check"
+    provider = GcpProvider(_config(gce, firewall="check", source_ranges=("10.8.0.0/24",)))
+    ports = ",".join(f"tcp:{p}" for p in ENGINE_PORTS)
+
+    with pytest.raises(Terminal) as refused:
+        await provider.preflight(cluster)
+
+    command = (
+        f"gcloud compute firewall-rules create {firewall_rule_name(cluster)} "
+        f"--project acme-serving --network default --direction INGRESS --action ALLOW "
+        f"--rules {ports} --source-ranges 10.8.0.0/24 "
+        f"--target-tags {cluster_network_tag(cluster)}"
+    )
+    assert str(refused.value).endswith(f"create one: {command}")
+    # An operator's rule (another name, a wider range, the shared tag) is enough.
+    gce.firewalls["allow-gateway"] = {
+        "name": "allow-gateway",
+        "network": "https://www.googleapis.com/compute/v1/projects/acme-serving/global/networks/default",
+        "direction": "INGRESS",
+        "sourceRanges": ["10.0.0.0/8"],
+        "targetTags": ["autoscaler-engine"],
+        "allowed": [{"IPProtocol": "tcp", "ports": ["8000", "11434", "30000"]}],
+    }
+    try:
+        await provider.preflight(cluster)
+        # In check mode a launch creates no rule.
+        await provider.launch(make_request(GcpHarness(gce), cluster_id=cluster))
+        assert firewall_rule_name(cluster) not in gce.firewalls
+    finally:
+        del gce.firewalls["allow-gateway"]
+
+
+async def test_a_cuda_13_pin_boots_an_image_whose_driver_runs_13(gce: FakeGceServer) -> None:
+    provider = GcpProvider(_config(gce))
+    request = make_request(GcpHarness(gce), cluster_id="c-cu13")
+    request = replace(request, boot=replace(request.boot, cuda_version="13.0"))
+
+    instance = await provider.launch(request)
+
+    source = _source_image(gce, instance.instance_id)
+    [image] = [i for i in table_images(ProviderName.GCP) if image_source(i) == source]
+    assert image.driver >= cuda_version("13.0").min_driver
+    assert "cu124" not in source  # the driver-550 family cannot run 13.0
+
+
+def test_every_gcp_offer_the_catalog_admits_for_a_pin_boots_a_driver_that_runs_it() -> None:
+    images = table_images(ProviderName.GCP)
+    checked = 0
+    for offer in {
+        o.gpu: o for o in load_bundled().offers if o.provider is ProviderName.GCP
+    }.values():
+        gpu = resolve_gpu(offer.gpu)
+        for pin in known_cuda_versions():
+            admitted = offer_cuda_problem(provider=ProviderName.GCP, gpu=gpu, pins=(pin,)) is None
+            if not admitted:
+                with pytest.raises(LookupError):
+                    choose_image(offer, cuda=pin, images=images)
+                continue
+            chosen = choose_image(offer, cuda=pin, images=images)
+            assert driver_runs(chosen.driver, version=pin, gpu=gpu), (offer.gpu, pin, chosen)
+            checked += 1
+    assert checked > 20
+
+
+async def test_configured_images_replace_the_table_and_a_pin_they_cannot_run_buys_nothing(
+    gce: FakeGceServer,
+) -> None:
+    old_only = (MachineImage(ProviderName.GCP, "my-images/cu124-family", (550, 90, 7)),)
+    provider = GcpProvider(_config(gce, images=old_only))
+    request = make_request(GcpHarness(gce), cluster_id="c-own-images")
+
+    instance = await provider.launch(request)  # 12.4 runs on driver 550.90
+    assert _source_image(gce, instance.instance_id) == (
+        "projects/my-images/global/images/family/cu124-family"
+    )
+    pinned = make_request(GcpHarness(gce), cluster_id="c-own-images")
+    pinned = replace(pinned, boot=replace(pinned.boot, cuda_version="13.0"))
+    before = gce.insert_requests
+    with pytest.raises(Terminal, match=r"no image's driver runs CUDA 13.0 on NVIDIA L4"):
+        await provider.launch(pinned)
+    assert gce.insert_requests == before

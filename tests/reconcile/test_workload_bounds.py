@@ -1,0 +1,44 @@
+"""Each workload's own bounds are exported, so alert rules compare against them."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry
+
+from tests.reconcile.world import World, autoscaling, fixed
+
+
+def _value(registry: CollectorRegistry, name: str, workload: str) -> float | None:
+    return registry.get_sample_value(name, {"project": "acme", "workload": workload})
+
+
+async def test_targets_and_bounds_are_exported_per_workload(world: World) -> None:
+    await world.apply(autoscaling("chat", upper_allowed_latency_sec=0.8, max_workers=3))
+    await world.apply(autoscaling("docs", upper_allowed_latency_sec=4.0, max_workers=6))
+    await world.apply(fixed("batch", replicas=2))
+
+    await world.step()
+
+    registry = world.deps.metrics.registry
+    target = "autoscaler_controller_workload_ttft_target_seconds"
+    assert _value(registry, target, "chat") == 0.8
+    assert _value(registry, target, "docs") == 4.0
+    assert _value(registry, target, "batch") is None  # a fixed workload has no TTFT target
+    assert _value(registry, "autoscaler_controller_workload_ttft_lower_seconds", "chat") == 0.2
+    maximum = "autoscaler_controller_workload_max_replicas"
+    assert [_value(registry, maximum, w) for w in ("chat", "docs", "batch")] == [3, 6, 2]
+
+
+async def test_a_changed_target_is_exported_and_a_deleted_workload_leaves(world: World) -> None:
+    await world.apply(autoscaling("chat", upper_allowed_latency_sec=0.8))
+    await world.step()
+    await world.apply(autoscaling("chat", upper_allowed_latency_sec=1.5))
+    await world.step(5)
+    registry = world.deps.metrics.registry
+    target = "autoscaler_controller_workload_ttft_target_seconds"
+    assert _value(registry, target, "chat") == 1.5
+
+    await world.delete("chat")
+    for _ in range(6):
+        await world.step(30)
+
+    assert _value(registry, target, "chat") is None
