@@ -120,6 +120,13 @@ class DataClient:
     def close(self) -> None:
         self._http.close()
 
+    def __del__(self) -> None:
+        # Scripts written like the product's samples never close their clients; the
+        # pooled connections close with the client instead of leaking sockets.
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.close()
+
 
 class Endpoint:
     """The OpenAI-compatible routes of one workload."""

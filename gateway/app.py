@@ -34,11 +34,17 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Workload
 from gateway import jobs
-from gateway.auth import authorize, is_admin
+from gateway.auth import authorize, bearer_secret, digest, is_admin
 from gateway.dispatch import Dispatcher, DispatchLimits
 from gateway.errors import GatewayError, error_response
 from gateway.proxy import Forwarder, ProxyLimits
-from gateway.routes import RouteTable, WorkloadRef, WorkloadRoute, load_route_table
+from gateway.routes import (
+    RouteTable,
+    WorkloadRef,
+    WorkloadRoute,
+    knows_data_key,
+    load_route_table,
+)
 from gateway.signals import Metrics, Signals, SignalSnapshot
 
 log = logging.getLogger(__name__)
@@ -136,6 +142,8 @@ class Gateway:
         self._written_last_request: dict[WorkloadRef, float] = {}
         self._queue_depths: dict[WorkloadRef, int] = {}
         self._requeued_at = float("-inf")
+        self._refreshes = 0
+        self._refresh_lock = asyncio.Lock()
         self.port: int | None = None
 
     # -- public interface ----------------------------------------------------------
@@ -218,6 +226,11 @@ class Gateway:
 
     async def refresh(self) -> None:
         """Reload routes and keys from the store and serve any request they unblock."""
+        async with self._refresh_lock:
+            await self._reload()
+
+    async def _reload(self) -> None:
+        self._refreshes += 1  # reloads begun; the caller holds the lock
         async with self._sessions() as s:
             table = await load_route_table(s)
             depths = await jobs.queue_depths(s)
@@ -304,11 +317,8 @@ class Gateway:
         arrived = time.perf_counter()
         info = request.match_info
         try:
-            route = authorize(
-                self._table,
-                authorization=request.headers.get("Authorization"),
-                project=info["project"],
-                slug=info["workload"],
+            route = await self._authorize(
+                request.headers.get("Authorization"), project=info["project"], slug=info["workload"]
             )
         except GatewayError as exc:
             return exc.response()
@@ -331,6 +341,36 @@ class Gateway:
             children = self._signals.metrics_of(route.ref)
             children.requests(status).inc()
             children.duration.observe(time.perf_counter() - arrived)
+
+    async def _authorize(
+        self, authorization: str | None, *, project: str, slug: str
+    ) -> WorkloadRoute:
+        """``authorize`` against the route table; a key or workload made since the last
+        refresh is looked up in the store and, when it is there, the table reloaded at
+        once, so a key works on every gateway as soon as its ``create`` has returned."""
+        try:
+            return authorize(self._table, authorization=authorization, project=project, slug=slug)
+        except GatewayError as exc:
+            secret = bearer_secret(authorization)
+            if secret is None or exc.code not in ("invalid_api_key", "workload_not_found"):
+                raise
+            key = digest(secret)
+            if key in self._table.data_keys and exc.code == "invalid_api_key":
+                raise  # a known key of another workload or project
+            if key not in self._table.data_keys:
+                async with self._sessions() as s:
+                    if not await knows_data_key(s, digest=key):
+                        raise
+            await self._refresh_once()
+        return authorize(self._table, authorization=authorization, project=project, slug=slug)
+
+    async def _refresh_once(self) -> None:
+        """Reload the table, unless a reload that began after this call has (it finished
+        before the lock was ours): requests that miss together share one reload."""
+        seen = self._refreshes
+        async with self._refresh_lock:
+            if self._refreshes == seen:
+                await self._reload()
 
     async def _dispatch(
         self, request: web.Request, *, route: WorkloadRoute, tail: str, arrived: float

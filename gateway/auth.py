@@ -22,7 +22,8 @@ def bearer_secret(header: str | None) -> str | None:
     return secret or None
 
 
-def _digest(secret: str) -> str:
+def digest(secret: str) -> str:
+    """The SHA-256 hex digest the store keeps for a secret."""
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
@@ -38,7 +39,7 @@ def authorize(
             "(a key of this workload, made with 'autoscaler keys create')",
             code="missing_api_key",
         )
-    key = table.data_keys.get(_digest(secret))
+    key = table.data_keys.get(digest(secret))
     if key is None or key.project != project:
         raise GatewayError(401, "invalid data key", code="invalid_api_key")
     route = table.workloads.get((project, slug))
@@ -59,4 +60,4 @@ def authorize(
 
 def is_admin(table: RouteTable, authorization: str | None) -> bool:
     secret = bearer_secret(authorization)
-    return secret is not None and _digest(secret) in table.admin_hashes
+    return secret is not None and digest(secret) in table.admin_hashes

@@ -115,6 +115,19 @@ async def load_route_table(session: AsyncSession) -> RouteTable:
     return RouteTable(workloads=workloads, data_keys=data_keys, admin_hashes=frozenset(admin))
 
 
+async def knows_data_key(session: AsyncSession, *, digest: str) -> bool:
+    """Whether the store holds an unrevoked data key with this SHA-256: a key made since
+    the last refresh (one indexed lookup, so an unknown key costs no full reload)."""
+    found = await session.scalar(
+        select(Token.id).where(
+            Token.secret_hash == digest,
+            Token.revoked_at.is_(None),
+            Token.kind == TokenKind.LIVE.value,
+        )
+    )
+    return found is not None
+
+
 def _task_type(value: object) -> TaskType:
     try:
         return TaskType(str(value))

@@ -114,7 +114,8 @@ def _image_size(body: JsonObject) -> tuple[int, int]:
 
 
 async def images(request: web.Request) -> web.Response:
-    """``POST /v1/images/generations``: one-colour PNGs, as base64 (or a data: URL)."""
+    """``POST /v1/images/generations``: one-colour PNGs, as a data: URL unless base64 is
+    asked for (``response_format``; OpenAI's images API answers with URLs by default)."""
     state = request.app[STATE]
     state.require_ready()
     body = await json_body(request)
@@ -124,7 +125,7 @@ async def images(request: web.Request) -> web.Response:
         raise bad_request("prompt", "must not be empty")
     count = int_field(body, "n", default=1, minimum=1, maximum=10)
     width, height = _image_size(body)
-    fmt = choice_field(body, "response_format", allowed=("b64_json", "url"), default="b64_json")
+    fmt = choice_field(body, "response_format", allowed=("b64_json", "url"), default="url")
     await _run(state, input_tokens=media.estimate_tokens(prompt), output_tokens=IMAGE_STEPS * count)
     data: list[dict[str, str]] = []
     for index in range(count):
