@@ -10,8 +10,17 @@ every call carries ``Authorization: Bearer {token}``):
 
 * ``GET {url}/secrets`` answers ``NAME=VALUE`` lines (Docker env-file format) with the
   values of the BootSpec's ``secret_env_names`` (the engine key, a Hugging Face token);
-* ``POST {url}/status`` takes ``{"launch_id": ..., "state": "ready" | "failed",
-  "reason": ...}``.
+* ``POST {url}/status`` takes ``{"launch_id": ..., "state": "ready" | "failed" |
+  "interrupted", "reason": ...}``.
+
+Spot instances also watch their provider's interruption notice from the first step on:
+EC2's instance metadata ``spot/instance-action`` (IMDSv2, every ``poll_seconds``) or
+GCE's ``instance/preempted`` metadata. The first notice is reported as ``interrupted``
+with the notice in the reason, from a watcher that outlives the script (its pid in
+``$STATE_DIR/spot-notice-<launch id>.pid``), so the controller drains the replica and
+starts its replacement while the machine still serves: EC2 gives two minutes, GCE 30
+seconds. ``AUTOSCALER_EC2_METADATA_URL`` / ``AUTOSCALER_GCE_METADATA_URL`` in the
+environment replace the metadata addresses (a test's fake metadata server).
 
 Secret values are never rendered into the script: user data is readable by anyone who
 may describe the instance, and the script text travels through logs and reprs. The
@@ -25,6 +34,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from typing import Literal
 
 from catalog.cuda import cuda_version
 from providers.base import BootSpec
@@ -33,6 +43,7 @@ from providers.engines import engine_for
 __all__ = [
     "DEFAULT_STATE_DIR",
     "BootCallback",
+    "SpotNotice",
     "min_driver_for",
     "render_startup_script",
     "startup_script_for",
@@ -40,6 +51,9 @@ __all__ = [
 ]
 
 DEFAULT_STATE_DIR = "/var/lib/autoscaler"
+
+SpotNotice = Literal["ec2", "gce"]
+"""Whose interruption notice a spot instance watches (``None``: not spot, no watcher)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +89,7 @@ def render_startup_script(
     state_dir: str = DEFAULT_STATE_DIR,
     health_timeout_seconds: int = 1800,
     poll_seconds: int = 5,
+    spot_notice: SpotNotice | None = None,
 ) -> str:
     """The bash script that boots ``boot`` on a fresh GPU instance and reports back."""
     settings: Mapping[str, str | int] = {
@@ -92,6 +107,7 @@ def render_startup_script(
         "CACHE_MOUNT": cache_mount,
         "HEALTH_TIMEOUT_SECONDS": health_timeout_seconds,
         "POLL_SECONDS": poll_seconds,
+        "SPOT_NOTICE": spot_notice or "",
     }
     arrays: Mapping[str, Sequence[str]] = {
         "ENGINE_ARGV": boot.command,
@@ -110,7 +126,12 @@ def render_startup_script(
 
 
 def startup_script_for(
-    *, boot: BootSpec, backend: str, launch_id: str, callback: BootCallback
+    *,
+    boot: BootSpec,
+    backend: str,
+    launch_id: str,
+    callback: BootCallback,
+    spot_notice: SpotNotice | None = None,
 ) -> str:
     """The startup script for a BootSpec made by :func:`providers.engines.boot_spec`."""
     engine = engine_for(backend)
@@ -121,14 +142,26 @@ def startup_script_for(
         callback=callback,
         warmup=warmup,
         cache_mount=engine.cache_dir,
+        spot_notice=spot_notice,
     )
 
 
 def with_startup_script(
-    boot: BootSpec, *, backend: str, launch_id: str, callback: BootCallback
+    boot: BootSpec,
+    *,
+    backend: str,
+    launch_id: str,
+    callback: BootCallback,
+    spot_notice: SpotNotice | None = None,
 ) -> BootSpec:
     """``boot`` with its startup script rendered for this launch."""
-    script = startup_script_for(boot=boot, backend=backend, launch_id=launch_id, callback=callback)
+    script = startup_script_for(
+        boot=boot,
+        backend=backend,
+        launch_id=launch_id,
+        callback=callback,
+        spot_notice=spot_notice,
+    )
     return dataclasses.replace(boot, startup_script=script)
 
 

@@ -1,8 +1,9 @@
 # The body of an instance's startup script. providers/bootstrap.py prepends the
 # settings (LAUNCH_ID, IMAGE, ENGINE_ARGV, CALLBACK_URL, ...) as shell assignments.
 #
-# Steps: check the NVIDIA driver against the CUDA pin, fetch this replica's secrets from
-# the controller, pull the engine image, start the engine container, wait for its health
+# Steps: check the NVIDIA driver against the CUDA pin, start watching for a spot
+# interruption notice (spot instances only), fetch this replica's secrets from the
+# controller, pull the engine image, start the engine container, wait for its health
 # path, run the engine's warm-up (ollama pulls its model), report ready. Any failure is
 # reported as failed with a reason, and the script exits non-zero instead of serving.
 # Secrets never reach the log, the report or the command line of this script.
@@ -131,7 +132,57 @@ warm_up() {
   fi
 }
 
+# The provider's two-minute (EC2) or 30-second (GCE) warning before it reclaims a spot
+# instance. The metadata addresses can be replaced from the environment (tests).
+EC2_METADATA_URL=${AUTOSCALER_EC2_METADATA_URL:-http://169.254.169.254}
+GCE_METADATA_URL=${AUTOSCALER_GCE_METADATA_URL:-http://metadata.google.internal}
+
+ec2_notice() {
+  local token
+  token=$(curl -fsS --max-time 2 -X PUT -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' \
+    "$EC2_METADATA_URL/latest/api/token" 2>/dev/null) || return 1
+  # 404 until EC2 schedules the interruption; then {"action": ..., "time": ...}.
+  curl -fsS --max-time 2 -H "X-aws-ec2-metadata-token: $token" \
+    "$EC2_METADATA_URL/latest/meta-data/spot/instance-action" 2>/dev/null
+}
+
+gce_notice() {
+  local preempted
+  preempted=$(curl -fsS --max-time 2 -H 'Metadata-Flavor: Google' \
+    "$GCE_METADATA_URL/computeMetadata/v1/instance/preempted" 2>/dev/null) || return 1
+  [[ "$preempted" == "TRUE" ]] && printf 'instance/preempted is TRUE'
+}
+
+watch_spot_notice() {
+  local notice
+  while true; do
+    notice=""
+    case "$SPOT_NOTICE" in
+      ec2) notice=$(ec2_notice) || notice="" ;;
+      gce) notice=$(gce_notice) || notice="" ;;
+    esac
+    if [[ -n "$notice" ]]; then
+      log "spot interruption notice: $notice"
+      if report interrupted "$SPOT_NOTICE spot interruption notice: $notice"; then
+        return 0
+      fi
+      log "could not report the interruption notice; trying again"
+    fi
+    sleep "$POLL_SECONDS"
+  done
+}
+
+start_spot_watch() {
+  [[ -n "$SPOT_NOTICE" ]] || return 0
+  # Outlives this script: the notice can come at any time while the instance serves.
+  watch_spot_notice </dev/null >>"$STATE_DIR/spot-notice-$LAUNCH_ID.log" 2>&1 &
+  echo $! >"$STATE_DIR/spot-notice-$LAUNCH_ID.pid"
+  disown
+  log "watching for $SPOT_NOTICE spot interruption notices"
+}
+
 check_driver
+start_spot_watch
 fetch_secrets
 pull_image
 start_engine

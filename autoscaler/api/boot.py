@@ -4,11 +4,16 @@
   format): the replica's engine key when its engine takes one, and the Hugging Face token
   when the controller has one (the file ``hf_token_file`` of the configuration, else
   ``$HF_TOKEN``; never the workload spec).
-* ``POST /v1/boot/{launch_id}/status`` takes ``{"launch_id", "state": "ready" | "failed",
-  "reason"}``. ``failed`` stores ``last_error`` (``boot failed: …``), and the liveness
-  reconciler terminates the instance and skips its offer for a while. ``ready`` stores
-  nothing: it wakes the controller, whose own health check (with the engine key) sets
-  ``ready_at``; the instance's word alone never makes a replica serve.
+* ``POST /v1/boot/{launch_id}/status`` takes ``{"launch_id", "state": "ready" | "failed"
+  | "interrupted", "reason"}``. ``failed`` stores ``last_error`` (``boot failed: …``),
+  and the liveness reconciler terminates the instance and skips its offer for a while.
+  ``ready`` stores nothing: it wakes the controller, whose own health check (with the
+  engine key) sets ``ready_at``; the instance's word alone never makes a replica serve.
+  ``interrupted`` is a spot interruption notice: ``last_error`` records it
+  (``spot notice: …``) and a serving replica is marked draining at once, so the gateway
+  stops routing new requests to it while those in flight finish; the controller, woken,
+  launches the replacement, skips the offer's spot market for a while and terminates a
+  replica that was still booting (``autoscaler.reconcile.liveness.heed_spot_notices``).
 
 The bearer token is per instance: HMAC-SHA256 of the launch id keyed by the replica's
 engine key (:func:`autoscaler.reconcile.provisioner.boot_token`), derived again here, so
@@ -32,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaler.api.deps import Session, State
 from autoscaler.api.errors import ApiError
-from autoscaler.reconcile.liveness import BOOT_FAILED
+from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE
 from autoscaler.reconcile.provisioner import boot_token
 from autoscaler.store.models import Instance, Workload
 from autoscaler.store.phase import Phase, phase_of
@@ -80,7 +85,7 @@ def _secrets_source(request: Request) -> BootSecrets:
 class BootStatus(BaseModel):
     model_config = ConfigDict(extra="forbid")
     launch_id: str = Field(max_length=64)
-    state: Literal["ready", "failed"]
+    state: Literal["ready", "failed", "interrupted"]
     reason: str = Field(default="", max_length=MAX_REASON_CHARS)
 
 
@@ -127,7 +132,7 @@ async def secrets(
 
 
 @router.post("/{launch_id}/status", status_code=202)
-async def status(row: Launch, body: BootStatus, state: State) -> dict[str, Any]:
+async def status(row: Launch, body: BootStatus, s: Session, state: State) -> dict[str, Any]:
     if body.launch_id != row.launch_id:
         raise ApiError(
             422,
@@ -138,8 +143,15 @@ async def status(row: Launch, body: BootStatus, state: State) -> dict[str, Any]:
         reason = body.reason.strip() or "the startup script failed without a reason"
         row.last_error = f"{BOOT_FAILED}{reason}"
         log.warning("boot %s of %s failed: %s", row.launch_id, row.workload_slug, reason)
+    elif body.state == "interrupted":
+        reason = body.reason.strip() or "the provider will reclaim this spot instance"
+        row.last_error = f"{SPOT_NOTICE}{reason}"
+        if phase_of(row) is Phase.READY:
+            row.drain_requested_at = state.now()  # the gateway stops routing to it now
+        log.warning("spot notice for %s of %s: %s", row.launch_id, row.workload_slug, reason)
     else:
         log.info("boot %s of %s reports ready", row.launch_id, row.workload_slug)
+    await s.commit()  # before the wake-up: the gateway and controller read the store
     state.on_change()  # the controller checks health, or terminates, on its next pass now
     return {"launch_id": row.launch_id, "state": body.state, "phase": phase_of(row).value}
 

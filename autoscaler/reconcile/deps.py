@@ -142,6 +142,8 @@ class Memory:
     not_visible_since: dict[str, datetime] = field(default_factory=dict)
     """Launch id -> when this controller first found no trace of its instance (losing it
     only restarts the visibility grace)."""
+    spot_noticed: set[str] = field(default_factory=set)
+    """Launch ids whose spot interruption notice was acted on (counted and logged once)."""
     last_desired: dict[int, int] = field(default_factory=dict)
     last_refusal: dict[int, tuple[str, datetime]] = field(default_factory=dict)
     dry_run_plans: dict[int, tuple[str, ...]] = field(default_factory=dict)

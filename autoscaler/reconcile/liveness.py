@@ -11,6 +11,13 @@
 * A ready replica whose engine stops answering for ``unhealthy_grace_sec`` is
   terminated; one whose instance the provider reports gone is closed. The plan then
   launches a replacement.
+* A spot interruption notice (the startup script's watcher reports the provider's
+  warning through the boot callback, which records ``last_error`` starting with
+  :data:`SPOT_NOTICE` and drains a serving replica at once) is heeded on the next pass
+  (``autoscaler.reconcile.workload``): the offer's spot market is skipped for
+  ``unavailable_sec``, a replica still booting is terminated, a serving one drained, and
+  the plan launches the replacement in the same pass, budget permitting (the doomed
+  replica's price counts until the provider confirms it gone).
 * ``terminated_confirmed_at`` is set only on the provider's word: the instance shows
   as terminated (or interrupted), or a terminate call for it succeeded.
 
@@ -42,6 +49,16 @@ from providers.base import Instance, InstanceState, NotFound, ProviderError
 
 BOOT_FAILED = "boot failed: "
 """How ``last_error`` starts when an instance's startup script reported failure."""
+
+
+SPOT_NOTICE = "spot notice: "
+"""How ``last_error`` starts when the provider announced it will reclaim the instance."""
+
+
+def spot_notices(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
+    """Replicas not yet being terminated whose instance reported a spot interruption notice."""
+    live = (Phase.PENDING, Phase.BOOTING, Phase.READY, Phase.DRAINING)
+    return [r for r in rows if phase_of(r) in live and (r.last_error or "").startswith(SPOT_NOTICE)]
 
 
 def failed_boots(rows: Sequence[LedgerRow]) -> list[LedgerRow]:

@@ -52,11 +52,14 @@ from providers.base import (
     Transient,
     instance_tags,
 )
-from providers.bootstrap import BootCallback, with_startup_script
+from providers.bootstrap import BootCallback, SpotNotice, with_startup_script
 from providers.engines import boot_spec
 
 SCRIPTED_PROVIDERS = frozenset({ProviderName.AWS.value, ProviderName.GCP.value})
 """Providers whose instances boot from the startup script (the rest start engines)."""
+
+SPOT_NOTICES: dict[str, SpotNotice] = {ProviderName.AWS.value: "ec2", ProviderName.GCP.value: "gce"}
+"""Whose interruption notice a spot instance's startup script watches, by provider."""
 
 
 def new_launch_id() -> str:
@@ -209,7 +212,11 @@ def _scripted(deps: Deps, *, row: LedgerRow, spec: WorkloadSpec, boot: BootSpec)
         return boot
     callback = boot_callback(callback_url=url, launch_id=row.launch_id, engine_key=row.engine_key)
     return with_startup_script(
-        boot, backend=spec.backend.value, launch_id=row.launch_id, callback=callback
+        boot,
+        backend=spec.backend.value,
+        launch_id=row.launch_id,
+        callback=callback,
+        spot_notice=SPOT_NOTICES.get(row.provider) if row.spot else None,
     )
 
 

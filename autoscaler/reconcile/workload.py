@@ -63,6 +63,7 @@ from autoscaler.reconcile.ledger import (
 from autoscaler.reconcile.liveness import (
     check_health,
     failed_boots,
+    spot_notices,
     sync_with_provider,
     terminate_instance,
 )
@@ -117,6 +118,7 @@ async def reconcile_workload(
         for row in failed_boots(rows):
             mark_unavailable(deps, row=row, now=now)
             await _terminate(deps, s, row=row, reason=row.last_error or "boot failed", now=now)
+        await _heed_spot_notices(deps, s, workload=workload, rows=rows, now=now)
         rows = _still_open(rows)
         problems = [] if workload.deleted_at else [p.as_detail() for p in runnable_problems(spec)]
         if problems:
@@ -211,6 +213,40 @@ async def _report_unrunnable(
     )
     await s.commit()
     log.warning("%s/%s: spec cannot run: %s", workload.project, workload.slug, text)
+
+
+async def _heed_spot_notices(
+    deps: Deps, s: AsyncSession, *, workload: Workload, rows: Sequence[LedgerRow], now: datetime
+) -> None:
+    """The provider will reclaim these instances: avoid their spot market, stop serving
+    from them, and (through the plan, which no longer counts them) replace them now."""
+    for row in spot_notices(rows):
+        reason = row.last_error or "spot interruption notice"
+        first = row.launch_id not in deps.memory.spot_noticed
+        if first:
+            deps.memory.spot_noticed.add(row.launch_id)
+            mark_unavailable(deps, row=row, now=now)
+            deps.metrics.spot_notices.labels(row.provider, "instance").inc()
+        phase = phase_of(row)
+        if phase in (Phase.PENDING, Phase.BOOTING):
+            await _terminate(deps, s, row=row, reason=reason, now=now)
+            continue
+        if phase is Phase.READY and not deps.settings.dry_run:
+            row.drain_requested_at = now
+        elif not first:
+            continue
+        record_decision(
+            s,
+            workload_id=workload.id,
+            at=now,
+            kind="drain",
+            reason=f"{reason}; replaced now, its spot market skipped for "
+            f"{deps.settings.unavailable_sec:g}s",
+            inputs={"launch_id": row.launch_id, "phase": phase.value, "spot": row.spot},
+            result={"launch_id": row.launch_id},
+        )
+        await s.commit()
+        deps.notify_change()
 
 
 def _still_open(rows: Sequence[LedgerRow]) -> list[LedgerRow]:

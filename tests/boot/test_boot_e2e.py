@@ -23,11 +23,16 @@ from typing import Any
 import aioboto3
 import httpx
 import pytest
+from aiohttp import web
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.config import parse_config
 from autoscaler.controller import Controller, build_controller
+from autoscaler.decide.inputs import Measured
+from autoscaler.decide.scaling import Signals
+from autoscaler.reconcile.deps import SignalsSource, WorkloadRef
+from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Instance
@@ -35,6 +40,7 @@ from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.workloads import ensure_workload
 from catalog.model import Offer, ProviderName
 from catalog.snapshot import Snapshot
+from gateway.routes import load_route_table
 from providers.bootstrap import min_driver_for
 from tests.boot.conftest import HF_TOKEN, BootApiServer
 from tests.conftest import ADMIN_TOKEN
@@ -140,7 +146,13 @@ class Booted:
 
 
 async def _launch(
-    *, api: BootApiServer, proxy: Ec2Proxy, store: async_sessionmaker[AsyncSession], tmp: Path
+    *,
+    api: BootApiServer,
+    proxy: Ec2Proxy,
+    store: async_sessionmaker[AsyncSession],
+    tmp: Path,
+    spot: bool = False,
+    signals: SignalsSource | None = None,
 ) -> Booted:
     """Apply a workload pinned to CUDA 12.4, let the controller buy its instance on moto,
     and read the instance's user data back from EC2."""
@@ -162,8 +174,11 @@ async def _launch(
         },
         source="test",
     )
-    catalog = Snapshot(offers=(A10G,), taken_at=datetime.now(UTC), source="test")
-    controller = build_controller(config, sessions=store, data_dir=tmp, catalog=catalog)
+    offer = dataclasses.replace(A10G, spot_usd_per_hour=0.45) if spot else A10G
+    catalog = Snapshot(offers=(offer,), taken_at=datetime.now(UTC), source="test")
+    controller = build_controller(
+        config, sessions=store, data_dir=tmp, catalog=catalog, signals=signals
+    )
     spec = WorkloadSpec.model_validate(
         {
             "name": "chat",
@@ -174,6 +189,7 @@ async def _launch(
                 "min_workers": 1,
                 "max_workers": 1,
                 "max_hourly_cost_usd": 2.0,
+                "allow_spot_instances": spot,
                 "workers": {
                     "source": "cloud",
                     "cloud_pool": {"gpu_pool": ["NVIDIA A10G"], "allowed_cuda_versions": ["12.4"]},
@@ -209,7 +225,7 @@ async def _row(store: async_sessionmaker[AsyncSession], launch_id: str) -> Insta
 
 
 async def _run_on_instance(
-    booted: Booted, sandbox: Path, *, driver: str
+    booted: Booted, sandbox: Path, *, driver: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """The user data, run as the instance would, with this machine's paths and port."""
     script = (
@@ -226,6 +242,7 @@ async def _run_on_instance(
         "PYTHON": sys.executable,
         "MODEL": MODEL,
         "FAKE_DRIVER": driver,
+        **(env or {}),
     }
     return await asyncio.to_thread(
         subprocess.run,
@@ -303,3 +320,179 @@ async def test_a_driver_too_old_ends_with_last_error_and_the_instance_terminated
         assert len(await _rows(store)) == 1  # the only offer is skipped: nothing else bought
     finally:
         await booted.controller.close()
+
+
+class FakeMetadata:
+    """EC2's instance metadata service as a spot instance sees it (IMDSv2): a token from
+    ``PUT /latest/api/token``, then ``spot/instance-action`` answers 404 until the
+    interruption is scheduled (:attr:`notice`)."""
+
+    TOKEN = "imds-token-1"
+
+    def __init__(self) -> None:
+        self.notice: dict[str, str] | None = None
+        self.asked = 0
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_put("/latest/api/token", self._token)
+        app.router.add_get("/latest/meta-data/spot/instance-action", self._action)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _token(self, request: web.Request) -> web.Response:
+        if not request.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
+            return web.Response(status=400)
+        return web.Response(text=self.TOKEN)
+
+    async def _action(self, request: web.Request) -> web.Response:
+        self.asked += 1
+        if request.headers.get("X-aws-ec2-metadata-token") != self.TOKEN:
+            return web.Response(status=401)
+        if self.notice is None:
+            return web.Response(status=404, text="Not Found")
+        return web.json_response(self.notice)
+
+
+@pytest.fixture
+async def metadata() -> AsyncIterator[FakeMetadata]:
+    server = FakeMetadata()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+class InFlight:
+    """The gateway's word on the workload: how many requests are in flight."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def signals(self) -> dict[WorkloadRef, Measured]:
+        return {("acme", "chat"): Measured(signals=Signals(in_flight=self.count))}
+
+
+async def _until(check: Any, what: str) -> None:
+    """Wait (30 s at most) until the async ``check`` holds: the event, polled for."""
+
+    async def poll() -> None:
+        while True:
+            if await check():
+                return
+            await asyncio.sleep(0.1)
+
+    try:
+        await asyncio.wait_for(poll(), timeout=30)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def _stop_watcher(sandbox: Path) -> None:
+    for pid_file in (sandbox / "state").glob("spot-notice-*.pid"):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text().strip()), signal.SIGKILL)
+
+
+async def test_a_spot_notice_drains_and_replaces_the_replica_before_the_machine_goes(
+    api: BootApiServer,
+    proxy: Ec2Proxy,
+    store: async_sessionmaker[AsyncSession],
+    sandbox: Path,
+    metadata: FakeMetadata,
+) -> None:
+    in_flight = InFlight()
+    booted = await _launch(
+        api=api, proxy=proxy, store=store, tmp=sandbox.parent, spot=True, signals=in_flight
+    )
+    assert booted.row.spot
+    assert "\nSPOT_NOTICE=ec2\n" in booted.user_data
+    key = booted.row.engine_key or ""
+    try:
+        done = await _run_on_instance(
+            booted, sandbox, driver="580.95.05", env={"AUTOSCALER_EC2_METADATA_URL": metadata.url}
+        )
+        assert done.returncode == 0, done.stderr
+        await booted.controller.step()  # healthy: ready, and the gateway would route to it
+        assert phase_of(await _row(store, booted.row.launch_id)) is Phase.READY
+        await _until(_asked(metadata), "the watcher to poll the metadata service")
+
+        chat = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "tell me a long story"}],
+            "max_tokens": 256,
+            "stream": True,
+        }
+        async with (
+            httpx.AsyncClient(base_url=f"http://127.0.0.1:{booted.engine_port}") as client,
+            client.stream(
+                "POST",
+                "/v1/chat/completions",
+                json=chat,
+                headers={"Authorization": f"Bearer {key}"},
+            ) as response,
+        ):
+            lines = response.aiter_lines()
+            first = await anext(lines)
+            in_flight.count = 1  # the gateway's count while this request streams
+
+            metadata.notice = {"action": "terminate", "time": "2026-11-30T09:02:00Z"}
+            await _until(_noticed(store, booted.row.launch_id), "the notice to reach the API")
+
+            row = await _row(store, booted.row.launch_id)
+            assert phase_of(row) is Phase.DRAINING  # at once, before the controller's pass
+            async with store() as s:
+                table = await load_route_table(s)
+            route = table.workloads[("acme", "chat")]
+            assert [r.key for r in route.replicas] == [row.launch_id]
+            assert route.ready == ()  # the gateway sends it nothing new
+
+            await booted.controller.step()  # replace now, away from this spot market
+
+            old, replacement = await _rows(store)
+            assert old.launch_id == row.launch_id and old.terminate_requested_at is None
+            assert replacement.instance_id is not None and not replacement.spot
+            assert await _ec2_state(proxy, row.instance_id) == "running"  # not gone yet
+            rest = [line async for line in lines]
+        assert response.status_code == 200
+        assert first.startswith("data: ") and rest[-2:] == ["data: [DONE]", ""]
+
+        in_flight.count = 0
+        await booted.controller.step()  # drained: now it is terminated
+        old = await _row(store, row.launch_id)
+        assert old.terminate_requested_at is not None
+        assert (old.last_error or "").startswith(f"{SPOT_NOTICE}ec2 spot interruption notice:")
+    finally:
+        _stop_watcher(sandbox)
+        await booted.controller.close()
+
+
+def _asked(metadata: FakeMetadata) -> Any:
+    async def check() -> bool:
+        return metadata.asked > 0
+
+    return check
+
+
+def _noticed(store: async_sessionmaker[AsyncSession], launch_id: str) -> Any:
+    async def check() -> bool:
+        row = await _row(store, launch_id)
+        return (row.last_error or "").startswith(SPOT_NOTICE)
+
+    return check
+
+
+async def _ec2_state(proxy: Ec2Proxy, instance_id: str | None) -> str:
+    async with aioboto3.Session().client("ec2", region_name=REGION, endpoint_url=proxy.url) as c:
+        found: Any = await c.describe_instances(InstanceIds=[instance_id or ""])
+    [instance] = [i for r in found["Reservations"] for i in r["Instances"]]
+    return str(instance["State"]["Name"])

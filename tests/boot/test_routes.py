@@ -8,6 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.api.boot import BootSecrets
@@ -155,6 +156,39 @@ async def test_ready_alone_does_not_make_a_replica_serve(
     row = await _row(store, launch.launch_id)
     assert row.ready_at is None and row.last_error is None  # the health check decides
     assert boot_api.wakes == 1
+
+
+async def test_a_spot_notice_drains_a_serving_replica_at_once_and_wakes_the_controller(
+    boot_api: BootApiServer, store: Sessions
+) -> None:
+    serving, booting = await add_launch(store), await add_launch(store, backend="sglang")
+    async with store() as s, s.begin():
+        await s.execute(
+            update(Instance)
+            .where(Instance.launch_id == serving.launch_id)
+            .values(ready_at=datetime.now(UTC))
+        )
+    notice = 'ec2 spot interruption notice: {"action": "terminate", "time": "2026-11-30T09:02:00Z"}'
+
+    async with httpx.AsyncClient() as client:
+        answers = [
+            await client.post(
+                _url(boot_api, launch.launch_id, "status"),
+                headers=launch.auth(),
+                json={"launch_id": launch.launch_id, "state": "interrupted", "reason": notice},
+            )
+            for launch in (serving, booting)
+        ]
+
+    assert [a.status_code for a in answers] == [202, 202]
+    assert [a.json()["phase"] for a in answers] == ["draining", "booting"]
+    drained = await _row(store, serving.launch_id)
+    assert drained.last_error == f"spot notice: {notice}"
+    assert drained.drain_requested_at is not None and drained.terminate_requested_at is None
+    still_booting = await _row(store, booting.launch_id)
+    assert still_booting.last_error == f"spot notice: {notice}"  # the controller terminates it
+    assert still_booting.drain_requested_at is None
+    assert boot_api.wakes == 2
 
 
 @pytest.mark.parametrize(

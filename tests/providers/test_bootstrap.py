@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from providers.bootstrap import BootCallback, min_driver_for, startup_script_for
+from providers.bootstrap import BootCallback, SpotNotice, min_driver_for, startup_script_for
 from providers.engines import ENGINES, boot_spec
 
 ENGINE_KEY = "sk-engine-" + "k" * 24
@@ -245,6 +245,29 @@ def test_the_rendered_script_passes_shellcheck(backend: str, tmp_path: Path) -> 
             callback=BootCallback("https://controller.test/boot/lch_1", "t"),
         )
     )
+    done = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.parametrize("notice", ["ec2", "gce"])
+def test_a_spot_script_watches_its_providers_notice_and_passes_shellcheck(
+    notice: SpotNotice, tmp_path: Path
+) -> None:
+    boot = boot_spec(backend="vllm", model="org/model", cuda_version="12.4")
+    callback = BootCallback("https://controller.test/boot/lch_1", "t")
+    spot = startup_script_for(
+        boot=boot, backend="vllm", launch_id="lch_1", callback=callback, spot_notice=notice
+    )
+    plain = startup_script_for(boot=boot, backend="vllm", launch_id="lch_1", callback=callback)
+    assert f"\nSPOT_NOTICE={notice}\n" in spot
+    assert "\nSPOT_NOTICE=''\n" in plain  # on-demand machines start no watcher
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("shellcheck is required under CI=true (scripts/check --install)")
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
+    script = tmp_path / "boot.sh"
+    script.write_text(spot)
     done = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
 

@@ -1,0 +1,96 @@
+"""A spot interruption notice, as the boot callback records it, is acted on before the
+provider takes the machine: drained, replaced at once away from that spot market."""
+
+from __future__ import annotations
+
+from sqlalchemy import update
+
+from autoscaler.decide.scaling import Signals
+from autoscaler.reconcile.liveness import SPOT_NOTICE
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.phase import Phase, phase_of
+from tests.reconcile.world import PROJECT, World, autoscaling
+
+NOTICE = 'ec2 spot interruption notice: {"action": "terminate", "time": "2025-06-15T15:10:00Z"}'
+
+
+async def _notice(world: World, launch_id: str, *, drain: bool) -> None:
+    """What ``POST /v1/boot/{launch_id}/status`` with ``interrupted`` stores."""
+    values: dict[str, object] = {"last_error": f"{SPOT_NOTICE}{NOTICE}"}
+    if drain:
+        values["drain_requested_at"] = world.now
+    async with world.sessions() as s, s.begin():
+        await s.execute(update(LedgerRow).where(LedgerRow.launch_id == launch_id).values(**values))
+
+
+async def test_a_notice_on_a_serving_replica_replaces_it_before_the_machine_goes(
+    world: World,
+) -> None:
+    await world.apply(autoscaling("bot", allow_spot_instances=True, max_hourly_cost_usd=10.0))
+    await world.step()
+    await world.step(5)  # healthy: ready
+    [doomed] = await world.rows("bot")
+    assert doomed.spot and phase_of(doomed) is Phase.READY
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=2)  # requests still on it
+    await _notice(world, doomed.launch_id, drain=True)
+
+    await world.step(1)
+
+    old, replacement = await world.rows("bot")
+    assert phase_of(old) is Phase.DRAINING  # still serving its two requests
+    assert doomed.instance_id in {i.instance_id for i in world.live_instances()}
+    assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
+    assert (replacement.offer_key, replacement.spot) != (doomed.offer_key, True)
+    assert f"{doomed.offer_key}#spot" in world.deps.memory.unavailable
+    [drain] = await world.decisions("drain")
+    assert drain.reason.startswith(f"{SPOT_NOTICE}{NOTICE}; replaced now")
+    registry = world.deps.metrics.registry
+    counted = {"provider": "aws", "source": "instance"}
+    assert registry.get_sample_value("autoscaler_controller_spot_notices_total", counted) == 1
+
+    await world.step(1)  # the same notice, seen again: acted on once
+    assert len(await world.rows("bot")) == 2
+    assert len(await world.decisions("drain")) == 1
+    assert registry.get_sample_value("autoscaler_controller_spot_notices_total", counted) == 1
+
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=0)  # they finished
+    await world.step(1)
+    old = (await world.rows("bot"))[0]
+    assert old.terminate_requested_at is not None
+
+
+async def test_a_notice_on_a_booting_replica_terminates_it_and_launches_another(
+    world: World,
+) -> None:
+    world.health.all_healthy = False
+    await world.apply(autoscaling("bot", allow_spot_instances=True))
+    await world.step()
+    [doomed] = await world.rows("bot")
+    assert doomed.spot and phase_of(doomed) is Phase.BOOTING
+    await _notice(world, doomed.launch_id, drain=False)
+
+    await world.step(1)
+
+    old, replacement = await world.rows("bot")
+    assert old.terminate_requested_at is not None
+    assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
+    assert (replacement.offer_key, replacement.spot) != (doomed.offer_key, True)
+    [terminate] = await world.decisions("terminate")
+    assert terminate.reason == f"{SPOT_NOTICE}{NOTICE}"
+
+
+async def test_a_notice_on_a_ready_replica_the_callback_could_not_drain_is_drained(
+    world: World,
+) -> None:
+    await world.apply(autoscaling("bot", allow_spot_instances=True))
+    await world.step()
+    await world.step(5)
+    [doomed] = await world.rows("bot")
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=1)
+    await _notice(world, doomed.launch_id, drain=False)  # noticed while it booted
+
+    await world.step(1)
+
+    old, _replacement = await world.rows("bot")
+    assert phase_of(old) is Phase.DRAINING
+    assert world.changes > 0  # the gateway was told to stop routing to it
