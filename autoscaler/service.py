@@ -125,7 +125,12 @@ async def run_all(settings: RunSettings) -> None:
         except ConfigError:
             await controller.close()
             raise
-        api = create_app(ApiState(sessions=sessions, now=utc_now, on_change=changed))
+        gateway_url = (
+            f"http://{settings.host}:{settings.gateway_port}" if settings.gateway_port else None
+        )
+        api = create_app(
+            ApiState(sessions=sessions, now=utc_now, on_change=changed, gateway_url=gateway_url)
+        )
         configure_boot(api, BootSecrets(hf_token_file=config.hf_token_file))
         mount_metrics(api, controller.deps.metrics.registry)
         api_server = _uvicorn_server(api, host=settings.host, port=settings.api_port)

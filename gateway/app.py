@@ -232,7 +232,8 @@ class Gateway:
     async def _reload(self) -> None:
         self._refreshes += 1  # reloads begun; the caller holds the lock
         async with self._sessions() as s:
-            table = await load_route_table(s)
+            now = datetime.fromtimestamp(self._wall_clock(), UTC)
+            table = await load_route_table(s, now=now)
             depths = await jobs.queue_depths(s)
         self._table = table
         self._queue_depths = depths

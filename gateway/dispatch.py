@@ -81,11 +81,29 @@ class Dispatcher:
     # -- route changes -------------------------------------------------------------
 
     def update(self, routes: dict[WorkloadRef, WorkloadRoute]) -> None:
-        """Adopt a new route table and serve whoever it lets through."""
+        """Adopt a new route table and serve whoever it lets through; those waiting on a
+        workload that cannot be placed now get its reason at once."""
         self._routes = routes
         for ref, state in self._states.items():
             if state.waiters:
                 self._serve_waiters(ref)
+            if self._blocked(ref) is not None:
+                for waiter in state.waiters:
+                    if not waiter.future.done():
+                        waiter.future.set_exception(self._blocked(ref) or GatewayError(503, ""))
+
+    def _blocked(self, ref: WorkloadRef) -> GatewayError | None:
+        """The 503 for a workload with no ready replica that the controller cannot
+        place now, or ``None``."""
+        route = self._routes.get(ref)
+        if route is None or route.blocked is None or route.ready:
+            return None
+        return GatewayError(
+            503,
+            f"workload {ref[1]!r} has no replica and none can be started now: {route.blocked}",
+            code="cannot_place",
+            retry_after=self._limits.cold_start_retry_after_sec,
+        )
 
     # -- leases --------------------------------------------------------------------
 
@@ -103,6 +121,9 @@ class Dispatcher:
             lease = self._try_lease(ref, state, work=work, excluded=excluded)
             if lease is not None:
                 return lease
+        if (blocked := self._blocked(ref)) is not None:
+            self._on_cold_start(ref)  # the demand stands: the controller tries again
+            raise blocked
         if excluded:
             raise GatewayError(
                 502,

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from autoscaler.spec import JOB_ONLY_TASK_TYPES, TaskType
 from autoscaler.store.models import Instance, Token, Workload
 from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.records import placement_blocks
 from autoscaler.store.tokens import TokenKind
 
 WorkloadRef = tuple[str, str]  # (project, slug)
@@ -39,6 +40,9 @@ class WorkloadRoute:
     task_type: TaskType
     replicas: tuple[Replica, ...]
     last_request_at: datetime | None
+    blocked: str | None = None
+    """Why the controller cannot start a replica now (no offer fits, a ceiling, a spec
+    that cannot run), while the workload has none: callers are answered at once."""
 
     @property
     def job_only(self) -> bool:
@@ -62,8 +66,10 @@ class RouteTable:
     admin_hashes: frozenset[str] = frozenset()
 
 
-async def load_route_table(session: AsyncSession) -> RouteTable:
-    """Read live workloads, their routable replicas and unrevoked keys."""
+async def load_route_table(session: AsyncSession, *, now: datetime) -> RouteTable:
+    """Read live workloads, their routable replicas, why any cannot be placed now, and
+    unrevoked keys."""
+    blocks = await placement_blocks(session, now=now)
     workload_rows = list(
         await session.scalars(select(Workload).where(Workload.deleted_at.is_(None)))
     )
@@ -96,6 +102,7 @@ async def load_route_table(session: AsyncSession) -> RouteTable:
             task_type=_task_type(w.spec.get("task_type")),
             replicas=tuple(sorted(by_workload.get(w.id, []), key=lambda r: r.key)),
             last_request_at=w.last_request_at,
+            blocked=blocks.get(w.id),
         )
         for w in workload_rows
     }

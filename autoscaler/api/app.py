@@ -21,17 +21,20 @@ from autoscaler.api.boot import router as boot_router
 from autoscaler.api.deps import ApiState, Caller, Project, Session, Slug, State
 from autoscaler.api.errors import ApiError, handle_api_error
 from autoscaler.api.views import (
+    FAILURE_KINDS,
     DataKeyCreate,
     TokenCreate,
     decision_view,
     instance_view,
     token_view,
+    workload_status,
     workload_view,
 )
 from autoscaler.api.workers import router as workers_router
 from autoscaler.spec import OnDrift, WorkloadSpec, deprecations, describe_errors
 from autoscaler.store import records, tokens, workloads
 from autoscaler.store import workers as workers_store
+from autoscaler.store.models import Workload
 from autoscaler.store.tokens import TokenKind
 
 router = APIRouter()
@@ -102,14 +105,21 @@ async def ensure(
 
 
 @router.get("/v1/projects/{project}/workloads", tags=["workloads"])
-async def list_(project: Project, s: Session) -> dict[str, Any]:
+async def list_(project: Project, s: Session, state: State) -> dict[str, Any]:
     rows = await workloads.list_workloads(s, project=project)
-    return {"items": [workload_view(w) for w in rows]}
+    return {"items": [await _with_status(s, w, state) for w in rows]}
 
 
 @router.get("/v1/projects/{project}/workloads/{slug}", tags=["workloads"])
-async def get(project: Project, slug: Slug, s: Session) -> dict[str, Any]:
-    return workload_view(await _existing(s, project, slug))
+async def get(project: Project, slug: Slug, s: Session, state: State) -> dict[str, Any]:
+    return await _with_status(s, await _existing(s, project, slug), state)
+
+
+async def _with_status(s: AsyncSession, row: Workload, state: ApiState) -> dict[str, Any]:
+    instances = await records.instances_of(s, row.id)
+    latest = await records.latest_decisions(s, row.id, kinds=("scale", "launch", *FAILURE_KINDS))
+    status = workload_status(row, instances=instances, latest=latest, gateway_url=state.gateway_url)
+    return {**workload_view(row), "status": status}
 
 
 @router.get("/v1/projects/{project}/workloads/{slug}/replicas", tags=["workloads"])

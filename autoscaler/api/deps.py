@@ -27,6 +27,7 @@ class ApiState:
     sessions: async_sessionmaker[AsyncSession]
     now: Callable[[], datetime]
     on_change: Callable[[], None] = lambda: None  # tells in-process loops to look now
+    gateway_url: str | None = None  # where callers reach the gateway, for endpoint URLs
 
 
 def _state(request: Request) -> ApiState:

@@ -8,7 +8,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaler.store.models import Decision, Instance, Token, Workload
-from autoscaler.store.phase import phase_of
+from autoscaler.store.phase import Phase, phase_of
 
 
 class DataKeyCreate(BaseModel):
@@ -84,3 +84,67 @@ def decision_view(row: Decision) -> dict[str, Any]:
         "inputs": row.inputs,
         "result": row.result,
     }
+
+
+FAILURE_KINDS = ("refused", "invalid_spec", "launch_failed")
+"""Decisions whose reason is a workload's last error until a replica is ready after it."""
+
+
+def workload_status(
+    row: Workload,
+    *,
+    instances: list[Instance],
+    latest: dict[str, Decision],
+    gateway_url: str | None,
+) -> dict[str, Any]:
+    """What a user asks of a workload: how many replicas are wanted and ready, its
+    phase, where to call it, and the last thing that went wrong (derived from the ledger
+    and the decisions log; nothing of it is stored).
+
+    Phases: ``deleting``; ``pending`` (no decision yet); ``ready`` (as many ready as
+    desired); ``scaling`` (fewer, and replicas on their way); ``blocked`` (fewer, none on
+    the way, and the controller's newest word is a refusal or a spec that cannot run);
+    ``idle`` (none wanted: scaled to zero or outside its schedule).
+    """
+    phases = [phase_of(i) for i in instances]
+    ready = phases.count(Phase.READY)
+    starting = sum(p in (Phase.PENDING, Phase.BOOTING) for p in phases)
+    scale = latest.get("scale")
+    desired = None if scale is None else int(scale.result.get("desired", 0))
+    last_ready = max((i.ready_at for i in instances if i.ready_at), default=None)
+    failures = [d for k, d in latest.items() if k in FAILURE_KINDS]
+    failure = max(failures, key=lambda d: d.id, default=None)
+    if failure is not None and last_ready is not None and failure.at <= last_ready:
+        failure = None
+    launch = latest.get("launch")
+    blocked = failure is not None and (launch is None or launch.id < failure.id)
+    if row.deleted_at is not None:
+        phase = "deleting"
+    elif desired is None:
+        phase = "blocked" if blocked else "pending"
+    elif desired == 0 and ready == 0:
+        phase = "idle"
+    elif ready >= desired:
+        phase = "ready"
+    elif blocked and not starting:
+        phase = "blocked"
+    else:
+        phase = "scaling"
+    path = f"/endpoint/{row.project}/{row.slug}/v1"
+    status: dict[str, Any] = {
+        "phase": phase,
+        "desired": desired,
+        "ready": ready,
+        "starting": starting,
+        "endpoint": f"{gateway_url.rstrip('/')}{path}" if gateway_url else path,
+        "last_error": None if failure is None else failure.reason,
+        "last_error_at": None if failure is None else _iso(failure.at),
+    }
+    local = [i for i in instances if i.provider == "local" and phase_of(i) is not Phase.TERMINATED]
+    if local:
+        status["note"] = (
+            f"served by this machine's local provider standing in for the cloud "
+            f"({local[0].gpu} x{local[0].gpu_count} at ${local[0].hourly_usd:g}/h as configured; "
+            "engine-sim unless the local launcher runs a real engine): no cloud instance is bought"
+        )
+    return status

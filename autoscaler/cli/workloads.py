@@ -195,7 +195,7 @@ def get(slug: str | None, project: str, url: str, output: str) -> None:
         emit(items[0] if slug else items, output)
         return
     print_table(
-        ["SLUG", "NAME", "MODEL", "BACKEND", "POLICY", "GEN", "UPDATED"],
+        ["SLUG", "NAME", "MODEL", "BACKEND", "POLICY", "STATUS", "READY", "GEN", "UPDATED"],
         [
             [
                 w["slug"],
@@ -203,12 +203,19 @@ def get(slug: str | None, project: str, url: str, output: str) -> None:
                 w["spec"]["model"],
                 w["spec"]["backend"],
                 _policy_summary(w["spec"]),
+                w["status"]["phase"],
+                _ready_of(w["status"]),
                 str(w["generation"]),
                 w["updated_at"][:19],
             ]
             for w in items
         ],
     )
+
+
+def _ready_of(status: dict[str, Any]) -> str:
+    desired = status["desired"]
+    return f"{status['ready']}/{'-' if desired is None else desired}"
 
 
 @click.command()
@@ -232,6 +239,18 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
     click.echo(f"Policy:      {_policy_summary(spec)}")
     click.echo(f"Generation:  {workload['generation']}   spec {workload['spec_hash'][:12]}")
     click.echo(f"Updated:     {workload['updated_at']}")
+    status = workload.get("status") or {}
+    if status:
+        wanted = "-" if status["desired"] is None else status["desired"]
+        click.echo(
+            f"Status:      {status['phase']}: {status['ready']} ready of {wanted} desired"
+            + (f", {status['starting']} starting" if status["starting"] else "")
+        )
+        click.echo(f"Endpoint:    {status['endpoint']}")
+        if status.get("last_error"):
+            click.echo(f"Last error:  {status['last_error']} (at {status['last_error_at']})")
+        if status.get("note"):
+            click.echo(f"Note:        {status['note']}")
     click.echo("\nSpec:")
     click.echo(_indent(yaml.safe_dump(spec, sort_keys=False)))
     click.echo(f"Replicas ({len(replicas)}):")
@@ -252,6 +271,9 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
         ],
         empty="  (none)",
     )
+    for r in replicas:
+        if r.get("last_error"):
+            click.echo(f"  {r['launch_id']}: {r['last_error']}")
     click.echo(f"\nRecent decisions ({len(decisions)}):")
     print_table(
         ["AT", "KIND", "ACTED", "$/H DELTA", "REASON"],

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 import openai
 import pytest
 
+from autoscaler.reconcile.ledger import record_decision
 from autoscaler.store.workloads import get_workload
 from gateway.app import Gateway
 from tests.gateway.conftest import (
@@ -96,3 +97,72 @@ async def test_cold_start_deadline_answers_503_with_retry_after(
             await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
     assert caught.value.status_code == 503
     assert caught.value.response.headers["Retry-After"] == "30"
+
+
+async def _refuse(sessions: Sessions, reason: str) -> None:
+    """What the controller writes when it cannot start a replica of the workload."""
+    async with sessions() as s, s.begin():
+        workload = await get_workload(s, project="acme", slug="support-bot")
+        assert workload is not None
+        record_decision(
+            s,
+            workload_id=workload.id,
+            at=datetime.now(UTC),
+            kind="refused",
+            reason=reason,
+            inputs={},
+            result={"launched": 0},
+            acted=False,
+        )
+
+
+NO_OFFER = "launch not possible: no offer fits: 12 catalog rejected cuda"
+
+
+async def test_a_workload_that_cannot_be_placed_answers_503_with_the_reason_at_once(
+    seed: Seed, sessions: Sessions, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    await _refuse(sessions, NO_OFFER)
+    demand: list[tuple[str, str]] = []
+    gateway = await start_gateway(on_demand=demand.append, cold_start_retry_after_sec=30)
+    async with sdk(gateway, "support-bot", key) as client:
+        with pytest.raises(openai.InternalServerError, match="no offer fits") as caught:
+            await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+    assert caught.value.status_code == 503
+    assert caught.value.response.headers["Retry-After"] == "30"
+    assert demand == [REF]  # the demand still reaches the controller, which tries again
+
+
+async def test_a_held_request_gets_the_reason_as_soon_as_the_refusal_is_known(
+    seed: Seed, sessions: Sessions, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    gateway = await start_gateway()
+    async with sdk(gateway, "support-bot", key) as client:
+        held = asyncio.create_task(
+            client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+        )
+        await eventually(lambda: waiting(gateway, "cold_start_waiting") == 1)
+        await _refuse(sessions, NO_OFFER)
+        gateway.notify_change()
+        with pytest.raises(openai.InternalServerError, match="none can be started now"):
+            await held
+
+
+async def test_a_launch_after_the_refusal_holds_requests_again(
+    seed: Seed, sessions: Sessions, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    await _refuse(sessions, NO_OFFER)
+    engine = await start_engine()
+    launch_id = await seed.replica("support-bot", engine.url, ready=False)  # bought since
+    gateway = await start_gateway()
+    async with sdk(gateway, "support-bot", key) as client:
+        held = asyncio.create_task(
+            client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+        )
+        await eventually(lambda: waiting(gateway, "cold_start_waiting") == 1)
+        await seed.mark(launch_id, ready_at=datetime.now(UTC))
+        gateway.notify_change()
+        assert (await held).choices
