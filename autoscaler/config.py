@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from catalog.cuda import MachineImage, parse_driver
 from catalog.model import ProviderName
 from providers.aws import DLAMI_PARAMETER, AwsConfig
@@ -161,11 +162,26 @@ class CatalogSyncSettings(_Strict):
     jitter_sec: Annotated[float, Field(ge=0)] = 900.0
 
 
+DEFAULT_FLEET_MAX_HOURLY_COST_USD = 100.0
+"""The fleet ceiling when the configuration names none: every workload, fixed and
+scheduled ones included, buys within it."""
+
+
 class ControllerConfig(_Strict):
-    """Everything the controller needs besides the store and the workloads."""
+    """Everything the controller needs besides the store and the workloads.
+
+    ``fleet_max_hourly_cost_usd`` bounds the hourly total of every workload's instances;
+    there is always one (:data:`DEFAULT_FLEET_MAX_HOURLY_COST_USD` when not given), so a
+    fixed or scheduled workload, which has no ceiling of its own, still buys within a
+    stated bound. ``max_replicas_per_workload`` bounds ``replicas`` and ``max_workers`` at
+    apply, and the controller plans no more than that for a spec stored by another route.
+    """
 
     cluster_id: Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9][a-z0-9-]*$")]
-    fleet_max_hourly_cost_usd: Annotated[float, Field(gt=0)] | None = None
+    fleet_max_hourly_cost_usd: Annotated[float, Field(gt=0, allow_inf_nan=False)] = (
+        DEFAULT_FLEET_MAX_HOURLY_COST_USD
+    )
+    max_replicas_per_workload: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_MAX_REPLICAS
     providers: ProvidersSettings = ProvidersSettings(local=LocalSettings())
     tick_sec: Annotated[float, Field(gt=0)] = 5.0
     orphan_grace_sec: Annotated[float, Field(ge=0)] = 600.0
@@ -182,6 +198,18 @@ class ControllerConfig(_Strict):
     """The management API's address as cloud instances reach it (``https://host:8001``)."""
     hf_token_file: Path | None = None
     """A file holding the Hugging Face token handed to booting instances (else ``$HF_TOKEN``)."""
+
+    def limits_summary(self) -> str:
+        """The limits every workload runs under, as the service prints them at start."""
+        source = (
+            "from the config"
+            if "fleet_max_hourly_cost_usd" in self.model_fields_set
+            else "the default; set fleet_max_hourly_cost_usd in --config"
+        )
+        return (
+            f"fleet ceiling ${self.fleet_max_hourly_cost_usd:,.2f}/h ({source}); "
+            f"at most {self.max_replicas_per_workload} replicas per workload"
+        )
 
     def missing_callback(self) -> str | None:
         """Why this configuration cannot boot cloud instances, or ``None``."""

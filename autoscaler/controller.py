@@ -348,6 +348,7 @@ def build_controller(
             visibility_grace_sec=config.visibility_grace_sec,
             dry_run=dry_run,
             callback_url=config.callback_url,
+            max_replicas_per_workload=config.max_replicas_per_workload,
         ),
         metrics=metrics,
         notify_change=notify_change,
@@ -536,7 +537,7 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
         print(
             f"controller for cluster {config.cluster_id} "
             f"(providers: {', '.join(controller.deps.providers.names) or 'none'}"
-            f"{'; dry run' if options.dry_run else ''})",
+            f"{'; dry run' if options.dry_run else ''})\n{config.limits_summary()}",
             flush=True,
         )
         try:

@@ -120,6 +120,20 @@ class ControllerMetrics:
             _WORKLOAD,
             registry=r,
         )
+        self.pass_overruns = Counter(
+            "autoscaler_controller_pass_overruns",
+            "Work cut short for taking more than its time: a workload past its share of a "
+            "pass (kind=workload), or a pass past its budget, the rest continued in the "
+            "next pass (kind=pass).",
+            ("kind",),
+            registry=r,
+        )
+        self.quarantined = Gauge(
+            "autoscaler_controller_workload_quarantined",
+            "1 while the controller keeps failing on the workload and retries it with backoff.",
+            _WORKLOAD,
+            registry=r,
+        )
         self.last_reconcile = Gauge(
             "autoscaler_controller_last_reconcile_timestamp_seconds",
             "When the last pass finished (Unix seconds).",
@@ -190,6 +204,7 @@ class ControllerMetrics:
             self.ttft_target,
             self.ttft_lower,
             self.max_replicas,
+            self.quarantined,
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(project, workload)

@@ -129,7 +129,13 @@ async def run_all(settings: RunSettings) -> None:
             f"http://{settings.host}:{settings.gateway_port}" if settings.gateway_port else None
         )
         api = create_app(
-            ApiState(sessions=sessions, now=utc_now, on_change=changed, gateway_url=gateway_url)
+            ApiState(
+                sessions=sessions,
+                now=utc_now,
+                on_change=changed,
+                gateway_url=gateway_url,
+                max_replicas=config.max_replicas_per_workload,
+            )
         )
         configure_boot(api, BootSecrets(hf_token_file=config.hf_token_file))
         mount_metrics(api, controller.deps.metrics.registry)
@@ -140,7 +146,7 @@ async def run_all(settings: RunSettings) -> None:
             f"gateway on http://{settings.host}:{gateway.port} "
             f"(state: {_redact(settings.db_url)}; providers: "
             f"{', '.join(controller.deps.providers.names) or 'none'}"
-            f"{'; dry run' if settings.dry_run else ''})",
+            f"{'; dry run' if settings.dry_run else ''})\n{config.limits_summary()}",
             flush=True,
         )
         stopping = asyncio.Event()

@@ -688,6 +688,31 @@ def _walk_diff(old: Any, new: Any, *, prefix: str) -> Iterator[tuple[str, Any, A
         yield prefix, old, new
 
 
+DEFAULT_MAX_REPLICAS = 100
+"""The most replicas one workload may ask for (``replicas``, ``max_workers``) unless the
+service is configured otherwise (``max_replicas_per_workload`` in the controller's
+configuration). A bound the service states, so that one file cannot ask the controller
+to plan, buy and track millions of machines."""
+
+
+def limit_errors(spec: WorkloadSpec, *, max_replicas: int) -> list[dict[str, Any]]:
+    """Where ``spec`` asks for more replicas than this service allows, as
+    ``{path, message, value}`` (the shape of :func:`describe_errors`); empty when within."""
+    config = spec.execution_policy_config
+    field_name = "max_workers" if isinstance(config, AutoscalingPolicy) else "replicas"
+    asked = config.max_workers if isinstance(config, AutoscalingPolicy) else config.replicas
+    if asked <= max_replicas:
+        return []
+    return [
+        {
+            "path": f"execution_policy_config.{field_name}",
+            "message": f"{field_name} {asked} is above this service's maximum of "
+            f"{max_replicas} replicas per workload (max_replicas_per_workload)",
+            "value": asked,
+        }
+    ]
+
+
 def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
     """Validation errors as ``{path, message, value}``: what was wrong and where."""
     details: list[dict[str, Any]] = []

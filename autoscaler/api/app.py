@@ -31,7 +31,7 @@ from autoscaler.api.views import (
     workload_view,
 )
 from autoscaler.api.workers import router as workers_router
-from autoscaler.spec import OnDrift, WorkloadSpec, deprecations, describe_errors
+from autoscaler.spec import OnDrift, WorkloadSpec, deprecations, describe_errors, limit_errors
 from autoscaler.store import records, tokens, workloads
 from autoscaler.store import workers as workers_store
 from autoscaler.store.models import Workload
@@ -78,7 +78,7 @@ async def ensure(
             f"the body's slug {raw['slug']!r} is not the path's {slug!r}",
             details=[{"path": "slug", "message": "must equal the path", "value": raw["slug"]}],
         )
-    spec = _validate_spec(raw)
+    spec = _validate_spec(raw, max_replicas=state.max_replicas)
     await _admit(s, project=project, spec=spec)
     try:
         result = await workloads.ensure_workload(
@@ -210,24 +210,33 @@ async def _json_object(request: Request) -> dict[str, Any]:
         body = await request.json()
     except ValueError:
         raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:  # the decoder recurses once per level of nesting
+        raise ApiError(400, "invalid_json", "the body's JSON is nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_json", "the body must be a JSON object (a workload spec)")
     return body
 
 
-def _validate_spec(raw: dict[str, Any]) -> WorkloadSpec:
+def _validate_spec(raw: dict[str, Any], *, max_replicas: int) -> WorkloadSpec:
     try:
-        return WorkloadSpec.model_validate(raw)
+        spec = WorkloadSpec.model_validate(raw)
     except ValidationError as exc:
-        details = describe_errors(exc)
-        first = details[0]
-        raise ApiError(
-            422,
-            "invalid_spec",
-            f"{first['path']}: {first['message']}"
-            + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
-            details=details,
-        ) from None
+        raise _invalid_spec(describe_errors(exc)) from None
+    over = limit_errors(spec, max_replicas=max_replicas)
+    if over:
+        raise _invalid_spec(over)
+    return spec
+
+
+def _invalid_spec(details: list[dict[str, Any]]) -> ApiError:
+    first = details[0]
+    return ApiError(
+        422,
+        "invalid_spec",
+        f"{first['path']}: {first['message']}"
+        + (f" (and {len(details) - 1} more)" if len(details) > 1 else ""),
+        details=details,
+    )
 
 
 async def _admit(s: AsyncSession, *, project: str, spec: WorkloadSpec) -> None:

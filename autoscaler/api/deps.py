@@ -15,6 +15,7 @@ from fastapi import Depends, Header, Path, Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.api.errors import ApiError
+from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from autoscaler.store import tokens
 from autoscaler.store.models import Token
 from autoscaler.store.tokens import TokenKind
@@ -28,6 +29,7 @@ class ApiState:
     now: Callable[[], datetime]
     on_change: Callable[[], None] = lambda: None  # tells in-process loops to look now
     gateway_url: str | None = None  # where callers reach the gateway, for endpoint URLs
+    max_replicas: int = DEFAULT_MAX_REPLICAS  # per workload: replicas, max_workers
 
 
 def _state(request: Request) -> ApiState:

@@ -63,9 +63,37 @@ def limits_for(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Spend:
+    """A workload's instances not confirmed terminated, summed: their count, their hourly
+    total, and their one price when they all cost the same (for the refusal's text).
+
+    A plan adds its launches one at a time with :meth:`plus`, in constant time, so that
+    checking n launches costs O(n), not O(n²)."""
+
+    count: int = 0
+    total: float = 0.0
+    uniform: float | None = None
+
+    @classmethod
+    def of(cls, prices: Sequence[float]) -> Spend:
+        distinct = set(prices)
+        return cls(
+            count=len(prices),
+            total=sum(prices),
+            uniform=next(iter(distinct)) if len(distinct) == 1 else None,
+        )
+
+    def plus(self, price: float) -> Spend:
+        same = self.count == 0 or self.uniform == price
+        return Spend(
+            count=self.count + 1, total=self.total + price, uniform=price if same else None
+        )
+
+
 def check_launch(
     *,
-    live_usd_per_hour: Sequence[float],
+    live_usd_per_hour: Sequence[float] | Spend,
     new_usd_per_hour: float,
     limits: BudgetLimits,
     fleet_live_usd_per_hour: float | None = None,
@@ -73,17 +101,20 @@ def check_launch(
     """Whether one more instance at ``new_usd_per_hour`` fits.
 
     ``live_usd_per_hour``: the hourly price of each of the workload's instances not
-    confirmed terminated, pending intents included. ``fleet_live_usd_per_hour``: the same
-    sum over every workload (this one included); needed when ``limits`` has a fleet
-    ceiling.
+    confirmed terminated, pending intents included (or their :class:`Spend`).
+    ``fleet_live_usd_per_hour``: the same sum over every workload (this one included);
+    needed when ``limits`` has a fleet ceiling.
     """
     if new_usd_per_hour < 0:
         raise ValueError(f"new_usd_per_hour must be >= 0, got {new_usd_per_hour}")
-    workload_total = sum(live_usd_per_hour) + new_usd_per_hour
+    live = (
+        live_usd_per_hour if isinstance(live_usd_per_hour, Spend) else Spend.of(live_usd_per_hour)
+    )
+    workload_total = live.total + new_usd_per_hour
     fleet_total = (
         None if fleet_live_usd_per_hour is None else fleet_live_usd_per_hour + new_usd_per_hour
     )
-    sum_text = f"{_terms(live_usd_per_hour, new_usd_per_hour)} = {_usd(workload_total)}/h"
+    sum_text = f"{_terms(live, new_usd_per_hour)} = {_usd(workload_total)}/h"
 
     def verdict(allowed: bool, reason: str) -> BudgetVerdict:
         return BudgetVerdict(
@@ -93,11 +124,11 @@ def check_launch(
             fleet_usd_per_hour=fleet_total,
         )
 
-    count = len(live_usd_per_hour) + 1
+    count = live.count + 1
     if limits.max_instances is not None and count > limits.max_instances:
         return verdict(
             False,
-            f"launch refused: {len(live_usd_per_hour)} instance(s) + 1 = {count} would exceed "
+            f"launch refused: {live.count} instance(s) + 1 = {count} would exceed "
             f"max_instances {limits.max_instances}",
         )
     for name, ceiling in (
@@ -122,13 +153,13 @@ def check_launch(
     return verdict(True, f"launch allowed: {sum_text}{_headroom(limits, workload_total)}")
 
 
-def _terms(live: Sequence[float], new: float) -> str:
-    if not live:
+def _terms(live: Spend, new: float) -> str:
+    if not live.count:
         return f"{_usd(new)}/h"
-    if len(set(live)) == 1:
-        held = f"{len(live)} x {_usd(live[0])}/h"
+    if live.uniform is not None:
+        held = f"{live.count} x {_usd(live.uniform)}/h"
     else:
-        held = f"{_usd(sum(live))}/h ({len(live)} instances)"
+        held = f"{_usd(live.total)}/h ({live.count} instances)"
     return f"{held} + {_usd(new)}/h"
 
 

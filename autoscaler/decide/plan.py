@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 
-from autoscaler.decide.budget import BudgetLimits, check_launch
+from autoscaler.decide.budget import BudgetLimits, Spend, check_launch
 
 SURGE = 1
 """Extra replicas a spec-drift rollout may run above the desired count."""
@@ -118,11 +118,13 @@ class Plan:
 class _Ledger:
     """The hourly prices not confirmed terminated, growing with this plan's launches."""
 
-    live: list[float]
+    live: Spend
     limits: BudgetLimits
     fleet: float | None
     launch_usd_per_hour: float | None
     refusals: list[Refusal] = field(default_factory=list)
+    launched: int = 0
+    more_wanted: bool = False
 
     def try_launch(self) -> bool:
         if self.launch_usd_per_hour is None:
@@ -137,7 +139,8 @@ class _Ledger:
         if not verdict.allowed:
             self.refusals.append(Refusal(verdict.reason))
             return False
-        self.live.append(self.launch_usd_per_hour)
+        self.live = self.live.plus(self.launch_usd_per_hour)
+        self.launched += 1
         if self.fleet is not None:
             self.fleet += self.launch_usd_per_hour
         return True
@@ -153,6 +156,8 @@ def plan_actions(
     launch_usd_per_hour: float | None,
     now: datetime,
     fleet_live_usd_per_hour: float | None = None,
+    inherited_usd_per_hour: Sequence[float] = (),
+    launch_limit: int | None = None,
 ) -> Plan:
     """The actions that move ``replicas`` toward ``desired`` replicas of ``spec_generation``.
 
@@ -160,12 +165,19 @@ def plan_actions(
     (``None`` when nothing fits); the provisioner checks the budget again with the price
     it actually pays. ``fleet_live_usd_per_hour`` is the hourly total of every workload's
     live instances, this one's included (needed when ``limits`` has a fleet ceiling).
+    ``inherited_usd_per_hour``: instances of a deleted workload of the same slug not yet
+    confirmed terminated; they count against this workload's ceilings until they are
+    gone. ``launch_limit``: at most this many launches in one plan (the rest come in the
+    next, which is then due at once: ``requeue_after`` 0), so one workload's scale-up
+    never makes a pass take more than its share.
+
+    Linear in the number of replicas and launches (plus sorting for drains).
     """
     if desired < 0:
         raise ValueError(f"desired must be >= 0, got {desired}")
     live = [r for r in replicas if r.phase is not ReplicaPhase.TERMINATED]
     ledger = _Ledger(
-        live=[r.usd_per_hour for r in live],
+        live=Spend.of([*inherited_usd_per_hour, *(r.usd_per_hour for r in live)]),
         limits=limits,
         fleet=fleet_live_usd_per_hour,
         launch_usd_per_hour=launch_usd_per_hour,
@@ -179,7 +191,16 @@ def plan_actions(
         for r in live
         if (r.phase in _STARTING or r.phase is ReplicaPhase.READY) and r.launch_id not in timed_out
     ]
-    _converge(active, desired=desired, generation=spec_generation, ledger=ledger, actions=actions)
+    _converge(
+        active,
+        desired=desired,
+        generation=spec_generation,
+        ledger=ledger,
+        actions=actions,
+        launch_limit=launch_limit,
+    )
+    if ledger.more_wanted and ledger.launched == launch_limit:
+        due.append(0.0)  # more launches are wanted: the next plan continues at once
     return Plan(
         actions=tuple(actions),
         refusals=tuple(ledger.refusals),
@@ -252,6 +273,7 @@ def _converge(
     generation: int,
     ledger: _Ledger,
     actions: list[Action],
+    launch_limit: int | None,
 ) -> None:
     current = [r for r in active if r.generation >= generation]
     old = [r for r in active if r.generation < generation]
@@ -277,6 +299,9 @@ def _converge(
     want = max(0, desired - current_count)
     room = desired + (SURGE if old_left else 0) - current_count - len(old_left)
     launches = min(want, max(0, room))
+    if launch_limit is not None and launches > launch_limit:
+        launches = launch_limit
+        ledger.more_wanted = True
     for index in range(launches):
         replaces = old_left[index].launch_id if index < len(old_left) else None
         if not ledger.try_launch():
@@ -286,7 +311,7 @@ def _converge(
         return
     starting_new = any(r.phase in _STARTING for r in current)
     at_desired = current_count + len(old_left) >= desired
-    launched = any(isinstance(a, Launch) for a in actions)
+    launched = ledger.launched > 0
     if old_left and at_desired and not starting_new and not launched:
         # The surge does not fit the budget: replace in place, one at a time.
         r = old_left[0]

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.decide.inputs import Measured
 from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.metrics import ControllerMetrics
+from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from autoscaler.store.models import Instance as LedgerRow
 from catalog.model import Offer
 from providers.base import Clock, Instance, LaunchRequest, Provider
@@ -128,6 +129,26 @@ class Settings:
     refusal_log_interval_sec: float = 300.0
     dry_run: bool = False
     callback_url: str | None = None  # the management API as cloud instances reach it
+    max_replicas_per_workload: int = DEFAULT_MAX_REPLICAS
+    """The most replicas planned for one workload, whatever its stored spec says."""
+    max_launches_per_pass: int = 16
+    """Launches one workload may make in one pass; the rest follow in the next passes."""
+    workload_share_sec: float = 30.0
+    """The longest one workload's step may take in a pass before it is cut."""
+    pass_budget_sec: float = 60.0
+    """A pass starts no new workload after this long; the rest go first in the next."""
+    quarantine_max_sec: float = 600.0
+    """The longest wait between tries of a workload the controller keeps failing on."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A workload the controller failed on: how often in a row, the last error, and
+    when to try it again."""
+
+    attempts: int
+    message: str
+    retry_at: datetime
 
 
 @dataclass
@@ -149,6 +170,9 @@ class Memory:
     dry_run_plans: dict[int, tuple[str, ...]] = field(default_factory=dict)
     unrunnable: dict[int, str] = field(default_factory=dict)
     """Per workload, why its stored spec cannot run (logged once while it stays so)."""
+    failures: dict[int, Failure] = field(default_factory=dict)
+    resume_after: int | None = None
+    """The workload id a pass cut for time stopped after; the next pass starts past it."""
 
 
 @dataclass

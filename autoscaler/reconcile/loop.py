@@ -1,48 +1,96 @@
 """One reconcile pass over every workload: :func:`reconcile_once`.
 
 A pass reads the providers once, the gateway's signals once, then reconciles each
-workload in turn. One workload failing (a spec the code cannot handle, a store error, a
-bug) is logged and counted and the others go on. The orphan sweep runs last, when every
-intent of the pass is on record.
+workload in turn. The orphan sweep runs last, when every intent of the pass is on record.
+
+The work of a pass is bounded, so that the API and the gateway sharing the event loop
+keep answering and a stop signal is heard:
+
+* **A share per workload.** One workload's step that runs past
+  ``Settings.workload_share_sec`` is cut (cancelled where it waits), counted in
+  ``autoscaler_controller_pass_overruns_total{kind="workload"}`` and logged; being
+  level-based, it carries on from the ledger in the next pass.
+* **A budget per pass.** Once a pass has run ``Settings.pass_budget_sec``, the workloads
+  not reached yet are left to the next pass, which is due at once and starts with them
+  (``kind="pass"``). Workloads are taken in a rotating order, so none waits behind a
+  slow one for ever.
+* **Yields.** The loop hands control back to the event loop between workloads.
+
+**Failures are isolated and quarantined.** A workload whose step raises is logged with
+its traceback once, its error recorded once as a decision (``kind = error``, shown by
+``autoscaler describe``), and retried with exponential backoff (``tick_sec`` doubling up
+to ``Settings.quarantine_max_sec``); further failures are one log line each, with no
+traceback. A deleted workload is torn down even when its step fails: its replicas are
+drained and terminated without its spec (:func:`teardown_workload`).
 
 The caller sleeps between passes (``autoscaler.controller``), or the simulator advances
-its clock: this module never sleeps and reads time only from ``deps.clock``.
+its clock: this module never sleeps and reads time only from ``deps.clock`` (and the
+wall clock for the time a pass's work takes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from pydantic import ValidationError
 
 from autoscaler.decide.inputs import Measured
-from autoscaler.reconcile.deps import Deps, WorkloadRef, log
-from autoscaler.reconcile.ledger import fleet_usd_per_hour, workloads_to_reconcile
-from autoscaler.reconcile.observe import observe
+from autoscaler.reconcile.deps import Deps, Failure, WorkloadRef, log
+from autoscaler.reconcile.ledger import (
+    fleet_usd_per_hour,
+    record_decision,
+    workloads_to_reconcile,
+)
+from autoscaler.reconcile.observe import Observation, observe
 from autoscaler.reconcile.orphans import sweep_orphans
-from autoscaler.reconcile.workload import reconcile_workload
+from autoscaler.reconcile.workload import reconcile_workload, teardown_workload
 from providers.base import utc
 
 
+@dataclass(frozen=True, slots=True)
+class _Due:
+    id: int
+    project: str
+    slug: str
+    deleted: bool
+
+
 async def reconcile_once(deps: Deps) -> float:
-    """Reconcile every workload once; seconds until the next pass is due."""
+    """Reconcile every workload once (or as many as the pass budget allows); seconds
+    until the next pass is due."""
     started = time.perf_counter()
     now = utc(deps.clock.now())
     observed = await observe(deps)
     signals = await _signals(deps)
     async with deps.sessions() as s:
-        workloads = [(w.id, w.project, w.slug) for w in await workloads_to_reconcile(s)]
+        found = [
+            _Due(w.id, w.project, w.slug, w.deleted_at is not None)
+            for w in await workloads_to_reconcile(s)
+        ]
     due = deps.settings.tick_sec
-    for workload_id, project, slug in workloads:
-        try:
-            after = await reconcile_workload(
-                deps, workload_id=workload_id, observed=observed, signals=signals, now=now
+    for index, workload in enumerate(_rotated(found, after=deps.memory.resume_after)):
+        if index and time.perf_counter() - started >= deps.settings.pass_budget_sec:
+            deps.memory.resume_after = _previous(found, workload)
+            deps.metrics.pass_overruns.labels("pass").inc()
+            log.warning(
+                "reconcile pass over its %gs budget: %s/%s and the workloads after it "
+                "continue in the next pass",
+                deps.settings.pass_budget_sec,
+                workload.project,
+                workload.slug,
             )
-        except Exception:  # isolate: one workload never stalls the others
-            log.exception("reconciling %s/%s failed; the other workloads go on", project, slug)
-            deps.metrics.reconcile_errors.labels(project, slug).inc()
-            continue
+            due = 0.0
+            break
+        after = await _one(deps, workload, observed=observed, signals=signals, now=now)
         if after is not None:
             due = min(due, max(after, 0.0))
+        await asyncio.sleep(0)  # let the API and the gateway answer between workloads
+    else:
+        deps.memory.resume_after = None
     try:
         await sweep_orphans(deps, observed=observed, now=now)
     except Exception:
@@ -53,6 +101,136 @@ async def reconcile_once(deps: Deps) -> float:
     deps.metrics.reconcile_duration.observe(time.perf_counter() - started)
     deps.metrics.last_reconcile.set(deps.clock.now())
     return due
+
+
+def _rotated(found: Sequence[_Due], *, after: int | None) -> list[_Due]:
+    """``found`` (by id) starting after workload ``after``: where a cut pass stopped."""
+    if after is None:
+        return list(found)
+    later = [w for w in found if w.id > after]
+    return [*later, *(w for w in found if w.id <= after)]
+
+
+def _previous(found: Sequence[_Due], workload: _Due) -> int | None:
+    earlier = [w.id for w in found if w.id < workload.id]
+    return earlier[-1] if earlier else None
+
+
+async def _one(
+    deps: Deps,
+    workload: _Due,
+    *,
+    observed: Observation,
+    signals: Mapping[WorkloadRef, Measured],
+    now: datetime,
+) -> float | None:
+    """One workload's step within its share of the pass; ``None`` on the usual tick."""
+    failure = deps.memory.failures.get(workload.id)
+    if failure is not None and now < failure.retry_at:
+        if workload.deleted:
+            await _teardown(deps, workload, observed=observed, now=now)
+        return (failure.retry_at - now).total_seconds()
+    share = deps.settings.workload_share_sec
+    try:
+        after = await asyncio.wait_for(
+            reconcile_workload(
+                deps, workload_id=workload.id, observed=observed, signals=signals, now=now
+            ),
+            timeout=share,
+        )
+    except TimeoutError:
+        deps.metrics.pass_overruns.labels("workload").inc()
+        log.warning(
+            "reconciling %s/%s took more than its %gs share of the pass: cut, continued "
+            "in the next pass",
+            workload.project,
+            workload.slug,
+            share,
+        )
+        return 0.0
+    except Exception as exc:  # isolate: one workload never stalls the others
+        await _failed(deps, workload, error=exc, now=now)
+        if workload.deleted:
+            await _teardown(deps, workload, observed=observed, now=now)
+        return deps.settings.tick_sec
+    if failure is not None:
+        del deps.memory.failures[workload.id]
+        deps.metrics.quarantined.labels(workload.project, workload.slug).set(0)
+        log.info(
+            "%s/%s reconciles again after %d failed attempt(s)",
+            workload.project,
+            workload.slug,
+            failure.attempts,
+        )
+    return after
+
+
+async def _failed(deps: Deps, workload: _Due, *, error: Exception, now: datetime) -> None:
+    """Record a failure: the traceback and a decision the first time, one line after;
+    the next try waits ``tick_sec`` doubled per failure, up to ``quarantine_max_sec``."""
+    deps.metrics.reconcile_errors.labels(workload.project, workload.slug).inc()
+    previous = deps.memory.failures.get(workload.id)
+    attempts = 1 if previous is None else previous.attempts + 1
+    settings = deps.settings
+    backoff = min(settings.quarantine_max_sec, settings.tick_sec * 2 ** (attempts - 1))
+    message = _one_line(error)
+    deps.memory.failures[workload.id] = Failure(
+        attempts=attempts, message=message, retry_at=now + timedelta(seconds=backoff)
+    )
+    deps.metrics.quarantined.labels(workload.project, workload.slug).set(1)
+    ref = f"{workload.project}/{workload.slug}"
+    if previous is not None and previous.message == message:
+        log.warning(
+            "reconciling %s failed again (attempt %d): %s; next try in %gs",
+            ref,
+            attempts,
+            message,
+            backoff,
+        )
+        return
+    log.error(
+        "reconciling %s failed; the other workloads go on; retried with backoff (next try in %gs)",
+        ref,
+        backoff,
+        exc_info=error,
+    )
+    try:
+        async with deps.sessions() as s:
+            record_decision(
+                s,
+                workload_id=workload.id,
+                at=now,
+                kind="error",
+                reason=f"the controller cannot reconcile this workload: {message}; "
+                "retried with backoff",
+                inputs={"attempts": attempts},
+                result={"retry_in_sec": backoff},
+                acted=False,
+            )
+            await s.commit()
+    except Exception as exc:  # the store may be what fails; the log line has it
+        log.warning("recording the failure of %s: %s", ref, exc)
+
+
+def _one_line(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}"
+            for e in error.errors(include_url=False)
+        )
+        return f"the stored spec is not valid: {problems}"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:500]}"
+
+
+async def _teardown(deps: Deps, workload: _Due, *, observed: Observation, now: datetime) -> None:
+    try:
+        await asyncio.wait_for(
+            teardown_workload(deps, workload_id=workload.id, observed=observed, now=now),
+            timeout=deps.settings.workload_share_sec,
+        )
+    except Exception as exc:
+        log.warning("tearing down deleted %s/%s: %s", workload.project, workload.slug, exc)
 
 
 async def _signals(deps: Deps) -> Mapping[WorkloadRef, Measured]:

@@ -97,6 +97,8 @@ async def reconcile_workload(
             await _report_unrunnable(
                 deps, s, workload=workload, problems=describe_errors(exc), now=now
             )
+            if workload.deleted_at is not None:  # a delete is carried out all the same
+                await _tear_down(deps, s, workload=workload, observed=observed, now=now)
             return None
         engine = engine_for(spec.backend.value)
         rows = await open_rows(s, workload.id)
@@ -148,6 +150,7 @@ async def reconcile_workload(
             headroom=headroom,
             placer=placer,
             fleet_usd=fleet_usd,
+            launch_limit=deps.settings.max_launches_per_pass,
             now=now,
         )
         await _log_scale(
@@ -365,6 +368,14 @@ def _desired(
         capacity=inputs.capacity,
     )
     deps.memory.scale[workload.id] = decision.memory
+    cap = deps.settings.max_replicas_per_workload
+    if decision.desired > cap:
+        # Apply refuses such a spec; one stored by another route is planned to the cap.
+        decision = dataclasses.replace(
+            decision,
+            desired=cap,
+            reason=f"{decision.reason}; capped at {cap} replicas (max_replicas_per_workload)",
+        )
     return decision
 
 
@@ -394,6 +405,7 @@ def _plan(
     headroom: tuple[float, str] | None,
     placer: _Placer,
     fleet_usd: float,
+    launch_limit: int,
     now: datetime,
 ) -> tuple[Plan, Placement | None]:
     placement = None
@@ -408,6 +420,7 @@ def _plan(
         launch_usd_per_hour=placement.usd_per_hour if placement and placement.found else None,
         now=now,
         fleet_live_usd_per_hour=fleet_usd if limits.fleet_usd_per_hour is not None else None,
+        launch_limit=launch_limit,
     )
     if placement is not None and not placement.found and plan.refusals:
         reason = f"launch not possible: {placement.reason}"
@@ -490,19 +503,7 @@ async def _act(
             row = by_id[action.launch_id]
             await _terminate(deps, s, row=row, reason=action.reason, now=now)
         elif isinstance(action, Drain) and action.launch_id in by_id:
-            row = by_id[action.launch_id]
-            row.drain_requested_at = now
-            record_decision(
-                s,
-                workload_id=workload.id,
-                at=now,
-                kind="drain",
-                reason=action.reason,
-                inputs={"launch_id": row.launch_id, "phase": "ready"},
-                result={"launch_id": row.launch_id},
-            )
-            await s.commit()
-            deps.notify_change()
+            await _drain(deps, s, row=by_id[action.launch_id], reason=action.reason, now=now)
         elif isinstance(action, Launch) and placement is not None and placement.found:
             outcome = await launch_replica(
                 deps,
@@ -515,6 +516,78 @@ async def _act(
             )
             if not outcome.bought and outcome.error and outcome.row.terminated_confirmed_at:
                 break  # the offer is marked unavailable: place again next pass
+
+
+async def teardown_workload(
+    deps: Deps, *, workload_id: int, observed: Observation, now: datetime
+) -> None:
+    """Drain and terminate a deleted workload's replicas without reading its spec: the
+    way out for a workload whose stored spec the controller cannot reconcile (a delete
+    must never leave a paid machine running). The gateway stopped routing to it at the
+    delete, so a drain ends on the next pass; intents are looked up by launch id and
+    closed when the provider has no such launch."""
+    async with deps.sessions() as s:
+        workload = await s.get(Workload, workload_id)
+        if workload is None or workload.deleted_at is None:
+            return
+        await _tear_down(deps, s, workload=workload, observed=observed, now=now)
+
+
+async def _tear_down(
+    deps: Deps, s: AsyncSession, *, workload: Workload, observed: Observation, now: datetime
+) -> None:
+    rows = await open_rows(s, workload.id)
+    port = _engine_port(workload.spec)
+    await sync_with_provider(deps, s, rows=rows, observed=observed, port=port, now=now)
+    for row in _still_open(rows):
+        if row.worker_id is None and row.instance_id is None:
+            row.terminate_requested_at = row.terminate_requested_at or now
+            await resolve_intent(deps, s, row=row, spec=None, now=now)
+    rows = _still_open(rows)
+    plan = plan_actions(  # the gateway stopped routing to it when it was deleted
+        desired=0,
+        replicas=[replica_view(r, in_flight=0) for r in rows],
+        spec_generation=workload.generation,
+        timeouts=Timeouts(),
+        limits=BudgetLimits(),
+        launch_usd_per_hour=None,
+        now=now,
+    )
+    by_id = {r.launch_id: r for r in rows}
+    for action in plan.actions:
+        if deps.settings.dry_run:
+            break
+        if isinstance(action, Terminate):
+            reason = f"deleted: {action.reason}"
+            await _terminate(deps, s, row=by_id[action.launch_id], reason=reason, now=now)
+        elif isinstance(action, Drain):
+            reason = "deleted: drain before terminating"
+            await _drain(deps, s, row=by_id[action.launch_id], reason=reason, now=now)
+
+
+def _engine_port(stored: Any) -> int:
+    backend = stored.get("backend") if isinstance(stored, dict) else None
+    try:
+        return engine_for(str(backend or "vllm")).port
+    except ValueError:  # an unknown engine in a spec stored by another route
+        return engine_for("vllm").port
+
+
+async def _drain(
+    deps: Deps, s: AsyncSession, *, row: LedgerRow, reason: str, now: datetime
+) -> None:
+    row.drain_requested_at = now
+    record_decision(
+        s,
+        workload_id=row.workload_id,
+        at=now,
+        kind="drain",
+        reason=reason,
+        inputs={"launch_id": row.launch_id, "phase": "ready"},
+        result={"launch_id": row.launch_id},
+    )
+    await s.commit()
+    deps.notify_change()
 
 
 async def _terminate(

@@ -8,7 +8,7 @@ import httpx
 import pytest
 
 from autoscaler.sdk import ApiError, ManagementClient
-from autoscaler.spec import WorkloadSpec
+from autoscaler.spec import DEFAULT_MAX_REPLICAS, WorkloadSpec
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import ApiServer
 
@@ -85,6 +85,52 @@ def test_invalid_spec_is_422_naming_the_field_and_changes_nothing(api_server: Ap
         after = c.get("support-bot")
         assert after["generation"] == 1
         assert "min_replicas" not in after["spec"]["execution_policy_config"]
+
+
+FIXED: dict[str, Any] = {
+    "name": "Batch",
+    "slug": "batch",
+    "model": "meta-llama/Llama-3.1-8B-Instruct",
+    "execution_policy": "fixed",
+}
+
+
+@pytest.mark.parametrize("replicas", [1_000_000, 2_147_483_648, DEFAULT_MAX_REPLICAS + 1])
+def test_replicas_above_the_service_maximum_are_refused_at_apply(
+    api_server: ApiServer, replicas: int
+) -> None:
+    with client(api_server) as c:
+        with pytest.raises(ApiError) as info:
+            c.ensure({**FIXED, "execution_policy_config": {"replicas": replicas}})
+        assert (info.value.status, info.value.code) == (422, "invalid_spec")
+        [detail] = info.value.details
+        assert detail["path"] == "execution_policy_config.replicas"
+        assert detail["value"] == replicas
+        assert f"maximum of {DEFAULT_MAX_REPLICAS} replicas per workload" in detail["message"]
+        assert c.list() == []
+        at_max = c.ensure({**FIXED, "execution_policy_config": {"replicas": DEFAULT_MAX_REPLICAS}})
+        assert at_max.action == "created"
+
+
+def test_max_workers_above_the_service_maximum_is_refused_at_apply(api_server: ApiServer) -> None:
+    config = {**SPEC["execution_policy_config"], "max_workers": 5_000}
+    with client(api_server) as c:
+        with pytest.raises(ApiError) as info:
+            c.ensure({**SPEC, "execution_policy_config": config})
+        assert info.value.details[0]["path"] == "execution_policy_config.max_workers"
+
+
+def test_deeply_nested_json_is_a_400_and_changes_nothing(api_server: ApiServer) -> None:
+    body = '{"name": "x", "command": ' + "[" * 5000 + "]" * 5000 + "}"
+    response = httpx.put(
+        f"{api_server.url}/v1/projects/acme/workloads/deep",
+        content=body,
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"},
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == "the body's JSON is nested too deeply"
+    with client(api_server) as c:
+        assert c.list() == []
 
 
 def test_body_slug_must_match_the_path(api_server: ApiServer) -> None:

@@ -298,3 +298,81 @@ def test_plan_moves_toward_desired_and_never_double_handles_a_replica(
         assert after <= desired + 1  # a surge of one at most
     else:
         assert after >= desired or all(r.generation < 3 for r in active)
+
+
+class _CountedPrice(float):
+    """A price that counts the additions made with it (the budget's arithmetic)."""
+
+    additions = 0
+
+    def __add__(self, other: float) -> float:
+        _CountedPrice.additions += 1
+        return float(self) + float(other)
+
+    def __radd__(self, other: float) -> float:
+        _CountedPrice.additions += 1
+        return float(other) + float(self)
+
+
+def _additions_to_plan(desired: int) -> int:
+    _CountedPrice.additions = 0
+    fleet = [replica(f"r{i}", price=_CountedPrice(1.0)) for i in range(desired // 2)]
+    p = plan(
+        desired,
+        fleet,
+        limits=BudgetLimits(workload_usd_per_hour=1e9),
+        price=_CountedPrice(1.0),
+    )
+    assert len(p.launches) == desired - desired // 2
+    return _CountedPrice.additions
+
+
+def test_the_budget_work_of_a_plan_grows_linearly_with_the_fleet() -> None:
+    # Summing the whole ledger again for every launch made 8,000 launches take seconds
+    # (quadratic); each launch adds its price once.
+    small, large = _additions_to_plan(1_000), _additions_to_plan(8_000)
+    assert large <= 8 * small + 8
+    assert large <= 3 * 8_000
+
+
+def test_launches_beyond_the_per_plan_limit_wait_for_the_next_plan_due_at_once() -> None:
+    p = plan_actions(
+        desired=10,
+        replicas=[replica("a")],
+        spec_generation=1,
+        timeouts=TIMEOUTS,
+        limits=ROOMY,
+        launch_usd_per_hour=1.0,
+        now=NOW,
+        launch_limit=4,
+    )
+    assert len(p.launches) == 4
+    assert p.requeue_after == 0
+    exact = plan_actions(
+        desired=5,
+        replicas=[replica("a")],
+        spec_generation=1,
+        timeouts=TIMEOUTS,
+        limits=ROOMY,
+        launch_usd_per_hour=1.0,
+        now=NOW,
+        launch_limit=4,
+    )
+    assert len(exact.launches) == 4 and exact.requeue_after is None
+
+
+def test_a_deleted_predecessor_s_instances_count_against_the_ceiling() -> None:
+    p = plan_actions(
+        desired=3,
+        replicas=[],
+        spec_generation=1,
+        timeouts=TIMEOUTS,
+        limits=BudgetLimits(workload_usd_per_hour=2.5),
+        launch_usd_per_hour=1.0,
+        now=NOW,
+        inherited_usd_per_hour=[1.0],
+    )
+    assert len(p.launches) == 1
+    assert p.refusals[0].reason == (
+        "launch refused: 2 x $1.00/h + $1.00/h = $3.00/h would exceed the workload ceiling $2.50/h"
+    )

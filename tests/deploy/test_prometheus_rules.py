@@ -76,6 +76,8 @@ def test_every_alert_reads_a_metric_the_code_exports() -> None:
         "ControllerDown",
         "TtftAboveTargetAtMaxReplicas",
         "WorkloadSpendNearCeiling",
+        "ReconcilePassOverrun",
+        "WorkloadQuarantined",
     ):
         assert needed in alerts
 

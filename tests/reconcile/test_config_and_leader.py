@@ -8,8 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from autoscaler.config import ConfigError, load_config, parse_config
+from autoscaler.config import (
+    DEFAULT_FLEET_MAX_HOURLY_COST_USD,
+    ConfigError,
+    load_config,
+    parse_config,
+)
 from autoscaler.controller import LeaderLock, offers_for
+from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from autoscaler.store.db import open_store
 from catalog.snapshot import load_bundled
 from tests.conftest import PG_HOST, _require_pg
@@ -23,6 +29,23 @@ def test_no_config_means_this_machine_alone() -> None:
     assert config.providers.aws is None and config.providers.gcp is None
     offers = offers_for(config, load_bundled())
     assert [o.provider.value for o in offers] == ["local"]
+
+
+def test_with_no_config_there_is_still_a_fleet_ceiling_and_a_replica_maximum() -> None:
+    config = load_config(None)
+    assert config.fleet_max_hourly_cost_usd == DEFAULT_FLEET_MAX_HOURLY_COST_USD
+    assert config.max_replicas_per_workload == DEFAULT_MAX_REPLICAS
+    assert config.limits_summary() == (
+        f"fleet ceiling ${DEFAULT_FLEET_MAX_HOURLY_COST_USD:,.2f}/h (the default; set "
+        f"fleet_max_hourly_cost_usd in --config); at most {DEFAULT_MAX_REPLICAS} replicas "
+        "per workload"
+    )
+    given = parse_config(
+        {"fleet_max_hourly_cost_usd": 40, "max_replicas_per_workload": 8}, source="x"
+    )
+    assert given.limits_summary() == (
+        "fleet ceiling $40.00/h (from the config); at most 8 replicas per workload"
+    )
 
 
 def test_a_full_config_reads_every_provider(tmp_path: Path) -> None:
@@ -59,6 +82,8 @@ def test_a_full_config_reads_every_provider(tmp_path: Path) -> None:
     ("document", "names"),
     [
         ({"fleet_max_hourly_cost_usd": -5}, "fleet_max_hourly_cost_usd"),
+        ({"fleet_max_hourly_cost_usd": None}, "fleet_max_hourly_cost_usd"),
+        ({"max_replicas_per_workload": 0}, "max_replicas_per_workload"),
         ({"providers": {"aws": {"regions": []}}}, "providers.aws.regions"),
         ({"providers": {"gcp": {"zones": ["a"]}}}, "providers.gcp.project"),
         ({"providers": {"aws": {"regon": "x"}}}, "providers.aws.regon"),

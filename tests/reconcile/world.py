@@ -152,7 +152,10 @@ class World:
         fleet_ceiling: float | None = None,
         orphan_grace_sec: float = 600.0,
         dry_run: bool = False,
+        **settings: Any,
     ) -> Deps:
+        """``settings``: further :class:`Settings` fields (limits, shares, budgets)."""
+
         def notify() -> None:
             self.changes += 1
 
@@ -170,6 +173,7 @@ class World:
                 unavailable_sec=600,
                 unhealthy_grace_sec=20,
                 dry_run=dry_run,
+                **settings,
             ),
             notify_change=notify,
         )
