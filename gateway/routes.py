@@ -8,7 +8,7 @@ refresh. The gateway reloads it every ``refresh_interval_sec`` and at once when
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -66,10 +66,10 @@ class RouteTable:
     admin_hashes: frozenset[str] = frozenset()
 
 
-async def load_route_table(session: AsyncSession, *, now: datetime) -> RouteTable:
-    """Read live workloads, their routable replicas, why any cannot be placed now, and
-    unrevoked keys."""
-    blocks = await placement_blocks(session, now=now)
+async def load_route_table(session: AsyncSession, *, now: datetime | None = None) -> RouteTable:
+    """Read live workloads, their routable replicas, why any cannot be placed now (as of
+    ``now``, the current time unless given), and unrevoked keys."""
+    blocks = await placement_blocks(session, now=now or datetime.now(UTC))
     workload_rows = list(
         await session.scalars(select(Workload).where(Workload.deleted_at.is_(None)))
     )
