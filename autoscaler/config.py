@@ -61,6 +61,9 @@ class AwsSettings(EngineAccess):
     endpoint_url: str | None = None
     max_attempts: Annotated[int, Field(ge=1)] = 4
     retry_wait_seconds: Annotated[float, Field(ge=0)] = 1.0
+    interruption_queue_url: str | None = None
+    """An SQS queue of EC2 Spot Instance Interruption Warnings (EventBridge), one per cluster."""
+    sqs_endpoint_url: str | None = None
 
     def provider_config(self) -> AwsConfig:
         return AwsConfig(
@@ -74,6 +77,8 @@ class AwsSettings(EngineAccess):
             endpoint_url=self.endpoint_url,
             max_attempts=self.max_attempts,
             retry_wait_seconds=self.retry_wait_seconds,
+            interruption_queue_url=self.interruption_queue_url,
+            sqs_endpoint_url=self.sqs_endpoint_url,
         )
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -116,6 +118,10 @@ class AwsConfig:
     max_attempts: int = 4
     retry_wait_seconds: float = 1.0
     throttle_retry_after: float = 5.0
+    interruption_queue_url: str | None = None
+    """An SQS queue that EventBridge fills with EC2 Spot Instance Interruption Warnings
+    (one queue per cluster: every message read is deleted)."""
+    sqs_endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
         if not self.regions:
@@ -155,6 +161,32 @@ def _client_token(launch_id: str) -> str:
 
 
 _SESSION: list[aioboto3.Session] = []
+
+
+INTERRUPTION_WARNING = "EC2 Spot Instance Interruption Warning"
+
+
+def interruption_warning(body: str) -> tuple[str, str] | None:
+    """(instance id, reason) from an EventBridge event in an SQS message body, or
+    ``None`` for anything that is not a spot interruption warning."""
+    try:
+        event = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("detail-type") != INTERRUPTION_WARNING:
+        return None
+    detail = event.get("detail")
+    if not isinstance(detail, dict) or not detail.get("instance-id"):
+        return None
+    what = detail.get("instance-action", "terminate")
+    reason = f"{INTERRUPTION_WARNING} (SQS): {what} at {event.get('time', 'an unknown time')}"
+    return str(detail["instance-id"]), reason
+
+
+def _queue_region(url: str) -> str | None:
+    """The region of an AWS queue URL (``https://sqs.us-east-1.amazonaws.com/…``)."""
+    match = re.match(r"^https://sqs\.([a-z0-9-]+)\.amazonaws\.com/", url)
+    return match.group(1) if match else None
 
 
 def _shared_session() -> aioboto3.Session:
@@ -244,6 +276,55 @@ class AwsProvider:
             )
             for i in await self.list(cluster_id)
             if i.state is InstanceState.INTERRUPTED
+        ]
+
+    async def spot_notices(self, cluster_id: str) -> builtins.list[SpotInterruption]:
+        """The cluster's instances named by EC2 Spot Instance Interruption Warnings in the
+        interruption queue (none without one). Every message read is deleted: the caller
+        acts on the notices in the same pass, and the instance's own metadata watcher
+        reports the same warning, so a notice lost to a crash here is not the only one."""
+        url = self.config.interruption_queue_url
+        if url is None:
+            return []
+        action = f"reading EC2 interruption warnings from {url}"
+        warned: dict[str, str] = {}
+        async with self._session.client(
+            "sqs",  # type: ignore[call-overload]
+            region_name=_queue_region(url) or self.config.regions[0],
+            endpoint_url=self.config.sqs_endpoint_url,
+            config=BotoConfig(retries={"total_max_attempts": 1, "mode": "standard"}),
+        ) as sqs:
+            for _ in range(10):  # at most 100 messages a pass
+                got = await self._call(
+                    action,
+                    sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=0),
+                )
+                messages = got.get("Messages", [])
+                if not messages:
+                    break
+                for message in messages:
+                    warning = interruption_warning(message.get("Body", ""))
+                    if warning is not None:
+                        warned[warning[0]] = warning[1]
+                entries = [
+                    {"Id": str(n), "ReceiptHandle": m["ReceiptHandle"]}
+                    for n, m in enumerate(messages)
+                ]
+                await self._call(action, sqs.delete_message_batch(QueueUrl=url, Entries=entries))
+        if not warned:
+            return []
+        now = utc(self._clock.now())
+        return [
+            SpotInterruption(
+                instance_id=i.instance_id,
+                launch_id=i.launch_id,
+                zone=i.zone,
+                instance_type=i.instance_type,
+                noticed_at=now,
+                reason=warned[i.instance_id],
+            )
+            for i in await self.list(cluster_id)
+            if i.instance_id in warned and not i.state.is_gone
         ]
 
     # Launch parameters.

@@ -54,6 +54,7 @@ __all__ = [
     "QuotaExceeded",
     "SpotInterruption",
     "SpotInterruptionSource",
+    "SpotNoticeSource",
     "SystemClock",
     "Terminal",
     "Transient",
@@ -320,6 +321,17 @@ class SpotInterruptionSource(Protocol):
 
     async def interruptions(self, cluster_id: str) -> builtins.list[SpotInterruption]:
         """Interruptions of the cluster's spot instances that are still visible."""
+        ...
+
+
+@runtime_checkable
+class SpotNoticeSource(Protocol):
+    """Optional capability: warnings that spot instances are about to be reclaimed, read
+    from the provider's event stream (EC2 interruption warnings through SQS), besides
+    the notice each instance reports through its boot callback."""
+
+    async def spot_notices(self, cluster_id: str) -> builtins.list[SpotInterruption]:
+        """The cluster's instances warned of since the last call (each warning once)."""
         ...
 
 

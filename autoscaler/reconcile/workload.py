@@ -61,6 +61,7 @@ from autoscaler.reconcile.ledger import (
     replica_view,
 )
 from autoscaler.reconcile.liveness import (
+    SPOT_NOTICE,
     check_health,
     failed_boots,
     spot_notices,
@@ -120,7 +121,8 @@ async def reconcile_workload(
         for row in failed_boots(rows):
             mark_unavailable(deps, row=row, now=now)
             await _terminate(deps, s, row=row, reason=row.last_error or "boot failed", now=now)
-        await _heed_spot_notices(deps, s, workload=workload, rows=rows, now=now)
+        queued = _record_queued_notices(rows, observed=observed)
+        await _heed_spot_notices(deps, s, workload=workload, rows=rows, queued=queued, now=now)
         rows = _still_open(rows)
         problems = [] if workload.deleted_at else [p.as_detail() for p in runnable_problems(spec)]
         if problems:
@@ -218,8 +220,28 @@ async def _report_unrunnable(
     log.warning("%s/%s: spec cannot run: %s", workload.project, workload.slug, text)
 
 
+def _record_queued_notices(rows: Sequence[LedgerRow], *, observed: Observation) -> set[str]:
+    """Record the warnings a provider's event queue gave for these rows, as the boot
+    callback records an instance's own; the launch ids newly noticed this way."""
+    queued: set[str] = set()
+    for row in rows:
+        notice = observed.notices.get(row.instance_id or "")
+        if notice is None or (row.last_error or "").startswith(SPOT_NOTICE):
+            continue
+        if phase_of(row) in (Phase.PENDING, Phase.BOOTING, Phase.READY, Phase.DRAINING):
+            row.last_error = f"{SPOT_NOTICE}{notice.reason}"
+            queued.add(row.launch_id)
+    return queued
+
+
 async def _heed_spot_notices(
-    deps: Deps, s: AsyncSession, *, workload: Workload, rows: Sequence[LedgerRow], now: datetime
+    deps: Deps,
+    s: AsyncSession,
+    *,
+    workload: Workload,
+    rows: Sequence[LedgerRow],
+    queued: set[str],
+    now: datetime,
 ) -> None:
     """The provider will reclaim these instances: avoid their spot market, stop serving
     from them, and (through the plan, which no longer counts them) replace them now."""
@@ -229,7 +251,8 @@ async def _heed_spot_notices(
         if first:
             deps.memory.spot_noticed.add(row.launch_id)
             mark_unavailable(deps, row=row, now=now)
-            deps.metrics.spot_notices.labels(row.provider, "instance").inc()
+            source = "queue" if row.launch_id in queued else "instance"
+            deps.metrics.spot_notices.labels(row.provider, source).inc()
         phase = phase_of(row)
         if phase in (Phase.PENDING, Phase.BOOTING):
             await _terminate(deps, s, row=row, reason=reason, now=now)

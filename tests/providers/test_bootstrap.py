@@ -6,9 +6,11 @@ and what it reported to the controller.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ import pytest
 
 from providers.bootstrap import BootCallback, SpotNotice, min_driver_for, startup_script_for
 from providers.engines import ENGINES, boot_spec
+from tests.helpers import wait_until
 
 ENGINE_KEY = "sk-engine-" + "k" * 24
 HF_TOKEN = "hf_" + "t" * 30
@@ -53,6 +56,7 @@ echo "curl $url" >>"$SANDBOX/calls"
 case "$url" in
   */secrets) printf 'ENGINE_API_KEY=%s\\nHF_TOKEN=%s\\n' "$FAKE_KEY" "$FAKE_HF" >"$out" ;;
   */status) echo "$data" >>"$SANDBOX/reports" ;;
+  */computeMetadata/v1/instance/preempted) echo "${FAKE_PREEMPTED:-FALSE}" ;;
   http://127.0.0.1:*) [[ -n "${FAKE_HEALTHY:-}" ]] ;;
   *) exit 7 ;;
 esac
@@ -93,6 +97,7 @@ def run_script(
     cuda: str | None = "12.4",
     env: dict[str, str] | None = None,
     with_nvidia_smi: bool = True,
+    spot_notice: SpotNotice | None = None,
 ) -> Run:
     boot = boot_spec(backend=backend, model=model, cuda_version=cuda)
     script = startup_script_for(
@@ -100,6 +105,7 @@ def run_script(
         backend=backend,
         launch_id="lch_0123abcd",
         callback=BootCallback("http://controller.test/v1/boot/lch_0123abcd", "boot-token"),
+        spot_notice=spot_notice,
     )
     script = script.replace("STATE_DIR=/var/lib/autoscaler", f"STATE_DIR={sandbox / 'state'}")
     script = script.replace("CACHE_DIR=/var/lib/autoscaler/", f"CACHE_DIR={sandbox}/")
@@ -247,6 +253,61 @@ def test_the_rendered_script_passes_shellcheck(backend: str, tmp_path: Path) -> 
     )
     done = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def _reports(sandbox: Path) -> list[dict[str, str]]:
+    path = sandbox / "reports"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _stop_watcher(sandbox: Path) -> None:
+    pid_file = sandbox / "state" / "spot-notice-lch_0123abcd.pid"
+    with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_gce_preemption_is_reported_as_interrupted_by_the_watcher(sandbox: Path) -> None:
+    try:
+        run = run_script(sandbox, spot_notice="gce", env={"FAKE_PREEMPTED": "TRUE"})
+        assert run.returncode == 0, run.stderr
+        wait_until(
+            lambda: any(r["state"] == "interrupted" for r in _reports(sandbox)),
+            timeout=10,
+            what="the watcher's interrupted report",
+        )
+    finally:
+        _stop_watcher(sandbox)
+    assert sorted(r["state"] for r in _reports(sandbox)) == ["interrupted", "ready"]
+    [notice] = [r for r in _reports(sandbox) if r["state"] == "interrupted"]
+    assert notice == {
+        "launch_id": "lch_0123abcd",
+        "state": "interrupted",
+        "reason": "gce spot interruption notice: instance/preempted is TRUE",
+    }
+
+
+def test_no_preemption_no_report_and_on_demand_machines_do_not_watch(sandbox: Path) -> None:
+    try:
+        run = run_script(sandbox, spot_notice="gce", env={"FAKE_PREEMPTED": "FALSE"})
+        assert run.returncode == 0, run.stderr
+        wait_until(
+            lambda: _count(sandbox / "calls", "computeMetadata") >= 3,
+            timeout=10,
+            what="the watcher to poll three times",
+        )
+    finally:
+        _stop_watcher(sandbox)
+    assert [r["state"] for r in _reports(sandbox)] == ["ready"]
+    for used in ("calls", "reports", "state/spot-notice-lch_0123abcd.pid"):
+        (sandbox / used).unlink()
+    plain = run_script(sandbox)
+    assert plain.returncode == 0
+    assert not (sandbox / "state" / "spot-notice-lch_0123abcd.pid").exists()
+    assert _count(sandbox / "calls", "computeMetadata") == 0
+
+
+def _count(path: Path, text: str) -> int:
+    return sum(text in line for line in path.read_text().splitlines()) if path.exists() else 0
 
 
 @pytest.mark.parametrize("notice", ["ec2", "gce"])
