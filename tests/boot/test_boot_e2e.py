@@ -451,7 +451,7 @@ async def test_a_spot_notice_drains_and_replaces_the_replica_before_the_machine_
             row = await _row(store, booted.row.launch_id)
             assert phase_of(row) is Phase.DRAINING  # at once, before the controller's pass
             async with store() as s:
-                table = await load_route_table(s)
+                table = await load_route_table(s, now=datetime.now(UTC))
             route = table.workloads[("acme", "chat")]
             assert [r.key for r in route.replicas] == [row.launch_id]
             assert route.ready == ()  # the gateway sends it nothing new
