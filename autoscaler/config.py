@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from autoscaler.reconcile.timeouts import DEFAULT_CALL_TIMEOUT_SEC, DEFAULT_LAUNCH_TIMEOUT_SEC
 from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from catalog.cuda import MachineImage, parse_driver
 from catalog.model import ProviderName
@@ -196,6 +197,10 @@ class ControllerConfig(_Strict):
     """How long an instance missing at the provider counts as not visible yet (eventual
     consistency) before it is settled by tag lookup and a terminate by id."""
     health_timeout_sec: Annotated[float, Field(gt=0)] = 3.0
+    provider_call_timeout_sec: Annotated[float, Field(gt=0)] = DEFAULT_CALL_TIMEOUT_SEC
+    """The longest a provider's list, describe, terminate or lookup may take."""
+    provider_launch_timeout_sec: Annotated[float, Field(gt=0)] = DEFAULT_LAUNCH_TIMEOUT_SEC
+    """The longest a provider's launch may take (GCP waits on a zone operation)."""
     catalog_max_age_sec: Annotated[float, Field(gt=0)] = 7 * 86400.0
     """A catalog older than this is stale (the CatalogStale alert)."""
     catalog_sync: CatalogSyncSettings = CatalogSyncSettings()

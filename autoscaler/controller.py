@@ -65,9 +65,10 @@ from autoscaler.reconcile.deps import (
     log,
 )
 from autoscaler.reconcile.loop import reconcile_once
+from autoscaler.reconcile.timeouts import TimedProvider
 from catalog.model import Offer, ProviderName
 from catalog.snapshot import Snapshot, load_catalog
-from providers.base import Clock, ProviderError, SystemClock
+from providers.base import Clock, Provider, ProviderError, SystemClock
 from providers.local import (
     DockerLauncher,
     EngineLauncher,
@@ -149,14 +150,23 @@ def build_registry(
     data_dir: Path,
     clock: Clock,
 ) -> ProviderRegistry:
-    """The providers the configuration names."""
+    """The providers the configuration names, each call under a deadline
+    (:class:`autoscaler.reconcile.timeouts.TimedProvider`)."""
     entries: dict[str, ProviderEntry] = {}
     p = config.providers
+
+    def timed(provider: Provider) -> Provider:
+        return TimedProvider(
+            provider,
+            call_timeout_sec=config.provider_call_timeout_sec,
+            launch_timeout_sec=config.provider_launch_timeout_sec,
+        )
+
     if p.aws is not None:
         from providers.aws import AwsProvider
 
         entries[ProviderName.AWS.value] = ProviderEntry(
-            AwsProvider(p.aws.provider_config(), clock=clock),
+            timed(AwsProvider(p.aws.provider_config(), clock=clock)),
             engine_address=p.aws.engine_address,
             public=p.aws.address == "public",
         )
@@ -164,18 +174,20 @@ def build_registry(
         from providers.gcp import GcpProvider
 
         entries[ProviderName.GCP.value] = ProviderEntry(
-            GcpProvider(p.gcp.provider_config()),
+            timed(GcpProvider(p.gcp.provider_config())),
             engine_address=p.gcp.engine_address,
             public=p.gcp.address == "public",
         )
     if p.local is not None:
         entries[ProviderName.LOCAL.value] = ProviderEntry(
-            LocalProvider(
-                state_dir=p.local.state_dir or data_dir / "local-instances",
-                launcher=_launcher(p.local),
-                secrets=ledger_secrets(sessions),
-                clock=clock,
-                grace_seconds=5.0,
+            timed(
+                LocalProvider(
+                    state_dir=p.local.state_dir or data_dir / "local-instances",
+                    launcher=_launcher(p.local),
+                    secrets=ledger_secrets(sessions),
+                    clock=clock,
+                    grace_seconds=5.0,
+                )
             )
         )
     return ProviderRegistry(entries)

@@ -31,6 +31,22 @@ async def open_rows(session: AsyncSession, workload_id: int) -> list[LedgerRow]:
     )
 
 
+async def predecessor_prices(session: AsyncSession, workload: Workload) -> list[float]:
+    """Hourly prices of instances still open under a deleted workload of the same project
+    and slug: a slug deleted and applied again inherits their spend against its ceilings
+    until the provider confirms them gone."""
+    return list(
+        await session.scalars(
+            select(LedgerRow.hourly_usd).where(
+                LedgerRow.project == workload.project,
+                LedgerRow.workload_slug == workload.slug,
+                LedgerRow.workload_id != workload.id,
+                LedgerRow.terminated_confirmed_at.is_(None),
+            )
+        )
+    )
+
+
 async def fleet_usd_per_hour(session: AsyncSession) -> float:
     """Hourly total of every row not confirmed terminated (pending intents included)."""
     total = await session.scalar(

@@ -57,6 +57,7 @@ from autoscaler.reconcile.ledger import (
     fleet_counts,
     fleet_usd_per_hour,
     open_rows,
+    predecessor_prices,
     record_decision,
     replica_view,
 )
@@ -136,7 +137,9 @@ async def reconcile_workload(
         limits = limits_for(
             _autoscaling(spec), fleet_usd_per_hour=deps.settings.fleet_max_hourly_cost_usd
         )
-        headroom = _headroom(limits, live=[r.hourly_usd for r in rows], fleet_usd=fleet_usd)
+        inherited = await predecessor_prices(s, workload)
+        live = [*inherited, *(r.hourly_usd for r in rows)]
+        headroom = _headroom(limits, live=live, fleet_usd=fleet_usd)
         placer = _Placer(deps, spec=spec, rows=rows, measured=measured, headroom=headroom, now=now)
         inputs = _inputs_for(workload, spec=spec, rows=rows, measured=measured, placer=placer)
         decision = _desired(
@@ -153,6 +156,7 @@ async def reconcile_workload(
             placer=placer,
             fleet_usd=fleet_usd,
             launch_limit=deps.settings.max_launches_per_pass,
+            inherited=inherited,
             now=now,
         )
         await _log_scale(
@@ -429,6 +433,7 @@ def _plan(
     placer: _Placer,
     fleet_usd: float,
     launch_limit: int,
+    inherited: Sequence[float],
     now: datetime,
 ) -> tuple[Plan, Placement | None]:
     placement = None
@@ -444,6 +449,7 @@ def _plan(
         now=now,
         fleet_live_usd_per_hour=fleet_usd if limits.fleet_usd_per_hour is not None else None,
         launch_limit=launch_limit,
+        inherited_usd_per_hour=inherited,
     )
     if placement is not None and not placement.found and plan.refusals:
         reason = f"launch not possible: {placement.reason}"

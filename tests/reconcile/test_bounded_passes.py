@@ -12,6 +12,7 @@ from sqlalchemy import select, update
 
 from autoscaler.api.app import create_app
 from autoscaler.api.deps import ApiState
+from autoscaler.decide.scaling import Signals
 from autoscaler.reconcile.loop import reconcile_once
 from autoscaler.store import tokens
 from autoscaler.store.models import Workload
@@ -19,7 +20,7 @@ from autoscaler.store.phase import Phase
 from autoscaler.store.tokens import TokenKind
 from providers.base import Instance, LaunchRequest
 from providers.fake import FakeProvider
-from tests.reconcile.world import PROJECT, World, fixed, offer
+from tests.reconcile.world import PROJECT, World, autoscaling, fixed, offer
 
 HUGE = 2_147_483_648
 
@@ -193,3 +194,29 @@ async def test_deleting_a_workload_the_controller_cannot_reconcile_terminates_it
     assert not world.live_instances()
     async with world.sessions() as s:
         assert (await s.scalar(select(Workload.deleted_at).where(Workload.id == bot))) is not None
+
+
+async def test_a_slug_applied_again_inherits_the_spend_of_its_deleted_predecessor(
+    world: World,
+) -> None:
+    spec = autoscaling("bot", min_workers=2, max_workers=4, max_hourly_cost_usd=4.0)
+    await world.apply(spec)
+    await world.step()
+    await world.step(5)
+    assert await world.phases("bot") == [Phase.READY, Phase.READY]
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=3)  # the drain waits
+    await world.delete("bot")
+    await world.apply(spec)
+    for _ in range(3):
+        await world.step(5)
+        live = [r for r in await world.rows("bot") if r.terminated_confirmed_at is None]
+        assert sum(r.hourly_usd for r in live) <= 4.0
+    assert len(world.live_instances()) == 2  # the old pair, draining; nothing new bought
+    [refused, *_] = await world.decisions("refused")
+    assert "workload ceiling" in refused.reason
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=0)
+    for _ in range(4):
+        await world.step(5)
+    rows = await world.rows("bot")
+    assert sum(1 for r in rows if r.terminated_confirmed_at is None) == 2
+    assert len(world.live_instances()) == 2  # the new pair replaced the old
