@@ -448,3 +448,32 @@ async def test_configured_images_replace_the_table_and_a_pin_they_cannot_run_buy
     with pytest.raises(Terminal, match=r"no image's driver runs CUDA 13.0 on NVIDIA L4"):
         await provider.launch(pinned)
     assert gce.insert_requests == before
+
+
+async def test_the_controller_refuses_to_start_without_a_rule_in_check_mode(
+    gce: FakeGceServer,
+) -> None:
+    from types import SimpleNamespace
+    from typing import cast
+
+    from autoscaler.catalog_sync import LiveCatalog
+    from autoscaler.config import ConfigError
+    from autoscaler.controller import Controller
+    from autoscaler.reconcile.deps import Deps, ProviderEntry, ProviderRegistry, Settings
+
+    def controller(firewall: str) -> Controller:
+        provider = GcpProvider(_config(gce, firewall=firewall))
+        deps = SimpleNamespace(
+            providers=ProviderRegistry({"gcp": ProviderEntry(provider)}),
+            settings=Settings(cluster_id="fw-start"),
+        )
+        return Controller(deps=cast(Deps, deps), live=cast(LiveCatalog, None))
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^providers.gcp: checking the firewall rules .* "
+        r"create one: gcloud compute firewall-rules create ",
+    ):
+        await controller("check").preflight()
+    await controller("manage").preflight()  # manage mode makes its rule on first launch
+    assert firewall_rule_name("fw-start") not in gce.firewalls
