@@ -25,9 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import logging
 import os
-import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -509,9 +507,9 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+    from autoscaler.service import STOP_GRACE_SEC, install_stop_signals
     from autoscaler.store.db import open_store, session_factory
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     async with open_store(options.database_url) as engine:
         signals: SignalsSource | None = None
         if options.gateway_url and options.gateway_token:
@@ -543,9 +541,7 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
             await runner.setup()
             await web.TCPSite(runner, options.metrics_host, options.metrics_port).start()
         stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stopping.set)
+        install_stop_signals(stopping)
         print(
             f"controller for cluster {config.cluster_id} "
             f"(providers: {', '.join(controller.deps.providers.names) or 'none'}"
@@ -553,7 +549,17 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
             flush=True,
         )
         try:
-            await run_controller(controller, engine=engine, stopping=stopping)
+            loop = asyncio.ensure_future(
+                run_controller(controller, engine=engine, stopping=stopping)
+            )
+            await asyncio.wait(
+                [loop, asyncio.ensure_future(stopping.wait())],
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            _, late = await asyncio.wait([loop], timeout=STOP_GRACE_SEC)
+            for task in late:  # a pass stuck in a call: cancelled, as a crash would be
+                task.cancel()
+            await asyncio.gather(loop, return_exceptions=True)
         finally:
             if runner is not None:
                 await runner.cleanup()

@@ -4,15 +4,26 @@
 the management API, the gateway and the controller (with the providers of ``--config``,
 or this machine alone) on one event loop. The API's changes wake the controller at once,
 and so does a request the gateway holds for a workload with no ready replica.
-Shutdown on SIGINT/SIGTERM is graceful: servers stop accepting, loops finish their tick.
+Shutdown on SIGINT/SIGTERM is graceful and bounded: servers stop accepting, the pass in
+flight gets :data:`STOP_GRACE_SEC` to finish and is then cancelled (as a crash would
+leave it: intents are resolved by launch id), each cleanup step gets
+:data:`STOP_STEP_SEC`, and a watchdog ends the process :data:`STOP_BOUND_SEC` after the
+signal whatever it is doing. A port already taken is found before any state is touched
+(:func:`port_in_use`).
+
+``/metrics`` on the management port serves the controller's and the gateway's metrics;
+the gateway's own port serves its metrics only to an admin token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
+import socket
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,6 +47,17 @@ from autoscaler.store.tokens import TokenKind
 from gateway.app import Gateway
 
 ADMIN_TOKEN_ENV = "AUTOSCALER_ADMIN_TOKEN"
+
+
+STOP_GRACE_SEC = 10.0
+"""On SIGTERM, how long the servers and the pass in flight get to finish before the
+work still running is cancelled."""
+STOP_STEP_SEC = 8.0
+"""The longest each cleanup step (gateway, this machine's engines, clients) may take."""
+STOP_BOUND_SEC = 40.0
+"""The stated bound: a process not gone this long after SIGTERM exits regardless."""
+
+log = logging.getLogger("autoscaler.service")
 
 
 def utc_now() -> datetime:
@@ -90,6 +112,7 @@ def _uvicorn_server(app: object, *, host: str, port: int) -> uvicorn.Server:
         host=host,
         port=port,
         log_level="warning",
+        log_config=None,  # the process's logging (autoscaler.logs), not uvicorn's own
         lifespan="off",
         access_log=False,
     )
@@ -138,7 +161,7 @@ async def run_all(settings: RunSettings) -> None:
             )
         )
         configure_boot(api, BootSecrets(hf_token_file=config.hf_token_file))
-        mount_metrics(api, controller.deps.metrics.registry)
+        mount_metrics(api, controller.deps.metrics.registry, gateway.metrics.registry)
         api_server = _uvicorn_server(api, host=settings.host, port=settings.api_port)
         await gateway.start(settings.host, settings.gateway_port)
         print(
@@ -156,17 +179,40 @@ async def run_all(settings: RunSettings) -> None:
                 [api_server.serve(), loop], stop=[api_server], stopping=stopping
             )
         finally:
-            await gateway.stop()
-            await controller.stop_local_replicas()
-            await controller.close()
+            for step in (gateway.stop, controller.stop_local_replicas, controller.close):
+                await _bounded(step(), what=step.__qualname__)
+            log.info("stopped")
 
 
-def mount_metrics(api: FastAPI, registry: CollectorRegistry) -> None:
-    """Serve ``registry`` at ``GET /metrics`` on the management API (no token: scrapers
-    read it; it holds no secret)."""
+async def _bounded(step: Awaitable[None], *, what: str) -> None:
+    """Run one shutdown step for at most :data:`STOP_STEP_SEC`; a failure is logged."""
+    try:
+        await asyncio.wait_for(step, timeout=STOP_STEP_SEC)
+    except TimeoutError:
+        log.warning("shutdown: %s did not finish within %gs; going on", what, STOP_STEP_SEC)
+    except Exception as exc:
+        log.warning("shutdown: %s failed: %s", what, exc)
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound (what the servers would find at start)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def mount_metrics(api: FastAPI, *registries: CollectorRegistry) -> None:
+    """Serve ``registries`` at ``GET /metrics`` on the management API (no token: scrapers
+    read it on the management port, which callers of the data plane do not reach)."""
 
     async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        body = b"".join(generate_latest(registry) for registry in registries)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     api.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
 
@@ -177,16 +223,18 @@ async def _serve_until_signal(
     stop: list[uvicorn.Server],
     stopping: asyncio.Event | None = None,
 ) -> None:
-    loop = asyncio.get_running_loop()
     stopping = stopping or asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stopping.set)
+    install_stop_signals(stopping)
     running = [asyncio.ensure_future(t) for t in tasks]
     waiter = asyncio.ensure_future(stopping.wait())
     done, _ = await asyncio.wait([*running, waiter], return_when=asyncio.FIRST_COMPLETED)
     stopping.set()  # one role ending (a port in use…) stops the others
     for server in stop:
         server.should_exit = True
+    _, late = await asyncio.wait(running, timeout=STOP_GRACE_SEC)
+    for stuck in late:  # a pass stuck in a call: cancelled, as a crash would leave it
+        log.warning("shutdown: cancelling work still running after %gs", STOP_GRACE_SEC)
+        stuck.cancel()
     await asyncio.gather(*running, return_exceptions=True)
     waiter.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -194,6 +242,35 @@ async def _serve_until_signal(
     for task in done:
         if task is not waiter and task.exception() is not None:
             raise task.exception()  # type: ignore[misc]
+
+
+def install_stop_signals(stopping: asyncio.Event) -> None:
+    """SIGTERM and SIGINT set ``stopping``, and arm a watchdog that ends the process
+    :data:`STOP_BOUND_SEC` later whatever it is doing; a second signal ends it at once.
+
+    Python-level handlers (not the loop's) so that a signal is heard even while the loop
+    is busy: the handler runs in the main thread and hands the event to the loop."""
+    loop = asyncio.get_running_loop()
+    state = {"signals": 0}
+
+    def handle(signum: int, _frame: object) -> None:
+        state["signals"] += 1
+        if state["signals"] > 1:
+            os.write(2, b"autoscaler: second signal: stopping now\n")
+            os._exit(128 + signum)
+        os.write(2, f"autoscaler: stopping (within {STOP_BOUND_SEC:g}s)\n".encode())
+        watchdog = threading.Timer(STOP_BOUND_SEC, _force_exit)
+        watchdog.daemon = True
+        watchdog.start()
+        loop.call_soon_threadsafe(stopping.set)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handle)
+
+
+def _force_exit() -> None:
+    os.write(2, f"autoscaler: not stopped within {STOP_BOUND_SEC:g}s; exiting\n".encode())
+    os._exit(1)
 
 
 def _redact(url: str) -> str:

@@ -9,6 +9,9 @@ Routes (all under ``/endpoint/{project}/{workload}/v1/``): ``chat/completions``,
 ``completions``, ``embeddings``, ``images/generations``, ``audio/speech``,
 ``audio/transcriptions`` are proxied; ``models`` is answered from the spec (no replica
 needed, so it never wakes a workload); ``jobs`` and ``jobs/{id}`` are async jobs.
+``/metrics`` and ``/internal/signals`` answer only an admin token: their series and
+signals name every project and workload (``autoscaler run`` serves the same metrics on
+the management port).
 """
 
 from __future__ import annotations
@@ -426,7 +429,10 @@ class Gateway:
         payload = {"signals": [snap.to_json() for snap in self.signals().values()]}
         return web.json_response(payload)
 
-    async def _metrics(self, _request: web.Request) -> web.Response:
+    async def _metrics(self, request: web.Request) -> web.Response:
+        # Its series name every project and workload: not for data-plane callers.
+        if not is_admin(self._table, request.headers.get("Authorization")):
+            return error_response(401, "an admin token is required", code="invalid_api_key")
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

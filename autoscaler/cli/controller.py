@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from autoscaler.cli.serve import log_options, refuse_taken_ports, setup_logging
 from autoscaler.paths import default_data_dir
 
 
@@ -42,12 +43,20 @@ def register(group: click.Group) -> None:
 @click.option(
     "--gateway-token",
     envvar="AUTOSCALER_ADMIN_TOKEN",
-    help="Admin token for the gateway's signals (default $AUTOSCALER_ADMIN_TOKEN).",
+    hidden=True,
+    help="Deprecated: a token on a command line is visible in the process list.",
+)
+@click.option(
+    "--gateway-token-file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    envvar="AUTOSCALER_ADMIN_TOKEN_FILE",
+    help="A file holding the admin token for the gateway's signals (else $AUTOSCALER_ADMIN_TOKEN).",
 )
 @click.option("--metrics-host", default="127.0.0.1", show_default=True)
 @click.option(
     "--metrics-port", default=9464, show_default=True, help="Prometheus /metrics (0: off)."
 )
+@log_options
 def controller(
     database_url: str | None,
     config_path: Path | None,
@@ -55,8 +64,11 @@ def controller(
     dry_run: bool,
     gateway_url: str | None,
     gateway_token: str | None,
+    gateway_token_file: Path | None,
     metrics_host: str,
     metrics_port: int,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """Run the controller alone: reconcile workloads against the providers.
 
@@ -68,12 +80,18 @@ def controller(
     from autoscaler.store.db import sqlite_url
     from autoscaler.uvloop import run_async
 
+    setup_logging(log_level, log_format)
     try:
         config = load_config(config_path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    if gateway_token_file is not None:
+        gateway_token = gateway_token_file.read_text().strip()
     if gateway_url and not gateway_token:
-        raise click.UsageError("--gateway-url needs --gateway-token (or $AUTOSCALER_ADMIN_TOKEN)")
+        raise click.UsageError(
+            "--gateway-url needs the admin token: $AUTOSCALER_ADMIN_TOKEN or --gateway-token-file"
+        )
+    refuse_taken_ports(metrics_host, {"--metrics-port": metrics_port})
     options = ControllerOptions(
         database_url=database_url or sqlite_url(data_dir),
         data_dir=data_dir,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -12,6 +14,50 @@ from autoscaler.paths import default_data_dir
 def register(group: click.Group) -> None:
     group.add_command(run)
     group.add_command(gateway)
+
+
+EXIT_PORT_IN_USE = 3
+"""The exit status of a server role whose port is taken (one line says which)."""
+
+
+def log_options(command: Callable[..., None]) -> Callable[..., None]:
+    """``--log-level`` and ``--log-format`` for a server role (``autoscaler.logs``)."""
+    command = click.option(
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        envvar="AUTOSCALER_LOG_FORMAT",
+        help="Log lines as timestamped text or one JSON object per line.",
+    )(command)
+    return click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        default="info",
+        show_default=True,
+        envvar="AUTOSCALER_LOG_LEVEL",
+    )(command)
+
+
+def setup_logging(level: str, fmt: str) -> None:
+    from autoscaler.logs import configure_logging
+
+    configure_logging(level=level, fmt="json" if fmt == "json" else "text")
+
+
+def refuse_taken_ports(host: str, ports: dict[str, int]) -> None:
+    """Exit with :data:`EXIT_PORT_IN_USE` and one line when a port is taken (before any
+    state is touched, so no admin token is made for a service that cannot start)."""
+    from autoscaler.service import port_in_use
+
+    for what, port in ports.items():
+        if port and port_in_use(host, port):
+            click.echo(
+                f"autoscaler: {host}:{port} is already in use ({what}); stop what holds it "
+                "or choose another port",
+                err=True,
+            )
+            sys.exit(EXIT_PORT_IN_USE)
 
 
 @click.command()
@@ -37,6 +83,7 @@ def register(group: click.Group) -> None:
     help="Controller configuration (YAML).",
 )
 @click.option("--dry-run", is_flag=True, help="Compute and log decisions; buy nothing.")
+@log_options
 def run(
     host: str,
     api_port: int,
@@ -45,16 +92,25 @@ def run(
     data_dir: Path,
     config_path: Path | None,
     dry_run: bool,
+    log_level: str,
+    log_format: str,
 ) -> None:
-    """Run every role in one process: management API, controller, gateway, local worker."""
+    """Run every role in one process: management API, controller, gateway, local worker.
+
+    SIGTERM or Ctrl-C stops it within 40 s whatever it is doing: servers stop accepting,
+    the pass in flight gets 10 s to finish before it is cancelled, this machine's engines
+    are stopped; a second signal stops it at once.
+    """
     from autoscaler.config import ConfigError, load_config
     from autoscaler.service import RunSettings, run_all
     from autoscaler.uvloop import run_async
 
+    setup_logging(log_level, log_format)
     try:
         load_config(config_path)  # a bad file fails here, naming its key, before serving
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+    refuse_taken_ports(host, {"--api-port": api_port, "--gateway-port": gateway_port})
     settings = RunSettings(
         host=host,
         api_port=api_port,
@@ -80,9 +136,13 @@ def run(
     required=True,
     help="The shared store, e.g. postgresql+asyncpg://user@host/db.",
 )
-def gateway(host: str, port: int, database_url: str) -> None:
+@log_options
+def gateway(host: str, port: int, database_url: str, log_level: str, log_format: str) -> None:
     """Run the gateway alone; routes and keys come from the shared store."""
     from autoscaler.uvloop import run_async
     from gateway.app import serve_gateway
+
+    setup_logging(log_level, log_format)
+    refuse_taken_ports(host, {"--port": port})
 
     run_async(serve_gateway(database_url=database_url, host=host, port=port))

@@ -93,7 +93,10 @@ async def test_signals_metrics_and_the_internal_endpoint(
             await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
     root = f"http://127.0.0.1:{gateway.port}"
     async with httpx.AsyncClient() as http:
-        metrics = (await http.get(f"{root}/metrics")).text
+        anonymous = await http.get(f"{root}/metrics")
+        metrics = (
+            await http.get(f"{root}/metrics", headers={"Authorization": f"Bearer {admin}"})
+        ).text
         refused = await http.get(
             f"{root}/internal/signals", headers={"Authorization": f"Bearer {key}"}
         )
@@ -115,6 +118,8 @@ async def test_signals_metrics_and_the_internal_endpoint(
     assert samples[("autoscaler_gateway_ttft_seconds_count", None)] == 3
     assert samples[("autoscaler_gateway_requests_total", "200")] == 3
     assert refused.status_code == 401
+    assert anonymous.status_code == 401  # the data plane does not list workload names
+    assert "support-bot" not in anonymous.text
     [parsed] = signals_from_json(remote.content)
     assert (parsed.project, parsed.workload) == REF
     assert parsed.ttft_samples == local.ttft_samples
