@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -40,8 +41,11 @@ def log_options(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def setup_logging(level: str, fmt: str) -> None:
+    """Logging for a server role; and every file the role creates (state, the catalog
+    snapshot, local engines' files) is its owner's alone (umask 077)."""
     from autoscaler.logs import configure_logging
 
+    os.umask(0o077)
     configure_logging(level=level, fmt="json" if fmt == "json" else "text")
 
 

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.plan import ReplicaPhase, ReplicaView
 from autoscaler.decide.scaling import FleetCounts
+from autoscaler.reconcile.deps import log
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
@@ -104,6 +105,8 @@ def record_decision(
     cost_delta: float = 0.0,
     acted: bool = True,
 ) -> None:
+    if acted:  # one log line per decision acted on; refusals and dry runs log their own
+        log.info("workload %d: %s: %s", workload_id, kind, reason)
     session.add(
         Decision(
             workload_id=workload_id,

@@ -3,11 +3,13 @@
 ``database_url`` is an SQLAlchemy async URL: ``sqlite+aiosqlite:///path/state.db`` (the
 default, in the data dir) or ``postgresql+asyncpg://user@host/db`` when several processes
 share state. Migrations are Alembic's, run at start-up under a lock on PostgreSQL so
-that controllers starting together do not race.
+that controllers starting together do not race. A SQLite file and the data dir made for
+it are owner-only (0600, 0700).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -72,13 +74,24 @@ async def migrate(engine: AsyncEngine) -> None:
         await conn.run_sync(_upgrade)
 
 
+def _owner_only_file(path: Path) -> None:
+    """Create the SQLite file (and its directory) readable by its owner alone: it holds
+    token hashes and engine keys. SQLite gives its WAL and shared-memory files the
+    database file's mode. A file from an older version is tightened the same way."""
+    if not path.parent.exists():
+        path.parent.mkdir(parents=True, mode=0o700)
+    fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+    os.close(fd)
+    os.chmod(path, 0o600)
+
+
 @asynccontextmanager
 async def open_store(database_url: str) -> AsyncIterator[AsyncEngine]:
     """Create the engine, migrate, and dispose of it on exit."""
     if database_url.startswith("sqlite"):
         path = database_url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            _owner_only_file(Path(path))
     engine = create_engine(database_url)
     try:
         await migrate(engine)

@@ -220,3 +220,14 @@ async def test_a_slug_applied_again_inherits_the_spend_of_its_deleted_predecesso
     rows = await world.rows("bot")
     assert sum(1 for r in rows if r.terminated_confirmed_at is None) == 2
     assert len(world.live_instances()) == 2  # the new pair replaced the old
+
+
+async def test_each_decision_acted_on_is_one_log_line(
+    world: World, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="autoscaler.controller")
+    await world.apply(fixed("bot", 2))
+    await world.step()
+    launches = [r.getMessage() for r in caplog.records if ": launch: " in r.getMessage()]
+    assert len(launches) == 2
+    assert all(m.startswith("workload ") and "scale up" in m for m in launches)
