@@ -143,9 +143,19 @@ class GcpSettings(EngineAccess):
 
 
 class LocalSettings(_Strict):
-    """This machine as a provider: engine processes (engine-sim unless ``launcher`` says)."""
+    """This machine as a provider: engine processes.
+
+    With the default ``launcher`` (``engine-sim``), ``engine`` picks per replica:
+    ``auto`` runs real vLLM where it is installed and the model is on this machine, and
+    engine-sim otherwise; ``sim`` always engine-sim; ``vllm`` real vLLM for vllm and
+    vllm-omni workloads or a launch error saying why not (``providers.local_engines``).
+    ``vllm_python`` names the interpreter that has vLLM (default: see that module).
+    ``host`` and ``docker`` run the workload's own command on the host or in its image.
+    """
 
     launcher: Literal["engine-sim", "host", "docker"] = "engine-sim"
+    engine: Literal["auto", "sim", "vllm"] = "auto"
+    vllm_python: str | None = None
     gpu: str = "NVIDIA H100 80GB HBM3"
     gpu_count: Annotated[int, Field(ge=1)] = 1
     time_scale: Annotated[float, Field(gt=0)] = 1.0
@@ -201,6 +211,9 @@ class ControllerConfig(_Strict):
     """The longest a provider's list, describe, terminate or lookup may take."""
     provider_launch_timeout_sec: Annotated[float, Field(gt=0)] = DEFAULT_LAUNCH_TIMEOUT_SEC
     """The longest a provider's launch may take (GCP waits on a zone operation)."""
+    engine_metrics_sec: Annotated[float, Field(ge=0)] = 10.0
+    """How often each ready replica's ``/metrics`` is read (0: never; the gateway's
+    measurement alone drives scaling then)."""
     catalog_max_age_sec: Annotated[float, Field(gt=0)] = 7 * 86400.0
     """A catalog older than this is stale (the CatalogStale alert)."""
     catalog_sync: CatalogSyncSettings = CatalogSyncSettings()
@@ -220,6 +233,17 @@ class ControllerConfig(_Strict):
             f"fleet ceiling ${self.fleet_max_hourly_cost_usd:,.2f}/h ({source}); "
             f"at most {self.max_replicas_per_workload} replicas per workload"
         )
+
+    def with_local_engine(self, engine: Literal["auto", "sim", "vllm"]) -> ControllerConfig:
+        """This configuration with the local provider's engine set (``run --engine``);
+        unchanged when the local provider is off."""
+        local = self.providers.local
+        if local is None:
+            return self
+        providers = self.providers.model_copy(
+            update={"local": local.model_copy(update={"engine": engine})}
+        )
+        return self.model_copy(update={"providers": providers})
 
     def missing_callback(self) -> str | None:
         """Why this configuration cannot boot cloud instances, or ``None``."""

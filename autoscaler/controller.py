@@ -62,6 +62,7 @@ from autoscaler.reconcile.deps import (
     ledger_secrets,
     log,
 )
+from autoscaler.reconcile.engine_metrics import EngineScraper
 from autoscaler.reconcile.loop import reconcile_once
 from autoscaler.reconcile.timeouts import TimedProvider
 from catalog.model import Offer, ProviderName
@@ -75,6 +76,7 @@ from providers.local import (
     LocalProvider,
     offer_for_this_machine,
 )
+from providers.local_engines import AutoLauncher
 
 LEADER_LOCK_ID = 7_264_002
 """The advisory lock id leaders hold on PostgreSQL (migrations use 7_264_001)."""
@@ -120,6 +122,7 @@ def signals_of(snapshot: Any) -> Signals:
         in_flight=snapshot.in_flight,
         queue_depth=snapshot.queued + snapshot.async_queue_depth,
         last_request_at=snapshot.last_request_at,
+        unstreamed_samples=snapshot.unstreamed_samples,
     )
 
 
@@ -196,7 +199,8 @@ def _launcher(local: LocalSettings) -> EngineLauncher:
         return HostProcessLauncher()
     if local.launcher == "docker":
         return DockerLauncher()
-    return EngineSimLauncher(time_scale=local.time_scale, gpu=local.gpu)
+    sim = EngineSimLauncher(time_scale=local.time_scale, gpu=local.gpu)
+    return AutoLauncher(sim=sim, mode=local.engine, vllm_python=local.vllm_python)
 
 
 def offers_for(config: ControllerConfig, catalog: Snapshot) -> tuple[Offer, ...]:
@@ -309,7 +313,7 @@ class Controller:
 
     async def close(self) -> None:
         """Release clients (HTTP health checks, gateway signals, cloud SDK clients)."""
-        for thing in (self.deps.health, self.deps.signals):
+        for thing in (self.deps.health, self.deps.signals, self.deps.engines):
             closer = getattr(thing, "aclose", None)
             if closer is not None:
                 await closer()
@@ -362,6 +366,11 @@ def build_controller(
         ),
         metrics=metrics,
         notify_change=notify_change,
+        engines=(
+            EngineScraper(interval_sec=config.engine_metrics_sec)
+            if config.engine_metrics_sec > 0
+            else None
+        ),
     )
     controller = Controller(deps=deps, live=live, catalog_max_age_sec=config.catalog_max_age_sec)
     interval = config.catalog_sync.interval_sec

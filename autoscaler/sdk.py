@@ -174,6 +174,11 @@ class ManagementClient:
         )["items"]
         return items
 
+    def signals(self, slug: str) -> dict[str, Any]:
+        """What the gateway and the engines last measured for the workload."""
+        found: dict[str, Any] = self._call("GET", self._workload_path(slug) + "/signals")
+        return found
+
     def decisions(self, slug: str, *, limit: int = 20) -> builtins.list[dict[str, Any]]:
         items: builtins.list[dict[str, Any]] = self._call(
             "GET", self._workload_path(slug) + "/decisions", params={"limit": limit}

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import uvicorn
 from fastapi import FastAPI
@@ -75,6 +76,8 @@ class RunSettings:
     database_url: str | None = None
     config_path: Path | None = None
     dry_run: bool = False
+    engine: Literal["auto", "sim", "vllm"] | None = None
+    """Overrides the config's ``providers.local.engine`` (``autoscaler run --engine``)."""
 
     @property
     def db_url(self) -> str:
@@ -128,6 +131,8 @@ async def run_all(settings: RunSettings) -> None:
         sessions = session_factory(engine)
         await ensure_admin_token(sessions, announce=lambda text: print(text, flush=True))
         config = load_config(settings.config_path)
+        if settings.engine is not None:
+            config = config.with_local_engine(settings.engine)
         wake = asyncio.Event()
         gateway = Gateway(sessions=sessions, on_demand=lambda _ref: wake.set())
 

@@ -252,7 +252,8 @@ class Forwarder:
                 chunk = await content.readany()
             self._dispatcher.prefilled(lease)
             if measure:  # the first body byte, or the end of an empty body
-                self._record_ttft(route, arrived)
+                generated = kind in ("chat", "text")
+                self._record_first_byte(route, arrived, one_piece=generated and not stream)
             while chunk:
                 if content.at_eof():
                     break
@@ -281,10 +282,15 @@ class Forwarder:
                 route.ref, now=self._wall_clock(), input_tokens=counts[0], output_tokens=counts[1]
             )
 
-    def _record_ttft(self, route: WorkloadRoute, arrived: float) -> None:
-        self._signals.first_byte(
-            route.ref, now=self._wall_clock(), ttft=time.perf_counter() - arrived
-        )
+    def _record_first_byte(self, route: WorkloadRoute, arrived: float, *, one_piece: bool) -> None:
+        """TTFT for a streamed answer or a one-unit answer (embeddings, images); for a
+        generation answered in one piece the first byte follows its last token, so it
+        is kept as an answered request only (``Signals.unstreamed_answer``)."""
+        latency = time.perf_counter() - arrived
+        if one_piece:
+            self._signals.unstreamed_answer(route.ref, now=self._wall_clock(), latency=latency)
+        else:
+            self._signals.first_byte(route.ref, now=self._wall_clock(), ttft=latency)
 
     async def _abort(
         self,

@@ -88,8 +88,13 @@ class SignalSnapshot:
     """One workload's signals at ``at`` (wall-clock seconds since the epoch).
 
     ``ttft_samples`` are ``(finished_at, seconds)`` pairs, oldest first, within
-    ``window_sec`` of ``at``. ``queued`` counts requests held by the gateway (waiting for
-    a free replica or a cold start); ``async_queue_depth`` counts queued async jobs.
+    ``window_sec`` of ``at``: the first body byte of streamed answers and of answers that
+    come in one unit (embeddings, pooling, images, audio). ``unstreamed_samples`` are
+    the same pairs for generations answered in one piece (``stream: false``), whose
+    first byte follows the whole generation: they count as requests (rates, bursts),
+    never as TTFT; the engines' histograms time their first tokens. ``queued`` counts
+    requests held by the gateway (waiting for a free replica or a cold start);
+    ``async_queue_depth`` counts queued async jobs.
     ``tokens`` is the token mix of requests answered within the window (``None``: none
     was); ``concurrency_cap`` the most requests the gateway sends one replica at once.
     """
@@ -107,6 +112,7 @@ class SignalSnapshot:
     last_request_at: float | None
     tokens: TokenStats | None = None
     concurrency_cap: int | None = None
+    unstreamed_samples: tuple[tuple[float, float], ...] = ()
 
     @property
     def request_rate(self) -> float:
@@ -132,6 +138,7 @@ class SignalSnapshot:
             "last_request_at": self.last_request_at,
             "tokens": None if self.tokens is None else self.tokens.to_json(),
             "concurrency_cap": self.concurrency_cap,
+            "unstreamed_samples": [list(s) for s in self.unstreamed_samples],
         }
 
     @classmethod
@@ -155,6 +162,9 @@ class SignalSnapshot:
             concurrency_cap=(
                 None if data.get("concurrency_cap") is None else int(data["concurrency_cap"])
             ),
+            unstreamed_samples=tuple(
+                (float(t), float(v)) for t, v in data.get("unstreamed_samples", ())
+            ),
         )
 
     @property
@@ -177,10 +187,12 @@ class WorkloadWindow:
         "token_sums",
         "tokens",
         "ttft",
+        "unstreamed",
     )
 
     def __init__(self) -> None:
         self.ttft: deque[tuple[float, float]] = deque()
+        self.unstreamed: deque[tuple[float, float]] = deque()
         self.arrivals: deque[float] = deque()
         self.tokens: deque[tuple[float, int, int]] = deque()
         # Sums of input, output, input² and output² over ``tokens``; whole numbers, so
@@ -196,6 +208,8 @@ class WorkloadWindow:
         horizon = now - window_sec
         while self.ttft and self.ttft[0][0] < horizon:
             self.ttft.popleft()
+        while self.unstreamed and self.unstreamed[0][0] < horizon:
+            self.unstreamed.popleft()
         while self.arrivals and self.arrivals[0] < horizon:
             self.arrivals.popleft()
         tokens, sums = self.tokens, self.token_sums
@@ -345,6 +359,11 @@ class Signals:
         w.ttft.append((now, ttft))
         self.metrics_of(ref).ttft.observe(ttft)
 
+    def unstreamed_answer(self, ref: WorkloadRef, *, now: float, latency: float) -> None:
+        """A generation answered in one piece began arriving ``latency`` after its request:
+        a request answered, not a first-token time (see :class:`SignalSnapshot`)."""
+        self.window(ref).unstreamed.append((now, latency))
+
     def answered(
         self, ref: WorkloadRef, *, now: float, input_tokens: int, output_tokens: int
     ) -> None:
@@ -387,5 +406,6 @@ class Signals:
                 last_request_at=w.last_request_at,
                 tokens=w.token_stats(),
                 concurrency_cap=self.concurrency_cap,
+                unstreamed_samples=tuple(w.unstreamed),
             )
         return out

@@ -235,6 +235,10 @@ class Instance:
     tags: Mapping[str, str]
     private_address: str | None = None
     public_address: str | None = None
+    engine: str | None = None
+    """What serves on it, where the provider knows (the local provider: ``vllm`` or
+    ``engine-sim``); ``engine_reason`` says why that engine."""
+    engine_reason: str | None = None
 
     def __post_init__(self) -> None:
         if self.launched_at.tzinfo is None:

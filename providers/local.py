@@ -57,6 +57,7 @@ __all__ = [
     "SecretSource",
     "environment_secrets",
     "offer_for_this_machine",
+    "with_flag",
 ]
 
 SecretSource = Callable[[LaunchRequest], Awaitable[Mapping[str, str]]]
@@ -75,6 +76,10 @@ class LaunchCommand:
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    engine: str | None = None
+    """What runs, when the launcher knows (``engine-sim``, ``vllm``)."""
+    engine_reason: str | None = None
+    """Why that engine, when it was chosen (``providers.local_engines``)."""
 
 
 class EngineLauncher(Protocol):
@@ -122,7 +127,7 @@ class EngineSimLauncher:
             if ENGINE_KEY_SECRET in secrets
             else {}
         )
-        return LaunchCommand(tuple(argv), env)
+        return LaunchCommand(tuple(argv), env, engine="engine-sim")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +137,7 @@ class HostProcessLauncher:
     def command(
         self, boot: BootSpec, *, host: str, port: int, offer: Offer, secrets: Mapping[str, str]
     ) -> LaunchCommand:
-        argv = _with_flag(_with_flag(list(boot.command), "--port", str(port)), "--host", host)
+        argv = with_flag(with_flag(list(boot.command), "--port", str(port)), "--host", host)
         argv = expand_secrets(argv, secrets=secrets, names=boot.secret_env_names)
         return LaunchCommand(tuple(argv), {**boot.env, **secrets})
 
@@ -165,7 +170,7 @@ class DockerLauncher:
         return LaunchCommand(tuple(argv), dict(secrets))
 
 
-def _with_flag(argv: list[str], flag: str, value: str) -> list[str]:
+def with_flag(argv: list[str], flag: str, value: str) -> list[str]:
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):
             return [*argv[: i + 1], value, *argv[i + 2 :]]
@@ -193,6 +198,8 @@ class _Record:
     log_path: str
     terminated_at: float | None = None
     exit_status: int | None = None
+    engine: str | None = None
+    engine_reason: str | None = None
 
     @property
     def address(self) -> str:
@@ -425,6 +432,8 @@ class LocalProvider:
             launched_at=self._clock.now(),
             tags=dict(request.tags),
             log_path=str(log_path),
+            engine=command.engine,
+            engine_reason=command.engine_reason,
         )
         self._records.save(record)
         return record
@@ -461,6 +470,8 @@ class LocalProvider:
             launched_at=utc(record.launched_at),
             tags=record.tags,
             private_address=record.address,
+            engine=record.engine,
+            engine_reason=record.engine_reason,
         )
 
     def _forget_old(self) -> None:

@@ -26,6 +26,7 @@ from autoscaler.api.views import (
     TokenCreate,
     decision_view,
     instance_view,
+    signals_view,
     token_view,
     workload_status,
     workload_view,
@@ -34,7 +35,7 @@ from autoscaler.api.workers import router as workers_router
 from autoscaler.spec import OnDrift, WorkloadSpec, deprecations, describe_errors, limit_errors
 from autoscaler.store import records, tokens, workloads
 from autoscaler.store import workers as workers_store
-from autoscaler.store.models import Workload
+from autoscaler.store.models import Workload, WorkloadSignals
 from autoscaler.store.tokens import TokenKind
 
 router = APIRouter()
@@ -127,6 +128,15 @@ async def replicas(project: Project, slug: Slug, s: Session, state: State) -> di
     row = await _existing(s, project, slug)
     now = state.now()
     return {"items": [instance_view(i, now) for i in await records.instances_of(s, row.id)]}
+
+
+@router.get("/v1/projects/{project}/workloads/{slug}/signals", tags=["workloads"])
+async def signals(project: Project, slug: Slug, s: Session) -> dict[str, Any]:
+    """What the gateway and the engines last measured (the controller stores it on each
+    engine scrape): TTFT percentiles of both, the engines' waiting and running requests
+    and KV-cache use."""
+    row = await _existing(s, project, slug)
+    return signals_view(await s.get(WorkloadSignals, row.id))
 
 
 @router.get("/v1/projects/{project}/workloads/{slug}/decisions", tags=["workloads"])

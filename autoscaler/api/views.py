@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from autoscaler.store.models import Decision, Instance, Token, Workload
+from autoscaler.store.models import Decision, Instance, Token, Workload, WorkloadSignals
 from autoscaler.store.phase import Phase, phase_of
 
 
@@ -71,7 +71,16 @@ def instance_view(row: Instance, now: datetime) -> dict[str, Any]:
         "ready_at": _iso(row.ready_at),
         "terminated_confirmed_at": _iso(row.terminated_confirmed_at),
         "last_error": row.last_error,
+        "engine": row.engine,
+        "engine_reason": row.engine_reason,
     }
+
+
+def signals_view(row: WorkloadSignals | None) -> dict[str, Any]:
+    """The latest measurement (``autoscaler.reconcile.measure.summary``), if any."""
+    if row is None:
+        return {"at": None, "gateway": None, "engines": None}
+    return {"at": _iso(row.at), **row.data}
 
 
 def decision_view(row: Decision) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -88,6 +89,13 @@ def refuse_taken_ports(host: str, ports: dict[str, int]) -> None:
 )
 @click.option("--dry-run", is_flag=True, help="Compute and log decisions; buy nothing.")
 @log_options
+@click.option(
+    "--engine",
+    type=click.Choice(["auto", "sim", "vllm"]),
+    default=None,
+    help="What local replicas run: real vLLM where installed and the model is here "
+    "(auto, the default), engine-sim (sim), or vLLM or fail (vllm). Overrides the config.",
+)
 def run(
     host: str,
     api_port: int,
@@ -98,6 +106,7 @@ def run(
     dry_run: bool,
     log_level: str,
     log_format: str,
+    engine: Literal["auto", "sim", "vllm"] | None,
 ) -> None:
     """Run every role in one process: management API, controller, gateway, local worker.
 
@@ -123,6 +132,7 @@ def run(
         database_url=database_url,
         config_path=config_path,
         dry_run=dry_run,
+        engine=engine,
     )
     try:
         run_async(run_all(settings))

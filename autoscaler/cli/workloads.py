@@ -230,8 +230,12 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
         workload = client.get(slug)
         replicas = client.replicas(slug)
         decisions = client.decisions(slug, limit=limit)
+        measured = client.signals(slug)
     if output != "table":
-        emit({**workload, "replicas": replicas, "decisions": decisions}, output)
+        emit(
+            {**workload, "replicas": replicas, "decisions": decisions, "signals": measured},
+            output,
+        )
         return
     spec = workload["spec"]
     click.echo(f"Workload:    {workload['project']}/{workload['slug']} ({workload['name']})")
@@ -255,7 +259,7 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
     click.echo(_indent(yaml.safe_dump(spec, sort_keys=False)))
     click.echo(f"Replicas ({len(replicas)}):")
     print_table(
-        ["LAUNCH", "PHASE", "OFFER", "GPU", "SPOT", "$/H", "AGE", "URL"],
+        ["LAUNCH", "PHASE", "OFFER", "GPU", "SPOT", "$/H", "AGE", "ENGINE", "URL"],
         [
             [
                 r["launch_id"],
@@ -265,6 +269,7 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
                 "yes" if r["spot"] else "no",
                 f"{r['hourly_usd']:.3f}",
                 _age(r["age_sec"]),
+                r.get("engine") or "-",
                 r["url"] or "-",
             ]
             for r in replicas
@@ -274,6 +279,9 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
     for r in replicas:
         if r.get("last_error"):
             click.echo(f"  {r['launch_id']}: {r['last_error']}")
+        if r.get("engine_reason") and r["phase"] not in ("terminated", "failed"):
+            click.echo(f"  {r['launch_id']}: {r['engine']}: {r['engine_reason']}")
+    click.echo("\n" + _measured(measured))
     click.echo(f"\nRecent decisions ({len(decisions)}):")
     print_table(
         ["AT", "KIND", "ACTED", "$/H DELTA", "REASON"],
@@ -289,6 +297,37 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
         ],
         empty="  (none)",
     )
+
+
+def _measured(found: dict[str, Any]) -> str:
+    """The gateway's and the engines' last measurement, a line each."""
+    if found.get("at") is None:
+        return "Measured:    nothing yet (no request, or no engine scrape so far)"
+    window = f"{found['window_sec'] / 60:g} min"
+    lines = [f"Measured at {found['at'][:19]} (TTFT over the last {window}):"]
+    g = found.get("gateway") or {}
+    lines.append(
+        f"  gateway:  TTFT p50 {_secs(g.get('ttft_p50_s'))} p95 {_secs(g.get('ttft_p95_s'))} "
+        f"({g.get('ttft_samples', 0)} timed, {g.get('unstreamed_answers', 0)} answered "
+        f"unstreamed), {g.get('request_rate', 0.0):.2f} req/s, "
+        f"{g.get('in_flight', 0)} in flight, {g.get('queued', 0)} queued"
+    )
+    e = found.get("engines")
+    if e is None:
+        lines.append("  engines:  not scraped (no ready replica exports /metrics)")
+    else:
+        kv = e.get("kv_cache_usage")
+        lines.append(
+            f"  engines:  TTFT p50 {_secs(e.get('ttft_p50_s'))} p95 {_secs(e.get('ttft_p95_s'))} "
+            f"({e.get('ttft_samples', 0)} first tokens), {e.get('waiting', 0)} waiting, "
+            f"{e.get('running', 0)} running, KV cache "
+            f"{'-' if kv is None else f'{kv:.0%}'} over {e.get('replicas', 0)} replica(s)"
+        )
+    return "\n".join(lines)
+
+
+def _secs(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
 
 
 def _indent(text: str) -> str:

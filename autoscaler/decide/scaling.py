@@ -93,6 +93,13 @@ class Signals:
     longer of the two windows; older ones are ignored. ``request_rate`` is requests per
     second over the recent past, ``in_flight`` requests being served now, ``queue_depth``
     requests held by the gateway (no replica, or async jobs not yet started).
+
+    ``engine_ttft_samples`` are the engines' own first-token times (from their
+    histograms, ``autoscaler.reconcile.engine_metrics``): they cover the requests the
+    gateway cannot time (answers not streamed). The TTFT rule reads the worse of the
+    two percentiles, each over its own samples. ``unstreamed_samples`` are the gateway's
+    ``(time, seconds)`` pairs for those requests: requests answered (rates, bursts),
+    not TTFT.
     """
 
     ttft_samples: tuple[tuple[datetime, float], ...] = ()
@@ -100,6 +107,15 @@ class Signals:
     in_flight: int = 0
     queue_depth: int = 0
     last_request_at: datetime | None = None
+    engine_ttft_samples: tuple[tuple[datetime, float], ...] = ()
+    unstreamed_samples: tuple[tuple[datetime, float], ...] = ()
+
+    @property
+    def answered_samples(self) -> tuple[tuple[datetime, float], ...]:
+        """Every request answered: ``(first byte at, seconds to it)``, streamed or not."""
+        if not self.unstreamed_samples:
+            return self.ttft_samples
+        return self.ttft_samples + self.unstreamed_samples
 
     @classmethod
     def from_epoch(
@@ -110,10 +126,12 @@ class Signals:
         in_flight: int,
         queue_depth: int,
         last_request_at: float | None,
+        unstreamed_samples: Iterable[tuple[float, float]] = (),
     ) -> Signals:
         """Signals from epoch-second timestamps (the gateway's ``SignalSnapshot`` form)."""
         return cls(
             ttft_samples=tuple((_from_epoch(t), v) for t, v in ttft_samples),
+            unstreamed_samples=tuple((_from_epoch(t), v) for t, v in unstreamed_samples),
             request_rate=request_rate,
             in_flight=in_flight,
             queue_depth=queue_depth,
@@ -123,6 +141,23 @@ class Signals:
 
 def _from_epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def with_engine_ttft(signals: Signals, samples: Iterable[tuple[float, float]]) -> Signals:
+    """``signals`` with the engines' TTFT samples (epoch-second timestamps) added."""
+    engine = tuple((_from_epoch(t), v) for t, v in samples)
+    return replace(signals, engine_ttft_samples=engine)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What the engines of one workload report, summed over ``replicas`` scraped:
+    requests waiting for a batch slot and running, and the fullest KV cache (0-1)."""
+
+    replicas: int = 0
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +239,20 @@ def ttft_percentile(
     return values[max(math.ceil(q * len(values)) - 1, 0)]
 
 
+def measured_ttft(signals: Signals, *, q: float, since: datetime) -> float | None:
+    """The worse of the gateway's and the engines' ``q`` quantile of TTFT after ``since``
+    (each over its own samples; ``None`` when neither has any)."""
+    found = [
+        p
+        for p in (
+            ttft_percentile(signals.ttft_samples, q=q, since=since),
+            ttft_percentile(signals.engine_ttft_samples, q=q, since=since),
+        )
+        if p is not None
+    ]
+    return max(found) if found else None
+
+
 def floor_of(policy: AutoscalingPolicy) -> int:
     """The fewest replicas the policy keeps while it is not scaled to zero."""
     if policy.min_workers == 0 and not policy.scale_to_zero:
@@ -230,10 +279,8 @@ def desired_replicas(
     up_window = scale_up_window_sec(policy)
     down_window = policy.scale_down_time_window_sec
     q = policy.ttft_percentile
-    ttft_up = ttft_percentile(signals.ttft_samples, q=q, since=now - timedelta(seconds=up_window))
-    ttft_down = ttft_percentile(
-        signals.ttft_samples, q=q, since=now - timedelta(seconds=down_window)
-    )
+    ttft_up = measured_ttft(signals, q=q, since=now - timedelta(seconds=up_window))
+    ttft_down = measured_ttft(signals, q=q, since=now - timedelta(seconds=down_window))
     memory = _remember(
         policy,
         memory,
@@ -401,7 +448,7 @@ def recent_rate(signals: Signals, *, now: datetime) -> float:
     sample each), plus those queued, which arrived and await an answer. Never below the
     gateway's own (longer-window) ``request_rate``."""
     since = now - timedelta(seconds=RECENT_LOAD_WINDOW_SEC)
-    answered = sum(1 for at, _ in signals.ttft_samples if at > since)
+    answered = sum(1 for at, _ in signals.answered_samples if at > since)
     recent = (answered + signals.queue_depth) / RECENT_LOAD_WINDOW_SEC
     return max(recent, signals.request_rate)
 
@@ -542,7 +589,7 @@ def arrival_curve(
     known, and counting them all as arriving now made a backlog look like a burst and
     bought replicas for it (the load need carries the backlog).
     """
-    ages = [(now - at).total_seconds() + ttft for at, ttft in signals.ttft_samples]
+    ages = [(now - at).total_seconds() + ttft for at, ttft in signals.answered_samples]
     ages = sorted(age for age in ages if age < over_s)
     curve: dict[float, int] = {}
     for window in windows:

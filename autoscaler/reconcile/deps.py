@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.decide.inputs import Measured
-from autoscaler.decide.scaling import ScaleMemory
+from autoscaler.decide.scaling import EngineLoad, ScaleMemory
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from autoscaler.store.models import Instance as LedgerRow
@@ -35,6 +35,16 @@ WorkloadRef = tuple[str, str]
 """(project, slug)"""
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaTarget:
+    """One ready replica whose engine metrics are read."""
+
+    workload: WorkloadRef
+    launch_id: str
+    url: str
+    engine_key: str | None = None
+
+
 class SignalsSource(Protocol):
     """What the gateway measured, per workload: its scaling signals and token mix."""
 
@@ -46,6 +56,22 @@ class NoSignals:
 
     async def signals(self) -> Mapping[WorkloadRef, Measured]:
         return {}
+
+
+class EngineMetricsSource(Protocol):
+    """The engines' own measurement (``autoscaler.reconcile.engine_metrics``)."""
+
+    interval_sec: float
+
+    def due(self, now: float) -> bool: ...
+
+    async def scrape(self, targets: Iterable[ReplicaTarget], *, now: float) -> None: ...
+
+    def refs(self) -> list[WorkloadRef]: ...
+
+    def ttft_samples(self, ref: WorkloadRef) -> tuple[tuple[float, float], ...]: ...
+
+    def load(self, ref: WorkloadRef) -> EngineLoad | None: ...
 
 
 class HealthChecker(Protocol):
@@ -189,6 +215,8 @@ class Deps:
     metrics: ControllerMetrics = field(default_factory=ControllerMetrics)
     notify_change: Callable[[], None] = lambda: None
     memory: Memory = field(default_factory=Memory)
+    engines: EngineMetricsSource | None = None
+    """Scrapes ready replicas' ``/metrics``; ``None``: the gateway's measurement only."""
 
 
 def ledger_secrets(

@@ -45,6 +45,7 @@ from autoscaler.reconcile.ledger import (
     record_decision,
     workloads_to_reconcile,
 )
+from autoscaler.reconcile.measure import record_measurements, with_engines
 from autoscaler.reconcile.observe import Observation, observe
 from autoscaler.reconcile.orphans import sweep_orphans
 from autoscaler.reconcile.workload import reconcile_workload, teardown_workload
@@ -65,7 +66,12 @@ async def reconcile_once(deps: Deps) -> float:
     started = time.perf_counter()
     now = utc(deps.clock.now())
     observed = await observe(deps)
-    signals = await _signals(deps)
+    signals, scraped = await _with_engines(deps, await _signals(deps), now=now)
+    if scraped:
+        try:
+            await record_measurements(deps, signals, now=now)
+        except Exception:
+            log.exception("recording the measurements failed")
     async with deps.sessions() as s:
         found = [
             _Due(w.id, w.project, w.slug, w.deleted_at is not None)
@@ -231,6 +237,16 @@ async def _teardown(deps: Deps, workload: _Due, *, observed: Observation, now: d
         )
     except Exception as exc:
         log.warning("tearing down deleted %s/%s: %s", workload.project, workload.slug, exc)
+
+
+async def _with_engines(
+    deps: Deps, signals: Mapping[WorkloadRef, Measured], *, now: datetime
+) -> tuple[Mapping[WorkloadRef, Measured], bool]:
+    try:
+        return await with_engines(deps, signals, now=now)
+    except Exception:  # the gateway's measurement alone still drives the pass
+        log.exception("reading the engines' metrics failed")
+        return signals, False
 
 
 async def _signals(deps: Deps) -> Mapping[WorkloadRef, Measured]:

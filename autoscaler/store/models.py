@@ -140,6 +140,21 @@ class Instance(Base):
     terminate_requested_at: Mapped[datetime | None]
     terminated_confirmed_at: Mapped[datetime | None]
     last_error: Mapped[str | None] = mapped_column(Text)
+    engine: Mapped[str | None] = mapped_column(String(32))
+    """What serves on the instance where the provider says (``vllm``, ``engine-sim``)."""
+    engine_reason: Mapped[str | None] = mapped_column(Text)
+
+
+class WorkloadSignals(Base):
+    """The latest measurement of a workload, as the controller last read it: the
+    gateway's and the engines' (``autoscaler.reconcile.engine_metrics``). One row per
+    workload, replaced in place; ``describe`` shows it."""
+
+    __tablename__ = "workload_signals"
+
+    workload_id: Mapped[int] = mapped_column(ForeignKey("workloads.id"), primary_key=True)
+    at: Mapped[datetime]
+    data: Mapped[dict[str, Any]]
 
 
 class Decision(Base):

@@ -90,6 +90,12 @@ async def test_signals_metrics_and_the_internal_endpoint(
     gateway = await start_gateway()
     async with sdk(gateway, "support-bot", key) as client:
         for _ in range(3):
+            stream = await client.chat.completions.create(
+                model=MODEL, messages=HI, max_tokens=2, stream=True
+            )
+            async for _chunk in stream:
+                pass
+        for _ in range(2):  # answered in one piece: requests, not first-token times
             await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
     root = f"http://127.0.0.1:{gateway.port}"
     async with httpx.AsyncClient() as http:
@@ -105,7 +111,8 @@ async def test_signals_metrics_and_the_internal_endpoint(
         )
     local = gateway.signals()[REF]
     assert len(local.ttft_samples) == 3
-    assert local.requests_in_window == 3
+    assert len(local.unstreamed_samples) == 2
+    assert local.requests_in_window == 5
     assert local.in_flight == 0
     assert local.last_request_at is not None
     assert all(0 < ttft < 30 for _, ttft in local.ttft_samples)
@@ -116,10 +123,12 @@ async def test_signals_metrics_and_the_internal_endpoint(
         if s.labels.get("workload") == "support-bot"
     }
     assert samples[("autoscaler_gateway_ttft_seconds_count", None)] == 3
-    assert samples[("autoscaler_gateway_requests_total", "200")] == 3
+    assert samples[("autoscaler_gateway_request_duration_seconds_count", None)] == 5
+    assert samples[("autoscaler_gateway_requests_total", "200")] == 5
     assert refused.status_code == 401
     assert anonymous.status_code == 401  # the data plane does not list workload names
     assert "support-bot" not in anonymous.text
     [parsed] = signals_from_json(remote.content)
     assert (parsed.project, parsed.workload) == REF
     assert parsed.ttft_samples == local.ttft_samples
+    assert parsed.unstreamed_samples == local.unstreamed_samples
