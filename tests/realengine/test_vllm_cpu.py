@@ -122,20 +122,19 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             found.admin.close()
 
 
-def _report(request: pytest.FixtureRequest, line: str) -> None:
-    """A measured figure, printed in the test run's output."""
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"[real vLLM] {line}")
+def _report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """A measured figure, printed in the test run's output (past the capture)."""
+    with capsys.disabled():
+        print(f"\n[real vLLM] {line}", flush=True)
 
 
 def test_minilm_example_answers_embeddings_to_the_openai_sdk_and_the_data_client(
-    service: Service, request: pytest.FixtureRequest
+    service: Service, capsys: pytest.CaptureFixture[str]
 ) -> None:
     applied = time.monotonic()
     assert "created" in service.apply("embedding-minilm-cpu.yaml")
     wait_until(lambda: len(service.ready("minilm")) == 1, timeout=BOOT_SEC, what="MiniLM ready")
-    _report(request, f"MiniLM replica ready {time.monotonic() - applied:.0f}s after apply")
+    _report(capsys, f"MiniLM replica ready {time.monotonic() - applied:.0f}s after apply")
     [replica] = service.ready("minilm")
     assert replica["engine"] == "vllm"
     assert MINILM in replica["engine_reason"]
@@ -157,7 +156,7 @@ def test_minilm_example_answers_embeddings_to_the_openai_sdk_and_the_data_client
 
 
 def test_tiny_llama_scales_from_zero_and_streams_chunk_by_chunk(
-    service: Service, request: pytest.FixtureRequest
+    service: Service, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert "created" in service.apply("chat-tiny-llama-cpu.yaml")
     key = service.key("tiny-chat")
@@ -179,7 +178,7 @@ def test_tiny_llama_scales_from_zero_and_streams_chunk_by_chunk(
         arrivals.append(time.monotonic())
         chunks.append(chunk)
     cold_start = arrivals[0] - asked
-    _report(request, f"scale from zero: first streamed chunk {cold_start:.0f}s after the request")
+    _report(capsys, f"scale from zero: first streamed chunk {cold_start:.0f}s after the request")
     [replica] = service.ready("tiny-chat")
     assert replica["engine"] == "vllm"
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta]
@@ -236,7 +235,7 @@ def _engine_pid(service: Service, launch_id: str) -> int:
 
 
 def test_a_vllm_process_killed_mid_stream_gives_a_clean_error_and_is_replaced(
-    service: Service, request: pytest.FixtureRequest
+    service: Service, capsys: pytest.CaptureFixture[str]
 ) -> None:
     [replica] = service.ready("tiny-chat")
     key = service.key("tiny-chat")
@@ -278,7 +277,7 @@ def test_a_vllm_process_killed_mid_stream_gives_a_clean_error_and_is_replaced(
         timeout=BOOT_SEC,
         what="a replacement replica",
     )
-    _report(request, f"replacement ready {time.monotonic() - killed:.0f}s after the kill")
+    _report(capsys, f"replacement ready {time.monotonic() - killed:.0f}s after the kill")
     answer = client.chat.completions.create(
         model=TINY, messages=[{"role": "user", "content": "still there?"}], max_tokens=4
     )
