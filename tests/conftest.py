@@ -14,12 +14,18 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from autoscaler.store.db import open_store, session_factory
 from tests.helpers import ApiServer, pg_available, pg_create_database, pg_drop_database
 
 pytest_plugins = ["tests.fakes.aws"]
+
+# Property tests check behaviour, never speed: no per-example deadline, which a loaded
+# two-core machine (real vLLM starting beside the suite) would miss at random.
+settings.register_profile("no-deadline", deadline=None)
+settings.load_profile("no-deadline")
 
 PG_HOST = os.environ.get("AUTOSCALER_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
 ADMIN_TOKEN = "ik_sdk_test-admin-" + "x" * 24
