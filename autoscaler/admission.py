@@ -22,7 +22,8 @@ from autoscaler.decide.inputs import command_flags, model_size
 from autoscaler.reconcile.provisioner import workload_boot
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 from catalog.sizing import estimate_model_memory
-from providers.engines import CommandError
+from catalog.snapshot import load_bundled
+from providers.engines import CommandError, parallel_size
 
 PARALLEL_FLAGS = (
     "tensor-parallel-size",
@@ -62,6 +63,7 @@ def runnable_problems(spec: WorkloadSpec) -> list[Problem]:
     if problems:
         return problems
     problems += _parallel_problems(spec.command)
+    problems += _parallel_machine_problems(spec)
     try:
         estimate_model_memory(spec.model, spec.command, hint_gib=spec.model_memory_gib)
         model_size(spec)
@@ -83,6 +85,39 @@ def _parallel_problems(command: str | None) -> list[Problem]:
                 )
             )
     return problems
+
+
+def _parallel_machine_problems(spec: WorkloadSpec) -> list[Problem]:
+    """A split over N GPUs (tensor x pipeline parallel in the user's command) needs a
+    machine with N GPUs of the pool; refused when the catalog sells none."""
+    try:
+        size = parallel_size(backend=spec.backend.value, command=spec.command)
+    except CommandError:
+        return []  # reported by _parallel_problems
+    if size is None or size <= 1 or worker_ids_of(spec):
+        return []
+    policy = spec.execution_policy_config
+    pool = policy.cloud_pool if isinstance(policy, AutoscalingPolicy) else None
+    gpus = set(pool.gpu_pool) if pool else None
+    shapes: dict[str, set[int]] = {}
+    for offer in load_bundled().offers:
+        if gpus is None or offer.gpu in gpus:
+            shapes.setdefault(offer.gpu, set()).add(offer.gpu_count)
+    if any(size in counts for counts in shapes.values()):
+        return []
+    sold = "; ".join(
+        f"{gpu}: {', '.join(str(c) for c in sorted(counts))}"
+        for gpu, counts in sorted(shapes.items())
+    )
+    return [
+        Problem(
+            "command",
+            f"the command splits a replica over {size} GPUs (tensor x pipeline parallel), "
+            f"but no machine with {size} GPUs of the pool is sold; GPUs per machine: "
+            f"{sold or 'none'}",
+            spec.command,
+        )
+    ]
 
 
 def worker_ids_of(spec: WorkloadSpec) -> list[str]:

@@ -9,6 +9,7 @@ old snapshot or the new one, never half of one.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -81,8 +82,10 @@ def load_catalog(data_dir: Path | None = None) -> Snapshot:
     return load_bundled()
 
 
+@functools.cache
 def load_bundled() -> Snapshot:
-    """The snapshot that ships with the package."""
+    """The snapshot that ships with the package (read once per process: it never changes
+    while the process runs, and admission reads it on every apply)."""
     text = resources.files("catalog.data").joinpath(BUNDLED_FILE).read_text()
     return parse_snapshot(text, location=f"bundled ({BUNDLED_FILE})")
 

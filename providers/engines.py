@@ -39,6 +39,7 @@ __all__ = [
     "engine_for",
     "expand_secrets",
     "image_for",
+    "parallel_size",
     "secret_ref",
 ]
 
@@ -198,6 +199,62 @@ def expand_secrets(
     return expanded
 
 
+# The flags that split one replica over several GPUs of its machine, per backend, with
+# their short forms: tensor parallel first, then pipeline parallel.
+_PARALLEL_FLAGS: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "vllm": (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")),
+    "vllm-omni": (("--tensor-parallel-size", "-tp"), ("--pipeline-parallel-size", "-pp")),
+    "sglang": (("--tp", "--tp-size", "--tensor-parallel-size"), ("--pp", "--pp-size")),
+}
+
+
+def parallel_size(*, backend: str, command: str | None) -> int | None:
+    """The GPUs one replica spans by the user's own command: tensor parallel times
+    pipeline parallel (``None``: the command sets neither; the service sets them from
+    the machine placement chose, see :func:`engine_argv`).
+
+    Raises :class:`CommandError` for a size that is not a whole number of at least 1.
+    """
+    flags = _PARALLEL_FLAGS.get(backend)
+    if flags is None or not command:
+        return None
+    try:
+        tokens = shlex.split(command)
+    except ValueError as exc:
+        raise CommandError(f"command {command!r} cannot be parsed: {exc}") from None
+    sizes = [_flag_value(tokens, names) for names in flags]
+    if all(size is None for size in sizes):
+        return None
+    total = 1
+    for names, size in zip(flags, sizes, strict=True):
+        if size is None:
+            continue
+        if not size.isdigit() or int(size) < 1:
+            raise CommandError(f"{names[0]} must be a whole number of at least 1, got {size!r}")
+        total *= int(size)
+    return total
+
+
+def _flag_value(tokens: Sequence[str], names: Sequence[str]) -> str | None:
+    for i, token in enumerate(tokens):
+        name, eq, value = token.partition("=")
+        if name.replace("_", "-") in names:
+            if eq:
+                return value
+            return tokens[i + 1] if i + 1 < len(tokens) else ""
+    return None
+
+
+def _parallel_args(engine: Engine, *, gpu_count: int, user_args: Sequence[str]) -> list[str]:
+    """Tensor parallelism over every GPU of the machine, unless the user chose a split."""
+    flags = _PARALLEL_FLAGS.get(engine.backend)
+    if gpu_count <= 1 or flags is None:
+        return []
+    if any(_flag_value(user_args, names) is not None for names in flags):
+        return []
+    return [flags[0][0], str(gpu_count)]
+
+
 def engine_argv(
     *,
     backend: str,
@@ -205,8 +262,15 @@ def engine_argv(
     command: str | None = None,
     task_type: str = "text2text",
     vllm_version: str | None = None,
+    gpu_count: int = 1,
 ) -> tuple[str, ...]:
-    """The engine's full argv: its program, the model, service-owned flags, user args."""
+    """The engine's full argv: its program, the model, service-owned flags, user args.
+
+    ``gpu_count`` is the number of GPUs of the machine the replica runs on: above one,
+    the engine is told to split the model over all of them (vLLM
+    ``--tensor-parallel-size N``, SGLang ``--tp N``) unless the user's command already
+    sets a parallel split, which placement then matched to the machine.
+    """
     engine = engine_for(backend)
     user_args = _user_args(engine, model=model, command=command)
     if engine.backend == "ollama":
@@ -220,6 +284,7 @@ def engine_argv(
     argv += ["--host", "0.0.0.0", "--port", str(engine.port)]
     argv += ["--api-key", secret_ref(ENGINE_KEY_SECRET)]
     argv += _task_args(engine, task_type=task_type, user_args=user_args, version=vllm_version)
+    argv += _parallel_args(engine, gpu_count=gpu_count, user_args=user_args)
     return (*argv, *user_args)
 
 
@@ -232,6 +297,7 @@ def boot_spec(
     task_type: str = "text2text",
     cuda_version: str | None = None,
     startup_script: str | None = None,
+    gpu_count: int = 1,
 ) -> BootSpec:
     """How a replica of this workload boots (without a startup script unless given).
 
@@ -245,6 +311,7 @@ def boot_spec(
         command=command,
         task_type=task_type,
         vllm_version=vllm_version,
+        gpu_count=gpu_count,
     )
     secrets = (ENGINE_KEY_SECRET, HF_TOKEN_SECRET) if engine.api_key else (HF_TOKEN_SECRET,)
     return BootSpec(

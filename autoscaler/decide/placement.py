@@ -46,6 +46,7 @@ from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 from catalog.model import Offer
 from catalog.perf import ModelDoesNotFit, serving_profile
 from catalog.query import Market, OfferRequest, select_offers
+from providers.engines import parallel_size
 
 DEFAULT_INPUT_TOKENS = 1024.0
 """Mean prompt length assumed when ranking offers by serving capacity."""
@@ -323,7 +324,11 @@ def place_replica(
             unavailable=unavailable,
             now=now,
         )
-    request = _offer_request(autoscaling, memory_gib=spec.model_memory_gib or model_memory_gib)
+    request = _offer_request(
+        autoscaling,
+        memory_gib=spec.model_memory_gib or model_memory_gib,
+        gpu_count=parallel_size(backend=spec.backend.value, command=spec.command),
+    )
     selection = select_offers(offers, request)
     mix = (input_tokens or DEFAULT_INPUT_TOKENS, output_tokens or DEFAULT_OUTPUT_TOKENS)
     # One profile per GPU shape, not per offer: a catalog repeats shapes across zones.
@@ -394,11 +399,17 @@ def _cap(concurrency_cap: int) -> int:
     return concurrency_cap
 
 
-def _offer_request(policy: AutoscalingPolicy | None, *, memory_gib: float | None) -> OfferRequest:
+def _offer_request(
+    policy: AutoscalingPolicy | None, *, memory_gib: float | None, gpu_count: int | None
+) -> OfferRequest:
+    """What an offer must be: in the pool, with the memory, and, where the user's command
+    splits a replica over ``gpu_count`` GPUs, a machine with exactly that many (an engine
+    started with ``--tensor-parallel-size 8`` needs eight GPUs and uses no more)."""
     pool = policy.cloud_pool if policy else None
     return OfferRequest(
         gpus=tuple(pool.gpu_pool) if pool else (),
         min_vram_gib=memory_gib,
+        gpu_count=gpu_count,
         regions=tuple(policy.regions or ()) if policy else (),
         cuda_versions=tuple(pool.allowed_cuda_versions or ()) if pool else (),
     )

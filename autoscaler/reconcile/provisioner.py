@@ -81,7 +81,10 @@ def boot_callback(*, callback_url: str, launch_id: str, engine_key: str) -> Boot
     )
 
 
-def workload_boot(spec: WorkloadSpec, *, cuda_version: str | None = None) -> BootSpec:
+def workload_boot(
+    spec: WorkloadSpec, *, cuda_version: str | None = None, gpu_count: int = 1
+) -> BootSpec:
+    """How a replica of ``spec`` boots on a machine with ``gpu_count`` GPUs."""
     return boot_spec(
         backend=spec.backend.value,
         model=spec.model,
@@ -89,6 +92,7 @@ def workload_boot(spec: WorkloadSpec, *, cuda_version: str | None = None) -> Boo
         vllm_version=spec.vllm_version,
         task_type=spec.task_type.value,
         cuda_version=cuda_version,
+        gpu_count=gpu_count,
     )
 
 
@@ -168,7 +172,10 @@ async def _call_launch(
             deps, session, row=row, now=now, error=f"offer {row.offer_key} left the catalog"
         )
     boot = _scripted(
-        deps, row=row, spec=spec, boot=workload_boot(spec, cuda_version=_cuda_pin(spec, offer))
+        deps,
+        row=row,
+        spec=spec,
+        boot=workload_boot(spec, cuda_version=_cuda_pin(spec, offer), gpu_count=offer.gpu_count),
     )
     request = LaunchRequest(
         offer=offer,
