@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 import autoscaler
 from autoscaler.admission import runnable_problems, worker_problems
+from autoscaler.api import contract
 from autoscaler.api.boot import router as boot_router
 from autoscaler.api.deps import ApiState, Caller, Project, Session, Slug, State
 from autoscaler.api.errors import ApiError, handle_api_error
@@ -53,6 +54,7 @@ def create_app(state: ApiState) -> FastAPI:
     app.include_router(router)
     app.include_router(workers_router)
     app.include_router(boot_router)
+    contract.install(app)
     return app
 
 
@@ -74,7 +76,7 @@ async def ensure(
     raw.setdefault("slug", slug)
     if raw["slug"] != slug:
         raise ApiError(
-            422,
+            409,
             "slug_mismatch",
             f"the body's slug {raw['slug']!r} is not the path's {slug!r}",
             details=[{"path": "slug", "message": "must equal the path", "value": raw["slug"]}],

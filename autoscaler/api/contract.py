@@ -1,0 +1,171 @@
+"""The API's published contract: every answer the server gives is in its OpenAPI document.
+
+Users generate clients from ``/openapi.json``, so the document describes the error
+answers too, not only the successes FastAPI derives from the handlers:
+
+* every ``/v1`` operation documents the error envelope (``Error``) for the statuses it
+  can answer: 400 (a body that is not JSON, or not the JSON the operation takes), 401
+  (no or a wrong token), 403 (a token of another project, or not an admin's), 404 (no
+  such project resource), 409 (a workload ``PUT`` whose body names another slug than
+  its path, or whose drift ``on_drift=fail`` refuses), 410 (a
+  boot callback for a launch already terminating), 422 (a request that parses but is
+  not valid); the rules are :data:`ERRORS` below, by path;
+* the workload ``PUT`` documents its body, the workload spec's JSON schema (the handler
+  reads the raw JSON to report every problem at once, so FastAPI cannot see it);
+* a method a path does not have answers 405 with ``Allow`` listing every method the path
+  has (FastAPI lists only those of the first route that matched the path), and
+  FastAPI's own errors (a body that does not parse, a path that does not exist) come in
+  the same error envelope as the API's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from autoscaler.api.errors import error_body
+from autoscaler.spec import WorkloadSpec
+
+_REASONS = {
+    400: "The body is not JSON, or not the JSON this operation takes.",
+    401: "No bearer token, or one the server does not know (or revoked).",
+    403: "The token may not do this (another project's, or not an admin's).",
+    404: "No such resource.",
+    409: "The body's slug names another workload than the path (`slug_mismatch`), or the "
+    "stored spec differs and `on_drift` is `fail` (`drift_refused`): nothing changed.",
+    410: "The launch is terminating or terminated.",
+    422: "The request parses but is not valid: `details` lists every problem.",
+}
+
+ERRORS: tuple[tuple[str, frozenset[int]], ...] = (
+    ("/v1/projects/{project}/workloads/{slug}", frozenset({400, 401, 403, 404, 409, 422})),
+    ("/v1/boot/", frozenset({400, 401, 404, 410, 422})),
+    ("/v1/workers/", frozenset({400, 401, 404, 422})),
+    ("/v1/", frozenset({400, 401, 403, 404, 422})),
+)
+"""Error statuses by path prefix (the first that matches)."""
+
+_WORKLOAD = "/v1/projects/{project}/workloads/{slug}"
+
+ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "details"],
+            "properties": {
+                "code": {"type": "string", "description": "Stable: clients branch on it."},
+                "message": {"type": "string"},
+                "details": {"type": "array", "items": {"type": "object"}},
+            },
+        }
+    },
+}
+
+
+def install(app: FastAPI) -> None:
+    """Publish the full contract on ``app`` and answer FastAPI's own errors in it."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            app.openapi_schema = complete(schema)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+
+
+def complete(schema: dict[str, Any]) -> dict[str, Any]:
+    """The generated document with error answers and the workload body added."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Error"] = ERROR_SCHEMA
+    for path, operations in schema.get("paths", {}).items():
+        statuses = _errors_of(path)
+        for method, operation in operations.items():
+            responses = operation.setdefault("responses", {})
+            for status in sorted(statuses):
+                if status == 409 and not (path == _WORKLOAD and method == "put"):
+                    continue
+                responses.setdefault(
+                    str(status),
+                    {
+                        "description": _REASONS[status],
+                        "content": {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                        },
+                    },
+                )
+    put = schema.get("paths", {}).get(_WORKLOAD, {}).get("put")
+    if put is not None:
+        spec = WorkloadSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+        for name, definition in spec.pop("$defs", {}).items():
+            components.setdefault(name, definition)
+        # The path names the workload: a body without ``slug`` takes the path's.
+        spec["required"] = [name for name in spec.get("required", []) if name != "slug"]
+        components["WorkloadSpec"] = spec
+        created = put.get("responses", {}).get("200")
+        if created is not None:
+            put["responses"].setdefault("201", {**created, "description": "Created"})
+        put["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/WorkloadSpec"}}
+            },
+        }
+    return schema
+
+
+def _errors_of(path: str) -> frozenset[int]:
+    for prefix, statuses in ERRORS:
+        if path == prefix or (prefix.endswith("/") and path.startswith(prefix)):
+            return statuses
+    return frozenset()
+
+
+def allowed_methods(app: Any, scope: dict[str, Any]) -> list[str]:
+    """Every method some route of ``app`` serves at the request's path."""
+    methods: set[str] = set()
+    for route in _routes(app):
+        match, _ = route.matches({**scope, "method": "GET"})
+        if match is Match.NONE:
+            continue
+        methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _routes(app: Any) -> Iterable[Any]:
+    return getattr(getattr(app, "router", None), "routes", [])
+
+
+_CODES = {
+    400: "invalid_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    message = str(exc.detail)
+    if exc.status_code == 405:
+        allowed = allowed_methods(request.app, dict(request.scope))
+        headers["Allow"] = ", ".join(allowed)
+        message = f"{request.method} is not allowed here; allowed: {headers['Allow']}"
+    code = _CODES.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(code, message), status_code=exc.status_code, headers=headers)

@@ -1,0 +1,98 @@
+"""Schemathesis over the management API's own OpenAPI document, with every check.
+
+Conformance included: every status code, header and body the server answers must be in
+the document, schema-valid requests must be accepted and invalid ones refused, a method
+a path lacks must answer 405 with the right ``Allow``; the stateful phase follows the
+document's links (create a workload, then read, key and delete it). Bounded in time for
+CI. Afterwards the store must still hold only specs the service can read.
+``schemathesis.toml`` beside this file names the one check turned off for one operation,
+and why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from autoscaler.spec import WorkloadSpec
+from autoscaler.store.db import open_store, session_factory
+from autoscaler.store.models import Workload
+from tests.conftest import ADMIN_TOKEN
+from tests.helpers import ApiServer
+
+FUZZ_SECONDS = 40
+STATEFUL_SECONDS = 25
+
+
+def _schemathesis(url: str, *, cwd: Path, seconds: int, extra: list[str]) -> str:
+    """Run schemathesis against ``url``; its report, asserting it found nothing."""
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "schemathesis.cli",
+            "--config-file",
+            str(Path(__file__).with_name("schemathesis.toml")),
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "all",
+            *extra,
+            "--header",
+            f"Authorization: Bearer {ADMIN_TOKEN}",
+            "--max-time",
+            str(seconds),
+            "--workers",
+            "1",
+            "--seed",
+            "17",
+            "--no-color",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=seconds * 3 + 30,
+        cwd=cwd,
+    )
+    report = run.stdout[-6000:] + run.stderr[-2000:]
+    assert run.returncode == 0, report
+    assert "Test cases:" in run.stdout, report
+    return report
+
+
+@pytest.mark.slow
+@pytest.mark.timeout((FUZZ_SECONDS + STATEFUL_SECONDS) * 3 + 90)
+def test_schemathesis_finds_no_failure_and_the_store_stays_readable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("AUTOSCALER_ADMIN_TOKEN", ADMIN_TOKEN)
+    database_url = f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+    with ApiServer(database_url) as api:
+        _schemathesis(
+            api.url, cwd=tmp_path, seconds=FUZZ_SECONDS, extra=["--phases", "coverage,fuzzing"]
+        )
+        # Sequences of calls along the document's links. positive_data_acceptance is left
+        # out here only: see schemathesis.toml.
+        _schemathesis(
+            api.url,
+            cwd=tmp_path,
+            seconds=STATEFUL_SECONDS,
+            extra=["--phases", "stateful", "--exclude-checks", "positive_data_acceptance"],
+        )
+        listed = httpx.get(
+            f"{api.url}/v1/projects/acme/workloads",
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+        assert listed.status_code == 200
+
+    async def stored_specs() -> list[WorkloadSpec]:
+        async with open_store(database_url) as engine, session_factory(engine)() as s:
+            rows = list(await s.scalars(select(Workload)))
+        return [WorkloadSpec.model_validate(w.spec) for w in rows]
+
+    assert all(isinstance(spec, WorkloadSpec) for spec in asyncio.run(stored_specs()))
