@@ -517,8 +517,11 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     from autoscaler.service import STOP_GRACE_SEC, install_stop_signals
+    from autoscaler.store import sealed
     from autoscaler.store.db import open_store, session_factory
 
+    local_store = options.database_url.startswith("sqlite")
+    sealed.configure_from_environment(options.data_dir if local_store else None)
     async with open_store(options.database_url) as engine:
         signals: SignalsSource | None = None
         if options.gateway_url and options.gateway_token:

@@ -85,5 +85,13 @@ def configure_logging(
     root.setLevel(level.upper())
     # Libraries' chatter stays out unless asked for.
     quiet = logging.DEBUG if level == "debug" else logging.WARNING
-    for name in ("uvicorn", "uvicorn.error", "aiohttp", "botocore", "aiobotocore", "httpx"):
+    for name in (
+        "uvicorn",
+        "aiohttp",
+        "botocore",
+        "aiobotocore",
+        "httpx",
+        "alembic",
+        "apscheduler",
+    ):
         logging.getLogger(name).setLevel(quiet)

@@ -42,7 +42,7 @@ from autoscaler.api.deps import ApiState
 from autoscaler.config import ConfigError, load_config
 from autoscaler.controller import GatewaySignals, build_controller, run_controller
 from autoscaler.paths import default_data_dir
-from autoscaler.store import tokens
+from autoscaler.store import sealed, tokens
 from autoscaler.store.db import open_store, session_factory, sqlite_url
 from autoscaler.store.tokens import TokenKind
 from gateway.app import Gateway
@@ -127,6 +127,7 @@ def _uvicorn_server(app: object, *, host: str, port: int) -> uvicorn.Server:
 
 async def run_all(settings: RunSettings) -> None:
     """Serve every role in this process until SIGINT or SIGTERM."""
+    sealed.configure_from_environment(settings.data_dir)
     async with open_store(settings.db_url) as engine:
         sessions = session_factory(engine)
         await ensure_admin_token(sessions, announce=lambda text: print(text, flush=True))

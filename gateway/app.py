@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from autoscaler.store import sealed
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Workload
 from gateway import jobs
@@ -459,6 +460,7 @@ async def serve_gateway(
     settings: GatewaySettings | None = None,
 ) -> None:
     """Run the gateway alone until SIGINT or SIGTERM (``autoscaler gateway``)."""
+    sealed.configure_from_environment(None)  # engine keys: the controller's secret key
     async with open_store(database_url) as engine:
         gateway = Gateway(sessions=session_factory(engine), settings=settings)
         await gateway.start(host, port)

@@ -25,6 +25,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from autoscaler.store.sealed import SealedString
+
 
 class UtcDateTime(TypeDecorator[datetime]):
     """Aware UTC datetimes in, aware UTC datetimes out, on SQLite and PostgreSQL alike."""
@@ -132,7 +134,7 @@ class Instance(Base):
     worker_id: Mapped[str | None] = mapped_column(String(40))
     instance_id: Mapped[str | None] = mapped_column(String(128), index=True)
     url: Mapped[str | None] = mapped_column(String(300))
-    engine_key: Mapped[str | None] = mapped_column(String(100))
+    engine_key: Mapped[str | None] = mapped_column(SealedString())  # encrypted at rest
     intent_at: Mapped[datetime]
     launched_at: Mapped[datetime | None]
     ready_at: Mapped[datetime | None]
