@@ -32,7 +32,7 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 from tenacity import (
     AsyncRetrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_exponential,
 )
@@ -56,6 +56,7 @@ from providers.base import (
     pick_for_launch,
     utc,
 )
+from providers.errors import Throttled
 
 if TYPE_CHECKING:
     from types_aiobotocore_ec2.client import EC2Client
@@ -144,9 +145,17 @@ def translate(error: Exception, action: str, *, retry_after: float = 5.0) -> Pro
         return QuotaExceeded(action, detail)
     if code in _NOT_FOUND_CODES:
         return NotFound(action, detail)
-    if code in _THROTTLE_CODES or status >= 500:
+    if code in _THROTTLE_CODES:
+        return Throttled(action, detail, retry_after=retry_after)
+    if status >= 500:
         return Transient(action, detail, retry_after=retry_after)
     return Terminal(action, detail)
+
+
+def _retry_here(error: BaseException) -> bool:
+    """A server fault is retried at once with a short backoff; a rate limit is raised, so
+    that no pass sleeps through it."""
+    return isinstance(error, Transient) and not isinstance(error, Throttled)
 
 
 def _tag_list(tags: Mapping[str, str]) -> builtins.list[dict[str, str]]:
@@ -536,8 +545,8 @@ class AwsProvider:
 
     async def _retrying(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run a call that is safe to repeat, retrying it while it fails transiently."""
-        retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Transient),
+        retrying = AsyncRetrying(  # throttling is not retried here: the caller records when
+            retry=retry_if_exception(_retry_here),
             stop=stop_after_attempt(self.config.max_attempts),
             wait=wait_exponential(multiplier=self.config.retry_wait_seconds, max=30),
             reraise=True,

@@ -46,6 +46,11 @@ class Transient(ProviderError):
         self.retry_after = retry_after
 
 
+class Throttled(Transient):
+    """The provider's rate limit: retry after ``retry_after`` s, not sooner, and not by
+    sleeping in the caller (the controller records when to try again)."""
+
+
 class Terminal(ProviderError):
     """The request is invalid for this provider; retrying it unchanged will fail again."""
 

@@ -197,6 +197,9 @@ class Memory:
     unrunnable: dict[int, str] = field(default_factory=dict)
     """Per workload, why its stored spec cannot run (logged once while it stays so)."""
     failures: dict[int, Failure] = field(default_factory=dict)
+    launch_retry_at: dict[str, datetime] = field(default_factory=dict)
+    """Per pending launch id: not to be tried again before this (a Transient's
+    ``retry_after``; throttling above all)."""
     resume_after: int | None = None
     """The workload id a pass cut for time stopped after; the next pass starts past it."""
 

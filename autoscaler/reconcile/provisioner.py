@@ -196,7 +196,9 @@ async def _call_launch(
         count_provider_error(deps, provider=row.provider, operation="launch", error=exc)
         row.last_error = str(exc)
         await session.commit()
-        log.warning("launch %s: %s (resolved next pass)", row.launch_id, exc)
+        retry_at = now + timedelta(seconds=exc.retry_after)
+        deps.memory.launch_retry_at[row.launch_id] = retry_at
+        log.warning("launch %s: %s (tried again from %s)", row.launch_id, exc, retry_at.isoformat())
         return LaunchOutcome(row=row, bought=False, error=str(exc))
     except ProviderError as exc:
         count_provider_error(deps, provider=row.provider, operation="launch", error=exc)

@@ -106,7 +106,7 @@ async def reconcile_workload(
         rows = await open_rows(s, workload.id)
         await sync_with_provider(deps, s, rows=rows, observed=observed, port=engine.port, now=now)
         for row in _still_open(rows):
-            if row.worker_id is None and row.instance_id is None:
+            if row.worker_id is None and row.instance_id is None and _due(deps, row, now):
                 await resolve_intent(deps, s, row=row, spec=spec, now=now)
         rows = _still_open(rows)
         dead = await check_health(deps, s, rows=rows, health_path=engine.health_path, now=now)
@@ -277,6 +277,17 @@ async def _heed_spot_notices(
         )
         await s.commit()
         deps.notify_change()
+
+
+def _due(deps: Deps, row: LedgerRow, now: datetime) -> bool:
+    """Whether a pending intent may be tried again: not before the provider's
+    ``retry_after`` of its last transient failure (a time recorded per launch, that is
+    per workload and market, instead of a sleep in the pass)."""
+    retry_at = deps.memory.launch_retry_at.get(row.launch_id)
+    if retry_at is None or now >= retry_at:
+        deps.memory.launch_retry_at.pop(row.launch_id, None)
+        return True
+    return False
 
 
 def _still_open(rows: Sequence[LedgerRow]) -> list[LedgerRow]:

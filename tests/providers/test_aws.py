@@ -29,6 +29,7 @@ from providers.base import (
     Terminal,
     Transient,
 )
+from providers.errors import Throttled
 from tests.fakes.ec2_proxy import Ec2Proxy
 from tests.providers.contract import (
     Capability,
@@ -198,15 +199,20 @@ async def test_a_missing_ami_parameter_is_terminal(proxy: Ec2Proxy) -> None:
     assert isinstance(caught.value.__cause__, ClientError)
 
 
-async def test_a_brief_throttle_is_retried_with_the_same_token_buying_one_instance(
+async def test_a_throttle_is_raised_at_once_and_a_later_retry_buys_one_instance(
     proxy: Ec2Proxy,
 ) -> None:
     provider = AwsProvider(_config(proxy))
-    proxy.fail("throttle", times=2)
+    proxy.fail("throttle", times=1)
+    request = make_request(AwsHarness(proxy), cluster_id="c-aws-thr")
 
-    instance = await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-thr"))
+    with pytest.raises(Throttled) as caught:  # no sleep in the provider: the caller waits
+        await provider.launch(request)
+    assert proxy.run_instances_calls == 1
+    assert caught.value.retry_after > 0
 
-    assert proxy.run_instances_calls == 3
+    instance = await provider.launch(request)  # the same launch id, later
+    assert proxy.run_instances_calls == 2
     assert [i.instance_id for i in await provider.list("c-aws-thr")] == [instance.instance_id]
 
 
@@ -267,7 +273,7 @@ def _client_error(code: str, status: int) -> ClientError:
         ("InstanceLimitExceeded", 400, QuotaExceeded),
         ("VcpuLimitExceeded", 400, QuotaExceeded),
         ("MaxSpotInstanceCountExceeded", 400, QuotaExceeded),
-        ("RequestLimitExceeded", 503, Transient),
+        ("RequestLimitExceeded", 503, Throttled),
         ("InternalError", 500, Transient),
         ("Unsupported", 400, Terminal),
         ("InvalidParameterValue", 400, Terminal),
