@@ -459,6 +459,7 @@ async def run_controller(
     wake = wake or asyncio.Event()
     metrics = controller.deps.metrics
     scheduler: AsyncIOScheduler | None = None
+    last_failure: str | None = None
     try:
         while not stopping.is_set():
             try:
@@ -475,8 +476,14 @@ async def run_controller(
             if leader:
                 try:
                     delay = await controller.step()
-                except Exception:
-                    log.exception("reconcile pass failed")
+                    last_failure = None
+                except Exception as exc:
+                    failure = f"{type(exc).__name__}: {exc}"
+                    if failure != last_failure:  # the traceback once, then one line a pass
+                        log.exception("reconcile pass failed")
+                    else:
+                        log.error("reconcile pass failed again: %s", failure)
+                    last_failure = failure
                     delay = controller.deps.settings.tick_sec
             await _wait(stopping, wake, max(delay, 0.2))
     finally:
