@@ -23,8 +23,12 @@ def bearer_secret(header: str | None) -> str | None:
 
 
 def digest(secret: str) -> str:
-    """The SHA-256 hex digest the store keeps for a secret."""
-    return hashlib.sha256(secret.encode()).hexdigest()
+    """The SHA-256 hex digest the store keeps for a secret.
+
+    A header with bytes that are not UTF-8 reaches here with surrogates in it: hashed as
+    they are, it matches no key (keys are ASCII) and the caller gets a 401.
+    """
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def authorize(

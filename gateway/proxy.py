@@ -199,6 +199,8 @@ class Forwarder:
                 504, "the replica did not answer in time", code="upstream_timeout"
             ) from None
         except aiohttp.ClientError as exc:
+            if _caused_by(exc, BodyTooLarge):  # the client library wraps our own refusal
+                raise _too_large(self._limits.max_body_bytes) from None
             raise GatewayError(
                 502, f"the replica failed before answering: {exc}", code="upstream_error"
             ) from None
@@ -318,3 +320,15 @@ def _too_large(limit: int) -> GatewayError:
         f"request body exceeds the gateway's limit of {limit} bytes",
         code="request_too_large",
     )
+
+
+def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
+    """Whether ``kind`` is anywhere in ``error``'s chain of causes."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False

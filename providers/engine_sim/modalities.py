@@ -162,7 +162,10 @@ async def speech(request: web.Request) -> web.Response:
 async def _upload(request: web.Request) -> tuple[bytes, dict[str, str]]:
     if not request.content_type.startswith("multipart/"):
         raise bad_request("file", "send the audio as multipart/form-data with a 'file' part")
-    form = await request.post()
+    try:
+        form = await request.post()
+    except ValueError as exc:  # aiohttp's multipart reader on a truncated or broken body
+        raise bad_request("file", f"the multipart body does not parse: {exc}") from None
     upload = form.get("file")
     if not isinstance(upload, web.FileField):
         raise bad_request("file", "is required (the audio to transcribe)")

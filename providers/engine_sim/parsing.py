@@ -72,6 +72,8 @@ async def json_body(request: web.Request) -> JsonObject:
         body = await request.json()
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"request body is not valid JSON: {exc}") from exc
+    except RecursionError:
+        raise ApiError(400, "request body is nested too deeply to be a request") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
