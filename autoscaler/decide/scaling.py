@@ -371,21 +371,36 @@ def _remember(
 ) -> ScaleMemory:
     breach = up is not None and up > breach_bound(policy, capacity)
     idle = down is None and signals.in_flight == 0 and signals.queue_depth == 0
-    # With a capacity figure the consolidation check can tell what the load needs, so
-    # TTFT comfortably inside the bounds (under half the upper bound), or no more than
-    # the prompt mix's own prefill explains, is calm enough.
-    lower = policy.lower_allowed_latency_sec
-    if capacity is not None:
-        lower = max(lower, CALM_SHARE_OF_UPPER * policy.upper_allowed_latency_sec)
-        prefill = prefill_quantile(capacity, policy.ttft_percentile)
-        if prefill is not None:
-            lower = max(lower, min(PREFILL_TTFT_FACTOR * prefill, policy.upper_allowed_latency_sec))
+    lower, _ = calm_bound(policy, capacity)
     calm = idle or (down is not None and down < lower)
     calm = calm and not breach
     return ScaleMemory(
         breach_since=(memory.breach_since or now) if breach else None,
         calm_since=(memory.calm_since or now) if calm else None,
     )
+
+
+def calm_bound(policy: AutoscalingPolicy, capacity: ReplicaCapacity | None) -> tuple[float, str]:
+    """The TTFT percentile below which the fleet counts as calm (scale-down may follow),
+    and what set it, in words for the decision's reason.
+
+    The policy's lower bound; with a capacity figure the consolidation check can tell
+    what the load needs, so TTFT comfortably inside the bounds (under half the upper
+    bound), or no more than the prompt mix's own prefill explains, is calm enough.
+    """
+    lower = policy.lower_allowed_latency_sec
+    why = "the lower bound"
+    if capacity is None:
+        return lower, why
+    half_upper = CALM_SHARE_OF_UPPER * policy.upper_allowed_latency_sec
+    if half_upper > lower:
+        lower, why = half_upper, f"{CALM_SHARE_OF_UPPER:g} x the upper bound"
+    prefill = prefill_quantile(capacity, policy.ttft_percentile)
+    if prefill is not None:
+        explained = min(PREFILL_TTFT_FACTOR * prefill, policy.upper_allowed_latency_sec)
+        if explained > lower:
+            lower, why = explained, "what the prompt mix's prefill explains"
+    return lower, why
 
 
 def prefill_quantile(capacity: ReplicaCapacity, q: float) -> float | None:
@@ -755,10 +770,11 @@ def _down(ctx: _Context, window_sec: float) -> ScaleDecision | None:
         return ctx.decide(ctx.clamp(ctx.current), Direction.HOLD, why)
     desired = max(target, floor)
     pct = f"p{p.ttft_percentile * 100:g}"
+    bound, set_by = calm_bound(p, ctx.capacity)
     latency = (
         "no traffic"
         if ctx.ttft_down is None
-        else f"TTFT {pct} {ctx.ttft_down:.3f}s < lower {p.lower_allowed_latency_sec:g}s"
+        else f"TTFT {pct} {ctx.ttft_down:.3f}s < calm bound {bound:.3g}s ({set_by})"
     )
     return ctx.decide(
         desired,

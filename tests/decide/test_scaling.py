@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from autoscaler.decide.desired import desired_count
@@ -593,3 +594,52 @@ def test_slots_shared_by_several_replicas_need_less_headroom_than_a_flat_share()
     assert alone == 2  # 80 % of one replica's throughput is over a single batch's share
     # Without a budget left after the prefill, the flat share applies.
     assert slot_need(replace(capacity, prefill_s=1.5), 11.3, 1.0) is None
+
+
+# "TTFT p95 X s < [words] Y s" and the same with ">": whatever names the bound.
+_BELOW = re.compile(r"TTFT p[\d.]+ ([\d.]+)s < (?:[a-z ]+ )?([\d.e+-]+)s")
+_ABOVE = re.compile(r"TTFT p[\d.]+ ([\d.]+)s > (?:[a-z ]+ )?([\d.e+-]+)s")
+
+
+@settings(max_examples=120, deadline=None)
+@example(0.4, 10.0, None, 4)  # calm under half the upper bound, above the lower bound
+@given(
+    st.floats(0.01, 3.0),
+    st.one_of(st.none(), st.floats(0.5, 30.0)),
+    st.one_of(st.none(), st.floats(0.01, 0.8)),
+    st.integers(1, 8),
+)
+def test_every_ttft_comparison_a_reason_states_holds_for_the_numbers_it_states(
+    ttft: float, rps: float | None, prefill: float | None, ready: int
+) -> None:
+    """A reason that says "X < Y" or "X > Y" is true of the X and Y it prints (a scale-down
+    once read "TTFT p95 0.886s < lower 0.2s": the bound compared was another)."""
+    p = policy()
+    capacity = (
+        None
+        if rps is None
+        else ReplicaCapacity(requests_per_s=rps, max_concurrency=64, prefill_s=prefill)
+    )
+    memory = ScaleMemory()
+    now = T0
+    for _ in range(45):
+        now += timedelta(seconds=10)
+        signals = Signals(
+            ttft_samples=samples(ttft, now=now, seconds=400, every=10),
+            request_rate=1.0,
+            in_flight=1,
+            last_request_at=now,
+        )
+        decision = desired_replicas(
+            policy=p,
+            signals=signals,
+            fleet=FleetCounts(ready=ready),
+            memory=memory,
+            now=now,
+            capacity=capacity,
+        )
+        memory = decision.memory
+        for below, bound in _BELOW.findall(decision.reason):
+            assert float(below) <= float(bound), decision.reason
+        for above, bound in _ABOVE.findall(decision.reason):
+            assert float(above) >= float(bound), decision.reason
