@@ -12,6 +12,7 @@ other error is raised as :class:`ApiError` with the API's stable code and detail
 from __future__ import annotations
 
 import builtins
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -145,14 +146,27 @@ class ManagementClient:
             json=body,
             params={"on_drift": OnDrift(on_drift).value},
         )
-        return WorkloadRef(
-            project_slug=data["project"],
-            workload_slug=data["workload"]["slug"],
-            generation=data["generation"],
-            action=data["action"],
-            diff=data["diff"],
-            warnings=data["warnings"],
+        return _ref(data)
+
+    def update(
+        self,
+        slug: str,
+        changes: Mapping[str, Any],
+        *,
+        on_drift: OnDrift | str = OnDrift.RECONCILE,
+    ) -> WorkloadRef:
+        """Change part of a workload: ``changes`` is a JSON merge patch on its stored spec
+        (nested objects merge, ``None`` removes a key, lists replace), validated like
+        ``ensure``. ``client.update("bot", {"execution_policy_config": {"replicas": 2}})``
+        """
+        data = self._call(
+            "PATCH",
+            self._workload_path(slug),
+            content=json.dumps(dict(changes)),
+            headers={"Content-Type": "application/merge-patch+json"},
+            params={"on_drift": OnDrift(on_drift).value},
         )
+        return _ref(data)
 
     def get(self, slug: str) -> dict[str, Any]:
         found: dict[str, Any] = self._call("GET", self._workload_path(slug))
@@ -228,6 +242,17 @@ class ManagementClient:
             return response.json()
 
         return attempt()
+
+
+def _ref(data: Mapping[str, Any]) -> WorkloadRef:
+    return WorkloadRef(
+        project_slug=data["project"],
+        workload_slug=data["workload"]["slug"],
+        generation=data["generation"],
+        action=data["action"],
+        diff=data["diff"],
+        warnings=data["warnings"],
+    )
 
 
 def _secret(data: Mapping[str, Any]) -> CreatedSecret:

@@ -661,6 +661,43 @@ class WorkloadSpec(StrictModel):
         blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
+    def replica_identity(self) -> dict[str, Any]:
+        """What a replica boots, and where it may run: two specs with the same identity
+        differ only in how many replicas run and when (counts, latency bounds, windows,
+        timeouts, ceilings, schedules), so an edit between them keeps every replica.
+
+        The model, command, backend, version pin, task type, memory hint, the pinned
+        worker and the pool (source, GPU names, CUDA pins, private workers, regions, the
+        spot market) are the identity; the pool's ceilings are not.
+        """
+        policy = self.execution_policy_config
+        pool: dict[str, Any] | None = None
+        if isinstance(policy, AutoscalingPolicy):
+            cloud = policy.cloud_pool
+            pool = {
+                "source": "private" if policy.private_worker_ids else "cloud",
+                "gpu_pool": None if cloud is None else cloud.gpu_pool,
+                "allowed_cuda_versions": None if cloud is None else cloud.allowed_cuda_versions,
+                "private_worker_ids": policy.private_worker_ids,
+                "regions": policy.regions,
+                "allow_spot_instances": policy.allow_spot_instances,
+            }
+        return {
+            **self.model_dump(
+                mode="json",
+                include={
+                    "model",
+                    "command",
+                    "backend",
+                    "vllm_version",
+                    "task_type",
+                    "model_memory_gib",
+                    "worker_id",
+                },
+            ),
+            "pool": pool,
+        }
+
 
 class WorkloadDocument(WorkloadSpec):
     """One document of a workload file: the spec's fields plus an optional ``on_drift``."""
@@ -669,6 +706,21 @@ class WorkloadDocument(WorkloadSpec):
 
     def spec(self) -> WorkloadSpec:
         return WorkloadSpec.model_validate(self.model_dump(exclude={"on_drift"}))
+
+
+def merge_patch(target: Mapping[str, Any], patch: Mapping[str, Any]) -> dict[str, Any]:
+    """``target`` with a JSON merge patch (RFC 7396) applied: objects merge key by key,
+    ``null`` removes a key, anything else (lists included) replaces the value."""
+    merged = dict(target)
+    for key, value in patch.items():
+        if value is None:
+            merged.pop(key, None)
+        elif isinstance(value, Mapping):
+            before = merged.get(key)
+            merged[key] = merge_patch(before if isinstance(before, Mapping) else {}, value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def spec_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[dict[str, Any]]:

@@ -33,7 +33,14 @@ from autoscaler.api.views import (
     workload_view,
 )
 from autoscaler.api.workers import router as workers_router
-from autoscaler.spec import OnDrift, WorkloadSpec, deprecations, describe_errors, limit_errors
+from autoscaler.spec import (
+    OnDrift,
+    WorkloadSpec,
+    deprecations,
+    describe_errors,
+    limit_errors,
+    merge_patch,
+)
 from autoscaler.store import records, tokens, workloads
 from autoscaler.store import workers as workers_store
 from autoscaler.store.models import Workload, WorkloadSignals
@@ -81,6 +88,49 @@ async def ensure(
             f"the body's slug {raw['slug']!r} is not the path's {slug!r}",
             details=[{"path": "slug", "message": "must equal the path", "value": raw["slug"]}],
         )
+    return await _store(s, state, project=project, raw=raw, on_drift=on_drift)
+
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+@router.patch("/v1/projects/{project}/workloads/{slug}", tags=["workloads"])
+async def patch(
+    project: Project,
+    slug: Slug,
+    request: Request,
+    s: Session,
+    state: State,
+    on_drift: Annotated[OnDrift, Query()] = OnDrift.RECONCILE,
+) -> JSONResponse:
+    """Change part of a workload: a JSON merge patch (RFC 7396) on its stored spec, then
+    the same validation and reconcile as a PUT of the whole spec."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media not in (MERGE_PATCH, "application/json"):
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"PATCH takes a JSON merge patch ({MERGE_PATCH}), not {media or 'no content type'!r}",
+        )
+    changes = await _json_object(request)
+    row = await _existing(s, project, slug)
+    raw = merge_patch(row.spec, changes)
+    if raw.get("slug", slug) != slug:
+        raise ApiError(
+            409,
+            "slug_mismatch",
+            f"a patch cannot change the slug ({slug!r} -> {raw['slug']!r})",
+            details=[{"path": "slug", "message": "cannot change", "value": raw["slug"]}],
+        )
+    raw["slug"] = slug
+    return await _store(s, state, project=project, raw=raw, on_drift=on_drift)
+
+
+async def _store(
+    s: AsyncSession, state: ApiState, *, project: str, raw: dict[str, Any], on_drift: OnDrift
+) -> JSONResponse:
+    """Validate, admit and ensure one spec; the answer of PUT and PATCH."""
+    slug = raw["slug"]
     spec = _validate_spec(raw, max_replicas=state.max_replicas)
     await _admit(s, project=project, spec=spec)
     try:

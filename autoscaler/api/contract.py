@@ -6,10 +6,11 @@ answers too, not only the successes FastAPI derives from the handlers:
 * every ``/v1`` operation documents the error envelope (``Error``) for the statuses it
   can answer: 400 (a body that is not JSON, or not the JSON the operation takes), 401
   (no or a wrong token), 403 (a token of another project, or not an admin's), 404 (no
-  such project resource), 409 (a workload ``PUT`` whose body names another slug than
-  its path, or whose drift ``on_drift=fail`` refuses), 410 (a
-  boot callback for a launch already terminating), 422 (a request that parses but is
-  not valid); the rules are :data:`ERRORS` below, by path;
+  such project resource), 409 (a workload ``PUT`` or ``PATCH`` whose body names another
+  slug than its path, or whose drift ``on_drift=fail`` refuses), 410 (a
+  boot callback for a launch already terminating), 415 (a workload ``PATCH`` that is not
+  a JSON merge patch), 422 (a request that parses but is not valid); the rules are
+  :data:`ERRORS` below, by path;
 * the workload ``PUT`` documents its body, the workload spec's JSON schema (the handler
   reads the raw JSON to report every problem at once, so FastAPI cannot see it);
 * a method a path does not have answers 405 with ``Allow`` listing every method the path
@@ -40,6 +41,7 @@ _REASONS = {
     409: "The body's slug names another workload than the path (`slug_mismatch`), or the "
     "stored spec differs and `on_drift` is `fail` (`drift_refused`): nothing changed.",
     410: "The launch is terminating or terminated.",
+    415: "A workload `PATCH` takes a JSON merge patch (`application/merge-patch+json`).",
     422: "The request parses but is not valid: `details` lists every problem.",
 }
 
@@ -96,8 +98,9 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
         statuses = _errors_of(path)
         for method, operation in operations.items():
             responses = operation.setdefault("responses", {})
-            for status in sorted(statuses):
-                if status == 409 and not (path == _WORKLOAD and method == "put"):
+            patching = path == _WORKLOAD and method == "patch"
+            for status in sorted(statuses | ({415} if patching else set())):
+                if status == 409 and not (path == _WORKLOAD and method in ("put", "patch")):
                     continue
                 responses.setdefault(
                     str(status),
@@ -124,6 +127,14 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
             "content": {
                 "application/json": {"schema": {"$ref": "#/components/schemas/WorkloadSpec"}}
             },
+        }
+    patch = schema.get("paths", {}).get(_WORKLOAD, {}).get("patch")
+    if patch is not None:
+        # A JSON merge patch: any object; what it makes is validated like a PUT's body.
+        merge = {"schema": {"type": "object"}}
+        patch["requestBody"] = {
+            "required": True,
+            "content": {"application/merge-patch+json": merge, "application/json": merge},
         }
     return schema
 

@@ -41,7 +41,7 @@ output_option = click.option(
 
 
 def register(group: click.Group) -> None:
-    for command in (apply, get, describe, delete, keys, tokens):
+    for command in (apply, patch, edit, get, describe, delete, keys, tokens):
         group.add_command(command)
 
 
@@ -165,6 +165,78 @@ def apply(
         click.echo(f"workload/{r['workload']} {r['action']} (generation {r['generation']})")
         for d in r["diff"]:
             click.echo(f"  {_detail(d)}")
+
+
+def _echo_ref(ref: Any, output: str) -> None:
+    result = {
+        "workload": ref.workload_slug,
+        "action": ref.action,
+        "generation": ref.generation,
+        "diff": ref.diff,
+        "warnings": ref.warnings,
+    }
+    if output != "table":
+        emit(result, output)
+        return
+    click.echo(f"workload/{ref.workload_slug} {ref.action} (generation {ref.generation})")
+    for d in ref.diff:
+        click.echo(f"  {_detail(d)}")
+
+
+@click.command()
+@click.argument("slug")
+@click.option(
+    "--patch",
+    "text",
+    required=True,
+    help='A JSON merge patch, in JSON or YAML: \'{"execution_policy_config": {"replicas": 2}}\'.',
+)
+@click.option(
+    "--on-drift",
+    type=click.Choice(["reconcile", "fail", "ignore"]),
+    default="reconcile",
+    show_default=True,
+)
+@project_option
+@url_option
+@output_option
+def patch(slug: str, text: str, on_drift: str, project: str, url: str, output: str) -> None:
+    """Change part of a workload with a JSON merge patch (null removes a key)."""
+    try:
+        changes = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        _fail(f"error: --patch is not valid JSON/YAML: {exc}", code=EXIT_INPUT)
+    if not isinstance(changes, dict) or not changes:
+        _fail("error: --patch must be a non-empty mapping of spec fields", code=EXIT_INPUT)
+    with _client(url, project) as client:
+        ref = client.update(slug, changes, on_drift=on_drift)
+    _echo_ref(ref, output)
+
+
+@click.command()
+@click.argument("slug")
+@project_option
+@url_option
+@output_option
+def edit(slug: str, project: str, url: str, output: str) -> None:
+    """Edit a workload's spec in $VISUAL or $EDITOR; saving applies it (unchanged: nothing)."""
+    with _client(url, project) as client:
+        spec = client.get(slug)["spec"]
+        before = yaml.safe_dump(spec, sort_keys=False)
+        after = click.edit(before, extension=".yaml")
+        if after is None or after == before:
+            click.echo(f"workload/{slug} unchanged (edit cancelled)")
+            return
+        try:
+            doc = yaml.safe_load(after)
+        except yaml.YAMLError as exc:
+            _fail(f"error: the edited spec is not valid YAML: {exc}", code=EXIT_INPUT)
+        if not isinstance(doc, dict):
+            _fail("error: the edited spec is not a mapping of spec fields", code=EXIT_INPUT)
+        if doc.get("slug", slug) != slug:
+            _fail(f"error: edit cannot change the slug ({slug!r})", code=EXIT_INPUT)
+        ref = client.ensure({**doc, "slug": slug})
+    _echo_ref(ref, output)
 
 
 # -- get / describe / delete ---------------------------------------------------------------

@@ -15,7 +15,8 @@ crash or a missed event gives the same actions. The rules:
   surge of one: a new-generation replica is launched first, and an old one is drained
   only once the ready replicas exceed the desired count. Old-generation replicas still
   booting are terminated at once. Where the budget refuses the surge, one old replica is
-  drained first and its replacement launched once its price has left the ledger.
+  drained first and its replacement launched once its price has left the ledger; while
+  any replica drains, none more is drained in place.
 * **Budget per launch.** Each launch is checked with :func:`budget.check_launch` against
   every replica not confirmed terminated, the launches of this plan included; a refused
   launch becomes a :class:`Refusal` with the numbers.
@@ -198,6 +199,7 @@ def plan_actions(
         ledger=ledger,
         actions=actions,
         launch_limit=launch_limit,
+        draining=sum(r.phase is ReplicaPhase.DRAINING for r in live),
     )
     if ledger.more_wanted and ledger.launched == launch_limit:
         due.append(0.0)  # more launches are wanted: the next plan continues at once
@@ -274,6 +276,7 @@ def _converge(
     ledger: _Ledger,
     actions: list[Action],
     launch_limit: int | None,
+    draining: int = 0,
 ) -> None:
     current = [r for r in active if r.generation >= generation]
     old = [r for r in active if r.generation < generation]
@@ -312,8 +315,9 @@ def _converge(
     starting_new = any(r.phase in _STARTING for r in current)
     at_desired = current_count + len(old_left) >= desired
     launched = ledger.launched > 0
-    if old_left and at_desired and not starting_new and not launched:
-        # The surge does not fit the budget: replace in place, one at a time.
+    if old_left and at_desired and not (starting_new or launched or retire or draining):
+        # The surge does not fit the budget: replace in place, one at a time (while a
+        # replica drains, its price leaves the ledger soon: launch then, drain no more).
         r = old_left[0]
         actions.append(
             Drain(

@@ -7,12 +7,13 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import select
+from pydantic import ValidationError
+from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.spec import OnDrift, WorkloadSpec, spec_diff
-from autoscaler.store.models import Base, Project, Workload
+from autoscaler.store.models import Base, Instance, Project, Workload
 
 
 class EnsureAction(StrEnum):
@@ -128,13 +129,35 @@ async def _update(
         raise DriftRefused(current, diff)
     if on_drift is OnDrift.IGNORE:
         return EnsureResult(EnsureAction.IGNORED, current, diff)
+    in_place = _same_replicas(current.spec, spec)
     current.spec = canonical
     current.spec_hash = digest
     current.name = spec.name
     current.generation += 1
     current.updated_at = now
+    if in_place:
+        # Only counts, bounds or schedules changed: the replicas of the previous
+        # generation already run this one, so they are adopted, not replaced.
+        await session.execute(
+            update(Instance)
+            .where(
+                Instance.workload_id == current.id,
+                Instance.spec_generation == current.generation - 1,
+                Instance.terminated_confirmed_at.is_(None),
+            )
+            .values(spec_generation=current.generation)
+        )
     await session.flush()
     return EnsureResult(EnsureAction.UPDATED, current, diff)
+
+
+def _same_replicas(stored: dict[str, Any], spec: WorkloadSpec) -> bool:
+    """Whether replicas of the stored spec are replicas of ``spec`` (same identity)."""
+    try:
+        before = WorkloadSpec.model_validate(stored)
+    except ValidationError:
+        return False  # stored before a rule it breaks existed: roll, to be safe
+    return before.replica_identity() == spec.replica_identity()
 
 
 async def delete_workload(

@@ -196,3 +196,42 @@ def test_first_start_prints_an_admin_token_once(tmp_path: Path) -> None:
             outputs.append(proc.stop())
     assert "export AUTOSCALER_SDK_TOKEN=ik_sdk_" in outputs[0]
     assert "AUTOSCALER_SDK_TOKEN" not in outputs[1]
+
+
+def test_patch_changes_part_of_a_workload(service: RunningService) -> None:
+    assert service.cli("apply", "-f", str(EXAMPLES / "chat-fixed.yaml")).returncode == 0
+    done = service.cli(
+        "patch", "support-bot", "--patch", '{"execution_policy_config": {"replicas": 2}}'
+    )
+    assert done.returncode == 0, done.stderr
+    assert "workload/support-bot updated (generation 2)" in done.stdout
+    assert "execution_policy_config.replicas: 1 -> 2" in done.stdout
+    stored = json.loads(service.ok("get", "support-bot", "-o", "json"))
+    assert stored["spec"]["execution_policy_config"]["replicas"] == 2
+    assert stored["spec"]["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+
+    bad = service.cli("patch", "support-bot", "--patch", "backend: tgi")
+    assert bad.returncode == 2
+    assert "backend: unknown backend 'tgi'" in bad.stderr
+    assert json.loads(service.ok("get", "support-bot", "-o", "json"))["generation"] == 2
+
+
+def test_edit_applies_what_the_editor_saved(service: RunningService, tmp_path: Path) -> None:
+    assert service.cli("apply", "-f", str(EXAMPLES / "chat-fixed.yaml")).returncode == 0
+    editor = tmp_path / "editor.sh"
+    editor.write_text('#!/bin/sh\nsed -i "s/replicas: 1/replicas: 3/" "$1"\n')
+    editor.chmod(0o755)
+    env = {**service.env, "EDITOR": str(editor), "VISUAL": str(editor)}
+    done = subprocess.run(
+        autoscaler_cli("edit", "support-bot"), env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "workload/support-bot updated (generation 2)" in done.stdout
+    stored = json.loads(service.ok("get", "support-bot", "-o", "json"))
+    assert stored["spec"]["execution_policy_config"]["replicas"] == 3
+
+    untouched = {**service.env, "EDITOR": "true", "VISUAL": "true"}
+    same = subprocess.run(
+        autoscaler_cli("edit", "support-bot"), env=untouched, capture_output=True, text=True
+    )
+    assert same.returncode == 0 and "unchanged" in same.stdout

@@ -24,6 +24,7 @@ from autoscaler.spec import (
     WorkloadSpec,
     deprecations,
     describe_errors,
+    merge_patch,
     spec_diff,
 )
 
@@ -421,3 +422,24 @@ def test_workload_document_carries_on_drift() -> None:
     doc = WorkloadDocument.model_validate({**base(), "on_drift": "fail"})
     assert doc.on_drift is OnDrift.FAIL
     assert doc.spec() == WorkloadSpec.model_validate(base())
+
+
+@pytest.mark.parametrize(
+    ("target", "patch", "result"),
+    [  # from RFC 7396, appendix A
+        ({"a": "b"}, {"a": "c"}, {"a": "c"}),
+        ({"a": "b"}, {"b": "c"}, {"a": "b", "b": "c"}),
+        ({"a": "b"}, {"a": None}, {}),
+        ({"a": "b", "b": "c"}, {"a": None}, {"b": "c"}),
+        ({"a": ["b"]}, {"a": "c"}, {"a": "c"}),
+        ({"a": "c"}, {"a": ["b"]}, {"a": ["b"]}),
+        ({"a": {"b": "c"}}, {"a": {"b": "d", "c": None}}, {"a": {"b": "d"}}),
+        ({"a": [{"b": "c"}]}, {"a": [1]}, {"a": [1]}),
+        ({"e": None}, {"a": 1}, {"e": None, "a": 1}),
+        ({}, {"a": {"bb": {"ccc": None}}}, {"a": {"bb": {}}}),
+    ],
+)
+def test_merge_patch_follows_rfc_7396(
+    target: dict[str, Any], patch: dict[str, Any], result: dict[str, Any]
+) -> None:
+    assert merge_patch(target, patch) == result
