@@ -109,7 +109,11 @@ class DataClient:
         """One workload, used with one of its data keys (``ik_live_…``)."""
         if not api_key:
             raise ConfigError(f"no data key for {slug!r}: pass api_key='ik_live_…'")
-        return Endpoint(self._http, path=f"/endpoint/{self.project}/{slug}/v1", api_key=api_key)
+        endpoint = Endpoint(self._http, path=f"/endpoint/{self.project}/{slug}/v1", api_key=api_key)
+        # The endpoint shares this client's connections: it keeps the client alive, so
+        # ``DataClient.from_env(...).endpoint(...)`` works after the client's last name goes.
+        endpoint.client = self
+        return endpoint
 
     def __enter__(self) -> DataClient:
         return self
@@ -130,6 +134,9 @@ class DataClient:
 
 class Endpoint:
     """The OpenAI-compatible routes of one workload."""
+
+    client: DataClient | None = None
+    """The data client whose connections this endpoint uses."""
 
     def __init__(self, http: httpx.Client, *, path: str, api_key: str) -> None:
         self._http = http

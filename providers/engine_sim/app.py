@@ -47,6 +47,7 @@ def create_app(
     app.router.add_post("/v1/images/generations", modalities.images)
     app.router.add_post("/v1/audio/speech", modalities.speech)
     app.router.add_post("/v1/audio/transcriptions", modalities.transcriptions)
+    app.router.add_post("/v1/rerank", modalities.rerank)
     return app
 
 

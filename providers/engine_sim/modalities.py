@@ -195,3 +195,43 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
         payload = {"task": "transcribe", "language": language, "duration": seconds} | payload
         payload["segments"] = []
     return await _send(request, web.json_response(payload))
+
+
+async def rerank(request: web.Request) -> web.Response:
+    """``POST /v1/rerank`` (vLLM's reranker route): ``documents`` ordered by a relevance
+    score to ``query``, the cosine of their deterministic embeddings mapped to [0, 1]."""
+    state = request.app[STATE]
+    state.require_ready()
+    body = await json_body(request)
+    model = check_model(state, body)
+    query = str_field(body, "query")
+    documents = body.get("documents")
+    if not isinstance(documents, list) or not documents:
+        raise bad_request("documents", "must be a non-empty list of strings")
+    texts: list[str] = []
+    for index, item in enumerate(documents):
+        text = item.get("text") if isinstance(item, dict) else item
+        if not isinstance(text, str):
+            raise bad_request(f"documents[{index}]", "must be a string or {'text': string}")
+        texts.append(text)
+    top_n = int_field(body, "top_n", default=len(texts), minimum=1, maximum=len(texts))
+    tokens = media.estimate_tokens(query) * len(texts) + sum(map(media.estimate_tokens, texts))
+    await _run(state, input_tokens=tokens, output_tokens=0)
+    anchor = media.embedding(query, model=model, dimensions=DEFAULT_EMBEDDING_DIMENSIONS)
+    scored = []
+    for index, text in enumerate(texts):
+        vector = media.embedding(text, model=model, dimensions=DEFAULT_EMBEDDING_DIMENSIONS)
+        cosine = sum(a * b for a, b in zip(anchor, vector, strict=True))
+        scored.append((index, text, round((cosine + 1) / 2, 6)))
+    scored.sort(key=lambda item: (-item[2], item[0]))
+    results = [
+        {"index": index, "document": {"text": text}, "relevance_score": score}
+        for index, text, score in scored[:top_n]
+    ]
+    payload = {
+        "id": f"rerank-{int(time.time() * 1000)}",
+        "model": model,
+        "usage": {"total_tokens": tokens},
+        "results": results,
+    }
+    return await _send(request, web.json_response(payload))

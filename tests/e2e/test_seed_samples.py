@@ -432,6 +432,46 @@ def test_audio2text_autoscaling_cloud_answers_the_transcriptions_route(
     mgmt.close()
 
 
+# --- async-only modalities -------------------------------------------------------------
+
+
+def test_reranker_autoscaling_cloud_answers_an_async_job(service: Service) -> None:
+    # provision_reranker.py
+    from autoscaler import Backend, ExecutionPolicy, ManagementClient, WorkloadSpec
+
+    mgmt = ManagementClient.from_env(project="acme")
+    # Reranker — async-only. classification / reward follow the same shape.
+    mgmt.ensure(WorkloadSpec(
+        name="Search reranker",
+        slug="search-reranker",
+        model="BAAI/bge-reranker-v2-m3",
+        backend=Backend.VLLM,
+        task_type="reranker",  # also: "classification", "reward"
+        command="vllm serve BAAI/bge-reranker-v2-m3 --task score",
+        execution_policy=ExecutionPolicy.AUTOSCALING,
+        execution_policy_config={
+            "min_workers": 0, "max_workers": 3, "max_hourly_cost_usd": 5.0,
+            "workers": {"source": "cloud", "cloud_pool": {
+                "gpu_pool": ["NVIDIA A100-SXM4-80GB"], "max_hourly_cost_usd": 5.0, "max_instances": 3,
+            }},
+        },
+    ))  # fmt: skip
+
+    # Calling it: a job on the async data-plane API, which scales it from zero.
+    from autoscaler import DataClient
+
+    ep = DataClient.from_env(project="acme").endpoint(
+        "search-reranker", api_key=service.data_key("search-reranker")
+    )
+    job = ep.submit_job(body={"query": "refund policy", "documents": ["invoice", "refunds"]})
+    done = ep.job_result(job.id, timeout=120)
+    assert done.status == "succeeded", done
+    answer = (done.result or {})["body"]
+    assert {r["index"] for r in answer["results"]} == {0, 1}, done.result
+    assert service.ready_replicas("search-reranker")
+    mgmt.close()
+
+
 # --- the backends page ------------------------------------------------------------------
 
 
