@@ -7,11 +7,12 @@ document's links (create a workload, then read, key and delete it). Bounded in t
 CI. Afterwards the store must still hold only specs the service can read.
 
 One check is left out for two operations: ``positive_data_acceptance`` on the workload
-``PUT`` and ``PATCH`` (a merge patch makes a spec, judged by the same rules). The workload spec has rules across fields that its JSON schema does not express
-(an autoscaling policy needs max_workers and a $/h ceiling, image and audio modalities
-need vllm-omni, a vllm_version must be a version of a vLLM engine...), so a body valid by
-the schema can break one, and the right answer is then 422 with every problem listed.
-Every other check runs on that operation, and that check on every other operation.
+``PUT`` and ``PATCH`` (a merge patch makes a spec, judged by the same rules). The
+workload spec has rules across fields that its JSON schema does not express (an
+autoscaling policy needs max_workers and a $/h ceiling, image and audio modalities need
+vllm-omni, a vllm_version must be a version of a vLLM engine...), so a body valid by the
+schema can break one, and the right answer is then 422 with every problem listed. Every
+other check runs on those operations, and that check on every other operation.
 """
 
 from __future__ import annotations
