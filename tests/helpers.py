@@ -172,6 +172,22 @@ def autoscaler_cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "autoscaler", *args]
 
 
+def run_argv(
+    *, api_port: int, gateway_port: int, config: Path, extra: Sequence[str] = ()
+) -> list[str]:
+    """``autoscaler run`` on the given ports with a controller config file."""
+    return autoscaler_cli(
+        "run",
+        "--api-port",
+        str(api_port),
+        "--gateway-port",
+        str(gateway_port),
+        "--config",
+        str(config),
+        *extra,
+    )
+
+
 def pid_running(pid: int) -> bool:
     """True while ``pid`` runs; a zombie (exited, not yet reaped) counts as gone."""
     try:

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.helpers import RunningService, autoscaler_cli, free_port, wait_until
+from tests.helpers import RunningService, free_port, run_argv, wait_until
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 ADMIN = "ik_sdk_e2e-local-admin-" + "z" * 20
@@ -46,15 +46,7 @@ def test_run_serves_the_fixed_example_on_engine_sim_and_delete_stops_it(
     env = {"AUTOSCALER_DATA_DIR": str(tmp_path / "data"), "AUTOSCALER_ADMIN_TOKEN": ADMIN}
     config = tmp_path / "controller.yaml"
     config.write_text("cluster_id: laptop\ntick_sec: 1\nproviders:\n  local: {}\n")
-    argv = autoscaler_cli(
-        "run",
-        "--api-port",
-        str(api_port),
-        "--gateway-port",
-        str(gateway_port),
-        "--config",
-        str(config),
-    )
+    argv = run_argv(api_port=api_port, gateway_port=gateway_port, config=config)
     api = f"http://127.0.0.1:{api_port}"
     with RunningService(argv, env=env, api_url=api, token=ADMIN, project="demo") as service:
         cli = service.ok

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from autoscaler.sdk import ManagementClient
-from tests.helpers import RunningService, autoscaler_cli, free_port, wait_until
+from tests.helpers import RunningService, free_port, run_argv, wait_until
 
 ADMIN = "ik_sdk_e2e-unstreamed-admin-" + "u" * 16
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -70,16 +70,8 @@ def test_sequential_unstreamed_long_generations_record_first_tokens_and_buy_noth
     )
     spec_file = tmp_path / "long.yaml"
     spec_file.write_text(yaml.safe_dump(_spec()))
-    argv = autoscaler_cli(
-        "run",
-        "--api-port",
-        str(api_port),
-        "--gateway-port",
-        str(gateway_port),
-        "--config",
-        str(config),
-        "--engine",
-        "sim",
+    argv = run_argv(
+        api_port=api_port, gateway_port=gateway_port, config=config, extra=("--engine", "sim")
     )
     env = {"AUTOSCALER_DATA_DIR": str(tmp_path / "data"), "AUTOSCALER_ADMIN_TOKEN": ADMIN}
     api = f"http://127.0.0.1:{api_port}"

@@ -30,7 +30,7 @@ import yaml
 from autoscaler.data_client import DataClient
 from autoscaler.sdk import ManagementClient
 from providers.local_engines import find_vllm, local_model_path
-from tests.helpers import RunningService, autoscaler_cli, free_port, wait_until
+from tests.helpers import RunningService, free_port, run_argv, wait_until
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 ADMIN = "ik_sdk_real-engine-admin-" + "v" * 20
@@ -99,16 +99,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             }
         )
     )
-    argv = autoscaler_cli(
-        "run",
-        "--api-port",
-        str(api_port),
-        "--gateway-port",
-        str(gateway_port),
-        "--config",
-        str(config),
-        "--engine",
-        "vllm",
+    argv = run_argv(
+        api_port=api_port, gateway_port=gateway_port, config=config, extra=("--engine", "vllm")
     )
     env = {"AUTOSCALER_DATA_DIR": str(root / "data"), "AUTOSCALER_ADMIN_TOKEN": ADMIN}
     api = f"http://127.0.0.1:{api_port}"
