@@ -23,6 +23,7 @@ from __future__ import annotations
 import http.client
 import random
 import re
+import sys
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -105,7 +106,7 @@ class Ec2Proxy:
         self._tokens: dict[str, _Cached] = {}
         self._created: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
@@ -277,6 +278,15 @@ class Ec2Proxy:
                 pass
 
         return Handler
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that vanished mid-request (a controller SIGKILLed) is not news."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return
+        super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 def _error(status: int, code: str, message: str) -> _Cached:
