@@ -292,7 +292,7 @@ def test_no_preemption_no_report_and_on_demand_machines_do_not_watch(sandbox: Pa
         assert run.returncode == 0, run.stderr
         wait_until(
             lambda: _count(sandbox / "calls", "computeMetadata") >= 3,
-            timeout=10,
+            timeout=60,
             what="the watcher to poll three times",
         )
     finally:
