@@ -127,7 +127,10 @@ def _uvicorn_server(app: object, *, host: str, port: int) -> uvicorn.Server:
 
 async def run_all(settings: RunSettings) -> None:
     """Serve every role in this process until SIGINT or SIGTERM."""
-    sealed.configure_from_environment(settings.data_dir)
+    # A key file in the data dir serves one machine's SQLite store; processes sharing
+    # PostgreSQL must share a key, so they take it from the environment only.
+    local_store = settings.db_url.startswith("sqlite")
+    sealed.configure_from_environment(settings.data_dir if local_store else None)
     async with open_store(settings.db_url) as engine:
         sessions = session_factory(engine)
         await ensure_admin_token(sessions, announce=lambda text: print(text, flush=True))

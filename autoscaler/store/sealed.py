@@ -7,9 +7,10 @@ column holds ``enc1:`` + base64url(nonce ‖ ciphertext ‖ tag), 85 characters 
 sees plain strings.
 
 The key (32 random bytes, base64url) comes from ``$AUTOSCALER_SECRET_KEY``, or the file
-``$AUTOSCALER_SECRET_KEY_FILE``, or, for ``autoscaler run`` and a controller on the same
-SQLite data dir, ``DATA_DIR/secret.key`` (made 0600 on first start). Roles apart sharing
-PostgreSQL must be given the same key; one without a key stores new engine keys in the
+``$AUTOSCALER_SECRET_KEY_FILE``, or, for ``autoscaler run`` and a controller on a SQLite
+store, ``DATA_DIR/secret.key`` (made 0600 on first start). Processes sharing PostgreSQL
+(roles apart, several ``autoscaler run`` replicas) read it from the environment only and
+must be given the same key; one without a key stores new engine keys in the
 clear (it says so at start) and reads sealed ones as the sealed text; one with another
 key fails with an error naming the variables. Values written before sealing existed
 stay readable as they are.
