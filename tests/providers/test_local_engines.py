@@ -67,6 +67,7 @@ def test_auto_runs_vllm_for_a_model_in_the_cache_with_the_cloud_flags(cache: Pat
     assert "--api-key" not in argv and not any("engine-key-123" in a for a in argv)
     assert command.env["VLLM_API_KEY"] == "engine-key-123"
     assert command.env["HF_HUB_OFFLINE"] == "1"
+    assert command.env["PYTHONWARNINGS"] == "default"  # not the caller's "error"
 
 
 def test_auto_falls_back_to_engine_sim_and_says_why(cache: Path) -> None:
