@@ -142,3 +142,17 @@ def test_budgets_autoscalers_and_monitors_point_at_what_exists(
         assert matched, "the ServiceMonitor selects no Service"
         for endpoint in monitor["spec"]["endpoints"]:
             assert any(endpoint["port"] in {p["name"] for p in s["spec"]["ports"]} for s in matched)
+
+
+def test_every_pod_on_the_shared_store_gets_one_sealing_key_from_a_secret(
+    rendered: list[dict[str, Any]],
+) -> None:
+    """Processes sharing PostgreSQL read the engine-key sealing key from the environment
+    only; a pod without it would store engine keys in the clear."""
+    sources = set()
+    for name, container in _containers(rendered):
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert "AUTOSCALER_DB_URL" in env, name
+        ref = env["AUTOSCALER_SECRET_KEY"]["valueFrom"]["secretKeyRef"]
+        sources.add((ref["name"], ref["key"]))
+    assert len(sources) == 1  # one key for every controller and gateway
