@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -29,7 +29,9 @@ from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from catalog.cuda import MachineImage, parse_driver
 from catalog.model import ProviderName
 from providers.aws import DLAMI_PARAMETER, AwsConfig
-from providers.gcp import GcpConfig
+
+if TYPE_CHECKING:  # the GCE client library takes seconds to import: only when configured
+    from providers.gcp import GcpConfig
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,8 @@ class GcpSettings(EngineAccess):
         return ranges
 
     def provider_config(self) -> GcpConfig:
+        from providers.gcp import GcpConfig
+
         credentials: Any = None
         if self.credentials_file is not None:
             from google.oauth2 import service_account

@@ -1,9 +1,9 @@
 """Crash and fault trials: the real controller process, SIGKILLed, against moto's EC2.
 
-    .venv/bin/python -m bench.chaos --trials 200 [--seed 1] [--kills 3]
+    .venv/bin/python -m bench.chaos --trials 200 [--seed 1] [--kills 3] [--jobs 4]
 
 Each trial runs ``autoscaler controller`` (the installed command's code, as a separate
-process) against moto's EC2 server behind the project's EC2 proxy
+process) against its own moto EC2 server behind its own EC2 proxy
 (``tests/fakes/ec2_proxy.py``), with a fresh SQLite store and cluster id, and one fixed
 workload. It walks a scenario, and SIGKILLs the controller at a random moment of each
 step, then starts it again:
@@ -36,6 +36,12 @@ breach):
 It prints one line per scenario and fault and the totals, and exits 1 if any invariant
 broke (2 if the harness itself failed). Bounded: each wait has a deadline, each trial a
 fixed number of kills. Everything listens on 127.0.0.1.
+
+``--jobs N`` runs N trials at once, each in a worker process of its own with that world
+of its own (moto, proxy, engines, store, cluster id): the trials, their seeds and every
+check are the same whatever ``N``; only where the kills fall in the controller's work
+differs, as the machine is busier. Each progress line says where the trial's time went
+(``settle``: waiting for a step's replicas, ``end``: for the delete to finish).
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -54,6 +61,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -134,6 +142,9 @@ class TrialResult:
     faults_injected: int = 0
     breaches: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in INVARIANTS})
     log: str = ""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Where the trial's time went: each phase's wall seconds (``settle`` waits, the
+    final ``end`` wait, ``total``), for the progress line."""
 
     def count(self, invariant: str) -> int:
         return len(self.breaches[invariant])
@@ -471,17 +482,31 @@ class Trial:
         path.write_text(yaml.safe_dump(config))
         return path
 
+    def _timed(self, phase: str, predicate: Callable[[], bool], *, seconds: float) -> bool:
+        started = time.monotonic()
+        done = _wait(predicate, seconds=seconds)
+        spent = time.monotonic() - started
+        self.result.seconds[phase] = self.result.seconds.get(phase, 0.0) + spent
+        return done
+
     def _kill_soon(self, controller: ControllerProcess) -> None:
         """SIGKILL at a random moment of the step under way, then start again."""
         if self.kills_left <= 0:
             return
         self.kills_left -= 1
-        time.sleep(self.rng.uniform(0.0, 2.5))
+        time.sleep(self.rng.uniform(0.0, 2.5))  # the random moment itself
         controller.kill(signal.SIGKILL)
         self.result.kills += 1
         controller.start()
 
     def run(self, engines: HealthyEngines) -> TrialResult:
+        started = time.monotonic()
+        try:
+            return self._run(engines)
+        finally:
+            self.result.seconds["total"] = time.monotonic() - started
+
+    def _run(self, engines: HealthyEngines) -> TrialResult:
         write_snapshot(
             Snapshot(offers=OFFERS, taken_at=datetime.now(UTC), source="chaos catalog"),
             snapshot_path(self.dir / "data"),
@@ -520,7 +545,7 @@ class Trial:
                 self._steps(controller)
                 asyncio.run(_delete(self.db_url))
                 self._kill_soon(controller)
-                _wait(lambda: not observer.leaked(), seconds=self.options.end_sec)
+                self._timed("end", lambda: not observer.leaked(), seconds=self.options.end_sec)
                 observer.observe()
                 for instance_id in observer.leaked():
                     self.result.breaches["leaked"].add(instance_id)
@@ -538,16 +563,22 @@ class Trial:
         first = 2 if self.scenario in ("replace", "delete") else 3
         self._kill_soon(controller)  # during the launches
         settle = self.options.settle_sec
-        _wait(_settled(self.db_path, self.cloud, self.cluster, first), seconds=settle)
+        self._timed(
+            "settle", _settled(self.db_path, self.cloud, self.cluster, first), seconds=settle
+        )
         if self.scenario == "scale_down":
             asyncio.run(_apply(self.db_url, _spec(1)))
             self._kill_soon(controller)
-            _wait(_settled(self.db_path, self.cloud, self.cluster, 1), seconds=settle)
+            self._timed(
+                "settle", _settled(self.db_path, self.cloud, self.cluster, 1), seconds=settle
+            )
         elif self.scenario == "replace":
             asyncio.run(_apply(self.db_url, _spec(2, command="--max-model-len 8192")))
             self.cloud.terminate_behind_the_back(self.cluster, self.rng)
             self._kill_soon(controller)
-            _wait(_settled(self.db_path, self.cloud, self.cluster, 2), seconds=settle)
+            self._timed(
+                "settle", _settled(self.db_path, self.cloud, self.cluster, 2), seconds=settle
+            )
 
 
 # --- the run ---------------------------------------------------------------------------
@@ -607,11 +638,51 @@ def _world(seed: int) -> Iterator[tuple[Cloud, HealthyEngines]]:
         cloud.stop()
 
 
+@dataclass(frozen=True, slots=True)
+class TrialPlan:
+    number: int
+    scenario: str
+    fault: str
+    seed: int
+
+
+def plan_trials(
+    trials: int, *, seed: int, scenarios: Sequence[str], faults: Sequence[str]
+) -> list[TrialPlan]:
+    """Scenarios and faults in turn, so every pairing comes up; each trial's own seed
+    (its kill moments, fault rates and proxy) drawn from ``seed``."""
+    rng = random.Random(seed)
+    return [
+        TrialPlan(
+            number=number,
+            scenario=scenarios[number % len(scenarios)],
+            fault=faults[(number // len(scenarios) + number) % len(faults)],
+            seed=rng.randrange(2**32),
+        )
+        for number in range(trials)
+    ]
+
+
+def run_trial(plan: TrialPlan, options: Options) -> TrialResult:
+    """One trial in a world of its own: a moto server, an EC2 proxy, healthy engines."""
+    with _world(plan.seed) as (cloud, engines):
+        trial = Trial(
+            number=plan.number,
+            scenario=plan.scenario,
+            fault=plan.fault,
+            cloud=cloud,
+            seed=plan.seed,
+            options=options,
+        )
+        return trial.run(engines)
+
+
 def run_trials(
     trials: int,
     *,
     seed: int = 1,
     kills: int = 3,
+    jobs: int = 1,
     observe_sec: float = 0.25,
     settle_sec: float = 15.0,
     end_sec: float = 40.0,
@@ -620,11 +691,13 @@ def run_trials(
     faults: Sequence[str] = FAULTS,
     progress: Callable[[int, TrialResult], None] | None = None,
 ) -> Report:
-    """Run ``trials`` trials (scenarios and faults in turn, so every pairing comes up;
-    kill moments at random)."""
-    rng = random.Random(seed)
-    results: list[TrialResult] = []
-    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp, _world(seed) as (cloud, engines):
+    """Run ``trials`` trials (see :func:`plan_trials`), ``jobs`` at a time, each in a
+    world of its own; the report lists them in their planned order."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be at least 1, not {jobs}")
+    plans = plan_trials(trials, seed=seed, scenarios=scenarios, faults=faults)
+    results: dict[int, TrialResult] = {}
+    with tempfile.TemporaryDirectory(prefix="chaos-") as tmp:
         options = Options(
             kills=kills,
             observe_sec=observe_sec,
@@ -632,22 +705,28 @@ def run_trials(
             end_sec=end_sec,
             workdir=workdir or Path(tmp),
         )
-        for number in range(trials):
-            scenario = scenarios[number % len(scenarios)]
-            fault = faults[(number // len(scenarios) + number) % len(faults)]
-            trial = Trial(
-                number=number,
-                scenario=scenario,
-                fault=fault,
-                cloud=cloud,
-                seed=rng.randrange(2**32),
-                options=options,
-            )
-            result = trial.run(engines)
-            results.append(result)
-            if progress is not None:
-                progress(number, result)
-    return Report(results)
+        if jobs == 1:
+            for plan in plans:
+                results[plan.number] = run_trial(plan, options)
+                if progress is not None:
+                    progress(plan.number, results[plan.number])
+        else:
+            # spawn: a worker starts from a clean interpreter, not a copy of this one's
+            # threads and sockets.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+                running = {pool.submit(run_trial, plan, options): plan for plan in plans}
+                try:
+                    for future in as_completed(running):
+                        number = running[future].number
+                        results[number] = future.result()
+                        if progress is not None:
+                            progress(number, results[number])
+                except BaseException:
+                    for future in running:
+                        future.cancel()
+                    raise
+    return Report([results[plan.number] for plan in plans])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -655,16 +734,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--kills", type=int, default=3, help="SIGKILLs per trial")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="trials run at once, each in its own world"
+    )
     parser.add_argument("--observe-sec", type=float, default=0.25)
     parser.add_argument("--keep", type=Path, help="keep every trial's store and log here")
     args = parser.parse_args(argv)
     started = time.monotonic()
 
+    done = 0
+
     def progress(number: int, result: TrialResult) -> None:
+        nonlocal done
+        done += 1
         state = "BROKEN" if result.broken else "ok"
+        spent = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
         print(
-            f"trial {number + 1}/{args.trials} {result.scenario}/{result.fault}: "
-            f"{result.kills} kills, {result.machines} machines, {state}",
+            f"[{done}/{args.trials}] trial {number + 1} {result.scenario}/{result.fault}: "
+            f"{result.kills} kills, {result.machines} machines, {state} ({spent})",
             flush=True,
         )
 
@@ -673,6 +760,7 @@ def main(argv: list[str] | None = None) -> int:
             args.trials,
             seed=args.seed,
             kills=args.kills,
+            jobs=args.jobs,
             observe_sec=args.observe_sec,
             workdir=args.keep,
             progress=progress,
