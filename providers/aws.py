@@ -56,7 +56,7 @@ from providers.base import (
     pick_for_launch,
     utc,
 )
-from providers.errors import Throttled
+from providers.errors import Throttled, retried_in_the_call
 
 if TYPE_CHECKING:
     from types_aiobotocore_ec2.client import EC2Client
@@ -150,12 +150,6 @@ def translate(error: Exception, action: str, *, retry_after: float = 5.0) -> Pro
     if status >= 500:
         return Transient(action, detail, retry_after=retry_after)
     return Terminal(action, detail)
-
-
-def _retry_here(error: BaseException) -> bool:
-    """A server fault is retried at once with a short backoff; a rate limit is raised, so
-    that no pass sleeps through it."""
-    return isinstance(error, Transient) and not isinstance(error, Throttled)
 
 
 def _tag_list(tags: Mapping[str, str]) -> builtins.list[dict[str, str]]:
@@ -546,7 +540,7 @@ class AwsProvider:
     async def _retrying(self, action: str, call: Callable[[], Awaitable[T]]) -> T:
         """Run a call that is safe to repeat, retrying it while it fails transiently."""
         retrying = AsyncRetrying(  # throttling is not retried here: the caller records when
-            retry=retry_if_exception(_retry_here),
+            retry=retry_if_exception(retried_in_the_call),
             stop=stop_after_attempt(self.config.max_attempts),
             wait=wait_exponential(multiplier=self.config.retry_wait_seconds, max=30),
             reraise=True,

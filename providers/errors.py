@@ -51,6 +51,13 @@ class Throttled(Transient):
     sleeping in the caller (the controller records when to try again)."""
 
 
+def retried_in_the_call(error: BaseException) -> bool:
+    """Whether a provider retries ``error`` itself, at once with a short backoff: a server
+    fault yes; a rate limit (:class:`Throttled`) no, it is raised so that no pass sleeps
+    through it and the controller records when to try that launch again."""
+    return isinstance(error, Transient) and not isinstance(error, Throttled)
+
+
 class Terminal(ProviderError):
     """The request is invalid for this provider; retrying it unchanged will fail again."""
 

@@ -49,7 +49,7 @@ from google.api_core import exceptions as google_exceptions
 from google.cloud import compute_v1
 from tenacity import (
     AsyncRetrying,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_exponential,
 )
@@ -73,6 +73,7 @@ from providers.base import (
     pick_for_launch,
 )
 from providers.engines import ENGINES
+from providers.errors import Throttled, retried_in_the_call
 from providers.gcp_firewall import (
     RuleSpec,
     allowed_ports,
@@ -101,9 +102,8 @@ _CAPACITY_CODES = frozenset(
     }
 )
 _QUOTA_CODES = frozenset({"QUOTA_EXCEEDED", "QUOTA_LIMIT_EXCEEDED"})
-_TRANSIENT_CODES = frozenset(
-    {"RESOURCE_OPERATION_RATE_EXCEEDED", "RATE_LIMIT_EXCEEDED", "RESOURCE_NOT_READY"}
-)
+_RATE_CODES = frozenset({"RESOURCE_OPERATION_RATE_EXCEEDED", "RATE_LIMIT_EXCEEDED"})
+_TRANSIENT_CODES = frozenset({"RESOURCE_NOT_READY"})
 _RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 _STATES = {
     "PROVISIONING": InstanceState.PENDING,
@@ -229,7 +229,9 @@ def translate(error: Exception, action: str, *, retry_after: float = 5.0) -> Pro
     reasons = {str(e.get("reason", "")) for e in error.errors or [] if isinstance(e, dict)}
     if status == 404:
         return NotFound(action, detail)
-    if status == 429 or status >= 500 or reasons & _RATE_REASONS:
+    if status == 429 or reasons & _RATE_REASONS:
+        return Throttled(action, detail, retry_after=retry_after)
+    if status >= 500:
         return Transient(action, detail, retry_after=retry_after)
     if "quotaExceeded" in reasons or "QUOTA_EXCEEDED" in detail:
         return QuotaExceeded(action, detail)
@@ -248,6 +250,8 @@ def _operation_error(operation: compute_v1.Operation, action: str, retry_after: 
         raise InsufficientCapacity(action, detail)
     if codes & _QUOTA_CODES:
         raise QuotaExceeded(action, detail)
+    if codes & _RATE_CODES:
+        raise Throttled(action, detail, retry_after=retry_after)
     if codes & _TRANSIENT_CODES:
         raise Transient(action, detail, retry_after=retry_after)
     raise Terminal(action, detail)
@@ -713,9 +717,11 @@ class GcpProvider:
         _operation_error(operation, action, retry_after)
 
     async def _retrying(self, action: str, call: Callable[[], T]) -> T:
-        """Run a blocking call that is safe to repeat in a thread, retrying transient faults."""
+        """Run a blocking call that is safe to repeat in a thread, retrying server faults
+        here; a rate limit (429, ``rateLimitExceeded``) is raised as :class:`Throttled` at
+        once, and the controller records when to try again, as for EC2."""
         retrying = AsyncRetrying(
-            retry=retry_if_exception_type(Transient),
+            retry=retry_if_exception(retried_in_the_call),
             stop=stop_after_attempt(self.config.max_attempts),
             wait=wait_exponential(multiplier=self.config.retry_wait_seconds, max=30),
             reraise=True,

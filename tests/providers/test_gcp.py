@@ -31,6 +31,7 @@ from providers.base import (
     Terminal,
     Transient,
 )
+from providers.errors import Throttled
 from providers.gcp import (
     ENGINE_PORTS,
     GcpConfig,
@@ -108,7 +109,7 @@ class GcpHarness:
         return GcpProvider(_config(self.gce))
 
     async def fail_launches(self, kind: ErrorKind | None) -> None:
-        self.gce.fail_inserts("unavailable" if kind == "throttle" else kind)
+        self.gce.fail_inserts(kind)
 
     async def preempt(self, instance_id: str) -> None:
         zone, name = instance_id.split("/")
@@ -204,13 +205,31 @@ async def test_a_taken_name_adopts_the_existing_instance(gce: FakeGceServer) -> 
 
 async def test_a_brief_outage_is_retried(gce: FakeGceServer) -> None:
     provider = GcpProvider(_config(gce, max_attempts=5))
-    gce.fail_inserts("throttle")
+    gce.fail_inserts("unavailable")
     before = gce.insert_requests
 
-    with pytest.raises(Transient, match="HTTP 429"):
-        await provider.launch(make_request(GcpHarness(gce), cluster_id="c-429"))
+    with pytest.raises(Transient, match="HTTP 503"):
+        await provider.launch(make_request(GcpHarness(gce), cluster_id="c-503"))
 
     assert gce.insert_requests - before == 5
+
+
+async def test_a_rate_limit_is_raised_at_once_and_a_later_retry_buys_one_vm(
+    gce: FakeGceServer,
+) -> None:
+    provider = GcpProvider(_config(gce, max_attempts=5, throttle_retry_after=7.0))
+    gce.fail_inserts("throttle")
+    request = make_request(GcpHarness(gce), cluster_id="c-429")
+    before = gce.insert_requests
+
+    with pytest.raises(Throttled, match="HTTP 429") as caught:  # no sleep in the provider
+        await provider.launch(request)
+    assert gce.insert_requests - before == 1  # not retried in the call: the caller waits
+    assert caught.value.retry_after == 7.0
+
+    gce.fail_inserts(None)
+    instance = await provider.launch(request)  # the same launch, when the controller retries
+    assert [i.instance_id for i in await provider.list("c-429")] == [instance.instance_id]
 
 
 async def test_quota_failure_names_the_quota(gce: FakeGceServer) -> None:
@@ -255,12 +274,12 @@ def _api_error(
 @pytest.mark.parametrize(
     ("error", "expected"),
     [
-        (_api_error(google_exceptions.TooManyRequests, "slow down"), Transient),
+        (_api_error(google_exceptions.TooManyRequests, "slow down"), Throttled),
         (_api_error(google_exceptions.ServiceUnavailable, "down"), Transient),
         (_api_error(google_exceptions.NotFound, "gone"), NotFound),
         (
             _api_error(google_exceptions.Forbidden, "x", errors=[{"reason": "rateLimitExceeded"}]),
-            Transient,
+            Throttled,
         ),
         (
             _api_error(google_exceptions.Forbidden, "x", errors=[{"reason": "quotaExceeded"}]),
