@@ -22,6 +22,7 @@ import click
 import httpx
 
 from autoscaler.cli.output import emit, print_table
+from autoscaler.cli.serve import log_options, setup_logging
 from autoscaler.paths import default_data_dir
 
 EXIT_API, EXIT_INPUT = 1, 2
@@ -75,6 +76,7 @@ def _fail(message: str, *, code: int) -> NoReturn:
 @click.option(
     "--time-scale", type=float, default=1.0, show_default=True, help="engine-sim speed-up."
 )
+@log_options
 def agent(
     controller: str,
     token: str,
@@ -86,8 +88,11 @@ def agent(
     advertise_host: str,
     heartbeat_seconds: float,
     time_scale: float,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """Run this GPU box as a private worker: heartbeat, run the replicas assigned to it."""
+    setup_logging(log_level, log_format)
     from providers.agent import Agent, AgentConfig, AgentError
     from providers.local import (
         DockerLauncher,

@@ -115,3 +115,41 @@ async def test_the_agent_command_registers_itself_and_serves_an_assignment(
     assert row.ready_at is not None, output
     assert f"worker {worker_id} reporting to {api.url}" in output
     assert ADMIN_TOKEN not in output
+
+
+def test_the_agent_logs_json_lines_at_the_level_asked_like_the_other_roles(
+    tmp_path: Path, unused_tcp_port: int
+) -> None:
+    secret = "ik_wrk_0123456789abcdef_" + "s3cret" * 4
+    argv = autoscaler_cli(
+        "agent",
+        "--controller",
+        f"http://127.0.0.1:{unused_tcp_port}",  # nothing listens: every tick fails
+        "--token",
+        secret,
+        "--state-dir",
+        str(tmp_path / "agent"),
+        "--runtime",
+        "engine-sim",
+        "--heartbeat-seconds",
+        "0.2",
+        "--log-format",
+        "json",
+        "--log-level",
+        "warning",
+    )
+    with Process(argv) as agent:
+        assert agent.proc is not None and agent.proc.stdout is not None
+        entries: list[dict[str, str]] = []
+        for line in agent.proc.stdout:  # until the first failed tick is logged
+            if line.startswith("{"):
+                entries.append(json.loads(line))
+                break
+        output = agent.stop()
+
+    [entry] = entries
+    assert entry["level"] == "warning"
+    assert entry["logger"] == "providers.agent"
+    assert entry["msg"].startswith("agent tick failed, retrying")
+    assert entry["ts"].endswith("Z")
+    assert secret not in output
