@@ -35,6 +35,7 @@ from pydantic_core import PydanticCustomError
 from catalog.cuda import cuda_version, offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import ProviderName
+from catalog.regions import normalise_region
 
 
 class Backend(StrEnum):
@@ -445,6 +446,15 @@ class AutoscalingPolicy(StrictModel):
     enable_fast_autoscaling: bool = False
     allow_spot_instances: bool = False
     regions: list[str] | None = None
+    """Cloud regions (``us-east-1``, ``us-central1``) or macro regions (``US``, ``EU``,
+    ``CANADA``, ``ASIA``; see :mod:`catalog.regions`); unset: anywhere."""
+
+    @field_validator("regions")
+    @classmethod
+    def _regions(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        return list(dict.fromkeys(normalise_region(name) for name in value))
 
     @classmethod
     def _normalise(cls, data: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any
 from catalog.cuda import cuda_version, offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import GpuModel, Offer, ProviderName
+from catalog.regions import RegionSet
 
 
 class RejectReason(StrEnum):
@@ -44,7 +45,8 @@ class OfferRequest:
 
     ``gpus`` are GPU names (display names or aliases; canonicalised on construction).
     ``min_vram_gib`` is the instance's total GPU memory (per-GPU VRAM x count);
-    ``gpu_count`` an exact number of GPUs. ``spot`` allows (does not require) spot:
+    ``gpu_count`` an exact number of GPUs. ``regions`` are cloud regions or macro
+    regions (:mod:`catalog.regions`). ``spot`` allows (does not require) spot:
     offers that sell spot are priced at spot. ``unavailable`` holds ``Offer.key``s
     currently marked out of capacity.
     """
@@ -161,7 +163,7 @@ class _Checker:
     def __init__(self, request: OfferRequest) -> None:
         self.request = request
         self.providers = frozenset(request.providers)
-        self.regions = frozenset(request.regions)
+        self.regions = RegionSet.of(request.regions)
         self.gpus = frozenset(request.gpus)
         self._gpu_cache: dict[str, GpuModel | None] = {}
         self._cuda_cache: dict[tuple[ProviderName, str], str | None] = {}
@@ -171,11 +173,8 @@ class _Checker:
         if self.providers and offer.provider not in self.providers:
             allowed = ", ".join(sorted(p.value for p in self.providers))
             return RejectReason.PROVIDER, f"provider {offer.provider.value} not in {allowed}"
-        if self.regions and offer.region not in self.regions:
-            return (
-                RejectReason.REGION,
-                f"region {offer.region} not in {', '.join(sorted(self.regions))}",
-            )
+        if not self.regions.admits(offer.region):
+            return RejectReason.REGION, f"region {offer.region} not in {self.regions.describe()}"
         gpu = self._gpu(offer.gpu)
         if gpu is None:
             return RejectReason.GPU, f"unknown GPU {offer.gpu!r}"

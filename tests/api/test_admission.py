@@ -95,6 +95,15 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
         "exactly one of 'cron'",
     ),
     ("an unregistered worker", {"worker_id": "wrk_nothere"}, "worker_id", "not registered"),
+    (
+        "an unknown region",
+        {
+            "execution_policy": "autoscaling",
+            "execution_policy_config": {**CLOUD, "regions": ["MOON"]},
+        },
+        "execution_policy_config.regions",
+        "use a macro region (US, CANADA, EU, ASIA)",
+    ),
 ]
 
 
