@@ -47,7 +47,7 @@ from autoscaler.catalog_sync import (
 )
 from autoscaler.config import ConfigError, ControllerConfig, LocalSettings
 from autoscaler.decide.inputs import Measured, TokenMix
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.reconcile.deps import (
     Deps,

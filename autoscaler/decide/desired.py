@@ -10,16 +10,16 @@ from __future__ import annotations
 
 from datetime import datetime
 
+from autoscaler.decide.queueing import ReplicaCapacity
 from autoscaler.decide.scaling import (
     Direction,
     FleetCounts,
-    ReplicaCapacity,
     ScaleDecision,
     ScaleMemory,
-    Signals,
     desired_replicas,
 )
 from autoscaler.decide.schedule import schedule_state
+from autoscaler.decide.signals import Signals
 from autoscaler.spec import AutoscalingPolicy, FixedPolicy, ScheduledPolicy, WorkloadSpec
 
 

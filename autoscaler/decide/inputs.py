@@ -5,7 +5,7 @@ The controller (``autoscaler.reconcile.workload``) and the trace simulator
 the controller that ships. It turns the measured token mix, the fleet's GPU shapes and
 the model's size into:
 
-* ``capacity``: one replica's :class:`~autoscaler.decide.scaling.ReplicaCapacity` for
+* ``capacity``: one replica's :class:`~autoscaler.decide.queueing.ReplicaCapacity` for
   ``decide.desired.desired_count`` — ``catalog.perf.serving_profile`` for the GPU shape
   most of the live fleet runs on (placement's choice for a first replica when there is
   no fleet) and the model's parameter count, its batch limited to the gateway's
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field, replace
 from typing import overload
 
 from autoscaler.decide.placement import DEFAULT_INPUT_TOKENS, DEFAULT_OUTPUT_TOKENS
-from autoscaler.decide.scaling import ReplicaCapacity, Signals
+from autoscaler.decide.queueing import ReplicaCapacity
+from autoscaler.decide.signals import Signals
 from autoscaler.spec import WorkloadSpec
 from catalog.model import Offer
 from catalog.perf import serving_profile

@@ -20,7 +20,8 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.decide.inputs import Measured
-from autoscaler.decide.scaling import EngineLoad, ScaleMemory
+from autoscaler.decide.scaling import ScaleMemory
+from autoscaler.decide.signals import EngineLoad
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from autoscaler.store.models import Instance as LedgerRow

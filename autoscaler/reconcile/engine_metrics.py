@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from autoscaler.decide.scaling import EngineLoad
+from autoscaler.decide.signals import EngineLoad
 from autoscaler.reconcile.deps import ReplicaTarget, WorkloadRef
 
 __all__ = ["EngineReading", "EngineScraper", "new_samples", "parse_engine_metrics"]

@@ -18,7 +18,8 @@ from typing import Any
 from sqlalchemy import select
 
 from autoscaler.decide.inputs import Measured
-from autoscaler.decide.scaling import EngineLoad, Signals, ttft_percentile, with_engine_ttft
+from autoscaler.decide.scaling import ttft_percentile
+from autoscaler.decide.signals import EngineLoad, Signals, with_engine_ttft
 from autoscaler.reconcile.deps import Deps, ReplicaTarget, WorkloadRef
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload, WorkloadSignals

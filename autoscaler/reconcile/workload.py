@@ -44,13 +44,8 @@ from autoscaler.decide.inputs import (
 )
 from autoscaler.decide.placement import Placement, place_replica
 from autoscaler.decide.plan import Drain, Launch, Plan, Terminate, Timeouts, plan_actions
-from autoscaler.decide.scaling import (
-    Direction,
-    FleetCounts,
-    ScaleDecision,
-    ScaleMemory,
-    Signals,
-)
+from autoscaler.decide.scaling import Direction, FleetCounts, ScaleDecision, ScaleMemory
+from autoscaler.decide.signals import Signals
 from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
 from autoscaler.reconcile.ledger import (

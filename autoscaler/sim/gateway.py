@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from gateway.balancing import ReplicaLoad, choose_replica
 
 REPLICA_CONCURRENCY_CAP = 64

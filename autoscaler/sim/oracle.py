@@ -9,7 +9,7 @@ two stages.
 
 1. **Slots.** Time is cut into ``slot_s`` slots (60 s) from the first arrival.
 2. **Need per slot.** For each slot and each replica count ``n``, the slot's requests
-   are replayed on ``n`` replicas (``catalog.perf.BatchEngine``, least-outstanding-work
+   are replayed on ``n`` replicas (``catalog.engine.BatchEngine``, least-outstanding-work
    balancing, the batch bounded by the gateway's per-replica cap) that first served the
    slot before, so the batch slots and queue it leaves behind count; only the slot's own
    requests' SLO misses are counted (``misses(n)``; the SLO is
@@ -76,8 +76,9 @@ from dataclasses import dataclass, replace
 from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP
 from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.workload import SimWorkload, SloRule
+from catalog.engine import BatchEngine, EventKind
 from catalog.model import Offer
-from catalog.perf import BatchEngine, EventKind, ServingProfile
+from catalog.perf import ServingProfile
 from gateway.balancing import request_work
 
 SLOT_S = 60.0

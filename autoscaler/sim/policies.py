@@ -29,12 +29,9 @@ from datetime import datetime
 from typing import Protocol
 
 from autoscaler.decide.desired import desired_count
-from autoscaler.decide.scaling import (
-    FleetCounts,
-    ReplicaCapacity,
-    ScaleMemory,
-    Signals,
-)
+from autoscaler.decide.queueing import ReplicaCapacity
+from autoscaler.decide.scaling import FleetCounts, ScaleMemory
+from autoscaler.decide.signals import Signals
 from autoscaler.sim.gateway import SimGateway
 from autoscaler.spec import AutoscalingPolicy, ExecutionPolicy, FixedPolicy, WorkloadSpec
 

@@ -9,13 +9,8 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 
-from autoscaler.decide.scaling import (
-    SAFE_UTILIZATION,
-    ReplicaCapacity,
-    Signals,
-    burst_floor,
-    load_need,
-)
+from autoscaler.decide.queueing import SAFE_UTILIZATION, ReplicaCapacity, burst_floor, load_need
+from autoscaler.decide.signals import Signals
 from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP, Outcome, as_datetime
 from autoscaler.sim.oracle import OraclePlan, Replayed, oracle
 from autoscaler.sim.policies import (

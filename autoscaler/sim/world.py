@@ -27,13 +27,14 @@ from autoscaler.decide.plan import (
     Timeouts,
     plan_actions,
 )
-from autoscaler.decide.scaling import FleetCounts, ReplicaCapacity
+from autoscaler.decide.queueing import ReplicaCapacity
+from autoscaler.decide.scaling import FleetCounts
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
 from autoscaler.sim.policies import ControlView, Policy
 from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.workload import SimWorkload
+from catalog.engine import BatchEngine, EventKind
 from catalog.model import Offer
-from catalog.perf import BatchEngine, EventKind
 from catalog.query import Market
 from gateway.balancing import ReplicaLoad, request_work
 from providers.base import BootSpec, LaunchRequest, instance_tags

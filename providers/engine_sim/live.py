@@ -1,6 +1,6 @@
 """The performance model's engine, driven by the (scaled) wall clock inside an event loop.
 
-:class:`catalog.perf.BatchEngine` does the modelling; this module only maps wall-clock
+:class:`catalog.engine.BatchEngine` does the modelling; this module only maps wall-clock
 time onto engine time (``engine seconds = wall seconds x time_scale``), sleeps until the
 engine's next event, and turns events into futures a request handler can await.
 """
@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from catalog.perf import BatchEngine, EngineEvent, EventKind, RequestTiming, ServingProfile
+from catalog.engine import BatchEngine, EngineEvent, EventKind, RequestTiming
+from catalog.perf import ServingProfile
 
 
 @dataclass(slots=True)

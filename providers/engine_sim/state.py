@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from catalog.perf import RequestTiming, ServingProfile
+from catalog.engine import RequestTiming
+from catalog.perf import ServingProfile
 from providers.engine_sim.config import EngineSimConfig
 from providers.engine_sim.live import LiveEngine, Ticket
 from providers.engine_sim.metrics import EngineMetrics

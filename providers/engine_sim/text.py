@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from catalog.perf import RequestTiming
+from catalog.engine import RequestTiming
 from providers.engine_sim import media
 from providers.engine_sim.live import Ticket
 from providers.engine_sim.parsing import (

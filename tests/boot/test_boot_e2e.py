@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.config import parse_config
 from autoscaler.controller import Controller, build_controller
 from autoscaler.decide.inputs import Measured
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.deps import SignalsSource, WorkloadRef
 from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.spec import OnDrift, WorkloadSpec

@@ -12,23 +12,25 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from autoscaler.decide.desired import desired_count
-from autoscaler.decide.scaling import (
+from autoscaler.decide.queueing import (
     BURST_HEADROOM,
-    Direction,
-    FleetCounts,
     ReplicaCapacity,
-    ScaleMemory,
-    Signals,
     arrival_curve,
-    breach_bound,
     burst_floor,
-    desired_replicas,
     erlang_c,
     load_need,
     queue_need,
     slot_need,
+)
+from autoscaler.decide.scaling import (
+    Direction,
+    FleetCounts,
+    ScaleMemory,
+    breach_bound,
+    desired_replicas,
     ttft_percentile,
 )
+from autoscaler.decide.signals import Signals
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 
 T0 = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)

@@ -23,7 +23,7 @@ from sqlalchemy import select
 
 from autoscaler.config import parse_config
 from autoscaler.controller import Controller, build_controller
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Decision

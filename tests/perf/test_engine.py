@@ -8,13 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from catalog.perf import (
-    BatchEngine,
-    EngineRequest,
-    EventKind,
-    serving_profile,
-    simulate,
-)
+from catalog.engine import BatchEngine, EngineRequest, EventKind, simulate
+from catalog.perf import serving_profile
 
 PROFILE = serving_profile("NVIDIA A100-SXM4-80GB", 1, 8.0, max_batch=4)
 

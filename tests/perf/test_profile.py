@@ -7,12 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from catalog.gpus import all_gpus
-from catalog.perf import (
-    ModelDoesNotFit,
-    gpu_spec,
-    known_gpus,
-    serving_profile,
-)
+from catalog.perf import ModelDoesNotFit, gpu_spec, known_gpus, serving_profile
 
 H100 = "NVIDIA H100 80GB HBM3"
 A100 = "NVIDIA A100-SXM4-80GB"

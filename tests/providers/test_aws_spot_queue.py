@@ -12,7 +12,7 @@ import aioboto3
 import pytest
 from moto.server import ThreadedMotoServer
 
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.phase import Phase, phase_of

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 
 from autoscaler.api.app import create_app
 from autoscaler.api.deps import ApiState
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.loop import reconcile_once
 from autoscaler.store import tokens
 from autoscaler.store.models import Workload

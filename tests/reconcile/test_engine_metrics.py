@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from autoscaler.decide.scaling import Signals, measured_ttft, with_engine_ttft
+from autoscaler.decide.scaling import measured_ttft
+from autoscaler.decide.signals import Signals, with_engine_ttft
 from autoscaler.reconcile.engine_metrics import new_samples, parse_engine_metrics
 
 HEAD = """# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
@@ -80,7 +81,7 @@ def test_the_ttft_rule_reads_the_worse_of_gateway_and_engines() -> None:
 
 
 def test_unstreamed_answers_count_as_requests_but_not_as_ttft() -> None:
-    from autoscaler.decide.scaling import recent_rate
+    from autoscaler.decide.queueing import recent_rate
 
     now = datetime(2026, 11, 30, tzinfo=UTC)
     recent = now - timedelta(seconds=5)

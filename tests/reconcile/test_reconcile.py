@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select, update
 
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
 from autoscaler.store.phase import Phase

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from sqlalchemy import update
 
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of

@@ -10,7 +10,7 @@ import pytest
 
 from autoscaler.controller import measured_of
 from autoscaler.decide.inputs import ModelSize, TokenMix, model_size, replica_capacity
-from autoscaler.decide.scaling import Signals
+from autoscaler.decide.signals import Signals
 from autoscaler.sim.gateway import RequestRecord, as_datetime
 from autoscaler.sim.policies import ControllerPolicy
 from autoscaler.sim.workload import sim_workload

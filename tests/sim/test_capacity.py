@@ -7,7 +7,8 @@ import random
 from dataclasses import replace
 from pathlib import Path
 
-from autoscaler.decide.scaling import ReplicaCapacity, Signals, burst_floor
+from autoscaler.decide.queueing import ReplicaCapacity, burst_floor
+from autoscaler.decide.signals import Signals
 from autoscaler.sim.gateway import as_datetime
 from autoscaler.sim.policies import static_policy
 from autoscaler.sim.run import RateMode, Scenario, prepare, run_policy

@@ -1,0 +1,309 @@
+"""How many replicas a measured load needs: the queueing model behind the scaling rules.
+
+Pure functions of one replica's capacity (:class:`ReplicaCapacity`, from
+``catalog.perf``) and the measured signals:
+
+* :func:`load_need`: batch slots and prefill as M/G/c queues at the recent rate
+  (:func:`recent_rate`), sized so that :data:`WAIT_QUANTILE` of arrivals wait no longer
+  than the TTFT target leaves after a typical prefill (:func:`queue_need`,
+  :func:`slot_need`, :func:`erlang_c`);
+* :func:`burst_floor`: headroom over the largest recent burst, read from the arrival
+  curve (:func:`arrival_curve`).
+
+``autoscaler.decide.scaling`` applies these in its load and consolidation rules.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from statistics import NormalDist
+
+from autoscaler.decide.signals import Signals
+from autoscaler.spec import AutoscalingPolicy
+
+SAFE_UTILIZATION = 0.75
+"""Share of a replica's throughput the load need runs it at when batch slots cannot be
+sized (no prefill time or batch size); the consolidation check's margin likewise."""
+
+
+RECENT_LOAD_WINDOW_SEC = 60.0
+"""The window the recent request rate is read over: first tokens (one per request
+answered, from ``ttft_samples``) plus requests still waiting for one."""
+
+BACKLOG_CLEAR_SEC = 60.0
+"""Queued requests are to be cleared within this, on top of the incoming rate."""
+
+WAIT_QUANTILE = 0.99
+"""With a prefill time known, the fleet is sized so that this share of requests waits no
+longer than the TTFT target leaves after a typical prompt's own prefill."""
+
+BURST_WINDOWS_SEC: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+"""The window lengths at which the burst floor reads the arrival curve: the most requests
+that arrived within any window of each length. Longer spans are sustained load, which
+the load need sizes by queueing."""
+
+BURST_HEADROOM = 1.6
+"""The burst floor keeps capacity for a burst this many times the largest one in its
+memory. A replica bought after a burst arrives a boot (minutes) later, so the capacity
+for the next burst has to be there before it; on the Azure code trace a burst is
+followed minutes later by a larger one (61, then 68 requests within a second), and a
+burst's prompts run longer than the mean the floor is sized with (2.5k tokens against
+2.0k). Measured on the three benchmark traces (``bench.policy``): 1.4 misses the SLO on
+code and Mooncake, 1.5 meets it by 0.1-0.2 points, 1.6 with a margin on all three (seeds
+0-2), 1.75 costs 13 % more on code for no gain (``docs/decisions.md``)."""
+
+PREFILL_TTFT_FACTOR = 1.5
+"""A TTFT quantile up to this times the same quantile of prefill alone is explained by
+long prompts, not by too few replicas (the simulator's SLO rule uses the same factor)."""
+
+_MAX_QUEUE_REPLICAS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaCapacity:
+    """How much one replica can carry for this model (from ``catalog.perf``), if known.
+
+    ``requests_per_s`` a saturated replica completes; ``max_concurrency`` sequences it
+    runs at once (the engine's batch limit).
+    """
+
+    requests_per_s: float
+    max_concurrency: int | None = None
+    prefill_s: float | None = None
+    """Mean time one replica takes to prefill a prompt of the measured mix, alone. With it
+    the scaler sizes the fleet by queueing (:func:`queue_need`), not a flat utilisation."""
+    prefill_scv: float = 1.0
+    """Squared coefficient of variation of prefill times (the prompt-length spread:
+    variance over squared mean). 1 is as spread as an exponential."""
+
+
+def prefill_quantile(capacity: ReplicaCapacity, q: float) -> float | None:
+    """The ``q`` quantile of prefill time alone, from its mean and spread taken as
+    lognormal (``sigma^2 = ln(1 + scv)``); ``None`` without a prefill time."""
+    mean = capacity.prefill_s
+    if mean is None or mean <= 0:
+        return None
+    sigma = math.sqrt(math.log1p(max(capacity.prefill_scv, 0.0)))
+    z = NormalDist().inv_cdf(min(max(q, 1e-6), 1 - 1e-6))
+    return mean * math.exp(sigma * z - sigma * sigma / 2.0)
+
+
+def recent_rate(signals: Signals, *, now: datetime) -> float:
+    """Requests per second over :data:`RECENT_LOAD_WINDOW_SEC`: those answered (a TTFT
+    sample each), plus those queued, which arrived and await an answer. Never below the
+    gateway's own (longer-window) ``request_rate``."""
+    since = now - timedelta(seconds=RECENT_LOAD_WINDOW_SEC)
+    answered = sum(1 for at, _ in signals.answered_samples if at > since)
+    recent = (answered + signals.queue_depth) / RECENT_LOAD_WINDOW_SEC
+    return max(recent, signals.request_rate)
+
+
+def erlang_c(servers: int, offered: float) -> float:
+    """Probability that an arrival waits in an M/M/c queue with ``servers`` servers and
+    ``offered`` load (arrival rate x mean service time); 1 when ``offered >= servers``."""
+    if offered <= 0:
+        return 0.0
+    if offered >= servers:
+        return 1.0
+    blocking = 1.0  # Erlang B by its stable recurrence
+    for k in range(1, servers + 1):
+        blocking = offered * blocking / (k + offered * blocking)
+    rho = offered / servers
+    return blocking / (1.0 - rho * (1.0 - blocking))
+
+
+def queue_need(
+    *, rate: float, service_s: float, service_scv: float, wait_s: float, quantile: float
+) -> int:
+    """The fewest servers for which the ``quantile`` of waiting time stays within ``wait_s``.
+
+    M/G/c with Poisson arrivals: an arrival waits with the Erlang C probability, and a
+    wait, when there is one, is taken as exponential with the M/M/c rate ``(c - a) / S``
+    scaled by ``2 / (1 + scv)`` (the Allen-Cunneen / Kingman correction for service-time
+    spread). So ``P(wait > t) = C(c, a) * exp(-2 (c - a) t / ((1 + scv) S))``.
+    """
+    offered = rate * service_s
+    if offered <= 0:
+        return 0
+    allowed = 1.0 - quantile
+    servers = max(math.floor(offered) + 1, 1)
+    spread = (1.0 + max(service_scv, 0.0)) / 2.0
+    while servers < _MAX_QUEUE_REPLICAS:
+        decay = (servers - offered) / (service_s * spread)
+        if erlang_c(servers, offered) * math.exp(-decay * max(wait_s, 0.0)) <= allowed:
+            return servers
+        servers += 1
+    return servers
+
+
+def _wait_budget(capacity: ReplicaCapacity, upper_s: float) -> float | None:
+    """How long a typical request may wait before its own prefill, if known and positive."""
+    if capacity.prefill_s is None or capacity.prefill_s <= 0:
+        return None
+    return upper_s - capacity.prefill_s
+
+
+def load_need(
+    capacity: ReplicaCapacity, signals: Signals, *, now: datetime, upper_s: float | None = None
+) -> tuple[int, float]:
+    """Replicas the measured load needs, and the rate it was read as.
+
+    Throughput, for the rate (queue cleared within :data:`BACKLOG_CLEAR_SEC`): with a
+    prefill time, a batch size and ``upper_s`` (the TTFT target), the replicas whose
+    batch slots let :data:`WAIT_QUANTILE` of arrivals start within the target's wait
+    budget (:func:`slot_need`); otherwise :data:`SAFE_UTILIZATION` of ``capacity``.
+    With a prefill time, also queueing for prefill: the fewest replicas for which
+    :data:`WAIT_QUANTILE` of arrivals wait no more than the target leaves after a
+    typical prefill (:func:`queue_need`); the larger of the two counts.
+    """
+    rate = recent_rate(signals, now=now)
+    per_replica = capacity.requests_per_s * SAFE_UTILIZATION
+    if per_replica <= 0:
+        return 0, rate
+    load = rate + signals.queue_depth / BACKLOG_CLEAR_SEC
+    need = slot_need(capacity, load, upper_s)
+    if need is None:
+        need = math.ceil(load / per_replica - 1e-9)
+    return max(need, _queue_need(capacity, load, upper_s)), rate
+
+
+def slot_need(capacity: ReplicaCapacity, rate: float, upper_s: float | None) -> int | None:
+    """Replicas whose batch slots carry ``rate`` so that :data:`WAIT_QUANTILE` of
+    arrivals find a slot within the wait budget (``upper_s`` less a typical prefill);
+    ``None`` without a prefill time, a batch size or a positive budget.
+
+    Each replica's ``max_concurrency`` sequences are servers of an M/G/c queue; a
+    request holds one, by Little's law, ``max_concurrency / requests_per_s`` seconds at
+    saturation (its time is shorter in a smaller batch, so this errs long), with
+    exponential spread. Sized by :func:`queue_need` over all the fleet's slots, which
+    asks for less headroom the more slots share the load, where a flat utilisation
+    asks the same of one replica as of ten.
+    """
+    slots = capacity.max_concurrency
+    budget = None if upper_s is None else _wait_budget(capacity, upper_s)
+    if not slots or budget is None or budget <= 0 or capacity.requests_per_s <= 0:
+        return None
+    if rate <= 0:
+        return 0
+    needed = queue_need(
+        rate=rate,
+        service_s=slots / capacity.requests_per_s,
+        service_scv=1.0,
+        wait_s=budget,
+        quantile=WAIT_QUANTILE,
+    )
+    return math.ceil(needed / slots)
+
+
+def _allowed_wait(capacity: ReplicaCapacity, upper_s: float | None) -> float | None:
+    """How long a typical request may wait before its prefill: the wait budget, or, when
+    a typical prompt alone takes longer than the target (no budget), a wait short
+    against its own prefill (the SLO allows :data:`PREFILL_TTFT_FACTOR` times it).
+    ``None`` without a prefill time or a target."""
+    budget = None if upper_s is None else _wait_budget(capacity, upper_s)
+    if budget is None or capacity.prefill_s is None:
+        return None
+    return budget if budget > 0 else capacity.prefill_s * (PREFILL_TTFT_FACTOR - 1.0)
+
+
+def _queue_need(capacity: ReplicaCapacity, rate: float, upper_s: float | None) -> int:
+    wait = _allowed_wait(capacity, upper_s)
+    if wait is None or capacity.prefill_s is None:
+        return 0
+    return queue_need(
+        rate=rate,
+        service_s=capacity.prefill_s,
+        service_scv=capacity.prefill_scv,
+        wait_s=wait,
+        quantile=WAIT_QUANTILE,
+    )
+
+
+def arrival_curve(
+    signals: Signals,
+    *,
+    now: datetime,
+    over_s: float,
+    windows: Iterable[float] = BURST_WINDOWS_SEC,
+) -> dict[float, int]:
+    """For each window length ``w``: the most requests that arrived within any ``w``
+    seconds of the last ``over_s`` seconds.
+
+    Arrival times are read from the TTFT samples (first token time minus TTFT, exact for
+    every request answered). Requests still queued are left out: when they arrived is not
+    known, and counting them all as arriving now made a backlog look like a burst and
+    bought replicas for it (the load need carries the backlog).
+    """
+    ages = [(now - at).total_seconds() + ttft for at, ttft in signals.answered_samples]
+    ages = sorted(age for age in ages if age < over_s)
+    curve: dict[float, int] = {}
+    for window in windows:
+        most, first = 0, 0
+        for last, age in enumerate(ages):
+            while age - ages[first] >= window - 1e-9:
+                first += 1
+            most = max(most, last - first + 1)
+        curve[window] = most
+    return curve
+
+
+@dataclass(frozen=True, slots=True)
+class Burst:
+    """The burst that sets the burst floor: ``requests`` within ``window_s`` seconds."""
+
+    requests: int
+    window_s: float
+    replicas: int
+
+    def text(self, over_s: float) -> str:
+        return (
+            f"a burst of {self.requests} requests within {self.window_s:g}s in the last {over_s:g}s"
+        )
+
+
+def burst_floor(
+    capacity: ReplicaCapacity, signals: Signals, *, now: datetime, policy: AutoscalingPolicy
+) -> tuple[int, Burst | None]:
+    """Replicas that keep :data:`BURST_HEADROOM` times the largest burst of the last
+    ``scale_down_time_window_sec`` within the TTFT target, and that burst.
+
+    A deterministic bound from the arrival curve: ``n`` requests arriving within ``w``
+    seconds bring ``n x prefill_s`` seconds of prefill work; ``c`` replicas, balanced by
+    outstanding prefill work, clear it with no request waiting longer than the wait
+    budget (the target less a typical prefill) when ``c >= n x prefill_s / (w +
+    budget)`` (network calculus: the service curve stays within the budget of the
+    arrival curve). Taken over :data:`BURST_WINDOWS_SEC`, the largest wins.
+
+    A keep-alive rule too: capacity a burst needed is held for the scale-down window
+    after it. Releasing a replica and buying it back within a boot time costs more than
+    holding it (billing runs from launch) and misses the burst it was bought for, so the
+    hold should be at least a boot; the default window (300 s) covers a typical GPU boot
+    of about three minutes. Zero without a prefill time.
+    """
+    wait = _allowed_wait(capacity, policy.upper_allowed_latency_sec)
+    if wait is None or capacity.prefill_s is None:
+        return 0, None
+    curve = arrival_curve(signals, now=now, over_s=policy.scale_down_time_window_sec)
+    worst: Burst | None = None
+    for window, requests in curve.items():
+        work = BURST_HEADROOM * requests * capacity.prefill_s
+        replicas = math.ceil(work / (window + wait) - 1e-9)
+        if replicas > 0 and (worst is None or replicas > worst.replicas):
+            worst = Burst(requests=requests, window_s=window, replicas=replicas)
+    return (0, None) if worst is None else (worst.replicas, worst)
+
+
+def capacity_text(cap: ReplicaCapacity) -> str:
+    if cap.prefill_s is not None and cap.max_concurrency:
+        text = f"{cap.max_concurrency} batch slots at {cap.requests_per_s:.2f} req/s each"
+    else:
+        text = f"{SAFE_UTILIZATION:.0%} of {cap.requests_per_s:.2f} req/s each"
+    if cap.prefill_s is not None:
+        text += (
+            f"; p{WAIT_QUANTILE * 100:g} wait within the target after a "
+            f"{cap.prefill_s:.3f}s prefill (spread {cap.prefill_scv:.2f})"
+        )
+    return text

@@ -1,0 +1,83 @@
+"""What the scaling rules read about one workload's traffic: the gateway's measurements
+(:class:`Signals`) and the engines' own load (:class:`EngineLoad`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Signals:
+    """What the gateway measured for one workload.
+
+    ``ttft_samples`` are ``(time, ttft_seconds)`` pairs, at least as far back as the
+    longer of the two windows; older ones are ignored. ``request_rate`` is requests per
+    second over the recent past, ``in_flight`` requests being served now, ``queue_depth``
+    requests held by the gateway (no replica, or async jobs not yet started).
+
+    ``engine_ttft_samples`` are the engines' own first-token times (from their
+    histograms, ``autoscaler.reconcile.engine_metrics``): they cover the requests the
+    gateway cannot time (answers not streamed). The TTFT rule reads the worse of the
+    two percentiles, each over its own samples. ``unstreamed_samples`` are the gateway's
+    ``(time, seconds)`` pairs for those requests: requests answered (rates, bursts),
+    not TTFT.
+    """
+
+    ttft_samples: tuple[tuple[datetime, float], ...] = ()
+    request_rate: float = 0.0
+    in_flight: int = 0
+    queue_depth: int = 0
+    last_request_at: datetime | None = None
+    engine_ttft_samples: tuple[tuple[datetime, float], ...] = ()
+    unstreamed_samples: tuple[tuple[datetime, float], ...] = ()
+
+    @property
+    def answered_samples(self) -> tuple[tuple[datetime, float], ...]:
+        """Every request answered: ``(first byte at, seconds to it)``, streamed or not."""
+        if not self.unstreamed_samples:
+            return self.ttft_samples
+        return self.ttft_samples + self.unstreamed_samples
+
+    @classmethod
+    def from_epoch(
+        cls,
+        *,
+        ttft_samples: Iterable[tuple[float, float]],
+        request_rate: float,
+        in_flight: int,
+        queue_depth: int,
+        last_request_at: float | None,
+        unstreamed_samples: Iterable[tuple[float, float]] = (),
+    ) -> Signals:
+        """Signals from epoch-second timestamps (the gateway's ``SignalSnapshot`` form)."""
+        return cls(
+            ttft_samples=tuple((_from_epoch(t), v) for t, v in ttft_samples),
+            unstreamed_samples=tuple((_from_epoch(t), v) for t, v in unstreamed_samples),
+            request_rate=request_rate,
+            in_flight=in_flight,
+            queue_depth=queue_depth,
+            last_request_at=None if last_request_at is None else _from_epoch(last_request_at),
+        )
+
+
+def _from_epoch(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+def with_engine_ttft(signals: Signals, samples: Iterable[tuple[float, float]]) -> Signals:
+    """``signals`` with the engines' TTFT samples (epoch-second timestamps) added."""
+    engine = tuple((_from_epoch(t), v) for t, v in samples)
+    return replace(signals, engine_ttft_samples=engine)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What the engines of one workload report, summed over ``replicas`` scraped:
+    requests waiting for a batch slot and running, and the fullest KV cache (0-1)."""
+
+    replicas: int = 0
+    waiting: int = 0
+    running: int = 0
+    kv_cache_usage: float | None = None
