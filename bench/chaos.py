@@ -34,7 +34,8 @@ breach):
 * **leaked**: a machine still running when the trial's last delete has settled.
 
 It prints one line per scenario and fault and the totals, and exits 1 if any invariant
-broke (2 if the harness itself failed). Bounded: each wait has a deadline, each trial a
+broke (2 if the harness itself failed; 3 if it was stopped, after printing the table of
+the trials that finished). Bounded: each wait has a deadline, each trial a
 fixed number of kills. Everything listens on 127.0.0.1.
 
 ``--jobs N`` runs N trials at once, each in a worker process of its own with that world
@@ -142,9 +143,14 @@ class TrialResult:
     faults_injected: int = 0
     breaches: dict[str, set[str]] = field(default_factory=lambda: {k: set() for k in INVARIANTS})
     log: str = ""
+    steps: int = 0
+    settled: int = 0
+    """Steps whose replicas all came up (launched, adopted, running at moto) before the
+    next step began: a trial that settles nothing tested little."""
     seconds: dict[str, float] = field(default_factory=dict)
-    """Where the trial's time went: each phase's wall seconds (``settle`` waits, the
-    final ``end`` wait, ``total``), for the progress line."""
+    """Where the trial's time went: each phase's wall seconds (``start``: waiting for a
+    restarted controller to reach its loop, ``settle``: for a step's replicas, ``end``:
+    for the delete to finish, ``total``), for the progress line."""
 
     def count(self, invariant: str) -> int:
         return len(self.breaches[invariant])
@@ -342,13 +348,26 @@ class Observer:
 # --- the controller process ----------------------------------------------------------------
 
 
+STARTED = b"controller for cluster "
+"""The line the controller prints once it is set up, just before its loop starts."""
+
+
 class ControllerProcess:
     def __init__(self, *, argv: list[str], log_path: Path) -> None:
         self.argv = argv
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    def running_loop(self) -> bool:
+        """Whether the latest start has got as far as its loop (its start line is out)."""
+        try:
+            return self.log_path.read_bytes().count(STARTED) >= self.starts
+        except FileNotFoundError:
+            return False
 
     def start(self) -> None:
+        self.starts += 1
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -417,6 +436,7 @@ class Options:
     observe_sec: float
     settle_sec: float
     end_sec: float
+    start_sec: float
     workdir: Path
 
 
@@ -487,6 +507,9 @@ class Trial:
         done = _wait(predicate, seconds=seconds)
         spent = time.monotonic() - started
         self.result.seconds[phase] = self.result.seconds.get(phase, 0.0) + spent
+        if phase == "settle":
+            self.result.steps += 1
+            self.result.settled += done
         return done
 
     def _kill_soon(self, controller: ControllerProcess) -> None:
@@ -494,6 +517,9 @@ class Trial:
         if self.kills_left <= 0:
             return
         self.kills_left -= 1
+        # The moment is drawn in the controller's work, not in its start-up: from its
+        # start line (its imports and set-up take seconds on a busy machine).
+        self._timed("start", controller.running_loop, seconds=self.options.start_sec)
         time.sleep(self.rng.uniform(0.0, 2.5))  # the random moment itself
         controller.kill(signal.SIGKILL)
         self.result.kills += 1
@@ -545,6 +571,8 @@ class Trial:
                 self._steps(controller)
                 asyncio.run(_delete(self.db_url))
                 self._kill_soon(controller)
+                # end_sec of the restarted controller's work, not of its start-up.
+                self._timed("start", controller.running_loop, seconds=self.options.start_sec)
                 self._timed("end", lambda: not observer.leaked(), seconds=self.options.end_sec)
                 observer.observe()
                 for instance_id in observer.leaked():
@@ -598,6 +626,7 @@ class Report:
     def table(self) -> str:
         header = (
             f"{'scenario':<11} {'fault':<13} {'trials':>6} {'kills':>6} {'faults':>6} "
+            f"{'settled':>7} "
             f"{'machines':>8} {'obs':>6} {'peak$/h':>8} "
             + " ".join(f"{k.replace('_', ' '):>{max(len(k), 6)}}" for k in INVARIANTS)
         )
@@ -620,7 +649,9 @@ class Report:
 def _line(scenario: str, fault: str, rs: list[TrialResult]) -> str:
     return (
         f"{scenario:<11} {fault:<13} {len(rs):>6} {sum(r.kills for r in rs):>6} "
-        f"{sum(r.faults_injected for r in rs):>6} {sum(r.machines for r in rs):>8} "
+        f"{sum(r.faults_injected for r in rs):>6} "
+        f"{f'{sum(r.settled for r in rs)}/{sum(r.steps for r in rs)}':>7} "
+        f"{sum(r.machines for r in rs):>8} "
         f"{sum(r.observations for r in rs):>6} "
         f"{max((r.peak_usd_per_hour for r in rs), default=0.0):>8.3f} "
         + " ".join(f"{sum(r.count(k) for r in rs):>{max(len(k), 6)}}" for k in INVARIANTS)
@@ -663,8 +694,18 @@ def plan_trials(
     ]
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM unwinds like an error, so every ``finally`` stops its controller."""
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_trial(plan: TrialPlan, options: Options) -> TrialResult:
     """One trial in a world of its own: a moto server, an EC2 proxy, healthy engines."""
+    _stop_on_sigterm()
     with _world(plan.seed) as (cloud, engines):
         trial = Trial(
             number=plan.number,
@@ -684,8 +725,9 @@ def run_trials(
     kills: int = 3,
     jobs: int = 1,
     observe_sec: float = 0.25,
-    settle_sec: float = 15.0,
+    settle_sec: float = 60.0,
     end_sec: float = 40.0,
+    start_sec: float = 120.0,
     workdir: Path | None = None,
     scenarios: Sequence[str] = SCENARIOS,
     faults: Sequence[str] = FAULTS,
@@ -703,6 +745,7 @@ def run_trials(
             observe_sec=observe_sec,
             settle_sec=settle_sec,
             end_sec=end_sec,
+            start_sec=start_sec,
             workdir=workdir or Path(tmp),
         )
         if jobs == 1:
@@ -725,6 +768,8 @@ def run_trials(
                 except BaseException:
                     for future in running:
                         future.cancel()
+                    for process in pool._processes.values():  # their controllers stop too
+                        process.terminate()
                     raise
     return Report([results[plan.number] for plan in plans])
 
@@ -741,17 +786,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, help="keep every trial's store and log here")
     args = parser.parse_args(argv)
     started = time.monotonic()
+    _stop_on_sigterm()
 
-    done = 0
+    finished: list[TrialResult] = []
 
     def progress(number: int, result: TrialResult) -> None:
-        nonlocal done
-        done += 1
+        finished.append(result)
+        done = len(finished)
         state = "BROKEN" if result.broken else "ok"
         spent = ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items())
         print(
             f"[{done}/{args.trials}] trial {number + 1} {result.scenario}/{result.fault}: "
-            f"{result.kills} kills, {result.machines} machines, {state} ({spent})",
+            f"{result.kills} kills, {result.machines} machines, "
+            f"{result.settled}/{result.steps} steps settled, {state} ({spent})",
             flush=True,
         )
 
@@ -768,6 +815,15 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"chaos harness failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except (SystemExit, KeyboardInterrupt):  # stopped (SIGTERM, Ctrl-C): what finished
+        report = Report(finished)
+        print()
+        print(report.table())
+        print(
+            f"STOPPED EARLY: {len(finished)} of {args.trials} trials finished in "
+            f"{time.monotonic() - started:.0f}s (the trials under way were stopped)"
+        )
+        return 1 if report.broken else 3
     print()
     print(report.table())
     print(f"{len(report.results)} trials in {time.monotonic() - started:.0f}s")
