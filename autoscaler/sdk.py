@@ -70,6 +70,33 @@ class CreatedSecret:
     name: str
 
 
+@dataclass(frozen=True, slots=True)
+class ReplicaStatus:
+    """One replica as the controller sees it: what it wants of it (``desired_phase``:
+    running or terminated), what has happened (``actual_phase``: pending, booting,
+    ready, draining, terminating, terminated), and the engine's command line with its
+    secrets masked (``None`` where not recorded)."""
+
+    launch_id: str
+    desired_phase: str
+    actual_phase: str
+    command: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadStatus:
+    """A workload's desired and actual phase (see ``docs/architecture.md``, Status),
+    its counts, endpoint, last error, and its replicas newest first."""
+
+    desired_phase: str
+    actual_phase: str
+    desired: int | None
+    ready: int
+    endpoint: str
+    last_error: str | None
+    replicas: tuple[ReplicaStatus, ...]
+
+
 def _retryable(exc: BaseException) -> bool:
     if isinstance(exc, httpx.TransportError):
         return True
@@ -188,6 +215,27 @@ class ManagementClient:
         )["items"]
         return items
 
+    def status(self, slug: str) -> WorkloadStatus:
+        """The workload's desired and actual phase, and each replica's."""
+        status = self.get(slug)["status"]
+        return WorkloadStatus(
+            desired_phase=status["desired_phase"],
+            actual_phase=status["actual_phase"],
+            desired=status["desired"],
+            ready=status["ready"],
+            endpoint=status["endpoint"],
+            last_error=status["last_error"],
+            replicas=tuple(
+                ReplicaStatus(
+                    launch_id=r["launch_id"],
+                    desired_phase=r["desired_phase"],
+                    actual_phase=r["actual_phase"],
+                    command=r.get("command"),
+                )
+                for r in self.replicas(slug)
+            ),
+        )
+
     def signals(self, slug: str) -> dict[str, Any]:
         """What the gateway and the engines last measured for the workload."""
         found: dict[str, Any] = self._call("GET", self._workload_path(slug) + "/signals")
@@ -280,5 +328,7 @@ __all__ = [
     "Endpoint",
     "GatewayError",
     "ManagementClient",
+    "ReplicaStatus",
     "WorkloadRef",
+    "WorkloadStatus",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "engine_for",
     "expand_secrets",
     "image_for",
+    "masked_command",
     "parallel_size",
     "secret_ref",
 ]
@@ -197,6 +198,56 @@ def expand_secrets(
                 arg = arg.replace(ref, secrets[name])
         expanded.append(arg)
     return expanded
+
+
+SECRET_MASK = "****"
+# Flags whose value is a credential, in any engine's command line.
+_SECRET_FLAGS = frozenset({"--api-key", "--hf-token", "--token", "--admin-api-key", "--api-keys"})
+# Hugging Face tokens (hf_...), and NAME=value settings of a secret-looking name.
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{8,}")
+_SECRET_SETTING_RE = re.compile(r"^([A-Za-z_]*(?:TOKEN|KEY|SECRET|PASSWORD)[A-Za-z_]*)=.+$", re.I)
+
+
+def masked_command(argv: Sequence[str]) -> str:
+    """``argv`` as one shell line for people to read, with every secret masked.
+
+    Masked as :data:`SECRET_MASK`: the value of a credential flag (``--api-key``,
+    ``--hf-token``, ``--token``, in ``--flag value`` and ``--flag=value`` forms), every
+    ``${NAME}`` reference to a secret the service resolves, anything shaped like a
+    Hugging Face token, and the value of a ``NAME=value`` setting whose name says
+    token, key, secret or password. What a secret is called stays readable; its value
+    never appears.
+    """
+    shown: list[str] = []
+    after_flag = False
+    for arg in argv:
+        if after_flag:
+            shown.append(SECRET_MASK)
+            after_flag = False
+            continue
+        flag, eq, _value = arg.partition("=")
+        if flag.replace("_", "-") in _SECRET_FLAGS:
+            if eq:
+                shown.append(f"{flag}={SECRET_MASK}")
+            else:
+                shown.append(arg)
+                after_flag = True
+            continue
+        setting = _SECRET_SETTING_RE.match(arg)
+        if setting:
+            shown.append(f"{setting.group(1)}={SECRET_MASK}")
+            continue
+        for name in (ENGINE_KEY_SECRET, HF_TOKEN_SECRET):
+            arg = arg.replace(secret_ref(name), SECRET_MASK)
+        shown.append(_TOKEN_RE.sub(SECRET_MASK, arg))
+    return " ".join(_quote_around_mask(arg) for arg in shown)
+
+
+def _quote_around_mask(arg: str) -> str:
+    """Shell-quote ``arg`` but leave the mask itself bare, so it reads as a mask."""
+    if SECRET_MASK not in arg:
+        return shlex.quote(arg)
+    return SECRET_MASK.join(shlex.quote(p) if p else "" for p in arg.split(SECRET_MASK))
 
 
 # The flags that split one replica over several GPUs of its machine, per backend, with

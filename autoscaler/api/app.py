@@ -179,7 +179,13 @@ async def _with_status(s: AsyncSession, row: Workload, state: ApiState) -> dict[
 async def replicas(project: Project, slug: Slug, s: Session, state: State) -> dict[str, Any]:
     row = await _existing(s, project, slug)
     now = state.now()
-    return {"items": [instance_view(i, now) for i in await records.instances_of(s, row.id)]}
+    deleted = row.deleted_at is not None
+    return {
+        "items": [
+            instance_view(i, now, workload_deleted=deleted)
+            for i in await records.instances_of(s, row.id)
+        ]
+    }
 
 
 @router.get("/v1/projects/{project}/workloads/{slug}/signals", tags=["workloads"])

@@ -8,7 +8,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaler.store.models import Decision, Instance, Token, Workload, WorkloadSignals
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import Phase, desired_phase_of, phase_of
+from providers.engines import masked_command
 
 
 class DataKeyCreate(BaseModel):
@@ -51,10 +52,18 @@ def token_view(token: Token) -> dict[str, Any]:
     }
 
 
-def instance_view(row: Instance, now: datetime) -> dict[str, Any]:
+def instance_view(
+    row: Instance, now: datetime, *, workload_deleted: bool = False
+) -> dict[str, Any]:
+    """One replica. ``phase`` and ``actual_phase`` are the same word (what has happened);
+    ``desired_phase`` is what the controller wants of it; ``command`` is the engine's
+    command line with every secret masked (``None`` for replicas launched before the
+    service recorded it)."""
     return {
         "launch_id": row.launch_id,
         "phase": phase_of(row).value,
+        "desired_phase": desired_phase_of(row, workload_deleted=workload_deleted).value,
+        "actual_phase": phase_of(row).value,
         "provider": row.provider,
         "instance_id": row.instance_id,
         "offer": row.offer_key,
@@ -73,6 +82,7 @@ def instance_view(row: Instance, now: datetime) -> dict[str, Any]:
         "last_error": row.last_error,
         "engine": row.engine,
         "engine_reason": row.engine_reason,
+        "command": None if row.engine_command is None else masked_command(row.engine_command),
     }
 
 
@@ -142,6 +152,10 @@ def workload_status(
     path = f"/endpoint/{row.project}/{row.slug}/v1"
     status: dict[str, Any] = {
         "phase": phase,
+        "desired_phase": _desired_phase(row, desired),
+        "actual_phase": _actual_phase(
+            row, instances=instances, desired=desired, ready=ready, blocked=blocked
+        ),
         "desired": desired,
         "ready": ready,
         "starting": starting,
@@ -157,3 +171,35 @@ def workload_status(
             "engine-sim unless the local launcher runs a real engine): no cloud instance is bought"
         )
     return status
+
+
+def _desired_phase(row: Workload, desired: int | None) -> str:
+    """``deleted``; ``stopped`` (the controller wants no replica: scaled to zero or
+    outside its schedule); else ``running``."""
+    if row.deleted_at is not None:
+        return "deleted"
+    return "stopped" if desired == 0 else "running"
+
+
+def _actual_phase(
+    row: Workload, *, instances: list[Instance], desired: int | None, ready: int, blocked: bool
+) -> str:
+    """What a workload is doing, in the words of the distributed-inference API (see
+    docs/architecture.md, "Status"): ``creating``, ``running``, ``updating``,
+    ``scaling``, ``degraded``, ``failed``, ``stopping``, ``stopped``, ``deleting``,
+    ``deleted``."""
+    live = [i for i in instances if phase_of(i) is not Phase.TERMINATED]
+    if row.deleted_at is not None:
+        return "deleting" if live else "deleted"
+    if desired == 0:
+        return "stopping" if live else "stopped"
+    wanted = 1 if desired is None else desired
+    if ready >= wanted:
+        stale = any(i.spec_generation < row.generation for i in live)
+        return "updating" if stale else "running"
+    starting = any(phase_of(i) in (Phase.PENDING, Phase.BOOTING) for i in live)
+    if ready == 0:
+        return "failed" if blocked and not starting else "creating"
+    if any(i.spec_generation < row.generation for i in live):
+        return "updating"
+    return "scaling" if starting else "degraded"

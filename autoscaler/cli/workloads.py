@@ -322,6 +322,7 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
             f"Status:      {status['phase']}: {status['ready']} ready of {wanted} desired"
             + (f", {status['starting']} starting" if status["starting"] else "")
         )
+        click.echo(f"Phase:       {status['actual_phase']} (desired {status['desired_phase']})")
         click.echo(f"Endpoint:    {status['endpoint']}")
         if status.get("last_error"):
             click.echo(f"Last error:  {status['last_error']} (at {status['last_error_at']})")
@@ -331,11 +332,12 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
     click.echo(_indent(yaml.safe_dump(spec, sort_keys=False)))
     click.echo(f"Replicas ({len(replicas)}):")
     print_table(
-        ["LAUNCH", "PHASE", "OFFER", "GPU", "SPOT", "$/H", "AGE", "ENGINE", "URL"],
+        ["LAUNCH", "PHASE", "DESIRED", "OFFER", "GPU", "SPOT", "$/H", "AGE", "ENGINE", "URL"],
         [
             [
                 r["launch_id"],
-                r["phase"],
+                r["actual_phase"],
+                r["desired_phase"],
                 r["offer"],
                 f"{r['gpu']} x{r['gpu_count']}",
                 "yes" if r["spot"] else "no",
@@ -353,6 +355,8 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
             click.echo(f"  {r['launch_id']}: {r['last_error']}")
         if r.get("engine_reason") and r["phase"] not in ("terminated", "failed"):
             click.echo(f"  {r['launch_id']}: {r['engine']}: {r['engine_reason']}")
+        if r.get("command") and r["phase"] != "terminated":
+            click.echo(f"  {r['launch_id']}: command: {r['command']}")
     click.echo("\n" + _measured(measured))
     click.echo(f"\nRecent decisions ({len(decisions)}):")
     print_table(

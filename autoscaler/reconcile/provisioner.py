@@ -143,6 +143,7 @@ async def launch_replica(
         row.spot = placement.market is Market.SPOT
     else:
         row.offer_key = worker_key(placement.worker_id or "")
+    row.engine_command = list(workload_boot(spec, gpu_count=max(row.gpu_count, 1)).command)
     session.add(row)
     record_decision(
         session,

@@ -145,6 +145,9 @@ class Instance(Base):
     engine: Mapped[str | None] = mapped_column(String(32))
     """What serves on the instance where the provider says (``vllm``, ``engine-sim``)."""
     engine_reason: Mapped[str | None] = mapped_column(Text)
+    engine_command: Mapped[list[str] | None] = mapped_column(JSON)
+    """The engine's argv as the replica was asked to boot, with secrets as ``${NAME}``
+    references (never their values); ``describe`` shows it masked."""
 
 
 class WorkloadSignals(Base):

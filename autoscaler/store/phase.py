@@ -1,4 +1,9 @@
-"""A replica's phase, derived from the facts the ledger stores (never stored itself)."""
+"""A replica's phase, derived from the facts the ledger stores (never stored itself).
+
+Each replica has an actual phase (:func:`phase_of`, what has happened to it) and a
+desired phase (:func:`desired_phase_of`, what the controller last asked of it), the two
+words a user reads side by side in ``describe`` and the API.
+"""
 
 from __future__ import annotations
 
@@ -28,3 +33,21 @@ def phase_of(instance: Instance) -> Phase:
     if instance.launched_at is not None:
         return Phase.BOOTING
     return Phase.PENDING
+
+
+class DesiredPhase(StrEnum):
+    RUNNING = "running"  # the controller wants it serving
+    TERMINATED = "terminated"  # drain or terminate asked, or its workload deleted
+
+
+def desired_phase_of(instance: Instance, *, workload_deleted: bool = False) -> DesiredPhase:
+    """What the controller wants of a replica: terminated from the moment it asked for a
+    drain or a termination (or the workload was deleted), running before."""
+    if (
+        workload_deleted
+        or instance.drain_requested_at is not None
+        or instance.terminate_requested_at is not None
+        or instance.terminated_confirmed_at is not None
+    ):
+        return DesiredPhase.TERMINATED
+    return DesiredPhase.RUNNING

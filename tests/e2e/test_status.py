@@ -53,11 +53,19 @@ def test_a_ready_workload_reports_counts_endpoint_and_the_local_stand_in(
         mgmt.ensure(_spec("bot", execution_policy_config={"replicas": 1}))
         wait_until(lambda: mgmt.get("bot")["status"]["phase"] == "ready", timeout=60, what="ready")
         status = mgmt.get("bot")["status"]
+        seen = mgmt.status("bot")
     assert (status["desired"], status["ready"], status["last_error"]) == (1, 1, None)
+    assert (seen.desired_phase, seen.actual_phase) == ("running", "running")
+    [replica] = seen.replicas
+    assert (replica.desired_phase, replica.actual_phase) == ("running", "ready")
+    assert replica.command is not None and "--api-key ****" in replica.command
     assert status["endpoint"] == f"{gateway}/endpoint/acme/bot/v1"
     assert "local provider standing in for the cloud" in status["note"]
     described = running.ok("describe", "bot")
     assert "Status:      ready: 1 ready of 1 desired" in described
+    assert "Phase:       running (desired running)" in described
+    assert f"{replica.launch_id}: command: vllm serve meta-llama/Llama-3.1-8B-Instruct" in described
+    assert "--api-key ****" in described and "${ENGINE_API_KEY}" not in described
     assert f"Endpoint:    {gateway}/endpoint/acme/bot/v1" in described
     assert "standing in for the cloud" in described
 
