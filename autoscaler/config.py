@@ -166,10 +166,29 @@ class LocalSettings(_Strict):
     state_dir: Path | None = None
 
 
+class SimulatedSettings(_Strict):
+    """The simulated cloud as a provider (``providers.simulated_engines``): the catalog's
+    offers of ``clouds`` (in ``regions``, when given) at their catalog prices, each
+    machine an engine-sim process on this machine that answers after a boot time drawn
+    from the simulator's distribution (lognormal, median ``boot_median_sec``) times
+    ``boot_time_scale``. ``time_scale`` speeds engine-sim's latencies up as for the
+    local provider. Nothing is bought."""
+
+    clouds: Annotated[list[Literal["aws", "gcp"]], Field(min_length=1)] = ["aws", "gcp"]
+    regions: Annotated[list[str], Field(min_length=1)] | None = None
+    boot_median_sec: Annotated[float, Field(gt=0)] = 180.0
+    boot_sigma: Annotated[float, Field(ge=0)] = 0.35
+    boot_time_scale: Annotated[float, Field(gt=0)] = 0.1
+    seed: int = 0
+    time_scale: Annotated[float, Field(gt=0)] = 1.0
+    state_dir: Path | None = None
+
+
 class ProvidersSettings(_Strict):
     aws: AwsSettings | None = None
     gcp: GcpSettings | None = None
     local: LocalSettings | None = None
+    simulated: SimulatedSettings | None = None
 
 
 class CatalogSyncSettings(_Strict):

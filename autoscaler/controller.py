@@ -4,7 +4,8 @@ and runs :func:`autoscaler.reconcile.loop.reconcile_once` in a loop, as leader.
 * **Providers** from :class:`autoscaler.config.ControllerConfig`: AWS, GCP, and this
   machine (engine-sim processes by default; the only provider when there is no config).
 * **Offers**: the catalog snapshot's offers of the configured providers (AWS regions and
-  GCP zones of the config), plus an offer for this machine when the local provider is on.
+  GCP zones of the config), the simulated cloud's (the catalog's, relabeled ``simulated``)
+  when it is configured, plus an offer for this machine when the local provider is on.
   The snapshot is live (:class:`autoscaler.catalog_sync.LiveCatalog`): a sync, scheduled
   here or run by hand into the data dir, reaches the next placement without a restart.
 * **Preflight**: providers with a start check (the GCP firewall in ``check`` mode) are
@@ -77,6 +78,8 @@ from providers.local import (
     offer_for_this_machine,
 )
 from providers.local_engines import AutoLauncher
+from providers.simulated import LogNormalBootTime
+from providers.simulated_engines import SimulatedBootLauncher, simulated_offers
 
 LEADER_LOCK_ID = 7_264_002
 """The advisory lock id leaders hold on PostgreSQL (migrations use 7_264_001)."""
@@ -179,6 +182,26 @@ def build_registry(
             engine_address=p.gcp.engine_address,
             public=p.gcp.address == "public",
         )
+    if p.simulated is not None:
+        entries[ProviderName.SIMULATED.value] = ProviderEntry(
+            timed(
+                LocalProvider(
+                    state_dir=p.simulated.state_dir or data_dir / "simulated-instances",
+                    launcher=SimulatedBootLauncher(
+                        sim=EngineSimLauncher(time_scale=p.simulated.time_scale),
+                        boot_time=LogNormalBootTime(
+                            p.simulated.boot_median_sec, p.simulated.boot_sigma
+                        ),
+                        boot_time_scale=p.simulated.boot_time_scale,
+                        seed=p.simulated.seed,
+                    ),
+                    secrets=ledger_secrets(sessions),
+                    clock=clock,
+                    grace_seconds=5.0,
+                    provider_name=ProviderName.SIMULATED,
+                )
+            )
+        )
     if p.local is not None:
         entries[ProviderName.LOCAL.value] = ProviderEntry(
             timed(
@@ -214,6 +237,9 @@ def offers_for(config: ControllerConfig, catalog: Snapshot) -> tuple[Offer, ...]
         if (o.provider is ProviderName.AWS and o.region in aws_regions)
         or (o.provider is ProviderName.GCP and o.zone in gcp_zones)
     ]
+    if p.simulated is not None:
+        regions = None if p.simulated.regions is None else set(p.simulated.regions)
+        chosen += simulated_offers(catalog.offers, clouds=p.simulated.clouds, regions=regions)
     if p.local is not None:
         chosen.append(offer_for_this_machine(gpu=p.local.gpu, gpu_count=p.local.gpu_count))
     return tuple(chosen)
@@ -303,13 +329,14 @@ class Controller:
     async def stop_local_replicas(self) -> None:
         """Stop the engine processes this machine runs for the cluster: on a laptop the
         replicas end with the service (the ledger learns it on the next start, and
-        replaces them)."""
-        entry = self.deps.providers.get(ProviderName.LOCAL.value)
-        if entry is None:
-            return
-        for instance in await entry.provider.list(self.deps.settings.cluster_id):
-            if not instance.state.is_gone:
-                await entry.provider.terminate(instance.instance_id)
+        replaces them). The simulated cloud's machines are processes here too."""
+        for name in (ProviderName.LOCAL.value, ProviderName.SIMULATED.value):
+            entry = self.deps.providers.get(name)
+            if entry is None:
+                continue
+            for instance in await entry.provider.list(self.deps.settings.cluster_id):
+                if not instance.state.is_gone:
+                    await entry.provider.terminate(instance.instance_id)
 
     async def close(self) -> None:
         """Release clients (HTTP health checks, gateway signals, cloud SDK clients)."""

@@ -163,7 +163,13 @@ def workload_status(
         "last_error": None if failure is None else failure.reason,
         "last_error_at": None if failure is None else _iso(failure.at),
     }
-    local = [i for i in instances if i.provider == "local" and phase_of(i) is not Phase.TERMINATED]
+    live = [i for i in instances if phase_of(i) is not Phase.TERMINATED]
+    local = [i for i in live if i.provider == "local"]
+    if any(i.provider == "simulated" for i in live):
+        status["note"] = (
+            "served by the simulated cloud: catalog offers at catalog prices, each machine "
+            "an engine-sim process on this machine: no cloud instance is bought"
+        )
     if local:
         status["note"] = (
             f"served by this machine's local provider standing in for the cloud "

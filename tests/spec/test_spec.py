@@ -28,7 +28,11 @@ from autoscaler.spec import (
     spec_diff,
 )
 
-EXAMPLES = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+EXAMPLES = sorted(
+    path
+    for path in (Path(__file__).parents[2] / "examples").glob("*.yaml")
+    if not path.name.startswith("config-")  # controller configurations, not workloads
+)
 
 
 def base(**overrides: Any) -> dict[str, Any]:
