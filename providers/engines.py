@@ -296,14 +296,29 @@ def _flag_value(tokens: Sequence[str], names: Sequence[str]) -> str | None:
     return None
 
 
-def _parallel_args(engine: Engine, *, gpu_count: int, user_args: Sequence[str]) -> list[str]:
-    """Tensor parallelism over every GPU of the machine, unless the user chose a split."""
+def _parallel_args(
+    engine: Engine, *, gpu_count: int, nodes: int, user_args: Sequence[str]
+) -> list[str]:
+    """Tensor parallelism over every GPU of the machine, unless the user chose a split;
+    across ``nodes`` machines, pipeline parallelism between them (vLLM) or one tensor
+    parallel group over all their GPUs (SGLang, which also needs ``--nnodes``)."""
     flags = _PARALLEL_FLAGS.get(engine.backend)
-    if gpu_count <= 1 or flags is None:
+    if flags is None or (gpu_count <= 1 and nodes <= 1):
         return []
     if any(_flag_value(user_args, names) is not None for names in flags):
         return []
-    return [flags[0][0], str(gpu_count)]
+    if nodes <= 1:
+        return [flags[0][0], str(gpu_count)]
+    if engine.backend == "sglang":
+        return ["--tp", str(gpu_count * nodes), "--nnodes", str(nodes)]
+    return [
+        flags[0][0],
+        str(gpu_count),
+        flags[1][0],
+        str(nodes),
+        "--distributed-executor-backend",
+        "ray",
+    ]
 
 
 def engine_argv(
@@ -314,13 +329,20 @@ def engine_argv(
     task_type: str = "text2text",
     vllm_version: str | None = None,
     gpu_count: int = 1,
+    nodes: int = 1,
 ) -> tuple[str, ...]:
     """The engine's full argv: its program, the model, service-owned flags, user args.
 
     ``gpu_count`` is the number of GPUs of the machine the replica runs on: above one,
     the engine is told to split the model over all of them (vLLM
     ``--tensor-parallel-size N``, SGLang ``--tp N``) unless the user's command already
-    sets a parallel split, which placement then matched to the machine.
+    sets a parallel split, which placement then matched to the machine. ``nodes`` above
+    one makes the replica a group of that many machines of ``gpu_count`` GPUs: vLLM
+    gets ``--tensor-parallel-size GPUS --pipeline-parallel-size NODES
+    --distributed-executor-backend ray`` (the leader runs the engine over the Ray
+    cluster its workers joined); SGLang gets ``--tp GPUS*NODES --nnodes NODES`` (each
+    member's ``--node-rank`` and the leader's ``--dist-init-addr`` are added where it
+    boots).
     """
     engine = engine_for(backend)
     user_args = _user_args(engine, model=model, command=command)
@@ -335,7 +357,7 @@ def engine_argv(
     argv += ["--host", "0.0.0.0", "--port", str(engine.port)]
     argv += ["--api-key", secret_ref(ENGINE_KEY_SECRET)]
     argv += _task_args(engine, task_type=task_type, user_args=user_args, version=vllm_version)
-    argv += _parallel_args(engine, gpu_count=gpu_count, user_args=user_args)
+    argv += _parallel_args(engine, gpu_count=gpu_count, nodes=nodes, user_args=user_args)
     return (*argv, *user_args)
 
 
@@ -349,6 +371,7 @@ def boot_spec(
     cuda_version: str | None = None,
     startup_script: str | None = None,
     gpu_count: int = 1,
+    nodes: int = 1,
 ) -> BootSpec:
     """How a replica of this workload boots (without a startup script unless given).
 
@@ -363,6 +386,7 @@ def boot_spec(
         task_type=task_type,
         vllm_version=vllm_version,
         gpu_count=gpu_count,
+        nodes=nodes,
     )
     secrets = (ENGINE_KEY_SECRET, HF_TOKEN_SECRET) if engine.api_key else (HF_TOKEN_SECRET,)
     return BootSpec(

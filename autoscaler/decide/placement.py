@@ -32,6 +32,15 @@ The rules:
 * **Stay in the budget.** ``max_usd_per_hour`` (the headroom left under the ceilings)
   skips options that could not be bought anyway, so a cheaper-per-hour offer is chosen
   over a refusal.
+* **Groups when no machine holds the model.** With ``allow_groups``, a model that no
+  single feasible machine can hold (by the memory estimate and, where the model's size
+  is known, the performance model) is placed as a replica group: the smallest number of
+  machines of one offer (so one shape, in one zone) that together hold it, from 2 to
+  :data:`MAX_GROUP_SIZE`, for backends that serve across nodes (:data:`GROUP_BACKENDS`).
+  The group is priced whole (members x the offer's price), so the ceilings count every
+  member before any is bought; its capacity is that of all its GPUs as one engine. Groups
+  buy on-demand only: a spot interruption of any member would take the whole group down.
+  A parallel split written in the user's command fixes the machine and disables groups.
 """
 
 from __future__ import annotations
@@ -39,13 +48,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
+from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import Offer
-from catalog.perf import ModelDoesNotFit, serving_profile
-from catalog.query import Market, OfferRequest, select_offers
+from catalog.perf import ModelDoesNotFit, fits, serving_profile
+from catalog.query import Candidate, Market, OfferRequest, select_offers
 from providers.engines import parallel_size
 
 DEFAULT_INPUT_TOKENS = 1024.0
@@ -63,6 +73,13 @@ gateway; callers that run another cap pass it."""
 PREFILL_SHARE_OF_TARGET = 0.5
 """The most of the TTFT target a typical prompt's prefill may take on a preferred offer."""
 
+MAX_GROUP_SIZE = 8
+"""The most machines one replica group spans (a leader and up to seven workers)."""
+
+GROUP_BACKENDS = frozenset({"vllm", "sglang"})
+"""Backends that serve one model across machines (vLLM with Ray and pipeline
+parallelism, SGLang with ``--nnodes``)."""
+
 
 @dataclass(frozen=True, slots=True)
 class PlacementOption:
@@ -73,6 +90,8 @@ class PlacementOption:
     capacity_rps: float | None
     prefill_s: float | None = None
     """Prefill of a typical prompt alone on one replica (``None``: not known)."""
+    group_size: int = 1
+    """Machines of ``offer`` one replica spans (a group from 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +99,8 @@ class Placement:
     """Where a replica goes (an offer on a market, or a private worker), or why nowhere.
 
     ``offer`` and ``worker_id`` are both ``None`` when nothing fits; ``reason`` says why.
+    ``group_size`` above 1 makes the replica a group of that many machines of ``offer``
+    (a leader and workers); ``usd_per_hour`` is then the whole group's price.
     """
 
     reason: str
@@ -88,6 +109,7 @@ class Placement:
     usd_per_hour: float = 0.0
     capacity_rps: float | None = None
     worker_id: str | None = None
+    group_size: int = 1
 
     @property
     def found(self) -> bool:
@@ -186,7 +208,9 @@ def choose_offer(
         if option.capacity_rps is not None and option.capacity_rps <= 0:
             skipped["model does not fit"] += 1
             continue
-        for market, price in _markets(option.offer, allow_spot=allow_spot):
+        spot_ok = allow_spot and option.group_size == 1
+        for market, member_price in _markets(option.offer, allow_spot=spot_ok):
+            price = member_price * option.group_size
             if _blocked(unavailable, unavailable_key(option.offer, market), now):
                 skipped[f"{market.value} marked unavailable"] += 1
             elif max_usd_per_hour is not None and price > max_usd_per_hour:
@@ -213,6 +237,7 @@ def choose_offer(
         market=best.market,
         usd_per_hour=best.usd_per_hour,
         capacity_rps=best.option.capacity_rps,
+        group_size=best.option.group_size,
     )
 
 
@@ -264,6 +289,13 @@ def _chosen_reason(best: _Priced, *, among: int, zones: Counter[str], skipped: C
         f"{offer.gpu_count} x {offer.gpu} {offer.key} {best.market.value} "
         f"${best.usd_per_hour:.4g}/h"
     )
+    n = best.option.group_size
+    if n > 1:
+        what = (
+            f"a group of {n} x {offer.key} (1 leader, {n - 1} worker(s); "
+            f"{n * offer.gpu_count} x {offer.gpu}) {best.market.value} "
+            f"${best.usd_per_hour:.4g}/h for the group"
+        )
     if best.option.capacity_rps:
         why = (
             f"lowest cost per capacity: ${best.cost_per_capacity:.4g}/h per req/s "
@@ -299,6 +331,7 @@ def place_replica(
     input_tokens: float | None = None,
     output_tokens: float | None = None,
     concurrency_cap: int = GATEWAY_CONCURRENCY_CAP,
+    allow_groups: bool = False,
 ) -> Placement:
     """Where the workload's next replica goes.
 
@@ -310,7 +343,8 @@ def place_replica(
     lengths (defaults :data:`DEFAULT_INPUT_TOKENS`, :data:`DEFAULT_OUTPUT_TOKENS`); with
     a measured prompt length, offers too slow to prefill it within the TTFT target rank
     last. ``concurrency_cap`` is the gateway's per-replica cap: no replica's capacity is
-    counted at a batch larger than it.
+    counted at a batch larger than it. ``allow_groups`` lets a model no single machine
+    holds be placed as a replica group (see the module docstring).
     """
     _cap(concurrency_cap)
     policy = spec.execution_policy_config
@@ -324,11 +358,10 @@ def place_replica(
             unavailable=unavailable,
             now=now,
         )
-    request = _offer_request(
-        autoscaling,
-        memory_gib=spec.model_memory_gib or model_memory_gib,
-        gpu_count=parallel_size(backend=spec.backend.value, command=spec.command),
-    )
+    memory_gib = spec.model_memory_gib or model_memory_gib
+    user_split = parallel_size(backend=spec.backend.value, command=spec.command)
+    request = _offer_request(autoscaling, memory_gib=memory_gib, gpu_count=user_split)
+    offers = tuple(offers)
     selection = select_offers(offers, request)
     mix = (input_tokens or DEFAULT_INPUT_TOKENS, output_tokens or DEFAULT_OUTPUT_TOKENS)
     # One profile per GPU shape, not per offer: a catalog repeats shapes across zones.
@@ -362,10 +395,109 @@ def place_replica(
         max_usd_per_hour=max_usd_per_hour,
         prefill_budget_s=budget,
     )
-    if placement.found or not selection.rejected:
+    if placement.found:
+        return placement
+    single_fits = any(o.capacity_rps is None or o.capacity_rps > 0 for o in options)
+    groups_apply = (
+        allow_groups
+        and user_split is None
+        and spec.backend.value in GROUP_BACKENDS
+        and memory_gib is not None
+        and not single_fits
+    )
+    if groups_apply and memory_gib is not None:
+        group_options = _group_options(
+            select_offers(offers, replace(request, min_vram_gib=None)).feasible,
+            memory_gib=memory_gib,
+            params_b=params_b,
+            bytes_per_param=bytes_per_param,
+            mix=mix,
+            concurrency_cap=concurrency_cap,
+        )
+        grouped = choose_offer(
+            options=group_options,
+            allow_spot=False,
+            unavailable=unavailable,
+            now=now,
+            current_zones=current_zones,
+            max_usd_per_hour=max_usd_per_hour,
+            prefill_budget_s=budget,
+        )
+        if grouped.found:
+            return replace(grouped, reason=f"no single machine holds the model: {grouped.reason}")
+        if group_options:
+            placement = replace(
+                placement, reason=f"{placement.reason}; as a group: {grouped.reason}"
+            )
+    if not selection.rejected:
         return placement
     rejected = Counter(r.reason.value for r in selection.rejected)
     return Placement(reason=f"{placement.reason}; catalog rejected {_counts(rejected)}")
+
+
+def group_size_for(
+    offer: Offer,
+    *,
+    memory_gib: float,
+    params_b: float | None,
+    bytes_per_param: float = 2.0,
+    max_size: int = MAX_GROUP_SIZE,
+) -> int | None:
+    """The fewest machines of ``offer`` (2 to ``max_size``) that together hold the model:
+    their GPU memory covers ``memory_gib``, and, where ``params_b`` is known, the
+    performance model fits it on all their GPUs. ``None`` when even ``max_size`` cannot."""
+    try:
+        vram = resolve_gpu(offer.gpu).vram_gib * offer.gpu_count
+    except UnknownGpuError:
+        return None
+    for n in range(2, max_size + 1):
+        if n * vram < memory_gib:
+            continue
+        if params_b is None or _fits(offer, n, params_b, bytes_per_param):
+            return n
+    return None
+
+
+def _fits(offer: Offer, n: int, params_b: float, bytes_per_param: float) -> bool:
+    """Whether ``n`` machines of ``offer`` hold the model by the performance model (by
+    the memory estimate alone where the GPU has no performance figures)."""
+    try:
+        return fits(offer.gpu, n * offer.gpu_count, params_b, bytes_per_param)
+    except ValueError:
+        return True
+
+
+def _group_options(
+    candidates: Iterable[Candidate],
+    *,
+    memory_gib: float,
+    params_b: float | None,
+    bytes_per_param: float,
+    mix: tuple[float, float],
+    concurrency_cap: int,
+) -> list[PlacementOption]:
+    """One group option per feasible offer that some group of its machines can form."""
+    options = []
+    for c in candidates:
+        n = group_size_for(
+            c.offer, memory_gib=memory_gib, params_b=params_b, bytes_per_param=bytes_per_param
+        )
+        if n is None:
+            continue
+        capacity, prefill = (None, None)
+        if params_b is not None:
+            whole = replace(c.offer, gpu_count=n * c.offer.gpu_count)
+            capacity, prefill = _shape_figures(
+                whole,
+                params_b=params_b,
+                bytes_per_param=bytes_per_param,
+                mix=mix,
+                concurrency_cap=concurrency_cap,
+            )
+        options.append(
+            PlacementOption(offer=c.offer, capacity_rps=capacity, prefill_s=prefill, group_size=n)
+        )
+    return options
 
 
 def _shape_figures(

@@ -82,9 +82,10 @@ def boot_callback(*, callback_url: str, launch_id: str, engine_key: str) -> Boot
 
 
 def workload_boot(
-    spec: WorkloadSpec, *, cuda_version: str | None = None, gpu_count: int = 1
+    spec: WorkloadSpec, *, cuda_version: str | None = None, gpu_count: int = 1, nodes: int = 1
 ) -> BootSpec:
-    """How a replica of ``spec`` boots on a machine with ``gpu_count`` GPUs."""
+    """How a replica of ``spec`` boots on a machine with ``gpu_count`` GPUs (a group of
+    ``nodes`` such machines when above one)."""
     return boot_spec(
         backend=spec.backend.value,
         model=spec.model,
@@ -93,6 +94,7 @@ def workload_boot(
         task_type=spec.task_type.value,
         cuda_version=cuda_version,
         gpu_count=gpu_count,
+        nodes=nodes,
     )
 
 
