@@ -8,8 +8,13 @@ providers, phases, and refusal reasons from a fixed set (:func:`refusal_reason`)
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from autoscaler.labels import metric_label_name
 
 _WORKLOAD = ("project", "workload")
 _DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -194,9 +199,12 @@ class ControllerMetrics:
             "1 while this controller holds the leader lock and reconciles.",
             registry=r,
         )
+        self.workload_labels = WorkloadLabels()
+        r.register(self.workload_labels)
 
     def forget_workload(self, project: str, workload: str) -> None:
         """Drop a gone workload's series so dashboards do not show it forever."""
+        self.workload_labels.forget(project, workload)
         for gauge in (
             self.desired,
             self.workload_usd,
@@ -214,3 +222,33 @@ class ControllerMetrics:
         for reason in REFUSAL_REASONS:
             with contextlib.suppress(KeyError):
                 self.blocked.remove(project, workload, reason)
+
+
+class WorkloadLabels(Collector):
+    """``autoscaler_controller_workload_labels``: one series per workload, value 1, with
+    the workload's labels as ``label_<key>`` (the kube-state-metrics pattern), so any
+    metric can be summed by team with a join, e.g.::
+
+        sum by (label_team) (autoscaler_controller_workload_usd_per_hour
+          * on (project, workload) group_left (label_team)
+          autoscaler_controller_workload_labels)
+    """
+
+    NAME = "autoscaler_controller_workload_labels"
+
+    def __init__(self) -> None:
+        self._labels: dict[tuple[str, str], dict[str, str]] = {}
+
+    def set(self, project: str, workload: str, labels: Mapping[str, str]) -> None:
+        self._labels[(project, workload)] = {metric_label_name(k): v for k, v in labels.items()}
+
+    def forget(self, project: str, workload: str) -> None:
+        self._labels.pop((project, workload), None)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            self.NAME, "Each workload's labels as label_<key> (value 1), for joins by label."
+        )
+        for (project, workload), labels in sorted(dict(self._labels).items()):
+            family.add_sample(self.NAME, {**labels, "project": project, "workload": workload}, 1.0)
+        yield family

@@ -199,9 +199,12 @@ class ManagementClient:
         found: dict[str, Any] = self._call("GET", self._workload_path(slug))
         return found
 
-    def list(self) -> builtins.list[dict[str, Any]]:
+    def list(self, *, labels: str | None = None) -> builtins.list[dict[str, Any]]:
+        """The project's workloads; ``labels`` keeps those matching a selector
+        (``"team=search,tier!=batch"``, see :mod:`autoscaler.labels`)."""
+        params = {} if labels is None else {"label_selector": labels}
         items: builtins.list[dict[str, Any]] = self._call(
-            "GET", f"/v1/projects/{self.project}/workloads"
+            "GET", f"/v1/projects/{self.project}/workloads", params=params
         )["items"]
         return items
 

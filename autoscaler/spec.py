@@ -32,10 +32,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from autoscaler.labels import LABELS_SCHEMA, check_labels
 from catalog.cuda import cuda_version, offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import ProviderName
-from catalog.regions import normalise_region
+from catalog.regions import REGION_PATTERN, normalise_region
 
 
 class Backend(StrEnum):
@@ -445,7 +446,9 @@ class AutoscalingPolicy(StrictModel):
     scale_to_zero_timeout_sec: Annotated[float, Field(gt=0)] = 900.0
     enable_fast_autoscaling: bool = False
     allow_spot_instances: bool = False
-    regions: list[str] | None = None
+    regions: Annotated[
+        list[str] | None, Field(json_schema_extra={"items": {"pattern": REGION_PATTERN}})
+    ] = None
     """Cloud regions (``us-east-1``, ``us-central1``) or macro regions (``US``, ``EU``,
     ``CANADA``, ``ASIA``; see :mod:`catalog.regions`); unset: anywhere."""
 
@@ -572,6 +575,10 @@ class WorkloadSpec(StrictModel):
     execution_policy_config: PolicyConfig = Field(
         default_factory=FixedPolicy, validate_default=True
     )
+    labels: dict[str, str] = Field(default_factory=dict, json_schema_extra=LABELS_SCHEMA)
+    """Free-form ``key: value`` tags (team, product, ...) with Kubernetes' label rules
+    (:mod:`autoscaler.labels`): shown by ``get``, filtered by ``get -l``, exported on the
+    metrics. Changing them never replaces a replica."""
 
     @classmethod
     def _normalise(cls, data: Any) -> Any:
@@ -595,6 +602,11 @@ class WorkloadSpec(StrictModel):
                 },
             )
         return value
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
+        return check_labels(value)
 
     @field_validator("name", "model")
     @classmethod

@@ -32,10 +32,13 @@ MACRO_REGIONS: dict[str, tuple[str, ...]] = {
 _OUTSIDE_MACRO = frozenset({"ap-southeast-2", "ap-southeast-4", "ap-southeast-6"})
 """Regions a prefix would claim that lie elsewhere (Australia and New Zealand)."""
 
-_AWS_REGION = re.compile(r"(us|eu|ap|ca|sa|me|af|il|mx)-[a-z]+-\d{1,2}")
-_GCP_REGION = re.compile(
-    r"(us|europe|asia|australia|northamerica|southamerica|me|africa)-[a-z]+\d{1,2}"
-)
+_AWS = r"(?:us|eu|ap|ca|sa|me|af|il|mx)-[a-z]+-[0-9]{1,2}"
+_GCP = r"(?:us|europe|asia|australia|northamerica|southamerica|me|africa)-[a-z]+[0-9]{1,2}"
+_MACRO = "|".join("".join(f"[{c}{c.lower()}]" for c in m) for m in ("US", "CANADA", "EU", "ASIA"))
+_AWS_REGION = re.compile(_AWS)
+_GCP_REGION = re.compile(_GCP)
+REGION_PATTERN = rf"^(?:{_MACRO}|{_AWS}|{_GCP})(?!\n)$"
+"""Every name :func:`normalise_region` accepts (for the published schema)."""
 
 
 class UnknownRegionError(ValueError):
@@ -55,15 +58,10 @@ def normalise_region(name: str) -> str:
 
     Raises :class:`UnknownRegionError` naming what is allowed.
     """
-    text = name.strip()
-    if text.upper() in MACRO_REGIONS:
-        return text.upper()
-    if text.startswith("us-gov-"):
-        raise UnknownRegionError(
-            f"region {name!r}: GovCloud regions are not offered; use {known_region_names()}"
-        )
-    if _AWS_REGION.fullmatch(text) or _GCP_REGION.fullmatch(text):
-        return text
+    if name.upper() in MACRO_REGIONS:
+        return name.upper()
+    if _AWS_REGION.fullmatch(name) or _GCP_REGION.fullmatch(name):
+        return name
     raise UnknownRegionError(f"unknown region {name!r}; use {known_region_names()}")
 
 

@@ -33,6 +33,7 @@ from autoscaler.api.views import (
     workload_view,
 )
 from autoscaler.api.workers import router as workers_router
+from autoscaler.labels import SELECTOR_PATTERN, LabelError, Selector
 from autoscaler.spec import (
     OnDrift,
     WorkloadSpec,
@@ -158,9 +159,28 @@ async def _store(
 
 
 @router.get("/v1/projects/{project}/workloads", tags=["workloads"])
-async def list_(project: Project, s: Session, state: State) -> dict[str, Any]:
+async def list_(
+    project: Project,
+    s: Session,
+    state: State,
+    label_selector: Annotated[
+        str | None,
+        Query(
+            max_length=4096,
+            description="Only workloads whose labels match: `team=search,tier!=batch,gpu,!"
+            "legacy` (all must hold).",
+            json_schema_extra={"pattern": SELECTOR_PATTERN},
+        ),
+    ] = None,
+) -> dict[str, Any]:
+    try:
+        selector = Selector.parse(label_selector or "")
+    except LabelError as exc:
+        detail = {"path": "label_selector", "message": str(exc), "value": label_selector}
+        raise ApiError(422, "invalid_selector", str(exc), details=[detail]) from None
     rows = await workloads.list_workloads(s, project=project)
-    return {"items": [await _with_status(s, w, state) for w in rows]}
+    chosen = [w for w in rows if selector.matches(w.spec.get("labels") or {})]
+    return {"items": [await _with_status(s, w, state) for w in chosen]}
 
 
 @router.get("/v1/projects/{project}/workloads/{slug}", tags=["workloads"])

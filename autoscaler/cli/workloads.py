@@ -256,18 +256,36 @@ def _policy_summary(spec: dict[str, Any]) -> str:
 
 @click.command()
 @click.argument("slug", required=False)
+@click.option(
+    "-l",
+    "--selector",
+    help="Only workloads whose labels match, e.g. 'team=search,tier!=batch'.",
+)
 @project_option
 @url_option
 @output_option
-def get(slug: str | None, project: str, url: str, output: str) -> None:
-    """List workloads, or show one."""
+def get(slug: str | None, selector: str | None, project: str, url: str, output: str) -> None:
+    """List workloads (those matching -l), or show one."""
+    if slug and selector is not None:
+        _fail("error: give a workload slug or a -l selector, not both", code=EXIT_INPUT)
     with _client(url, project) as client:
-        items = [client.get(slug)] if slug else client.list()
+        items = [client.get(slug)] if slug else client.list(labels=selector)
     if output != "table":
         emit(items[0] if slug else items, output)
         return
     print_table(
-        ["SLUG", "NAME", "MODEL", "BACKEND", "POLICY", "STATUS", "READY", "GEN", "UPDATED"],
+        [
+            "SLUG",
+            "NAME",
+            "MODEL",
+            "BACKEND",
+            "POLICY",
+            "STATUS",
+            "READY",
+            "GEN",
+            "UPDATED",
+            "LABELS",
+        ],
         [
             [
                 w["slug"],
@@ -279,6 +297,7 @@ def get(slug: str | None, project: str, url: str, output: str) -> None:
                 _ready_of(w["status"]),
                 str(w["generation"]),
                 w["updated_at"][:19],
+                ",".join(f"{k}={v}" for k, v in (w["spec"].get("labels") or {}).items()) or "-",
             ]
             for w in items
         ],

@@ -758,6 +758,7 @@ def _export(
             m.replicas.labels(*labels, phase.value).set(phases.count(phase))
     m.desired.labels(*labels).set(desired)
     m.workload_usd.labels(*labels).set(sum(r.hourly_usd for r in rows))
+    m.workload_labels.set(*labels, spec.labels)
     policy = _autoscaling(spec)
     if policy is not None and policy.max_hourly_cost_usd is not None:
         m.workload_ceiling.labels(*labels).set(policy.max_hourly_cost_usd)

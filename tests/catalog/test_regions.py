@@ -3,6 +3,8 @@ every provider, and a name that is neither is refused with what is allowed."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 from catalog.query import OfferRequest, RejectReason, select_offers
 from catalog.regions import (
     MACRO_REGIONS,
+    REGION_PATTERN,
     RegionSet,
     UnknownRegionError,
     macro_region_of,
@@ -67,6 +70,20 @@ def test_a_name_that_is_no_region_is_refused_with_the_allowed_forms(name: str) -
         return
     with pytest.raises(UnknownRegionError, match="us-east-1 \\(AWS\\) or us-central1 \\(GCP\\)"):
         normalise_region(name)
+
+
+@given(st.from_regex(REGION_PATTERN))
+def test_the_published_pattern_admits_exactly_what_is_accepted(name: str) -> None:
+    assert normalise_region(name)
+
+
+@given(st.text(alphabet="usUSeEaAt-12\n ", max_size=10))
+def test_a_name_the_pattern_refuses_is_refused(name: str) -> None:
+    if re.search(REGION_PATTERN, name) is None:
+        with pytest.raises(UnknownRegionError):
+            normalise_region(name)
+    else:
+        assert normalise_region(name)
 
 
 @given(st.sampled_from(sorted({o.region for o in load_bundled().offers})))

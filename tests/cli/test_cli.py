@@ -135,6 +135,20 @@ def test_a_command_the_engine_refuses_exits_2_and_stores_nothing(
     assert json.loads(service.cli("get", "-o", "json").stdout) == []
 
 
+def test_get_lists_by_label_selector(service: RunningService) -> None:
+    assert service.cli("apply", "-f", str(EXAMPLES / "chat-fixed.yaml")).returncode == 0
+    assert service.cli("apply", "-f", str(EXAMPLES / "embedding-fixed.yaml")).returncode == 0
+
+    chosen = json.loads(service.ok("get", "-l", "team=support", "-o", "json"))
+    assert [w["slug"] for w in chosen] == ["support-bot"]
+    assert len(json.loads(service.ok("get", "-l", "!team", "-o", "json"))) == 1
+    assert "team=support" in service.ok("get", "-l", "team")
+
+    bad = service.cli("get", "-l", "team=a b")
+    assert bad.returncode == 2
+    assert "label_selector" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_apply_every_example_in_one_file_list(service: RunningService, tmp_path: Path) -> None:
     # The private-worker example names placeholder ids: register a worker for each.
     placeholders = ("wrk_0123456789abcdef", "wrk_fedcba9876543210")

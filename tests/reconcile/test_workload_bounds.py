@@ -42,3 +42,34 @@ async def test_a_changed_target_is_exported_and_a_deleted_workload_leaves(world:
         await world.step(30)
 
     assert _value(registry, target, "chat") is None
+
+
+def _labels_series(registry: CollectorRegistry) -> dict[str, dict[str, str]]:
+    [family] = [f for f in registry.collect() if f.name == "autoscaler_controller_workload_labels"]
+    return {s.labels["workload"]: dict(s.labels) for s in family.samples}
+
+
+async def test_labels_are_exported_and_a_label_edit_keeps_the_replica(world: World) -> None:
+    await world.apply(fixed("chat", labels={"team": "search", "app.example.com/tier": "prod"}))
+    await world.apply(fixed("batch"))
+    await world.step()
+    [before] = await world.rows("chat")
+
+    series = _labels_series(world.deps.metrics.registry)
+    assert series["chat"] == {
+        "project": "acme",
+        "workload": "chat",
+        "label_team": "search",
+        "label_app_example_com_tier": "prod",
+    }
+    assert series["batch"] == {"project": "acme", "workload": "batch"}
+
+    await world.apply(fixed("chat", labels={"team": "ads"}))
+    await world.step(5)
+    assert [r.launch_id for r in await world.rows("chat")] == [before.launch_id]
+    assert _labels_series(world.deps.metrics.registry)["chat"]["label_team"] == "ads"
+
+    await world.delete("chat")
+    for _ in range(6):
+        await world.step(30)
+    assert "chat" not in _labels_series(world.deps.metrics.registry)
