@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from providers.engine_sim import modalities, text
+from providers.engine_sim import modalities, pooling, text
 from providers.engine_sim.config import EngineSimConfig
 from providers.engine_sim.live import LiveEngine
 from providers.engine_sim.metrics import EngineMetrics
@@ -47,7 +47,13 @@ def create_app(
     app.router.add_post("/v1/images/generations", modalities.images)
     app.router.add_post("/v1/audio/speech", modalities.speech)
     app.router.add_post("/v1/audio/transcriptions", modalities.transcriptions)
-    app.router.add_post("/v1/rerank", modalities.rerank)
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.router.add_post(path, modalities.rerank)
+    for path in ("/classify", "/v1/classify"):
+        app.router.add_post(path, pooling.classify)
+    for path in ("/score", "/v1/score"):
+        app.router.add_post(path, pooling.score)
+    app.router.add_post("/pooling", pooling.pooling)
     return app
 
 

@@ -51,6 +51,11 @@ def generated_text(seed: str, tokens: int) -> str:
     return "".join(token_text(seed, index) for index in range(tokens))
 
 
+def fraction(*parts: str) -> float:
+    """A number in [0, 1), a pure function of ``parts``."""
+    return int.from_bytes(_digest(*parts, size=8), "big") / 2**64
+
+
 def embedding(text: str, *, model: str, dimensions: int) -> list[float]:
     """A unit vector of ``dimensions`` floats, a pure function of model and text."""
     raw = _digest(model, text, size=4 * dimensions)

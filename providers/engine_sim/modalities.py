@@ -48,14 +48,19 @@ async def _run(state: EngineState, *, input_tokens: int, output_tokens: int) -> 
         state.engine.cancel(ticket)  # a no-op once finished; frees the slot if abandoned
 
 
-async def _send(request: web.Request, response: web.Response) -> web.Response:
+async def run_prefill(state: EngineState, tokens: int) -> None:
+    """Pass ``tokens`` of prompt through the engine, queued behind the batch like text."""
+    await _run(state, input_tokens=tokens, output_tokens=0)
+
+
+async def send(request: web.Request, response: web.Response) -> web.Response:
     await response.prepare(request)
     await response.write_eof()
     request.app[STATE].count_served()
     return response
 
 
-def _embedding_inputs(body: JsonObject) -> list[tuple[str, int]]:
+def embedding_inputs(body: JsonObject) -> list[tuple[str, int]]:
     value = body.get("input")
     single_ids = isinstance(value, list) and value and all(isinstance(t, int) for t in value)
     if isinstance(value, str) or single_ids:
@@ -79,7 +84,7 @@ async def embeddings(request: web.Request) -> web.Response:
     state.require_ready()
     body = await json_body(request)
     model = check_model(state, body)
-    inputs = _embedding_inputs(body)
+    inputs = embedding_inputs(body)
     dimensions = int_field(
         body,
         "dimensions",
@@ -99,7 +104,7 @@ async def embeddings(request: web.Request) -> web.Response:
         data.append({"object": "embedding", "index": index, "embedding": encoded})
     usage = {"prompt_tokens": tokens, "total_tokens": tokens}
     payload = {"object": "list", "data": data, "model": model, "usage": usage}
-    return await _send(request, web.json_response(payload))
+    return await send(request, web.json_response(payload))
 
 
 def _image_size(body: JsonObject) -> tuple[int, int]:
@@ -133,7 +138,7 @@ async def images(request: web.Request) -> web.Response:
         text = encoded.decode()
         item = {"b64_json": text} if fmt == "b64_json" else {"url": f"data:image/png;base64,{text}"}
         data.append(item | {"revised_prompt": prompt})
-    return await _send(request, web.json_response({"created": int(time.time()), "data": data}))
+    return await send(request, web.json_response({"created": int(time.time()), "data": data}))
 
 
 async def speech(request: web.Request) -> web.Response:
@@ -156,7 +161,7 @@ async def speech(request: web.Request) -> web.Response:
         audio, content_type = media.wav(text, voice=voice_name), "audio/wav"
     else:
         audio, content_type = media.pcm16(text, voice=voice_name), "audio/pcm"
-    return await _send(request, web.Response(body=audio, content_type=content_type))
+    return await send(request, web.Response(body=audio, content_type=content_type))
 
 
 async def _upload(request: web.Request) -> tuple[bytes, dict[str, str]]:
@@ -188,13 +193,13 @@ async def transcriptions(request: web.Request) -> web.StreamResponse:
     await _run(state, input_tokens=input_tokens, output_tokens=words)
     text = media.transcript(data, words=words)
     if fmt == "text":
-        return await _send(request, web.Response(text=text, content_type="text/plain"))
+        return await send(request, web.Response(text=text, content_type="text/plain"))
     payload: dict[str, Any] = {"text": text}
     if fmt == "verbose_json":
         language = fields.get("language", "en")
         payload = {"task": "transcribe", "language": language, "duration": seconds} | payload
         payload["segments"] = []
-    return await _send(request, web.json_response(payload))
+    return await send(request, web.json_response(payload))
 
 
 async def rerank(request: web.Request) -> web.Response:
@@ -234,4 +239,4 @@ async def rerank(request: web.Request) -> web.Response:
         "usage": {"total_tokens": tokens},
         "results": results,
     }
-    return await _send(request, web.json_response(payload))
+    return await send(request, web.json_response(payload))

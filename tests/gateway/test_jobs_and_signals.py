@@ -132,3 +132,40 @@ async def test_signals_metrics_and_the_internal_endpoint(
     assert (parsed.project, parsed.workload) == REF
     assert parsed.ttft_samples == local.ttft_samples
     assert parsed.unstreamed_samples == local.unstreamed_samples
+
+
+async def test_a_job_of_each_pooling_modality_succeeds_on_engine_sim(
+    seed: Seed, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    engine = await start_engine()
+    gateway = await start_gateway()
+    bodies = {
+        "reranker": {"model": MODEL, "query": "refunds", "documents": ["refund policy", "rain"]},
+        "classification": {"model": MODEL, "input": ["great service", "awful"]},
+        "reward": {"model": MODEL, "input": "2 + 2 = 4"},
+    }
+    results = {}
+    async with httpx.AsyncClient() as http:
+        for task_type, body in bodies.items():
+            key = await seed.workload(task_type, task_type=task_type)
+            await seed.replica(task_type, engine.url)
+            auth = {"Authorization": f"Bearer {key}"}
+            made = await http.post(
+                f"{base_url(gateway, task_type)}/jobs", json={"body": body}, headers=auth
+            )
+            assert made.status_code == 202, made.text
+            url = f"{base_url(gateway, task_type)}/jobs/{made.json()['id']}"
+
+            async def finished(url: str = url, auth: dict[str, str] = auth) -> bool:
+                status = (await http.get(url, headers=auth)).json()["status"]
+                return status in ("succeeded", "failed")
+
+            await eventually(finished)
+            results[task_type] = (await http.get(url, headers=auth)).json()
+    assert {t: r["status"] for t, r in results.items()} == dict.fromkeys(bodies, "succeeded")
+    ranked = results["reranker"]["result"]["body"]["results"]
+    assert {r["index"] for r in ranked} == {0, 1}
+    classified = results["classification"]["result"]["body"]["data"]
+    assert [len(d["probs"]) for d in classified] == [2, 2]
+    [pooled] = results["reward"]["result"]["body"]["data"]
+    assert pooled["object"] == "pooling" and pooled["data"]
