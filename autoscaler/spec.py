@@ -20,6 +20,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -143,13 +144,25 @@ class StrictModel(BaseModel):
         return data
 
 
+def _whole(value: Any) -> Any:
+    """A JSON number written ``2.0`` is the integer 2 (JSON Schema's ``integer``; some
+    clients write every number so); ``2.5``, ``true`` and ``"2"`` are still refused."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+WHOLE = BeforeValidator(_whole)
+"""For counts (``strict``, so that a bool or a string is refused): integral floats pass."""
+
+
 # --- fixed ------------------------------------------------------------------------------
 
 
 class FixedPolicy(StrictModel):
     """Run exactly ``replicas`` replicas."""
 
-    replicas: Annotated[int, Field(ge=0, strict=True)] = 1
+    replicas: Annotated[int, Field(ge=0, strict=True), WHOLE] = 1
 
 
 # --- scheduled --------------------------------------------------------------------------
@@ -275,7 +288,7 @@ class ScheduledPolicy(StrictModel):
     window: str | None = None
     duration: str | int | None = None
     timezone: str = "UTC"
-    replicas: Annotated[int, Field(ge=0, strict=True)] = 1
+    replicas: Annotated[int, Field(ge=0, strict=True), WHOLE] = 1
 
     @field_validator("cron")
     @classmethod
@@ -371,7 +384,7 @@ class CloudPool(StrictModel):
 
     gpu_pool: Annotated[list[str], Field(min_length=1)]
     max_hourly_cost_usd: PositiveUsd | None = None
-    max_instances: Annotated[int, Field(ge=1, strict=True)] | None = None
+    max_instances: Annotated[int, Field(ge=1, strict=True), WHOLE] | None = None
     allowed_cuda_versions: list[str] | None = None
 
     @field_validator("gpu_pool")
@@ -423,8 +436,8 @@ class AutoscalingPolicy(StrictModel):
     only when ``min_workers`` is 0; with it off the floor is one replica.
     """
 
-    min_workers: Annotated[int, Field(ge=0, strict=True)] = 0
-    max_workers: Annotated[int, Field(ge=1, strict=True)]
+    min_workers: Annotated[int, Field(ge=0, strict=True), WHOLE] = 0
+    max_workers: Annotated[int, Field(ge=1, strict=True), WHOLE]
     max_hourly_cost_usd: PositiveUsd | None = None
     workers: (
         Annotated[

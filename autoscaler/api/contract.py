@@ -11,8 +11,9 @@ answers too, not only the successes FastAPI derives from the handlers:
   boot callback for a launch already terminating), 415 (a workload ``PATCH`` that is not
   a JSON merge patch), 422 (a request that parses but is not valid); the rules are
   :data:`ERRORS` below, by path;
-* the workload ``PUT`` documents its body, the workload spec's JSON schema (the handler
-  reads the raw JSON to report every problem at once, so FastAPI cannot see it);
+* the workload ``PUT`` documents its body, the workload spec's JSON schema with every
+  rule JSON Schema can express (:mod:`autoscaler.api.spec_schema`; the handler reads the
+  raw JSON to report every problem at once, so FastAPI cannot see it);
 * a method a path does not have answers 405 with ``Allow`` listing every method the path
   has (FastAPI lists only those of the first route that matched the path), and
   FastAPI's own errors (a body that does not parse, a path that does not exist) come in
@@ -31,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from autoscaler.api.errors import error_body
-from autoscaler.spec import WorkloadSpec
+from autoscaler.api.spec_schema import workload_schema
+from autoscaler.spec import DEFAULT_MAX_REPLICAS
 
 _REASONS = {
     400: "The body is not JSON, or not the JSON this operation takes.",
@@ -83,15 +85,16 @@ def install(app: FastAPI) -> None:
                 description=app.description,
                 routes=app.routes,
             )
-            app.openapi_schema = complete(schema)
+            app.openapi_schema = complete(schema, max_replicas=app.state.api.max_replicas)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
-def complete(schema: dict[str, Any]) -> dict[str, Any]:
-    """The generated document with error answers and the workload body added."""
+def complete(schema: dict[str, Any], *, max_replicas: int = DEFAULT_MAX_REPLICAS) -> dict[str, Any]:
+    """The generated document with error answers and the workload body added (its rules
+    from :mod:`autoscaler.api.spec_schema`, ``max_replicas`` the service's maximum)."""
     components = schema.setdefault("components", {}).setdefault("schemas", {})
     components["Error"] = ERROR_SCHEMA
     for path, operations in schema.get("paths", {}).items():
@@ -113,8 +116,8 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
                 )
     put = schema.get("paths", {}).get(_WORKLOAD, {}).get("put")
     if put is not None:
-        spec = WorkloadSpec.model_json_schema(ref_template="#/components/schemas/{model}")
-        for name, definition in spec.pop("$defs", {}).items():
+        spec, definitions = workload_schema(max_replicas=max_replicas)
+        for name, definition in definitions.items():
             components.setdefault(name, definition)
         # The path names the workload: a body without ``slug`` takes the path's.
         spec["required"] = [name for name in spec.get("required", []) if name != "slug"]
@@ -130,13 +133,36 @@ def complete(schema: dict[str, Any]) -> dict[str, Any]:
         }
     patch = schema.get("paths", {}).get(_WORKLOAD, {}).get("patch")
     if patch is not None:
-        # A JSON merge patch: any object; what it makes is validated like a PUT's body.
-        merge = {"schema": {"type": "object"}}
+        components["WorkloadPatch"] = workload_patch_schema(components["WorkloadSpec"])
+        merge = {"schema": {"$ref": "#/components/schemas/WorkloadPatch"}}
         patch["requestBody"] = {
             "required": True,
             "content": {"application/merge-patch+json": merge, "application/json": merge},
         }
     return schema
+
+
+def workload_patch_schema(spec: dict[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch of a workload spec: the spec's fields, each its value or
+    ``null`` (which removes it); ``execution_policy_config`` is itself a merge patch of
+    the stored config. What it makes is validated like a PUT's body, with the stored
+    spec: whether that is valid depends on the stored spec, which no schema of the
+    patch can say (a 422 names what the patched spec breaks)."""
+    properties: dict[str, Any] = {}
+    for name, field in spec.get("properties", {}).items():
+        if name == "execution_policy_config":
+            properties[name] = {
+                "anyOf": [{"type": "object"}, {"type": "null"}],
+                "description": "Merged into the stored config, key by key.",
+            }
+        else:
+            properties[name] = {"anyOf": [field, {"type": "null"}]}
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": properties,
+        "description": workload_patch_schema.__doc__,
+    }
 
 
 def _errors_of(path: str) -> frozenset[int]:

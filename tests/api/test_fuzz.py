@@ -6,18 +6,20 @@ a path lacks must answer 405 with the right ``Allow``; the stateful phase follow
 document's links (create a workload, then read, key and delete it). Bounded in time for
 CI. Afterwards the store must still hold only specs the service can read.
 
-One check is left out for two operations: ``positive_data_acceptance`` on the workload
-``PUT`` and ``PATCH`` (a merge patch makes a spec, judged by the same rules). The
-workload spec has rules across fields that its JSON schema does not express (an
-autoscaling policy needs max_workers and a $/h ceiling, image and audio modalities need
-vllm-omni, a vllm_version must be a version of a vLLM engine...), so a body valid by the
-schema can break one, and the right answer is then 422 with every problem listed. Every
-other check runs on those operations, and that check on every other operation.
+The workload spec's rules are in its published schema as far as JSON Schema can
+express them (``autoscaler.api.spec_schema``), so ``positive_data_acceptance`` runs on
+the workload ``PUT`` too: a schema-valid spec must be accepted. The few rules JSON
+Schema cannot express (the grammar of cron, window and engine command; comparisons
+between two fields; CUDA pins a GPU of the pool runs; a registered worker) are covered
+for positive cases by ``tests/api/schemathesis_hooks.py``, and only those. The workload
+``PATCH`` is held to every check but that one: a merge patch's shape is published, but
+whether the spec it makes is valid depends on the stored spec.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +35,15 @@ from tests.conftest import ADMIN_TOKEN
 from tests.helpers import ApiServer
 
 FUZZ_SECONDS = 25
-PUT_SECONDS = 15
+PUT_SECONDS = 20
+PATCH_SECONDS = 10
 STATEFUL_SECONDS = 20
 WORKLOAD_PUT = "PUT /v1/projects/{project}/workloads/{slug}"
 WORKLOAD_PATCH = "PATCH /v1/projects/{project}/workloads/{slug}"
+
+
+REPO = Path(__file__).resolve().parents[2]
+HOOKS = "tests.api.schemathesis_hooks"
 
 
 def _schemathesis(url: str, *, cwd: Path, seconds: int, extra: list[str]) -> str:
@@ -65,6 +72,7 @@ def _schemathesis(url: str, *, cwd: Path, seconds: int, extra: list[str]) -> str
         text=True,
         timeout=seconds * 3 + 30,
         cwd=cwd,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": HOOKS, "PYTHONPATH": str(REPO)},
     )
     report = run.stdout[-6000:] + run.stderr[-2000:]
     assert run.returncode == 0, report
@@ -73,7 +81,7 @@ def _schemathesis(url: str, *, cwd: Path, seconds: int, extra: list[str]) -> str
 
 
 @pytest.mark.slow
-@pytest.mark.timeout((FUZZ_SECONDS + PUT_SECONDS + STATEFUL_SECONDS) * 3 + 90)
+@pytest.mark.timeout((FUZZ_SECONDS + PUT_SECONDS + PATCH_SECONDS + STATEFUL_SECONDS) * 3 + 120)
 def test_schemathesis_finds_no_failure_and_the_store_stays_readable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -97,11 +105,18 @@ def test_schemathesis_finds_no_failure_and_the_store_stays_readable(
             api.url,
             cwd=tmp_path,
             seconds=PUT_SECONDS,
+            extra=["--phases", "coverage,fuzzing", "--include-name", WORKLOAD_PUT],
+        )
+        # A merge patch's own shape is published (WorkloadPatch) and held to every other
+        # check; whether the spec it makes is valid depends on the stored spec, which no
+        # schema of the patch can say, so a schema-valid patch may rightly get a 422.
+        _schemathesis(
+            api.url,
+            cwd=tmp_path,
+            seconds=PATCH_SECONDS,
             extra=[
                 "--phases",
                 "coverage,fuzzing",
-                "--include-name",
-                WORKLOAD_PUT,
                 "--include-name",
                 WORKLOAD_PATCH,
                 "--exclude-checks",
@@ -113,7 +128,7 @@ def test_schemathesis_finds_no_failure_and_the_store_stays_readable(
             api.url,
             cwd=tmp_path,
             seconds=STATEFUL_SECONDS,
-            extra=["--phases", "stateful", "--exclude-checks", "positive_data_acceptance"],
+            extra=["--phases", "stateful"],
         )
         listed = httpx.get(
             f"{api.url}/v1/projects/acme/workloads",

@@ -1,0 +1,147 @@
+"""The published workload schema says what the API accepts: a spec it calls valid is
+stored, and one it calls invalid for a rule JSON Schema can express is refused by both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+from pydantic import ValidationError
+
+from autoscaler.admission import runnable_problems
+from autoscaler.api.contract import complete
+from autoscaler.spec import WorkloadSpec, limit_errors
+
+MAX_REPLICAS = 100
+
+
+def _document(max_replicas: int = MAX_REPLICAS) -> dict[str, Any]:
+    paths: dict[str, Any] = {"/v1/projects/{project}/workloads/{slug}": {"put": {}, "patch": {}}}
+    return complete({"paths": paths}, max_replicas=max_replicas)
+
+
+def _validator() -> Draft202012Validator:
+    """The PUT body's published schema (the path gives the slug when the body has none)."""
+    components = _document()["components"]
+    return Draft202012Validator(
+        {"$ref": "#/components/schemas/WorkloadSpec", "components": components}
+    )
+
+
+def _server_accepts(body: dict[str, Any]) -> bool:
+    """What the API's PUT checks, but for the registered workers (the store's)."""
+    try:
+        spec = WorkloadSpec.model_validate({"slug": "s", **body})
+    except ValidationError:
+        return False
+    return not limit_errors(spec, max_replicas=MAX_REPLICAS) and not runnable_problems(spec)
+
+
+BASE = {"name": "bot", "model": "meta-llama/Llama-3.1-8B-Instruct"}
+AUTOSCALING = {"max_workers": 3, "max_hourly_cost_usd": 5.0}
+
+VALID = [
+    {},
+    {"execution_policy": "fixed", "execution_policy_config": {"replicas": 2}},
+    {"execution_policy_config": None},
+    {"execution_policy_config": {"replicas": 2.0}},  # JSON Schema's integer: 2.0 is 2
+    {"execution_policy": "scheduled", "execution_policy_config": {"cron": "0 2 * * *"}},
+    {
+        "execution_policy": "scheduled",
+        "execution_policy_config": {"window": "Mon-Fri 08:00-20:00 UTC", "replicas": 3},
+    },
+    {"execution_policy": "autoscaling", "execution_policy_config": AUTOSCALING},
+    {
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {
+            "max_workers": 2,
+            "workers": {"source": "private", "private_worker_ids": ["wrk_1"]},
+        },
+    },
+    {"execution_policy": "autoscaling", "worker_id": "wrk_1"},
+    {"backend": "vllm-omni", "task_type": "text2image", "vllm_version": "0.11.0"},
+]
+
+INVALID = {
+    "scheduled without a schedule": {"execution_policy": "scheduled"},
+    "cron and window": {
+        "execution_policy": "scheduled",
+        "execution_policy_config": {"cron": "0 2 * * *", "window": "Sat 00:00-23:59 UTC"},
+    },
+    "window with a duration": {
+        "execution_policy": "scheduled",
+        "execution_policy_config": {"window": "Sat 00:00-23:59 UTC", "duration": "1h"},
+    },
+    "zero duration": {
+        "execution_policy": "scheduled",
+        "execution_policy_config": {"cron": "0 2 * * *", "duration": "0h0m"},
+    },
+    "unknown time zone": {
+        "execution_policy": "scheduled",
+        "execution_policy_config": {"cron": "0 2 * * *", "timezone": "Mars/Olympus"},
+    },
+    "autoscaling without a config": {"execution_policy": "autoscaling"},
+    "cloud autoscaling without a $/h ceiling": {
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {"max_workers": 3},
+    },
+    "a fixed config under autoscaling": {
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {"replicas": 2},
+    },
+    "more replicas than the service allows": {"execution_policy_config": {"replicas": 101}},
+    "max_workers above the maximum": {
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {**AUTOSCALING, "max_workers": 101},
+    },
+    "vllm_version on sglang": {"backend": "sglang", "vllm_version": "0.11.0"},
+    "a version that is not one": {"vllm_version": "latest"},
+    "an image task on vllm": {"task_type": "text2image"},
+    "worker_id with a cloud pool": {
+        "worker_id": "wrk_1",
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {
+            **AUTOSCALING,
+            "workers": {"cloud_pool": {"gpu_pool": ["NVIDIA A10G"]}},
+        },
+    },
+    "an unknown GPU": {
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {
+            **AUTOSCALING,
+            "workers": {"cloud_pool": {"gpu_pool": ["NVIDIA Z9000"]}},
+        },
+    },
+    "an unknown region": {
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {**AUTOSCALING, "regions": ["moon-base-1"]},
+    },
+    "a blank name": {"name": "   "},
+    "a slug that is no DNS label": {"slug": "Not_A_Slug"},
+}
+
+
+@pytest.mark.parametrize("extra", VALID)
+def test_a_spec_the_schema_calls_valid_is_accepted(extra: dict[str, Any]) -> None:
+    body = {**BASE, **extra}
+    assert list(_validator().iter_errors(body)) == []
+    assert _server_accepts(body)
+
+
+@pytest.mark.parametrize("extra", INVALID.values(), ids=list(INVALID))
+def test_a_rule_the_schema_can_express_is_in_it_and_the_server_keeps_it(
+    extra: dict[str, Any],
+) -> None:
+    body = {**BASE, **extra}
+    assert list(_validator().iter_errors(body)) != []
+    assert not _server_accepts(body)
+
+
+def test_the_document_publishes_the_service_maximum_and_the_merge_patch_shape() -> None:
+    schemas = _document(max_replicas=7)["components"]["schemas"]
+    assert schemas["FixedPolicy"]["properties"]["replicas"]["maximum"] == 7
+    assert schemas["AutoscalingPolicy"]["properties"]["max_workers"]["maximum"] == 7
+    patch = schemas["WorkloadPatch"]
+    assert patch["additionalProperties"] is False
+    assert set(patch["properties"]) == set(schemas["WorkloadSpec"]["properties"])
