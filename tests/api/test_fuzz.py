@@ -35,7 +35,7 @@ from tests.conftest import ADMIN_TOKEN
 from tests.helpers import ApiServer
 
 FUZZ_SECONDS = 25
-PUT_SECONDS = 20
+PUT_SECONDS = 40
 PATCH_SECONDS = 10
 STATEFUL_SECONDS = 20
 WORKLOAD_PUT = "PUT /v1/projects/{project}/workloads/{slug}"
