@@ -62,6 +62,7 @@ The continuous-batching engine that runs on a profile is ``catalog.engine``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from catalog.gpus import UnknownGpuError, resolve_gpu
@@ -335,3 +336,20 @@ def fits(gpu: str, gpu_count: int, params_b: float, bytes_per_param: float = 2.0
     except ModelDoesNotFit:
         return False
     return True
+
+
+def fastest_single_gpu(
+    gpus: Iterable[str], params_b: float, bytes_per_param: float = 2.0
+) -> ServingProfile | None:
+    """One GPU of the fastest-prefilling kind among ``gpus`` on which the model fits
+    alone (the SLO's reference: no fleet answers a long prompt faster than this GPU
+    prefills it); ``None`` when it fits on none of them alone or none has figures."""
+    best: ServingProfile | None = None
+    for gpu in sorted(set(gpus)):
+        try:
+            profile = serving_profile(gpu, 1, params_b, bytes_per_param)
+        except ValueError:  # ModelDoesNotFit, or no figures for the GPU
+            continue
+        if best is None or profile.prefill_tokens_per_s > best.prefill_tokens_per_s:
+            best = profile
+    return best

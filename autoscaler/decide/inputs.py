@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import overload
 
@@ -33,7 +33,7 @@ from autoscaler.decide.queueing import ReplicaCapacity
 from autoscaler.decide.signals import Signals
 from autoscaler.spec import WorkloadSpec
 from catalog.model import Offer
-from catalog.perf import serving_profile
+from catalog.perf import fastest_single_gpu, serving_profile
 from catalog.sizing import GIB, QUANT_PATTERNS, estimate_model_memory
 
 DEFAULT_CONCURRENCY_CAP = 64
@@ -115,12 +115,15 @@ def decision_inputs(
     fleet: Sequence[GpuShape],
     next_shape: Callable[[], GpuShape | None],
     concurrency_cap: int | None,
+    pool_gpus: Iterable[str] = (),
 ) -> DecisionInputs:
     """The decision inputs for one workload, by the rules in the module docstring.
 
     ``fleet`` holds the GPU shape of each live replica (booting and draining included);
     ``next_shape`` is asked only when it is empty (placement's choice for a first
     replica); ``model`` is ``None`` when the model's size is unknown (no capacity).
+    ``pool_gpus`` are the GPU kinds the workload may use: the capacity carries the mean
+    prompt's prefill on one GPU of the fastest of them (the SLO's reference).
     """
     shape = Counter(fleet).most_common(1)[0][0] if fleet else next_shape()
     capacity = None
@@ -128,6 +131,12 @@ def decision_inputs(
         capacity = replica_capacity(
             shape, model=model, mix=mix, concurrency_cap=concurrency_cap or DEFAULT_CONCURRENCY_CAP
         )
+        fastest = fastest_single_gpu(pool_gpus, model.params_b, model.bytes_per_param)
+        if capacity is not None and fastest is not None:
+            tokens_in = mix.input_tokens if mix is not None else DEFAULT_INPUT_TOKENS
+            capacity = replace(
+                capacity, fastest_prefill_s=fastest.prefill_seconds(round(tokens_in))
+            )
     return DecisionInputs(
         capacity=capacity,
         input_tokens=None if mix is None else mix.input_tokens,

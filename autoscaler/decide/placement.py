@@ -23,6 +23,16 @@ The rules:
   option that does not (fastest prefill first among them): a GPU that spends most of
   the target prefilling one prompt misses it as soon as two arrive together, and no
   number of replicas fixes that.
+* **The tail too, not just the mean.** With the measured prompt-length spread (mean and
+  squared coefficient of variation, taken as lognormal as ``decide.scaling`` takes it),
+  each GPU shape is judged by the share of prompts it prefills, alone, within the SLO's
+  bound for that prompt: ``max(target, PREFILL_TTFT_FACTOR x`` its prefill on the
+  fastest shape the workload may use``)`` (the simulator's SLO rule). A shape must serve
+  :data:`TAIL_SHARE` of them (or, where no shape in the pool does, as many as the best
+  one); shapes short of that rank after every shape that meets it, the highest share
+  first. A prompt a faster shape would answer in time is a miss of the slow shape, not
+  of the prompt: adding replicas of a shape whose prefill is too slow for the long
+  prompts never helps them.
 * **Skip recent failures.** ``unavailable`` maps :func:`unavailable_key` (offer and
   market, or a worker) to the time until which it is skipped: a spot stock-out leaves the
   same offer's on-demand market usable.
@@ -45,16 +55,25 @@ The rules:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from statistics import NormalDist
 
+from autoscaler.decide.queueing import PREFILL_TTFT_FACTOR
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import Offer
-from catalog.perf import ModelDoesNotFit, fits, serving_profile
+from catalog.perf import (
+    ModelDoesNotFit,
+    ServingProfile,
+    fastest_single_gpu,
+    fits,
+    serving_profile,
+)
 from catalog.query import Candidate, Market, OfferRequest, select_offers
 from providers.engines import parallel_size
 
@@ -80,6 +99,14 @@ GROUP_BACKENDS = frozenset({"vllm", "sglang"})
 """Backends that serve one model across machines (vLLM with Ray and pipeline
 parallelism, SGLang with ``--nnodes``)."""
 
+TAIL_SHARE = 0.99
+"""The share of measured prompts a preferred GPU shape must prefill within their SLO bound
+(the SLO's attainment target: a shape that cannot answer 1 % of prompts in time leaves no
+room for a single queued request)."""
+
+TAIL_MAX_TOKENS = 1_048_576
+"""The longest prompt the tail search considers."""
+
 
 @dataclass(frozen=True, slots=True)
 class PlacementOption:
@@ -92,6 +119,9 @@ class PlacementOption:
     """Prefill of a typical prompt alone on one replica (``None``: not known)."""
     group_size: int = 1
     """Machines of ``offer`` one replica spans (a group from 2)."""
+    tail_share: float | None = None
+    """The share of measured prompts it prefills alone within their SLO bound
+    (``None``: not known)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +216,10 @@ class _Priced:
         prefill = self.option.prefill_s
         return budget_s is not None and prefill is not None and prefill > budget_s
 
+    def short_of_tail(self, required: float | None) -> bool:
+        share = self.option.tail_share
+        return required is not None and share is not None and share < required - 1e-9
+
 
 def choose_offer(
     *,
@@ -196,11 +230,13 @@ def choose_offer(
     current_zones: Sequence[str] = (),
     max_usd_per_hour: float | None = None,
     prefill_budget_s: float | None = None,
+    tail_share_required: float | None = None,
 ) -> Placement:
     """The option with the lowest cost per capacity, by the rules in the module docstring.
 
     ``current_zones`` holds the zone of each of the workload's live replicas. Options
-    whose ``prefill_s`` exceeds ``prefill_budget_s`` rank after all others.
+    whose ``tail_share`` is below ``tail_share_required`` rank after all others (the
+    highest share first), then those whose ``prefill_s`` exceeds ``prefill_budget_s``.
     """
     skipped: Counter[str] = Counter()
     priced: list[_Priced] = []
@@ -223,9 +259,14 @@ def choose_offer(
     regions = Counter(_region_of(z, priced) for z in current_zones)
     best = min(
         priced,
-        key=lambda p: (_speed_rank(p, prefill_budget_s), _rank(p, zones=zones, regions=regions)),
+        key=lambda p: (
+            _tail_rank(p, tail_share_required),
+            _speed_rank(p, prefill_budget_s),
+            _rank(p, zones=zones, regions=regions),
+        ),
     )
     reason = _chosen_reason(best, among=len(priced), zones=zones, skipped=skipped)
+    reason += _tail_reason(best, priced, tail_share_required, prefill_budget_s)
     if best.too_slow(prefill_budget_s):
         reason += (
             f"; no option prefills a typical prompt within {prefill_budget_s:.3g}s "
@@ -266,6 +307,50 @@ def _rank(
         p.usd_per_hour,
         offer.key,
         p.market.value,
+    )
+
+
+def _tail_rank(p: _Priced, required: float | None) -> tuple[bool, float]:
+    """Options serving the required share of prompts first; short of it, the highest
+    share first."""
+    if p.short_of_tail(required):
+        return True, -(p.option.tail_share or 0.0)
+    return False, 0.0
+
+
+def _tail_reason(
+    best: _Priced, priced: Sequence[_Priced], required: float | None, budget_s: float | None
+) -> str:
+    """What the tail rule did, with the shares compared; empty when it changed nothing."""
+    if required is None or best.option.tail_share is None:
+        return ""
+    share = best.option.tail_share
+    if best.short_of_tail(required):
+        return (
+            f"; it prefills {share:.2%} of prompts within their TTFT bound, short of the "
+            f"{required:.2%} required, and no option does better"
+        )
+    passed_over = [
+        p
+        for p in priced
+        if p.short_of_tail(required)
+        and (_speed_rank(p, budget_s), _rank(p, zones=Counter(), regions=Counter()))
+        < (_speed_rank(best, budget_s), _rank(best, zones=Counter(), regions=Counter()))
+    ]
+    if not passed_over:
+        return ""
+    cheaper = min(
+        passed_over,
+        key=lambda p: (
+            _speed_rank(p, budget_s),
+            _rank(p, zones=Counter(), regions=Counter()),
+        ),
+    )
+    offer = cheaper.option.offer
+    return (
+        f"; {offer.gpu_count} x {offer.gpu} is cheaper per capacity but prefills only "
+        f"{cheaper.option.tail_share or 0.0:.2%} of prompts within their TTFT bound "
+        f"(< {required:.2%} required; this one {share:.2%})"
     )
 
 
@@ -332,6 +417,7 @@ def place_replica(
     output_tokens: float | None = None,
     concurrency_cap: int = GATEWAY_CONCURRENCY_CAP,
     allow_groups: bool = False,
+    input_scv: float | None = None,
 ) -> Placement:
     """Where the workload's next replica goes.
 
@@ -344,7 +430,10 @@ def place_replica(
     a measured prompt length, offers too slow to prefill it within the TTFT target rank
     last. ``concurrency_cap`` is the gateway's per-replica cap: no replica's capacity is
     counted at a batch larger than it. ``allow_groups`` lets a model no single machine
-    holds be placed as a replica group (see the module docstring).
+    holds be placed as a replica group (see the module docstring). ``input_scv`` is the
+    measured prompt-length spread (variance over squared mean); with it and a measured
+    prompt length, shapes are judged by the share of prompts they serve in time (the
+    tail rule of the module docstring).
     """
     _cap(concurrency_cap)
     policy = spec.execution_policy_config
@@ -365,13 +454,12 @@ def place_replica(
     selection = select_offers(offers, request)
     mix = (input_tokens or DEFAULT_INPUT_TOKENS, output_tokens or DEFAULT_OUTPUT_TOKENS)
     # One profile per GPU shape, not per offer: a catalog repeats shapes across zones.
-    shapes: dict[tuple[str, int], tuple[float | None, float | None]] = {}
-    options: list[PlacementOption] = []
+    shapes: dict[tuple[str, int], tuple[float | None, float | None, ServingProfile | None]] = {}
     for c in selection.feasible:
         shape = (c.offer.gpu, c.offer.gpu_count)
         if shape not in shapes:
             shapes[shape] = (
-                (None, None)
+                (None, None, None)
                 if params_b is None
                 else _shape_figures(
                     c.offer,
@@ -381,11 +469,33 @@ def place_replica(
                     concurrency_cap=concurrency_cap,
                 )
             )
-        capacity, prefill = shapes[shape]
-        options.append(PlacementOption(offer=c.offer, capacity_rps=capacity, prefill_s=prefill))
     budget = None
+    tails: dict[tuple[str, int], float] = {}
+    required = None
     if autoscaling is not None and input_tokens is not None:
         budget = PREFILL_SHARE_OF_TARGET * autoscaling.upper_allowed_latency_sec
+        if input_scv is not None:
+            profiles = {k: v[2] for k, v in shapes.items() if v[2] is not None}
+            tails = tail_shares(
+                profiles,
+                fastest=_fastest_single_gpu(
+                    profiles, params_b=params_b, bytes_per_param=bytes_per_param
+                ),
+                mean_tokens=input_tokens,
+                scv=input_scv,
+                target_s=autoscaling.upper_allowed_latency_sec,
+            )
+            if tails:
+                required = min(TAIL_SHARE, max(tails.values()))
+    options: list[PlacementOption] = []
+    for c in selection.feasible:
+        shape = (c.offer.gpu, c.offer.gpu_count)
+        capacity, prefill, _ = shapes[shape]
+        options.append(
+            PlacementOption(
+                offer=c.offer, capacity_rps=capacity, prefill_s=prefill, tail_share=tails.get(shape)
+            )
+        )
     placement = choose_offer(
         options=options,
         allow_spot=autoscaling.allow_spot_instances if autoscaling else False,
@@ -394,6 +504,7 @@ def place_replica(
         current_zones=current_zones,
         max_usd_per_hour=max_usd_per_hour,
         prefill_budget_s=budget,
+        tail_share_required=required,
     )
     if placement.found:
         return placement
@@ -487,7 +598,7 @@ def _group_options(
         capacity, prefill = (None, None)
         if params_b is not None:
             whole = replace(c.offer, gpu_count=n * c.offer.gpu_count)
-            capacity, prefill = _shape_figures(
+            capacity, prefill, _ = _shape_figures(
                 whole,
                 params_b=params_b,
                 bytes_per_param=bytes_per_param,
@@ -500,6 +611,16 @@ def _group_options(
     return options
 
 
+def pool_gpu_kinds(spec: WorkloadSpec, offers: Iterable[Offer]) -> list[str]:
+    """The GPU kinds of ``offers`` the workload may use (its cloud pool, regions and CUDA
+    pins, as placement filters them): where the SLO's reference GPU is chosen from. The
+    reconciler and the simulator both ask this, so they judge prompts by the same GPU."""
+    policy = spec.execution_policy_config
+    autoscaling = policy if isinstance(policy, AutoscalingPolicy) else None
+    request = _offer_request(autoscaling, memory_gib=None, gpu_count=None)
+    return sorted({c.offer.gpu for c in select_offers(offers, request).feasible})
+
+
 def _shape_figures(
     offer: Offer,
     *,
@@ -507,19 +628,93 @@ def _shape_figures(
     bytes_per_param: float,
     mix: tuple[float, float],
     concurrency_cap: int,
-) -> tuple[float | None, float | None]:
+) -> tuple[float | None, float | None, ServingProfile | None]:
     """One replica's usable capacity (requests/s, batch bounded by ``concurrency_cap``) at
-    ``mix`` and its prefill of the mean prompt."""
+    ``mix``, its prefill of the mean prompt, and its serving profile."""
     try:
         profile = serving_profile(
             offer.gpu, offer.gpu_count, params_b, bytes_per_param, max_batch=concurrency_cap
         )
     except ModelDoesNotFit:
-        return 0.0, None
+        return 0.0, None, None
     except ValueError:
-        return None, None
+        return None, None, None
     capacity = profile.capacity_rps(input_tokens=mix[0], output_tokens=mix[1])
-    return capacity, profile.prefill_seconds(round(mix[0]))
+    return capacity, profile.prefill_seconds(round(mix[0])), profile
+
+
+def _fastest_single_gpu(
+    profiles: Mapping[tuple[str, int], ServingProfile],
+    *,
+    params_b: float | None,
+    bytes_per_param: float,
+) -> ServingProfile | None:
+    """One GPU of the fastest-prefilling kind among ``profiles``' shapes, as the SLO rule
+    takes it (``catalog.perf.fastest_single_gpu``); the fastest shape where the model
+    fits on no single GPU of the pool."""
+    single = None
+    if params_b is not None:
+        single = fastest_single_gpu((shape[0] for shape in profiles), params_b, bytes_per_param)
+    if single is not None:
+        return single
+    return max(profiles.values(), key=lambda p: p.prefill_tokens_per_s, default=None)
+
+
+def tail_shares(
+    profiles: Mapping[tuple[str, int], ServingProfile],
+    *,
+    fastest: ServingProfile | None,
+    mean_tokens: float,
+    scv: float,
+    target_s: float,
+) -> dict[tuple[str, int], float]:
+    """Per GPU shape, the share of prompts (lognormal of mean ``mean_tokens`` and squared
+    coefficient of variation ``scv``) it prefills alone within their SLO bound:
+    ``max(target_s, PREFILL_TTFT_FACTOR x`` the prompt's prefill on ``fastest``)``, the
+    SLO rule's bound with one GPU of the fastest kind the workload may use."""
+    if not profiles or fastest is None or mean_tokens <= 0:
+        return {}
+
+    def within(profile: ServingProfile, tokens: int) -> bool:
+        bound = max(target_s, PREFILL_TTFT_FACTOR * fastest.prefill_seconds(tokens))
+        return profile.prefill_seconds(tokens) <= bound
+
+    return {
+        shape: prompt_share_below(longest_within(functools.partial(within, p)), mean_tokens, scv)
+        for shape, p in profiles.items()
+    }
+
+
+def longest_within(ok: Callable[[int], bool]) -> int:
+    """The longest prompt (tokens, up to :data:`TAIL_MAX_TOKENS`) for which ``ok`` holds,
+    ``ok`` holding for every shorter one; 0 if it fails for one token."""
+    if not ok(1):
+        return 0
+    if ok(TAIL_MAX_TOKENS):
+        return TAIL_MAX_TOKENS
+    low, high = 1, TAIL_MAX_TOKENS  # ok(low), not ok(high)
+    while high - low > 1:
+        mid = (low + high) // 2
+        if ok(mid):
+            low = mid
+        else:
+            high = mid
+    return low
+
+
+def prompt_share_below(tokens: int, mean_tokens: float, scv: float) -> float:
+    """The share of prompts no longer than ``tokens``, lengths lognormal of mean
+    ``mean_tokens`` and squared coefficient of variation ``scv`` (``sigma^2 = ln(1 +
+    scv)``, as ``decide.scaling.prefill_quantile``); a spread of 0 is one length."""
+    if tokens <= 0:
+        return 0.0
+    if tokens >= TAIL_MAX_TOKENS:
+        return 1.0
+    sigma = math.sqrt(math.log1p(max(scv, 0.0)))
+    if sigma == 0:
+        return 1.0 if tokens >= mean_tokens else 0.0
+    mu = math.log(mean_tokens) - sigma * sigma / 2.0
+    return NormalDist().cdf((math.log(tokens) - mu) / sigma)
 
 
 def _cap(concurrency_cap: int) -> int:

@@ -288,12 +288,26 @@ def calm_bound(policy: AutoscalingPolicy, capacity: ReplicaCapacity | None) -> t
 def breach_bound(policy: AutoscalingPolicy, capacity: ReplicaCapacity | None) -> float:
     """The TTFT percentile above which the TTFT rule scales up: the upper bound, or, when
     the measured prompt mix alone puts that percentile of prefill higher,
-    :data:`PREFILL_TTFT_FACTOR` times it (more replicas do not prefill a prompt faster)."""
+    :data:`PREFILL_TTFT_FACTOR` times it (more replicas do not prefill a prompt faster).
+
+    The prefill is the fastest GPU's the workload may use (``fastest_prefill_s``) when
+    known, as the SLO judges it: long prompts that only this fleet's slower GPU fails
+    are a reason to scale (placement then picks a shape that serves them), not an
+    excuse."""
     upper = policy.upper_allowed_latency_sec
-    prefill = None if capacity is None else prefill_quantile(capacity, policy.ttft_percentile)
+    prefill = (
+        None if capacity is None else prefill_quantile(_reference(capacity), policy.ttft_percentile)
+    )
     if prefill is None:
         return upper
     return max(upper, PREFILL_TTFT_FACTOR * prefill)
+
+
+def _reference(capacity: ReplicaCapacity) -> ReplicaCapacity:
+    """``capacity`` with the fastest GPU's prefill, where known (the SLO's reference)."""
+    if capacity.fastest_prefill_s is None:
+        return capacity
+    return replace(capacity, prefill_s=capacity.fastest_prefill_s)
 
 
 def _to_zero(ctx: _Context) -> ScaleDecision | None:
@@ -379,7 +393,8 @@ def _up(ctx: _Context, window_sec: float) -> ScaleDecision | None:
     over = (
         f"upper {p.upper_allowed_latency_sec:g}s"
         if bound == p.upper_allowed_latency_sec
-        else f"{bound:.3g}s ({PREFILL_TTFT_FACTOR:g}x the {pct} prefill alone)"
+        else f"{bound:.3g}s ({PREFILL_TTFT_FACTOR:g}x the {pct} prefill alone"
+        + (" on the fastest GPU)" if ctx.capacity and ctx.capacity.fastest_prefill_s else ")")
     )
     breach = f"TTFT {pct} {ctx.ttft_up:.3f}s > {over} for {held:.0f}s (window {window_sec:g}s)"
     if wanted <= ctx.current:

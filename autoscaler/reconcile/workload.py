@@ -42,7 +42,7 @@ from autoscaler.decide.inputs import (
     model_size,
     shape_of,
 )
-from autoscaler.decide.placement import Placement, place_replica
+from autoscaler.decide.placement import Placement, place_replica, pool_gpu_kinds
 from autoscaler.decide.plan import Drain, Launch, Plan, Terminate, Timeouts, plan_actions
 from autoscaler.decide.scaling import Direction, FleetCounts, ScaleDecision, ScaleMemory
 from autoscaler.decide.signals import Signals
@@ -334,6 +334,7 @@ def _inputs_for(
         fleet=[(r.gpu, r.gpu_count) for r in rows],
         next_shape=lambda: shape_of(placer.placement().offer),
         concurrency_cap=measured.concurrency_cap,
+        pool_gpus=placer.pool_gpus(),
     )
 
 
@@ -359,6 +360,10 @@ class _Placer:
         self._now = now
         self._placement: Placement | None = None
 
+    def pool_gpus(self) -> list[str]:
+        """The GPU kinds the workload may use (``decide.placement.pool_gpu_kinds``)."""
+        return pool_gpu_kinds(self._spec, self._deps.offers())
+
     def placement(self) -> Placement:
         if self._placement is None:
             self._placement = _place(
@@ -368,6 +373,7 @@ class _Placer:
                 headroom=None if self._headroom is None else self._headroom[0] + 1e-9,
                 input_tokens=None if self._mix is None else self._mix.input_tokens,
                 output_tokens=None if self._mix is None else self._mix.output_tokens,
+                input_scv=None if self._mix is None else self._mix.input_scv,
                 now=self._now,
             )
         return self._placement
@@ -497,6 +503,7 @@ def _place(
     headroom: float | None,
     input_tokens: float | None,
     output_tokens: float | None,
+    input_scv: float | None,
     now: datetime,
 ) -> Placement:
     memory = estimate_model_memory(spec.model, spec.command, hint_gib=spec.model_memory_gib)
@@ -518,6 +525,7 @@ def _place(
         max_usd_per_hour=headroom,
         input_tokens=input_tokens,
         output_tokens=output_tokens,
+        input_scv=input_scv,
     )
 
 

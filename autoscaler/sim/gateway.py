@@ -85,6 +85,10 @@ class SimGateway:
     _mix_sums: list[int] = field(default_factory=lambda: [0, 0, 0])
     """Prompt tokens, completion tokens and squared prompt tokens of ``finished``."""
     _next_second: float = 0.0
+    _earliest_deadline: float = math.inf
+    """No queued request's deadline is before this: :meth:`expire` scans the queue only
+    when one may have passed (a day's replay has a million events and a queue that can
+    hold thousands in a backlog)."""
 
     def observe_until(self, t: float) -> None:
         """Record concurrency (in flight + queued) once per second up to ``t``, as a
@@ -97,21 +101,26 @@ class SimGateway:
         self.arrivals.append(t)
         self.last_request_s = t
         record.deadline_s = t + (QUEUE_TIMEOUT_S if any_ready else COLD_START_TIMEOUT_S)
+        self._earliest_deadline = min(self._earliest_deadline, record.deadline_s)
         self.queue.append(record)
 
     def requeue(self, record: RequestRecord, *, t: float) -> None:
         """A request whose replica vanished before its first token: to the front."""
         record.replica = None
         record.deadline_s = max(record.deadline_s, t + QUEUE_TIMEOUT_S)
+        self._earliest_deadline = min(self._earliest_deadline, record.deadline_s)
         self.queue.appendleft(record)
 
     def expire(self, t: float) -> list[RequestRecord]:
         """Requests whose wait passed the deadline: answered 503."""
+        if t <= self._earliest_deadline or not self.queue:
+            return []
         expired = [r for r in self.queue if r.deadline_s < t]
         if expired:
             self.queue = deque(r for r in self.queue if r.deadline_s >= t)
             for r in expired:
                 r.outcome = Outcome.REJECTED
+        self._earliest_deadline = min((r.deadline_s for r in self.queue), default=math.inf)
         return expired
 
     def choose(self, loads: list[ReplicaLoad]) -> ReplicaLoad | None:

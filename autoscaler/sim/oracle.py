@@ -49,10 +49,14 @@ as if it did.
 **Offer.** Stage A runs for the :data:`SHAPES_TRIED` GPU shapes cheapest per usable
 capacity (batch bounded by the gateway's cap) for this trace's mean token mix, each at
 its cheapest price, among those that can meet the SLO at all (a shape whose
-single-request prefill already misses more than the allowance is skipped). Stage B
-repairs the cheapest relaxed plan, and any other whose relaxed cost is below the best
-repaired cost (repair only adds capacity, so a relaxed cost bounds its repaired cost
-from below). The cheapest repaired plan that meets the SLO wins.
+single-request prefill already misses more than the allowance is skipped). Shapes are
+taken in order of a cost floor (:func:`cost_floor`: one replica in every slot with
+requests, less the slots the allowance could give up), each planned (stage A) and
+repaired (stage B) in turn; a shape whose floor, or whose relaxed cost, is not below the
+cheapest repaired plan that met the SLO so far is skipped (repair only adds capacity, so
+both bound its repaired cost from below). The cheapest repaired plan that meets the SLO
+wins: the same plan as planning and repairing every shape, found without sizing the
+slots of shapes that cannot win (on a day, most of the oracle's time).
 
 **In what sense it is a bound.** The oracle knows what no policy can (the future, the
 boot time) and pays nothing for stock-outs or interruptions, so a policy under the same
@@ -290,11 +294,16 @@ def _slot(
 
 def _unavoidable(profile: ServingProfile, requests: Sequence[TraceRequest], slo: SloRule) -> int:
     """Requests missing the SLO even alone on an idle replica of ``profile``."""
-    return sum(
-        1
-        for r in requests
-        if not slo.met(ttft_s=profile.prefill_seconds(r.input_tokens), input_tokens=r.input_tokens)
-    )
+    missed: dict[int, bool] = {}
+    count = 0
+    for r in requests:
+        tokens = r.input_tokens
+        if tokens not in missed:
+            missed[tokens] = not slo.met(
+                ttft_s=profile.prefill_seconds(tokens), input_tokens=tokens
+            )
+        count += missed[tokens]
+    return count
 
 
 def _slots(requests: Sequence[TraceRequest], slot_s: float) -> list[list[TraceRequest]]:
@@ -541,8 +550,37 @@ def oracle(
             f"workload {workload.spec.slug}: no offer can meet the SLO for "
             f"{attainment:.0%} of this trace's requests, whatever the fleet"
         )
-    plans = [
-        oracle_for_offer(
+    groups = _slots(served, slot_s)
+    bounded = sorted(
+        (
+            (
+                cost_floor(
+                    groups,
+                    profile=profile,
+                    slo=slo,
+                    price=offer.price(spot=spot),
+                    slot_s=slot_s,
+                    allowance=allowance,
+                ),
+                offer.key,
+                offer,
+                spot,
+                profile,
+            )
+            for _, offer, spot, profile in ranked[:SHAPES_TRIED]
+        ),
+        key=lambda item: (item[0], item[1]),
+    )
+    plans: list[OraclePlan] = []
+    repaired: list[OraclePlan] = []
+    for floor, _, offer, spot, profile in bounded:
+        # Stage A is most of the oracle's time on a day: a shape whose cost floor is
+        # already above a plan that met the SLO (or, without a replay, above the
+        # cheapest relaxed plan) cannot win, so its slots are not sized at all.
+        best = _best_cost(repaired if replay is not None else plans, met_only=replay is not None)
+        if best is not None and floor >= best:
+            continue
+        plan = oracle_for_offer(
             requests=served,
             profile=profile,
             offer=offer,
@@ -553,19 +591,44 @@ def oracle(
             slot_s=slot_s,
             seed=seed,
         )
-        for _, offer, spot, profile in ranked[:SHAPES_TRIED]
-    ]
-    plans.sort(key=lambda p: (p.cost_usd, p.offer.key))
-    if replay is None:
-        return plans[0]
-    repaired: list[OraclePlan] = []
-    for plan in plans:
-        met = [p for p in repaired if p.meets_slo]
+        plans.append(plan)
+        if replay is None:
+            continue
         # Repair only adds capacity: a relaxed plan dearer than a met one cannot win.
-        if met and plan.cost_usd >= min(p.cost_usd for p in met):
+        if best is not None and plan.cost_usd >= best:
             continue
         repaired.append(repair(plan, replay=replay))
+    if replay is None:
+        return min(plans, key=lambda p: (p.cost_usd, p.offer.key))
     return min(repaired, key=_preference)
+
+
+def _best_cost(plans: Sequence[OraclePlan], *, met_only: bool) -> float | None:
+    costs = [p.cost_usd for p in plans if p.meets_slo or not met_only]
+    return min(costs, default=None)
+
+
+def cost_floor(
+    groups: Sequence[Sequence[TraceRequest]],
+    *,
+    profile: ServingProfile,
+    slo: SloRule,
+    price: float,
+    slot_s: float,
+    allowance: int,
+) -> float:
+    """A cost no plan of this shape (relaxed or repaired) goes below: one replica in
+    every slot with requests, except the slots that giving up entirely fits in the
+    allowance (a slot left with no replica misses every request no fleet would have
+    served, and the allowance pays for those), each counted a full slot."""
+    avoidable = sorted(len(group) - _unavoidable(profile, group, slo) for group in groups if group)
+    dropped, spent = 0, 0
+    for extra in avoidable:
+        if spent + extra > allowance:
+            break
+        spent += extra
+        dropped += 1
+    return max(len(avoidable) - dropped, 0) * slot_s / 3600.0 * price
 
 
 def _preference(plan: OraclePlan) -> tuple[bool, float, float, str]:

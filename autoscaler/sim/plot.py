@@ -7,6 +7,9 @@ from pathlib import Path
 
 from autoscaler.sim.report import RunReport
 
+LONG_RUN_H = 3.0
+"""Runs longer than this many hours are drawn against hours, on a wider figure."""
+
 
 def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float | None) -> None:
     """Write ``report``'s timeline to ``path`` (PNG)."""
@@ -17,11 +20,20 @@ def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float 
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - the sim extra is installed by the gate
         raise RuntimeError("--plot needs matplotlib: pip install 'gpu-autoscaler[sim]'") from exc
+    from matplotlib.ticker import MultipleLocator
+
     rows = report.timeline
-    minutes = [row["t"] / 60.0 for row in rows]
-    fig, axes = plt.subplots(4, 1, figsize=(10, 10), sharex=True)
+    span_h = rows[-1]["t"] / 3600.0 if rows else 0.0
+    # Past a few hours the axis is in hours, the figure wider (up to 24 in: a week at
+    # 100 dpi is 2,400 pixels for 60,000 samples), ticks on whole hours, lines thinner.
+    long_run = span_h > LONG_RUN_H
+    unit = 3600.0 if long_run else 60.0
+    minutes = [row["t"] / unit for row in rows]
+    width = min(max(10.0, span_h * 0.6), 24.0) if long_run else 10.0
+    line = 0.6 if long_run else 1.5
+    fig, axes = plt.subplots(4, 1, figsize=(width, 10), sharex=True)
     rate, fleet, ttft, spend = axes
-    rate.plot(minutes, [row["request_rate"] for row in rows], color="tab:blue")
+    rate.plot(minutes, [row["request_rate"] for row in rows], color="tab:blue", linewidth=line)
     rate.set_ylabel("requests/s\n(60 s window)")
     rate.set_title(
         f"{report.policy} on {report.trace} at {report.rate_scale:g}x the request rate: "
@@ -47,7 +59,7 @@ def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float 
     fleet.set_ylabel("replicas")
     fleet.legend(loc="upper left", fontsize="small")
     p95 = [row["ttft_p95_s"] if row["ttft_p95_s"] is not None else float("nan") for row in rows]
-    ttft.plot(minutes, p95, color="tab:red", label="TTFT p95 (60 s)")
+    ttft.plot(minutes, p95, color="tab:red", linewidth=line, label="TTFT p95 (60 s)")
     ttft.axhline(report.ttft_target_s, color="black", linestyle="--", label="target")
     ttft.set_yscale("log")
     ttft.set_ylabel("seconds")
@@ -62,7 +74,12 @@ def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float 
     if ceiling_usd_per_hour is not None:
         spend.axhline(ceiling_usd_per_hour, color="black", linestyle="--", label="ceiling")
     spend.set_ylabel("$/h")
-    spend.set_xlabel("minutes (simulated)")
+    spend.set_xlabel("hours (simulated)" if long_run else "minutes (simulated)")
+    if long_run:
+        spend.xaxis.set_major_locator(MultipleLocator(2.0 if span_h <= 48 else 12.0))
+        spend.xaxis.set_minor_locator(MultipleLocator(1.0 if span_h <= 48 else 6.0))
+        for axis in axes:
+            axis.grid(True, which="major", axis="x", linewidth=0.4, alpha=0.5)
     spend.legend(loc="upper left", fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -155,8 +156,14 @@ class SloRule:
     fastest: ServingProfile
 
     def bound_s(self, input_tokens: int) -> float:
-        prefill = self.fastest.prefill_seconds(input_tokens)
-        return max(self.target_s, SLO_PREFILL_FACTOR * prefill)
+        return _bound_s(self.target_s, self.fastest, input_tokens)
 
     def met(self, *, ttft_s: float, input_tokens: int) -> bool:
         return ttft_s <= self.bound_s(input_tokens)
+
+
+@functools.lru_cache(maxsize=65536)
+def _bound_s(target_s: float, fastest: ServingProfile, input_tokens: int) -> float:
+    """:meth:`SloRule.bound_s`, remembered: a day's replay asks it for every request,
+    the oracle for every request of every slot it sizes."""
+    return max(target_s, SLO_PREFILL_FACTOR * fastest.prefill_seconds(input_tokens))

@@ -17,7 +17,12 @@ from datetime import datetime, timedelta
 
 from autoscaler.decide.budget import BudgetLimits, check_launch, limits_for
 from autoscaler.decide.inputs import ModelSize, TokenMix, decision_inputs, shape_of
-from autoscaler.decide.placement import Placement, place_replica, unavailable_key
+from autoscaler.decide.placement import (
+    Placement,
+    place_replica,
+    pool_gpu_kinds,
+    unavailable_key,
+)
 from autoscaler.decide.plan import (
     Drain,
     Launch,
@@ -207,6 +212,7 @@ class World:
         # between its own events an engine's state evolves deterministically.
         self._due: dict[str, float] = {}
         self._initial_mix = initial_mix
+        self._pool_gpus = pool_gpu_kinds(self.spec, self.offers)
         self._warm_start(initial_replicas)
 
     # --- time -------------------------------------------------------------------------
@@ -469,6 +475,7 @@ class World:
             fleet=[shape_of(r.offer) for r in self.replicas.values() if r.ended_s is None],
             next_shape=lambda: shape_of(self._place(now).offer),
             concurrency_cap=self.gateway.cap,
+            pool_gpus=self._pool_gpus,
         ).capacity
 
     def _view(self, r: SimReplica) -> ReplicaView:
@@ -502,6 +509,7 @@ class World:
             max_usd_per_hour=(min(ceilings) - spent) if ceilings else None,
             input_tokens=mix[0] if mix else None,
             output_tokens=mix[1] if mix else None,
+            input_scv=self.gateway.prompt_scv(self.t) if mix else None,
         )
 
     def _launch(self, t: float) -> None:

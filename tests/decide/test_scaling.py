@@ -598,21 +598,57 @@ def test_slots_shared_by_several_replicas_need_less_headroom_than_a_flat_share()
     assert slot_need(replace(capacity, prefill_s=1.5), 11.3, 1.0) is None
 
 
+def test_long_prompts_a_faster_gpu_would_answer_in_time_are_no_excuse() -> None:
+    """The code-day failure: two L4s prefill the mean code prompt (2,048 tokens) in
+    0.36 s, so by their own prefill a TTFT p95 of 1.3 s looked "explained by long
+    prompts" and never scaled up. One H100 (the fastest GPU of the pool) prefills it in
+    0.066 s: judged against it, as the SLO is, the same TTFT is a breach of the upper
+    bound, and the reason says so with the bound it compared."""
+    p = policy(max_workers=64)
+    own = ReplicaCapacity(
+        requests_per_s=2.56, max_concurrency=64, prefill_s=0.361, prefill_scv=0.93
+    )
+    judged = replace(own, fastest_prefill_s=0.066)
+    assert breach_bound(p, own) > 1.3  # the excuse
+    assert breach_bound(p, judged) == p.upper_allowed_latency_sec
+
+    def last(capacity: ReplicaCapacity) -> Any:
+        memory, decision = ScaleMemory(), None
+        for step in range(0, 121, 10):
+            at = T0 + timedelta(seconds=step)
+            signals = Signals(
+                ttft_samples=samples(1.3, now=at, seconds=120, every=2), last_request_at=at
+            )
+            decision = desired_replicas(
+                policy=p, signals=signals, fleet=FleetCounts(ready=4), memory=memory,
+                now=at, capacity=capacity,
+            )  # fmt: skip
+            memory = decision.memory
+        return decision
+
+    assert last(own).direction is not Direction.UP
+    up = last(judged)
+    assert up.direction is Direction.UP
+    assert "TTFT p95 1.300s > upper 1s" in up.reason
+
+
 # "TTFT p95 X s < [words] Y s" and the same with ">": whatever names the bound.
 _BELOW = re.compile(r"TTFT p[\d.]+ ([\d.]+)s < (?:[a-z ]+ )?([\d.e+-]+)s")
 _ABOVE = re.compile(r"TTFT p[\d.]+ ([\d.]+)s > (?:[a-z ]+ )?([\d.e+-]+)s")
 
 
 @settings(max_examples=120, deadline=None)
-@example(0.4, 10.0, None, 4)  # calm under half the upper bound, above the lower bound
+@example(0.4, 10.0, None, 4, None)  # calm under half the upper bound, above the lower bound
+@example(1.3, 2.56, 0.361, 4, 0.066)  # a slow GPU's prefill judged against the fastest
 @given(
     st.floats(0.01, 3.0),
     st.one_of(st.none(), st.floats(0.5, 30.0)),
     st.one_of(st.none(), st.floats(0.01, 0.8)),
     st.integers(1, 8),
+    st.one_of(st.none(), st.floats(0.005, 0.8)),
 )
 def test_every_ttft_comparison_a_reason_states_holds_for_the_numbers_it_states(
-    ttft: float, rps: float | None, prefill: float | None, ready: int
+    ttft: float, rps: float | None, prefill: float | None, ready: int, fastest: float | None
 ) -> None:
     """A reason that says "X < Y" or "X > Y" is true of the X and Y it prints (a scale-down
     once read "TTFT p95 0.886s < lower 0.2s": the bound compared was another)."""
@@ -620,7 +656,12 @@ def test_every_ttft_comparison_a_reason_states_holds_for_the_numbers_it_states(
     capacity = (
         None
         if rps is None
-        else ReplicaCapacity(requests_per_s=rps, max_concurrency=64, prefill_s=prefill)
+        else ReplicaCapacity(
+            requests_per_s=rps,
+            max_concurrency=64,
+            prefill_s=prefill,
+            fastest_prefill_s=fastest if prefill is not None else None,
+        )
     )
     memory = ScaleMemory()
     now = T0

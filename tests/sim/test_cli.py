@@ -70,3 +70,58 @@ def test_simulate_overlays_the_trace_by_default(tmp_path: Path, workload_file: P
     assert data["rate_mode"] == "overlay"
     # The overlaid trace keeps its four minutes; compressed it would last two.
     assert data["duration_s"] >= 239
+
+
+def test_simulate_replays_a_day_drawn_from_a_rate_profile(
+    tmp_path: Path, workload_file: Path
+) -> None:
+    """A whole day of the bundled Azure 2024 conversation week (Monday, scaled to a peak of
+    0.1 req/s), token lengths from the 2023 conversation trace: the report covers 24 h,
+    serves every drawn request, and the PNG is written. (Its wall time is measured in
+    docs/simulate.md, not asserted.)"""
+    from autoscaler.sim.profile import load_rate_profile, poisson_trace
+    from autoscaler.sim.trace import load_trace
+
+    traces = Path(__file__).parents[2] / "traces"
+    profile = traces / "azure2024_conv_week_rate_digitized.csv"
+    drawn = poisson_trace(
+        load_rate_profile(profile).day(1).with_peak(0.1),
+        load_trace(traces / "azure2023_conv.csv"),
+        seed=4,
+    )
+    report, plot = tmp_path / "report.json", tmp_path / "day.png"
+    result = CliRunner().invoke(
+        main,
+        [
+            "simulate",
+            "--trace", str(profile),
+            "--day", "1",
+            "--peak-rps", "0.1",
+            "--workload", str(workload_file),
+            "--seed", "4",
+            "--report", str(report),
+            "--plot", str(plot),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "day 1, peak 0.1 req/s, tokens azure2023_conv.csv" in result.output
+    data = json.loads(report.read_text())
+    assert data["requests"] == len(drawn)
+    assert data["served"] + data["refused_too_long"] == len(drawn)
+    assert data["duration_s"] >= 86_000
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_simulate_names_bad_profile_options(tmp_path: Path, workload_file: Path) -> None:
+    profile = Path(__file__).parents[2] / "traces" / "azure2024_conv_week_rate_digitized.csv"
+    trace = write_trace(tmp_path / "trace.csv", constant(rps=1.0, seconds=60))
+    cases = [
+        (["--trace", str(profile), "--day", "9"], "day must be 0-6"),
+        (["--trace", str(profile), "--peak-rps", "0"], "must be > 0 requests/s, got 0"),
+        (["--trace", str(profile), "--day", "1", "--week"], "--day and --week exclude"),
+        (["--trace", str(trace), "--day", "1"], "apply to a rate profile only"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(main, ["simulate", *args, "--workload", str(workload_file)])
+        assert result.exit_code != 0
+        assert message in result.output, result.output
