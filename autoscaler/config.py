@@ -18,14 +18,16 @@ A bad file fails with the key that is wrong:
 from __future__ import annotations
 
 import ipaddress
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from autoscaler.decide.schedule import format_offset
 from autoscaler.reconcile.timeouts import DEFAULT_CALL_TIMEOUT_SEC, DEFAULT_LAUNCH_TIMEOUT_SEC
-from autoscaler.spec import DEFAULT_MAX_REPLICAS
+from autoscaler.spec import DEFAULT_MAX_REPLICAS, parse_duration
 from catalog.cuda import MachineImage, parse_driver
 from catalog.model import ProviderName
 from providers.aws import DLAMI_PARAMETER, AwsConfig
@@ -201,6 +203,25 @@ class CatalogSyncSettings(_Strict):
     jitter_sec: Annotated[float, Field(ge=0)] = 900.0
 
 
+MAX_SCHEDULE_OFFSET_SEC = 366 * 86400.0
+"""The furthest a schedule clock may be shifted either way: a year."""
+
+
+def parse_offset(text: str) -> float:
+    """A signed offset in seconds: ``+9h``, ``-30m``, ``1h30m``, ``-3600``, ``0``."""
+    raw = text.strip()
+    sign = -1.0 if raw.startswith("-") else 1.0
+    body = raw[1:] if raw.startswith(("-", "+")) else raw
+    if body == "0":
+        return 0.0
+    try:
+        return sign * parse_duration(int(body) if body.isdigit() else body)
+    except ValueError:
+        raise ValueError(
+            f"offset {text!r} is not like '+9h', '-30m', '1h30m' or a number of seconds"
+        ) from None
+
+
 DEFAULT_FLEET_MAX_HOURLY_COST_USD = 100.0
 """The fleet ceiling when the configuration names none: every workload, fixed and
 scheduled ones included, buys within it."""
@@ -244,6 +265,13 @@ class ControllerConfig(_Strict):
     """The management API's address as cloud instances reach it (``https://host:8001``)."""
     hf_token_file: Path | None = None
     """A file holding the Hugging Face token handed to booting instances (else ``$HF_TOKEN``)."""
+    schedule_offset_sec: Annotated[
+        float, Field(ge=-MAX_SCHEDULE_OFFSET_SEC, le=MAX_SCHEDULE_OFFSET_SEC, allow_inf_nan=False)
+    ] = 0.0
+    """Read every schedule (``execution_policy: scheduled``) this many seconds ahead of
+    the wall clock (behind, when negative): a rehearsal of a schedule, which buys and
+    stops replicas as the shifted schedule says. 0 (the default) in production; the
+    service prints it at start when it is not. ``autoscaler run --schedule-offset``."""
 
     def limits_summary(self) -> str:
         """The limits every workload runs under, as the service prints them at start."""
@@ -256,6 +284,30 @@ class ControllerConfig(_Strict):
             f"fleet ceiling ${self.fleet_max_hourly_cost_usd:,.2f}/h ({source}); "
             f"at most {self.max_replicas_per_workload} replicas per workload"
         )
+
+    def schedule_clock_summary(self, *, now: datetime) -> str | None:
+        """The line the service prints at start when schedules are read on a shifted
+        clock (``None`` when they are not)."""
+        if not self.schedule_offset_sec:
+            return None
+        offset = timedelta(seconds=self.schedule_offset_sec)
+        shifted = (now + offset).astimezone(UTC).strftime("%a %Y-%m-%d %H:%M:%S UTC")
+        return (
+            f"SCHEDULE CLOCK SHIFTED {format_offset(offset)} (schedule_offset_sec): scheduled "
+            f"workloads run as if it were {shifted}; a rehearsal setting, not for production"
+        )
+
+    def with_schedule_offset(self, offset_sec: float) -> ControllerConfig:
+        """This configuration with ``schedule_offset_sec`` set (``--schedule-offset``),
+        validated as the file's value is."""
+        try:
+            return ControllerConfig.model_validate(
+                {**self.model_dump(exclude_unset=True), "schedule_offset_sec": offset_sec}
+            )
+        except ValidationError as exc:
+            raise ConfigError(
+                f"--schedule-offset: {offset_sec:g}s: {exc.errors()[0]['msg']}"
+            ) from None
 
     def with_local_engine(self, engine: Literal["auto", "sim", "vllm"]) -> ControllerConfig:
         """This configuration with the local provider's engine set (``run --engine``);

@@ -390,6 +390,7 @@ def build_controller(
             dry_run=dry_run,
             callback_url=config.callback_url,
             max_replicas_per_workload=config.max_replicas_per_workload,
+            schedule_offset_sec=config.schedule_offset_sec,
         ),
         metrics=metrics,
         notify_change=notify_change,
@@ -550,7 +551,7 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
     from aiohttp import web
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    from autoscaler.service import STOP_GRACE_SEC, install_stop_signals
+    from autoscaler.service import STOP_GRACE_SEC, announce_schedule_clock, install_stop_signals
     from autoscaler.store import sealed
     from autoscaler.store.db import open_store, session_factory
 
@@ -594,6 +595,7 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
             f"{'; dry run' if options.dry_run else ''})\n{config.limits_summary()}",
             flush=True,
         )
+        announce_schedule_clock(config)
         try:
             loop = asyncio.ensure_future(
                 run_controller(controller, engine=engine, stopping=stopping)

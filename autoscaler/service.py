@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.api.app import create_app
 from autoscaler.api.boot import BootSecrets, configure_boot
 from autoscaler.api.deps import ApiState
-from autoscaler.config import ConfigError, load_config
+from autoscaler.config import ConfigError, ControllerConfig, load_config
 from autoscaler.controller import GatewaySignals, build_controller, run_controller
 from autoscaler.paths import default_data_dir
 from autoscaler.store import sealed, tokens
@@ -78,6 +78,8 @@ class RunSettings:
     dry_run: bool = False
     engine: Literal["auto", "sim", "vllm"] | None = None
     """Overrides the config's ``providers.local.engine`` (``autoscaler run --engine``)."""
+    schedule_offset_sec: float | None = None
+    """Overrides the config's ``schedule_offset_sec`` (``autoscaler run --schedule-offset``)."""
 
     @property
     def db_url(self) -> str:
@@ -137,6 +139,8 @@ async def run_all(settings: RunSettings) -> None:
         config = load_config(settings.config_path)
         if settings.engine is not None:
             config = config.with_local_engine(settings.engine)
+        if settings.schedule_offset_sec is not None:
+            config = config.with_schedule_offset(settings.schedule_offset_sec)
         wake = asyncio.Event()
         gateway = Gateway(sessions=sessions, on_demand=lambda _ref: wake.set())
 
@@ -181,6 +185,7 @@ async def run_all(settings: RunSettings) -> None:
             f"{'; dry run' if settings.dry_run else ''})\n{config.limits_summary()}",
             flush=True,
         )
+        announce_schedule_clock(config)
         stopping = asyncio.Event()
         loop = run_controller(controller, engine=engine, stopping=stopping, wake=wake)
         try:
@@ -191,6 +196,14 @@ async def run_all(settings: RunSettings) -> None:
             for step in (gateway.stop, controller.stop_local_replicas, controller.close):
                 await _bounded(step(), what=step.__qualname__)
             log.info("stopped")
+
+
+def announce_schedule_clock(config: ControllerConfig) -> None:
+    """Print the shifted schedule clock, when there is one, so that a rehearsal setting
+    left in a production config is seen at every start."""
+    line = config.schedule_clock_summary(now=utc_now())
+    if line is not None:
+        print(line, flush=True)
 
 
 async def _bounded(step: Awaitable[None], *, what: str) -> None:

@@ -6,7 +6,12 @@ from pathlib import Path
 
 import click
 
-from autoscaler.cli.serve import log_options, refuse_taken_ports, setup_logging
+from autoscaler.cli.serve import (
+    log_options,
+    refuse_taken_ports,
+    schedule_offset_option,
+    setup_logging,
+)
 from autoscaler.paths import default_data_dir
 
 
@@ -57,6 +62,7 @@ def register(group: click.Group) -> None:
     "--metrics-port", default=9464, show_default=True, help="Prometheus /metrics (0: off)."
 )
 @log_options
+@schedule_offset_option
 def controller(
     database_url: str | None,
     config_path: Path | None,
@@ -69,6 +75,7 @@ def controller(
     metrics_port: int,
     log_level: str,
     log_format: str,
+    schedule_offset: float | None,
 ) -> None:
     """Run the controller alone: reconcile workloads against the providers.
 
@@ -83,6 +90,8 @@ def controller(
     setup_logging(log_level, log_format)
     try:
         config = load_config(config_path)
+        if schedule_offset is not None:
+            config = config.with_schedule_offset(schedule_offset)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     if gateway_token_file is not None:

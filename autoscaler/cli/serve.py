@@ -41,6 +41,30 @@ def log_options(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
+def _offset(_ctx: click.Context, _param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    from autoscaler.config import parse_offset
+
+    try:
+        return parse_offset(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+def schedule_offset_option(command: Callable[..., None]) -> Callable[..., None]:
+    """``--schedule-offset`` for the roles that run the controller."""
+    return click.option(
+        "--schedule-offset",
+        metavar="OFFSET",
+        default=None,
+        callback=_offset,
+        help="Read schedules this far ahead of the wall clock (+9h, -30m, 1h30m, seconds) "
+        "to rehearse one; replicas are bought as the shifted schedule says. Overrides the "
+        "config's schedule_offset_sec. Printed at start; not for production.",
+    )(command)
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """Logging for a server role; and every file the role creates (state, the catalog
     snapshot, local engines' files) is its owner's alone (umask 077)."""
@@ -96,6 +120,7 @@ def refuse_taken_ports(host: str, ports: dict[str, int]) -> None:
     help="What local replicas run: real vLLM where installed and the model is here "
     "(auto, the default), engine-sim (sim), or vLLM or fail (vllm). Overrides the config.",
 )
+@schedule_offset_option
 def run(
     host: str,
     api_port: int,
@@ -107,6 +132,7 @@ def run(
     log_level: str,
     log_format: str,
     engine: Literal["auto", "sim", "vllm"] | None,
+    schedule_offset: float | None,
 ) -> None:
     """Run every role in one process: management API, controller, gateway, local worker.
 
@@ -120,7 +146,9 @@ def run(
 
     setup_logging(log_level, log_format)
     try:
-        load_config(config_path)  # a bad file fails here, naming its key, before serving
+        config = load_config(config_path)  # a bad file fails here, naming its key
+        if schedule_offset is not None:
+            config.with_schedule_offset(schedule_offset)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     refuse_taken_ports(host, {"--api-port": api_port, "--gateway-port": gateway_port})
@@ -133,6 +161,7 @@ def run(
         config_path=config_path,
         dry_run=dry_run,
         engine=engine,
+        schedule_offset_sec=schedule_offset,
     )
     try:
         run_async(run_all(settings))

@@ -2,13 +2,15 @@
 
 * fixed: ``replicas``, always.
 * scheduled: ``replicas`` while the schedule is active, else 0; ``recheck_at`` says when
-  that changes, so the controller can wake exactly then.
+  that changes, so the controller can wake exactly then. ``schedule_offset`` moves the
+  moment the schedule is read at (a rehearsal of a schedule: ``autoscaler run
+  --schedule-offset``); ``recheck_at`` stays on the real clock.
 * autoscaling: :func:`autoscaler.decide.scaling.desired_replicas`.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from autoscaler.decide.queueing import ReplicaCapacity
 from autoscaler.decide.scaling import (
@@ -18,7 +20,7 @@ from autoscaler.decide.scaling import (
     ScaleMemory,
     desired_replicas,
 )
-from autoscaler.decide.schedule import schedule_state
+from autoscaler.decide.schedule import format_offset, schedule_state
 from autoscaler.decide.signals import Signals
 from autoscaler.spec import AutoscalingPolicy, FixedPolicy, ScheduledPolicy, WorkloadSpec
 
@@ -31,21 +33,24 @@ def desired_count(
     memory: ScaleMemory,
     now: datetime,
     capacity: ReplicaCapacity | None = None,
+    schedule_offset: timedelta = timedelta(0),
 ) -> ScaleDecision:
-    """How many replicas ``spec`` wants at ``now``, with the reason."""
+    """How many replicas ``spec`` wants at ``now``, with the reason; a schedule is read
+    at ``now + schedule_offset``."""
     policy = spec.execution_policy_config
     if isinstance(policy, AutoscalingPolicy):
         return desired_replicas(
             policy=policy, signals=signals, fleet=fleet, memory=memory, now=now, capacity=capacity
         )
     if isinstance(policy, ScheduledPolicy):
-        state = schedule_state(policy, now=now)
+        state = schedule_state(policy, now=now + schedule_offset)
+        shifted = f" (schedule clock {format_offset(schedule_offset)})" if schedule_offset else ""
         return ScaleDecision(
             desired=state.replicas,
-            reason=f"scheduled: {state.reason}",
+            reason=f"scheduled{shifted}: {state.reason}",
             direction=_direction(state.replicas, fleet.serving_or_soon),
             memory=memory,
-            recheck_at=state.next_change_at,
+            recheck_at=state.next_change_at - schedule_offset,
         )
     assert isinstance(policy, FixedPolicy)
     return ScaleDecision(

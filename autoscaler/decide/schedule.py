@@ -68,6 +68,14 @@ def schedule_state(policy: ScheduledPolicy, *, now: datetime) -> ScheduleState:
     )
 
 
+def format_offset(offset: timedelta) -> str:
+    """A schedule clock's offset from the wall clock, as logs and reasons show it:
+    ``+9h00m00s``, ``-0h30m00s``, ``+50h00m00s``."""
+    seconds = round(offset.total_seconds())
+    sign, seconds = ("-" if seconds < 0 else "+"), abs(seconds)
+    return f"{sign}{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s"
+
+
 def _aware_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None:
         raise ValueError(f"now={moment!r} is naive: pass an aware datetime (UTC)")

@@ -166,6 +166,9 @@ class Settings:
     """A pass starts no new workload after this long; the rest go first in the next."""
     quarantine_max_sec: float = 600.0
     """The longest wait between tries of a workload the controller keeps failing on."""
+    schedule_offset_sec: float = 0.0
+    """Scheduled workloads are read at the clock's time plus this (a rehearsal of a
+    schedule; 0 in production): ``ControllerConfig.schedule_offset_sec``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
@@ -405,6 +405,7 @@ def _desired(
         memory=memory,
         now=now,
         capacity=inputs.capacity,
+        schedule_offset=timedelta(seconds=deps.settings.schedule_offset_sec),
     )
     deps.memory.scale[workload.id] = decision.memory
     cap = deps.settings.max_replicas_per_workload

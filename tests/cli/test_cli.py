@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -251,3 +252,18 @@ def test_edit_applies_what_the_editor_saved(service: RunningService, tmp_path: P
         autoscaler_cli("edit", "support-bot"), env=untouched, capture_output=True, text=True
     )
     assert same.returncode == 0 and "unchanged" in same.stdout
+
+
+@pytest.mark.parametrize("role", ["run", "controller"])
+def test_a_bad_schedule_offset_exits_2_naming_the_option(role: str, tmp_path: Path) -> None:
+    env = {"AUTOSCALER_DATA_DIR": str(tmp_path)}
+    done = subprocess.run(
+        autoscaler_cli(role, "--schedule-offset", "9 hours"),
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "--schedule-offset" in done.stderr
+    assert "'9 hours' is not like '+9h', '-30m', '1h30m' or a number of seconds" in done.stderr

@@ -309,6 +309,28 @@ def test_every_policy_gives_a_desired_count_with_its_reason() -> None:
     assert desired_count(spec=auto, now=T0, **kw).desired == 1
 
 
+def test_a_schedule_offset_reads_the_schedule_later_and_rechecks_on_the_real_clock() -> None:
+    night = WorkloadSpec.model_validate(
+        {
+            "name": "w",
+            "slug": "w",
+            "model": "m",
+            "execution_policy": "scheduled",
+            "execution_policy_config": {"window": "Daily 22:00-06:00 UTC", "replicas": 3},
+        }
+    )
+    kw: dict[str, Any] = {"signals": Signals(), "fleet": FleetCounts(), "memory": ScaleMemory()}
+    # 12:00 on the real clock, read 11 hours ahead: 23:00, inside the night window.
+    shifted = desired_count(spec=night, now=T0, schedule_offset=timedelta(hours=11), **kw)
+    assert shifted.desired == 3
+    assert shifted.reason.startswith("scheduled (schedule clock +11h00m00s): window")
+    # The window closes at 06:00 schedule time: 19:00 on the real clock.
+    assert shifted.recheck_at == T0.replace(hour=19)
+    behind = desired_count(spec=night, now=T0, schedule_offset=timedelta(hours=-13), **kw)
+    assert behind.desired == 3  # 23:00 the day before
+    assert behind.recheck_at == T0.replace(hour=19)
+
+
 def test_signals_from_epoch_seconds() -> None:
     s = Signals.from_epoch(
         ttft_samples=[(T0.timestamp(), 0.5)],

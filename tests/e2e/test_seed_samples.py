@@ -10,9 +10,10 @@ provider stands in for the cloud as an A100 (the GPU the samples' pools name), s
 engine-sim replicas.
 
 Every provisioned sample must reach a ready replica and answer through the gateway.
-Scheduled samples are accepted and wait for their window, which a test cannot bring
-forward on a real clock; the sample that declares autoscaling with no config is refused
-naming the keys it lacks.
+Here the scheduled samples are accepted as edits; ``tests/e2e/test_seed_schedules.py``
+runs each of them inside its window (``autoscaler run --schedule-offset``) to a ready
+replica answering through the gateway. The sample that declares autoscaling with no
+config is refused naming the keys it lacks.
 """
 
 from __future__ import annotations

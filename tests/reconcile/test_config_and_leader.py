@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from autoscaler.config import (
     ConfigError,
     load_config,
     parse_config,
+    parse_offset,
 )
 from autoscaler.controller import LeaderLock, offers_for
 from autoscaler.spec import DEFAULT_MAX_REPLICAS
@@ -46,6 +48,30 @@ def test_with_no_config_there_is_still_a_fleet_ceiling_and_a_replica_maximum() -
     assert given.limits_summary() == (
         "fleet ceiling $40.00/h (from the config); at most 8 replicas per workload"
     )
+
+
+def test_a_schedule_offset_is_said_at_start_and_bounded() -> None:
+    now = datetime(2026, 11, 30, 11, 0, tzinfo=UTC)
+    assert load_config(None).schedule_clock_summary(now=now) is None
+    shifted = parse_config({"schedule_offset_sec": 9 * 3600}, source="x")
+    assert shifted.schedule_clock_summary(now=now) == (
+        "SCHEDULE CLOCK SHIFTED +9h00m00s (schedule_offset_sec): scheduled workloads run as "
+        "if it were Mon 2026-11-30 20:00:00 UTC; a rehearsal setting, not for production"
+    )
+    assert load_config(None).with_schedule_offset(-1800).schedule_offset_sec == -1800
+    with pytest.raises(ConfigError, match="x: schedule_offset_sec: Input should be less"):
+        parse_config({"schedule_offset_sec": 400 * 86400}, source="x")
+    with pytest.raises(ConfigError, match=r"--schedule-offset: 3\.456e"):
+        load_config(None).with_schedule_offset(400 * 86400)
+    assert [parse_offset(t) for t in ("+9h", "-30m", "1h30m", "-3600", "0")] == [
+        32400,
+        -1800,
+        5400,
+        -3600,
+        0,
+    ]
+    with pytest.raises(ValueError, match=r"offset '1\.5h' is not like '\+9h'"):
+        parse_offset("1.5h")
 
 
 def test_a_full_config_reads_every_provider(tmp_path: Path) -> None:
