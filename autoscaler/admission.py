@@ -62,10 +62,10 @@ def runnable_problems(spec: WorkloadSpec) -> list[Problem]:
         problems.append(Problem(path, str(exc), getattr(spec, path)))
     if problems:
         return problems
-    problems += _parallel_problems(spec.command)
+    problems += _parallel_problems(spec.engine_command)
     problems += _parallel_machine_problems(spec)
     try:
-        estimate_model_memory(spec.model, spec.command, hint_gib=spec.model_memory_gib)
+        estimate_model_memory(spec.model, spec.engine_command, hint_gib=spec.model_memory_gib)
         model_size(spec)
     except ValueError as exc:
         problems.append(Problem("command", str(exc), spec.command))
@@ -91,7 +91,7 @@ def _parallel_machine_problems(spec: WorkloadSpec) -> list[Problem]:
     """A split over N GPUs (tensor x pipeline parallel in the user's command) needs a
     machine with N GPUs of the pool; refused when the catalog sells none."""
     try:
-        size = parallel_size(backend=spec.backend.value, command=spec.command)
+        size = parallel_size(backend=spec.backend.value, command=spec.engine_command)
     except CommandError:
         return []  # reported by _parallel_problems
     if size is None or size <= 1 or worker_ids_of(spec):

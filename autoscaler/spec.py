@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import re
+import shlex
 from collections.abc import Iterator, Mapping
 from datetime import time
 from enum import StrEnum
@@ -572,6 +573,11 @@ POLICY_CONFIG_TYPES: dict[ExecutionPolicy, type[StrictModel]] = {
 # --- the workload -----------------------------------------------------------------------
 
 
+MAX_CHAT_TEMPLATE = 32 * 1024
+"""The longest ``custom_chat_template`` (it travels on the engine's command line)."""
+_CONTEXT_FLAGS = ("--max-model-len", "--context-length", "--max-seq-len")
+
+
 class WorkloadSpec(StrictModel):
     """A declared serving workload. ``slug`` identifies it in its project."""
 
@@ -584,6 +590,18 @@ class WorkloadSpec(StrictModel):
     vllm_version: str | None = None
     worker_id: str | None = None
     model_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    max_model_len: Annotated[int, Field(ge=16, le=10_000_000, strict=True)] | None = None
+    """The context length the engine serves and sizing reserves KV cache for (vLLM
+    ``--max-model-len``, SGLang ``--context-length``); unset: the command's flag, else
+    the model's own."""
+    custom_chat_template: (
+        Annotated[
+            str,
+            Field(min_length=1, max_length=MAX_CHAT_TEMPLATE, json_schema_extra={"pattern": r"\{"}),
+        ]
+        | None
+    ) = None
+    """A Jinja chat template the engine uses instead of the model's (``--chat-template``)."""
     execution_policy: ExecutionPolicy = ExecutionPolicy.FIXED
     execution_policy_config: PolicyConfig = Field(
         default_factory=FixedPolicy, validate_default=True
@@ -686,6 +704,47 @@ class WorkloadSpec(StrictModel):
             )
         return self
 
+    @field_validator("max_model_len", "custom_chat_template")
+    @classmethod
+    def _engine_option(cls, value: Any, info: ValidationInfo) -> Any:
+        """Engine options checked against the backend and the command, naming the field."""
+        if value is None:
+            return None
+        name = info.field_name or ""
+        if info.data.get("backend") is Backend.OLLAMA:
+            raise ValueError(
+                f"{name} applies to backends vllm, sglang and vllm-omni; ollama takes its "
+                "context and template from the model's Modelfile"
+            )
+        if name == "custom_chat_template" and "{" not in value:
+            raise ValueError(
+                'must be a Jinja template (e.g. "{% for m in messages %}{{ m.content }}'
+                '{% endfor %}"), not a name or a path'
+            )
+        try:
+            tokens = shlex.split(info.data.get("command") or "")
+        except ValueError:
+            return value  # admission reports the command itself
+        flags = _CONTEXT_FLAGS if name == "max_model_len" else ("--chat-template",)
+        said = [t.split("=", 1)[0] for t in tokens if t.split("=", 1)[0] in flags]
+        if said:
+            raise ValueError(f"the command's {said[0]} sets it too: give it once")
+        return value
+
+    @property
+    def engine_command(self) -> str | None:
+        """``command`` with ``max_model_len`` and ``custom_chat_template`` as the backend's
+        flags: what the engine is started with, sizing reads and admission checks."""
+        extra: list[str] = []
+        if self.max_model_len is not None:
+            flag = "--context-length" if self.backend is Backend.SGLANG else "--max-model-len"
+            extra += [flag, str(self.max_model_len)]
+        if self.custom_chat_template is not None:
+            extra += ["--chat-template", self.custom_chat_template]
+        if not extra:
+            return self.command
+        return " ".join(part for part in (self.command, shlex.join(extra)) if part)
+
     # -- identity -------------------------------------------------------------------
 
     def canonical(self) -> dict[str, Any]:
@@ -701,9 +760,10 @@ class WorkloadSpec(StrictModel):
         differ only in how many replicas run and when (counts, latency bounds, windows,
         timeouts, ceilings, schedules), so an edit between them keeps every replica.
 
-        The model, command, backend, version pin, task type, memory hint, the pinned
-        worker and the pool (source, GPU names, CUDA pins, private workers, regions, the
-        spot market) are the identity; the pool's ceilings are not.
+        The model, command, backend, version pin, task type, memory hint, context length,
+        chat template, the pinned worker and the pool (source, GPU names, CUDA pins,
+        private workers, regions, the spot market) are the identity; the pool's ceilings
+        are not.
         """
         policy = self.execution_policy_config
         pool: dict[str, Any] | None = None
@@ -727,6 +787,8 @@ class WorkloadSpec(StrictModel):
                     "vllm_version",
                     "task_type",
                     "model_memory_gib",
+                    "max_model_len",
+                    "custom_chat_template",
                     "worker_id",
                 },
             ),

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.api.deps import Project, Session, State
 from autoscaler.api.errors import ApiError
+from autoscaler.spec import WorkloadSpec
 from autoscaler.store import workloads
 from autoscaler.store.models import Instance, Worker, Workload
 from autoscaler.store.tokens import hash_secret
@@ -230,14 +231,14 @@ def _assignment(row: Instance, workload: Workload | None) -> dict[str, Any]:
     if workload is None:
         item["error"] = f"workload {row.workload_slug!r} no longer exists"
         return item
-    spec = workload.spec
     try:
+        spec = WorkloadSpec.model_validate(workload.spec)
         boot = boot_spec(
-            backend=spec.get("backend", "vllm"),
-            model=spec["model"],
-            command=spec.get("command"),
-            vllm_version=spec.get("vllm_version"),
-            task_type=spec.get("task_type", "text2text"),
+            backend=spec.backend.value,
+            model=spec.model,
+            command=spec.engine_command,
+            vllm_version=spec.vllm_version,
+            task_type=spec.task_type.value,
         )
     except (CommandError, ValueError) as exc:
         item["error"] = str(exc)

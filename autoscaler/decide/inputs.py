@@ -177,7 +177,7 @@ def model_size(spec: WorkloadSpec) -> ModelSize | None:
     """Billions of parameters and bytes per parameter of ``spec``'s model (from its name
     and its ``--dtype`` / ``--quantization`` flags); ``None`` when the name carries no
     parameter count the sizing table can read."""
-    estimate = estimate_model_memory(spec.model, spec.command)
+    estimate = estimate_model_memory(spec.model, spec.engine_command)
     if estimate.weights_gib <= 0:
         return None
     bytes_per_param = _bytes_per_param(spec)
@@ -186,7 +186,7 @@ def model_size(spec: WorkloadSpec) -> ModelSize | None:
 
 
 def _bytes_per_param(spec: WorkloadSpec) -> float:
-    flags = command_flags(spec.command)
+    flags = command_flags(spec.engine_command)
     text = " ".join([spec.model.casefold(), flags.get("dtype", ""), flags.get("quantization", "")])
     for pattern, size, _label in QUANT_PATTERNS:
         if pattern.search(text):

@@ -448,7 +448,7 @@ def place_replica(
             now=now,
         )
     memory_gib = spec.model_memory_gib or model_memory_gib
-    user_split = parallel_size(backend=spec.backend.value, command=spec.command)
+    user_split = parallel_size(backend=spec.backend.value, command=spec.engine_command)
     request = _offer_request(autoscaling, memory_gib=memory_gib, gpu_count=user_split)
     offers = tuple(offers)
     selection = select_offers(offers, request)

@@ -89,7 +89,7 @@ def workload_boot(
     return boot_spec(
         backend=spec.backend.value,
         model=spec.model,
-        command=spec.command,
+        command=spec.engine_command,
         vllm_version=spec.vllm_version,
         task_type=spec.task_type.value,
         cuda_version=cuda_version,

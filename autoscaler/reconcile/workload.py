@@ -507,7 +507,7 @@ def _place(
     input_scv: float | None,
     now: datetime,
 ) -> Placement:
-    memory = estimate_model_memory(spec.model, spec.command, hint_gib=spec.model_memory_gib)
+    memory = estimate_model_memory(spec.model, spec.engine_command, hint_gib=spec.model_memory_gib)
     size = model_size(spec)
     per_worker: dict[str, int] = {}
     for r in rows:

@@ -85,7 +85,7 @@ def sim_workload(spec: WorkloadSpec) -> SimWorkload:
 
 
 def _context(spec: WorkloadSpec) -> int:
-    flags = command_flags(spec.command)
+    flags = command_flags(spec.engine_command)
     for flag in ("max-model-len", "context-length", "max-seq-len"):
         value = flags.get(flag)
         if value:

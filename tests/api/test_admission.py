@@ -96,6 +96,12 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
     ),
     ("an unregistered worker", {"worker_id": "wrk_nothere"}, "worker_id", "not registered"),
     (
+        "a context length the command also sets",
+        {"command": "vllm serve --max-model-len 4096", "max_model_len": 8192},
+        "max_model_len",
+        "give it once",
+    ),
+    (
         "an unknown region",
         {
             "execution_policy": "autoscaling",

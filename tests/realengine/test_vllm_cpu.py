@@ -191,6 +191,19 @@ def test_tiny_llama_scales_from_zero_and_streams_chunk_by_chunk(
             **extra,
         ).choices[0]
 
+    # The spec's max_model_len and custom_chat_template reached the engine's command line.
+    tokenized = httpx.post(
+        f"{replica['url']}/tokenize",
+        json={
+            "model": TINY,
+            "messages": [{"role": "user", "content": "hi"}],
+            "return_token_strs": True,
+        },
+        timeout=30,
+    ).json()
+    assert tokenized["max_model_len"] == 1024
+    assert "reply" in tokenized["token_strs"] and "assistant" not in tokenized["token_strs"]
+
     whole = greedy()
     assert whole.finish_reason == "length"
     text = whole.message.content or ""
