@@ -79,6 +79,8 @@ async def load_route_table(session: AsyncSession, *, now: datetime | None = None
             Instance.url.is_not(None),
             Instance.terminate_requested_at.is_(None),
             Instance.terminated_confirmed_at.is_(None),
+            # A replica group is served by its leader alone; workers hold model shards.
+            Instance.group_role.is_(None) | (Instance.group_role != "worker"),
         )
     )
     by_workload: dict[int, list[Replica]] = {}

@@ -37,9 +37,11 @@ from providers.errors import (
 
 __all__ = [
     "CLUSTER_TAG",
+    "GROUP_TAG",
     "LAUNCH_ID_TAG",
     "PROJECT_TAG",
     "REQUIRED_TAGS",
+    "ROLE_TAG",
     "WORKLOAD_TAG",
     "BootSpec",
     "Clock",
@@ -68,6 +70,10 @@ PROJECT_TAG = "autoscaler:project"
 WORKLOAD_TAG = "autoscaler:workload"
 LAUNCH_ID_TAG = "autoscaler:launch-id"
 REQUIRED_TAGS = (CLUSTER_TAG, PROJECT_TAG, WORKLOAD_TAG, LAUNCH_ID_TAG)
+GROUP_TAG = "autoscaler:group"
+"""On each member of a replica group: the group's id (its leader's launch id)."""
+ROLE_TAG = "autoscaler:role"
+"""On each member of a replica group: ``leader`` or ``worker``."""
 
 
 class Clock(Protocol):

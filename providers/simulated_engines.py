@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from catalog.model import Offer, ProviderName
@@ -28,7 +28,7 @@ from providers.base import BootSpec
 from providers.local import EngineSimLauncher, LaunchCommand
 from providers.simulated import BootTimeDistribution, LogNormalBootTime
 
-__all__ = ["SimulatedBootLauncher", "simulated_offers"]
+__all__ = ["SimulatedBootLauncher", "simulated_offers", "spanned_gpus"]
 
 SOLD_CLOUDS = (ProviderName.AWS, ProviderName.GCP)
 
@@ -48,6 +48,24 @@ def simulated_offers(
         and o.provider.value in clouds
         and (regions is None or o.region in regions)
     )
+
+
+_SPLIT_FLAGS = (
+    ("--tensor-parallel-size", "-tp", "--tp", "--tp-size"),
+    ("--pipeline-parallel-size", "-pp", "--pp", "--pp-size"),
+)
+
+
+def spanned_gpus(argv: Sequence[str]) -> int:
+    """The GPUs an engine command line splits the model over: tensor parallel times
+    pipeline parallel (1 when it sets neither)."""
+    total = 1
+    for names in _SPLIT_FLAGS:
+        for i, arg in enumerate(argv[:-1]):
+            if arg in names and argv[i + 1].isdigit():
+                total *= int(argv[i + 1])
+                break
+    return total
 
 
 @dataclass(slots=True)
@@ -75,9 +93,13 @@ class SimulatedBootLauncher:
     ) -> LaunchCommand:
         seconds = self.boot_time.sample(self._rng) * self.boot_time_scale
         engine = dataclasses.replace(self.sim, startup_delay=round(seconds, 3), gpu=None)
-        command = engine.command(boot, host=host, port=port, offer=offer, secrets=secrets)
+        # A replica group's leader serves with the GPUs of every member (its command's
+        # tensor x pipeline split); each machine is simulated by one process all the same.
+        gpus = max(offer.gpu_count, spanned_gpus(boot.command))
+        served = dataclasses.replace(offer, gpu_count=gpus)
+        command = engine.command(boot, host=host, port=port, offer=served, secrets=secrets)
         reason = (
-            f"the simulated cloud: engine-sim on {offer.gpu_count} x {offer.gpu}, "
+            f"the simulated cloud: engine-sim on {gpus} x {offer.gpu}, "
             f"booting in {seconds:.1f}s (a drawn cloud boot time x {self.boot_time_scale:g})"
         )
         return dataclasses.replace(command, engine_reason=reason)

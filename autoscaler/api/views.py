@@ -83,6 +83,8 @@ def instance_view(
         "engine": row.engine,
         "engine_reason": row.engine_reason,
         "command": None if row.engine_command is None else masked_command(row.engine_command),
+        "group": row.group_id,
+        "role": row.group_role,
     }
 
 
@@ -125,7 +127,8 @@ def workload_status(
     the way, and the controller's newest word is a refusal or a spec that cannot run);
     ``idle`` (none wanted: scaled to zero or outside its schedule).
     """
-    phases = [phase_of(i) for i in instances]
+    # A replica group counts once, by its leader (the member the gateway routes to).
+    phases = [phase_of(i) for i in instances if i.group_role != "worker"]
     ready = phases.count(Phase.READY)
     starting = sum(p in (Phase.PENDING, Phase.BOOTING) for p in phases)
     scale = latest.get("scale")

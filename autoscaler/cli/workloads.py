@@ -374,6 +374,8 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
             click.echo(f"  {r['launch_id']}: {r['last_error']}")
         if r.get("engine_reason") and r["phase"] not in ("terminated", "failed"):
             click.echo(f"  {r['launch_id']}: {r['engine']}: {r['engine_reason']}")
+        if r.get("role"):
+            click.echo(f"  {r['launch_id']}: {r['role']} of replica group {r['group']}")
         if r.get("command") and r["phase"] != "terminated":
             click.echo(f"  {r['launch_id']}: command: {r['command']}")
     click.echo("\n" + _measured(measured))

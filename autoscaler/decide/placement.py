@@ -47,6 +47,9 @@ The rules:
   is known, the performance model) is placed as a replica group: the smallest number of
   machines of one offer (so one shape, in one zone) that together hold it, from 2 to
   :data:`MAX_GROUP_SIZE`, for backends that serve across nodes (:data:`GROUP_BACKENDS`).
+  Groups of fewer machines win over cheaper groups of more (each member more is one more
+  pipeline stage over the network and one more machine whose loss ends the group); among
+  groups of one size, the usual cost per capacity.
   The group is priced whole (members x the offer's price), so the ceilings count every
   member before any is bought; its capacity is that of all its GPUs as one engine. Groups
   buy on-demand only: a spot interruption of any member would take the whole group down.
@@ -58,7 +61,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from statistics import NormalDist
@@ -418,6 +421,7 @@ def place_replica(
     concurrency_cap: int = GATEWAY_CONCURRENCY_CAP,
     allow_groups: bool = False,
     input_scv: float | None = None,
+    group_providers: Collection[str] | None = None,
 ) -> Placement:
     """Where the workload's next replica goes.
 
@@ -430,7 +434,8 @@ def place_replica(
     a measured prompt length, offers too slow to prefill it within the TTFT target rank
     last. ``concurrency_cap`` is the gateway's per-replica cap: no replica's capacity is
     counted at a batch larger than it. ``allow_groups`` lets a model no single machine
-    holds be placed as a replica group (see the module docstring). ``input_scv`` is the
+    holds be placed as a replica group (see the module docstring), on offers of
+    ``group_providers`` only when given. ``input_scv`` is the
     measured prompt-length spread (variance over squared mean); with it and a measured
     prompt length, shapes are judged by the share of prompts they serve in time (the
     tail rule of the module docstring).
@@ -517,25 +522,34 @@ def place_replica(
         and not single_fits
     )
     if groups_apply and memory_gib is not None:
+        candidates = select_offers(offers, replace(request, min_vram_gib=None)).feasible
         group_options = _group_options(
-            select_offers(offers, replace(request, min_vram_gib=None)).feasible,
+            [
+                c
+                for c in candidates
+                if group_providers is None or c.offer.provider.value in group_providers
+            ],
             memory_gib=memory_gib,
             params_b=params_b,
             bytes_per_param=bytes_per_param,
             mix=mix,
             concurrency_cap=concurrency_cap,
         )
-        grouped = choose_offer(
-            options=group_options,
-            allow_spot=False,
-            unavailable=unavailable,
-            now=now,
-            current_zones=current_zones,
-            max_usd_per_hour=max_usd_per_hour,
-            prefill_budget_s=budget,
-        )
-        if grouped.found:
-            return replace(grouped, reason=f"no single machine holds the model: {grouped.reason}")
+        grouped = Placement(reason="no offer fits: no candidate offers")
+        for size in sorted({o.group_size for o in group_options}):  # fewest machines first
+            grouped = choose_offer(
+                options=[o for o in group_options if o.group_size == size],
+                allow_spot=False,
+                unavailable=unavailable,
+                now=now,
+                current_zones=current_zones,
+                max_usd_per_hour=max_usd_per_hour,
+                prefill_budget_s=budget,
+            )
+            if grouped.found:
+                return replace(
+                    grouped, reason=f"no single machine holds the model: {grouped.reason}"
+                )
         if group_options:
             placement = replace(
                 placement, reason=f"{placement.reason}; as a group: {grouped.reason}"

@@ -159,6 +159,11 @@ class Settings:
     max_replicas_per_workload: int = DEFAULT_MAX_REPLICAS
     """The most replicas planned for one workload, whatever its stored spec says."""
     max_launches_per_pass: int = 16
+    group_providers: frozenset[str] = frozenset({"simulated"})
+    """Providers whose machines can form replica groups: the simulated cloud, whose
+    engine-sim leader serves the whole group; not AWS and GCP until the startup script
+    renders the group's roles (a Ray head and Ray workers), since a group bought there
+    would never serve."""
     """Launches one workload may make in one pass; the rest follow in the next passes."""
     workload_share_sec: float = 30.0
     """The longest one workload's step may take in a pass before it is cut."""

@@ -4,6 +4,7 @@ decisions log."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -84,8 +85,28 @@ def replica_view(row: LedgerRow, *, in_flight: int) -> ReplicaView:
     )
 
 
+def replica_views(rows: Sequence[LedgerRow], *, in_flight: int) -> list[ReplicaView]:
+    """One view per replica for the plan. A replica group is one replica: its leader,
+    priced at every open member (so the ceilings count the whole group); workers whose
+    leader is already closed are listed on their own (terminating, still paid for)."""
+    members: dict[str, list[LedgerRow]] = {}
+    for r in rows:
+        if r.group_id is not None:
+            members.setdefault(r.group_id, []).append(r)
+    views = []
+    for r in rows:
+        if r.group_id is None:
+            views.append(replica_view(r, in_flight=in_flight))
+        elif r.group_role == "leader":
+            total = sum(m.hourly_usd for m in members[r.group_id])
+            views.append(replace(replica_view(r, in_flight=in_flight), usd_per_hour=total))
+        elif not any(m.group_role == "leader" for m in members[r.group_id]):
+            views.append(replica_view(r, in_flight=0))
+    return views
+
+
 def fleet_counts(rows: Sequence[LedgerRow]) -> FleetCounts:
-    phases = [phase_of(r) for r in rows]
+    phases = [phase_of(r) for r in rows if r.group_role != "worker"]
     return FleetCounts(
         ready=phases.count(Phase.READY),
         booting=phases.count(Phase.PENDING) + phases.count(Phase.BOOTING),

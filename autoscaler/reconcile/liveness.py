@@ -212,6 +212,65 @@ async def terminate_instance(deps: Deps, row: LedgerRow) -> None:
         log.warning("terminating %s: %s", row.instance_id, exc)
 
 
+def _group_complete(row: LedgerRow, rows: Sequence[LedgerRow]) -> bool:
+    """Whether ``row``'s group has every member open, launched and not being ended."""
+    if row.group_id is None:
+        return True
+    members = [r for r in rows if r.group_id == row.group_id]
+    return len(members) == (row.group_size or 1) and all(
+        m.launched_at is not None
+        and m.terminate_requested_at is None
+        and m.terminated_confirmed_at is None
+        for m in members
+    )
+
+
+async def settle_groups(
+    deps: Deps, session: AsyncSession, *, rows: Sequence[LedgerRow], now: datetime
+) -> None:
+    """Keep each replica group whole or end it whole.
+
+    * A group whose leader is closed or being terminated: every other member is
+      terminated (on record first, then the provider call).
+    * A group that lost a member (closed, or being terminated) while its leader lives:
+      the leader is drained when it serves (the gateway stops routing; the plan then
+      terminates it and places a new group), terminated at once when it does not; its
+      workers follow by the rule above.
+    """
+    groups: dict[str, list[LedgerRow]] = {}
+    for r in rows:
+        if r.group_id is not None and r.terminated_confirmed_at is None:
+            groups.setdefault(r.group_id, []).append(r)
+    ending: list[LedgerRow] = []
+    for members in groups.values():
+        leader = next((m for m in members if m.group_role == "leader"), None)
+        size = members[0].group_size or 1
+        if leader is None or leader.terminate_requested_at is not None:
+            for m in members:
+                if m.terminate_requested_at is None:
+                    m.terminate_requested_at = now
+                    m.last_error = "group ended: its leader is gone or being terminated"
+                    ending.append(m)
+            continue
+        lost = len(members) < size or any(m.terminate_requested_at for m in members)
+        if not lost or leader.drain_requested_at is not None:
+            continue
+        why = "group lost a member: the whole group is replaced"
+        if leader.ready_at is None:
+            leader.terminate_requested_at = now
+            ending.append(leader)
+        else:
+            leader.drain_requested_at = now
+        leader.last_error = why
+        log.warning("replica %s of %s: %s", leader.launch_id, leader.workload_slug, why)
+    await session.commit()  # the requests are on record before the provider hears of them
+    for m in ending:
+        if m.instance_id is not None:
+            await terminate_instance(deps, m)
+    if ending:
+        await session.commit()
+
+
 async def check_health(
     deps: Deps,
     session: AsyncSession,
@@ -220,9 +279,18 @@ async def check_health(
     health_path: str,
     now: datetime,
 ) -> list[LedgerRow]:
-    """Mark booting replicas ready when healthy; return ready ones unhealthy for too long."""
+    """Mark booting replicas ready when healthy; return ready ones unhealthy for too long.
+
+    A replica group is asked through its leader only, and becomes ready only when every
+    other member is launched and none is being terminated (its workers have joined as far
+    as the provider can tell); its workers are marked ready with it."""
     candidates = [
-        r for r in rows if r.url is not None and phase_of(r) in (Phase.BOOTING, Phase.READY)
+        r
+        for r in rows
+        if r.url is not None
+        and r.group_role != "worker"
+        and phase_of(r) in (Phase.BOOTING, Phase.READY)
+        and (phase_of(r) is Phase.READY or _group_complete(r, rows))
     ]
     answers = await asyncio.gather(
         *(
@@ -236,6 +304,9 @@ async def check_health(
         if phase_of(row) is Phase.BOOTING:
             if healthy:
                 row.ready_at = now
+                for member in rows:  # the workers have joined the group that now serves
+                    if member.group_id is not None and member.group_id == row.group_id:
+                        member.ready_at = member.ready_at or now
                 changed = True
                 seconds = max(0.0, (now - row.intent_at).total_seconds())
                 deps.metrics.launch_to_ready.labels(row.provider).observe(seconds)

@@ -66,6 +66,8 @@ async def _ready_replicas(deps: Deps) -> list[ReplicaTarget]:
                 LedgerRow.drain_requested_at.is_(None),
                 LedgerRow.terminate_requested_at.is_(None),
                 LedgerRow.terminated_confirmed_at.is_(None),
+                # A replica group's engine runs on its leader; workers serve no metrics.
+                LedgerRow.group_role.is_(None) | (LedgerRow.group_role != "worker"),
             )
         )
         return [

@@ -19,6 +19,19 @@ calls back to the management API at ``{callback_url}/v1/boot/{launch_id}`` with 
 per-instance token: :func:`boot_token`, an HMAC of the launch id keyed by the row's
 engine key, so no new secret is stored (the API derives it again to check a caller).
 Local and simulated providers start their engines themselves and get no script.
+
+A replica group (a placement with ``group_size`` above one) is one intent: a ledger row
+per member (the leader's launch id is the group's id; each member has its own launch id,
+tagged with the group and its role), all written in one commit with one launch decision
+for the whole group's price before any member is bought, then launched leader first.
+No half-bought group survives: when the provider refuses a member (capacity, quota, an
+invalid request), :func:`_abandon_group` closes the members the provider was never asked
+for, and asks for the termination of every other member (on record first, then the
+provider call); those rows close only once the provider shows them gone, or, for a
+member whose launch may or may not have happened, once its launch id has stayed unseen
+for the visibility grace, as any unresolved intent. A transient error leaves the
+remaining members pending, and a crash leaves them written: either way
+:func:`resolve_intent` launches each by its own launch id on a later pass.
 """
 
 from __future__ import annotations
@@ -26,9 +39,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.placement import Placement, worker_key
@@ -43,6 +58,8 @@ from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import Offer, ProviderName
 from catalog.query import Market
 from providers.base import (
+    GROUP_TAG,
+    ROLE_TAG,
     BootSpec,
     Instance,
     InsufficientCapacity,
@@ -115,8 +132,37 @@ async def launch_replica(
     reason: str,
     now: datetime,
 ) -> LaunchOutcome:
-    """Write the intent, commit, then ask the provider (or assign a private worker)."""
-    launch_id = new_launch_id()
+    """Write the intent, commit, then ask the provider (or assign a private worker).
+
+    A placement of a group launches all its members under one intent (see the module
+    docstring); the outcome is then the leader's row."""
+    if placement.offer is not None and placement.group_size > 1:
+        return await _launch_group(
+            deps, session, workload=workload, spec=spec, placement=placement, reason=reason, now=now
+        )
+    row = _intent_row(workload, spec, placement=placement, launch_id=new_launch_id(), now=now)
+    session.add(row)
+    record_decision(
+        session,
+        workload_id=workload.id,
+        at=now,
+        kind="launch",
+        reason=f"{reason}: {placement.reason}",
+        inputs={"placement": placement.reason, "offer": row.offer_key, "spot": row.spot},
+        result={"launch_id": row.launch_id, "usd_per_hour": row.hourly_usd},
+        cost_delta=row.hourly_usd,
+    )
+    await session.commit()  # the intent exists before the provider hears of it
+    if placement.offer is None:
+        return LaunchOutcome(row=row, bought=True)  # the worker's agent starts it
+    return await _call_launch(deps, session, row=row, spec=spec, now=now)
+
+
+def _intent_row(
+    workload: Workload, spec: WorkloadSpec, *, placement: Placement, launch_id: str, now: datetime
+) -> LedgerRow:
+    """The ledger row of one machine (one member of a group) to be bought."""
+    nodes = placement.group_size
     row = LedgerRow(
         launch_id=launch_id,
         workload_id=workload.id,
@@ -131,7 +177,7 @@ async def launch_replica(
         gpu="",
         gpu_count=0,
         spot=False,
-        hourly_usd=placement.usd_per_hour,
+        hourly_usd=placement.usd_per_hour / nodes,
         worker_id=placement.worker_id,
         engine_key=secrets.token_urlsafe(24),
         intent_at=now,
@@ -145,52 +191,167 @@ async def launch_replica(
         row.spot = placement.market is Market.SPOT
     else:
         row.offer_key = worker_key(placement.worker_id or "")
-    row.engine_command = list(workload_boot(spec, gpu_count=max(row.gpu_count, 1)).command)
-    session.add(row)
+    boot = workload_boot(spec, gpu_count=max(row.gpu_count, 1), nodes=nodes)
+    row.engine_command = list(boot.command)
+    return row
+
+
+async def _launch_group(
+    deps: Deps,
+    session: AsyncSession,
+    *,
+    workload: Workload,
+    spec: WorkloadSpec,
+    placement: Placement,
+    reason: str,
+    now: datetime,
+) -> LaunchOutcome:
+    """Every member's intent in one commit, then the members leader first; a refused
+    member abandons the group (see the module docstring)."""
+    group_id = new_launch_id()
+    rows = []
+    for index in range(placement.group_size):
+        launch_id = group_id if index == 0 else new_launch_id()
+        row = _intent_row(workload, spec, placement=placement, launch_id=launch_id, now=now)
+        row.group_id, row.group_size = group_id, placement.group_size
+        row.group_role = "leader" if index == 0 else "worker"
+        session.add(row)
+        rows.append(row)
     record_decision(
         session,
         workload_id=workload.id,
         at=now,
         kind="launch",
         reason=f"{reason}: {placement.reason}",
-        inputs={"placement": placement.reason, "offer": row.offer_key, "spot": row.spot},
-        result={"launch_id": launch_id, "usd_per_hour": row.hourly_usd},
-        cost_delta=row.hourly_usd,
+        inputs={"placement": placement.reason, "offer": rows[0].offer_key, "spot": rows[0].spot},
+        result={
+            "launch_id": group_id,
+            "members": [r.launch_id for r in rows],
+            "usd_per_hour": placement.usd_per_hour,
+        },
+        cost_delta=placement.usd_per_hour,
     )
-    await session.commit()  # the intent exists before the provider hears of it
-    if offer is None:
-        return LaunchOutcome(row=row, bought=True)  # the worker's agent starts it
-    return await _call_launch(deps, session, row=row, spec=spec, now=now)
+    await session.commit()  # every member's intent exists before the provider hears of any
+    for n, row in enumerate(rows):
+        outcome = await _call_launch(
+            deps, session, row=row, spec=spec, now=now, never_called=rows[n + 1 :]
+        )
+        if not outcome.bought:
+            return LaunchOutcome(row=rows[0], bought=False, error=outcome.error)
+    return LaunchOutcome(row=rows[0], bought=True)
+
+
+async def _abandon_group(
+    deps: Deps,
+    session: AsyncSession,
+    *,
+    failed: LedgerRow,
+    never_called: Sequence[LedgerRow],
+    now: datetime,
+) -> None:
+    """A member of ``failed``'s group was refused: close the members the provider was
+    never asked for, and terminate every other open member (the request on record
+    first, then the provider call; the row closes when the provider shows it gone)."""
+    siblings = await session.scalars(
+        select(LedgerRow).where(
+            LedgerRow.group_id == failed.group_id,
+            LedgerRow.launch_id != failed.launch_id,
+            LedgerRow.terminated_confirmed_at.is_(None),
+        )
+    )
+    skipped = {r.launch_id for r in never_called}
+    why = f"group abandoned: member {failed.launch_id} could not be bought"
+    bought = []
+    for sibling in siblings:
+        if sibling.launch_id in skipped:
+            sibling.terminated_confirmed_at = now  # the provider was never asked for it
+            sibling.last_error = f"never launched: {why}"
+            continue
+        sibling.terminate_requested_at = sibling.terminate_requested_at or now
+        sibling.last_error = why
+        bought.append(sibling)
+    record_decision(
+        session,
+        workload_id=failed.workload_id,
+        at=now,
+        kind="terminate",
+        reason=f"{why}; terminating {len(bought)} member(s) already launched or asked for",
+        inputs={"group": failed.group_id, "failed": failed.launch_id},
+        result={"terminating": [r.launch_id for r in bought]},
+        cost_delta=0.0,
+    )
+    await session.commit()  # the termination requests are on record before any call
+    for sibling in bought:
+        if sibling.instance_id is not None:
+            await _terminate_member(deps, sibling)
+    await session.commit()
+    log.warning("%s: %d member(s) terminating", why, len(bought))
+
+
+async def _terminate_member(deps: Deps, row: LedgerRow) -> None:
+    """Ask the provider to terminate a member (idempotent); a failure is counted and
+    the request, on record, is carried out by the liveness pass
+    (``liveness.sync_with_provider``), which also confirms the termination."""
+    entry = deps.providers.get(row.provider)
+    if entry is None or row.instance_id is None:
+        return
+    try:
+        await entry.provider.terminate(row.instance_id)
+    except ProviderError as exc:
+        count_provider_error(deps, provider=row.provider, operation="terminate", error=exc)
+        row.last_error = f"{row.last_error}; terminating: {exc}"
 
 
 async def _call_launch(
-    deps: Deps, session: AsyncSession, *, row: LedgerRow, spec: WorkloadSpec, now: datetime
+    deps: Deps,
+    session: AsyncSession,
+    *,
+    row: LedgerRow,
+    spec: WorkloadSpec,
+    now: datetime,
+    never_called: Sequence[LedgerRow] = (),
 ) -> LaunchOutcome:
     entry = deps.providers.get(row.provider)
     if entry is None:
-        return await _refused(deps, session, row=row, now=now, error=f"no provider {row.provider}")
+        return await _refused(
+            deps,
+            session,
+            row=row,
+            now=now,
+            error=f"no provider {row.provider}",
+            never_called=never_called,
+        )
     offer = next((o for o in deps.offers() if o.key == row.offer_key), None)
     if offer is None:
         return await _refused(
-            deps, session, row=row, now=now, error=f"offer {row.offer_key} left the catalog"
+            deps,
+            session,
+            row=row,
+            now=now,
+            error=f"offer {row.offer_key} left the catalog",
+            never_called=never_called,
         )
     boot = _scripted(
         deps,
         row=row,
         spec=spec,
-        boot=workload_boot(spec, cuda_version=_cuda_pin(spec, offer), gpu_count=offer.gpu_count),
-    )
-    request = LaunchRequest(
-        offer=offer,
-        spot=row.spot,
-        boot=boot,
-        launch_id=row.launch_id,
-        tags=instance_tags(
-            cluster_id=deps.settings.cluster_id,
-            project=row.project,
-            workload=row.workload_slug,
-            launch_id=row.launch_id,
+        boot=workload_boot(
+            spec,
+            cuda_version=_cuda_pin(spec, offer),
+            gpu_count=offer.gpu_count,
+            nodes=row.group_size or 1,
         ),
+    )
+    tags = instance_tags(
+        cluster_id=deps.settings.cluster_id,
+        project=row.project,
+        workload=row.workload_slug,
+        launch_id=row.launch_id,
+    )
+    if row.group_id is not None:
+        tags |= {GROUP_TAG: row.group_id, ROLE_TAG: row.group_role or "worker"}
+    request = LaunchRequest(
+        offer=offer, spot=row.spot, boot=boot, launch_id=row.launch_id, tags=tags
     )
     deps.memory.not_visible_since.pop(row.launch_id, None)  # a machine may exist from now
     try:
@@ -206,7 +367,15 @@ async def _call_launch(
     except ProviderError as exc:
         count_provider_error(deps, provider=row.provider, operation="launch", error=exc)
         mark_unavailable(deps, row=row, now=now)
-        return await _refused(deps, session, row=row, now=now, error=str(exc), error_type=exc)
+        return await _refused(
+            deps,
+            session,
+            row=row,
+            now=now,
+            error=str(exc),
+            error_type=exc,
+            never_called=never_called,
+        )
     adopt(row, instance, entry=entry, port=boot.port, now=now)
     deps.metrics.launches.labels(row.provider).inc()
     await session.commit()
@@ -287,8 +456,10 @@ async def _refused(
     now: datetime,
     error: str,
     error_type: ProviderError | None = None,
+    never_called: Sequence[LedgerRow] = (),
 ) -> LaunchOutcome:
-    """The provider bought nothing (its word): close the row, log why."""
+    """The provider bought nothing (its word): close the row, log why; a group member's
+    refusal abandons its group (:func:`_abandon_group`)."""
     row.last_error = f"launch failed: {error}"
     row.terminated_confirmed_at = now
     what = (
@@ -311,6 +482,8 @@ async def _refused(
     )
     await session.commit()
     log.warning("launch %s failed: %s", row.launch_id, error)
+    if row.group_id is not None:
+        await _abandon_group(deps, session, failed=row, never_called=never_called, now=now)
     return LaunchOutcome(row=row, bought=False, error=error)
 
 

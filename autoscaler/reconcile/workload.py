@@ -55,11 +55,13 @@ from autoscaler.reconcile.ledger import (
     predecessor_prices,
     record_decision,
     replica_view,
+    replica_views,
 )
 from autoscaler.reconcile.liveness import (
     SPOT_NOTICE,
     check_health,
     failed_boots,
+    settle_groups,
     spot_notices,
     sync_with_provider,
     terminate_instance,
@@ -104,6 +106,7 @@ async def reconcile_workload(
             if row.worker_id is None and row.instance_id is None and _due(deps, row, now):
                 await resolve_intent(deps, s, row=row, spec=spec, now=now)
         rows = _still_open(rows)
+        await settle_groups(deps, s, rows=rows, now=now)
         dead = await check_health(deps, s, rows=rows, health_path=engine.health_path, now=now)
         for row in dead:
             await _terminate(
@@ -454,7 +457,7 @@ def _plan(
         placement = placer.placement()
     plan = plan_actions(
         desired=desired,
-        replicas=[replica_view(r, in_flight=signal.in_flight) for r in rows],
+        replicas=replica_views(rows, in_flight=signal.in_flight),
         spec_generation=workload.generation,
         timeouts=_timeouts(spec),
         limits=limits,
@@ -527,6 +530,8 @@ def _place(
         input_tokens=input_tokens,
         output_tokens=output_tokens,
         input_scv=input_scv,
+        allow_groups=True,
+        group_providers=deps.settings.group_providers,
     )
 
 

@@ -148,6 +148,12 @@ class Instance(Base):
     engine_command: Mapped[list[str] | None] = mapped_column(JSON)
     """The engine's argv as the replica was asked to boot, with secrets as ``${NAME}``
     references (never their values); ``describe`` shows it masked."""
+    group_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    """A replica group's members share it (the leader's launch id); ``None``: one machine."""
+    group_role: Mapped[str | None] = mapped_column(String(8))
+    """``leader`` (the member the gateway routes to) or ``worker``."""
+    group_size: Mapped[int | None] = mapped_column(Integer)
+    """Members of the row's group, the leader included."""
 
 
 class WorkloadSignals(Base):

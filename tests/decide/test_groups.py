@@ -116,3 +116,15 @@ def test_the_group_size_is_the_fewest_machines_that_hold_the_model() -> None:
         gpu="Mystery GPU", gpu_count=8, vcpus=1, memory_gib=1, on_demand_usd_per_hour=1.0,
     )  # fmt: skip
     assert group_size_for(unknown, memory_gib=900, params_b=None) is None
+
+
+def test_the_fewest_machines_win_and_a_tighter_budget_takes_more_smaller_ones() -> None:
+    spec = _spec(BF16_405B, [H100])
+    roomy = _place(spec)
+    assert roomy.group_size == 2
+    tight = _place(spec, max_usd_per_hour=150.0)
+    assert tight.offer is not None and tight.group_size > 2, tight.reason
+    assert tight.usd_per_hour <= 150.0
+    assert tight.usd_per_hour == pytest.approx(
+        tight.group_size * tight.offer.on_demand_usd_per_hour
+    )

@@ -3,6 +3,7 @@ provider ``simulated``, engine-sim machines that answer after a drawn, scaled bo
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from catalog.snapshot import load_bundled
 from providers.base import BootSpec
 from providers.local import EngineSimLauncher
 from providers.simulated import FixedBootTime
-from providers.simulated_engines import SimulatedBootLauncher, simulated_offers
+from providers.simulated_engines import SimulatedBootLauncher, simulated_offers, spanned_gpus
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "config-simulated-cloud.yaml"
 BOOT = BootSpec(
@@ -105,3 +106,15 @@ def test_boot_times_are_reproducible_for_a_seed() -> None:
     assert delays(7) == delays(7)
     assert delays(7) != delays(8)
     assert len(set(delays(7))) == 3
+
+
+def test_a_group_leader_serves_with_the_gpus_of_every_member() -> None:
+    argv = ("vllm", "serve", "m", "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2")
+    assert spanned_gpus(argv) == 16
+    assert spanned_gpus(("python3", "-m", "sglang.launch_server", "--tp", "16")) == 16
+    assert spanned_gpus(("vllm", "serve", "m")) == 1
+    leader = dataclasses.replace(BOOT, command=argv)
+    launcher = SimulatedBootLauncher(sim=EngineSimLauncher(), boot_time=FixedBootTime(1.0))
+    offer = next(o for o in simulated_offers(load_bundled().offers) if o.gpu_count == 8)
+    command = launcher.command(leader, host="h", port=1, offer=offer, secrets={})
+    assert command.argv[list(command.argv).index("--gpu-count") + 1] == "16"

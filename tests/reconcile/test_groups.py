@@ -1,0 +1,128 @@
+"""Replica groups through the reconciler: a model no machine of the pool holds runs as
+one leader and its workers, bought whole within the ceilings, ready when every member
+is up, routed through its leader only, and replaced whole (drained first) when a member
+is lost."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from autoscaler.reconcile.deps import Deps
+from autoscaler.spec import WorkloadSpec
+from autoscaler.store.phase import Phase, phase_of
+from gateway.routes import load_route_table
+from providers.base import InstanceState, Transient
+from tests.reconcile.world import L40S, World, fixed
+
+EIGHT_H100 = dataclasses.replace(
+    L40S,
+    instance_type="p5.48xlarge",
+    gpu="NVIDIA H100 80GB HBM3",
+    gpu_count=8,
+    on_demand_usd_per_hour=55.04,
+)
+MODEL = "meta-llama/Llama-3.1-405B-Instruct"  # about 800 GiB in BF16: two 640 GiB machines
+
+
+def _deps(world: World, **settings: Any) -> Deps:
+    # The fake cloud stands in for a provider whose machines boot a group's roles.
+    deps = world.make_deps(group_providers=frozenset({"aws"}), **settings)
+    return dataclasses.replace(deps, offers=lambda: (EIGHT_H100,))
+
+
+async def _ready_group(world: World) -> list[Any]:
+    world.deps = _deps(world)
+    await world.apply(fixed("big", 1, model=MODEL))
+    await world.step()
+    await world.step(5)
+    return await world.rows("big")
+
+
+async def test_a_model_no_machine_holds_runs_as_a_group_routed_through_its_leader(
+    world: World,
+) -> None:
+    rows = await _ready_group(world)
+    assert len(rows) == 2 and {r.group_role for r in rows} == {"leader", "worker"}
+    leader = next(r for r in rows if r.group_role == "leader")
+    worker = next(r for r in rows if r.group_role == "worker")
+    assert phase_of(leader) is Phase.READY
+    assert phase_of(worker) is Phase.READY  # ready with its leader, never routed to
+    [launch] = await world.decisions("launch")
+    assert launch.cost_delta_usd_per_hour == 2 * EIGHT_H100.on_demand_usd_per_hour
+    assert "no single machine holds the model: a group of 2" in launch.reason
+    async with world.sessions() as s:
+        table = await load_route_table(s, now=world.now)
+    [route] = table.workloads.values()
+    assert [r.key for r in route.replicas] == [leader.launch_id]
+    assert len(world.live_instances()) == 2
+    await world.step(5)
+    assert len(await world.rows("big")) == 2  # one replica wanted: one group, no more
+
+
+async def test_the_leader_is_not_ready_until_every_member_is_launched(world: World) -> None:
+    world.deps = _deps(world)
+    world.provider.fail_next("launch", Transient)
+    await world.apply(fixed("big", 1, model=MODEL))
+    await world.step()
+    rows = await world.rows("big")
+    assert len(rows) == 2 and all(phase_of(r) is not Phase.READY for r in rows)
+
+
+async def test_a_lost_member_replaces_the_whole_group_drained_first(world: World) -> None:
+    rows = await _ready_group(world)
+    leader = next(r for r in rows if r.group_role == "leader")
+    worker = next(r for r in rows if r.group_role == "worker")
+    assert worker.instance_id is not None
+    world.cloud.set_state(worker.instance_id, InstanceState.TERMINATED)  # the worker dies
+    await world.step(5)
+    old = {r.launch_id: r for r in await world.rows("big")}
+    assert phase_of(old[worker.launch_id]) is Phase.TERMINATED
+    assert old[leader.launch_id].drain_requested_at is not None  # drained, not cut off
+    for _ in range(6):
+        await world.step(10)
+    rows = await world.rows("big")
+    first = [r for r in rows if r.group_id == leader.group_id]
+    assert all(phase_of(r) is Phase.TERMINATED for r in first)
+    second = [r for r in rows if r.group_id != leader.group_id]
+    assert len(second) == 2 and len({r.group_id for r in second}) == 1
+    assert any(phase_of(r) is Phase.READY for r in second)
+    assert len(world.live_instances()) == 2
+
+
+async def test_the_ceiling_counts_the_whole_group_before_any_member_is_bought(
+    world: World,
+) -> None:
+    world.deps = _deps(world)
+    one_member = EIGHT_H100.on_demand_usd_per_hour
+    spec = WorkloadSpec.model_validate(
+        {
+            "name": "big",
+            "slug": "big",
+            "model": MODEL,
+            "execution_policy": "autoscaling",
+            "execution_policy_config": {
+                "min_workers": 1,
+                "max_workers": 2,
+                "max_hourly_cost_usd": one_member * 1.5,
+                "workers": {
+                    "source": "cloud",
+                    "cloud_pool": {"gpu_pool": ["NVIDIA H100 80GB HBM3"]},
+                },
+            },
+        }
+    )
+    await world.apply(spec)
+    await world.step()
+    assert await world.rows("big") == []
+    assert world.provider.calls_to("launch") == []
+    refused = await world.decisions("refused")
+    assert refused and "group" in refused[-1].reason and "headroom" in refused[-1].reason
+
+
+async def test_no_group_is_bought_where_the_machines_cannot_boot_its_roles(world: World) -> None:
+    """AWS and GCP machines do not boot a group's roles yet: no group is placed there."""
+    world.deps = dataclasses.replace(world.make_deps(), offers=lambda: (EIGHT_H100,))
+    await world.apply(fixed("big", 1, model=MODEL))
+    await world.step()
+    assert await world.rows("big") == [] and world.provider.calls_to("launch") == []
