@@ -8,6 +8,14 @@ resolved through its SSM public parameter unless the configuration maps the CUDA
 an AMI. The engine port is open only to the gateway's CIDR, through one security group
 per cluster that is created on first use and reused after.
 
+A member of a replica group (its request carries the ``autoscaler:group`` tag) is
+launched into a ``cluster`` placement group, so the group's machines sit close on the
+network for the tensor and pipeline traffic between them: one placement group per
+cluster, zone and instance type (``autoscaler-{cluster}-{zone}-{instance type}``), created
+on first use and reused by every group of that shape, so nothing is left to delete when
+a group ends (EC2 keeps a placement group free of charge, and the number per region is
+limited).
+
 Credentials, region defaults and ``AWS_ENDPOINT_URL`` come from the standard AWS
 environment. botocore's own retries are off: retries happen here, with tenacity, and only
 for calls that are safe to repeat (describes, terminations, and ``RunInstances`` because
@@ -40,6 +48,7 @@ from tenacity import (
 from catalog.model import ProviderName
 from providers.base import (
     CLUSTER_TAG,
+    GROUP_TAG,
     LAUNCH_ID_TAG,
     Clock,
     Instance,
@@ -215,6 +224,7 @@ class AwsProvider:
         self._session = session or _shared_session()
         self._clock = clock or SystemClock()
         self._groups: dict[tuple[str, str], str] = {}
+        self._placement_groups: set[str] = set()
 
     # The protocol.
 
@@ -368,6 +378,8 @@ class AwsProvider:
         }
         if subnet is not None:
             params["SubnetId"] = subnet
+        if GROUP_TAG in request.tags:
+            params["Placement"]["GroupName"] = await self._placement_group(ec2, request)
         if request.spot:
             params["InstanceMarketOptions"] = {
                 "MarketType": "spot",
@@ -410,6 +422,22 @@ class AwsProvider:
         self._groups[(region, name)] = group_id
         await self._admit(ec2, group_id=group_id, port=request.boot.port, action=action)
         return group_id
+
+    async def _placement_group(self, ec2: EC2Client, request: LaunchRequest) -> str:
+        """The cluster placement group for this shape in this zone, created on first use."""
+        offer = request.offer
+        name = f"autoscaler-{request.cluster_id}-{offer.zone}-{offer.instance_type}"
+        name = re.sub(r"[^A-Za-z0-9-]", "-", name)[:255]
+        action = f"{request.action}: preparing placement group {name}"
+        if name in self._placement_groups:
+            return name
+        try:
+            await ec2.create_placement_group(GroupName=name, Strategy="cluster")
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "InvalidPlacementGroup.Duplicate":
+                raise translate(error, action) from error
+        self._placement_groups.add(name)
+        return name
 
     async def _vpc(self, ec2: EC2Client, *, subnet: str | None, action: str) -> str:
         if subnet is not None:

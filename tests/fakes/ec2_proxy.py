@@ -105,6 +105,10 @@ class Ec2Proxy:
         self._random = random.Random(seed)
         self._tokens: dict[str, _Cached] = {}
         self._created: dict[str, float] = {}
+        self.placement_groups: dict[str, str] = {}
+        """Placement groups by name, with their strategy (moto has none; kept here)."""
+        self.instance_placement_group: dict[str, str] = {}
+        """The placement group each instance was launched into, by instance id."""
         self._lock = threading.Lock()
         self._server = _QuietServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -187,7 +191,11 @@ class Ec2Proxy:
         fault = self._fault_for(action)
         if fault is not None and fault not in _TAKES_EFFECT:
             return _error(*_ERRORS[fault])
-        if action == "RunInstances":
+        if action == "CreatePlacementGroup":
+            result = self._create_placement_group(form)
+        elif action == "DescribePlacementGroups":
+            result = self._describe_placement_groups(form)
+        elif action == "RunInstances":
             result = self._run_instances(method, path, headers, body, form)
         elif action in ("DescribeInstances", "TerminateInstances"):
             result = self._consistent(action, method, path, headers, body, form)
@@ -198,6 +206,30 @@ class Ec2Proxy:
                 time.sleep(self.hang_sec)
             return _Cached(0, [], b"", drop=True)
         return result
+
+    def _create_placement_group(self, form: dict[str, list[str]]) -> _Cached:
+        name = form.get("GroupName", [""])[0]
+        with self._lock:
+            if name in self.placement_groups:
+                return _error(400, "InvalidPlacementGroup.Duplicate", f"{name} exists")
+            self.placement_groups[name] = form.get("Strategy", [""])[0]
+        return _Cached(200, [("Content-Type", "text/xml")], _ok("CreatePlacementGroup"))
+
+    def _describe_placement_groups(self, form: dict[str, list[str]]) -> _Cached:
+        names = [v[0] for k, v in form.items() if k.startswith("GroupName.")]
+        with self._lock:
+            found = {n: s for n, s in self.placement_groups.items() if not names or n in names}
+        items = "".join(
+            f"<item><groupName>{n}</groupName><strategy>{s}</strategy>"
+            "<state>available</state></item>"
+            for n, s in found.items()
+        )
+        body = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n<DescribePlacementGroupsResponse>'
+            f"<requestId>0000</requestId><placementGroupSet>{items}</placementGroupSet>"
+            "</DescribePlacementGroupsResponse>"
+        ).encode()
+        return _Cached(200, [("Content-Type", "text/xml")], body)
 
     def _run_instances(
         self,
@@ -215,8 +247,11 @@ class Ec2Proxy:
             response = self._forward(method, path, headers, body)
             if response.status == 200:
                 now = time.monotonic()
+                group = form.get("Placement.GroupName", [""])[0]
                 for raw in _INSTANCE_ID.findall(response.body):
                     self._created[raw.decode()] = now
+                    if group:
+                        self.instance_placement_group[raw.decode()] = group
                 if token:
                     self._tokens[token] = response  # kept at creation, answered or not
             return response
@@ -287,6 +322,13 @@ class _QuietServer(ThreadingHTTPServer):
         if isinstance(sys.exc_info()[1], ConnectionError):
             return
         super().handle_error(request, client_address)  # type: ignore[arg-type]
+
+
+def _ok(action: str) -> bytes:
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?>\n<{action}Response><requestId>0000</requestId>'
+        f"<return>true</return></{action}Response>"
+    ).encode()
 
 
 def _error(status: int, code: str, message: str) -> _Cached:

@@ -4,6 +4,7 @@ ClientToken idempotency and injected capacity, quota and throttling errors."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -20,6 +21,8 @@ from catalog.model import Offer, ProviderName
 from providers.aws import SPOT_INTERRUPTION_CODE, AwsConfig, AwsProvider, translate
 from providers.base import (
     CLUSTER_TAG,
+    GROUP_TAG,
+    ROLE_TAG,
     InstanceState,
     InsufficientCapacity,
     NotFound,
@@ -287,3 +290,34 @@ def test_ec2_error_codes_map_to_what_the_caller_should_do(
     error = translate(_client_error(code, status), "launching g5.xlarge in us-east-1a for w")
     assert type(error) is expected
     assert str(error).startswith(f"launching g5.xlarge in us-east-1a for w: {code}")
+
+
+async def test_a_replica_groups_members_go_into_one_cluster_placement_group(
+    proxy: Ec2Proxy, ec2: EC2Client
+) -> None:
+    """Two members of a group (leader and worker), launched by two provider objects as
+    two controllers would, share one cluster placement group; a lone replica uses none."""
+    harness = AwsHarness(proxy)
+    members = []
+    for role in ("leader", "worker"):
+        request = make_request(harness, cluster_id="c-aws-grp")
+        tags = {**request.tags, GROUP_TAG: "ln-group-1", ROLE_TAG: role}
+        members.append(
+            await AwsProvider(_config(proxy)).launch(dataclasses.replace(request, tags=tags))
+        )
+    lone = await AwsProvider(_config(proxy)).launch(make_request(harness, cluster_id="c-aws-grp"))
+
+    name = f"autoscaler-c-aws-grp-{ZONE}-{OFFER.instance_type}".replace(".", "-")
+    placed = proxy.instance_placement_group
+    assert [placed.get(m.instance_id) for m in members] == [name, name]
+    assert lone.instance_id not in placed
+    described = await ec2.describe_instances(InstanceIds=[m.instance_id for m in members])
+    raw = {i["InstanceId"]: i for r in described["Reservations"] for i in r["Instances"]}
+    roles = {
+        m.instance_id: {t["Key"]: t["Value"] for t in raw[m.instance_id]["Tags"]} for m in members
+    }
+    assert [roles[m.instance_id][ROLE_TAG] for m in members] == ["leader", "worker"]
+    assert {r[GROUP_TAG] for r in roles.values()} == {"ln-group-1"}
+    groups = await ec2.describe_placement_groups(GroupNames=[name])
+    [group] = groups["PlacementGroups"]
+    assert (group["GroupName"], group["Strategy"]) == (name, "cluster")
