@@ -590,7 +590,7 @@ class WorkloadSpec(StrictModel):
     vllm_version: str | None = None
     worker_id: str | None = None
     model_memory_gib: Annotated[float, Field(gt=0)] | None = None
-    max_model_len: Annotated[int, Field(ge=16, le=10_000_000, strict=True)] | None = None
+    max_model_len: Annotated[int, Field(ge=16, le=10_000_000, strict=True), WHOLE] | None = None
     """The context length the engine serves and sizing reserves KV cache for (vLLM
     ``--max-model-len``, SGLang ``--context-length``); unset: the command's flag, else
     the model's own."""

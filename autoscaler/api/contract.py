@@ -155,6 +155,15 @@ def workload_patch_schema(spec: dict[str, Any]) -> dict[str, Any]:
                 "anyOf": [{"type": "object"}, {"type": "null"}],
                 "description": "Merged into the stored config, key by key.",
             }
+        elif name == "labels":
+            # A merge patch of the labels: a key set to null removes that label.
+            values = field.get("additionalProperties", {})
+            properties[name] = {
+                "anyOf": [
+                    {**field, "additionalProperties": {"anyOf": [values, {"type": "null"}]}},
+                    {"type": "null"},
+                ]
+            }
         else:
             properties[name] = {"anyOf": [field, {"type": "null"}]}
     return {

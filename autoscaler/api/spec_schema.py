@@ -16,7 +16,8 @@ Added to pydantic's schema:
   (``max_replicas_per_workload``);
 * ``vllm_version`` only with backend ``vllm`` or ``vllm-omni``, and shaped like a version;
   image, audio and video task types only with ``vllm-omni``; ``worker_id`` not with a
-  ``workers.cloud_pool``;
+  ``workers.cloud_pool``; ``max_model_len`` and ``custom_chat_template`` not with
+  ``ollama``;
 * names: a slug is a DNS label, ``name`` and ``model`` not blank, GPU names from the
   catalog, CUDA versions from their table (regions and labels carry their own patterns
   in pydantic's schema).
@@ -25,7 +26,8 @@ What JSON Schema cannot express is said in the descriptions, and the API answers
 naming the field: ``max_workers`` at least ``min_workers`` and the lower latency bound
 below the upper (comparisons between two fields), CUDA pins that some GPU of the pool
 runs (the catalog's driver tables), an engine ``command`` that parses and fits the
-backend and model, a worker registered in the project (the store), and the syntax of
+backend and model (and sets no flag that ``max_model_len`` or ``custom_chat_template``
+sets), a worker registered in the project (the store), and the syntax of
 ``cron`` and ``window`` (published as the formats ``cron`` and ``schedule-window``).
 """
 
@@ -254,6 +256,13 @@ def _workload(spec: dict[str, Any]) -> None:
                 "else": fixed,
             },
         },
+        *(
+            {
+                "if": _given(option),
+                "then": {"properties": {"backend": {"not": {"const": Backend.OLLAMA.value}}}},
+            }
+            for option in ("max_model_len", "custom_chat_template")
+        ),
         {
             "if": _given("vllm_version"),
             "then": {

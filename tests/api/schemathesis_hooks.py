@@ -13,7 +13,9 @@ cannot, and nothing else:
 * CUDA pins that some GPU of the pool runs (the catalog's driver tables): pins that fit
   no GPU of the pool are dropped;
 * a worker registered in the project (the store; the fuzzed projects have none): a
-  ``worker_id`` is dropped, private workers become cloud workers with a $/h ceiling.
+  ``worker_id`` is dropped, private workers become cloud workers with a $/h ceiling;
+* ``max_model_len`` and ``custom_chat_template`` beside the backend and the command
+  (Ollama takes neither; the command must not set the same flag): the field is dropped.
 
 Negative cases, and every other operation, are left as generated.
 """
@@ -66,6 +68,7 @@ def repaired(body: dict[str, Any]) -> dict[str, Any]:
     if isinstance(config, dict):
         _policy(config)
         body["execution_policy_config"] = config
+    _engine_options(body)
     command = body.get("command")
     if isinstance(command, str):
         try:
@@ -76,6 +79,18 @@ def repaired(body: dict[str, Any]) -> dict[str, Any]:
         if any(p.path == "command" for p in problems):
             body["command"] = COMMANDS[1]
     return body
+
+
+def _engine_options(body: dict[str, Any]) -> None:
+    command = body.get("command") if isinstance(body.get("command"), str) else ""
+    for field, flags in (
+        ("max_model_len", ("--max-model-len", "--context-length", "--max-seq-len")),
+        ("custom_chat_template", ("--chat-template",)),
+    ):
+        if body.get(field) is None:
+            continue
+        if body.get("backend") == "ollama" or any(flag in str(command) for flag in flags):
+            body.pop(field)
 
 
 def _policy(config: dict[str, Any]) -> None:

@@ -51,3 +51,19 @@ def test_a_bad_label_is_refused_at_apply_and_nothing_is_stored(api_server: ApiSe
     assert detail["path"] == "labels"
     assert "has space" in detail["message"]
     assert httpx.get(url, headers=HEADERS).status_code == 404
+
+
+def test_a_merge_patch_sets_and_removes_single_labels(api_server: ApiServer) -> None:
+    url = f"{api_server.url}/v1/projects/acme/workloads/chat"
+    with ManagementClient(url=api_server.url, token=ADMIN_TOKEN, project="acme") as client:
+        client.ensure(_spec("chat", team="search", tier="prod"))
+    patched = httpx.patch(
+        url,
+        json={"labels": {"tier": None, "owner": "ana"}},
+        headers={**HEADERS, "Content-Type": "application/merge-patch+json"},
+    )
+    assert patched.status_code == 200, patched.text
+    assert httpx.get(url, headers=HEADERS).json()["spec"]["labels"] == {
+        "owner": "ana",
+        "team": "search",
+    }
