@@ -245,6 +245,10 @@ class Instance:
     """What serves on it, where the provider knows (the local provider: ``vllm`` or
     ``engine-sim``); ``engine_reason`` says why that engine."""
     engine_reason: str | None = None
+    ended_reason: str | None = None
+    """How a gone instance ended, where the provider knows without being asked to end it
+    (the local provider: ``the engine process exited with status 1``, and where its
+    output is)."""
 
     def __post_init__(self) -> None:
         if self.launched_at.tzinfo is None:

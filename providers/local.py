@@ -458,7 +458,15 @@ class LocalProvider:
         return _is_ours(record)
 
     def _instance(self, record: _Record) -> Instance:
-        state = InstanceState.RUNNING if self._alive(record) else InstanceState.TERMINATED
+        alive = self._alive(record)
+        state = InstanceState.RUNNING if alive else InstanceState.TERMINATED
+        ended = None
+        if not alive and record.terminated_at is None:
+            status = (self._records.load(record.instance_id) or record).exit_status
+            how = "exited" if status is None else f"exited with status {status}"
+            if status is not None and status < 0:
+                how = f"was killed by signal {-status}"
+            ended = f"the engine process {how}; its output is in {record.log_path}"
         return Instance(
             provider=self._provider_name,
             instance_id=record.instance_id,
@@ -472,6 +480,7 @@ class LocalProvider:
             private_address=record.address,
             engine=record.engine,
             engine_reason=record.engine_reason,
+            ended_reason=ended,
         )
 
     def _forget_old(self) -> None:

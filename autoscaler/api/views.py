@@ -107,7 +107,7 @@ def decision_view(row: Decision) -> dict[str, Any]:
     }
 
 
-FAILURE_KINDS = ("refused", "invalid_spec", "launch_failed")
+FAILURE_KINDS = ("refused", "invalid_spec", "launch_failed", "boot_failed")
 """Decisions whose reason is a workload's last error until a replica is ready after it."""
 
 

@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.api.deps import Project, Session, State
 from autoscaler.api.errors import ApiError
+from autoscaler.reconcile.liveness import BOOT_FAILED
 from autoscaler.spec import WorkloadSpec
 from autoscaler.store import workloads
 from autoscaler.store.models import Instance, Worker, Workload
@@ -215,6 +216,8 @@ def _apply(row: Instance, report: ReplicaReport, now: datetime) -> bool:
         row.terminated_confirmed_at = now
         if report.state != "stopped" or row.terminate_requested_at is None:
             row.last_error = f"{report.state} on the worker: {report.detail or 'no detail'}"
+            if row.ready_at is None and row.terminate_requested_at is None:
+                row.last_error = BOOT_FAILED + row.last_error  # reported by the controller
     return before != (row.launched_at, row.ready_at, row.terminated_confirmed_at, row.url)
 
 

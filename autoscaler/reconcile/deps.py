@@ -186,6 +186,15 @@ class Failure:
     retry_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class BootBackoff:
+    """A workload whose replicas keep failing to boot: how many in a row, and when it
+    may launch again (``tick_sec`` doubled per failure, up to ``quarantine_max_sec``)."""
+
+    failures: int
+    retry_at: datetime
+
+
 @dataclass
 class Memory:
     """What the controller remembers between passes. Losing it (a restart) is harmless:
@@ -211,6 +220,13 @@ class Memory:
     ``retry_after``; throttling above all)."""
     resume_after: int | None = None
     """The workload id a pass cut for time stopped after; the next pass starts past it."""
+    started_at: datetime | None = None
+    """This controller's first pass: failed boots closed before it were reported by an
+    earlier controller (``autoscaler.reconcile.boot_failures``)."""
+    boots_reported: set[str] = field(default_factory=set)
+    """Launch ids whose failed boot has its decision."""
+    boot_backoff: dict[int, BootBackoff] = field(default_factory=dict)
+    """Per workload, failed boots in a row and when it may launch again."""
 
 
 @dataclass

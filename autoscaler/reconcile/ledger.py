@@ -33,6 +33,25 @@ async def open_rows(session: AsyncSession, workload_id: int) -> list[LedgerRow]:
     )
 
 
+async def failed_boots_closed_since(
+    session: AsyncSession, workload_id: int, *, since: datetime, marker: str
+) -> list[LedgerRow]:
+    """The workload's replicas closed at or after ``since`` that were never ready and whose
+    ``last_error`` starts with ``marker`` (a failed boot), oldest first."""
+    return list(
+        await session.scalars(
+            select(LedgerRow)
+            .where(
+                LedgerRow.workload_id == workload_id,
+                LedgerRow.terminated_confirmed_at >= since,
+                LedgerRow.ready_at.is_(None),
+                LedgerRow.last_error.startswith(marker, autoescape=True),
+            )
+            .order_by(LedgerRow.terminated_confirmed_at, LedgerRow.launch_id)
+        )
+    )
+
+
 async def predecessor_prices(session: AsyncSession, workload: Workload) -> list[float]:
     """Hourly prices of instances still open under a deleted workload of the same project
     and slug: a slug deleted and applied again inherits their spend against its ceilings

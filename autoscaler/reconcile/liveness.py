@@ -7,7 +7,10 @@
 * A booting replica whose startup script reported failure (the boot callback records
   ``last_error`` starting with :data:`BOOT_FAILED`) is terminated at once, and its offer
   marked unavailable; a "ready" report only wakes the controller, whose own health
-  check sets ``ready_at``.
+  check sets ``ready_at``. A replica whose instance ends on its own before it was ever
+  ready (a local engine process that exits at once) gets such a ``last_error`` too, with
+  how it ended where the provider knows; each is reported once
+  (:mod:`autoscaler.reconcile.boot_failures`).
 * A ready replica whose engine stops answering for ``unhealthy_grace_sec`` is
   terminated; one whose instance the provider reports gone is closed. The plan then
   launches a replacement.
@@ -191,11 +194,20 @@ async def _not_visible(deps: Deps, session: AsyncSession, *, row: LedgerRow, now
 
 def _confirm_gone(row: LedgerRow, instance: Instance, *, now: datetime) -> None:
     row.terminated_confirmed_at = now
-    if row.terminate_requested_at is None:
-        row.last_error = (
-            f"died: instance {row.instance_id} is {instance.state.value} at the provider"
+    if row.terminate_requested_at is not None:
+        return
+    if row.ready_at is None and instance.state is InstanceState.TERMINATED:
+        # Ended on its own before it ever served: a failed boot, reported once with its
+        # decision by ``autoscaler.reconcile.boot_failures``.
+        row.last_error = BOOT_FAILED + (
+            instance.ended_reason
+            or f"instance {row.instance_id} is terminated at the provider before it was ready"
         )
-        log.warning("replica %s of %s %s", row.launch_id, row.workload_slug, row.last_error)
+        return
+    row.last_error = f"died: instance {row.instance_id} is {instance.state.value} at the provider"
+    if instance.ended_reason:
+        row.last_error += f" ({instance.ended_reason})"
+    log.warning("replica %s of %s %s", row.launch_id, row.workload_slug, row.last_error)
 
 
 async def terminate_instance(deps: Deps, row: LedgerRow) -> None:

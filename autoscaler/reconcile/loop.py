@@ -65,6 +65,7 @@ async def reconcile_once(deps: Deps) -> float:
     until the next pass is due."""
     started = time.perf_counter()
     now = utc(deps.clock.now())
+    deps.memory.started_at = deps.memory.started_at or now
     observed = await observe(deps)
     signals, scraped = await _with_engines(deps, await _signals(deps), now=now)
     if scraped:

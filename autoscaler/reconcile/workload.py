@@ -47,6 +47,7 @@ from autoscaler.decide.plan import Drain, Launch, Plan, Terminate, Timeouts, pla
 from autoscaler.decide.scaling import Direction, FleetCounts, ScaleDecision, ScaleMemory
 from autoscaler.decide.signals import Signals
 from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
+from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
 from autoscaler.reconcile.ledger import (
     fleet_counts,
@@ -102,6 +103,7 @@ async def reconcile_workload(
         engine = engine_for(spec.backend.value)
         rows = await open_rows(s, workload.id)
         await sync_with_provider(deps, s, rows=rows, observed=observed, port=engine.port, now=now)
+        await report_failed_boots(deps, s, workload=workload, now=now)
         for row in _still_open(rows):
             if row.worker_id is None and row.instance_id is None and _due(deps, row, now):
                 await resolve_intent(deps, s, row=row, spec=spec, now=now)
@@ -157,6 +159,14 @@ async def reconcile_workload(
             inherited=inherited,
             now=now,
         )
+        hold = launch_hold(deps, workload_id=workload.id, rows=rows, now=now)
+        if hold is not None:  # failed boots in a row: no launch before the backoff ends
+            plan = dataclasses.replace(
+                plan,
+                actions=tuple(a for a in plan.actions if not isinstance(a, Launch)),
+                # A 0 asks for more launches at once, which are held; other due times stand.
+                requeue_after=hold if not plan.requeue_after else min(hold, plan.requeue_after),
+            )
         await _log_scale(
             deps,
             s,

@@ -244,7 +244,9 @@ async def test_a_replica_that_exits_is_reported_with_its_status_and_confirmed_go
 
     row = await ledger_row(store, "lch_agent_3")
     assert row.terminated_confirmed_at is not None
-    assert row.last_error == "exited on the worker: the engine process exited with status 7"
+    assert row.last_error == (
+        "boot failed: exited on the worker: the engine process exited with status 7"
+    )
 
 
 async def test_heartbeats_need_the_workers_own_secret(

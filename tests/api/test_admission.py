@@ -187,3 +187,12 @@ def test_a_worker_of_another_project_is_not_registered_here(api_server: ApiServe
     detail = response.json()["error"]["details"][0]
     assert detail["path"] == "execution_policy_config.workers.private_worker_ids.0"
     assert detail["value"] == other
+
+
+def test_an_unknown_backend_names_each_allowed_value_once(api_server: ApiServer) -> None:
+    response = httpx.put(_url(api_server), json={**BASE, "backend": "tgi"}, headers=HEADERS)
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["error"]["details"]
+    named, allowed = detail["message"].split("; allowed: ")
+    assert named == "unknown backend 'tgi'"
+    assert allowed.split(", ") == ["vllm", "sglang", "ollama", "vllm-omni"]
