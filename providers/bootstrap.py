@@ -42,7 +42,9 @@ from providers.engines import engine_for
 
 __all__ = [
     "DEFAULT_STATE_DIR",
+    "RAY_PORT",
     "BootCallback",
+    "GroupRole",
     "SpotNotice",
     "min_driver_for",
     "render_startup_script",
@@ -51,6 +53,12 @@ __all__ = [
 ]
 
 DEFAULT_STATE_DIR = "/var/lib/autoscaler"
+
+RAY_PORT = 6379
+"""The port of a replica group's Ray head on its leader."""
+
+GroupRole = Literal["leader", "worker"]
+"""A replica group member's part (``None``: a machine of its own)."""
 
 SpotNotice = Literal["ec2", "gce"]
 """Whose interruption notice a spot instance watches (``None``: not spot, no watcher)."""
@@ -90,8 +98,15 @@ def render_startup_script(
     health_timeout_seconds: int = 1800,
     poll_seconds: int = 5,
     spot_notice: SpotNotice | None = None,
+    group_role: GroupRole | None = None,
+    group_size: int = 1,
 ) -> str:
-    """The bash script that boots ``boot`` on a fresh GPU instance and reports back."""
+    """The bash script that boots ``boot`` on a fresh GPU instance and reports back.
+
+    ``group_role`` makes the instance a member of a replica group of ``group_size``: the
+    leader runs a Ray head and, once every member has joined, the engine over the Ray
+    cluster (host networking); a worker polls ``GET {callback}/group`` for the leader's
+    address, joins its Ray cluster and serves nothing itself."""
     settings: Mapping[str, str | int] = {
         "LAUNCH_ID": launch_id,
         "IMAGE": boot.image,
@@ -108,6 +123,9 @@ def render_startup_script(
         "HEALTH_TIMEOUT_SECONDS": health_timeout_seconds,
         "POLL_SECONDS": poll_seconds,
         "SPOT_NOTICE": spot_notice or "",
+        "GROUP_ROLE": group_role or "",
+        "GROUP_SIZE": group_size,
+        "RAY_PORT": RAY_PORT,
     }
     arrays: Mapping[str, Sequence[str]] = {
         "ENGINE_ARGV": boot.command,
@@ -132,6 +150,8 @@ def startup_script_for(
     launch_id: str,
     callback: BootCallback,
     spot_notice: SpotNotice | None = None,
+    group_role: GroupRole | None = None,
+    group_size: int = 1,
 ) -> str:
     """The startup script for a BootSpec made by :func:`providers.engines.boot_spec`."""
     engine = engine_for(backend)
@@ -143,6 +163,8 @@ def startup_script_for(
         warmup=warmup,
         cache_mount=engine.cache_dir,
         spot_notice=spot_notice,
+        group_role=group_role,
+        group_size=group_size,
     )
 
 
@@ -153,6 +175,8 @@ def with_startup_script(
     launch_id: str,
     callback: BootCallback,
     spot_notice: SpotNotice | None = None,
+    group_role: GroupRole | None = None,
+    group_size: int = 1,
 ) -> BootSpec:
     """``boot`` with its startup script rendered for this launch."""
     script = startup_script_for(
@@ -161,6 +185,8 @@ def with_startup_script(
         launch_id=launch_id,
         callback=callback,
         spot_notice=spot_notice,
+        group_role=group_role,
+        group_size=group_size,
     )
     return dataclasses.replace(boot, startup_script=script)
 

@@ -98,15 +98,52 @@ start_engine() {
   mkdir -p "$CACHE_DIR"
   local env_args=() pair
   for pair in "${ENGINE_ENV[@]}"; do env_args+=(-e "$pair"); done
+  local net_args=(-p "$ENGINE_PORT:$ENGINE_PORT") run_args=(--entrypoint "${ENGINE_ARGV[0]}" "$IMAGE" "${ENGINE_ARGV[@]:1}")
+  if [[ "$GROUP_ROLE" == leader ]]; then
+    # A group's leader: a Ray head on the host's network, then, once every member has
+    # joined it, the engine over the Ray cluster.
+    net_args=(--network host)
+    # shellcheck disable=SC2016  # expanded by the container's bash, not here
+    run_args=(--entrypoint bash "$IMAGE" -c 'ray start --head --port="$0" && until [ "$(ray status 2>/dev/null | grep -c node_)" -ge "$1" ]; do sleep 5; done; shift; exec "$@"' "$RAY_PORT" "$GROUP_SIZE" "${ENGINE_ARGV[@]}")
+  fi
   docker run -d --name "$CONTAINER_NAME" \
     --gpus all --ipc=host --restart unless-stopped \
-    -p "$ENGINE_PORT:$ENGINE_PORT" \
+    "${net_args[@]}" \
     -v "$CACHE_DIR:$CACHE_MOUNT" \
     --env-file "$ENV_FILE" "${env_args[@]}" \
     --label "autoscaler.launch-id=$LAUNCH_ID" \
-    --entrypoint "${ENGINE_ARGV[0]}" \
-    "$IMAGE" "${ENGINE_ARGV[@]:1}" >/dev/null ||
+    "${run_args[@]}" >/dev/null ||
     fail "docker could not start the engine container from $IMAGE"
+}
+
+# A group's worker learns its leader's address from the controller's boot callback
+# (GET {url}/group), once the leader's machine is launched.
+leader_address() {
+  local answer
+  answer=$(curl -fsS --max-time 5 -H "@$AUTH_HEADER" "$CALLBACK_URL/group" 2>/dev/null) || return 1
+  [[ "$answer" =~ \"leader_address\":\ ?\"([^\"]+)\" ]] || return 1
+  printf '%s' "${BASH_REMATCH[1]}"
+}
+
+join_leader() {
+  local address="" waited=0
+  until address=$(leader_address); do
+    if ((waited >= HEALTH_TIMEOUT_SECONDS)); then
+      fail "the group's leader address did not come within ${HEALTH_TIMEOUT_SECONDS}s"
+    fi
+    sleep "$POLL_SECONDS"
+    waited=$((waited + (POLL_SECONDS > 0 ? POLL_SECONDS : 1)))
+  done
+  log "joining the group's leader at $address"
+  docker rm -f "$CONTAINER_NAME" >/dev/null 2>&1 || true
+  mkdir -p "$CACHE_DIR"
+  docker run -d --name "$CONTAINER_NAME" \
+    --gpus all --ipc=host --restart unless-stopped --network host \
+    -v "$CACHE_DIR:$CACHE_MOUNT" \
+    --env-file "$ENV_FILE" \
+    --label "autoscaler.launch-id=$LAUNCH_ID" \
+    --entrypoint ray "$IMAGE" start --block "--address=$address:$RAY_PORT" >/dev/null ||
+    fail "docker could not start the Ray worker container from $IMAGE"
 }
 
 wait_healthy() {
@@ -185,6 +222,12 @@ check_driver
 start_spot_watch
 fetch_secrets
 pull_image
+if [[ "$GROUP_ROLE" == worker ]]; then
+  join_leader
+  report ready "" || { log "could not report ready to the controller"; exit 1; }
+  log "joined the group's leader as a Ray worker"
+  exit 0
+fi
 start_engine
 wait_healthy
 warm_up

@@ -4,6 +4,10 @@
   format): the replica's engine key when its engine takes one, and the Hugging Face token
   when the controller has one (the file ``hf_token_file`` of the configuration, else
   ``$HF_TOKEN``; never the workload spec).
+* ``GET /v1/boot/{launch_id}/group`` answers a replica group member's part:
+  ``{"role": "leader" | "worker", "size": N, "leader_address": "10.0.0.5" | null}``, the
+  leader's address (its engine URL's host) once its machine is launched; a worker's
+  startup script polls it to join the leader's Ray cluster. 404 for a machine of its own.
 * ``POST /v1/boot/{launch_id}/status`` takes ``{"launch_id", "state": "ready" | "failed"
   | "interrupted", "reason"}``. ``failed`` stores ``last_error`` (``boot failed: …``),
   and the liveness reconciler terminates the instance and skips its offer for a while.
@@ -30,6 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Request
 from fastapi.responses import PlainTextResponse
@@ -129,6 +134,19 @@ async def secrets(
     return PlainTextResponse(
         "".join(f"{line}\n" for line in lines), headers={"Cache-Control": "no-store"}
     )
+
+
+@router.get("/{launch_id}/group")
+async def group(row: Launch, s: Session) -> dict[str, Any]:
+    if row.group_id is None:
+        raise ApiError(404, "not_a_group", f"launch {row.launch_id} is not in a replica group")
+    leader = await s.get(Instance, row.group_id)
+    url = None if leader is None else leader.url
+    return {
+        "role": row.group_role,
+        "size": row.group_size,
+        "leader_address": None if url is None else urlsplit(url).hostname,
+    }
 
 
 @router.post("/{launch_id}/status", status_code=202)

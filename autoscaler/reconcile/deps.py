@@ -160,10 +160,10 @@ class Settings:
     """The most replicas planned for one workload, whatever its stored spec says."""
     max_launches_per_pass: int = 16
     group_providers: frozenset[str] = frozenset({"simulated"})
-    """Providers whose machines can form replica groups: the simulated cloud, whose
-    engine-sim leader serves the whole group; not AWS and GCP until the startup script
-    renders the group's roles (a Ray head and Ray workers), since a group bought there
-    would never serve."""
+    """Providers whose machines may form replica groups: the simulated cloud, whose
+    engine-sim leader serves the whole group. Not AWS and GCP until the startup script's
+    group roles (a Ray head, Ray workers joining it) have run on real multi-node
+    machines: a group that never serves would be bought and replaced over and over."""
     """Launches one workload may make in one pass; the rest follow in the next passes."""
     workload_share_sec: float = 30.0
     """The longest one workload's step may take in a pass before it is cut."""

@@ -392,12 +392,15 @@ def _scripted(deps: Deps, *, row: LedgerRow, spec: WorkloadSpec, boot: BootSpec)
     if row.provider not in SCRIPTED_PROVIDERS or url is None or not row.engine_key:
         return boot
     callback = boot_callback(callback_url=url, launch_id=row.launch_id, engine_key=row.engine_key)
+    role = row.group_role if row.group_role in ("leader", "worker") else None
     return with_startup_script(
         boot,
         backend=spec.backend.value,
         launch_id=row.launch_id,
         callback=callback,
         spot_notice=SPOT_NOTICES.get(row.provider) if row.spot else None,
+        group_role="leader" if role == "leader" else "worker" if role == "worker" else None,
+        group_size=row.group_size or 1,
     )
 
 

@@ -236,3 +236,34 @@ async def test_hf_token_file_of_the_config_wins_and_an_unreadable_one_is_503(
     assert unreadable.status_code == 503
     assert f"cannot read hf_token_file {token_file}" in unreadable.json()["error"]["message"]
     assert launch.engine_key not in unreadable.text
+
+
+async def test_a_group_worker_learns_its_leaders_address_once_the_leader_is_launched(
+    boot_api: BootApiServer, store: Sessions
+) -> None:
+    leader = await add_launch(store)
+    worker = await add_launch(store)
+    async with store() as s, s.begin():
+        for launch, role in ((leader, "leader"), (worker, "worker")):
+            await s.execute(
+                update(Instance)
+                .where(Instance.launch_id == launch.launch_id)
+                .values(group_id=leader.launch_id, group_role=role, group_size=2, url=None)
+            )
+    async with httpx.AsyncClient() as client:
+        before = await client.get(_url(boot_api, worker.launch_id, "group"), headers=worker.auth())
+        async with store() as s, s.begin():
+            await s.execute(
+                update(Instance)
+                .where(Instance.launch_id == leader.launch_id)
+                .values(url="http://10.0.0.5:8000")
+            )
+        after = await client.get(_url(boot_api, worker.launch_id, "group"), headers=worker.auth())
+        other = await client.get(_url(boot_api, worker.launch_id, "group"), headers=leader.auth())
+        lone = await add_launch(store)
+        alone = await client.get(_url(boot_api, lone.launch_id, "group"), headers=lone.auth())
+
+    assert before.json() == {"role": "worker", "size": 2, "leader_address": None}
+    assert after.json() == {"role": "worker", "size": 2, "leader_address": "10.0.0.5"}
+    assert other.status_code == 401  # a member proves itself with its own token only
+    assert alone.status_code == 404

@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from providers.bootstrap import BootCallback, SpotNotice, min_driver_for, startup_script_for
+from providers.bootstrap import (
+    BootCallback,
+    GroupRole,
+    SpotNotice,
+    min_driver_for,
+    startup_script_for,
+)
 from providers.engines import ENGINES, boot_spec
 from tests.helpers import wait_until
 
@@ -56,6 +62,8 @@ echo "curl $url" >>"$SANDBOX/calls"
 case "$url" in
   */secrets) printf 'ENGINE_API_KEY=%s\\nHF_TOKEN=%s\\n' "$FAKE_KEY" "$FAKE_HF" >"$out" ;;
   */status) echo "$data" >>"$SANDBOX/reports" ;;
+  */group) [[ -n "${FAKE_LEADER:-}" ]] &&
+    printf '{"role": "worker", "size": 2, "leader_address": "%s"}' "$FAKE_LEADER" ;;
   */computeMetadata/v1/instance/preempted) echo "${FAKE_PREEMPTED:-FALSE}" ;;
   http://127.0.0.1:*) [[ -n "${FAKE_HEALTHY:-}" ]] ;;
   *) exit 7 ;;
@@ -98,14 +106,20 @@ def run_script(
     env: dict[str, str] | None = None,
     with_nvidia_smi: bool = True,
     spot_notice: SpotNotice | None = None,
+    group_role: GroupRole | None = None,
 ) -> Run:
-    boot = boot_spec(backend=backend, model=model, cuda_version=cuda)
+    nodes = 2 if group_role else 1
+    boot = boot_spec(backend=backend, model=model, cuda_version=cuda, gpu_count=8, nodes=nodes)
+    if group_role is None:
+        boot = boot_spec(backend=backend, model=model, cuda_version=cuda)
     script = startup_script_for(
         boot=boot,
         backend=backend,
         launch_id="lch_0123abcd",
         callback=BootCallback("http://controller.test/v1/boot/lch_0123abcd", "boot-token"),
         spot_notice=spot_notice,
+        group_role=group_role,
+        group_size=nodes,
     )
     script = script.replace("STATE_DIR=/var/lib/autoscaler", f"STATE_DIR={sandbox / 'state'}")
     script = script.replace("CACHE_DIR=/var/lib/autoscaler/", f"CACHE_DIR={sandbox}/")
@@ -337,3 +351,62 @@ def test_a_callback_must_be_an_http_url() -> None:
     with pytest.raises(ValueError, match="http"):
         BootCallback("controller.test/boot", "t")
     assert "secret-token" not in repr(BootCallback("https://c.test", "secret-token"))
+
+
+def test_a_group_worker_joins_its_leaders_ray_cluster_from_the_callbacks_address(
+    sandbox: Path,
+) -> None:
+    run = run_script(sandbox, group_role="worker", env={"FAKE_LEADER": "10.0.0.5"})
+
+    assert run.returncode == 0, run.stderr
+    assert "curl http://controller.test/v1/boot/lch_0123abcd/group" in run.calls
+    [started] = run.docker_calls("run")
+    assert "--network host" in started and "--gpus all" in started
+    assert "--entrypoint ray vllm/vllm-openai:v0.11.0 start --block --address=10.0.0.5:6379" in (
+        started
+    )
+    assert "serve" not in started  # a worker runs no engine of its own
+    assert not any(c.startswith("curl http://127.0.0.1:") for c in run.calls)
+    assert run.reports == [{"launch_id": "lch_0123abcd", "state": "ready", "reason": ""}]
+
+
+def test_a_group_worker_without_a_leader_address_fails_with_the_reason(sandbox: Path) -> None:
+    run = run_script(sandbox, group_role="worker")
+
+    assert run.returncode != 0
+    assert run.docker_calls("run") == []
+    [report] = run.reports
+    assert report["state"] == "failed" and "leader address did not come" in report["reason"]
+
+
+def test_a_group_leader_starts_a_ray_head_then_the_engine_over_every_member(
+    sandbox: Path,
+) -> None:
+    run = run_script(sandbox, group_role="leader")
+
+    assert run.returncode == 0, run.stderr
+    [started] = run.docker_calls("run")
+    assert "--network host" in started and "-p 8000:8000" not in started
+    assert "--entrypoint bash vllm/vllm-openai:v0.11.0 -c" in started
+    assert "ray\\ start\\ --head" in started or "ray start --head" in started
+    assert " 6379 2 vllm serve Qwen/Qwen2.5-0.5B-Instruct" in started
+    assert "--pipeline-parallel-size 2" in started and "--tensor-parallel-size 8" in started
+    assert "curl http://127.0.0.1:8000/health" in run.calls
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
+@pytest.mark.parametrize("role", ["leader", "worker"])
+def test_a_group_members_script_passes_shellcheck(role: GroupRole, tmp_path: Path) -> None:
+    boot = boot_spec(backend="vllm", model="m", gpu_count=8, nodes=2)
+    script = startup_script_for(
+        boot=boot,
+        backend="vllm",
+        launch_id="lch_1",
+        callback=BootCallback("http://controller.test/v1/boot/lch_1", "t"),
+        group_role=role,
+        group_size=2,
+    )
+    path = tmp_path / "boot.sh"
+    path.write_text(script)
+    done = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout
