@@ -140,7 +140,10 @@ def measured_of(snapshot: Any) -> Measured:
             input_scv=tokens.input_scv,
         )
     return Measured(
-        signals=signals_of(snapshot), token_mix=mix, concurrency_cap=snapshot.concurrency_cap
+        signals=signals_of(snapshot),
+        token_mix=mix,
+        concurrency_cap=snapshot.concurrency_cap,
+        replica_in_flight=snapshot.replica_in_flight,
     )
 
 

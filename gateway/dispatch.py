@@ -143,7 +143,7 @@ class Dispatcher:
             state.outstanding.pop(key, None)
             state.work.pop(key, None)
         window = self._signals.window(lease.ref)
-        window.in_flight -= 1
+        window.leave(key)
         self._signals.metrics_of(lease.ref).in_flight.dec()
         if state.waiters:
             self._serve_waiters(lease.ref)
@@ -210,7 +210,7 @@ class Dispatcher:
         replica = next(r for r in route.replicas if r.key == chosen.key)
         state.outstanding[replica.key] = chosen.outstanding + 1
         state.work[replica.key] = chosen.work + work
-        self._signals.window(ref).in_flight += 1
+        self._signals.window(ref).enter(replica.key)
         self._signals.metrics_of(ref).in_flight.inc()
         return Lease(ref=ref, replica=replica, work=work)
 

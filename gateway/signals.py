@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -113,6 +114,9 @@ class SignalSnapshot:
     tokens: TokenStats | None = None
     concurrency_cap: int | None = None
     unstreamed_samples: tuple[tuple[float, float], ...] = ()
+    replica_in_flight: Mapping[str, int] | None = None
+    """Requests in flight per replica, by launch id (``None``: from a gateway that does
+    not count them; a replica absent from the mapping has none)."""
 
     @property
     def request_rate(self) -> float:
@@ -139,6 +143,9 @@ class SignalSnapshot:
             "tokens": None if self.tokens is None else self.tokens.to_json(),
             "concurrency_cap": self.concurrency_cap,
             "unstreamed_samples": [list(s) for s in self.unstreamed_samples],
+            "replica_in_flight": (
+                None if self.replica_in_flight is None else dict(self.replica_in_flight)
+            ),
         }
 
     @classmethod
@@ -165,6 +172,11 @@ class SignalSnapshot:
             unstreamed_samples=tuple(
                 (float(t), float(v)) for t, v in data.get("unstreamed_samples", ())
             ),
+            replica_in_flight=(
+                None
+                if data.get("replica_in_flight") is None
+                else {str(k): int(v) for k, v in data["replica_in_flight"].items()}
+            ),
         )
 
     @property
@@ -184,6 +196,7 @@ class WorkloadWindow:
         "in_flight",
         "last_request_at",
         "queued",
+        "replica_in_flight",
         "token_sums",
         "tokens",
         "ttft",
@@ -199,6 +212,8 @@ class WorkloadWindow:
         # adding and removing samples never drifts.
         self.token_sums = [0, 0, 0, 0]
         self.in_flight = 0
+        self.replica_in_flight: dict[str, int] = {}
+        """Requests in flight per replica (its route key: the launch id)."""
         self.queued = 0
         self.cold_start_waiting = 0
         self.async_queue_depth = 0
@@ -219,6 +234,20 @@ class WorkloadWindow:
             sums[1] -= tokens_out
             sums[2] -= tokens_in * tokens_in
             sums[3] -= tokens_out * tokens_out
+
+    def enter(self, replica: str) -> None:
+        """A request was sent to ``replica``."""
+        self.in_flight += 1
+        self.replica_in_flight[replica] = self.replica_in_flight.get(replica, 0) + 1
+
+    def leave(self, replica: str) -> None:
+        """A request sent to ``replica`` is done."""
+        self.in_flight -= 1
+        left = self.replica_in_flight.get(replica, 0) - 1
+        if left > 0:
+            self.replica_in_flight[replica] = left
+        else:
+            self.replica_in_flight.pop(replica, None)
 
     def add_tokens(self, *, now: float, input_tokens: int, output_tokens: int) -> None:
         self.tokens.append((now, input_tokens, output_tokens))
@@ -407,5 +436,6 @@ class Signals:
                 tokens=w.token_stats(),
                 concurrency_cap=self.concurrency_cap,
                 unstreamed_samples=tuple(w.unstreamed),
+                replica_in_flight=dict(w.replica_in_flight),
             )
         return out

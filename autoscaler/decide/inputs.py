@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import shlex
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import overload
 
@@ -76,6 +76,9 @@ class Measured:
     signals: Signals = field(default_factory=Signals)
     token_mix: TokenMix | None = None
     concurrency_cap: int | None = None
+    replica_in_flight: Mapping[str, int] | None = None
+    """Requests in flight per replica, by launch id (``None``: not reported; a replica
+    absent from a report has none)."""
 
 
 @dataclass(frozen=True, slots=True)

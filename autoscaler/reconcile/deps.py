@@ -22,6 +22,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.decide.inputs import Measured
 from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.decide.signals import EngineLoad
+from autoscaler.decide.step import (
+    GROUP_PROVIDERS,
+    MAX_LAUNCHES_PER_STEP,
+    UNAVAILABLE_SEC,
+    StepKnobs,
+)
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from autoscaler.store.models import Instance as LedgerRow
@@ -149,7 +155,7 @@ class Settings:
     fleet_max_hourly_cost_usd: float | None = None
     tick_sec: float = 5.0
     orphan_grace_sec: float = 600.0
-    unavailable_sec: float = 600.0
+    unavailable_sec: float = UNAVAILABLE_SEC
     unhealthy_grace_sec: float = 30.0
     visibility_grace_sec: float = 300.0
     """How long an instance the provider does not show is taken as "not visible yet"."""
@@ -158,13 +164,10 @@ class Settings:
     callback_url: str | None = None  # the management API as cloud instances reach it
     max_replicas_per_workload: int = DEFAULT_MAX_REPLICAS
     """The most replicas planned for one workload, whatever its stored spec says."""
-    max_launches_per_pass: int = 16
-    group_providers: frozenset[str] = frozenset({"simulated"})
-    """Providers whose machines may form replica groups: the simulated cloud, whose
-    engine-sim leader serves the whole group. Not AWS and GCP until the startup script's
-    group roles (a Ray head, Ray workers joining it) have run on real multi-node
-    machines: a group that never serves would be bought and replaced over and over."""
+    max_launches_per_pass: int = MAX_LAUNCHES_PER_STEP
     """Launches one workload may make in one pass; the rest follow in the next passes."""
+    group_providers: frozenset[str] = GROUP_PROVIDERS
+    """Providers whose machines can form replica groups (``decide.step.GROUP_PROVIDERS``)."""
     workload_share_sec: float = 30.0
     """The longest one workload's step may take in a pass before it is cut."""
     pass_budget_sec: float = 60.0
@@ -174,6 +177,18 @@ class Settings:
     schedule_offset_sec: float = 0.0
     """Scheduled workloads are read at the clock's time plus this (a rehearsal of a
     schedule; 0 in production): ``ControllerConfig.schedule_offset_sec``."""
+
+    @property
+    def knobs(self) -> StepKnobs:
+        """The settings a workload step reads (``autoscaler.decide.step``)."""
+        return StepKnobs(
+            fleet_max_hourly_cost_usd=self.fleet_max_hourly_cost_usd,
+            max_replicas_per_workload=self.max_replicas_per_workload,
+            max_launches_per_pass=self.max_launches_per_pass,
+            unavailable_sec=self.unavailable_sec,
+            group_providers=self.group_providers,
+            schedule_offset_sec=self.schedule_offset_sec,
+        )
 
 
 @dataclass(frozen=True, slots=True)

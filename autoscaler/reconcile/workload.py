@@ -26,26 +26,28 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.admission import runnable_problems
-from autoscaler.decide.budget import BudgetLimits, limits_for
-from autoscaler.decide.desired import desired_count
-from autoscaler.decide.inputs import (
-    DecisionInputs,
-    Measured,
-    decision_inputs,
-    model_size,
-    shape_of,
-)
-from autoscaler.decide.placement import Placement, place_replica, pool_gpu_kinds
-from autoscaler.decide.plan import Drain, Launch, Plan, Terminate, Timeouts, plan_actions
-from autoscaler.decide.scaling import Direction, FleetCounts, ScaleDecision, ScaleMemory
+from autoscaler.decide.budget import BudgetLimits
+from autoscaler.decide.inputs import DecisionInputs, Measured
+from autoscaler.decide.placement import Placement
+from autoscaler.decide.plan import Drain, Launch, Plan, Refusal, Terminate, Timeouts, plan_actions
+from autoscaler.decide.scaling import FleetCounts, ScaleDecision, ScaleMemory
 from autoscaler.decide.signals import Signals
+from autoscaler.decide.step import (
+    ReplicaState,
+    Step,
+    WorkloadView,
+    place_next,
+    step,
+    timeouts_of,
+    unplaced_reason,
+)
 from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
 from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
@@ -73,7 +75,6 @@ from autoscaler.spec import AutoscalingPolicy, WorkloadSpec, describe_errors
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
 from autoscaler.store.phase import Phase, phase_of
-from catalog.sizing import estimate_model_memory
 from providers.engines import engine_for
 
 
@@ -130,35 +131,26 @@ async def reconcile_workload(
             await _report_unrunnable(deps, s, workload=workload, problems=problems, now=now)
             return None
         deps.memory.unrunnable.pop(workload.id, None)
-        _avoid_slow_offers(deps, rows=rows, timeouts=_timeouts(spec), now=now)
+        _avoid_slow_offers(deps, rows=rows, timeouts=timeouts_of(spec), now=now)
         measured = _signals_for(workload, signals)
-        signal = measured.signals
-        fleet_usd = await fleet_usd_per_hour(s)
-        limits = limits_for(
-            _autoscaling(spec), fleet_usd_per_hour=deps.settings.fleet_max_hourly_cost_usd
-        )
-        inherited = await predecessor_prices(s, workload)
-        live = [*inherited, *(r.hourly_usd for r in rows)]
-        headroom = _headroom(limits, live=live, fleet_usd=fleet_usd)
-        placer = _Placer(deps, spec=spec, rows=rows, measured=measured, headroom=headroom, now=now)
-        inputs = _inputs_for(workload, spec=spec, rows=rows, measured=measured, placer=placer)
-        decision = _desired(
-            deps, workload=workload, spec=spec, rows=rows, signal=signal, inputs=inputs, now=now
-        )
-        plan, placement = _plan(
-            workload=workload,
+        view = WorkloadView(
             spec=spec,
-            rows=rows,
-            desired=decision.desired,
-            signal=signal,
-            limits=limits,
-            headroom=headroom,
-            placer=placer,
-            fleet_usd=fleet_usd,
-            launch_limit=deps.settings.max_launches_per_pass,
-            inherited=inherited,
-            now=now,
+            generation=workload.generation,
+            replicas=_states(rows),
+            measured=measured,
+            offers=deps.offers(),
+            deleted=workload.deleted_at is not None,
+            inherited_usd_per_hour=await predecessor_prices(s, workload),
+            fleet_usd_per_hour=await fleet_usd_per_hour(s),
         )
+        knobs = deps.settings.knobs
+        memory = deps.memory.scale.get(workload.id, ScaleMemory())
+        result = step(
+            view, memory=memory, unavailable=deps.memory.unavailable, now=now, knobs=knobs
+        )
+        if not view.deleted:
+            deps.memory.scale[workload.id] = result.decision.memory
+        decision, plan = result.decision, result.plan
         hold = launch_hold(deps, workload_id=workload.id, rows=rows, now=now)
         if hold is not None:  # failed boots in a row: no launch before the backoff ends
             plan = dataclasses.replace(
@@ -167,29 +159,24 @@ async def reconcile_workload(
                 # A 0 asks for more launches at once, which are held; other due times stand.
                 requeue_after=hold if not plan.requeue_after else min(hold, plan.requeue_after),
             )
+            result = dataclasses.replace(result, plan=plan)
         await _log_scale(
             deps,
             s,
             workload=workload,
             decision=decision,
             rows=rows,
-            signal=signal,
-            inputs=inputs,
+            signal=measured.signals,
+            inputs=result.inputs,
             now=now,
         )
         if deps.settings.dry_run:
             await _log_dry_run(deps, s, workload=workload, plan=plan, now=now)
         else:
-            await _act(
-                deps,
-                s,
-                workload=workload,
-                spec=spec,
-                rows=rows,
-                plan=plan,
-                placement=placement,
-                now=now,
+            refused = await _act(
+                deps, s, workload=workload, spec=spec, rows=rows, view=view, result=result, now=now
             )
+            plan = dataclasses.replace(plan, refusals=plan.refusals + refused)
         await _log_refusals(deps, s, workload=workload, plan=plan, now=now)
         left = _still_open(rows)
         if workload.deleted_at is not None and not left:
@@ -323,226 +310,27 @@ def _signals_for(workload: Workload, signals: Mapping[WorkloadRef, Measured]) ->
     return measured
 
 
-def _inputs_for(
-    workload: Workload,
-    *,
-    spec: WorkloadSpec,
-    rows: Sequence[LedgerRow],
-    measured: Measured,
-    placer: _Placer,
-) -> DecisionInputs:
-    """One replica's capacity and the token means for placement, from the measured mix
-    (``decide.inputs``: the simulator's mapping too). Only autoscaling reads a capacity;
-    a deleted workload places nothing."""
-    if workload.deleted_at is not None or _autoscaling(spec) is None:
-        mix = measured.token_mix
-        return DecisionInputs(
-            capacity=None,
-            input_tokens=None if mix is None else mix.input_tokens,
-            output_tokens=None if mix is None else mix.output_tokens,
-        )
-    return decision_inputs(
-        mix=measured.token_mix,
-        model=model_size(spec),
-        fleet=[(r.gpu, r.gpu_count) for r in rows],
-        next_shape=lambda: shape_of(placer.placement().offer),
-        concurrency_cap=measured.concurrency_cap,
-        pool_gpus=placer.pool_gpus(),
-    )
-
-
-class _Placer:
-    """Places the workload's next replica once per pass, when first asked: the capacity
-    figure of a workload with no replica and the plan's launch share the answer."""
-
-    def __init__(
-        self,
-        deps: Deps,
-        *,
-        spec: WorkloadSpec,
-        rows: Sequence[LedgerRow],
-        measured: Measured,
-        headroom: tuple[float, str] | None,
-        now: datetime,
-    ) -> None:
-        self._deps = deps
-        self._spec = spec
-        self._rows = rows
-        self._mix = measured.token_mix
-        self._headroom = headroom
-        self._now = now
-        self._placement: Placement | None = None
-
-    def pool_gpus(self) -> list[str]:
-        """The GPU kinds the workload may use (``decide.placement.pool_gpu_kinds``)."""
-        return pool_gpu_kinds(self._spec, self._deps.offers())
-
-    def placement(self) -> Placement:
-        if self._placement is None:
-            self._placement = _place(
-                self._deps,
-                spec=self._spec,
-                rows=self._rows,
-                headroom=None if self._headroom is None else self._headroom[0] + 1e-9,
-                input_tokens=None if self._mix is None else self._mix.input_tokens,
-                output_tokens=None if self._mix is None else self._mix.output_tokens,
-                input_scv=None if self._mix is None else self._mix.input_scv,
-                now=self._now,
+def _states(rows: Sequence[LedgerRow]) -> list[ReplicaState]:
+    """One state per replica (a replica group is its leader, priced whole:
+    ``ledger.replica_views``), with the leader row's zone, worker and GPUs."""
+    by_id = {r.launch_id: r for r in rows}
+    states = []
+    for view in replica_views(rows, in_flight=0):
+        row = by_id[view.launch_id]
+        states.append(
+            ReplicaState(
+                view=view,
+                zone=row.zone or None,
+                worker_id=row.worker_id,
+                shape=(row.gpu, row.gpu_count) if row.gpu and row.gpu_count else None,
             )
-        return self._placement
-
-
-def _desired(
-    deps: Deps,
-    *,
-    workload: Workload,
-    spec: WorkloadSpec,
-    rows: Sequence[LedgerRow],
-    signal: Signals,
-    inputs: DecisionInputs,
-    now: datetime,
-) -> ScaleDecision:
-    counts = fleet_counts(rows)
-    memory = deps.memory.scale.get(workload.id, ScaleMemory())
-    if workload.deleted_at is not None:
-        return ScaleDecision(
-            desired=0,
-            reason="workload deleted: drain and terminate every replica",
-            direction=Direction.ZERO,
-            memory=memory,
         )
-    decision = desired_count(
-        spec=spec,
-        signals=signal,
-        fleet=counts,
-        memory=memory,
-        now=now,
-        capacity=inputs.capacity,
-        schedule_offset=timedelta(seconds=deps.settings.schedule_offset_sec),
-    )
-    deps.memory.scale[workload.id] = decision.memory
-    cap = deps.settings.max_replicas_per_workload
-    if decision.desired > cap:
-        # Apply refuses such a spec; one stored by another route is planned to the cap.
-        decision = dataclasses.replace(
-            decision,
-            desired=cap,
-            reason=f"{decision.reason}; capped at {cap} replicas (max_replicas_per_workload)",
-        )
-    return decision
+    return states
 
 
 def _autoscaling(spec: WorkloadSpec) -> AutoscalingPolicy | None:
     policy = spec.execution_policy_config
     return policy if isinstance(policy, AutoscalingPolicy) else None
-
-
-def _timeouts(spec: WorkloadSpec) -> Timeouts:
-    policy = _autoscaling(spec)
-    if policy is None:
-        return Timeouts()
-    return Timeouts(
-        scaling_up_sec=policy.scaling_up_timeout_sec,
-        scaling_down_sec=policy.scaling_down_timeout_sec,
-    )
-
-
-def _plan(
-    *,
-    workload: Workload,
-    spec: WorkloadSpec,
-    rows: Sequence[LedgerRow],
-    desired: int,
-    signal: Signals,
-    limits: BudgetLimits,
-    headroom: tuple[float, str] | None,
-    placer: _Placer,
-    fleet_usd: float,
-    launch_limit: int,
-    inherited: Sequence[float],
-    now: datetime,
-) -> tuple[Plan, Placement | None]:
-    placement = None
-    if desired > 0 and workload.deleted_at is None:
-        placement = placer.placement()
-    plan = plan_actions(
-        desired=desired,
-        replicas=replica_views(rows, in_flight=signal.in_flight),
-        spec_generation=workload.generation,
-        timeouts=_timeouts(spec),
-        limits=limits,
-        launch_usd_per_hour=placement.usd_per_hour if placement and placement.found else None,
-        now=now,
-        fleet_live_usd_per_hour=fleet_usd if limits.fleet_usd_per_hour is not None else None,
-        launch_limit=launch_limit,
-        inherited_usd_per_hour=inherited,
-    )
-    if placement is not None and not placement.found and plan.refusals:
-        reason = f"launch not possible: {placement.reason}"
-        if headroom is not None and "headroom" in placement.reason:
-            reason = (
-                f"launch refused: ${headroom[0]:.2f}/h left under the {headroom[1]}; "
-                f"{placement.reason}"
-            )
-        plan = dataclasses.replace(
-            plan, refusals=tuple(dataclasses.replace(r, reason=reason) for r in plan.refusals)
-        )
-    return plan, placement
-
-
-def _headroom(
-    limits: BudgetLimits, *, live: Sequence[float], fleet_usd: float
-) -> tuple[float, str] | None:
-    """Dollars per hour left under the tightest ceiling, and that ceiling's name."""
-    room: list[tuple[float, str]] = []
-    for ceiling, name in (
-        (limits.workload_usd_per_hour, "workload ceiling"),
-        (limits.pool_usd_per_hour, "cloud pool ceiling"),
-    ):
-        if ceiling is not None:
-            room.append((ceiling - sum(live), name))
-    if limits.fleet_usd_per_hour is not None:
-        room.append((limits.fleet_usd_per_hour - fleet_usd, "fleet ceiling"))
-    if not room:
-        return None
-    left, name = min(room)
-    return max(0.0, left), name
-
-
-def _place(
-    deps: Deps,
-    *,
-    spec: WorkloadSpec,
-    rows: Sequence[LedgerRow],
-    headroom: float | None,
-    input_tokens: float | None,
-    output_tokens: float | None,
-    input_scv: float | None,
-    now: datetime,
-) -> Placement:
-    memory = estimate_model_memory(spec.model, spec.engine_command, hint_gib=spec.model_memory_gib)
-    size = model_size(spec)
-    per_worker: dict[str, int] = {}
-    for r in rows:
-        if r.worker_id:
-            per_worker[r.worker_id] = per_worker.get(r.worker_id, 0) + 1
-    return place_replica(
-        spec=spec,
-        offers=deps.offers(),
-        unavailable=deps.memory.unavailable,
-        now=now,
-        current_zones=[r.zone for r in rows if r.zone],
-        replicas_per_worker=per_worker,
-        params_b=None if size is None else size.params_b,
-        bytes_per_param=2.0 if size is None else size.bytes_per_param,
-        model_memory_gib=memory.gib,
-        max_usd_per_hour=headroom,
-        input_tokens=input_tokens,
-        output_tokens=output_tokens,
-        input_scv=input_scv,
-        allow_groups=True,
-        group_providers=deps.settings.group_providers,
-    )
 
 
 async def _act(
@@ -552,18 +340,35 @@ async def _act(
     workload: Workload,
     spec: WorkloadSpec,
     rows: Sequence[LedgerRow],
-    plan: Plan,
-    placement: Placement | None,
+    view: WorkloadView,
+    result: Step,
     now: datetime,
-) -> None:
+) -> tuple[Refusal, ...]:
+    """Carry the step's plan out: terminations and drains on record first, each launch
+    placed just before it is bought (``decide.step.place_next``). A launch the provider
+    refused ends the pass's launches: its market is marked unavailable and the next pass
+    places elsewhere. Returns the launches refused here (a budget or placement refusal
+    of a re-placed launch)."""
     by_id = {r.launch_id: r for r in rows}
-    for action in plan.actions:
+    launched: list[Placement] = []
+    for action in result.plan.actions:
         if isinstance(action, Terminate) and action.launch_id in by_id:
             row = by_id[action.launch_id]
             await _terminate(deps, s, row=row, reason=action.reason, now=now)
         elif isinstance(action, Drain) and action.launch_id in by_id:
             await _drain(deps, s, row=by_id[action.launch_id], reason=action.reason, now=now)
-        elif isinstance(action, Launch) and placement is not None and placement.found:
+        elif isinstance(action, Launch):
+            placement = result.placement
+            if launched or placement is None:
+                placement = place_next(
+                    view,
+                    unavailable=deps.memory.unavailable,
+                    now=now,
+                    knobs=deps.settings.knobs,
+                    launched=launched,
+                )
+            if not placement.found:
+                return (Refusal(unplaced_reason(placement, result.headroom)),)
             outcome = await launch_replica(
                 deps,
                 s,
@@ -575,6 +380,8 @@ async def _act(
             )
             if not outcome.bought and outcome.error and outcome.row.terminated_confirmed_at:
                 break  # the offer is marked unavailable: place again next pass
+            launched.append(placement)
+    return ()
 
 
 async def teardown_workload(

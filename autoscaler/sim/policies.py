@@ -87,6 +87,12 @@ class ControllerPolicy:
             return policy.replicas, policy.replicas
         return 0, 1
 
+    @property
+    def shipped(self) -> bool:
+        """Whether this is the controller as it ships (an autoscaling spec): the world
+        then runs its step (``decide.step``), decision included, with :attr:`memory`."""
+        return isinstance(self.spec.execution_policy_config, AutoscalingPolicy)
+
     def desired(self, view: ControlView) -> Want:
         decision = desired_count(
             spec=self.spec,

@@ -13,29 +13,24 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from autoscaler.decide.budget import BudgetLimits, check_launch, limits_for
-from autoscaler.decide.inputs import ModelSize, TokenMix, decision_inputs, shape_of
-from autoscaler.decide.placement import (
-    Placement,
-    place_replica,
-    pool_gpu_kinds,
-    unavailable_key,
+from autoscaler.decide.inputs import Measured, TokenMix, shape_of
+from autoscaler.decide.placement import Placement, pool_gpu_kinds
+from autoscaler.decide.plan import Drain, Launch, ReplicaPhase, ReplicaView, Terminate
+from autoscaler.decide.scaling import FleetCounts, ScaleMemory
+from autoscaler.decide.step import (
+    ReplicaState,
+    StepKnobs,
+    WorkloadView,
+    fleet_counts,
+    mark_unavailable,
+    place_next,
+    step,
+    unplaced_reason,
 )
-from autoscaler.decide.plan import (
-    Drain,
-    Launch,
-    ReplicaPhase,
-    ReplicaView,
-    Terminate,
-    Timeouts,
-    plan_actions,
-)
-from autoscaler.decide.queueing import ReplicaCapacity
-from autoscaler.decide.scaling import FleetCounts
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
-from autoscaler.sim.policies import ControlView, Policy
+from autoscaler.sim.policies import ControllerPolicy, ControlView, Policy
 from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.workload import SimWorkload
 from catalog.engine import BatchEngine, EventKind
@@ -49,17 +44,14 @@ from providers.simulated import SimulatedCloud, SimulationConfig
 EPOCH_S = 1_700_000_000.0
 """Simulated time 0 on the cloud's clock (any fixed instant would do)."""
 
-UNAVAILABLE_FOR_S = 900.0
-"""How long a market of an offer is skipped after it was stocked out."""
-
 SAMPLE_INTERVAL_S = 10.0
 """Timeline resolution."""
 
 WARM_LEAD_S = 1800.0
 """Warm-start replicas are bought this long before time 0; billing starts at time 0."""
 
-LAUNCH_ATTEMPTS = 8
-"""Offers tried per launch before giving up until the next tick."""
+WARM_START_ATTEMPTS = 8
+"""Offers tried per warm-start replica before the warm fleet is left smaller."""
 
 
 class SimClock:
@@ -166,6 +158,7 @@ class World:
         allow_spot: bool,
         initial_replicas: int,
         initial_mix: tuple[float, float] | None = None,
+        knobs: StepKnobs | None = None,
     ) -> None:
         from providers.simulated import LogNormalBootTime
 
@@ -195,11 +188,8 @@ class World:
             for i, r in enumerate(requests)
         ]
         auto = workload.autoscaling
-        self.limits: BudgetLimits = limits_for(auto)
-        self.timeouts = Timeouts(
-            scaling_up_sec=auto.scaling_up_timeout_sec if auto else 1200.0,
-            scaling_down_sec=auto.scaling_down_timeout_sec if auto else 120.0,
-        )
+        self.knobs = StepKnobs() if knobs is None else knobs
+        """The controller's settings, at their defaults unless a run says otherwise."""
         self.keep_s = max(
             60.0,
             auto.scale_up_time_window_sec if auto else 0.0,
@@ -411,46 +401,63 @@ class World:
         )
 
     def _tick(self, t: float) -> float | None:
+        """One controller step (``decide.step``, as the reconciler runs it) and its plan
+        carried out on the simulated cloud."""
         now = as_datetime(self.clock.t)
-        view = ControlView(
-            now_s=t,
-            now=now,
-            signals=self.gateway.signals(t, keep_s=self.keep_s),
-            fleet=self._fleet(),
-            gateway=self.gateway,
-            capacity=self._capacity(now),
-        )
-        want = self.policy.desired(view)
-        if want.count != self._desired:
-            kind = "scale-up" if want.count > self._desired else "scale-down"
-            self.events.append(
-                ScaleEvent(t, kind, f"{self._desired} -> {want.count}: {want.reason}")
+        view = self._view_now(t)
+        shipped = isinstance(self.policy, ControllerPolicy) and self.policy.shipped
+        count = None
+        if not shipped:
+            want = self.policy.desired(
+                ControlView(
+                    now_s=t,
+                    now=now,
+                    signals=view.measured.signals,
+                    fleet=fleet_counts(view.replicas),
+                    gateway=self.gateway,
+                )
             )
-            self._desired = want.count
-        live = [r for r in self.replicas.values() if r.ended_s is None]
-        # Placement (a catalog scan) matters only when the plan may launch: more wanted
-        # than live replicas not draining, or a boot past its timeout to replace.
-        staying = sum(1 for r in live if r.drain_s is None)
-        overdue = any(
-            r.engine is None and t - r.intent_s >= self.timeouts.scaling_up_sec for r in live
-        )
-        placement = self._place(now) if want.count > staying or overdue else None
-        plan = plan_actions(
-            desired=want.count,
-            replicas=[self._view(r) for r in live],
-            spec_generation=1,
-            timeouts=self.timeouts,
-            limits=self.limits,
-            launch_usd_per_hour=(
-                placement.usd_per_hour if placement is not None and placement.found else None
-            ),
+            count = (want.count, want.reason)
+        memory = self.policy.memory if isinstance(self.policy, ControllerPolicy) else None
+        result = step(
+            view,
+            memory=memory or ScaleMemory(),
+            unavailable=self.unavailable,
             now=now,
+            knobs=self.knobs,
+            count=count,
         )
-        for refusal in plan.refusals:
+        if shipped and isinstance(self.policy, ControllerPolicy):
+            self.policy.memory = result.decision.memory
+        desired = result.decision.desired
+        if desired != self._desired:
+            kind = "scale-up" if desired > self._desired else "scale-down"
+            self.events.append(
+                ScaleEvent(t, kind, f"{self._desired} -> {desired}: {result.decision.reason}")
+            )
+            self._desired = desired
+        for refusal in result.plan.refusals:
             self.events.append(ScaleEvent(t, "refused", refusal.reason))
-        for action in plan.actions:
+        launched: list[Placement] = []
+        for action in result.plan.actions:
             if isinstance(action, Launch):
-                self._launch(t)
+                placement = result.placement
+                if launched or placement is None:
+                    placement = place_next(
+                        view,
+                        unavailable=self.unavailable,
+                        now=now,
+                        knobs=self.knobs,
+                        launched=launched,
+                    )
+                if not placement.found:
+                    self.events.append(
+                        ScaleEvent(t, "refused", unplaced_reason(placement, result.headroom))
+                    )
+                    break
+                if not self._launch(placement, t):
+                    break  # the market is marked unavailable: place again next step
+                launched.append(placement)
             elif isinstance(action, Drain):
                 self.replicas[action.launch_id].drain_s = t
                 self.events.append(ScaleEvent(t, "drain", f"{action.launch_id}: {action.reason}"))
@@ -461,79 +468,68 @@ class World:
                 self.events.append(
                     ScaleEvent(t, "terminate", f"{action.launch_id}: {action.reason}")
                 )
-        return plan.requeue_after
+        return result.plan.requeue_after
 
     def _mix(self) -> tuple[float, float] | None:
         return self.gateway.token_mix(self.t) or self._initial_mix
 
-    def _capacity(self, now: datetime) -> ReplicaCapacity | None:
-        """One replica's capacity at the measured token mix, on the GPU shape most of the
-        fleet runs on: the controller's own mapping, ``decide.inputs.decision_inputs``."""
-        return decision_inputs(
-            mix=TokenMix.of(self._mix(), input_scv=self.gateway.prompt_scv(self.t)),
-            model=ModelSize(self.workload.params_b, self.workload.bytes_per_param),
-            fleet=[shape_of(r.offer) for r in self.replicas.values() if r.ended_s is None],
-            next_shape=lambda: shape_of(self._place(now).offer),
-            concurrency_cap=self.gateway.cap,
-            pool_gpus=self._pool_gpus,
-        ).capacity
-
-    def _view(self, r: SimReplica) -> ReplicaView:
-        return ReplicaView(
-            launch_id=r.launch_id,
-            phase=r.phase(),
-            generation=1,
-            offer_key=r.offer.key,
-            usd_per_hour=r.usd_per_hour,
-            intent_at=as_datetime(EPOCH_S + r.intent_s),
-            ready_at=None if r.engine is None else as_datetime(EPOCH_S + r.running_s),
-            drain_requested_at=None if r.drain_s is None else as_datetime(EPOCH_S + r.drain_s),
-            in_flight=len(r.requests),
-        )
-
-    def _place(self, now: datetime) -> Placement:
+    def _view_now(self, t: float) -> WorkloadView:
+        """The workload as the controller observes it: the replicas not ended, and the
+        gateway's measurement (``SignalSnapshot`` as ``controller.measured_of`` reads it)."""
         live = [r for r in self.replicas.values() if r.ended_s is None]
-        spent = sum(r.usd_per_hour for r in live)
-        mix = self._mix()
-        ceilings = [
-            c for c in (self.limits.workload_usd_per_hour, self.limits.pool_usd_per_hour) if c
-        ]
-        return place_replica(
+        return WorkloadView(
             spec=self.spec,
+            generation=1,
+            replicas=[self._state(r) for r in live],
+            measured=Measured(
+                signals=self.gateway.signals(t, keep_s=self.keep_s),
+                token_mix=TokenMix.of(self._mix(), input_scv=self.gateway.prompt_scv(t)),
+                concurrency_cap=self.gateway.cap,
+                replica_in_flight={r.launch_id: len(r.requests) for r in live},
+            ),
             offers=self.offers,
-            unavailable=self.unavailable,
-            now=now,
-            current_zones=[r.offer.zone for r in live],
-            params_b=self.workload.params_b,
-            bytes_per_param=self.workload.bytes_per_param,
-            max_usd_per_hour=(min(ceilings) - spent) if ceilings else None,
-            input_tokens=mix[0] if mix else None,
-            output_tokens=mix[1] if mix else None,
-            input_scv=self.gateway.prompt_scv(self.t) if mix else None,
+            fleet_usd_per_hour=sum(r.usd_per_hour for r in live),
+            pool_gpus=self._pool_gpus,
         )
 
-    def _launch(self, t: float) -> None:
-        now = as_datetime(self.clock.t)
-        for _ in range(LAUNCH_ATTEMPTS):
-            placement = self._place(now)
-            if placement.offer is None or placement.market is None:
-                self.events.append(ScaleEvent(t, "refused", placement.reason))
-                return
-            live = [r.usd_per_hour for r in self.replicas.values() if r.ended_s is None]
-            verdict = check_launch(
-                live_usd_per_hour=live, new_usd_per_hour=placement.usd_per_hour, limits=self.limits
+    def _state(self, r: SimReplica) -> ReplicaState:
+        return ReplicaState(
+            view=ReplicaView(
+                launch_id=r.launch_id,
+                phase=r.phase(),
+                generation=1,
+                offer_key=r.offer.key,
+                usd_per_hour=r.usd_per_hour,
+                intent_at=as_datetime(EPOCH_S + r.intent_s),
+                ready_at=None if r.engine is None else as_datetime(EPOCH_S + r.running_s),
+                drain_requested_at=(
+                    None if r.drain_s is None else as_datetime(EPOCH_S + r.drain_s)
+                ),
+                in_flight=0,
+            ),
+            zone=r.offer.zone,
+            shape=shape_of(r.offer),
+        )
+
+    def _launch(self, placement: Placement, t: float) -> bool:
+        """Buy the placed replica; on a stock-out or quota refusal, mark its market
+        unavailable (as the provisioner does) and return ``False``."""
+        assert placement.offer is not None and placement.market is not None
+        spot = placement.market is Market.SPOT
+        try:
+            self._buy(placement.offer, spot=spot, price=placement.usd_per_hour, t=t)
+        except (InsufficientCapacity, QuotaExceeded) as exc:
+            mark_unavailable(
+                self.unavailable,
+                offer=placement.offer,
+                spot=spot,
+                worker_id=None,
+                now=as_datetime(self.clock.t),
+                knobs=self.knobs,
             )
-            if not verdict.allowed:
-                self.events.append(ScaleEvent(t, "refused", verdict.reason))
-                return
-            spot = placement.market is Market.SPOT
-            try:
-                self._buy(placement.offer, spot=spot, price=placement.usd_per_hour, t=t)
-                return
-            except (InsufficientCapacity, QuotaExceeded) as exc:
-                key = unavailable_key(placement.offer, placement.market)
-                self.unavailable[key] = now + timedelta(seconds=UNAVAILABLE_FOR_S)
-                self.events.append(ScaleEvent(t, "stock-out", str(exc)))
+            self.events.append(ScaleEvent(t, "stock-out", str(exc)))
+            return False
+        return True
 
     def _buy(self, offer: Offer, *, spot: bool, price: float, t: float) -> None:
         self._launches += 1
@@ -565,14 +561,35 @@ class World:
         )
 
     def first_placement(self) -> Offer | None:
-        """The offer placement picks for a first replica, nothing marked unavailable."""
-        return self._place(as_datetime(self.clock.t)).offer
+        """The offer placement picks for a first replica."""
+        now = as_datetime(self.clock.t)
+        view = self._view_now(self.t)
+        placement = place_next(
+            view, unavailable=self.unavailable, now=now, knobs=self.knobs, launched=()
+        )
+        return placement.offer
 
     def _warm_start(self, count: int) -> None:
-        """``count`` replicas bought before time 0, so a run starts with a serving fleet."""
+        """``count`` replicas bought before time 0, so a run starts with a serving fleet;
+        a stocked-out market is skipped and the next offer tried."""
         self._set_time(-WARM_LEAD_S)
-        for _ in range(count):
-            self._launch(-WARM_LEAD_S)
+        now = as_datetime(self.clock.t)
+        bought = 0
+        for _ in range(count * WARM_START_ATTEMPTS):
+            if bought >= count:
+                break
+            placement = place_next(
+                self._view_now(self.t),
+                unavailable=self.unavailable,
+                now=now,
+                knobs=self.knobs,
+                launched=(),
+            )
+            if not placement.found:
+                self.events.append(ScaleEvent(self.t, "refused", placement.reason))
+                break
+            if self._launch(placement, self.t):
+                bought += 1
         self._set_time(0.0)
         if count:
             self.gateway.last_request_s = 0.0  # the fleet was serving before the trace began

@@ -10,7 +10,9 @@ import pytest
 
 from autoscaler.controller import measured_of
 from autoscaler.decide.inputs import ModelSize, TokenMix, model_size, replica_capacity
+from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.decide.signals import Signals
+from autoscaler.decide.step import step
 from autoscaler.sim.gateway import RequestRecord, as_datetime
 from autoscaler.sim.policies import ControllerPolicy
 from autoscaler.sim.workload import sim_workload
@@ -118,7 +120,14 @@ async def test_simulator_and_reconciler_take_the_same_inputs_from_one_measuremen
     )
     for index, (tokens_in, tokens_out) in enumerate(requests):
         sim.gateway.finish(RequestRecord(index, 0.0, tokens_in, tokens_out), t=0.0)
-    capacity = sim._capacity(as_datetime(sim.clock.now()))  # what its policy is shown
+    shown = step(  # the step the simulator runs, on what its world observes
+        sim._view_now(sim.t),
+        memory=ScaleMemory(),
+        unavailable={},
+        now=as_datetime(sim.clock.now()),
+        knobs=sim.knobs,
+    )
+    capacity = shown.inputs.capacity
 
     assert capacity is not None
     assert reconciler["capacity"] == pytest.approx(dataclasses.asdict(capacity))

@@ -1,0 +1,416 @@
+"""One workload, one step: from what is observed to what to do. Pure.
+
+The controller (``autoscaler.reconcile.workload``) and the trace simulator
+(``autoscaler.sim.world``) both run their workload through :func:`step` and carry its
+plan out the same way, so the simulator measures the controller that ships:
+
+1. **Inputs.** One replica's capacity at the measured token mix, on the GPU shape most of
+   the fleet runs (placement's first choice when there is none):
+   ``decide.inputs.decision_inputs``. Only autoscaling reads a capacity.
+2. **Decide** the desired count: ``decide.desired.desired_count`` with the memory the
+   last step returned (0 for a deleted workload), capped at
+   :attr:`StepKnobs.max_replicas_per_workload`. The simulator's baselines give their own
+   count instead (``count``).
+3. **Place** the first new replica, within the budget headroom (:func:`headroom`), when
+   the plan may launch: more replicas wanted than are starting or ready, a boot
+   past its deadline to replace, or a replica of an older spec generation to roll.
+4. **Plan** (``decide.plan.plan_actions``): liveness timeouts, drains, scale up and
+   down, spec drift and the budget, with each replica's own requests in flight.
+
+Carrying a plan out, each launch is placed just before it is bought
+(:func:`place_next`): the zones and prices of the launches already made in this step
+count, so a step that launches several replicas spreads them over zones and never
+spends past a ceiling. A launch the provider refuses (no capacity, quota) marks its
+market unavailable for :attr:`StepKnobs.unavailable_sec` (:func:`mark_unavailable`)
+and ends the step's launches; the next step places elsewhere. ``docs/controller.md``
+says why each of these is so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from autoscaler.decide.budget import BudgetLimits, check_launch, limits_for
+from autoscaler.decide.desired import desired_count
+from autoscaler.decide.inputs import (
+    DecisionInputs,
+    GpuShape,
+    Measured,
+    decision_inputs,
+    model_size,
+    shape_of,
+)
+from autoscaler.decide.placement import (
+    Placement,
+    place_replica,
+    pool_gpu_kinds,
+    unavailable_key,
+    worker_key,
+)
+from autoscaler.decide.plan import Plan, ReplicaPhase, ReplicaView, Timeouts, plan_actions
+from autoscaler.decide.scaling import Direction, FleetCounts, ScaleDecision, ScaleMemory
+from autoscaler.spec import DEFAULT_MAX_REPLICAS, AutoscalingPolicy, WorkloadSpec
+from catalog.model import Offer
+from catalog.query import Market
+from catalog.sizing import estimate_model_memory
+
+UNAVAILABLE_SEC = 600.0
+"""How long a market (or private worker) is skipped after a launch there was refused."""
+
+MAX_LAUNCHES_PER_STEP = 16
+"""Launches one workload may make in one step; the rest follow in the next steps."""
+
+GROUP_PROVIDERS: frozenset[str] = frozenset({"simulated"})
+"""Providers whose machines may form replica groups: the simulated cloud, whose
+engine-sim leader serves the whole group. Not AWS and GCP until the startup script's
+group roles (a Ray head, Ray workers joining it) have run on real multi-node machines:
+a group that never serves would be bought and replaced over and over."""
+
+_STAYING = frozenset({ReplicaPhase.PENDING, ReplicaPhase.BOOTING, ReplicaPhase.READY})
+
+_HEADROOM_SLACK_USD = 1e-9  # sums of float prices must not refuse an offer that fits exactly
+
+
+@dataclass(frozen=True, slots=True)
+class StepKnobs:
+    """The controller's settings a step reads (``Settings`` in the controller)."""
+
+    fleet_max_hourly_cost_usd: float | None = None
+    max_replicas_per_workload: int = DEFAULT_MAX_REPLICAS
+    max_launches_per_pass: int = MAX_LAUNCHES_PER_STEP
+    unavailable_sec: float = UNAVAILABLE_SEC
+    group_providers: frozenset[str] = GROUP_PROVIDERS
+    """Providers whose machines may form a replica group (a model no machine holds)."""
+    schedule_offset_sec: float = 0.0
+    """Scheduled workloads are read at the step's time plus this (a rehearsal)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaState:
+    """One replica of the workload not confirmed terminated, as the step sees it.
+
+    ``view.in_flight`` is ignored: the step fills it from the gateway's measurement.
+    """
+
+    view: ReplicaView
+    zone: str | None = None
+    worker_id: str | None = None
+    shape: GpuShape | None = None
+    """The replica's GPUs for the performance model (``None``: a private worker)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadView:
+    """What is observed of one workload at a step."""
+
+    spec: WorkloadSpec
+    generation: int
+    replicas: Sequence[ReplicaState]
+    measured: Measured
+    offers: Sequence[Offer]
+    deleted: bool = False
+    inherited_usd_per_hour: Sequence[float] = ()
+    """Prices of a deleted predecessor's replicas of the same slug not yet gone."""
+    fleet_usd_per_hour: float = 0.0
+    """The hourly total of every workload's live replicas, this one's included."""
+    pool_gpus: Sequence[str] | None = None
+    """The GPU kinds the workload may use (``decide.placement.pool_gpu_kinds``; ``None``:
+    read from ``offers``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Headroom:
+    """Dollars per hour left under the tightest ceiling, and that ceiling's name."""
+
+    usd_per_hour: float
+    ceiling: str
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one step decided: the count, the inputs it used, the first launch's
+    placement (``None`` when the plan launches nothing) and the plan."""
+
+    decision: ScaleDecision
+    inputs: DecisionInputs
+    placement: Placement | None
+    plan: Plan
+    limits: BudgetLimits
+    headroom: Headroom | None
+
+
+def autoscaling_policy(spec: WorkloadSpec) -> AutoscalingPolicy | None:
+    policy = spec.execution_policy_config
+    return policy if isinstance(policy, AutoscalingPolicy) else None
+
+
+def timeouts_of(spec: WorkloadSpec) -> Timeouts:
+    """The liveness timeouts of ``spec`` (the plan's defaults for other policies)."""
+    policy = autoscaling_policy(spec)
+    if policy is None:
+        return Timeouts()
+    return Timeouts(
+        scaling_up_sec=policy.scaling_up_timeout_sec,
+        scaling_down_sec=policy.scaling_down_timeout_sec,
+    )
+
+
+def fleet_counts(replicas: Sequence[ReplicaState]) -> FleetCounts:
+    phases = [r.view.phase for r in replicas]
+    return FleetCounts(
+        ready=phases.count(ReplicaPhase.READY),
+        booting=phases.count(ReplicaPhase.PENDING) + phases.count(ReplicaPhase.BOOTING),
+        draining=phases.count(ReplicaPhase.DRAINING),
+    )
+
+
+def in_flight_of(view: WorkloadView, launch_id: str) -> int:
+    """Requests in flight on one replica: the gateway's count for it, or, from a gateway
+    that does not count per replica, every request of the workload (never cut one)."""
+    per_replica = view.measured.replica_in_flight
+    if per_replica is None:
+        return view.measured.signals.in_flight
+    return per_replica.get(launch_id, 0)
+
+
+def headroom(limits: BudgetLimits, *, live: Sequence[float], fleet_usd: float) -> Headroom | None:
+    """Dollars per hour left under the tightest of the workload, pool and fleet ceilings,
+    never below 0 (``None`` without a ceiling)."""
+    room: list[tuple[float, str]] = []
+    for ceiling, name in (
+        (limits.workload_usd_per_hour, "workload ceiling"),
+        (limits.pool_usd_per_hour, "cloud pool ceiling"),
+    ):
+        if ceiling is not None:
+            room.append((ceiling - sum(live), name))
+    if limits.fleet_usd_per_hour is not None:
+        room.append((limits.fleet_usd_per_hour - fleet_usd, "fleet ceiling"))
+    if not room:
+        return None
+    left, name = min(room)
+    return Headroom(max(0.0, left), name)
+
+
+def step(
+    view: WorkloadView,
+    *,
+    memory: ScaleMemory,
+    unavailable: Mapping[str, datetime],
+    now: datetime,
+    knobs: StepKnobs,
+    count: tuple[int, str] | None = None,
+) -> Step:
+    """One step of one workload (see the module docstring). ``count``: a desired count
+    and its reason decided elsewhere (the simulator's baselines) instead of the spec's
+    policy."""
+    policy = autoscaling_policy(view.spec)
+    limits = limits_for(policy, fleet_usd_per_hour=knobs.fleet_max_hourly_cost_usd)
+    live = [*view.inherited_usd_per_hour, *(r.view.usd_per_hour for r in view.replicas)]
+    room = headroom(limits, live=live, fleet_usd=view.fleet_usd_per_hour)
+    first: list[Placement] = []
+
+    def placement() -> Placement:
+        if not first:
+            first.append(
+                place_next(view, unavailable=unavailable, now=now, knobs=knobs, launched=())
+            )
+        return first[0]
+
+    inputs = _inputs(view, policy=policy, placement=placement)
+    decision = _decide(view, memory=memory, inputs=inputs, now=now, knobs=knobs, count=count)
+    timeouts = timeouts_of(view.spec)
+    staying = sum(1 for r in view.replicas if r.view.phase in _STAYING)
+    overdue = any(
+        r.view.phase in (ReplicaPhase.PENDING, ReplicaPhase.BOOTING)
+        and (now - r.view.intent_at).total_seconds() >= timeouts.scaling_up_sec
+        for r in view.replicas
+    )
+    drift = any(r.view.generation != view.generation for r in view.replicas)
+    may_launch = decision.desired > staying or overdue or drift
+    chosen = placement() if not view.deleted and decision.desired > 0 and may_launch else None
+    plan = plan_actions(
+        desired=decision.desired,
+        replicas=[
+            replace(r.view, in_flight=in_flight_of(view, r.view.launch_id)) for r in view.replicas
+        ],
+        spec_generation=view.generation,
+        timeouts=timeouts,
+        limits=limits,
+        launch_usd_per_hour=chosen.usd_per_hour if chosen is not None and chosen.found else None,
+        now=now,
+        fleet_live_usd_per_hour=(
+            view.fleet_usd_per_hour if limits.fleet_usd_per_hour is not None else None
+        ),
+        launch_limit=knobs.max_launches_per_pass,
+        inherited_usd_per_hour=view.inherited_usd_per_hour,
+    )
+    if chosen is not None and not chosen.found and plan.refusals:
+        reason = unplaced_reason(chosen, room)
+        plan = replace(plan, refusals=tuple(replace(r, reason=reason) for r in plan.refusals))
+    return Step(
+        decision=decision,
+        inputs=inputs,
+        placement=chosen if plan.launches else None,
+        plan=plan,
+        limits=limits,
+        headroom=room,
+    )
+
+
+def unplaced_reason(placement: Placement, room: Headroom | None) -> str:
+    """Why a launch cannot be placed, with the headroom when the budget is why."""
+    if placement.reason.startswith("launch refused"):
+        return placement.reason  # the budget's own numbers (place_next)
+    if room is not None and "headroom" in placement.reason:
+        return (
+            f"launch refused: ${room.usd_per_hour:.2f}/h left under the {room.ceiling}; "
+            f"{placement.reason}"
+        )
+    return f"launch not possible: {placement.reason}"
+
+
+def _inputs(
+    view: WorkloadView,
+    *,
+    policy: AutoscalingPolicy | None,
+    placement: Callable[[], Placement],
+) -> DecisionInputs:
+    mix = view.measured.token_mix
+    if view.deleted or policy is None:
+        return DecisionInputs(
+            capacity=None,
+            input_tokens=None if mix is None else mix.input_tokens,
+            output_tokens=None if mix is None else mix.output_tokens,
+        )
+    return decision_inputs(
+        mix=mix,
+        model=model_size(view.spec),
+        fleet=[r.shape for r in view.replicas if r.shape is not None],
+        next_shape=lambda: shape_of(placement().offer),
+        concurrency_cap=view.measured.concurrency_cap,
+        pool_gpus=(
+            pool_gpu_kinds(view.spec, view.offers) if view.pool_gpus is None else view.pool_gpus
+        ),
+    )
+
+
+def _decide(
+    view: WorkloadView,
+    *,
+    memory: ScaleMemory,
+    inputs: DecisionInputs,
+    now: datetime,
+    knobs: StepKnobs,
+    count: tuple[int, str] | None,
+) -> ScaleDecision:
+    if view.deleted:
+        return ScaleDecision(
+            desired=0,
+            reason="workload deleted: drain and terminate every replica",
+            direction=Direction.ZERO,
+            memory=memory,
+        )
+    if count is not None:
+        return ScaleDecision(
+            desired=count[0], reason=count[1], direction=Direction.HOLD, memory=memory
+        )
+    decision = desired_count(
+        spec=view.spec,
+        signals=view.measured.signals,
+        fleet=fleet_counts(view.replicas),
+        memory=memory,
+        now=now,
+        capacity=inputs.capacity,
+        schedule_offset=timedelta(seconds=knobs.schedule_offset_sec),
+    )
+    cap = knobs.max_replicas_per_workload
+    if decision.desired > cap:
+        # Apply refuses such a spec; one stored by another route is planned to the cap.
+        decision = replace(
+            decision,
+            desired=cap,
+            reason=f"{decision.reason}; capped at {cap} replicas (max_replicas_per_workload)",
+        )
+    return decision
+
+
+def place_next(
+    view: WorkloadView,
+    *,
+    unavailable: Mapping[str, datetime],
+    now: datetime,
+    knobs: StepKnobs,
+    launched: Sequence[Placement],
+) -> Placement:
+    """Where the next replica goes, with the replicas ``launched`` earlier in this step
+    counted as live (their zones, workers and prices): within the budget headroom left,
+    and refused (``found`` false, the budget's numbers as the reason) when its price
+    would break a ceiling or the pool's instance count."""
+    policy = autoscaling_policy(view.spec)
+    limits = limits_for(policy, fleet_usd_per_hour=knobs.fleet_max_hourly_cost_usd)
+    added = [p.usd_per_hour for p in launched]
+    live = [*view.inherited_usd_per_hour, *(r.view.usd_per_hour for r in view.replicas), *added]
+    fleet_usd = view.fleet_usd_per_hour + sum(added)
+    room = headroom(limits, live=live, fleet_usd=fleet_usd)
+    zones = [r.zone for r in view.replicas if r.zone]
+    zones += [p.offer.zone for p in launched if p.offer is not None]
+    per_worker: dict[str, int] = {}
+    for worker in [r.worker_id for r in view.replicas] + [p.worker_id for p in launched]:
+        if worker:
+            per_worker[worker] = per_worker.get(worker, 0) + 1
+    size = model_size(view.spec)
+    mix = view.measured.token_mix
+    spec = view.spec
+    memory_gib = estimate_model_memory(
+        spec.model, spec.engine_command, hint_gib=spec.model_memory_gib
+    )
+    placement = place_replica(
+        spec=spec,
+        offers=view.offers,
+        unavailable=unavailable,
+        now=now,
+        current_zones=zones,
+        replicas_per_worker=per_worker,
+        params_b=None if size is None else size.params_b,
+        bytes_per_param=2.0 if size is None else size.bytes_per_param,
+        model_memory_gib=memory_gib.gib,
+        max_usd_per_hour=None if room is None else room.usd_per_hour + _HEADROOM_SLACK_USD,
+        input_tokens=None if mix is None else mix.input_tokens,
+        output_tokens=None if mix is None else mix.output_tokens,
+        input_scv=None if mix is None else mix.input_scv,
+        allow_groups=True,
+        group_providers=knobs.group_providers,
+    )
+    if not placement.found:
+        return placement
+    verdict = check_launch(
+        live_usd_per_hour=live,
+        new_usd_per_hour=placement.usd_per_hour,
+        limits=limits,
+        fleet_live_usd_per_hour=fleet_usd if limits.fleet_usd_per_hour is not None else None,
+    )
+    if verdict.allowed:
+        return placement
+    return replace(placement, offer=None, market=None, worker_id=None, reason=verdict.reason)
+
+
+def mark_unavailable(
+    unavailable: MutableMapping[str, datetime],
+    *,
+    offer: Offer | None,
+    spot: bool,
+    worker_id: str | None,
+    now: datetime,
+    knobs: StepKnobs,
+) -> None:
+    """Skip the market of a refused launch (or its private worker) for
+    :attr:`StepKnobs.unavailable_sec`."""
+    if worker_id:
+        key = worker_key(worker_id)
+    elif offer is not None:
+        key = unavailable_key(offer, Market.SPOT if spot else Market.ON_DEMAND)
+    else:
+        return
+    unavailable[key] = now + timedelta(seconds=knobs.unavailable_sec)

@@ -1,0 +1,211 @@
+"""The reconciler and the simulator run one workload step (``decide.step``): driven
+through the same script (load up, a stock-out, a drain with requests still in flight, a
+scale-down), they buy, drain and terminate the same replicas at the same steps."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+import pytest
+
+from autoscaler.decide.inputs import Measured
+from autoscaler.decide.signals import Signals
+from autoscaler.reconcile import provisioner
+from autoscaler.sim.gateway import RequestRecord, SimGateway, as_datetime
+from autoscaler.sim.policies import ControllerPolicy
+from autoscaler.sim.workload import sim_workload
+from autoscaler.sim.world import CloudSettings, SimReplica
+from autoscaler.sim.world import World as SimWorld
+from autoscaler.spec import WorkloadSpec
+from autoscaler.store.phase import Phase, phase_of
+from providers.base import Instance, InsufficientCapacity, LaunchRequest
+from tests.reconcile.world import OFFERS, PROJECT, World, autoscaling
+
+Action = tuple[str, ...]
+
+
+def idle(now: datetime) -> Signals:
+    return Signals(last_request_at=now)
+
+
+def busy(now: datetime) -> Signals:
+    """Ten requests a second answered over the last minute and 200 queued."""
+    samples = tuple((now - timedelta(seconds=i * 0.1), 0.4) for i in range(600))
+    return Signals(
+        ttft_samples=samples, request_rate=10.0, in_flight=40, queue_depth=200, last_request_at=now
+    )
+
+
+@dataclass(frozen=True)
+class Beat:
+    """One step of the script: seconds since the last, the gateway's signals, requests
+    in flight on each draining replica, and whether the step's first launch stocks out."""
+
+    after_s: float
+    signals: Callable[[datetime], Signals]
+    draining_in_flight: int = 0
+    stockout: bool = False
+
+
+SCRIPT = (
+    Beat(0, idle, stockout=True),  # min_workers 1; the first choice is stocked out
+    Beat(5, idle),  # placed elsewhere
+    Beat(5, busy),  # load up: several launches in one step
+    *(Beat(5, idle) for _ in range(13)),  # calm for the scale-down window: drain two
+    Beat(5, idle, draining_in_flight=2),  # the drained replicas still serve: kept
+    Beat(5, idle),  # their requests are done: terminated
+)
+
+
+def spec() -> WorkloadSpec:
+    return autoscaling("bot", max_workers=4, scale_down_time_window_sec=60)
+
+
+@dataclass
+class Ordinals:
+    """Launch ids by the order they were bought in (the two sides name launches apart)."""
+
+    ids: list[str] = field(default_factory=list)
+
+    def of(self, launch_id: str) -> str:
+        return f"#{self.ids.index(launch_id)}"
+
+
+async def run_reconciler(world: World) -> list[list[Action]]:
+    ref = (PROJECT, "bot")
+    await world.apply(spec())
+    bought = Ordinals()
+    seen_calls = 0
+    seen_decisions = 0
+    steps: list[list[Action]] = []
+    for beat in SCRIPT:
+        world.clock.advance(beat.after_s)
+        rows = await world.rows("bot")
+        draining = [r.launch_id for r in rows if phase_of(r) is Phase.DRAINING]
+        world.signals.measured[ref] = Measured(
+            signals=beat.signals(world.now),
+            replica_in_flight=dict.fromkeys(draining, beat.draining_in_flight),
+        )
+        if beat.stockout:
+            world.provider.fail_next("launch", InsufficientCapacity)
+        await world.step()
+        actions: list[Action] = []
+        rows_by_id = {r.launch_id: r for r in await world.rows("bot")}
+        for call in world.provider.calls_to("launch")[seen_calls:]:
+            assert isinstance(call.argument, LaunchRequest)
+            request = call.argument
+            ok = rows_by_id[request.launch_id].instance_id is not None
+            if ok:
+                bought.ids.append(request.launch_id)
+            actions.append(("launch", request.offer.key, str(request.spot), str(ok)))
+        seen_calls = len(world.provider.calls_to("launch"))
+        decisions = await world.decisions()
+        for decision in decisions[seen_decisions:]:
+            if decision.kind in ("drain", "terminate"):
+                actions.append((decision.kind, bought.of(decision.inputs["launch_id"])))
+        seen_decisions = len(decisions)
+        steps.append(actions)
+    return steps
+
+
+class ScriptedGateway(SimGateway):
+    """The simulator's gateway with the script's signals."""
+
+    script: Signals | None = None
+
+    def signals(self, t: float, *, keep_s: float) -> Signals:
+        assert self.script is not None
+        return self.script
+
+
+def run_simulator() -> list[list[Action]]:
+    world = SimWorld(
+        workload=sim_workload(spec()),
+        offers=OFFERS,
+        policy=ControllerPolicy(spec=spec()),
+        requests=[],
+        seed=0,
+        cloud=CloudSettings(
+            boot_median_s=1.0,
+            boot_sigma=0.0,
+            stockout_probability=0.0,
+            spot_interruptions_per_hour=0.0,
+        ),
+        allow_spot=False,
+        initial_replicas=0,
+    )
+    gateway = ScriptedGateway(rng=world.gateway.rng, epoch_s=world.gateway.epoch_s)
+    world.gateway = gateway
+    calls: list[tuple[LaunchRequest, bool]] = []
+    stockout = [False]
+    launch = world.cloud.launch
+
+    def scripted_launch(request: LaunchRequest) -> Instance:
+        if stockout[0]:
+            stockout[0] = False
+            calls.append((request, False))
+            raise InsufficientCapacity("launch", "injected")
+        calls.append((request, True))
+        return launch(request)
+
+    world.cloud.launch = scripted_launch  # type: ignore[method-assign]
+    bought = Ordinals()
+    t = 0.0
+    seen_calls = 0
+    seen_events = 0
+    steps: list[list[Action]] = []
+    for beat in SCRIPT:
+        t += beat.after_s
+        world._set_time(t)
+        world._machine_events(t)
+        live: list[SimReplica] = [r for r in world.replicas.values() if r.ended_s is None]
+        for r in live:
+            count = beat.draining_in_flight if r.drain_s is not None else 0
+            r.requests = {i: RequestRecord(i, t, 100, 10) for i in range(count)}
+        gateway.script = beat.signals(as_datetime(world.clock.t))
+        stockout[0] = beat.stockout
+        world._tick(t)
+        actions: list[Action] = []
+        for request, ok in calls[seen_calls:]:
+            if ok:
+                bought.ids.append(request.launch_id)
+            actions.append(("launch", request.offer.key, str(request.spot), str(ok)))
+        seen_calls = len(calls)
+        for event in world.events[seen_events:]:
+            if event.kind in ("drain", "terminate"):
+                actions.append((event.kind, bought.of(event.detail.split(":")[0])))
+        seen_events = len(world.events)
+        for r in live:
+            r.requests = {}
+        steps.append(actions)
+    return steps
+
+
+async def test_the_reconciler_and_the_simulator_act_alike_on_one_script(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Launch ids as the simulator names them: drains of equal price and age go in launch
+    # id order, so both sides must name their launches alike to pick the same ones.
+    names = (f"l-{n:05d}" for n in itertools.count(1))
+    monkeypatch.setattr(provisioner, "new_launch_id", lambda: next(names))
+    reconciler = await run_reconciler(world)
+    simulator = run_simulator()
+
+    assert reconciler == simulator
+    launches = [a for step in reconciler for a in step if a[0] == "launch"]
+    # The stocked-out market is skipped and the launch placed elsewhere a step later.
+    assert launches[0][3] == "False" and reconciler[1] and launches[1][1] != launches[0][1]
+    # Load up: more than one launch in one step, each placed in turn.
+    assert len([a for a in reconciler[2] if a[0] == "launch"]) >= 2
+    drains = [a for step in reconciler for a in step if a[0] == "drain"]
+    terminations = [a for step in reconciler for a in step if a[0] == "terminate"]
+    assert drains, reconciler
+    # Drained replicas with requests in flight are kept; terminated once they are done.
+    assert not [a for a in reconciler[-2] if a[0] == "terminate"]
+    assert sorted(a[1] for a in reconciler[-1] if a[0] == "terminate") == sorted(
+        a[1] for a in drains
+    )
+    assert len(terminations) == len(drains)
