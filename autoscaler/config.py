@@ -26,6 +26,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autoscaler.decide.schedule import format_offset
+from autoscaler.decide.step import UNAVAILABLE_SEC
+from autoscaler.reconcile.deps import (
+    HEALTH_TIMEOUT_SEC,
+    ORPHAN_GRACE_SEC,
+    TICK_SEC,
+    UNHEALTHY_GRACE_SEC,
+    VISIBILITY_GRACE_SEC,
+)
 from autoscaler.reconcile.timeouts import DEFAULT_CALL_TIMEOUT_SEC, DEFAULT_LAUNCH_TIMEOUT_SEC
 from autoscaler.spec import DEFAULT_MAX_REPLICAS, parse_duration
 from catalog.cuda import MachineImage, parse_driver
@@ -243,14 +251,14 @@ class ControllerConfig(_Strict):
     )
     max_replicas_per_workload: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_MAX_REPLICAS
     providers: ProvidersSettings = ProvidersSettings(local=LocalSettings())
-    tick_sec: Annotated[float, Field(gt=0)] = 5.0
-    orphan_grace_sec: Annotated[float, Field(ge=0)] = 600.0
-    unavailable_sec: Annotated[float, Field(gt=0)] = 600.0
-    unhealthy_grace_sec: Annotated[float, Field(ge=0)] = 30.0
-    visibility_grace_sec: Annotated[float, Field(ge=0)] = 300.0
+    tick_sec: Annotated[float, Field(gt=0)] = TICK_SEC
+    orphan_grace_sec: Annotated[float, Field(ge=0)] = ORPHAN_GRACE_SEC
+    unavailable_sec: Annotated[float, Field(gt=0)] = UNAVAILABLE_SEC
+    unhealthy_grace_sec: Annotated[float, Field(ge=0)] = UNHEALTHY_GRACE_SEC
+    visibility_grace_sec: Annotated[float, Field(ge=0)] = VISIBILITY_GRACE_SEC
     """How long an instance missing at the provider counts as not visible yet (eventual
     consistency) before it is settled by tag lookup and a terminate by id."""
-    health_timeout_sec: Annotated[float, Field(gt=0)] = 3.0
+    health_timeout_sec: Annotated[float, Field(gt=0)] = HEALTH_TIMEOUT_SEC
     provider_call_timeout_sec: Annotated[float, Field(gt=0)] = DEFAULT_CALL_TIMEOUT_SEC
     """The longest a provider's list, describe, terminate or lookup may take."""
     provider_launch_timeout_sec: Annotated[float, Field(gt=0)] = DEFAULT_LAUNCH_TIMEOUT_SEC

@@ -68,6 +68,7 @@ from autoscaler.reconcile.loop import reconcile_once
 from autoscaler.reconcile.timeouts import TimedProvider
 from catalog.model import Offer, ProviderName
 from catalog.snapshot import Snapshot, load_catalog
+from gateway.window import SignalSnapshot
 from providers.base import Clock, Provider, ProviderError, SystemClock
 from providers.local import (
     DockerLauncher,
@@ -88,7 +89,7 @@ LEADER_LOCK_ID = 7_264_002
 class GatewaySignals:
     """Signals from a gateway in this process (``gateway.app.Gateway.signals``)."""
 
-    def __init__(self, snapshots: Callable[[], Mapping[WorkloadRef, Any]]) -> None:
+    def __init__(self, snapshots: Callable[[], Mapping[WorkloadRef, SignalSnapshot]]) -> None:
         self._snapshots = snapshots
 
     async def signals(self) -> Mapping[WorkloadRef, Measured]:
@@ -117,7 +118,7 @@ class HttpSignals:
         await self._client.aclose()
 
 
-def signals_of(snapshot: Any) -> Signals:
+def signals_of(snapshot: SignalSnapshot) -> Signals:
     """``decide`` signals from a gateway ``SignalSnapshot``."""
     return Signals.from_epoch(
         ttft_samples=snapshot.ttft_samples,
@@ -129,7 +130,7 @@ def signals_of(snapshot: Any) -> Signals:
     )
 
 
-def measured_of(snapshot: Any) -> Measured:
+def measured_of(snapshot: SignalSnapshot) -> Measured:
     """Signals, token mix and concurrency cap from a gateway ``SignalSnapshot``."""
     tokens = snapshot.tokens
     mix = None

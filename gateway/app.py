@@ -49,7 +49,14 @@ from gateway.routes import (
     knows_data_key,
     load_route_table,
 )
-from gateway.signals import Metrics, Signals, SignalSnapshot
+from gateway.signals import Metrics, Signals
+from gateway.window import (
+    COLD_START_TIMEOUT_SEC,
+    QUEUE_TIMEOUT_SEC,
+    REPLICA_CONCURRENCY_CAP,
+    SIGNAL_WINDOW_SEC,
+    SignalSnapshot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +78,20 @@ class GatewaySettings:
 
     refresh_interval_sec: float = 1.0
     #: How long a request to a workload with no ready replica is held (GPU boot time).
-    cold_start_timeout_sec: float = 300.0
+    cold_start_timeout_sec: float = COLD_START_TIMEOUT_SEC
     #: Per-workload overrides of the cold-start deadline, keyed ``"project/slug"``.
     cold_start_timeouts: Mapping[str, float] = field(default_factory=dict)
     cold_start_retry_after_sec: float = 30.0
-    queue_timeout_sec: float = 60.0
+    queue_timeout_sec: float = QUEUE_TIMEOUT_SEC
     max_queued_per_workload: int = 1000
-    replica_concurrency_cap: int = 64
+    replica_concurrency_cap: int = REPLICA_CONCURRENCY_CAP
     max_body_bytes: int = 32 * 1024 * 1024
     max_header_bytes: int = 16 * 1024
     idle_timeout_sec: float = 300.0
     keepalive_timeout_sec: float = 75.0
     connect_timeout_sec: float = 5.0
     refused_cooldown_sec: float = 2.0
-    signal_window_sec: float = 900.0
+    signal_window_sec: float = SIGNAL_WINDOW_SEC
     job_workers: int = 4
     job_poll_interval_sec: float = 1.0
     job_timeout_sec: float = 900.0

@@ -35,9 +35,10 @@ from autoscaler.spec import WorkloadSpec
 from catalog.model import Offer
 from catalog.perf import fastest_single_gpu, serving_profile
 from catalog.sizing import GIB, QUANT_PATTERNS, estimate_model_memory
+from gateway.window import REPLICA_CONCURRENCY_CAP
 
-DEFAULT_CONCURRENCY_CAP = 64
-"""The gateway's default per-replica concurrency cap (``GatewaySettings``), used when a
+DEFAULT_CONCURRENCY_CAP = REPLICA_CONCURRENCY_CAP
+"""The gateway's default per-replica concurrency cap (``gateway.window``), used when a
 measurement does not say which cap the gateway runs with."""
 
 DEFAULT_PREFILL_SCV = 1.0

@@ -78,6 +78,7 @@ from catalog.perf import (
     serving_profile,
 )
 from catalog.query import Candidate, Market, OfferRequest, select_offers
+from gateway.window import REPLICA_CONCURRENCY_CAP
 from providers.engines import parallel_size
 
 DEFAULT_INPUT_TOKENS = 1024.0
@@ -86,11 +87,10 @@ DEFAULT_INPUT_TOKENS = 1024.0
 DEFAULT_OUTPUT_TOKENS = 256.0
 """Mean completion length assumed when ranking offers by serving capacity."""
 
-GATEWAY_CONCURRENCY_CAP = 64
-"""The default of the gateway's per-replica concurrency cap
-(``gateway.app.GatewaySettings.replica_concurrency_cap``): the most requests a replica is
-ever given at once, so the most sequences it ever batches. Decisions do not import the
-gateway; callers that run another cap pass it."""
+GATEWAY_CONCURRENCY_CAP = REPLICA_CONCURRENCY_CAP
+"""The default of the gateway's per-replica concurrency cap (``gateway.window``, the pure
+signals contract): the most requests a replica is ever given at once, so the most
+sequences it ever batches. Callers that run another cap pass it."""
 
 PREFILL_SHARE_OF_TARGET = 0.5
 """The most of the TTFT target a typical prompt's prefill may take on a preferred offer."""

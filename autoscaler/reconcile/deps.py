@@ -1,9 +1,9 @@
 """What a reconcile pass depends on, passed in explicitly (no globals, no sleeps).
 
-The trace simulator builds a :class:`Deps` with a simulated clock, the simulated
-provider, an in-memory signals source and a health checker that asks the simulation;
-``autoscaler run`` and ``autoscaler controller`` build one with the wall clock, real
-providers, the gateway's signals and HTTP health checks.
+``autoscaler run`` and ``autoscaler controller`` build a :class:`Deps` with the wall
+clock, real providers, the gateway's signals and HTTP health checks; the tests build one
+with a manual clock and the fake provider. The trace simulator builds none: it runs the
+pure workload step (``autoscaler.decide.step``) on its own simulated cloud.
 """
 
 from __future__ import annotations
@@ -40,6 +40,14 @@ log = logging.getLogger("autoscaler.controller")
 
 WorkloadRef = tuple[str, str]
 """(project, slug)"""
+
+# The controller's defaults: ``Settings`` and ``autoscaler.config.ControllerConfig`` read
+# them from here (the workload step's own knobs are in ``autoscaler.decide.step``).
+TICK_SEC = 5.0
+ORPHAN_GRACE_SEC = 600.0
+UNHEALTHY_GRACE_SEC = 30.0
+VISIBILITY_GRACE_SEC = 300.0
+HEALTH_TIMEOUT_SEC = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +98,7 @@ class HealthChecker(Protocol):
 class HttpHealthChecker:
     """GET ``url + health_path`` with the engine key; healthy on a 2xx answer."""
 
-    def __init__(self, *, timeout_sec: float = 3.0) -> None:
+    def __init__(self, *, timeout_sec: float = HEALTH_TIMEOUT_SEC) -> None:
         self._client = httpx.AsyncClient(timeout=timeout_sec, trust_env=False)
 
     async def healthy(self, *, url: str, health_path: str, engine_key: str | None) -> bool:
@@ -153,11 +161,11 @@ class Settings:
 
     cluster_id: str
     fleet_max_hourly_cost_usd: float | None = None
-    tick_sec: float = 5.0
-    orphan_grace_sec: float = 600.0
+    tick_sec: float = TICK_SEC
+    orphan_grace_sec: float = ORPHAN_GRACE_SEC
     unavailable_sec: float = UNAVAILABLE_SEC
-    unhealthy_grace_sec: float = 30.0
-    visibility_grace_sec: float = 300.0
+    unhealthy_grace_sec: float = UNHEALTHY_GRACE_SEC
+    visibility_grace_sec: float = VISIBILITY_GRACE_SEC
     """How long an instance the provider does not show is taken as "not visible yet"."""
     refusal_log_interval_sec: float = 300.0
     dry_run: bool = False

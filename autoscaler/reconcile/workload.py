@@ -7,15 +7,16 @@ The steps, in order:
 2. **Resolve** intents a crash or a transient failure left pending (by launch id).
 3. **Health**: booting replicas that answer become ready; ready ones that stopped
    answering are terminated.
-4. **Decide** the desired count (``decide.desired``; 0 for a deleted workload), **place**
-   the next replica (``decide.placement``, within the budget headroom) and **plan**
-   (``decide.plan``: liveness timeouts, drains, scale up/down, spec drift, budget). The
-   gateway's measured token mix becomes one replica's capacity for the count and the
-   prompt and completion lengths for placement through ``decide.inputs.decision_inputs``,
-   the same mapping the trace simulator runs.
+4. **Step** (``decide.step.step``, the step the trace simulator runs too): the ledger
+   rows, the gateway's measurement and the fleet's spend become a ``WorkloadView``; the
+   step returns the desired count (0 for a deleted workload), the first launch's
+   placement within the budget headroom and the plan (liveness timeouts, drains, scale
+   up/down, spec drift, budget).
 5. **Act**: terminations and drains are written to the ledger before the provider is
-   called; launches go through the provisioner (intent first); refusals are logged as
-   decisions with ``acted = false`` and counted, never bought.
+   called; each launch is placed just before it is bought (``decide.step.place_next``)
+   and goes through the provisioner (intent first); a launch the provider refused ends
+   the pass's launches. Refusals are logged as decisions with ``acted = false`` and
+   counted, never bought.
 
 In dry-run mode steps 4's results are logged as decisions (``acted = false``) whenever
 the plan changes, and nothing is bought, drained or terminated.

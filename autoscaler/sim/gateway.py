@@ -19,18 +19,12 @@ from enum import StrEnum
 
 from autoscaler.decide.signals import Signals
 from gateway.balancing import ReplicaLoad, choose_replica
-
-REPLICA_CONCURRENCY_CAP = 64
-"""The gateway's default per-replica concurrency cap (``GatewaySettings``)."""
-
-QUEUE_TIMEOUT_S = 60.0
-"""How long a request waits for a replica with room before a 503 (``GatewaySettings``)."""
-
-COLD_START_TIMEOUT_S = 300.0
-"""How long a request is held while no replica is ready (``GatewaySettings``)."""
-
-SIGNAL_WINDOW_S = 900.0
-"""The gateway's signal window: the request rate is arrivals over it."""
+from gateway.window import (
+    COLD_START_TIMEOUT_SEC,
+    QUEUE_TIMEOUT_SEC,
+    REPLICA_CONCURRENCY_CAP,
+    SIGNAL_WINDOW_SEC,
+)
 
 
 class Outcome(StrEnum):
@@ -100,14 +94,14 @@ class SimGateway:
     def arrive(self, record: RequestRecord, *, t: float, any_ready: bool) -> None:
         self.arrivals.append(t)
         self.last_request_s = t
-        record.deadline_s = t + (QUEUE_TIMEOUT_S if any_ready else COLD_START_TIMEOUT_S)
+        record.deadline_s = t + (QUEUE_TIMEOUT_SEC if any_ready else COLD_START_TIMEOUT_SEC)
         self._earliest_deadline = min(self._earliest_deadline, record.deadline_s)
         self.queue.append(record)
 
     def requeue(self, record: RequestRecord, *, t: float) -> None:
         """A request whose replica vanished before its first token: to the front."""
         record.replica = None
-        record.deadline_s = max(record.deadline_s, t + QUEUE_TIMEOUT_S)
+        record.deadline_s = max(record.deadline_s, t + QUEUE_TIMEOUT_SEC)
         self._earliest_deadline = min(self._earliest_deadline, record.deadline_s)
         self.queue.appendleft(record)
 
@@ -142,7 +136,7 @@ class SimGateway:
 
         The real gateway does not report this yet; it would read ``usage`` from responses.
         """
-        while self.finished and self.finished[0][0] < t - SIGNAL_WINDOW_S:
+        while self.finished and self.finished[0][0] < t - SIGNAL_WINDOW_SEC:
             _, tokens_in, tokens_out = self.finished.popleft()
             self._mix_sums[0] -= tokens_in
             self._mix_sums[1] -= tokens_out
@@ -165,7 +159,7 @@ class SimGateway:
         horizon = t - keep_s
         while self.ttft and self.ttft[0][0] < horizon:
             self.ttft.popleft()
-        arrivals_horizon = t - max(SIGNAL_WINDOW_S, keep_s)
+        arrivals_horizon = t - max(SIGNAL_WINDOW_SEC, keep_s)
         while self.arrivals and self.arrivals[0] < arrivals_horizon:
             self.arrivals.popleft()
 
@@ -198,7 +192,7 @@ class SimGateway:
             ttft_samples=tuple((at, v) for _, at, v in self.ttft),
             # Before a full window has passed since time 0, the traffic before the trace
             # is unknown: the rate is over the time elapsed, as if it had been the same.
-            request_rate=self.rate(t, window_s=min(SIGNAL_WINDOW_S, max(t, 60.0))),
+            request_rate=self.rate(t, window_s=min(SIGNAL_WINDOW_SEC, max(t, 60.0))),
             in_flight=self.in_flight,
             queue_depth=len(self.queue),
             last_request_at=None if last is None else as_datetime(self.epoch_s + last),

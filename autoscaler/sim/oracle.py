@@ -77,13 +77,13 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
-from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP
 from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.workload import SimWorkload, SloRule
 from catalog.engine import BatchEngine, EventKind
 from catalog.model import Offer
 from catalog.perf import ServingProfile
 from gateway.balancing import request_work
+from gateway.window import REPLICA_CONCURRENCY_CAP
 
 SLOT_S = 60.0
 SHAPES_TRIED = 4

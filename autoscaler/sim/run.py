@@ -11,7 +11,7 @@ from pathlib import Path
 
 from autoscaler.decide.queueing import SAFE_UTILIZATION, ReplicaCapacity, burst_floor, load_need
 from autoscaler.decide.signals import Signals
-from autoscaler.sim.gateway import REPLICA_CONCURRENCY_CAP, Outcome, as_datetime
+from autoscaler.sim.gateway import Outcome, as_datetime
 from autoscaler.sim.oracle import OraclePlan, Replayed, oracle
 from autoscaler.sim.policies import (
     ConcurrencyPolicy,
@@ -39,6 +39,7 @@ from autoscaler.sim.world import EPOCH_S, CloudSettings, Outcomes, World, with_s
 from autoscaler.spec import AutoscalingPolicy, FixedPolicy
 from catalog.model import Offer
 from catalog.perf import ServingProfile
+from gateway.window import REPLICA_CONCURRENCY_CAP
 
 ATTAINMENT_TARGET = 0.99
 """The share of requests the SLO asks to be within the TTFT target."""

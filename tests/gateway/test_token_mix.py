@@ -10,8 +10,8 @@ import pytest
 
 from autoscaler.store.tokens import TokenKind, issue_token
 from gateway.app import Gateway, signals_from_json
-from gateway.signals import TokenStats
 from gateway.tokens import Answer, token_counts
+from gateway.window import TokenStats
 from tests.gateway.conftest import (
     MODEL,
     Seed,

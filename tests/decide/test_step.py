@@ -1,0 +1,58 @@
+"""The workload step: a draining replica's own requests decide when it goes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from autoscaler.decide.inputs import Measured
+from autoscaler.decide.plan import ReplicaPhase, ReplicaView, Terminate
+from autoscaler.decide.scaling import ScaleMemory
+from autoscaler.decide.signals import Signals
+from autoscaler.decide.step import ReplicaState, StepKnobs, WorkloadView, step
+from tests.reconcile.world import L4, OFFERS, autoscaling
+
+NOW = datetime(2026, 11, 30, 12, tzinfo=UTC)
+
+
+def _replica(launch_id: str, phase: ReplicaPhase) -> ReplicaState:
+    return ReplicaState(
+        view=ReplicaView(
+            launch_id=launch_id,
+            phase=phase,
+            generation=1,
+            offer_key=L4.key,
+            usd_per_hour=L4.on_demand_usd_per_hour,
+            intent_at=NOW - timedelta(minutes=30),
+            ready_at=NOW - timedelta(minutes=25),
+            drain_requested_at=(
+                NOW - timedelta(seconds=10) if phase is ReplicaPhase.DRAINING else None
+            ),
+            in_flight=0,
+        ),
+        zone=L4.zone,
+        shape=(L4.gpu, L4.gpu_count),
+    )
+
+
+def _terminated(measured: Measured) -> list[str]:
+    view = WorkloadView(
+        spec=autoscaling("bot"),
+        generation=1,
+        replicas=[_replica("a", ReplicaPhase.READY), _replica("b", ReplicaPhase.DRAINING)],
+        measured=measured,
+        offers=OFFERS,
+    )
+    result = step(view, memory=ScaleMemory(), unavailable={}, now=NOW, knobs=StepKnobs())
+    return [a.launch_id for a in result.plan.actions if isinstance(a, Terminate)]
+
+
+def test_a_drained_replica_goes_once_its_own_requests_are_done() -> None:
+    busy_elsewhere = Signals(in_flight=5, last_request_at=NOW)
+    assert _terminated(Measured(signals=busy_elsewhere, replica_in_flight={"a": 5})) == ["b"]
+    assert _terminated(Measured(signals=busy_elsewhere, replica_in_flight={"b": 1})) == []
+
+
+def test_without_a_per_replica_count_the_workload_total_keeps_the_drain() -> None:
+    busy = Signals(in_flight=5, last_request_at=NOW)
+    assert _terminated(Measured(signals=busy)) == []
+    assert _terminated(Measured(signals=Signals(last_request_at=NOW))) == ["b"]
