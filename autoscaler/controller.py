@@ -333,14 +333,20 @@ class Controller:
     async def stop_local_replicas(self) -> None:
         """Stop the engine processes this machine runs for the cluster: on a laptop the
         replicas end with the service (the ledger learns it on the next start, and
-        replaces them). The simulated cloud's machines are processes here too."""
+        replaces them). The simulated cloud's machines are processes here too.
+
+        All are signalled at once, not one after another: shutdown gives this step a
+        fixed time (``STOP_STEP_SEC``), which a row of engines each taking its SIGTERM
+        grace would overrun, leaving the rest running."""
+        stops = []
         for name in (ProviderName.LOCAL.value, ProviderName.SIMULATED.value):
             entry = self.deps.providers.get(name)
             if entry is None:
                 continue
             for instance in await entry.provider.list(self.deps.settings.cluster_id):
                 if not instance.state.is_gone:
-                    await entry.provider.terminate(instance.instance_id)
+                    stops.append(entry.provider.terminate(instance.instance_id))
+        await asyncio.gather(*stops)
 
     async def close(self) -> None:
         """Release clients (HTTP health checks, gateway signals, cloud SDK clients)."""

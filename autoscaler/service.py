@@ -278,9 +278,9 @@ def install_stop_signals(stopping: asyncio.Event) -> None:
     def handle(signum: int, _frame: object) -> None:
         state["signals"] += 1
         if state["signals"] > 1:
-            os.write(2, b"autoscaler: second signal: stopping now\n")
+            _say(b"autoscaler: second signal: stopping now\n")
             os._exit(128 + signum)
-        os.write(2, f"autoscaler: stopping (within {STOP_BOUND_SEC:g}s)\n".encode())
+        _say(f"autoscaler: stopping (within {STOP_BOUND_SEC:g}s)\n".encode())
         watchdog = threading.Timer(STOP_BOUND_SEC, _force_exit)
         watchdog.daemon = True
         watchdog.start()
@@ -290,8 +290,16 @@ def install_stop_signals(stopping: asyncio.Event) -> None:
         signal.signal(sig, handle)
 
 
+def _say(line: bytes) -> None:
+    """Write to stderr from a signal handler. A stderr nobody reads any more (the pipe of
+    a parent that is gone) must not stop the shutdown: the error would end the handler
+    before it sets ``stopping``, and the process would never stop."""
+    with contextlib.suppress(OSError):
+        os.write(2, line)
+
+
 def _force_exit() -> None:
-    os.write(2, f"autoscaler: not stopped within {STOP_BOUND_SEC:g}s; exiting\n".encode())
+    _say(f"autoscaler: not stopped within {STOP_BOUND_SEC:g}s; exiting\n".encode())
     os._exit(1)
 
 

@@ -22,7 +22,7 @@ import uvicorn
 
 from autoscaler.api.app import create_app
 from autoscaler.api.deps import ApiState
-from autoscaler.service import ensure_admin_token, utc_now
+from autoscaler.service import STOP_BOUND_SEC, ensure_admin_token, utc_now
 from autoscaler.store.db import open_store, session_factory
 
 
@@ -124,8 +124,22 @@ class ApiServer:
             raise self._error
 
 
+SERVICE_STOP_GRACE = STOP_BOUND_SEC + 5.0
+"""How long a stopped child gets after SIGTERM: the service's stated shutdown bound
+(its watchdog ends it by then) and a margin for a loaded machine. A wait on the process's
+exit, so a child that stops at once costs nothing."""
+
+ENGINE_STATE_DIRS = ("local-instances", "simulated-instances")
+"""Where ``autoscaler run`` records the engine processes it starts, under its data dir."""
+
+
 class Process:
-    """A child process that is always stopped: SIGTERM, then SIGKILL after a grace period."""
+    """A child process that is always stopped: SIGTERM, then SIGKILL after a grace period.
+
+    With ``AUTOSCALER_DATA_DIR`` in its environment, stopping it also proves that no engine
+    process it recorded there outlived it: a survivor (its engines run in sessions of their
+    own, so they outlive a service that is killed) is killed and the stop fails loudly.
+    """
 
     def __init__(
         self, argv: Sequence[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
@@ -148,7 +162,7 @@ class Process:
         )
         return self
 
-    def stop(self, grace: float = 10.0) -> str:
+    def stop(self, grace: float = SERVICE_STOP_GRACE) -> str:
         assert self.proc is not None
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
@@ -161,6 +175,11 @@ class Process:
             assert self.proc.stdout is not None
             self.output = self.proc.stdout.read()
             self.proc.stdout.close()
+        survivors = kill_surviving_engines(self.env.get("AUTOSCALER_DATA_DIR"))
+        assert not survivors, (
+            f"engine processes {survivors} outlived {' '.join(self.argv[-6:])} "
+            f"(exit status {self.proc.returncode}); killed now. Its output:\n{self.output[-3000:]}"
+        )
         return self.output
 
     def __exit__(self, *exc: object) -> None:
@@ -218,6 +237,48 @@ def kill_recorded(directory: Path) -> None:
         assert not pid_running(pid), f"engine process {pid} survived the test"
 
 
+def _recorded_engines(directory: Path) -> list[tuple[int, int | None]]:
+    """(pid, start ticks) of each engine process recorded in ``directory``."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.glob("*.json"):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            record = json.loads(path.read_text())
+            found.append((int(record["pid"]), record.get("start_ticks")))
+    return found
+
+
+def _start_ticks(pid: int) -> int | None:
+    """A running process's start time in clock ticks since boot; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
+
+
+def kill_surviving_engines(data_dir: str | Path | None) -> list[int]:
+    """Kill (the process group of) every engine recorded under a service's data dir that
+    still runs; their pids. A recorded pid now used by another program (its start time
+    differs) is left alone."""
+    if not data_dir:
+        return []
+    survivors = []
+    for name in ENGINE_STATE_DIRS:
+        for pid, ticks in _recorded_engines(Path(data_dir) / name):
+            if ticks is not None and _start_ticks(pid) == ticks:
+                survivors.append(pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, signal.SIGKILL)
+    wait_until(
+        lambda: all(_start_ticks(pid) is None for pid in survivors),
+        timeout=30,
+        what=f"engine processes {survivors} to end",
+    )
+    return survivors
+
+
 class RunningService:
     """``autoscaler run`` as a child process, and its CLI bound to one project.
 
@@ -253,7 +314,8 @@ class RunningService:
         self.process.stop()
 
     def stop(self) -> str:
-        """Stop the service (SIGTERM, then SIGKILL); its combined output."""
+        """Stop the service (SIGTERM, then SIGKILL after its stated shutdown bound) and
+        prove its engines stopped with it; its combined output."""
         return self.process.stop()
 
     def with_project(self, project: str) -> RunningService:

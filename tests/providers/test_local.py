@@ -229,3 +229,52 @@ async def test_a_missing_engine_program_is_terminal_and_names_the_launch(
     with pytest.raises(Terminal, match=r"launching local .*support-bot: cannot start"):
         await local.launch(request)
     assert await local.list("c-local") == []
+
+
+async def test_shutdown_stops_every_engine_even_those_that_hold_out_against_sigterm(
+    state_dir: Path,
+) -> None:
+    """``autoscaler run``'s engine step has a fixed time (``STOP_STEP_SEC``); engines that
+    each take the whole SIGTERM grace would, one after another, overrun it and be left
+    running. All are signalled together, so all are gone when the step ends."""
+    from types import SimpleNamespace
+    from typing import cast
+
+    from autoscaler.catalog_sync import LiveCatalog
+    from autoscaler.controller import Controller
+    from autoscaler.reconcile.deps import Deps, ProviderEntry, ProviderRegistry, Settings
+    from autoscaler.service import _bounded
+
+    stubborn = ShellLauncher("trap '' TERM; while :; do sleep 1; done")
+    local = provider(state_dir, launcher=stubborn, grace_seconds=5.0)  # as the service's
+    for _ in range(3):
+        await local.launch(request_for())
+    pids = recorded_pids(state_dir)
+    assert len(pids) == 3 and all(pid_running(pid) for pid in pids)
+    deps = SimpleNamespace(
+        providers=ProviderRegistry({ProviderName.LOCAL.value: ProviderEntry(local)}),
+        settings=Settings(cluster_id="c-local"),
+    )
+    controller = Controller(deps=cast(Deps, deps), live=cast(LiveCatalog, None))
+
+    await _bounded(controller.stop_local_replicas(), what="stop_local_replicas")
+
+    assert [pid for pid in pids if pid_running(pid)] == []
+    assert {i.state for i in await local.list("c-local")} == {InstanceState.TERMINATED}
+
+
+async def test_the_harness_kills_and_names_engines_a_killed_service_left(tmp_path: Path) -> None:
+    """Engines run in sessions of their own, so a service killed with SIGKILL leaves them
+    running; stopping a test's service kills what its data dir records and names them."""
+    from tests.helpers import kill_surviving_engines
+
+    data_dir = tmp_path / "data"
+    local = provider(data_dir / "local-instances", launcher=ShellLauncher("sleep 300"))
+    await local.launch(request_for())
+    [pid] = recorded_pids(data_dir / "local-instances")
+    assert pid_running(pid)
+
+    assert kill_surviving_engines(data_dir) == [pid]
+    with_reap(pid)  # this test's provider started it: its child
+    assert not pid_running(pid)
+    assert kill_surviving_engines(data_dir) == []
