@@ -16,7 +16,7 @@ import yaml
 
 from autoscaler.cli.serve import EXIT_PORT_IN_USE
 from autoscaler.service import STOP_BOUND_SEC
-from tests.helpers import RunningService, autoscaler_cli, free_port, wait_until
+from tests.helpers import RunningService, autoscaler_cli, free_port, http_ok, wait_until
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 ADMIN = "ik_sdk_e2e-stop-admin-" + "s" * 20
@@ -84,3 +84,37 @@ def test_a_taken_port_is_one_line_and_exit_3_before_any_token_is_made(tmp_path: 
     ]
     assert "Admin token" not in result.stdout
     assert not (tmp_path / "data" / "state.db").exists()
+
+
+def test_sigterm_stops_run_whose_output_nobody_reads_any_more(tmp_path: Path) -> None:
+    """A service started by a parent that has gone (its stderr a pipe with no reader) still
+    stops on SIGTERM: the handler's notice failing to be written does not stop shutdown."""
+    api_port, gateway_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "AUTOSCALER_DATA_DIR": str(tmp_path / "data"),
+        "AUTOSCALER_ADMIN_TOKEN": ADMIN,
+    }
+    argv = autoscaler_cli("run", "--api-port", str(api_port), "--gateway-port", str(gateway_port))
+    process = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        healthz = f"http://127.0.0.1:{api_port}/healthz"
+        wait_until(
+            lambda: process.poll() is not None or http_ok(healthz),
+            timeout=60,
+            what="autoscaler run",
+        )
+        assert process.poll() is None, "autoscaler run ended before serving"
+        assert process.stdout is not None
+        process.stdout.close()  # the reader is gone
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=STOP_BOUND_SEC + 10)
+        except subprocess.TimeoutExpired:
+            pytest.fail("autoscaler run with no reader of its output ignored SIGTERM")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
