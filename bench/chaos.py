@@ -706,16 +706,23 @@ def _stop_on_sigterm() -> None:
 def run_trial(plan: TrialPlan, options: Options) -> TrialResult:
     """One trial in a world of its own: a moto server, an EC2 proxy, healthy engines."""
     _stop_on_sigterm()
-    with _world(plan.seed) as (cloud, engines):
-        trial = Trial(
-            number=plan.number,
-            scenario=plan.scenario,
-            fault=plan.fault,
-            cloud=cloud,
-            seed=plan.seed,
-            options=options,
-        )
-        return trial.run(engines)
+    try:
+        with _world(plan.seed) as (cloud, engines):
+            trial = Trial(
+                number=plan.number,
+                scenario=plan.scenario,
+                fault=plan.fault,
+                cloud=cloud,
+                seed=plan.seed,
+                options=options,
+            )
+            return trial.run(engines)
+    except SystemExit as stop:
+        if multiprocessing.parent_process() is not None:
+            # A pool's worker: its controller is stopped; exit, or the pool hands it the
+            # next queued trial.
+            os._exit(stop.code if isinstance(stop.code, int) else 1)
+        raise
 
 
 def run_trials(
