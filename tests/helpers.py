@@ -175,12 +175,23 @@ class Process:
             assert self.proc.stdout is not None
             self.output = self.proc.stdout.read()
             self.proc.stdout.close()
-        survivors = kill_surviving_engines(self.env.get("AUTOSCALER_DATA_DIR"))
+        survivors = kill_surviving_engines(
+            self.env.get("AUTOSCALER_DATA_DIR") if self._runs_engines() else None
+        )
         assert not survivors, (
             f"engine processes {survivors} outlived {' '.join(self.argv[-6:])} "
             f"(exit status {self.proc.returncode}); killed now. Its output:\n{self.output[-3000:]}"
         )
         return self.output
+
+    def _runs_engines(self) -> bool:
+        """Only ``autoscaler run`` and ``autoscaler controller`` start the engines recorded
+        under the data dir; another process given the same environment (an agent beside
+        the service) does not own them."""
+        if "autoscaler" not in self.argv:
+            return False
+        role = self.argv[self.argv.index("autoscaler") + 1 : self.argv.index("autoscaler") + 2]
+        return role in (["run"], ["controller"])
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -12,8 +12,9 @@ the workload ``PUT`` too: a schema-valid spec must be accepted. The few rules JS
 Schema cannot express (the grammar of cron, window and engine command; comparisons
 between two fields; CUDA pins a GPU of the pool runs; a registered worker) are covered
 for positive cases by ``tests/api/schemathesis_hooks.py``, and only those. The workload
-``PATCH`` is held to every check but that one: a merge patch's shape is published, but
-whether the spec it makes is valid depends on the stored spec.
+``PATCH`` is held to every check but that one, in its own run and in the stateful phase
+that reaches it: a merge patch's shape is published, but whether the spec it makes is
+valid depends on the stored spec.
 """
 
 from __future__ import annotations
@@ -123,12 +124,15 @@ def test_schemathesis_finds_no_failure_and_the_store_stays_readable(
                 "positive_data_acceptance",
             ],
         )
-        # Sequences of calls along the document's links, which start with the PUT.
+        # Sequences of calls along the document's links, which start with the PUT. They
+        # reach the PATCH, whose schema-valid patches can make an invalid spec from the
+        # stored one (a scheduled workload patched to no config): acceptance is left out
+        # here as for the PATCH above; the PUT is held to it in its own run.
         _schemathesis(
             api.url,
             cwd=tmp_path,
             seconds=STATEFUL_SECONDS,
-            extra=["--phases", "stateful"],
+            extra=["--phases", "stateful", "--exclude-checks", "positive_data_acceptance"],
         )
         listed = httpx.get(
             f"{api.url}/v1/projects/acme/workloads",

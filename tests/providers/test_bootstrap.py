@@ -275,9 +275,31 @@ def _reports(sandbox: Path) -> list[dict[str, str]]:
 
 
 def _stop_watcher(sandbox: Path) -> None:
+    """Stop the watcher and whatever it is running (a poll in flight would otherwise
+    record its call after the test has moved on), and wait until all of it is gone."""
     pid_file = sandbox / "state" / "spot-notice-lch_0123abcd.pid"
-    with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    try:
+        watcher = int(pid_file.read_text())
+        os.kill(watcher, signal.SIGSTOP)  # no new child while its tree is collected
+    except (ProcessLookupError, FileNotFoundError):
+        return
+    tree = [watcher]
+    for pid in tree:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError, ValueError):
+                tree += [int(c) for c in (task / "children").read_text().split()]
+    for pid in reversed(tree):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(_alive(pid) for pid in tree), timeout=30, what="the watcher to end")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
 
 
 def test_a_gce_preemption_is_reported_as_interrupted_by_the_watcher(sandbox: Path) -> None:
