@@ -214,15 +214,24 @@ def test_tiny_llama_scales_from_zero_and_streams_chunk_by_chunk(
 
 
 def test_engine_metrics_are_scraped_and_shown_by_describe(service: Service) -> None:
+    # The gateway's window and the engine's histogram reach the stored signals by separate
+    # reads, so one pass may hold the engine's third sample before the gateway's second
+    # unstreamed answer: wait for a pass that holds both.
     def scraped() -> bool:
-        engines = service.admin.signals("tiny-chat").get("engines")
-        return bool(engines and engines["ttft_samples"] >= 3)
+        measured = service.admin.signals("tiny-chat")
+        engines = measured.get("engines")
+        return bool(
+            engines
+            and engines["ttft_samples"] >= 3
+            and measured["gateway"]["unstreamed_answers"] >= 2
+        )
 
     wait_until(scraped, timeout=60, what="the engine's TTFT histogram in the stored signals")
     measured = service.admin.signals("tiny-chat")
     # Two of the three answers were not streamed: the gateway could not time their first
     # token, the engine did.
     assert measured["gateway"]["unstreamed_answers"] >= 2
+    assert measured["gateway"]["ttft_samples"] >= 1
     assert measured["engines"]["replicas"] == 1
     assert measured["engines"]["ttft_p95_s"] is not None
     described = service.running.ok("describe", "tiny-chat")
