@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from autoscaler.decide.schedule import format_offset
-from autoscaler.decide.step import UNAVAILABLE_SEC
+from autoscaler.decide.step import GROUP_PROVIDERS, UNAVAILABLE_SEC
 from autoscaler.reconcile.deps import (
     HEALTH_TIMEOUT_SEC,
     ORPHAN_GRACE_SEC,
@@ -230,6 +230,10 @@ def parse_offset(text: str) -> float:
         ) from None
 
 
+GROUP_CAPABLE = ("aws", "gcp", "simulated")
+"""Providers that can place a replica group's members close together (the local provider
+and private workers cannot)."""
+
 DEFAULT_FLEET_MAX_HOURLY_COST_USD = 100.0
 """The fleet ceiling when the configuration names none: every workload, fixed and
 scheduled ones included, buys within it."""
@@ -250,6 +254,10 @@ class ControllerConfig(_Strict):
         DEFAULT_FLEET_MAX_HOURLY_COST_USD
     )
     max_replicas_per_workload: Annotated[int, Field(ge=1, le=100_000)] = DEFAULT_MAX_REPLICAS
+    group_providers: list[str] = sorted(GROUP_PROVIDERS)
+    """The providers on which a model no single machine of the pool holds may run as a
+    replica group (a leader and workers): by default those that place a group's members
+    close together (``decide.step.GROUP_PROVIDERS``). ``[]``: no groups anywhere."""
     providers: ProvidersSettings = ProvidersSettings(local=LocalSettings())
     tick_sec: Annotated[float, Field(gt=0)] = TICK_SEC
     orphan_grace_sec: Annotated[float, Field(ge=0)] = ORPHAN_GRACE_SEC
@@ -280,6 +288,16 @@ class ControllerConfig(_Strict):
     the wall clock (behind, when negative): a rehearsal of a schedule, which buys and
     stops replicas as the shifted schedule says. 0 (the default) in production; the
     service prints it at start when it is not. ``autoscaler run --schedule-offset``."""
+
+    @field_validator("group_providers")
+    @classmethod
+    def _group_capable(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if name not in GROUP_CAPABLE:
+                raise ValueError(
+                    f"{name!r} cannot place replica groups; allowed: {', '.join(GROUP_CAPABLE)}"
+                )
+        return names
 
     def limits_summary(self) -> str:
         """The limits every workload runs under, as the service prints them at start."""

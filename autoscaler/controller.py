@@ -400,6 +400,7 @@ def build_controller(
             dry_run=dry_run,
             callback_url=config.callback_url,
             max_replicas_per_workload=config.max_replicas_per_workload,
+            group_providers=frozenset(config.group_providers),
             schedule_offset_sec=config.schedule_offset_sec,
         ),
         metrics=metrics,

@@ -62,11 +62,12 @@ UNAVAILABLE_SEC = 600.0
 MAX_LAUNCHES_PER_STEP = 16
 """Launches one workload may make in one step; the rest follow in the next steps."""
 
-GROUP_PROVIDERS: frozenset[str] = frozenset({"simulated"})
-"""Providers whose machines may form replica groups: the simulated cloud, whose
-engine-sim leader serves the whole group. Not AWS and GCP until the startup script's
-group roles (a Ray head, Ray workers joining it) have run on real multi-node machines:
-a group that never serves would be bought and replaced over and over."""
+GROUP_PROVIDERS: frozenset[str] = frozenset({"aws", "simulated"})
+"""The controller's default for the providers whose machines may form replica groups
+(``group_providers`` in its configuration): those that place a group's members close
+together. AWS runs them into a cluster placement group (``providers.aws``); the
+simulated cloud's members are processes of one machine. A provider left out places no
+group: a model no single machine of the pool holds gets "no offer fits" there."""
 
 _STAYING = frozenset({ReplicaPhase.PENDING, ReplicaPhase.BOOTING, ReplicaPhase.READY})
 
@@ -81,8 +82,10 @@ class StepKnobs:
     max_replicas_per_workload: int = DEFAULT_MAX_REPLICAS
     max_launches_per_pass: int = MAX_LAUNCHES_PER_STEP
     unavailable_sec: float = UNAVAILABLE_SEC
-    group_providers: frozenset[str] = GROUP_PROVIDERS
-    """Providers whose machines may form a replica group (a model no machine holds)."""
+    group_providers: frozenset[str] = frozenset()
+    """Providers whose machines may form a replica group (a model no machine holds);
+    none by default (the simulator forms no groups), :data:`GROUP_PROVIDERS` in the
+    controller."""
     schedule_offset_sec: float = 0.0
     """Scheduled workloads are read at the step's time plus this (a rehearsal)."""
 

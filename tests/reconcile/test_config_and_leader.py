@@ -16,9 +16,9 @@ from autoscaler.config import (
     parse_config,
     parse_offset,
 )
-from autoscaler.controller import LeaderLock, offers_for
+from autoscaler.controller import LeaderLock, build_controller, offers_for
 from autoscaler.spec import DEFAULT_MAX_REPLICAS
-from autoscaler.store.db import open_store
+from autoscaler.store.db import open_store, session_factory
 from catalog.snapshot import load_bundled
 from tests.conftest import PG_HOST, _require_pg
 from tests.helpers import pg_create_database, pg_drop_database
@@ -115,12 +115,33 @@ def test_a_full_config_reads_every_provider(tmp_path: Path) -> None:
         ({"providers": {"aws": {"regon": "x"}}}, "providers.aws.regon"),
         ({"cluster_id": "Not Valid!"}, "cluster_id"),
         ({"tick_sec": "soon"}, "tick_sec"),
+        ({"group_providers": ["local"]}, "group_providers"),
     ],
 )
 def test_bad_config_names_the_key(document: dict[str, object], names: str) -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(document, source="ctl.yaml")
     assert f"controller config ctl.yaml: {names}" in str(caught.value)
+
+
+async def test_groups_are_placed_on_the_providers_with_placement_affinity_unless_configured(
+    tmp_path: Path,
+) -> None:
+    assert load_config(None).group_providers == ["aws", "simulated"]
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"group_providers": ["aws", "local"]}, source="ctl.yaml")
+    assert str(caught.value) == (
+        "controller config ctl.yaml: group_providers: Value error, 'local' cannot place "
+        "replica groups; allowed: aws, gcp, simulated"
+    )
+    config = parse_config({"group_providers": ["gcp"]}, source="ctl.yaml")
+    async with open_store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}") as engine:
+        controller = build_controller(
+            config, sessions=session_factory(engine), data_dir=tmp_path, catalog=load_bundled()
+        )
+        assert controller.deps.settings.group_providers == frozenset({"gcp"})
+        assert controller.deps.settings.knobs.group_providers == frozenset({"gcp"})
+        await controller.close()
 
 
 def test_unreadable_and_malformed_files_say_so(tmp_path: Path) -> None:

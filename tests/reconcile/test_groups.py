@@ -120,9 +120,15 @@ async def test_the_ceiling_counts_the_whole_group_before_any_member_is_bought(
     assert refused and "group" in refused[-1].reason and "headroom" in refused[-1].reason
 
 
-async def test_no_group_is_bought_where_the_machines_cannot_boot_its_roles(world: World) -> None:
-    """AWS and GCP machines do not boot a group's roles yet: no group is placed there."""
-    world.deps = dataclasses.replace(world.make_deps(), offers=lambda: (EIGHT_H100,))
+async def test_no_group_is_bought_on_a_provider_left_out_of_group_providers(
+    world: World,
+) -> None:
+    world.deps = dataclasses.replace(
+        world.make_deps(group_providers=frozenset({"gcp", "simulated"})),
+        offers=lambda: (EIGHT_H100,),
+    )
     await world.apply(fixed("big", 1, model=MODEL))
     await world.step()
     assert await world.rows("big") == [] and world.provider.calls_to("launch") == []
+    [refused] = await world.decisions("refused")
+    assert "no offer fits" in refused.reason
