@@ -13,7 +13,7 @@ and runs :func:`autoscaler.reconcile.loop.reconcile_once` in a loop, as leader.
 * **Signals**: the gateway's, in process (:class:`GatewaySignals`) or over HTTP from
   ``GET /internal/signals`` when the gateway runs apart (:class:`HttpSignals`): TTFT
   samples, load, and the token mix with the gateway's per-replica concurrency cap
-  (:func:`measured_of`), which the reconciler turns into a capacity figure and placement's
+  (``decide.inputs.measured_of``), which the reconciler turns into a capacity figure and placement's
   prompt length (``decide.inputs``).
 * **Leader election** on PostgreSQL: ``pg_try_advisory_lock`` on a dedicated
   connection. The lock lives as long as that session, so a standby takes over when the
@@ -47,8 +47,7 @@ from autoscaler.catalog_sync import (
     start_scheduler,
 )
 from autoscaler.config import ConfigError, ControllerConfig, LocalSettings
-from autoscaler.decide.inputs import Measured, TokenMix
-from autoscaler.decide.signals import Signals
+from autoscaler.decide.inputs import Measured, measured_of
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.reconcile.deps import (
     Deps,
@@ -116,36 +115,6 @@ class HttpSignals:
 
     async def aclose(self) -> None:
         await self._client.aclose()
-
-
-def signals_of(snapshot: SignalSnapshot) -> Signals:
-    """``decide`` signals from a gateway ``SignalSnapshot``."""
-    return Signals.from_epoch(
-        ttft_samples=snapshot.ttft_samples,
-        request_rate=snapshot.request_rate,
-        in_flight=snapshot.in_flight,
-        queue_depth=snapshot.queued + snapshot.async_queue_depth,
-        last_request_at=snapshot.last_request_at,
-        unstreamed_samples=snapshot.unstreamed_samples,
-    )
-
-
-def measured_of(snapshot: SignalSnapshot) -> Measured:
-    """Signals, token mix and concurrency cap from a gateway ``SignalSnapshot``."""
-    tokens = snapshot.tokens
-    mix = None
-    if tokens is not None and tokens.requests > 0:
-        mix = TokenMix(
-            input_tokens=tokens.input_mean,
-            output_tokens=tokens.output_mean,
-            input_scv=tokens.input_scv,
-        )
-    return Measured(
-        signals=signals_of(snapshot),
-        token_mix=mix,
-        concurrency_cap=snapshot.concurrency_cap,
-        replica_in_flight=snapshot.replica_in_flight,
-    )
 
 
 # --- building the dependencies -------------------------------------------------------

@@ -143,8 +143,7 @@ class Signals:
 
     def arrived(self, ref: WorkloadRef, *, now: float) -> WorkloadWindow:
         w = self.window(ref)
-        w.arrivals.append(now)
-        w.last_request_at = now
+        w.arrived(now=now)
         w.trim(now=now, window_sec=self.window_sec)
         return w
 
@@ -183,24 +182,13 @@ class Signals:
         }
 
     def snapshot(self, *, now: float) -> dict[WorkloadRef, SignalSnapshot]:
-        out: dict[WorkloadRef, SignalSnapshot] = {}
-        for ref, w in self._windows.items():
-            w.trim(now=now, window_sec=self.window_sec)
-            out[ref] = SignalSnapshot(
+        return {
+            ref: w.snapshot(
                 project=ref[0],
                 workload=ref[1],
-                at=now,
+                now=now,
                 window_sec=self.window_sec,
-                ttft_samples=tuple(w.ttft),
-                requests_in_window=len(w.arrivals),
-                in_flight=w.in_flight,
-                queued=w.queued,
-                cold_start_waiting=w.cold_start_waiting,
-                async_queue_depth=w.async_queue_depth,
-                last_request_at=w.last_request_at,
-                tokens=w.token_stats(),
                 concurrency_cap=self.concurrency_cap,
-                unstreamed_samples=tuple(w.unstreamed),
-                replica_in_flight=dict(w.replica_in_flight),
             )
-        return out
+            for ref, w in self._windows.items()
+        }

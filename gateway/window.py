@@ -3,7 +3,7 @@
 One typed contract across the process boundary: the gateway records requests in a
 :class:`WorkloadWindow` and answers :class:`SignalSnapshot` values (in process, or as
 JSON from ``GET /internal/signals``); the controller maps a snapshot to its decision
-inputs (``autoscaler.controller.measured_of``), and the trace simulator records its
+inputs (``autoscaler.decide.inputs.measured_of``), and the trace simulator records its
 simulated requests in the same window and reads the same snapshot. Pure: no clock, no
 I/O, no Prometheus (``gateway.signals`` adds the metrics).
 
@@ -244,6 +244,40 @@ class WorkloadWindow:
         sums[1] += output_tokens
         sums[2] += input_tokens * input_tokens
         sums[3] += output_tokens * output_tokens
+
+    def arrived(self, *, now: float) -> None:
+        """A request reached the gateway."""
+        self.arrivals.append(now)
+        self.last_request_at = now
+
+    def snapshot(
+        self,
+        *,
+        project: str,
+        workload: str,
+        now: float,
+        window_sec: float,
+        concurrency_cap: int | None,
+    ) -> SignalSnapshot:
+        """The window, trimmed to ``window_sec`` before ``now``, as the controller reads it."""
+        self.trim(now=now, window_sec=window_sec)
+        return SignalSnapshot(
+            project=project,
+            workload=workload,
+            at=now,
+            window_sec=window_sec,
+            ttft_samples=tuple(self.ttft),
+            requests_in_window=len(self.arrivals),
+            in_flight=self.in_flight,
+            queued=self.queued,
+            cold_start_waiting=self.cold_start_waiting,
+            async_queue_depth=self.async_queue_depth,
+            last_request_at=self.last_request_at,
+            tokens=self.token_stats(),
+            concurrency_cap=concurrency_cap,
+            unstreamed_samples=tuple(self.unstreamed),
+            replica_in_flight=dict(self.replica_in_flight),
+        )
 
     def token_stats(self) -> TokenStats | None:
         n = len(self.tokens)

@@ -23,6 +23,7 @@ workload spec (``catalog.sizing``), the figures ``catalog.perf`` needs.
 from __future__ import annotations
 
 import shlex
+from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,7 @@ from autoscaler.spec import WorkloadSpec
 from catalog.model import Offer
 from catalog.perf import fastest_single_gpu, serving_profile
 from catalog.sizing import GIB, QUANT_PATTERNS, estimate_model_memory
-from gateway.window import REPLICA_CONCURRENCY_CAP
+from gateway.window import REPLICA_CONCURRENCY_CAP, SignalSnapshot
 
 DEFAULT_CONCURRENCY_CAP = REPLICA_CONCURRENCY_CAP
 """The gateway's default per-replica concurrency cap (``gateway.window``), used when a
@@ -80,6 +81,52 @@ class Measured:
     replica_in_flight: Mapping[str, int] | None = None
     """Requests in flight per replica, by launch id (``None``: not reported; a replica
     absent from a report has none)."""
+
+
+def signals_of(snapshot: SignalSnapshot, *, samples_since: float | None = None) -> Signals:
+    """``decide`` signals from a gateway ``SignalSnapshot``.
+
+    ``samples_since`` (epoch seconds) leaves out the TTFT and unstreamed samples before
+    it: the rules read none older than their longest window, and a busy workload's
+    window holds thousands (the trace simulator converts only those it reads).
+    """
+    ttft, unstreamed = snapshot.ttft_samples, snapshot.unstreamed_samples
+    if samples_since is not None:
+        ttft = ttft[_first_at(ttft, samples_since) :]
+        unstreamed = unstreamed[_first_at(unstreamed, samples_since) :]
+    return Signals.from_epoch(
+        ttft_samples=ttft,
+        request_rate=snapshot.request_rate,
+        in_flight=snapshot.in_flight,
+        queue_depth=snapshot.queued + snapshot.async_queue_depth,
+        last_request_at=snapshot.last_request_at,
+        unstreamed_samples=unstreamed,
+    )
+
+
+def _first_at(samples: tuple[tuple[float, float], ...], since: float) -> int:
+    """The index of the first sample at or after ``since`` (samples are in time order)."""
+    return bisect_left(samples, since, key=lambda sample: sample[0])
+
+
+def measured_of(snapshot: SignalSnapshot, *, samples_since: float | None = None) -> Measured:
+    """Signals, token mix and concurrency cap from a gateway ``SignalSnapshot``: what the
+    controller reads of the gateway, in process or as JSON, and the simulator of its own
+    simulated gateway (``samples_since``: :func:`signals_of`)."""
+    tokens = snapshot.tokens
+    mix = None
+    if tokens is not None and tokens.requests > 0:
+        mix = TokenMix(
+            input_tokens=tokens.input_mean,
+            output_tokens=tokens.output_mean,
+            input_scv=tokens.input_scv,
+        )
+    return Measured(
+        signals=signals_of(snapshot, samples_since=samples_since),
+        token_mix=mix,
+        concurrency_cap=snapshot.concurrency_cap,
+        replica_in_flight=snapshot.replica_in_flight,
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from autoscaler.decide.inputs import Measured, TokenMix, shape_of
+from autoscaler.decide.inputs import TokenMix, measured_of, shape_of
 from autoscaler.decide.placement import Placement, pool_gpu_kinds
 from autoscaler.decide.plan import Drain, Launch, ReplicaPhase, ReplicaView, Terminate
 from autoscaler.decide.scaling import FleetCounts, ScaleMemory
@@ -314,7 +314,7 @@ class World:
                 record.outcome = Outcome.SERVED
                 self.gateway.finish(record, t=event.at_s)
                 del r.requests[event.request_id]
-                self.gateway.in_flight -= 1
+                self.gateway.left(record)
 
     def _machine_events(self, t: float) -> None:
         for r in list(self.replicas.values()):
@@ -331,7 +331,7 @@ class World:
     def _end(self, r: SimReplica, t: float, *, why: str) -> None:
         r.ended_s = t
         for record in r.requests.values():
-            self.gateway.in_flight -= 1
+            self.gateway.left(record)
             if record.first_token_s is None:
                 self.gateway.requeue(record, t=t)
             else:
@@ -345,7 +345,7 @@ class World:
     def _arrive(self, record: RequestRecord, t: float) -> None:
         if record.input_tokens + record.output_tokens > self.workload.max_context_tokens:
             record.outcome = Outcome.REFUSED
-            self.gateway.last_request_s = t  # the gateway saw it, then refused it
+            self.gateway.seen(t)  # the gateway saw it, then refused it
             return
         any_ready = any(r.phase() is ReplicaPhase.READY for r in self.replicas.values())
         self.gateway.arrive(record, t=t, any_ready=any_ready)
@@ -378,13 +378,12 @@ class World:
                 input_tokens=record.input_tokens, output_tokens=record.output_tokens
             )
             replica.requests[engine_id] = record
+            self.gateway.sent(record, replica.launch_id)
             # The gateway weighs a request by its body's length / 4 characters per
             # token, about its prompt tokens: the simulator passes the prompt's tokens.
             work = request_work(record.input_tokens)
             replica.work += work
             self._refresh_due(replica)
-            record.replica = replica.launch_id
-            self.gateway.in_flight += 1
             n = index[chosen.key]
             loads[n] = ReplicaLoad(
                 chosen.key, chosen.outstanding + 1, chosen.cap, chosen.draining, chosen.work + work
@@ -470,23 +469,21 @@ class World:
                 )
         return result.plan.requeue_after
 
-    def _mix(self) -> tuple[float, float] | None:
-        return self.gateway.token_mix(self.t) or self._initial_mix
-
     def _view_now(self, t: float) -> WorkloadView:
         """The workload as the controller observes it: the replicas not ended, and the
-        gateway's measurement (``SignalSnapshot`` as ``controller.measured_of`` reads it)."""
+        gateway's ``SignalSnapshot`` as the controller reads it (``decide.inputs.
+        measured_of``; samples older than the rules' longest window are not converted).
+        Until a request is answered, the mix is the first minute's, which the gateway
+        had measured when the warm fleet was placed."""
         live = [r for r in self.replicas.values() if r.ended_s is None]
+        measured = measured_of(self.gateway.snapshot(t), samples_since=EPOCH_S + t - self.keep_s)
+        if measured.token_mix is None:
+            measured = replace(measured, token_mix=TokenMix.of(self._initial_mix))
         return WorkloadView(
             spec=self.spec,
             generation=1,
             replicas=[self._state(r) for r in live],
-            measured=Measured(
-                signals=self.gateway.signals(t, keep_s=self.keep_s),
-                token_mix=TokenMix.of(self._mix(), input_scv=self.gateway.prompt_scv(t)),
-                concurrency_cap=self.gateway.cap,
-                replica_in_flight={r.launch_id: len(r.requests) for r in live},
-            ),
+            measured=measured,
             offers=self.offers,
             fleet_usd_per_hour=sum(r.usd_per_hour for r in live),
             pool_gpus=self._pool_gpus,
@@ -592,7 +589,8 @@ class World:
                 bought += 1
         self._set_time(0.0)
         if count:
-            self.gateway.last_request_s = 0.0  # the fleet was serving before the trace began
+            # The fleet was serving before the trace began.
+            self.gateway.window.last_request_at = EPOCH_S
 
     def _sample(self, t: float) -> None:
         fleet = self._fleet()

@@ -3,7 +3,7 @@ in process and as JSON, and a gateway that predates the count reads as "not repo
 
 from __future__ import annotations
 
-from autoscaler.controller import measured_of
+from autoscaler.decide.inputs import measured_of
 from gateway.signals import Metrics, Signals
 from gateway.window import SignalSnapshot
 

@@ -6,36 +6,58 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import pytest
 
-from autoscaler.decide.inputs import Measured
-from autoscaler.decide.signals import Signals
+from autoscaler.decide.inputs import measured_of
 from autoscaler.reconcile import provisioner
-from autoscaler.sim.gateway import RequestRecord, SimGateway, as_datetime
+from autoscaler.sim.gateway import SimGateway
 from autoscaler.sim.policies import ControllerPolicy
 from autoscaler.sim.workload import sim_workload
-from autoscaler.sim.world import CloudSettings, SimReplica
+from autoscaler.sim.world import CloudSettings
 from autoscaler.sim.world import World as SimWorld
 from autoscaler.spec import WorkloadSpec
 from autoscaler.store.phase import Phase, phase_of
+from gateway.window import SIGNAL_WINDOW_SEC, SignalSnapshot
 from providers.base import Instance, InsufficientCapacity, LaunchRequest
 from tests.reconcile.world import OFFERS, PROJECT, World, autoscaling
 
 Action = tuple[str, ...]
 
 
-def idle(now: datetime) -> Signals:
-    return Signals(last_request_at=now)
+def snapshot(now: float, **fields: Any) -> SignalSnapshot:
+    """What the gateway answers at ``now`` (epoch seconds): nothing but ``fields``."""
+    empty = SignalSnapshot(
+        project=PROJECT,
+        workload="bot",
+        at=now,
+        window_sec=SIGNAL_WINDOW_SEC,
+        ttft_samples=(),
+        requests_in_window=0,
+        in_flight=0,
+        queued=0,
+        cold_start_waiting=0,
+        async_queue_depth=0,
+        last_request_at=now,
+    )
+    return replace(empty, **fields)
 
 
-def busy(now: datetime) -> Signals:
+def idle(now: float) -> SignalSnapshot:
+    return snapshot(now)
+
+
+def busy(now: float) -> SignalSnapshot:
     """Ten requests a second answered over the last minute and 200 queued."""
-    samples = tuple((now - timedelta(seconds=i * 0.1), 0.4) for i in range(600))
-    return Signals(
-        ttft_samples=samples, request_rate=10.0, in_flight=40, queue_depth=200, last_request_at=now
+    samples = tuple((now - (599 - i) * 0.1, 0.4) for i in range(600))
+    return snapshot(
+        now,
+        ttft_samples=samples,
+        requests_in_window=round(10.0 * SIGNAL_WINDOW_SEC),
+        in_flight=40,
+        queued=200,
     )
 
 
@@ -45,7 +67,7 @@ class Beat:
     in flight on each draining replica, and whether the step's first launch stocks out."""
 
     after_s: float
-    signals: Callable[[datetime], Signals]
+    signals: Callable[[float], SignalSnapshot]
     draining_in_flight: int = 0
     stockout: bool = False
 
@@ -85,10 +107,9 @@ async def run_reconciler(world: World) -> list[list[Action]]:
         world.clock.advance(beat.after_s)
         rows = await world.rows("bot")
         draining = [r.launch_id for r in rows if phase_of(r) is Phase.DRAINING]
-        world.signals.measured[ref] = Measured(
-            signals=beat.signals(world.now),
-            replica_in_flight=dict.fromkeys(draining, beat.draining_in_flight),
-        )
+        answer = beat.signals(world.now.timestamp())
+        in_flight = dict.fromkeys(draining, beat.draining_in_flight)
+        world.signals.measured[ref] = measured_of(replace(answer, replica_in_flight=in_flight))
         if beat.stockout:
             world.provider.fail_next("launch", InsufficientCapacity)
         await world.step()
@@ -112,11 +133,11 @@ async def run_reconciler(world: World) -> list[list[Action]]:
 
 
 class ScriptedGateway(SimGateway):
-    """The simulator's gateway with the script's signals."""
+    """The simulator's gateway with the script's answers."""
 
-    script: Signals | None = None
+    script: SignalSnapshot | None = None
 
-    def signals(self, t: float, *, keep_s: float) -> Signals:
+    def snapshot(self, t: float) -> SignalSnapshot:
         assert self.script is not None
         return self.script
 
@@ -161,11 +182,13 @@ def run_simulator() -> list[list[Action]]:
         t += beat.after_s
         world._set_time(t)
         world._machine_events(t)
-        live: list[SimReplica] = [r for r in world.replicas.values() if r.ended_s is None]
-        for r in live:
-            count = beat.draining_in_flight if r.drain_s is not None else 0
-            r.requests = {i: RequestRecord(i, t, 100, 10) for i in range(count)}
-        gateway.script = beat.signals(as_datetime(world.clock.t))
+        draining = [
+            r.launch_id
+            for r in world.replicas.values()
+            if r.ended_s is None and r.drain_s is not None
+        ]
+        in_flight = dict.fromkeys(draining, beat.draining_in_flight)
+        gateway.script = replace(beat.signals(world.clock.t), replica_in_flight=in_flight)
         stockout[0] = beat.stockout
         world._tick(t)
         actions: list[Action] = []
@@ -178,8 +201,6 @@ def run_simulator() -> list[list[Action]]:
             if event.kind in ("drain", "terminate"):
                 actions.append((event.kind, bought.of(event.detail.split(":")[0])))
         seen_events = len(world.events)
-        for r in live:
-            r.requests = {}
         steps.append(actions)
     return steps
 

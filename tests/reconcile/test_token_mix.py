@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from autoscaler.controller import measured_of
-from autoscaler.decide.inputs import ModelSize, TokenMix, model_size, replica_capacity
+from autoscaler.decide.inputs import ModelSize, TokenMix, measured_of, model_size, replica_capacity
 from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.decide.signals import Signals
 from autoscaler.decide.step import step

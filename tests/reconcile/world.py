@@ -74,7 +74,7 @@ class FakeSignals:
     by_ref: dict[WorkloadRef, Signals] = field(default_factory=dict)
     mixes: dict[WorkloadRef, TokenMix] = field(default_factory=dict)
     measured: dict[WorkloadRef, Measured] = field(default_factory=dict)
-    """Whole measurements (as ``controller.measured_of`` reads a gateway's); these win."""
+    """Whole measurements (as ``decide.inputs.measured_of`` reads a gateway's); these win."""
 
     async def signals(self) -> Mapping[WorkloadRef, Measured]:
         refs = set(self.by_ref) | set(self.mixes)

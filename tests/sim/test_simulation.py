@@ -14,8 +14,10 @@ from autoscaler.sim.policies import ControllerPolicy, static_policy
 from autoscaler.sim.run import Prepared, Scenario, policies, prepare, run_policy
 from autoscaler.sim.trace import TraceError, TraceRequest, load_trace, scale_rate
 from autoscaler.sim.workload import SimWorkload, SloRule
+from autoscaler.sim.world import World
 from catalog.model import Offer
 from catalog.perf import serving_profile
+from gateway.window import SignalSnapshot
 from tests.sim.conftest import CALM_CLOUD, constant, ramp, write_trace
 
 
@@ -160,3 +162,35 @@ def test_costs_are_finite_and_timeline_covers_the_run(
     assert math.isfinite(report.cost_usd) and report.cost_usd > 0
     assert report.timeline[0]["t"] == 0.0
     assert report.timeline[-1]["t"] == pytest.approx(report.duration_s)
+
+
+def test_the_simulated_gateway_answers_the_gateways_snapshot(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    prepared = _prepare(workload, offers, constant(rps=1.0, seconds=600))
+    world = World(
+        workload=prepared.workload,
+        offers=prepared.offers,
+        policy=static_policy(prepared.workload.spec, replicas=2, name="s2"),
+        requests=prepared.requests,
+        seed=0,
+        cloud=CALM_CLOUD,
+        allow_spot=False,
+        initial_replicas=2,
+    )
+    world.run()
+    t = world.t
+    snapshot = world.gateway.snapshot(t)
+    # The gateway's own contract: it survives the JSON the controller reads over HTTP.
+    assert SignalSnapshot.from_json(snapshot.to_json()) == snapshot
+    # Ten minutes of one request a second, all answered, 200 prompt tokens each.
+    assert snapshot.window_sec == pytest.approx(min(t, 900.0))
+    assert snapshot.requests_in_window == 600
+    assert len(snapshot.ttft_samples) == 600
+    assert snapshot.tokens is not None and snapshot.tokens.requests == 600
+    assert snapshot.tokens.input_mean == 200 and snapshot.tokens.input_std == 0
+    assert snapshot.in_flight == 0 and snapshot.replica_in_flight == {}
+    # The controller's view is that snapshot, as the controller maps a real gateway's.
+    view = world._view_now(t)
+    assert view.measured.signals.request_rate == pytest.approx(600 / snapshot.window_sec)
+    assert view.measured.token_mix is not None and view.measured.token_mix.input_tokens == 200
