@@ -7,7 +7,8 @@ one:
 * the workload's hourly total stays within its ``max_hourly_cost_usd``;
 * that total stays within the cloud pool's ``max_hourly_cost_usd`` (the pool belongs to
   the workload, so it is the same sum against a second ceiling);
-* the instance count stays within the pool's ``max_instances``;
+* the instance count stays within the pool's ``max_instances``: machines, so a replica
+  group counts each of its members, and a new group all of its own;
 * the fleet's hourly total (every workload the controller runs) stays within the
   fleet-wide ceiling of the controller's configuration.
 
@@ -65,8 +66,9 @@ def limits_for(
 
 @dataclass(frozen=True, slots=True)
 class Spend:
-    """A workload's instances not confirmed terminated, summed: their count, their hourly
-    total, and their one price when they all cost the same (for the refusal's text).
+    """A workload's replicas not confirmed terminated, summed: their count, their hourly
+    total, their one price when they all cost the same (for the refusal's text), and the
+    machines they hold (a replica group holds one per member).
 
     A plan adds its launches one at a time with :meth:`plus`, in constant time, so that
     checking n launches costs O(n), not O(n²)."""
@@ -74,20 +76,26 @@ class Spend:
     count: int = 0
     total: float = 0.0
     uniform: float | None = None
+    machines: int = 0
 
     @classmethod
-    def of(cls, prices: Sequence[float]) -> Spend:
+    def of(cls, prices: Sequence[float], *, machines: int | None = None) -> Spend:
+        """``machines``: the machines the replicas hold (default: one each)."""
         distinct = set(prices)
         return cls(
             count=len(prices),
             total=sum(prices),
             uniform=next(iter(distinct)) if len(distinct) == 1 else None,
+            machines=len(prices) if machines is None else machines,
         )
 
-    def plus(self, price: float) -> Spend:
+    def plus(self, price: float, *, machines: int = 1) -> Spend:
         same = self.count == 0 or self.uniform == price
         return Spend(
-            count=self.count + 1, total=self.total + price, uniform=price if same else None
+            count=self.count + 1,
+            total=self.total + price,
+            uniform=price if same else None,
+            machines=self.machines + machines,
         )
 
 
@@ -97,8 +105,10 @@ def check_launch(
     new_usd_per_hour: float,
     limits: BudgetLimits,
     fleet_live_usd_per_hour: float | None = None,
+    new_instances: int = 1,
 ) -> BudgetVerdict:
-    """Whether one more instance at ``new_usd_per_hour`` fits.
+    """Whether one more replica at ``new_usd_per_hour`` fits: one machine, or a replica
+    group of ``new_instances`` machines priced whole.
 
     ``live_usd_per_hour``: the hourly price of each of the workload's instances not
     confirmed terminated, pending intents included (or their :class:`Spend`).
@@ -124,11 +134,14 @@ def check_launch(
             fleet_usd_per_hour=fleet_total,
         )
 
-    count = live.count + 1
+    if new_instances < 1:
+        raise ValueError(f"new_instances must be >= 1, got {new_instances}")
+    count = live.machines + new_instances
     if limits.max_instances is not None and count > limits.max_instances:
+        added = "1" if new_instances == 1 else f"a group of {new_instances}"
         return verdict(
             False,
-            f"launch refused: {live.count} instance(s) + 1 = {count} would exceed "
+            f"launch refused: {live.machines} instance(s) + {added} = {count} would exceed "
             f"max_instances {limits.max_instances}",
         )
     for name, ceiling in (

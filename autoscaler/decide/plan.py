@@ -65,6 +65,8 @@ class ReplicaView:
     ready_at: datetime | None = None
     drain_requested_at: datetime | None = None
     in_flight: int = 0
+    machines: int = 1
+    """The machines this replica holds: a replica group's open members, else one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +125,7 @@ class _Ledger:
     limits: BudgetLimits
     fleet: float | None
     launch_usd_per_hour: float | None
+    launch_machines: int = 1
     refusals: list[Refusal] = field(default_factory=list)
     launched: int = 0
     more_wanted: bool = False
@@ -136,11 +139,12 @@ class _Ledger:
             new_usd_per_hour=self.launch_usd_per_hour,
             limits=self.limits,
             fleet_live_usd_per_hour=self.fleet,
+            new_instances=self.launch_machines,
         )
         if not verdict.allowed:
             self.refusals.append(Refusal(verdict.reason))
             return False
-        self.live = self.live.plus(self.launch_usd_per_hour)
+        self.live = self.live.plus(self.launch_usd_per_hour, machines=self.launch_machines)
         self.launched += 1
         if self.fleet is not None:
             self.fleet += self.launch_usd_per_hour
@@ -159,13 +163,16 @@ def plan_actions(
     fleet_live_usd_per_hour: float | None = None,
     inherited_usd_per_hour: Sequence[float] = (),
     launch_limit: int | None = None,
+    launch_machines: int = 1,
 ) -> Plan:
     """The actions that move ``replicas`` toward ``desired`` replicas of ``spec_generation``.
 
     ``launch_usd_per_hour`` is the price of the offer placement chose for new replicas
-    (``None`` when nothing fits); the provisioner checks the budget again with the price
-    it actually pays. ``fleet_live_usd_per_hour`` is the hourly total of every workload's
-    live instances, this one's included (needed when ``limits`` has a fleet ceiling).
+    (``None`` when nothing fits), a replica group of ``launch_machines`` machines when
+    above one (each counts against ``max_instances``); the provisioner checks the budget
+    again with the price it actually pays. ``fleet_live_usd_per_hour`` is the hourly total
+    of every workload's live instances, this one's included (needed when ``limits`` has a
+    fleet ceiling).
     ``inherited_usd_per_hour``: instances of a deleted workload of the same slug not yet
     confirmed terminated; they count against this workload's ceilings until they are
     gone. ``launch_limit``: at most this many launches in one plan (the rest come in the
@@ -178,10 +185,14 @@ def plan_actions(
         raise ValueError(f"desired must be >= 0, got {desired}")
     live = [r for r in replicas if r.phase is not ReplicaPhase.TERMINATED]
     ledger = _Ledger(
-        live=Spend.of([*inherited_usd_per_hour, *(r.usd_per_hour for r in live)]),
+        live=Spend.of(
+            [*inherited_usd_per_hour, *(r.usd_per_hour for r in live)],
+            machines=len(inherited_usd_per_hour) + sum(r.machines for r in live),
+        ),
         limits=limits,
         fleet=fleet_live_usd_per_hour,
         launch_usd_per_hour=launch_usd_per_hour,
+        launch_machines=launch_machines,
     )
     actions: list[Action] = []
     due: list[float] = []

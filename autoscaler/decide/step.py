@@ -32,7 +32,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
-from autoscaler.decide.budget import BudgetLimits, check_launch, limits_for
+from autoscaler.decide.budget import BudgetLimits, Spend, check_launch, limits_for
 from autoscaler.decide.desired import desired_count
 from autoscaler.decide.inputs import (
     DecisionInputs,
@@ -248,6 +248,7 @@ def step(
         ),
         launch_limit=knobs.max_launches_per_pass,
         inherited_usd_per_hour=view.inherited_usd_per_hour,
+        launch_machines=chosen.group_size if chosen is not None and chosen.found else 1,
     )
     if chosen is not None and not chosen.found and plan.refusals:
         reason = unplaced_reason(chosen, room)
@@ -388,11 +389,13 @@ def place_next(
     )
     if not placement.found:
         return placement
+    machines = len(view.inherited_usd_per_hour) + sum(r.view.machines for r in view.replicas)
     verdict = check_launch(
-        live_usd_per_hour=live,
+        live_usd_per_hour=Spend.of(live, machines=machines + sum(p.group_size for p in launched)),
         new_usd_per_hour=placement.usd_per_hour,
         limits=limits,
         fleet_live_usd_per_hour=fleet_usd if limits.fleet_usd_per_hour is not None else None,
+        new_instances=placement.group_size,
     )
     if verdict.allowed:
         return placement

@@ -106,7 +106,8 @@ def replica_view(row: LedgerRow, *, in_flight: int) -> ReplicaView:
 
 def replica_views(rows: Sequence[LedgerRow], *, in_flight: int) -> list[ReplicaView]:
     """One view per replica for the plan. A replica group is one replica: its leader,
-    priced at every open member (so the ceilings count the whole group); workers whose
+    priced at every open member and holding as many machines (so the ceilings and
+    ``max_instances`` count the whole group); workers whose
     leader is already closed are listed on their own (terminating, still paid for)."""
     members: dict[str, list[LedgerRow]] = {}
     for r in rows:
@@ -117,8 +118,13 @@ def replica_views(rows: Sequence[LedgerRow], *, in_flight: int) -> list[ReplicaV
         if r.group_id is None:
             views.append(replica_view(r, in_flight=in_flight))
         elif r.group_role == "leader":
-            total = sum(m.hourly_usd for m in members[r.group_id])
-            views.append(replace(replica_view(r, in_flight=in_flight), usd_per_hour=total))
+            group = members[r.group_id]
+            total = sum(m.hourly_usd for m in group)
+            views.append(
+                replace(
+                    replica_view(r, in_flight=in_flight), usd_per_hour=total, machines=len(group)
+                )
+            )
         elif not any(m.group_role == "leader" for m in members[r.group_id]):
             views.append(replica_view(r, in_flight=0))
     return views

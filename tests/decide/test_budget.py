@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from autoscaler.decide.budget import BudgetLimits, check_launch, limits_for
+from autoscaler.decide.budget import BudgetLimits, Spend, check_launch, limits_for
 from autoscaler.spec import AutoscalingPolicy
 
 
@@ -44,6 +44,31 @@ def test_pool_ceiling_and_instance_count_apply_too() -> None:
     )
     assert not count.allowed
     assert "max_instances 2" in count.reason
+
+
+def test_max_instances_counts_every_machine_of_a_group() -> None:
+    held = Spend.of([110.0], machines=2)  # one group of two machines
+    single = check_launch(
+        live_usd_per_hour=held, new_usd_per_hour=55.0, limits=BudgetLimits(max_instances=3)
+    )
+    assert single.allowed
+    group = check_launch(
+        live_usd_per_hour=held,
+        new_usd_per_hour=110.0,
+        limits=BudgetLimits(max_instances=3),
+        new_instances=2,
+    )
+    assert not group.allowed
+    assert group.reason == (
+        "launch refused: 2 instance(s) + a group of 2 = 4 would exceed max_instances 3"
+    )
+    first = check_launch(
+        live_usd_per_hour=[],
+        new_usd_per_hour=110.0,
+        limits=BudgetLimits(max_instances=1),
+        new_instances=2,
+    )
+    assert not first.allowed and "0 instance(s) + a group of 2 = 2" in first.reason
 
 
 def test_fleet_ceiling_counts_every_workload() -> None:

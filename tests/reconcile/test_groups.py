@@ -120,6 +120,51 @@ async def test_the_ceiling_counts_the_whole_group_before_any_member_is_bought(
     assert refused and "group" in refused[-1].reason and "headroom" in refused[-1].reason
 
 
+def _autoscaling(*, max_instances: int, min_workers: int = 2) -> WorkloadSpec:
+    return WorkloadSpec.model_validate(
+        {
+            "name": "big",
+            "slug": "big",
+            "model": MODEL,
+            "execution_policy": "autoscaling",
+            "execution_policy_config": {
+                "min_workers": min_workers,
+                "max_workers": 4,
+                "max_hourly_cost_usd": 1000,
+                "workers": {
+                    "source": "cloud",
+                    "cloud_pool": {
+                        "gpu_pool": ["NVIDIA H100 80GB HBM3"],
+                        "max_instances": max_instances,
+                    },
+                },
+            },
+        }
+    )
+
+
+async def test_max_instances_counts_every_member_of_a_group(world: World) -> None:
+    world.deps = _deps(world)
+    await world.apply(_autoscaling(max_instances=3))  # two replicas wanted: 4 machines
+    await world.step()
+    await world.step(5)
+    rows = await world.rows("big")
+    assert len(rows) == 2 and len({r.group_id for r in rows}) == 1
+    assert len(world.provider.calls_to("launch")) == 2
+    refused = await world.decisions("refused")
+    assert refused
+    assert "2 instance(s) + a group of 2 = 4 would exceed max_instances 3" in refused[-1].reason
+
+
+async def test_a_group_larger_than_max_instances_is_never_bought(world: World) -> None:
+    world.deps = _deps(world)
+    await world.apply(_autoscaling(max_instances=1, min_workers=1))
+    await world.step()
+    assert await world.rows("big") == [] and world.provider.calls_to("launch") == []
+    [refused] = await world.decisions("refused")
+    assert "a group of 2 = 2 would exceed max_instances 1" in refused.reason
+
+
 async def test_no_group_is_bought_on_a_provider_left_out_of_group_providers(
     world: World,
 ) -> None:
