@@ -44,8 +44,10 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "RAY_PORT",
     "BootCallback",
+    "GroupMode",
     "GroupRole",
     "SpotNotice",
+    "group_mode_for",
     "min_driver_for",
     "render_startup_script",
     "startup_script_for",
@@ -59,6 +61,11 @@ RAY_PORT = 6379
 
 GroupRole = Literal["leader", "worker"]
 """A replica group member's part (``None``: a machine of its own)."""
+
+GroupMode = Literal["ray", "each-member"]
+"""How a replica group runs its engine: ``ray`` (vLLM: the workers join the leader's Ray
+cluster and the leader alone runs the engine over it) or ``each-member`` (SGLang: every
+member runs the engine with its node rank and the leader's address filled in)."""
 
 SpotNotice = Literal["ec2", "gce"]
 """Whose interruption notice a spot instance watches (``None``: not spot, no watcher)."""
@@ -100,13 +107,17 @@ def render_startup_script(
     spot_notice: SpotNotice | None = None,
     group_role: GroupRole | None = None,
     group_size: int = 1,
+    group_mode: GroupMode = "ray",
 ) -> str:
     """The bash script that boots ``boot`` on a fresh GPU instance and reports back.
 
-    ``group_role`` makes the instance a member of a replica group of ``group_size``: the
-    leader runs a Ray head and, once every member has joined, the engine over the Ray
-    cluster (host networking); a worker polls ``GET {callback}/group`` for the leader's
-    address, joins its Ray cluster and serves nothing itself."""
+    ``group_role`` makes the instance a member of a replica group of ``group_size``, on
+    the host's network. With ``group_mode`` ``ray``, the leader runs a Ray head and, once
+    every member has joined, the engine over the Ray cluster; a worker polls ``GET
+    {callback}/group`` for the leader's address, joins its Ray cluster and serves nothing
+    itself. With ``each-member``, every member polls that address, puts it in place of
+    ``${GROUP_LEADER_ADDRESS}`` in its engine command and runs the engine; the leader's
+    answers its health path once every member has joined, the workers serve nothing."""
     settings: Mapping[str, str | int] = {
         "LAUNCH_ID": launch_id,
         "IMAGE": boot.image,
@@ -125,6 +136,7 @@ def render_startup_script(
         "SPOT_NOTICE": spot_notice or "",
         "GROUP_ROLE": group_role or "",
         "GROUP_SIZE": group_size,
+        "GROUP_MODE": group_mode,
         "RAY_PORT": RAY_PORT,
     }
     arrays: Mapping[str, Sequence[str]] = {
@@ -165,7 +177,13 @@ def startup_script_for(
         spot_notice=spot_notice,
         group_role=group_role,
         group_size=group_size,
+        group_mode=group_mode_for(backend),
     )
+
+
+def group_mode_for(backend: str) -> GroupMode:
+    """How ``backend`` spans a replica group's machines (SGLang runs on every member)."""
+    return "each-member" if backend == "sglang" else "ray"
 
 
 def with_startup_script(

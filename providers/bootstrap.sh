@@ -99,10 +99,13 @@ start_engine() {
   local env_args=() pair
   for pair in "${ENGINE_ENV[@]}"; do env_args+=(-e "$pair"); done
   local net_args=(-p "$ENGINE_PORT:$ENGINE_PORT") run_args=(--entrypoint "${ENGINE_ARGV[0]}" "$IMAGE" "${ENGINE_ARGV[@]:1}")
-  if [[ "$GROUP_ROLE" == leader ]]; then
-    # A group's leader: a Ray head on the host's network, then, once every member has
-    # joined it, the engine over the Ray cluster.
+  if [[ -n "$GROUP_ROLE" ]]; then
+    # A group's members talk to each other over the host's network.
     net_args=(--network host)
+  fi
+  if [[ "$GROUP_ROLE" == leader && "$GROUP_MODE" == ray ]]; then
+    # A Ray group's leader: a Ray head, then, once every member has joined it, the
+    # engine over the Ray cluster.
     # shellcheck disable=SC2016  # expanded by the container's bash, not here
     run_args=(--entrypoint bash "$IMAGE" -c 'ray start --head --port="$0" && until [ "$(ray status 2>/dev/null | grep -c node_)" -ge "$1" ]; do sleep 5; done; shift; exec "$@"' "$RAY_PORT" "$GROUP_SIZE" "${ENGINE_ARGV[@]}")
   fi
@@ -116,7 +119,7 @@ start_engine() {
     fail "docker could not start the engine container from $IMAGE"
 }
 
-# A group's worker learns its leader's address from the controller's boot callback
+# A group's member learns its leader's address from the controller's boot callback
 # (GET {url}/group), once the leader's machine is launched.
 leader_address() {
   local answer
@@ -125,15 +128,32 @@ leader_address() {
   printf '%s' "${BASH_REMATCH[1]}"
 }
 
-join_leader() {
-  local address="" waited=0
-  until address=$(leader_address); do
+LEADER_ADDRESS=""
+await_leader() {
+  local waited=0
+  until LEADER_ADDRESS=$(leader_address); do
     if ((waited >= HEALTH_TIMEOUT_SECONDS)); then
       fail "the group's leader address did not come within ${HEALTH_TIMEOUT_SECONDS}s"
     fi
     sleep "$POLL_SECONDS"
     waited=$((waited + (POLL_SECONDS > 0 ? POLL_SECONDS : 1)))
   done
+}
+
+# Every member of an each-member group (SGLang) runs the engine with the leader's
+# address in place of ${GROUP_LEADER_ADDRESS} (--dist-init-addr).
+fill_leader_address() {
+  await_leader
+  log "the group's leader is at $LEADER_ADDRESS"
+  local ref="\${GROUP_LEADER_ADDRESS}" i
+  for i in "${!ENGINE_ARGV[@]}"; do
+    ENGINE_ARGV[i]=${ENGINE_ARGV[$i]//"$ref"/"$LEADER_ADDRESS"}
+  done
+}
+
+join_leader() {
+  await_leader
+  local address=$LEADER_ADDRESS
   log "joining the group's leader at $address"
   docker rm -f "$CONTAINER_NAME" >/dev/null 2>&1 || true
   mkdir -p "$CACHE_DIR"
@@ -222,10 +242,18 @@ check_driver
 start_spot_watch
 fetch_secrets
 pull_image
+if [[ -n "$GROUP_ROLE" && "$GROUP_MODE" == each-member ]]; then
+  fill_leader_address
+fi
 if [[ "$GROUP_ROLE" == worker ]]; then
-  join_leader
+  if [[ "$GROUP_MODE" == each-member ]]; then
+    start_engine # serves nothing: the leader's engine answers once every member joined
+    log "started the engine as a worker of the group's leader at $LEADER_ADDRESS"
+  else
+    join_leader
+    log "joined the group's leader as a Ray worker"
+  fi
   report ready "" || { log "could not report ready to the controller"; exit 1; }
-  log "joined the group's leader as a Ray worker"
   exit 0
 fi
 start_engine

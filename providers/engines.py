@@ -46,6 +46,13 @@ __all__ = [
 
 ENGINE_KEY_SECRET = "ENGINE_API_KEY"
 HF_TOKEN_SECRET = "HF_TOKEN"
+
+GROUP_LEADER_ADDRESS = "GROUP_LEADER_ADDRESS"
+"""A replica group's leader address in a member's engine command (``${GROUP_LEADER_ADDRESS}``),
+filled in where the member boots from the boot callback's ``GET {url}/group``."""
+
+SGLANG_DIST_INIT_PORT = 20000
+"""The port of an SGLang group's distributed init on its leader (``--dist-init-addr``)."""
 #: Where the engine keeps downloaded weights inside its container; the host mounts a
 #: volume here so a restarted engine does not download the model again.
 MODEL_CACHE_DIR = "/root/.cache/huggingface"
@@ -297,11 +304,12 @@ def _flag_value(tokens: Sequence[str], names: Sequence[str]) -> str | None:
 
 
 def _parallel_args(
-    engine: Engine, *, gpu_count: int, nodes: int, user_args: Sequence[str]
+    engine: Engine, *, gpu_count: int, nodes: int, node_rank: int, user_args: Sequence[str]
 ) -> list[str]:
     """Tensor parallelism over every GPU of the machine, unless the user chose a split;
     across ``nodes`` machines, pipeline parallelism between them (vLLM) or one tensor
-    parallel group over all their GPUs (SGLang, which also needs ``--nnodes``)."""
+    parallel group over all their GPUs (SGLang, whose every member runs the engine with
+    its ``--node-rank`` and the leader's ``--dist-init-addr``)."""
     flags = _PARALLEL_FLAGS.get(engine.backend)
     if flags is None or (gpu_count <= 1 and nodes <= 1):
         return []
@@ -310,7 +318,17 @@ def _parallel_args(
     if nodes <= 1:
         return [flags[0][0], str(gpu_count)]
     if engine.backend == "sglang":
-        return ["--tp", str(gpu_count * nodes), "--nnodes", str(nodes)]
+        leader = f"{secret_ref(GROUP_LEADER_ADDRESS)}:{SGLANG_DIST_INIT_PORT}"
+        return [
+            "--tp",
+            str(gpu_count * nodes),
+            "--nnodes",
+            str(nodes),
+            "--node-rank",
+            str(node_rank),
+            "--dist-init-addr",
+            leader,
+        ]
     return [
         flags[0][0],
         str(gpu_count),
@@ -330,6 +348,7 @@ def engine_argv(
     vllm_version: str | None = None,
     gpu_count: int = 1,
     nodes: int = 1,
+    node_rank: int = 0,
 ) -> tuple[str, ...]:
     """The engine's full argv: its program, the model, service-owned flags, user args.
 
@@ -340,9 +359,10 @@ def engine_argv(
     one makes the replica a group of that many machines of ``gpu_count`` GPUs: vLLM
     gets ``--tensor-parallel-size GPUS --pipeline-parallel-size NODES
     --distributed-executor-backend ray`` (the leader runs the engine over the Ray
-    cluster its workers joined); SGLang gets ``--tp GPUS*NODES --nnodes NODES`` (each
-    member's ``--node-rank`` and the leader's ``--dist-init-addr`` are added where it
-    boots).
+    cluster its workers joined); SGLang gets ``--tp GPUS*NODES --nnodes NODES
+    --node-rank RANK --dist-init-addr ${GROUP_LEADER_ADDRESS}:20000``: every member runs
+    the engine, the leader (``node_rank`` 0) serving; the leader's address is filled in
+    where the member boots (:data:`GROUP_LEADER_ADDRESS`).
     """
     engine = engine_for(backend)
     user_args = _user_args(engine, model=model, command=command)
@@ -357,7 +377,9 @@ def engine_argv(
     argv += ["--host", "0.0.0.0", "--port", str(engine.port)]
     argv += ["--api-key", secret_ref(ENGINE_KEY_SECRET)]
     argv += _task_args(engine, task_type=task_type, user_args=user_args, version=vllm_version)
-    argv += _parallel_args(engine, gpu_count=gpu_count, nodes=nodes, user_args=user_args)
+    argv += _parallel_args(
+        engine, gpu_count=gpu_count, nodes=nodes, node_rank=node_rank, user_args=user_args
+    )
     return (*argv, *user_args)
 
 
@@ -372,6 +394,7 @@ def boot_spec(
     startup_script: str | None = None,
     gpu_count: int = 1,
     nodes: int = 1,
+    node_rank: int = 0,
 ) -> BootSpec:
     """How a replica of this workload boots (without a startup script unless given).
 
@@ -387,6 +410,7 @@ def boot_spec(
         vllm_version=vllm_version,
         gpu_count=gpu_count,
         nodes=nodes,
+        node_rank=node_rank,
     )
     secrets = (ENGINE_KEY_SECRET, HF_TOKEN_SECRET) if engine.api_key else (HF_TOKEN_SECRET,)
     return BootSpec(

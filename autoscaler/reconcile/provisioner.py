@@ -99,10 +99,15 @@ def boot_callback(*, callback_url: str, launch_id: str, engine_key: str) -> Boot
 
 
 def workload_boot(
-    spec: WorkloadSpec, *, cuda_version: str | None = None, gpu_count: int = 1, nodes: int = 1
+    spec: WorkloadSpec,
+    *,
+    cuda_version: str | None = None,
+    gpu_count: int = 1,
+    nodes: int = 1,
+    node_rank: int = 0,
 ) -> BootSpec:
     """How a replica of ``spec`` boots on a machine with ``gpu_count`` GPUs (a group of
-    ``nodes`` such machines when above one)."""
+    ``nodes`` such machines when above one, this machine its member ``node_rank``)."""
     return boot_spec(
         backend=spec.backend.value,
         model=spec.model,
@@ -112,7 +117,26 @@ def workload_boot(
         cuda_version=cuda_version,
         gpu_count=gpu_count,
         nodes=nodes,
+        node_rank=node_rank,
     )
+
+
+def node_rank(launch_id: str, *, leader: str, members: Sequence[str]) -> int:
+    """A group member's rank: 0 for the leader, the workers 1 up in launch id order (the
+    same whenever it is computed: a group's members never change)."""
+    if launch_id == leader:
+        return 0
+    workers = sorted(m for m in members if m != leader)
+    return workers.index(launch_id) + 1
+
+
+async def _rank_of(session: AsyncSession, row: LedgerRow) -> int:
+    if row.group_id is None:
+        return 0
+    members = await session.scalars(
+        select(LedgerRow.launch_id).where(LedgerRow.group_id == row.group_id)
+    )
+    return node_rank(row.launch_id, leader=row.group_id, members=list(members))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +183,13 @@ async def launch_replica(
 
 
 def _intent_row(
-    workload: Workload, spec: WorkloadSpec, *, placement: Placement, launch_id: str, now: datetime
+    workload: Workload,
+    spec: WorkloadSpec,
+    *,
+    placement: Placement,
+    launch_id: str,
+    now: datetime,
+    rank: int = 0,
 ) -> LedgerRow:
     """The ledger row of one machine (one member of a group) to be bought."""
     nodes = placement.group_size
@@ -191,7 +221,7 @@ def _intent_row(
         row.spot = placement.market is Market.SPOT
     else:
         row.offer_key = worker_key(placement.worker_id or "")
-    boot = workload_boot(spec, gpu_count=max(row.gpu_count, 1), nodes=nodes)
+    boot = workload_boot(spec, gpu_count=max(row.gpu_count, 1), nodes=nodes, node_rank=rank)
     row.engine_command = list(boot.command)
     return row
 
@@ -209,10 +239,17 @@ async def _launch_group(
     """Every member's intent in one commit, then the members leader first; a refused
     member abandons the group (see the module docstring)."""
     group_id = new_launch_id()
+    ids = [group_id, *(new_launch_id() for _ in range(placement.group_size - 1))]
     rows = []
-    for index in range(placement.group_size):
-        launch_id = group_id if index == 0 else new_launch_id()
-        row = _intent_row(workload, spec, placement=placement, launch_id=launch_id, now=now)
+    for index, launch_id in enumerate(ids):
+        row = _intent_row(
+            workload,
+            spec,
+            placement=placement,
+            launch_id=launch_id,
+            now=now,
+            rank=node_rank(launch_id, leader=group_id, members=ids),
+        )
         row.group_id, row.group_size = group_id, placement.group_size
         row.group_role = "leader" if index == 0 else "worker"
         session.add(row)
@@ -340,6 +377,7 @@ async def _call_launch(
             cuda_version=_cuda_pin(spec, offer),
             gpu_count=offer.gpu_count,
             nodes=row.group_size or 1,
+            node_rank=await _rank_of(session, row),
         ),
     )
     tags = instance_tags(

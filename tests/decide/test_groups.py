@@ -102,6 +102,12 @@ def test_sglang_spans_the_group_with_one_tensor_parallel_group() -> None:
     assert placed.group_size == 2
     argv = engine_argv(backend="sglang", model=BF16_405B, gpu_count=8, nodes=2)
     assert (_flag(argv, "--tp"), _flag(argv, "--nnodes")) == ("16", "2")
+    assert _flag(argv, "--node-rank") == "0"
+    assert _flag(argv, "--dist-init-addr") == "${GROUP_LEADER_ADDRESS}:20000"
+    worker = engine_argv(backend="sglang", model=BF16_405B, gpu_count=8, nodes=3, node_rank=2)
+    assert (_flag(worker, "--tp"), _flag(worker, "--nnodes")) == ("24", "3")
+    assert _flag(worker, "--node-rank") == "2"
+    assert "--pipeline-parallel-size" not in worker and "ray" not in worker
 
 
 def test_the_group_size_is_the_fewest_machines_that_hold_the_model() -> None:

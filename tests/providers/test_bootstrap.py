@@ -109,7 +109,14 @@ def run_script(
     group_role: GroupRole | None = None,
 ) -> Run:
     nodes = 2 if group_role else 1
-    boot = boot_spec(backend=backend, model=model, cuda_version=cuda, gpu_count=8, nodes=nodes)
+    boot = boot_spec(
+        backend=backend,
+        model=model,
+        cuda_version=cuda,
+        gpu_count=8,
+        nodes=nodes,
+        node_rank=1 if group_role == "worker" else 0,
+    )
     if group_role is None:
         boot = boot_spec(backend=backend, model=model, cuda_version=cuda)
     script = startup_script_for(
@@ -416,13 +423,70 @@ def test_a_group_leader_starts_a_ray_head_then_the_engine_over_every_member(
     assert "curl http://127.0.0.1:8000/health" in run.calls
 
 
+SGLANG_MODEL = "meta-llama/Llama-3.1-405B-Instruct"
+
+
+def test_an_sglang_group_leader_runs_the_engine_as_rank_0_at_its_own_address(
+    sandbox: Path,
+) -> None:
+    run = run_script(
+        sandbox,
+        backend="sglang",
+        model=SGLANG_MODEL,
+        group_role="leader",
+        env={"FAKE_LEADER": "10.0.0.5"},
+    )
+
+    assert run.returncode == 0, run.stderr
+    assert "curl http://controller.test/v1/boot/lch_0123abcd/group" in run.calls
+    [started] = run.docker_calls("run")
+    assert "--network host" in started and "ray" not in started
+    assert "--tp 16 --nnodes 2 --node-rank 0 --dist-init-addr 10.0.0.5:20000" in started, started
+    assert "curl http://127.0.0.1:30000/health" in run.calls  # served once all joined
+    assert run.reports == [{"launch_id": "lch_0123abcd", "state": "ready", "reason": ""}]
+
+
+def test_an_sglang_group_worker_runs_the_engine_with_its_rank_and_the_leaders_address(
+    sandbox: Path,
+) -> None:
+    run = run_script(
+        sandbox,
+        backend="sglang",
+        model=SGLANG_MODEL,
+        group_role="worker",
+        env={"FAKE_LEADER": "10.0.0.5"},
+    )
+
+    assert run.returncode == 0, run.stderr
+    [started] = run.docker_calls("run")
+    assert "--network host" in started and "ray" not in started
+    assert "--entrypoint python3" in started and "-m sglang.launch_server" in started
+    assert "--tp 16 --nnodes 2 --node-rank 1 --dist-init-addr 10.0.0.5:20000" in started, started
+    assert not any(c.startswith("curl http://127.0.0.1:") for c in run.calls)  # serves nothing
+    assert run.reports == [{"launch_id": "lch_0123abcd", "state": "ready", "reason": ""}]
+
+
+def test_an_sglang_group_member_without_its_leaders_address_starts_nothing(
+    sandbox: Path,
+) -> None:
+    run = run_script(sandbox, backend="sglang", model=SGLANG_MODEL, group_role="leader")
+
+    assert run.returncode != 0
+    assert run.docker_calls("run") == []
+    [report] = run.reports
+    assert report["state"] == "failed" and "leader address did not come" in report["reason"]
+
+
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck is not installed")
 @pytest.mark.parametrize("role", ["leader", "worker"])
-def test_a_group_members_script_passes_shellcheck(role: GroupRole, tmp_path: Path) -> None:
-    boot = boot_spec(backend="vllm", model="m", gpu_count=8, nodes=2)
+@pytest.mark.parametrize("backend", ["vllm", "sglang"])
+def test_a_group_members_script_passes_shellcheck(
+    role: GroupRole, backend: str, tmp_path: Path
+) -> None:
+    boot = boot_spec(backend=backend, model="m", gpu_count=8, nodes=2)
     script = startup_script_for(
         boot=boot,
-        backend="vllm",
+        backend=backend,
         launch_id="lch_1",
         callback=BootCallback("http://controller.test/v1/boot/lch_1", "t"),
         group_role=role,

@@ -9,10 +9,10 @@ import dataclasses
 from typing import Any
 
 from autoscaler.reconcile.deps import Deps
-from autoscaler.spec import WorkloadSpec
+from autoscaler.spec import Backend, WorkloadSpec
 from autoscaler.store.phase import Phase, phase_of
 from gateway.routes import load_route_table
-from providers.base import InstanceState, Transient
+from providers.base import InstanceState, LaunchRequest, Transient
 from tests.reconcile.world import L40S, World, fixed
 
 EIGHT_H100 = dataclasses.replace(
@@ -118,6 +118,25 @@ async def test_the_ceiling_counts_the_whole_group_before_any_member_is_bought(
     assert world.provider.calls_to("launch") == []
     refused = await world.decisions("refused")
     assert refused and "group" in refused[-1].reason and "headroom" in refused[-1].reason
+
+
+async def test_an_sglang_groups_members_boot_with_their_own_node_rank(world: World) -> None:
+    world.deps = _deps(world)
+    spec = fixed("big", 1, model=MODEL).model_copy(update={"backend": Backend.SGLANG})
+    await world.apply(spec)
+    await world.step()
+    rows = await world.rows("big")
+    assert len(rows) == 2
+    ranks = {}
+    for row in rows:
+        command = row.engine_command or []
+        assert command[command.index("--nnodes") + 1] == "2"
+        assert command[command.index("--dist-init-addr") + 1] == "${GROUP_LEADER_ADDRESS}:20000"
+        ranks[row.group_role] = command[command.index("--node-rank") + 1]
+    assert ranks == {"leader": "0", "worker": "1"}
+    requests = [c.argument for c in world.provider.calls_to("launch")]
+    launched = {r.launch_id: r.boot.command for r in requests if isinstance(r, LaunchRequest)}
+    assert {r.launch_id: tuple(r.engine_command or ()) for r in rows} == launched
 
 
 def _autoscaling(*, max_instances: int, min_workers: int = 2) -> WorkloadSpec:
