@@ -39,6 +39,7 @@ from catalog.cuda import cuda_version, offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import ProviderName
 from catalog.regions import REGION_PATTERN, normalise_region
+from catalog.sizing import CONTEXT_FLAGS
 
 
 class Backend(StrEnum):
@@ -575,7 +576,6 @@ POLICY_CONFIG_TYPES: dict[ExecutionPolicy, type[StrictModel]] = {
 
 MAX_CHAT_TEMPLATE = 32 * 1024
 """The longest ``custom_chat_template`` (it travels on the engine's command line)."""
-_CONTEXT_FLAGS = ("--max-model-len", "--context-length", "--max-seq-len")
 
 
 class WorkloadSpec(StrictModel):
@@ -725,7 +725,7 @@ class WorkloadSpec(StrictModel):
             tokens = shlex.split(info.data.get("command") or "")
         except ValueError:
             return value  # admission reports the command itself
-        flags = _CONTEXT_FLAGS if name == "max_model_len" else ("--chat-template",)
+        flags = CONTEXT_FLAGS if name == "max_model_len" else ("--chat-template",)
         said = [t.split("=", 1)[0] for t in tokens if t.split("=", 1)[0] in flags]
         if said:
             raise ValueError(f"the command's {said[0]} sets it too: give it once")

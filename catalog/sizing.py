@@ -18,6 +18,8 @@ from enum import StrEnum
 
 GIB = 1024**3
 DEFAULT_CONTEXT_TOKENS = 8192
+CONTEXT_FLAGS = ("--max-model-len", "--context-length", "--max-seq-len")
+"""The engines' context-length flags (vLLM, SGLang, older vLLM), in the order they are read."""
 UNKNOWN_MODEL_GIB = 16.0
 
 
@@ -200,14 +202,25 @@ def _dtype(name: str, flags: dict[str, str]) -> tuple[float, str]:
     return 2.0, "16-bit, the default"
 
 
-def _context(flags: dict[str, str], known: _Known | None) -> tuple[int, str]:
-    for flag in ("max-model-len", "context-length", "max-seq-len"):
-        value = flags.get(flag)
+def command_context(flags: dict[str, str]) -> tuple[int, str] | None:
+    """The context length a command's flags set (``8k`` reads as 8000), and the flag that
+    set it; None when no context flag is given. ``flags`` are keyed without dashes.
+
+    Raises ValueError naming the flag when its value is not a whole number."""
+    for flag in CONTEXT_FLAGS:
+        value = flags.get(flag.removeprefix("--"))
         if value:
             try:
-                return int(value.replace("k", "000").replace("K", "000")), f"--{flag}"
+                return int(value.replace("k", "000").replace("K", "000")), flag
             except ValueError:
-                raise ValueError(f"--{flag} must be a whole number, got {value!r}") from None
+                raise ValueError(f"{flag} must be a whole number, got {value!r}") from None
+    return None
+
+
+def _context(flags: dict[str, str], known: _Known | None) -> tuple[int, str]:
+    given = command_context(flags)
+    if given is not None:
+        return given
     if known is not None and known.max_context is not None:
         return known.max_context, "the model's context"
     return DEFAULT_CONTEXT_TOKENS, "default, the command sets no --max-model-len"

@@ -175,8 +175,14 @@ class Process:
             assert self.proc.stdout is not None
             self.output = self.proc.stdout.read()
             self.proc.stdout.close()
+        role = self._role()
+        if role == "agent":
+            # An agent leaves its replicas running when it stops, by design: a restarted
+            # agent adopts them from its state dir. The test ends them here.
+            kill_surviving_engines(self._flag("--state-dir"), under=("replicas",))
+            return self.output
         survivors = kill_surviving_engines(
-            self.env.get("AUTOSCALER_DATA_DIR") if self._runs_engines() else None
+            self.env.get("AUTOSCALER_DATA_DIR") if role in ("run", "controller") else None
         )
         assert not survivors, (
             f"engine processes {survivors} outlived {' '.join(self.argv[-6:])} "
@@ -184,14 +190,18 @@ class Process:
         )
         return self.output
 
-    def _runs_engines(self) -> bool:
-        """Only ``autoscaler run`` and ``autoscaler controller`` start the engines recorded
-        under the data dir; another process given the same environment (an agent beside
-        the service) does not own them."""
-        if "autoscaler" not in self.argv:
-            return False
-        role = self.argv[self.argv.index("autoscaler") + 1 : self.argv.index("autoscaler") + 2]
-        return role in (["run"], ["controller"])
+    def _role(self) -> str | None:
+        """The ``autoscaler`` subcommand this process runs. Only ``run`` and ``controller``
+        start the engines recorded under the data dir; another process given the same
+        environment (an agent beside the service) does not own them."""
+        if "autoscaler" not in self.argv[:-1]:
+            return None
+        return self.argv[self.argv.index("autoscaler") + 1]
+
+    def _flag(self, name: str) -> str | None:
+        if name not in self.argv[:-1]:
+            return None
+        return self.argv[self.argv.index(name) + 1]
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -269,14 +279,16 @@ def _start_ticks(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[19])
 
 
-def kill_surviving_engines(data_dir: str | Path | None) -> list[int]:
-    """Kill (the process group of) every engine recorded under a service's data dir that
-    still runs; their pids. A recorded pid now used by another program (its start time
-    differs) is left alone."""
+def kill_surviving_engines(
+    data_dir: str | Path | None, *, under: Sequence[str] = ENGINE_STATE_DIRS
+) -> list[int]:
+    """Kill (the process group of) every engine recorded in the ``under`` folders of a
+    service's data dir that still runs; their pids. A recorded pid now used by another
+    program (its start time differs) is left alone."""
     if not data_dir:
         return []
     survivors = []
-    for name in ENGINE_STATE_DIRS:
+    for name in under:
         for pid, ticks in _recorded_engines(Path(data_dir) / name):
             if ticks is not None and _start_ticks(pid) == ticks:
                 survivors.append(pid)

@@ -16,7 +16,7 @@ from autoscaler.spec import AutoscalingPolicy, WorkloadDocument, WorkloadSpec, d
 from catalog.model import Offer
 from catalog.perf import ModelDoesNotFit, ServingProfile, serving_profile
 from catalog.query import OfferRequest, select_offers
-from catalog.sizing import KNOWN_MODELS
+from catalog.sizing import KNOWN_MODELS, command_context
 
 LLAMA3_CONTEXT_TOKENS = 131_072
 """Context of a model the sizing table knows no limit for: Llama 3.1's 128k."""
@@ -85,16 +85,12 @@ def sim_workload(spec: WorkloadSpec) -> SimWorkload:
 
 
 def _context(spec: WorkloadSpec) -> int:
-    flags = command_flags(spec.engine_command)
-    for flag in ("max-model-len", "context-length", "max-seq-len"):
-        value = flags.get(flag)
-        if value:
-            try:
-                return int(value.replace("k", "000").replace("K", "000"))
-            except ValueError:
-                raise WorkloadFileError(
-                    f"workload {spec.slug}: --{flag} must be a whole number, got {value!r}"
-                ) from None
+    try:
+        given = command_context(command_flags(spec.engine_command))
+    except ValueError as exc:
+        raise WorkloadFileError(f"workload {spec.slug}: {exc}") from None
+    if given is not None:
+        return given[0]
     name = spec.model.rsplit("/", 1)[-1].casefold()
     matches = [k for k in KNOWN_MODELS if re.search(re.escape(k), name)]
     if matches:

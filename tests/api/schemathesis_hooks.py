@@ -30,6 +30,7 @@ from pydantic import ValidationError
 
 from autoscaler.admission import runnable_problems
 from autoscaler.spec import CloudPool, Window, WorkloadSpec, validate_cron
+from catalog.sizing import CONTEXT_FLAGS
 
 WORKLOAD = "/v1/projects/{project}/workloads/{slug}"
 CRONS = ("0 2 * * *", "*/15 * * * *", "30 8 * * mon-fri")
@@ -84,7 +85,7 @@ def repaired(body: dict[str, Any]) -> dict[str, Any]:
 def _engine_options(body: dict[str, Any]) -> None:
     command = body.get("command") if isinstance(body.get("command"), str) else ""
     for field, flags in (
-        ("max_model_len", ("--max-model-len", "--context-length", "--max-seq-len")),
+        ("max_model_len", CONTEXT_FLAGS),
         ("custom_chat_template", ("--chat-template",)),
     ):
         if body.get(field) is None:
