@@ -27,6 +27,16 @@ always boots a driver that runs it. ``GcpConfig.images`` replaces the table's GC
 before anything is bought.
 
 The engine port is reachable only through a firewall rule; see :mod:`providers.gcp_firewall`.
+
+A member of a replica group (a request tagged ``autoscaler:group``) is launched under a
+compact placement policy (a resource policy with ``groupPlacementPolicy.collocation``
+``COLLOCATED``), so the group's machines sit close on the network for the tensor and
+pipeline traffic between them: one policy per cluster, zone and machine type
+(:func:`compact_policy_name`), in the zone's region, created on first use
+(``alreadyExists`` from a concurrent creator is success) and reused by every group of
+that shape, so nothing is left to delete when a group ends. A3 and A4 machines, the
+multi-node GPU shapes, take such a policy; GCE refuses it for a shape that does not,
+and the launch fails with its word like any refused request.
 """
 
 from __future__ import annotations
@@ -59,6 +69,7 @@ from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import Offer, ProviderName
 from providers.base import (
     CLUSTER_TAG,
+    GROUP_TAG,
     LAUNCH_ID_TAG,
     Instance,
     InstanceState,
@@ -198,6 +209,18 @@ def request_id(launch_id: str, operation: str = "insert") -> str:
     return str(uuid.uuid5(_REQUEST_NAMESPACE, f"{operation}:{launch_id}"))
 
 
+def compact_policy_name(cluster_id: str, zone: str, machine_type: str) -> str:
+    """The compact placement policy a replica group of ``machine_type`` in ``zone`` is
+    launched under (a GCE name: at most 63 of ``[a-z0-9-]``)."""
+    shape = re.sub(r"[^a-z0-9-]+", "-", f"{zone}-{machine_type}".lower()).strip("-")
+    return f"as-{_digest(cluster_id)[:6]}-compact-{shape}"[:63].rstrip("-")
+
+
+def region_of(zone: str) -> str:
+    """``us-central1`` for ``us-central1-a``."""
+    return zone.rsplit("-", 1)[0]
+
+
 def label_key(tag_key: str) -> str:
     key = re.sub(r"[^a-z0-9_-]", "-", tag_key.lower())[:63]
     return key if key[:1].isalpha() else f"t{key}"[:63]
@@ -299,7 +322,10 @@ class GcpProvider:
         self._zone_operations = compute_v1.ZoneOperationsClient(**kwargs)
         self._global_operations = compute_v1.GlobalOperationsClient(**kwargs)
         self._firewalls = compute_v1.FirewallsClient(**kwargs)
+        self._policies = compute_v1.ResourcePoliciesClient(**kwargs)
+        self._region_operations = compute_v1.RegionOperationsClient(**kwargs)
         self._admitted: set[tuple[str, int]] = set()
+        self._compact: set[tuple[str, str]] = set()
 
     def close(self) -> None:
         """Close the HTTP sessions of the underlying clients."""
@@ -308,6 +334,8 @@ class GcpProvider:
             self._zone_operations,
             self._global_operations,
             self._firewalls,
+            self._policies,
+            self._region_operations,
         ):
             client.transport.close()  # type: ignore[no-untyped-call]
 
@@ -320,6 +348,8 @@ class GcpProvider:
         resource = self._resource(request, name=name)
         if self.config.firewall == "manage":
             await self.admit_engine_port(request.cluster_id, port=request.boot.port)
+        if GROUP_TAG in request.tags:
+            resource.resource_policies = [await self._compact_policy(request)]
         try:
             operation = await self._insert(
                 resource, zone=zone, rid=request_id(request.launch_id), action=action
@@ -337,6 +367,45 @@ class GcpProvider:
             return await self.describe(f"{zone}/{name}")
         await self._wait(operation, zone=zone, action=action)
         return await self.describe(f"{zone}/{name}")
+
+    async def _compact_policy(self, request: LaunchRequest) -> str:
+        """The compact placement policy for this group member's shape and zone, created
+        on first use; its URL for the instance's ``resourcePolicies``."""
+        offer = request.offer
+        region = region_of(offer.zone)
+        name = compact_policy_name(request.cluster_id, offer.zone, offer.instance_type)
+        url = f"projects/{self.config.project}/regions/{region}/resourcePolicies/{name}"
+        if (region, name) in self._compact:
+            return url
+        action = f"{request.action}: preparing compact placement policy {name}"
+        policy = compute_v1.ResourcePolicy(
+            name=name,
+            description=f"autoscaler replica groups of cluster {request.cluster_id}",
+            group_placement_policy=compute_v1.ResourcePolicyGroupPlacementPolicy(
+                collocation="COLLOCATED"
+            ),
+        )
+        try:
+            operation = await self._retrying(
+                action,
+                partial(
+                    self._policies.insert_unary,
+                    request=compute_v1.InsertResourcePolicyRequest(
+                        project=self.config.project,
+                        region=region,
+                        resource_policy_resource=policy,
+                        request_id=str(uuid.uuid5(_REQUEST_NAMESPACE, f"policy:{region}/{name}")),
+                    ),
+                    retry=None,
+                ),
+            )
+            await self._wait(operation, zone=None, region=region, action=action)
+        except Terminal as error:
+            if not isinstance(error.__cause__, google_exceptions.Conflict):
+                raise
+            # alreadyExists: made by an earlier launch, this controller's or another's
+        self._compact.add((region, name))
+        return url
 
     async def _insert(
         self, resource: compute_v1.Instance, *, zone: str, rid: str, action: str
@@ -686,10 +755,15 @@ class GcpProvider:
         return zone, name
 
     async def _wait(
-        self, operation: compute_v1.Operation, *, zone: str | None, action: str
+        self,
+        operation: compute_v1.Operation,
+        *,
+        zone: str | None,
+        action: str,
+        region: str | None = None,
     ) -> None:
-        """Poll the zone (or, with no zone, global) operation until it is done, then
-        raise its error if any."""
+        """Poll the zone (or region, or, with neither, global) operation until it is
+        done, then raise its error if any."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.operation_timeout_seconds
         retry_after = self.config.throttle_retry_after
@@ -699,6 +773,14 @@ class GcpProvider:
             await asyncio.sleep(self.config.operation_poll_seconds)
             poll: Callable[[], compute_v1.Operation] = (
                 partial(
+                    self._region_operations.get,
+                    project=self.config.project,
+                    region=region,
+                    operation=operation.name,
+                    retry=None,
+                )
+                if region is not None
+                else partial(
                     self._global_operations.get,
                     project=self.config.project,
                     operation=operation.name,
@@ -753,6 +835,7 @@ __all__ = [
     "GcpConfig",
     "GcpProvider",
     "choose_image",
+    "compact_policy_name",
     "image_source",
     "instance_name",
     "launch_id_of",

@@ -62,11 +62,12 @@ UNAVAILABLE_SEC = 600.0
 MAX_LAUNCHES_PER_STEP = 16
 """Launches one workload may make in one step; the rest follow in the next steps."""
 
-GROUP_PROVIDERS: frozenset[str] = frozenset({"aws", "simulated"})
+GROUP_PROVIDERS: frozenset[str] = frozenset({"aws", "gcp", "simulated"})
 """The controller's default for the providers whose machines may form replica groups
 (``group_providers`` in its configuration): those that place a group's members close
-together. AWS runs them into a cluster placement group (``providers.aws``); the
-simulated cloud's members are processes of one machine. A provider left out places no
+together. AWS runs them into a cluster placement group (``providers.aws``), GCP under a
+compact placement policy (``providers.gcp``); the simulated cloud's members are
+processes of one machine. A provider left out places no
 group: a model no single machine of the pool holds gets "no offer fits" there."""
 
 _STAYING = frozenset({ReplicaPhase.PENDING, ReplicaPhase.BOOTING, ReplicaPhase.READY})

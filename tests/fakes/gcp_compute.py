@@ -16,6 +16,12 @@ Firewall rules (``global/firewalls``: insert, get, patch, delete, list) change t
 global operations (``global/operations``), which also report ``RUNNING`` first;
 ``firewall_calls`` records each insert, patch and delete.
 
+Resource policies (``regions/{region}/resourcePolicies``: insert, get) are created
+through region operations (``regions/{region}/operations``, ``RUNNING`` first);
+``resource_policies`` holds them by region and name, and an instance keeps the
+``resourcePolicies`` it was inserted with. An instance naming a policy that does not
+exist (or lies in another region) is refused with 400, as GCE does.
+
 Insert operations report ``RUNNING`` on the first read and ``DONE`` after, so clients
 must poll.
 """
@@ -71,6 +77,8 @@ class FakeGceServer:
         self.firewalls: dict[str, dict[str, Any]] = {}
         self.firewall_calls: list[tuple[str, str]] = []
         self.global_operations: dict[str, dict[str, Any]] = {}
+        self.resource_policies: dict[tuple[str, str], dict[str, Any]] = {}
+        self.policy_inserts = 0
         self._by_request_id: dict[str, str] = {}
         self._failure: GceFailure | None = None
         self._ids = itertools.count(1000)
@@ -166,6 +174,14 @@ class FakeGceServer:
             return 200, self.operations[self._by_request_id[rid]]
         name = body["name"]
         link = f"{self.endpoint}{_PREFIX}{project}/zones/{zone}/instances/{name}"
+        for policy in body.get("resourcePolicies", []):
+            region, _, policy_name = policy.rpartition("/regions/")[2].partition(
+                "/resourcePolicies/"
+            )
+            if region != zone.rsplit("-", 1)[0] or (region, policy_name) not in (
+                self.resource_policies
+            ):
+                return _http_error(400, "invalid", f"resource policy {policy} not found")
         if (zone, name) in self.instances:
             return _http_error(409, "alreadyExists", f"The resource '{link}' already exists")
         failure = _OPERATION_FAILURES.get(self._failure or "")
@@ -215,6 +231,46 @@ class FakeGceServer:
         }
         self.global_operations[name] = operation
         return operation
+
+    def _policy_route(
+        self,
+        method: str,
+        project: str,
+        region: str,
+        rest: list[str],
+        body: dict[str, Any],
+        query: dict[str, str],
+    ) -> tuple[int, Any]:
+        base = f"{self.endpoint}{_PREFIX}{project}/regions/{region}/resourcePolicies"
+        match rest, method:
+            case [], "POST":
+                self.policy_inserts += 1
+                rid = query.get("requestId")
+                if rid and rid in self._by_request_id:
+                    return 200, self.global_operations[self._by_request_id[rid]]
+                name = body["name"]
+                if (region, name) in self.resource_policies:
+                    return _http_error(
+                        409, "alreadyExists", f"The resource '{base}/{name}' already exists"
+                    )
+                self.resource_policies[(region, name)] = {
+                    **body,
+                    "kind": "compute#resourcePolicy",
+                    "region": f"{self.endpoint}{_PREFIX}{project}/regions/{region}",
+                    "selfLink": f"{base}/{name}",
+                    "status": "READY",
+                }
+                operation = self._global_operation(project, "insert", f"{base}/{name}")
+                operation["region"] = f"{self.endpoint}{_PREFIX}{project}/regions/{region}"
+                if rid:
+                    self._by_request_id[rid] = operation["name"]
+                return 200, operation
+            case [name], "GET":
+                found = self.resource_policies.get((region, name))
+                if found is None:
+                    return _http_error(404, "notFound", f"resource policy {name} not found")
+                return 200, found
+        return _http_error(404, "notFound", f"no route {method} resourcePolicies/{rest}")
 
     def _firewall_route(
         self,
@@ -275,8 +331,13 @@ class FakeGceServer:
         with self._lock:
             if rest[:2] == ["global", "firewalls"]:
                 return self._firewall_route(method, project, rest[2:], body, query)
+            if rest[:1] == ["regions"] and rest[2:3] == ["resourcePolicies"]:
+                return self._policy_route(method, project, rest[1], rest[3:], body, query)
             match rest, method:
-                case ["global", "operations", name], "GET":
+                case (["global", "operations", name], "GET") | (
+                    ["regions", _, "operations", name],
+                    "GET",
+                ):
                     found_op = self.global_operations.get(name)
                     if found_op is None:
                         return _http_error(404, "notFound", f"operation {name} not found")

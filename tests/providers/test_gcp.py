@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -21,6 +22,8 @@ from catalog.gpus import resolve_gpu
 from catalog.model import Offer, ProviderName
 from catalog.snapshot import load_bundled
 from providers.base import (
+    GROUP_TAG,
+    ROLE_TAG,
     InstanceState,
     InsufficientCapacity,
     LaunchRequest,
@@ -37,6 +40,7 @@ from providers.gcp import (
     GcpConfig,
     GcpProvider,
     choose_image,
+    compact_policy_name,
     image_source,
     instance_name,
     label_value,
@@ -164,6 +168,60 @@ async def test_launch_sends_labels_spot_scheduling_image_family_and_startup_scri
     assert instance.private_address is not None
     assert [i.instance_id for i in await provider.list("Prod-EU")] == [instance.instance_id]
     assert await provider.list("prod-eu") == []
+
+
+A3 = replace(
+    OFFER, instance_type="a3-highgpu-8g", gpu="NVIDIA H100 80GB HBM3", gpu_count=8,
+    vcpus=208, memory_gib=1872, on_demand_usd_per_hour=88.25, spot_usd_per_hour=None,
+)  # fmt: skip
+
+
+def _member(gce: FakeGceServer, cluster: str, group: str, role: str) -> LaunchRequest:
+    harness = GcpHarness(gce)
+    harness.offer = A3
+    request = make_request(harness, cluster_id=cluster)
+    return replace(request, tags={**request.tags, GROUP_TAG: group, ROLE_TAG: role})
+
+
+async def test_a_groups_members_share_one_compact_placement_policy_reused_by_later_groups(
+    gce: FakeGceServer,
+) -> None:
+    cluster = "Big-Models"
+    provider = GcpProvider(_config(gce))
+    try:
+        leader = await provider.launch(_member(gce, cluster, "ln-g1", "leader"))
+        worker = await provider.launch(_member(gce, cluster, "ln-g1", "worker"))
+        single = await provider.launch(make_request(GcpHarness(gce), cluster_id=cluster))
+    finally:
+        provider.close()
+    name = compact_policy_name(cluster, ZONE, "a3-highgpu-8g")
+    policy = gce.resource_policies[("us-central1", name)]
+    assert policy["groupPlacementPolicy"] == {"collocation": "COLLOCATED"}
+    url = f"projects/acme-serving/regions/us-central1/resourcePolicies/{name}"
+    for member in (leader, worker):
+        zone, vm = member.instance_id.split("/")
+        assert gce.instances[(zone, vm)]["resourcePolicies"] == [url]
+    zone, vm = single.instance_id.split("/")
+    assert "resourcePolicies" not in gce.instances[(zone, vm)]  # not a group member
+    assert gce.policy_inserts == 1  # created once, then reused
+
+    restarted = GcpProvider(_config(gce))  # a new controller: the policy exists already
+    try:
+        again = await restarted.launch(_member(gce, cluster, "ln-g2", "leader"))
+    finally:
+        restarted.close()
+    zone, vm = again.instance_id.split("/")
+    assert gce.instances[(zone, vm)]["resourcePolicies"] == [url]
+    assert [k for k in gce.resource_policies if k[1] == name] == [("us-central1", name)]
+
+
+def test_compact_policy_names_are_valid_gce_names() -> None:
+    name = compact_policy_name("c" * 63, "europe-west4-a", "a3-megagpu-8g")
+    assert len(name) <= 63
+    assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name)
+    assert compact_policy_name("a", ZONE, "a3-highgpu-8g") != compact_policy_name(
+        "b", ZONE, "a3-highgpu-8g"
+    )
 
 
 async def test_n1_machines_get_their_gpus_as_guest_accelerators(gce: FakeGceServer) -> None:

@@ -127,7 +127,7 @@ def test_bad_config_names_the_key(document: dict[str, object], names: str) -> No
 async def test_groups_are_placed_on_the_providers_with_placement_affinity_unless_configured(
     tmp_path: Path,
 ) -> None:
-    assert load_config(None).group_providers == ["aws", "simulated"]
+    assert load_config(None).group_providers == ["aws", "gcp", "simulated"]
     with pytest.raises(ConfigError) as caught:
         parse_config({"group_providers": ["aws", "local"]}, source="ctl.yaml")
     assert str(caught.value) == (
