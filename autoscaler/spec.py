@@ -85,6 +85,25 @@ OMNI_TASK_TYPES = frozenset(
 JOB_ONLY_TASK_TYPES = frozenset({TaskType.RERANKER, TaskType.CLASSIFICATION, TaskType.REWARD})
 
 
+class EndpointType(StrEnum):
+    """How a workload is called. Unset: every route is open (live requests and jobs).
+
+    ``sync`` and ``streaming`` answer live requests and keep at least one replica at all
+    times; ``async`` serves only jobs (``/v1/jobs``), scales on the job queue and may
+    scale to zero."""
+
+    SYNC = "sync"
+    STREAMING = "streaming"
+    ASYNC = "async"
+
+
+#: Endpoint types that answer callers while they wait: they need a replica at all times.
+LIVE_ENDPOINT_TYPES = frozenset({EndpointType.SYNC, EndpointType.STREAMING})
+
+MAX_PER_WORKER = 100_000
+"""The largest ``per_worker`` (a bound on a count, not a tuning limit)."""
+
+
 class ExecutionPolicy(StrEnum):
     FIXED = "fixed"
     SCHEDULED = "scheduled"
@@ -453,6 +472,10 @@ class AutoscalingPolicy(StrictModel):
     upper_allowed_latency_sec: PositiveUsd = 1.0
     lower_allowed_latency_sec: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
     ttft_percentile: Annotated[float, Field(gt=0, le=1)] = 0.95
+    min_throughput_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    """Generated tokens per second the fleet must be able to sustain: a floor on the
+    replica count beside the TTFT rule, from the performance model's throughput of one
+    replica (``decide.scaling``); unset: no floor."""
     scale_up_time_window_sec: Annotated[float, Field(gt=0)] = 60.0
     scale_down_time_window_sec: Annotated[float, Field(gt=0)] = 300.0
     scaling_up_timeout_sec: Annotated[float, Field(gt=0)] = 1200.0
@@ -606,6 +629,13 @@ class WorkloadSpec(StrictModel):
     execution_policy_config: PolicyConfig = Field(
         default_factory=FixedPolicy, validate_default=True
     )
+    endpoint_type: EndpointType | None = None
+    """``sync``, ``streaming`` or ``async`` (see :class:`EndpointType`); unset: every
+    route open."""
+    per_worker: Annotated[int, Field(ge=1, le=MAX_PER_WORKER, strict=True), WHOLE] | None = None
+    """Requests one replica serves at once: the gateway sends a replica no more (the rest
+    wait in the workload's queue) and the autoscaler targets it per replica; unset: the
+    gateway's per-replica cap."""
     labels: dict[str, str] = Field(default_factory=dict, json_schema_extra=LABELS_SCHEMA)
     """Free-form ``key: value`` tags (team, product, ...) with Kubernetes' label rules
     (:mod:`autoscaler.labels`): shown by ``get``, filtered by ``get -l``, exported on the
@@ -703,6 +733,45 @@ class WorkloadSpec(StrictModel):
                 "conflicts with workers.cloud_pool (remove one of them)"
             )
         return self
+
+    @field_validator("endpoint_type")
+    @classmethod
+    def _endpoint_type(cls, kind: EndpointType | None, info: ValidationInfo) -> Any:
+        """Sync and streaming endpoints keep a replica at all times (a caller waits on
+        the answer); job-only modalities cannot be one."""
+        if kind is None or kind is EndpointType.ASYNC:
+            return kind
+        allowed = "use endpoint_type 'async', or leave endpoint_type unset"
+        task = info.data.get("task_type")
+        if isinstance(task, TaskType) and task in JOB_ONLY_TASK_TYPES:
+            raise ValueError(
+                f"endpoint_type {kind.value!r} answers live requests, but task_type "
+                f"{task.value!r} is served only as async jobs: {allowed}"
+            )
+        config = info.data.get("execution_policy_config")
+        need = f"endpoint_type {kind.value!r} needs at least one replica at all times"
+        if isinstance(config, AutoscalingPolicy) and config.min_workers < 1:
+            raise PydanticCustomError(
+                "endpoint_type_min_workers",
+                "{need}: execution_policy_config.min_workers is {value}, allowed: 1 or "
+                "more (or {allowed})",
+                {"need": need, "value": config.min_workers, "allowed": allowed},
+            )
+        if isinstance(config, FixedPolicy) and config.replicas < 1:
+            raise PydanticCustomError(
+                "endpoint_type_min_workers",
+                "{need}: execution_policy_config.replicas is 0, allowed: 1 or more (or {allowed})",
+                {"need": need, "allowed": allowed},
+            )
+        if isinstance(config, ScheduledPolicy):
+            raise PydanticCustomError(
+                "endpoint_type_schedule",
+                "{need}, and execution_policy 'scheduled' runs none outside its schedule; "
+                "allowed: execution_policy 'fixed' or 'autoscaling' with min_workers >= 1 "
+                "(or {allowed})",
+                {"need": need, "allowed": allowed},
+            )
+        return kind
 
     @field_validator("max_model_len", "custom_chat_template")
     @classmethod

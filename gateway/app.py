@@ -34,6 +34,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from autoscaler.spec import EndpointType
 from autoscaler.store import sealed
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Workload
@@ -56,6 +57,7 @@ from gateway.window import (
     REPLICA_CONCURRENCY_CAP,
     SIGNAL_WINDOW_SEC,
     SignalSnapshot,
+    replica_cap,
 )
 
 log = logging.getLogger(__name__)
@@ -245,11 +247,20 @@ class Gateway:
         async with self._sessions() as s:
             now = datetime.fromtimestamp(self._wall_clock(), UTC)
             table = await load_route_table(s, now=now)
-            depths = await jobs.queue_depths(s)
+            queues = await jobs.job_queues(s)
+        depths = {ref: queue.depth for ref, queue in queues.items()}
         self._table = table
         self._queue_depths = depths
         self._dispatcher.update(table.workloads)
-        self._signals.set_async_depth(depths)
+        self._signals.set_job_queues(
+            {ref: (q.depth, q.oldest_at.timestamp()) for ref, q in queues.items()}
+        )
+        self._signals.set_caps(
+            {
+                ref: replica_cap(route.per_worker, self.settings.replica_concurrency_cap)
+                for ref, route in table.workloads.items()
+            }
+        )
         if self._jobs is not None and any(
             r.ready for ref, r in table.workloads.items() if ref in depths
         ):
@@ -396,10 +407,14 @@ class Gateway:
         if request.method != "POST":
             raise GatewayError(405, f"/v1/{tail} takes POST, not {request.method}")
         if route.job_only:
+            served = (
+                "is an async endpoint (endpoint_type 'async'): it serves"
+                if route.endpoint_type is EndpointType.ASYNC
+                else f"serves {route.task_type.value}, which is served"
+            )
             raise GatewayError(
                 400,
-                f"workload {route.ref[1]!r} serves {route.task_type.value}, which is served "
-                "only as async jobs: POST /v1/jobs",
+                f"workload {route.ref[1]!r} {served} only as async jobs: POST /v1/jobs",
                 code="jobs_only",
             )
         self._signals.arrived(route.ref, now=self._wall_clock())

@@ -1,5 +1,8 @@
 """Leases on replicas: balancing, per-replica caps, the bounded wait queue, cold starts.
 
+A replica is sent at most its workload's cap at once: the spec's ``per_worker``, else the
+gateway's ``replica_concurrency_cap`` (``gateway.window.replica_cap``).
+
 A request takes a :class:`Lease` on one replica and gives it back when its response is
 done. A lease carries the request's estimated prompt tokens until its first token comes
 back (:meth:`Dispatcher.prefilled`), so the balancer weighs each replica's outstanding
@@ -24,6 +27,7 @@ from gateway.balancing import ReplicaLoad, admit_to_queue, choose_replica, reque
 from gateway.errors import GatewayError
 from gateway.routes import Replica, WorkloadRef, WorkloadRoute
 from gateway.signals import Signals
+from gateway.window import replica_cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +197,7 @@ class Dispatcher:
                     skip.add(key)
                 else:
                     del state.cooling_until[key]
-        cap = self._limits.replica_concurrency_cap
+        cap = replica_cap(route.per_worker, self._limits.replica_concurrency_cap)
         loads = [
             ReplicaLoad(
                 key=r.key,

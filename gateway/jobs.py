@@ -19,7 +19,7 @@ import logging
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -135,13 +135,27 @@ async def get_job(session: AsyncSession, *, ref: WorkloadRef, job_id: str) -> Jo
     return job
 
 
-async def queue_depths(session: AsyncSession) -> dict[WorkloadRef, int]:
+@dataclass(frozen=True, slots=True)
+class JobQueue:
+    """One workload's queued jobs: how many, and when the oldest was submitted."""
+
+    depth: int
+    oldest_at: datetime
+
+
+async def job_queues(session: AsyncSession) -> dict[WorkloadRef, JobQueue]:
+    """The queued jobs of every workload that has any."""
     rows = await session.execute(
-        select(Job.project, Job.workload_slug, func.count())
+        select(Job.project, Job.workload_slug, func.count(), func.min(Job.created_at))
         .where(Job.status == QUEUED)
         .group_by(Job.project, Job.workload_slug)
     )
-    return {(p, w): int(n) for p, w, n in rows}
+    return {(p, w): JobQueue(depth=int(n), oldest_at=_aware(oldest)) for p, w, n, oldest in rows}
+
+
+def _aware(at: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; they are stored in UTC.
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 class JobRunner:

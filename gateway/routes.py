@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from autoscaler.spec import JOB_ONLY_TASK_TYPES, TaskType
+from autoscaler.spec import JOB_ONLY_TASK_TYPES, EndpointType, TaskType
 from autoscaler.store.models import Instance, Token, Workload
 from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.records import placement_blocks
@@ -43,10 +43,15 @@ class WorkloadRoute:
     blocked: str | None = None
     """Why the controller cannot start a replica now (no offer fits, a ceiling, a spec
     that cannot run), while the workload has none: callers are answered at once."""
+    endpoint_type: EndpointType | None = None
+    per_worker: int | None = None
+    """The spec's ``per_worker``: the most requests one replica is sent at once
+    (``None``: the gateway's cap; ``gateway.window.replica_cap``)."""
 
     @property
     def job_only(self) -> bool:
-        return self.task_type in JOB_ONLY_TASK_TYPES
+        """Served only as async jobs: a job-only modality or an async endpoint."""
+        return self.task_type in JOB_ONLY_TASK_TYPES or self.endpoint_type is EndpointType.ASYNC
 
     @property
     def ready(self) -> tuple[Replica, ...]:
@@ -105,6 +110,8 @@ async def load_route_table(session: AsyncSession, *, now: datetime | None = None
             replicas=tuple(sorted(by_workload.get(w.id, []), key=lambda r: r.key)),
             last_request_at=w.last_request_at,
             blocked=blocks.get(w.id),
+            endpoint_type=_endpoint_type(w.spec.get("endpoint_type")),
+            per_worker=_per_worker(w.spec.get("per_worker")),
         )
         for w in workload_rows
     }
@@ -142,3 +149,14 @@ def _task_type(value: object) -> TaskType:
         return TaskType(str(value))
     except ValueError:
         return TaskType.TEXT2TEXT
+
+
+def _endpoint_type(value: object) -> EndpointType | None:
+    try:
+        return None if value is None else EndpointType(str(value))
+    except ValueError:
+        return None
+
+
+def _per_worker(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

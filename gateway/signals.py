@@ -126,6 +126,7 @@ class Signals:
         self.window_sec = window_sec
         self.metrics = metrics
         self.concurrency_cap = concurrency_cap
+        self._caps: dict[WorkloadRef, int] = {}
         self._windows: dict[WorkloadRef, WorkloadWindow] = {}
         self._children: dict[WorkloadRef, WorkloadMetrics] = {}
 
@@ -163,14 +164,24 @@ class Signals:
         """A request answered in full, with its prompt and completion token counts."""
         self.window(ref).add_tokens(now=now, input_tokens=input_tokens, output_tokens=output_tokens)
 
-    def set_async_depth(self, depths: dict[WorkloadRef, int]) -> None:
+    def set_job_queues(self, queues: dict[WorkloadRef, tuple[int, float]]) -> None:
+        """Queued async jobs per workload: how many, and when (epoch seconds) the
+        oldest was submitted; a workload left out has none."""
         for ref, w in self._windows.items():
-            if ref not in depths:
+            if ref not in queues:
                 w.async_queue_depth = 0
+                w.async_oldest_at = None
                 self.metrics.async_queue_depth.labels(*ref).set(0)
-        for ref, depth in depths.items():
-            self.window(ref).async_queue_depth = depth
+        for ref, (depth, oldest_at) in queues.items():
+            w = self.window(ref)
+            w.async_queue_depth = depth
+            w.async_oldest_at = oldest_at
             self.metrics.async_queue_depth.labels(*ref).set(depth)
+
+    def set_caps(self, caps: dict[WorkloadRef, int]) -> None:
+        """Each workload's per-replica cap (``gateway.window.replica_cap``), reported in
+        its snapshot; a workload left out has the gateway's."""
+        self._caps = caps
 
     def last_requests(self) -> dict[WorkloadRef, float]:
         """When each workload last got a request; cheaper than a snapshot, which copies
@@ -188,7 +199,7 @@ class Signals:
                 workload=ref[1],
                 now=now,
                 window_sec=self.window_sec,
-                concurrency_cap=self.concurrency_cap,
+                concurrency_cap=self._caps.get(ref, self.concurrency_cap),
             )
             for ref, w in self._windows.items()
         }

@@ -22,7 +22,16 @@ from datetime import UTC, datetime
 from typing import Any
 
 REPLICA_CONCURRENCY_CAP = 64
-"""The most requests the gateway sends one replica at once (``GatewaySettings``)."""
+"""The most requests the gateway sends one replica at once (``GatewaySettings``), for a
+workload that sets no ``per_worker``."""
+
+
+def replica_cap(per_worker: int | None, default: int = REPLICA_CONCURRENCY_CAP) -> int:
+    """The most requests one replica of a workload is sent at once: its spec's
+    ``per_worker`` where set, else the gateway's cap (``default``). The one rule the
+    gateway, the scaler and the simulator all apply."""
+    return default if per_worker is None else per_worker
+
 
 SIGNAL_WINDOW_SEC = 900.0
 """How far back the gateway's window keeps requests: rates, TTFT samples, token mix."""
@@ -83,7 +92,8 @@ class SignalSnapshot:
     first byte follows the whole generation: they count as requests (rates, bursts),
     never as TTFT; the engines' histograms time their first tokens. ``queued`` counts
     requests held by the gateway (waiting for a free replica or a cold start);
-    ``async_queue_depth`` counts queued async jobs.
+    ``async_queue_depth`` counts queued async jobs, ``async_oldest_at`` is when the oldest
+    of them was submitted (``None``: none queued).
     ``tokens`` is the token mix of requests answered within the window (``None``: none
     was); ``concurrency_cap`` the most requests the gateway sends one replica at once.
     """
@@ -105,6 +115,7 @@ class SignalSnapshot:
     replica_in_flight: Mapping[str, int] | None = None
     """Requests in flight per replica, by launch id (``None``: from a gateway that does
     not count them; a replica absent from the mapping has none)."""
+    async_oldest_at: float | None = None
 
     @property
     def request_rate(self) -> float:
@@ -134,6 +145,7 @@ class SignalSnapshot:
             "replica_in_flight": (
                 None if self.replica_in_flight is None else dict(self.replica_in_flight)
             ),
+            "async_oldest_at": self.async_oldest_at,
         }
 
     @classmethod
@@ -165,6 +177,9 @@ class SignalSnapshot:
                 if data.get("replica_in_flight") is None
                 else {str(k): int(v) for k, v in data["replica_in_flight"].items()}
             ),
+            async_oldest_at=(
+                None if data.get("async_oldest_at") is None else float(data["async_oldest_at"])
+            ),
         )
 
     @property
@@ -179,6 +194,7 @@ class WorkloadWindow:
 
     __slots__ = (
         "arrivals",
+        "async_oldest_at",
         "async_queue_depth",
         "cold_start_waiting",
         "in_flight",
@@ -205,6 +221,7 @@ class WorkloadWindow:
         self.queued = 0
         self.cold_start_waiting = 0
         self.async_queue_depth = 0
+        self.async_oldest_at: float | None = None
         self.last_request_at: float | None = None
 
     def trim(self, *, now: float, window_sec: float) -> None:
@@ -277,6 +294,7 @@ class WorkloadWindow:
             concurrency_cap=concurrency_cap,
             unstreamed_samples=tuple(self.unstreamed),
             replica_in_flight=dict(self.replica_in_flight),
+            async_oldest_at=self.async_oldest_at,
         )
 
     def token_stats(self) -> TokenStats | None:

@@ -18,6 +18,10 @@ Added to pydantic's schema:
   image, audio and video task types only with ``vllm-omni``; ``worker_id`` not with a
   ``workers.cloud_pool``; ``max_model_len`` and ``custom_chat_template`` not with
   ``ollama``;
+* ``endpoint_type`` ``sync`` or ``streaming``: not with a job-only ``task_type``
+  (reranker, classification, reward), not with ``execution_policy`` ``scheduled``, and a
+  replica at all times (``replicas`` at least 1; autoscaling with a config whose
+  ``min_workers`` is at least 1);
 * names: a slug is a DNS label, ``name`` and ``model`` not blank, GPU names from the
   catalog, CUDA versions from their table (regions and labels carry their own patterns
   in pydantic's schema).
@@ -39,6 +43,8 @@ from zoneinfo import available_timezones
 
 from autoscaler.spec import (
     BACKENDS,
+    JOB_ONLY_TASK_TYPES,
+    LIVE_ENDPOINT_TYPES,
     OMNI_TASK_TYPES,
     SLUG_RE,
     Backend,
@@ -176,6 +182,45 @@ def _cloud_pool(schema: dict[str, Any]) -> None:
     )
 
 
+def _live_endpoint() -> dict[str, Any]:
+    """``endpoint_type`` sync or streaming: a replica at all times, live modalities only."""
+    live = sorted(t.value for t in LIVE_ENDPOINT_TYPES)
+    jobs_only = sorted(t.value for t in JOB_ONLY_TASK_TYPES)
+    at_least_one = {
+        "if": _is("execution_policy", ExecutionPolicy.AUTOSCALING.value),
+        "then": {
+            "required": ["execution_policy_config"],
+            "properties": {
+                "execution_policy_config": {
+                    "type": "object",
+                    "required": ["min_workers"],
+                    "properties": {"min_workers": {"type": "integer", "minimum": 1}},
+                }
+            },
+        },
+        "else": {
+            "properties": {
+                "execution_policy_config": {
+                    "anyOf": [
+                        {"type": "null"},
+                        {"type": "object", "properties": {"replicas": {"minimum": 1}}},
+                    ]
+                }
+            }
+        },
+    }
+    return {
+        "if": _is("endpoint_type", *live),
+        "then": {
+            "allOf": [
+                {"not": _is("task_type", *jobs_only)},
+                {"not": _is("execution_policy", ExecutionPolicy.SCHEDULED.value)},
+                at_least_one,
+            ]
+        },
+    }
+
+
 def _workload(spec: dict[str, Any]) -> None:
     props = spec["properties"]
     props["name"]["pattern"] = _NOT_BLANK
@@ -242,6 +287,7 @@ def _workload(spec: dict[str, Any]) -> None:
     }
     omni = [t.value for t in sorted(OMNI_TASK_TYPES)]
     spec["allOf"] = [
+        _live_endpoint(),
         {
             "if": _is("execution_policy", ExecutionPolicy.SCHEDULED.value),
             "then": config_is["ScheduledPolicy"],

@@ -22,7 +22,13 @@ from autoscaler.decide.scaling import (
 )
 from autoscaler.decide.schedule import format_offset, schedule_state
 from autoscaler.decide.signals import Signals
-from autoscaler.spec import AutoscalingPolicy, FixedPolicy, ScheduledPolicy, WorkloadSpec
+from autoscaler.spec import (
+    AutoscalingPolicy,
+    EndpointType,
+    FixedPolicy,
+    ScheduledPolicy,
+    WorkloadSpec,
+)
 
 
 def desired_count(
@@ -34,13 +40,22 @@ def desired_count(
     now: datetime,
     capacity: ReplicaCapacity | None = None,
     schedule_offset: timedelta = timedelta(0),
+    concurrency_target: int | None = None,
 ) -> ScaleDecision:
     """How many replicas ``spec`` wants at ``now``, with the reason; a schedule is read
-    at ``now + schedule_offset``."""
+    at ``now + schedule_offset``. ``concurrency_target``: requests per replica the
+    autoscaler scales to (``decide.inputs.concurrency_target``)."""
     policy = spec.execution_policy_config
     if isinstance(policy, AutoscalingPolicy):
         return desired_replicas(
-            policy=policy, signals=signals, fleet=fleet, memory=memory, now=now, capacity=capacity
+            policy=policy,
+            signals=signals,
+            fleet=fleet,
+            memory=memory,
+            now=now,
+            capacity=capacity,
+            concurrency_target=concurrency_target,
+            jobs_only=spec.endpoint_type is EndpointType.ASYNC,
         )
     if isinstance(policy, ScheduledPolicy):
         state = schedule_state(policy, now=now + schedule_offset)

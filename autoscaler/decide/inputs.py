@@ -32,11 +32,11 @@ from typing import overload
 from autoscaler.decide.placement import DEFAULT_INPUT_TOKENS, DEFAULT_OUTPUT_TOKENS
 from autoscaler.decide.queueing import ReplicaCapacity
 from autoscaler.decide.signals import Signals
-from autoscaler.spec import WorkloadSpec
+from autoscaler.spec import EndpointType, WorkloadSpec
 from catalog.model import Offer
 from catalog.perf import fastest_single_gpu, serving_profile
 from catalog.sizing import GIB, QUANT_PATTERNS, estimate_model_memory
-from gateway.window import REPLICA_CONCURRENCY_CAP, SignalSnapshot
+from gateway.window import REPLICA_CONCURRENCY_CAP, SignalSnapshot, replica_cap
 
 DEFAULT_CONCURRENCY_CAP = REPLICA_CONCURRENCY_CAP
 """The gateway's default per-replica concurrency cap (``gateway.window``), used when a
@@ -101,6 +101,7 @@ def signals_of(snapshot: SignalSnapshot, *, samples_since: float | None = None) 
         queue_depth=snapshot.queued + snapshot.async_queue_depth,
         last_request_at=snapshot.last_request_at,
         unstreamed_samples=unstreamed,
+        oldest_queued_at=snapshot.async_oldest_at,
     )
 
 
@@ -196,6 +197,21 @@ def decision_inputs(
     )
 
 
+def concurrency_cap_of(spec: WorkloadSpec, measured: Measured) -> int:
+    """The most requests the gateway sends one replica of ``spec`` at once: its
+    ``per_worker``, else the cap the gateway reports (the default when it does not)."""
+    return replica_cap(spec.per_worker, measured.concurrency_cap or DEFAULT_CONCURRENCY_CAP)
+
+
+def concurrency_target(spec: WorkloadSpec, measured: Measured) -> int | None:
+    """The requests per replica the autoscaler scales to (``decide.scaling``): the cap
+    where the spec sets ``per_worker`` or serves only jobs (an async endpoint scales on
+    its queue), else ``None`` (TTFT and load decide)."""
+    if spec.per_worker is None and spec.endpoint_type is not EndpointType.ASYNC:
+        return None
+    return concurrency_cap_of(spec, measured)
+
+
 def replica_capacity(
     shape: GpuShape, *, model: ModelSize, mix: TokenMix | None, concurrency_cap: int
 ) -> ReplicaCapacity | None:
@@ -218,6 +234,7 @@ def replica_capacity(
     scv = None if mix is None else mix.input_scv
     return ReplicaCapacity(
         requests_per_s=rps,
+        output_tokens_per_s=rps * tokens_out,
         max_concurrency=batch,
         prefill_s=profile.prefill_seconds(round(tokens_in)),
         prefill_scv=DEFAULT_PREFILL_SCV if scv is None else scv,

@@ -84,6 +84,9 @@ class ReplicaCapacity:
     use: the SLO's reference for long prompts. A TTFT that only this replica's slower
     prefill explains is a miss a faster shape would avoid, not an excuse
     (``decide.scaling.breach_bound``)."""
+    output_tokens_per_s: float | None = None
+    """Generated tokens per second a saturated replica sustains at the measured mix
+    (``requests_per_s`` times the mean completion): what ``min_throughput_rate`` counts."""
 
 
 def prefill_quantile(capacity: ReplicaCapacity, q: float) -> float | None:

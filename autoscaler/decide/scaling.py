@@ -23,6 +23,20 @@ The rules, in the order they are tried (the first that applies decides):
    load is far below it, never more than half at once).
 6. Otherwise hold.
 
+Beside them, three rules take the workload's concurrency and throughput:
+
+* **Concurrency target.** With ``per_worker`` (or on an async endpoint, the gateway's
+  per-replica cap), at least ``ceil((in flight + queued) / target)`` replicas, at once
+  (before rule 3), and waking from zero starts that many; scale-down keeps them.
+* **Async endpoints** (``jobs_only``) scale on their job queue, not on TTFT: rules 3 and
+  4 do not apply; a queued job older than the scale-up window with no replica booting
+  adds one replica; the fleet is calm when the queue and jobs in flight fit one replica
+  fewer at the target.
+* **Throughput floor.** ``min_throughput_rate`` (generated tokens/s): at least
+  ``ceil(rate / one replica's tokens/s)`` replicas (the performance model's figure at
+  the measured mix), whatever the rules above say, scale to zero included; one when no
+  figure is known.
+
 Hysteresis is time, never ticks: a breach must hold for the window measured in seconds
 from ``breach_since``. With ``enable_fast_autoscaling`` the scale-up window is cut to
 :data:`FAST_SCALE_UP_WINDOW_SEC` and the step may triple capacity instead of doubling
@@ -156,31 +170,44 @@ def desired_replicas(
     memory: ScaleMemory,
     now: datetime,
     capacity: ReplicaCapacity | None = None,
+    concurrency_target: int | None = None,
+    jobs_only: bool = False,
 ) -> ScaleDecision:
-    """How many replicas (ready + booting) the workload should have at ``now``."""
+    """How many replicas (ready + booting) the workload should have at ``now``.
+
+    ``concurrency_target``: requests one replica serves at once, to scale to (``None``:
+    none); ``jobs_only``: an async endpoint, scaled on its job queue (module docstring).
+    """
     up_window = scale_up_window_sec(policy)
     down_window = policy.scale_down_time_window_sec
     q = policy.ttft_percentile
     ttft_up = measured_ttft(signals, q=q, since=now - timedelta(seconds=up_window))
     ttft_down = measured_ttft(signals, q=q, since=now - timedelta(seconds=down_window))
-    memory = _remember(
+    if jobs_only:  # jobs are not timed to a first token; the queue says how they fare
+        ttft_up = ttft_down = None
+    ctx = _Context(
         policy,
+        signals,
+        fleet,
         memory,
-        signals=signals,
-        up=ttft_up,
-        down=ttft_down,
-        now=now,
-        capacity=capacity,
+        now,
+        capacity,
+        ttft_up,
+        ttft_down,
+        concurrency_target,
+        jobs_only,
     )
-    ctx = _Context(policy, signals, fleet, memory, now, capacity, ttft_up, ttft_down)
+    ctx = replace(ctx, memory=_remember(ctx))
     decision = (
         _to_zero(ctx)
         or _wake(ctx)
-        or _load_up(ctx)
+        or _concurrency_up(ctx)
+        or _age_up(ctx, up_window)
+        or (None if jobs_only else _load_up(ctx))
         or _up(ctx, up_window)
         or _down(ctx, down_window)
     )
-    return decision or ctx.hold()
+    return _throughput_floor(ctx, decision or ctx.hold())
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +220,33 @@ class _Context:
     capacity: ReplicaCapacity | None
     ttft_up: float | None
     ttft_down: float | None
+    concurrency_target: int | None = None
+    jobs_only: bool = False
 
     @property
     def current(self) -> int:
         return self.fleet.serving_or_soon
+
+    @property
+    def concurrency_need(self) -> int:
+        """Replicas the requests in flight and queued need at the concurrency target
+        (0 without a target)."""
+        target = self.concurrency_target
+        if target is None:
+            return 0
+        return math.ceil((self.signals.in_flight + self.signals.queue_depth) / target)
+
+    def concurrency_text(self) -> str:
+        s = self.signals
+        return (
+            f"{s.in_flight} in flight and {s.queue_depth} queued at {self.concurrency_target} "
+            f"per replica (per_worker) need {self.concurrency_need}"
+        )
+
+    def job_age(self) -> float | None:
+        """Seconds the oldest queued job has waited (``None``: none queued)."""
+        oldest = self.signals.oldest_queued_at
+        return None if oldest is None else (self.now - oldest).total_seconds()
 
     def clamp(self, count: int) -> int:
         return min(max(count, floor_of(self.policy)), self.policy.max_workers)
@@ -241,20 +291,18 @@ class _Context:
         return held if held >= window_sec else None
 
 
-def _remember(
-    policy: AutoscalingPolicy,
-    memory: ScaleMemory,
-    *,
-    signals: Signals,
-    up: float | None,
-    down: float | None,
-    now: datetime,
-    capacity: ReplicaCapacity | None = None,
-) -> ScaleMemory:
+def _remember(ctx: _Context) -> ScaleMemory:
+    policy, memory, signals, now = ctx.policy, ctx.memory, ctx.signals, ctx.now
+    up, down, capacity = ctx.ttft_up, ctx.ttft_down, ctx.capacity
     breach = up is not None and up > breach_bound(policy, capacity)
     idle = down is None and signals.in_flight == 0 and signals.queue_depth == 0
     lower, _ = calm_bound(policy, capacity)
     calm = idle or (down is not None and down < lower)
+    if ctx.jobs_only:
+        age = ctx.job_age()
+        calm = ctx.concurrency_need < ctx.current and (
+            age is None or age <= scale_up_window_sec(policy)
+        )
     calm = calm and not breach
     return ScaleMemory(
         breach_since=(memory.breach_since or now) if breach else None,
@@ -332,14 +380,95 @@ def _wake(ctx: _Context) -> ScaleDecision | None:
         return None
     if not (s.queue_depth or s.in_flight or s.last_request_at is not None):
         return None
-    desired = ctx.clamp(1)
+    desired = ctx.clamp(max(1, ctx.concurrency_need))
     waiting = s.queue_depth + s.in_flight
+    per = f" ({ctx.concurrency_text()})" if ctx.concurrency_need > 1 else ""
     return ctx.decide(
         desired,
         Direction.WAKE,
-        f"wake from zero: {waiting} request(s) waiting and no replica ready or booting; "
+        f"wake from zero: {waiting} request(s) waiting and no replica ready or booting{per}; "
         f"{desired} at once",
         ScaleMemory(),
+    )
+
+
+def _concurrency_up(ctx: _Context) -> ScaleDecision | None:
+    """Scale up at once to the replicas the concurrency target needs."""
+    need = ctx.concurrency_need
+    if ctx.current == 0 or need <= ctx.current:
+        return None
+    desired = ctx.clamp(need)
+    if desired <= ctx.current:
+        return None
+    return ctx.decide(
+        desired,
+        Direction.UP,
+        f"{ctx.concurrency_text()}: {ctx.current} -> {desired} ({ctx.fleet.ready} ready, "
+        f"{ctx.fleet.booting} booting)",
+        replace(ctx.memory, calm_since=None),
+    )
+
+
+def _age_up(ctx: _Context, window_sec: float) -> ScaleDecision | None:
+    """An async endpoint whose oldest queued job has waited past the scale-up window,
+    with no replica booting to take it: one more replica."""
+    age = ctx.job_age()
+    if not ctx.jobs_only or age is None or age <= window_sec or ctx.fleet.booting:
+        return None
+    if ctx.current == 0:
+        return None
+    desired = ctx.clamp(ctx.current + 1)
+    why = (
+        f"the oldest queued job has waited {age:.0f}s > scale-up window {window_sec:g}s "
+        f"with {ctx.signals.queue_depth} queued and no replica booting"
+    )
+    if desired <= ctx.current:
+        return ctx.decide(desired, Direction.HOLD, f"{why}; already at max_workers")
+    return ctx.decide(
+        desired,
+        Direction.UP,
+        f"{why}: {ctx.current} -> {desired}",
+        replace(ctx.memory, calm_since=None),
+    )
+
+
+def throughput_need(
+    policy: AutoscalingPolicy, capacity: ReplicaCapacity | None
+) -> tuple[int, str] | None:
+    """Replicas ``min_throughput_rate`` needs, and why in numbers (``None``: no floor).
+    Without a per-replica figure (the model's size or the GPU unknown) one replica."""
+    rate = policy.min_throughput_rate
+    if rate is None:
+        return None
+    per = None if capacity is None else capacity.output_tokens_per_s
+    if per is None or per <= 0:
+        return 1, (
+            f"min_throughput_rate {rate:g} tokens/s: no per-replica throughput figure "
+            "(model size or GPU unknown), so at least 1 replica"
+        )
+    need = math.ceil(rate / per)
+    return need, (
+        f"min_throughput_rate {rate:g} tokens/s needs {need} replica(s) at {per:.0f} "
+        "tokens/s each (performance model at the measured mix)"
+    )
+
+
+def _throughput_floor(ctx: _Context, decision: ScaleDecision) -> ScaleDecision:
+    """``decision`` raised to the replicas ``min_throughput_rate`` needs."""
+    found = throughput_need(ctx.policy, ctx.capacity)
+    if found is None or decision.desired >= found[0]:
+        return decision
+    need, why = found
+    desired = min(need, ctx.policy.max_workers)
+    if desired <= decision.desired:
+        return decision
+    capped = f", capped at max_workers {ctx.policy.max_workers}" if desired < need else ""
+    direction = Direction.UP if desired > ctx.current else Direction.HOLD
+    return replace(
+        decision,
+        desired=desired,
+        direction=direction,
+        reason=f"{why}{capped}: {ctx.current} -> {desired} (instead of: {decision.reason})",
     )
 
 
@@ -440,7 +569,7 @@ def _down(ctx: _Context, window_sec: float) -> ScaleDecision | None:
     pct = f"p{p.ttft_percentile * 100:g}"
     bound, set_by = calm_bound(p, ctx.capacity)
     latency = (
-        "no traffic"
+        ("the job queue is calm" if ctx.jobs_only else "no traffic")
         if ctx.ttft_down is None
         else f"TTFT {pct} {ctx.ttft_down:.3f}s < calm bound {bound:.3g}s ({set_by})"
     )
@@ -459,6 +588,10 @@ def _consolidated(ctx: _Context) -> tuple[int, str]:
     one_less = ready - 1
     if one_less < 1:
         return 0, "no load to carry"
+    if ctx.concurrency_need > one_less:
+        return ready, f"{ctx.concurrency_text()}: keep {ready}"
+    if ctx.jobs_only:
+        return max(ctx.concurrency_need, math.ceil(ready / 2), 1), ctx.concurrency_text()
     if cap is None:
         # Without a capacity figure, project TTFT as growing with load per replica (an
         # underestimate near saturation, so keep a margin below the upper bound).

@@ -22,7 +22,8 @@ class Signals:
     gateway cannot time (answers not streamed). The TTFT rule reads the worse of the
     two percentiles, each over its own samples. ``unstreamed_samples`` are the gateway's
     ``(time, seconds)`` pairs for those requests: requests answered (rates, bursts),
-    not TTFT.
+    not TTFT. ``oldest_queued_at``: when the oldest queued async job was submitted
+    (``None``: none queued).
     """
 
     ttft_samples: tuple[tuple[datetime, float], ...] = ()
@@ -32,6 +33,7 @@ class Signals:
     last_request_at: datetime | None = None
     engine_ttft_samples: tuple[tuple[datetime, float], ...] = ()
     unstreamed_samples: tuple[tuple[datetime, float], ...] = ()
+    oldest_queued_at: datetime | None = None
 
     @property
     def answered_samples(self) -> tuple[tuple[datetime, float], ...]:
@@ -50,6 +52,7 @@ class Signals:
         queue_depth: int,
         last_request_at: float | None,
         unstreamed_samples: Iterable[tuple[float, float]] = (),
+        oldest_queued_at: float | None = None,
     ) -> Signals:
         """Signals from epoch-second timestamps (the gateway's ``SignalSnapshot`` form)."""
         return cls(
@@ -59,6 +62,7 @@ class Signals:
             in_flight=in_flight,
             queue_depth=queue_depth,
             last_request_at=None if last_request_at is None else _from_epoch(last_request_at),
+            oldest_queued_at=None if oldest_queued_at is None else _from_epoch(oldest_queued_at),
         )
 
 

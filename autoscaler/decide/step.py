@@ -38,6 +38,8 @@ from autoscaler.decide.inputs import (
     DecisionInputs,
     GpuShape,
     Measured,
+    concurrency_cap_of,
+    concurrency_target,
     decision_inputs,
     model_size,
     shape_of,
@@ -294,7 +296,7 @@ def _inputs(
         model=model_size(view.spec),
         fleet=[r.shape for r in view.replicas if r.shape is not None],
         next_shape=lambda: shape_of(placement().offer),
-        concurrency_cap=view.measured.concurrency_cap,
+        concurrency_cap=concurrency_cap_of(view.spec, view.measured),
         pool_gpus=(
             pool_gpu_kinds(view.spec, view.offers) if view.pool_gpus is None else view.pool_gpus
         ),
@@ -329,6 +331,7 @@ def _decide(
         now=now,
         capacity=inputs.capacity,
         schedule_offset=timedelta(seconds=knobs.schedule_offset_sec),
+        concurrency_target=concurrency_target(view.spec, view.measured),
     )
     cap = knobs.max_replicas_per_workload
     if decision.desired > cap:

@@ -37,6 +37,7 @@ from catalog.engine import BatchEngine, EventKind
 from catalog.model import Offer
 from catalog.query import Market
 from gateway.balancing import ReplicaLoad, request_work
+from gateway.window import replica_cap
 from providers.base import BootSpec, LaunchRequest, instance_tags
 from providers.errors import InsufficientCapacity, QuotaExceeded
 from providers.simulated import SimulatedCloud, SimulationConfig
@@ -178,7 +179,9 @@ class World:
                 spot_interruptions_per_hour=cloud.spot_interruptions_per_hour,
             ),
         )
-        self.gateway = SimGateway(rng=random.Random(seed + 1), epoch_s=EPOCH_S)
+        self.gateway = SimGateway(
+            rng=random.Random(seed + 1), epoch_s=EPOCH_S, cap=replica_cap(self.spec.per_worker)
+        )
         self.replicas: dict[str, SimReplica] = {}
         self.unavailable: dict[str, datetime] = {}
         self.events: list[ScaleEvent] = []

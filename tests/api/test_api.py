@@ -289,3 +289,19 @@ def test_sdk_retries_5xx_then_gives_up_with_the_error() -> None:
     with pytest.raises(ApiError) as info:
         c404.get("x")
     assert info.value.code == "workload_not_found"
+
+
+def test_a_sync_endpoint_without_a_replica_floor_is_422_with_the_reason(
+    api_server: ApiServer,
+) -> None:
+    url = f"{api_server.url}/v1/projects/acme/workloads/support-bot"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    answer = httpx.put(url, json={**SPEC, "endpoint_type": "sync"}, headers=headers)
+    assert answer.status_code == 422
+    [detail] = answer.json()["error"]["details"]
+    assert (detail["path"], detail["value"]) == ("endpoint_type", "sync")
+    assert "min_workers is 0, allowed: 1 or more" in detail["message"]
+    assert httpx.get(url, headers=headers).status_code == 404  # nothing stored
+    floor = {**SPEC["execution_policy_config"], "min_workers": 1}
+    body = {**SPEC, "endpoint_type": "sync", "execution_policy_config": floor}
+    assert httpx.put(url, json=body, headers=headers).status_code == 201

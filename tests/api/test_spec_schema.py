@@ -61,6 +61,19 @@ VALID = [
     },
     {"execution_policy": "autoscaling", "worker_id": "wrk_1"},
     {"backend": "vllm-omni", "task_type": "text2image", "vllm_version": "0.11.0"},
+    {"endpoint_type": "sync"},
+    {"endpoint_type": "streaming", "per_worker": 1, "execution_policy_config": {"replicas": 2}},
+    {
+        "endpoint_type": "sync",
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {**AUTOSCALING, "min_workers": 1},
+    },
+    {
+        "endpoint_type": "async",
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {**AUTOSCALING, "min_throughput_rate": 1000},
+    },
+    {"endpoint_type": "async", "task_type": "reranker"},
 ]
 
 INVALID = {
@@ -116,6 +129,27 @@ INVALID = {
     "an unknown region": {
         "execution_policy": "autoscaling",
         "execution_policy_config": {**AUTOSCALING, "regions": ["moon-base-1"]},
+    },
+    "a sync endpoint with min_workers 0": {
+        "endpoint_type": "sync",
+        "execution_policy": "autoscaling",
+        "execution_policy_config": AUTOSCALING,
+    },
+    "a streaming endpoint with no replica": {
+        "endpoint_type": "streaming",
+        "execution_policy_config": {"replicas": 0},
+    },
+    "a scheduled sync endpoint": {
+        "endpoint_type": "sync",
+        "execution_policy": "scheduled",
+        "execution_policy_config": {"cron": "0 2 * * *"},
+    },
+    "a sync reranker": {"endpoint_type": "sync", "task_type": "reranker"},
+    "an unknown endpoint type": {"endpoint_type": "batch"},
+    "per_worker 0": {"per_worker": 0},
+    "a zero throughput floor": {
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {**AUTOSCALING, "min_throughput_rate": 0},
     },
     "a blank name": {"name": "   "},
     "a slug that is no DNS label": {"slug": "Not_A_Slug"},

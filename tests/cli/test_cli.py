@@ -136,6 +136,20 @@ def test_a_command_the_engine_refuses_exits_2_and_stores_nothing(
     assert json.loads(service.cli("get", "-o", "json").stdout) == []
 
 
+def test_a_live_endpoint_that_may_scale_to_zero_exits_2_with_the_reason(
+    service: RunningService, tmp_path: Path
+) -> None:
+    doc = yaml.safe_load((EXAMPLES / "chat-fixed.yaml").read_text())
+    doc.update(endpoint_type="streaming", per_worker=1, execution_policy_config={"replicas": 0})
+    path = tmp_path / "streaming.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    result = service.cli("apply", "-f", str(path))
+    assert result.returncode == 2
+    assert "endpoint_type: endpoint_type 'streaming' needs at least one replica" in result.stderr
+    assert "replicas is 0, allowed: 1 or more" in result.stderr
+    assert json.loads(service.cli("get", "-o", "json").stdout) == []
+
+
 def test_get_lists_by_label_selector(service: RunningService) -> None:
     assert service.cli("apply", "-f", str(EXAMPLES / "chat-fixed.yaml")).returncode == 0
     assert service.cli("apply", "-f", str(EXAMPLES / "embedding-fixed.yaml")).returncode == 0

@@ -3,6 +3,7 @@ the controller's own decision code drives it."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -194,3 +195,24 @@ def test_the_simulated_gateway_answers_the_gateways_snapshot(
     view = world._view_now(t)
     assert view.measured.signals.request_rate == pytest.approx(600 / snapshot.window_sec)
     assert view.measured.token_mix is not None and view.measured.token_mix.input_tokens == 200
+
+
+def test_per_worker_caps_the_simulated_replica_as_the_gateway_does(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    # Four requests a second, each taking longer than a second to generate: a replica
+    # that takes one at a time makes the rest wait at the gateway.
+    requests = constant(rps=4.0, seconds=60, tokens_out=200)
+    capped_spec = workload.spec.model_copy(update={"per_worker": 1})
+    capped_workload = dataclasses.replace(workload, spec=capped_spec)
+    reports = []
+    for w in (workload, capped_workload):
+        prepared = _prepare(w, offers, requests)
+        reports.append(
+            run_policy(prepared, static_policy(prepared.workload.spec, replicas=1, name="one"))
+        )
+    free, capped = reports
+    assert free.ttft_p99_s is not None and capped.ttft_p99_s is not None
+    assert free.slo_attainment == 1.0
+    assert capped.ttft_p99_s > 10 * free.ttft_p99_s
+    assert capped.slo_attainment < free.slo_attainment
