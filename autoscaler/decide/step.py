@@ -390,6 +390,7 @@ def place_next(
         input_scv=None if mix is None else mix.input_scv,
         allow_groups=True,
         group_providers=knobs.group_providers,
+        concurrency_cap=concurrency_cap_of(spec, view.measured),
     )
     if not placement.found:
         return placement

@@ -18,7 +18,7 @@ from autoscaler.decide.scaling import (
     throughput_need,
 )
 from autoscaler.decide.signals import Signals
-from autoscaler.decide.step import ReplicaState, StepKnobs, WorkloadView, step
+from autoscaler.decide.step import ReplicaState, StepKnobs, WorkloadView, place_next, step
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 from tests.reconcile.world import L4, OFFERS, autoscaling
 
@@ -92,6 +92,21 @@ def test_per_worker_is_the_replicas_concurrency_target_in_the_step() -> None:
     uncapped = _step(_spec(), signals)
     assert uncapped.decision.desired == 1
     assert uncapped.inputs.capacity.max_concurrency > 2
+
+
+def test_placement_weighs_a_replica_at_its_per_worker() -> None:
+    # A GPU whose large batch makes it cheapest per request/s loses that edge when the
+    # gateway sends each replica one request at a time.
+    def chosen(spec: WorkloadSpec) -> str:
+        view = WorkloadView(
+            spec=spec, generation=1, replicas=[], measured=Measured(), offers=OFFERS
+        )
+        placement = place_next(view, unavailable={}, now=NOW, knobs=StepKnobs(), launched=())
+        assert placement.offer is not None
+        return placement.offer.gpu
+
+    assert chosen(_spec()) == "NVIDIA L40S"
+    assert chosen(_spec(per_worker=1)) == "NVIDIA A10G"
 
 
 def test_scale_down_keeps_what_the_concurrency_target_needs() -> None:
