@@ -94,7 +94,9 @@ class GatewaySettings:
     connect_timeout_sec: float = 5.0
     refused_cooldown_sec: float = 2.0
     signal_window_sec: float = SIGNAL_WINDOW_SEC
-    job_workers: int = 4
+    #: The most async jobs this gateway runs at once (over all workloads); each also
+    #: needs a replica with room under its workload's per-replica cap.
+    job_workers: int = 256
     job_poll_interval_sec: float = 1.0
     job_timeout_sec: float = 900.0
     #: Normal traffic updates ``workloads.last_request_at`` at most this often.

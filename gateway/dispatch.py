@@ -302,6 +302,16 @@ class Dispatcher:
             state.waiters.popleft()
             waiter.future.set_result(lease)
 
+    def has_room(self, ref: WorkloadRef) -> bool:
+        """Whether a request of ``ref`` would get a replica now without waiting: one
+        has room under its cap and nobody waits in line."""
+        state = self._state(ref)
+        route = self._routes.get(ref)
+        if state.waiters or route is None:
+            return False
+        cap = replica_cap(route.per_worker, self._limits.replica_concurrency_cap)
+        return any(not r.draining and state.outstanding.get(r.key, 0) < cap for r in route.replicas)
+
     def queued(self, ref: WorkloadRef) -> int:
         state = self._states.get(ref)
         return 0 if state is None else len(state.waiters)

@@ -159,7 +159,11 @@ def _aware(at: datetime) -> datetime:
 
 
 class JobRunner:
-    """Workers that drain queued jobs against ready replicas."""
+    """Runs queued jobs against ready replicas: up to ``workers`` at once in this
+    gateway, each on a lease like a live request's, claimed only while a replica of the
+    job's workload has room and no live request waits for one (jobs fill free slots;
+    they never queue ahead of callers). More replicas, or a larger ``per_worker``, run
+    more jobs at once."""
 
     def __init__(
         self,
@@ -185,14 +189,15 @@ class JobRunner:
         self._job_timeout = job_timeout_sec
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._work()) for _ in range(self._workers)]
+        self._tasks = [asyncio.create_task(self._claim_loop())]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._running]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._running]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
@@ -210,30 +215,48 @@ class JobRunner:
                 .values(status=QUEUED, started_at=None)
             )
 
-    async def _work(self) -> None:
+    async def _claim_loop(self) -> None:
+        slots = asyncio.Semaphore(self._workers)
         while True:
+            await slots.acquire()
+            self._wake.clear()  # before looking, so a wake-up during the look is kept
             try:
                 job = await self._claim()
             except Exception:
                 log.exception("claiming an async job failed")
                 job = None
             if job is None:
-                self._wake.clear()
+                slots.release()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._poll):
                         await self._wake.wait()
                 continue
+            task = asyncio.create_task(self._run_in_slot(job, slots))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+            # Let it take its lease before the next look at the replicas' room.
+            await asyncio.sleep(0)
+
+    async def _run_in_slot(self, job: Job, slots: asyncio.Semaphore) -> None:
+        try:
             await self._run(job)
+        finally:
+            slots.release()
+            self._wake.set()  # a slot and a replica's room are free: look again
 
     async def _claim(self) -> Job | None:
-        """Take the oldest queued job whose workload has a ready replica.
+        """Take the oldest queued job whose workload has a ready replica with room.
 
         Only workloads whose last known queue depth (``queued``, refreshed with the
         routes) is above zero are looked for, so idle workers leave the store alone;
         whoever refreshes the depths pokes the workers when a routable one has jobs.
         """
         depths = self._queued()
-        routable = [ref for ref, r in self._routes().items() if r.ready and depths.get(ref)]
+        routable = [
+            ref
+            for ref, r in self._routes().items()
+            if r.ready and depths.get(ref) and self._dispatcher.has_room(ref)
+        ]
         if not routable:
             return None
         async with self._sessions() as s, s.begin():

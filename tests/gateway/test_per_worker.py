@@ -139,6 +139,36 @@ async def test_an_async_endpoint_refuses_live_routes_and_runs_jobs(
     assert engine.peak == 1
 
 
+async def test_jobs_fill_every_replicas_per_worker_slots(
+    seed: Seed, start_counted: StartCounted, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("batchy", endpoint_type="async", per_worker=3)
+    engines = [await start_counted(), await start_counted()]
+    for engine in engines:
+        await seed.replica("batchy", engine.url)
+    gateway = await start_gateway()
+    job = {"body": {"model": MODEL, "messages": HI, "max_tokens": 2}}
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}) as http:
+        ids = [
+            (await http.post(f"{base_url(gateway, 'batchy')}/jobs", json=job)).json()["id"]
+            for _ in range(8)
+        ]
+        # Two replicas, three jobs each at once; the other two wait in the store.
+        await eventually(lambda: [e.active for e in engines] == [3, 3])
+        for engine in engines:
+            engine.release.set()
+
+        async def all_succeeded() -> bool:
+            for job_id in ids:
+                answer = await http.get(f"{base_url(gateway, 'batchy')}/jobs/{job_id}")
+                if answer.json()["status"] != "succeeded":
+                    return False
+            return True
+
+        await eventually(all_succeeded)
+    assert [e.peak for e in engines] == [3, 3]
+
+
 async def test_signals_carry_the_age_of_the_oldest_queued_job(
     seed: Seed, start_gateway: StartGateway
 ) -> None:
