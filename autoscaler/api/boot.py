@@ -11,8 +11,11 @@
 * ``POST /v1/boot/{launch_id}/status`` takes ``{"launch_id", "state": "ready" | "failed"
   | "interrupted", "reason"}``. ``failed`` stores ``last_error`` (``boot failed: …``),
   and the liveness reconciler terminates the instance and skips its offer for a while.
-  ``ready`` stores nothing: it wakes the controller, whose own health check (with the
-  engine key) sets ``ready_at``; the instance's word alone never makes a replica serve.
+  ``ready`` wakes the controller, whose own health check (with the engine key) sets
+  ``ready_at``; the instance's word alone never makes a replica serve. From a replica
+  group's worker it is the worker's check-in (its role started against the leader) and
+  sets ``joined_at``: the leader is ready only once every worker has checked in and its
+  own engine answers.
   ``interrupted`` is a spot interruption notice: ``last_error`` records it
   (``spot notice: …``) and a serving replica is marked draining at once, so the gateway
   stops routing new requests to it while those in flight finish; the controller, woken,
@@ -168,6 +171,8 @@ async def status(row: Launch, body: BootStatus, s: Session, state: State) -> dic
             row.drain_requested_at = state.now()  # the gateway stops routing to it now
         log.warning("spot notice for %s of %s: %s", row.launch_id, row.workload_slug, reason)
     else:
+        if row.group_role == "worker":
+            row.joined_at = row.joined_at or state.now()
         log.info("boot %s of %s reports ready", row.launch_id, row.workload_slug)
     await s.commit()  # before the wake-up: the gateway and controller read the store
     state.on_change()  # the controller checks health, or terminates, on its next pass now

@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.reconcile.deps import Deps, log
 from autoscaler.reconcile.observe import Observation, count_provider_error
-from autoscaler.reconcile.provisioner import mark_unavailable
+from autoscaler.reconcile.provisioner import boots_from_script, mark_unavailable
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
 from providers.base import Instance, InstanceState, NotFound, ProviderError
@@ -224,8 +224,9 @@ async def terminate_instance(deps: Deps, row: LedgerRow) -> None:
         log.warning("terminating %s: %s", row.instance_id, exc)
 
 
-def _group_complete(row: LedgerRow, rows: Sequence[LedgerRow]) -> bool:
-    """Whether ``row``'s group has every member open, launched and not being ended."""
+def _group_complete(deps: Deps, row: LedgerRow, rows: Sequence[LedgerRow]) -> bool:
+    """Whether ``row``'s group has every member open, launched and not being ended, and
+    every worker that boots from the startup script checked in (``joined_at``)."""
     if row.group_id is None:
         return True
     members = [r for r in rows if r.group_id == row.group_id]
@@ -233,6 +234,7 @@ def _group_complete(row: LedgerRow, rows: Sequence[LedgerRow]) -> bool:
         m.launched_at is not None
         and m.terminate_requested_at is None
         and m.terminated_confirmed_at is None
+        and (m.group_role != "worker" or m.joined_at is not None or not boots_from_script(deps, m))
         for m in members
     )
 
@@ -294,15 +296,18 @@ async def check_health(
     """Mark booting replicas ready when healthy; return ready ones unhealthy for too long.
 
     A replica group is asked through its leader only, and becomes ready only when every
-    other member is launched and none is being terminated (its workers have joined as far
-    as the provider can tell); its workers are marked ready with it."""
+    other member is launched, none is being terminated, and every worker booting from
+    the startup script has reported its role started against the leader (the boot
+    callback's ``ready``: ``joined_at``); the leader's engine answers only once every
+    member joined it (vLLM's waits for the Ray cluster to count them, SGLang's for every
+    rank). Its workers are marked ready with it."""
     candidates = [
         r
         for r in rows
         if r.url is not None
         and r.group_role != "worker"
         and phase_of(r) in (Phase.BOOTING, Phase.READY)
-        and (phase_of(r) is Phase.READY or _group_complete(r, rows))
+        and (phase_of(r) is Phase.READY or _group_complete(deps, r, rows))
     ]
     answers = await asyncio.gather(
         *(

@@ -420,6 +420,16 @@ async def _call_launch(
     return LaunchOutcome(row=row, bought=True)
 
 
+def boots_from_script(deps: Deps, row: LedgerRow) -> bool:
+    """Whether ``row``'s machine boots from the startup script, which reports to the boot
+    callback (a cloud provider, a ``callback_url``, an engine key to derive its token)."""
+    return (
+        row.provider in SCRIPTED_PROVIDERS
+        and deps.settings.callback_url is not None
+        and bool(row.engine_key)
+    )
+
+
 def _scripted(deps: Deps, *, row: LedgerRow, spec: WorkloadSpec, boot: BootSpec) -> BootSpec:
     """``boot`` with its startup script, for providers whose instances boot from one.
 
@@ -427,7 +437,7 @@ def _scripted(deps: Deps, *, row: LedgerRow, spec: WorkloadSpec, boot: BootSpec)
     without it (a hand-built ``Settings``) the request goes out as it is.
     """
     url = deps.settings.callback_url
-    if row.provider not in SCRIPTED_PROVIDERS or url is None or not row.engine_key:
+    if url is None or not row.engine_key or not boots_from_script(deps, row):
         return boot
     callback = boot_callback(callback_url=url, launch_id=row.launch_id, engine_key=row.engine_key)
     role = row.group_role if row.group_role in ("leader", "worker") else None

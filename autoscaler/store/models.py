@@ -154,6 +154,10 @@ class Instance(Base):
     """``leader`` (the member the gateway routes to) or ``worker``."""
     group_size: Mapped[int | None] = mapped_column(Integer)
     """Members of the row's group, the leader included."""
+    joined_at: Mapped[datetime | None]
+    """When a group worker's startup script reported its role started against the
+    leader (the boot callback's ``ready``); the leader is ready only after every worker
+    that boots from a script has."""
 
 
 class WorkloadSignals(Base):

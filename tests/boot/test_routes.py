@@ -267,3 +267,31 @@ async def test_a_group_worker_learns_its_leaders_address_once_the_leader_is_laun
     assert after.json() == {"role": "worker", "size": 2, "leader_address": "10.0.0.5"}
     assert other.status_code == 401  # a member proves itself with its own token only
     assert alone.status_code == 404
+
+
+async def test_a_group_workers_ready_is_its_check_in_and_a_leaders_is_not(
+    boot_api: BootApiServer, store: Sessions
+) -> None:
+    leader = await add_launch(store)
+    worker = await add_launch(store)
+    async with store() as s, s.begin():
+        for launch, role in ((leader, "leader"), (worker, "worker")):
+            await s.execute(
+                update(Instance)
+                .where(Instance.launch_id == launch.launch_id)
+                .values(group_id=leader.launch_id, group_role=role, group_size=2)
+            )
+    async with httpx.AsyncClient() as client:
+        for launch in (leader, worker):
+            answer = await client.post(
+                _url(boot_api, launch.launch_id, "status"),
+                headers=launch.auth(),
+                json={"launch_id": launch.launch_id, "state": "ready", "reason": ""},
+            )
+            assert answer.status_code == 202
+
+    joined = (await _row(store, worker.launch_id)).joined_at
+    assert joined is not None and joined <= datetime.now(UTC)
+    assert (await _row(store, leader.launch_id)).joined_at is None  # its health decides
+    for launch in (leader, worker):
+        assert (await _row(store, launch.launch_id)).ready_at is None

@@ -1,7 +1,8 @@
 """A replica group on moto's EC2 through the controller (behind the proxy that answers
 placement-group calls): a model no machine of the pool holds is bought as a leader and
 a worker in one cluster placement group, each with its group and role tags and the
-startup script of its role, becomes ready, and is terminated whole on delete."""
+startup script of its role, becomes ready once its worker checked in through the boot
+callback and its leader answers, and is terminated whole on delete."""
 
 from __future__ import annotations
 
@@ -14,11 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import aioboto3
+import httpx
 import pytest
 from sqlalchemy import select
 
+from autoscaler.api.app import create_app
+from autoscaler.api.deps import ApiState
 from autoscaler.config import parse_config
 from autoscaler.controller import build_controller
+from autoscaler.reconcile.provisioner import boot_token
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Instance as LedgerRow
@@ -117,6 +122,24 @@ async def test_a_two_node_group_is_bought_in_one_placement_group_and_ends_whole(
         assert "--pipeline-parallel-size 2" in leader_script.replace("'", "")
         assert f"/v1/boot/{worker['tags'][LAUNCH_ID_TAG]}" in worker_script
 
+        for _ in range(3):  # the leader's engine answers; its worker has not checked in
+            clock.advance(5)
+            await controller.step()
+        assert all(phase_of(r) is Phase.BOOTING for r in await rows())
+
+        # The worker's startup script reports its role started: the boot callback.
+        worker_row = next(r for r in await rows() if r.group_role == "worker")
+        app = create_app(ApiState(sessions=store, now=lambda: utc(clock.now())))
+        token = boot_token(launch_id=worker_row.launch_id, engine_key=worker_row.engine_key or "")
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://api"
+        ) as api:
+            reported = await api.post(
+                f"/v1/boot/{worker_row.launch_id}/status",
+                headers={"Authorization": f"Bearer {token}"},
+                json={"launch_id": worker_row.launch_id, "state": "ready", "reason": ""},
+            )
+        assert reported.status_code == 202, reported.text
         for _ in range(5):  # the leader is checked for health on the next passes
             clock.advance(5)
             await controller.step()

@@ -8,8 +8,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from sqlalchemy import update
+
 from autoscaler.reconcile.deps import Deps
 from autoscaler.spec import Backend, WorkloadSpec
+from autoscaler.store.models import Instance
 from autoscaler.store.phase import Phase, phase_of
 from gateway.routes import load_route_table
 from providers.base import InstanceState, LaunchRequest, Transient
@@ -67,6 +70,28 @@ async def test_the_leader_is_not_ready_until_every_member_is_launched(world: Wor
     await world.step()
     rows = await world.rows("big")
     assert len(rows) == 2 and all(phase_of(r) is not Phase.READY for r in rows)
+
+
+async def test_a_scripted_leader_is_ready_only_once_every_worker_checked_in(
+    world: World,
+) -> None:
+    world.deps = _deps(world, callback_url="http://controller.test:8001")
+    await world.apply(fixed("big", 1, model=MODEL))
+    await world.step()
+    for _ in range(3):  # the leader's engine answers, but its worker has not checked in
+        await world.step(5)
+    rows = await world.rows("big")
+    assert all(r.launched_at is not None for r in rows)
+    assert all(phase_of(r) is Phase.BOOTING for r in rows)
+    async with world.sessions() as s, s.begin():  # what the boot callback's ready records
+        worker = next(r for r in await world.rows("big") if r.group_role == "worker")
+        await s.execute(
+            update(Instance)
+            .where(Instance.launch_id == worker.launch_id)
+            .values(joined_at=world.now)
+        )
+    await world.step(5)
+    assert all(phase_of(r) is Phase.READY for r in await world.rows("big"))
 
 
 async def test_a_lost_member_replaces_the_whole_group_drained_first(world: World) -> None:
