@@ -28,6 +28,7 @@ _EXPORTS = {
     "WorkloadSpec": "autoscaler.spec",
     "Backend": "autoscaler.spec",
     "TaskType": "autoscaler.spec",
+    "EndpointType": "autoscaler.spec",
     "ExecutionPolicy": "autoscaler.spec",
     "OnDrift": "autoscaler.spec",
 }
@@ -36,6 +37,7 @@ __all__ = [
     "ApiError",
     "Backend",
     "DataClient",
+    "EndpointType",
     "ExecutionPolicy",
     "GatewayError",
     "ManagementClient",
@@ -48,7 +50,14 @@ __all__ = [
 
 if TYPE_CHECKING:
     from autoscaler.sdk import ApiError, DataClient, GatewayError, ManagementClient, WorkloadRef
-    from autoscaler.spec import Backend, ExecutionPolicy, OnDrift, TaskType, WorkloadSpec
+    from autoscaler.spec import (
+        Backend,
+        EndpointType,
+        ExecutionPolicy,
+        OnDrift,
+        TaskType,
+        WorkloadSpec,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -51,6 +51,15 @@ def test_the_launch_samples_fields_are_accepted() -> None:
     assert spec().endpoint_type is None and spec().per_worker is None
 
 
+def test_the_sdk_builds_an_endpoint_from_the_package() -> None:
+    from autoscaler import EndpointType as Exported
+    from autoscaler import WorkloadSpec as Spec
+
+    built = Spec(**BASE, endpoint_type=Exported.STREAMING, per_worker=1)
+    assert built.canonical()["endpoint_type"] == "streaming"
+    assert built.canonical()["per_worker"] == 1
+
+
 @pytest.mark.parametrize("kind", ["sync", "streaming"])
 def test_a_live_endpoint_with_no_replica_floor_is_refused_with_the_reason(kind: str) -> None:
     error = refusal(
