@@ -254,6 +254,21 @@ def _policy_summary(spec: dict[str, Any]) -> str:
     return f"autoscaling {config.get('min_workers', 0)}-{config.get('max_workers')}{limit}"
 
 
+def serving_summary(spec: dict[str, Any]) -> str | None:
+    """The endpoint type, per-replica concurrency and throughput floor of a stored spec,
+    in words (``None`` when it sets none of them)."""
+    parts: list[str] = []
+    kind = spec.get("endpoint_type")
+    if kind is not None:
+        parts.append(f"{kind} endpoint" + (" (jobs only)" if kind == "async" else ""))
+    if spec.get("per_worker") is not None:
+        parts.append(f"{spec['per_worker']} request(s) at once per replica (per_worker)")
+    floor = (spec.get("execution_policy_config") or {}).get("min_throughput_rate")
+    if floor is not None:
+        parts.append(f"at least {floor:g} tokens/s (min_throughput_rate)")
+    return ", ".join(parts) or None
+
+
 @click.command()
 @click.argument("slug", required=False)
 @click.option(
@@ -332,6 +347,8 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
     click.echo(f"Workload:    {workload['project']}/{workload['slug']} ({workload['name']})")
     click.echo(f"Model:       {spec['model']} on {spec['backend']} ({spec['task_type']})")
     click.echo(f"Policy:      {_policy_summary(spec)}")
+    if (serving := serving_summary(spec)) is not None:
+        click.echo(f"Serving:     {serving}")
     click.echo(f"Generation:  {workload['generation']}   spec {workload['spec_hash'][:12]}")
     click.echo(f"Updated:     {workload['updated_at']}")
     status = workload.get("status") or {}
