@@ -126,6 +126,9 @@ class BatchEngine:
     _prefill_left_s: float = field(init=False, default=0.0)
     _decode_heap: list[tuple[float, int]] = field(init=False, default_factory=list)
     _decoding: dict[int, _Sequence] = field(init=False, default_factory=dict)
+    _step_s: dict[int, float] = field(init=False, default_factory=dict)
+    """``profile.decode_step_seconds(batch)`` by batch, as asked: the engine asks at every
+    event (a day's replay runs millions), and the answer depends on the batch alone."""
 
     def __post_init__(self) -> None:
         self._now = self.start_s
@@ -193,7 +196,7 @@ class BatchEngine:
         self._drop_cancelled_heads()
         if self._decode_heap:
             steps = max(self._decode_heap[0][0] - self._progress, 0.0)
-            return self._now + steps * self.profile.decode_step_seconds(len(self._decoding))
+            return self._now + steps * self._decode_step_s()
         return None
 
     def advance(self, until_s: float) -> list[EngineEvent]:
@@ -227,13 +230,20 @@ class BatchEngine:
 
     # Internals: time passes for prefill (if any) or else decode.
 
+    def _decode_step_s(self) -> float:
+        batch = len(self._decoding)
+        seconds = self._step_s.get(batch)
+        if seconds is None:
+            seconds = self._step_s[batch] = self.profile.decode_step_seconds(batch)
+        return seconds
+
     def _run_for(self, seconds: float) -> None:
         if seconds <= 0:
             return
         if self._prefilling:
             self._prefill_left_s = max(self._prefill_left_s - seconds, 0.0)
         elif self._decoding:
-            self._progress += seconds / self.profile.decode_step_seconds(len(self._decoding))
+            self._progress += seconds / self._decode_step_s()
 
     def _admit(self) -> None:
         while self._waiting and self.running < self.profile.max_batch:

@@ -15,7 +15,6 @@ Pure functions of one replica's capacity (:class:`ReplicaCapacity`, from
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -249,15 +248,21 @@ def arrival_curve(
     ages = [(now - at).total_seconds() + ttft for at, ttft in signals.answered_samples]
     ages = sorted(age for age in ages if age < over_s)
     curve: dict[float, int] = {}
+    n = len(ages)
     for window in windows:
-        # The requests within ``window`` after each one, counted by bisection: the
-        # controller asks this every tick over five minutes of samples (thousands on a
-        # busy service), so the count runs in C, not a Python loop per sample.
+        # The requests within ``window`` after each one: one pass with a second index
+        # that only moves forward (the controller asks this every tick over five minutes
+        # of samples, thousands on a busy service; a bisection per sample cost twice as
+        # much).
         span = window - 1e-9
-        curve[window] = max(
-            (bisect.bisect_left(ages, age + span, lo=k) - k for k, age in enumerate(ages)),
-            default=0,
-        )
+        most = end = 0
+        for k in range(n):
+            limit = ages[k] + span
+            while end < n and ages[end] < limit:
+                end += 1
+            if end - k > most:
+                most = end - k
+        curve[window] = most
     return curve
 
 

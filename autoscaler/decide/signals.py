@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -56,8 +57,8 @@ class Signals:
     ) -> Signals:
         """Signals from epoch-second timestamps (the gateway's ``SignalSnapshot`` form)."""
         return cls(
-            ttft_samples=tuple((_from_epoch(t), v) for t, v in ttft_samples),
-            unstreamed_samples=tuple((_from_epoch(t), v) for t, v in unstreamed_samples),
+            ttft_samples=_pairs_from_epoch(ttft_samples),
+            unstreamed_samples=_pairs_from_epoch(unstreamed_samples),
             request_rate=request_rate,
             in_flight=in_flight,
             queue_depth=queue_depth,
@@ -68,6 +69,22 @@ class Signals:
 
 def _from_epoch(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=UTC)
+
+
+_FROM_EPOCH = functools.partial(datetime.fromtimestamp, tz=UTC)
+
+
+def _pairs_from_epoch(
+    samples: Iterable[tuple[float, float]],
+) -> tuple[tuple[datetime, float], ...]:
+    """``(epoch seconds, value)`` pairs with their times as datetimes. A snapshot holds
+    thousands on a busy workload and the controller converts them every pass: the loop
+    runs in C (``map``, ``zip``)."""
+    pairs = tuple(samples)
+    if not pairs:
+        return ()
+    times, values = zip(*pairs, strict=True)
+    return tuple(zip(map(_FROM_EPOCH, times), values, strict=True))
 
 
 def with_engine_ttft(signals: Signals, samples: Iterable[tuple[float, float]]) -> Signals:

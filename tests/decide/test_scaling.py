@@ -534,6 +534,25 @@ def test_the_arrival_curve_counts_the_densest_window_of_each_length() -> None:
     }
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 299.0, allow_nan=False), max_size=80),
+    st.sampled_from([0.5, 1.0, 2.0, 4.0, 8.0, 60.0]),
+)
+def test_the_arrival_curve_is_the_most_requests_within_any_window(
+    ages: list[float], window: float
+) -> None:
+    signals = Signals(ttft_samples=arrived(T0, ages, ttft=0.0))
+    counted = arrival_curve(signals, now=T0, over_s=300, windows=(window,))[window]
+    # By hand: the requests in [age, age + window) for each request's own age.
+    got = sorted((T0 - at).total_seconds() for at, _ in signals.ttft_samples)
+    expected = max(
+        (sum(1 for other in got if start <= other < start + window - 1e-9) for start in got),
+        default=0,
+    )
+    assert counted == expected
+
+
 def test_the_burst_floor_carries_headroom_over_the_largest_burst_within_the_target() -> None:
     p = policy(max_workers=64)
     capacity = ReplicaCapacity(
