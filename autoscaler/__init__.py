@@ -7,6 +7,7 @@ HTTP API, ``sdk`` its Python client and ``cli`` the ``autoscaler`` command.
 The names a user's script needs are importable from the package itself::
 
     from autoscaler import ManagementClient, DataClient, WorkloadSpec, Backend, ExecutionPolicy
+    from autoscaler import LaunchClient  # Scale Launch's endpoint calls
 
 They load on first use, so the processes that import only ``autoscaler.store`` (the
 gateway) do not load the clients.
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ManagementClient": "autoscaler.sdk",
     "DataClient": "autoscaler.sdk",
+    "LaunchClient": "autoscaler.launch_client",
     "ApiError": "autoscaler.sdk",
     "GatewayError": "autoscaler.sdk",
     "WorkloadRef": "autoscaler.sdk",
@@ -40,6 +42,7 @@ __all__ = [
     "EndpointType",
     "ExecutionPolicy",
     "GatewayError",
+    "LaunchClient",
     "ManagementClient",
     "OnDrift",
     "TaskType",
@@ -49,6 +52,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from autoscaler.launch_client import LaunchClient
     from autoscaler.sdk import ApiError, DataClient, GatewayError, ManagementClient, WorkloadRef
     from autoscaler.spec import (
         Backend,
