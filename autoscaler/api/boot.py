@@ -6,7 +6,8 @@
   ``$HF_TOKEN``; never the workload spec).
 * ``GET /v1/boot/{launch_id}/group`` answers a replica group member's part:
   ``{"role": "leader" | "worker", "size": N, "leader_address": "10.0.0.5" | null}``, the
-  leader's address (its engine URL's host) once its machine is launched; a worker's
+  leader's address once its machine is launched: its private address as the provider
+  reported it (its engine URL's host where the provider reported none); a worker's
   startup script polls it to join the leader's Ray cluster. 404 for a machine of its own.
 * ``POST /v1/boot/{launch_id}/status`` takes ``{"launch_id", "state": "ready" | "failed"
   | "interrupted", "reason"}``. ``failed`` stores ``last_error`` (``boot failed: …``),
@@ -144,12 +145,10 @@ async def group(row: Launch, s: Session) -> dict[str, Any]:
     if row.group_id is None:
         raise ApiError(404, "not_a_group", f"launch {row.launch_id} is not in a replica group")
     leader = await s.get(Instance, row.group_id)
-    url = None if leader is None else leader.url
-    return {
-        "role": row.group_role,
-        "size": row.group_size,
-        "leader_address": None if url is None else urlsplit(url).hostname,
-    }
+    address = None
+    if leader is not None and leader.instance_id is not None:
+        address = leader.private_address or (leader.url and urlsplit(leader.url).hostname)
+    return {"role": row.group_role, "size": row.group_size, "leader_address": address or None}
 
 
 @router.post("/{launch_id}/status", status_code=202)

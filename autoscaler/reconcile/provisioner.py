@@ -484,6 +484,7 @@ def adopt(
     row.instance_id = instance.instance_id
     row.launched_at = row.launched_at or min(instance.launched_at, now)
     row.url = row.url or entry.engine_url(instance, port=port)
+    row.private_address = row.private_address or instance.private_address
     row.engine = instance.engine or row.engine
     row.engine_reason = instance.engine_reason or row.engine_reason
     row.last_error = None

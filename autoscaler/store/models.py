@@ -154,6 +154,9 @@ class Instance(Base):
     """``leader`` (the member the gateway routes to) or ``worker``."""
     group_size: Mapped[int | None] = mapped_column(Integer)
     """Members of the row's group, the leader included."""
+    private_address: Mapped[str | None] = mapped_column(String(64))
+    """The machine's private address as its provider reported it: what a replica group's
+    workers are told is their leader's (``url`` may name a tunnel: ``engine_address``)."""
     joined_at: Mapped[datetime | None]
     """When a group worker's startup script reported its role started against the
     leader (the boot callback's ``ready``); the leader is ready only after every worker

@@ -259,12 +259,23 @@ async def test_a_group_worker_learns_its_leaders_address_once_the_leader_is_laun
                 .values(url="http://10.0.0.5:8000")
             )
         after = await client.get(_url(boot_api, worker.launch_id, "group"), headers=worker.auth())
+        async with store() as s, s.begin():  # engines reached through a tunnel
+            await s.execute(
+                update(Instance)
+                .where(Instance.launch_id == leader.launch_id)
+                .values(url="http://127.0.0.1:18000", private_address="10.0.0.9")
+            )
+        tunnelled = await client.get(
+            _url(boot_api, worker.launch_id, "group"), headers=worker.auth()
+        )
         other = await client.get(_url(boot_api, worker.launch_id, "group"), headers=leader.auth())
         lone = await add_launch(store)
         alone = await client.get(_url(boot_api, lone.launch_id, "group"), headers=lone.auth())
 
     assert before.json() == {"role": "worker", "size": 2, "leader_address": None}
     assert after.json() == {"role": "worker", "size": 2, "leader_address": "10.0.0.5"}
+    # the machine's own private address, not the tunnel's
+    assert tunnelled.json() == {"role": "worker", "size": 2, "leader_address": "10.0.0.9"}
     assert other.status_code == 401  # a member proves itself with its own token only
     assert alone.status_code == 404
 

@@ -134,12 +134,22 @@ async def test_a_two_node_group_is_bought_in_one_placement_group_and_ends_whole(
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://api"
         ) as api:
+            group = await api.get(
+                f"/v1/boot/{worker_row.launch_id}/group",
+                headers={"Authorization": f"Bearer {token}"},
+            )
             reported = await api.post(
                 f"/v1/boot/{worker_row.launch_id}/status",
                 headers={"Authorization": f"Bearer {token}"},
                 json={"launch_id": worker_row.launch_id, "state": "ready", "reason": ""},
             )
         assert reported.status_code == 202, reported.text
+        # The leader's own private address, not engine_address (127.0.0.1:9 here).
+        assert group.json() == {
+            "role": "worker",
+            "size": 2,
+            "leader_address": leader["PrivateIpAddress"],
+        }
         for _ in range(5):  # the leader is checked for health on the next passes
             clock.advance(5)
             await controller.step()
