@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from autoscaler import ManagementClient
 from tests.e2e.test_seed_samples import ADMIN, PROJECT, Service, service
 from tests.helpers import wait_until
 
@@ -183,4 +184,31 @@ def test_launch_refusals_name_what_is_wrong(launch_user: Service) -> None:
     client.delete_model_endpoint(model_endpoint_name="demo-exists")
     names = {e.name for e in client.list_model_endpoints()}
     assert not names & {"demo-unknown-bundle", "demo-hooks", "demo-sync-zero", "demo-two-gpus"}
+    client.close()
+
+
+def test_gpu_type_buys_a_cloud_pool_under_the_clients_ceiling(launch_user: Service) -> None:
+    from autoscaler import LaunchClient
+    from autoscaler.sdk import ConfigError
+
+    with (
+        LaunchClient(api_key=ADMIN) as no_ceiling,
+        pytest.raises(ConfigError, match="AUTOSCALER_MAX_HOURLY_COST_USD"),
+    ):
+        no_ceiling.create_model_endpoint(
+            endpoint_name="demo-cloud", model_bundle="test-bundle", gpu_type="nvidia-ampere-a100e"
+        )
+    client = LaunchClient(api_key=ADMIN, max_hourly_cost_usd=5.0)
+    client.create_model_endpoint(
+        endpoint_name="demo-cloud", model_bundle="test-bundle", gpus=1,
+        gpu_type="nvidia-ampere-a100e", max_workers=2,
+    )  # fmt: skip
+    [replica] = launch_user.wait_ready("demo-cloud")
+    assert replica["provider"] == "local"
+    with ManagementClient.from_env(project=PROJECT) as mgmt:
+        config = mgmt.get("demo-cloud")["spec"]["execution_policy_config"]
+    assert config["max_hourly_cost_usd"] == 5.0
+    pool = config["workers"]["cloud_pool"]
+    assert (pool["gpu_pool"], pool["max_instances"]) == (["NVIDIA A100-SXM4-80GB"], 2)
+    client.delete_model_endpoint(model_endpoint_name="demo-cloud")
     client.close()
