@@ -1,0 +1,250 @@
+"""How long one controller pass takes over a converged fleet, by fleet size and store.
+
+Each row builds a fleet of ``N`` fixed workloads of three replicas each on a fake cloud
+(instances run at once, every engine answers, no gateway signals), runs passes until
+every replica is ready, then times:
+
+* ``steady_pass_s``: the median of ``--passes`` passes over the unchanged fleet, and
+  ``steady_cpu_s`` the CPU time this process spent in them (the controller and, for
+  SQLite, the store; steadier than the wall clock on a shared machine);
+* ``changed_pass_s``: one pass after ``--changed`` workloads (default ``N // 100``, at
+  least 1) were re-applied with a fourth replica (each such workload launches one).
+
+The table is printed for SQLite (a file in a temporary directory) and, when a server
+answers at ``--pg`` (trust auth), PostgreSQL in a database of its own, dropped at the
+end. ``--db URL`` measures one store instead, ``--json`` prints one object per row.
+
+    .venv/bin/python -m bench.fleet                      # 10, 100, 1,000 workloads
+    .venv/bin/python -m bench.fleet --large              # and 3,000
+    .venv/bin/python -m bench.fleet --workloads 1000 --db sqlite+aiosqlite:///x.db --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import logging
+import secrets
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+
+from autoscaler.reconcile.deps import Deps, NoSignals, ProviderEntry, ProviderRegistry, Settings
+from autoscaler.reconcile.loop import reconcile_once
+from autoscaler.spec import OnDrift, WorkloadSpec
+from autoscaler.store.db import open_store, session_factory
+from autoscaler.store.workloads import ensure_workload
+from catalog.model import Offer, ProviderName
+from providers.base import ManualClock, utc
+from providers.fake import FakeCloud, FakeProvider
+
+PROJECT = "bench"
+REPLICAS = 3
+PG = "postgresql://postgres@127.0.0.1:5432"
+
+OFFERS = tuple(
+    Offer(
+        provider=ProviderName.AWS,
+        region="us-east-1",
+        zone=f"us-east-1{zone}",
+        instance_type=instance_type,
+        gpu=gpu,
+        gpu_count=1,
+        vcpus=4,
+        memory_gib=16,
+        on_demand_usd_per_hour=price,
+        spot_usd_per_hour=round(price * 0.4, 4),
+    )
+    for zone in "abc"
+    for instance_type, gpu, price in (
+        ("g6.xlarge", "NVIDIA L4", 0.80),
+        ("g5.xlarge", "NVIDIA A10G", 1.00),
+        ("g6e.xlarge", "NVIDIA L40S", 1.86),
+    )
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    store: str
+    workloads: int
+    replicas: int
+    steady_pass_s: float
+    steady_cpu_s: float
+    changed: int
+    changed_pass_s: float
+
+
+class _AlwaysHealthy:
+    async def healthy(self, *, url: str, health_path: str, engine_key: str | None) -> bool:
+        return True
+
+
+def _spec(index: int, replicas: int) -> WorkloadSpec:
+    return WorkloadSpec.model_validate(
+        {
+            "name": f"w{index}",
+            "slug": f"w{index:05d}",
+            "model": "meta-llama/Llama-3.1-8B-Instruct",
+            "execution_policy": "fixed",
+            "execution_policy_config": {"replicas": replicas},
+        }
+    )
+
+
+async def measure(
+    url: str, *, store: str, workloads: int, passes: int, changed: int, fleet_ceiling: float | None
+) -> Row:
+    clock = ManualClock(start=1_750_000_000.0)
+    cloud = FakeCloud(clock=clock)
+    async with open_store(url) as engine:
+        sessions = session_factory(engine)
+        deps = Deps(
+            sessions=sessions,
+            providers=ProviderRegistry({"aws": ProviderEntry(FakeProvider(cloud, name="aws"))}),
+            clock=clock,
+            signals=NoSignals(),
+            health=_AlwaysHealthy(),
+            offers=lambda: OFFERS,
+            settings=Settings(
+                cluster_id="bench-fleet",
+                fleet_max_hourly_cost_usd=fleet_ceiling,
+                workload_share_sec=3600.0,
+                pass_budget_sec=3600.0,
+            ),
+            notify_change=lambda: None,
+        )
+
+        async def apply(indexes: range | list[int], replicas: int) -> None:
+            async with sessions() as s, s.begin():
+                for i in indexes:
+                    await ensure_workload(
+                        s,
+                        project=PROJECT,
+                        spec=_spec(i, replicas),
+                        on_drift=OnDrift.RECONCILE,
+                        now=utc(clock.now()),
+                    )
+
+        async def timed_pass() -> tuple[float, float]:
+            clock.advance(deps.settings.tick_sec)
+            started, cpu = time.perf_counter(), time.process_time()
+            await reconcile_once(deps)
+            return time.perf_counter() - started, time.process_time() - cpu
+
+        await apply(range(workloads), REPLICAS)
+        for _ in range(3):  # launch, then see every engine answer
+            await timed_pass()
+        running = [i for i in cloud.all() if not i.state.is_gone]
+        if len(running) != workloads * REPLICAS:
+            raise RuntimeError(
+                f"the fleet did not converge: {len(running)} instances for "
+                f"{workloads} x {REPLICAS} replicas"
+            )
+        timed = [await timed_pass() for _ in range(passes)]
+        await apply(list(range(changed)), REPLICAS + 1)
+        changed_s, _ = await timed_pass()
+    steady = statistics.median(t[0] for t in timed)
+    steady_cpu = statistics.median(t[1] for t in timed)
+    return Row(store, workloads, workloads * REPLICAS, steady, steady_cpu, changed, changed_s)
+
+
+async def _pg_answers(dsn: str) -> bool:
+    try:
+        conn = await asyncpg.connect(f"{dsn}/postgres", timeout=3)
+    except (TimeoutError, OSError, asyncpg.PostgresError):
+        return False
+    await conn.close()
+    return True
+
+
+async def _pg_admin(dsn: str, statement: str) -> None:
+    conn = await asyncpg.connect(f"{dsn}/postgres")
+    try:
+        await conn.execute(statement)
+    finally:
+        await conn.close()
+
+
+async def _row(
+    store: str, url: str | None, pg: str, tmp: Path, args: argparse.Namespace, n: int
+) -> Row:
+    changed = args.changed if args.changed is not None else max(1, n // 100)
+    options = {
+        "workloads": n,
+        "passes": args.passes,
+        "changed": min(changed, n),
+        "fleet_ceiling": args.fleet_ceiling,
+    }
+    if url is not None:
+        return await measure(url, store=store, **options)
+    if store == "sqlite":
+        path = tmp / f"fleet-{n}.db"
+        return await measure(f"sqlite+aiosqlite:///{path}", store=store, **options)
+    name = "autoscaler_bench_fleet_" + secrets.token_hex(4)
+    await _pg_admin(pg, f'CREATE DATABASE "{name}"')
+    try:
+        url = f"{pg.replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
+        return await measure(url, store=store, **options)
+    finally:
+        await _pg_admin(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def main(args: argparse.Namespace) -> None:
+    sizes = args.workloads or [10, 100, 1000, *([3000] if args.large else [])]
+    if args.db is not None:
+        stores: list[tuple[str, str | None]] = [(args.db.split(":", 1)[0].split("+")[0], args.db)]
+    else:
+        stores = [("sqlite", None)]
+        if await _pg_answers(args.pg):
+            stores.append(("postgresql", None))
+        elif not args.json:
+            print(f"no PostgreSQL answers at {args.pg}: SQLite only")
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            for store, url in stores:
+                row = await _row(store, url, args.pg, Path(tmp), args, n)
+                rows.append(row)
+                if args.json:
+                    print(json.dumps(dataclasses.asdict(row)))
+    if args.json:
+        return
+    print(
+        "| workloads | replicas | store | steady pass | its CPU | per workload | changed "
+        "| changed pass |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r.workloads:,} | {r.replicas:,} | {r.store} | {r.steady_pass_s:.3f} s | "
+            f"{r.steady_cpu_s:.3f} s | "
+            f"{r.steady_pass_s / r.workloads * 1000:.2f} ms | {r.changed} | "
+            f"{r.changed_pass_s:.3f} s |"
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.fleet", description=__doc__)
+    parser.add_argument("--workloads", type=int, action="append", help="a fleet size (repeatable)")
+    parser.add_argument("--large", action="store_true", help="add 3,000 workloads")
+    parser.add_argument("--db", help="one store's URL instead of SQLite and PostgreSQL")
+    parser.add_argument("--pg", default=PG, help=f"PostgreSQL server (default {PG})")
+    parser.add_argument("--passes", type=int, default=3, help="steady passes timed (median)")
+    parser.add_argument("--changed", type=int, help="workloads changed (default N // 100)")
+    parser.add_argument(
+        "--fleet-ceiling", type=float, help="a fleet-wide ceiling in $/h (default none)"
+    )
+    parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    return parser
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.ERROR)
+    asyncio.run(main(_parser().parse_args()))
