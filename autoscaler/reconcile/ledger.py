@@ -4,7 +4,7 @@ decisions log."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -76,6 +76,51 @@ async def fleet_usd_per_hour(session: AsyncSession) -> float:
         )
     )
     return float(total or 0.0)
+
+
+async def workload_usd_per_hour(session: AsyncSession, workload_id: int) -> float:
+    """Hourly total of one workload's rows not confirmed terminated: O(its rows), by the
+    ``workload_id`` index."""
+    total = await session.scalar(
+        select(func.coalesce(func.sum(LedgerRow.hourly_usd), 0.0)).where(
+            LedgerRow.workload_id == workload_id,
+            LedgerRow.terminated_confirmed_at.is_(None),
+        )
+    )
+    return float(total or 0.0)
+
+
+@dataclass(slots=True)
+class FleetSpend:
+    """The fleet's hourly total (:func:`fleet_usd_per_hour`) within one pass, read from
+    the store at most once per pass instead of once per workload.
+
+    Each workload's step moves it by the change in that workload's own open rows
+    (launches add their price, confirmed terminations take theirs off), so a launch
+    decided later in the pass counts every dollar decided earlier in it: the fleet
+    ceiling is checked against the same total a fresh SUM would give. After a step that
+    failed or was cut part-way (its launches unknown) the total is read again on next use.
+
+    Cost per pass: one O(open rows) SUM, plus one after each failed step; O(1) per
+    workload otherwise.
+    """
+
+    usd_per_hour: float | None = None
+    """``None``: not read yet in this pass, or stale."""
+
+    async def total(self, session: AsyncSession) -> float:
+        if self.usd_per_hour is None:
+            self.usd_per_hour = await fleet_usd_per_hour(session)
+        return self.usd_per_hour
+
+    def moved(self, delta_usd_per_hour: float) -> None:
+        """One workload's open rows changed their hourly total by this much."""
+        if self.usd_per_hour is not None:
+            self.usd_per_hour += delta_usd_per_hour
+
+    def forget(self) -> None:
+        """A step's changes are unknown: read the total again on next use."""
+        self.usd_per_hour = None
 
 
 async def workloads_to_reconcile(session: AsyncSession) -> list[Workload]:

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from autoscaler.decide.inputs import Measured
 from autoscaler.reconcile.deps import Deps, Failure, WorkloadRef, log
 from autoscaler.reconcile.ledger import (
+    FleetSpend,
     fleet_usd_per_hour,
     record_decision,
     workloads_to_reconcile,
@@ -78,6 +79,8 @@ async def reconcile_once(deps: Deps) -> float:
             _Due(w.id, w.project, w.slug, w.deleted_at is not None)
             for w in await workloads_to_reconcile(s)
         ]
+    # The fleet's spend is read once per pass, and only under a fleet ceiling.
+    fleet = FleetSpend() if deps.settings.fleet_max_hourly_cost_usd is not None else None
     due = deps.settings.tick_sec
     for index, workload in enumerate(_rotated(found, after=deps.memory.resume_after)):
         if index and time.perf_counter() - started >= deps.settings.pass_budget_sec:
@@ -92,7 +95,7 @@ async def reconcile_once(deps: Deps) -> float:
             )
             due = 0.0
             break
-        after = await _one(deps, workload, observed=observed, signals=signals, now=now)
+        after = await _one(deps, workload, observed=observed, signals=signals, fleet=fleet, now=now)
         if after is not None:
             due = min(due, max(after, 0.0))
         await asyncio.sleep(0)  # let the API and the gateway answer between workloads
@@ -129,23 +132,34 @@ async def _one(
     *,
     observed: Observation,
     signals: Mapping[WorkloadRef, Measured],
+    fleet: FleetSpend | None,
     now: datetime,
 ) -> float | None:
-    """One workload's step within its share of the pass; ``None`` on the usual tick."""
+    """One workload's step within its share of the pass; ``None`` on the usual tick.
+    A step that failed, was cut or tore a workload down leaves ``fleet`` to be read again."""
     failure = deps.memory.failures.get(workload.id)
     if failure is not None and now < failure.retry_at:
         if workload.deleted:
             await _teardown(deps, workload, observed=observed, now=now)
+            if fleet is not None:
+                fleet.forget()
         return (failure.retry_at - now).total_seconds()
     share = deps.settings.workload_share_sec
     try:
         after = await asyncio.wait_for(
             reconcile_workload(
-                deps, workload_id=workload.id, observed=observed, signals=signals, now=now
+                deps,
+                workload_id=workload.id,
+                observed=observed,
+                signals=signals,
+                fleet=fleet,
+                now=now,
             ),
             timeout=share,
         )
     except TimeoutError:
+        if fleet is not None:
+            fleet.forget()
         deps.metrics.pass_overruns.labels("workload").inc()
         log.warning(
             "reconciling %s/%s took more than its %gs share of the pass: cut, continued "
@@ -156,6 +170,8 @@ async def _one(
         )
         return 0.0
     except Exception as exc:  # isolate: one workload never stalls the others
+        if fleet is not None:
+            fleet.forget()
         await _failed(deps, workload, error=exc, now=now)
         if workload.deleted:
             await _teardown(deps, workload, observed=observed, now=now)

@@ -53,6 +53,7 @@ from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reaso
 from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
 from autoscaler.reconcile.ledger import (
+    FleetSpend,
     fleet_counts,
     fleet_usd_per_hour,
     open_rows,
@@ -60,6 +61,7 @@ from autoscaler.reconcile.ledger import (
     record_decision,
     replica_view,
     replica_views,
+    workload_usd_per_hour,
 )
 from autoscaler.reconcile.liveness import (
     SPOT_NOTICE,
@@ -86,9 +88,14 @@ async def reconcile_workload(
     observed: Observation,
     signals: Mapping[WorkloadRef, Measured],
     now: datetime,
+    fleet: FleetSpend | None = None,
 ) -> float | None:
     """One pass over one workload; seconds until it should run again (``None``: the
-    usual tick)."""
+    usual tick).
+
+    ``fleet``: the pass's fleet spend, read under a fleet ceiling only (``None``: read
+    here when there is a ceiling) and moved by this workload's change. Store round trips:
+    a constant number per workload, plus one per launch, termination or decision."""
     async with deps.sessions() as s:
         workload = await s.get(Workload, workload_id)
         if workload is None:
@@ -101,9 +108,12 @@ async def reconcile_workload(
             )
             if workload.deleted_at is not None:  # a delete is carried out all the same
                 await _tear_down(deps, s, workload=workload, observed=observed, now=now)
+                if fleet is not None:
+                    fleet.forget()
             return None
         engine = engine_for(spec.backend.value)
         rows = await open_rows(s, workload.id)
+        held = rows
         await sync_with_provider(deps, s, rows=rows, observed=observed, port=engine.port, now=now)
         await report_failed_boots(deps, s, workload=workload, now=now)
         for row in _still_open(rows):
@@ -130,10 +140,13 @@ async def reconcile_workload(
         problems = [] if workload.deleted_at else [p.as_detail() for p in runnable_problems(spec)]
         if problems:
             await _report_unrunnable(deps, s, workload=workload, problems=problems, now=now)
+            _moved(fleet, held)
             return None
         deps.memory.unrunnable.pop(workload.id, None)
         _avoid_slow_offers(deps, rows=rows, timeouts=timeouts_of(spec), now=now)
         measured = _signals_for(workload, signals)
+        _moved(fleet, held)  # the fleet total the step reads counts the rows open now
+        held = rows
         view = WorkloadView(
             spec=spec,
             generation=workload.generation,
@@ -142,7 +155,7 @@ async def reconcile_workload(
             offers=deps.offers(),
             deleted=workload.deleted_at is not None,
             inherited_usd_per_hour=await predecessor_prices(s, workload),
-            fleet_usd_per_hour=await fleet_usd_per_hour(s),
+            fleet_usd_per_hour=await _fleet_usd(deps, s, fleet),
         )
         knobs = deps.settings.knobs
         memory = deps.memory.scale.get(workload.id, ScaleMemory())
@@ -174,10 +187,16 @@ async def reconcile_workload(
         if deps.settings.dry_run:
             await _log_dry_run(deps, s, workload=workload, plan=plan, now=now)
         else:
-            refused = await _act(
+            refused, bought = await _act(
                 deps, s, workload=workload, spec=spec, rows=rows, view=view, result=result, now=now
             )
             plan = dataclasses.replace(plan, refusals=plan.refusals + refused)
+            if bought and fleet is not None and fleet.usd_per_hour is not None:
+                # New rows (a group's members too): this workload's total, read once.
+                now_usd = await workload_usd_per_hour(s, workload.id)
+                fleet.moved(now_usd - sum(r.hourly_usd for r in held))
+                held = []
+        _moved(fleet, held)
         await _log_refusals(deps, s, workload=workload, plan=plan, now=now)
         left = _still_open(rows)
         if workload.deleted_at is not None and not left:
@@ -188,6 +207,21 @@ async def reconcile_workload(
     if decision.recheck_at is not None:
         due.append(max(0.0, (decision.recheck_at - now).total_seconds()))
     return min(due) if due else None
+
+
+async def _fleet_usd(deps: Deps, s: AsyncSession, fleet: FleetSpend | None) -> float:
+    """The fleet's hourly total for the step: 0 without a fleet ceiling (no step reads
+    it then), else the pass's running total (or a fresh SUM without one)."""
+    if deps.settings.fleet_max_hourly_cost_usd is None:
+        return 0.0
+    return await fleet.total(s) if fleet is not None else await fleet_usd_per_hour(s)
+
+
+def _moved(fleet: FleetSpend | None, held: Sequence[LedgerRow]) -> None:
+    """Move the pass's fleet total by the rows of ``held`` (the workload's open rows the
+    total counts) confirmed terminated since: O(its rows), no query."""
+    if fleet is not None:
+        fleet.moved(-sum(r.hourly_usd for r in held if r.terminated_confirmed_at is not None))
 
 
 async def _report_unrunnable(
@@ -344,12 +378,12 @@ async def _act(
     view: WorkloadView,
     result: Step,
     now: datetime,
-) -> tuple[Refusal, ...]:
+) -> tuple[tuple[Refusal, ...], int]:
     """Carry the step's plan out: terminations and drains on record first, each launch
     placed just before it is bought (``decide.step.place_next``). A launch the provider
     refused ends the pass's launches: its market is marked unavailable and the next pass
     places elsewhere. Returns the launches refused here (a budget or placement refusal
-    of a re-placed launch)."""
+    of a re-placed launch) and how many launches went to the provisioner."""
     by_id = {r.launch_id: r for r in rows}
     launched: list[Placement] = []
     for action in result.plan.actions:
@@ -369,7 +403,7 @@ async def _act(
                     launched=launched,
                 )
             if not placement.found:
-                return (Refusal(unplaced_reason(placement, result.headroom)),)
+                return (Refusal(unplaced_reason(placement, result.headroom)),), len(launched)
             outcome = await launch_replica(
                 deps,
                 s,
@@ -380,9 +414,9 @@ async def _act(
                 now=now,
             )
             if not outcome.bought and outcome.error and outcome.row.terminated_confirmed_at:
-                break  # the offer is marked unavailable: place again next pass
+                return (), len(launched) + 1  # its offer is marked unavailable: next pass
             launched.append(placement)
-    return ()
+    return (), len(launched)
 
 
 async def teardown_workload(
