@@ -120,18 +120,27 @@ def price_for(offer: Offer, *, spot: bool) -> tuple[Market, float]:
     return Market.ON_DEMAND, offer.on_demand_usd_per_hour
 
 
-def select_offers(offers: Iterable[Offer], request: OfferRequest) -> Selection:
-    """The offers that satisfy ``request``, cheapest first, and why every other one does not."""
+def select_offers(
+    offers: Iterable[Offer], request: OfferRequest, *, explain: bool = True
+) -> Selection:
+    """The offers that satisfy ``request``, cheapest first, and why every other one does not.
+
+    ``explain``: write each rejection's ``detail`` (the sentence a person reads); without
+    it a rejection carries its reason alone (``detail`` empty), for callers that count
+    reasons (placement on every launch). O(offers) either way, plus a sort of the
+    feasible ones; the text is most of a check's cost.
+    """
     checker = _Checker(request)
     feasible: list[Candidate] = []
     rejected: list[Rejection] = []
     for offer in offers:
-        problem = checker.problem(offer)
-        if problem is None:
+        reason = checker.problem(offer)
+        if reason is None:
             market, price = price_for(offer, spot=request.spot)
             feasible.append(Candidate(offer=offer, market=market, usd_per_hour=price))
         else:
-            rejected.append(Rejection(offer=offer, reason=problem[0], detail=problem[1]))
+            detail = checker.detail(offer, reason) if explain else ""
+            rejected.append(Rejection(offer=offer, reason=reason, detail=detail))
     feasible.sort(key=_order)
     return Selection(feasible=tuple(feasible), rejected=tuple(rejected))
 
@@ -168,36 +177,56 @@ class _Checker:
         self._gpu_cache: dict[str, GpuModel | None] = {}
         self._cuda_cache: dict[tuple[ProviderName, str], str | None] = {}
 
-    def problem(self, offer: Offer) -> tuple[RejectReason, str] | None:
+    def problem(self, offer: Offer) -> RejectReason | None:
+        """The first constraint ``offer`` fails (``None``: it fits); no text is built."""
         request = self.request
         if self.providers and offer.provider not in self.providers:
-            allowed = ", ".join(sorted(p.value for p in self.providers))
-            return RejectReason.PROVIDER, f"provider {offer.provider.value} not in {allowed}"
+            return RejectReason.PROVIDER
         if not self.regions.admits(offer.region):
-            return RejectReason.REGION, f"region {offer.region} not in {self.regions.describe()}"
+            return RejectReason.REGION
+        gpu = self._gpu(offer.gpu)
+        if gpu is None or (self.gpus and gpu.display_name not in self.gpus):
+            return RejectReason.GPU
+        if request.gpu_count is not None and offer.gpu_count != request.gpu_count:
+            return RejectReason.GPU_COUNT
+        if (
+            request.min_vram_gib is not None
+            and gpu.vram_gib * offer.gpu_count < request.min_vram_gib
+        ):
+            return RejectReason.VRAM
+        if self._cuda(offer.provider, gpu) is not None:
+            return RejectReason.CUDA
+        if request.unavailable and offer.key in request.unavailable:
+            return RejectReason.UNAVAILABLE
+        ceiling = request.max_usd_per_hour
+        if ceiling is not None and price_for(offer, spot=request.spot)[1] > ceiling:
+            return RejectReason.OVER_CEILING
+        return None
+
+    def detail(self, offer: Offer, reason: RejectReason) -> str:
+        """Why ``offer`` fails ``reason`` (from :meth:`problem`), in words."""
+        request = self.request
+        if reason is RejectReason.PROVIDER:
+            allowed = ", ".join(sorted(p.value for p in self.providers))
+            return f"provider {offer.provider.value} not in {allowed}"
+        if reason is RejectReason.REGION:
+            return f"region {offer.region} not in {self.regions.describe()}"
+        if reason is RejectReason.UNAVAILABLE:
+            return "marked unavailable (no capacity recently)"
+        if reason is RejectReason.OVER_CEILING:
+            market, price = price_for(offer, spot=request.spot)
+            return f"${price:.4f}/h {market.value} > ceiling ${request.max_usd_per_hour:g}/h"
         gpu = self._gpu(offer.gpu)
         if gpu is None:
-            return RejectReason.GPU, f"unknown GPU {offer.gpu!r}"
-        if self.gpus and gpu.display_name not in self.gpus:
-            return RejectReason.GPU, f"{gpu.display_name} not in the GPU pool"
-        if request.gpu_count is not None and offer.gpu_count != request.gpu_count:
-            return RejectReason.GPU_COUNT, f"{offer.gpu_count} GPUs, need {request.gpu_count}"
-        vram = gpu.vram_gib * offer.gpu_count
-        if request.min_vram_gib is not None and vram < request.min_vram_gib:
-            return RejectReason.VRAM, f"{vram:g} GiB of GPU memory, need {request.min_vram_gib:g}"
-        cuda = self._cuda(offer.provider, gpu)
-        if cuda is not None:
-            return RejectReason.CUDA, cuda
-        if request.unavailable and offer.key in request.unavailable:
-            return RejectReason.UNAVAILABLE, "marked unavailable (no capacity recently)"
-        market, price = price_for(offer, spot=request.spot)
-        ceiling = request.max_usd_per_hour
-        if ceiling is not None and price > ceiling:
-            return (
-                RejectReason.OVER_CEILING,
-                f"${price:.4f}/h {market.value} > ceiling ${ceiling:g}/h",
-            )
-        return None
+            return f"unknown GPU {offer.gpu!r}"
+        if reason is RejectReason.GPU:
+            return f"{gpu.display_name} not in the GPU pool"
+        if reason is RejectReason.GPU_COUNT:
+            return f"{offer.gpu_count} GPUs, need {request.gpu_count}"
+        if reason is RejectReason.VRAM:
+            vram = gpu.vram_gib * offer.gpu_count
+            return f"{vram:g} GiB of GPU memory, need {request.min_vram_gib:g}"
+        return self._cuda(offer.provider, gpu) or ""
 
     def _gpu(self, name: str) -> GpuModel | None:
         if name not in self._gpu_cache:

@@ -456,7 +456,7 @@ def place_replica(
     user_split = parallel_size(backend=spec.backend.value, command=spec.engine_command)
     request = _offer_request(autoscaling, memory_gib=memory_gib, gpu_count=user_split)
     offers = tuple(offers)
-    selection = select_offers(offers, request)
+    selection = select_offers(offers, request, explain=False)  # reasons counted only
     mix = (input_tokens or DEFAULT_INPUT_TOKENS, output_tokens or DEFAULT_OUTPUT_TOKENS)
     # One profile per GPU shape, not per offer: a catalog repeats shapes across zones.
     shapes: dict[tuple[str, int], tuple[float | None, float | None, ServingProfile | None]] = {}
@@ -522,7 +522,9 @@ def place_replica(
         and not single_fits
     )
     if groups_apply and memory_gib is not None:
-        candidates = select_offers(offers, replace(request, min_vram_gib=None)).feasible
+        candidates = select_offers(
+            offers, replace(request, min_vram_gib=None), explain=False
+        ).feasible
         group_options = _group_options(
             [
                 c
@@ -632,7 +634,7 @@ def pool_gpu_kinds(spec: WorkloadSpec, offers: Iterable[Offer]) -> list[str]:
     policy = spec.execution_policy_config
     autoscaling = policy if isinstance(policy, AutoscalingPolicy) else None
     request = _offer_request(autoscaling, memory_gib=None, gpu_count=None)
-    return sorted({c.offer.gpu for c in select_offers(offers, request).feasible})
+    return sorted({c.offer.gpu for c in select_offers(offers, request, explain=False).feasible})
 
 
 def _shape_figures(

@@ -121,6 +121,11 @@ def test_each_rejection_names_its_reason() -> None:
     }
     dear = next(r for r in selection.rejected if r.offer.zone == "dear")
     assert "$9.0000/h on-demand > ceiling $5/h" in dear.detail
+    details = {r.offer.zone: r.detail for r in selection.rejected}
+    assert details["gcp"] == "provider gcp not in aws"
+    assert details["eu"] == "region eu-west-1 not in us-east-1"
+    assert details["small"] == "15 GiB of GPU memory, need 20"
+    assert details["busy"] == "marked unavailable (no capacity recently)"
 
 
 def test_request_canonicalises_gpu_names_and_rejects_bad_input() -> None:
@@ -195,3 +200,11 @@ def test_selection_properties(offers: list[Offer], request: OfferRequest) -> Non
     prices = [c.usd_per_hour for c in selection.feasible]
     assert prices == sorted(prices)
     assert select_offers(list(reversed(offers)), request).feasible == selection.feasible
+    # Without an explanation: the same offers and reasons, and no text built.
+    quiet = select_offers(offers, request, explain=False)
+    assert quiet.feasible == selection.feasible
+    assert [(r.offer, r.reason) for r in quiet.rejected] == [
+        (r.offer, r.reason) for r in selection.rejected
+    ]
+    assert all(r.detail == "" for r in quiet.rejected)
+    assert all(r.detail for r in selection.rejected)
