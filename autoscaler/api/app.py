@@ -153,7 +153,8 @@ async def _store(
         "diff": result.diff,
         "warnings": deprecations(raw),
     }
-    state.on_change()
+    if result.action in (workloads.EnsureAction.CREATED, workloads.EnsureAction.UPDATED):
+        state.on_change()  # the same spec again (or drift ignored) wakes nothing
     status = 201 if result.action is workloads.EnsureAction.CREATED else 200
     return JSONResponse(body, status_code=status)
 
