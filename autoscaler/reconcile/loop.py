@@ -23,6 +23,14 @@ to ``Settings.quarantine_max_sec``); further failures are one log line each, wit
 traceback. A deleted workload is torn down even when its step fails: its replicas are
 drained and terminated without its spec (:func:`teardown_workload`).
 
+**What a pass costs.** O(workloads) store round trips: for each workload a constant
+number of reads (the workload, its open rows, a deleted predecessor's prices) and its
+commit, plus one per action or decision; the fleet's spend is one SUM over the open
+rows per pass, read only under a fleet ceiling (``ledger.FleetSpend``), and one more
+for the spend metric at the end. Placement, O(offers), runs only for a workload whose
+plan may launch or that has no replica to take its GPU shape from
+(``decide.step.step``).
+
 The caller sleeps between passes (``autoscaler.controller``), or the simulator advances
 its clock: this module never sleeps and reads time only from ``deps.clock`` (and the
 wall clock for the time a pass's work takes).
