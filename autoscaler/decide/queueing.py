@@ -109,6 +109,16 @@ def recent_rate(signals: Signals, *, now: datetime) -> float:
     return max(recent, signals.request_rate)
 
 
+def peak_rate(signals: Signals, *, now: datetime, over_s: float) -> float:
+    """Requests per second in the busiest :data:`RECENT_LOAD_WINDOW_SEC` of the last
+    ``over_s`` seconds, by arrival (read from the samples as :func:`arrival_curve` reads
+    them). The scale-down rule sizes the smaller fleet for it: scale-up reads the last
+    window's rate, so a fleet shrunk for a quiet minute that the next busy one undoes
+    would pay a boot for each such minute (the hysteresis between the two)."""
+    curve = arrival_curve(signals, now=now, over_s=over_s, windows=(RECENT_LOAD_WINDOW_SEC,))
+    return curve[RECENT_LOAD_WINDOW_SEC] / RECENT_LOAD_WINDOW_SEC
+
+
 def erlang_c(servers: int, offered: float) -> float:
     """Probability that an arrival waits in an M/M/c queue with ``servers`` servers and
     ``offered`` load (arrival rate x mean service time); 1 when ``offered >= servers``."""
@@ -155,9 +165,15 @@ def _wait_budget(capacity: ReplicaCapacity, upper_s: float) -> float | None:
 
 
 def load_need(
-    capacity: ReplicaCapacity, signals: Signals, *, now: datetime, upper_s: float | None = None
+    capacity: ReplicaCapacity,
+    signals: Signals,
+    *,
+    now: datetime,
+    upper_s: float | None = None,
+    rate: float | None = None,
 ) -> tuple[int, float]:
-    """Replicas the measured load needs, and the rate it was read as.
+    """Replicas the measured load needs, and the rate it was read as (``rate``, else
+    :func:`recent_rate`).
 
     Throughput, for the rate (queue cleared within :data:`BACKLOG_CLEAR_SEC`): with a
     prefill time, a batch size and ``upper_s`` (the TTFT target), the replicas whose
@@ -167,7 +183,8 @@ def load_need(
     :data:`WAIT_QUANTILE` of arrivals wait no more than the target leaves after a
     typical prefill (:func:`queue_need`); the larger of the two counts.
     """
-    rate = recent_rate(signals, now=now)
+    if rate is None:
+        rate = recent_rate(signals, now=now)
     per_replica = capacity.requests_per_s * SAFE_UTILIZATION
     if per_replica <= 0:
         return 0, rate

@@ -20,7 +20,11 @@ The rules, in the order they are tried (the first that applies decides):
    scale-down window, TTFT is not above the upper bound, nothing is queued, and the
    replicas left could carry the measured load and the burst floor (consolidation
    check). Then one replica goes (several when a per-replica capacity is known and the
-   load is far below it, never more than half at once).
+   load is far below it, never more than half at once). With a capacity figure the load
+   the smaller fleet must carry is the busiest minute of the scale-down window
+   (``decide.queueing.peak_rate``), not the last minute's rate that rule 3 scales up
+   on: that gap is the hysteresis between the two rules, so a quiet minute amid busy
+   ones does not shed a replica that the next busy minute buys back a boot later.
 6. Otherwise hold.
 
 Beside them, three rules take the workload's concurrency and throughput:
@@ -57,12 +61,15 @@ from enum import StrEnum
 from autoscaler.decide.queueing import (
     BURST_HEADROOM,
     PREFILL_TTFT_FACTOR,
+    RECENT_LOAD_WINDOW_SEC,
     SAFE_UTILIZATION,
     ReplicaCapacity,
     burst_floor,
     capacity_text,
     load_need,
+    peak_rate,
     prefill_quantile,
+    recent_rate,
 )
 from autoscaler.decide.signals import Signals
 from autoscaler.spec import AutoscalingPolicy
@@ -606,7 +613,10 @@ def _consolidated(ctx: _Context) -> tuple[int, str]:
             return ready, f"TTFT is low but {load} > {limit:.3f}s: keep {ready}"
         return one_less, load
     upper = ctx.policy.upper_allowed_latency_sec
-    by_rate, rate = load_need(cap, s, now=ctx.now, upper_s=upper)
+    window = ctx.policy.scale_down_time_window_sec
+    recent = recent_rate(s, now=ctx.now)
+    peak = peak_rate(s, now=ctx.now, over_s=window)
+    by_rate, _ = load_need(cap, s, now=ctx.now, upper_s=upper, rate=max(recent, peak))
     by_burst, worst = burst_floor(cap, s, now=ctx.now, policy=ctx.policy)
     by_concurrency = (
         math.ceil(s.in_flight / (cap.max_concurrency * SAFE_UTILIZATION))
@@ -614,9 +624,11 @@ def _consolidated(ctx: _Context) -> tuple[int, str]:
         else 0
     )
     needed = max(by_rate, by_burst, by_concurrency, math.ceil(ready / 2), 1)
-    burst = "" if worst is None else f", {worst.text(ctx.policy.scale_down_time_window_sec)}"
+    burst = "" if worst is None else f", {worst.text(window)}"
     load = (
-        f"{rate:.2f} req/s{burst} and {s.in_flight} in flight need {needed} ({capacity_text(cap)})"
+        f"{recent:.2f} req/s over the last {RECENT_LOAD_WINDOW_SEC:g}s, {peak:.2f} req/s in "
+        f"the busiest {RECENT_LOAD_WINDOW_SEC:g}s of the last {window:g}s{burst} and "
+        f"{s.in_flight} in flight need {needed} ({capacity_text(cap)})"
     )
     if needed >= ready:
         return ready, f"TTFT is low but {load}: keep {ready}"

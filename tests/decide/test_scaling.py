@@ -727,3 +727,54 @@ def test_every_ttft_comparison_a_reason_states_holds_for_the_numbers_it_states(
             assert float(below) <= float(bound), decision.reason
         for above, bound in _ABOVE.findall(decision.reason):
             assert float(above) >= float(bound), decision.reason
+
+
+def _need_at(capacity: ReplicaCapacity, rate: float) -> int:
+    return load_need(capacity, Signals(), now=T0, upper_s=1.0, rate=rate)[0]
+
+
+def test_a_quiet_minute_amid_busy_ones_sheds_no_replica_the_next_busy_minute_buys_back() -> None:
+    p = policy(scale_down_time_window_sec=300)
+    capacity = ReplicaCapacity(
+        requests_per_s=4.0, max_concurrency=64, prefill_s=0.05, prefill_scv=1.0
+    )
+    quiet, busy_rate = 6.0, 7.0
+    assert _need_at(capacity, quiet) == 2 and _need_at(capacity, busy_rate) == 3
+
+    def decide(now: datetime, busy_until_s: float) -> Any:
+        """Three replicas, calm for the whole window; arrivals at the busy rate from
+        300 s ago until ``busy_until_s`` ago, at the quiet rate since."""
+        busy_ages = [
+            busy_until_s + 0.2 + k / busy_rate for k in range(int((300 - busy_until_s) * 7))
+        ]
+        quiet_ages = [0.2 + k / quiet for k in range(int(busy_until_s * quiet))]
+        signals = Signals(
+            ttft_samples=tuple(sorted(arrived(now, quiet_ages + busy_ages, ttft=0.1))),
+            request_rate=quiet,
+            in_flight=4,
+            last_request_at=now,
+        )
+        return desired_replicas(
+            policy=p,
+            signals=signals,
+            fleet=FleetCounts(ready=3),
+            memory=ScaleMemory(calm_since=now - timedelta(seconds=400)),
+            now=now,
+            capacity=capacity,
+        )
+
+    # The last minute alone (6 req/s) fits two replicas; the busier minutes before it in
+    # the scale-down window (7 req/s) do not: three are kept, and the reason says why.
+    held = decide(T0, busy_until_s=60.0)
+    assert held.direction is Direction.HOLD and held.desired == 3
+    assert "6.00 req/s over the last 60s, 7.00 req/s in the busiest 60s of the last 300s" in (
+        held.reason
+    )
+    assert "need 3" in held.reason and "keep 3" in held.reason
+    # Once the whole window was quiet, the third replica goes.
+    shed = decide(T0, busy_until_s=300.0)
+    assert shed.direction is Direction.DOWN and shed.desired == 2
+    assert "6.00 req/s over the last 60s, 6.00 req/s in the busiest 60s of the last 300s" in (
+        shed.reason
+    )
+    assert "need 2" in shed.reason and "3 -> 2" in shed.reason
