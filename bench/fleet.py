@@ -33,34 +33,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
-
 from autoscaler.reconcile.deps import Deps, NoSignals, ProviderEntry, ProviderRegistry, Settings
 from autoscaler.reconcile.loop import reconcile_once
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.workloads import ensure_workload
-from catalog.model import Offer, ProviderName
 from providers.base import ManualClock, utc
 from providers.fake import FakeCloud, FakeProvider
+from tests.helpers import pg_available, pg_create_database, pg_drop_database
+from tests.reconcile.world import offer
 
 PROJECT = "bench"
 REPLICAS = 3
 PG = "postgresql://postgres@127.0.0.1:5432"
 
 OFFERS = tuple(
-    Offer(
-        provider=ProviderName.AWS,
-        region="us-east-1",
-        zone=f"us-east-1{zone}",
-        instance_type=instance_type,
-        gpu=gpu,
-        gpu_count=1,
-        vcpus=4,
-        memory_gib=16,
-        on_demand_usd_per_hour=price,
-        spot_usd_per_hour=round(price * 0.4, 4),
-    )
+    offer(instance_type, gpu, price, zone=f"us-east-1{zone}")
     for zone in "abc"
     for instance_type, gpu, price in (
         ("g6.xlarge", "NVIDIA L4", 0.80),
@@ -155,23 +143,6 @@ async def measure(
     return Row(store, workloads, workloads * REPLICAS, steady, steady_cpu, changed, changed_s)
 
 
-async def _pg_answers(dsn: str) -> bool:
-    try:
-        conn = await asyncpg.connect(f"{dsn}/postgres", timeout=3)
-    except (TimeoutError, OSError, asyncpg.PostgresError):
-        return False
-    await conn.close()
-    return True
-
-
-async def _pg_admin(dsn: str, statement: str) -> None:
-    conn = await asyncpg.connect(f"{dsn}/postgres")
-    try:
-        await conn.execute(statement)
-    finally:
-        await conn.close()
-
-
 async def _row(
     store: str, url: str | None, pg: str, tmp: Path, args: argparse.Namespace, n: int
 ) -> Row:
@@ -188,12 +159,12 @@ async def _row(
         path = tmp / f"fleet-{n}.db"
         return await measure(f"sqlite+aiosqlite:///{path}", store=store, **options)
     name = "autoscaler_bench_fleet_" + secrets.token_hex(4)
-    await _pg_admin(pg, f'CREATE DATABASE "{name}"')
+    await pg_create_database(pg, name)
     try:
         url = f"{pg.replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
         return await measure(url, store=store, **options)
     finally:
-        await _pg_admin(pg, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await pg_drop_database(pg, name)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -202,7 +173,7 @@ async def main(args: argparse.Namespace) -> None:
         stores: list[tuple[str, str | None]] = [(args.db.split(":", 1)[0].split("+")[0], args.db)]
     else:
         stores = [("sqlite", None)]
-        if await _pg_answers(args.pg):
+        if await pg_available(args.pg):
             stores.append(("postgresql", None))
         elif not args.json:
             print(f"no PostgreSQL answers at {args.pg}: SQLite only")
