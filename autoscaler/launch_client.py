@@ -165,9 +165,13 @@ class LaunchClient:
             "command": bundle.command,
             "task_type": bundle.task_type,
         }
-        self._bundles_path.parent.mkdir(parents=True, exist_ok=True)
+        # Owner-only, as every file of ours: a bundle's command may carry a credential.
+        self._bundles_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self._bundles_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(stored, indent=2, sort_keys=True))
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps(stored, indent=2, sort_keys=True))
+        os.chmod(tmp, 0o600)  # a file left by an earlier write keeps its mode otherwise
         tmp.replace(self._bundles_path)
         return bundle
 

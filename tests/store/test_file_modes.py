@@ -39,3 +39,18 @@ async def test_an_older_world_readable_state_file_is_tightened(tmp_path: Path) -
     async with open_store(f"sqlite+aiosqlite:///{db}"):
         pass
     assert _mode(db) == 0o600
+
+
+def test_launch_model_bundles_are_kept_in_an_owner_only_file(tmp_path: Path) -> None:
+    from autoscaler import LaunchClient
+
+    path = tmp_path / "config" / "launch-bundles.json"
+    client = LaunchClient("ik_sdk_x", "http://127.0.0.1:9", project="acme", bundles_path=path)
+    old = os.umask(0o022)
+    try:
+        client.create_model_bundle("chat", model="meta-llama/Llama-3.1-8B-Instruct")
+    finally:
+        os.umask(old)
+    assert client.get_model_bundle("chat").model == "meta-llama/Llama-3.1-8B-Instruct"
+    assert _mode(path) == 0o600
+    assert _mode(path.parent) == 0o700
