@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.api.boot import BootSecrets
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Instance
-from tests.boot.conftest import HF_TOKEN, BootApiServer, add_launch
+from tests.boot.conftest import HF_TOKEN, BootApiServer, Launch, add_launch
 from tests.conftest import ADMIN_TOKEN
 
 Sessions = async_sessionmaker[AsyncSession]
@@ -238,33 +239,39 @@ async def test_hf_token_file_of_the_config_wins_and_an_unreadable_one_is_503(
     assert launch.engine_key not in unreadable.text
 
 
+async def _set_row(store: Sessions, launch_id: str, **values: Any) -> None:
+    async with store() as s, s.begin():
+        await s.execute(update(Instance).where(Instance.launch_id == launch_id).values(**values))
+
+
+async def _group_of_two(store: Sessions, **values: Any) -> tuple[Launch, Launch]:
+    """Two launches on record as one replica group: (leader, worker)."""
+    leader = await add_launch(store)
+    worker = await add_launch(store)
+    for launch, role in ((leader, "leader"), (worker, "worker")):
+        await _set_row(
+            store,
+            launch.launch_id,
+            group_id=leader.launch_id,
+            group_role=role,
+            group_size=2,
+            **values,
+        )
+    return leader, worker
+
+
 async def test_a_group_worker_learns_its_leaders_address_once_the_leader_is_launched(
     boot_api: BootApiServer, store: Sessions
 ) -> None:
-    leader = await add_launch(store)
-    worker = await add_launch(store)
-    async with store() as s, s.begin():
-        for launch, role in ((leader, "leader"), (worker, "worker")):
-            await s.execute(
-                update(Instance)
-                .where(Instance.launch_id == launch.launch_id)
-                .values(group_id=leader.launch_id, group_role=role, group_size=2, url=None)
-            )
+    leader, worker = await _group_of_two(store, url=None)
     async with httpx.AsyncClient() as client:
         before = await client.get(_url(boot_api, worker.launch_id, "group"), headers=worker.auth())
-        async with store() as s, s.begin():
-            await s.execute(
-                update(Instance)
-                .where(Instance.launch_id == leader.launch_id)
-                .values(url="http://10.0.0.5:8000")
-            )
+        await _set_row(store, leader.launch_id, url="http://10.0.0.5:8000")
         after = await client.get(_url(boot_api, worker.launch_id, "group"), headers=worker.auth())
-        async with store() as s, s.begin():  # engines reached through a tunnel
-            await s.execute(
-                update(Instance)
-                .where(Instance.launch_id == leader.launch_id)
-                .values(url="http://127.0.0.1:18000", private_address="10.0.0.9")
-            )
+        # engines reached through a tunnel
+        await _set_row(
+            store, leader.launch_id, url="http://127.0.0.1:18000", private_address="10.0.0.9"
+        )
         tunnelled = await client.get(
             _url(boot_api, worker.launch_id, "group"), headers=worker.auth()
         )
@@ -283,15 +290,7 @@ async def test_a_group_worker_learns_its_leaders_address_once_the_leader_is_laun
 async def test_a_group_workers_ready_is_its_check_in_and_a_leaders_is_not(
     boot_api: BootApiServer, store: Sessions
 ) -> None:
-    leader = await add_launch(store)
-    worker = await add_launch(store)
-    async with store() as s, s.begin():
-        for launch, role in ((leader, "leader"), (worker, "worker")):
-            await s.execute(
-                update(Instance)
-                .where(Instance.launch_id == launch.launch_id)
-                .values(group_id=leader.launch_id, group_role=role, group_size=2)
-            )
+    leader, worker = await _group_of_two(store)
     async with httpx.AsyncClient() as client:
         for launch in (leader, worker):
             answer = await client.post(
