@@ -8,14 +8,14 @@ two stages.
 **Stage A, the relaxed plan (a slot model).**
 
 1. **Slots.** Time is cut into ``slot_s`` slots (60 s) from the first arrival.
-2. **Need per slot.** For each slot and each replica count ``n``, the slot's requests
-   are replayed on ``n`` replicas (``catalog.engine.BatchEngine``, least-outstanding-work
-   balancing, the batch bounded by the gateway's per-replica cap) that first served the
-   slot before, so the batch slots and queue it leaves behind count; only the slot's own
-   requests' SLO misses are counted (``misses(n)``; the SLO is
-   :class:`autoscaler.sim.workload.SloRule`). The slot's need is the fewest replicas
-   whose misses are only those no fleet can avoid (prompts that miss even alone on an
-   idle replica of this offer).
+2. **Need per slot.** For each slot and each replica count ``n``, the slot's requests are
+   replayed on ``n`` replicas (``catalog.engine.BatchEngine``, least-outstanding-work
+   balancing, the batch bounded by the replica's cap: the workload's ``per_worker``, else
+   the gateway's) that first served the slot before, so the batch slots and queue it leaves
+   behind count; only the slot's own requests' SLO misses are counted (``misses(n)``; the
+   SLO is :class:`autoscaler.sim.workload.SloRule`). The slot's need is the fewest replicas
+   whose misses are only those no fleet can avoid (prompts that miss even alone on an idle
+   replica of this offer).
 3. **Spending the allowance.** The SLO allows ``1 - attainment`` of requests to miss
    (1 %). Repeatedly, the slot where one replica fewer adds the fewest misses gives up
    that replica, while the total stays within the allowance (the unavoidable misses are
@@ -47,7 +47,7 @@ replay meets the SLO; its attainment and the simulator's bill are kept with it
 as if it did.
 
 **Offer.** Stage A runs for the :data:`SHAPES_TRIED` GPU shapes cheapest per usable
-capacity (batch bounded by the gateway's cap) for this trace's mean token mix, each at
+capacity (batch bounded by the replica's cap) for this trace's mean token mix, each at
 its cheapest price, among those that can meet the SLO at all (a shape whose
 single-request prefill already misses more than the allowance is skipped). Shapes are
 taken in order of a cost floor (:func:`cost_floor`: one replica in every slot with
@@ -83,7 +83,7 @@ from catalog.engine import BatchEngine, EventKind
 from catalog.model import Offer
 from catalog.perf import ServingProfile
 from gateway.balancing import request_work
-from gateway.window import REPLICA_CONCURRENCY_CAP
+from gateway.window import replica_cap
 
 SLOT_S = 60.0
 SHAPES_TRIED = 4
@@ -517,16 +517,17 @@ def oracle(
     allow_spot: bool,
     slot_s: float = SLOT_S,
     seed: int = 0,
-    concurrency_cap: int = REPLICA_CONCURRENCY_CAP,
     replay: Replay | None = None,
 ) -> OraclePlan:
     """The cheapest oracle over the GPU shapes cheapest per capacity for this trace;
-    with ``replay``, repaired until its replay in the simulator meets the SLO."""
+    with ``replay``, repaired until its replay in the simulator meets the SLO. A replica's
+    batch is bounded by the workload's ``per_worker`` where set, else the gateway's cap."""
     served = [
         r for r in requests if r.input_tokens + r.output_tokens <= workload.max_context_tokens
     ]
     mean_in = sum(r.input_tokens for r in served) / max(len(served), 1)
     mean_out = sum(r.output_tokens for r in served) / max(len(served), 1)
+    cap = replica_cap(workload.spec.per_worker)
     cheapest: dict[tuple[str, int], tuple[float, Offer, bool]] = {}
     for offer in offers:
         spot = allow_spot and offer.spot_usd_per_hour is not None
@@ -539,7 +540,7 @@ def oracle(
     for price, offer, spot in cheapest.values():
         profile = workload.profile(offer)
         # The gateway never gives a replica more than its cap at once: the batch is bounded.
-        profile = replace(profile, max_batch=min(profile.max_batch, concurrency_cap))
+        profile = replace(profile, max_batch=min(profile.max_batch, cap))
         if _unavoidable(profile, served, slo) > allowance:
             continue  # even an idle replica per request misses too many long prompts
         rps = profile.capacity_rps(input_tokens=mean_in, output_tokens=mean_out)

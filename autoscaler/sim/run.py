@@ -39,7 +39,7 @@ from autoscaler.sim.world import EPOCH_S, CloudSettings, Outcomes, World, with_s
 from autoscaler.spec import AutoscalingPolicy, FixedPolicy
 from catalog.model import Offer
 from catalog.perf import ServingProfile
-from gateway.window import REPLICA_CONCURRENCY_CAP
+from gateway.window import replica_cap
 
 ATTAINMENT_TARGET = 0.99
 """The share of requests the SLO asks to be within the TTFT target."""
@@ -120,8 +120,11 @@ def prepare(scenario: Scenario) -> Prepared:
         raise ValueError(f"workload {workload.spec.slug}: placement finds no offer")
     offer = placement
     profile = workload.profile(offer)
-    # The gateway's per-replica cap bounds the batch a replica ever runs.
-    profile = replace(profile, max_batch=min(profile.max_batch, REPLICA_CONCURRENCY_CAP))
+    # The gateway's per-replica cap (the workload's ``per_worker`` where set) bounds the
+    # batch a replica ever runs.
+    profile = replace(
+        profile, max_batch=min(profile.max_batch, replica_cap(workload.spec.per_worker))
+    )
     capacity = profile.capacity_rps(
         input_tokens=stats.mean_input_tokens, output_tokens=stats.mean_output_tokens
     )
@@ -215,10 +218,12 @@ def policies(prepared: Prepared, names: Sequence[str] = POLICY_NAMES) -> list[Po
                 target_qps_per_replica=per_replica, min_replicas=max(low, 1), max_replicas=high
             )
         elif name == "knative-kpa":
-            # Knative's defaults: the target is containerConcurrency (the gateway's cap)
-            # times container-concurrency-target-percentage (70 %).
+            # Knative's defaults: the target is containerConcurrency (the replica's cap:
+            # the workload's per_worker, else the gateway's) times
+            # container-concurrency-target-percentage (70 %).
+            cap = replica_cap(prepared.workload.spec.per_worker)
             made[name] = ConcurrencyPolicy(
-                target_concurrency=REPLICA_CONCURRENCY_CAP * KNATIVE_TARGET_UTILIZATION,
+                target_concurrency=cap * KNATIVE_TARGET_UTILIZATION,
                 min_replicas=max(low, 1),
                 max_replicas=high,
             )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import autoscaler.decide.scaling as scaling
-from autoscaler.sim.policies import ControllerPolicy, static_policy
+from autoscaler.sim.policies import ConcurrencyPolicy, ControllerPolicy, static_policy
 from autoscaler.sim.run import Prepared, Scenario, policies, prepare, run_policy
 from autoscaler.sim.trace import TraceError, TraceRequest, load_trace, scale_rate
 from autoscaler.sim.workload import SimWorkload, SloRule
@@ -216,3 +216,26 @@ def test_per_worker_caps_the_simulated_replica_as_the_gateway_does(
     assert free.slo_attainment == 1.0
     assert capped.ttft_p99_s > 10 * free.ttft_p99_s
     assert capped.slo_attainment < free.slo_attainment
+
+
+def test_baselines_and_oracle_size_a_per_worker_1_workload_by_its_cap(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    # Eight requests a second of 500 generated tokens: an H100 batching up to the
+    # gateway's cap serves them on one replica; one request at a time needs many.
+    requests = constant(rps=8.0, seconds=120, tokens_out=500)
+    capped_spec = workload.spec.model_copy(update={"per_worker": 1})
+    capped_workload = dataclasses.replace(workload, spec=capped_spec)
+    free, capped = (_prepare(w, offers, requests) for w in (workload, capped_workload))
+    assert capped.capacity_rps < free.capacity_rps
+    baselines = ("static-peak", "static-mean", "knative-kpa")
+    free_policies = policies(free, baselines)
+    capped_policies = policies(capped, baselines)
+    for free_static, capped_static in zip(free_policies[:2], capped_policies[:2], strict=True):
+        assert capped_static.bounds()[0] > free_static.bounds()[0]
+    free_kpa, capped_kpa = free_policies[2], capped_policies[2]
+    assert isinstance(free_kpa, ConcurrencyPolicy) and isinstance(capped_kpa, ConcurrencyPolicy)
+    assert free_kpa.target_concurrency == pytest.approx(64 * 0.7)
+    assert capped_kpa.target_concurrency == pytest.approx(1 * 0.7)
+    # The oracle plans one-at-a-time replicas too: more of them at the peak.
+    assert max(capped.oracle.fleet) > max(free.oracle.fleet)
