@@ -38,7 +38,7 @@ from autoscaler.reconcile.timeouts import DEFAULT_CALL_TIMEOUT_SEC, DEFAULT_LAUN
 from autoscaler.spec import DEFAULT_MAX_REPLICAS, parse_duration
 from catalog.cuda import MachineImage, parse_driver
 from catalog.model import ProviderName
-from providers.aws import DLAMI_PARAMETER, AwsConfig
+from providers.aws_config import DLAMI_PARAMETER, AwsConfig
 
 if TYPE_CHECKING:  # the GCE client library takes seconds to import: only when configured
     from providers.gcp import GcpConfig

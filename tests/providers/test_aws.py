@@ -18,7 +18,8 @@ from moto.server import ThreadedMotoServer
 from types_aiobotocore_ec2.client import EC2Client
 
 from catalog.model import Offer, ProviderName
-from providers.aws import SPOT_INTERRUPTION_CODE, AwsConfig, AwsProvider, translate
+from providers.aws import SPOT_INTERRUPTION_CODE, AwsProvider, translate
+from providers.aws_config import AwsConfig
 from providers.base import (
     CLUSTER_TAG,
     GROUP_TAG,

@@ -16,7 +16,8 @@ from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.phase import Phase, phase_of
-from providers.aws import AwsConfig, AwsProvider, interruption_warning
+from providers.aws import AwsProvider, interruption_warning
+from providers.aws_config import AwsConfig
 from providers.base import SpotNoticeSource
 from tests.fakes.ec2_proxy import Ec2Proxy
 from tests.reconcile.world import A10G, PROJECT, World, autoscaling
