@@ -53,6 +53,16 @@ class TokenStats:
     input_std: float
     output_mean: float
     output_std: float
+    cached_mean: float = 0.0
+    """Mean prompt tokens per request the engines found in their prefix caches (the
+    answer's ``usage.prompt_tokens_details.cached_tokens``; 0 when not reported)."""
+
+    @property
+    def cached_share(self) -> float:
+        """Share of prompt tokens served from prefix caches: the measured hit rate."""
+        if self.input_mean <= 0:
+            return 0.0
+        return min(max(self.cached_mean / self.input_mean, 0.0), 1.0)
 
     @property
     def input_scv(self) -> float | None:
@@ -68,6 +78,7 @@ class TokenStats:
             "input_std": self.input_std,
             "output_mean": self.output_mean,
             "output_std": self.output_std,
+            "cached_mean": self.cached_mean,
         }
 
     @classmethod
@@ -78,6 +89,7 @@ class TokenStats:
             input_std=float(data["input_std"]),
             output_mean=float(data["output_mean"]),
             output_std=float(data["output_std"]),
+            cached_mean=float(data.get("cached_mean", 0.0)),
         )
 
 
@@ -211,10 +223,10 @@ class WorkloadWindow:
         self.ttft: deque[tuple[float, float]] = deque()
         self.unstreamed: deque[tuple[float, float]] = deque()
         self.arrivals: deque[float] = deque()
-        self.tokens: deque[tuple[float, int, int]] = deque()
-        # Sums of input, output, input² and output² over ``tokens``; whole numbers, so
+        self.tokens: deque[tuple[float, int, int, int]] = deque()
+        # Sums of input, output, input², output² and cached over ``tokens``; whole numbers, so
         # adding and removing samples never drifts.
-        self.token_sums = [0, 0, 0, 0]
+        self.token_sums = [0, 0, 0, 0, 0]
         self.in_flight = 0
         self.replica_in_flight: dict[str, int] = {}
         """Requests in flight per replica (its route key: the launch id)."""
@@ -234,7 +246,8 @@ class WorkloadWindow:
             self.arrivals.popleft()
         tokens, sums = self.tokens, self.token_sums
         while tokens and tokens[0][0] < horizon:
-            _, tokens_in, tokens_out = tokens.popleft()
+            _, tokens_in, tokens_out, cached = tokens.popleft()
+            sums[4] -= cached
             sums[0] -= tokens_in
             sums[1] -= tokens_out
             sums[2] -= tokens_in * tokens_in
@@ -254,9 +267,14 @@ class WorkloadWindow:
         else:
             self.replica_in_flight.pop(replica, None)
 
-    def add_tokens(self, *, now: float, input_tokens: int, output_tokens: int) -> None:
-        self.tokens.append((now, input_tokens, output_tokens))
+    def add_tokens(
+        self, *, now: float, input_tokens: int, output_tokens: int, cached_tokens: int = 0
+    ) -> None:
+        """A request answered with these token counts; ``cached_tokens`` of its prompt
+        came from the engine's prefix cache."""
+        self.tokens.append((now, input_tokens, output_tokens, cached_tokens))
         sums = self.token_sums
+        sums[4] += cached_tokens
         sums[0] += input_tokens
         sums[1] += output_tokens
         sums[2] += input_tokens * input_tokens
@@ -301,13 +319,14 @@ class WorkloadWindow:
         n = len(self.tokens)
         if not n:
             return None
-        total_in, total_out, square_in, square_out = self.token_sums
+        total_in, total_out, square_in, square_out, cached = self.token_sums
         return TokenStats(
             requests=n,
             input_mean=total_in / n,
             input_std=_std(total_in, square_in, n),
             output_mean=total_out / n,
             output_std=_std(total_out, square_out, n),
+            cached_mean=cached / n,
         )
 
 

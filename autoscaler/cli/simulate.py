@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     "trace_path",
     required=True,
     type=click.Path(path_type=Path),
-    help="CSV of arrival_s,input_tokens,output_tokens, or a rate profile "
+    help="CSV of arrival_s,input_tokens,output_tokens, Mooncake's JSONL (timestamp, "
+    "input_length, output_length, hash_ids; a .jsonl name), or a rate profile "
     "(t_start_min,t_end_min,...,rpm_calibrated) to draw a day or week from "
     "(see traces/README.md).",
 )
@@ -83,6 +84,15 @@ if TYPE_CHECKING:
     type=click.Choice(["ours", "static-peak", "static-mean", "skyserve-qps", "knative-kpa"]),
 )
 @click.option(
+    "--routing",
+    default="prefix",
+    show_default=True,
+    type=click.Choice(["prefix", "least-work"]),
+    help="The gateway's balancing: prefix (prefix-cache aware, what the gateway ships) or "
+    "least-work (prefix-blind). Engines cache prompt prefixes either way; a trace without "
+    "hash_ids (a CSV) has none to share.",
+)
+@click.option(
     "--spot/--no-spot",
     default=None,
     help="Allow spot instances [default: the workload's allow_spot_instances].",
@@ -113,6 +123,7 @@ def command(
     ttft_slo: float | None,
     seed: int,
     policy: str,
+    routing: str,
     spot: bool | None,
     report_path: Path | None,
     plot_path: Path | None,
@@ -128,6 +139,7 @@ def command(
     Poisson process at the profile's rate (scaled by --rate-scale or to --peak-rps),
     with token lengths from --tokens.
     """
+    from autoscaler.sim.prefix import Routing
     from autoscaler.sim.profile import is_rate_profile
     from autoscaler.sim.run import RateMode, Scenario, policies, prepare, run_policy
     from autoscaler.sim.trace import TraceError, load_trace
@@ -173,6 +185,7 @@ def command(
         ttft_slo_s=ttft_slo,
         seed=seed,
         allow_spot=allow_spot,
+        routing=Routing(routing),
     )
     try:
         prepared = prepare(scenario)

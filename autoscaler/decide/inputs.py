@@ -58,6 +58,14 @@ class TokenMix:
     input_scv: float | None = None
     """The spread of prompt lengths: their variance over their squared mean (``None``:
     not measured)."""
+    cached_share: float = 0.0
+    """Share of prompt tokens the engines found in their prefix caches (the measured hit
+    rate): those tokens cost no prefill, so a replica's capacity counts only the rest."""
+
+    @property
+    def prefilled_tokens(self) -> float:
+        """Mean prompt tokens a replica actually prefills: the uncached ones."""
+        return self.input_tokens * (1.0 - self.cached_share)
 
     @classmethod
     def of(
@@ -121,6 +129,7 @@ def measured_of(snapshot: SignalSnapshot, *, samples_since: float | None = None)
             input_tokens=tokens.input_mean,
             output_tokens=tokens.output_mean,
             input_scv=tokens.input_scv,
+            cached_share=tokens.cached_share,
         )
     return Measured(
         signals=signals_of(snapshot, samples_since=samples_since),
@@ -223,8 +232,10 @@ def replica_capacity(
         return None
     # The gateway never sends a replica more than its cap, whatever the engine could batch.
     batch = min(profile.max_batch, concurrency_cap)
+    # Cached prompt tokens skip prefill: a fleet whose routing finds its prefixes cached
+    # serves more per replica, and needs fewer.
     tokens_in, tokens_out = (
-        (mix.input_tokens, mix.output_tokens)
+        (mix.prefilled_tokens, mix.output_tokens)
         if mix is not None
         else (DEFAULT_INPUT_TOKENS, DEFAULT_OUTPUT_TOKENS)
     )

@@ -142,12 +142,14 @@ class SimGateway:
     def first_token(self, record: RequestRecord, *, t: float) -> None:
         self.window.ttft.append((self.epoch_s + t, t - record.arrival_s))
 
-    def finish(self, record: RequestRecord, *, t: float) -> None:
-        """A request answered in full: its token counts (the response's ``usage``)."""
+    def finish(self, record: RequestRecord, *, t: float, cached_tokens: int = 0) -> None:
+        """A request answered in full: its token counts (the response's ``usage``, with
+        the prompt tokens its engine found cached)."""
         self.window.add_tokens(
             now=self.epoch_s + t,
             input_tokens=record.input_tokens,
             output_tokens=record.output_tokens,
+            cached_tokens=cached_tokens,
         )
 
     def window_sec(self, t: float) -> float:

@@ -48,6 +48,18 @@ class RunReport:
     oracle_cost_usd: float | None = None
     rate_mode: str = "compress"
     """How the rate was scaled: ``overlay`` (trace laid over itself) or ``compress``."""
+    routing: str = "prefix"
+    """The gateway's balancing (``autoscaler.sim.prefix.Routing``)."""
+    prefix_hit_rate: float = 0.0
+    """Share of prompt tokens the engines found in their prefix caches."""
+    tpot_p50_s: float | None = None
+    tpot_mean_s: float | None = None
+    """Time per output token after the first, over served requests of two or more."""
+    hot_spot_requests: float = 0.0
+    """Highest per-minute ratio of the busiest replica's mean outstanding requests to the
+    fleet mean (``autoscaler.sim.prefix.HotSpotMeter``)."""
+    hot_spot_work: float = 0.0
+    """The same for outstanding prefill work (prompt tokens awaiting their first token)."""
     timeline: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -87,6 +99,10 @@ class RunReport:
                 "" if ratio is None else f" ({ratio:.2f}x the oracle's ${self.oracle_cost_usd:.2f})"
             ),
             f"  GPU-hours           {self.gpu_hours:.2f}",
+            f"  routing             {self.routing}: prefix cache hits "
+            f"{self.prefix_hit_rate:.1%} of prompt tokens; TPOT p50 {ms(self.tpot_p50_s)}, "
+            f"mean {ms(self.tpot_mean_s)}; busiest replica / fleet mean per minute: "
+            f"{self.hot_spot_requests:.2f}x requests, {self.hot_spot_work:.2f}x work",
             f"  scale events        {events}",
         ]
         return "\n".join(lines)
@@ -108,6 +124,7 @@ def build_report(
     spot: bool,
     oracle_cost_usd: float | None,
     rate_mode: str = "compress",
+    routing: str = "prefix",
 ) -> RunReport:
     records = outcomes.records
     counted = [r for r in records if r.outcome is not Outcome.REFUSED]
@@ -119,6 +136,7 @@ def build_report(
     )
     flat = sum(1 for r in counted if r.ttft_s is not None and r.ttft_s <= slo.target_s)
     kinds = Counter(e.kind for e in outcomes.events)
+    tpots = sorted(r.tpot_s for r in records if not math.isnan(r.tpot_s))
     return RunReport(
         policy=policy,
         trace=trace,
@@ -142,6 +160,16 @@ def build_report(
         scale_events=dict(kinds),
         oracle_cost_usd=oracle_cost_usd,
         rate_mode=rate_mode,
+        routing=routing,
+        prefix_hit_rate=(
+            outcomes.prefix_hits_tokens / outcomes.prefix_queries_tokens
+            if outcomes.prefix_queries_tokens
+            else 0.0
+        ),
+        tpot_p50_s=percentile(tpots, 0.50),
+        tpot_mean_s=sum(tpots) / len(tpots) if tpots else None,
+        hot_spot_requests=outcomes.hot_spot_requests,
+        hot_spot_work=outcomes.hot_spot_work,
         timeline=[asdict(s) for s in outcomes.timeline],
         events=[asdict(e) for e in outcomes.events],
     )

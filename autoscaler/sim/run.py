@@ -21,6 +21,7 @@ from autoscaler.sim.policies import (
     ScheduledFleetPolicy,
     static_policy,
 )
+from autoscaler.sim.prefix import DEFAULT_ROUTING, Routing
 from autoscaler.sim.report import RunReport, build_report
 from autoscaler.sim.trace import (
     TraceRequest,
@@ -73,6 +74,9 @@ class Scenario:
     seed: int = 0
     allow_spot: bool = False
     cloud: CloudSettings = field(default_factory=CloudSettings)
+    routing: Routing = DEFAULT_ROUTING
+    """The gateway's balancing for the policies' runs (the oracle's plan is replayed
+    with the gateway's default, :data:`~autoscaler.sim.prefix.DEFAULT_ROUTING`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +294,7 @@ def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
         allow_spot=scenario.allow_spot,
         initial_replicas=initial_replicas(prepared, policy),
         initial_mix=first_minute_mix(prepared.requests),
+        routing=scenario.routing,
     )
     outcomes = world.run()
     return build_report(
@@ -302,6 +307,7 @@ def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
         spot=scenario.allow_spot,
         oracle_cost_usd=prepared.oracle.cost_usd,
         rate_mode=scenario.rate_mode.value,
+        routing=scenario.routing.value,
     )
 
 

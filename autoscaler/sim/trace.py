@@ -1,12 +1,16 @@
-"""Request traces: ``arrival_s,input_tokens,output_tokens`` rows, sorted by arrival."""
+"""Request traces: ``arrival_s,input_tokens,output_tokens`` rows, sorted by arrival; or
+Mooncake's JSONL (``timestamp`` in ms, ``input_length``, ``output_length``, ``hash_ids``:
+the chained hashes of the prompt's 512-token blocks, ``catalog.prefix``), read by
+:func:`load_trace` for a ``.jsonl`` file."""
 
 from __future__ import annotations
 
 import csv
 import itertools
+import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 COLUMNS = ("arrival_s", "input_tokens", "output_tokens")
@@ -23,6 +27,8 @@ class TraceRequest:
     arrival_s: float
     input_tokens: int
     output_tokens: int
+    hash_ids: tuple[int, ...] = ()
+    """The prompt's prefix blocks (``catalog.prefix``); empty when the trace has none."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,11 +45,14 @@ class TraceStats:
 
 
 def load_trace(path: Path) -> list[TraceRequest]:
-    """Read a trace CSV; arrivals are made relative to the first one."""
+    """Read a trace CSV, or Mooncake's JSONL when the name ends ``.jsonl``; arrivals are
+    made relative to the first one."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise TraceError(f"cannot read trace {path}: {exc.strerror or exc}") from exc
+    if path.suffix == ".jsonl":
+        return load_mooncake(path, text)
     rows = csv.reader(text.splitlines())
     header = next(rows, None)
     if header is None or tuple(h.strip() for h in header) != COLUMNS:
@@ -55,7 +64,55 @@ def load_trace(path: Path) -> list[TraceRequest]:
         if after.arrival_s < before.arrival_s:
             raise TraceError(f"{path}:{line_no}: arrival_s goes back in time; sort rows by arrival")
     start = requests[0].arrival_s
-    return [TraceRequest(r.arrival_s - start, r.input_tokens, r.output_tokens) for r in requests]
+    return [replace(r, arrival_s=r.arrival_s - start) for r in requests]
+
+
+MOONCAKE_FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
+
+
+def load_mooncake(path: Path, text: str) -> list[TraceRequest]:
+    """Mooncake's JSONL: one object a line with ``timestamp`` (ms, sorted),
+    ``input_length``, ``output_length`` and ``hash_ids`` (a list of integers)."""
+    requests: list[TraceRequest] = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            requests.append(_parse_mooncake(f"{path}:{line_no}", line))
+    if not requests:
+        raise TraceError(f"{path}: no requests")
+    for line_no, (before, after) in enumerate(itertools.pairwise(requests), start=2):
+        if after.arrival_s < before.arrival_s:
+            raise TraceError(f"{path}:{line_no}: timestamp goes back in time; sort by timestamp")
+    start = requests[0].arrival_s
+    return [replace(r, arrival_s=r.arrival_s - start) for r in requests]
+
+
+def _parse_mooncake(where: str, line: str) -> TraceRequest:
+    try:
+        row = json.loads(line)
+    except ValueError as exc:
+        raise TraceError(f"{where}: not a JSON object: {exc}") from None
+    if not isinstance(row, dict):
+        raise TraceError(f"{where}: expected a JSON object with {', '.join(MOONCAKE_FIELDS)}")
+    missing = [name for name in MOONCAKE_FIELDS if name not in row]
+    if missing:
+        raise TraceError(f"{where}: missing field(s) {', '.join(missing)}")
+    stamp, tokens_in, tokens_out, hashes = (row[name] for name in MOONCAKE_FIELDS)
+    if not _is_number(stamp) or not math.isfinite(stamp) or stamp < 0:
+        raise TraceError(f"{where}: timestamp must be milliseconds >= 0, got {stamp!r}")
+    for name, value in (("input_length", tokens_in), ("output_length", tokens_out)):
+        if not _is_int(value) or value < 1:
+            raise TraceError(f"{where}: {name} must be a whole number >= 1, got {value!r}")
+    if not isinstance(hashes, list) or not all(_is_int(h) for h in hashes):
+        raise TraceError(f"{where}: hash_ids must be a list of integers, got {hashes!r:.60}")
+    return TraceRequest(stamp / 1000.0, tokens_in, tokens_out, tuple(hashes))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _parse(path: Path, line_no: int, row: Sequence[str]) -> TraceRequest:
@@ -82,7 +139,7 @@ def scale_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceReq
     """
     if not factor > 0 or math.isinf(factor):
         raise ValueError(f"rate scale must be a finite number > 0, got {factor}")
-    return [TraceRequest(r.arrival_s / factor, r.input_tokens, r.output_tokens) for r in requests]
+    return [replace(r, arrival_s=r.arrival_s / factor) for r in requests]
 
 
 def overlay_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceRequest]:
@@ -115,7 +172,7 @@ def overlay_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceR
             at = r.arrival_s - start + shift
             if at > span:
                 at -= span
-            out.append(TraceRequest(start + at, r.input_tokens, r.output_tokens))
+            out.append(replace(r, arrival_s=start + at))
     out.sort(key=lambda r: r.arrival_s)
     return out
 

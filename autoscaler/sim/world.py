@@ -31,12 +31,13 @@ from autoscaler.decide.step import (
 )
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
 from autoscaler.sim.policies import ControllerPolicy, ControlView, Policy
+from autoscaler.sim.prefix import DEFAULT_ROUTING, HotSpotMeter, PrefixRouter, Routing, tpot_s
 from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.workload import SimWorkload
 from catalog.engine import BatchEngine, EventKind
 from catalog.model import Offer
 from catalog.query import Market
-from gateway.balancing import ReplicaLoad, request_work
+from gateway.balancing import ReplicaLoad
 from gateway.window import replica_cap
 from providers.base import BootSpec, LaunchRequest, instance_tags
 from providers.errors import InsufficientCapacity, QuotaExceeded
@@ -123,6 +124,15 @@ class Outcomes:
     cost_usd: float
     gpu_hours: float
     end_s: float
+    prefix_queries_tokens: int = 0
+    """Prompt tokens the engines looked up in their prefix caches (``autoscaler.sim.prefix``)."""
+    prefix_hits_tokens: int = 0
+    """Of those, the tokens found cached (no prefill)."""
+    hot_spot_requests: float = 0.0
+    """The highest per-minute ratio of the busiest replica's mean outstanding requests to
+    the fleet's mean (``autoscaler.sim.prefix.HotSpotMeter``; 0 when never measured)."""
+    hot_spot_work: float = 0.0
+    """The same ratio for the balancer's outstanding work (prompt tokens awaiting prefill)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +141,8 @@ class RecordOutcome:
     arrival_s: float
     ttft_s: float | None
     outcome: Outcome
+    tpot_s: float = math.nan
+    """Time per output token after the first (``nan``: not measured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +172,7 @@ class World:
         initial_replicas: int,
         initial_mix: tuple[float, float] | None = None,
         knobs: StepKnobs | None = None,
+        routing: Routing = DEFAULT_ROUTING,
     ) -> None:
         from providers.simulated import LogNormalBootTime
 
@@ -182,6 +195,13 @@ class World:
         self.gateway = SimGateway(
             rng=random.Random(seed + 1), epoch_s=EPOCH_S, cap=replica_cap(self.spec.per_worker)
         )
+        self.router = PrefixRouter(routing, self.gateway.rng)
+        """The gateway's routing and index, and each engine's prefix cache."""
+        self.hot_spots = HotSpotMeter()
+        self._work: dict[int, int] = {}
+        """Each request's outstanding work on its replica until its first token, by index."""
+        self._cached: dict[int, int] = {}
+        """Each request's prompt tokens its engine found cached, by index, until answered."""
         self.replicas: dict[str, SimReplica] = {}
         self.unavailable: dict[str, datetime] = {}
         self.events: list[ScaleEvent] = []
@@ -235,6 +255,8 @@ class World:
             if t > horizon:
                 break
             self.gateway.observe_until(t)
+            if t >= self.hot_spots.due_s:
+                self.hot_spots.observe_until(t, self._serving_loads())
             self._set_time(t)
             self._engine_events(t)
             self._machine_events(t)
@@ -253,9 +275,22 @@ class World:
                 break
         end = self.t
         self._sample(end)
+        queries, hits = self.router.hits()
         return Outcomes(
             records=[
-                RecordOutcome(r.input_tokens, r.arrival_s, r.ttft_s, r.outcome)
+                RecordOutcome(
+                    r.input_tokens,
+                    r.arrival_s,
+                    r.ttft_s,
+                    r.outcome,
+                    tpot_s(
+                        first_token_s=r.first_token_s,
+                        finished_s=r.finished_s,
+                        output_tokens=r.output_tokens,
+                    )
+                    if r.outcome is Outcome.SERVED
+                    else math.nan,
+                )
                 for r in self.records
             ],
             timeline=self.timeline,
@@ -263,7 +298,18 @@ class World:
             cost_usd=self.cloud.cost_usd() - start_cost,
             gpu_hours=self._gpu_hours(end),
             end_s=end,
+            prefix_queries_tokens=queries,
+            prefix_hits_tokens=hits,
+            hot_spot_requests=self.hot_spots.worst_requests,
+            hot_spot_work=self.hot_spots.worst_work,
         )
+
+    def _serving_loads(self) -> list[tuple[str, int, int]]:
+        return [
+            (r.launch_id, len(r.requests), r.work)
+            for r in self.replicas.values()
+            if r.engine is not None and r.ended_s is None and r.drain_s is None
+        ]
 
     def _gpu_hours(self, end: float) -> float:
         total = 0.0
@@ -311,11 +357,12 @@ class World:
             if event.kind is EventKind.FIRST_TOKEN:
                 record.first_token_s = event.at_s
                 self.gateway.first_token(record, t=event.at_s)
-                r.work -= request_work(record.input_tokens)  # its prefill is done
+                r.work -= self._work.pop(record.index, 0)  # its prefill is done
             if event.timing is not None:
                 record.finished_s = event.at_s
                 record.outcome = Outcome.SERVED
-                self.gateway.finish(record, t=event.at_s)
+                cached = self._cached.pop(record.index, 0)
+                self.gateway.finish(record, t=event.at_s, cached_tokens=cached)
                 del r.requests[event.request_id]
                 self.gateway.left(record)
 
@@ -333,7 +380,10 @@ class World:
 
     def _end(self, r: SimReplica, t: float, *, why: str) -> None:
         r.ended_s = t
+        self.router.ended(r.launch_id)
         for record in r.requests.values():
+            self._work.pop(record.index, None)
+            self._cached.pop(record.index, None)
             self.gateway.left(record)
             if record.first_token_s is None:
                 self.gateway.requeue(record, t=t)
@@ -369,22 +419,34 @@ class World:
         ]
         index = {load.key: n for n, load in enumerate(loads)}
         while queue:
-            chosen = self.gateway.choose(loads)
-            if chosen is None:
+            blocks = self.requests[queue[0].index].hash_ids
+            placed = self.router.choose(loads, blocks=blocks, prompt_tokens=queue[0].input_tokens)
+            if placed is None:
                 return
+            chosen = placed.replica
             record = queue.popleft()
             replica = by_key[chosen.key]
             assert replica.engine is not None
             if replica.engine.now_s < t:
                 self._replica_events(replica, t)  # nothing is due before t: no events
+            # The engine prefills only what its prefix cache lacks.
+            prefill = self.router.serve(
+                replica.launch_id,
+                kv_capacity_tokens=replica.engine.profile.kv_capacity_tokens,
+                blocks=blocks,
+                prompt_tokens=record.input_tokens,
+            )
             engine_id = replica.engine.submit(
-                input_tokens=record.input_tokens, output_tokens=record.output_tokens
+                input_tokens=prefill, output_tokens=record.output_tokens
             )
             replica.requests[engine_id] = record
             self.gateway.sent(record, replica.launch_id)
             # The gateway weighs a request by its body's length / 4 characters per
-            # token, about its prompt tokens: the simulator passes the prompt's tokens.
-            work = request_work(record.input_tokens)
+            # token, about its prompt tokens (less what it expects cached there): the
+            # simulator passes the prompt's tokens.
+            work = placed.work
+            self._work[record.index] = work
+            self._cached[record.index] = record.input_tokens - prefill
             replica.work += work
             self._refresh_due(replica)
             n = index[chosen.key]

@@ -1,0 +1,84 @@
+"""What the gateway remembers of each replica's prefix cache: which blocks it sent where.
+
+An approximate index (SGLang's and llm-d's approximate routers keep one too): the
+prompt blocks (``catalog.prefix``, chained hashes of 512-token blocks) of each request
+sent to a replica are recorded in an LRU of that replica's, bounded like the engine's own
+cache, and a new request's expected cached tokens on a replica are the leading blocks
+its LRU holds. It drifts from the engine's truth where the engine evicts under memory
+pressure the index does not see, or restarts; a wrong guess costs one prefill, never a
+wrong answer. Memory is bounded: at most ``capacity_blocks`` eight-byte hashes per
+replica (:data:`DEFAULT_INDEX_BLOCKS`: about 40 KiB of hashes, 16 MiB of key and LRU
+overhead at worst, per replica), and replicas that leave the route table are forgotten.
+
+Pure: no clock, no I/O.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+
+from catalog.prefix import BLOCK_TOKENS, PrefixCache, cacheable_blocks
+
+DEFAULT_INDEX_BLOCKS = 1024
+"""Blocks remembered per replica when its KV capacity is unknown: 512 Ki tokens, about
+what one H100 keeps for an 8B model in bf16 (``catalog.perf``: ~450 Ki tokens)."""
+
+
+@dataclass(slots=True)
+class PrefixIndex:
+    """Per replica, an LRU of the prompt blocks the gateway sent it."""
+
+    default_capacity_blocks: int = DEFAULT_INDEX_BLOCKS
+    _replicas: dict[str, PrefixCache] = field(default_factory=dict)
+
+    def cached_tokens(
+        self, keys: Collection[str], blocks: Sequence[int], prompt_tokens: int
+    ) -> dict[str, int]:
+        """Expected cached tokens of a prompt with ``blocks`` on each replica of ``keys``
+        that holds any (absent: none)."""
+        found: dict[str, int] = {}
+        if not blocks:
+            return found
+        for key in keys:
+            cache = self._replicas.get(key)
+            if cache is not None:
+                tokens = cache.cached_tokens(blocks, prompt_tokens)
+                if tokens > 0:
+                    found[key] = tokens
+        return found
+
+    def sent(
+        self,
+        key: str,
+        blocks: Sequence[int],
+        prompt_tokens: int,
+        *,
+        capacity_blocks: int | None = None,
+    ) -> None:
+        """A request with ``blocks`` went to ``key``; its full blocks are now that
+        replica's most recent. ``capacity_blocks`` sizes a replica seen for the first
+        time (its engine's KV capacity in blocks, where known)."""
+        if not blocks:
+            return
+        cache = self._replicas.get(key)
+        if cache is None:
+            size = self.default_capacity_blocks if capacity_blocks is None else capacity_blocks
+            cache = self._replicas[key] = PrefixCache(size)
+        cache.admit(cacheable_blocks(blocks, prompt_tokens))
+
+    def keep_only(self, keys: Collection[str]) -> None:
+        """Forget replicas not in ``keys`` (they left the route table)."""
+        for key in [k for k in self._replicas if k not in keys]:
+            del self._replicas[key]
+
+    def forget(self, key: str) -> None:
+        self._replicas.pop(key, None)
+
+    def blocks_held(self, key: str) -> int:
+        """Blocks the index believes ``key`` holds: how warm its cache is."""
+        cache = self._replicas.get(key)
+        return 0 if cache is None else len(cache)
+
+    def tokens_held(self, key: str) -> int:
+        return self.blocks_held(key) * BLOCK_TOKENS
