@@ -12,6 +12,12 @@ request waits in its workload's FIFO queue: for a replica with room (bounded by
 start (bounded by the workload's cold-start deadline, after demand is recorded so the
 controller scales from zero). Waiters are served in arrival order, and a newcomer never
 overtakes a waiter.
+
+A request whose prompt blocks are known (``catalog.prefix``: the proxy hashes chat and
+completions bodies) is routed by ``gateway.balancing.choose_by_prefix`` over the
+workload's :class:`~gateway.prefix.PrefixIndex` of the blocks sent to each replica, and
+weighs on its replica as its prompt less the tokens expected cached there; the others by
+least work.
 """
 
 from __future__ import annotations
@@ -23,8 +29,15 @@ from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
-from gateway.balancing import ReplicaLoad, admit_to_queue, choose_replica, request_work
+from gateway.balancing import (
+    ReplicaLoad,
+    admit_to_queue,
+    choose_by_prefix,
+    choose_replica,
+    request_work,
+)
 from gateway.errors import GatewayError
+from gateway.prefix import PrefixIndex
 from gateway.routes import Replica, WorkloadRef, WorkloadRoute
 from gateway.signals import Signals
 from gateway.window import replica_cap
@@ -49,11 +62,20 @@ class Lease:
     outstanding; 0 once its first token is back."""
 
 
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """What the balancer knows of a request's prompt: its estimated tokens (0 when
+    unknown) and its prefix blocks (empty when not hashed)."""
+
+    tokens: int = 0
+    blocks: tuple[int, ...] = ()
+
+
 @dataclass(slots=True)
 class _Waiter:
     future: asyncio.Future[Lease]
     cold: bool
-    work: int
+    prompt: Prompt
 
 
 @dataclass(slots=True)
@@ -62,6 +84,7 @@ class _WorkloadState:
     work: dict[str, int] = field(default_factory=dict)
     cooling_until: dict[str, float] = field(default_factory=dict)
     waiters: deque[_Waiter] = field(default_factory=deque)
+    prefixes: PrefixIndex = field(default_factory=PrefixIndex)
 
 
 class Dispatcher:
@@ -89,6 +112,12 @@ class Dispatcher:
         workload that cannot be placed now get its reason at once."""
         self._routes = routes
         for ref, state in self._states.items():
+            route = routes.get(ref)
+            keys = set() if route is None else {r.key for r in route.replicas}
+            state.prefixes.keep_only(keys)
+            warmth = self._signals.window(ref).replica_cache_blocks
+            for key in [k for k in warmth if k not in keys]:
+                del warmth[key]
             if state.waiters:
                 self._serve_waiters(ref)
             if self._blocked(ref) is not None:
@@ -112,17 +141,23 @@ class Dispatcher:
     # -- leases --------------------------------------------------------------------
 
     async def acquire(
-        self, ref: WorkloadRef, *, excluded: Collection[str] = (), prompt_tokens: int = 0
+        self,
+        ref: WorkloadRef,
+        *,
+        excluded: Collection[str] = (),
+        prompt_tokens: int = 0,
+        blocks: tuple[int, ...] = (),
     ) -> Lease:
         """A lease on a replica of ``ref``, waiting in line if none has room.
 
         ``excluded`` are replicas this request already tried; a retry never waits.
-        ``prompt_tokens`` is the request's estimated prompt (0 when unknown).
+        ``prompt_tokens`` is the request's estimated prompt (0 when unknown), ``blocks``
+        its prefix blocks (``catalog.prefix.text_blocks``; empty when not hashed).
         """
         state = self._state(ref)
-        work = request_work(prompt_tokens)
+        prompt = Prompt(prompt_tokens, blocks)
         if not state.waiters:
-            lease = self._try_lease(ref, state, work=work, excluded=excluded)
+            lease = self._try_lease(ref, state, prompt=prompt, excluded=excluded)
             if lease is not None:
                 return lease
         if (blocked := self._blocked(ref)) is not None:
@@ -134,7 +169,7 @@ class Dispatcher:
                 "no replica of this workload accepted the connection",
                 code="upstream_unavailable",
             )
-        return await self._wait(ref, state, work=work)
+        return await self._wait(ref, state, prompt=prompt)
 
     def release(self, lease: Lease) -> None:
         state = self._state(lease.ref)
@@ -183,7 +218,7 @@ class Dispatcher:
         ref: WorkloadRef,
         state: _WorkloadState,
         *,
-        work: int,
+        prompt: Prompt,
         excluded: Collection[str] = (),
     ) -> Lease | None:
         route = self._routes.get(ref)
@@ -208,9 +243,28 @@ class Dispatcher:
             )
             for r in route.replicas
         ]
-        chosen = choose_replica(loads, rng=self._rng, excluded=skip)
+        if prompt.blocks:
+            cached = state.prefixes.cached_tokens(
+                [r.key for r in route.replicas], prompt.blocks, prompt.tokens
+            )
+            chosen = choose_by_prefix(
+                loads,
+                rng=self._rng,
+                prompt_tokens=prompt.tokens,
+                cached_tokens=cached,
+                excluded=skip,
+            )
+        else:
+            cached = {}
+            chosen = choose_replica(loads, rng=self._rng, excluded=skip)
         if chosen is None:
             return None
+        work = request_work(prompt.tokens - cached.get(chosen.key, 0))
+        if prompt.blocks:
+            state.prefixes.sent(chosen.key, prompt.blocks, prompt.tokens)
+            self._signals.window(ref).replica_cache_blocks[chosen.key] = state.prefixes.blocks_held(
+                chosen.key
+            )
         replica = next(r for r in route.replicas if r.key == chosen.key)
         state.outstanding[replica.key] = chosen.outstanding + 1
         state.work[replica.key] = chosen.work + work
@@ -222,7 +276,7 @@ class Dispatcher:
         route = self._routes.get(ref)
         return route is None or not route.ready
 
-    async def _wait(self, ref: WorkloadRef, state: _WorkloadState, *, work: int) -> Lease:
+    async def _wait(self, ref: WorkloadRef, state: _WorkloadState, *, prompt: Prompt) -> Lease:
         cold = self._is_cold(ref)
         limits = self._limits
         if not admit_to_queue(queued=len(state.waiters), limit=limits.max_queued_per_workload):
@@ -242,7 +296,9 @@ class Dispatcher:
         timeout = limits.cold_start_timeout_sec(ref) if cold else limits.queue_timeout_sec
         if cold:
             self._on_cold_start(ref)
-        waiter = _Waiter(future=asyncio.get_running_loop().create_future(), cold=cold, work=work)
+        waiter = _Waiter(
+            future=asyncio.get_running_loop().create_future(), cold=cold, prompt=prompt
+        )
         state.waiters.append(waiter)
         window = self._signals.window(ref)
         window.queued += 1
@@ -296,7 +352,7 @@ class Dispatcher:
             if waiter.future.done():
                 state.waiters.popleft()
                 continue
-            lease = self._try_lease(ref, state, work=waiter.work)
+            lease = self._try_lease(ref, state, prompt=waiter.prompt)
             if lease is None:
                 return
             state.waiters.popleft()

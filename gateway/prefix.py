@@ -15,10 +15,38 @@ Pure: no clock, no I/O.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
-from catalog.prefix import BLOCK_TOKENS, PrefixCache, cacheable_blocks
+from catalog.prefix import (
+    BLOCK_CHARS,
+    BLOCK_TOKENS,
+    PrefixCache,
+    cacheable_blocks,
+    prompt_text,
+    text_blocks,
+)
+
+HASHED_ROUTES = frozenset({"chat/completions", "completions"})
+"""Routes whose prompts are hashed into blocks for prefix-aware routing."""
+
+
+def request_blocks(path: str, body: bytes | None) -> tuple[int, ...]:
+    """The prefix blocks of a chat or completions request body read whole (empty for
+    other routes, a body too short to hold one block, or one that is not a JSON object).
+    A body the proxy streams on without reading is routed by least work."""
+    if path not in HASHED_ROUTES or body is None or len(body) < BLOCK_CHARS:
+        return ()
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
+        return ()
+    if not isinstance(data, dict):
+        return ()
+    text = prompt_text(data)
+    return () if text is None else text_blocks(text)
+
 
 DEFAULT_INDEX_BLOCKS = 1024
 """Blocks remembered per replica when its KV capacity is unknown: 512 Ki tokens, about

@@ -26,6 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway import tokens
 from gateway.dispatch import Dispatcher, Lease
 from gateway.errors import GatewayError, error_body
+from gateway.prefix import request_blocks
 from gateway.routes import WorkloadRoute
 from gateway.signals import Signals
 
@@ -136,9 +137,10 @@ class Forwarder:
             body = None
         tried: list[str] = []
         prompt_tokens = tokens.routing_estimate(length)
+        blocks = request_blocks(path, body) if isinstance(body, bytes) else ()
         while True:
             lease = await self._dispatcher.acquire(
-                route.ref, excluded=tried, prompt_tokens=prompt_tokens
+                route.ref, excluded=tried, prompt_tokens=prompt_tokens, blocks=blocks
             )
             try:
                 upstream = await self._open(
@@ -281,7 +283,11 @@ class Forwarder:
         counts = tokens.token_counts(answer, body=body, body_length=length)
         if counts is not None:
             self._signals.answered(
-                route.ref, now=self._wall_clock(), input_tokens=counts[0], output_tokens=counts[1]
+                route.ref,
+                now=self._wall_clock(),
+                input_tokens=counts[0],
+                output_tokens=counts[1],
+                cached_tokens=min(tokens.cached_tokens(answer), counts[0]),
             )
 
     def _record_first_byte(self, route: WorkloadRoute, arrived: float, *, one_piece: bool) -> None:

@@ -159,10 +159,22 @@ class Signals:
         self.window(ref).unstreamed.append((now, latency))
 
     def answered(
-        self, ref: WorkloadRef, *, now: float, input_tokens: int, output_tokens: int
+        self,
+        ref: WorkloadRef,
+        *,
+        now: float,
+        input_tokens: int,
+        output_tokens: int,
+        cached_tokens: int = 0,
     ) -> None:
-        """A request answered in full, with its prompt and completion token counts."""
-        self.window(ref).add_tokens(now=now, input_tokens=input_tokens, output_tokens=output_tokens)
+        """A request answered in full, with its prompt and completion token counts and
+        the prompt tokens its engine found in its prefix cache."""
+        self.window(ref).add_tokens(
+            now=now,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_tokens=cached_tokens,
+        )
 
     def set_job_queues(self, queues: dict[WorkloadRef, tuple[int, float]]) -> None:
         """Queued async jobs per workload: how many, and when (epoch seconds) the

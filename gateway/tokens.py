@@ -7,6 +7,10 @@ the raw JSON without parsing it; a prompt given as a list (token ids count one e
 is parsed. A body the gateway streamed on without reading whole, or one that is not
 JSON, counts its bytes ÷ :data:`CHARS_PER_TOKEN`.
 
+Cached prompt tokens: ``usage.prompt_tokens_details.cached_tokens`` (vLLM reports it with
+``--enable-prompt-tokens-details``, engine-sim always), else 0: the prefix-cache hit rate
+the controller's capacity estimate counts (``decide.inputs.TokenMix.cached_share``).
+
 Completion (output) tokens: ``usage.completion_tokens`` when present; else, for a
 streamed (SSE) answer, its events less the stream's framing (``[DONE]``, the final
 event carrying ``finish_reason``, a chat stream's first event carrying only the role);
@@ -39,6 +43,7 @@ COUNTED_ROUTES = {"chat/completions": "chat", "completions": "text", "embeddings
 _USAGE = b'"usage"'
 _PROMPT_TOKENS = re.compile(rb'"prompt_tokens"\s*:\s*(\d+)')
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens"\s*:\s*(\d+)')
+_CACHED_TOKENS = re.compile(rb'"cached_tokens"\s*:\s*(\d+)')
 _PROMPT_KEY = re.compile(rb'"(content|text|prompt|input)"\s*:\s*(["\[])')
 _BACKSLASH = ord("\\")
 _DONE = b"data: [DONE]"
@@ -90,6 +95,15 @@ def token_counts(
     if prompt is None or completion is None:
         return None
     return prompt, completion
+
+
+def cached_tokens(answer: Answer) -> int:
+    """The answer's ``usage.prompt_tokens_details.cached_tokens``, 0 when absent."""
+    at = answer.tail.rfind(_USAGE)
+    if at < 0:
+        return 0
+    found = _CACHED_TOKENS.search(answer.tail, at)
+    return 0 if found is None else int(found.group(1))
 
 
 def _usage(tail: bytes) -> tuple[int | None, int | None]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -128,6 +128,9 @@ class SignalSnapshot:
     """Requests in flight per replica, by launch id (``None``: from a gateway that does
     not count them; a replica absent from the mapping has none)."""
     async_oldest_at: float | None = None
+    replica_cache_blocks: Mapping[str, int] = field(default_factory=dict)
+    """Prompt blocks the gateway believes each replica's prefix cache holds, by launch id
+    (``gateway.prefix.PrefixIndex``): how warm it is. A scale-down drains the coldest."""
 
     @property
     def request_rate(self) -> float:
@@ -158,6 +161,7 @@ class SignalSnapshot:
                 None if self.replica_in_flight is None else dict(self.replica_in_flight)
             ),
             "async_oldest_at": self.async_oldest_at,
+            "replica_cache_blocks": dict(self.replica_cache_blocks),
         }
 
     @classmethod
@@ -192,6 +196,9 @@ class SignalSnapshot:
             async_oldest_at=(
                 None if data.get("async_oldest_at") is None else float(data["async_oldest_at"])
             ),
+            replica_cache_blocks={
+                str(k): int(v) for k, v in (data.get("replica_cache_blocks") or {}).items()
+            },
         )
 
     @property
@@ -212,6 +219,7 @@ class WorkloadWindow:
         "in_flight",
         "last_request_at",
         "queued",
+        "replica_cache_blocks",
         "replica_in_flight",
         "token_sums",
         "tokens",
@@ -230,6 +238,8 @@ class WorkloadWindow:
         self.in_flight = 0
         self.replica_in_flight: dict[str, int] = {}
         """Requests in flight per replica (its route key: the launch id)."""
+        self.replica_cache_blocks: dict[str, int] = {}
+        """Blocks the gateway's prefix index holds per replica (its warmth)."""
         self.queued = 0
         self.cold_start_waiting = 0
         self.async_queue_depth = 0
@@ -313,6 +323,7 @@ class WorkloadWindow:
             unstreamed_samples=tuple(self.unstreamed),
             replica_in_flight=dict(self.replica_in_flight),
             async_oldest_at=self.async_oldest_at,
+            replica_cache_blocks=dict(self.replica_cache_blocks),
         )
 
     def token_stats(self) -> TokenStats | None:

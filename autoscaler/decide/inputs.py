@@ -89,6 +89,8 @@ class Measured:
     replica_in_flight: Mapping[str, int] | None = None
     """Requests in flight per replica, by launch id (``None``: not reported; a replica
     absent from a report has none)."""
+    replica_cache_blocks: Mapping[str, int] = field(default_factory=dict)
+    """Prefix-cache blocks the gateway believes each replica holds (absent: none)."""
 
 
 def signals_of(snapshot: SignalSnapshot, *, samples_since: float | None = None) -> Signals:
@@ -136,6 +138,7 @@ def measured_of(snapshot: SignalSnapshot, *, samples_since: float | None = None)
         token_mix=mix,
         concurrency_cap=snapshot.concurrency_cap,
         replica_in_flight=snapshot.replica_in_flight,
+        replica_cache_blocks=snapshot.replica_cache_blocks,
     )
 
 

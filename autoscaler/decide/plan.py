@@ -9,8 +9,10 @@ crash or a missed event gives the same actions. The rules:
   on it, or once ``scaling_down_timeout_sec`` has passed since the drain was asked.
 * **Scale down.** Surplus replicas that are not serving yet (pending, booting) are
   terminated first, newest first: they carry no requests. Then ready replicas are
-  drained, **most expensive first, newest first among equal prices** (the newest has the
-  fewest warm caches and long requests on it; the most expensive saves the most).
+  drained, **most expensive first, then the coldest prefix cache first, newest first
+  among equals** (the most expensive saves the most; the prompt blocks a replica's
+  cache holds, as the gateway's prefix index counts them, are prefill the fleet would
+  redo elsewhere; the newest has the fewest warm caches and long requests on it).
 * **Replace on spec drift.** Replicas of an older spec generation are replaced with a
   surge of one: a new-generation replica is launched first, and an old one is drained
   only once the ready replicas exceed the desired count. Old-generation replicas still
@@ -67,6 +69,8 @@ class ReplicaView:
     in_flight: int = 0
     machines: int = 1
     """The machines this replica holds: a replica group's open members, else one."""
+    cache_blocks: int = 0
+    """Prompt blocks its prefix cache holds, as the gateway's index counts them."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,15 +361,17 @@ def _shed(
                 Drain(
                     r.launch_id,
                     f"scale down {total} -> {desired}: ${r.usd_per_hour:.4g}/h, "
-                    "most expensive and newest first",
+                    f"{r.cache_blocks} cached prefix blocks; most expensive, coldest "
+                    "cache and newest first",
                 )
             )
 
 
-def _drain_order(r: ReplicaView) -> tuple[float, float, str]:
-    """Most expensive first, then newest (latest ready) first, then by launch id."""
+def _drain_order(r: ReplicaView) -> tuple[float, int, float, str]:
+    """Most expensive first, then the coldest prefix cache, then newest (latest ready)
+    first, then by launch id."""
     ready = r.ready_at.timestamp() if r.ready_at else r.intent_at.timestamp()
-    return (-r.usd_per_hour, -ready, r.launch_id)
+    return (-r.usd_per_hour, r.cache_blocks, -ready, r.launch_id)
 
 
 def _launch_reason(desired: int, current: int, replaces: str | None) -> str:

@@ -239,7 +239,12 @@ def step(
     plan = plan_actions(
         desired=decision.desired,
         replicas=[
-            replace(r.view, in_flight=in_flight_of(view, r.view.launch_id)) for r in view.replicas
+            replace(
+                r.view,
+                in_flight=in_flight_of(view, r.view.launch_id),
+                cache_blocks=view.measured.replica_cache_blocks.get(r.view.launch_id, 0),
+            )
+            for r in view.replicas
         ],
         spec_generation=view.generation,
         timeouts=timeouts,

@@ -541,6 +541,9 @@ class World:
         Until a request is answered, the mix is the first minute's, which the gateway
         had measured when the warm fleet was placed."""
         live = [r for r in self.replicas.values() if r.ended_s is None]
+        self.gateway.window.replica_cache_blocks = {
+            r.launch_id: self.router.index.blocks_held(r.launch_id) for r in live
+        }
         measured = measured_of(self.gateway.snapshot(t), samples_since=EPOCH_S + t - self.keep_s)
         if measured.token_mix is None:
             measured = replace(measured, token_mix=TokenMix.of(self._initial_mix))

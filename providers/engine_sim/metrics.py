@@ -58,6 +58,17 @@ class EngineMetrics:
             [*labels, "finished_reason"],
             registry=self.registry,
         )
+        self._prefix_queries = counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+        )
+        self._prefix_hits = counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+        )
+        # Exposed at 0 from the start, as vLLM does: a replica never hit still reports.
+        self._prefix_queries.labels(model_name)
+        self._prefix_hits.labels(model_name)
         self._ttft = histogram(
             "vllm:time_to_first_token_seconds",
             "Histogram of time to first token in seconds.",
@@ -84,10 +95,18 @@ class EngineMetrics:
         """A request produced its first token ``ttft_s`` after arriving."""
         self._ttft.labels(self._model).observe(ttft_s)
 
-    def finished(self, timing: RequestTiming, *, finished_reason: str) -> None:
-        """A request completed: count its tokens and record its latencies."""
+    def prefix_lookup(self, *, queries: int, hits: int) -> None:
+        """A prompt of ``queries`` tokens was looked up in the prefix cache; ``hits`` found."""
+        self._prefix_queries.labels(self._model).inc(queries)
+        self._prefix_hits.labels(self._model).inc(hits)
+
+    def finished(
+        self, timing: RequestTiming, *, finished_reason: str, cached_tokens: int = 0
+    ) -> None:
+        """A request completed: count its tokens (its prompt's ``cached_tokens``, which
+        the engine did not prefill, too) and record its latencies."""
         model = self._model
-        self._prompt.labels(model).inc(timing.input_tokens)
+        self._prompt.labels(model).inc(timing.input_tokens + cached_tokens)
         self._generation.labels(model).inc(timing.output_tokens)
         self._success.labels(model, finished_reason).inc()
         self._e2e.labels(model).observe(timing.e2e_s)

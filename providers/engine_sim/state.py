@@ -12,6 +12,7 @@ from aiohttp import web
 
 from catalog.engine import RequestTiming
 from catalog.perf import ServingProfile
+from catalog.prefix import PrefixCache, capacity_blocks
 from providers.engine_sim.config import EngineSimConfig
 from providers.engine_sim.live import LiveEngine, Ticket
 from providers.engine_sim.metrics import EngineMetrics
@@ -37,6 +38,12 @@ class EngineState:
     ready_at: float
     on_fail: Callable[[], None] = exit_abruptly
     served: int = field(default=0)
+    prefix_cache: PrefixCache = field(init=False)
+    """The engine's prefix cache: full prompt blocks kept in the KV memory the profile
+    leaves (``catalog.prefix``); a prompt's cached tokens skip prefill."""
+
+    def __post_init__(self) -> None:
+        self.prefix_cache = PrefixCache(capacity_blocks(self.profile.kv_capacity_tokens))
 
     @property
     def ready(self) -> bool:
@@ -54,10 +61,22 @@ class EngineState:
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
 
-    def submit(self, *, input_tokens: int, output_tokens: int, finished_reason: str) -> Ticket:
-        """Start a request on the engine; its metrics are recorded as its moments arrive."""
-        ticket = self.engine.submit(input_tokens=input_tokens, output_tokens=output_tokens)
+    def submit(
+        self,
+        *,
+        input_tokens: int,
+        output_tokens: int,
+        finished_reason: str,
+        cached_tokens: int = 0,
+    ) -> Ticket:
+        """Start a request on the engine, which prefills only the ``input_tokens`` not
+        among the ``cached_tokens`` found in its prefix cache; its metrics are recorded
+        as its moments arrive."""
+        ticket = self.engine.submit(
+            input_tokens=input_tokens - cached_tokens, output_tokens=output_tokens
+        )
         metrics = self.metrics
+        metrics.prefix_lookup(queries=input_tokens, hits=cached_tokens)
 
         def on_first_token(future: asyncio.Future[float]) -> None:
             if not future.cancelled():
@@ -65,7 +84,9 @@ class EngineState:
 
         def on_finished(future: asyncio.Future[RequestTiming]) -> None:
             if not future.cancelled():
-                metrics.finished(future.result(), finished_reason=finished_reason)
+                metrics.finished(
+                    future.result(), finished_reason=finished_reason, cached_tokens=cached_tokens
+                )
 
         ticket.first_token.add_done_callback(on_first_token)
         ticket.finished.add_done_callback(on_finished)

@@ -3,6 +3,12 @@
 Nothing is sent before the first token exists, not even headers, so a proxy's
 time-to-first-byte is the engine's time to first token. Streams follow OpenAI's chunk
 format and end with ``data: [DONE]``.
+
+The engine caches prompt prefixes as vLLM's automatic prefix caching does
+(``catalog.prefix``: the prompt text, chat messages joined by newlines, cut into chained
+512-token blocks, kept in an LRU sized by the profile's KV memory): a prompt's cached
+tokens skip prefill, are reported in ``usage.prompt_tokens_details.cached_tokens`` and
+counted in ``vllm:prefix_cache_queries`` / ``vllm:prefix_cache_hits``.
 """
 
 from __future__ import annotations
@@ -12,12 +18,13 @@ import json
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aiohttp import web
 
 from catalog.engine import RequestTiming
+from catalog.prefix import text_blocks
 from providers.engine_sim import media
 from providers.engine_sim.live import Ticket
 from providers.engine_sim.parsing import (
@@ -50,6 +57,8 @@ class _Generation:
     include_usage: bool
     request_id: str
     created: int
+    cached_tokens: int = 0
+    """Prompt tokens found in the engine's prefix cache."""
 
 
 def check_model(state: EngineState, body: JsonObject) -> str:
@@ -155,10 +164,13 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
     state.require_ready()
     generation = _generation(state, await json_body(request), chat=chat)
+    cached = state.prefix_cache.serve(text_blocks(generation.seed), generation.input_tokens)
+    generation = replace(generation, cached_tokens=cached)
     ticket = state.submit(
         input_tokens=generation.input_tokens,
         output_tokens=generation.output_tokens,
         finished_reason=generation.finish_reason,
+        cached_tokens=cached,
     )
     try:
         if generation.stream:
@@ -174,11 +186,12 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     return response
 
 
-def _usage(generation: _Generation) -> dict[str, int]:
+def _usage(generation: _Generation) -> dict[str, Any]:
     return {
         "prompt_tokens": generation.input_tokens,
         "completion_tokens": generation.output_tokens,
         "total_tokens": generation.input_tokens + generation.output_tokens,
+        "prompt_tokens_details": {"cached_tokens": generation.cached_tokens},
     }
 
 

@@ -87,7 +87,12 @@ async def test_token_hints_set_the_request_size(start_engine: StartEngine) -> No
     }
     async with httpx.AsyncClient(base_url=server.url) as client:
         reply = (await client.post("/v1/completions", json=body)).json()
-    assert reply["usage"] == {"prompt_tokens": 900, "completion_tokens": 3, "total_tokens": 903}
+    assert reply["usage"] == {
+        "prompt_tokens": 900,
+        "completion_tokens": 3,
+        "total_tokens": 903,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
 
 
 async def test_embeddings_are_deterministic_unit_vectors(start_engine: StartEngine) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,7 +16,7 @@ from catalog.prefix import (
     prompt_text,
     text_blocks,
 )
-from gateway.prefix import PrefixIndex
+from gateway.prefix import PrefixIndex, request_blocks
 
 SYSTEM = "You are a careful assistant. " * 200  # about 5,800 characters: 2 full blocks
 
@@ -102,3 +104,23 @@ def test_the_gateway_index_is_bounded_and_forgets_departed_replicas() -> None:
     assert index.cached_tokens(["a", "b"], [1, 2, 5], 3 * BLOCK_TOKENS) == {"b": 2 * BLOCK_TOKENS}
     index.keep_only(["a"])
     assert index.blocks_held("b") == 0
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{" * 3000,
+        b"[" * 50_000 + b"]" * 50_000,
+        b'{"messages": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        b"\xff\xfe\x00garbage" * 500,
+        b'{"messages": "not a list", "pad": "' + b"x" * BLOCK_CHARS + b'"}',
+    ],
+)
+def test_bodies_that_are_not_prompts_have_no_blocks(body: bytes) -> None:
+    assert request_blocks("chat/completions", body) == ()
+
+
+def test_a_long_chat_body_is_hashed_like_its_text() -> None:
+    body = json.dumps({"messages": [{"role": "user", "content": SYSTEM}]}).encode()
+    assert request_blocks("chat/completions", body) == text_blocks(SYSTEM)
+    assert request_blocks("embeddings", body) == ()

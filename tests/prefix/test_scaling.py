@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from autoscaler.decide.inputs import ModelSize, TokenMix, measured_of, replica_capacity
+from autoscaler.decide.plan import Drain
 from gateway.window import TokenStats, WorkloadWindow
+from tests.decide.test_plan import plan, replica
 
 SHAPE = ("NVIDIA H100 80GB HBM3", 1)
 
@@ -42,3 +46,16 @@ def test_a_fleet_that_finds_its_prefixes_cached_needs_fewer_replicas() -> None:
     assert warm.requests_per_s > 1.8 * cold.requests_per_s
     assert warm.prefill_s is not None and cold.prefill_s is not None
     assert warm.prefill_s == pytest.approx(cold.prefill_s / 2, rel=0.01)
+
+
+def test_a_scale_down_drains_the_coldest_cache_not_the_warmest() -> None:
+    old_warm = replace(replica("warm", age=4000, ready_age=3000), cache_blocks=800)
+    new_cold = replace(replica("cold", age=200, ready_age=60), cache_blocks=5)
+    newest_warm = replace(replica("warm2", age=100, ready_age=30), cache_blocks=700)
+    p = plan(2, [old_warm, new_cold, newest_warm])
+    drains = [a for a in p.actions if isinstance(a, Drain)]
+    assert [d.launch_id for d in drains] == ["cold"]
+    assert "5 cached prefix blocks" in drains[0].reason
+    # Without cache figures, the newest goes first, as before.
+    p = plan(2, [replace(r, cache_blocks=0) for r in (old_warm, new_cold, newest_warm)])
+    assert [a.launch_id for a in p.actions if isinstance(a, Drain)] == ["warm2"]
