@@ -22,6 +22,7 @@ workload spec (``catalog.sizing``), the figures ``catalog.perf`` needs.
 
 from __future__ import annotations
 
+import functools
 import shlex
 from bisect import bisect_left
 from collections import Counter
@@ -259,17 +260,24 @@ def model_size(spec: WorkloadSpec) -> ModelSize | None:
     """Billions of parameters and bytes per parameter of ``spec``'s model (from its name
     and its ``--dtype`` / ``--quantization`` flags); ``None`` when the name carries no
     parameter count the sizing table can read."""
-    estimate = estimate_model_memory(spec.model, spec.engine_command)
+    return _model_size(spec.model, spec.engine_command)
+
+
+@functools.lru_cache(maxsize=1024)
+def _model_size(model: str, engine_command: str | None) -> ModelSize | None:
+    """:func:`model_size` by the two fields it reads: every pass asks it of every
+    workload, and parsing the name and the command costs more than a pass's rules."""
+    estimate = estimate_model_memory(model, engine_command)
     if estimate.weights_gib <= 0:
         return None
-    bytes_per_param = _bytes_per_param(spec)
+    bytes_per_param = _bytes_per_param(model, engine_command)
     params_b = estimate.weights_gib * GIB / 1e9 / bytes_per_param
     return ModelSize(params_b=round(params_b, 2), bytes_per_param=bytes_per_param)
 
 
-def _bytes_per_param(spec: WorkloadSpec) -> float:
-    flags = command_flags(spec.engine_command)
-    text = " ".join([spec.model.casefold(), flags.get("dtype", ""), flags.get("quantization", "")])
+def _bytes_per_param(model: str, engine_command: str | None) -> float:
+    flags = command_flags(engine_command)
+    text = " ".join([model.casefold(), flags.get("dtype", ""), flags.get("quantization", "")])
     for pattern, size, _label in QUANT_PATTERNS:
         if pattern.search(text):
             return size

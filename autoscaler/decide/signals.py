@@ -73,18 +73,37 @@ def _from_epoch(seconds: float) -> datetime:
 
 _FROM_EPOCH = functools.partial(datetime.fromtimestamp, tz=UTC)
 
+_DATETIMES_KEPT = 1 << 16
+"""Converted sample times remembered (:class:`_Datetimes`); about 10 MB when full."""
+
+
+class _Datetimes(dict[float, datetime]):
+    """Epoch seconds to their datetime, remembered: consecutive passes convert mostly
+    the same samples (a window slides by a pass's worth), and a lookup costs a tenth of
+    a conversion. Emptied when it holds :data:`_DATETIMES_KEPT`; a pure memo (the same
+    float always gives the same datetime)."""
+
+    def __missing__(self, seconds: float) -> datetime:
+        if len(self) >= _DATETIMES_KEPT:
+            self.clear()
+        converted = self[seconds] = _FROM_EPOCH(seconds)
+        return converted
+
+
+_DATETIMES = _Datetimes()
+
 
 def _pairs_from_epoch(
     samples: Iterable[tuple[float, float]],
 ) -> tuple[tuple[datetime, float], ...]:
     """``(epoch seconds, value)`` pairs with their times as datetimes. A snapshot holds
     thousands on a busy workload and the controller converts them every pass: the loop
-    runs in C (``map``, ``zip``)."""
+    runs in C (``map``, ``zip``) over remembered conversions (:class:`_Datetimes`)."""
     pairs = tuple(samples)
     if not pairs:
         return ()
     times, values = zip(*pairs, strict=True)
-    return tuple(zip(map(_FROM_EPOCH, times), values, strict=True))
+    return tuple(zip(map(_DATETIMES.__getitem__, times), values, strict=True))
 
 
 def with_engine_ttft(signals: Signals, samples: Iterable[tuple[float, float]]) -> Signals:
