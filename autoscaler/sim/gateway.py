@@ -14,6 +14,7 @@ gateway's signal window.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import math
 import random
@@ -57,6 +58,8 @@ class RequestRecord:
     finished_s: float | None = None
     outcome: Outcome = Outcome.PENDING
     replica: str | None = None
+    queued: bool = False
+    """Waiting in the gateway's queue for a replica."""
 
     @property
     def ttft_s(self) -> float | None:
@@ -75,15 +78,22 @@ class SimGateway:
     epoch_s: float
     cap: int = REPLICA_CONCURRENCY_CAP
     queue: deque[RequestRecord] = field(default_factory=deque)
+    """Requests waiting, first to be sent at the left. Requests that expired are left in
+    it (``queued`` false) until they reach the front: :meth:`pop` skips them and
+    :attr:`waiting` counts only the live ones."""
+    waiting: int = 0
+    """Requests waiting for a replica (the live entries of ``queue``)."""
     window: WorkloadWindow = field(default_factory=WorkloadWindow)
     """What the gateway records of this workload, in epoch seconds."""
     concurrency: deque[tuple[float, int]] = field(default_factory=lambda: deque(maxlen=120))
     """Per-second concurrency samples (a metrics scrape, for Knative's KPA)."""
     _next_second: float = 0.0
-    _earliest_deadline: float = math.inf
-    """No queued request's deadline is before this: :meth:`expire` scans the queue only
-    when one may have passed (a day's replay has a million events and a queue that can
-    hold thousands in a backlog)."""
+    _deadlines: list[tuple[float, int, RequestRecord]] = field(default_factory=list)
+    """A heap of ``(deadline, order queued, request)``: :meth:`expire` pops only the
+    requests whose deadline passed (a day's replay has a million events and a queue that
+    can hold thousands in a backlog). An entry whose request left the queue, or whose
+    deadline a requeue moved, is dropped when it surfaces."""
+    _pushed: int = 0
 
     @property
     def in_flight(self) -> int:
@@ -94,7 +104,7 @@ class SimGateway:
         """Record concurrency (in flight + queued) once per second up to ``t``, as a
         per-second metrics scrape would; the state is constant between events."""
         while self._next_second <= t:
-            self.concurrency.append((self._next_second, self.window.in_flight + len(self.queue)))
+            self.concurrency.append((self._next_second, self.window.in_flight + self.waiting))
             self._next_second += 1.0
 
     def seen(self, t: float) -> None:
@@ -104,26 +114,55 @@ class SimGateway:
     def arrive(self, record: RequestRecord, *, t: float, any_ready: bool) -> None:
         self.seen(t)
         record.deadline_s = t + (QUEUE_TIMEOUT_SEC if any_ready else COLD_START_TIMEOUT_SEC)
-        self._earliest_deadline = min(self._earliest_deadline, record.deadline_s)
+        self._enqueue(record)
         self.queue.append(record)
 
     def requeue(self, record: RequestRecord, *, t: float) -> None:
         """A request whose replica vanished before its first token: to the front."""
         record.replica = None
         record.deadline_s = max(record.deadline_s, t + QUEUE_TIMEOUT_SEC)
-        self._earliest_deadline = min(self._earliest_deadline, record.deadline_s)
+        self._enqueue(record)
         self.queue.appendleft(record)
 
+    def _enqueue(self, record: RequestRecord) -> None:
+        record.queued = True
+        self.waiting += 1
+        heapq.heappush(self._deadlines, (record.deadline_s, self._pushed, record))
+        self._pushed += 1
+
+    def peek(self) -> RequestRecord | None:
+        """The request :meth:`pop` would send next, left in the queue."""
+        queue = self.queue
+        while queue and not queue[0].queued:
+            queue.popleft()  # expired while it waited
+        return queue[0] if queue else None
+
+    def pop(self) -> RequestRecord | None:
+        """The request to send next (the longest waiting; a requeued one first)."""
+        queue = self.queue
+        while queue:
+            record = queue.popleft()
+            if record.queued:
+                record.queued = False
+                self.waiting -= 1
+                return record
+        return None
+
     def expire(self, t: float) -> list[RequestRecord]:
-        """Requests whose wait passed the deadline: answered 503."""
-        if t <= self._earliest_deadline or not self.queue:
-            return []
-        expired = [r for r in self.queue if r.deadline_s < t]
-        if expired:
-            self.queue = deque(r for r in self.queue if r.deadline_s >= t)
-            for r in expired:
-                r.outcome = Outcome.REJECTED
-        self._earliest_deadline = min((r.deadline_s for r in self.queue), default=math.inf)
+        """Requests whose wait passed the deadline, the earliest deadline first: answered
+        503. Pops only those from the deadline heap: no rescan of the queue."""
+        heap = self._deadlines
+        expired: list[RequestRecord] = []
+        while heap and heap[0][0] < t:
+            deadline, _, record = heapq.heappop(heap)
+            if not record.queued or record.deadline_s != deadline:
+                continue  # sent since, or requeued with a later deadline
+            record.queued = False
+            record.outcome = Outcome.REJECTED
+            self.waiting -= 1
+            expired.append(record)
+        if not self.waiting:
+            self.queue.clear()
         return expired
 
     def choose(self, loads: list[ReplicaLoad]) -> ReplicaLoad | None:
@@ -160,7 +199,7 @@ class SimGateway:
 
     def snapshot(self, t: float) -> SignalSnapshot:
         """What the gateway answers the controller at ``t`` (``gateway.signals``)."""
-        self.window.queued = len(self.queue)
+        self.window.queued = self.waiting
         return self.window.snapshot(
             project="sim",
             workload="sim",

@@ -224,6 +224,13 @@ class World:
         # advanced lazily (only when due or when a request is submitted), which is exact:
         # between its own events an engine's state evolves deterministically.
         self._due: dict[str, float] = {}
+        # What the event loop reads of the fleet at every event (the replicas serving,
+        # whether any is ready, the next boot or interruption), recomputed only after a
+        # replica is bought, becomes ready, drains or ends (:meth:`_fleet_changed`).
+        self._fleet_stale = True
+        self._serving: list[SimReplica] = []
+        self._any_ready = False
+        self._machine_due = math.inf
         self._initial_mix = initial_mix
         self._pool_gpus = pool_gpu_kinds(self.spec, self.offers)
         self._warm_start(initial_replicas)
@@ -244,13 +251,18 @@ class World:
         next_tick = 0.0
         next_sample = 0.0
         horizon = (self.requests[-1].arrival_s if self.requests else 0.0) + 7200.0
+        due = self._due
         while True:
+            if self._fleet_stale:
+                self._refresh_fleet()
+            engine_due = min(due.values(), default=math.inf)
+            machine_due = self._machine_due
             t = min(
                 pending[i].arrival_s if i < n else math.inf,
                 next_tick,
                 next_sample,
-                self._next_machine_event(),
-                self._next_engine_event(),
+                machine_due,
+                engine_due,
             )
             if t > horizon:
                 break
@@ -258,8 +270,10 @@ class World:
             if t >= self.hot_spots.due_s:
                 self.hot_spots.observe_until(t, self._serving_loads())
             self._set_time(t)
-            self._engine_events(t)
-            self._machine_events(t)
+            if engine_due <= t:
+                self._engine_events(t)
+            if machine_due <= t:
+                self._machine_events(t)
             while i < n and pending[i].arrival_s <= t:
                 self._arrive(pending[i], t)
                 i += 1
@@ -271,7 +285,7 @@ class World:
             if t >= next_sample:
                 self._sample(t)
                 next_sample = t + SAMPLE_INTERVAL_S
-            if i >= n and not self.gateway.queue and self.gateway.in_flight == 0:
+            if i >= n and not self.gateway.waiting and self.gateway.in_flight == 0:
                 break
         end = self.t
         self._sample(end)
@@ -320,19 +334,27 @@ class World:
 
     # --- events -----------------------------------------------------------------------
 
-    def _next_machine_event(self) -> float:
+    def _fleet_changed(self) -> None:
+        """A replica was bought, became ready, was drained or ended."""
+        self._fleet_stale = True
+
+    def _refresh_fleet(self) -> None:
+        """The replicas serving, whether any is ready, and the next boot or interruption."""
+        serving: list[SimReplica] = []
+        any_ready = False
         soonest = math.inf
         for r in self.replicas.values():
             if r.ended_s is not None:
                 continue
             if r.engine is None:
                 soonest = min(soonest, r.running_s)
+            else:
+                serving.append(r)
+                any_ready = any_ready or r.drain_s is None
             if r.interrupt_s is not None:
                 soonest = min(soonest, r.interrupt_s)
-        return soonest
-
-    def _next_engine_event(self) -> float:
-        return min(self._due.values(), default=math.inf)
+        self._serving, self._any_ready, self._machine_due = serving, any_ready, soonest
+        self._fleet_stale = False
 
     def _refresh_due(self, r: SimReplica) -> None:
         due = None if r.engine is None or r.ended_s is not None else r.engine.next_event_s()
@@ -376,11 +398,13 @@ class World:
                 continue
             if r.engine is None and r.running_s <= t:
                 r.engine = BatchEngine(self.workload.profile(r.offer), start_s=t)
+                self._fleet_changed()
                 self.events.append(ScaleEvent(t, "ready", f"{r.launch_id} {r.offer.key}"))
 
     def _end(self, r: SimReplica, t: float, *, why: str) -> None:
         r.ended_s = t
         self.router.ended(r.launch_id)
+        self._fleet_changed()
         for record in r.requests.values():
             self._work.pop(record.index, None)
             self._cached.pop(record.index, None)
@@ -400,14 +424,17 @@ class World:
             record.outcome = Outcome.REFUSED
             self.gateway.seen(t)  # the gateway saw it, then refused it
             return
-        any_ready = any(r.phase() is ReplicaPhase.READY for r in self.replicas.values())
-        self.gateway.arrive(record, t=t, any_ready=any_ready)
+        if self._fleet_stale:
+            self._refresh_fleet()
+        self.gateway.arrive(record, t=t, any_ready=self._any_ready)
 
     def _dispatch(self, t: float) -> None:
-        queue = self.gateway.queue
-        if not queue:
+        gateway = self.gateway
+        if not gateway.waiting:
             return
-        serving = [r for r in self.replicas.values() if r.engine is not None and r.ended_s is None]
+        if self._fleet_stale:
+            self._refresh_fleet()
+        serving = self._serving
         if not serving:
             return
         by_key = {r.launch_id: r for r in serving}
@@ -418,13 +445,16 @@ class World:
             for r in serving
         ]
         index = {load.key: n for n, load in enumerate(loads)}
-        while queue:
-            blocks = self.requests[queue[0].index].hash_ids
-            placed = self.router.choose(loads, blocks=blocks, prompt_tokens=queue[0].input_tokens)
+        while gateway.waiting:
+            head = gateway.peek()
+            assert head is not None  # one is waiting
+            blocks = self.requests[head.index].hash_ids
+            placed = self.router.choose(loads, blocks=blocks, prompt_tokens=head.input_tokens)
             if placed is None:
                 return
             chosen = placed.replica
-            record = queue.popleft()
+            record = gateway.pop()
+            assert record is head
             replica = by_key[chosen.key]
             assert replica.engine is not None
             if replica.engine.now_s < t:
@@ -524,6 +554,7 @@ class World:
                 launched.append(placement)
             elif isinstance(action, Drain):
                 self.replicas[action.launch_id].drain_s = t
+                self._fleet_changed()
                 self.events.append(ScaleEvent(t, "drain", f"{action.launch_id}: {action.reason}"))
             elif isinstance(action, Terminate):
                 r = self.replicas[action.launch_id]
@@ -610,6 +641,7 @@ class World:
         )
         instance = self.cloud.launch(request)
         machine = next(m for m in self.cloud.visible() if m.instance_id == instance.instance_id)
+        self._fleet_changed()
         self.replicas[launch_id] = SimReplica(
             launch_id=launch_id,
             instance_id=instance.instance_id,
