@@ -8,7 +8,11 @@ every replica is ready, then times:
   ``steady_cpu_s`` the CPU time this process spent in them (the controller and, for
   SQLite, the store; steadier than the wall clock on a shared machine);
 * ``changed_pass_s``: one pass after ``--changed`` workloads (default ``N // 100``, at
-  least 1) were re-applied with a fourth replica (each such workload launches one).
+  least 1) were re-applied with a fourth replica (each such workload launches one);
+* the gateway's route refresh over the same store: ``gateway_full_s``, a reload of the
+  whole table (what every refresh cost before the change log); ``gateway_steady_s``, the
+  median refresh with nothing changed; ``gateway_changed_s``, the refresh that follows
+  the changed pass (``gateway.route_feed``).
 
 The table is printed for SQLite (a file in a temporary directory) and, when a server
 answers at ``--pg`` (trust auth), PostgreSQL in a database of its own, dropped at the
@@ -30,6 +34,7 @@ import secrets
 import statistics
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +43,7 @@ from autoscaler.reconcile.loop import reconcile_once
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.workloads import ensure_workload
+from gateway.app import Gateway, GatewaySettings
 from providers.base import ManualClock, utc
 from providers.fake import FakeCloud, FakeProvider
 from tests.helpers import pg_available, pg_create_database, pg_drop_database
@@ -67,6 +73,9 @@ class Row:
     steady_cpu_s: float
     changed: int
     changed_pass_s: float
+    gateway_full_s: float
+    gateway_steady_s: float
+    gateway_changed_s: float
 
 
 class _AlwaysHealthy:
@@ -136,11 +145,34 @@ async def measure(
                 f"{workloads} x {REPLICAS} replicas"
             )
         timed = [await timed_pass() for _ in range(passes)]
+        gateway = Gateway(sessions=sessions, settings=GatewaySettings(route_resync_sec=1e9))
+        full_s = await _timed(gateway.refresh)
+        gateway_steady = statistics.median([await _timed(gateway.refresh) for _ in range(passes)])
         await apply(list(range(changed)), REPLICAS + 1)
         changed_s, _ = await timed_pass()
+        gateway_changed = await _timed(gateway.refresh)
+        if gateway.full_reloads != 1:
+            raise RuntimeError(f"the gateway reloaded whole {gateway.full_reloads} times, not once")
     steady = statistics.median(t[0] for t in timed)
     steady_cpu = statistics.median(t[1] for t in timed)
-    return Row(store, workloads, workloads * REPLICAS, steady, steady_cpu, changed, changed_s)
+    return Row(
+        store,
+        workloads,
+        workloads * REPLICAS,
+        steady,
+        steady_cpu,
+        changed,
+        changed_s,
+        full_s,
+        gateway_steady,
+        gateway_changed,
+    )
+
+
+async def _timed(call: Callable[[], Awaitable[None]]) -> float:
+    started = time.perf_counter()
+    await call()
+    return time.perf_counter() - started
 
 
 async def _row(
@@ -189,15 +221,16 @@ async def main(args: argparse.Namespace) -> None:
         return
     print(
         "| workloads | replicas | store | steady pass | its CPU | per workload | changed "
-        "| changed pass |"
+        "| changed pass | routes: whole | routes: steady | routes: changed |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r.workloads:,} | {r.replicas:,} | {r.store} | {r.steady_pass_s:.3f} s | "
             f"{r.steady_cpu_s:.3f} s | "
             f"{r.steady_pass_s / r.workloads * 1000:.2f} ms | {r.changed} | "
-            f"{r.changed_pass_s:.3f} s |"
+            f"{r.changed_pass_s:.3f} s | {r.gateway_full_s * 1000:.1f} ms | "
+            f"{r.gateway_steady_s * 1000:.1f} ms | {r.gateway_changed_s * 1000:.1f} ms |"
         )
 
 

@@ -43,12 +43,15 @@ from gateway.auth import authorize, bearer_secret, digest, is_admin
 from gateway.dispatch import Dispatcher, DispatchLimits
 from gateway.errors import GatewayError, error_response
 from gateway.proxy import Forwarder, ProxyLimits
+from gateway.route_feed import RouteFeed
 from gateway.routes import (
     RouteTable,
     WorkloadRef,
     WorkloadRoute,
     knows_data_key,
+    load_keys,
     load_route_table,
+    load_routes,
 )
 from gateway.signals import Metrics, Signals
 from gateway.window import (
@@ -79,6 +82,9 @@ class GatewaySettings:
     """Limits and timings. Durations are seconds; sizes are bytes."""
 
     refresh_interval_sec: float = 1.0
+    #: A refresh reloads only the workloads the change log names (``gateway.route_feed``);
+    #: the whole table is read again this often all the same, as a safety net.
+    route_resync_sec: float = 120.0
     #: How long a request to a workload with no ready replica is held (GPU boot time).
     cold_start_timeout_sec: float = COLD_START_TIMEOUT_SEC
     #: Per-workload overrides of the cold-start deadline, keyed ``"project/slug"``.
@@ -127,6 +133,10 @@ class Gateway:
         self._on_demand = on_demand
         self._wall_clock = wall_clock
         self._table = RouteTable()
+        self._feed = RouteFeed(resync_sec=self.settings.route_resync_sec)
+        self.full_reloads = 0
+        """Reloads that read the whole table (the first, resyncs, and where the change log
+        could not say what changed); the rest read only what changed."""
         self.metrics = Metrics()
         self._signals = Signals(
             window_sec=self.settings.signal_window_sec,
@@ -230,6 +240,11 @@ class Gateway:
         if self._client is not None:
             await self._client.close()
 
+    @property
+    def route_table(self) -> RouteTable:
+        """The routes and keys as of the last refresh."""
+        return self._table
+
     def notify_change(self) -> None:
         """Something changed in the store (workloads, replicas, keys): reload now."""
         if self._changed is not None:
@@ -246,27 +261,68 @@ class Gateway:
 
     async def _reload(self) -> None:
         self._refreshes += 1  # reloads begun; the caller holds the lock
+        mono = time.monotonic()
         async with self._sessions() as s:
             now = datetime.fromtimestamp(self._wall_clock(), UTC)
-            table = await load_route_table(s, now=now)
+            table = await self._changed_table(s, now=now, mono=mono)
             queues = await jobs.job_queues(s)
+        if self._feed.marks and mono - self._feed.marks[0][0] >= self._feed.prune_after_sec:
+            await self._prune_changes(mono)
+        changed = table is not self._table
         depths = {ref: queue.depth for ref, queue in queues.items()}
         self._table = table
         self._queue_depths = depths
-        self._dispatcher.update(table.workloads)
+        if changed:
+            self._dispatcher.update(table.workloads)
+            self._signals.set_caps(
+                {
+                    ref: replica_cap(route.per_worker, self.settings.replica_concurrency_cap)
+                    for ref, route in table.workloads.items()
+                }
+            )
         self._signals.set_job_queues(
             {ref: (q.depth, q.oldest_at.timestamp()) for ref, q in queues.items()}
-        )
-        self._signals.set_caps(
-            {
-                ref: replica_cap(route.per_worker, self.settings.replica_concurrency_cap)
-                for ref, route in table.workloads.items()
-            }
         )
         if self._jobs is not None and any(
             r.ready for ref, r in table.workloads.items() if ref in depths
         ):
             self._jobs.poke()
+
+    async def _changed_table(self, s: AsyncSession, *, now: datetime, mono: float) -> RouteTable:
+        """The route table as of now: the current one with the workloads the change log
+        names read again (O(changed)), or the whole table when a resync is due or the log
+        cannot say (``gateway.route_feed``). The current table itself when nothing changed."""
+        feed = self._feed
+        changes = None if feed.full_due(mono) else await feed.read(s, mono)
+        if changes is None:
+            await feed.begin_full(s, mono)
+            self.full_reloads += 1
+            return await load_route_table(s, now=now)
+        current = self._table
+        # A workload blocked from placement is looked at again until its block goes stale.
+        ids = changes.workload_ids | {
+            r.workload_id for r in current.workloads.values() if r.blocked
+        }
+        if not ids and not changes.keys:
+            return current
+        routes = dict(current.workloads)
+        if ids:
+            for ref, route in current.workloads.items():
+                if route.workload_id in ids:
+                    del routes[ref]
+            routes.update(await load_routes(s, now=now, workload_ids=ids))
+        data_keys, admin = (
+            await load_keys(s) if changes.keys else (current.data_keys, current.admin_hashes)
+        )
+        return RouteTable(workloads=routes, data_keys=data_keys, admin_hashes=admin)
+
+    async def _prune_changes(self, mono: float) -> None:
+        try:
+            async with self._sessions() as s:
+                await self._feed.prune(s, mono)
+                await s.commit()
+        except Exception as exc:  # pruning is housekeeping: the next one tries again
+            log.warning("pruning the route change log failed: %s", exc)
 
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body_bytes)

@@ -7,6 +7,7 @@ refresh. The gateway reloads it every ``refresh_interval_sec`` and at once when
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -73,23 +74,36 @@ class RouteTable:
 
 async def load_route_table(session: AsyncSession, *, now: datetime | None = None) -> RouteTable:
     """Read live workloads, their routable replicas, why any cannot be placed now (as of
-    ``now``, the current time unless given), and unrevoked keys."""
-    blocks = await placement_blocks(session, now=now or datetime.now(UTC))
-    workload_rows = list(
-        await session.scalars(select(Workload).where(Workload.deleted_at.is_(None)))
+    ``now``, the current time unless given), and unrevoked keys: the whole table, a
+    query per kind of row, O(workloads + replicas + keys)."""
+    routes = await load_routes(session, now=now or datetime.now(UTC))
+    data_keys, admin = await load_keys(session)
+    return RouteTable(workloads=routes, data_keys=data_keys, admin_hashes=admin)
+
+
+async def load_routes(
+    session: AsyncSession, *, now: datetime, workload_ids: Collection[int] | None = None
+) -> dict[WorkloadRef, WorkloadRoute]:
+    """The routes of live workloads: every one, or those of ``workload_ids`` (a deleted
+    or unknown id is simply absent from the answer)."""
+    blocks = await placement_blocks(session, now=now, workload_ids=workload_ids)
+    live = select(Workload).where(Workload.deleted_at.is_(None))
+    routable = select(Instance).where(
+        Instance.ready_at.is_not(None),
+        Instance.url.is_not(None),
+        Instance.terminate_requested_at.is_(None),
+        Instance.terminated_confirmed_at.is_(None),
+        # A replica group is served by its leader alone; workers hold model shards.
+        Instance.group_role.is_(None) | (Instance.group_role != "worker"),
     )
-    instance_rows = await session.scalars(
-        select(Instance).where(
-            Instance.ready_at.is_not(None),
-            Instance.url.is_not(None),
-            Instance.terminate_requested_at.is_(None),
-            Instance.terminated_confirmed_at.is_(None),
-            # A replica group is served by its leader alone; workers hold model shards.
-            Instance.group_role.is_(None) | (Instance.group_role != "worker"),
-        )
-    )
+    if workload_ids is not None:
+        if not workload_ids:
+            return {}
+        live = live.where(Workload.id.in_(workload_ids))
+        routable = routable.where(Instance.workload_id.in_(workload_ids))
+    workload_rows = list(await session.scalars(live))
     by_workload: dict[int, list[Replica]] = {}
-    for row in instance_rows:
+    for row in await session.scalars(routable):
         phase = phase_of(row)
         if phase not in (Phase.READY, Phase.DRAINING) or row.url is None:
             continue
@@ -101,7 +115,7 @@ async def load_route_table(session: AsyncSession, *, now: datetime | None = None
                 draining=phase is Phase.DRAINING,
             )
         )
-    workloads = {
+    return {
         (w.project, w.slug): WorkloadRoute(
             ref=(w.project, w.slug),
             workload_id=w.id,
@@ -115,6 +129,10 @@ async def load_route_table(session: AsyncSession, *, now: datetime | None = None
         )
         for w in workload_rows
     }
+
+
+async def load_keys(session: AsyncSession) -> tuple[dict[str, DataKey], frozenset[str]]:
+    """Unrevoked data keys (by the SHA-256 of the secret) and admin key hashes."""
     token_rows = await session.scalars(
         select(Token).where(
             Token.revoked_at.is_(None),
@@ -128,7 +146,7 @@ async def load_route_table(session: AsyncSession, *, now: datetime | None = None
             admin.add(token.secret_hash)
         elif token.project is not None and token.workload_slug is not None:
             data_keys[token.secret_hash] = DataKey(token.project, token.workload_slug)
-    return RouteTable(workloads=workloads, data_keys=data_keys, admin_hashes=frozenset(admin))
+    return data_keys, frozenset(admin)
 
 
 async def knows_data_key(session: AsyncSession, *, digest: str) -> bool:

@@ -222,3 +222,18 @@ class Job(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+
+
+class RouteChange(Base):
+    """One change to what the gateway routes on, written by database triggers (migration
+    0007): an instance's routing columns, a workload's spec, name or deletion, a decision
+    (a workload's placement block), or a key (``workload_id`` NULL). Append-only, so a
+    writer never waits on another for it; gateways read the rows past the last id they
+    saw and reload only those workloads (:mod:`gateway.routes`), and prune rows every
+    gateway has long seen. Written by the triggers alone, so no code path can forget it."""
+
+    __tablename__ = "route_changes"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    workload_id: Mapped[int | None] = mapped_column(Integer)

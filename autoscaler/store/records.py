@@ -63,16 +63,21 @@ controller logs a refusal that persists again every ``refusal_log_interval_sec``
 by default); a refusal older than this, with no launch since, is no longer current."""
 
 
-async def placement_blocks(session: AsyncSession, *, now: datetime) -> dict[int, str]:
-    """Workloads that have no open replica and whose newest placing decision (launch,
-    refusal, a spec that cannot run), made within :data:`BLOCK_FRESH_SEC`, is a refusal:
-    the reason, by workload id."""
+async def placement_blocks(
+    session: AsyncSession, *, now: datetime, workload_ids: Collection[int] | None = None
+) -> dict[int, str]:
+    """Workloads (all, or those of ``workload_ids``) that have no open replica and whose
+    newest placing decision (launch, refusal, a spec that cannot run), made within
+    :data:`BLOCK_FRESH_SEC`, is a refusal: the reason, by workload id."""
     since = now - timedelta(seconds=BLOCK_FRESH_SEC)
-    rows = await session.scalars(
+    query = (
         select(Decision)
         .where(Decision.kind.in_(PLACING_KINDS), Decision.at >= since)
         .order_by(Decision.id)
     )
+    if workload_ids is not None:
+        query = query.where(Decision.workload_id.in_(workload_ids))
+    rows = await session.scalars(query)
     newest: dict[int, Decision] = {}
     for row in rows:
         newest[row.workload_id] = row

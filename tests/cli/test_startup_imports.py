@@ -22,7 +22,8 @@ _PROBE = textwrap.dedent(
     config = parse_config(json.loads(sys.argv[1]), source="test")
     with tempfile.TemporaryDirectory() as tmp:
         engine = create_engine(f"sqlite+aiosqlite:///{tmp}/db.sqlite")
-        build_registry(config, sessions=session_factory(engine), data_dir=Path(tmp), clock=SystemClock())
+        sessions = session_factory(engine)
+        build_registry(config, sessions=sessions, data_dir=Path(tmp), clock=SystemClock())
     print(json.dumps([name for name in SDKS if name in sys.modules]))
     """
 )
