@@ -13,7 +13,10 @@ Two scenarios, each replayed twice with the same policy (the shipped controller,
 
 Then, to separate what routing does from what the cheaper fleet does, a fixed fleet
 (``static-N``, ``N`` the least-work run's mean fleet size, rounded up) is replayed under
-both routings: the same replicas, so any TPOT change there is the router's.
+both routings: the same replicas, so any TPOT change there is the router's. Last, per
+routing, the smallest fixed fleet that meets the SLO (``bench.policy.cheapest_static``,
+sized knowing the whole trace): how many replicas the cache saves when no controller
+dynamics (boots, scale-down windows) stand in the way.
 
 Printed per run: prefix-cache hit rate (share of prompt tokens found cached), cost,
 SLO attainment, TPOT (p50 and mean), and the hot-spot ratio (the highest per-minute
@@ -42,7 +45,7 @@ from autoscaler.sim.sessions import conversation_sessions
 from autoscaler.sim.trace import TraceRequest, load_trace
 from autoscaler.sim.workload import SimWorkload, sim_workload
 from autoscaler.spec import WorkloadSpec
-from bench.policy import WORKLOAD
+from bench.policy import WORKLOAD, cheapest_static
 from catalog.snapshot import load_catalog
 
 TRACES = Path(__file__).parent.parent / "traces"
@@ -106,8 +109,9 @@ def _prepare(
 
 def run_pair(
     workload: SimWorkload, requests: list[TraceRequest], name: str, *, seed: int
-) -> tuple[Pair, Pair]:
-    """The scenario under ``ours`` with both routings, then a fixed fleet with both."""
+) -> tuple[Pair, Pair, Pair | None]:
+    """The scenario under ``ours`` with both routings, then a fixed fleet with both, then
+    the smallest fixed fleet meeting the SLO under each (``None`` if either has none)."""
     prepared = {r: _prepare(workload, requests, name, seed=seed, routing=r) for r in Routing}
     ours = {r: run_policy(p, policies(p, ["ours"])[0]) for r, p in prepared.items()}
     blind = ours[Routing.LEAST_WORK]
@@ -116,9 +120,12 @@ def run_pair(
         r: run_policy(p, static_policy(p.workload.spec, replicas=size, name=f"static-{size}"))
         for r, p in prepared.items()
     }
+    hindsight = {r: cheapest_static(p, most=32) for r, p in prepared.items()}
+    blind_best, aware_best = hindsight[Routing.LEAST_WORK], hindsight[Routing.PREFIX]
     return (
         Pair(name, ours[Routing.LEAST_WORK], ours[Routing.PREFIX]),
         Pair(name, fixed[Routing.LEAST_WORK], fixed[Routing.PREFIX]),
+        None if blind_best is None or aware_best is None else Pair(name, blind_best, aware_best),
     )
 
 
@@ -174,20 +181,29 @@ def main() -> None:
     for name, requests in scenarios(
         seed=args.seed, conversation_s=args.conversation_seconds, workload=workload
     ).items():
-        ours, fixed = run_pair(workload, requests, name, seed=args.seed)
+        ours, fixed, best = run_pair(workload, requests, name, seed=args.seed)
         print(f"{name}: {len(requests)} requests, seed {args.seed}")
         print(HEADER)
-        for report in (ours.blind, ours.aware, fixed.blind, fixed.aware):
-            print(_row(report))
+        pairs = [ours, fixed] if best is None else [ours, fixed, best]
+        for pair in pairs:
+            print(_row(pair.blind))
+            print(_row(pair.aware))
         print(
             f"  prefix / least-work: ours cost {ours.cost_ratio:.2f}x, TPOT mean "
             f"{ours.tpot_ratio:.2f}x; {fixed.blind.policy} TPOT mean {fixed.tpot_ratio:.2f}x"
+            + (
+                ""
+                if best is None
+                else f"; smallest fleet meeting the SLO {best.blind.policy} vs "
+                f"{best.aware.policy} (cost {best.cost_ratio:.2f}x)"
+            )
         )
         print("\n".join(verdict(ours)))
         print()
         results += [
             {"scenario": name, **r.to_json(detail=False)}
-            for r in (ours.blind, ours.aware, fixed.blind, fixed.aware)
+            for pair in pairs
+            for r in (pair.blind, pair.aware)
         ]
     print(f"{time.perf_counter() - started:.0f} s")
     if args.json is not None:
