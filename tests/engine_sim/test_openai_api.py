@@ -278,3 +278,24 @@ async def test_metrics_use_vllm_names_and_count_first_tokens(start_engine: Start
 
 async def _pause() -> None:
     await asyncio.sleep(0.01)
+
+
+async def test_a_repeated_prompt_is_served_from_the_prefix_cache(start_engine: StartEngine) -> None:
+    server = await start_engine()
+    # 10,240 characters of report (5 full blocks of 2,048) and a question after them.
+    prompt = "Summarise the following report. " * 320 + "What changed since May?"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 2}
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        first = (await client.post("/v1/completions", json=body)).json()["usage"]
+        again = (await client.post("/v1/completions", json=body)).json()["usage"]
+        metrics = (await client.get("/metrics")).text
+    assert first["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert again["prompt_tokens_details"] == {"cached_tokens": 5 * 512}
+    assert again["prompt_tokens"] == first["prompt_tokens"]
+    queries = metric_samples(metrics, "vllm:prefix_cache_queries")
+    hits = metric_samples(metrics, "vllm:prefix_cache_hits")
+    assert queries["vllm:prefix_cache_queries_total"] == 2 * first["prompt_tokens"]
+    assert hits["vllm:prefix_cache_hits_total"] == 5 * 512
+    # The prompt counter counts whole prompts, cached tokens included, as vLLM's does.
+    prompt_tokens = metric_samples(metrics, "vllm:prompt_tokens")
+    assert prompt_tokens["vllm:prompt_tokens_total"] == 2 * first["prompt_tokens"]
