@@ -8,7 +8,8 @@ where the controller reads ``GET /internal/signals`` with an admin token instead
 Routes (all under ``/endpoint/{project}/{workload}/v1/``): ``chat/completions``,
 ``completions``, ``embeddings``, ``images/generations``, ``audio/speech``,
 ``audio/transcriptions`` are proxied; ``models`` is answered from the spec (no replica
-needed, so it never wakes a workload); ``jobs`` and ``jobs/{id}`` are async jobs.
+needed, so it never wakes a workload); ``jobs`` and ``jobs/{id}`` are async jobs;
+``files…`` and ``batches…`` are OpenAI's Files and Batches API (``gateway.batches``).
 ``/metrics`` and ``/internal/signals`` answer only an admin token: their series and
 signals name every project and workload (``autoscaler run`` serves the same metrics on
 the management port).
@@ -38,7 +39,7 @@ from autoscaler.spec import EndpointType
 from autoscaler.store import sealed
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Workload
-from gateway import jobs
+from gateway import batches, jobs
 from gateway.auth import authorize, bearer_secret, digest, is_admin
 from gateway.dispatch import Dispatcher, DispatchLimits
 from gateway.errors import GatewayError, error_response
@@ -209,6 +210,7 @@ class Gateway:
             workers=s.job_workers,
             poll_interval_sec=s.job_poll_interval_sec,
             job_timeout_sec=s.job_timeout_sec,
+            on_batch_line_done=self._batch_line_done,
         )
         self._runner = web.AppRunner(
             self.make_app(),
@@ -350,14 +352,19 @@ class Gateway:
                 log.exception("refreshing gateway routes from the store failed")
 
     async def _requeue_stale_jobs(self) -> None:
-        """Queue again jobs left running by a gateway that died; a tenth of the job
-        timeout between looks is soon enough and spares the store a write a second."""
+        """Queue again jobs left running by a gateway that died, expire the lines of
+        batches past their window and finalize batches left unfinalized; a tenth of the
+        job timeout between looks is soon enough and spares the store a write a second."""
         assert self._jobs is not None
         s = self.settings
         now = time.monotonic()
         if now - self._requeued_at >= max(s.refresh_interval_sec, s.job_timeout_sec / 10):
             self._requeued_at = now
             await self._jobs.requeue_stale()
+            await batches.sweep(self._sessions, now=_utc_now())
+
+    async def _batch_line_done(self, batch_id: str) -> None:
+        await batches.finalize_if_done(self._sessions, batch_id=batch_id, now=_utc_now())
 
     def _cold_start(self, ref: WorkloadRef) -> None:
         """No ready replica: tell the controller now, and the store for other processes."""
@@ -460,6 +467,8 @@ class Gateway:
             return _models(route, tail)
         if tail == "jobs" or tail.startswith("jobs/"):
             return await self._jobs_route(request, route=route, tail=tail)
+        if tail.split("/", 1)[0] in ("files", "batches"):
+            return await self._batches_route(request, route=route, tail=tail)
         if tail not in PROXIED_ROUTES:
             raise GatewayError(404, f"unknown route /v1/{tail}", code="unknown_route")
         if request.method != "POST":
@@ -503,6 +512,18 @@ class Gateway:
         async with self._sessions() as s:
             job = await jobs.get_job(s, ref=route.ref, job_id=tail.removeprefix("jobs/"))
             return web.json_response(jobs.job_view(job))
+
+    async def _batches_route(
+        self, request: web.Request, *, route: WorkloadRoute, tail: str
+    ) -> web.StreamResponse:
+        done = await batches.handle(
+            request, tail=tail, ref=route.ref, sessions=self._sessions, now=_utc_now()
+        )
+        if done.queued:
+            if not route.ready:
+                self._cold_start(route.ref)  # a batch on a workload at zero wakes it
+            self.notify_change()  # queue depth changed; workers look at once
+        return done.response
 
     async def _internal_signals(self, request: web.Request) -> web.Response:
         if not is_admin(self._table, request.headers.get("Authorization")):

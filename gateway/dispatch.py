@@ -40,7 +40,7 @@ from gateway.errors import GatewayError
 from gateway.prefix import PrefixIndex
 from gateway.routes import Replica, WorkloadRef, WorkloadRoute
 from gateway.signals import Signals
-from gateway.window import replica_cap
+from gateway.window import batch_reserve, replica_cap
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,14 +358,17 @@ class Dispatcher:
             state.waiters.popleft()
             waiter.future.set_result(lease)
 
-    def has_room(self, ref: WorkloadRef) -> bool:
+    def has_room(self, ref: WorkloadRef, *, batch: bool = False) -> bool:
         """Whether a request of ``ref`` would get a replica now without waiting: one
-        has room under its cap and nobody waits in line."""
+        has room under its cap and nobody waits in line. A batch line also leaves each
+        replica's reserve for live traffic (``gateway.window.batch_reserve``)."""
         state = self._state(ref)
         route = self._routes.get(ref)
         if state.waiters or route is None:
             return False
         cap = replica_cap(route.per_worker, self._limits.replica_concurrency_cap)
+        if batch:
+            cap -= batch_reserve(cap)
         return any(not r.draining and state.outstanding.get(r.key, 0) < cap for r in route.replicas)
 
     def queued(self, ref: WorkloadRef) -> int:

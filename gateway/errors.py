@@ -17,6 +17,7 @@ _TYPES = {
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
     502: "upstream_error",
@@ -35,25 +36,33 @@ class GatewayError(Exception):
         *,
         code: str | None = None,
         retry_after: float | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.retry_after = retry_after
+        self.param = param
 
     def response(self) -> web.Response:
         return error_response(
-            self.status, self.message, code=self.code, retry_after=self.retry_after
+            self.status,
+            self.message,
+            code=self.code,
+            retry_after=self.retry_after,
+            param=self.param,
         )
 
 
-def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
+def error_body(
+    status: int, message: str, *, code: str | None = None, param: str | None = None
+) -> bytes:
     payload = {
         "error": {
             "message": message,
             "type": _TYPES.get(status, "api_error"),
-            "param": None,
+            "param": param,
             "code": code,
         }
     }
@@ -61,7 +70,12 @@ def error_body(status: int, message: str, *, code: str | None = None) -> bytes:
 
 
 def error_response(
-    status: int, message: str, *, code: str | None = None, retry_after: float | None = None
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    retry_after: float | None = None,
+    param: str | None = None,
 ) -> web.Response:
     headers = {}
     if retry_after is not None:
@@ -70,7 +84,7 @@ def error_response(
         headers["WWW-Authenticate"] = 'Bearer realm="autoscaler"'
     return web.Response(
         status=status,
-        body=error_body(status, message, code=code),
+        body=error_body(status, message, code=code, param=param),
         content_type="application/json",
         headers=headers,
     )

@@ -5,8 +5,15 @@ defaults by the workload's modality; reranker, classification and reward are ser
 only here) answers 202 with the job. ``GET …/v1/jobs/{id}`` answers its status
 (``queued`` → ``running`` → ``succeeded`` | ``failed``) and, when finished, the
 replica's answer. Workers in every gateway claim queued jobs with a conditional update,
-so several gateways share one queue and a restart loses nothing: a job left ``running``
-by a gateway that died is queued again after ``job_timeout_sec``.
+so several gateways share one queue and a restart loses nothing: a gateway that stops
+queues its running jobs again, and a job left ``running`` by a gateway that died is
+queued again after ``job_timeout_sec``.
+
+The lines of a batch (``gateway.batches``) are jobs too, with a ``batch_id``. Workers
+take jobs submitted on their own first, and a batch line only while a replica has room
+beyond the reserve kept for live traffic (``gateway.window.batch_reserve``). A batch
+line whose replica failed before answering (a connection refused or cut) is queued
+again, up to ``BATCH_LINE_ATTEMPTS`` claims in all.
 """
 
 from __future__ import annotations
@@ -17,13 +24,13 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, and_, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.spec import TaskType
@@ -35,6 +42,10 @@ from gateway.routes import WorkloadRef, WorkloadRoute
 log = logging.getLogger(__name__)
 
 QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+#: Batch lines only: not run because their batch was cancelled, or its window closed.
+CANCELLED, EXPIRED = "cancelled", "expired"
+#: How many times a batch line is claimed before a replica failure is its result.
+BATCH_LINE_ATTEMPTS = 3
 
 #: Job route -> path on the replica (vLLM's pooling routes sit outside /v1).
 JOB_ROUTES = {
@@ -177,6 +188,7 @@ class JobRunner:
         workers: int,
         poll_interval_sec: float,
         job_timeout_sec: float,
+        on_batch_line_done: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self._sessions = sessions
         self._dispatcher = dispatcher
@@ -187,20 +199,41 @@ class JobRunner:
         self._workers = workers
         self._poll = poll_interval_sec
         self._job_timeout = job_timeout_sec
+        self._on_batch_line_done = on_batch_line_done
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._running: set[asyncio.Task[None]] = set()
+        #: Jobs this runner has claimed and not finished, with their claim's start time
+        #: (from the claim's update on, before its commit: a stop can cut in there).
+        self._held: dict[str, datetime] = {}
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._claim_loop())]
 
     async def stop(self) -> None:
-        for task in [*self._tasks, *self._running]:
+        """Stop claiming, cut the running jobs short and queue them again, so another
+        gateway (or this one, restarted) runs them at once instead of after
+        ``job_timeout_sec``."""
+        tasks = [*self._tasks, *self._running]
+        for task in tasks:
             task.cancel()
-        for task in [*self._tasks, *self._running]:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        cut, self._held = self._held, {}
+        if cut:
+            # Only our own claims: a claim rolled back may since be another gateway's.
+            mine = or_(*(and_(Job.id == i, Job.started_at == at) for i, at in cut.items()))
+            try:
+                async with self._sessions() as s, s.begin():
+                    await s.execute(
+                        update(Job)
+                        .where(Job.status == RUNNING, mine)
+                        .values(status=QUEUED, started_at=None)
+                    )
+            except Exception:
+                log.exception("queueing %d cut jobs again failed", len(cut))
 
     def poke(self) -> None:
         """A job was submitted or a replica became ready: look now."""
@@ -245,7 +278,9 @@ class JobRunner:
             self._wake.set()  # a slot and a replica's room are free: look again
 
     async def _claim(self) -> Job | None:
-        """Take the oldest queued job whose workload has a ready replica with room.
+        """Take the oldest queued job whose workload has a ready replica with room: a
+        job submitted on its own first, else a batch line, where the room beyond the
+        replicas' reserve for live traffic allows one.
 
         Only workloads whose last known queue depth (``queued``, refreshed with the
         routes) is above zero are looked for, so idle workers leave the store alone;
@@ -259,20 +294,29 @@ class JobRunner:
         ]
         if not routable:
             return None
+        batch_room = [ref for ref in routable if self._dispatcher.has_room(ref, batch=True)]
         async with self._sessions() as s, s.begin():
-            candidates = await s.scalars(
-                select(Job).where(Job.status == QUEUED).order_by(Job.created_at).limit(50)
-            )
-            for job in candidates:
-                if (job.project, job.workload_slug) not in routable:
+            for refs, lines in ((routable, False), (batch_room, True)):
+                if not refs:
                     continue
-                claimed = await s.execute(
-                    update(Job)
-                    .where(Job.id == job.id, Job.status == QUEUED)
-                    .values(status=RUNNING, started_at=self._now())
+                kind = Job.batch_id.is_not(None) if lines else Job.batch_id.is_(None)
+                candidates = await s.scalars(
+                    select(Job)
+                    .where(Job.status == QUEUED, kind, _of_workloads(refs))
+                    .order_by(Job.created_at, Job.batch_line)
+                    .limit(50)
                 )
-                if claimed.rowcount == 1:  # type: ignore[attr-defined]
-                    return job
+                for job in candidates:
+                    at = self._now()
+                    claimed = await s.execute(
+                        update(Job)
+                        .where(Job.id == job.id, Job.status == QUEUED)
+                        .values(status=RUNNING, started_at=at, attempts=Job.attempts + 1)
+                    )
+                    if claimed.rowcount == 1:  # type: ignore[attr-defined]
+                        self._held[job.id] = at
+                        job.attempts += 1
+                        return job
         return None
 
     async def _run(self, job: Job) -> None:
@@ -281,6 +325,7 @@ class JobRunner:
             lease = await self._dispatcher.acquire(ref)
         except GatewayError as exc:
             await self._finish(job.id, status=QUEUED, result=None, error=exc.message)
+            self._held.pop(job.id, None)
             return
         try:
             status, result, error = await self._call(
@@ -288,7 +333,20 @@ class JobRunner:
             )
         finally:
             self._dispatcher.release(lease)
+        if (
+            status == FAILED
+            and result is None
+            and job.batch_id is not None
+            and job.attempts < BATCH_LINE_ATTEMPTS
+        ):
+            status = QUEUED  # no answer came: another replica may give one
         await self._finish(job.id, status=status, result=result, error=error)
+        self._held.pop(job.id, None)
+        if job.batch_id is not None and status != QUEUED and self._on_batch_line_done:
+            try:
+                await self._on_batch_line_done(job.batch_id)
+            except Exception:
+                log.exception("finalizing batch %s failed", job.batch_id)
 
     async def _call(
         self, job: Job, *, url: str, key: str | None
@@ -322,6 +380,10 @@ class JobRunner:
                     started_at=None if status == QUEUED else Job.started_at,
                 )
             )
+
+
+def _of_workloads(refs: list[WorkloadRef]) -> ColumnElement[bool]:
+    return or_(false(), *(and_(Job.project == p, Job.workload_slug == w) for p, w in refs))
 
 
 def _result(status: int, content_type: str, raw: bytes) -> dict[str, Any]:

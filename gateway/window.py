@@ -33,6 +33,13 @@ def replica_cap(per_worker: int | None, default: int = REPLICA_CONCURRENCY_CAP) 
     return default if per_worker is None else per_worker
 
 
+def batch_reserve(cap: int) -> int:
+    """The slots of a replica that batch lines leave to live traffic: a quarter of its
+    cap, rounded down (none under a cap of 4, where live requests still go first
+    whenever they wait, but may wait for a batch line to finish)."""
+    return cap // 4
+
+
 SIGNAL_WINDOW_SEC = 900.0
 """How far back the gateway's window keeps requests: rates, TTFT samples, token mix."""
 

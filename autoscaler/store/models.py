@@ -17,6 +17,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     text,
@@ -222,6 +223,61 @@ class Job(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
+    batch_id: Mapped[str | None] = mapped_column(String(40), index=True, default=None)
+    """The batch this job is a line of (``None``: a job submitted on its own)."""
+    custom_id: Mapped[str | None] = mapped_column(Text, default=None)
+    batch_line: Mapped[int | None] = mapped_column(Integer, default=None)
+    """The line's number in the batch's input file, from 1."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    """How many times a gateway has claimed the job."""
+
+
+class StoredFile(Base):
+    """A file of the OpenAI Files API: a batch's input, output or errors (JSONL).
+
+    It belongs to one workload, like the data key that uploaded it."""
+
+    __tablename__ = "files"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project: Mapped[str] = mapped_column(String(63))
+    workload_slug: Mapped[str] = mapped_column(String(63), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    size: Mapped[int] = mapped_column("bytes", Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime]
+
+
+class Batch(Base):
+    """A batch of the OpenAI Batches API: its lines are jobs (``jobs.batch_id``).
+
+    Facts only; the status is derived from the timestamps (``gateway.batch_format``)."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    project: Mapped[str] = mapped_column(String(63))
+    workload_slug: Mapped[str] = mapped_column(String(63), index=True)
+    endpoint: Mapped[str] = mapped_column(String(64))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    user_metadata: Mapped[dict[str, Any] | None]
+    total: Mapped[int] = mapped_column(Integer)
+    completed: Mapped[int | None] = mapped_column(Integer)
+    """Lines answered with a status below 400, counted when the batch was finalized."""
+    failed: Mapped[int | None] = mapped_column(Integer)
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime]
+    in_progress_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime]
+    cancelling_at: Mapped[datetime | None]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
 
 
 class RouteChange(Base):

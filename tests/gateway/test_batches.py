@@ -1,0 +1,325 @@
+"""The OpenAI Files and Batches API on a real gateway, driven by the real ``openai`` SDK
+against engine-sim replicas: results, refusals, cancel, expiry, the live-traffic
+reserve, waking a workload at zero, and two gateways sharing one batch on SQLite and
+PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import openai
+import pytest
+from openai.types import Batch
+
+from autoscaler.store.db import open_store, session_factory
+from gateway import batches
+from gateway.app import Gateway, GatewaySettings
+from tests.gateway.conftest import (
+    HI,
+    MODEL,
+    Seed,
+    Sessions,
+    StartEngine,
+    StartGateway,
+    eventually,
+    sdk,
+)
+
+REF = ("acme", "support-bot")
+
+
+def chat_line(custom_id: str, **body: Any) -> dict[str, Any]:
+    request = {"model": MODEL, "messages": HI, "max_tokens": 3, **body}
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": request,
+    }
+
+
+def jsonl(lines: list[dict[str, Any]]) -> bytes:
+    return b"".join(json.dumps(line).encode() + b"\n" for line in lines)
+
+
+async def submit(client: openai.AsyncOpenAI, lines: list[dict[str, Any]], **options: Any) -> Batch:
+    uploaded = await client.files.create(
+        file=("in.jsonl", io.BytesIO(jsonl(lines))), purpose="batch"
+    )
+    return await client.batches.create(
+        input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h",
+        **options,
+    )  # fmt: skip
+
+
+async def finished(client: openai.AsyncOpenAI, batch_id: str, *, within: float = 30) -> Batch:
+    """The batch once it reached a final status."""
+    async with asyncio.timeout(within):
+        while True:
+            batch = await client.batches.retrieve(batch_id)
+            if batch.status in ("completed", "expired", "cancelled", "failed"):
+                return batch
+            await asyncio.sleep(0.05)
+
+
+async def lines_of(client: openai.AsyncOpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    content = await client.files.content(file_id)
+    return [json.loads(line) for line in content.text.splitlines()]
+
+
+async def test_a_batch_answers_each_request_once_in_the_output_or_error_file(
+    seed: Seed, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    for _ in range(2):
+        await seed.replica("support-bot", (await start_engine()).url)
+    gateway = await start_gateway()
+    lines = [chat_line(f"req-{i}") for i in range(40)]
+    lines[7] = {**lines[7], "body": {"model": MODEL}}  # no messages: the engine answers 400
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, lines, metadata={"team": "support"})
+        assert batch.status == "in_progress"
+        assert batch.request_counts is not None and batch.request_counts.total == 40
+        done = await finished(client, batch.id)
+        assert done.status == "completed"
+        assert done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (39, 1)
+        assert done.metadata == {"team": "support"}
+        assert done.completed_at is not None and done.finalizing_at is not None
+        output = await lines_of(client, done.output_file_id)
+        errors = await lines_of(client, done.error_file_id)
+        listed = await client.files.list(purpose="batch_output")
+        assert {f.id for f in listed.data} == {done.output_file_id, done.error_file_id}
+    assert sorted(line["custom_id"] for line in output) == sorted(
+        f"req-{i}" for i in range(40) if i != 7
+    )
+    first = output[0]
+    assert first["id"].startswith("batch_req_") and first["error"] is None
+    assert first["response"]["status_code"] == 200
+    assert first["response"]["body"]["choices"][0]["message"]["content"]
+    assert [e["custom_id"] for e in errors] == ["req-7"]
+    assert errors[0]["response"]["status_code"] == 400
+    assert "messages" in errors[0]["response"]["body"]["error"]["message"]
+
+
+async def test_an_invalid_line_is_refused_on_upload_naming_its_line(
+    seed: Seed, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    gateway = await start_gateway()
+    good = jsonl([chat_line("a"), chat_line("b")])
+    async with sdk(gateway, "support-bot", key) as client:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.files.create(
+                file=("in.jsonl", io.BytesIO(good + b'{"custom_id": "c", "method": "POST"\n')),
+                purpose="batch",
+            )
+        assert "in.jsonl: line 3 is not JSON" in refused.value.message
+        with pytest.raises(openai.BadRequestError) as duplicate:
+            await client.files.create(
+                file=("in.jsonl", io.BytesIO(good + jsonl([chat_line("a")]))), purpose="batch"
+            )
+        assert "line 3: custom_id 'a' is already used on line 1" in duplicate.value.message
+        with pytest.raises(openai.BadRequestError) as no_body:
+            await client.files.create(
+                file=("in.jsonl", io.BytesIO(good + b'{"custom_id":"c","method":"POST",'
+                                                    b'"url":"/v1/chat/completions"}\n')),
+                purpose="batch",
+            )  # fmt: skip
+        assert "line 3: body must be a JSON object" in no_body.value.message
+        with pytest.raises(openai.BadRequestError) as purpose:
+            await client.files.create(file=("in.jsonl", io.BytesIO(good)), purpose="fine-tune")
+        assert "purpose 'fine-tune' is not one of ['batch']" in purpose.value.message
+
+
+async def test_a_wrong_endpoint_is_refused_with_the_allowed_ones(
+    seed: Seed, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    gateway = await start_gateway()
+    async with sdk(gateway, "support-bot", key) as client:
+        uploaded = await client.files.create(
+            file=("in.jsonl", io.BytesIO(jsonl([chat_line("a")]))), purpose="batch"
+        )
+        with pytest.raises(openai.BadRequestError) as wrong:
+            await client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/moderations", completion_window="24h"
+            )
+        assert "endpoint '/v1/moderations' is not one of" in wrong.value.message
+        assert "'/v1/chat/completions'" in wrong.value.message
+        with pytest.raises(openai.BadRequestError) as mismatch:
+            await client.batches.create(
+                input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h"
+            )
+        assert "line 1: url '/v1/chat/completions' differs from the batch's endpoint" in (
+            mismatch.value.message
+        )
+        with pytest.raises(openai.NotFoundError):
+            await client.batches.create(
+                input_file_id="file-nothere", endpoint="/v1/chat/completions",
+                completion_window="24h",
+            )  # fmt: skip
+        assert not (await client.batches.list()).data
+
+
+async def test_a_batch_on_a_workload_at_zero_wakes_it_and_cancel_reports_every_line(
+    seed: Seed, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    demand: list[tuple[str, str]] = []
+    gateway = await start_gateway(on_demand=demand.append)
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, [chat_line(f"r{i}") for i in range(5)])
+        assert demand == [REF]  # the controller is told at once
+        # ... and sees the lines as queued jobs, as it does a job queue's
+        await eventually(lambda: queued_jobs(gateway) == 5)
+        cancelled = await client.batches.cancel(batch.id)
+        assert cancelled.status == "cancelled"
+        assert cancelled.cancelling_at is not None and cancelled.cancelled_at is not None
+        assert cancelled.output_file_id is None
+        errors = await lines_of(client, cancelled.error_file_id)
+        with pytest.raises(openai.ConflictError):
+            await client.batches.cancel(batch.id)
+    assert sorted(e["custom_id"] for e in errors) == [f"r{i}" for i in range(5)]
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    assert all(e["response"] is None for e in errors)
+    await eventually(lambda: queued_jobs(gateway) == 0)
+
+
+def queued_jobs(gateway: Gateway) -> int:
+    snapshot = gateway.signals().get(REF)
+    return 0 if snapshot is None else snapshot.async_queue_depth
+
+
+async def test_lines_still_queued_when_the_window_closes_expire(
+    seed: Seed, sessions: Sessions, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    gateway = await start_gateway()
+    async with sdk(gateway, "support-bot", key) as client:
+        uploaded = await client.files.create(
+            file=("in.jsonl", io.BytesIO(jsonl([chat_line("a"), chat_line("b")]))),
+            purpose="batch",
+        )
+        batch = await client.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )  # fmt: skip
+        assert batch.expires_at == batch.created_at + 24 * 3600
+        await batches.sweep(sessions, now=datetime.now(UTC) + timedelta(hours=23))
+        assert (await client.batches.retrieve(batch.id)).status == "in_progress"
+        await batches.sweep(sessions, now=datetime.now(UTC) + timedelta(hours=24, seconds=1))
+        expired = await client.batches.retrieve(batch.id)
+        errors = await lines_of(client, expired.error_file_id)
+    assert expired.status == "expired" and expired.expired_at is not None
+    assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
+        ("a", "batch_expired"),
+        ("b", "batch_expired"),
+    ]
+
+
+async def test_batch_lines_leave_a_quarter_of_each_replica_to_live_traffic(
+    seed: Seed, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    """per_worker 4: batch lines take at most 3 slots, so a live request finds the
+    fourth free while a batch of 15 runs."""
+    key = await seed.workload("support-bot", per_worker=4)
+    engine = await start_engine(time_scale=1.0)  # slow enough to watch
+    await seed.replica("support-bot", engine.url)
+    gateway = await start_gateway()
+    most = 0
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, [chat_line(f"r{i}", max_tokens=8) for i in range(15)])
+        await eventually(lambda: in_flight(gateway) == 3)
+        live = await client.chat.completions.create(model=MODEL, messages=HI, max_tokens=2)
+        assert live.choices[0].message.content
+        while (await client.batches.retrieve(batch.id)).status == "in_progress":
+            most = max(most, in_flight(gateway))
+            await asyncio.sleep(0.01)
+        done = await finished(client, batch.id)
+    assert done.request_counts is not None and done.request_counts.completed == 15
+    assert most == 3
+
+
+def in_flight(gateway: Gateway) -> int:
+    snapshot = gateway.signals().get(REF)
+    return 0 if snapshot is None else snapshot.in_flight
+
+
+async def test_batches_and_files_list_newest_first_with_after_and_limit(
+    seed: Seed, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    other = await seed.workload("other-bot")
+    gateway = await start_gateway()
+    async with sdk(gateway, "support-bot", key) as client:
+        made = [await submit(client, [chat_line("a")]) for _ in range(3)]
+        first = await client.batches.list(limit=2)
+        assert [b.id for b in first.data] == [made[2].id, made[1].id]
+        assert first.has_more
+        rest = await client.batches.list(limit=2, after=first.data[-1].id)
+        assert [b.id for b in rest.data] == [made[0].id] and not rest.has_more
+        everything = [b.id async for b in client.batches.list(limit=1)]
+        assert everything == [b.id for b in reversed(made)]
+        inputs = await client.files.list(purpose="batch")
+        assert len(inputs.data) == 3
+        deleted = await client.files.delete(inputs.data[0].id)
+        assert deleted.deleted
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(inputs.data[0].id)
+    async with sdk(gateway, "other-bot", other) as stranger:
+        with pytest.raises(openai.NotFoundError):
+            await stranger.batches.retrieve(made[0].id)
+        with pytest.raises(openai.NotFoundError):
+            await stranger.files.content(inputs.data[1].id)
+        assert not (await stranger.batches.list()).data
+
+
+@pytest.fixture
+async def shared_sessions(database_url: str) -> AsyncIterator[Sessions]:
+    """One store on SQLite or PostgreSQL (``database_url``), for two gateways."""
+    async with open_store(database_url) as engine:
+        yield session_factory(engine)
+
+
+async def test_two_gateways_share_a_batch_and_a_stopped_one_loses_no_line(
+    shared_sessions: Sessions, start_engine: StartEngine
+) -> None:
+    """Both gateways run lines of one batch; the first stops mid-batch (its running
+    lines are queued again) and the second finishes: one line per request."""
+    seed = Seed(shared_sessions)
+    key = await seed.workload("support-bot", per_worker=8)
+    for _ in range(2):
+        await seed.replica("support-bot", (await start_engine(time_scale=20.0)).url)
+    settings = GatewaySettings(refresh_interval_sec=0.2, job_poll_interval_sec=0.2)
+    first = Gateway(sessions=shared_sessions, settings=settings)
+    second = Gateway(sessions=shared_sessions, settings=settings)
+    await first.start("127.0.0.1", 0)
+    await second.start("127.0.0.1", 0)
+    running = [first, second]
+    try:
+        async with sdk(first, "support-bot", key) as client:
+            batch = await submit(client, [chat_line(f"r{i}", max_tokens=8) for i in range(60)])
+
+            async def some_done() -> bool:
+                counts = (await client.batches.retrieve(batch.id)).request_counts
+                return counts is not None and counts.completed >= 10
+
+            await eventually(some_done)
+            await first.stop()
+            running.remove(first)
+        async with sdk(second, "support-bot", key) as client:
+            done = await finished(client, batch.id)
+            output = await lines_of(client, done.output_file_id)
+    finally:
+        for gateway in running:
+            await gateway.stop()
+    assert done.status == "completed" and done.error_file_id is None
+    assert sorted(line["custom_id"] for line in output) == sorted(f"r{i}" for i in range(60))
