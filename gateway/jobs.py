@@ -13,7 +13,8 @@ The lines of a batch (``gateway.batches``) are jobs too, with a ``batch_id``. Wo
 take jobs submitted on their own first, and a batch line only while a replica has room
 beyond the reserve kept for live traffic (``gateway.window.batch_reserve``). A batch
 line whose replica failed before answering (a connection refused or cut) is queued
-again, up to ``BATCH_LINE_ATTEMPTS`` claims in all.
+again, up to ``BATCH_LINE_ATTEMPTS`` claims in all; any job whose replica refused the
+connection is queued again, and the replica rested for ``refused_cooldown_sec``.
 """
 
 from __future__ import annotations
@@ -331,6 +332,11 @@ class JobRunner:
             status, result, error = await self._call(
                 job, url=lease.replica.url, key=lease.replica.engine_key
             )
+        except aiohttp.ClientConnectorError as exc:
+            # Nothing reached the replica (one gone, a route left from before a restart):
+            # rest it as a live request's retry does, and queue the job again.
+            self._dispatcher.refused(lease)
+            status, result, error = QUEUED, None, f"the replica refused the connection: {exc}"
         finally:
             self._dispatcher.release(lease)
         if (
@@ -358,6 +364,8 @@ class JobRunner:
             ) as resp:
                 raw = await resp.read()
                 result = _result(resp.status, resp.content_type, raw)
+        except aiohttp.ClientConnectorError:
+            raise
         except (aiohttp.ClientError, TimeoutError) as exc:
             return FAILED, None, f"the replica failed: {type(exc).__name__}: {exc}"
         if resp.status >= 400:

@@ -29,6 +29,7 @@ from tests.gateway.conftest import (
     eventually,
     sdk,
 )
+from tests.helpers import free_port
 
 REF = ("acme", "support-bot")
 
@@ -323,3 +324,19 @@ async def test_two_gateways_share_a_batch_and_a_stopped_one_loses_no_line(
             await gateway.stop()
     assert done.status == "completed" and done.error_file_id is None
     assert sorted(line["custom_id"] for line in output) == sorted(f"r{i}" for i in range(60))
+
+
+async def test_a_replica_that_refuses_connections_costs_no_line(
+    seed: Seed, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    """A route to an engine that is gone (as after a restart, before the controller
+    notices): its lines are queued again and answered by the replica that is there."""
+    key = await seed.workload("support-bot")
+    await seed.replica("support-bot", f"http://127.0.0.1:{free_port()}")
+    await seed.replica("support-bot", (await start_engine()).url)
+    gateway = await start_gateway()
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, [chat_line(f"r{i}") for i in range(20)])
+        done = await finished(client, batch.id)
+    assert done.status == "completed" and done.error_file_id is None
+    assert done.request_counts is not None and done.request_counts.completed == 20
