@@ -463,7 +463,10 @@ async def handle(
     if parts[0] == "files":
         return Created(await _files(request, parts=parts, ref=ref, sessions=sessions, now=now))
     if parts == ["batches"] and method == "POST":
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise GatewayError(413, "request body is too large", code="request_too_large") from None
         try:
             parsed = fmt.parse_create(body)
         except fmt.BatchFormatError as exc:
@@ -538,7 +541,14 @@ async def _upload(request: web.Request) -> tuple[str, str, bytes]:
             f"POST /v1/files takes multipart/form-data with 'file' and 'purpose', not "
             f"{request.content_type!r}",
         )
-    form = await request.post()
+    try:
+        form = await request.post()
+    except web.HTTPRequestEntityTooLarge:
+        raise GatewayError(
+            413, "the file is over the gateway's max_body_bytes", code="request_too_large"
+        ) from None
+    except ValueError as exc:
+        raise GatewayError(400, f"the multipart body could not be read: {exc}") from None
     purpose = form.get("purpose")
     upload = form.get("file")
     if not isinstance(purpose, str):

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from openai.types import Batch
@@ -26,6 +27,7 @@ from tests.gateway.conftest import (
     Sessions,
     StartEngine,
     StartGateway,
+    base_url,
     eventually,
     sdk,
 )
@@ -340,3 +342,26 @@ async def test_a_replica_that_refuses_connections_costs_no_line(
         done = await finished(client, batch.id)
     assert done.status == "completed" and done.error_file_id is None
     assert done.request_counts is not None and done.request_counts.completed == 20
+
+
+async def test_a_malformed_or_oversized_upload_is_a_4xx_in_openais_shape(
+    seed: Seed, start_gateway: StartGateway
+) -> None:
+    key = await seed.workload("support-bot")
+    gateway = await start_gateway(max_body_bytes=1024)
+    url = base_url(gateway, "support-bot") + "/files"
+    headers = {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(headers=headers) as http:
+        no_boundary = await http.post(
+            url, content=b"xx", headers={"Content-Type": "multipart/form-data"}
+        )
+        assert no_boundary.status_code == 400
+        assert "multipart body could not be read" in no_boundary.json()["error"]["message"]
+        not_multipart = await http.post(url, json={"purpose": "batch"})
+        assert not_multipart.status_code == 400
+        assert "multipart/form-data" in not_multipart.json()["error"]["message"]
+        big = await http.post(
+            url, files={"file": ("in.jsonl", b"x" * 4096)}, data={"purpose": "batch"}
+        )
+        assert big.status_code == 413
+        assert big.json()["error"]["code"] == "request_too_large"
