@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -92,18 +93,38 @@ class _Datetimes(dict[float, datetime]):
 
 _DATETIMES = _Datetimes()
 
+_last: list[tuple[tuple[float, ...], tuple[datetime, ...]]] = [((), ())]
+"""The times last converted and their datetimes: a workload's next pass reads the same
+window slid forward, so the part they share is taken as it is (:func:`_datetimes_of`)."""
+
+
+def _datetimes_of(times: tuple[float, ...]) -> tuple[datetime, ...]:
+    """``times`` (epoch seconds) as datetimes. Where ``times`` starts inside the times
+    last converted and matches them to their end (the window slid forward), their
+    datetimes are reused and only the newer times converted; else each is looked up
+    in :data:`_DATETIMES`. Exact either way: a datetime is reused only for an equal time."""
+    last_times, last_datetimes = _last[0]
+    start = bisect_left(last_times, times[0])
+    shared = len(last_times) - start
+    if 0 < shared <= len(times) and last_times[start:] == times[:shared]:
+        converted = last_datetimes[start:] + tuple(map(_DATETIMES.__getitem__, times[shared:]))
+    else:
+        converted = tuple(map(_DATETIMES.__getitem__, times))
+    _last[0] = (times, converted)
+    return converted
+
 
 def _pairs_from_epoch(
     samples: Iterable[tuple[float, float]],
 ) -> tuple[tuple[datetime, float], ...]:
     """``(epoch seconds, value)`` pairs with their times as datetimes. A snapshot holds
     thousands on a busy workload and the controller converts them every pass: the loop
-    runs in C (``map``, ``zip``) over remembered conversions (:class:`_Datetimes`)."""
+    runs in C (``map``, ``zip``) over conversions already made (:func:`_datetimes_of`)."""
     pairs = tuple(samples)
     if not pairs:
         return ()
     times, values = zip(*pairs, strict=True)
-    return tuple(zip(map(_DATETIMES.__getitem__, times), values, strict=True))
+    return tuple(zip(_datetimes_of(times), values, strict=True))
 
 
 def with_engine_ttft(signals: Signals, samples: Iterable[tuple[float, float]]) -> Signals:

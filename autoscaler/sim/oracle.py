@@ -262,14 +262,37 @@ class _Slot:
             )
         return self._memo[n]
 
-    def need(self) -> int:
-        """The fewest replicas whose misses are only the unavoidable ones."""
+    def need(self, hint: int | None = None) -> int:
+        """The fewest replicas whose misses are only the unavoidable ones: a count ``n``
+        that leaves only those while ``n - 1`` leaves more (or 1).
+
+        Searched from ``hint`` when given (the slot before's need: the rate moves little
+        from one minute to the next, so two counts usually settle it, where a search
+        from one replica sizes four or five), else by doubling from one replica; then
+        bisection. Both find the same count where misses fall as replicas are added."""
         if not self.requests:
             return 0
+        top = len(self.requests)
+        if hint is not None and hint >= 1:
+            hint = min(hint, top)
+            if self.misses(hint) <= self.unavoidable:
+                if hint == 1 or self.misses(hint - 1) > self.unavoidable:
+                    return hint
+                low, high = 1, hint - 1
+            else:
+                low, high = hint + 1, min(hint * 2, top)
+                while self.misses(high) > self.unavoidable and high < top:
+                    low, high = high + 1, min(high * 2, top)
+            return self._bisect(low, high)
         high = 1
-        while self.misses(high) > self.unavoidable and high < len(self.requests):
-            high = min(high * 2, len(self.requests))
+        while self.misses(high) > self.unavoidable and high < top:
+            high = min(high * 2, top)
         low = high // 2 + 1 if high > 1 else 1
+        return self._bisect(low, high)
+
+    def _bisect(self, low: int, high: int) -> int:
+        """The fewest count in ``[low, high]`` that leaves only the unavoidable misses,
+        ``high`` known to (or the most there is), ``low - 1`` known not to."""
         while low < high:
             mid = (low + high) // 2
             if self.misses(mid) > self.unavoidable:
@@ -388,7 +411,11 @@ def oracle_for_offer(
         _slot(profile, tuple(group), slo, seed + k, tuple(groups[k - 1]) if k else ())
         for k, group in enumerate(groups)
     ]
-    need = [s.need() for s in slots]
+    need: list[int] = []
+    hint: int | None = None  # the last slot's need that was not zero
+    for s in slots:
+        need.append(s.need(hint=hint))
+        hint = need[-1] or hint
     allowance = math.floor((1.0 - attainment) * len(requests))
     counts, misses = spend_allowance(slots, need, allowance=allowance)
     plan = priced_plan(
