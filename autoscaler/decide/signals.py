@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import functools
-from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -104,7 +103,10 @@ def _datetimes_of(times: tuple[float, ...]) -> tuple[datetime, ...]:
     datetimes are reused and only the newer times converted; else each is looked up
     in :data:`_DATETIMES`. Exact either way: a datetime is reused only for an equal time."""
     last_times, last_datetimes = _last[0]
-    start = bisect_left(last_times, times[0])
+    try:
+        start = last_times.index(times[0])  # a scan in C; samples need not be sorted
+    except ValueError:
+        start = len(last_times)
     shared = len(last_times) - start
     if 0 < shared <= len(times) and last_times[start:] == times[:shared]:
         converted = last_datetimes[start:] + tuple(map(_DATETIMES.__getitem__, times[shared:]))
