@@ -141,7 +141,7 @@ def command(
     """
     from autoscaler.sim.prefix import Routing
     from autoscaler.sim.profile import is_rate_profile
-    from autoscaler.sim.run import RateMode, Scenario, policies, prepare, run_policy
+    from autoscaler.sim.run import RateMode, Scenario, compare_forked
     from autoscaler.sim.trace import TraceError, load_trace
     from autoscaler.sim.workload import WorkloadFileError, load_workload
     from catalog.snapshot import load_catalog
@@ -188,10 +188,10 @@ def command(
         routing=Routing(routing),
     )
     try:
-        prepared = prepare(scenario)
+        # The oracle is planned in a forked process while the policy replays here.
+        prepared, (report,) = compare_forked(scenario, [policy])
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    report = run_policy(prepared, policies(prepared, [policy])[0])
     click.echo(report.summary())
     oracle = prepared.oracle
     click.echo(

@@ -4,7 +4,9 @@ policy, the baselines and the oracle."""
 from __future__ import annotations
 
 import math
+import multiprocessing
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -93,11 +95,20 @@ class Prepared:
     profile: ServingProfile
     capacity_rps: float
     """One replica on ``offer`` (placement's first choice) at this trace's mean token mix."""
-    oracle: OraclePlan
+    plan: OraclePlan | None
+    """The oracle; ``None`` when prepared without it (:func:`compare_forked`)."""
+
+    @property
+    def oracle(self) -> OraclePlan:
+        """The oracle's plan (``ValueError`` when prepared without it)."""
+        if self.plan is None:
+            raise ValueError(f"{self.scenario.trace_name}: prepared without its oracle")
+        return self.plan
 
 
-def prepare(scenario: Scenario) -> Prepared:
-    """Scale the trace, fix the SLO, find placement's first offer, and compute the oracle."""
+def prepare(scenario: Scenario, *, with_oracle: bool = True) -> Prepared:
+    """Scale the trace, fix the SLO, find placement's first offer, and compute the oracle
+    (unless ``with_oracle`` is false)."""
     workload = _with_target(with_spot(scenario.workload, scenario.allow_spot), scenario.ttft_slo_s)
     auto = workload.autoscaling
     target = auto.upper_allowed_latency_sec if auto else (scenario.ttft_slo_s or 1.0)
@@ -132,23 +143,27 @@ def prepare(scenario: Scenario) -> Prepared:
     capacity = profile.capacity_rps(
         input_tokens=stats.mean_input_tokens, output_tokens=stats.mean_output_tokens
     )
-    plan = oracle(
-        workload=workload,
-        offers=offers,
-        requests=requests,
-        slo=slo,
-        attainment=ATTAINMENT_TARGET,
-        boot_s=scenario.cloud.boot_median_s,
-        allow_spot=scenario.allow_spot,
-        seed=scenario.seed,
-        replay=_PlanReplay(
+    plan = (
+        None
+        if not with_oracle
+        else oracle(
             workload=workload,
             offers=offers,
             requests=requests,
             slo=slo,
+            attainment=ATTAINMENT_TARGET,
+            boot_s=scenario.cloud.boot_median_s,
+            allow_spot=scenario.allow_spot,
             seed=scenario.seed,
-            cloud=scenario.cloud,
-        ),
+            replay=_PlanReplay(
+                workload=workload,
+                offers=offers,
+                requests=requests,
+                slo=slo,
+                seed=scenario.seed,
+                cloud=scenario.cloud,
+            ),
+        )
     )
     return Prepared(
         scenario=scenario,
@@ -160,7 +175,7 @@ def prepare(scenario: Scenario) -> Prepared:
         offer=offer,
         profile=profile,
         capacity_rps=capacity,
-        oracle=plan,
+        plan=plan,
     )
 
 
@@ -305,10 +320,46 @@ def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
         rate_scale=scenario.rate_scale,
         seed=scenario.seed,
         spot=scenario.allow_spot,
-        oracle_cost_usd=prepared.oracle.cost_usd,
+        oracle_cost_usd=None if prepared.plan is None else prepared.plan.cost_usd,
         rate_mode=scenario.rate_mode.value,
         routing=scenario.routing.value,
     )
+
+
+def compare_forked(
+    scenario: Scenario, names: Sequence[str] = POLICY_NAMES
+) -> tuple[Prepared, list[RunReport]]:
+    """:func:`compare`, with the oracle planned in a forked process while the policies
+    replay in this one: the same plan and reports, in about the longer of the two times
+    instead of their sum where two cores are free (the oracle is about half of a day's
+    replay of one policy and its oracle). Where processes cannot be forked, one after
+    the other."""
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return compare(scenario, names)
+    context = multiprocessing.get_context("fork")
+    # The child inherits the scenario by the fork (a day holds half a million requests,
+    # slow to pickle); only the plan comes back.
+    with ProcessPoolExecutor(
+        max_workers=1, mp_context=context, initializer=_hold, initargs=(scenario,)
+    ) as pool:
+        planned = pool.submit(_held_oracle)
+        draft = prepare(scenario, with_oracle=False)
+        reports = [run_policy(draft, p) for p in policies(draft, names)]
+        plan = planned.result()
+    prepared = replace(draft, plan=plan)
+    return prepared, [replace(r, oracle_cost_usd=plan.cost_usd) for r in reports]
+
+
+_held: list[Scenario] = []
+"""The scenario a forked oracle process plans for (:func:`compare_forked`)."""
+
+
+def _hold(scenario: Scenario) -> None:
+    _held[:] = [scenario]
+
+
+def _held_oracle() -> OraclePlan:
+    return prepare(_held[0]).oracle
 
 
 def compare(

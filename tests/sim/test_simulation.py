@@ -12,7 +12,15 @@ import pytest
 
 import autoscaler.decide.scaling as scaling
 from autoscaler.sim.policies import ConcurrencyPolicy, ControllerPolicy, static_policy
-from autoscaler.sim.run import Prepared, Scenario, policies, prepare, run_policy
+from autoscaler.sim.run import (
+    Prepared,
+    Scenario,
+    compare,
+    compare_forked,
+    policies,
+    prepare,
+    run_policy,
+)
 from autoscaler.sim.trace import TraceError, TraceRequest, load_trace, scale_rate
 from autoscaler.sim.workload import SimWorkload, SloRule
 from autoscaler.sim.world import World
@@ -73,6 +81,26 @@ def test_same_seed_same_report_and_other_seed_differs(
     first, again, other = run(7), run(7), run(8)
     assert json.dumps(first, sort_keys=True) == json.dumps(again, sort_keys=True)
     assert first["events"] != other["events"]  # boot times are drawn from the seed
+
+
+def test_the_oracle_planned_in_a_forked_process_gives_the_same_plan_and_reports(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    scenario = Scenario(
+        workload=workload,
+        offers=offers,
+        requests=ramp(300),
+        trace_name="test",
+        seed=3,
+        cloud=CALM_CLOUD,
+    )
+    prepared, reports = compare(scenario, ["ours", "static-mean"])
+    forked, forked_reports = compare_forked(scenario, ["ours", "static-mean"])
+    assert forked.oracle == prepared.oracle
+    assert [json.dumps(r.to_json(), sort_keys=True) for r in forked_reports] == [
+        json.dumps(r.to_json(), sort_keys=True) for r in reports
+    ]
+    assert forked_reports[0].cost_vs_oracle is not None
 
 
 def test_slo_allows_long_prompts_their_prefill_time() -> None:
