@@ -10,6 +10,10 @@ from autoscaler.sim.report import RunReport
 LONG_RUN_H = 3.0
 """Runs longer than this many hours are drawn against hours, on a wider figure."""
 
+CEILING_OFF_SCALE = 4.0
+"""A spend ceiling more than this many times the highest spend is named in the legend
+instead of drawn: drawn, it flattens a day's spend into a line along the axis."""
+
 
 def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float | None) -> None:
     """Write ``report``'s timeline to ``path`` (PNG)."""
@@ -20,7 +24,7 @@ def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float 
         import matplotlib.pyplot as plt
     except ImportError as exc:  # pragma: no cover - the sim extra is installed by the gate
         raise RuntimeError("--plot needs matplotlib: pip install 'gpu-autoscaler[sim]'") from exc
-    from matplotlib.ticker import MultipleLocator
+    from matplotlib.ticker import MaxNLocator, MultipleLocator
 
     rows = report.timeline
     span_h = rows[-1]["t"] / 3600.0 if rows else 0.0
@@ -37,7 +41,7 @@ def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float 
     rate.set_ylabel("requests/s\n(60 s window)")
     rate.set_title(
         f"{report.policy} on {report.trace} at {report.rate_scale:g}x the request rate: "
-        f"SLO {report.slo_attainment:.1%}, ${report.cost_usd:.2f}"
+        f"SLO {report.slo_attainment:.2%}, ${report.cost_usd:.2f}"
     )
     fleet.stackplot(
         minutes,
@@ -57,6 +61,7 @@ def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float 
         label="desired",
     )
     fleet.set_ylabel("replicas")
+    fleet.yaxis.set_major_locator(MaxNLocator(integer=True))
     fleet.legend(loc="upper left", fontsize="small")
     p95 = [row["ttft_p95_s"] if row["ttft_p95_s"] is not None else float("nan") for row in rows]
     ttft.plot(minutes, p95, color="tab:red", linewidth=line, label="TTFT p95 (60 s)")
@@ -64,15 +69,15 @@ def plot_timeline(report: RunReport, path: Path, *, ceiling_usd_per_hour: float 
     ttft.set_yscale("log")
     ttft.set_ylabel("seconds")
     ttft.legend(loc="upper left", fontsize="small")
-    spend.step(
-        minutes,
-        [row["usd_per_hour"] for row in rows],
-        where="post",
-        color="tab:purple",
-        label="$/h",
-    )
+    spent = [row["usd_per_hour"] for row in rows]
+    spend.step(minutes, spent, where="post", color="tab:purple", label="$/h")
+    highest = max(spent, default=0.0)
     if ceiling_usd_per_hour is not None:
-        spend.axhline(ceiling_usd_per_hour, color="black", linestyle="--", label="ceiling")
+        if ceiling_usd_per_hour <= CEILING_OFF_SCALE * highest:
+            spend.axhline(ceiling_usd_per_hour, color="black", linestyle="--", label="ceiling")
+        else:
+            spend.plot([], [], " ", label=f"ceiling ${ceiling_usd_per_hour:g}/h (off scale)")
+            spend.set_ylim(0.0, highest * 1.15 if highest > 0 else 1.0)
     spend.set_ylabel("$/h")
     spend.set_xlabel("hours (simulated)" if long_run else "minutes (simulated)")
     if long_run:
