@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from statistics import NormalDist
 
@@ -263,12 +263,17 @@ def arrival_curve(
     bought replicas for it (the load need carries the backlog).
     """
     windows = tuple(windows)
-    key = (now, over_s, windows)
-    last = _last_curve[0]
-    if last is not None and last[0] is signals and last[1] == key:
-        return dict(last[2])  # the load and consolidation rules both ask, in one pass
-    ages = [(now - at).total_seconds() + ttft for at, ttft in signals.answered_samples]
-    ages = sorted(age for age in ages if age < over_s)
+    if _memo.signals is not signals:
+        _memo.signals = signals
+        _memo.curves.clear()
+        _memo.ages.clear()
+    known = _memo.curves.get((now, over_s, windows))
+    if known is not None:
+        return dict(known)  # the load, burst and consolidation rules ask, in one pass
+    ages = _memo.ages.get((now, over_s))
+    if ages is None:
+        ages = [(now - at).total_seconds() + ttft for at, ttft in signals.answered_samples]
+        ages = _memo.ages[(now, over_s)] = sorted(age for age in ages if age < over_s)
     curve: dict[float, int] = {}
     n = len(ages)
     for window in windows:
@@ -284,16 +289,23 @@ def arrival_curve(
             while k + most < n and ages[k + most] < limit:
                 most += 1
         curve[window] = most
-    _last_curve[0] = (signals, key, dict(curve))
+    _memo.curves[(now, over_s, windows)] = dict(curve)
     return curve
 
 
-_last_curve: list[
-    tuple[Signals, tuple[datetime, float, tuple[float, ...]], dict[float, int]] | None
-]
-_last_curve = [None]
-"""The last arrival curve and what it was read from (the same ``Signals`` object, the
-same moment and windows): a pure memo."""
+@dataclass(slots=True)
+class _CurveMemo:
+    """Arrival curves and sorted arrival ages already read from one ``Signals`` object
+    (held, so its identity is not reused), by moment, span and windows: a pure memo."""
+
+    signals: Signals | None = None
+    curves: dict[tuple[datetime, float, tuple[float, ...]], dict[float, int]] = field(
+        default_factory=dict
+    )
+    ages: dict[tuple[datetime, float], list[float]] = field(default_factory=dict)
+
+
+_memo = _CurveMemo()
 
 
 @dataclass(frozen=True, slots=True)
