@@ -13,7 +13,7 @@ import hashlib
 import json
 import re
 import shlex
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -39,7 +39,7 @@ from catalog.cuda import cuda_version, offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import ProviderName
 from catalog.regions import REGION_PATTERN, normalise_region
-from catalog.sizing import CONTEXT_FLAGS
+from catalog.sizing import CONTEXT_FLAGS, command_adapters
 
 
 class Backend(StrEnum):
@@ -600,6 +600,65 @@ POLICY_CONFIG_TYPES: dict[ExecutionPolicy, type[StrictModel]] = {
 MAX_CHAT_TEMPLATE = 32 * 1024
 """The longest ``custom_chat_template`` (it travels on the engine's command line)."""
 
+MAX_LORAS = 32
+"""The most LoRA adapters one workload serves (each takes GPU memory on every replica)."""
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+LORA_NAME_RULE = (
+    "1-64 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
+)
+LORA_SOURCE_PATTERN = r"^[A-Za-z0-9._/~:@+-]{1,512}$"
+LORA_SOURCE_RULE = (
+    "a Hugging Face repo id (owner/name) or a path on the replica's machine: 1-512 "
+    "characters of letters, digits and . _ / ~ : @ + -"
+)
+LORA_FLAGS = (
+    "--enable-lora",
+    "--lora-modules",
+    "--max-loras",
+    "--lora-paths",
+    "--max-loras-per-batch",
+)
+"""The engines' adapter flags, which ``llm_loras`` sets (vLLM, SGLang)."""
+LORA_BACKENDS = ("vllm", "sglang")
+
+
+class LoraAdapter(StrictModel):
+    """A LoRA adapter the engine loads beside the base model at start, served under
+    ``name``: a request with ``"model": name`` is answered by the base model with it."""
+
+    name: Annotated[str, Field(pattern=LORA_NAME_PATTERN)]
+    """What callers put in a request's ``model``."""
+    source: Annotated[str, Field(pattern=LORA_SOURCE_PATTERN)]
+    """A Hugging Face repo id (``owner/name``) or a path on the replica's machine."""
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.match(LORA_NAME_PATTERN, value):
+            raise PydanticCustomError(
+                "lora_name",
+                "adapter name {value} is not allowed; allowed: {rule}",
+                {"value": repr(value), "rule": LORA_NAME_RULE},
+            )
+        return value
+
+    @field_validator("source", mode="before")
+    @classmethod
+    def _source(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.match(LORA_SOURCE_PATTERN, value):
+            raise PydanticCustomError(
+                "lora_source",
+                "adapter source {value} is not allowed; allowed: {rule}",
+                {"value": repr(value), "rule": LORA_SOURCE_RULE},
+            )
+        return value
+
+
+def adapters_in_command(argv: Sequence[str] | None) -> frozenset[str]:
+    """The adapter names an engine command loads (vLLM ``--lora-modules name=source ...``,
+    SGLang ``--lora-paths name=path ...``): what a replica booted with ``argv`` serves."""
+    return frozenset(name for name, _ in command_adapters(argv))
+
 
 class WorkloadSpec(StrictModel):
     """A declared serving workload. ``slug`` identifies it in its project."""
@@ -625,6 +684,12 @@ class WorkloadSpec(StrictModel):
         | None
     ) = None
     """A Jinja chat template the engine uses instead of the model's (``--chat-template``)."""
+    llm_loras: Annotated[list[LoraAdapter], Field(max_length=MAX_LORAS)] = Field(
+        default_factory=list
+    )
+    """LoRA adapters every replica loads at start (vLLM ``--enable-lora --lora-modules``,
+    SGLang ``--enable-lora --lora-paths``); the gateway sends ``"model": <name>`` to the
+    replicas booted with it, and lists them in ``/v1/models``."""
     execution_policy: ExecutionPolicy = ExecutionPolicy.FIXED
     execution_policy_config: PolicyConfig = Field(
         default_factory=FixedPolicy, validate_default=True
@@ -800,16 +865,67 @@ class WorkloadSpec(StrictModel):
             raise ValueError(f"the command's {said[0]} sets it too: give it once")
         return value
 
+    @field_validator("llm_loras")
+    @classmethod
+    def _llm_loras(cls, value: list[LoraAdapter], info: ValidationInfo) -> list[LoraAdapter]:
+        """Adapters need an engine that serves them, distinct names that are not the base
+        model's, and a command that does not set the adapter flags itself."""
+        if not value:
+            return value
+        backend = info.data.get("backend")
+        if isinstance(backend, Backend) and backend.value not in LORA_BACKENDS:
+            why = (
+                "ollama takes an adapter only inside a model built from a Modelfile "
+                "(ADAPTER); serve that model instead"
+                if backend is Backend.OLLAMA
+                else "vllm-omni serves its models without adapters"
+            )
+            raise ValueError(
+                f"llm_loras needs backend {' or '.join(map(repr, LORA_BACKENDS))}, not "
+                f"{backend.value!r}: {why}"
+            )
+        seen: set[str] = set()
+        for i, adapter in enumerate(value):
+            if adapter.name in seen:
+                raise ValueError(
+                    f"llm_loras[{i}].name {adapter.name!r} is given twice; allowed: a name "
+                    "used once per workload"
+                )
+            seen.add(adapter.name)
+            if adapter.name == info.data.get("model"):
+                raise ValueError(
+                    f"llm_loras[{i}].name {adapter.name!r} is the base model's name; "
+                    "allowed: a name other than the model's"
+                )
+        try:
+            tokens = shlex.split(info.data.get("command") or "")
+        except ValueError:
+            return value  # admission reports the command itself
+        said = [t.split("=", 1)[0] for t in tokens if t.split("=", 1)[0] in LORA_FLAGS]
+        if said:
+            raise ValueError(
+                f"the command's {said[0]} sets adapters too: give them once, in llm_loras"
+            )
+        return value
+
     @property
     def engine_command(self) -> str | None:
-        """``command`` with ``max_model_len`` and ``custom_chat_template`` as the backend's
-        flags: what the engine is started with, sizing reads and admission checks."""
+        """``command`` with ``max_model_len``, ``custom_chat_template`` and ``llm_loras``
+        as the backend's flags: what the engine is started with, sizing reads and
+        admission checks."""
         extra: list[str] = []
+        sglang = self.backend is Backend.SGLANG
         if self.max_model_len is not None:
-            flag = "--context-length" if self.backend is Backend.SGLANG else "--max-model-len"
+            flag = "--context-length" if sglang else "--max-model-len"
             extra += [flag, str(self.max_model_len)]
         if self.custom_chat_template is not None:
             extra += ["--chat-template", self.custom_chat_template]
+        if self.llm_loras:
+            count = str(len(self.llm_loras))
+            extra += ["--enable-lora"]
+            extra += ["--max-loras-per-batch", count] if sglang else ["--max-loras", count]
+            extra += ["--lora-paths" if sglang else "--lora-modules"]
+            extra += [f"{a.name}={a.source}" for a in self.llm_loras]
         if not extra:
             return self.command
         return " ".join(part for part in (self.command, shlex.join(extra)) if part)
@@ -830,7 +946,7 @@ class WorkloadSpec(StrictModel):
         timeouts, ceilings, schedules), so an edit between them keeps every replica.
 
         The model, command, backend, version pin, task type, memory hint, context length,
-        chat template, the pinned worker and the pool (source, GPU names, CUDA pins,
+        chat template, adapters, the pinned worker and the pool (source, GPU names, CUDA pins,
         private workers, regions, the spot market) are the identity; the pool's ceilings
         are not.
         """
@@ -858,6 +974,7 @@ class WorkloadSpec(StrictModel):
                     "model_memory_gib",
                     "max_model_len",
                     "custom_chat_template",
+                    "llm_loras",
                     "worker_id",
                 },
             ),

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import re
 import shlex
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -21,6 +22,8 @@ DEFAULT_CONTEXT_TOKENS = 8192
 CONTEXT_FLAGS = ("--max-model-len", "--context-length", "--max-seq-len")
 """The engines' context-length flags (vLLM, SGLang, older vLLM), in the order they are read."""
 UNKNOWN_MODEL_GIB = 16.0
+ADAPTER_LIST_FLAGS = ("--lora-modules", "--lora-paths")
+"""The engines' flags that list LoRA adapters as ``name=source`` words (vLLM, SGLang)."""
 
 
 class Confidence(StrEnum):
@@ -171,6 +174,29 @@ def _flags(command: str | None) -> dict[str, str]:
             value = words[index + 1]
         flags[key.replace("_", "-")] = value
     return flags
+
+
+def command_adapters(argv: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
+    """The LoRA adapters an engine's argv loads, as ``(name, source)`` pairs in order:
+    the ``name=source`` words after vLLM's ``--lora-modules`` or SGLang's
+    ``--lora-paths`` (up to the next flag)."""
+    found: list[tuple[str, str]] = []
+    taking = False
+    for arg in argv or ():
+        if arg.startswith("--"):
+            flag, eq, inline = arg.partition("=")
+            taking = flag in ADAPTER_LIST_FLAGS
+            if taking and eq:
+                found.append(_adapter_word(inline))
+            continue
+        if taking:
+            found.append(_adapter_word(arg))
+    return tuple(found)
+
+
+def _adapter_word(word: str) -> tuple[str, str]:
+    name, eq, source = word.partition("=")
+    return name, source if eq else name
 
 
 def _lookup(name: str) -> _Known | None:

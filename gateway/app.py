@@ -543,11 +543,26 @@ class Gateway:
 
 
 def _models(route: WorkloadRoute, tail: str) -> web.Response:
-    model = {"id": route.model, "object": "model", "created": 0, "owned_by": route.ref[0]}
+    """The base model and its LoRA adapters, in OpenAI's list shape; an adapter's card
+    names the base model as ``parent`` and its source as ``root``, as vLLM's does."""
+
+    def card(name: str, *, root: str, parent: str | None) -> dict[str, object]:
+        return {
+            "id": name,
+            "object": "model",
+            "created": 0,
+            "owned_by": route.ref[0],
+            "root": root,
+            "parent": parent,
+        }
+
+    cards = [card(route.model, root=route.model, parent=None)]
+    cards += [card(a.name, root=a.source, parent=route.model) for a in route.adapters]
     if tail == "models":
-        return web.json_response({"object": "list", "data": [model]})
-    if tail.removeprefix("models/") == route.model:
-        return web.json_response(model)
+        return web.json_response({"object": "list", "data": cards})
+    named = [c for c in cards if c["id"] == tail.removeprefix("models/")]
+    if named:
+        return web.json_response(named[0])
     raise GatewayError(
         404, f"no model {tail.removeprefix('models/')!r} here", code="model_not_found"
     )

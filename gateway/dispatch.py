@@ -18,6 +18,10 @@ completions bodies) is routed by ``gateway.balancing.choose_by_prefix`` over the
 workload's :class:`~gateway.prefix.PrefixIndex` of the blocks sent to each replica, and
 weighs on its replica as its prompt less the tokens expected cached there; the others by
 least work.
+
+A request for a LoRA adapter (``Prompt.adapter``) is leased only a replica whose engine
+was started with it; while none that is ready has it (a rollout that adds the adapter,
+before its first new replica is ready), it waits as for a cold start.
 """
 
 from __future__ import annotations
@@ -69,6 +73,8 @@ class Prompt:
 
     tokens: int = 0
     blocks: tuple[int, ...] = ()
+    adapter: str | None = None
+    """The LoRA adapter the request names: only replicas started with it may take it."""
 
 
 @dataclass(slots=True)
@@ -147,15 +153,17 @@ class Dispatcher:
         excluded: Collection[str] = (),
         prompt_tokens: int = 0,
         blocks: tuple[int, ...] = (),
+        adapter: str | None = None,
     ) -> Lease:
         """A lease on a replica of ``ref``, waiting in line if none has room.
 
         ``excluded`` are replicas this request already tried; a retry never waits.
         ``prompt_tokens`` is the request's estimated prompt (0 when unknown), ``blocks``
-        its prefix blocks (``catalog.prefix.text_blocks``; empty when not hashed).
+        its prefix blocks (``catalog.prefix.text_blocks``; empty when not hashed),
+        ``adapter`` the LoRA adapter it names (only replicas started with it may take it).
         """
         state = self._state(ref)
-        prompt = Prompt(prompt_tokens, blocks)
+        prompt = Prompt(prompt_tokens, blocks, adapter)
         if not state.waiters:
             lease = self._try_lease(ref, state, prompt=prompt, excluded=excluded)
             if lease is not None:
@@ -224,6 +232,7 @@ class Dispatcher:
         route = self._routes.get(ref)
         if route is None or not route.replicas:
             return None
+        replicas = _serving(route, prompt.adapter)
         skip = set(excluded)
         if state.cooling_until:
             now = time.monotonic()
@@ -241,11 +250,11 @@ class Dispatcher:
                 draining=r.draining,
                 work=state.work.get(r.key, 0),
             )
-            for r in route.replicas
+            for r in replicas
         ]
         if prompt.blocks:
             cached = state.prefixes.cached_tokens(
-                [r.key for r in route.replicas], prompt.blocks, prompt.tokens
+                [r.key for r in replicas], prompt.blocks, prompt.tokens
             )
             chosen = choose_by_prefix(
                 loads,
@@ -265,19 +274,19 @@ class Dispatcher:
             self._signals.window(ref).replica_cache_blocks[chosen.key] = state.prefixes.blocks_held(
                 chosen.key
             )
-        replica = next(r for r in route.replicas if r.key == chosen.key)
+        replica = next(r for r in replicas if r.key == chosen.key)
         state.outstanding[replica.key] = chosen.outstanding + 1
         state.work[replica.key] = chosen.work + work
         self._signals.window(ref).enter(replica.key)
         self._signals.metrics_of(ref).in_flight.inc()
         return Lease(ref=ref, replica=replica, work=work)
 
-    def _is_cold(self, ref: WorkloadRef) -> bool:
+    def _is_cold(self, ref: WorkloadRef, adapter: str | None = None) -> bool:
         route = self._routes.get(ref)
-        return route is None or not route.ready
+        return route is None or not any(not r.draining for r in _serving(route, adapter))
 
     async def _wait(self, ref: WorkloadRef, state: _WorkloadState, *, prompt: Prompt) -> Lease:
-        cold = self._is_cold(ref)
+        cold = self._is_cold(ref, prompt.adapter)
         limits = self._limits
         if not admit_to_queue(queued=len(state.waiters), limit=limits.max_queued_per_workload):
             if cold:
@@ -374,6 +383,13 @@ class Dispatcher:
     def queued(self, ref: WorkloadRef) -> int:
         state = self._states.get(ref)
         return 0 if state is None else len(state.waiters)
+
+
+def _serving(route: WorkloadRoute, adapter: str | None) -> tuple[Replica, ...]:
+    """The replicas of ``route`` that may serve a request for ``adapter`` (all for none)."""
+    if adapter is None:
+        return route.replicas
+    return tuple(r for r in route.replicas if adapter in r.adapters)
 
 
 def _holds_lease(waiter: _Waiter) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "server", "date"}
 
 #: Bodies up to this size are read whole: cheaper than streaming and safe to retry.
 _SMALL_BODY = 256 * 1024
+_JSON = "application/json"
 _CHUNK = 64 * 1024
 
 
@@ -129,18 +131,27 @@ class Forwarder:
         if length is not None and length > self._limits.max_body_bytes:
             raise _too_large(self._limits.max_body_bytes)
         body: bytes | AsyncIterator[bytes] | None
-        if length is not None and length <= _SMALL_BODY:
+        # A workload with adapters routes on the body's ``model``: its JSON is read whole.
+        whole = length is not None and (
+            length <= _SMALL_BODY or (bool(route.adapters) and request.content_type == _JSON)
+        )
+        if whole:
             body = await request.read() if length else None
         elif request.body_exists:
             body = self._stream_body(request)
         else:
             body = None
+        adapter = route.adapter(requested_model(body)) if route.adapters else None
         tried: list[str] = []
         prompt_tokens = tokens.routing_estimate(length)
         blocks = request_blocks(path, body) if isinstance(body, bytes) else ()
         while True:
             lease = await self._dispatcher.acquire(
-                route.ref, excluded=tried, prompt_tokens=prompt_tokens, blocks=blocks
+                route.ref,
+                excluded=tried,
+                prompt_tokens=prompt_tokens,
+                blocks=blocks,
+                adapter=None if adapter is None else adapter.name,
             )
             try:
                 upstream = await self._open(
@@ -318,6 +329,18 @@ class Forwarder:
         # Closing without the final chunk tells every HTTP client the body is incomplete.
         if request.transport is not None:
             request.transport.close()
+
+
+def requested_model(body: bytes | AsyncIterator[bytes] | None) -> str | None:
+    """The ``model`` a JSON request body names, or ``None`` (no body, not JSON, none)."""
+    if not isinstance(body, bytes) or b'"model"' not in body:
+        return None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    model = parsed.get("model") if isinstance(parsed, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def _too_large(limit: int) -> GatewayError:

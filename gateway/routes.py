@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from autoscaler.spec import JOB_ONLY_TASK_TYPES, EndpointType, TaskType
+from autoscaler.spec import JOB_ONLY_TASK_TYPES, EndpointType, TaskType, adapters_in_command
 from autoscaler.store.models import Instance, Token, Workload
 from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.records import placement_blocks
@@ -31,6 +31,16 @@ class Replica:
     url: str
     engine_key: str | None
     draining: bool
+    adapters: frozenset[str] = frozenset()
+    """The LoRA adapters its engine was started with (its launch's command)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Adapter:
+    """A LoRA adapter of a workload's spec: its name and where it is loaded from."""
+
+    name: str
+    source: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +58,14 @@ class WorkloadRoute:
     per_worker: int | None = None
     """The spec's ``per_worker``: the most requests one replica is sent at once
     (``None``: the gateway's cap; ``gateway.window.replica_cap``)."""
+    adapters: tuple[Adapter, ...] = ()
+    """The spec's ``llm_loras``: served to requests whose ``model`` names one, by the
+    replicas booted with it."""
+
+    def adapter(self, model: str | None) -> Adapter | None:
+        """The adapter a request's ``model`` names, or ``None`` (the base model, or a
+        name the engine answers itself)."""
+        return next((a for a in self.adapters if a.name == model), None)
 
     @property
     def job_only(self) -> bool:
@@ -113,6 +131,7 @@ async def load_routes(
                 url=row.url.rstrip("/"),
                 engine_key=row.engine_key,
                 draining=phase is Phase.DRAINING,
+                adapters=adapters_in_command(row.engine_command),
             )
         )
     return {
@@ -126,6 +145,7 @@ async def load_routes(
             blocked=blocks.get(w.id),
             endpoint_type=_endpoint_type(w.spec.get("endpoint_type")),
             per_worker=_per_worker(w.spec.get("per_worker")),
+            adapters=_adapters(w.spec.get("llm_loras")),
         )
         for w in workload_rows
     }
@@ -178,3 +198,13 @@ def _endpoint_type(value: object) -> EndpointType | None:
 
 def _per_worker(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _adapters(value: object) -> tuple[Adapter, ...]:
+    if not isinstance(value, list):
+        return ()
+    return tuple(
+        Adapter(name=str(item["name"]), source=str(item.get("source", "")))
+        for item in value
+        if isinstance(item, dict) and isinstance(item.get("name"), str)
+    )

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 from catalog.model import Offer, ProviderName
+from catalog.sizing import command_adapters
 from providers.base import (
     CLUSTER_TAG,
     BootSpec,
@@ -121,6 +122,10 @@ class EngineSimLauncher:
             "--startup-delay",
             str(self.startup_delay),
         ]
+        adapters = command_adapters(boot.command)
+        if adapters:  # engine-sim takes vLLM's adapter flags, whichever engine was asked
+            argv += ["--enable-lora", "--lora-modules"]
+            argv += [f"{name}={source}" for name, source in adapters]
         # engine-sim reads its key from the environment, which keeps it out of `ps`.
         env = (
             {"ENGINE_SIM_API_KEY": secrets[ENGINE_KEY_SECRET]}

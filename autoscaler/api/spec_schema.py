@@ -30,9 +30,12 @@ What JSON Schema cannot express is said in the descriptions, and the API answers
 naming the field: ``max_workers`` at least ``min_workers`` and the lower latency bound
 below the upper (comparisons between two fields), CUDA pins that some GPU of the pool
 runs (the catalog's driver tables), an engine ``command`` that parses and fits the
-backend and model (and sets no flag that ``max_model_len`` or ``custom_chat_template``
-sets), a worker registered in the project (the store), and the syntax of
-``cron`` and ``window`` (published as the formats ``cron`` and ``schedule-window``).
+backend and model (and sets no flag that ``max_model_len``, ``custom_chat_template`` or
+``llm_loras`` sets), adapters only with backend ``vllm`` or ``sglang`` (expressible, but
+schemathesis's generator gives up on the whole body when a condition ties ``backend`` to
+the ``llm_loras`` array), adapter names used once and not the model's, a worker registered in
+the project (the store), and the syntax of ``cron`` and ``window`` (published as the
+formats ``cron`` and ``schedule-window``).
 """
 
 from __future__ import annotations
@@ -242,6 +245,10 @@ def _workload(spec: dict[str, Any]) -> None:
             "shell command line, name no other model than `model`, and give parallel sizes "
             "as whole numbers of at least 1 that a machine of the pool can hold (else 422).",
         }
+    )
+    props["llm_loras"]["description"] = (
+        "LoRA adapters every replica loads at start; backend vllm or sglang only, each "
+        "name used once and not the model's, and no adapter flag in `command` (else 422)."
     )
     props["worker_id"] = _nullable(
         {

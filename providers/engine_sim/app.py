@@ -107,12 +107,21 @@ async def _metrics(request: web.Request) -> web.Response:
 async def _models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     state.require_ready()
-    model = {
-        "id": state.config.model,
-        "object": "model",
-        "created": int(time.time()),
-        "owned_by": "engine-sim",
-        "root": state.config.model,
-        "parent": None,
-    }
-    return web.json_response({"object": "list", "data": [model]})
+    created = int(time.time())
+    config = state.config
+    # vLLM's cards: the model is its own root; an adapter's root is its source and its
+    # parent the model.
+    cards: list[tuple[str, str, str | None]] = [(config.model, config.model, None)]
+    cards += [(name, source, config.model) for name, source in config.lora_modules]
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "engine-sim",
+            "root": root,
+            "parent": parent,
+        }
+        for name, root, parent in cards
+    ]
+    return web.json_response({"object": "list", "data": data})

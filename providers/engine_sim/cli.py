@@ -42,6 +42,19 @@ from providers.engine_sim.config import DEFAULT_GPU, DEFAULT_MODEL, EngineSimCon
     "--fail-after", type=click.IntRange(min=1), default=None,
     help="Exit abruptly after serving this many inference requests.",
 )  # fmt: skip
+@click.option(
+    "--enable-lora", is_flag=True, default=False,
+    help="Serve LoRA adapters (vLLM's flag); --lora-modules names them.",
+)  # fmt: skip
+@click.option(
+    "--lora-modules", "lora_modules", multiple=True, metavar="NAME=SOURCE ...",
+    help="LoRA adapters as vLLM takes them: --lora-modules a=org/a b=/path/b.",
+)  # fmt: skip
+@click.option(
+    "--max-loras", type=click.IntRange(min=1), default=None,
+    help="Accepted as vLLM takes it (adapters in one batch); it changes no latency here.",
+)  # fmt: skip
+@click.argument("more_lora_modules", nargs=-1, metavar="")
 def command(
     *,
     host: str,
@@ -56,8 +69,18 @@ def command(
     time_scale: float,
     startup_delay: float,
     fail_after: int | None,
+    enable_lora: bool,
+    lora_modules: tuple[str, ...],
+    max_loras: int | None,
+    more_lora_modules: tuple[str, ...],
 ) -> None:
     """Serve a simulated OpenAI-compatible engine whose latency follows the GPU's performance."""
+    del max_loras  # taken for vLLM's command line; a batch's adapters cost nothing here
+    if more_lora_modules and not lora_modules:
+        raise click.UsageError(f"unexpected argument {more_lora_modules[0]!r}")
+    # vLLM's --lora-modules takes every word up to the next flag: click hands the words
+    # after the first one over as arguments.
+    modules = tuple(_module(word) for word in (*lora_modules, *more_lora_modules))
     try:
         config = EngineSimConfig(
             host=host,
@@ -72,6 +95,8 @@ def command(
             time_scale=time_scale,
             startup_delay_s=startup_delay,
             fail_after=fail_after,
+            enable_lora=enable_lora,
+            lora_modules=modules,
         )
         config.profile()
     except ModelDoesNotFit as exc:
@@ -82,3 +107,10 @@ def command(
     from providers.engine_sim.server import run
 
     run(config)
+
+
+def _module(word: str) -> tuple[str, str]:
+    name, eq, source = word.partition("=")
+    if not eq or not name or not source:
+        raise click.BadParameter(f"{word!r} is not NAME=SOURCE", param_hint="'--lora-modules'")
+    return name, source

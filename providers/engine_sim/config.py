@@ -34,6 +34,11 @@ class EngineSimConfig:
     time_scale: float = 1.0
     startup_delay_s: float = 0.0
     fail_after: int | None = None
+    enable_lora: bool = False
+    lora_modules: tuple[tuple[str, str], ...] = ()
+    """LoRA adapters served beside the model, as ``(name, source)`` (vLLM's
+    ``--lora-modules name=source``; needs ``enable_lora``). A request naming one is
+    answered as the base model would be, under the adapter's name."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -48,6 +53,21 @@ class EngineSimConfig:
             raise ValueError(f"fail_after must be >= 1, got {self.fail_after}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty when given")
+        if self.lora_modules and not self.enable_lora:
+            raise ValueError("lora_modules needs enable_lora (vLLM: --enable-lora)")
+        names = [name for name, _ in self.lora_modules]
+        for name, source in self.lora_modules:
+            if not name or not source:
+                raise ValueError(f"lora module {name}={source} must be name=source")
+            if name == self.model or names.count(name) > 1:
+                raise ValueError(
+                    f"lora module name {name!r} is the model's or given twice; each adapter "
+                    "needs a name of its own"
+                )
+
+    def served(self, model: str) -> bool:
+        """Whether a request's ``model`` is served here: the model or an adapter."""
+        return model == self.model or any(name == model for name, _ in self.lora_modules)
 
     def profile(self) -> ServingProfile:
         """The serving profile the latencies follow (raises ``ValueError`` if it cannot serve)."""

@@ -24,7 +24,7 @@ class ApiError(Exception):
         *,
         kind: str = "invalid_request_error",
         param: str | None = None,
-        code: str | None = None,
+        code: str | int | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
@@ -53,7 +53,7 @@ def error_response(
     *,
     kind: str = "invalid_request_error",
     param: str | None = None,
-    code: str | None = None,
+    code: str | int | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     """An OpenAI-shaped error body with ``status``."""

@@ -62,17 +62,18 @@ class _Generation:
 
 
 def check_model(state: EngineState, body: JsonObject) -> str:
-    """The model the request names, which must be the one served (vLLM answers 404 too)."""
-    model = body.get("model", state.config.model)
-    if model != state.config.model:
+    """The model the request names (the served one when it names none), which must be
+    the served model or one of its LoRA adapters; else vLLM's own 404, body and all."""
+    model = body.get("model") or state.config.model
+    if not isinstance(model, str) or not state.config.served(model):
         raise ApiError(
             404,
             f"The model `{model}` does not exist.",
             kind="NotFoundError",
             param="model",
-            code="model_not_found",
+            code=404,
         )
-    return state.config.model
+    return model
 
 
 def _content_text(content: Any, where: str) -> tuple[str, int]:

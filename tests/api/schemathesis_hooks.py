@@ -15,7 +15,10 @@ cannot, and nothing else:
 * a worker registered in the project (the store; the fuzzed projects have none): a
   ``worker_id`` is dropped, private workers become cloud workers with a $/h ceiling;
 * ``max_model_len`` and ``custom_chat_template`` beside the backend and the command
-  (Ollama takes neither; the command must not set the same flag): the field is dropped.
+  (Ollama takes neither; the command must not set the same flag): the field is dropped;
+* ``llm_loras`` only with backend ``vllm`` or ``sglang`` (dropped otherwise: a schema
+  condition tying ``backend`` to the array makes the generator give up on the body), names
+  used once and not the model's (a repeated name is dropped).
 
 Negative cases, and every other operation, are left as generated.
 """
@@ -29,7 +32,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from autoscaler.admission import runnable_problems
-from autoscaler.spec import CloudPool, Window, WorkloadSpec, validate_cron
+from autoscaler.spec import LORA_BACKENDS, CloudPool, Window, WorkloadSpec, validate_cron
 from catalog.sizing import CONTEXT_FLAGS
 
 WORKLOAD = "/v1/projects/{project}/workloads/{slug}"
@@ -92,6 +95,18 @@ def _engine_options(body: dict[str, Any]) -> None:
             continue
         if body.get("backend") == "ollama" or any(flag in str(command) for flag in flags):
             body.pop(field)
+    loras = body.get("llm_loras")
+    if loras and body.get("backend", "vllm") not in LORA_BACKENDS:
+        body.pop("llm_loras")
+    elif isinstance(loras, list):
+        seen = {body.get("model")}
+        kept = []
+        for adapter in loras:
+            name = adapter.get("name") if isinstance(adapter, dict) else None
+            if name not in seen:
+                kept.append(adapter)
+                seen.add(name)
+        body["llm_loras"] = kept
 
 
 def _policy(config: dict[str, Any]) -> None:

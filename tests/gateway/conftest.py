@@ -73,9 +73,16 @@ class Seed:
         return issued.secret
 
     async def replica(
-        self, slug: str, url: str, *, ready: bool = True, engine_key: str | None = ENGINE_KEY
+        self,
+        slug: str,
+        url: str,
+        *,
+        ready: bool = True,
+        engine_key: str | None = ENGINE_KEY,
+        engine_command: list[str] | None = None,
     ) -> str:
-        """An instance row of ``slug`` at ``url``; returns its launch id."""
+        """An instance row of ``slug`` at ``url`` (booted with ``engine_command``);
+        returns its launch id."""
         launch_id = "lch_" + secrets.token_hex(6)
         async with self.sessions() as s, s.begin():
             workload = await get_workload(s, project=PROJECT, slug=slug)
@@ -100,6 +107,7 @@ class Seed:
                     intent_at=now(),
                     launched_at=now(),
                     ready_at=now() if ready else None,
+                    engine_command=engine_command,
                 )
             )
         return launch_id
