@@ -151,3 +151,18 @@ def worker_problems(spec: WorkloadSpec, *, registered: Collection[str]) -> list[
             )
         )
     return problems
+
+
+def secret_problems(spec: WorkloadSpec, *, stored: Collection[str]) -> list[Problem]:
+    """The secret ``spec`` refers to, when it is not stored in its project."""
+    name = spec.hf_token_secret
+    if name is None or name in stored:
+        return []
+    known = ", ".join(sorted(stored)) or "none yet (autoscaler secrets create NAME --from-file F)"
+    return [
+        Problem(
+            "hf_token_secret",
+            f"secret {name!r} is not stored in this project; stored: {known}",
+            name,
+        )
+    ]

@@ -274,6 +274,28 @@ class ManagementClient:
             self._call("POST", f"/v1/projects/{self.project}/tokens", json={"name": name})
         )
 
+    def create_secret(self, name: str, value: str) -> dict[str, Any]:
+        """Store ``value`` as the project's secret ``name`` (a workload refers to it as
+        ``hf_token_secret``); the answer names it and never holds the value."""
+        created: dict[str, Any] = self._call(
+            "POST", f"/v1/projects/{self.project}/secrets", json={"name": name, "value": value}
+        )
+        return created
+
+    def list_secrets(self) -> builtins.list[dict[str, Any]]:
+        """The project's secrets: ``name`` and ``created_at`` each, never values."""
+        items: builtins.list[dict[str, Any]] = self._call(
+            "GET", f"/v1/projects/{self.project}/secrets"
+        )["items"]
+        return items
+
+    def delete_secret(self, name: str) -> dict[str, Any]:
+        """Delete a secret; refused (``secret_in_use``) while a workload refers to it."""
+        deleted: dict[str, Any] = self._call(
+            "DELETE", f"/v1/projects/{self.project}/secrets/{name}"
+        )
+        return deleted
+
     # -- plumbing -----------------------------------------------------------------------
 
     def _workload_path(self, slug: str) -> str:

@@ -620,6 +620,10 @@ LORA_FLAGS = (
 )
 """The engines' adapter flags, which ``llm_loras`` sets (vLLM, SGLang)."""
 LORA_BACKENDS = ("vllm", "sglang")
+SECRET_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+SECRET_NAME_RULE = (
+    "1-63 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"
+)
 
 
 class LoraAdapter(StrictModel):
@@ -690,6 +694,11 @@ class WorkloadSpec(StrictModel):
     """LoRA adapters every replica loads at start (vLLM ``--enable-lora --lora-modules``,
     SGLang ``--enable-lora --lora-paths``); the gateway sends ``"model": <name>`` to the
     replicas booted with it, and lists them in ``/v1/models``."""
+    hf_token_secret: Annotated[str, Field(pattern=SECRET_NAME_PATTERN)] | None = None
+    """The name of a stored secret (``autoscaler secrets create``) holding the Hugging
+    Face token this workload's replicas download the model with (``HF_TOKEN``); unset:
+    the controller's own (``hf_token_file``, else ``$HF_TOKEN``). Only the name is ever
+    shown; the value reaches replicas through the boot callback and their environment."""
     execution_policy: ExecutionPolicy = ExecutionPolicy.FIXED
     execution_policy_config: PolicyConfig = Field(
         default_factory=FixedPolicy, validate_default=True
@@ -863,6 +872,17 @@ class WorkloadSpec(StrictModel):
         said = [t.split("=", 1)[0] for t in tokens if t.split("=", 1)[0] in flags]
         if said:
             raise ValueError(f"the command's {said[0]} sets it too: give it once")
+        return value
+
+    @field_validator("hf_token_secret", mode="before")
+    @classmethod
+    def _secret_name(cls, value: Any) -> Any:
+        if isinstance(value, str) and not re.match(SECRET_NAME_PATTERN, value):
+            raise PydanticCustomError(
+                "secret_name",
+                "secret name {value} is not allowed; allowed: {rule}",
+                {"value": repr(value), "rule": SECRET_NAME_RULE},
+            )
         return value
 
     @field_validator("llm_loras")

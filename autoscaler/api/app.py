@@ -16,11 +16,12 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 import autoscaler
-from autoscaler.admission import runnable_problems, worker_problems
+from autoscaler.admission import runnable_problems, secret_problems, worker_problems
 from autoscaler.api import contract
 from autoscaler.api.boot import router as boot_router
 from autoscaler.api.deps import ApiState, Caller, Project, Session, Slug, State
 from autoscaler.api.errors import ApiError, handle_api_error
+from autoscaler.api.secrets import router as secrets_router
 from autoscaler.api.views import (
     FAILURE_KINDS,
     DataKeyCreate,
@@ -43,6 +44,7 @@ from autoscaler.spec import (
     merge_patch,
 )
 from autoscaler.store import records, tokens, workloads
+from autoscaler.store import secrets as secrets_store
 from autoscaler.store import workers as workers_store
 from autoscaler.store.models import Workload, WorkloadSignals
 from autoscaler.store.tokens import TokenKind
@@ -61,6 +63,7 @@ def create_app(state: ApiState) -> FastAPI:
     app.add_exception_handler(RequestValidationError, _request_validation_error)
     app.include_router(router)
     app.include_router(workers_router)
+    app.include_router(secrets_router)
     app.include_router(boot_router)
     contract.install(app)
     return app
@@ -332,6 +335,7 @@ async def _admit(s: AsyncSession, *, project: str, spec: WorkloadSpec) -> None:
     """Refuse a spec the controller could not run (422, nothing stored)."""
     registered = await workers_store.registered_ids(s, project=project)
     problems = runnable_problems(spec) + worker_problems(spec, registered=registered)
+    problems += secret_problems(spec, stored=await secrets_store.secret_names(s, project=project))
     if problems:
         details = [p.as_detail() for p in problems]
         raise ApiError(

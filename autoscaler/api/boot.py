@@ -1,9 +1,10 @@
 """The boot callback: what a cloud instance's startup script calls (``providers.bootstrap``).
 
 * ``GET /v1/boot/{launch_id}/secrets`` answers ``NAME=VALUE`` lines (Docker env-file
-  format): the replica's engine key when its engine takes one, and the Hugging Face token
-  when the controller has one (the file ``hf_token_file`` of the configuration, else
-  ``$HF_TOKEN``; never the workload spec).
+  format): the replica's engine key when its engine takes one, and the Hugging Face token:
+  the stored secret the workload's ``hf_token_secret`` names, else the controller's when
+  it has one (the file ``hf_token_file`` of the configuration, else ``$HF_TOKEN``); never
+  a value from the workload spec itself.
 * ``GET /v1/boot/{launch_id}/group`` answers a replica group member's part:
   ``{"role": "leader" | "worker", "size": N, "leader_address": "10.0.0.5" | null}``, the
   leader's address once its machine is launched: its private address as the provider
@@ -50,6 +51,7 @@ from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE
 from autoscaler.reconcile.provisioner import boot_token
 from autoscaler.store.models import Instance, Workload
 from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.secrets import hf_token_of
 from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET, engine_for
 
 log = logging.getLogger("autoscaler.api.boot")
@@ -131,7 +133,7 @@ async def secrets(
     backend = str((workload.spec if workload else {}).get("backend", "vllm"))
     values = {
         ENGINE_KEY_SECRET: row.engine_key if _takes_key(backend) else None,
-        HF_TOKEN_SECRET: source.hf_token(),
+        HF_TOKEN_SECRET: await hf_token_of(s, workload) or source.hf_token(),
     }
     lines = [f"{name}={value}" for name, value in values.items() if _env_safe(name, value)]
     log.info("boot %s: secrets fetched (%s)", row.launch_id, ", ".join(sorted(values)))

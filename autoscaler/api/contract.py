@@ -7,7 +7,8 @@ answers too, not only the successes FastAPI derives from the handlers:
   can answer: 400 (a body that is not JSON, or not the JSON the operation takes), 401
   (no or a wrong token), 403 (a token of another project, or not an admin's), 404 (no
   such project resource), 409 (a workload ``PUT`` or ``PATCH`` whose body names another
-  slug than its path, or whose drift ``on_drift=fail`` refuses), 410 (a
+  slug than its path, or whose drift ``on_drift=fail`` refuses; a secret ``POST`` of a
+  name already stored, a secret ``DELETE`` of one in use), 410 (a
   boot callback for a launch already terminating), 415 (a workload ``PATCH`` that is not
   a JSON merge patch), 422 (a request that parses but is not valid); the rules are
   :data:`ERRORS` below, by path;
@@ -47,8 +48,15 @@ _REASONS = {
     422: "The request parses but is not valid: `details` lists every problem.",
 }
 
+_SECRETS = "/v1/projects/{project}/secrets"
+_SECRET_CONFLICT = (
+    "A `POST` names a secret already stored (`secret_exists`), or a `DELETE` one that "
+    "workloads still refer to (`secret_in_use`, naming them): nothing changed."
+)
+
 ERRORS: tuple[tuple[str, frozenset[int]], ...] = (
     ("/v1/projects/{project}/workloads/{slug}", frozenset({400, 401, 403, 404, 409, 422})),
+    (_SECRETS, frozenset({400, 401, 403, 404, 409, 422})),
     ("/v1/boot/", frozenset({400, 401, 404, 410, 422})),
     ("/v1/workers/", frozenset({400, 401, 404, 422})),
     ("/v1/", frozenset({400, 401, 403, 404, 422})),
@@ -92,6 +100,13 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _http_error)
 
 
+def _conflicts(path: str, method: str) -> bool:
+    """Whether an operation can answer 409 (see :data:`_REASONS` and the secrets')."""
+    if path == _WORKLOAD:
+        return method in ("put", "patch")
+    return path.startswith(_SECRETS) and method in ("post", "delete")
+
+
 def complete(schema: dict[str, Any], *, max_replicas: int = DEFAULT_MAX_REPLICAS) -> dict[str, Any]:
     """The generated document with error answers and the workload body added (its rules
     from :mod:`autoscaler.api.spec_schema`, ``max_replicas`` the service's maximum)."""
@@ -103,12 +118,15 @@ def complete(schema: dict[str, Any], *, max_replicas: int = DEFAULT_MAX_REPLICAS
             responses = operation.setdefault("responses", {})
             patching = path == _WORKLOAD and method == "patch"
             for status in sorted(statuses | ({415} if patching else set())):
-                if status == 409 and not (path == _WORKLOAD and method in ("put", "patch")):
+                if status == 409 and not _conflicts(path, method):
                     continue
+                reason = _REASONS[status]
+                if status == 409 and path.startswith(_SECRETS):
+                    reason = _SECRET_CONFLICT
                 responses.setdefault(
                     str(status),
                     {
-                        "description": _REASONS[status],
+                        "description": reason,
                         "content": {
                             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
                         },

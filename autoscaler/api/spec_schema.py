@@ -31,11 +31,12 @@ naming the field: ``max_workers`` at least ``min_workers`` and the lower latency
 below the upper (comparisons between two fields), CUDA pins that some GPU of the pool
 runs (the catalog's driver tables), an engine ``command`` that parses and fits the
 backend and model (and sets no flag that ``max_model_len``, ``custom_chat_template`` or
-``llm_loras`` sets), adapters only with backend ``vllm`` or ``sglang`` (expressible, but
-schemathesis's generator gives up on the whole body when a condition ties ``backend`` to
-the ``llm_loras`` array), adapter names used once and not the model's, a worker registered in
-the project (the store), and the syntax of ``cron`` and ``window`` (published as the
-formats ``cron`` and ``schedule-window``).
+``llm_loras`` sets), a secret stored in the project (the store), adapters only with
+backend ``vllm`` or ``sglang`` (expressible, but schemathesis's generator gives up on
+the whole body when a condition ties ``backend`` to the ``llm_loras`` array), adapter
+names used once and not the model's, a worker registered in the project (the store), and
+the syntax of ``cron`` and ``window`` (published as the formats ``cron`` and
+``schedule-window``).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from autoscaler.spec import (
     JOB_ONLY_TASK_TYPES,
     LIVE_ENDPOINT_TYPES,
     OMNI_TASK_TYPES,
+    SECRET_NAME_PATTERN,
     SLUG_RE,
     Backend,
     ExecutionPolicy,
@@ -249,6 +251,15 @@ def _workload(spec: dict[str, Any]) -> None:
     props["llm_loras"]["description"] = (
         "LoRA adapters every replica loads at start; backend vllm or sglang only, each "
         "name used once and not the model's, and no adapter flag in `command` (else 422)."
+    )
+    props["hf_token_secret"] = _nullable(
+        {
+            "type": "string",
+            "pattern": SECRET_NAME_PATTERN,
+            "description": "The name of a secret stored in the workload's project (`POST "
+            "/v1/projects/{project}/secrets`) holding the Hugging Face token; one not stored "
+            "is refused with 422.",
+        }
     )
     props["worker_id"] = _nullable(
         {

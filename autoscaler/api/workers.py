@@ -26,6 +26,7 @@ from autoscaler.reconcile.liveness import BOOT_FAILED
 from autoscaler.spec import WorkloadSpec
 from autoscaler.store import workloads
 from autoscaler.store.models import Instance, Worker, Workload
+from autoscaler.store.secrets import hf_token_of
 from autoscaler.store.tokens import hash_secret
 from providers.agent import (
     HEARTBEAT_TIMEOUT,
@@ -163,7 +164,8 @@ async def assignments(worker: AuthenticatedWorker, s: Session) -> dict[str, Any]
     items = []
     for row in await _assigned(s, worker.id):
         workload = await s.get(Workload, row.workload_id)
-        items.append(_assignment(row, workload))
+        hf_token = await hf_token_of(s, workload) or os.environ.get(HF_TOKEN_SECRET)
+        items.append(_assignment(row, workload, hf_token=hf_token))
     return {"worker_id": worker.id, "items": items}
 
 
@@ -221,7 +223,11 @@ def _apply(row: Instance, report: ReplicaReport, now: datetime) -> bool:
     return before != (row.launched_at, row.ready_at, row.terminated_confirmed_at, row.url)
 
 
-def _assignment(row: Instance, workload: Workload | None) -> dict[str, Any]:
+def _assignment(
+    row: Instance, workload: Workload | None, *, hf_token: str | None
+) -> dict[str, Any]:
+    """What the agent runs for ``row``; ``hf_token`` is the workload's stored secret
+    (``hf_token_secret``), else the controller's ``$HF_TOKEN``."""
     item: dict[str, Any] = {
         "launch_id": row.launch_id,
         "project": row.project,
@@ -255,7 +261,7 @@ def _assignment(row: Instance, workload: Workload | None) -> dict[str, Any]:
         "env": dict(boot.env),
         "secret_env_names": list(boot.secret_env_names),
     }
-    values = {ENGINE_KEY_SECRET: row.engine_key, HF_TOKEN_SECRET: os.environ.get("HF_TOKEN")}
+    values = {ENGINE_KEY_SECRET: row.engine_key, HF_TOKEN_SECRET: hf_token}
     item["secrets"] = {
         name: value for name, value in values.items() if value and name in boot.secret_env_names
     }

@@ -1,4 +1,4 @@
-"""Client commands, kubectl-style: apply, get, describe, delete, keys, tokens.
+"""Client commands, kubectl-style: apply, get, describe, delete, keys, tokens, secrets.
 
 Exit codes: 0 done; 1 the API refused or could not be reached; 2 bad input (the file or
 the spec), with every message naming the field. A file is validated whole before any of
@@ -41,7 +41,7 @@ output_option = click.option(
 
 
 def register(group: click.Group) -> None:
-    for command in (apply, patch, edit, get, describe, delete, keys, tokens):
+    for command in (apply, patch, edit, get, describe, delete, keys, tokens, secrets):
         group.add_command(command)
 
 
@@ -538,6 +538,66 @@ def tokens_create(name: str, project: str, url: str, output: str) -> None:
     with _client(url, project) as client:
         token = client.create_project_token(name=name)
     _show_secret(token.id, token.secret, output)
+
+
+@click.group()
+def secrets() -> None:
+    """Stored secrets (a Hugging Face token) that workloads name: hf_token_secret."""
+
+
+@secrets.command("create")
+@click.argument("name")
+@click.option(
+    "--from-file",
+    "from_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Read the value from this file (one line; a final newline is dropped).",
+)
+@click.option("--from-stdin", is_flag=True, help="Read the value from standard input.")
+@project_option
+@url_option
+def secrets_create(
+    name: str, from_file: Path | None, from_stdin: bool, project: str, url: str
+) -> None:
+    """Store a secret; its value is never printed, listed or shown again."""
+    if (from_file is None) == (not from_stdin):
+        _fail("give exactly one of --from-file PATH or --from-stdin", code=EXIT_INPUT)
+    text = from_file.read_text() if from_file is not None else sys.stdin.read()
+    value = text.removesuffix("\n").removesuffix("\r")
+    if not value or "\n" in value or "\r" in value:
+        _fail("the secret must be one non-empty line (a Hugging Face token is)", code=EXIT_INPUT)
+    with _client(url, project) as client:
+        client.create_secret(name, value)
+    click.echo(f"secret/{name} created")
+
+
+@secrets.command("list")
+@project_option
+@url_option
+@output_option
+def secrets_list(project: str, url: str, output: str) -> None:
+    """List the project's secrets: names and creation times, never values."""
+    with _client(url, project) as client:
+        items = client.list_secrets()
+    if output != "table":
+        emit(items, output)
+        return
+    print_table(
+        ["NAME", "CREATED"],
+        [[item["name"], item["created_at"][:19]] for item in items],
+        empty="(no secrets)",
+    )
+
+
+@secrets.command("delete")
+@click.argument("name")
+@project_option
+@url_option
+def secrets_delete(name: str, project: str, url: str) -> None:
+    """Delete a secret no workload refers to."""
+    with _client(url, project) as client:
+        client.delete_secret(name)
+    click.echo(f"secret/{name} deleted")
 
 
 def _show_secret(token_id: str, secret: str, output: str) -> None:

@@ -16,7 +16,6 @@ from datetime import datetime
 from typing import Protocol
 
 import httpx
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.decide.inputs import Measured
@@ -31,6 +30,8 @@ from autoscaler.decide.step import (
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.models import Workload
+from autoscaler.store.secrets import hf_token_of
 from catalog.model import Offer
 from providers.base import Clock, Instance, LaunchRequest, Provider
 from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET
@@ -275,19 +276,21 @@ def ledger_secrets(
 ) -> SecretSource:
     """A :data:`providers.local.SecretSource` that reads each replica's engine key from
     its ledger row (so a launch resumed after a restart gets the same key), and the
-    Hugging Face token from the environment."""
+    Hugging Face token from the stored secret its workload's ``hf_token_secret`` names,
+    else from the environment."""
     env = os.environ if environ is None else environ
 
     async def secrets(request: LaunchRequest) -> Mapping[str, str]:
         async with sessions() as s:
-            key = await s.scalar(
-                select(LedgerRow.engine_key).where(LedgerRow.launch_id == request.launch_id)
-            )
+            row = await s.get(LedgerRow, request.launch_id)
+            workload = None if row is None else await s.get(Workload, row.workload_id)
+            hf_token = await hf_token_of(s, workload) or env.get(HF_TOKEN_SECRET)
         found: dict[str, str] = {}
+        key = None if row is None else row.engine_key
         if key and ENGINE_KEY_SECRET in request.boot.secret_env_names:
             found[ENGINE_KEY_SECRET] = key
-        if HF_TOKEN_SECRET in request.boot.secret_env_names and env.get(HF_TOKEN_SECRET):
-            found[HF_TOKEN_SECRET] = env[HF_TOKEN_SECRET]
+        if HF_TOKEN_SECRET in request.boot.secret_env_names and hf_token:
+            found[HF_TOKEN_SECRET] = hf_token
         return found
 
     return secrets

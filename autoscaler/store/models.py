@@ -26,7 +26,7 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-from autoscaler.store.sealed import SealedString
+from autoscaler.store.sealed import SealedString, SealedText
 
 
 class UtcDateTime(TypeDecorator[datetime]):
@@ -293,3 +293,15 @@ class RouteChange(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     workload_id: Mapped[int | None] = mapped_column(Integer)
+
+
+class Secret(Base):
+    """A value workloads of a project refer to by name (``hf_token_secret``), sealed at
+    rest; only the boot callback and a replica's environment ever see it."""
+
+    __tablename__ = "secrets"
+
+    project: Mapped[str] = mapped_column(String(63), primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(SealedText())
+    created_at: Mapped[datetime]

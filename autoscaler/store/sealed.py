@@ -1,4 +1,5 @@
-"""Engine keys encrypted at rest: :class:`SealedString`, an AES-256-GCM column type.
+"""Secrets encrypted at rest: :class:`SealedString` (engine keys) and
+:class:`SealedText` (stored secrets, ``autoscaler secrets``), AES-256-GCM column types.
 
 A replica's engine key is a bearer secret for its engine, so the ledger cannot keep it
 in the clear (a copied ``state.db`` or a database dump would hand out every engine). The
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from sqlalchemy import String
+from sqlalchemy import String, Text
 from sqlalchemy.engine import Dialect
 from sqlalchemy.types import TypeDecorator
 
@@ -130,3 +131,11 @@ class SealedString(TypeDecorator[str]):
         if _active is None:  # a reader without the key (a script, a test) sees it sealed
             return str(value)
         return _active.open(str(value))
+
+
+class SealedText(SealedString):
+    """:class:`SealedString` for longer values: a stored secret (a Hugging Face token
+    today, up to :data:`autoscaler.store.secrets.MAX_SECRET_CHARS`)."""
+
+    impl = Text()
+    cache_ok = True

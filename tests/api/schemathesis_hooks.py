@@ -14,6 +14,8 @@ cannot, and nothing else:
   no GPU of the pool are dropped;
 * a worker registered in the project (the store; the fuzzed projects have none): a
   ``worker_id`` is dropped, private workers become cloud workers with a $/h ceiling;
+* a secret stored in the project (the store; the fuzzed projects have none): an
+  ``hf_token_secret`` is dropped;
 * ``max_model_len`` and ``custom_chat_template`` beside the backend and the command
   (Ollama takes neither; the command must not set the same flag): the field is dropped;
 * ``llm_loras`` only with backend ``vllm`` or ``sglang`` (dropped otherwise: a schema
@@ -67,6 +69,7 @@ def repaired(body: dict[str, Any]) -> dict[str, Any]:
     policy = body.get("execution_policy")
     config = body.get("execution_policy_config")
     config = dict(config) if isinstance(config, dict) else config
+    body.pop("hf_token_secret", None)  # a secret stored in the project: none are
     if body.pop("worker_id", None) is not None and policy == "autoscaling" and not config:
         config = {"max_workers": 1, "max_hourly_cost_usd": 1.0}
     if isinstance(config, dict):

@@ -6,6 +6,7 @@ import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import uvicorn
@@ -86,8 +87,10 @@ async def add_launch(
     backend: str = "vllm",
     terminate_requested_at: datetime | None = None,
     terminated_confirmed_at: datetime | None = None,
+    spec_extra: dict[str, Any] | None = None,
 ) -> Launch:
-    """A booting AWS replica of a workload, as the provisioner records it."""
+    """A booting AWS replica of a workload (its spec's fields ``spec_extra`` added), as
+    the provisioner records it."""
     now = datetime.now(UTC)
     spec = WorkloadSpec.model_validate(
         {
@@ -97,6 +100,7 @@ async def add_launch(
             "backend": backend,
             "execution_policy": "fixed",
             "execution_policy_config": {"replicas": 1},
+            **(spec_extra or {}),
         }
     )
     launch = Launch(new_launch_id(), secrets.token_urlsafe(24))
