@@ -311,3 +311,27 @@ def test_gpus_come_from_nvidia_smi_or_are_none(tmp_path: Path) -> None:
 
     assert gpus == [GpuInfo("NVIDIA A100-SXM4-80GB", 81920, "550.54.15")] * 2
     assert probe_gpus(str(tmp_path / "absent")) == []
+
+
+async def test_an_assignment_carries_the_workloads_stored_hf_token(
+    api: WorkersApiServer, worker: Worker, store: async_sessionmaker[AsyncSession]
+) -> None:
+    token = "hf_" + "WoRkEr" * 6
+    async with httpx.AsyncClient(base_url=api.url, headers=ADMIN) as client:
+        made = await client.post(
+            "/v1/projects/acme/secrets", json={"name": "hf-acme", "value": token}
+        )
+        assert made.status_code == 201, made.text
+        applied = await client.put(
+            "/v1/projects/acme/workloads/support-bot",
+            json={"name": "Support bot", "model": MODEL, "hf_token_secret": "hf-acme"},
+        )
+        assert applied.status_code == 201, applied.text
+    await assign(store, worker_id=worker.worker_id, launch_id="lch_agent_hf")
+    async with httpx.AsyncClient(
+        base_url=api.url, headers={"Authorization": f"Bearer {worker.secret}"}
+    ) as client:
+        answer = await client.get(f"/v1/workers/{worker.worker_id}/assignments")
+    [item] = answer.json()["items"]
+    assert item["secrets"]["HF_TOKEN"] == token
+    assert token not in json.dumps(item["boot"])
