@@ -15,7 +15,7 @@ two stages.
    behind count; only the slot's own requests' SLO misses are counted (``misses(n)``; the
    SLO is :class:`autoscaler.sim.workload.SloRule`). The slot's need is the fewest replicas
    whose misses are only those no fleet can avoid (prompts that miss even alone on an idle
-   replica of this offer).
+   replica of this offer), searched from the slot before's need (:meth:`_Slot.need`).
 3. **Spending the allowance.** The SLO allows ``1 - attainment`` of requests to miss
    (1 %). Repeatedly, the slot where one replica fewer adds the fewest misses gives up
    that replica, while the total stays within the allowance (the unavoidable misses are
