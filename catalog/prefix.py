@@ -39,11 +39,14 @@ CHARS_PER_TOKEN = 4
 BLOCK_CHARS = BLOCK_TOKENS * CHARS_PER_TOKEN
 
 
-def text_blocks(text: str) -> tuple[int, ...]:
+def text_blocks(text: str, *, namespace: str = "") -> tuple[int, ...]:
     """The chained hashes of ``text``'s full blocks: block ``i``'s hash covers its
-    characters and block ``i - 1``'s hash, so it names the whole prefix up to its end."""
+    characters and block ``i - 1``'s hash, so it names the whole prefix up to its end.
+    The first block's parent is ``namespace`` (the gateway passes the requested model, so
+    a LoRA adapter's blocks never match the base model's, as vLLM keys its cache by
+    adapter too)."""
     hashes: list[int] = []
-    parent = b""
+    parent = namespace.encode("utf-8", "surrogatepass")
     for start in range(0, len(text) - BLOCK_CHARS + 1, BLOCK_CHARS):
         chunk = text[start : start + BLOCK_CHARS].encode("utf-8", "surrogatepass")
         parent = hashlib.blake2b(parent + chunk, digest_size=8).digest()

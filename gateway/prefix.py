@@ -37,7 +37,8 @@ HASHED_ROUTES = frozenset({"chat/completions", "completions"})
 
 def request_blocks(path: str, body: bytes | None) -> tuple[int, ...]:
     """The prefix blocks of a chat or completions request body read whole (empty for
-    other routes, a body too short to hold one block, or one that is not a JSON object).
+    other routes, a body too short to hold one block, or one that is not a JSON object),
+    chained from the requested model's name (an adapter's cache is its own).
     A body the proxy streams on without reading is routed by least work."""
     if path not in HASHED_ROUTES or body is None or len(body) < BLOCK_CHARS:
         return ()
@@ -48,7 +49,9 @@ def request_blocks(path: str, body: bytes | None) -> tuple[int, ...]:
     if not isinstance(data, dict):
         return ()
     text = prompt_text(data)
-    return () if text is None else text_blocks(text)
+    model = data.get("model")
+    namespace = model if isinstance(model, str) else ""
+    return () if text is None else text_blocks(text, namespace=namespace)
 
 
 DEFAULT_INDEX_BLOCKS = 1024

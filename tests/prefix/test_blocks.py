@@ -124,3 +124,9 @@ def test_a_long_chat_body_is_hashed_like_its_text() -> None:
     body = json.dumps({"messages": [{"role": "user", "content": SYSTEM}]}).encode()
     assert request_blocks("chat/completions", body) == text_blocks(SYSTEM)
     assert request_blocks("embeddings", body) == ()
+    raw = json.dumps({"model": "base", "prompt": SYSTEM}).encode()
+    chat = json.dumps({"model": "base", "messages": [{"role": "user", "content": SYSTEM}]})
+    assert request_blocks("completions", raw) == request_blocks("chat/completions", chat.encode())
+    # A LoRA adapter is named as the model: the same text under it shares no block.
+    adapter = json.dumps({"model": "sql-lora", "prompt": SYSTEM}).encode()
+    assert not set(request_blocks("completions", adapter)) & set(request_blocks("completions", raw))
