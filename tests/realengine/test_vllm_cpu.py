@@ -174,7 +174,10 @@ def test_tiny_llama_scales_from_zero_and_streams_chunk_by_chunk(
     [replica] = service.ready("tiny-chat")
     assert replica["engine"] == "vllm"
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta]
-    assert len([c for c in contents if c]) >= 8  # one event per token, not one blob
+    # Streamed as it is generated, not as one blob. vLLM sends a token per event while its
+    # API server keeps up; on a loaded machine it merges the tokens that piled up into one
+    # event (3 events for 16 tokens have been seen), so more than one is what is certain.
+    assert len([c for c in contents if c]) >= 2
     finished = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finished[-1] == "length"
     usage = chunks[-1].usage
@@ -226,7 +229,7 @@ def test_engine_metrics_are_scraped_and_shown_by_describe(service: Service) -> N
             and measured["gateway"]["unstreamed_answers"] >= 2
         )
 
-    wait_until(scraped, timeout=60, what="the engine's TTFT histogram in the stored signals")
+    wait_until(scraped, timeout=120, what="the engine's TTFT histogram in the stored signals")
     measured = service.admin.signals("tiny-chat")
     # Two of the three answers were not streamed: the gateway could not time their first
     # token, the engine did.
