@@ -107,7 +107,8 @@ def configure_from_environment(data_dir: Path | None) -> None:
     key = load_key(data_dir)
     if key is None:
         log.warning(
-            "engine keys are stored unencrypted: set %s or %s (the same for every role)",
+            "engine keys and stored secrets are kept unencrypted: set %s or %s (the same "
+            "for every role)",
             KEY_ENV,
             KEY_FILE_ENV,
         )
@@ -135,7 +136,18 @@ class SealedString(TypeDecorator[str]):
 
 class SealedText(SealedString):
     """:class:`SealedString` for longer values: a stored secret (a Hugging Face token
-    today, up to :data:`autoscaler.store.secrets.MAX_SECRET_CHARS`)."""
+    today, up to :data:`autoscaler.store.secrets.MAX_SECRET_CHARS`).
+
+    A user's value is sealed whatever it looks like: one that happens to begin with the
+    sealed prefix is sealed too, so it is neither stored in the clear nor misread as
+    sealed. (A stored secret is only ever written from the user's value, never written
+    back after a read.)"""
 
     impl = Text()
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        if value is None or _active is None:
+            return value
+        return _active.seal(value)
+
     cache_ok = True

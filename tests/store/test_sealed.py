@@ -13,6 +13,7 @@ from sqlalchemy import text
 
 from autoscaler.spec import OnDrift
 from autoscaler.store import sealed
+from autoscaler.store import secrets as secrets_store
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.workloads import ensure_workload
@@ -90,3 +91,19 @@ def test_the_key_comes_from_the_environment_or_an_owner_only_file(tmp_path: Path
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert sealed.load_key(tmp_path / "data", environ={}) == made  # kept across starts
     assert sealed.load_key(None, environ={}) is None
+
+
+async def test_a_stored_secret_that_looks_sealed_is_sealed_all_the_same(
+    tmp_path: Path, sealing: None
+) -> None:
+    value = sealed.PREFIX + "my-token-value"
+    async with open_store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}") as engine:
+        sessions = session_factory(engine)
+        async with sessions() as s, s.begin():
+            await secrets_store.create_secret(s, project="acme", name="hf", value=value, now=utc(0))
+        async with engine.connect() as conn:
+            raw = await conn.scalar(text("SELECT value FROM secrets"))
+        async with sessions() as s:
+            [stored] = await secrets_store.list_secrets(s, project="acme")
+    assert raw != value and "my-token-value" not in raw
+    assert stored.value == value
