@@ -13,6 +13,15 @@ and the CPU time each process spent per stream (load generator, engine, gateway)
 small machine where all three share the cores, CPU per stream is the figure that does
 not move with the neighbours. Every run is bounded in count (``--requests``) and time
 (``--seconds``).
+
+Where an ``nginx`` binary is found (on ``PATH``, in ``/usr/sbin``, or ``--nginx``), it is
+measured in the same rounds as a reference reverse proxy in front of the same engine: one
+single-process nginx (``master_process off``, one worker, like the gateway's one process)
+from a throwaway config, with ``proxy_buffering off`` and HTTP/1.1 keep-alive to the
+engine so SSE streams through chunk by chunk. Its row carries its own ratio to direct and
+its added TTFT, and a line after each concurrency gives the gateway's throughput as a
+ratio of nginx's (the median of each round's ratio). Without nginx the bench prints why
+and measures the rest.
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -30,6 +41,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -219,6 +231,104 @@ def gateway_process(
     return process(*args)
 
 
+def find_nginx(explicit: str | None) -> str | None:
+    """The nginx binary to measure: ``explicit``, else ``nginx`` on PATH or in /usr/sbin."""
+    if explicit is not None:
+        return explicit
+    return shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+
+def nginx_config(*, prefix: Path, port: int, upstream_url: str) -> str:
+    """An nginx config proxying 127.0.0.1:``port`` to ``upstream_url`` for SSE.
+
+    One process (``master_process off``, so the pid started is the one serving and the
+    CPU clock reads it), all writable paths under ``prefix``, no access log, responses
+    relayed unbuffered, and HTTP/1.1 keep-alive to the upstream so connections are
+    reused as the gateway's pool reuses them.
+    """
+    parts = urlsplit(upstream_url)
+    if parts.scheme != "http" or not parts.hostname or parts.port is None:
+        raise ValueError(
+            f"upstream_url {upstream_url!r}: expected http://HOST:PORT (an explicit port)"
+        )
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port}: expected 1-65535")
+    temp = "\n".join(
+        f"    {kind}_temp_path {prefix / kind};"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    return f"""master_process off;
+worker_processes 1;
+pid {prefix / "nginx.pid"};
+error_log stderr warn;
+events {{
+    worker_connections 4096;
+}}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+{temp}
+    upstream engine {{
+        server {parts.hostname}:{parts.port};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://engine;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}
+    }}
+}}
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.asynccontextmanager
+async def nginx_process(binary: str, upstream_url: str) -> AsyncIterator[Started]:
+    """Run nginx in the foreground from a throwaway config; stops it on exit."""
+    version = await asyncio.create_subprocess_exec(
+        binary, "-v", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    said = (await version.communicate())[0].decode().strip()
+    with tempfile.TemporaryDirectory(prefix="bench-nginx-") as tmp:
+        prefix = Path(tmp)
+        port = _free_port()
+        conf = prefix / "nginx.conf"
+        conf.write_text(nginx_config(prefix=prefix, port=port, upstream_url=upstream_url))
+        proc = await asyncio.create_subprocess_exec(
+            binary, "-p", str(prefix), "-e", "stderr", "-c", str(conf), "-g", "daemon off;"
+        )
+        try:
+            async with asyncio.timeout(30):
+                while True:
+                    if proc.returncode is not None:
+                        raise RuntimeError(f"nginx exited with {proc.returncode} before serving")
+                    try:
+                        _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    except OSError:
+                        await asyncio.sleep(0.05)
+                        continue
+                    writer.close()
+                    await writer.wait_closed()
+                    break
+            yield Started(url=f"http://127.0.0.1:{port}", pid=proc.pid, said=(said,))
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+
+
 def uses_uvloop(pid: int) -> bool:
     """Whether uvloop's extension is mapped into the process (Linux only)."""
     with contextlib.suppress(OSError):
@@ -294,14 +404,22 @@ async def main(args: argparse.Namespace) -> None:
             targets = {"direct": Target(f"{engine.url}/v1/chat/completions", ENGINE_KEY)}
             for name, gw in gateways.items():
                 targets[name] = Target(f"{gw.url}/endpoint/bench/bench/v1/chat/completions", key)
-            clock = CpuClock({"engine": engine.pid} | {n: g.pid for n, g in gateways.items()})
-            _print_setup(args, engine=engine, gateways=gateways)
-            print(_header(gateways))
+            proxies = dict(gateways)
+            nginx = None if args.no_nginx else find_nginx(args.nginx)
+            if nginx is None:
+                why = "--no-nginx" if args.no_nginx else "no nginx on PATH or in /usr/sbin"
+                print(f"nginx reference row skipped: {why} (--nginx BINARY to name one)")
+            else:
+                proxies["nginx"] = await stack.enter_async_context(nginx_process(nginx, engine.url))
+                targets["nginx"] = Target(f"{proxies['nginx'].url}/v1/chat/completions", ENGINE_KEY)
+            clock = CpuClock({"engine": engine.pid} | {n: g.pid for n, g in proxies.items()})
+            _print_setup(args, engine=engine, gateways=proxies)
+            print(_header(proxies))
             for concurrency in args.concurrency:
                 stats = await _measure(
                     concurrency=concurrency, targets=targets, args=args, clock=clock
                 )
-                _print(concurrency, stats, max_tokens=args.max_tokens, gateways=list(gateways))
+                _print(concurrency, stats, max_tokens=args.max_tokens, gateways=list(proxies))
 
 
 def _print_setup(
@@ -316,7 +434,8 @@ def _print_setup(
     for name, gw in gateways.items():
         print(f"{name}: {gw.said[0]}")
     on_uvloop = [f"load generator {type(loop).__module__.startswith('uvloop')}"]
-    on_uvloop += [f"{n} {uses_uvloop(p.pid)}" for n, p in {"engine": engine, **gateways}.items()]
+    python = {"engine": engine} | {n: g for n, g in gateways.items() if n != "nginx"}
+    on_uvloop += [f"{n} {uses_uvloop(p.pid)}" for n, p in python.items()]
     print(f"uvloop: {', '.join(on_uvloop)}\n")
 
 
@@ -378,6 +497,20 @@ def _print(
             f"{s.chunks_per_stream:>6.1f}                {cpu}",
             flush=True,
         )
+    if "nginx" in stats:
+        for name in gateways:
+            if name == "nginx":
+                continue
+            versus = [
+                g.streams_per_sec / n.streams_per_sec
+                for g, n in zip(stats[name].runs, stats["nginx"].runs, strict=True)
+            ]
+            print(
+                f"{concurrency:>4} {name} / nginx throughput {statistics.median(versus):.2f} "
+                f"(rounds {min(versus):.2f}-{max(versus):.2f}), TTFT p50 "
+                f"{stats[name].ttft_ms(0.5) - stats['nginx'].ttft_ms(0.5):+.2f} ms",
+                flush=True,
+            )
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -395,6 +528,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also measure the gateway package found in DIR (a checkout of another "
         "version), interleaved with the rest: before/after figures from one machine state",
     )
+    parser.add_argument(
+        "--nginx",
+        metavar="BINARY",
+        help="the nginx to measure as a reference proxy "
+        "(default: nginx on PATH or in /usr/sbin; the row is skipped when none is found)",
+    )
+    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference row")
     parser.add_argument("--serve-gateway", metavar="DATABASE_URL", help=argparse.SUPPRESS)
     parser.add_argument("--gateway-src", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
