@@ -73,7 +73,12 @@ async def test_writes_that_change_a_route_are_logged_and_others_are_not(
     )
     assert await _write(sessions, replica) == [wid]
     row = Instance.launch_id == "lch_1"
-    for routed in ({"url": "http://10.0.0.1:8000"}, {"ready_at": NOW}, {"drain_requested_at": NOW}):
+    for routed in (
+        {"url": "http://10.0.0.1:8000"},
+        {"ready_at": NOW},
+        {"engine_command": ["vllm", "serve", "m", "--enable-lora", "--lora-modules", "a=b"]},
+        {"drain_requested_at": NOW},
+    ):
         assert await _write(sessions, update(Instance).where(row).values(**routed)) == [wid]
     for unrouted in ({"last_error": "slow"}, {"launched_at": NOW}, {"joined_at": NOW}):
         assert await _write(sessions, update(Instance).where(row).values(**unrouted)) == []

@@ -31,6 +31,7 @@ INSTANCE_COLUMNS = (
     "terminate_requested_at",
     "terminated_confirmed_at",
     "group_role",
+    "engine_command",  # the LoRA adapters its engine loaded
 )
 WORKLOAD_COLUMNS = ("project", "slug", "spec", "deleted_at")
 
