@@ -29,8 +29,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
 import os
+import pstats
 import shutil
 import socket
 import statistics
@@ -223,11 +225,13 @@ async def process(*args: str) -> AsyncIterator[Started]:
 
 
 def gateway_process(
-    database_url: str, *, source: str | None = None
+    database_url: str, *, source: str | None = None, profile: str | None = None
 ) -> contextlib.AbstractAsyncContextManager[Started]:
     args = ["-m", "bench.gateway", "--serve-gateway", database_url]
     if source is not None:
         args += ["--gateway-src", str(Path(source).resolve())]
+    if profile is not None:
+        args += ["--gateway-profile", str(Path(profile).resolve())]
     return process(*args)
 
 
@@ -373,7 +377,7 @@ async def seed(database_url: str, engine_url: str) -> str:
         return issued.secret
 
 
-async def _serve_gateway(database_url: str, source: str | None) -> None:
+async def _serve_gateway(database_url: str, source: str | None, profile: str | None) -> None:
     if source is not None:  # a gateway package from another checkout, for before/after
         assert "gateway" not in sys.modules
         sys.path.insert(0, source)
@@ -386,7 +390,18 @@ async def _serve_gateway(database_url: str, source: str | None) -> None:
         flush=True,
     )
     settings = GatewaySettings(replica_concurrency_cap=1024)
-    await serve_gateway(database_url=database_url, host="127.0.0.1", port=0, settings=settings)
+    # CPU time, not wall time: on cores shared with the engine and the load generator a
+    # wall clock charges the gateway's time spent preempted (often right after a socket
+    # write wakes the peer) to whichever function was running.
+    profiler = cProfile.Profile(time.process_time) if profile is not None else None
+    if profiler is not None:
+        profiler.enable()
+    try:
+        await serve_gateway(database_url=database_url, host="127.0.0.1", port=0, settings=settings)
+    finally:
+        if profiler is not None and profile is not None:
+            profiler.disable()
+            profiler.dump_stats(profile)
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -396,7 +411,11 @@ async def main(args: argparse.Namespace) -> None:
         engine_args += ["--api-key", ENGINE_KEY, "--time-scale", str(args.time_scale)]
         async with process(*engine_args) as engine, contextlib.AsyncExitStack() as stack:
             key = await seed(database_url, engine.url)
-            gateways = {"gateway": await stack.enter_async_context(gateway_process(database_url))}
+            gateways = {
+                "gateway": await stack.enter_async_context(
+                    gateway_process(database_url, profile=args.profile_gateway)
+                )
+            }
             if args.baseline:
                 gateways["baseline"] = await stack.enter_async_context(
                     gateway_process(database_url, source=args.baseline)
@@ -420,6 +439,10 @@ async def main(args: argparse.Namespace) -> None:
                     concurrency=concurrency, targets=targets, args=args, clock=clock
                 )
                 _print(concurrency, stats, max_tokens=args.max_tokens, gateways=list(proxies))
+    if args.profile_gateway:  # written by the gateway as it stopped, above
+        print(f"\ngateway profile (cProfile, all rounds): {args.profile_gateway}")
+        stats_file = pstats.Stats(args.profile_gateway, stream=sys.stdout)
+        stats_file.sort_stats(pstats.SortKey.TIME).print_stats(args.profile_top)
 
 
 def _print_setup(
@@ -535,7 +558,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(default: nginx on PATH or in /usr/sbin; the row is skipped when none is found)",
     )
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx reference row")
+    parser.add_argument(
+        "--profile-gateway",
+        metavar="FILE",
+        help="run the gateway under cProfile and write its stats to FILE (read with "
+        "python -m pstats); the profiler slows the gateway, so its row is not a measurement",
+    )
+    parser.add_argument(
+        "--profile-top", type=int, default=25, help="functions printed from the profile"
+    )
     parser.add_argument("--serve-gateway", metavar="DATABASE_URL", help=argparse.SUPPRESS)
+    parser.add_argument("--gateway-profile", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--gateway-src", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0 or args.requests < 1 or args.warmup < 0:
@@ -546,6 +579,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 if __name__ == "__main__":
     parsed = parse_args(sys.argv[1:])
     if parsed.serve_gateway:
-        run_async(_serve_gateway(parsed.serve_gateway, parsed.gateway_src))
+        run_async(_serve_gateway(parsed.serve_gateway, parsed.gateway_src, parsed.gateway_profile))
     else:
         run_async(main(parsed))
