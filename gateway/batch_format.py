@@ -61,7 +61,10 @@ def parse_input(content: bytes) -> list[BatchLine]:
         raise BatchFormatError(f"the file is not UTF-8 text: {exc}", param="file") from None
     lines: list[BatchLine] = []
     seen: dict[str, int] = {}
-    for number, raw in enumerate(text.splitlines(), start=1):
+    # Lines end at "\n" (or "\r\n") only: JSON strings may hold U+2028 and the other
+    # separators ``str.splitlines`` would also split on.
+    for number, raw in enumerate(text.split("\n"), start=1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         parsed = _parse_line(raw, number)

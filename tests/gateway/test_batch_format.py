@@ -26,6 +26,16 @@ def test_lines_are_numbered_from_one_and_blank_lines_skipped() -> None:
     assert parsed[0].body == {"input": "x"}
 
 
+def test_line_separators_inside_strings_do_not_split_a_line() -> None:
+    """JSON may hold U+2028, U+2029, U+0085 and form feeds raw; only "\n" ends a line,
+    and a "\r" before it (Windows line ends) is dropped."""
+    text = "x\u2028y\u2029z\u0085w\x0cv"
+    raw = json.dumps({**LINE, "body": {"input": text}}, ensure_ascii=False).encode()
+    parsed = fmt.parse_input(raw + b"\r\n" + encode({**LINE, "custom_id": "b"}) + b"\r\n")
+    assert [(p.line, p.custom_id) for p in parsed] == [(1, "a"), (2, "b")]
+    assert parsed[0].body == {"input": text}
+
+
 @pytest.mark.parametrize(
     ("bad", "message", "param"),
     [
