@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import undefer
 
 from autoscaler.store.models import Batch, Job, StoredFile
 from gateway import batch_format as fmt
@@ -32,6 +33,9 @@ from gateway.jobs import CANCELLED, EXPIRED, FAILED, QUEUED, RUNNING, SUCCEEDED
 from gateway.routes import WorkloadRef
 
 FILE_PURPOSES = ("batch",)
+#: Line statuses counted as ``failed`` in a batch's ``request_counts``: as OpenAI's do,
+#: lines cancelled or expired count there, so completed + failed reach the total.
+UNANSWERED = (FAILED, CANCELLED, EXPIRED)
 LIST_LIMIT_MAX = 100
 
 
@@ -70,7 +74,8 @@ async def batch_view(s: AsyncSession, batch: Batch) -> dict[str, Any]:
         completed, failed = batch.completed, batch.failed
     else:
         counts = await _line_counts(s, batch.id)
-        completed, failed = counts.get(SUCCEEDED, 0), counts.get(FAILED, 0)
+        completed = counts.get(SUCCEEDED, 0)
+        failed = sum(counts.get(status, 0) for status in UNANSWERED)
     return {
         "id": batch.id,
         "object": "batch",
@@ -152,8 +157,12 @@ def _add_file(
     return stored
 
 
-async def get_file(s: AsyncSession, *, ref: WorkloadRef, file_id: str) -> StoredFile:
-    stored = await s.get(StoredFile, file_id)
+async def get_file(
+    s: AsyncSession, *, ref: WorkloadRef, file_id: str, content: bool = False
+) -> StoredFile:
+    """The file; its ``content`` (deferred) is loaded only if ``content``."""
+    options = [undefer(StoredFile.content)] if content else []
+    stored = await s.get(StoredFile, file_id, options=options)
     if stored is None or (stored.project, stored.workload_slug) != ref:
         raise GatewayError(404, f"no file {file_id!r} in this workload", code="file_not_found")
     return stored
@@ -219,7 +228,7 @@ async def create_batch(
     s: AsyncSession, *, ref: WorkloadRef, request: fmt.BatchRequest, now: datetime
 ) -> Batch:
     """Store the batch and queue one job per line of its input file."""
-    source = await get_file(s, ref=ref, file_id=request.input_file_id)
+    source = await get_file(s, ref=ref, file_id=request.input_file_id, content=True)
     if source.purpose != "batch":
         raise GatewayError(
             400,
@@ -331,10 +340,15 @@ async def finalize_if_done(
     Safe on several gateways at once: the conditional update of ``finalizing_at`` lets
     one of them write, in the same transaction as the files. Returns whether it did."""
     async with sessions() as s, s.begin():
-        open_lines = await s.scalar(
-            select(func.count()).where(Job.batch_id == batch_id, Job.status.in_((QUEUED, RUNNING)))
+        # EXISTS, not a count: run after every line, it stops at the first open one.
+        open_line = await s.scalar(
+            select(
+                select(Job.id)
+                .where(Job.batch_id == batch_id, Job.status.in_((QUEUED, RUNNING)))
+                .exists()
+            )
         )
-        if open_lines:
+        if open_line:
             return False
         taken = await s.execute(
             update(Batch)
@@ -362,7 +376,7 @@ async def _write_results(s: AsyncSession, *, batch: Batch, now: datetime) -> Non
             completed += 1
         else:
             errors.append(line)
-            failed += job.status == FAILED
+            failed += 1
     ref = (batch.project, batch.workload_slug)
     stem = batch.id
     if output:
@@ -417,8 +431,9 @@ def result_line(job: Job) -> dict[str, Any]:
 
 
 async def sweep(sessions: async_sessionmaker[AsyncSession], *, now: datetime) -> None:
-    """Expire the queued lines of batches past their window, then finalize every open
-    batch with no line left (also those whose last line's gateway died before it could)."""
+    """Expire the queued lines of batches past their window, cancel those of cancelled
+    batches (lines queued again after the cancel), then finalize every open batch with
+    no line left (also those whose last line's gateway died before it could)."""
     async with sessions() as s, s.begin():
         open_batches = list(
             await s.execute(
@@ -428,11 +443,16 @@ async def sweep(sessions: async_sessionmaker[AsyncSession], *, now: datetime) ->
             )
         )
         for batch_id, expires_at, cancelling_at in open_batches:
-            if expires_at <= now and cancelling_at is None:
+            # A cancelled batch's line queued again after the cancel (its replica
+            # refused, its gateway stopped or died) is cancelled too.
+            closed = CANCELLED if cancelling_at is not None else None
+            if closed is None and expires_at <= now:
+                closed = EXPIRED
+            if closed is not None:
                 await s.execute(
                     update(Job)
                     .where(Job.batch_id == batch_id, Job.status == QUEUED)
-                    .values(status=EXPIRED, finished_at=now)
+                    .values(status=closed, finished_at=now)
                 )
     for batch_id, _, _ in open_batches:
         await finalize_if_done(sessions, batch_id=batch_id, now=now)
@@ -528,7 +548,7 @@ async def _files(
         return web.json_response({"id": parts[1], "object": "file", "deleted": True})
     if len(parts) == 3 and parts[2] == "content" and method == "GET":
         async with sessions() as s:
-            stored = await get_file(s, ref=ref, file_id=parts[1])
+            stored = await get_file(s, ref=ref, file_id=parts[1], content=True)
             return web.Response(body=stored.content, content_type="application/jsonl")
     raise _no_route(method, "/".join(parts))
 

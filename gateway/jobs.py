@@ -35,7 +35,7 @@ from sqlalchemy import ColumnElement, and_, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.spec import TaskType
-from autoscaler.store.models import Job
+from autoscaler.store.models import Batch, Job
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError
 from gateway.routes import WorkloadRef, WorkloadRoute
@@ -47,6 +47,9 @@ QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
 CANCELLED, EXPIRED = "cancelled", "expired"
 #: How many times a batch line is claimed before a replica failure is its result.
 BATCH_LINE_ATTEMPTS = 3
+#: A job's request to its replica may take this share of ``job_timeout_sec``: it ends
+#: before the job counts as stale (left by a gateway that died) and is claimed again.
+JOB_REQUEST_SHARE = 0.9
 
 #: Job route -> path on the replica (vLLM's pooling routes sit outside /v1).
 JOB_ROUTES = {
@@ -200,6 +203,13 @@ class JobRunner:
         self._workers = workers
         self._poll = poll_interval_sec
         self._job_timeout = job_timeout_sec
+        # Not the shared session's default (5 minutes in all): a job may generate for
+        # longer, up to just short of ``job_timeout_sec``, past which it is stale and
+        # another gateway may claim it; a connection still takes at most 30 s.
+        self._request_timeout = aiohttp.ClientTimeout(
+            total=job_timeout_sec * JOB_REQUEST_SHARE,
+            sock_connect=min(30.0, job_timeout_sec * JOB_REQUEST_SHARE),
+        )
         self._on_batch_line_done = on_batch_line_done
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -301,9 +311,12 @@ class JobRunner:
                 if not refs:
                     continue
                 kind = Job.batch_id.is_not(None) if lines else Job.batch_id.is_(None)
+                # A cancelled or expired batch's lines queued again are never run: the
+                # sweep marks them so (``gateway.batches.sweep``).
+                closed = (open_batch_lines(self._now()),) if lines else ()
                 candidates = await s.scalars(
                     select(Job)
-                    .where(Job.status == QUEUED, kind, _of_workloads(refs))
+                    .where(Job.status == QUEUED, kind, _of_workloads(refs), *closed)
                     .order_by(Job.created_at, Job.batch_line)
                     .limit(50)
                 )
@@ -315,17 +328,19 @@ class JobRunner:
                         .values(status=RUNNING, started_at=at, attempts=Job.attempts + 1)
                     )
                     if claimed.rowcount == 1:  # type: ignore[attr-defined]
+                        # The update's evaluation has already counted the claim in
+                        # ``job.attempts`` (and ``started_at``) in this session.
                         self._held[job.id] = at
-                        job.attempts += 1
                         return job
         return None
 
     async def _run(self, job: Job) -> None:
         ref = (job.project, job.workload_slug)
+        claimed_at = self._held[job.id]
         try:
-            lease = await self._dispatcher.acquire(ref)
+            lease = await self._dispatcher.acquire(ref, adapter=self._adapter(ref, job))
         except GatewayError as exc:
-            await self._finish(job.id, status=QUEUED, result=None, error=exc.message)
+            await self._finish(job, claimed_at, status=QUEUED, result=None, error=exc.message)
             self._held.pop(job.id, None)
             return
         try:
@@ -346,7 +361,7 @@ class JobRunner:
             and job.attempts < BATCH_LINE_ATTEMPTS
         ):
             status = QUEUED  # no answer came: another replica may give one
-        await self._finish(job.id, status=status, result=result, error=error)
+        status = await self._finish(job, claimed_at, status=status, result=result, error=error)
         self._held.pop(job.id, None)
         if job.batch_id is not None and status != QUEUED and self._on_batch_line_done:
             try:
@@ -354,13 +369,26 @@ class JobRunner:
             except Exception:
                 log.exception("finalizing batch %s failed", job.batch_id)
 
+    def _adapter(self, ref: WorkloadRef, job: Job) -> str | None:
+        """The LoRA adapter the job's body names as its ``model``, as for a live
+        request: only replicas started with it may run the job."""
+        route = self._routes().get(ref)
+        if route is None or not route.adapters:
+            return None
+        model = job.request.get("model")
+        adapter = route.adapter(model if isinstance(model, str) else None)
+        return None if adapter is None else adapter.name
+
     async def _call(
         self, job: Job, *, url: str, key: str | None
     ) -> tuple[str, dict[str, Any] | None, str | None]:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         try:
             async with self._client.post(
-                url + JOB_ROUTES[job.route], json=job.request, headers=headers
+                url + JOB_ROUTES[job.route],
+                json=job.request,
+                headers=headers,
+                timeout=self._request_timeout,
             ) as resp:
                 raw = await resp.read()
                 result = _result(resp.status, resp.content_type, raw)
@@ -373,21 +401,63 @@ class JobRunner:
         return SUCCEEDED, result, None
 
     async def _finish(
-        self, job_id: str, *, status: str, result: dict[str, Any] | None, error: str | None
-    ) -> None:
-        done = status in (SUCCEEDED, FAILED)
+        self,
+        job: Job,
+        claimed_at: datetime,
+        *,
+        status: str,
+        result: dict[str, Any] | None,
+        error: str | None,
+    ) -> str:
+        """Record the job's outcome, if it is still this runner's claim (a job queued
+        again meanwhile, by a stop or as stale, and perhaps claimed by another gateway,
+        is left to its new holder). A batch line to queue again whose batch was cancelled
+        or whose window closed is cancelled or expired instead. Returns the status
+        written, or ``QUEUED`` when nothing was."""
+        now = self._now()
         async with self._sessions() as s, s.begin():
-            await s.execute(
+            if status == QUEUED and job.batch_id is not None:
+                status = await _closed_batch_status(s, job.batch_id, now=now) or QUEUED
+            done = status != QUEUED
+            written = await s.execute(
                 update(Job)
-                .where(Job.id == job_id)
+                .where(Job.id == job.id, Job.status == RUNNING, Job.started_at == claimed_at)
                 .values(
                     status=status,
                     result=result,
                     error=error,
-                    finished_at=self._now() if done else None,
+                    finished_at=now if done else None,
                     started_at=None if status == QUEUED else Job.started_at,
                 )
+                .execution_options(synchronize_session=False)
             )
+        return status if written.rowcount == 1 else QUEUED  # type: ignore[attr-defined]
+
+
+async def _closed_batch_status(s: AsyncSession, batch_id: str, *, now: datetime) -> str | None:
+    """``CANCELLED`` or ``EXPIRED`` for a line of a batch that runs no more lines."""
+    row = (
+        await s.execute(select(Batch.cancelling_at, Batch.expires_at).where(Batch.id == batch_id))
+    ).first()
+    if row is None:
+        return None
+    cancelling_at, expires_at = row
+    if cancelling_at is not None:
+        return CANCELLED
+    return EXPIRED if expires_at <= now else None
+
+
+def open_batch_lines(now: datetime) -> ColumnElement[bool]:
+    """Jobs that are not lines of a cancelled batch or one whose window has closed."""
+    closed = (
+        select(Batch.id)
+        .where(
+            Batch.id == Job.batch_id,
+            or_(Batch.cancelling_at.is_not(None), Batch.expires_at <= now),
+        )
+        .exists()
+    )
+    return or_(Job.batch_id.is_(None), ~closed)
 
 
 def _of_workloads(refs: list[WorkloadRef]) -> ColumnElement[bool]:

@@ -211,6 +211,8 @@ class Job(Base):
     """An async request held by the gateway until a replica has answered it."""
 
     __tablename__ = "jobs"
+    #: A batch's lines by status: whether any is open, and the counts (migration 0010).
+    __table_args__ = (Index("ix_jobs_batch_id_status", "batch_id", "status"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     project: Mapped[str] = mapped_column(String(63))
@@ -223,7 +225,7 @@ class Job(Base):
     created_at: Mapped[datetime]
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
-    batch_id: Mapped[str | None] = mapped_column(String(40), index=True, default=None)
+    batch_id: Mapped[str | None] = mapped_column(String(40), default=None)
     """The batch this job is a line of (``None``: a job submitted on its own)."""
     custom_id: Mapped[str | None] = mapped_column(Text, default=None)
     batch_line: Mapped[int | None] = mapped_column(Integer, default=None)
@@ -245,7 +247,8 @@ class StoredFile(Base):
     purpose: Mapped[str] = mapped_column(String(32))
     filename: Mapped[str] = mapped_column(String(255))
     size: Mapped[int] = mapped_column("bytes", Integer)
-    content: Mapped[bytes] = mapped_column(LargeBinary)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    """Loaded only when asked for (``undefer``): listing files never reads it."""
     created_at: Mapped[datetime]
 
 
@@ -267,6 +270,7 @@ class Batch(Base):
     completed: Mapped[int | None] = mapped_column(Integer)
     """Lines answered with a status below 400, counted when the batch was finalized."""
     failed: Mapped[int | None] = mapped_column(Integer)
+    """The other lines (failed, cancelled or expired): ``completed + failed == total``."""
     output_file_id: Mapped[str | None] = mapped_column(String(40))
     error_file_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime]

@@ -12,14 +12,18 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import pytest
 from openai.types import Batch
+from sqlalchemy import event, select, update
 
 from autoscaler.store.db import open_store, session_factory
+from autoscaler.store.models import Job
 from gateway import batches
 from gateway.app import Gateway, GatewaySettings
+from gateway.jobs import BATCH_LINE_ATTEMPTS
 from tests.gateway.conftest import (
     HI,
     MODEL,
@@ -190,6 +194,8 @@ async def test_a_batch_on_a_workload_at_zero_wakes_it_and_cancel_reports_every_l
         errors = await lines_of(client, cancelled.error_file_id)
         with pytest.raises(openai.ConflictError):
             await client.batches.cancel(batch.id)
+    assert cancelled.request_counts is not None
+    assert cancelled.request_counts.model_dump() == {"total": 5, "completed": 0, "failed": 5}
     assert sorted(e["custom_id"] for e in errors) == [f"r{i}" for i in range(5)]
     assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
     assert all(e["response"] is None for e in errors)
@@ -222,6 +228,8 @@ async def test_lines_still_queued_when_the_window_closes_expire(
         expired = await client.batches.retrieve(batch.id)
         errors = await lines_of(client, expired.error_file_id)
     assert expired.status == "expired" and expired.expired_at is not None
+    assert expired.request_counts is not None
+    assert expired.request_counts.model_dump() == {"total": 2, "completed": 0, "failed": 2}
     assert [(e["custom_id"], e["error"]["code"]) for e in errors] == [
         ("a", "batch_expired"),
         ("b", "batch_expired"),
@@ -365,3 +373,204 @@ async def test_a_malformed_or_oversized_upload_is_a_4xx_in_openais_shape(
         )
         assert big.status_code == 413
         assert big.json()["error"]["code"] == "request_too_large"
+
+
+async def test_a_line_whose_replica_never_answers_is_tried_three_times(
+    seed: Seed, sessions: Sessions, start_gateway: StartGateway
+) -> None:
+    """A replica that cuts every connection before answering: the line is claimed
+    ``BATCH_LINE_ATTEMPTS`` times, then fails with the replica's error."""
+    cut = 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal cut
+        await reader.readuntil(b"\r\n\r\n")  # the request reached the replica
+        cut += 1
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    key = await seed.workload("support-bot")
+    await seed.replica("support-bot", f"http://127.0.0.1:{port}")
+    gateway = await start_gateway()
+    try:
+        async with sdk(gateway, "support-bot", key) as client:
+            batch = await submit(client, [chat_line("only")])
+            done = await finished(client, batch.id)
+            errors = await lines_of(client, done.error_file_id)
+    finally:
+        server.close()
+    assert done.request_counts is not None and done.request_counts.failed == 1
+    assert [e["error"]["code"] for e in errors] == ["server_error"]
+    async with sessions() as s:
+        attempts = await s.scalar(select(Job.attempts).where(Job.batch_id == batch.id))
+    assert attempts == BATCH_LINE_ATTEMPTS == cut
+
+
+async def test_a_line_queued_again_after_its_batch_was_cancelled_is_not_run(
+    seed: Seed, sessions: Sessions, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    """A line running when its batch is cancelled, then queued again (its gateway
+    stopped, or it went stale): no replica runs it, and it is reported cancelled."""
+    key = await seed.workload("support-bot")
+    gateway = await start_gateway()
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, [chat_line("a"), chat_line("b")])
+        async with sessions() as s, s.begin():  # another gateway claims line "a"
+            await s.execute(
+                update(Job)
+                .where(Job.batch_id == batch.id, Job.custom_id == "a")
+                .values(status="running", started_at=datetime.now(UTC), attempts=1)
+            )
+        assert (await client.batches.cancel(batch.id)).status == "cancelling"
+        async with sessions() as s, s.begin():  # ... and stops: "a" is queued again
+            await s.execute(
+                update(Job)
+                .where(Job.batch_id == batch.id, Job.custom_id == "a")
+                .values(status="queued", started_at=None)
+            )
+        engine = await start_engine()
+        await seed.replica("support-bot", engine.url)
+        await batches.sweep(sessions, now=datetime.now(UTC))
+        done = await finished(client, batch.id)
+        errors = await lines_of(client, done.error_file_id)
+    assert done.status == "cancelled" and done.output_file_id is None
+    assert sorted((e["custom_id"], e["error"]["code"]) for e in errors) == [
+        ("a", "batch_cancelled"),
+        ("b", "batch_cancelled"),
+    ]
+
+
+async def test_a_line_taken_over_by_another_gateway_is_left_to_it(
+    seed: Seed, sessions: Sessions, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    """A line found stale and claimed by another gateway while this one still runs it:
+    this one's answer does not overwrite the new claim."""
+    key = await seed.workload("support-bot")
+    await seed.replica("support-bot", (await start_engine(time_scale=1.0)).url)
+    gateway = await start_gateway()
+    runner = gateway._jobs
+    assert runner is not None
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, [chat_line("a", max_tokens=40)])
+
+        async def status() -> str | None:
+            async with sessions() as s:
+                return await s.scalar(select(Job.status).where(Job.batch_id == batch.id))
+
+        await eventually(lambda: bool(runner._held))
+        assert await status() == "running"
+        theirs = datetime.now(UTC) + timedelta(seconds=1)
+        async with sessions() as s, s.begin():
+            await s.execute(
+                update(Job).where(Job.batch_id == batch.id).values(started_at=theirs, attempts=2)
+            )
+        await eventually(lambda: not runner._held)  # this gateway's run ended
+        async with sessions() as s:
+            job = await s.scalar(select(Job).where(Job.batch_id == batch.id))
+        assert job is not None
+        assert (job.status, job.started_at, job.result) == ("running", theirs, None)
+        assert (await client.batches.retrieve(batch.id)).status == "in_progress"
+
+
+async def test_listing_files_reads_no_content(
+    seed: Seed, sessions: Sessions, start_gateway: StartGateway
+) -> None:
+    """A workload's files may hold hundreds of MB: a listing reads their facts only,
+    while a file's content and a batch still read it."""
+    key = await seed.workload("support-bot")
+    gateway = await start_gateway()
+    engine = sessions.kw["bind"]
+    statements: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *rest: object) -> None:
+        statements.append(statement)
+
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, [chat_line("a")])
+        event.listen(engine.sync_engine, "before_cursor_execute", seen)
+        try:
+            listed = await client.files.list(purpose="batch")
+            retrieved = await client.files.retrieve(batch.input_file_id)
+            listing = [s for s in statements if "FROM files" in s]
+            content = await client.files.content(batch.input_file_id)
+        finally:
+            event.remove(engine.sync_engine, "before_cursor_execute", seen)
+    assert [f.id for f in listed.data] == [batch.input_file_id] == [retrieved.id]
+    assert listing and not any("files.content" in s for s in listing)
+    assert json.loads(content.text)["custom_id"] == "a"
+
+
+async def test_a_line_outlasting_the_clients_default_timeout_is_answered(
+    seed: Seed, start_engine: StartEngine, start_gateway: StartGateway, monkeypatch: Any
+) -> None:
+    """Jobs have their own timeout: the default of the client the gateway shares with
+    live traffic (aiohttp's 5 minutes, cut here to 0.2 s) does not end a line."""
+    monkeypatch.setattr(aiohttp.client, "DEFAULT_TIMEOUT", aiohttp.ClientTimeout(total=0.2))
+    key = await seed.workload("support-bot")
+    await seed.replica("support-bot", (await start_engine(time_scale=1.0)).url)
+    gateway = await start_gateway()
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, [chat_line("long", max_tokens=40)])
+        done = await finished(client, batch.id)
+        output = await lines_of(client, done.output_file_id)
+    assert done.error_file_id is None
+    assert [line["custom_id"] for line in output] == ["long"]
+
+
+async def test_a_line_whose_replica_never_answers_fails_before_it_goes_stale(
+    seed: Seed, start_gateway: StartGateway
+) -> None:
+    """A job's request is bounded just short of ``job_timeout_sec``: a replica that
+    never answers fails each try of the line before another gateway would claim it."""
+    held = 0
+
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal held
+        await reader.readuntil(b"\r\n\r\n")
+        held += 1
+        await reader.read()  # until the gateway gives up and closes
+        writer.close()
+
+    server = await asyncio.start_server(never_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    key = await seed.workload("support-bot")
+    await seed.replica("support-bot", f"http://127.0.0.1:{port}")
+    gateway = await start_gateway(job_timeout_sec=2.0)
+    try:
+        async with sdk(gateway, "support-bot", key) as client:
+            batch = await submit(client, [chat_line("slow")])
+            done = await finished(client, batch.id)
+            errors = await lines_of(client, done.error_file_id)
+    finally:
+        server.close()
+    assert done.request_counts is not None and done.request_counts.failed == 1
+    assert "TimeoutError" in errors[0]["error"]["message"]
+    assert held >= BATCH_LINE_ATTEMPTS
+
+
+async def test_lines_naming_an_adapter_go_only_to_replicas_booted_with_it(
+    seed: Seed, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    """A rollout that adds a LoRA adapter: the old replica would answer 404 for it, so
+    every line naming it must run on the new one (lines for the base model on either)."""
+    sql = ("sql", "acme/llama-sql-lora")
+    key = await seed.workload("support-bot", llm_loras=[{"name": sql[0], "source": sql[1]}])
+    old = await start_engine()
+    new = await start_engine(enable_lora=True, lora_modules=(sql,))
+    await seed.replica("support-bot", old.url, engine_command=["vllm", "serve", MODEL])
+    await seed.replica(
+        "support-bot", new.url,
+        engine_command=["vllm", "serve", MODEL, "--enable-lora", "--lora-modules", "sql=" + sql[1]],
+    )  # fmt: skip
+    gateway = await start_gateway()
+    lines = [chat_line(f"sql-{i}", model="sql") for i in range(12)]
+    lines += [chat_line(f"base-{i}") for i in range(12)]
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, lines)
+        done = await finished(client, batch.id)
+        output = await lines_of(client, done.output_file_id)
+    assert done.error_file_id is None and len(output) == 24
+    assert {
+        line["response"]["body"]["model"] for line in output if line["custom_id"][0] == "s"
+    } == {"sql"}

@@ -6,13 +6,13 @@ import asyncio
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store import tokens, workloads
 from autoscaler.store.db import migrate
-from autoscaler.store.models import Instance, Workload
+from autoscaler.store.models import Instance, Job, Workload
 from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.tokens import TokenKind
 from autoscaler.store.workloads import EnsureAction
@@ -217,3 +217,18 @@ async def test_migrations_are_idempotent(engine: AsyncEngine) -> None:
 
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     assert version is not None
+
+
+async def test_a_batchs_lines_are_indexed_by_batch_and_status(engine: AsyncEngine) -> None:
+    """Finalizing a batch looks for an open line after each line: the migrated store
+    indexes jobs on (batch_id, status), as the models declare."""
+    await migrate(engine)
+    async with engine.connect() as conn:
+        indexes = await conn.run_sync(lambda c: inspect(c).get_indexes("jobs"))
+    on = {index["name"]: index["column_names"] for index in indexes}
+    assert on["ix_jobs_batch_id_status"] == ["batch_id", "status"]
+    assert "ix_jobs_batch_id" not in on
+    declared = {i.name for i in Job.metadata.tables["jobs"].indexes}
+    assert {name for name in on if name and name.startswith("ix_jobs_batch")} == {
+        name for name in declared if name and name.startswith("ix_jobs_batch")
+    }
