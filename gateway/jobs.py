@@ -14,7 +14,10 @@ take jobs submitted on their own first, and a batch line only while a replica ha
 beyond the reserve kept for live traffic (``gateway.window.batch_reserve``). A batch
 line whose replica failed before answering (a connection refused or cut) is queued
 again, up to ``BATCH_LINE_ATTEMPTS`` claims in all; any job whose replica refused the
-connection is queued again, and the replica rested for ``refused_cooldown_sec``.
+connection is queued again, and the replica rested for ``refused_cooldown_sec``. A line
+of a batch that was cancelled or whose window closed is never claimed, and is cancelled
+or expired instead of queued again. A job's outcome is written only while it is still
+the writer's claim, so a job queued again and claimed elsewhere is left to its holder.
 """
 
 from __future__ import annotations
