@@ -573,6 +573,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0 or args.requests < 1 or args.warmup < 0:
         parser.error("--rounds and --requests must be >= 1, --seconds > 0, --warmup >= 0")
+    if args.nginx is not None and shutil.which(args.nginx) is None:
+        parser.error(f"--nginx {args.nginx!r}: not an executable file (nor a command on PATH)")
     return args
 
 

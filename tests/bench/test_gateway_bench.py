@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from bench.gateway import find_nginx, nginx_config
+from bench.gateway import find_nginx, nginx_config, parse_args
 
 
 def test_config_streams_sse_through_a_keepalive_upstream(tmp_path: Path) -> None:
@@ -51,3 +52,18 @@ def test_nginx_accepts_the_config(tmp_path: Path) -> None:
         check=False,
     )
     assert checked.returncode == 0, checked.stderr
+
+
+def test_no_nginx_found_means_the_row_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(shutil, "which", lambda *_a, **_k: None)
+    assert find_nginx(None) is None
+    assert find_nginx("/opt/nginx/sbin/nginx") == "/opt/nginx/sbin/nginx"
+
+
+def test_an_nginx_that_is_not_executable_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "nginx")
+    with pytest.raises(SystemExit):
+        parse_args(["--nginx", missing])
+    assert f"--nginx {missing!r}: not an executable file" in capsys.readouterr().err
