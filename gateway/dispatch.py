@@ -10,8 +10,11 @@ prefill work (``gateway.balancing``). When no replica can take it, the
 request waits in its workload's FIFO queue: for a replica with room (bounded by
 ``queue_timeout_sec``), or, when the workload has no ready replica at all, for a cold
 start (bounded by the workload's cold-start deadline, after demand is recorded so the
-controller scales from zero). Waiters are served in arrival order, and a newcomer never
-overtakes a waiter.
+controller scales from zero). Waiters are served in arrival order among those the same
+replicas may serve: a replica a waiter may use is held for it, so neither a later waiter
+nor a newcomer takes it first. A waiter no replica with room may serve holds back only
+the replicas it may use, so a request for an adapter no ready replica has yet does not
+stall the rest of its workload's traffic.
 
 A request whose prompt blocks are known (``catalog.prefix``: the proxy hashes chat and
 completions bodies) is routed by ``gateway.balancing.choose_by_prefix`` over the
@@ -164,10 +167,10 @@ class Dispatcher:
         """
         state = self._state(ref)
         prompt = Prompt(prompt_tokens, blocks, adapter)
-        if not state.waiters:
-            lease = self._try_lease(ref, state, prompt=prompt, excluded=excluded)
-            if lease is not None:
-                return lease
+        held = self._held_for_waiters(ref, state)
+        lease = self._try_lease(ref, state, prompt=prompt, excluded={*excluded, *held})
+        if lease is not None:
+            return lease
         if (blocked := self._blocked(ref)) is not None:
             self._on_cold_start(ref)  # the demand stands: the controller tries again
             raise blocked
@@ -354,31 +357,58 @@ class Dispatcher:
             retry_after=1,
         )
 
-    def _serve_waiters(self, ref: WorkloadRef) -> None:
-        state = self._state(ref)
-        while state.waiters:
-            waiter = state.waiters[0]
-            if waiter.future.done():
-                state.waiters.popleft()
-                continue
-            lease = self._try_lease(ref, state, prompt=waiter.prompt)
-            if lease is None:
-                return
-            state.waiters.popleft()
-            waiter.future.set_result(lease)
+    def _held_for_waiters(self, ref: WorkloadRef, state: _WorkloadState) -> set[str]:
+        """The replicas some waiter of ``ref`` may use: a newcomer takes none of them
+        (it would overtake that waiter). A waiter for an adapter no replica has holds
+        none."""
+        route = self._routes.get(ref)
+        if route is None or not state.waiters:
+            return set()
+        return {
+            r.key
+            for waiter in state.waiters
+            if not waiter.future.done()
+            for r in _serving(route, waiter.prompt.adapter)
+        }
 
-    def has_room(self, ref: WorkloadRef, *, batch: bool = False) -> bool:
-        """Whether a request of ``ref`` would get a replica now without waiting: one
-        has room under its cap and nobody waits in line. A batch line also leaves each
-        replica's reserve for live traffic (``gateway.window.batch_reserve``)."""
+    def _serve_waiters(self, ref: WorkloadRef) -> None:
+        """Serve the waiters in arrival order. One that cannot be served now holds the
+        replicas it may use, so those behind it are served only on the others."""
         state = self._state(ref)
         route = self._routes.get(ref)
-        if state.waiters or route is None:
+        held: set[str] = set()
+        served: list[_Waiter] = []
+        for waiter in state.waiters:
+            if waiter.future.done():
+                served.append(waiter)
+                continue
+            lease = self._try_lease(ref, state, prompt=waiter.prompt, excluded=held)
+            if lease is None:
+                if route is not None:
+                    held.update(r.key for r in _serving(route, waiter.prompt.adapter))
+                continue
+            served.append(waiter)
+            waiter.future.set_result(lease)
+        for waiter in served:
+            state.waiters.remove(waiter)
+
+    def has_room(self, ref: WorkloadRef, *, batch: bool = False) -> bool:
+        """Whether a base-model request of ``ref`` would get a replica now without
+        waiting: one has room under its cap and no waiter may use it (a waiter for an
+        adapter no replica has holds none). A batch line also leaves each replica's
+        reserve for live traffic (``gateway.window.batch_reserve``)."""
+        state = self._state(ref)
+        route = self._routes.get(ref)
+        if route is None:
             return False
+        held = self._held_for_waiters(ref, state)
         cap = replica_cap(route.per_worker, self._limits.replica_concurrency_cap)
         if batch:
             cap -= batch_reserve(cap)
-        return any(not r.draining and state.outstanding.get(r.key, 0) < cap for r in route.replicas)
+        return any(
+            not r.draining and r.key not in held and state.outstanding.get(r.key, 0) < cap
+            for r in route.replicas
+        )
 
     def queued(self, ref: WorkloadRef) -> int:
         state = self._states.get(ref)
