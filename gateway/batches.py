@@ -29,7 +29,15 @@ from sqlalchemy.orm import undefer
 from autoscaler.store.models import Batch, Job, StoredFile
 from gateway import batch_format as fmt
 from gateway.errors import GatewayError
-from gateway.jobs import CANCELLED, EXPIRED, FAILED, QUEUED, RUNNING, SUCCEEDED
+from gateway.jobs import (
+    CANCELLED,
+    EXPIRED,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    close_lines_of_closed_batches,
+)
 from gateway.routes import WorkloadRef
 
 FILE_PURPOSES = ("batch",)
@@ -435,26 +443,11 @@ async def sweep(sessions: async_sessionmaker[AsyncSession], *, now: datetime) ->
     batches (lines queued again after the cancel), then finalize every open batch with
     no line left (also those whose last line's gateway died before it could)."""
     async with sessions() as s, s.begin():
-        open_batches = list(
-            await s.execute(
-                select(Batch.id, Batch.expires_at, Batch.cancelling_at).where(
-                    Batch.finalizing_at.is_(None)
-                )
-            )
-        )
-        for batch_id, expires_at, cancelling_at in open_batches:
-            # A cancelled batch's line queued again after the cancel (its replica
-            # refused, its gateway stopped or died) is cancelled too.
-            closed = CANCELLED if cancelling_at is not None else None
-            if closed is None and expires_at <= now:
-                closed = EXPIRED
-            if closed is not None:
-                await s.execute(
-                    update(Job)
-                    .where(Job.batch_id == batch_id, Job.status == QUEUED)
-                    .values(status=closed, finished_at=now)
-                )
-    for batch_id, _, _ in open_batches:
+        open_batches = list(await s.execute(select(Batch.id).where(Batch.finalizing_at.is_(None))))
+        # A cancelled batch's line queued again after the cancel (its replica refused,
+        # its gateway stopped or died) is cancelled too.
+        await close_lines_of_closed_batches(s, now=now)
+    for (batch_id,) in open_batches:
         await finalize_if_done(sessions, batch_id=batch_id, now=now)
 
 

@@ -28,7 +28,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -239,6 +239,7 @@ class JobRunner:
         if cut:
             # Only our own claims: a claim rolled back may since be another gateway's.
             mine = or_(*(and_(Job.id == i, Job.started_at == at) for i, at in cut.items()))
+            closed: list[str] = []
             try:
                 async with self._sessions() as s, s.begin():
                     await s.execute(
@@ -246,8 +247,15 @@ class JobRunner:
                         .where(Job.status == RUNNING, mine)
                         .values(status=QUEUED, started_at=None)
                     )
+                    closed = await close_lines_of_closed_batches(s, now=self._now(), ids=cut)
             except Exception:
                 log.exception("queueing %d cut jobs again failed", len(cut))
+            for batch_id in closed:
+                if self._on_batch_line_done is not None:
+                    try:
+                        await self._on_batch_line_done(batch_id)
+                    except Exception:
+                        log.exception("finalizing batch %s failed", batch_id)
 
     def poke(self) -> None:
         """A job was submitted or a replica became ready: look now."""
@@ -448,6 +456,33 @@ async def _closed_batch_status(s: AsyncSession, batch_id: str, *, now: datetime)
     if cancelling_at is not None:
         return CANCELLED
     return EXPIRED if expires_at <= now else None
+
+
+async def close_lines_of_closed_batches(
+    s: AsyncSession, *, now: datetime, ids: Collection[str] | None = None
+) -> list[str]:
+    """Cancel the queued lines of cancelled batches and expire those of open batches
+    past their window (only the jobs ``ids``, if given); the batches they belong to."""
+    touched: set[str] = set()
+    for status, closed in (
+        (CANCELLED, Batch.cancelling_at.is_not(None)),
+        (EXPIRED, and_(Batch.cancelling_at.is_(None), Batch.expires_at <= now)),
+    ):
+        of_closed = (
+            select(Batch.id)
+            .where(Batch.id == Job.batch_id, Batch.finalizing_at.is_(None), closed)
+            .exists()
+        )
+        only = (Job.id.in_(ids),) if ids is not None else ()
+        rows = await s.execute(
+            update(Job)
+            .where(Job.status == QUEUED, Job.batch_id.is_not(None), of_closed, *only)
+            .values(status=status, finished_at=now)
+            .returning(Job.batch_id)
+            .execution_options(synchronize_session=False)
+        )
+        touched.update(batch_id for (batch_id,) in rows if batch_id is not None)
+    return sorted(touched)
 
 
 def open_batch_lines(now: datetime) -> ColumnElement[bool]:

@@ -574,3 +574,27 @@ async def test_lines_naming_an_adapter_go_only_to_replicas_booted_with_it(
     assert {
         line["response"]["body"]["model"] for line in output if line["custom_id"][0] == "s"
     } == {"sql"}
+
+
+async def test_a_gateway_stopping_mid_line_of_a_cancelled_batch_finishes_the_cancel(
+    seed: Seed, sessions: Sessions, start_engine: StartEngine, start_gateway: StartGateway
+) -> None:
+    """The line a stopping gateway cuts short belongs to a batch cancelled meanwhile:
+    it is cancelled, not queued again, and the batch is cancelled at once."""
+    key = await seed.workload("support-bot")
+    await seed.replica("support-bot", (await start_engine(time_scale=1.0)).url)
+    gateway = await start_gateway()
+    runner = gateway._jobs
+    assert runner is not None
+    async with sdk(gateway, "support-bot", key) as client:
+        batch = await submit(client, [chat_line("a", max_tokens=200)])
+        await eventually(lambda: bool(runner._held))
+        assert (await client.batches.cancel(batch.id)).status == "cancelling"
+    await gateway.stop()
+    async with sessions() as s:
+        line = await s.scalar(select(Job.status).where(Job.batch_id == batch.id))
+        stored = await batches.get_batch(s, ref=REF, batch_id=batch.id)
+        view = await batches.batch_view(s, stored)
+    assert line == "cancelled"
+    assert view["status"] == "cancelled"
+    assert view["request_counts"] == {"total": 1, "completed": 0, "failed": 1}
