@@ -282,6 +282,15 @@ class ManagementClient:
         )
         return created
 
+    def replace_secret(self, name: str, value: str) -> dict[str, Any]:
+        """Replace the value of the project's secret ``name``, also while workloads use it
+        (a rotated token; replicas get it at their next boot); the answer names it and
+        never holds the value. ``secret_not_found`` (404) when there is none."""
+        replaced: dict[str, Any] = self._call(
+            "PUT", f"/v1/projects/{self.project}/secrets/{name}", json={"value": value}
+        )
+        return replaced
+
     def list_secrets(self) -> builtins.list[dict[str, Any]]:
         """The project's secrets: ``name`` and ``created_at`` each, never values."""
         items: builtins.list[dict[str, Any]] = self._call(

@@ -1,9 +1,10 @@
-"""Stored secrets: ``POST/GET /v1/projects/{p}/secrets``, ``DELETE …/secrets/{name}``.
+"""Stored secrets: ``POST/GET /v1/projects/{p}/secrets``, ``PUT/DELETE …/secrets/{name}``.
 
-A secret's value goes in once and never comes back out of this API: the answers carry
-its name and creation time only, and a refused body's problems never quote it. Workloads
+A secret's value goes in and never comes back out of this API: the answers carry its
+name and creation time only, and a refused body's problems never quote it. Workloads
 refer to a secret by name (``hf_token_secret``); one in use cannot be deleted (409
-``secret_in_use``, naming the workloads).
+``secret_in_use``, naming the workloads), but its value can be replaced (``PUT``: a
+rotated token), which replicas read at their next boot.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class SecretCreate(BaseModel):
     """One line (it travels in an env file), at most 16 KiB."""
 
 
+class SecretValue(BaseModel):
+    """A secret's new value (``PUT …/secrets/{name}``)."""
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    value: Annotated[
+        str, Field(min_length=1, max_length=secrets.MAX_SECRET_CHARS, pattern=r"^[^\r\n]+$")
+    ]
+    """One line (it travels in an env file), at most 16 KiB."""
+
+
 def secret_view(row: Secret) -> dict[str, Any]:
     return {"name": row.name, "created_at": row.created_at.isoformat()}
 
@@ -52,8 +63,9 @@ async def create_secret(
         raise ApiError(
             409,
             "secret_exists",
-            f"secret {body.name!r} is already stored in project {project!r}; delete it first "
-            "to replace it",
+            f"secret {body.name!r} is already stored in project {project!r}; replace its "
+            f"value with PUT /v1/projects/{project}/secrets/{body.name} "
+            "(autoscaler secrets create --replace)",
         ) from None
     view = secret_view(row)
     await s.commit()
@@ -64,6 +76,28 @@ async def create_secret(
 async def list_secrets(project: Project, s: Session) -> dict[str, Any]:
     """The project's secrets: names and creation times, never values."""
     return {"items": [secret_view(r) for r in await secrets.list_secrets(s, project=project)]}
+
+
+@router.put("/v1/projects/{project}/secrets/{name}")
+async def replace_secret(
+    project: Project, name: SecretName, body: SecretValue, s: Session, state: State
+) -> dict[str, Any]:
+    """Replace a stored secret's value, also while workloads use it; the answer names it
+    (``created_at`` is now), never shows it. Running replicas keep the value they booted
+    with; replicas started from now on get the new one."""
+    row = await secrets.replace_secret(
+        s, project=project, name=name, value=body.value, now=state.now()
+    )
+    if row is None:
+        raise ApiError(
+            404,
+            "secret_not_found",
+            f"no secret {name!r} in project {project!r}; create it with POST "
+            f"/v1/projects/{project}/secrets",
+        )
+    view = secret_view(row)
+    await s.commit()
+    return view
 
 
 @router.delete("/v1/projects/{project}/secrets/{name}")

@@ -554,12 +554,19 @@ def secrets() -> None:
     help="Read the value from this file (one line; a final newline is dropped).",
 )
 @click.option("--from-stdin", is_flag=True, help="Read the value from standard input.")
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="Replace the value of a stored secret (also one workloads use): running replicas "
+    "keep the value they booted with, new ones get this one.",
+)
 @project_option
 @url_option
 def secrets_create(
-    name: str, from_file: Path | None, from_stdin: bool, project: str, url: str
+    name: str, from_file: Path | None, from_stdin: bool, replace: bool, project: str, url: str
 ) -> None:
-    """Store a secret; its value is never printed, listed or shown again."""
+    """Store a secret (or, with --replace, a stored secret's new value); its value is never
+    printed, listed or shown again."""
     if (from_file is None) == (not from_stdin):
         _fail("give exactly one of --from-file PATH or --from-stdin", code=EXIT_INPUT)
     text = from_file.read_text() if from_file is not None else sys.stdin.read()
@@ -567,8 +574,11 @@ def secrets_create(
     if not value or "\n" in value or "\r" in value:
         _fail("the secret must be one non-empty line (a Hugging Face token is)", code=EXIT_INPUT)
     with _client(url, project) as client:
-        client.create_secret(name, value)
-    click.echo(f"secret/{name} created")
+        if replace:
+            client.replace_secret(name, value)
+        else:
+            client.create_secret(name, value)
+    click.echo(f"secret/{name} {'replaced' if replace else 'created'}")
 
 
 @secrets.command("list")

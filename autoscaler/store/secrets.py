@@ -4,6 +4,10 @@
 A secret's value leaves the store only for a replica: the boot callback's env file, a
 local or private-worker replica's environment (:func:`hf_token_of`). Everything else
 (the API, the CLI, ``describe``, the logs) sees names and creation times.
+
+A value is replaced in place (:func:`replace_secret`), also while workloads use it: a
+leaked token is rotated without editing them. Replicas read it at boot, so running ones
+keep the value they booted with; ``created_at`` becomes the time the new value was stored.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ class SecretInUse(Exception):
 async def create_secret(
     session: AsyncSession, *, project: str, name: str, value: str, now: datetime
 ) -> Secret:
-    """Store ``value`` as ``name``; :class:`SecretExists` when the name is taken (a
-    secret is replaced by deleting it first, so nothing is overwritten by accident)."""
+    """Store ``value`` as ``name``; :class:`SecretExists` when the name is taken (a value
+    is replaced only by :func:`replace_secret`, so nothing is overwritten by accident)."""
     if await session.get(Secret, (project, name)) is not None:
         raise SecretExists(name)
     row = Secret(project=project, name=name, value=value, created_at=now)
@@ -45,6 +49,20 @@ async def create_secret(
         await session.flush()
     except IntegrityError:  # made by another caller since the check
         raise SecretExists(name) from None
+    return row
+
+
+async def replace_secret(
+    session: AsyncSession, *, project: str, name: str, value: str, now: datetime
+) -> Secret | None:
+    """Replace the value of ``name`` (whether or not workloads use it); ``None`` when
+    there is none. ``created_at`` becomes ``now``: when the value now held was stored."""
+    row = await session.get(Secret, (project, name))
+    if row is None:
+        return None
+    row.value = value
+    row.created_at = now
+    await session.flush()
     return row
 
 

@@ -178,6 +178,87 @@ def test_the_cli_reads_the_value_from_a_file_or_stdin(
         assert VALUE not in out
 
 
+ROTATED = "hf_" + "RoTaTeD" * 5
+"""The value a leaked ``VALUE`` is rotated to."""
+
+
+async def test_a_secret_in_use_is_replaced_in_place(
+    boot_api: BootApiServer,
+    store: Any,
+    database_url: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Rotating a leaked token: its value is replaced while a workload uses it, with no
+    edit of the workload; a replica booting from then on gets the new value; neither value
+    shows in any answer, output or log record, and the new one is sealed at rest."""
+    caplog.set_level(logging.DEBUG)
+    env = {"AUTOSCALER_URL": boot_api.url, "AUTOSCALER_SDK_TOKEN": ADMIN_TOKEN}
+    shown: list[str] = []
+    with _client(boot_api) as client:
+        client.create_secret("hf-acme", VALUE)
+        launch = await add_launch(store, spec_extra={"hf_token_secret": "hf-acme"})
+        with pytest.raises(ApiError) as taken:
+            client.create_secret("hf-acme", ROTATED)
+        assert (taken.value.status, taken.value.code) == (409, "secret_exists")
+        assert "--replace" in taken.value.message
+        replaced = client.replace_secret("hf-acme", ROTATED)
+        listed = client.list_secrets()
+        assert [replaced] == listed  # the same metadata as the list: name, created_at
+        assert set(replaced) == {"name", "created_at"}
+        with pytest.raises(ApiError) as unknown:
+            client.replace_secret("hf-nobody", ROTATED)
+        assert (unknown.value.status, unknown.value.code) == (404, "secret_not_found")
+        shown += [str(replaced), str(listed), unknown.value.message, taken.value.message]
+
+    async with httpx.AsyncClient() as http:
+        env_file = await http.get(
+            f"{boot_api.url}/v1/boot/{launch.launch_id}/secrets", headers=launch.auth()
+        )
+        bad = await http.put(
+            f"{boot_api.url}/v1/projects/acme/secrets/hf-acme",
+            json={"value": VALUE + "\nsecond line"},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
+    assert f"HF_TOKEN={ROTATED}" in env_file.text.splitlines()
+    assert bad.status_code == 422
+    assert [d["path"].rsplit(".", 1)[-1] for d in bad.json()["error"]["details"]] == ["value"]
+    shown.append(bad.text)
+    async with store() as s:
+        row = await s.get(Instance, launch.launch_id)
+    assert row is not None
+    local = await ledger_secrets(store, environ={"HF_TOKEN": HF_TOKEN})(_request(row))
+    assert local["HF_TOKEN"] == ROTATED
+
+    runner = CliRunner()
+    again = runner.invoke(
+        main, ["secrets", "create", "hf-acme", "--replace", "--from-stdin", "-p", "acme"],
+        env=env, input=VALUE + "\n",
+    )  # fmt: skip
+    missing = runner.invoke(
+        main, ["secrets", "create", "hf-none", "--replace", "--from-stdin", "-p", "acme"],
+        env=env, input=VALUE,
+    )  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert "secret/hf-acme replaced" in again.output
+    assert missing.exit_code != 0 and "secret_not_found" in missing.output
+    shown += [again.output, missing.output]
+    async with httpx.AsyncClient() as http:
+        env_file = await http.get(
+            f"{boot_api.url}/v1/boot/{launch.launch_id}/secrets", headers=launch.auth()
+        )
+    assert f"HF_TOKEN={VALUE}" in env_file.text.splitlines()
+    async with open_store(database_url) as engine, engine.connect() as conn:
+        raw = (await conn.execute(text("SELECT value FROM secrets"))).scalar_one()
+    assert raw.startswith(sealed.PREFIX) and VALUE not in raw
+
+    for out in shown:
+        assert VALUE not in out and ROTATED not in out
+    for record in caplog.records:
+        for value in (VALUE, ROTATED):
+            assert value not in record.getMessage()
+            assert value not in repr(record.args)
+
+
 def _request(row: Instance) -> LaunchRequest:
     offer = Offer(
         provider=ProviderName.AWS,
