@@ -37,6 +37,7 @@ from gateway.jobs import (
     RUNNING,
     SUCCEEDED,
     close_lines_of_closed_batches,
+    queued_job,
 )
 from gateway.routes import WorkloadRef
 
@@ -277,22 +278,14 @@ async def create_batch(
     s.add(batch)
     route = fmt.ENDPOINTS[request.endpoint]
     s.add_all(
-        Job(
-            id="job_" + secrets.token_hex(12),
-            project=ref[0],
-            workload_slug=ref[1],
+        queued_job(
+            ref,
             route=route,
-            request=line.body,
-            status=QUEUED,
-            result=None,
-            error=None,
-            created_at=now,
-            started_at=None,
-            finished_at=None,
+            body=line.body,
+            now=now,
             batch_id=batch.id,
             custom_id=line.custom_id,
             batch_line=line.line,
-            attempts=0,
         )
         for line in lines
     )

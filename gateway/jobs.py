@@ -125,22 +125,40 @@ def job_view(job: Job) -> dict[str, Any]:
     }
 
 
-async def submit_job(
-    session: AsyncSession, *, ref: WorkloadRef, submission: JobSubmission, now: datetime
+def queued_job(
+    ref: WorkloadRef,
+    *,
+    route: str,
+    body: dict[str, Any],
+    now: datetime,
+    batch_id: str | None = None,
+    custom_id: str | None = None,
+    batch_line: int | None = None,
 ) -> Job:
-    job = Job(
+    """A new job row, queued: one submitted on its own, or a line of a batch."""
+    return Job(
         id="job_" + secrets.token_hex(12),
         project=ref[0],
         workload_slug=ref[1],
-        route=submission.route,
-        request=submission.body,
+        route=route,
+        request=body,
         status=QUEUED,
         result=None,
         error=None,
         created_at=now,
         started_at=None,
         finished_at=None,
+        batch_id=batch_id,
+        custom_id=custom_id,
+        batch_line=batch_line,
+        attempts=0,
     )
+
+
+async def submit_job(
+    session: AsyncSession, *, ref: WorkloadRef, submission: JobSubmission, now: datetime
+) -> Job:
+    job = queued_job(ref, route=submission.route, body=submission.body, now=now)
     session.add(job)
     await session.flush()
     return job
