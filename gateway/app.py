@@ -307,12 +307,8 @@ class Gateway:
         }
         if not ids and not changes.keys:
             return current
-        routes = dict(current.workloads)
-        if ids:
-            for ref, route in current.workloads.items():
-                if route.workload_id in ids:
-                    del routes[ref]
-            routes.update(await load_routes(s, now=now, workload_ids=ids))
+        routes = {ref: r for ref, r in current.workloads.items() if r.workload_id not in ids}
+        routes.update(await load_routes(s, now=now, workload_ids=ids))
         data_keys, admin = (
             await load_keys(s) if changes.keys else (current.data_keys, current.admin_hashes)
         )

@@ -104,6 +104,8 @@ async def load_routes(
 ) -> dict[WorkloadRef, WorkloadRoute]:
     """The routes of live workloads: every one, or those of ``workload_ids`` (a deleted
     or unknown id is simply absent from the answer)."""
+    if workload_ids is not None and not workload_ids:
+        return {}
     blocks = await placement_blocks(session, now=now, workload_ids=workload_ids)
     live = select(Workload).where(Workload.deleted_at.is_(None))
     routable = select(Instance).where(
@@ -115,8 +117,6 @@ async def load_routes(
         Instance.group_role.is_(None) | (Instance.group_role != "worker"),
     )
     if workload_ids is not None:
-        if not workload_ids:
-            return {}
         live = live.where(Workload.id.in_(workload_ids))
         routable = routable.where(Instance.workload_id.in_(workload_ids))
     workload_rows = list(await session.scalars(live))
