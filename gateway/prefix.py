@@ -40,18 +40,40 @@ def request_blocks(path: str, body: bytes | None) -> tuple[int, ...]:
     other routes, a body too short to hold one block, or one that is not a JSON object),
     chained from the requested model's name (an adapter's cache is its own).
     A body the proxy streams on without reading is routed by least work."""
-    if path not in HASHED_ROUTES or body is None or len(body) < BLOCK_CHARS:
-        return ()
+    return object_blocks(json_object(body)) if hashes_prompt(path, body) else ()
+
+
+def hashes_prompt(path: str, body: bytes | None) -> bool:
+    """Whether the request's prompt is hashed into blocks: a chat or completions body
+    long enough to hold one block."""
+    return path in HASHED_ROUTES and body is not None and len(body) >= BLOCK_CHARS
+
+
+def json_object(body: bytes | None) -> dict[str, object] | None:
+    """The body parsed as a JSON object; ``None`` for no body, not JSON, or JSON that is
+    not an object (or nested past the parser's depth)."""
+    if body is None:
+        return None
     try:
         data = json.loads(body)
-    except (ValueError, RecursionError):  # not JSON, or nested past the parser's depth
-        return ()
-    if not isinstance(data, dict):
+    except (ValueError, RecursionError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def object_blocks(data: dict[str, object] | None) -> tuple[int, ...]:
+    """:func:`request_blocks` of a body already parsed by :func:`json_object`."""
+    if data is None:
         return ()
     text = prompt_text(data)
-    model = data.get("model")
-    namespace = model if isinstance(model, str) else ""
-    return () if text is None else text_blocks(text, namespace=namespace)
+    namespace = model_named(data)
+    return () if text is None else text_blocks(text, namespace=namespace or "")
+
+
+def model_named(data: dict[str, object] | None) -> str | None:
+    """The ``model`` a parsed request body names, or ``None``."""
+    model = None if data is None else data.get("model")
+    return model if isinstance(model, str) else None
 
 
 DEFAULT_INDEX_BLOCKS = 1024

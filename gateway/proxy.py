@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway import tokens
 from gateway.dispatch import Dispatcher, Lease
 from gateway.errors import GatewayError, error_body
-from gateway.prefix import request_blocks
+from gateway.prefix import hashes_prompt, json_object, model_named, object_blocks
 from gateway.routes import WorkloadRoute
 from gateway.signals import Signals
 
@@ -141,10 +140,14 @@ class Forwarder:
             body = self._stream_body(request)
         else:
             body = None
-        adapter = route.adapter(requested_model(body)) if route.adapters else None
+        # The body is parsed once, for its prompt's blocks and the adapter it names.
+        read = body if isinstance(body, bytes) else None
+        hashed = hashes_prompt(path, read)
+        data = json_object(read) if hashed or route.adapters else None
+        adapter = route.adapter(model_named(data)) if route.adapters else None
         tried: list[str] = []
         prompt_tokens = tokens.routing_estimate(length)
-        blocks = request_blocks(path, body) if isinstance(body, bytes) else ()
+        blocks = object_blocks(data) if hashed else ()
         while True:
             lease = await self._dispatcher.acquire(
                 route.ref,
@@ -329,18 +332,6 @@ class Forwarder:
         # Closing without the final chunk tells every HTTP client the body is incomplete.
         if request.transport is not None:
             request.transport.close()
-
-
-def requested_model(body: bytes | AsyncIterator[bytes] | None) -> str | None:
-    """The ``model`` a JSON request body names, or ``None`` (no body, not JSON, none)."""
-    if not isinstance(body, bytes) or b'"model"' not in body:
-        return None
-    try:
-        parsed = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    model = parsed.get("model") if isinstance(parsed, dict) else None
-    return model if isinstance(model, str) else None
 
 
 def _too_large(limit: int) -> GatewayError:
