@@ -268,7 +268,7 @@ class Gateway:
             now = datetime.fromtimestamp(self._wall_clock(), UTC)
             table = await self._changed_table(s, now=now, mono=mono)
             queues = await jobs.job_queues(s)
-        if self._feed.marks and mono - self._feed.marks[0][0] >= self._feed.prune_after_sec:
+        if self._feed.prune_due(mono):
             await self._prune_changes(mono)
         changed = table is not self._table
         depths = {ref: queue.depth for ref, queue in queues.items()}

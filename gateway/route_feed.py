@@ -129,11 +129,15 @@ class RouteFeed:
             return None
         return Changes(workload_ids=frozenset(ids), keys=keys)
 
+    def prune_due(self, now: float) -> bool:
+        """Whether rows seen :attr:`prune_after_sec` ago are waiting to be pruned."""
+        return bool(self.marks) and now - self.marks[0][0] >= self.prune_after_sec
+
     async def prune(self, session: AsyncSession, now: float) -> int:
         """Delete the rows seen at least :attr:`prune_after_sec` ago; the count deleted.
         The caller commits."""
         upto: int | None = None
-        while self.marks and now - self.marks[0][0] >= self.prune_after_sec:
+        while self.prune_due(now):
             upto = self.marks.popleft()[1]
         if upto is None:
             return 0
