@@ -449,6 +449,23 @@ def _worker_source(value: Any) -> str | None:
     return getattr(value, "source", None)
 
 
+SLEEPING_BACKENDS = frozenset({Backend.VLLM})
+"""Backends whose replicas can sleep: vLLM's sleep mode (``--enable-sleep-mode``; then
+``POST /sleep`` and ``POST /wake_up``). Other backends' replicas are stopped or
+terminated instead."""
+
+
+class WarmPoolSpec(StrictModel):
+    """Parked replicas to keep for fast scale-ups (``decide.warm``): at most ``stopped``
+    stopped machines and ``sleeping`` sleeping engines, refilled up to those counts."""
+
+    stopped: Annotated[int, Field(ge=0, strict=True), WHOLE] = 0
+    sleeping: Annotated[int, Field(ge=0, strict=True), WHOLE] = 0
+    sleep_level: Literal[1, 2] = 1
+    """vLLM's sleep level: 1 keeps the weights in host memory (faster wake, host RAM),
+    2 drops them (reloaded from the local disk)."""
+
+
 class AutoscalingPolicy(StrictModel):
     """Scale between ``min_workers`` and ``max_workers`` on measured TTFT.
 
@@ -484,6 +501,10 @@ class AutoscalingPolicy(StrictModel):
     scale_to_zero_timeout_sec: Annotated[float, Field(gt=0)] = 900.0
     enable_fast_autoscaling: bool = False
     allow_spot_instances: bool = False
+    warm_pool: WarmPoolSpec | Literal["auto"] | None = None
+    """Stopped machines and sleeping engines kept for fast scale-ups
+    (:mod:`autoscaler.decide.warm`): explicit bounds, ``"auto"`` (keep what scale-downs
+    leave while cheaper than buying again), or unset (none)."""
     regions: Annotated[
         list[str] | None, Field(json_schema_extra={"items": {"pattern": REGION_PATTERN}})
     ] = None
@@ -536,6 +557,21 @@ class AutoscalingPolicy(StrictModel):
                 f"lower_allowed_latency_sec ({self.lower_allowed_latency_sec}) must be below "
                 f"upper_allowed_latency_sec ({self.upper_allowed_latency_sec})"
             )
+        cloud = self.workers is None or isinstance(self.workers, CloudWorkers)
+        pool = self.warm_pool
+        if isinstance(pool, WarmPoolSpec):
+            if pool.stopped + pool.sleeping > self.max_workers:
+                raise ValueError(
+                    f"warm_pool keeps {pool.stopped} stopped + {pool.sleeping} sleeping = "
+                    f"{pool.stopped + pool.sleeping} replicas; allowed: at most max_workers "
+                    f"({self.max_workers})"
+                )
+            if pool.stopped and not cloud:
+                raise ValueError(
+                    f"warm_pool.stopped is {pool.stopped}, but private workers are the "
+                    "owner's machines and are never stopped; allowed: 0 (sleeping engines "
+                    "work on private workers)"
+                )
         cloud = self.workers is None or isinstance(self.workers, CloudWorkers)
         if cloud and self.max_hourly_cost_usd is None:
             raise ValueError(
@@ -797,6 +833,17 @@ class WorkloadSpec(StrictModel):
                 f"not {self.backend.value!r}"
             )
         config = self.execution_policy_config
+        if (
+            isinstance(config, AutoscalingPolicy)
+            and isinstance(config.warm_pool, WarmPoolSpec)
+            and config.warm_pool.sleeping
+            and self.backend not in SLEEPING_BACKENDS
+        ):
+            raise ValueError(
+                f"execution_policy_config.warm_pool.sleeping is {config.warm_pool.sleeping}, "
+                f"but backend {self.backend.value!r} cannot sleep; allowed: 0, or backend "
+                + " or ".join(repr(b.value) for b in sorted(SLEEPING_BACKENDS))
+            )
         if (
             self.worker_id is not None
             and isinstance(config, AutoscalingPolicy)

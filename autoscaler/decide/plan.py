@@ -19,6 +19,14 @@ crash or a missed event gives the same actions. The rules:
   booting are terminated at once. Where the budget refuses the surge, one old replica is
   drained first and its replacement launched once its price has left the ledger; while
   any replica drains, none more is drained in place.
+* **Warm pools** (``decide.warm``, when the spec asks for one). A drained replica of the
+  current generation is parked instead of terminated while its pool has room: its
+  engine put to sleep first (when it can sleep), else its machine stopped. A parked
+  replica past its hold time moves down a path (asleep, then stopped, then terminated);
+  one of an older generation, or beyond its pool's bound, is terminated. Scale-up resumes
+  parked replicas before it launches fresh ones, sleeping first, then stopped, newest
+  parked first; a resume is checked against the budget at its running price. An explicit
+  pool is refilled: a replica is launched, made ready, drained and parked.
 * **Budget per launch.** Each launch is checked with :func:`budget.check_launch` against
   every replica not confirmed terminated, the launches of this plan included; a refused
   launch becomes a :class:`Refusal` with the numbers.
@@ -35,6 +43,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from autoscaler.decide.budget import BudgetLimits, Spend, check_launch
+from autoscaler.decide.warm import WAIT_VALUE, ParkMode, WarmPolicy
 
 SURGE = 1
 """Extra replicas a spec-drift rollout may run above the desired count."""
@@ -49,6 +58,10 @@ class ReplicaPhase(StrEnum):
     DRAINING = "draining"
     TERMINATING = "terminating"
     TERMINATED = "terminated"
+    PARKING = "parking"
+    """Asked to sleep or stop; the engine or the provider has not confirmed it."""
+    PARKED = "parked"
+    """Asleep or stopped (``ReplicaView.park_mode``), kept for a fast scale-up."""
 
 
 _STARTING = frozenset({ReplicaPhase.PENDING, ReplicaPhase.BOOTING})
@@ -71,6 +84,31 @@ class ReplicaView:
     """The machines this replica holds: a replica group's open members, else one."""
     cache_blocks: int = 0
     """Prompt blocks its prefix cache holds, as the gateway's index counts them."""
+    park_mode: ParkMode | None = None
+    """How a parking or parked replica waits."""
+    parked_at: datetime | None = None
+    """When its park was confirmed (the engine asleep, the machine stopped)."""
+    resumed_at: datetime | None = None
+    """When it was last resumed; its liveness timeout counts from then."""
+    running_usd_per_hour: float | None = None
+    """Its price while running, when ``usd_per_hour`` is a stopped machine's (its
+    disks); ``None``: ``usd_per_hour``."""
+    stopped_usd_per_hour: float | None = None
+    """What it would cost stopped (its disks); ``None``: its machine cannot be stopped
+    (a spot machine, a private worker)."""
+    can_sleep: bool = False
+    """Whether its engine was started able to sleep."""
+    prefill: bool = False
+    """Launched to refill a warm pool: parked once ready, not counted as serving."""
+
+    @property
+    def running_price(self) -> float:
+        return self.usd_per_hour if self.running_usd_per_hour is None else self.running_usd_per_hour
+
+    def can_park(self, mode: ParkMode) -> bool:
+        if mode is ParkMode.SLEEPING:
+            return self.can_sleep
+        return self.stopped_usd_per_hour is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +116,8 @@ class Launch:
     reason: str
     replaces: str | None = None
     """The launch id of the old-generation replica this one replaces, if any."""
+    prefill: bool = False
+    """A warm pool refill: the replica is parked once ready."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,7 +132,25 @@ class Terminate:
     reason: str
 
 
-Action = Launch | Drain | Terminate
+@dataclass(frozen=True, slots=True)
+class Park:
+    """Put a drained (or parked) replica's engine to sleep, or stop its machine."""
+
+    launch_id: str
+    mode: ParkMode
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Wake a sleeping replica or start a stopped one: it boots again, then serves."""
+
+    launch_id: str
+    reason: str
+    replaces: str | None = None
+
+
+Action = Launch | Drain | Terminate | Park | Resume
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +177,10 @@ class Plan:
     @property
     def launches(self) -> tuple[Launch, ...]:
         return tuple(a for a in self.actions if isinstance(a, Launch))
+
+    @property
+    def resumes(self) -> tuple[Resume, ...]:
+        return tuple(a for a in self.actions if isinstance(a, Resume))
 
 
 @dataclass
@@ -154,6 +216,57 @@ class _Ledger:
             self.fleet += self.launch_usd_per_hour
         return True
 
+    def try_resume(self, r: ReplicaView) -> bool:
+        """Whether resuming ``r`` fits: its parked price leaves the ledger, its running
+        price comes in (same machines)."""
+        running = r.running_price
+        without = Spend(
+            count=max(0, self.live.count - 1),
+            total=self.live.total - r.usd_per_hour,
+            uniform=None,
+            machines=max(0, self.live.machines - r.machines),
+        )
+        fleet = None if self.fleet is None else self.fleet - r.usd_per_hour
+        verdict = check_launch(
+            live_usd_per_hour=without,
+            new_usd_per_hour=running,
+            limits=self.limits,
+            fleet_live_usd_per_hour=fleet,
+            new_instances=r.machines,
+        )
+        if not verdict.allowed:
+            reason = verdict.reason.replace("launch refused", f"resume of {r.launch_id} refused", 1)
+            self.refusals.append(Refusal(reason))
+            return False
+        self.live = without.plus(running, machines=r.machines)
+        self.launched += 1
+        if self.fleet is not None and fleet is not None:
+            self.fleet = fleet + running
+        return True
+
+
+@dataclass
+class _Pool:
+    """The warm pool as this plan leaves it: parked and parking replicas per mode."""
+
+    policy: WarmPolicy | None
+    generation: int
+    held: dict[ParkMode, int] = field(default_factory=lambda: dict.fromkeys(ParkMode, 0))
+
+    def mode_for(self, r: ReplicaView) -> ParkMode | None:
+        """Where a replica leaving service goes: asleep while that pool has room (and its
+        engine can sleep), else stopped, else nowhere (``None``: terminate it)."""
+        if self.policy is None or r.generation < self.generation:
+            return None
+        for mode in (ParkMode.SLEEPING, ParkMode.STOPPED):
+            if self.held[mode] < self.policy.bound(mode) and r.can_park(mode):
+                return mode
+        return None
+
+    def text(self, mode: ParkMode) -> str:
+        bound = 0 if self.policy is None else self.policy.bound(mode)
+        return f"{self.held[mode]}/{bound} {mode.value}"
+
 
 def plan_actions(
     *,
@@ -168,6 +281,7 @@ def plan_actions(
     inherited_usd_per_hour: Sequence[float] = (),
     launch_limit: int | None = None,
     launch_machines: int = 1,
+    warm: WarmPolicy | None = None,
 ) -> Plan:
     """The actions that move ``replicas`` toward ``desired`` replicas of ``spec_generation``.
 
@@ -181,9 +295,11 @@ def plan_actions(
     confirmed terminated; they count against this workload's ceilings until they are
     gone. ``launch_limit``: at most this many launches in one plan (the rest come in the
     next, which is then due at once: ``requeue_after`` 0), so one workload's scale-up
-    never makes a pass take more than its share.
+    never makes a pass take more than its share. ``warm``: the workload's warm pool
+    (``None``: none; every replica leaving is terminated).
 
-    Linear in the number of replicas and launches (plus sorting for drains).
+    Linear in the number of replicas and launches (plus sorting for drains and parked
+    replicas).
     """
     if desired < 0:
         raise ValueError(f"desired must be >= 0, got {desired}")
@@ -200,12 +316,20 @@ def plan_actions(
     )
     actions: list[Action] = []
     due: list[float] = []
+    pool = _Pool(warm, spec_generation)
+    for r in live:
+        if r.phase in (ReplicaPhase.PARKING, ReplicaPhase.PARKED) and r.park_mode is not None:
+            pool.held[r.park_mode] += 1
     timed_out = _liveness(live, timeouts=timeouts, now=now, actions=actions, due=due)
-    _finish_drains(live, timeouts=timeouts, now=now, actions=actions, due=due)
+    _finish_drains(live, timeouts=timeouts, now=now, actions=actions, due=due, pool=pool)
+    resumable = _tend_parked(live, pool=pool, now=now, actions=actions, due=due)
+    refilling = [r for r in live if warm is not None and _refilling(r)]
     active = [
         r
         for r in live
-        if (r.phase in _STARTING or r.phase is ReplicaPhase.READY) and r.launch_id not in timed_out
+        if (r.phase in _STARTING or r.phase is ReplicaPhase.READY)
+        and r.launch_id not in timed_out
+        and not (warm is not None and _refilling(r))
     ]
     _converge(
         active,
@@ -215,7 +339,9 @@ def plan_actions(
         actions=actions,
         launch_limit=launch_limit,
         draining=sum(r.phase is ReplicaPhase.DRAINING for r in live),
+        resumable=resumable,
     )
+    _refill(refilling, pool=pool, ledger=ledger, actions=actions, timed_out=timed_out)
     if ledger.more_wanted and ledger.launched == launch_limit:
         due.append(0.0)  # more launches are wanted: the next plan continues at once
     return Plan(
@@ -237,14 +363,16 @@ def _liveness(
     for r in live:
         if r.phase not in _STARTING:
             continue
-        age = (now - r.intent_at).total_seconds()
+        started = r.resumed_at or r.intent_at
+        age = (now - started).total_seconds()
         left = timeouts.scaling_up_sec - age
         if left <= 0:
             timed_out.add(r.launch_id)
+            since = "resume" if r.resumed_at else "launch"
             actions.append(
                 Terminate(
                     r.launch_id,
-                    f"not ready {age:.0f}s after launch (scaling_up_timeout_sec "
+                    f"not ready {age:.0f}s after {since} (scaling_up_timeout_sec "
                     f"{timeouts.scaling_up_sec:g}): {r.phase.value} replica given up",
                 )
             )
@@ -260,6 +388,7 @@ def _finish_drains(
     now: datetime,
     actions: list[Action],
     due: list[float],
+    pool: _Pool,
 ) -> None:
     for r in live:
         if r.phase is not ReplicaPhase.DRAINING:
@@ -268,19 +397,160 @@ def _finish_drains(
         waited = (now - since).total_seconds()
         left = timeouts.scaling_down_sec - waited
         if r.in_flight == 0:
-            actions.append(
-                Terminate(r.launch_id, f"drained: no request in flight after {waited:.0f}s")
-            )
+            reason = f"drained: no request in flight after {waited:.0f}s"
         elif left <= 0:
-            actions.append(
-                Terminate(
-                    r.launch_id,
-                    f"drain timeout: {r.in_flight} request(s) still in flight after "
-                    f"{waited:.0f}s (scaling_down_timeout_sec {timeouts.scaling_down_sec:g})",
-                )
+            reason = (
+                f"drain timeout: {r.in_flight} request(s) still in flight after "
+                f"{waited:.0f}s (scaling_down_timeout_sec {timeouts.scaling_down_sec:g})"
             )
         else:
             due.append(left)
+            continue
+        mode = pool.mode_for(r)
+        if mode is None:
+            actions.append(Terminate(r.launch_id, reason))
+            continue
+        pool.held[mode] += 1
+        actions.append(
+            Park(
+                r.launch_id,
+                mode,
+                f"{reason}; park it {_parked_text(r, mode)} (warm pool {pool.text(mode)})",
+            )
+        )
+
+
+def _parked_text(r: ReplicaView, mode: ParkMode) -> str:
+    if mode is ParkMode.SLEEPING:
+        return f"asleep at ${r.running_price:.4g}/h"
+    return f"stopped at ${r.stopped_usd_per_hour or 0.0:.4g}/h instead of ${r.running_price:.4g}/h"
+
+
+def _tend_parked(
+    live: Sequence[ReplicaView],
+    *,
+    pool: _Pool,
+    now: datetime,
+    actions: list[Action],
+    due: list[float],
+) -> list[ReplicaView]:
+    """Terminate parked replicas of an older generation, beyond their pool's bound or (an
+    automatic pool) past their hold time, stopping a sleeping one instead where the stopped
+    pool has room; the rest can be resumed: sleeping first, then stopped, newest first."""
+    parked = sorted(
+        (r for r in live if r.phase is ReplicaPhase.PARKED and r.park_mode is not None),
+        key=lambda r: ((r.parked_at or now).timestamp(), r.launch_id),
+    )
+    policy = pool.policy
+    kept: list[ReplicaView] = []
+    for r in parked:
+        mode = r.park_mode
+        assert mode is not None
+        age = (now - (r.parked_at or now)).total_seconds()
+        if policy is None:
+            reason = "no warm pool (unset, or the workload is deleted)"
+        elif r.generation < pool.generation:
+            reason = (
+                f"parked replica of generation {r.generation}; the spec is at {pool.generation}"
+            )
+        elif pool.held[mode] > policy.bound(mode):
+            reason = f"warm pool holds {pool.held[mode]} {mode.value}, at most {policy.bound(mode)}"
+        else:
+            hold = policy.hold_seconds(
+                mode, running_usd_per_hour=r.running_price, holding_usd_per_hour=r.usd_per_hour
+            )
+            if hold is None or age < hold:
+                if hold is not None:
+                    due.append(hold - age)
+                kept.append(r)
+                continue
+            reason = (
+                f"{mode.value} {age:.0f}s >= hold {hold:.0f}s ({policy.saved_seconds(mode):.0f}s "
+                f"faster than a fresh machine x {WAIT_VALUE:g} x ${r.running_price:.4g}/h running "
+                f"/ ${r.usd_per_hour:.4g}/h parked)"
+            )
+            if (
+                mode is ParkMode.SLEEPING
+                and r.can_park(ParkMode.STOPPED)
+                and pool.held[ParkMode.STOPPED] < policy.bound(ParkMode.STOPPED)
+            ):
+                pool.held[mode] -= 1
+                pool.held[ParkMode.STOPPED] += 1
+                actions.append(
+                    Park(
+                        r.launch_id,
+                        ParkMode.STOPPED,
+                        f"{reason}: stop it, {_parked_text(r, ParkMode.STOPPED)} "
+                        f"(warm pool {pool.text(ParkMode.STOPPED)})",
+                    )
+                )
+                continue
+        pool.held[mode] -= 1
+        actions.append(Terminate(r.launch_id, f"{reason}: terminate the {mode.value} replica"))
+    order = {ParkMode.SLEEPING: 0, ParkMode.STOPPED: 1}
+    return sorted(
+        kept,
+        key=lambda r: (
+            order[r.park_mode or ParkMode.STOPPED],
+            -(r.parked_at or now).timestamp(),
+            r.launch_id,
+        ),
+    )
+
+
+def _refilling(r: ReplicaView) -> bool:
+    """A refill replica on its way to its first park (after it, it is like any other)."""
+    return r.prefill and r.resumed_at is None and r.phase in _REFILL_PHASES
+
+
+_REFILL_PHASES = frozenset(
+    {ReplicaPhase.PENDING, ReplicaPhase.BOOTING, ReplicaPhase.READY, ReplicaPhase.DRAINING}
+)
+
+
+def refill_wanted(warm: WarmPolicy | None, replicas: Sequence[ReplicaView]) -> bool:
+    """Whether an explicit pool is below its refill count with no refill on its way (the
+    plan may then launch one, so its placement is needed)."""
+    if warm is None or not (warm.fill_stopped or warm.fill_sleeping):
+        return False
+    if any(_refilling(r) for r in replicas):
+        return False
+    held = dict.fromkeys(ParkMode, 0)
+    for r in replicas:
+        if r.phase in (ReplicaPhase.PARKING, ReplicaPhase.PARKED) and r.park_mode is not None:
+            held[r.park_mode] += 1
+    return any(held[mode] < warm.fill(mode) for mode in ParkMode)
+
+
+def _refill(
+    refilling: Sequence[ReplicaView],
+    *,
+    pool: _Pool,
+    ledger: _Ledger,
+    actions: list[Action],
+    timed_out: set[str],
+) -> None:
+    """An explicit pool below its refill count: drain refill replicas once ready (they are
+    parked once drained), and launch one more when none is on its way."""
+    policy = pool.policy
+    if policy is None:
+        return
+    for r in refilling:
+        if r.phase is ReplicaPhase.READY:
+            actions.append(Drain(r.launch_id, "warm pool refill ready: drain it, then park it"))
+    on_way = sum(1 for r in refilling if r.launch_id not in timed_out)
+    if on_way or ledger.launched or ledger.more_wanted:
+        return
+    for mode in (ParkMode.SLEEPING, ParkMode.STOPPED):
+        if pool.held[mode] < policy.fill(mode):
+            if ledger.try_launch():
+                actions.append(
+                    Launch(
+                        f"warm pool refill: {pool.text(mode)}, keep {policy.fill(mode)}",
+                        prefill=True,
+                    )
+                )
+            return
 
 
 def _converge(
@@ -292,6 +562,7 @@ def _converge(
     actions: list[Action],
     launch_limit: int | None,
     draining: int = 0,
+    resumable: Sequence[ReplicaView] = (),
 ) -> None:
     current = [r for r in active if r.generation >= generation]
     old = [r for r in active if r.generation < generation]
@@ -320,11 +591,22 @@ def _converge(
     if launch_limit is not None and launches > launch_limit:
         launches = launch_limit
         ledger.more_wanted = True
+    parked = list(resumable)
     for index in range(launches):
         replaces = old_left[index].launch_id if index < len(old_left) else None
+        reason = _launch_reason(desired, current_count, replaces)
+        if parked:
+            r = parked.pop(0)
+            if not ledger.try_resume(r):
+                break
+            mode = r.park_mode.value if r.park_mode else "parked"
+            actions.append(
+                Resume(r.launch_id, f"{reason}: resume the {mode} replica", replaces=replaces)
+            )
+            continue
         if not ledger.try_launch():
             break
-        actions.append(Launch(_launch_reason(desired, current_count, replaces), replaces=replaces))
+        actions.append(Launch(reason, replaces=replaces))
     else:
         return
     starting_new = any(r.phase in _STARTING for r in current)

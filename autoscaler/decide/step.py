@@ -51,8 +51,16 @@ from autoscaler.decide.placement import (
     unavailable_key,
     worker_key,
 )
-from autoscaler.decide.plan import Plan, ReplicaPhase, ReplicaView, Timeouts, plan_actions
+from autoscaler.decide.plan import (
+    Plan,
+    ReplicaPhase,
+    ReplicaView,
+    Timeouts,
+    plan_actions,
+    refill_wanted,
+)
 from autoscaler.decide.scaling import Direction, FleetCounts, ScaleDecision, ScaleMemory
+from autoscaler.decide.warm import StartTimes, WarmPolicy, warm_policy_of
 from autoscaler.spec import DEFAULT_MAX_REPLICAS, AutoscalingPolicy, WorkloadSpec
 from catalog.model import Offer
 from catalog.query import Market
@@ -124,6 +132,9 @@ class WorkloadView:
     pool_gpus: Sequence[str] | None = None
     """The GPU kinds the workload may use (``decide.placement.pool_gpu_kinds``; ``None``:
     read from ``offers``)."""
+    start_times: StartTimes | None = None
+    """Measured median seconds to ready per start path (``None``: the defaults of
+    ``decide.warm``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +156,8 @@ class Step:
     plan: Plan
     limits: BudgetLimits
     headroom: Headroom | None
+    warm: WarmPolicy | None = None
+    """The warm pool the plan kept (``None``: none)."""
 
 
 def autoscaling_policy(spec: WorkloadSpec) -> AutoscalingPolicy | None:
@@ -234,8 +247,14 @@ def step(
         for r in view.replicas
     )
     drift = any(r.view.generation != view.generation for r in view.replicas)
-    may_launch = decision.desired > staying or overdue or drift
-    chosen = placement() if not view.deleted and decision.desired > 0 and may_launch else None
+    warm = warm_policy_of(view.spec, times=view.start_times, deleted=view.deleted)
+    refill = refill_wanted(warm, [r.view for r in view.replicas])
+    may_launch = decision.desired > staying or overdue or drift or refill
+    chosen = (
+        placement()
+        if not view.deleted and (decision.desired > 0 or refill) and may_launch
+        else None
+    )
     plan = plan_actions(
         desired=decision.desired,
         replicas=[
@@ -257,6 +276,7 @@ def step(
         launch_limit=knobs.max_launches_per_pass,
         inherited_usd_per_hour=view.inherited_usd_per_hour,
         launch_machines=chosen.group_size if chosen is not None and chosen.found else 1,
+        warm=warm,
     )
     if chosen is not None and not chosen.found and plan.refusals:
         reason = unplaced_reason(chosen, room)
@@ -268,6 +288,7 @@ def step(
         plan=plan,
         limits=limits,
         headroom=room,
+        warm=warm,
     )
 
 

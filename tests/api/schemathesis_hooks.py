@@ -20,7 +20,9 @@ cannot, and nothing else:
   (Ollama takes neither; the command must not set the same flag): the field is dropped;
 * ``llm_loras`` only with backend ``vllm`` or ``sglang`` (dropped otherwise: a schema
   condition tying ``backend`` to the array makes the generator give up on the body), names
-  used once and not the model's (a repeated name is dropped).
+  used once and not the model's (a repeated name is dropped);
+* a ``warm_pool`` of at most ``max_workers`` parked replicas, sleeping ones only with
+  backend ``vllm`` (a comparison between two fields): the pool is dropped otherwise.
 
 Negative cases, and every other operation, are left as generated.
 """
@@ -34,7 +36,14 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from autoscaler.admission import runnable_problems
-from autoscaler.spec import LORA_BACKENDS, CloudPool, Window, WorkloadSpec, validate_cron
+from autoscaler.spec import (
+    LORA_BACKENDS,
+    SLEEPING_BACKENDS,
+    CloudPool,
+    Window,
+    WorkloadSpec,
+    validate_cron,
+)
 from catalog.sizing import CONTEXT_FLAGS
 
 WORKLOAD = "/v1/projects/{project}/workloads/{slug}"
@@ -74,6 +83,7 @@ def repaired(body: dict[str, Any]) -> dict[str, Any]:
         config = {"max_workers": 1, "max_hourly_cost_usd": 1.0}
     if isinstance(config, dict):
         _policy(config)
+        _warm_pool(config, backend=body.get("backend", "vllm"))
         body["execution_policy_config"] = config
     _engine_options(body)
     command = body.get("command")
@@ -137,6 +147,18 @@ def _policy(config: dict[str, Any]) -> None:
         if pool.get("allowed_cuda_versions") and _pins_unrunnable(pool):
             pool["allowed_cuda_versions"] = None
         config["workers"] = {**workers, "cloud_pool": pool}
+
+
+def _warm_pool(config: dict[str, Any], *, backend: Any) -> None:
+    pool = config.get("warm_pool")
+    if not isinstance(pool, dict):
+        return
+    stopped, sleeping = pool.get("stopped", 0), pool.get("sleeping", 0)
+    high = config.get("max_workers")
+    if not all(isinstance(v, int | float) for v in (stopped, sleeping, high)):
+        return
+    if stopped + sleeping > high or (sleeping and backend not in SLEEPING_BACKENDS):
+        config.pop("warm_pool")
 
 
 def _pins_unrunnable(pool: dict[str, Any]) -> bool:

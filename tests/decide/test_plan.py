@@ -219,8 +219,10 @@ def test_budget_is_never_exceeded_by_any_sequence_of_plans(
                         intent_at=now,
                     )
                 )
-            else:
+            elif isinstance(action, Drain | Terminate):
                 fleet = [_apply(r, action, now) for r in fleet]
+            else:
+                raise AssertionError(f"no warm pool, yet {action}")
         live = [r for r in fleet if r.phase is not ReplicaPhase.TERMINATED]
         spent = sum(r.usd_per_hour for r in live)
         assert spent <= ceiling + 1e-9

@@ -1,0 +1,162 @@
+"""Warm pools: which start path a replica takes, and how long a parked one is kept. Pure.
+
+A replica can start three ways, fastest first:
+
+* **wake** a sleeping engine: the machine runs and the engine holds its weights in host
+  memory (vLLM sleep mode level 1) or drops them (level 2); waking takes seconds.
+  A sleeping replica costs its machine's full price.
+* **start** a stopped machine of ours: its disk already holds the image and weights, so
+  only the machine's start and the engine's load remain (about a minute). A stopped
+  machine costs its disks (``catalog.storage``).
+* **launch** a fresh machine: buy, boot, pull the image, download the weights (minutes).
+
+Scale-up takes the fastest path available (``decide.plan``: sleeping replicas first,
+then stopped ones, then fresh launches). Scale-down parks a drained replica before it
+terminates it, and keeps it parked only while that is cheaper than buying it again:
+
+**The hold rule (ski rental).** Keeping a parked replica costs its holding price per
+second (the machine's price asleep, its disks' price stopped). Buying again instead costs
+the seconds of lead time the parked path saves, each valued at
+:data:`WAIT_VALUE` machine-seconds (the machine is paid while it boots, and the capacity
+it would bring is missing meanwhile). So a parked replica is kept for
+
+    hold = saved_seconds * WAIT_VALUE * running_price / holding_price
+
+and then moves down a path: a sleeping engine is stopped (when its machine can stop and
+the stopped pool has room), a stopped machine is terminated. Holding for exactly the
+re-buy cost is the deterministic ski-rental rule: whatever the next burst's timing, it
+never pays more than twice what the best choice in hindsight would have paid. A sleeping
+replica is held about ``2 * (fresh - wake)`` seconds (six minutes for a three-minute
+boot): it covers a short dip. A stopped one is held for hours, because disks cost about
+a hundredth of the machine: it covers the night between two diurnal peaks.
+
+The spec bounds the pools (``warm_pool: {stopped: N, sleeping: M}``): at most N stopped
+machines and M sleeping engines, each kept without expiry, and refilled up to N and M
+(a fresh replica is launched, made ready, then parked) so the pool is there before the
+first burst. ``warm_pool: auto`` keeps what scale-downs leave, up to ``max_workers`` of
+each kind, for the hold time above, and refills nothing. Unset: no warm pool (every
+replica leaving is terminated, as before warm pools).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from autoscaler.spec import SLEEPING_BACKENDS, AutoscalingPolicy, WarmPoolSpec, WorkloadSpec
+
+WAIT_VALUE = 2.0
+"""Machine-seconds one second of lead time is worth: the second paid while a fresh
+machine boots, and the second of capacity missing while it does."""
+
+MAX_HOLD_SEC = 7 * 24 * 3600.0
+"""The longest an automatic pool keeps a parked replica, whatever the prices say."""
+
+
+class ParkMode(StrEnum):
+    """How a parked replica waits: its machine stopped, or its engine asleep."""
+
+    STOPPED = "stopped"
+    SLEEPING = "sleeping"
+
+
+@dataclass(frozen=True, slots=True)
+class StartTimes:
+    """Median seconds from asking to ready, per start path, for the workload's offers.
+
+    The controller measures them (launch to ready, start to ready, wake to ready) and
+    falls back to :data:`DEFAULT_START_TIMES` until it has a measurement."""
+
+    fresh_s: float
+    start_s: float
+    wake_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("fresh_s", "start_s", "wake_s"):
+            value = getattr(self, name)
+            if not value >= 0:  # NaN too
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+DEFAULT_START_TIMES = StartTimes(fresh_s=180.0, start_s=60.0, wake_s=10.0)
+"""Before anything is measured: a fresh GPU machine ready in three minutes (the
+simulator's median boot), a stopped one in one (the machine's start and the engine's
+load from the local disk), a sleeping vLLM engine in ten seconds (the upper end of
+vLLM's published 0.1-6 s wake times, with the readiness check on top)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WarmPolicy:
+    """What the plan enforces for one workload's warm pool."""
+
+    max_stopped: int
+    max_sleeping: int
+    fill_stopped: int = 0
+    """Stopped machines to keep even without a scale-down to leave them (a refill)."""
+    fill_sleeping: int = 0
+    expire: bool = True
+    """Whether parked replicas leave after their hold time (automatic pools); an explicit
+    pool keeps its replicas until it shrinks."""
+    times: StartTimes = DEFAULT_START_TIMES
+    sleep_level: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("max_stopped", "max_sleeping", "fill_stopped", "fill_sleeping"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.fill_stopped > self.max_stopped or self.fill_sleeping > self.max_sleeping:
+            raise ValueError("a pool's refill cannot exceed its bound")
+
+    def bound(self, mode: ParkMode) -> int:
+        return self.max_stopped if mode is ParkMode.STOPPED else self.max_sleeping
+
+    def fill(self, mode: ParkMode) -> int:
+        return self.fill_stopped if mode is ParkMode.STOPPED else self.fill_sleeping
+
+    def saved_seconds(self, mode: ParkMode) -> float:
+        """Lead time a replica parked this way saves against a fresh launch."""
+        faster = self.times.start_s if mode is ParkMode.STOPPED else self.times.wake_s
+        return max(0.0, self.times.fresh_s - faster)
+
+    def hold_seconds(
+        self, mode: ParkMode, *, running_usd_per_hour: float, holding_usd_per_hour: float
+    ) -> float | None:
+        """How long a replica parked this way is kept (``None``: until the pool shrinks).
+
+        Linear-time arithmetic; see the module docstring for the rule."""
+        if not self.expire:
+            return None
+        saved = self.saved_seconds(mode)
+        if holding_usd_per_hour <= 0:
+            return MAX_HOLD_SEC
+        hold = saved * WAIT_VALUE * running_usd_per_hour / holding_usd_per_hour
+        return min(MAX_HOLD_SEC, hold)
+
+
+def warm_policy_of(
+    spec: WorkloadSpec, *, times: StartTimes | None = None, deleted: bool = False
+) -> WarmPolicy | None:
+    """The warm pool ``spec`` asks for (``None``: none, or the workload is deleted)."""
+    if deleted:
+        return None
+    policy = spec.execution_policy_config
+    if not isinstance(policy, AutoscalingPolicy) or policy.warm_pool is None:
+        return None
+    measured = times or DEFAULT_START_TIMES
+    pool = policy.warm_pool
+    if isinstance(pool, WarmPoolSpec):
+        return WarmPolicy(
+            max_stopped=pool.stopped,
+            max_sleeping=pool.sleeping,
+            fill_stopped=pool.stopped,
+            fill_sleeping=pool.sleeping,
+            expire=False,
+            times=measured,
+            sleep_level=pool.sleep_level,
+        )
+    return WarmPolicy(
+        max_stopped=policy.max_workers,
+        max_sleeping=policy.max_workers if spec.backend in SLEEPING_BACKENDS else 0,
+        expire=True,
+        times=measured,
+    )

@@ -1,0 +1,407 @@
+"""Warm pools: parking instead of terminating, resuming before launching, hold times."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from autoscaler.decide.budget import BudgetLimits
+from autoscaler.decide.plan import (
+    Action,
+    Drain,
+    Launch,
+    Park,
+    Plan,
+    ReplicaPhase,
+    ReplicaView,
+    Resume,
+    Terminate,
+    Timeouts,
+    plan_actions,
+)
+from autoscaler.decide.warm import (
+    DEFAULT_START_TIMES,
+    WAIT_VALUE,
+    ParkMode,
+    StartTimes,
+    WarmPolicy,
+    warm_policy_of,
+)
+from autoscaler.spec import WorkloadSpec
+
+NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+TIMEOUTS = Timeouts(scaling_up_sec=600, scaling_down_sec=120)
+ROOMY = BudgetLimits(workload_usd_per_hour=100.0)
+AUTO = WarmPolicy(max_stopped=4, max_sleeping=4)
+STORAGE = 0.02
+_STARTING = (ReplicaPhase.PENDING, ReplicaPhase.BOOTING)
+
+
+def replica(
+    launch_id: str,
+    phase: ReplicaPhase = ReplicaPhase.READY,
+    *,
+    price: float = 1.0,
+    generation: int = 1,
+    in_flight: int = 0,
+    drain_age: float | None = None,
+    park: ParkMode | None = None,
+    parked_age: float = 0.0,
+    can_sleep: bool = True,
+    can_stop: bool = True,
+    prefill: bool = False,
+) -> ReplicaView:
+    stopped = park is ParkMode.STOPPED and phase in (ReplicaPhase.PARKED, ReplicaPhase.PARKING)
+    return ReplicaView(
+        launch_id=launch_id,
+        phase=phase,
+        generation=generation,
+        offer_key=f"aws/us-east-1a/{launch_id}",
+        usd_per_hour=STORAGE if stopped else price,
+        running_usd_per_hour=price if stopped else None,
+        stopped_usd_per_hour=STORAGE if can_stop else None,
+        can_sleep=can_sleep,
+        intent_at=NOW - timedelta(seconds=60 if phase in _STARTING else 7200),
+        ready_at=NOW - timedelta(hours=1) if phase is not ReplicaPhase.PENDING else None,
+        drain_requested_at=None if drain_age is None else NOW - timedelta(seconds=drain_age),
+        in_flight=in_flight,
+        park_mode=park,
+        parked_at=NOW - timedelta(seconds=parked_age) if phase is ReplicaPhase.PARKED else None,
+        prefill=prefill,
+    )
+
+
+def plan(
+    desired: int,
+    replicas: list[ReplicaView],
+    *,
+    warm: WarmPolicy | None = AUTO,
+    limits: BudgetLimits = ROOMY,
+    generation: int = 1,
+    now: datetime = NOW,
+) -> Plan:
+    return plan_actions(
+        desired=desired,
+        replicas=replicas,
+        spec_generation=generation,
+        timeouts=TIMEOUTS,
+        limits=limits,
+        launch_usd_per_hour=1.0,
+        now=now,
+        warm=warm,
+    )
+
+
+def kinds(p: Plan) -> list[tuple[str, str | None, str | None]]:
+    return [
+        (
+            type(a).__name__,
+            getattr(a, "launch_id", None),
+            a.mode.value if isinstance(a, Park) else None,
+        )
+        for a in p.actions
+    ]
+
+
+def test_a_drained_replica_sleeps_when_its_engine_can_else_its_machine_stops() -> None:
+    drained = replica("a", ReplicaPhase.DRAINING, drain_age=30)
+    assert kinds(plan(0, [drained])) == [("Park", "a", "sleeping")]
+    no_sleep = replace(drained, can_sleep=False)
+    p = plan(0, [no_sleep])
+    assert kinds(p) == [("Park", "a", "stopped")]
+    assert "stopped at $0.02/h instead of $1/h" in p.actions[0].reason
+
+
+def test_without_a_pool_or_room_or_for_an_old_generation_a_drained_replica_is_terminated() -> None:
+    drained = replica("a", ReplicaPhase.DRAINING, drain_age=30)
+    assert kinds(plan(0, [drained], warm=None)) == [("Terminate", "a", None)]
+    full = WarmPolicy(max_stopped=1, max_sleeping=0)
+    held = replica("s", ReplicaPhase.PARKED, park=ParkMode.STOPPED)
+    assert ("Terminate", "a", None) in kinds(plan(0, [drained, held], warm=full))
+    assert kinds(plan(0, [drained], generation=2)) == [("Terminate", "a", None)]
+    spot = replica("a", ReplicaPhase.DRAINING, drain_age=30, can_sleep=False, can_stop=False)
+    assert kinds(plan(0, [spot])) == [("Terminate", "a", None)]
+
+
+def test_a_replica_still_serving_requests_is_not_parked_before_its_drain_ends() -> None:
+    busy = replica("a", ReplicaPhase.DRAINING, drain_age=30, in_flight=2)
+    p = plan(0, [busy])
+    assert p.actions == ()
+    assert p.requeue_after == pytest.approx(90)
+
+
+def test_scale_up_wakes_sleeping_replicas_then_starts_stopped_ones_then_buys() -> None:
+    fleet = [
+        replica("stopped-old", ReplicaPhase.PARKED, park=ParkMode.STOPPED, parked_age=500),
+        replica("stopped-new", ReplicaPhase.PARKED, park=ParkMode.STOPPED, parked_age=100),
+        replica("asleep", ReplicaPhase.PARKED, park=ParkMode.SLEEPING, parked_age=60),
+    ]
+    p = plan(4, fleet)
+    assert kinds(p) == [
+        ("Resume", "asleep", None),
+        ("Resume", "stopped-new", None),
+        ("Resume", "stopped-old", None),
+        ("Launch", None, None),
+    ]
+    assert p.resumes[0].reason == "scale up 0 -> 4: resume the sleeping replica"
+
+
+def test_a_resume_is_checked_against_the_ceiling_at_its_running_price() -> None:
+    parked = replica("s", ReplicaPhase.PARKED, park=ParkMode.STOPPED, price=4.0)
+    serving = replica("r", price=1.0)
+    p = plan(2, [serving, parked], limits=BudgetLimits(workload_usd_per_hour=3.0))
+    assert p.resumes == ()
+    assert p.launches == ()
+    assert len(p.refusals) == 1
+    reason = p.refusals[0].reason
+    assert reason.startswith("resume of s refused")
+    assert "$5" in reason and "$3" in reason  # $1 + $4 against the $3 ceiling
+    ok = plan(2, [serving, parked], limits=BudgetLimits(workload_usd_per_hour=5.0))
+    assert kinds(ok) == [("Resume", "s", None)]
+
+
+def test_a_resume_adds_no_machine_to_the_instance_count() -> None:
+    parked = replica("s", ReplicaPhase.PARKED, park=ParkMode.STOPPED)
+    limits = BudgetLimits(workload_usd_per_hour=100.0, max_instances=2)
+    p = plan(3, [replica("r"), parked], limits=limits)
+    assert kinds(p) == [("Resume", "s", None)]
+    assert "max_instances 2" in p.refusals[0].reason
+
+
+def test_an_automatic_pool_holds_a_sleeping_replica_for_the_re_buy_cost_then_stops_it() -> None:
+    hold = 2 * (DEFAULT_START_TIMES.fresh_s - DEFAULT_START_TIMES.wake_s)
+    assert WAIT_VALUE == 2.0
+    young = replica("a", ReplicaPhase.PARKED, park=ParkMode.SLEEPING, parked_age=hold - 40)
+    p = plan(0, [young])
+    assert p.actions == ()
+    assert p.requeue_after == pytest.approx(40)
+    old = replace(young, parked_at=NOW - timedelta(seconds=hold + 1))
+    p = plan(0, [old])
+    assert kinds(p) == [("Park", "a", "stopped")]
+    assert f"sleeping {hold + 1:.0f}s >= hold {hold:.0f}s" in p.actions[0].reason
+
+
+def test_a_stopped_replica_is_held_while_its_disks_cost_less_than_buying_again() -> None:
+    price = 2.0
+    saved = DEFAULT_START_TIMES.fresh_s - DEFAULT_START_TIMES.start_s
+    hold = saved * WAIT_VALUE * price / STORAGE  # 120 s x 2 x $2 / $0.02 = 24,000 s
+    assert hold == pytest.approx(24_000)
+    kept = replica(
+        "s", ReplicaPhase.PARKED, park=ParkMode.STOPPED, price=price, parked_age=hold - 1
+    )
+    assert plan(0, [kept]).actions == ()
+    gone = replace(kept, parked_at=NOW - timedelta(seconds=hold + 1))
+    p = plan(0, [gone])
+    assert kinds(p) == [("Terminate", "s", None)]
+    reason = p.actions[0].reason
+    assert "stopped 24001s >= hold 24000s" in reason
+    assert "120s faster than a fresh machine x 2 x $2/h running / $0.02/h parked" in reason
+
+
+def test_measured_start_times_set_the_hold() -> None:
+    slow_boot = replace(AUTO, times=StartTimes(fresh_s=900.0, start_s=60.0, wake_s=5.0))
+    asleep = replica("a", ReplicaPhase.PARKED, park=ParkMode.SLEEPING, parked_age=1000)
+    assert plan(0, [asleep], warm=slow_boot).actions == ()  # held 2 x 895 s
+    assert kinds(plan(0, [asleep])) == [("Park", "a", "stopped")]  # held 2 x 170 s
+
+
+def test_parked_replicas_of_an_old_generation_or_beyond_the_bound_are_terminated() -> None:
+    old = replica("old", ReplicaPhase.PARKED, park=ParkMode.STOPPED, generation=1)
+    assert kinds(plan(0, [old], generation=2)) == [("Terminate", "old", None)]
+    small = WarmPolicy(max_stopped=1, max_sleeping=0, expire=False)
+    fleet = [
+        replica("x", ReplicaPhase.PARKED, park=ParkMode.STOPPED, parked_age=300),
+        replica("y", ReplicaPhase.PARKED, park=ParkMode.STOPPED, parked_age=100),
+    ]
+    p = plan(0, fleet, warm=small)
+    assert kinds(p) == [("Terminate", "x", None)]
+    assert "warm pool holds 2 stopped, at most 1" in p.actions[0].reason
+    assert kinds(plan(0, fleet, warm=None)) == [("Terminate", "x", None), ("Terminate", "y", None)]
+
+
+def test_an_explicit_pool_is_refilled_one_replica_at_a_time_and_parked_once_ready() -> None:
+    pool = WarmPolicy(max_stopped=2, max_sleeping=0, fill_stopped=2, expire=False)
+    serving = replica("r")
+    p = plan(1, [serving], warm=pool)
+    assert kinds(p) == [("Launch", None, None)]
+    assert p.launches[0].prefill
+    assert p.launches[0].reason == "warm pool refill: 0/2 stopped, keep 2"
+    booting = replica("f", ReplicaPhase.BOOTING, prefill=True)
+    assert plan(1, [serving, booting], warm=pool).actions == ()
+    ready = replica("f", prefill=True)
+    assert kinds(plan(1, [serving, ready], warm=pool)) == [("Drain", "f", None)]
+    drained = replica("f", ReplicaPhase.DRAINING, drain_age=5, prefill=True)
+    assert kinds(plan(1, [serving, drained], warm=pool)) == [("Park", "f", "stopped")]
+    parked = replica("f", ReplicaPhase.PARKED, park=ParkMode.STOPPED, prefill=True)
+    p = plan(1, [serving, parked], warm=pool)
+    assert kinds(p) == [("Launch", None, None)]  # the second of two
+    assert p.launches[0].reason == "warm pool refill: 1/2 stopped, keep 2"
+
+
+def test_an_explicit_pool_never_expires_its_replicas() -> None:
+    pool = WarmPolicy(max_stopped=1, max_sleeping=0, fill_stopped=1, expire=False)
+    ancient = replica("s", ReplicaPhase.PARKED, park=ParkMode.STOPPED, parked_age=30 * 86400)
+    p = plan(0, [ancient], warm=pool)
+    assert p.actions == ()
+    assert p.requeue_after is None
+
+
+def test_the_warm_pool_the_spec_asks_for() -> None:
+    def spec(pool: object, backend: str = "vllm") -> WorkloadSpec:
+        return WorkloadSpec.model_validate(
+            {
+                "name": "w",
+                "slug": "w",
+                "model": "meta-llama/Llama-3.1-8B-Instruct",
+                "backend": backend,
+                "execution_policy": "autoscaling",
+                "execution_policy_config": {
+                    "max_workers": 4,
+                    "max_hourly_cost_usd": 20.0,
+                    "warm_pool": pool,
+                },
+            }
+        )
+
+    explicit = warm_policy_of(spec({"stopped": 2, "sleeping": 1}))
+    assert explicit == WarmPolicy(
+        max_stopped=2, max_sleeping=1, fill_stopped=2, fill_sleeping=1, expire=False
+    )
+    auto = warm_policy_of(spec("auto"))
+    assert auto == WarmPolicy(max_stopped=4, max_sleeping=4)
+    sglang = warm_policy_of(spec("auto", backend="sglang"))
+    assert sglang is not None and sglang.max_sleeping == 0
+    assert warm_policy_of(spec(None)) is None
+    assert warm_policy_of(spec("auto"), deleted=True) is None
+    with pytest.raises(ValidationError, match=r"3 stopped \+ 2 sleeping = 5 replicas"):
+        spec({"stopped": 3, "sleeping": 2})
+    with pytest.raises(ValidationError, match="backend 'sglang' cannot sleep; allowed: 0"):
+        spec({"sleeping": 1}, backend="sglang")
+    with pytest.raises(ValidationError, match="warm_pool"):
+        spec("always")
+
+
+# --- a property: any sequence of plans with a warm pool keeps the money invariants ---------
+
+
+def _apply(fleet: list[ReplicaView], action: Action, now: datetime, serial: int) -> None:
+    for index, r in enumerate(fleet):
+        if isinstance(action, Launch) or r.launch_id != action.launch_id:
+            continue
+        if isinstance(action, Drain):
+            assert r.phase is ReplicaPhase.READY
+            fleet[index] = replace(r, phase=ReplicaPhase.DRAINING, drain_requested_at=now)
+        elif isinstance(action, Terminate):
+            assert r.phase not in (ReplicaPhase.TERMINATED, ReplicaPhase.TERMINATING)
+            fleet[index] = replace(r, phase=ReplicaPhase.TERMINATING)
+        elif isinstance(action, Park):
+            assert r.phase in (ReplicaPhase.DRAINING, ReplicaPhase.PARKED)
+            assert r.can_park(action.mode)
+            fleet[index] = replace(r, phase=ReplicaPhase.PARKING, park_mode=action.mode)
+        elif isinstance(action, Resume):
+            assert r.phase is ReplicaPhase.PARKED
+            fleet[index] = replace(
+                r,
+                phase=ReplicaPhase.BOOTING,
+                usd_per_hour=r.running_price,
+                running_usd_per_hour=None,
+                park_mode=None,
+                parked_at=None,
+                resumed_at=now,
+                drain_requested_at=None,
+                prefill=False,
+            )
+    if isinstance(action, Launch):
+        fleet.append(
+            ReplicaView(
+                launch_id=f"l{serial}",
+                phase=ReplicaPhase.PENDING,
+                generation=1,
+                offer_key="k",
+                usd_per_hour=1.5,
+                intent_at=now,
+                stopped_usd_per_hour=STORAGE if serial % 3 else None,
+                can_sleep=serial % 2 == 0,
+                prefill=action.prefill,
+            )
+        )
+
+
+def _progress(fleet: list[ReplicaView], bits: int, now: datetime) -> None:
+    for index, r in enumerate(fleet):
+        if not bits >> (index % 16) & 1:
+            continue
+        if r.phase is ReplicaPhase.PENDING:
+            r = replace(r, phase=ReplicaPhase.BOOTING)
+        elif r.phase is ReplicaPhase.BOOTING:
+            r = replace(r, phase=ReplicaPhase.READY, ready_at=now, in_flight=index % 2)
+        elif r.phase is ReplicaPhase.TERMINATING:
+            r = replace(r, phase=ReplicaPhase.TERMINATED)
+        elif r.phase is ReplicaPhase.DRAINING:
+            r = replace(r, in_flight=0)
+        elif r.phase is ReplicaPhase.PARKING:
+            stopped = r.park_mode is ParkMode.STOPPED
+            r = replace(
+                r,
+                phase=ReplicaPhase.PARKED,
+                parked_at=now,
+                usd_per_hour=STORAGE if stopped else r.running_price,
+                running_usd_per_hour=r.running_price if stopped else None,
+            )
+        fleet[index] = r
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 6), st.integers(0, 2**16)), min_size=1, max_size=40),
+    st.floats(2.0, 12.0),
+    st.integers(2, 8),
+    st.sampled_from(["auto", "explicit"]),
+)
+def test_parking_and_resuming_never_break_the_ceiling_nor_touch_a_replica_twice(
+    steps: list[tuple[int, int]], ceiling: float, max_instances: int, kind: str
+) -> None:
+    warm = (
+        WarmPolicy(max_stopped=3, max_sleeping=2)
+        if kind == "auto"
+        else WarmPolicy(
+            max_stopped=2, max_sleeping=1, fill_stopped=2, fill_sleeping=1, expire=False
+        )
+    )
+    limits = BudgetLimits(workload_usd_per_hour=ceiling, max_instances=max_instances)
+    fleet: list[ReplicaView] = []
+    now = NOW
+    serial = 0
+    for desired, bits in steps:
+        now += timedelta(seconds=97)
+        _progress(fleet, bits, now)
+        p = plan_actions(
+            desired=desired,
+            replicas=fleet,
+            spec_generation=1,
+            timeouts=TIMEOUTS,
+            limits=limits,
+            launch_usd_per_hour=1.5,
+            now=now,
+            warm=warm,
+        )
+        touched = [a.launch_id for a in p.actions if not isinstance(a, Launch)]
+        assert len(touched) == len(set(touched))
+        for action in p.actions:
+            serial += 1
+            _apply(fleet, action, now, serial)
+        live = [r for r in fleet if r.phase is not ReplicaPhase.TERMINATED]
+        assert sum(r.usd_per_hour for r in live) <= ceiling + 1e-9
+        assert sum(r.machines for r in live) <= max_instances
+        for mode in ParkMode:
+            held = sum(
+                1
+                for r in live
+                if r.park_mode is mode and r.phase in (ReplicaPhase.PARKING, ReplicaPhase.PARKED)
+            )
+            assert held <= warm.bound(mode)
