@@ -34,6 +34,7 @@ __all__ = [
     "MODEL_CACHE_DIR",
     "CommandError",
     "Engine",
+    "SleepSupport",
     "boot_spec",
     "engine_argv",
     "engine_for",
@@ -75,6 +76,26 @@ class CommandError(ValueError):
 
 
 @dataclass(frozen=True, slots=True)
+class SleepSupport:
+    """How a backend frees its GPU while its process stays up, and what it needs at boot.
+
+    ``protocol`` names the HTTP calls (``vllm``: ``POST /sleep?level=``, ``POST
+    /wake_up``, ``GET /is_sleeping``; ``sglang``: ``POST /release_memory_occupation``,
+    ``POST /resume_memory_occupation``). ``boot_flags`` join the engine's command and
+    ``boot_env`` its environment when a replica is booted to sleep later; ``levels`` are
+    the depths it offers (1: weights kept in host memory, 2: weights dropped, reloaded
+    from disk on wake). ``driven`` says whether the service's client
+    (``providers.engine_sleep``) drives it; one that is not raises ``EngineCannotSleep``.
+    """
+
+    protocol: str
+    boot_flags: tuple[str, ...]
+    boot_env: tuple[tuple[str, str], ...]
+    levels: tuple[int, ...]
+    driven: bool
+
+
+@dataclass(frozen=True, slots=True)
 class Engine:
     """How one backend is served.
 
@@ -99,6 +120,8 @@ class Engine:
     cache_dir: str = MODEL_CACHE_DIR
     warmup: tuple[str, ...] = ()
     fixed_args: tuple[str, ...] = ()
+    sleep: SleepSupport | None = None
+    """Whether and how it can sleep (``None``: it cannot; see ``docs/engine-sim.md``)."""
 
     def image(self, version: str | None = None) -> str:
         """``repository:tag``: the pinned version when given, else the default tag."""
@@ -107,6 +130,26 @@ class Engine:
 
 
 _VLLM_OWNED = frozenset({"--port", "--host", "--api-key", "--model", "--uds"})
+
+VLLM_SLEEP = SleepSupport(
+    protocol="vllm",
+    # The flag makes the CuMem allocator track weights and KV cache; the routes exist
+    # only in the server's development mode. CUDA and ROCm only: the CPU build refuses
+    # the flag at boot ("Sleep mode is not supported on current platform.").
+    boot_flags=("--enable-sleep-mode",),
+    boot_env=(("VLLM_SERVER_DEV_MODE", "1"),),
+    levels=(1, 2),
+    driven=True,
+)
+SGLANG_SLEEP = SleepSupport(
+    protocol="sglang",
+    # torch_memory_saver releases weights and KV cache; with the CPU backup the weights
+    # come back from host memory (like vLLM's level 1) instead of being re-sent.
+    boot_flags=("--enable-memory-saver", "--enable-weights-cpu-backup"),
+    boot_env=(),
+    levels=(1,),
+    driven=False,
+)
 
 ENGINES: Mapping[str, Engine] = {
     "vllm": Engine(
@@ -123,6 +166,7 @@ ENGINES: Mapping[str, Engine] = {
         owned_flags=_VLLM_OWNED,
         model_positional=True,
         api_key=True,
+        sleep=VLLM_SLEEP,
     ),
     "vllm-omni": Engine(
         backend="vllm-omni",
@@ -136,6 +180,8 @@ ENGINES: Mapping[str, Engine] = {
         model_positional=True,
         api_key=True,
         fixed_args=("--omni",),
+        # vLLM-Omni's multi-stage pipelines sleep and wake stage by stage, on their own
+        # terms (reported corrupting output after a wake: vllm-omni issue 4473): no sleep.
     ),
     "sglang": Engine(
         backend="sglang",
@@ -148,6 +194,7 @@ ENGINES: Mapping[str, Engine] = {
         owned_flags=frozenset({"--port", "--host", "--api-key", "--model-path", "--model"}),
         model_positional=False,
         api_key=True,
+        sleep=SGLANG_SLEEP,
     ),
     "ollama": Engine(
         backend="ollama",
@@ -162,6 +209,8 @@ ENGINES: Mapping[str, Engine] = {
         api_key=False,
         cache_dir=_OLLAMA_MODELS_DIR,
         warmup=("ollama", "pull", "{model}"),
+        # Ollama's nearest thing, keep_alive 0, unloads the model: the next request loads
+        # it from disk again, as a cold start does. No sleep.
     ),
 }
 
@@ -349,8 +398,13 @@ def engine_argv(
     gpu_count: int = 1,
     nodes: int = 1,
     node_rank: int = 0,
+    sleep_mode: bool = False,
 ) -> tuple[str, ...]:
     """The engine's full argv: its program, the model, service-owned flags, user args.
+
+    ``sleep_mode`` adds the flags that let the replica sleep later (vLLM
+    ``--enable-sleep-mode``; its environment comes from :func:`boot_spec`); a backend
+    that cannot sleep raises :class:`CommandError`.
 
     ``gpu_count`` is the number of GPUs of the machine the replica runs on: above one,
     the engine is told to split the model over all of them (vLLM
@@ -380,7 +434,19 @@ def engine_argv(
     argv += _parallel_args(
         engine, gpu_count=gpu_count, nodes=nodes, node_rank=node_rank, user_args=user_args
     )
+    if sleep_mode:
+        chosen = {arg.split("=", 1)[0] for arg in user_args}
+        argv += [flag for flag in _sleep_support(engine).boot_flags if flag not in chosen]
     return (*argv, *user_args)
+
+
+def _sleep_support(engine: Engine) -> SleepSupport:
+    if engine.sleep is None:
+        can = sorted(name for name, e in ENGINES.items() if e.sleep is not None)
+        raise CommandError(
+            f"backend {engine.backend!r} cannot sleep; backends that can: {', '.join(can)}"
+        )
+    return engine.sleep
 
 
 def boot_spec(
@@ -395,8 +461,12 @@ def boot_spec(
     gpu_count: int = 1,
     nodes: int = 1,
     node_rank: int = 0,
+    sleep_mode: bool = False,
 ) -> BootSpec:
     """How a replica of this workload boots (without a startup script unless given).
+
+    ``sleep_mode`` boots it able to sleep: the backend's flags in the command and its
+    environment (vLLM: ``VLLM_SERVER_DEV_MODE=1``, which exposes ``/sleep``).
 
     The engine's API key and the Hugging Face token are named in ``secret_env_names``
     and resolved where the engine starts; see the module docstring.
@@ -411,7 +481,11 @@ def boot_spec(
         gpu_count=gpu_count,
         nodes=nodes,
         node_rank=node_rank,
+        sleep_mode=sleep_mode,
     )
+    env = {"HF_HOME": MODEL_CACHE_DIR} if engine.cache_dir == MODEL_CACHE_DIR else {}
+    if sleep_mode:
+        env.update(_sleep_support(engine).boot_env)
     secrets = (ENGINE_KEY_SECRET, HF_TOKEN_SECRET) if engine.api_key else (HF_TOKEN_SECRET,)
     return BootSpec(
         image=image_for(backend=backend, vllm_version=vllm_version),
@@ -419,7 +493,7 @@ def boot_spec(
         port=engine.port,
         health_path=engine.health_path,
         model_id=model,
-        env={"HF_HOME": MODEL_CACHE_DIR} if engine.cache_dir == MODEL_CACHE_DIR else {},
+        env=env,
         secret_env_names=secrets,
         cuda_version=cuda_version,
         startup_script=startup_script,

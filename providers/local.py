@@ -126,6 +126,8 @@ class EngineSimLauncher:
         if adapters:  # engine-sim takes vLLM's adapter flags, whichever engine was asked
             argv += ["--enable-lora", "--lora-modules"]
             argv += [f"{name}={source}" for name, source in adapters]
+        if "--enable-sleep-mode" in boot.command:  # booted to sleep later: serve /sleep too
+            argv.append("--enable-sleep-mode")
         # engine-sim reads its key from the environment, which keeps it out of `ps`.
         env = (
             {"ENGINE_SIM_API_KEY": secrets[ENGINE_KEY_SECRET]}

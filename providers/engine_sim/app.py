@@ -10,7 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from providers.engine_sim import modalities, pooling, text
+from providers.engine_sim import modalities, pooling, sleep_api, text
 from providers.engine_sim.config import EngineSimConfig
 from providers.engine_sim.live import LiveEngine
 from providers.engine_sim.metrics import EngineMetrics
@@ -54,6 +54,8 @@ def create_app(
     for path in ("/score", "/v1/score"):
         app.router.add_post(path, pooling.score)
     app.router.add_post("/pooling", pooling.pooling)
+    if config.enable_sleep_mode:
+        sleep_api.add_routes(app)
     return app
 
 
@@ -93,6 +95,7 @@ async def _api_key(request: web.Request, handler: Handler) -> web.StreamResponse
 
 
 async def _health(request: web.Request) -> web.Response:
+    # A sleeping vLLM is healthy: /health asks only whether the engine is alive.
     if not request.app[STATE].ready:
         return web.Response(status=503, text="loading model weights\n")
     return web.Response(status=200)
@@ -100,7 +103,9 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    body = state.metrics.render(running=state.engine.running, waiting=state.engine.waiting)
+    # Requests held by a sleeping engine sit in vLLM's waiting queue.
+    waiting = state.engine.waiting + state.sleep.held
+    body = state.metrics.render(running=state.engine.running, waiting=waiting)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

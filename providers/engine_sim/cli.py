@@ -54,6 +54,11 @@ from providers.engine_sim.config import DEFAULT_GPU, DEFAULT_MODEL, EngineSimCon
     "--max-loras", type=click.IntRange(min=1), default=None,
     help="Accepted as vLLM takes it (adapters in one batch); it changes no latency here.",
 )  # fmt: skip
+@click.option(
+    "--enable-sleep-mode", is_flag=True, default=False,
+    help="Serve vLLM's sleep routes (/sleep, /wake_up, /is_sleeping), as vLLM with "
+    "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 does.",
+)  # fmt: skip
 @click.argument("more_lora_modules", nargs=-1, metavar="")
 def command(
     *,
@@ -72,6 +77,7 @@ def command(
     enable_lora: bool,
     lora_modules: tuple[str, ...],
     max_loras: int | None,
+    enable_sleep_mode: bool,
     more_lora_modules: tuple[str, ...],
 ) -> None:
     """Serve a simulated OpenAI-compatible engine whose latency follows the GPU's performance."""
@@ -97,6 +103,7 @@ def command(
             fail_after=fail_after,
             enable_lora=enable_lora,
             lora_modules=modules,
+            enable_sleep_mode=enable_sleep_mode,
         )
         config.profile()
     except ModelDoesNotFit as exc:

@@ -39,6 +39,11 @@ class EngineSimConfig:
     """LoRA adapters served beside the model, as ``(name, source)`` (vLLM's
     ``--lora-modules name=source``; needs ``enable_lora``). A request naming one is
     answered as the base model would be, under the adapter's name."""
+    enable_sleep_mode: bool = False
+    """Serve vLLM's sleep-mode routes (``POST /sleep``, ``POST /wake_up``, ``GET
+    /is_sleeping``, ``POST /collective_rpc`` for ``reload_weights``): what vLLM offers
+    when started with ``--enable-sleep-mode`` and ``VLLM_SERVER_DEV_MODE=1``. Without it
+    those paths answer 404, as vLLM's do outside development mode."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

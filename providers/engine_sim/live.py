@@ -26,6 +26,9 @@ class Ticket:
     output_tokens: int
     first_token: asyncio.Future[float] = field(repr=False)
     finished: asyncio.Future[RequestTiming] = field(repr=False)
+    aborted: bool = False
+    """Ended by the engine before its last token (a sleep in ``abort`` mode): its
+    ``output_tokens`` are then the tokens it had produced, and both futures are settled."""
 
 
 class LiveEngine:
@@ -110,6 +113,40 @@ class LiveEngine:
             self._wake.set()
         ticket.first_token.cancel()
         ticket.finished.cancel()
+
+    def abort_all(self) -> None:
+        """End every request inside now, as vLLM's pause in ``abort`` mode does: each keeps
+        the tokens it produced, and its futures settle at once."""
+        self.sync()
+        now = self._engine.now_s
+        for ticket in list(self._tickets.values()):
+            produced = self.generated_tokens(ticket)
+            self._engine.cancel(ticket.request_id)
+            self._tickets.pop(ticket.request_id, None)
+            ticket.aborted = True
+            ticket.output_tokens = produced
+            if not ticket.first_token.done():
+                ticket.first_token.set_result(now)
+            if not ticket.finished.done():
+                first = ticket.first_token.result()
+                ticket.finished.set_result(
+                    RequestTiming(
+                        request_id=ticket.request_id,
+                        arrival_s=ticket.arrival_s,
+                        admitted_s=min(first, now),
+                        first_token_s=first,
+                        finished_s=now,
+                        input_tokens=0,
+                        output_tokens=produced,
+                    )
+                )
+        self._wake.set()
+
+    async def drained(self) -> None:
+        """Return once every request inside now has finished (or gone)."""
+        pending = [ticket.finished for ticket in self._tickets.values()]
+        if pending:
+            await asyncio.wait(pending)
 
     def generated_tokens(self, ticket: Ticket) -> int:
         """Output tokens the request has produced by now."""

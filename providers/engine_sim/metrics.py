@@ -7,9 +7,17 @@ engine-sim unchanged. Times are the performance model's, unscaled by ``--time-sc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from catalog.engine import RequestTiming
+
+SleepOperation = Literal["sleep", "wake"]
+SLEEP_OPERATION_BUCKETS = (0.01, 0.1, 1, 10, 30, 60, 120, 300, 600)
+SLEEP_STATES = ("awake", "weights_offloaded", "discard_all")
 
 TTFT_BUCKETS = (
     0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
@@ -89,7 +97,55 @@ class EngineMetrics:
             "Histogram of time spent in WAITING phase for request.",
             REQUEST_LATENCY_BUCKETS,
         )
+        # vLLM's sleep-state gauge carries an engine index too (one engine here: "0").
+        self._sleep_state = Gauge(
+            "vllm:engine_sleep_state",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine "
+            "is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep "
+            "level 2.",
+            ["model_name", "engine", "sleep_state"],
+            registry=self.registry,
+        )
+        self._sleep_duration = Histogram(
+            "vllm:sleep_mode_operation_duration_seconds",
+            "Duration of one sleep-mode operation.",
+            ["operation"],
+            buckets=SLEEP_OPERATION_BUCKETS,
+            registry=self.registry,
+        )
+        self._sleep_in_flight = Gauge(
+            "vllm:sleep_mode_operations_in_flight",
+            "Sleep-mode operations currently awaited.",
+            ["operation"],
+            registry=self.registry,
+        )
         self._model = model_name
+        self.sleep_state(None)
+
+    def sleep_state(self, level: int | None) -> None:
+        """Set the sleep-state gauge as vLLM does: ``None`` awake, else the level slept at
+        (level 0 shows asleep with neither memory state set)."""
+        values = {"awake": 1.0, "weights_offloaded": 0.0, "discard_all": 0.0}
+        if level is not None:
+            values["awake"] = 0.0
+            values["weights_offloaded"] = 1.0 if level == 1 else 0.0
+            values["discard_all"] = 1.0 if level == 2 else 0.0
+        for state in SLEEP_STATES:
+            self._sleep_state.labels(self._model, "0", state).set(values[state])
+
+    @contextmanager
+    def sleep_operation(self, operation: SleepOperation) -> Iterator[None]:
+        """Count ``operation`` as in flight while the block runs."""
+        gauge = self._sleep_in_flight.labels(operation)
+        gauge.inc()
+        try:
+            yield
+        finally:
+            gauge.dec()
+
+    def sleep_operation_took(self, operation: SleepOperation, seconds: float) -> None:
+        """A sleep-mode operation ended after ``seconds`` of engine time."""
+        self._sleep_duration.labels(operation).observe(seconds)
 
     def first_token(self, ttft_s: float) -> None:
         """A request produced its first token ``ttft_s`` after arriving."""

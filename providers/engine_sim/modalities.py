@@ -18,6 +18,7 @@ from aiohttp import web
 
 from providers.engine_sim import media
 from providers.engine_sim.parsing import (
+    ApiError,
     JsonObject,
     bad_request,
     choice_field,
@@ -39,13 +40,17 @@ MAX_SPEECH_CHARS = 4096
 
 
 async def _run(state: EngineState, *, input_tokens: int, output_tokens: int) -> None:
-    ticket = state.submit(
+    ticket = await state.submit(
         input_tokens=input_tokens, output_tokens=output_tokens, finished_reason="stop"
     )
     try:
         await ticket.finished
     finally:
         state.engine.cancel(ticket)  # a no-op once finished; frees the slot if abandoned
+    if ticket.aborted:
+        raise ApiError(
+            503, "the request was aborted: the engine was put to sleep", kind="service_unavailable"
+        )
 
 
 async def run_prefill(state: EngineState, tokens: int) -> None:

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from providers.engine_sim.app import create_app
 from providers.engine_sim.config import EngineSimConfig
-from providers.engine_sim.state import exit_abruptly
+from providers.engine_sim.state import STATE, exit_abruptly
 
 
 class EngineSimServer:
@@ -38,6 +38,11 @@ class EngineSimServer:
         """The base URL, e.g. ``http://127.0.0.1:43121`` (append ``/v1`` for OpenAI clients)."""
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
+
+    def engine_seconds(self) -> float:
+        """The simulated engine's clock: model seconds since it started (wall seconds times
+        the time scale). Tests measure modelled durations on it."""
+        return self._runner.app[STATE].engine.now_s()
 
     async def start(self) -> None:
         """Bind and serve; learns the port when ``config.port`` is 0."""

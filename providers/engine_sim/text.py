@@ -167,7 +167,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     generation = _generation(state, await json_body(request), chat=chat)
     cached = state.prefix_cache.serve(text_blocks(generation.seed), generation.input_tokens)
     generation = replace(generation, cached_tokens=cached)
-    ticket = state.submit(
+    ticket = await state.submit(
         input_tokens=generation.input_tokens,
         output_tokens=generation.output_tokens,
         finished_reason=generation.finish_reason,
@@ -178,13 +178,21 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
             response = await _stream(request, state, ticket, generation)
         else:
             timing = await ticket.finished
-            response = web.json_response(_whole(generation, timing))
+            response = web.json_response(_whole(_as_ended(generation, ticket), timing))
             await response.prepare(request)
             await response.write_eof()
     finally:
         state.engine.cancel(ticket)  # a no-op once finished; frees the slot if abandoned
     state.count_served()
     return response
+
+
+def _as_ended(generation: _Generation, ticket: Ticket) -> _Generation:
+    """The generation as it ended: cut short with vLLM's ``abort`` reason when a sleep
+    aborted it."""
+    if not ticket.aborted:
+        return generation
+    return replace(generation, output_tokens=ticket.output_tokens, finish_reason="abort")
 
 
 def _usage(generation: _Generation) -> dict[str, Any]:
@@ -257,9 +265,10 @@ async def _stream(
         if pieces:
             await response.write(b"".join(pieces))
             pieces = []
-        if sent >= generation.output_tokens:
+        if sent >= generation.output_tokens or (ticket.aborted and sent >= produced):
             break
         await asyncio.wait([ticket.finished], timeout=_poll_interval(state))
+    generation = _as_ended(generation, ticket)
     tail = [chunk({}, generation.finish_reason)]
     if generation.include_usage:
         tail.append(_sse(_usage_chunk(generation)))

@@ -158,3 +158,34 @@ def test_secrets_are_expanded_where_the_engine_starts_and_a_missing_one_is_named
         expand_secrets(argv, secrets={}, names=names)
     with pytest.raises(CommandError, match="refers to a secret"):
         engine_argv(backend="vllm", model=MODEL, command="--x ${ENGINE_API_KEY}")
+
+
+def test_vllm_boots_able_to_sleep_only_when_asked() -> None:
+    plain = boot_spec(backend="vllm", model=MODEL)
+    sleepy = boot_spec(backend="vllm", model=MODEL, sleep_mode=True)
+
+    assert "--enable-sleep-mode" not in plain.command
+    assert "VLLM_SERVER_DEV_MODE" not in plain.env
+    assert sleepy.command.count("--enable-sleep-mode") == 1
+    # The routes exist only in vLLM's development mode.
+    assert sleepy.env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert sleepy.env["HF_HOME"] == plain.env["HF_HOME"]
+
+
+def test_a_sleep_flag_the_user_gave_is_not_repeated() -> None:
+    argv = engine_argv(backend="vllm", model=MODEL, command="--enable-sleep-mode", sleep_mode=True)
+
+    assert argv.count("--enable-sleep-mode") == 1
+
+
+@pytest.mark.parametrize("backend", ["ollama", "vllm-omni"])
+def test_a_backend_that_cannot_sleep_is_refused_sleep_mode(backend: str) -> None:
+    with pytest.raises(CommandError, match=f"backend '{backend}' cannot sleep.*vllm"):
+        boot_spec(backend=backend, model=MODEL, sleep_mode=True)
+
+
+def test_sglang_boots_with_its_memory_saver_when_asked() -> None:
+    argv = engine_argv(backend="sglang", model=MODEL, sleep_mode=True)
+
+    assert "--enable-memory-saver" in argv
+    assert "--enable-weights-cpu-backup" in argv

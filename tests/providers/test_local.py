@@ -278,3 +278,15 @@ async def test_the_harness_kills_and_names_engines_a_killed_service_left(tmp_pat
     with_reap(pid)  # this test's provider started it: its child
     assert not pid_running(pid)
     assert kill_surviving_engines(data_dir) == []
+
+
+def test_engine_sim_serves_sleep_routes_when_the_replica_boots_to_sleep() -> None:
+    launcher = EngineSimLauncher()
+    sleepy = boot_spec(backend="vllm", model="m", sleep_mode=True)
+    plain = boot_spec(backend="vllm", model="m")
+
+    def argv(boot: BootSpec) -> tuple[str, ...]:
+        return launcher.command(boot, host="127.0.0.1", port=1, offer=OFFER, secrets={}).argv
+
+    assert "--enable-sleep-mode" in argv(sleepy)
+    assert "--enable-sleep-mode" not in argv(plain)
