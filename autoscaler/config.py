@@ -289,6 +289,12 @@ class ControllerConfig(_Strict):
     stops replicas as the shifted schedule says. 0 (the default) in production; the
     service prints it at start when it is not. ``autoscaler run --schedule-offset``."""
 
+    gateway_workers: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = 1
+    """Processes the gateway of ``autoscaler run`` serves its port with (``SO_REUSEPORT``;
+    ``gateway.workers``): 1, the default, keeps it in the service's own process, which
+    suits a laptop and a machine whose cores the engines need; ``"auto"``: one per core.
+    ``autoscaler run --gateway-workers`` overrides it."""
+
     @field_validator("group_providers")
     @classmethod
     def _group_capable(cls, names: list[str]) -> list[str]:

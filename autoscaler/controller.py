@@ -10,7 +10,8 @@ and runs :func:`autoscaler.reconcile.loop.reconcile_once` in a loop, as leader.
   here or run by hand into the data dir, reaches the next placement without a restart.
 * **Preflight**: providers with a start check (the GCP firewall in ``check`` mode) are
   asked before the first pass; a failed check stops the controller with what to fix.
-* **Signals**: the gateway's, in process (:class:`GatewaySignals`) or over HTTP from
+* **Signals**: the gateway's, from this process (:class:`GatewaySignals`: the gateway in
+  process, or its worker processes' merged) or over HTTP from
   ``GET /internal/signals`` when the gateway runs apart (:class:`HttpSignals`): TTFT
   samples, load, and the token mix with the gateway's per-replica concurrency cap
   (``decide.inputs.measured_of``), which the reconciler turns into a capacity figure and placement's
@@ -27,7 +28,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -86,13 +87,16 @@ LEADER_LOCK_ID = 7_264_002
 
 
 class GatewaySignals:
-    """Signals from a gateway in this process (``gateway.app.Gateway.signals``)."""
+    """Signals from a gateway this process runs: in process (``gateway.app.Gateway
+    .signals``) or its worker processes' merged (``gateway.workers.WorkerPool.signals``)."""
 
-    def __init__(self, snapshots: Callable[[], Mapping[WorkloadRef, SignalSnapshot]]) -> None:
+    def __init__(
+        self, snapshots: Callable[[], Awaitable[Mapping[WorkloadRef, SignalSnapshot]]]
+    ) -> None:
         self._snapshots = snapshots
 
     async def signals(self) -> Mapping[WorkloadRef, Measured]:
-        return {ref: measured_of(snap) for ref, snap in self._snapshots().items()}
+        return {ref: measured_of(snap) for ref, snap in (await self._snapshots()).items()}
 
 
 class HttpSignals:

@@ -2,8 +2,11 @@
 
 ``run_all`` opens the store (migrating it), makes sure an admin token exists, and serves
 the management API, the gateway and the controller (with the providers of ``--config``,
-or this machine alone) on one event loop. The API's changes wake the controller at once,
-and so does a request the gateway holds for a workload with no ready replica.
+or this machine alone) on one event loop; with ``gateway_workers`` above 1 the gateway
+runs instead in that many worker processes sharing its port (``gateway.workers``), which
+this process starts, restarts and stops, and whose signals the controller reads merged.
+The API's changes wake the controller at once, and so does a request the gateway holds
+for a workload with no ready replica.
 Shutdown on SIGINT/SIGTERM is graceful and bounded: servers stop accepting, the pass in
 flight gets :data:`STOP_GRACE_SEC` to finish and is then cancelled (as a crash would
 leave it: intents are resolved by launch id), each cleanup step gets
@@ -24,7 +27,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +49,9 @@ from autoscaler.store import sealed, tokens
 from autoscaler.store.db import open_store, session_factory, sqlite_url
 from autoscaler.store.tokens import TokenKind
 from gateway.app import Gateway
+from gateway.routes import WorkloadRef
+from gateway.window import SignalSnapshot
+from gateway.workers import WorkerPool, Workers, resolve_workers
 
 ADMIN_TOKEN_ENV = "AUTOSCALER_ADMIN_TOKEN"
 
@@ -80,6 +86,8 @@ class RunSettings:
     """Overrides the config's ``providers.local.engine`` (``autoscaler run --engine``)."""
     schedule_offset_sec: float | None = None
     """Overrides the config's ``schedule_offset_sec`` (``autoscaler run --schedule-offset``)."""
+    gateway_workers: Workers | None = None
+    """Overrides the config's ``gateway_workers`` (``autoscaler run --gateway-workers``)."""
 
     @property
     def db_url(self) -> str:
@@ -142,7 +150,19 @@ async def run_all(settings: RunSettings) -> None:
         if settings.schedule_offset_sec is not None:
             config = config.with_schedule_offset(settings.schedule_offset_sec)
         wake = asyncio.Event()
-        gateway = Gateway(sessions=sessions, on_demand=lambda _ref: wake.set())
+        workers = resolve_workers(
+            config.gateway_workers if settings.gateway_workers is None else settings.gateway_workers
+        )
+        gateway: Gateway | WorkerPool
+        if workers > 1:
+            gateway = WorkerPool(
+                database_url=settings.db_url,
+                workers=workers,
+                data_dir=settings.data_dir if local_store else None,
+                on_demand=lambda _ref: wake.set(),
+            )
+        else:
+            gateway = Gateway(sessions=sessions, on_demand=lambda _ref: wake.set())
 
         def changed() -> None:
             gateway.notify_change()
@@ -152,7 +172,7 @@ async def run_all(settings: RunSettings) -> None:
             config,
             sessions=sessions,
             data_dir=settings.data_dir,
-            signals=GatewaySignals(gateway.signals),
+            signals=GatewaySignals(_snapshots_of(gateway)),
             notify_change=gateway.notify_change,
             dry_run=settings.dry_run,
         )
@@ -174,12 +194,16 @@ async def run_all(settings: RunSettings) -> None:
             )
         )
         configure_boot(api, BootSecrets(hf_token_file=config.hf_token_file))
-        mount_metrics(api, controller.deps.metrics.registry, gateway.metrics.registry)
+        if isinstance(gateway, WorkerPool):
+            mount_metrics(api, controller.deps.metrics.registry, more=gateway.metrics)
+        else:
+            mount_metrics(api, controller.deps.metrics.registry, gateway.metrics.registry)
         api_server = _uvicorn_server(api, host=settings.host, port=settings.api_port)
         await gateway.start(settings.host, settings.gateway_port)
         print(
             f"management API on http://{settings.host}:{settings.api_port}, "
-            f"gateway on http://{settings.host}:{gateway.port} "
+            f"gateway on http://{settings.host}:{gateway.port}"
+            f"{f' ({workers} worker processes)' if workers > 1 else ''} "
             f"(state: {_redact(settings.db_url)}; providers: "
             f"{', '.join(controller.deps.providers.names) or 'none'}"
             f"{'; dry run' if settings.dry_run else ''})\n{config.limits_summary()}",
@@ -189,13 +213,28 @@ async def run_all(settings: RunSettings) -> None:
         stopping = asyncio.Event()
         loop = run_controller(controller, engine=engine, stopping=stopping, wake=wake)
         try:
-            await _serve_until_signal(
-                [api_server.serve(), loop], stop=[api_server], stopping=stopping
-            )
+            roles: list[Awaitable[None]] = [api_server.serve(), loop]
+            if isinstance(gateway, WorkerPool):
+                roles.append(gateway.run())  # a worker that cannot stay up stops the service
+            await _serve_until_signal(roles, stop=[api_server], stopping=stopping)
         finally:
             for step in (gateway.stop, controller.stop_local_replicas, controller.close):
                 await _bounded(step(), what=step.__qualname__)
             log.info("stopped")
+
+
+def _snapshots_of(
+    gateway: Gateway | WorkerPool,
+) -> Callable[[], Awaitable[Mapping[WorkloadRef, SignalSnapshot]]]:
+    """What the controller reads of the gateway: its window, or its workers' merged."""
+    if isinstance(gateway, WorkerPool):
+        return gateway.signals
+    in_process = gateway
+
+    async def snapshots() -> Mapping[WorkloadRef, SignalSnapshot]:
+        return in_process.signals()
+
+    return snapshots
 
 
 def announce_schedule_clock(config: ControllerConfig) -> None:
@@ -228,12 +267,19 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def mount_metrics(api: FastAPI, *registries: CollectorRegistry) -> None:
-    """Serve ``registries`` at ``GET /metrics`` on the management API (no token: scrapers
-    read it on the management port, which callers of the data plane do not reach)."""
+def mount_metrics(
+    api: FastAPI,
+    *registries: CollectorRegistry,
+    more: Callable[[], Awaitable[bytes]] | None = None,
+) -> None:
+    """Serve ``registries`` (and what ``more`` answers: the gateway workers' metrics) at
+    ``GET /metrics`` on the management API (no token: scrapers read it on the management
+    port, which callers of the data plane do not reach)."""
 
     async def metrics() -> Response:
         body = b"".join(generate_latest(registry) for registry in registries)
+        if more is not None:
+            body += await more()
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     api.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

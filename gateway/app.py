@@ -3,7 +3,10 @@
 ``Gateway(sessions=…)`` runs inside ``autoscaler run`` (the management API calls
 ``notify_change()`` on every change, the controller reads ``signals()``), and
 ``serve_gateway()`` runs it alone (``autoscaler gateway``) against a shared database,
-where the controller reads ``GET /internal/signals`` with an admin token instead.
+where the controller reads ``GET /internal/signals`` with an admin token instead. Either
+may run the gateway as several worker processes sharing its port (``gateway.workers``);
+each worker then answers ``/internal/signals`` and ``/metrics`` for all of them
+(a :class:`Cluster`).
 
 Routes (all under ``/endpoint/{project}/{workload}/v1/``): ``chat/completions``,
 ``completions``, ``embeddings``, ``images/generations``, ``audio/speech``,
@@ -24,10 +27,10 @@ import logging
 import random
 import signal
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -108,6 +111,9 @@ class GatewaySettings:
     job_timeout_sec: float = 900.0
     #: Normal traffic updates ``workloads.last_request_at`` at most this often.
     last_request_write_interval_sec: float = 10.0
+    #: Worker processes serving this gateway's port (``gateway.workers``): each sends a
+    #: replica at most its share of the replica's cap (``gateway.window.worker_share``).
+    workers: int = 1
 
     def cold_start_deadline(self, ref: WorkloadRef) -> float:
         return self.cold_start_timeouts.get(f"{ref[0]}/{ref[1]}", self.cold_start_timeout_sec)
@@ -115,6 +121,19 @@ class GatewaySettings:
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+class Cluster(Protocol):
+    """The gateway processes that share a port, seen as one (``gateway.workers.Peers``):
+    what ``/internal/signals`` and ``/metrics`` answer when there are several."""
+
+    async def signals(self) -> dict[WorkloadRef, SignalSnapshot]:
+        """Every process's signals, merged per workload."""
+        ...
+
+    async def metrics(self) -> bytes:
+        """Every process's metrics, summed, in Prometheus's text format."""
+        ...
 
 
 class Gateway:
@@ -128,9 +147,11 @@ class Gateway:
         on_demand: Callable[[WorkloadRef], None] | None = None,
         wall_clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self.settings = settings or GatewaySettings()
         self._sessions = sessions
+        self._cluster = cluster
         self._on_demand = on_demand
         self._wall_clock = wall_clock
         self._table = RouteTable()
@@ -153,6 +174,7 @@ class Gateway:
                 cold_start_timeout_sec=s.cold_start_deadline,
                 cold_start_retry_after_sec=s.cold_start_retry_after_sec,
                 refused_cooldown_sec=s.refused_cooldown_sec,
+                workers=s.workers,
             ),
             signals=self._signals,
             on_cold_start=self._cold_start,
@@ -174,8 +196,11 @@ class Gateway:
 
     # -- public interface ----------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 8000) -> None:
-        """Load routes, start serving on ``host:port`` (0 picks a free port; see ``port``)."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = False
+    ) -> None:
+        """Load routes, start serving on ``host:port`` (0 picks a free port; see ``port``);
+        ``reuse_port``: share the port with other processes (``SO_REUSEPORT``)."""
         self._changed = asyncio.Event()
         await self.refresh()
         s = self.settings
@@ -221,7 +246,7 @@ class Gateway:
             max_line_size=s.max_header_bytes,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         self.port = int(self._runner.addresses[0][1])
         self._refresher = asyncio.create_task(self._refresh_loop())
@@ -524,14 +549,17 @@ class Gateway:
     async def _internal_signals(self, request: web.Request) -> web.Response:
         if not is_admin(self._table, request.headers.get("Authorization")):
             return error_response(401, "an admin token is required", code="invalid_api_key")
-        payload = {"signals": [snap.to_json() for snap in self.signals().values()]}
-        return web.json_response(payload)
+        view = self.signals() if self._cluster is None else await self._cluster.signals()
+        return web.json_response(signals_json(view.values()))
 
     async def _metrics(self, request: web.Request) -> web.Response:
         # Its series name every project and workload: not for data-plane callers.
         if not is_admin(self._table, request.headers.get("Authorization")):
             return error_response(401, "an admin token is required", code="invalid_api_key")
-        body = generate_latest(self.metrics.registry)
+        if self._cluster is None:
+            body = generate_latest(self.metrics.registry)
+        else:
+            body = await self._cluster.metrics()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _health(self, _request: web.Request) -> web.Response:
@@ -570,21 +598,64 @@ async def serve_gateway(
     host: str = "127.0.0.1",
     port: int = 8000,
     settings: GatewaySettings | None = None,
+    workers: int = 1,
 ) -> None:
-    """Run the gateway alone until SIGINT or SIGTERM (``autoscaler gateway``)."""
+    """Run the gateway alone until SIGINT or SIGTERM (``autoscaler gateway``): in this
+    process, or as ``workers`` processes sharing the port (``gateway.workers``)."""
     sealed.configure_from_environment(None)  # engine keys: the controller's secret key
-    async with open_store(database_url) as engine:
-        gateway = Gateway(sessions=session_factory(engine), settings=settings)
-        await gateway.start(host, port)
-        print(f"gateway on http://{host}:{gateway.port}", flush=True)
+    async with open_store(database_url) as engine:  # migrated once, before any worker
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
+        if workers > 1:
+            await _serve_workers(
+                database_url=database_url,
+                host=host,
+                port=port,
+                settings=settings,
+                workers=workers,
+                stopping=stopping,
+            )
+            return
+        gateway = Gateway(sessions=session_factory(engine), settings=settings)
+        await gateway.start(host, port)
+        print(f"gateway on http://{host}:{gateway.port}", flush=True)
         try:
             await stopping.wait()
         finally:
             await gateway.stop()
+
+
+async def _serve_workers(
+    *,
+    database_url: str,
+    host: str,
+    port: int,
+    settings: GatewaySettings | None,
+    workers: int,
+    stopping: asyncio.Event,
+) -> None:
+    from gateway.workers import WorkerPool
+
+    pool = WorkerPool(database_url=database_url, workers=workers, settings=settings)
+    await pool.start(host, port)
+    print(f"gateway on http://{host}:{pool.port} ({workers} worker processes)", flush=True)
+    failed = asyncio.ensure_future(pool.run())
+    waiter = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([failed, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        failed.cancel()
+        await pool.stop()
+    if failed.done() and not failed.cancelled() and failed.exception() is not None:
+        raise failed.exception()  # type: ignore[misc]
+
+
+def signals_json(snapshots: Iterable[SignalSnapshot]) -> dict[str, list[dict[str, Any]]]:
+    """The body of ``GET /internal/signals`` (read back by :func:`signals_from_json`)."""
+    return {"signals": [snap.to_json() for snap in snapshots]}
 
 
 def signals_from_json(payload: bytes) -> list[SignalSnapshot]:

@@ -1,7 +1,9 @@
 """Leases on replicas: balancing, per-replica caps, the bounded wait queue, cold starts.
 
 A replica is sent at most its workload's cap at once: the spec's ``per_worker``, else the
-gateway's ``replica_concurrency_cap`` (``gateway.window.replica_cap``).
+gateway's ``replica_concurrency_cap`` (``gateway.window.replica_cap``). Where several
+worker processes serve the gateway's port (``gateway.workers``), each sends a replica at
+most its share of that cap (``gateway.window.worker_share``).
 
 A request takes a :class:`Lease` on one replica and gives it back when its response is
 done. A lease carries the request's estimated prompt tokens until its first token comes
@@ -47,7 +49,7 @@ from gateway.errors import GatewayError
 from gateway.prefix import PrefixIndex
 from gateway.routes import Replica, WorkloadRef, WorkloadRoute
 from gateway.signals import Signals
-from gateway.window import batch_reserve, replica_cap
+from gateway.window import batch_reserve, replica_cap, worker_share
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +60,8 @@ class DispatchLimits:
     cold_start_timeout_sec: Callable[[WorkloadRef], float]
     cold_start_retry_after_sec: float
     refused_cooldown_sec: float
+    workers: int = 1
+    """Gateway processes serving the same port; each takes its share of every cap."""
 
 
 @dataclass(slots=True)
@@ -244,7 +248,7 @@ class Dispatcher:
                     skip.add(key)
                 else:
                     del state.cooling_until[key]
-        cap = replica_cap(route.per_worker, self._limits.replica_concurrency_cap)
+        cap = self._cap(route)
         loads = [
             ReplicaLoad(
                 key=r.key,
@@ -402,12 +406,19 @@ class Dispatcher:
         if route is None:
             return False
         held = self._held_for_waiters(ref, state)
-        cap = replica_cap(route.per_worker, self._limits.replica_concurrency_cap)
+        cap = self._cap(route)
         if batch:
             cap -= batch_reserve(cap)
         return any(
             not r.draining and r.key not in held and state.outstanding.get(r.key, 0) < cap
             for r in route.replicas
+        )
+
+    def _cap(self, route: WorkloadRoute) -> int:
+        """The most requests this process sends one replica of ``route`` at once."""
+        limits = self._limits
+        return worker_share(
+            replica_cap(route.per_worker, limits.replica_concurrency_cap), limits.workers
         )
 
     def queued(self, ref: WorkloadRef) -> int:

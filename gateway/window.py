@@ -14,9 +14,10 @@ a measurement does not say, live here too: :data:`REPLICA_CONCURRENCY_CAP`,
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -31,6 +32,19 @@ def replica_cap(per_worker: int | None, default: int = REPLICA_CONCURRENCY_CAP) 
     ``per_worker`` where set, else the gateway's cap (``default``). The one rule the
     gateway, the scaler and the simulator all apply."""
     return default if per_worker is None else per_worker
+
+
+def worker_share(cap: int, workers: int) -> int:
+    """What one of ``workers`` gateway processes serving the same port may send a replica
+    at once: an even share of the replica's ``cap``, at least 1.
+
+    Each worker keeps its own count (no shared counter on the request path), so the
+    replica never gets more than ``cap`` from the gateway as a whole, at two costs: a
+    worker whose share is full queues a request while another worker may have room on
+    the same replica (load is spread by connection, not by request), and a cap below
+    ``workers`` is exceeded up to ``workers`` requests (the floor of 1 keeps every worker
+    able to serve)."""
+    return max(1, cap // max(1, workers))
 
 
 def batch_reserve(cap: int) -> int:
@@ -351,3 +365,102 @@ class WorkloadWindow:
 def _std(total: int, squares: int, n: int) -> float:
     """Population standard deviation from exact integer sums."""
     return math.sqrt(max(squares * n - total * total, 0)) / n
+
+
+def merge_token_stats(parts: Iterable[TokenStats | None]) -> TokenStats | None:
+    """The token mix of the union of the requests ``parts`` describe: the pooled mean
+    and population standard deviation, exact up to float rounding."""
+    present = [t for t in parts if t is not None and t.requests > 0]
+    if not present:
+        return None
+    n = sum(t.requests for t in present)
+
+    def pooled(
+        mean: Callable[[TokenStats], float], std: Callable[[TokenStats], float]
+    ) -> tuple[float, float]:
+        total = sum(t.requests * mean(t) for t in present) / n
+        second = sum(t.requests * (std(t) ** 2 + mean(t) ** 2) for t in present) / n
+        return total, math.sqrt(max(second - total * total, 0.0))
+
+    input_mean, input_std = pooled(lambda t: t.input_mean, lambda t: t.input_std)
+    output_mean, output_std = pooled(lambda t: t.output_mean, lambda t: t.output_std)
+    return TokenStats(
+        requests=n,
+        input_mean=input_mean,
+        input_std=input_std,
+        output_mean=output_mean,
+        output_std=output_std,
+        cached_mean=sum(t.requests * t.cached_mean for t in present) / n,
+    )
+
+
+def _sum_counts(parts: Iterable[Mapping[str, int] | None]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for part in parts:
+        for key, value in (part or {}).items():
+            out[key] = out.get(key, 0) + value
+    return out
+
+
+def merge_snapshots(parts: Sequence[SignalSnapshot]) -> SignalSnapshot:
+    """One workload's snapshots from several gateway processes (the workers sharing a
+    port, or gateways behind a load balancer) as one gateway that saw all their requests.
+
+    Counts add (requests in the window, in flight, queued, cold-start waits, in flight
+    per replica); raw TTFT samples are merged in time order, so any percentile the
+    controller takes is the percentile of every request, never an average of
+    percentiles; the token mix is pooled (:func:`merge_token_stats`). What every process
+    reads from the store rather than counts itself is the same in each and taken once:
+    the async queue (its depth, its oldest job), the per-replica cap. A replica's prefix
+    cache warmth is the most blocks any process believes it holds: a lower bound, as
+    the processes' blocks overlap (shared system prompts) by an amount none of them
+    knows. ``at`` and ``last_request_at`` are the latest."""
+    if not parts:
+        raise ValueError("merge_snapshots needs at least one snapshot")
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    replica_in_flight = (
+        None
+        if all(p.replica_in_flight is None for p in parts)
+        else _sum_counts(p.replica_in_flight for p in parts)
+    )
+    warmth: dict[str, int] = {}
+    for p in parts:
+        for key, blocks in p.replica_cache_blocks.items():
+            warmth[key] = max(warmth.get(key, 0), blocks)
+    last = [p.last_request_at for p in parts if p.last_request_at is not None]
+    oldest = [p.async_oldest_at for p in parts if p.async_oldest_at is not None]
+    caps = [p.concurrency_cap for p in parts if p.concurrency_cap is not None]
+    return SignalSnapshot(
+        project=first.project,
+        workload=first.workload,
+        at=max(p.at for p in parts),
+        window_sec=max(p.window_sec for p in parts),
+        ttft_samples=tuple(heapq.merge(*(p.ttft_samples for p in parts))),
+        requests_in_window=sum(p.requests_in_window for p in parts),
+        in_flight=sum(p.in_flight for p in parts),
+        queued=sum(p.queued for p in parts),
+        cold_start_waiting=sum(p.cold_start_waiting for p in parts),
+        async_queue_depth=max(p.async_queue_depth for p in parts),
+        last_request_at=max(last) if last else None,
+        tokens=merge_token_stats(p.tokens for p in parts),
+        concurrency_cap=max(caps) if caps else None,
+        unstreamed_samples=tuple(heapq.merge(*(p.unstreamed_samples for p in parts))),
+        replica_in_flight=replica_in_flight,
+        async_oldest_at=min(oldest) if oldest else None,
+        replica_cache_blocks=warmth,
+    )
+
+
+def merge_views(
+    views: Iterable[Iterable[SignalSnapshot]],
+) -> dict[tuple[str, str], SignalSnapshot]:
+    """Every process's snapshots merged per workload (:func:`merge_snapshots`), keyed
+    ``(project, workload)``; a workload only some processes have seen is merged from
+    those."""
+    grouped: dict[tuple[str, str], list[SignalSnapshot]] = {}
+    for view in views:
+        for snap in view:
+            grouped.setdefault((snap.project, snap.workload), []).append(snap)
+    return {ref: merge_snapshots(parts) for ref, parts in grouped.items()}

@@ -65,6 +65,29 @@ def schedule_offset_option(command: Callable[..., None]) -> Callable[..., None]:
     )(command)
 
 
+def _workers(_ctx: click.Context, _param: click.Parameter, value: str | None) -> int | str | None:
+    if value is None or value == "auto":
+        return value
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise click.BadParameter(
+            f"{value!r}: expected a count of at least 1, or 'auto' (one per core)"
+        )
+    return count
+
+
+def workers_option(
+    name: str, help_text: str
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """A gateway worker count: ``N`` processes sharing the port, or ``auto`` (one per core)."""
+    return click.option(
+        name, "gateway_workers", metavar="N|auto", default=None, callback=_workers, help=help_text
+    )
+
+
 def setup_logging(level: str, fmt: str) -> None:
     """Logging for a server role; and every file the role creates (state, the catalog
     snapshot, local engines' files) is its owner's alone (umask 077)."""
@@ -121,6 +144,11 @@ def refuse_taken_ports(host: str, ports: dict[str, int]) -> None:
     "(auto, the default), engine-sim (sim), or vLLM or fail (vllm). Overrides the config.",
 )
 @schedule_offset_option
+@workers_option(
+    "--gateway-workers",
+    "Serve the gateway port with N processes (SO_REUSEPORT), or one per core (auto); "
+    "overrides the config's gateway_workers (default 1: in this process).",
+)
 def run(
     host: str,
     api_port: int,
@@ -133,6 +161,7 @@ def run(
     log_format: str,
     engine: Literal["auto", "sim", "vllm"] | None,
     schedule_offset: float | None,
+    gateway_workers: int | Literal["auto"] | None,
 ) -> None:
     """Run every role in one process: management API, controller, gateway, local worker.
 
@@ -162,6 +191,7 @@ def run(
         dry_run=dry_run,
         engine=engine,
         schedule_offset_sec=schedule_offset,
+        gateway_workers=gateway_workers,
     )
     try:
         run_async(run_all(settings))
@@ -180,12 +210,24 @@ def run(
     help="The shared store, e.g. postgresql+asyncpg://user@host/db.",
 )
 @log_options
-def gateway(host: str, port: int, database_url: str, log_level: str, log_format: str) -> None:
+@workers_option(
+    "--workers",
+    "Serve the port with N processes (SO_REUSEPORT), or one per core (auto). Default 1.",
+)
+def gateway(
+    host: str,
+    port: int,
+    database_url: str,
+    log_level: str,
+    log_format: str,
+    gateway_workers: int | Literal["auto"] | None,
+) -> None:
     """Run the gateway alone; routes and keys come from the shared store."""
     from autoscaler.uvloop import run_async
     from gateway.app import serve_gateway
+    from gateway.workers import resolve_workers
 
     setup_logging(log_level, log_format)
     refuse_taken_ports(host, {"--port": port})
-
-    run_async(serve_gateway(database_url=database_url, host=host, port=port))
+    workers = resolve_workers(gateway_workers or 1)
+    run_async(serve_gateway(database_url=database_url, host=host, port=port, workers=workers))

@@ -1,0 +1,200 @@
+"""The gateway as two worker processes on one port: requests spread over both, the
+controller sees the whole load, a worker that dies is restarted, and none outlives its
+parent."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from autoscaler.controller import GatewaySignals
+from autoscaler.decide.scaling import ttft_percentile
+from gateway.app import GatewaySettings
+from gateway.workers import Peers, WorkerPool, control_socket
+from tests.gateway.conftest import PROJECT, Seed, eventually
+
+SLUG = "chat"
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+class HeldEngine:
+    """An engine whose streams send their first token at once and finish on release."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.url = ""
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"delta":{"content":"a"}}]}\n\n')
+        await self.release.wait()
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def engine() -> AsyncIterator[HeldEngine]:
+    held = HeldEngine()
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", held.chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    held.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield held
+    held.release.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def pool(tmp_path: Path, seed: Seed, engine: HeldEngine) -> AsyncIterator[WorkerPool]:
+    workers = WorkerPool(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
+        workers=2,
+        settings=GatewaySettings(refresh_interval_sec=0.2),
+    )
+    await workers.start("127.0.0.1", 0)
+    yield workers
+    await workers.stop()
+
+
+async def _stream(url: str, key: str, first: asyncio.Event) -> None:
+    """One stream on a connection of its own (a new source port: the kernel may hand it
+    to either worker); ``first`` is set once its first chunk is back."""
+    async with (
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http,
+        http.post(url, json=BODY, headers={"Authorization": f"Bearer {key}"}) as response,
+    ):
+        assert response.status == 200
+        async for _chunk in response.content.iter_any():
+            first.set()
+
+
+async def test_two_workers_share_the_port_and_the_controller_sees_all_their_load(
+    seed: Seed, engine: HeldEngine, pool: WorkerPool
+) -> None:
+    key = await seed.workload(SLUG)
+    launch = await seed.replica(SLUG, engine.url)
+    url = f"http://127.0.0.1:{pool.port}/endpoint/{PROJECT}/{SLUG}/v1/chat/completions"
+    assert pool.control_dir is not None
+    each = [Peers([control_socket(pool.control_dir, i)]) for i in range(2)]
+
+    async def in_flight_per_worker() -> list[int]:
+        views = [await p.signals() for p in each]
+        return [v[(PROJECT, SLUG)].in_flight if (PROJECT, SLUG) in v else 0 for v in views]
+
+    streams: list[asyncio.Task[None]] = []
+    # Held streams on new connections until both workers serve some (a connection goes
+    # to one worker by the hash of its addresses: a few suffice, 64 is the bound).
+    while len(streams) < 4 or 0 in await in_flight_per_worker():
+        assert len(streams) < 64, "every connection went to the same worker"
+        first = asyncio.Event()
+        streams.append(asyncio.create_task(_stream(url, key, first)))
+        await asyncio.wait_for(first.wait(), 20)
+    held = len(streams)
+    per_worker = await in_flight_per_worker()
+    assert sum(per_worker) == held and min(per_worker) > 0
+
+    measured = (await GatewaySignals(pool.signals).signals())[(PROJECT, SLUG)]
+    assert measured.signals.in_flight == held
+    assert measured.replica_in_flight == {launch: held}
+    merged = (await pool.signals())[(PROJECT, SLUG)]
+    assert merged.requests_in_window == held
+
+    engine.release.set()
+    await asyncio.wait_for(asyncio.gather(*streams), 20)
+
+    async def all_answered() -> bool:
+        view = (await pool.signals())[(PROJECT, SLUG)]
+        return view.in_flight == 0 and len(view.ttft_samples) == held
+
+    await eventually(all_answered)
+    merged = (await pool.signals())[(PROJECT, SLUG)]
+    apart = [(await p.signals())[(PROJECT, SLUG)] for p in each]
+    union = sorted(s for a in apart for s in a.ttft_samples)
+    assert sorted(merged.ttft_samples) == union
+    measured = (await GatewaySignals(pool.signals).signals())[(PROJECT, SLUG)]
+    since = measured.signals.ttft_samples[0][0].replace(year=2000)
+    assert (
+        ttft_percentile(measured.signals.ttft_samples, q=0.95, since=since)
+        == sorted(v for _, v in union)[int(0.95 * held + 0.999) - 1]
+    )
+
+
+async def test_a_worker_that_dies_is_restarted_and_none_is_left_after_stop(
+    seed: Seed, engine: HeldEngine, pool: WorkerPool
+) -> None:
+    key = await seed.workload(SLUG)
+    await seed.replica(SLUG, engine.url)
+    engine.release.set()
+    first = pool.pids()
+    assert all(first) and len(set(first)) == 2
+    os.kill(first[0], signal.SIGKILL)
+    await asyncio.wait_for(pool.wait_started(3), 30)
+    again = pool.pids()
+    assert again[0] not in (0, first[0]) and again[1] == first[1]
+    url = f"http://127.0.0.1:{pool.port}/endpoint/{PROJECT}/{SLUG}/v1/chat/completions"
+    for _ in range(4):  # whichever worker takes them, both serve
+        await asyncio.wait_for(_stream(url, key, asyncio.Event()), 20)
+    await pool.stop()
+    for pid in again:
+        assert not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie left for an init that does not reap is gone)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+async def test_workers_do_not_outlive_a_parent_killed_outright(tmp_path: Path, seed: Seed) -> None:
+    """``autoscaler gateway --workers 2`` killed with SIGKILL (no chance to clean up):
+    its workers see their stdin close and stop."""
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "autoscaler",
+        "gateway",
+        "--db",
+        f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
+        "--port",
+        "0",
+        "--workers",
+        "2",
+        stdout=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert parent.stdout is not None
+        line = await asyncio.wait_for(parent.stdout.readline(), 60)
+        assert b"2 worker processes" in line, line
+        workers = _children(parent.pid)
+        assert len(workers) == 2
+        parent.kill()
+        await parent.wait()
+        await eventually(lambda: not any(_alive(pid) for pid in workers), within=30)
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
