@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 
@@ -80,6 +82,24 @@ async def complete(url: str, max_tokens: int) -> httpx.Response:
             f"{url}/v1/completions",
             json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": max_tokens},
         )
+
+
+async def stream_completion(
+    url: str, max_tokens: int, chunks: list[dict[str, object]], first: asyncio.Event
+) -> None:
+    """Stream a completion, collecting its chunks; ``first`` is set at the first one."""
+    async with (
+        httpx.AsyncClient(timeout=30.0) as client,
+        client.stream(
+            "POST",
+            f"{url}/v1/completions",
+            json={"model": MODEL, "prompt": "Tell", "max_tokens": max_tokens, "stream": True},
+        ) as response,
+    ):
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line.removeprefix("data: ")))
+                first.set()
 
 
 async def test_a_sleeping_engine_queues_requests_and_serves_them_after_the_wake(
@@ -165,22 +185,7 @@ async def test_sleeping_aborts_requests_in_flight_with_what_they_produced(
     server = await sleepy(start_engine)
     chunks: list[dict[str, object]] = []
     first = asyncio.Event()
-
-    async def stream() -> None:
-        async with (
-            httpx.AsyncClient(timeout=30.0) as client,
-            client.stream(
-                "POST",
-                f"{server.url}/v1/completions",
-                json={"model": MODEL, "prompt": "Tell", "max_tokens": 5000, "stream": True},
-            ) as response,
-        ):
-            async for line in response.aiter_lines():
-                if line.startswith("data: {"):
-                    chunks.append(json.loads(line.removeprefix("data: ")))
-                    first.set()
-
-    streaming = asyncio.create_task(stream())
+    streaming = asyncio.create_task(stream_completion(server.url, 5000, chunks, first))
     await first.wait()
     await sleep_engine(server.url, 1)
     await streaming
@@ -247,3 +252,44 @@ def test_the_sleep_level_is_read_from_vllms_gauge() -> None:
     assert sleeping_level(text(0, 0, 0)) == 0
     with pytest.raises(ValueError, match="no vllm:engine_sleep_state"):
         sleeping_level("vllm:num_requests_running 0\n")
+
+
+async def test_sleeping_in_wait_mode_lets_requests_in_flight_finish(
+    start_engine: StartEngine,
+) -> None:
+    server = await sleepy(start_engine)
+    chunks: list[dict[str, object]] = []
+    first = asyncio.Event()
+    running = asyncio.create_task(stream_completion(server.url, 1000, chunks, first))
+    await first.wait()
+    async with httpx.AsyncClient(timeout=30.0) as client:
+        slept = await client.post(f"{server.url}/sleep", params={"level": "1", "mode": "wait"})
+
+    assert slept.json() == {"status": "sleeping", "level": 1}
+    await running
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]  # type: ignore[index]
+    assert reasons[-1] == "length"  # finished whole, not aborted
+    assert len(chunks) == 1000 + 1  # every token, then the finish
+    assert await is_sleeping(server.url)
+
+
+async def test_an_engine_sim_process_sleeps_and_wakes() -> None:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "providers.engine_sim", "--port", "0", "--model", MODEL,
+        "--time-scale", "50", "--enable-sleep-mode",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        line = (await asyncio.wait_for(process.stdout.readline(), timeout=30)).decode()
+        found = re.search(r"http://[\d.]+:\d+", line)
+        assert found, f"no address announced: {line!r}"
+        url = found.group(0)
+        await sleep_engine(url, 2)
+        assert await is_sleeping(url)
+        await wake_engine(url)
+        assert not await is_sleeping(url)
+        assert (await complete(url, 2)).status_code == 200
+    finally:
+        process.kill()
+        await process.wait()
