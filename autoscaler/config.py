@@ -38,6 +38,7 @@ from autoscaler.reconcile.timeouts import DEFAULT_CALL_TIMEOUT_SEC, DEFAULT_LAUN
 from autoscaler.spec import DEFAULT_MAX_REPLICAS, parse_duration
 from catalog.cuda import MachineImage, parse_driver
 from catalog.model import ProviderName
+from catalog.storage import LAUNCH_DISK_GIB
 from providers.aws_config import DLAMI_PARAMETER, AwsConfig
 
 if TYPE_CHECKING:  # the GCE client library takes seconds to import: only when configured
@@ -70,7 +71,7 @@ class AwsSettings(EngineAccess):
     gateway_cidr: str = "0.0.0.0/0"
     ami_parameter: str = DLAMI_PARAMETER
     ami_overrides: dict[str, str] = {}
-    root_volume_gib: Annotated[int, Field(ge=8)] = 200
+    root_volume_gib: Annotated[int, Field(ge=8)] = LAUNCH_DISK_GIB
     endpoint_url: str | None = None
     max_attempts: Annotated[int, Field(ge=1)] = 4
     retry_wait_seconds: Annotated[float, Field(ge=0)] = 1.0

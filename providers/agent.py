@@ -11,6 +11,12 @@ mid-flight finds its replicas again from the provider's state files.
 The protocol is level-based: a lost heartbeat or a restart of either side is repaired
 by the next tick. A worker that stops heartbeating for :data:`HEARTBEAT_TIMEOUT` counts
 as lost, and so do its replicas (:func:`worker_is_lost`).
+
+A private worker cannot be stopped the way a cloud machine is (:func:`refuse_stop`): the
+box is the user's, the controller does not own its power, and stopping it would save the
+user nothing we bill. A replica on it ends (desired ``stopped``: its process is ended
+and forgotten) or keeps running; a warm pool on private workers is made of sleeping
+engines, not stopped machines.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Any
 import httpx
 
 from catalog.model import ProviderName
-from providers.base import BootSpec, InstanceState, LaunchRequest, instance_tags
+from providers.base import BootSpec, InstanceState, LaunchRequest, Terminal, instance_tags
 from providers.local import EngineLauncher, LocalProvider, offer_for_this_machine
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "WorkerCredentials",
     "parse_nvidia_smi",
     "probe_gpus",
+    "refuse_stop",
     "register_worker",
     "worker_id_from_secret",
     "worker_is_lost",
@@ -59,6 +66,18 @@ def worker_is_lost(
     A worker never heard from is lost; one heard from exactly ``timeout`` ago is not yet.
     """
     return last_heartbeat_at is None or now - last_heartbeat_at > timeout
+
+
+def refuse_stop(worker_id: str, *, launch_id: str | None = None) -> Terminal:
+    """The error for a request to stop (park) a replica's machine on a private worker:
+    not supported, ever (see the module docstring). Callers raise it; retrying cannot
+    help, so it is :class:`Terminal`."""
+    what = f"replica {launch_id} on worker {worker_id}" if launch_id else f"worker {worker_id}"
+    return Terminal(
+        f"stopping {what}",
+        "a private worker is the user's own machine: the controller cannot stop it, and "
+        "stopping it would save nothing; end the replica, or let its engine sleep",
+    )
 
 
 def worker_id_from_secret(secret: str) -> str | None:

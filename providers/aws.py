@@ -16,6 +16,16 @@ on first use and reused by every group of that shape, so nothing is left to dele
 a group ends (EC2 keeps a placement group free of charge, and the number per region is
 limited).
 
+Stop and start (a warm pool of stopped machines): ``StopInstances`` keeps the instance
+and its gp3 root volume (billed by the GB-month while stopped, see
+:mod:`catalog.storage`); ``StartInstances`` boots it again in its zone, with the same
+instance id, tags, private address and disk, and a new public address. A spot instance
+cannot be stopped: EC2 stops spot instances only when a persistent spot request launched
+them, and ours are one-time requests ("Stop a Spot Instance", EC2 User Guide,
+https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/using-spot-instances-request.html),
+so ``stop`` refuses one with :class:`Terminal` before asking. An instance's
+``launched_at`` is EC2's ``LaunchTime``, which is the last start.
+
 Credentials, region defaults and ``AWS_ENDPOINT_URL`` come from the standard AWS
 environment. botocore's own retries are off: retries happen here, with tenacity, and only
 for calls that are safe to repeat (describes, terminations, and ``RunInstances`` because
@@ -92,14 +102,16 @@ _THROTTLE_CODES = frozenset(
     {"RequestLimitExceeded", "Throttling", "ThrottlingException", "ServiceUnavailable"}
 )
 _NOT_FOUND_CODES = frozenset({"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"})
+_STATE_CODES = frozenset({"IncorrectInstanceState", "IncorrectState"})
+"""The instance is between states (stopping a pending one, starting a stopping one)."""
 
 _STATES = {
     "pending": InstanceState.PENDING,
     "running": InstanceState.RUNNING,
-    "shutting-down": InstanceState.STOPPING,
+    "shutting-down": InstanceState.SHUTTING_DOWN,
     "stopping": InstanceState.STOPPING,
     # A stopped instance still exists (and its volumes cost money): not gone.
-    "stopped": InstanceState.STOPPING,
+    "stopped": InstanceState.STOPPED,
     "terminated": InstanceState.TERMINATED,
 }
 
@@ -120,7 +132,7 @@ def translate(error: Exception, action: str, *, retry_after: float = 5.0) -> Pro
         return NotFound(action, detail)
     if code in _THROTTLE_CODES:
         return Throttled(action, detail, retry_after=retry_after)
-    if status >= 500:
+    if code in _STATE_CODES or status >= 500:
         return Transient(action, detail, retry_after=retry_after)
     return Terminal(action, detail)
 
@@ -218,8 +230,48 @@ class AwsProvider:
         ]
         return await self._find(filters, action=f"listing instances of cluster {cluster_id}")
 
+    async def stop(self, instance_id: str) -> None:
+        action = f"stopping {instance_id}"
+        instance, region = await self._locate(instance_id, action=action)
+        state = instance.state
+        if state.is_gone or state is InstanceState.SHUTTING_DOWN:
+            raise NotFound(action, f"the instance is {state.value}: nothing to keep")
+        if state.is_stopped:
+            return
+        if instance.spot:
+            raise Terminal(
+                action,
+                "a spot instance cannot be stopped: EC2 stops only those a persistent spot "
+                "request launched, and this one is a one-time request; terminate it instead",
+            )
+        async with self._ec2(region) as ec2:
+            await self._retrying(action, partial(ec2.stop_instances, InstanceIds=[instance_id]))
+
+    async def start(self, instance_id: str) -> Instance:
+        action = f"starting {instance_id}"
+        instance, region = await self._locate(instance_id, action=action)
+        state = instance.state
+        if state.is_gone or state is InstanceState.SHUTTING_DOWN:
+            raise NotFound(action, f"the instance is {state.value}")
+        if state in (InstanceState.PENDING, InstanceState.RUNNING):
+            return instance
+        if state is InstanceState.STOPPING:
+            raise Transient(
+                action,
+                "the instance is still stopping",
+                retry_after=self.config.throttle_retry_after,
+            )
+        async with self._ec2(region) as ec2:
+            await self._retrying(action, partial(ec2.start_instances, InstanceIds=[instance_id]))
+        started, _ = await self._locate(instance_id, action=action)
+        return started
+
     async def describe(self, instance_id: str) -> Instance:
-        action = f"describing {instance_id}"
+        instance, _ = await self._locate(instance_id, action=f"describing {instance_id}")
+        return instance
+
+    async def _locate(self, instance_id: str, *, action: str) -> tuple[Instance, str]:
+        """The instance and the region it lives in; :class:`NotFound` when none has it."""
         for region in self.config.regions:
             async with self._ec2(region) as ec2:
                 try:
@@ -230,7 +282,7 @@ class AwsProvider:
                     continue
             for reservation in response["Reservations"]:
                 for raw in reservation.get("Instances", []):
-                    return self._instance(raw, region=region)
+                    return self._instance(raw, region=region), region
         raise NotFound(action, f"no instance in {', '.join(self.config.regions)}")
 
     async def find_by_launch_id(self, cluster_id: str, launch_id: str) -> Instance | None:

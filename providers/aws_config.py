@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from catalog.storage import LAUNCH_DISK_GIB
+
 DLAMI_PARAMETER = (
     "/aws/service/deeplearning/ami/x86_64/base-oss-nvidia-driver-gpu-ubuntu-22.04/latest/ami-id"
 )
@@ -32,7 +34,8 @@ class AwsConfig:
     gateway_cidr: str = "0.0.0.0/0"
     ami_parameter: str = DLAMI_PARAMETER
     ami_overrides: Mapping[str, str] = field(default_factory=dict)
-    root_volume_gib: int = 200
+    root_volume_gib: int = LAUNCH_DISK_GIB
+    """The gp3 root volume: image, engine container and weights; billed while stopped."""
     endpoint_url: str | None = None
     max_attempts: int = 4
     retry_wait_seconds: float = 1.0

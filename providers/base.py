@@ -8,7 +8,10 @@ is ``autoscaler.decide``) nor wait for an engine to become healthy (that is
   launch id), so the ledger can find it after a crash;
 * a launch id is an idempotency token: launching the same request twice yields one
   instance (EC2 ClientToken, GCE requestId);
-* ``terminate`` is idempotent and ``describe`` raises :class:`NotFound` for an unknown id;
+* ``terminate``, ``stop`` and ``start`` are idempotent, and ``describe`` raises
+  :class:`NotFound` for an unknown id;
+* a stopped machine is still ours: it is listed, found by its launch id, not gone, and it
+  bills its disks (:func:`catalog.storage.stopped_usd_per_hour`);
 * vendor errors arrive as :mod:`providers.errors` types, never as botocore or Google types.
 
 Time comes from an injected :class:`Clock` wherever a provider needs it.
@@ -128,19 +131,41 @@ def instance_tags(
 
 
 class InstanceState(StrEnum):
-    """An instance's lifecycle state as the provider reports it."""
+    """An instance's lifecycle state as the provider reports it.
+
+    ::
+
+        PENDING ──> RUNNING ──> STOPPING ──> STOPPED ──(start)──> PENDING
+           │           │                        │
+           └───────────┴──> SHUTTING_DOWN ──> TERMINATED       (terminate, from any)
+                       └──> INTERRUPTED                        (reclaimed spot)
+
+    ``STOPPING`` is on its way to ``STOPPED``; ``SHUTTING_DOWN`` on its way to
+    ``TERMINATED``. Only ``TERMINATED`` and ``INTERRUPTED`` are gone: a stopped machine
+    is still ours (listed, billed for its disks, started again or terminated by us).
+    """
 
     PENDING = "pending"
     RUNNING = "running"
     STOPPING = "stopping"
+    STOPPED = "stopped"
+    SHUTTING_DOWN = "shutting-down"
     TERMINATED = "terminated"
     # Reclaimed by the provider (spot interruption or GCE preemption), not by us.
     INTERRUPTED = "interrupted"
 
     @property
     def is_gone(self) -> bool:
-        """True once the machine no longer exists (or is on its way out for good)."""
+        """True once the machine no longer exists: terminated or reclaimed. A machine
+        shutting down is not gone yet (nothing is marked gone before the provider says
+        so), nor is a stopped one."""
         return self in (InstanceState.TERMINATED, InstanceState.INTERRUPTED)
+
+    @property
+    def is_stopped(self) -> bool:
+        """True for a machine stopping or stopped: it serves nothing, keeps its disk,
+        and bills only that disk once stopped."""
+        return self in (InstanceState.STOPPING, InstanceState.STOPPED)
 
 
 def _frozen(mapping: Mapping[str, str]) -> Mapping[str, str]:
@@ -299,7 +324,35 @@ class Provider(Protocol):
         """Release the instance. Idempotent: an instance already gone is a success.
 
         Returns once the provider accepted the termination; the instance may still be
-        ``STOPPING`` — confirm with :meth:`describe` or :meth:`list` before marking it gone.
+        ``SHUTTING_DOWN`` (or, on GCE, ``STOPPING``) — confirm with :meth:`describe` or
+        :meth:`list` before marking it gone. A stopped instance is terminated like any.
+        """
+        ...
+
+    async def stop(self, instance_id: str) -> None:
+        """Stop the machine and keep it: its disk (image, container, weights) stays, and
+        only the disk is billed while it is stopped.
+
+        Idempotent: an instance already ``STOPPING`` or ``STOPPED`` is a success. Returns
+        once the provider accepted the stop; the instance is ``STOPPING`` until
+        :meth:`describe` or :meth:`list` shows ``STOPPED``. Raises :class:`NotFound` for
+        an unknown instance or one gone or shutting down (there is nothing to keep),
+        :class:`Transient` while the provider cannot stop it yet (EC2 refuses to stop a
+        ``pending`` instance), and :class:`Terminal` where the machine can never be
+        stopped (an EC2 spot instance of a one-time request; a private worker).
+        """
+        ...
+
+    async def start(self, instance_id: str) -> Instance:
+        """Start a stopped machine again and return it (usually ``PENDING``): the same
+        instance id, tags and launch id; its addresses may be new (a public address is
+        released at stop), so read them from the returned instance.
+
+        Idempotent: an instance already ``PENDING`` or ``RUNNING`` is returned as it is.
+        Raises :class:`NotFound` for an unknown or gone instance, :class:`Transient` while
+        it is still ``STOPPING``, and :class:`InsufficientCapacity` when the zone has no
+        capacity for its type now (a stopped machine is tied to its zone: the caller
+        launches elsewhere instead, and may terminate the stopped one).
         """
         ...
 

@@ -24,11 +24,15 @@ from providers.base import (
     ProviderError,
     SpotInterruption,
     SystemClock,
+    Terminal,
+    Transient,
     pick_for_launch,
     utc,
 )
 
-Method = Literal["launch", "terminate", "list", "describe", "find_by_launch_id", "interruptions"]
+Method = Literal[
+    "launch", "terminate", "stop", "start", "list", "describe", "find_by_launch_id", "interruptions"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,12 +47,17 @@ class FakeCall:
 class _Machine:
     instance: Instance
     running_at: float
+    stopped_at: float = 0.0
 
 
 class FakeCloud:
     """The fake's world: machines, idempotency tokens, interruptions, on an injected clock.
 
-    Instances are ``PENDING`` for ``boot_seconds`` of clock time, then ``RUNNING``.
+    Instances are ``PENDING`` for ``boot_seconds`` of clock time, then ``RUNNING``. A
+    stopped instance is ``STOPPING`` for ``stop_seconds``, then ``STOPPED``; started
+    again it is ``PENDING`` for ``start_seconds`` (``boot_seconds`` when unset). As on
+    EC2, a spot instance cannot be stopped, a ``PENDING`` one not yet, and a
+    ``STOPPING`` one cannot start until it is ``STOPPED``.
     Terminated and interrupted instances stay visible with that state until
     :meth:`forget` removes them, as EC2 keeps terminated instances listed for a while.
     Like EC2, the cloud is eventually consistent when ``visibility_delay_sec`` is set: a
@@ -62,9 +71,13 @@ class FakeCloud:
         clock: Clock | None = None,
         boot_seconds: float = 0.0,
         visibility_delay_sec: float = 0.0,
+        stop_seconds: float = 0.0,
+        start_seconds: float | None = None,
     ) -> None:
         self.clock: Clock = clock or SystemClock()
         self.boot_seconds = boot_seconds
+        self.stop_seconds = stop_seconds
+        self.start_seconds = boot_seconds if start_seconds is None else start_seconds
         self.visibility_delay_sec = visibility_delay_sec
         self._created_at: dict[str, float] = {}
         self._machines: dict[str, _Machine] = {}
@@ -101,12 +114,40 @@ class FakeCloud:
         machine = self._machines.get(instance_id)
         if machine is None:
             raise KeyError(instance_id)
-        if (
-            machine.instance.state is InstanceState.PENDING
-            and self.clock.now() >= machine.running_at
-        ):
+        now = self.clock.now()
+        if machine.instance.state is InstanceState.PENDING and now >= machine.running_at:
             machine.instance = replace(machine.instance, state=InstanceState.RUNNING)
+        if machine.instance.state is InstanceState.STOPPING and now >= machine.stopped_at:
+            machine.instance = replace(machine.instance, state=InstanceState.STOPPED)
         return machine.instance
+
+    def stop(self, instance_id: str, *, action: str) -> None:
+        """Stop a machine as EC2 would (see the class docstring for what is refused)."""
+        instance = self.get(instance_id)
+        state = instance.state
+        if state.is_gone or state is InstanceState.SHUTTING_DOWN:
+            raise NotFound(action, f"the instance is {state.value}")
+        if state.is_stopped:
+            return
+        if instance.spot:
+            raise Terminal(action, "a spot instance of a one-time request cannot be stopped")
+        if state is InstanceState.PENDING:
+            raise Transient(action, "the instance is pending: not stoppable yet", retry_after=5)
+        self._machines[instance_id].stopped_at = self.clock.now() + self.stop_seconds
+        self.set_state(instance_id, InstanceState.STOPPING)
+
+    def start(self, instance_id: str, *, action: str) -> Instance:
+        """Start a stopped machine again: ``PENDING`` for ``start_seconds``."""
+        instance = self.get(instance_id)
+        state = instance.state
+        if state.is_gone or state is InstanceState.SHUTTING_DOWN:
+            raise NotFound(action, f"the instance is {state.value}")
+        if state is InstanceState.STOPPING:
+            raise Transient(action, "the instance is still stopping", retry_after=5)
+        if state is InstanceState.STOPPED:
+            self._machines[instance_id].running_at = self.clock.now() + self.start_seconds
+            self.set_state(instance_id, InstanceState.PENDING)
+        return self.get(instance_id)
 
     def all(self) -> builtins.list[Instance]:
         return [self.get(instance_id) for instance_id in self._machines]
@@ -191,6 +232,25 @@ class FakeProvider:
             return  # as EC2: an id not shown yet is "not found", taken as already gone
         if not instance.state.is_gone:
             self.cloud.set_state(instance_id, InstanceState.TERMINATED)
+
+    async def stop(self, instance_id: str) -> None:
+        action = f"stopping {instance_id}"
+        self._enter("stop", instance_id, action)
+        self.cloud.stop(self._visible(instance_id, action), action=action)
+
+    async def start(self, instance_id: str) -> Instance:
+        action = f"starting {instance_id}"
+        self._enter("start", instance_id, action)
+        return self.cloud.start(self._visible(instance_id, action), action=action)
+
+    def _visible(self, instance_id: str, action: str) -> str:
+        try:
+            self.cloud.get(instance_id)
+        except KeyError:
+            raise NotFound(action, "no such instance") from None
+        if not self.cloud.visible(instance_id):
+            raise NotFound(action, "no such instance")
+        return instance_id
 
     async def list(self, cluster_id: str) -> builtins.list[Instance]:
         self._enter("list", cluster_id, f"listing instances of cluster {cluster_id}")

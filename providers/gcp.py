@@ -15,9 +15,20 @@ GCE labels allow only ``[a-z0-9_-]``, so tags are mapped to labels for filtering
 ``autoscaler-tags`` metadata item, which is what :class:`Instance.tags` is read from.
 
 A GCE ``TERMINATED`` status means stopped, not deleted: such an instance still exists
-(its disk still costs money), so it reads as ``STOPPING``; only a deleted instance is gone.
-Spot VMs are deleted on preemption; the preemption is reported from the
+(its disk still costs money), so it reads as ``STOPPED``, as does ``SUSPENDED``; only a
+deleted instance is gone. GCE's ``STOPPING`` is shown both on the way to stopped and on
+the way to deletion, so it reads as ``STOPPING`` either way; a deleted instance then
+disappears. Spot VMs are deleted on preemption; the preemption is reported from the
 ``compute.instances.preempted`` operations GCE records.
+
+Stop and start (a warm pool of stopped machines): ``instances.stop`` keeps the VM and
+its ``pd-balanced`` boot disk (billed by the GB-month while stopped, see
+:mod:`catalog.storage`); ``instances.start`` (``instances.resume`` for a VM someone
+suspended) boots it again in its zone, with the same name, labels and disk, and waits
+for the operation, so a stock-out in the zone arrives as :class:`InsufficientCapacity`.
+Unlike EC2, GCE stops and starts spot VMs too ("Create and use Spot VMs",
+https://cloud.google.com/compute/docs/instances/create-use-spot); a stopped spot VM cannot
+be preempted, and a started one is a spot VM again.
 
 The boot disk's image is chosen from the same CUDA/driver table the catalog admits
 offers by (``catalog.cuda``): the Deep Learning VM family with the newest driver that runs
@@ -67,6 +78,7 @@ from tenacity import (
 from catalog.cuda import MachineImage, driver_runs, driver_supports_gpu, machine_images
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import Offer, ProviderName
+from catalog.storage import LAUNCH_DISK_GIB
 from providers.base import (
     CLUSTER_TAG,
     GROUP_TAG,
@@ -117,14 +129,19 @@ _RATE_CODES = frozenset({"RESOURCE_OPERATION_RATE_EXCEEDED", "RATE_LIMIT_EXCEEDE
 _TRANSIENT_CODES = frozenset({"RESOURCE_NOT_READY"})
 _RATE_REASONS = frozenset({"rateLimitExceeded", "userRateLimitExceeded"})
 _STATES = {
+    "PENDING": InstanceState.PENDING,  # a flex-start VM waiting for capacity
     "PROVISIONING": InstanceState.PENDING,
     "STAGING": InstanceState.PENDING,
     "RUNNING": InstanceState.RUNNING,
-    "STOPPING": InstanceState.STOPPING,
+    # The host failed and GCE is bringing the VM back: not serving, coming back running.
+    "REPAIRING": InstanceState.PENDING,
+    "PENDING_STOP": InstanceState.STOPPING,
+    "STOPPING": InstanceState.STOPPING,  # a stop, or a deletion, under way
+    "DEPROVISIONING": InstanceState.STOPPING,
     "SUSPENDING": InstanceState.STOPPING,
-    "SUSPENDED": InstanceState.STOPPING,
-    "REPAIRING": InstanceState.STOPPING,
-    "TERMINATED": InstanceState.STOPPING,
+    "STOPPED": InstanceState.STOPPED,
+    "SUSPENDED": InstanceState.STOPPED,
+    "TERMINATED": InstanceState.STOPPED,  # GCE's word for stopped, not deleted
 }
 _GPU_ACCELERATORS = {
     "T4": "nvidia-tesla-t4",
@@ -142,15 +159,19 @@ class GcpConfig:
     driver it ships (``None``: the GCP rows of ``catalog/data/cuda.json``, the table the
     catalog admits offers by). ``firewall``: ``manage`` creates the cluster's rule,
     ``check`` only verifies at start that one admits ``source_ranges`` to the engine
-    ports (:mod:`providers.gcp_firewall`). ``client_options`` and ``credentials`` go to
-    the client library unchanged (tests point ``api_endpoint`` at a local server).
+    ports (:mod:`providers.gcp_firewall`). ``boot_disk_type``: named explicitly, since
+    the API's default (``pd-standard``) is refused by the G2 and A3 machines; it is
+    also what a stopped VM bills (:mod:`catalog.storage`). ``client_options`` and
+    ``credentials`` go to the client library unchanged (tests point ``api_endpoint`` at a
+    local server).
     """
 
     project: str
     network: str = "global/networks/default"
     subnetwork: str | None = None
     images: tuple[MachineImage, ...] | None = None
-    boot_disk_gib: int = 200
+    boot_disk_gib: int = LAUNCH_DISK_GIB
+    boot_disk_type: str = "pd-balanced"
     network_tags: tuple[str, ...] = ("autoscaler-engine",)
     firewall: Literal["manage", "check"] = "manage"
     source_ranges: tuple[str, ...] = ("0.0.0.0/0",)
@@ -442,16 +463,57 @@ class GcpProvider:
             {CLUSTER_TAG: cluster_id}, action=f"listing instances of cluster {cluster_id}"
         )
 
+    async def stop(self, instance_id: str) -> None:
+        zone, name = self._split(instance_id)
+        action = f"stopping {instance_id}"
+        instance = self._instance(await self._get(zone, name, action=action))
+        if instance.state.is_stopped:
+            return
+        if instance.state is InstanceState.PENDING:
+            raise Transient(
+                action, "the VM is still starting", retry_after=self.config.throttle_retry_after
+            )
+        await self._retrying(
+            action,
+            lambda: self._instances.stop_unary(
+                project=self.config.project, zone=zone, instance=name, retry=None
+            ),
+        )
+
+    async def start(self, instance_id: str) -> Instance:
+        zone, name = self._split(instance_id)
+        action = f"starting {instance_id}"
+        raw = await self._get(zone, name, action=action)
+        instance = self._instance(raw)
+        if instance.state in (InstanceState.PENDING, InstanceState.RUNNING):
+            return instance
+        if instance.state is InstanceState.STOPPING:
+            raise Transient(
+                action, "the VM is still stopping", retry_after=self.config.throttle_retry_after
+            )
+        call = (
+            self._instances.resume_unary
+            if raw.status == "SUSPENDED"
+            else (self._instances.start_unary)
+        )
+        operation = await self._retrying(
+            action,
+            partial(call, project=self.config.project, zone=zone, instance=name, retry=None),
+        )
+        await self._wait(operation, zone=zone, action=action)
+        return self._instance(await self._get(zone, name, action=action))
+
     async def describe(self, instance_id: str) -> Instance:
         zone, name = self._split(instance_id)
-        action = f"describing {instance_id}"
-        raw = await self._retrying(
+        return self._instance(await self._get(zone, name, action=f"describing {instance_id}"))
+
+    async def _get(self, zone: str, name: str, *, action: str) -> compute_v1.Instance:
+        return await self._retrying(
             action,
             lambda: self._instances.get(
                 project=self.config.project, zone=zone, instance=name, retry=None
             ),
         )
-        return self._instance(raw)
 
     async def find_by_launch_id(self, cluster_id: str, launch_id: str) -> Instance | None:
         found = await self._search(
@@ -540,6 +602,7 @@ class GcpProvider:
                     initialize_params=compute_v1.AttachedDiskInitializeParams(
                         source_image=image_source(image),
                         disk_size_gb=self.config.boot_disk_gib,
+                        disk_type=f"zones/{zone}/diskTypes/{self.config.boot_disk_type}",
                         labels=_labels(request.tags),
                     ),
                 )

@@ -11,6 +11,14 @@ the process with that pid has the start time we recorded: a pid reused by anothe
 program is never signalled. Processes run in their own session, so terminating one
 stops its whole process group (``docker run`` and what it started, or an engine's
 workers): SIGTERM first, SIGKILL after a grace period.
+
+Stop and start: ``stop`` ends the engine process as ``terminate`` does but keeps the
+instance (its record, its port, its log, and whatever the engine keeps on this disk:
+the model cache); it reads ``STOPPING`` until the process is gone, then ``STOPPED``.
+``start`` runs the engine again from the launch request kept in the record, on the same
+port and under the same instance id, with its secrets resolved afresh
+(``restart_command`` where the launcher has one, :class:`EngineRestarter`). A process
+that exited by itself is gone, not stopped, and is not started again.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from catalog.model import Offer, ProviderName
 from catalog.sizing import command_adapters
@@ -43,6 +51,7 @@ from providers.base import (
     NotFound,
     SystemClock,
     Terminal,
+    Transient,
     pick_for_launch,
     utc,
 )
@@ -51,6 +60,7 @@ from providers.engines import ENGINE_KEY_SECRET, expand_secrets
 __all__ = [
     "DockerLauncher",
     "EngineLauncher",
+    "EngineRestarter",
     "EngineSimLauncher",
     "HostProcessLauncher",
     "LaunchCommand",
@@ -87,6 +97,16 @@ class EngineLauncher(Protocol):
     """Turns a BootSpec into a local process that serves on ``host:port``."""
 
     def command(
+        self, boot: BootSpec, *, host: str, port: int, offer: Offer, secrets: Mapping[str, str]
+    ) -> LaunchCommand: ...
+
+
+@runtime_checkable
+class EngineRestarter(Protocol):
+    """A launcher that starts a stopped instance's engine differently from a fresh one
+    (the simulated cloud: a shorter boot, as the machine's disk is kept)."""
+
+    def restart_command(
         self, boot: BootSpec, *, host: str, port: int, offer: Offer, secrets: Mapping[str, str]
     ) -> LaunchCommand: ...
 
@@ -207,6 +227,10 @@ class _Record:
     exit_status: int | None = None
     engine: str | None = None
     engine_reason: str | None = None
+    stopped_at: float | None = None
+    """When a stop was asked; set while the instance is stopping or stopped."""
+    request: dict[str, Any] | None = None
+    """The launch request (no secrets in it), to start the engine again after a stop."""
 
     @property
     def address(self) -> str:
@@ -382,6 +406,43 @@ class LocalProvider:
             ended = current.terminated_at or self._clock.now()
             self._records.save(replace(current, terminated_at=ended))
 
+    async def stop(self, instance_id: str) -> None:
+        action = f"stopping local instance {instance_id}"
+        record = self._records.load(instance_id)
+        if record is None or record.terminated_at is not None:
+            raise NotFound(action, "no such instance (or it is terminated)")
+        if record.stopped_at is None:
+            if not self._alive(record):
+                raise NotFound(action, "the engine process has exited: nothing to stop")
+            with self._records.locked():
+                current = self._records.load(instance_id) or record
+                record = replace(current, stopped_at=self._clock.now())
+                self._records.save(record)
+        stopping = record
+        await _stop(stopping.pid, alive=lambda: self._alive(stopping), grace=self._grace)
+
+    async def start(self, instance_id: str) -> Instance:
+        action = f"starting local instance {instance_id}"
+        record = self._records.load(instance_id)
+        if record is None or record.terminated_at is not None:
+            raise NotFound(action, "no such instance (or it is terminated)")
+        if record.stopped_at is None:
+            if self._alive(record):
+                return self._instance(record)
+            raise NotFound(action, "the engine process has exited: launch a new one")
+        if self._alive(record):
+            raise Transient(action, "the engine process is still stopping", retry_after=1.0)
+        if record.request is None:
+            raise Terminal(action, "its record keeps no launch request: terminate it instead")
+        request = _request_from(record.request)
+        secrets = await self._secrets(request)
+        with self._records.locked():
+            current = self._records.load(instance_id) or record
+            if current.stopped_at is None or current.terminated_at is not None:
+                return self._instance(current)  # started (or ended) by another caller
+            started = self._respawn(current, request, secrets, action=action)
+        return self._instance(started)
+
     async def list(self, cluster_id: str) -> builtins.list[Instance]:
         self._forget_old()
         return [
@@ -441,9 +502,40 @@ class LocalProvider:
             log_path=str(log_path),
             engine=command.engine,
             engine_reason=command.engine_reason,
+            request=_request_json(request),
         )
         self._records.save(record)
         return record
+
+    def _respawn(
+        self, record: _Record, request: LaunchRequest, secrets: Mapping[str, str], *, action: str
+    ) -> _Record:
+        launcher = self._launcher
+        build = (
+            launcher.restart_command if isinstance(launcher, EngineRestarter) else launcher.command
+        )
+        try:
+            command = build(
+                request.boot,
+                host=record.host,
+                port=record.port,
+                offer=request.offer,
+                secrets=secrets,
+            )
+            pid = _spawn(command, log_path=Path(record.log_path))
+        except (OSError, KeyError) as exc:
+            raise Terminal(action, f"cannot start the engine process: {exc}") from exc
+        started = replace(
+            record,
+            pid=pid,
+            start_ticks=_start_ticks(pid),
+            stopped_at=None,
+            exit_status=None,
+            engine=command.engine or record.engine,
+            engine_reason=command.engine_reason or record.engine_reason,
+        )
+        self._records.save(started)
+        return started
 
     def _find(self, cluster_id: str, launch_id: str) -> _Record | None:
         matches = [
@@ -467,8 +559,10 @@ class LocalProvider:
     def _instance(self, record: _Record) -> Instance:
         alive = self._alive(record)
         state = InstanceState.RUNNING if alive else InstanceState.TERMINATED
+        if record.stopped_at is not None and record.terminated_at is None:
+            state = InstanceState.STOPPING if alive else InstanceState.STOPPED
         ended = None
-        if not alive and record.terminated_at is None:
+        if state is InstanceState.TERMINATED and record.terminated_at is None:
             status = (self._records.load(record.instance_id) or record).exit_status
             how = "exited" if status is None else f"exited with status {status}"
             if status is not None and status < 0:
@@ -495,6 +589,44 @@ class LocalProvider:
         for record in self._records.all():
             if record.terminated_at is not None and record.terminated_at < cutoff:
                 self._records.delete(record)
+
+
+def _request_json(request: LaunchRequest) -> dict[str, Any]:
+    """A launch request as JSON for the record (it holds no secret values)."""
+    boot = request.boot
+    return {
+        "offer": asdict(request.offer),
+        "spot": request.spot,
+        "boot": {
+            "image": boot.image,
+            "command": list(boot.command),
+            "port": boot.port,
+            "health_path": boot.health_path,
+            "model_id": boot.model_id,
+            "env": dict(boot.env),
+            "secret_env_names": list(boot.secret_env_names),
+            "cuda_version": boot.cuda_version,
+            "startup_script": boot.startup_script,
+        },
+        "launch_id": request.launch_id,
+        "tags": dict(request.tags),
+    }
+
+
+def _request_from(data: Mapping[str, Any]) -> LaunchRequest:
+    offer = dict(data["offer"])
+    offer["provider"] = ProviderName(offer["provider"])
+    offer["labels"] = tuple((str(k), str(v)) for k, v in offer.get("labels", ()))
+    boot = dict(data["boot"])
+    boot["command"] = tuple(boot["command"])
+    boot["secret_env_names"] = tuple(boot["secret_env_names"])
+    return LaunchRequest(
+        offer=Offer(**offer),
+        spot=bool(data["spot"]),
+        boot=BootSpec(**boot),
+        launch_id=str(data["launch_id"]),
+        tags=dict(data["tags"]),
+    )
 
 
 async def _stop(pid: int, *, alive: Callable[[], bool], grace: float) -> None:

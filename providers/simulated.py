@@ -6,8 +6,34 @@ contract as AWS and GCP. All randomness is drawn from one seeded generator at la
 of the clock, so a run is reproducible for a seed however often it is observed.
 
 Billing runs from launch to termination (or interruption) at the offer's price for the
-market bought; terminated and interrupted instances stay listed for
-``gone_visible_seconds``, as EC2 keeps showing terminated instances for a while.
+market bought, except while a machine is stopped, when only its disk is billed
+(``disk_gb`` at :func:`catalog.storage.stopped_usd_per_hour`; the offer's price is taken
+as the running machine's whole bill). Terminated and interrupted instances stay listed
+for ``gone_visible_seconds``, as EC2 keeps showing terminated instances for a while.
+
+Stop and start. A stop takes ``stop_seconds`` (``STOPPING``, billed as running, then
+``STOPPED``); as on EC2, a spot machine cannot be stopped and a pending one not yet. A
+start takes a draw of ``start_time`` (``PENDING``, then ``RUNNING``, which here means
+serving, as after a launch), from a generator of its own so that stops and starts do not
+change the launches' draws; a start finds a stocked-out offer stocked out, since a
+stopped machine is tied to its zone. The default start time, lognormal with a median of
+75 s (sigma 0.35: p95 about 130 s), against 180 s for a fresh machine, is an assumption
+built from published parts, not a measurement of a GPU machine:
+
+* the machine itself: EC2 takes 5-17 s from ``pending`` to ``running`` and another
+  20-25 s until the OS answers on the network (Colin Percival, "EC2 boot time
+  benchmarking", https://www.daemonology.net/blog/2021-08-12-EC2-boot-time-benchmarking.html:
+  4.9 s and 22.8 s on c5.xlarge; brevdev/ec2-coldboot-research: 25.8 s launch to SSH,
+  16.5 s of it pending), and a restarted volume is already hydrated, unlike a fresh one
+  restored from its snapshot (the "boot once, stop, start later" approach discussed at
+  https://hndistilled.com/story/40455208/);
+* what a stopped machine skips: the image pull and the weights' download, which is what
+  makes a fresh GPU machine take minutes;
+* what it does not skip: the engine loads the weights from its disk into the GPU again,
+  30-100 s for vLLM (the reload that vLLM's sleep mode avoids; vLLM blog, 2025-10).
+
+So about 30 s of machine and 30-100 s of engine: 75 s at the median. ``start_time``
+replaces it for a scenario that measured its own.
 """
 
 from __future__ import annotations
@@ -20,6 +46,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from catalog.model import ProviderName
+from catalog.storage import LAUNCH_DISK_GIB, stopped_usd_per_hour
 from providers.base import (
     CLUSTER_TAG,
     Clock,
@@ -31,6 +58,8 @@ from providers.base import (
     ProviderError,
     QuotaExceeded,
     SpotInterruption,
+    Terminal,
+    Transient,
     pick_for_launch,
     utc,
 )
@@ -53,6 +82,11 @@ class LogNormalBootTime:
         return rng.lognormvariate(math.log(self.median_seconds), self.sigma)
 
 
+START_TIME = LogNormalBootTime(median_seconds=75.0, sigma=0.35)
+"""Seconds from the start of a stopped machine until it serves again (see the module
+docstring for where the figure comes from)."""
+
+
 @dataclass(frozen=True, slots=True)
 class FixedBootTime:
     seconds: float
@@ -67,7 +101,10 @@ class SimulationConfig:
 
     ``stockout_probability`` is the chance that a launch finds its offer stocked out; the
     offer then stays out for ``stockout_seconds``. ``spot_interruptions_per_hour`` is the
-    hazard rate of each spot instance. ``gpu_quota`` caps the GPUs of live instances.
+    hazard rate of each spot instance. ``gpu_quota`` caps the GPUs of live instances
+    that are not stopped. ``start_time`` is how long a stopped machine takes to serve
+    again after a start, ``stop_seconds`` how long a stop takes, ``disk_gb`` the disk a
+    stopped machine keeps and is billed for (see the module docstring for the sources).
     """
 
     seed: int = 0
@@ -77,6 +114,9 @@ class SimulationConfig:
     spot_interruptions_per_hour: float = 0.0
     gpu_quota: int | None = None
     gone_visible_seconds: float = 3600.0
+    start_time: BootTimeDistribution = START_TIME
+    stop_seconds: float = 30.0
+    disk_gb: float = LAUNCH_DISK_GIB
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.stockout_probability <= 1.0:
@@ -86,6 +126,8 @@ class SimulationConfig:
             )
         if self.spot_interruptions_per_hour < 0:
             raise ValueError("SimulationConfig.spot_interruptions_per_hour must be >= 0")
+        if self.stop_seconds < 0 or self.disk_gb < 0:
+            raise ValueError("SimulationConfig.stop_seconds and disk_gb must be >= 0")
 
 
 @dataclass(slots=True)
@@ -96,8 +138,15 @@ class _Machine:
     running_at: float
     price_per_hour: float
     interrupt_at: float | None
+    disk_usd_per_hour: float = 0.0
     ended_at: float | None = None
     ended_by: InstanceState | None = None
+    stopping_since: float | None = None
+    """When the current stop was asked; ``None`` unless stopping or stopped."""
+    stopped_since: float | None = None
+    """When the current stop completes (``stopping_since`` + the stop's duration)."""
+    rests: list[tuple[float, float]] = field(default_factory=list)
+    """Past stopped spells, (stopped from, started at): billed for the disk only."""
 
     def end(self, *, now: float) -> tuple[float, InstanceState] | None:
         """When and how the machine ended by ``now``, or ``None`` while it lives."""
@@ -112,12 +161,30 @@ class _Machine:
         end = self.end(now=now)
         if end is not None:
             return end[1]
+        if self.stopped_since is not None:
+            return InstanceState.STOPPED if now >= self.stopped_since else InstanceState.STOPPING
         return InstanceState.RUNNING if now >= self.running_at else InstanceState.PENDING
+
+    def stopped_seconds(self, *, until: float) -> float:
+        """Seconds spent stopped (not stopping) before ``until``."""
+        spells = [*self.rests]
+        if self.stopped_since is not None:
+            spells.append((self.stopped_since, math.inf))
+        return sum(max(0.0, min(b, until) - a) for a, b in spells)
 
     def cost_usd(self, *, now: float) -> float:
         end = self.end(now=now)
         stop = min(now, end[0]) if end else now
-        return max(0.0, stop - self.launched_at) / 3600.0 * self.price_per_hour
+        resting = self.stopped_seconds(until=stop)
+        running = max(0.0, stop - self.launched_at - resting)
+        return (running * self.price_per_hour + resting * self.disk_usd_per_hour) / 3600.0
+
+    def hourly_usd(self, *, now: float) -> float:
+        """What the machine costs an hour at ``now``: 0 once gone, its disk when stopped."""
+        state = self.state(now=now)
+        if state.is_gone:
+            return 0.0
+        return self.disk_usd_per_hour if state is InstanceState.STOPPED else self.price_per_hour
 
     def snapshot(self, *, now: float) -> Instance:
         offer = self.request.offer
@@ -143,6 +210,7 @@ class SimulatedCloud:
         self.clock = clock
         self.config = config or SimulationConfig()
         self._rng = random.Random(self.config.seed)
+        self._start_rng = random.Random(f"start:{self.config.seed}")
         self._machines: dict[str, _Machine] = {}
         self._by_token: dict[str, str] = {}
         self._stocked_out_until: dict[str, float] = {}
@@ -179,9 +247,9 @@ class SimulatedCloud:
         return sum(machine.cost_usd(now=now) for machine in self._machines.values())
 
     def hourly_spend_usd(self) -> float:
-        """The hourly price of the instances that are not gone."""
+        """The hourly price of the instances that are not gone (a stopped one's disk)."""
         now = self.clock.now()
-        return sum(m.price_per_hour for m in self._machines.values() if m.end(now=now) is None)
+        return sum(m.hourly_usd(now=now) for m in self._machines.values())
 
     # What providers call.
 
@@ -205,6 +273,7 @@ class SimulatedCloud:
             running_at=now + boot_seconds,
             price_per_hour=request.offer.price(spot=request.spot),
             interrupt_at=self._interrupt_at(request, now=now, draw=lifetime_draw),
+            disk_usd_per_hour=stopped_usd_per_hour(request.offer, self.config.disk_gb),
         )
         self._machines[instance_id] = machine
         self._by_token[request.client_token] = instance_id
@@ -216,6 +285,45 @@ class SimulatedCloud:
         if machine is not None and machine.end(now=now) is None:
             machine.ended_at = now
             machine.ended_by = InstanceState.TERMINATED
+
+    def stop(self, instance_id: str) -> None:
+        """Stop a machine (``NotFound`` when unknown or gone; see the module docstring)."""
+        action = f"stopping {instance_id}"
+        machine = self._live(instance_id, action)
+        now = self.clock.now()
+        state = machine.state(now=now)
+        if state.is_stopped:
+            return
+        if machine.request.spot:
+            raise Terminal(action, "a spot machine cannot be stopped (as on EC2)")
+        if state is InstanceState.PENDING:
+            raise Transient(action, "the machine is still booting", retry_after=5.0)
+        machine.stopping_since = now
+        machine.stopped_since = now + self.config.stop_seconds
+
+    def start(self, instance_id: str) -> Instance:
+        """Start a stopped machine: ``PENDING`` for a draw of ``start_time``."""
+        action = f"starting {instance_id}"
+        machine = self._live(instance_id, action)
+        now = self.clock.now()
+        state = machine.state(now=now)
+        if state is InstanceState.STOPPING:
+            raise Transient(action, "the machine is still stopping", retry_after=5.0)
+        if state is InstanceState.STOPPED and machine.stopped_since is not None:
+            key = machine.request.offer.key
+            if self._stocked_out_until.get(key, -math.inf) > now:
+                raise InsufficientCapacity(action, f"{key} is stocked out")
+            self._check_quota(machine.request, now=now)
+            machine.rests.append((machine.stopped_since, now))
+            machine.stopping_since = machine.stopped_since = None
+            machine.running_at = now + self.config.start_time.sample(self._start_rng)
+        return machine.snapshot(now=now)
+
+    def _live(self, instance_id: str, action: str) -> _Machine:
+        machine = self._machines.get(instance_id)
+        if machine is None or machine.end(now=self.clock.now()) is not None:
+            raise NotFound(action, "no such simulated instance (or it is gone)")
+        return machine
 
     def visible(self) -> builtins.list[_Machine]:
         now = self.clock.now()
@@ -245,7 +353,9 @@ class SimulatedCloud:
         if quota is None:
             return
         in_use = sum(
-            m.request.offer.gpu_count for m in self._machines.values() if m.end(now=now) is None
+            m.request.offer.gpu_count
+            for m in self._machines.values()
+            if m.end(now=now) is None and m.stopped_since is None
         )
         if in_use + request.offer.gpu_count > quota:
             raise QuotaExceeded(request.action, f"GPU quota {quota} reached ({in_use} in use)")
@@ -270,6 +380,12 @@ class SimulatedProvider:
 
     async def terminate(self, instance_id: str) -> None:
         self.cloud.terminate(instance_id)
+
+    async def stop(self, instance_id: str) -> None:
+        self.cloud.stop(instance_id)
+
+    async def start(self, instance_id: str) -> Instance:
+        return self.cloud.start(instance_id)
 
     async def list(self, cluster_id: str) -> builtins.list[Instance]:
         now = self.cloud.clock.now()

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from catalog.model import Offer, ProviderName
 from providers.base import BootSpec
 from providers.local import EngineSimLauncher, LaunchCommand
-from providers.simulated import BootTimeDistribution, LogNormalBootTime
+from providers.simulated import START_TIME, BootTimeDistribution, LogNormalBootTime
 
 __all__ = ["SimulatedBootLauncher", "simulated_offers", "spanned_gpus"]
 
@@ -74,11 +74,14 @@ class SimulatedBootLauncher:
 
     ``boot_time`` is the simulator's distribution (seconds a cloud machine takes to
     boot); each draw is multiplied by ``boot_time_scale``. Draws come from one generator
-    seeded with ``seed``, in launch order.
+    seeded with ``seed``, in launch order. A machine started again after a stop boots in
+    a draw of ``start_time`` instead (the simulator's, :data:`providers.simulated.START_TIME`:
+    its disk already holds the image and the weights), times the same scale.
     """
 
     sim: EngineSimLauncher
     boot_time: BootTimeDistribution = field(default_factory=LogNormalBootTime)
+    start_time: BootTimeDistribution = START_TIME
     boot_time_scale: float = 0.1
     seed: int = 0
     _rng: random.Random = field(init=False, repr=False)
@@ -91,7 +94,41 @@ class SimulatedBootLauncher:
     def command(
         self, boot: BootSpec, *, host: str, port: int, offer: Offer, secrets: Mapping[str, str]
     ) -> LaunchCommand:
-        seconds = self.boot_time.sample(self._rng) * self.boot_time_scale
+        return self._booting(
+            boot,
+            host=host,
+            port=port,
+            offer=offer,
+            secrets=secrets,
+            after=self.boot_time,
+            what="boot",
+        )
+
+    def restart_command(
+        self, boot: BootSpec, *, host: str, port: int, offer: Offer, secrets: Mapping[str, str]
+    ) -> LaunchCommand:
+        return self._booting(
+            boot,
+            host=host,
+            port=port,
+            offer=offer,
+            secrets=secrets,
+            after=self.start_time,
+            what="start",
+        )
+
+    def _booting(
+        self,
+        boot: BootSpec,
+        *,
+        host: str,
+        port: int,
+        offer: Offer,
+        secrets: Mapping[str, str],
+        after: BootTimeDistribution,
+        what: str,
+    ) -> LaunchCommand:
+        seconds = after.sample(self._rng) * self.boot_time_scale
         engine = dataclasses.replace(self.sim, startup_delay=round(seconds, 3), gpu=None)
         # A replica group's leader serves with the GPUs of every member (its command's
         # tensor x pipeline split); each machine is simulated by one process all the same.
@@ -100,6 +137,6 @@ class SimulatedBootLauncher:
         command = engine.command(boot, host=host, port=port, offer=served, secrets=secrets)
         reason = (
             f"the simulated cloud: engine-sim on {gpus} x {offer.gpu}, "
-            f"booting in {seconds:.1f}s (a drawn cloud boot time x {self.boot_time_scale:g})"
+            f"booting in {seconds:.1f}s (a drawn cloud {what} time x {self.boot_time_scale:g})"
         )
         return dataclasses.replace(command, engine_reason=reason)

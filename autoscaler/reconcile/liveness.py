@@ -21,6 +21,9 @@
   ``unavailable_sec``, a replica still booting is terminated, a serving one drained, and
   the plan launches the replacement in the same pass, budget permitting (the doomed
   replica's price counts until the provider confirms it gone).
+* A replica asked to end whose instance still runs, boots, stops or is stopped is
+  terminated again each pass until the provider shows it shutting down or gone: a
+  stopped machine is not gone (it keeps, and bills, its disk).
 * ``terminated_confirmed_at`` is set only on the provider's word: the instance shows
   as terminated (or interrupted), or a terminate call for it succeeded.
 
@@ -102,16 +105,26 @@ async def sync_with_provider(
             _confirm_gone(row, instance, now=now)
             if instance.state is InstanceState.INTERRUPTED:
                 mark_unavailable(deps, row=row, now=now)  # spot reclaimed: avoid it a while
-        elif row.terminate_requested_at is not None and instance.state in (
-            InstanceState.PENDING,
-            InstanceState.RUNNING,
-        ):
+        elif row.terminate_requested_at is not None and instance.state in _TERMINABLE:
             await terminate_instance(deps, row)
         elif row.url is None:
             entry = deps.providers.get(row.provider)
             if entry is not None:
                 row.url = entry.engine_url(instance, port=port)
     await session.commit()
+
+
+_TERMINABLE = frozenset(
+    {
+        InstanceState.PENDING,
+        InstanceState.RUNNING,
+        InstanceState.STOPPING,
+        InstanceState.STOPPED,
+    }
+)
+"""States in which an instance asked to end is terminated (again): a stopped machine
+too, since it stays (and bills its disk) until it is terminated; not one already
+shutting down."""
 
 
 async def _describe(deps: Deps, row: LedgerRow) -> Instance | bool | None:

@@ -4,6 +4,12 @@ An instance carrying this cluster's tag is an orphan when no open ledger row (on
 confirmed terminated) claims it: its launch id is unknown, its row was closed, or
 another instance already holds that row. It is terminated once it is older than
 ``orphan_grace_sec``, which leaves time for a launch in flight elsewhere to be recorded.
+
+A stopped machine is not gone (its disk is billed until it is deleted), so it is judged
+like a running one: a stopped machine of a launch the ledger holds open is ours and left
+alone, whatever its state; a stopped machine nobody claims is an orphan and terminated.
+Only terminated and interrupted instances are passed over. (The grace runs from the
+instance's ``launched_at``, which on EC2 is its last start.)
 """
 
 from __future__ import annotations

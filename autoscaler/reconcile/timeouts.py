@@ -8,8 +8,10 @@ a launch stays a pending intent and is resolved by its launch id in a later pass
 idempotency token makes that safe), a list leaves that provider out of the pass, a
 terminate is sent again next pass, a describe concludes nothing.
 
-``launch`` gets a longer deadline than the lookups: GCP's insert waits on a zone
-operation. Anything else (``close``, optional capabilities) is the inner provider's.
+``launch`` and ``start`` get a longer deadline than the lookups: GCP's insert and start
+wait on a zone operation (a start that runs past it is a ``Transient``; starting again is
+safe, as ``start`` returns a machine already on its way up). Anything else (``close``,
+optional capabilities) is the inner provider's.
 """
 
 from __future__ import annotations
@@ -49,6 +51,14 @@ class TimedProvider:
 
     async def terminate(self, instance_id: str) -> None:
         await self._within(f"terminating {instance_id}", self.inner.terminate(instance_id))
+
+    async def stop(self, instance_id: str) -> None:
+        await self._within(f"stopping {instance_id}", self.inner.stop(instance_id))
+
+    async def start(self, instance_id: str) -> Instance:
+        return await self._within(
+            f"starting {instance_id}", self.inner.start(instance_id), self.launch_timeout_sec
+        )
 
     async def list(self, cluster_id: str) -> builtins.list[Instance]:
         return await self._within(f"listing {cluster_id}", self.inner.list(cluster_id))

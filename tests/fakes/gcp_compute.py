@@ -10,7 +10,17 @@ with 409, and lets tests inject failures and preempt spot VMs:
   429 fail the HTTP request itself.
 * ``preempt(zone, name)``: deletes the spot VM and records a
   ``compute.instances.preempted`` operation.
-* ``settle()``: every instance that is provisioning becomes ``RUNNING``.
+* ``settle()``: every instance that is provisioning or staging becomes ``RUNNING``, and
+  every one stopping (suspending) becomes ``TERMINATED`` (``SUSPENDED``).
+* ``instances/{name}/stop``: ``RUNNING`` becomes ``STOPPING`` (``TERMINATED`` on
+  ``settle``); a VM already stopping or stopped is left as it is. The operation is
+  done at once (GCE reports it done when the VM is down; nothing waits on it here).
+* ``instances/{name}/start`` (``TERMINATED``) and ``instances/{name}/resume``
+  (``SUSPENDED``): the VM becomes ``STAGING`` through an operation that reports
+  ``RUNNING`` first; a start of a VM that is not stopped is a no-op, as on GCE; a
+  resume of one not suspended is refused with 400. ``fail_starts("capacity")`` fails
+  the start operation with ``ZONE_RESOURCE_POOL_EXHAUSTED`` and leaves the VM stopped.
+* ``suspend(zone, name)``: the VM is ``SUSPENDED``, as ``instances.suspend`` leaves it.
 
 Firewall rules (``global/firewalls``: insert, get, patch, delete, list) change through
 global operations (``global/operations``), which also report ``RUNNING`` first;
@@ -81,6 +91,7 @@ class FakeGceServer:
         self.policy_inserts = 0
         self._by_request_id: dict[str, str] = {}
         self._failure: GceFailure | None = None
+        self._start_failure: GceFailure | None = None
         self._ids = itertools.count(1000)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -108,11 +119,23 @@ class FakeGceServer:
         with self._lock:
             self._failure = failure
 
+    def fail_starts(self, failure: GceFailure | None) -> None:
+        with self._lock:
+            self._start_failure = failure
+
     def settle(self) -> None:
         with self._lock:
             for instance in self.instances.values():
                 if instance["status"] in ("PROVISIONING", "STAGING"):
                     instance["status"] = "RUNNING"
+                elif instance["status"] == "STOPPING":
+                    instance["status"] = "TERMINATED"
+                elif instance["status"] == "SUSPENDING":
+                    instance["status"] = "SUSPENDED"
+
+    def suspend(self, zone: str, name: str) -> None:
+        with self._lock:
+            self.instances[(zone, name)]["status"] = "SUSPENDED"
 
     def preempt(self, zone: str, name: str) -> None:
         with self._lock:
@@ -214,6 +237,31 @@ class FakeGceServer:
         if rid:
             self._by_request_id[rid] = operation["name"]
         return 200, operation
+
+    def _power(self, project: str, zone: str, name: str, verb: str) -> tuple[int, Any]:
+        """``stop``, ``start`` or ``resume`` an instance, as GCE moves its status."""
+        instance = self.instances.get((zone, name))
+        if instance is None:
+            return _http_error(404, "notFound", f"instance {name} not found")
+        status = instance["status"]
+        if verb == "resume" and status != "SUSPENDED":
+            return _http_error(400, "invalid", f"instance {name} is {status}, not SUSPENDED")
+        failure = None
+        if verb == "stop":
+            if status not in ("STOPPING", "TERMINATED", "SUSPENDED"):
+                instance["status"] = "STOPPING"
+        elif status in ("TERMINATED", "SUSPENDED"):
+            failure = _OPERATION_FAILURES.get(self._start_failure or "")
+            if failure is None:
+                instance["status"] = "STAGING"
+        return 200, self._operation(
+            project=project,
+            zone=zone,
+            kind=verb,
+            target=instance["selfLink"],
+            done=verb == "stop",
+            error=failure,
+        )
 
     def _global_operation(self, project: str, kind: str, target: str) -> dict[str, Any]:
         number = next(self._ids)
@@ -377,6 +425,12 @@ class FakeGceServer:
                         target=deleted["selfLink"],
                         done=True,
                     )
+                case ["zones", zone, "instances", name, verb], "POST" if verb in (
+                    "stop",
+                    "start",
+                    "resume",
+                ):
+                    return self._power(project, zone, name, verb)
                 case ["zones", zone, "operations", name], "GET":
                     operation = self.operations.get(name)
                     if operation is None:

@@ -31,12 +31,15 @@ from providers.base import (
     Provider,
     QuotaExceeded,
     SpotInterruptionSource,
+    Terminal,
     Transient,
     instance_tags,
 )
 
 ErrorKind = Literal["capacity", "quota", "throttle"]
-Capability = Literal["capacity", "quota", "throttle", "preempt"]
+Capability = Literal["capacity", "quota", "throttle", "preempt", "stop_spot"]
+"""``stop_spot``: spot machines can be stopped (GCE, this machine); without it a stop of
+a spot machine must be refused with :class:`Terminal` (EC2's one-time spot requests)."""
 
 
 class ProviderHarness(Protocol):
@@ -61,7 +64,8 @@ class ProviderHarness(Protocol):
         ...
 
     async def settle(self) -> None:
-        """Let the cloud make progress (advance a simulated clock); a no-op elsewhere."""
+        """Let the cloud make progress (advance a simulated clock): booting machines
+        run, stopping ones are stopped; a no-op where that happens by itself."""
         ...
 
 
@@ -268,6 +272,114 @@ class ProviderContract:
             InstanceState.INTERRUPTED
         )
         assert states[on_demand.instance_id] is InstanceState.RUNNING
+
+    # Stop and start: a warm pool of stopped machines.
+
+    async def test_a_stopped_machine_is_still_listed_and_starts_again_as_itself(
+        self, harness: ProviderHarness, cluster_id: str
+    ) -> None:
+        provider = harness.new_provider()
+        request = make_request(harness, cluster_id=cluster_id)
+        launched = await provider.launch(request)
+        await harness.settle()
+
+        await provider.stop(launched.instance_id)
+        await harness.settle()
+
+        stopped = await provider.describe(launched.instance_id)
+        assert stopped.state is InstanceState.STOPPED
+        assert not stopped.state.is_gone
+        listed = {i.instance_id: i.state for i in await provider.list(cluster_id)}
+        assert listed == {launched.instance_id: InstanceState.STOPPED}
+        found = await harness.new_provider().find_by_launch_id(cluster_id, request.launch_id)
+        assert found is not None and found.instance_id == launched.instance_id
+
+        started = await harness.new_provider().start(launched.instance_id)  # after a crash
+
+        assert started.instance_id == launched.instance_id
+        assert started.launch_id == request.launch_id
+        assert dict(started.tags).items() >= dict(request.tags).items()
+        assert started.state in (InstanceState.PENDING, InstanceState.RUNNING)
+        await harness.settle()
+        running = await provider.describe(launched.instance_id)
+        assert running.state is InstanceState.RUNNING
+        assert [i.instance_id for i in await provider.list(cluster_id)] == [launched.instance_id]
+
+    async def test_stop_and_start_are_idempotent(
+        self, harness: ProviderHarness, cluster_id: str
+    ) -> None:
+        provider = harness.new_provider()
+        launched = await provider.launch(make_request(harness, cluster_id=cluster_id))
+        await harness.settle()
+
+        await provider.stop(launched.instance_id)
+        await provider.stop(launched.instance_id)  # stopping: fine
+        await harness.settle()
+        await harness.new_provider().stop(launched.instance_id)  # stopped: fine
+        assert (await provider.describe(launched.instance_id)).state is InstanceState.STOPPED
+
+        first = await provider.start(launched.instance_id)
+        second = await provider.start(launched.instance_id)  # on its way up: returned as is
+        await harness.settle()
+        third = await provider.start(launched.instance_id)  # running: returned as is
+
+        assert first.instance_id == second.instance_id == third.instance_id
+        assert third.state is InstanceState.RUNNING
+        assert [i.instance_id for i in await provider.list(cluster_id)] == [launched.instance_id]
+
+    async def test_a_stopped_machine_is_terminated_like_any(
+        self, harness: ProviderHarness, cluster_id: str
+    ) -> None:
+        provider = harness.new_provider()
+        launched = await provider.launch(make_request(harness, cluster_id=cluster_id))
+        await harness.settle()
+        await provider.stop(launched.instance_id)
+        await harness.settle()
+
+        await provider.terminate(launched.instance_id)
+        await harness.settle()
+
+        try:
+            described = await provider.describe(launched.instance_id)
+        except NotFound:
+            pass
+        else:
+            assert described.state is InstanceState.TERMINATED
+        alive = [i for i in await provider.list(cluster_id) if not i.state.is_gone]
+        assert alive == []
+        with pytest.raises(NotFound):  # nothing left to start, nor to stop
+            await provider.start(launched.instance_id)
+        with pytest.raises(NotFound):
+            await provider.stop(launched.instance_id)
+
+    async def test_stop_and_start_of_an_unknown_instance_raise_not_found(
+        self, harness: ProviderHarness
+    ) -> None:
+        provider = harness.new_provider()
+        unknown = await _unknown_instance_id(harness)
+
+        with pytest.raises(NotFound):
+            await provider.stop(unknown)
+        with pytest.raises(NotFound):
+            await provider.start(unknown)
+
+    async def test_a_spot_machine_is_stopped_only_where_the_cloud_allows(
+        self, harness: ProviderHarness, cluster_id: str
+    ) -> None:
+        provider = harness.new_provider()
+        spot = await provider.launch(make_request(harness, cluster_id=cluster_id, spot=True))
+        await harness.settle()
+
+        if "stop_spot" in harness.capabilities:
+            await provider.stop(spot.instance_id)
+            await harness.settle()
+            assert (await provider.describe(spot.instance_id)).state is InstanceState.STOPPED
+            return
+        with pytest.raises(Terminal) as caught:
+            await provider.stop(spot.instance_id)
+        assert spot.instance_id in str(caught.value)
+        assert "spot" in str(caught.value)
+        assert (await provider.describe(spot.instance_id)).state is InstanceState.RUNNING
 
 
 async def _unknown_instance_id(harness: ProviderHarness) -> str:

@@ -34,7 +34,7 @@ from providers.base import (
     Transient,
 )
 from providers.errors import Throttled
-from tests.fakes.ec2_proxy import Ec2Proxy
+from tests.fakes.ec2_proxy import Ec2Proxy, FaultRule
 from tests.providers.contract import (
     Capability,
     ErrorKind,
@@ -283,6 +283,7 @@ def _client_error(code: str, status: int) -> ClientError:
         ("InvalidParameterValue", 400, Terminal),
         ("IdempotentParameterMismatch", 400, Terminal),
         ("InvalidInstanceID.NotFound", 400, NotFound),
+        ("IncorrectInstanceState", 400, Transient),
     ],
 )
 def test_ec2_error_codes_map_to_what_the_caller_should_do(
@@ -322,3 +323,50 @@ async def test_a_replica_groups_members_go_into_one_cluster_placement_group(
     groups = await ec2.describe_placement_groups(GroupNames=[name])
     [group] = groups["PlacementGroups"]
     assert (group["GroupName"], group["Strategy"]) == (name, "cluster")
+
+
+async def test_a_stopped_instance_keeps_its_volume_and_address_and_starts_as_itself(
+    proxy: Ec2Proxy, ec2: EC2Client
+) -> None:
+    provider = AwsProvider(_config(proxy))
+    instance = await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-stop"))
+
+    await provider.stop(instance.instance_id)
+
+    described = await ec2.describe_instances(InstanceIds=[instance.instance_id])
+    assert described["Reservations"][0]["Instances"][0]["State"]["Name"] == "stopped"
+    volumes = await ec2.describe_volumes(
+        Filters=[{"Name": "attachment.instance-id", "Values": [instance.instance_id]}]
+    )
+    [volume] = volumes["Volumes"]
+    assert (volume["Size"], volume["VolumeType"]) == (200, "gp3")  # what the stop bills
+    started = await AwsProvider(_config(proxy)).start(instance.instance_id)
+    assert started.instance_id == instance.instance_id
+    assert started.private_address == instance.private_address
+    assert started.state is InstanceState.RUNNING
+
+
+async def test_a_start_without_capacity_is_insufficient_capacity_and_leaves_it_stopped(
+    proxy: Ec2Proxy,
+) -> None:
+    provider = AwsProvider(_config(proxy))
+    instance = await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-sice"))
+    await provider.stop(instance.instance_id)
+    proxy.inject(FaultRule("capacity", actions=frozenset({"StartInstances"}), times=1))
+
+    with pytest.raises(InsufficientCapacity, match=f"starting {instance.instance_id}"):
+        await provider.start(instance.instance_id)
+
+    assert (await provider.describe(instance.instance_id)).state is InstanceState.STOPPED
+    assert (await provider.start(instance.instance_id)).state is InstanceState.RUNNING
+
+
+async def test_a_spot_instance_is_refused_before_ec2_is_asked(proxy: Ec2Proxy) -> None:
+    provider = AwsProvider(_config(proxy))
+    spot = await provider.launch(make_request(AwsHarness(proxy), cluster_id="c-aws-sst", spot=True))
+    stops_before = proxy.counts.calls.get("StopInstances", 0)
+
+    with pytest.raises(Terminal, match="one-time request"):
+        await provider.stop(spot.instance_id)
+
+    assert proxy.counts.calls.get("StopInstances", 0) == stops_before

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from catalog.model import Offer, ProviderName
-from providers.base import BootSpec, InstanceState, LaunchRequest, Provider, Terminal
+from providers.base import BootSpec, InstanceState, LaunchRequest, NotFound, Provider, Terminal
 from providers.engines import ENGINE_KEY_SECRET, boot_spec
 from providers.local import EngineSimLauncher, LaunchCommand, LocalProvider
 from tests.helpers import kill_recorded, pid_running, recorded_pids
@@ -72,7 +72,7 @@ def rewrite_record(state_dir: Path, *, start_ticks_delta: int) -> dict[str, Any]
 
 class LocalHarness:
     offer = OFFER
-    capabilities: frozenset[Capability] = frozenset()
+    capabilities: frozenset[Capability] = frozenset({"stop_spot"})
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
@@ -290,3 +290,48 @@ def test_engine_sim_serves_sleep_routes_when_the_replica_boots_to_sleep() -> Non
 
     assert "--enable-sleep-mode" in argv(sleepy)
     assert "--enable-sleep-mode" not in argv(plain)
+
+
+async def test_a_stopped_engine_keeps_its_address_and_serves_there_again_after_start(
+    state_dir: Path,
+) -> None:
+    local = provider(state_dir, launcher=EngineSimLauncher(time_scale=50.0))
+    instance = await local.launch(request_for())
+    base = f"http://{instance.private_address}"
+    await wait_healthy(base)
+    [pid] = recorded_pids(state_dir)
+
+    await local.stop(instance.instance_id)
+
+    assert not pid_running(pid)
+    async with httpx.AsyncClient(timeout=1.0) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.get(f"{base}/health")
+    after_restart = provider(state_dir, launcher=EngineSimLauncher(time_scale=50.0))
+    stopped = await after_restart.describe(instance.instance_id)
+    assert (stopped.state, stopped.ended_reason) == (InstanceState.STOPPED, None)
+
+    started = await after_restart.start(instance.instance_id)
+
+    assert (started.instance_id, started.private_address) == (
+        instance.instance_id,
+        instance.private_address,
+    )
+    await wait_healthy(base)
+    assert recorded_pids(state_dir) != [pid]
+    await after_restart.terminate(instance.instance_id)
+    assert (await local.describe(instance.instance_id)).state is InstanceState.TERMINATED
+
+
+async def test_an_engine_that_exited_by_itself_is_gone_not_stopped(state_dir: Path) -> None:
+    local = provider(state_dir, launcher=ShellLauncher("exit 3"))
+    instance = await local.launch(request_for())
+    for _ in range(100):
+        if (await local.describe(instance.instance_id)).state is InstanceState.TERMINATED:
+            break
+        await asyncio.sleep(0.02)
+
+    with pytest.raises(NotFound, match="exited"):
+        await local.stop(instance.instance_id)
+    with pytest.raises(NotFound, match="exited"):
+        await local.start(instance.instance_id)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from catalog.model import Offer, ProviderName
+from catalog.storage import stopped_usd_per_hour
 from providers.base import (
     InstanceState,
     InsufficientCapacity,
@@ -213,6 +214,79 @@ async def test_gone_instances_leave_the_listing_after_a_while() -> None:
     assert await provider.list("c") == []
     with pytest.raises(ProviderError):
         await provider.describe(instance.instance_id)
+
+
+async def test_a_stopped_machine_bills_its_disk_only() -> None:
+    clock, cloud = _cloud(SimulationConfig(boot_time=FixedBootTime(60), stop_seconds=30))
+    provider = cloud.provider()
+    instance = await provider.launch(make_request(SimulatedHarness(), cluster_id="c"))
+    clock.advance(3600)
+    await provider.stop(instance.instance_id)
+    clock.advance(30)  # stopping: billed as running
+    assert cloud.cost_usd() == pytest.approx(1.2 * 3630 / 3600)
+
+    clock.advance(3600)
+
+    disk = stopped_usd_per_hour(OFFER, 200)  # the simulated cloud's disk, at the EC2 rate
+    assert disk == pytest.approx(0.08 * 200 / 730)
+    assert cloud.hourly_spend_usd() == pytest.approx(disk)
+    assert cloud.cost_usd() == pytest.approx(1.2 * 3630 / 3600 + disk)
+    await provider.start(instance.instance_id)
+    assert cloud.hourly_spend_usd() == pytest.approx(1.2)
+
+
+async def test_a_start_takes_a_start_time_draw_and_leaves_launch_draws_alone() -> None:
+    config = SimulationConfig(seed=4, start_time=FixedBootTime(40), stop_seconds=0)
+
+    async def later_boot(*, stop_and_start: bool) -> float:
+        clock, cloud = _cloud(config)
+        provider = cloud.provider()
+        first = await provider.launch(make_request(SimulatedHarness(), cluster_id="c"))
+        clock.advance(3600)
+        if stop_and_start:
+            await provider.stop(first.instance_id)
+            started = await provider.start(first.instance_id)
+            assert started.state is InstanceState.PENDING
+            clock.advance(39)
+            assert (await provider.describe(first.instance_id)).state is InstanceState.PENDING
+            clock.advance(1)
+            assert (await provider.describe(first.instance_id)).state is InstanceState.RUNNING
+        second = await provider.launch(make_request(SimulatedHarness(), cluster_id="c"))
+        while (await provider.describe(second.instance_id)).state is InstanceState.PENDING:
+            clock.advance(1)
+        return clock.now() - second.launched_at.timestamp()
+
+    assert await later_boot(stop_and_start=True) == await later_boot(stop_and_start=False)
+
+
+async def test_a_stopped_machine_cannot_start_while_its_offer_is_stocked_out() -> None:
+    clock, cloud = _cloud(SimulationConfig(boot_time=FixedBootTime(1), stop_seconds=0))
+    provider = cloud.provider()
+    instance = await provider.launch(make_request(SimulatedHarness(), cluster_id="c"))
+    clock.advance(5)
+    await provider.stop(instance.instance_id)
+    cloud.stock_out(OFFER.key, for_seconds=600)
+
+    with pytest.raises(InsufficientCapacity, match="stocked out"):
+        await provider.start(instance.instance_id)
+
+    assert (await provider.describe(instance.instance_id)).state is InstanceState.STOPPED
+    clock.advance(600)
+    assert (await provider.start(instance.instance_id)).state is InstanceState.PENDING
+
+
+async def test_a_stopped_machine_holds_no_gpu_quota() -> None:
+    clock, cloud = _cloud(SimulationConfig(gpu_quota=1, boot_time=FixedBootTime(1)))
+    provider = cloud.provider()
+    parked = await provider.launch(make_request(SimulatedHarness(), cluster_id="c"))
+    clock.advance(5)
+    await provider.stop(parked.instance_id)
+
+    await provider.launch(make_request(SimulatedHarness(), cluster_id="c"))
+
+    clock.advance(60)
+    with pytest.raises(QuotaExceeded, match="GPU quota 1"):
+        await provider.start(parked.instance_id)
 
 
 def test_bad_config_is_refused_with_the_field_named() -> None:

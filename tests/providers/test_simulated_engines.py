@@ -118,3 +118,20 @@ def test_a_group_leader_serves_with_the_gpus_of_every_member() -> None:
     offer = next(o for o in simulated_offers(load_bundled().offers) if o.gpu_count == 8)
     command = launcher.command(leader, host="h", port=1, offer=offer, secrets={})
     assert command.argv[list(command.argv).index("--gpu-count") + 1] == "16"
+
+
+def test_a_stopped_machine_started_again_boots_in_a_start_time_draw() -> None:
+    launcher = SimulatedBootLauncher(
+        sim=EngineSimLauncher(),
+        boot_time=FixedBootTime(200.0),
+        start_time=FixedBootTime(60.0),
+        boot_time_scale=0.05,
+    )
+    offer = simulated_offers(load_bundled().offers)[0]
+
+    fresh = launcher.command(BOOT, host="h", port=1, offer=offer, secrets={})
+    again = launcher.restart_command(BOOT, host="h", port=1, offer=offer, secrets={})
+
+    assert fresh.argv[list(fresh.argv).index("--startup-delay") + 1] == "10.0"
+    assert again.argv[list(again.argv).index("--startup-delay") + 1] == "3.0"
+    assert again.engine_reason is not None and "cloud start time" in again.engine_reason

@@ -35,6 +35,14 @@ class SilentProvider(FakeProvider):
         await self._maybe_hang("launch")
         return await super().launch(request)
 
+    async def stop(self, instance_id: str) -> None:
+        await self._maybe_hang("stop")
+        await super().stop(instance_id)
+
+    async def start(self, instance_id: str) -> Instance:
+        await self._maybe_hang("start")
+        return await super().start(instance_id)
+
 
 async def test_a_call_past_its_deadline_is_a_transient_error_naming_the_action(
     world: World,
@@ -68,3 +76,16 @@ async def test_a_provider_that_never_lists_leaves_the_pass_free_to_finish(world:
     assert silent.started == ["list"]
     errors = world.deps.metrics.provider_errors.labels("aws", "list", "Transient")._value.get()
     assert errors == 1
+
+
+async def test_stop_and_start_have_deadlines_too(world: World) -> None:
+    timed = TimedProvider(
+        SilentProvider(world, silent={"stop", "start"}),
+        call_timeout_sec=0.05,
+        launch_timeout_sec=0.1,
+    )
+    with pytest.raises(Transient, match=r"stopping i-1: no answer from aws within 0\.05s"):
+        await timed.stop("i-1")
+    # A start waits on the cloud (a GCE operation) as a launch does: the launch deadline.
+    with pytest.raises(Transient, match=r"starting i-1: no answer from aws within 0\.1s"):
+        await timed.start("i-1")
