@@ -1,12 +1,16 @@
 """Streamed SSE through the gateway against direct to the same engine-sim, side by side.
 
     .venv/bin/python -m bench.gateway [--concurrency 1 32] [--rounds 3] [--seconds 3]
+                                      [--workers 2]
 
 Starts an engine-sim and a gateway (with auth, metrics and TTFT recording on, as in
 production) as separate processes on uvloop, on 127.0.0.1, and seeds a throwaway SQLite
-store. For each concurrency it runs ``--rounds`` rounds; a round warms each path up, then
-measures direct and through the gateway back to back, alternating which goes first, so a
-noisy neighbour or a CPU frequency change lands on both. It prints, per path, throughput
+store; and a second gateway run as ``--workers`` worker processes sharing its port
+(``gateway.workers``; its row is ``gw-xN``, its CPU the sum of the parent and its
+workers; ``--workers 1`` leaves it out). For each concurrency it runs ``--rounds``
+rounds; a round warms each path up, then measures direct and through each gateway back
+to back, rotating which goes first, so a noisy neighbour or a CPU frequency change lands
+on all. It prints, per path, throughput
 (the median over rounds), the throughput ratio (the median of each round's gateway/direct
 ratio), TTFT p50/p99 over every stream of every round with the latency the gateway adds,
 and the CPU time each process spent per stream (load generator, engine, gateway): on a
@@ -139,11 +143,25 @@ class CpuClock:
         times = os.times()
         out = {"loadgen": times.user + times.system}
         for name, pid in self._pids.items():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                # Fields 14 and 15 of /proc/PID/stat, after the parenthesised command name.
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                out[name] = (int(fields[11]) + int(fields[12])) / self._tick
+            out[name] = sum(self._cpu(p) for p in (pid, *_descendants(pid)))
         return out
+
+    def _cpu(self, pid: int) -> float:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            # Fields 14 and 15 of /proc/PID/stat, after the parenthesised command name.
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / self._tick
+        return 0.0
+
+
+def _descendants(pid: int) -> list[int]:
+    """The processes ``pid`` started, and theirs (a gateway's workers)."""
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                found += [int(child), *_descendants(int(child))]
+    return found
 
 
 async def run_load(
@@ -225,9 +243,15 @@ async def process(*args: str) -> AsyncIterator[Started]:
 
 
 def gateway_process(
-    database_url: str, *, source: str | None = None, profile: str | None = None
+    database_url: str,
+    *,
+    source: str | None = None,
+    profile: str | None = None,
+    workers: int = 1,
 ) -> contextlib.AbstractAsyncContextManager[Started]:
     args = ["-m", "bench.gateway", "--serve-gateway", database_url]
+    if workers > 1:
+        args += ["--gateway-workers", str(workers)]
     if source is not None:
         args += ["--gateway-src", str(Path(source).resolve())]
     if profile is not None:
@@ -377,7 +401,9 @@ async def seed(database_url: str, engine_url: str) -> str:
         return issued.secret
 
 
-async def _serve_gateway(database_url: str, source: str | None, profile: str | None) -> None:
+async def _serve_gateway(
+    database_url: str, source: str | None, profile: str | None, workers: int = 1
+) -> None:
     if source is not None:  # a gateway package from another checkout, for before/after
         assert "gateway" not in sys.modules
         sys.path.insert(0, source)
@@ -397,7 +423,13 @@ async def _serve_gateway(database_url: str, source: str | None, profile: str | N
     if profiler is not None:
         profiler.enable()
     try:
-        await serve_gateway(database_url=database_url, host="127.0.0.1", port=0, settings=settings)
+        await serve_gateway(
+            database_url=database_url,
+            host="127.0.0.1",
+            port=0,
+            settings=settings,
+            workers=workers,
+        )
     finally:
         if profiler is not None and profile is not None:
             profiler.disable()
@@ -416,6 +448,10 @@ async def main(args: argparse.Namespace) -> None:
                     gateway_process(database_url, profile=args.profile_gateway)
                 )
             }
+            if args.workers > 1:
+                gateways[f"gw-x{args.workers}"] = await stack.enter_async_context(
+                    gateway_process(database_url, workers=args.workers)
+                )
             if args.baseline:
                 gateways["baseline"] = await stack.enter_async_context(
                     gateway_process(database_url, source=args.baseline)
@@ -567,12 +603,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--profile-top", type=int, default=25, help="functions printed from the profile"
     )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="also measure the gateway run as this many worker processes on one port "
+        "(row gw-xN); 1: leave that row out",
+    )
     parser.add_argument("--serve-gateway", metavar="DATABASE_URL", help=argparse.SUPPRESS)
+    parser.add_argument("--gateway-workers", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--gateway-profile", metavar="FILE", help=argparse.SUPPRESS)
     parser.add_argument("--gateway-src", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.seconds <= 0 or args.requests < 1 or args.warmup < 0:
         parser.error("--rounds and --requests must be >= 1, --seconds > 0, --warmup >= 0")
+    if args.workers < 1:
+        parser.error("--workers must be >= 1")
     if args.nginx is not None and shutil.which(args.nginx) is None:
         parser.error(f"--nginx {args.nginx!r}: not an executable file (nor a command on PATH)")
     return args
@@ -581,6 +627,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 if __name__ == "__main__":
     parsed = parse_args(sys.argv[1:])
     if parsed.serve_gateway:
-        run_async(_serve_gateway(parsed.serve_gateway, parsed.gateway_src, parsed.gateway_profile))
+        run_async(
+            _serve_gateway(
+                parsed.serve_gateway,
+                parsed.gateway_src,
+                parsed.gateway_profile,
+                parsed.gateway_workers,
+            )
+        )
     else:
         run_async(main(parsed))

@@ -198,7 +198,6 @@ class Dispatcher:
             state.work.pop(key, None)
         window = self._signals.window(lease.ref)
         window.leave(key)
-        self._signals.metrics_of(lease.ref).in_flight.dec()
         if state.waiters:
             self._serve_waiters(lease.ref)
 
@@ -285,7 +284,6 @@ class Dispatcher:
         state.outstanding[replica.key] = chosen.outstanding + 1
         state.work[replica.key] = chosen.work + work
         self._signals.window(ref).enter(replica.key)
-        self._signals.metrics_of(ref).in_flight.inc()
         return Lease(ref=ref, replica=replica, work=work)
 
     def _is_cold(self, ref: WorkloadRef, adapter: str | None = None) -> bool:

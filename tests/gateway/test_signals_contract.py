@@ -3,6 +3,8 @@ in process and as JSON, and a gateway that predates the count reads as "not repo
 
 from __future__ import annotations
 
+from prometheus_client import generate_latest
+
 from autoscaler.decide.inputs import measured_of
 from gateway.signals import Metrics, Signals
 from gateway.window import SignalSnapshot
@@ -25,6 +27,12 @@ def test_requests_in_flight_are_counted_per_replica_and_reach_the_controller() -
     measured = measured_of(again)
     assert measured.replica_in_flight == {"l-1": 2}
     assert measured.signals.in_flight == 2
+
+    # Prometheus reads the same count when it scrapes.
+    series = 'autoscaler_gateway_in_flight_requests{project="acme",workload="bot"}'
+    assert f"{series} 2.0" in generate_latest(signals.metrics.registry).decode()
+    window.leave("l-1")
+    assert f"{series} 1.0" in generate_latest(signals.metrics.registry).decode()
 
 
 def test_a_snapshot_without_the_per_replica_count_reads_as_not_reported() -> None:
