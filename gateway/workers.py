@@ -514,6 +514,22 @@ def _say(event: dict[str, object]) -> None:
         os.write(1, json.dumps(event).encode() + b"\n")
 
 
+class _DemandRelay:
+    """Tells the parent of demand for a workload at zero, once a second at most per
+    workload: the controller's wake-up coalesces the rest, and a burst held at zero
+    would otherwise be a line per request."""
+
+    def __init__(self, interval_sec: float = 1.0) -> None:
+        self._interval = interval_sec
+        self._said: dict[WorkloadRef, float] = {}
+
+    def __call__(self, ref: WorkloadRef) -> None:
+        now = time.monotonic()
+        if now - self._said.get(ref, float("-inf")) >= self._interval:
+            self._said[ref] = now
+            _say({"event": "demand", "project": ref[0], "workload": ref[1]})
+
+
 async def serve_worker(plan: WorkerPlan, index: int) -> None:
     """One worker: the gateway on the shared port, its control socket, until SIGTERM,
     SIGINT or the end of stdin (the parent is gone)."""
@@ -526,7 +542,7 @@ async def serve_worker(plan: WorkerPlan, index: int) -> None:
         gateway = Gateway(
             sessions=session_factory(engine),
             settings=plan.settings,
-            on_demand=lambda ref: _say({"event": "demand", "project": ref[0], "workload": ref[1]}),
+            on_demand=_DemandRelay(),
             cluster=peers,
         )
         stopping = asyncio.Event()

@@ -172,6 +172,7 @@ def run(
     from autoscaler.config import ConfigError, load_config
     from autoscaler.service import RunSettings, run_all
     from autoscaler.uvloop import run_async
+    from gateway.workers import WorkerPoolFailed
 
     setup_logging(log_level, log_format)
     try:
@@ -195,7 +196,7 @@ def run(
     )
     try:
         run_async(run_all(settings))
-    except ConfigError as exc:
+    except (ConfigError, WorkerPoolFailed) as exc:
         raise click.ClickException(str(exc)) from None
 
 
@@ -225,9 +226,12 @@ def gateway(
     """Run the gateway alone; routes and keys come from the shared store."""
     from autoscaler.uvloop import run_async
     from gateway.app import serve_gateway
-    from gateway.workers import resolve_workers
+    from gateway.workers import WorkerPoolFailed, resolve_workers
 
     setup_logging(log_level, log_format)
     refuse_taken_ports(host, {"--port": port})
     workers = resolve_workers(gateway_workers or 1)
-    run_async(serve_gateway(database_url=database_url, host=host, port=port, workers=workers))
+    try:
+        run_async(serve_gateway(database_url=database_url, host=host, port=port, workers=workers))
+    except WorkerPoolFailed as exc:
+        raise click.ClickException(str(exc)) from None

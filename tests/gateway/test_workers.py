@@ -5,6 +5,7 @@ parent."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -58,12 +59,32 @@ async def engine() -> AsyncIterator[HeldEngine]:
     await runner.cleanup()
 
 
+class Demands:
+    """What the pool told the controller: demand for workloads at zero."""
+
+    def __init__(self) -> None:
+        self.refs: list[tuple[str, str]] = []
+        self.seen = asyncio.Event()
+
+    def __call__(self, ref: tuple[str, str]) -> None:
+        self.refs.append(ref)
+        self.seen.set()
+
+
 @pytest.fixture
-async def pool(tmp_path: Path, seed: Seed, engine: HeldEngine) -> AsyncIterator[WorkerPool]:
+def demands() -> Demands:
+    return Demands()
+
+
+@pytest.fixture
+async def pool(
+    tmp_path: Path, seed: Seed, engine: HeldEngine, demands: Demands
+) -> AsyncIterator[WorkerPool]:
     workers = WorkerPool(
         database_url=f"sqlite+aiosqlite:///{tmp_path / 'state.db'}",
         workers=2,
         settings=GatewaySettings(refresh_interval_sec=0.2),
+        on_demand=demands,
     )
     await workers.start("127.0.0.1", 0)
     yield workers
@@ -134,11 +155,22 @@ async def test_two_workers_share_the_port_and_the_controller_sees_all_their_load
 
 
 async def test_a_worker_that_dies_is_restarted_and_none_is_left_after_stop(
-    seed: Seed, engine: HeldEngine, pool: WorkerPool
+    seed: Seed, engine: HeldEngine, pool: WorkerPool, demands: Demands
 ) -> None:
     key = await seed.workload(SLUG)
     await seed.replica(SLUG, engine.url)
     engine.release.set()
+    # A request for a workload with no replica, held by a worker: the parent hears the
+    # demand (which wakes the controller in ``autoscaler run``).
+    idle_key = await seed.workload("idle")
+    idle = f"http://127.0.0.1:{pool.port}/endpoint/{PROJECT}/idle/v1/chat/completions"
+    held = asyncio.create_task(_stream(idle, idle_key, asyncio.Event()))
+    await asyncio.wait_for(demands.seen.wait(), 20)
+    assert demands.refs[0] == (PROJECT, "idle")
+    held.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await held
+
     first = pool.pids()
     assert all(first) and len(set(first)) == 2
     os.kill(first[0], signal.SIGKILL)
