@@ -35,9 +35,12 @@ def _engine_pids(port: int) -> list[int]:
     return found
 
 
+@pytest.mark.parametrize("gateway_workers", [1, 2])
 def test_run_serves_the_fixed_example_on_engine_sim_and_delete_stops_it(
-    tmp_path: Path,
+    tmp_path: Path, gateway_workers: int
 ) -> None:
+    """With ``--gateway-workers 2`` the gateway is two processes on one port: the same
+    answers, the same key refresh, and its metrics on the management port summed."""
     api_port, gateway_port = free_port(), free_port()
     doc = yaml.safe_load((EXAMPLES / "chat-fixed.yaml").read_text())
     doc["execution_policy_config"]["replicas"] = 2
@@ -46,7 +49,12 @@ def test_run_serves_the_fixed_example_on_engine_sim_and_delete_stops_it(
     env = {"AUTOSCALER_DATA_DIR": str(tmp_path / "data"), "AUTOSCALER_ADMIN_TOKEN": ADMIN}
     config = tmp_path / "controller.yaml"
     config.write_text("cluster_id: laptop\ntick_sec: 1\nproviders:\n  local: {}\n")
-    argv = run_argv(api_port=api_port, gateway_port=gateway_port, config=config)
+    argv = run_argv(
+        api_port=api_port,
+        gateway_port=gateway_port,
+        config=config,
+        extra=["--gateway-workers", str(gateway_workers)],
+    )
     api = f"http://127.0.0.1:{api_port}"
     with RunningService(argv, env=env, api_url=api, token=ADMIN, project="demo") as service:
         cli = service.ok
@@ -91,6 +99,14 @@ def test_run_serves_the_fixed_example_on_engine_sim_and_delete_stops_it(
                 assert answer.json()["choices"][0]["message"]["content"]
             metrics = client.get(f"{api}/metrics").text
         assert 'autoscaler_controller_replicas{phase="ready",project="demo",' in metrics
+        answered = [
+            float(line.rsplit(" ", 1)[1])
+            for line in metrics.splitlines()
+            if line.startswith("autoscaler_gateway_requests_total{")
+            and 'status="200"' in line
+            and 'workload="support-bot"' in line
+        ]
+        assert len(answered) == 1 and answered[0] >= 4
         assert "autoscaler_controller_launch_to_ready_seconds_count" in metrics
 
         assert "deleted" in cli("delete", "support-bot")
@@ -105,5 +121,6 @@ def test_run_serves_the_fixed_example_on_engine_sim_and_delete_stops_it(
         assert decisions.status_code == 404  # the workload is gone from the API
         log = service.stop()
     assert "providers: local" in log
+    assert ("2 worker processes" in log) == (gateway_workers == 2)
     assert json.dumps(urls)  # the URLs were real http://127.0.0.1:PORT addresses
     assert all(url.startswith("http://127.0.0.1:") for url in urls)
