@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from autoscaler.decide.schedule import format_offset
 from autoscaler.decide.step import GROUP_PROVIDERS, UNAVAILABLE_SEC
@@ -34,6 +41,7 @@ from autoscaler.reconcile.deps import (
     UNHEALTHY_GRACE_SEC,
     VISIBILITY_GRACE_SEC,
 )
+from autoscaler.reconcile.shards import DEFAULT_LEASE_TTL_SEC, DEFAULT_RENEW_SEC, LeaseSettings
 from autoscaler.reconcile.timeouts import DEFAULT_CALL_TIMEOUT_SEC, DEFAULT_LAUNCH_TIMEOUT_SEC
 from autoscaler.spec import DEFAULT_MAX_REPLICAS, parse_duration
 from catalog.cuda import MachineImage, parse_driver
@@ -206,10 +214,37 @@ class CatalogSyncSettings(_Strict):
     """The scheduled catalog sync (``autoscaler.catalog_sync``): every ``interval_sec``
     (``null``: never), each run moved by up to ``jitter_sec`` either way. It runs only
     where ``providers.aws`` or ``providers.gcp`` is configured (there is nothing to fetch
-    otherwise), on the leading controller."""
+    otherwise), on the leading controller (with sharding: the holder of shard 0)."""
 
     interval_sec: Annotated[float, Field(ge=60)] | None = 86400.0
     jitter_sec: Annotated[float, Field(ge=0)] = 900.0
+
+
+class ShardingSettings(_Strict):
+    """Several controllers sharing a PostgreSQL store split the workloads between them
+    (``autoscaler.reconcile.shards``) instead of one leading and the others standing
+    by. A controller's leases last ``lease_ttl_sec`` without renewal and are renewed
+    every ``renew_sec``; a dead controller's workloads move within their sum (13 s by
+    default) plus a round and a pass. Off by default: one controller reconciles."""
+
+    enabled: bool = False
+    lease_ttl_sec: Annotated[float, Field(gt=0, le=300)] = DEFAULT_LEASE_TTL_SEC
+    renew_sec: Annotated[float, Field(gt=0)] = DEFAULT_RENEW_SEC
+
+    @model_validator(mode="after")
+    def _renewed_in_time(self) -> ShardingSettings:
+        if self.renew_sec * 2 > self.lease_ttl_sec:
+            raise ValueError(
+                f"renew_sec {self.renew_sec:g} must be at most half of lease_ttl_sec "
+                f"{self.lease_ttl_sec:g}, so that one failed renewal loses no lease"
+            )
+        return self
+
+    def leases(self) -> LeaseSettings | None:
+        """The lease timing when sharding is on, else ``None``."""
+        if not self.enabled:
+            return None
+        return LeaseSettings(ttl_sec=self.lease_ttl_sec, renew_sec=self.renew_sec)
 
 
 MAX_SCHEDULE_OFFSET_SEC = 366 * 86400.0
@@ -278,6 +313,8 @@ class ControllerConfig(_Strict):
     catalog_max_age_sec: Annotated[float, Field(gt=0)] = 7 * 86400.0
     """A catalog older than this is stale (the CatalogStale alert)."""
     catalog_sync: CatalogSyncSettings = CatalogSyncSettings()
+    sharding: ShardingSettings = ShardingSettings()
+    """Several controllers on one PostgreSQL store share the workloads (off: one leads)."""
     callback_url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/\S*)?$")] | None = None
     """The management API's address as cloud instances reach it (``https://host:8001``)."""
     hf_token_file: Path | None = None

@@ -20,6 +20,10 @@ and runs :func:`autoscaler.reconcile.loop.reconcile_once` in a loop, as leader.
   connection. The lock lives as long as that session, so a standby takes over when the
   leader's process or connection dies; a leader that loses its connection stops
   reconciling at once. On SQLite there is one controller and no election.
+* **Sharding** on PostgreSQL with ``sharding.enabled``: instead of one leader, every
+  controller reconciles the workloads of the shards it holds leases on
+  (:mod:`autoscaler.reconcile.shards`), renewed by a task beside the passes; taking a
+  shard starts a pass at once. The holder of shard 0 runs the fleet-wide duties.
 """
 
 from __future__ import annotations
@@ -65,6 +69,7 @@ from autoscaler.reconcile.deps import (
 )
 from autoscaler.reconcile.engine_metrics import EngineScraper
 from autoscaler.reconcile.loop import reconcile_once
+from autoscaler.reconcile.shards import LeaseSettings, ShardMember
 from autoscaler.reconcile.timeouts import TimedProvider
 from catalog.model import Offer, ProviderName
 from catalog.snapshot import Snapshot, load_catalog
@@ -458,6 +463,16 @@ class LeaderLock:
             self._conn = None
 
 
+def check_sharding(config: ControllerConfig, engine: AsyncEngine) -> None:
+    """Refuse sharding on a store only one controller can use."""
+    if config.sharding.enabled and engine.dialect.name != "postgresql":
+        raise ConfigError(
+            "sharding.enabled: true needs a PostgreSQL store shared by the controllers "
+            "(--db postgresql+asyncpg://…); on SQLite one controller reconciles every "
+            "workload: set it to false"
+        )
+
+
 async def run_controller(
     controller: Controller,
     *,
@@ -465,27 +480,46 @@ async def run_controller(
     stopping: asyncio.Event,
     wake: asyncio.Event | None = None,
     standby_poll_sec: float = 5.0,
+    sharding: LeaseSettings | None = None,
+    member_id: str | None = None,
 ) -> None:
-    """Reconcile until ``stopping`` is set; ``wake`` cuts a wait short (a new workload)."""
+    """Reconcile until ``stopping`` is set; ``wake`` cuts a wait short (a new workload).
+
+    ``sharding``: share the workloads with the other controllers of the store
+    (PostgreSQL) under these lease timings, as ``member_id`` (else a fresh id); else
+    reconcile every workload while leader. A stop releases the leases; a cancellation
+    without ``stopping`` (a crash) leaves them to expire."""
     lock = LeaderLock(engine)
     wake = wake or asyncio.Event()
     metrics = controller.deps.metrics
     scheduler: AsyncIOScheduler | None = None
     last_failure: str | None = None
+    member: ShardMember | None = None
+    renewals: asyncio.Future[None] | None = None
+    if sharding is not None:
+        member = ShardMember(
+            engine, settings=sharding, metrics=metrics, member_id=member_id, on_gain=wake.set
+        )
+        controller.deps.shards = member
+        renewals = asyncio.ensure_future(member.run(stopping))
     try:
         while not stopping.is_set():
-            try:
-                leader = await lock.hold()
-            except Exception as exc:
-                log.warning("leader election failed: %s", exc)
-                leader = False
+            if member is not None:
+                leader, active = member.fleet_duties, bool(member.shards())
+            else:
+                try:
+                    leader = await lock.hold()
+                except Exception as exc:
+                    log.warning("leader election failed: %s", exc)
+                    leader = False
+                active = leader
             controller.leading = leader
             metrics.leader.set(1 if leader else 0)
             if leader and scheduler is None:
                 # Scheduled jobs start with leadership: a standby never syncs the catalog.
                 scheduler = start_scheduler(controller.schedule_jobs)
             delay = standby_poll_sec
-            if leader:
+            if active:
                 try:
                     delay = await controller.step()
                     last_failure = None
@@ -504,6 +538,10 @@ async def run_controller(
         controller.leading = False
         metrics.leader.set(0)
         await lock.release()
+        if member is not None and renewals is not None:
+            renewals.cancel()
+            await asyncio.gather(renewals, return_exceptions=True)
+            await (member.leave() if stopping.is_set() else member.close())
 
 
 async def _wait(stopping: asyncio.Event, wake: asyncio.Event, seconds: float) -> None:
@@ -542,6 +580,7 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
     local_store = options.database_url.startswith("sqlite")
     sealed.configure_from_environment(options.data_dir if local_store else None)
     async with open_store(options.database_url) as engine:
+        check_sharding(config, engine)
         signals: SignalsSource | None = None
         if options.gateway_url and options.gateway_token:
             signals = HttpSignals(url=options.gateway_url, token=options.gateway_token)
@@ -582,7 +621,12 @@ async def serve_controller(config: ControllerConfig, options: ControllerOptions)
         announce_schedule_clock(config)
         try:
             loop = asyncio.ensure_future(
-                run_controller(controller, engine=engine, stopping=stopping)
+                run_controller(
+                    controller,
+                    engine=engine,
+                    stopping=stopping,
+                    sharding=config.sharding.leases(),
+                )
             )
             await asyncio.wait(
                 [loop, asyncio.ensure_future(stopping.wait())],

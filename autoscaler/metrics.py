@@ -196,7 +196,13 @@ class ControllerMetrics:
         )
         self.leader = Gauge(
             "autoscaler_controller_leader",
-            "1 while this controller holds the leader lock and reconciles.",
+            "1 while this controller holds the leader lock and reconciles (with sharding: "
+            "shard 0's lease, which carries the orphan sweep and the catalog sync).",
+            registry=r,
+        )
+        self.shards_owned = Gauge(
+            "autoscaler_controller_shards_owned",
+            "Shards (of 64) whose lease this controller holds, with sharding on.",
             registry=r,
         )
         self.workload_labels = WorkloadLabels()

@@ -43,7 +43,12 @@ from autoscaler.api.app import create_app
 from autoscaler.api.boot import BootSecrets, configure_boot
 from autoscaler.api.deps import ApiState
 from autoscaler.config import ConfigError, ControllerConfig, load_config
-from autoscaler.controller import GatewaySignals, build_controller, run_controller
+from autoscaler.controller import (
+    GatewaySignals,
+    build_controller,
+    check_sharding,
+    run_controller,
+)
 from autoscaler.paths import default_data_dir
 from autoscaler.store import sealed, tokens
 from autoscaler.store.db import open_store, session_factory, sqlite_url
@@ -149,6 +154,7 @@ async def run_all(settings: RunSettings) -> None:
             config = config.with_local_engine(settings.engine)
         if settings.schedule_offset_sec is not None:
             config = config.with_schedule_offset(settings.schedule_offset_sec)
+        check_sharding(config, engine)
         wake = asyncio.Event()
         workers = resolve_workers(
             config.gateway_workers if settings.gateway_workers is None else settings.gateway_workers
@@ -211,7 +217,13 @@ async def run_all(settings: RunSettings) -> None:
         )
         announce_schedule_clock(config)
         stopping = asyncio.Event()
-        loop = run_controller(controller, engine=engine, stopping=stopping, wake=wake)
+        loop = run_controller(
+            controller,
+            engine=engine,
+            stopping=stopping,
+            wake=wake,
+            sharding=config.sharding.leases(),
+        )
         try:
             roles: list[Awaitable[None]] = [api_server.serve(), loop]
             if isinstance(gateway, WorkerPool):

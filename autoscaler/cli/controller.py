@@ -79,8 +79,9 @@ def controller(
 ) -> None:
     """Run the controller alone: reconcile workloads against the providers.
 
-    Several controllers may share one PostgreSQL store; one leads (an advisory lock) and
-    the others stand by.
+    Several controllers may share one PostgreSQL store: one leads (an advisory lock) and
+    the others stand by, or, with sharding.enabled in the config, each reconciles its
+    share of the workloads (shard leases that move when a controller dies).
     """
     from autoscaler.config import ConfigError, load_config
     from autoscaler.controller import ControllerOptions, serve_controller

@@ -61,6 +61,30 @@ class ReplicaTarget:
     engine_key: str | None = None
 
 
+class LeaseLost(Exception):
+    """This controller no longer holds the lease of the workload's shard: it stops
+    acting on the workload (``autoscaler.reconcile.shards``)."""
+
+
+class ShardOwnership(Protocol):
+    """Which workloads this controller acts on when several controllers share the store
+    (``autoscaler.reconcile.shards.ShardMember``)."""
+
+    def owns(self, project: str, slug: str) -> bool:
+        """Whether this controller may act on the workload now."""
+        ...
+
+    @property
+    def fleet_duties(self) -> bool:
+        """Whether this controller runs the fleet-wide duties (the orphan sweep)."""
+        ...
+
+    async def fence(self, session: AsyncSession, *, project: str, slug: str) -> None:
+        """Hold the workload's lease in ``session``'s transaction; :class:`LeaseLost`
+        when it is no longer this controller's."""
+        ...
+
+
 class SignalsSource(Protocol):
     """What the gateway measured, per workload: its scaling signals and token mix."""
 
@@ -269,6 +293,13 @@ class Deps:
     memory: Memory = field(default_factory=Memory)
     engines: EngineMetricsSource | None = None
     """Scrapes ready replicas' ``/metrics``; ``None``: the gateway's measurement only."""
+    shards: ShardOwnership | None = None
+    """The workloads this controller acts on when several share the store; ``None``:
+    every workload (one controller)."""
+
+    def owns(self, project: str, slug: str) -> bool:
+        """Whether this controller acts on the workload (always, without sharding)."""
+        return self.shards is None or self.shards.owns(project, slug)
 
 
 def ledger_secrets(

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.plan import ReplicaPhase, ReplicaView
@@ -17,6 +17,8 @@ from autoscaler.reconcile.deps import log
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
+
+_EPSILON_USD = 1e-9  # as in decide.budget: a launch that fits exactly is not refused
 
 
 async def open_rows(session: AsyncSession, workload_id: int) -> list[LedgerRow]:
@@ -88,6 +90,33 @@ async def workload_usd_per_hour(session: AsyncSession, workload_id: int) -> floa
         )
     )
     return float(total or 0.0)
+
+
+FLEET_LOCK_ID = 7_264_003
+"""The transaction-scoped advisory lock launches take on PostgreSQL to reserve their
+place under the fleet ceiling (migrations use 7_264_001, the leader 7_264_002)."""
+
+
+async def reserve_fleet(
+    session: AsyncSession, *, usd_per_hour: float, ceiling: float
+) -> str | None:
+    """Reserve ``usd_per_hour`` under the fleet ceiling in ``session``'s transaction, or
+    say why not (a refusal naming the fleet ceiling).
+
+    Several controllers launching at once could each pass a check of the fleet's total
+    read before the others' intents: here the check and the intent are one transaction,
+    serialised by :data:`FLEET_LOCK_ID` (held until the caller commits the intent rows,
+    which it adds after this returns ``None``), so the next launch's SUM counts them.
+    PostgreSQL only. Cost: one O(open rows) SUM per launch."""
+    await session.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": FLEET_LOCK_ID})
+    total = await fleet_usd_per_hour(session)
+    if total + usd_per_hour <= ceiling + _EPSILON_USD:
+        return None
+    return (
+        f"launch refused: fleet ${total:,.2f}/h + ${usd_per_hour:,.2f}/h = "
+        f"${total + usd_per_hour:,.2f}/h would exceed the fleet ceiling ${ceiling:,.2f}/h "
+        "(reserved in the store across controllers)"
+    )
 
 
 @dataclass(slots=True)

@@ -31,6 +31,12 @@ for the spend metric at the end. Placement, O(offers), runs only for a workload 
 plan may launch or that has no replica to take its GPU shape from
 (``decide.step.step``).
 
+**Several controllers.** Where they share the store (``autoscaler.reconcile.shards``),
+a pass takes only the workloads of the shards this controller holds, skips one whose
+lease lapsed during the pass, measures and records only those, and leaves a workload
+whose launch found the lease gone (``LeaseLost``) to its new holder; the orphan sweep
+runs on the holder of shard 0.
+
 The caller sleeps between passes (``autoscaler.controller``), or the simulator advances
 its clock: this module never sleeps and reads time only from ``deps.clock`` (and the
 wall clock for the time a pass's work takes).
@@ -47,7 +53,7 @@ from datetime import datetime, timedelta
 from pydantic import ValidationError
 
 from autoscaler.decide.inputs import Measured
-from autoscaler.reconcile.deps import Deps, Failure, WorkloadRef, log
+from autoscaler.reconcile.deps import Deps, Failure, LeaseLost, WorkloadRef, log
 from autoscaler.reconcile.ledger import (
     FleetSpend,
     fleet_usd_per_hour,
@@ -76,7 +82,7 @@ async def reconcile_once(deps: Deps) -> float:
     now = utc(deps.clock.now())
     deps.memory.started_at = deps.memory.started_at or now
     observed = await observe(deps)
-    signals, scraped = await _with_engines(deps, await _signals(deps), now=now)
+    signals, scraped = await _with_engines(deps, _owned(deps, await _signals(deps)), now=now)
     if scraped:
         try:
             await record_measurements(deps, signals, now=now)
@@ -86,6 +92,7 @@ async def reconcile_once(deps: Deps) -> float:
         found = [
             _Due(w.id, w.project, w.slug, w.deleted_at is not None)
             for w in await workloads_to_reconcile(s)
+            if deps.owns(w.project, w.slug)  # this controller's shards (all, alone)
         ]
     # The fleet's spend is read once per pass, and only under a fleet ceiling.
     fleet = FleetSpend() if deps.settings.fleet_max_hourly_cost_usd is not None else None
@@ -103,6 +110,8 @@ async def reconcile_once(deps: Deps) -> float:
             )
             due = 0.0
             break
+        if not deps.owns(workload.project, workload.slug):
+            continue  # its shard's lease lapsed during the pass: another controller's now
         after = await _one(deps, workload, observed=observed, signals=signals, fleet=fleet, now=now)
         if after is not None:
             due = min(due, max(after, 0.0))
@@ -110,7 +119,8 @@ async def reconcile_once(deps: Deps) -> float:
     else:
         deps.memory.resume_after = None
     try:
-        await sweep_orphans(deps, observed=observed, now=now)
+        if deps.shards is None or deps.shards.fleet_duties:
+            await sweep_orphans(deps, observed=observed, now=now)
     except Exception:
         log.exception("orphan sweep failed")
     async with deps.sessions() as s:
@@ -165,6 +175,11 @@ async def _one(
             ),
             timeout=share,
         )
+    except LeaseLost as exc:  # another controller holds it now: nothing to retry here
+        if fleet is not None:
+            fleet.forget()
+        log.info("%s/%s: %s; left to its new holder", workload.project, workload.slug, exc)
+        return None
     except TimeoutError:
         if fleet is not None:
             fleet.forget()
@@ -272,6 +287,13 @@ async def _with_engines(
     except Exception:  # the gateway's measurement alone still drives the pass
         log.exception("reading the engines' metrics failed")
         return signals, False
+
+
+def _owned(deps: Deps, signals: Mapping[WorkloadRef, Measured]) -> Mapping[WorkloadRef, Measured]:
+    """The signals of the workloads this controller acts on (every one, alone)."""
+    if deps.shards is None:
+        return signals
+    return {ref: measured for ref, measured in signals.items() if deps.owns(*ref)}
 
 
 async def _signals(deps: Deps) -> Mapping[WorkloadRef, Measured]:

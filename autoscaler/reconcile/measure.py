@@ -73,7 +73,7 @@ async def _ready_replicas(deps: Deps) -> list[ReplicaTarget]:
         return [
             ReplicaTarget(workload=(p, slug), launch_id=launch, url=url, engine_key=key)
             for p, slug, launch, url, key in rows
-            if url
+            if url and deps.owns(p, slug)  # this controller's workloads (all, alone)
         ]
 
 

@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.placement import Placement, worker_key
 from autoscaler.reconcile.deps import Deps, ProviderEntry, log
-from autoscaler.reconcile.ledger import record_decision
+from autoscaler.reconcile.ledger import record_decision, reserve_fleet
 from autoscaler.reconcile.observe import count_provider_error
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 from autoscaler.store.models import Instance as LedgerRow
@@ -159,7 +159,10 @@ async def launch_replica(
     """Write the intent, commit, then ask the provider (or assign a private worker).
 
     A placement of a group launches all its members under one intent (see the module
-    docstring); the outcome is then the leader's row."""
+    docstring); the outcome is then the leader's row. With several controllers the
+    intent commits only with the shard's lease held and a place reserved under the
+    fleet ceiling (:func:`admit`)."""
+    await admit(deps, session, workload=workload, usd_per_hour=placement.usd_per_hour)
     if placement.offer is not None and placement.group_size > 1:
         return await _launch_group(
             deps, session, workload=workload, spec=spec, placement=placement, reason=reason, now=now
@@ -180,6 +183,35 @@ async def launch_replica(
     if placement.offer is None:
         return LaunchOutcome(row=row, bought=True)  # the worker's agent starts it
     return await _call_launch(deps, session, row=row, spec=spec, now=now)
+
+
+class LaunchRefused(Exception):
+    """The fleet ceiling, reserved in the store, has no room for this launch: nothing
+    was written or bought; ``reason`` names the fleet ceiling."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+async def admit(
+    deps: Deps, session: AsyncSession, *, workload: Workload, usd_per_hour: float
+) -> None:
+    """Where several controllers share the store (``deps.shards``), in the transaction
+    the intent rows commit in: hold the shard's lease (``LeaseLost`` otherwise), then
+    reserve the price under the fleet ceiling (:class:`LaunchRefused` otherwise; the
+    transaction is committed first, which ends its locks). One controller alone needs
+    neither: its pass's own total is exact (``ledger.FleetSpend``)."""
+    if deps.shards is None:
+        return
+    await deps.shards.fence(session, project=workload.project, slug=workload.slug)
+    ceiling = deps.settings.fleet_max_hourly_cost_usd
+    if ceiling is None:
+        return
+    refusal = await reserve_fleet(session, usd_per_hour=usd_per_hour, ceiling=ceiling)
+    if refusal is not None:
+        await session.commit()
+        raise LaunchRefused(refusal)
 
 
 def _intent_row(

@@ -73,7 +73,12 @@ from autoscaler.reconcile.liveness import (
     terminate_instance,
 )
 from autoscaler.reconcile.observe import Observation
-from autoscaler.reconcile.provisioner import launch_replica, mark_unavailable, resolve_intent
+from autoscaler.reconcile.provisioner import (
+    LaunchRefused,
+    launch_replica,
+    mark_unavailable,
+    resolve_intent,
+)
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec, describe_errors
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
@@ -383,7 +388,8 @@ async def _act(
     placed just before it is bought (``decide.step.place_next``). A launch the provider
     refused ends the pass's launches: its market is marked unavailable and the next pass
     places elsewhere. Returns the launches refused here (a budget or placement refusal
-    of a re-placed launch) and how many launches went to the provisioner."""
+    of a re-placed launch, or the fleet ceiling's reservation in the store where several
+    controllers share it) and how many launches went to the provisioner."""
     by_id = {r.launch_id: r for r in rows}
     launched: list[Placement] = []
     for action in result.plan.actions:
@@ -404,15 +410,18 @@ async def _act(
                 )
             if not placement.found:
                 return (Refusal(unplaced_reason(placement, result.headroom)),), len(launched)
-            outcome = await launch_replica(
-                deps,
-                s,
-                workload=workload,
-                spec=spec,
-                placement=placement,
-                reason=action.reason,
-                now=now,
-            )
+            try:
+                outcome = await launch_replica(
+                    deps,
+                    s,
+                    workload=workload,
+                    spec=spec,
+                    placement=placement,
+                    reason=action.reason,
+                    now=now,
+                )
+            except LaunchRefused as refused:  # another controller's launch took the room
+                return (Refusal(refused.reason),), len(launched)
             if not outcome.bought and outcome.error and outcome.row.terminated_confirmed_at:
                 return (), len(launched) + 1  # its offer is marked unavailable: next pass
             launched.append(placement)

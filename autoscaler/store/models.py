@@ -11,6 +11,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -309,3 +310,28 @@ class Secret(Base):
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     value: Mapped[str] = mapped_column(SealedText())
     created_at: Mapped[datetime]
+
+
+class ControllerMember(Base):
+    """A controller sharing the workloads (``autoscaler.reconcile.shards``): alive while
+    ``expires_at``, on the database's clock, is ahead; each round moves it on."""
+
+    __tablename__ = "controller_members"
+
+    member_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    started_at: Mapped[datetime]
+    heartbeat_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+
+
+class ShardLease(Base):
+    """Who holds a shard of the workloads until when. ``token`` grows at every change of
+    holder (a fencing token: a launch commits only with the token its holder took)."""
+
+    __tablename__ = "shard_leases"
+
+    shard: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    holder: Mapped[str | None] = mapped_column(String(128))
+    token: Mapped[int] = mapped_column(BigInteger, default=0)
+    acquired_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
