@@ -45,9 +45,10 @@ fleet a pass covers, and the capacity to reconcile, grows with the processes.
    valid in the database, where nobody else may take it.
 2. *In the database*, a launch's intent row commits only in a transaction that first
    holds the shard's lease row (``SELECT … FOR SHARE``) with this member as holder, its
-   token unchanged and its expiry ahead (:meth:`ShardMember.fence`). A taker's
-   ``UPDATE`` of that row waits for the launch's commit, so the new holder's first read
-   sees the intent; a launch after the lease moved raises :class:`LeaseLost` and buys
+   token unchanged and its expiry ahead (:meth:`ShardMember.fence`). No round
+   can take the row while it is held (a taker skips a locked row and tries again at its
+   next round), so the new holder takes it only after the intent committed, and its
+   first read sees the intent; a launch after the lease moved raises :class:`LeaseLost` and buys
    nothing. The provider is called only after that commit, with the launch id as its
    idempotency token, so a launch call still in flight at the old holder and the new
    holder's resolution of the same intent buy one machine.
