@@ -113,6 +113,35 @@ class ControllerMetrics:
             buckets=_BOOT_BUCKETS,
             registry=r,
         )
+        self.parked = Gauge(
+            "autoscaler_controller_parked_replicas",
+            "Parked replicas (confirmed asleep or stopped) of the workload's warm pool, by "
+            "mode (sleeping, stopped).",
+            (*_WORKLOAD, "mode"),
+            registry=r,
+        )
+        self.parks = Counter(
+            "autoscaler_controller_parks",
+            "Replicas parked (the engine or the provider confirmed it), by provider and "
+            "mode (sleeping, stopped).",
+            ("provider", "mode"),
+            registry=r,
+        )
+        self.resumes = Counter(
+            "autoscaler_controller_resumes",
+            "Parked replicas resumed (woken or started again), by provider and the mode "
+            "they waited in.",
+            ("provider", "mode"),
+            registry=r,
+        )
+        self.resume_to_ready = Histogram(
+            "autoscaler_controller_resume_to_ready_seconds",
+            "From a parked replica's resume to its engine answering its health path, by "
+            "provider and the path it came back by (sleeping: woken; stopped: started).",
+            ("provider", "mode"),
+            buckets=_BOOT_BUCKETS,
+            registry=r,
+        )
         self.reconcile_duration = Histogram(
             "autoscaler_controller_reconcile_duration_seconds",
             "One pass over every workload.",
@@ -222,9 +251,20 @@ class ControllerMetrics:
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(project, workload)
-        for phase in ("pending", "booting", "ready", "draining", "terminating"):
+        for phase in (
+            "pending",
+            "booting",
+            "ready",
+            "draining",
+            "terminating",
+            "parking",
+            "parked",
+        ):
             with contextlib.suppress(KeyError):
                 self.replicas.remove(project, workload, phase)
+        for mode in ("sleeping", "stopped"):
+            with contextlib.suppress(KeyError):
+                self.parked.remove(project, workload, mode)
         for reason in REFUSAL_REASONS:
             with contextlib.suppress(KeyError):
                 self.blocked.remove(project, workload, reason)

@@ -58,7 +58,9 @@ def instance_view(
     """One replica. ``phase`` and ``actual_phase`` are the same word (what has happened);
     ``desired_phase`` is what the controller wants of it; ``command`` is the engine's
     command line with every secret masked (``None`` for replicas launched before the
-    service recorded it)."""
+    service recorded it). ``park_mode``: how a parking or parked replica waits (after a
+    resume, the path it came back by); ``hourly_usd`` is a stopped machine's disks, with
+    ``running_usd_per_hour`` its price running."""
     return {
         "launch_id": row.launch_id,
         "phase": phase_of(row).value,
@@ -85,6 +87,11 @@ def instance_view(
         "command": None if row.engine_command is None else masked_command(row.engine_command),
         "group": row.group_id,
         "role": row.group_role,
+        "park_mode": row.park_mode,
+        "parked_at": _iso(row.parked_at),
+        "resumed_at": _iso(row.resumed_at),
+        "running_usd_per_hour": row.running_usd_per_hour,
+        "prefill": row.prefill,
     }
 
 

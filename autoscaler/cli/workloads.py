@@ -393,6 +393,10 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
             click.echo(f"  {r['launch_id']}: {r['engine']}: {r['engine_reason']}")
         if r.get("role"):
             click.echo(f"  {r['launch_id']}: {r['role']} of replica group {r['group']}")
+        if r["phase"] in ("parking", "parked") and r.get("park_mode"):
+            running = r.get("running_usd_per_hour")
+            price = f", ${running:.3f}/h running" if running is not None else ""
+            click.echo(f"  {r['launch_id']}: warm pool: {r['park_mode']}{price}")
         if r.get("command") and r["phase"] != "terminated":
             click.echo(f"  {r['launch_id']}: command: {r['command']}")
     click.echo("\n" + _measured(measured))

@@ -33,6 +33,7 @@ from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
 from autoscaler.store.secrets import hf_token_of
 from catalog.model import Offer
+from providers import engine_sleep
 from providers.base import Clock, Instance, LaunchRequest, Provider
 from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET
 from providers.local import SecretSource
@@ -136,6 +137,30 @@ class HttpHealthChecker:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class EngineSleeper(Protocol):
+    """Puts a replica's engine to sleep and wakes it (vLLM's sleep mode); raises
+    ``providers.engine_sleep.EngineSleepError`` when a call did not do what was asked."""
+
+    async def sleep(self, *, url: str, level: int, engine_key: str | None) -> None: ...
+
+    async def wake(self, *, url: str, engine_key: str | None) -> None: ...
+
+    async def is_sleeping(self, *, url: str, engine_key: str | None) -> bool: ...
+
+
+class HttpEngineSleeper:
+    """The engines' own sleep routes (``providers.engine_sleep``)."""
+
+    async def sleep(self, *, url: str, level: int, engine_key: str | None) -> None:
+        await engine_sleep.sleep_engine(url, level, api_key=engine_key)
+
+    async def wake(self, *, url: str, engine_key: str | None) -> None:
+        await engine_sleep.wake_engine(url, api_key=engine_key)
+
+    async def is_sleeping(self, *, url: str, engine_key: str | None) -> bool:
+        return await engine_sleep.is_sleeping(url, api_key=engine_key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +325,9 @@ class Deps:
     def owns(self, project: str, slug: str) -> bool:
         """Whether this controller acts on the workload (always, without sharding)."""
         return self.shards is None or self.shards.owns(project, slug)
+
+    sleeper: EngineSleeper = field(default_factory=HttpEngineSleeper)
+    """Puts parked replicas' engines to sleep and wakes them (warm pools)."""
 
 
 def ledger_secrets(

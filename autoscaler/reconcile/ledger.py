@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.plan import ReplicaPhase, ReplicaView
 from autoscaler.decide.scaling import FleetCounts
+from autoscaler.decide.warm import ParkMode
 from autoscaler.reconcile.deps import log
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
@@ -164,7 +165,26 @@ async def workloads_to_reconcile(session: AsyncSession) -> list[Workload]:
     )
 
 
+SLEEP_FLAG = "--enable-sleep-mode"
+"""In a replica's recorded engine command: its engine booted able to sleep."""
+
+
+def can_sleep(row: LedgerRow) -> bool:
+    """Whether the replica's engine booted able to sleep (a replica group never parks)."""
+    return row.group_id is None and SLEEP_FLAG in (row.engine_command or ())
+
+
+def park_mode_of(row: LedgerRow) -> ParkMode | None:
+    """How a parking or parked replica waits (``None`` for any other phase)."""
+    if row.park_requested_at is None or row.park_mode is None:
+        return None
+    return ParkMode(row.park_mode)
+
+
 def replica_view(row: LedgerRow, *, in_flight: int) -> ReplicaView:
+    """The plan's view of one ledger row. ``usd_per_hour`` is what the row costs now (a
+    stopped machine's disks once the provider confirmed the stop), the price every
+    ceiling counts; ``running_usd_per_hour`` its price running again."""
     return ReplicaView(
         launch_id=row.launch_id,
         phase=ReplicaPhase(phase_of(row).value),
@@ -175,6 +195,13 @@ def replica_view(row: LedgerRow, *, in_flight: int) -> ReplicaView:
         ready_at=row.ready_at,
         drain_requested_at=row.drain_requested_at,
         in_flight=in_flight,
+        park_mode=park_mode_of(row),
+        parked_at=row.parked_at,
+        resumed_at=row.resumed_at,
+        running_usd_per_hour=row.running_usd_per_hour,
+        stopped_usd_per_hour=row.stopped_usd_per_hour if row.group_id is None else None,
+        can_sleep=can_sleep(row),
+        prefill=row.prefill,
     )
 
 

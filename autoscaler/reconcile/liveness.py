@@ -41,7 +41,7 @@ orphan sweep terminates it once it shows.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -305,6 +305,7 @@ async def check_health(
     rows: Sequence[LedgerRow],
     health_path: str,
     now: datetime,
+    skip: Collection[str] = (),
 ) -> list[LedgerRow]:
     """Mark booting replicas ready when healthy; return ready ones unhealthy for too long.
 
@@ -313,11 +314,13 @@ async def check_health(
     the startup script has reported its role started against the leader (the boot
     callback's ``ready``: ``joined_at``); the leader's engine answers only once every
     member joined it (vLLM's waits for the Ray cluster to count them, SGLang's for every
-    rank). Its workers are marked ready with it."""
+    rank). Its workers are marked ready with it. ``skip``: launch ids not to be made
+    ready this pass (a resumed engine that still sleeps answers its health path)."""
     candidates = [
         r
         for r in rows
         if r.url is not None
+        and r.launch_id not in skip
         and r.group_role != "worker"
         and phase_of(r) in (Phase.BOOTING, Phase.READY)
         and (phase_of(r) is Phase.READY or _group_complete(deps, r, rows))
@@ -338,10 +341,19 @@ async def check_health(
                     if member.group_id is not None and member.group_id == row.group_id:
                         member.ready_at = member.ready_at or now
                 changed = True
-                seconds = max(0.0, (now - row.intent_at).total_seconds())
-                deps.metrics.launch_to_ready.labels(row.provider).observe(seconds)
+                since = row.resumed_at or row.intent_at
+                seconds = max(0.0, (now - since).total_seconds())
+                if row.resumed_at is None:
+                    deps.metrics.launch_to_ready.labels(row.provider).observe(seconds)
+                else:
+                    mode = row.park_mode or "stopped"
+                    deps.metrics.resume_to_ready.labels(row.provider, mode).observe(seconds)
                 log.info(
-                    "replica %s of %s ready after %.0fs", row.launch_id, row.workload_slug, seconds
+                    "replica %s of %s ready after %.0fs%s",
+                    row.launch_id,
+                    row.workload_slug,
+                    seconds,
+                    "" if row.resumed_at is None else f" (resumed, {row.park_mode})",
                 )
             continue
         if healthy:

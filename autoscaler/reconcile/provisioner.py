@@ -47,8 +47,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.placement import Placement, worker_key
+from autoscaler.decide.warm import warm_policy_of
 from autoscaler.reconcile.deps import Deps, ProviderEntry, log
-from autoscaler.reconcile.ledger import record_decision, reserve_fleet
+from autoscaler.reconcile.ledger import can_sleep, record_decision, reserve_fleet
 from autoscaler.reconcile.observe import count_provider_error
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
 from autoscaler.store.models import Instance as LedgerRow
@@ -57,6 +58,7 @@ from catalog.cuda import offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import Offer, ProviderName
 from catalog.query import Market
+from catalog.storage import stopped_usd_per_hour
 from providers.base import (
     GROUP_TAG,
     ROLE_TAG,
@@ -70,7 +72,7 @@ from providers.base import (
     instance_tags,
 )
 from providers.bootstrap import BootCallback, SpotNotice, with_startup_script
-from providers.engines import boot_spec
+from providers.engines import boot_spec, engine_for
 
 SCRIPTED_PROVIDERS = frozenset({ProviderName.AWS.value, ProviderName.GCP.value})
 """Providers whose instances boot from the startup script (the rest start engines)."""
@@ -105,9 +107,11 @@ def workload_boot(
     gpu_count: int = 1,
     nodes: int = 1,
     node_rank: int = 0,
+    sleep_mode: bool = False,
 ) -> BootSpec:
     """How a replica of ``spec`` boots on a machine with ``gpu_count`` GPUs (a group of
-    ``nodes`` such machines when above one, this machine its member ``node_rank``)."""
+    ``nodes`` such machines when above one, this machine its member ``node_rank``);
+    ``sleep_mode``: able to sleep later (:func:`may_sleep`)."""
     return boot_spec(
         backend=spec.backend.value,
         model=spec.model,
@@ -118,7 +122,18 @@ def workload_boot(
         gpu_count=gpu_count,
         nodes=nodes,
         node_rank=node_rank,
+        sleep_mode=sleep_mode,
     )
+
+
+def may_sleep(spec: WorkloadSpec) -> bool:
+    """Whether the workload's warm pool may put replicas to sleep: they boot with the
+    engine's sleep flags then (vLLM ``--enable-sleep-mode``)."""
+    warm = warm_policy_of(spec)
+    if warm is None or warm.max_sleeping == 0:
+        return False
+    support = engine_for(spec.backend.value).sleep
+    return support is not None and support.driven
 
 
 def node_rank(launch_id: str, *, leader: str, members: Sequence[str]) -> int:
@@ -155,19 +170,21 @@ async def launch_replica(
     placement: Placement,
     reason: str,
     now: datetime,
+    prefill: bool = False,
 ) -> LaunchOutcome:
     """Write the intent, commit, then ask the provider (or assign a private worker).
 
     A placement of a group launches all its members under one intent (see the module
     docstring); the outcome is then the leader's row. With several controllers the
     intent commits only with the shard's lease held and a place reserved under the
-    fleet ceiling (:func:`admit`)."""
+    fleet ceiling (:func:`admit`). ``prefill``: a warm pool refill (parked once ready)."""
     await admit(deps, session, workload=workload, usd_per_hour=placement.usd_per_hour)
     if placement.offer is not None and placement.group_size > 1:
         return await _launch_group(
             deps, session, workload=workload, spec=spec, placement=placement, reason=reason, now=now
         )
     row = _intent_row(workload, spec, placement=placement, launch_id=new_launch_id(), now=now)
+    row.prefill = prefill
     session.add(row)
     record_decision(
         session,
@@ -251,9 +268,17 @@ def _intent_row(
         row.region, row.zone = offer.region, offer.zone
         row.instance_type, row.gpu, row.gpu_count = offer.instance_type, offer.gpu, offer.gpu_count
         row.spot = placement.market is Market.SPOT
+        if not row.spot and nodes == 1:  # a spot machine, a group member: never stopped
+            row.stopped_usd_per_hour = stopped_usd_per_hour(offer)
     else:
         row.offer_key = worker_key(placement.worker_id or "")
-    boot = workload_boot(spec, gpu_count=max(row.gpu_count, 1), nodes=nodes, node_rank=rank)
+    boot = workload_boot(
+        spec,
+        gpu_count=max(row.gpu_count, 1),
+        nodes=nodes,
+        node_rank=rank,
+        sleep_mode=nodes == 1 and may_sleep(spec),
+    )
     row.engine_command = list(boot.command)
     return row
 
@@ -410,6 +435,7 @@ async def _call_launch(
             gpu_count=offer.gpu_count,
             nodes=row.group_size or 1,
             node_rank=await _rank_of(session, row),
+            sleep_mode=can_sleep(row),  # as its intent recorded it
         ),
     )
     tags = instance_tags(

@@ -37,7 +37,17 @@ from autoscaler.admission import runnable_problems
 from autoscaler.decide.budget import BudgetLimits
 from autoscaler.decide.inputs import DecisionInputs, Measured
 from autoscaler.decide.placement import Placement
-from autoscaler.decide.plan import Drain, Launch, Plan, Refusal, Terminate, Timeouts, plan_actions
+from autoscaler.decide.plan import (
+    Drain,
+    Launch,
+    Park,
+    Plan,
+    Refusal,
+    Resume,
+    Terminate,
+    Timeouts,
+    plan_actions,
+)
 from autoscaler.decide.scaling import FleetCounts, ScaleDecision, ScaleMemory
 from autoscaler.decide.signals import Signals
 from autoscaler.decide.step import (
@@ -49,6 +59,7 @@ from autoscaler.decide.step import (
     timeouts_of,
     unplaced_reason,
 )
+from autoscaler.decide.warm import warm_policy_of
 from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
 from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
@@ -73,6 +84,7 @@ from autoscaler.reconcile.liveness import (
     terminate_instance,
 )
 from autoscaler.reconcile.observe import Observation
+from autoscaler.reconcile.park import export_parked, park, resume, settle_parks
 from autoscaler.reconcile.provisioner import (
     LaunchRefused,
     launch_replica,
@@ -119,6 +131,7 @@ async def reconcile_workload(
         engine = engine_for(spec.backend.value)
         rows = await open_rows(s, workload.id)
         held = rows
+        prices = {r.launch_id: r.hourly_usd for r in rows}
         await sync_with_provider(deps, s, rows=rows, observed=observed, port=engine.port, now=now)
         await report_failed_boots(deps, s, workload=workload, now=now)
         for row in _still_open(rows):
@@ -126,7 +139,23 @@ async def reconcile_workload(
                 await resolve_intent(deps, s, row=row, spec=spec, now=now)
         rows = _still_open(rows)
         await settle_groups(deps, s, rows=rows, now=now)
-        dead = await check_health(deps, s, rows=rows, health_path=engine.health_path, now=now)
+        warm = warm_policy_of(spec, deleted=workload.deleted_at is not None)
+        sleep_level = warm.sleep_level if warm is not None else 1
+        give_up, asleep = await settle_parks(
+            deps,
+            s,
+            rows=rows,
+            observed=observed,
+            timeouts=timeouts_of(spec),
+            sleep_level=sleep_level,
+            port=engine.port,
+            now=now,
+        )
+        for row in give_up:
+            await _terminate(deps, s, row=row, reason=row.last_error or "park given up", now=now)
+        dead = await check_health(
+            deps, s, rows=rows, health_path=engine.health_path, now=now, skip=asleep
+        )
         for row in dead:
             await _terminate(
                 deps,
@@ -193,7 +222,15 @@ async def reconcile_workload(
             await _log_dry_run(deps, s, workload=workload, plan=plan, now=now)
         else:
             refused, bought = await _act(
-                deps, s, workload=workload, spec=spec, rows=rows, view=view, result=result, now=now
+                deps,
+                s,
+                workload=workload,
+                spec=spec,
+                rows=rows,
+                view=view,
+                result=result,
+                port=engine.port,
+                now=now,
             )
             plan = dataclasses.replace(plan, refusals=plan.refusals + refused)
             if bought and fleet is not None and fleet.usd_per_hour is not None:
@@ -202,6 +239,8 @@ async def reconcile_workload(
                 fleet.moved(now_usd - sum(r.hourly_usd for r in held))
                 held = []
         _moved(fleet, held)
+        if fleet is not None and _repriced(prices, rows):
+            fleet.forget()  # a park confirmed or a resume: read the total again
         await _log_refusals(deps, s, workload=workload, plan=plan, now=now)
         left = _still_open(rows)
         if workload.deleted_at is not None and not left:
@@ -220,6 +259,15 @@ async def _fleet_usd(deps: Deps, s: AsyncSession, fleet: FleetSpend | None) -> f
     if deps.settings.fleet_max_hourly_cost_usd is None:
         return 0.0
     return await fleet.total(s) if fleet is not None else await fleet_usd_per_hour(s)
+
+
+def _repriced(prices: Mapping[str, float], rows: Sequence[LedgerRow]) -> bool:
+    """Whether an open row's price changed in this pass (a machine confirmed stopped is
+    billed for its disks, a resumed one at its running price again)."""
+    return any(
+        r.terminated_confirmed_at is None and prices.get(r.launch_id, r.hourly_usd) != r.hourly_usd
+        for r in rows
+    )
 
 
 def _moved(fleet: FleetSpend | None, held: Sequence[LedgerRow]) -> None:
@@ -336,7 +384,8 @@ def _avoid_slow_offers(
     so their replacements go elsewhere (the plan terminates them)."""
     for row in rows:
         starting = phase_of(row) in (Phase.PENDING, Phase.BOOTING)
-        if starting and (now - row.intent_at).total_seconds() >= timeouts.scaling_up_sec:
+        since = row.resumed_at or row.intent_at  # a resumed replica boots from its resume
+        if starting and (now - since).total_seconds() >= timeouts.scaling_up_sec:
             mark_unavailable(deps, row=row, now=now)
 
 
@@ -382,6 +431,7 @@ async def _act(
     rows: Sequence[LedgerRow],
     view: WorkloadView,
     result: Step,
+    port: int,
     now: datetime,
 ) -> tuple[tuple[Refusal, ...], int]:
     """Carry the step's plan out: terminations and drains on record first, each launch
@@ -398,6 +448,25 @@ async def _act(
             await _terminate(deps, s, row=row, reason=action.reason, now=now)
         elif isinstance(action, Drain) and action.launch_id in by_id:
             await _drain(deps, s, row=by_id[action.launch_id], reason=action.reason, now=now)
+        elif isinstance(action, Park) and action.launch_id in by_id:
+            level = result.warm.sleep_level if result.warm is not None else 1
+            row = by_id[action.launch_id]
+            await park(
+                deps, s, row=row, mode=action.mode, reason=action.reason, sleep_level=level, now=now
+            )
+        elif isinstance(action, Resume) and action.launch_id in by_id:
+            row = by_id[action.launch_id]
+            try:
+                started = await resume(
+                    deps, s, workload=workload, row=row, reason=action.reason, port=port, now=now
+                )
+            except LaunchRefused as refused:  # another controller's launch took the room
+                return (Refusal(refused.reason),), len(launched)
+            if not started:
+                mark_unavailable(deps, row=row, now=now)
+                await _terminate(
+                    deps, s, row=row, reason=row.last_error or "start refused", now=now
+                )
         elif isinstance(action, Launch):
             placement = result.placement
             if launched or placement is None:
@@ -419,6 +488,7 @@ async def _act(
                     placement=placement,
                     reason=action.reason,
                     now=now,
+                    prefill=action.prefill,
                 )
             except LaunchRefused as refused:  # another controller's launch took the room
                 return (Refusal(refused.reason),), len(launched)
@@ -454,6 +524,9 @@ async def _tear_down(
             row.terminate_requested_at = row.terminate_requested_at or now
             await resolve_intent(deps, s, row=row, spec=None, now=now)
     rows = _still_open(rows)
+    for row in rows:  # deleted: a park under way is not waited for
+        if phase_of(row) is Phase.PARKING and not deps.settings.dry_run:
+            await _terminate(deps, s, row=row, reason="deleted: parking replica", now=now)
     plan = plan_actions(  # the gateway stopped routing to it when it was deleted
         desired=0,
         replicas=[replica_view(r, in_flight=0) for r in rows],
@@ -633,6 +706,7 @@ def _export(
             m.replicas.labels(*labels, phase.value).set(phases.count(phase))
     m.desired.labels(*labels).set(desired)
     m.workload_usd.labels(*labels).set(sum(r.hourly_usd for r in rows))
+    export_parked(deps, labels=labels, rows=rows)
     m.workload_labels.set(*labels, spec.labels)
     policy = _autoscaling(spec)
     if policy is not None and policy.max_hourly_cost_usd is not None:

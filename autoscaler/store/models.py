@@ -163,6 +163,23 @@ class Instance(Base):
     """When a group worker's startup script reported its role started against the
     leader (the boot callback's ``ready``); the leader is ready only after every worker
     that boots from a script has."""
+    park_mode: Mapped[str | None] = mapped_column(String(16))
+    """How the replica waits while parked (``stopped``: its machine; ``sleeping``: its
+    engine), set with ``park_requested_at``; after a resume, the path it came back by."""
+    park_requested_at: Mapped[datetime | None]
+    """When the controller asked the engine to sleep or the provider to stop it."""
+    parked_at: Mapped[datetime | None]
+    """When the engine (asleep) or the provider (``stopped``) confirmed the park."""
+    resumed_at: Mapped[datetime | None]
+    """When it was last woken or started again; it is booting until ready once more."""
+    running_usd_per_hour: Mapped[float | None] = mapped_column(Float)
+    """Its price running, while ``hourly_usd`` is a stopped machine's (its disks);
+    ``None``: ``hourly_usd`` is the running price."""
+    stopped_usd_per_hour: Mapped[float | None] = mapped_column(Float)
+    """What its machine costs stopped (its disks); ``None``: it is never stopped (a spot
+    machine, a private worker, this machine, a replica group's member)."""
+    prefill: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    """Launched to refill a warm pool: drained and parked once ready."""
 
 
 class WorkloadSignals(Base):

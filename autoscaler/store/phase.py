@@ -19,13 +19,21 @@ class Phase(StrEnum):
     DRAINING = "draining"  # no new requests; in-flight ones finish
     TERMINATING = "terminating"  # terminate asked; the provider has not confirmed
     TERMINATED = "terminated"  # the provider confirmed it gone
+    PARKING = "parking"  # asked to sleep or stop; the engine or provider has not confirmed
+    PARKED = "parked"  # asleep or stopped (``park_mode``), kept for a fast scale-up
 
 
 def phase_of(instance: Instance) -> Phase:
+    """A resumed replica has its park facts cleared (``resumed_at`` set, ``ready_at``
+    cleared): it is booting until its engine answers again."""
     if instance.terminated_confirmed_at is not None:
         return Phase.TERMINATED
     if instance.terminate_requested_at is not None:
         return Phase.TERMINATING
+    if instance.parked_at is not None:
+        return Phase.PARKED
+    if instance.park_requested_at is not None:
+        return Phase.PARKING
     if instance.drain_requested_at is not None:
         return Phase.DRAINING
     if instance.ready_at is not None:
@@ -37,17 +45,22 @@ def phase_of(instance: Instance) -> Phase:
 
 class DesiredPhase(StrEnum):
     RUNNING = "running"  # the controller wants it serving
+    PARKED = "parked"  # asked to sleep or stop, kept for a fast scale-up
     TERMINATED = "terminated"  # drain or terminate asked, or its workload deleted
 
 
 def desired_phase_of(instance: Instance, *, workload_deleted: bool = False) -> DesiredPhase:
     """What the controller wants of a replica: terminated from the moment it asked for a
-    drain or a termination (or the workload was deleted), running before."""
+    drain or a termination (or the workload was deleted), parked once it asked for a park
+    (a drained replica is parked instead of terminated), running before."""
     if (
         workload_deleted
-        or instance.drain_requested_at is not None
         or instance.terminate_requested_at is not None
         or instance.terminated_confirmed_at is not None
     ):
+        return DesiredPhase.TERMINATED
+    if instance.park_requested_at is not None:
+        return DesiredPhase.PARKED
+    if instance.drain_requested_at is not None:
         return DesiredPhase.TERMINATED
     return DesiredPhase.RUNNING

@@ -27,6 +27,7 @@ from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.workloads import delete_workload, ensure_workload
 from catalog.model import Offer, ProviderName
 from providers.base import ManualClock, utc
+from providers.engine_sleep import EngineSleepFailed
 from providers.fake import FakeCloud, FakeProvider
 
 PROJECT = "acme"
@@ -65,6 +66,32 @@ class FakeHealth:
     async def healthy(self, *, url: str, health_path: str, engine_key: str | None) -> bool:
         self.asked.append((url + health_path, engine_key))
         return self.all_healthy and url not in self.down
+
+
+class FakeSleeper:
+    """Engines that sleep and wake on request, by URL; ``refuse`` makes calls fail."""
+
+    def __init__(self) -> None:
+        self.asleep: set[str] = set()
+        self.refuse = False
+        self.calls: list[tuple[str, str]] = []
+
+    def _check(self, url: str, action: str) -> None:
+        self.calls.append((action, url))
+        if self.refuse:
+            raise EngineSleepFailed(f"{action} {url}", "the engine did not answer")
+
+    async def sleep(self, *, url: str, level: int, engine_key: str | None) -> None:
+        self._check(url, "sleep")
+        self.asleep.add(url)
+
+    async def wake(self, *, url: str, engine_key: str | None) -> None:
+        self._check(url, "wake")
+        self.asleep.discard(url)
+
+    async def is_sleeping(self, *, url: str, engine_key: str | None) -> bool:
+        self._check(url, "is_sleeping")
+        return url in self.asleep
 
 
 @dataclass
@@ -139,6 +166,7 @@ class World:
         self.cloud = FakeCloud(clock=self.clock)
         self.provider = FakeProvider(self.cloud, name="aws")
         self.health = FakeHealth()
+        self.sleeper = FakeSleeper()
         self.signals = FakeSignals()
         self.changes = 0
         self.deps = self.make_deps(
@@ -176,6 +204,7 @@ class World:
                 **settings,
             ),
             notify_change=notify,
+            sleeper=self.sleeper,
         )
 
     @property

@@ -78,9 +78,17 @@ async def test_writes_that_change_a_route_are_logged_and_others_are_not(
         {"ready_at": NOW},
         {"engine_command": ["vllm", "serve", "m", "--enable-lora", "--lora-modules", "a=b"]},
         {"drain_requested_at": NOW},
+        {"park_requested_at": NOW},  # asked to sleep or stop: off the routes at once
+        {"parked_at": NOW},
+        {"resumed_at": NOW},
     ):
         assert await _write(sessions, update(Instance).where(row).values(**routed)) == [wid]
-    for unrouted in ({"last_error": "slow"}, {"launched_at": NOW}, {"joined_at": NOW}):
+    for unrouted in (
+        {"last_error": "slow"},
+        {"launched_at": NOW},
+        {"joined_at": NOW},
+        {"hourly_usd": 0.02},
+    ):
         assert await _write(sessions, update(Instance).where(row).values(**unrouted)) == []
 
     this = Workload.id == wid

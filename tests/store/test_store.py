@@ -201,7 +201,15 @@ async def test_phase_is_derived_from_stored_facts(
         seen.append(phase_of(row))
     row.terminated_confirmed_at = NOW
     seen.append(phase_of(row))
-    assert seen == list(Phase)
+    assert seen == [p for p in Phase if p not in (Phase.PARKING, Phase.PARKED)]
+    parked = Instance(launched_at=NOW, ready_at=NOW, drain_requested_at=NOW)
+    parks = []
+    for fact in ("park_requested_at", "parked_at", "terminate_requested_at"):
+        setattr(parked, fact, NOW)
+        parks.append(phase_of(parked))
+    assert parks == [Phase.PARKING, Phase.PARKED, Phase.TERMINATING]
+    resumed = Instance(launched_at=NOW, resumed_at=NOW, park_mode="stopped")
+    assert phase_of(resumed) is Phase.BOOTING  # ready again only once its engine answers
     async with sessions() as session, session.begin():
         session.add(row)
     async with sessions() as session:

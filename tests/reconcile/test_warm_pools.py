@@ -1,0 +1,299 @@
+"""Warm pools carried out: replicas parked (stopped machines, sleeping engines) and
+resumed through the reconciler, on the fake cloud and a manual clock, with the money
+invariants: nothing marked parked before the provider or engine confirms it, a stopped
+machine's disks count against every ceiling, a stopped machine of ours is no orphan, and
+a controller killed between asking and confirming converges from the ledger and the
+provider."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+from autoscaler.decide.signals import Signals
+from autoscaler.reconcile.ledger import fleet_usd_per_hour
+from autoscaler.spec import WorkloadSpec
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.phase import Phase, phase_of
+from catalog.storage import stopped_usd_per_hour
+from providers.base import Instance, InstanceState
+from providers.fake import FakeProvider
+from tests.reconcile.world import OFFERS, PROJECT, World, autoscaling
+
+STOPPED_USD = stopped_usd_per_hour(OFFERS[0])  # every test offer is an EC2 one
+
+
+class Crash(BaseException):
+    """The controller dies here (as under SIGKILL): nothing after the call runs."""
+
+
+class CrashingProvider(FakeProvider):
+    """Does what it is asked, then kills the controller before the answer is used."""
+
+    def __init__(self, world: World, *, on: str) -> None:
+        super().__init__(world.cloud, name="aws")
+        self.on = on
+
+    async def stop(self, instance_id: str) -> None:
+        await super().stop(instance_id)
+        if self.on == "stop":
+            raise Crash
+
+    async def start(self, instance_id: str) -> Instance:
+        if self.on == "start":
+            raise Crash  # the resume is on record; the provider never heard of it
+        return await super().start(instance_id)
+
+
+def pooled(slug: str = "bot", *, backend: str = "vllm", **policy: Any) -> WorkloadSpec:
+    """An autoscaling workload that scales to zero, with a warm pool (one stopped
+    machine unless ``warm_pool`` says otherwise)."""
+    config: dict[str, Any] = {
+        "min_workers": 0,
+        "scale_to_zero": True,
+        "scale_to_zero_timeout_sec": 60,
+        "warm_pool": {"stopped": 1},
+    }
+    config.update(policy)
+    spec = autoscaling(slug, **config).model_dump(mode="json", exclude_unset=True)
+    return WorkloadSpec.model_validate({**spec, "backend": backend})
+
+
+def idle(world: World, slug: str = "bot") -> None:
+    long_ago = world.now - timedelta(hours=1)
+    world.signals.by_ref[(PROJECT, slug)] = Signals(last_request_at=long_ago)
+
+
+def waiting(world: World, slug: str = "bot") -> None:
+    world.signals.by_ref[(PROJECT, slug)] = Signals(queue_depth=1, last_request_at=world.now)
+
+
+async def _parked(world: World, slug: str = "bot") -> LedgerRow:
+    """Refill an explicit stopped pool of one: launched, ready, drained, stopped."""
+    await world.apply(pooled(slug))
+    idle(world, slug)
+    for _ in range(6):
+        await world.step(5)
+        if await world.phases(slug) == [Phase.PARKED]:
+            break
+    [row] = await world.rows(slug)
+    assert phase_of(row) is Phase.PARKED and row.park_mode == "stopped" and row.prefill
+    return row
+
+
+async def test_an_explicit_pool_is_refilled_and_its_machine_stopped(world: World) -> None:
+    row = await _parked(world)
+    [instance] = world.cloud.all()
+    assert instance.state is InstanceState.STOPPED
+    assert world.provider.calls_to("stop") and not world.provider.calls_to("terminate")
+    # Billed for its disks from the provider's confirmation, its running price kept.
+    assert row.hourly_usd == pytest.approx(STOPPED_USD)
+    assert row.running_usd_per_hour is not None and row.running_usd_per_hour > 0.5
+    [park] = await world.decisions("park")
+    assert "warm pool" in park.reason and park.result["mode"] == "stopped"
+    metrics = world.deps.metrics
+    assert metrics.parked.labels(PROJECT, "bot", "stopped")._value.get() == 1
+    assert metrics.parks.labels("aws", "stopped")._value.get() == 1
+
+
+async def test_scale_up_resumes_the_stopped_machine_before_buying(world: World) -> None:
+    parked = await _parked(world)
+    waiting(world)
+    changes = world.changes
+    await world.step(5)
+    [row] = await world.rows("bot")  # a parked replica is resumed, not a fresh one bought
+    assert world.provider.calls_to("start") and len(world.provider.calls_to("launch")) == 1
+    assert row.resumed_at is not None and row.hourly_usd == parked.running_usd_per_hour
+    [resume] = await world.decisions("resume")
+    assert "resume the stopped replica" in resume.reason
+    await world.step(5)
+    resumed, refill = await world.rows("bot")
+    assert phase_of(resumed) is Phase.READY and world.changes > changes
+    assert resumed.launch_id == parked.launch_id and resumed.park_requested_at is None
+    assert refill.prefill  # the pool it left is refilled by a fresh replica
+    instance = next(i for i in world.cloud.all() if i.launch_id == parked.launch_id)
+    assert instance.state is InstanceState.RUNNING
+    metrics = world.deps.metrics
+    assert metrics.resumes.labels("aws", "stopped")._value.get() == 1
+    assert metrics.resume_to_ready.labels("aws", "stopped")._sum.get() == 5
+
+
+async def test_scale_down_parks_instead_of_terminating(world: World) -> None:
+    await world.apply(pooled(warm_pool="auto", backend="sglang"))
+    waiting(world)
+    await world.step()
+    await world.step(5)
+    assert await world.phases("bot") == [Phase.READY]
+    idle(world)
+    for _ in range(4):
+        await world.step(70)
+    assert await world.phases("bot") == [Phase.PARKED]
+    [row] = await world.rows("bot")
+    assert row.park_mode == "stopped"  # sglang is not driven to sleep: stopped
+    assert not world.provider.calls_to("terminate")
+    [park] = await world.decisions("park")
+    assert park.reason.startswith("drained: no request in flight")
+    assert f"stopped at ${STOPPED_USD:.4g}/h instead of $1.86/h" in park.reason
+
+
+async def test_a_stop_not_confirmed_is_not_marked_parked(world: World) -> None:
+    world.cloud.stop_seconds = 120  # STOPPING for two minutes
+    await world.apply(pooled())
+    idle(world)
+    for _ in range(4):
+        await world.step(5)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKING
+    assert row.parked_at is None and row.hourly_usd > 0.5  # still billed running
+    async with world.sessions() as s:
+        assert await fleet_usd_per_hour(s) == pytest.approx(row.hourly_usd)
+    await world.step(60)
+    assert await world.phases("bot") == [Phase.PARKING]
+    await world.step(61)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKED and row.hourly_usd == pytest.approx(STOPPED_USD)
+
+
+async def test_a_controller_killed_between_stop_and_confirm_converges(world: World) -> None:
+    world.deps = world.make_deps(provider=CrashingProvider(world, on="stop"))
+    await world.apply(pooled())
+    idle(world)
+    await world.step(5)  # the refill is launched
+    await world.step(5)  # ready: drained
+    with pytest.raises(Crash):
+        await world.step(5)  # drained: parked, the stop asked, the controller killed
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKING and row.parked_at is None  # asked, not confirmed
+    world.deps = world.make_deps()  # a new controller: no memory but the ledger
+    await world.step(5)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKED and row.hourly_usd == pytest.approx(STOPPED_USD)
+    assert len(world.cloud.all()) == 1
+
+
+async def test_a_controller_killed_between_resume_and_start_converges(world: World) -> None:
+    await _parked(world)
+    world.deps = world.make_deps(provider=CrashingProvider(world, on="start"))
+    waiting(world)
+    with pytest.raises(Crash):
+        await world.step(5)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.BOOTING and row.resumed_at is not None
+    assert world.cloud.all()[0].state is InstanceState.STOPPED
+    world.deps = world.make_deps()
+    await world.step(5)  # the machine is still stopped: started again
+    await world.step(5)
+    resumed = next(r for r in await world.rows("bot") if r.launch_id == row.launch_id)
+    assert phase_of(resumed) is Phase.READY
+    [instance] = [i for i in world.cloud.all() if i.launch_id == row.launch_id]
+    assert instance.state is InstanceState.RUNNING
+    assert len(world.provider.calls_to("start")) == 1  # the new controller's
+
+
+async def test_a_stopped_machine_counts_its_disks_against_the_fleet_ceiling(
+    tmp_path: Any,
+) -> None:
+    from autoscaler.store.db import open_store, session_factory
+
+    async with open_store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}") as engine:
+        # Room for one L40S and nothing more: the parked machine's disks take the rest.
+        world = World(session_factory(engine), fleet_ceiling=1.86 + STOPPED_USD / 2)
+        await _parked(world)
+        async with world.sessions() as s:
+            assert await fleet_usd_per_hour(s) == pytest.approx(STOPPED_USD)
+        other = autoscaling(
+            "other",
+            min_workers=1,
+            workers={"source": "cloud", "cloud_pool": {"gpu_pool": ["NVIDIA L40S"]}},
+        )
+        await world.apply(other)
+        await world.step(5)
+        assert await world.rows("other") == []
+        [refused] = await world.decisions("refused")
+        assert "fleet" in refused.reason
+
+
+async def test_the_orphan_sweep_leaves_a_stopped_machine_of_ours_alone(world: World) -> None:
+    await _parked(world)
+    for _ in range(3):
+        await world.step(400)  # past the orphan grace
+    assert [i.state for i in world.cloud.all()] == [InstanceState.STOPPED]
+    assert not world.provider.calls_to("terminate")
+    assert await world.phases("bot") == [Phase.PARKED]
+
+
+async def test_a_deleted_workload_terminates_its_stopped_machine(world: World) -> None:
+    await _parked(world)
+    await world.delete("bot")
+    await world.step(5)
+    await world.step(5)
+    assert await world.phases("bot") == [Phase.TERMINATED]
+    assert not world.live_instances()
+
+
+async def test_an_engine_sleeps_and_wakes_through_the_reconciler(world: World) -> None:
+    await world.apply(pooled(warm_pool="auto"))
+    waiting(world)
+    await world.step()
+    await world.step(5)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.READY
+    assert "--enable-sleep-mode" in (row.engine_command or [])  # booted able to sleep
+    running = row.hourly_usd
+    idle(world)
+    for _ in range(4):
+        await world.step(70)
+        if await world.phases("bot") == [Phase.PARKED]:
+            break
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKED and row.park_mode == "sleeping"
+    assert row.url in world.sleeper.asleep and row.hourly_usd == running  # the machine runs
+    assert not world.provider.calls_to("stop")
+
+    waiting(world)
+    await world.step(5)  # woken
+    await world.step(1)  # its health checked
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.READY and row.url not in world.sleeper.asleep
+    assert len(world.provider.calls_to("launch")) == 1
+    assert world.deps.metrics.resume_to_ready.labels("aws", "sleeping")._sum.get() == 1
+
+
+async def test_a_resumed_engine_that_still_sleeps_is_not_made_ready(world: World) -> None:
+    await world.apply(pooled(warm_pool="auto"))
+    waiting(world)
+    await world.step()
+    await world.step(5)
+    idle(world)
+    for _ in range(4):
+        await world.step(70)
+    assert await world.phases("bot") == [Phase.PARKED]
+    world.sleeper.refuse = True  # the wake call fails: the engine sleeps on
+    waiting(world)
+    await world.step(5)
+    await world.step(5)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.BOOTING  # a sleeping vLLM answers /health: not ready
+    world.sleeper.refuse = False
+    await world.step(5)
+    assert await world.phases("bot") == [Phase.READY]
+
+
+async def test_a_sleep_not_confirmed_is_not_marked_parked(world: World) -> None:
+    await world.apply(pooled(warm_pool="auto"))
+    waiting(world)
+    await world.step()
+    await world.step(5)
+    world.sleeper.refuse = True  # the engine does not answer its sleep calls
+    idle(world)
+    for _ in range(2):
+        await world.step(70)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKING and row.parked_at is None
+    assert world.sleeper.calls[-1][0] == "is_sleeping"  # asked again each pass
+    await world.step(70)  # past scaling_down_timeout_sec: given up, terminated
+    assert await world.phases("bot") == [Phase.TERMINATING]
+    [terminate] = await world.decisions("terminate")
+    assert terminate.reason.startswith("park not confirmed: sleeping asked")
