@@ -49,7 +49,7 @@ from tests.reconcile.world import A10G, CLUSTER, L4, OFFERS, PROJECT, FakeHealth
 
 pytestmark = pytest.mark.postgres
 
-FAST = LeaseSettings(ttl_sec=2.0, renew_sec=0.5)
+FAST = LeaseSettings(ttl_sec=3.0, renew_sec=0.5)
 """Short leases keep the tests quick; the defaults' bound is checked in test_shards."""
 
 
