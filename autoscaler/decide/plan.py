@@ -25,8 +25,10 @@ crash or a missed event gives the same actions. The rules:
   replica past its hold time moves down a path (asleep, then stopped, then terminated);
   one of an older generation, or beyond its pool's bound, is terminated. Scale-up resumes
   parked replicas before it launches fresh ones, sleeping first, then stopped, newest
-  parked first; a resume is checked against the budget at its running price. An explicit
-  pool is refilled: a replica is launched, made ready, drained and parked.
+  parked first; a resume is checked against the budget at its running price, and a
+  parked replica whose running price does not fit is passed over for a fresh machine
+  that does (a parked machine never makes a scale-up smaller than none would). An
+  explicit pool is refilled: a replica is launched, made ready, drained and parked.
 * **Budget per launch.** Each launch is checked with :func:`budget.check_launch` against
   every replica not confirmed terminated, the launches of this plan included; a refused
   launch becomes a :class:`Refusal` with the numbers.
@@ -216,9 +218,10 @@ class _Ledger:
             self.fleet += self.launch_usd_per_hour
         return True
 
-    def try_resume(self, r: ReplicaView) -> bool:
-        """Whether resuming ``r`` fits: its parked price leaves the ledger, its running
-        price comes in (same machines)."""
+    def try_resume(self, r: ReplicaView) -> Refusal | None:
+        """Resume ``r`` in the ledger if it fits: its parked price leaves the ledger, its
+        running price comes in (same machines). ``None`` when it fits, else the refusal
+        (not recorded: the caller may buy a cheaper fresh machine instead)."""
         running = r.running_price
         without = Spend(
             count=max(0, self.live.count - 1),
@@ -236,13 +239,12 @@ class _Ledger:
         )
         if not verdict.allowed:
             reason = verdict.reason.replace("launch refused", f"resume of {r.launch_id} refused", 1)
-            self.refusals.append(Refusal(reason))
-            return False
+            return Refusal(reason)
         self.live = without.plus(running, machines=r.machines)
         self.launched += 1
         if self.fleet is not None and fleet is not None:
             self.fleet = fleet + running
-        return True
+        return None
 
 
 @dataclass
@@ -595,17 +597,19 @@ def _converge(
     for index in range(launches):
         replaces = old_left[index].launch_id if index < len(old_left) else None
         reason = _launch_reason(desired, current_count, replaces)
-        if parked:
-            r = parked.pop(0)
-            if not ledger.try_resume(r):
-                break
-            mode = r.park_mode.value if r.park_mode else "parked"
+        resumed, skipped = _resume_one(parked, ledger)
+        if resumed is not None:
+            mode = resumed.park_mode.value if resumed.park_mode else "parked"
             actions.append(
-                Resume(r.launch_id, f"{reason}: resume the {mode} replica", replaces=replaces)
+                Resume(resumed.launch_id, f"{reason}: resume the {mode} replica", replaces=replaces)
             )
             continue
+        mark = len(ledger.refusals)
         if not ledger.try_launch():
+            ledger.refusals[mark:mark] = skipped  # the parked ones did not fit either
             break
+        if skipped:
+            reason += f" ({'; '.join(f.reason for f in skipped)}: a fresh machine fits)"
         actions.append(Launch(reason, replaces=replaces))
     else:
         return
@@ -623,6 +627,22 @@ def _converge(
                 f"{ledger.refusals[-1].reason}",
             )
         )
+
+
+def _resume_one(
+    parked: list[ReplicaView], ledger: _Ledger
+) -> tuple[ReplicaView | None, list[Refusal]]:
+    """Resume the first parked replica whose running price fits the budget, taking it and
+    those that did not fit off ``parked`` (the ledger only grows within a plan, so one
+    that does not fit now fits no later launch of it either)."""
+    skipped: list[Refusal] = []
+    while parked:
+        r = parked.pop(0)
+        refusal = ledger.try_resume(r)
+        if refusal is None:
+            return r, skipped
+        skipped.append(refusal)
+    return None, skipped
 
 
 def _shed(

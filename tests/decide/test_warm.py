@@ -154,15 +154,30 @@ def test_scale_up_wakes_sleeping_replicas_then_starts_stopped_ones_then_buys() -
 def test_a_resume_is_checked_against_the_ceiling_at_its_running_price() -> None:
     parked = replica("s", ReplicaPhase.PARKED, park=ParkMode.STOPPED, price=4.0)
     serving = replica("r", price=1.0)
-    p = plan(2, [serving, parked], limits=BudgetLimits(workload_usd_per_hour=3.0))
+    p = plan(2, [serving, parked], limits=BudgetLimits(workload_usd_per_hour=1.5))
     assert p.resumes == ()
     assert p.launches == ()
-    assert len(p.refusals) == 1
-    reason = p.refusals[0].reason
-    assert reason.startswith("resume of s refused")
-    assert "$5" in reason and "$3" in reason  # $1 + $4 against the $3 ceiling
+    reasons = [r.reason for r in p.refusals]
+    assert reasons[0].startswith("resume of s refused")
+    assert "$5" in reasons[0] and "$1.50" in reasons[0]  # $1 + $4 against the $1.50 ceiling
+    assert reasons[1].startswith("launch refused")  # a fresh $1 machine does not fit either
     ok = plan(2, [serving, parked], limits=BudgetLimits(workload_usd_per_hour=5.0))
     assert kinds(ok) == [("Resume", "s", None)]
+
+
+def test_a_parked_replica_too_dear_to_resume_does_not_hold_back_a_fresh_machine() -> None:
+    # Stopped on a $4/h offer; placement now finds a $1/h one that fits the ceiling.
+    parked = replica("s", ReplicaPhase.PARKED, park=ParkMode.STOPPED, price=4.0)
+    asleep = replica("z", ReplicaPhase.PARKED, park=ParkMode.SLEEPING, price=1.0)
+    serving = replica("r", price=1.0)
+    p = plan(2, [serving, parked], limits=BudgetLimits(workload_usd_per_hour=3.0))
+    assert kinds(p) == [("Launch", None, None)]
+    assert p.refusals == ()
+    assert "resume of s refused" in p.launches[0].reason
+    assert "a fresh machine fits" in p.launches[0].reason
+    # One that fits is still resumed first, and the dear one passed over for the next.
+    p = plan(3, [serving, parked, asleep], limits=BudgetLimits(workload_usd_per_hour=3.1))
+    assert kinds(p) == [("Resume", "z", None), ("Launch", None, None)]
 
 
 def test_a_resume_adds_no_machine_to_the_instance_count() -> None:
