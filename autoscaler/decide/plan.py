@@ -325,13 +325,13 @@ def plan_actions(
     timed_out = _liveness(live, timeouts=timeouts, now=now, actions=actions, due=due)
     _finish_drains(live, timeouts=timeouts, now=now, actions=actions, due=due, pool=pool)
     resumable = _tend_parked(live, pool=pool, now=now, actions=actions, due=due)
-    refilling = [r for r in live if warm is not None and _refilling(r)]
+    refilling = [r for r in live if in_refill(r, warm)]
     active = [
         r
         for r in live
         if (r.phase in _STARTING or r.phase is ReplicaPhase.READY)
         and r.launch_id not in timed_out
-        and not (warm is not None and _refilling(r))
+        and not in_refill(r, warm)
     ]
     _converge(
         active,
@@ -508,6 +508,13 @@ def _refilling(r: ReplicaView) -> bool:
 _REFILL_PHASES = frozenset(
     {ReplicaPhase.PENDING, ReplicaPhase.BOOTING, ReplicaPhase.READY, ReplicaPhase.DRAINING}
 )
+
+
+def in_refill(r: ReplicaView, warm: WarmPolicy | None) -> bool:
+    """Whether ``r`` is a warm pool refill on its way to its first park: it serves no
+    request and counts as no serving replica (without a warm pool any more, it serves
+    like the others)."""
+    return warm is not None and _refilling(r)
 
 
 def refill_wanted(warm: WarmPolicy | None, replicas: Sequence[ReplicaView]) -> bool:

@@ -56,6 +56,7 @@ from autoscaler.decide.plan import (
     ReplicaPhase,
     ReplicaView,
     Timeouts,
+    in_refill,
     plan_actions,
     refill_wanted,
 )
@@ -176,8 +177,12 @@ def timeouts_of(spec: WorkloadSpec) -> Timeouts:
     )
 
 
-def fleet_counts(replicas: Sequence[ReplicaState]) -> FleetCounts:
-    phases = [r.view.phase for r in replicas]
+def fleet_counts(
+    replicas: Sequence[ReplicaState], *, warm: WarmPolicy | None = None
+) -> FleetCounts:
+    """Ready, booting and draining replicas; a warm pool refill (``warm``) is none of
+    them, since it is parked, not served from, once ready."""
+    phases = [r.view.phase for r in replicas if not in_refill(r.view, warm)]
     return FleetCounts(
         ready=phases.count(ReplicaPhase.READY),
         booting=phases.count(ReplicaPhase.PENDING) + phases.count(ReplicaPhase.BOOTING),
@@ -237,17 +242,21 @@ def step(
             )
         return first[0]
 
+    warm = warm_policy_of(view.spec, times=view.start_times, deleted=view.deleted)
     inputs = _inputs(view, policy=policy, placement=placement)
-    decision = _decide(view, memory=memory, inputs=inputs, now=now, knobs=knobs, count=count)
+    decision = _decide(
+        view, memory=memory, inputs=inputs, now=now, knobs=knobs, count=count, warm=warm
+    )
     timeouts = timeouts_of(view.spec)
-    staying = sum(1 for r in view.replicas if r.view.phase in _STAYING)
+    staying = sum(
+        1 for r in view.replicas if r.view.phase in _STAYING and not in_refill(r.view, warm)
+    )
     overdue = any(
         r.view.phase in (ReplicaPhase.PENDING, ReplicaPhase.BOOTING)
         and (now - r.view.intent_at).total_seconds() >= timeouts.scaling_up_sec
         for r in view.replicas
     )
     drift = any(r.view.generation != view.generation for r in view.replicas)
-    warm = warm_policy_of(view.spec, times=view.start_times, deleted=view.deleted)
     refill = refill_wanted(warm, [r.view for r in view.replicas])
     may_launch = decision.desired > staying or overdue or drift or refill
     chosen = (
@@ -337,6 +346,7 @@ def _decide(
     now: datetime,
     knobs: StepKnobs,
     count: tuple[int, str] | None,
+    warm: WarmPolicy | None,
 ) -> ScaleDecision:
     if view.deleted:
         return ScaleDecision(
@@ -352,7 +362,7 @@ def _decide(
     decision = desired_count(
         spec=view.spec,
         signals=view.measured.signals,
-        fleet=fleet_counts(view.replicas),
+        fleet=fleet_counts(view.replicas, warm=warm),
         memory=memory,
         now=now,
         capacity=inputs.capacity,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from autoscaler.decide.inputs import Measured
 from autoscaler.decide.plan import ReplicaPhase, ReplicaView, Terminate
-from autoscaler.decide.scaling import ScaleMemory
+from autoscaler.decide.scaling import FleetCounts, ScaleMemory
 from autoscaler.decide.signals import Signals
-from autoscaler.decide.step import ReplicaState, StepKnobs, WorkloadView, step
+from autoscaler.decide.step import ReplicaState, StepKnobs, WorkloadView, fleet_counts, step
+from autoscaler.decide.warm import warm_policy_of
 from tests.reconcile.world import L4, OFFERS, autoscaling
 
 NOW = datetime(2026, 11, 30, 12, tzinfo=UTC)
@@ -56,3 +58,40 @@ def test_without_a_per_replica_count_the_workload_total_keeps_the_drain() -> Non
     busy = Signals(in_flight=5, last_request_at=NOW)
     assert _terminated(Measured(signals=busy)) == []
     assert _terminated(Measured(signals=Signals(last_request_at=NOW))) == ["b"]
+
+
+def _refill_booting() -> ReplicaState:
+    booting = _replica("f", ReplicaPhase.BOOTING)
+    return replace(
+        booting,
+        view=replace(
+            booting.view, prefill=True, intent_at=NOW - timedelta(seconds=60), ready_at=None
+        ),
+    )
+
+
+def test_a_warm_pool_refill_on_its_way_does_not_stand_in_for_a_serving_replica() -> None:
+    view = WorkloadView(
+        spec=autoscaling("bot", warm_pool={"sleeping": 1}),
+        generation=1,
+        replicas=[_replica("a", ReplicaPhase.READY), _refill_booting()],
+        measured=Measured(signals=Signals(last_request_at=NOW)),
+        offers=OFFERS,
+    )
+    # The refill is parked once ready: it counts as neither ready nor booting capacity.
+    assert fleet_counts(view.replicas, warm=warm_policy_of(view.spec)) == FleetCounts(
+        ready=1, booting=0, draining=0
+    )
+    result = step(
+        view,
+        memory=ScaleMemory(),
+        unavailable={},
+        now=NOW,
+        knobs=StepKnobs(),
+        count=(2, "two replicas wanted"),
+    )
+    # Scale-up to two serving replicas buys one now, not once the refill has parked.
+    assert [type(a).__name__ for a in result.plan.actions] == ["Launch"]
+    assert not result.plan.launches[0].prefill
+    assert result.plan.refusals == ()
+    assert result.placement is not None and result.placement.found
