@@ -28,11 +28,13 @@ import argparse
 import itertools
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
+from autoscaler.sim.oracle import OraclePlan
 from autoscaler.sim.policies import static_policy
 from autoscaler.sim.profile import load_rate_profile, poisson_trace
-from autoscaler.sim.report import RunReport
+from autoscaler.sim.report import ColdStarts, RunReport
 from autoscaler.sim.run import (
     ATTAINMENT_TARGET,
     POLICY_NAMES,
@@ -47,6 +49,7 @@ from autoscaler.sim.run import (
 from autoscaler.sim.trace import TraceRequest, load_trace
 from autoscaler.sim.workload import sim_workload
 from autoscaler.spec import WorkloadSpec
+from catalog.model import Offer
 from catalog.snapshot import load_catalog
 
 RATE_SCALES: dict[str, float] = {
@@ -71,6 +74,25 @@ Day 1 is Monday 2024-05-13; at a peak of 8 req/s its quietest bin is about 4 req
 the day draws about 477,000 requests, token pairs from the 2023 conversation trace. The
 peak needs several replicas (three to four L40S), the trough two. Drawn with the run's
 seed (``autoscaler.sim.profile.poisson_trace``); replayed as drawn (rate scale 1)."""
+
+WARM_ROWS = ("ours-warm", "ours-pool")
+"""Our controller with a warm pool (``autoscaler.sim.run.WARM_POOLS``), beside the rows
+above on every scenario, measured against the oracle with warm pools (``oracle-warm``)."""
+
+ZERO_TRACE = "azure2023_conv.csv"
+ZERO_ON_S, ZERO_EVERY_S, ZERO_KEEP = 60.0, 600.0, 3
+"""The scale-from-zero scenario: every third request of the first minute of every ten
+of the conversation trace (six waves of about 105 requests, 1.8 req/s, which one L40S
+carries; silence between), replayed on the
+workload with ``min_workers: 0`` and a 120 s ``scale_to_zero_timeout_sec``, so the fleet
+goes to zero after each wave and the next wave's first requests wait for a replica."""
+
+ZERO_ROWS = ("ours", "ours-sleep1", "ours-stop1", "ours-warm")
+"""Rows of the scale-from-zero scenario: fresh machines, one sleeping engine, one
+stopped machine, the automatic pool; each row's scale-from-zero TTFT is split by the
+start path of the replica that served the request."""
+
+ZERO_POLICY = {"min_workers": 0, "scale_to_zero": True, "scale_to_zero_timeout_sec": 120}
 
 WORKLOAD = {
     "name": "Policy benchmark",
@@ -124,6 +146,70 @@ def _static_run(prepared: Prepared, count: int) -> RunReport:
     return run_policy(prepared, static_policy(prepared.workload.spec, replicas=count, name=name))
 
 
+def _share(plan: OraclePlan) -> str:
+    return "-" if plan.replayed is None else f"{plan.replayed.attainment:.2%}"
+
+
+def _cold(cold: dict[str, ColdStarts]) -> str:
+    """Scale-from-zero TTFT p95 by the path that served (``-`` when no request waited)."""
+    if not cold:
+        return ""
+    parts = []
+    for path, c in sorted(cold.items()):
+        p95 = "-" if c.ttft_p95_s is None else f"{c.ttft_p95_s:.1f}s"
+        parts.append(f"{path} {p95} ({c.requests})")
+    return "  from zero p95: " + ", ".join(parts)
+
+
+def _row(name: str, scale: float, spot: bool, report: RunReport) -> dict[str, object]:
+    """Print one policy's line of the table; its JSON row."""
+    p99 = report.ttft_p99_s
+    ratio = report.cost_vs_oracle
+    warm = ""
+    if report.parks or report.resumes:
+        resumes = "+".join(f"{n} {k}" for k, n in sorted(report.resumes.items())) or "0"
+        warm = f"  {report.parks} parks, resumes {resumes}, parked ${report.parked_usd:.2f}"
+    print(
+        f"{name:<24} {scale:>3g} {'yes' if spot else 'no':<4} {report.policy:<13} "
+        f"{report.slo_attainment:>7.2%} {report.flat_attainment:>7.2%} "
+        f"{'-' if p99 is None else f'{p99:.2f}s':>9} {report.cost_usd:>8.2f} "
+        f"{'-' if ratio is None else f'{ratio:.2f}':>7}{warm}{_cold(report.cold)}",
+        flush=True,
+    )
+    return report.to_json(detail=False)
+
+
+def zero_trace(requests: list[TraceRequest]) -> list[TraceRequest]:
+    """Every :data:`ZERO_KEEP`-th request of the first :data:`ZERO_ON_S` of every
+    :data:`ZERO_EVERY_S`."""
+    return [r for r in requests if r.arrival_s % ZERO_EVERY_S < ZERO_ON_S][::ZERO_KEEP]
+
+
+def _scale_from_zero(
+    traces: Path, *, offers: Sequence[Offer], seed: int
+) -> list[dict[str, object]]:
+    """The scale-from-zero scenario (:data:`ZERO_TRACE`), on demand, no oracle: each
+    row's TTFT of requests that arrived with no replica ready, by start path."""
+    data = json.loads(json.dumps(WORKLOAD))
+    data["execution_policy_config"].update(ZERO_POLICY)
+    workload = sim_workload(WorkloadSpec.model_validate(data))
+    name = f"{ZERO_TRACE.removesuffix('.csv')} waves"
+    prepared = prepare(
+        Scenario(
+            workload=workload,
+            offers=offers,
+            requests=zero_trace(load_trace(traces / ZERO_TRACE)),
+            trace_name=name,
+            rate_scale=1.0,
+            rate_mode=RateMode.OVERLAY,
+            seed=seed,
+            allow_spot=False,
+        ),
+        with_oracle=False,
+    )
+    return [_row(name, 1.0, False, run_policy(prepared, p)) for p in policies(prepared, ZERO_ROWS)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -137,9 +223,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--scenarios",
-        choices=["all", "hours", "days"],
+        choices=["all", "hours", "days", "zero"],
         default="all",
-        help="the hour traces (RATE_SCALES), the day-long scenarios (DAYS), or both",
+        help="the hour traces (RATE_SCALES), the day-long scenarios (DAYS), both and the "
+        "scale-from-zero scenario (all), or that one alone (zero)",
     )
     parser.add_argument(
         "--check-oracle",
@@ -182,7 +269,8 @@ def main() -> None:
                     rate_mode=RateMode.OVERLAY,
                     seed=args.seed,
                     allow_spot=spot,
-                )
+                ),
+                with_warm=True,
             )
             oracle = prepared.oracle
             replayed = oracle.replayed
@@ -224,16 +312,37 @@ def main() -> None:
             checks = [replay_oracle] if args.check_oracle else []
             extra = [best] if best is not None else []
             for report in itertools.chain(reports, extra, (check(prepared) for check in checks)):
-                p99 = report.ttft_p99_s
-                ratio = report.cost_vs_oracle
+                rows.append(_row(name, scale, spot, report))
+            warm = prepared.warm_plan
+            if warm is not None:
                 print(
-                    f"{name:<24} {scale:>3g} {'yes' if spot else 'no':<4} {report.policy:<13} "
-                    f"{report.slo_attainment:>7.2%} {report.flat_attainment:>7.2%} "
-                    f"{'-' if p99 is None else f'{p99:.2f}s':>9} {report.cost_usd:>8.2f} "
-                    f"{'-' if ratio is None else f'{ratio:.2f}':>7}",
+                    f"{name:<24} {scale:>3g} {'yes' if spot else 'no':<4} {'oracle-warm':<13} "
+                    f"{_share(warm):>7} {'':>7} {'':>9} {warm.cost_usd:>8.2f} "
+                    f"{warm.cost_usd / oracle.cost_usd:>7.2f}  {warm.stops} gap(s) bridged "
+                    f"by a stopped machine, {warm.launches} fresh launch(es), "
+                    f"{warm.repair_rounds} repair round(s)"
+                    + ("" if warm.meets_slo else "; its replay MISSES the SLO"),
                     flush=True,
                 )
-                rows.append(report.to_json(detail=False))
+                rows.append(
+                    {
+                        "policy": "oracle-warm",
+                        "trace": name,
+                        "rate_scale": scale,
+                        "spot": spot,
+                        "cost_usd": warm.cost_usd,
+                        "stops": warm.stops,
+                        "launches": warm.launches,
+                        "meets_slo": warm.meets_slo,
+                        "replayed_slo_attainment": (
+                            None if warm.replayed is None else warm.replayed.attainment
+                        ),
+                    }
+                )
+            for policy in policies(prepared, WARM_ROWS):
+                rows.append(_row(name, scale, spot, run_policy(prepared, policy)))
+    if args.scenarios in ("all", "zero"):
+        rows.extend(_scale_from_zero(args.traces, offers=offers, seed=args.seed))
     print(f"\n{len(rows)} runs in {time.perf_counter() - started:.0f} s (seed {args.seed})")
     if args.json is not None:
         args.json.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")

@@ -92,6 +92,40 @@ SHAPES_TRIED = 4
 REPAIR_ROUNDS = 16
 """Replays of a plan (capacity added after each that misses) before the repair stops."""
 
+
+@dataclass(frozen=True, slots=True)
+class WarmCosts:
+    """What a stopped machine costs the oracle (``autoscaler.sim.warm``): stopping takes
+    ``stop_s`` and starting ``start_s``, both billed at the machine's price; stopped, it
+    pays ``stopped_usd_per_hour`` for its disk."""
+
+    stop_s: float
+    start_s: float
+    stopped_usd_per_hour: float
+
+    def bridge_cheaper(self, gap_s: float, *, usd_per_hour: float, boot_s: float) -> bool:
+        """Whether stopping through a gap of ``gap_s`` costs less than both holding the
+        machine through it and releasing it and buying a fresh one after it."""
+        busy = self.stop_s + self.start_s
+        if gap_s < busy:
+            return False
+        bridged = busy * usd_per_hour + (gap_s - busy) * self.stopped_usd_per_hour
+        return bridged < min(gap_s, boot_s) * usd_per_hour
+
+
+@dataclass(frozen=True, slots=True)
+class Bridged:
+    """A fleet per slot covering the counts, and how its gaps are bridged."""
+
+    fleet: list[int]
+    launches: int
+    """Fresh launches after slot 0."""
+    stops: int = 0
+    """Gaps a machine spends stopped (with ``warm``)."""
+    stopped_s: float = 0.0
+    """Machine-seconds stopped, each billed at the disk's price."""
+
+
 REPAIR_STALL_ROUNDS = 3
 """The repair also stops when this many rounds in a row added capacity without the
 misses falling below their fewest so far: that shape's misses are not for want of
@@ -152,6 +186,10 @@ class OraclePlan:
     """The plan replayed in the simulator (``None``: not replayed)."""
     repair_rounds: int = 0
     """Times capacity was added after a replay missed the SLO."""
+    warm: WarmCosts | None = None
+    """Gaps may be bridged by stopped machines (``None``: fresh machines only)."""
+    stops: int = 0
+    """Gaps bridged by a stopped machine (started again a start ahead of its slot)."""
 
     @property
     def meets_slo(self) -> bool | None:
@@ -368,8 +406,24 @@ def spend_allowance(
 def hold_or_relaunch(need: Sequence[int], *, slot_s: float, boot_s: float) -> tuple[list[int], int]:
     """The cheapest fleet covering ``need``: per unit layer, hold through a gap when that
     costs less than a new boot. Returns the fleet per slot and the launches after slot 0."""
+    bridged = bridge_gaps(need, slot_s=slot_s, boot_s=boot_s)
+    return bridged.fleet, bridged.launches
+
+
+def bridge_gaps(
+    need: Sequence[int],
+    *,
+    slot_s: float,
+    boot_s: float,
+    warm: WarmCosts | None = None,
+    usd_per_hour: float = 1.0,
+) -> Bridged:
+    """The cheapest fleet covering ``need``: per unit layer, each gap is held through,
+    bridged by a stopped machine (with ``warm``, where that is cheapest), or the machine
+    is released and a fresh one bought after it. Linear in slots times the peak."""
     fleet = list(need)
-    launches = 0
+    launches = stops = 0
+    stopped_s = 0.0
     for level in range(1, max(need, default=0) + 1):
         on = [n >= level for n in need]
         k = 0
@@ -383,14 +437,20 @@ def hold_or_relaunch(need: Sequence[int], *, slot_s: float, boot_s: float) -> tu
                 k += 1
             if gap_start == 0 or k == len(on):
                 continue  # no layer before the gap, or nothing after it to relaunch for
-            if (k - gap_start) * slot_s < boot_s:
+            gap_s = (k - gap_start) * slot_s
+            if warm is not None and warm.bridge_cheaper(
+                gap_s, usd_per_hour=usd_per_hour, boot_s=boot_s
+            ):
+                stops += 1
+                stopped_s += gap_s - warm.stop_s - warm.start_s
+            elif gap_s < boot_s:
                 for g in range(gap_start, k):
                     fleet[g] = max(fleet[g], level)
             else:
                 launches += 1
         if not started and any(on):
             launches += 1
-    return fleet, launches
+    return Bridged(fleet=fleet, launches=launches, stops=stops, stopped_s=stopped_s)
 
 
 def oracle_for_offer(
@@ -441,16 +501,24 @@ def priced_plan(
     end_s: float,
     misses: int,
     allowance: int,
+    warm: WarmCosts | None = None,
 ) -> OraclePlan:
-    """Steps 4-5: the cheapest fleet covering ``counts`` per slot, and its bill."""
-    fleet, launches = hold_or_relaunch(counts, slot_s=slot_s, boot_s=boot_s)
+    """Steps 4-5: the cheapest fleet covering ``counts`` per slot, and its bill (with
+    ``warm``, gaps may be bridged by stopped machines: a spot machine cannot stop)."""
     price = offer.price(spot=spot)
+    warm = None if spot else warm
+    bridged = bridge_gaps(counts, slot_s=slot_s, boot_s=boot_s, warm=warm, usd_per_hour=price)
+    fleet, launches = bridged.fleet, bridged.launches
     # The last slot is billed only up to the last arrival: the trace ends there.
     lengths = [slot_s] * len(fleet)
     if lengths:
         lengths[-1] = max(end_s - slot_s * (len(fleet) - 1), 0.0)
     replica_s = sum(n * length for n, length in zip(fleet, lengths, strict=True))
     replica_s += launches * boot_s
+    stopped_usd = 0.0
+    if warm is not None:
+        replica_s += bridged.stops * (warm.stop_s + warm.start_s)
+        stopped_usd = bridged.stopped_s / 3600.0 * warm.stopped_usd_per_hour
     return OraclePlan(
         offer=offer,
         spot=spot,
@@ -461,10 +529,12 @@ def priced_plan(
         fleet=tuple(fleet),
         launches=launches,
         misses=misses,
-        cost_usd=replica_s / 3600.0 * price,
+        cost_usd=replica_s / 3600.0 * price + stopped_usd,
         gpu_hours=replica_s / 3600.0 * offer.gpu_count,
         end_s=end_s,
         allowance=allowance,
+        warm=warm,
+        stops=bridged.stops,
     )
 
 
@@ -504,8 +574,32 @@ def repair(plan: OraclePlan, *, replay: Replay, rounds: int = REPAIR_ROUNDS) -> 
             end_s=current.end_s,
             misses=result.total_misses,
             allowance=current.allowance,
+            warm=current.warm,
         )
     return current
+
+
+def with_warm_pools(plan: OraclePlan, *, warm: WarmCosts, replay: Replay | None) -> OraclePlan:
+    """The oracle ``plan`` (fresh machines only) with its gaps bridged by stopped machines
+    where that is cheaper, repaired again when ``replay`` is given: its shape and its
+    per-slot counts, so a second oracle costs one replay or a few, not a second search.
+    Sleeping engines are not used: asleep, a machine costs what it costs awake, and awake
+    it serves at once, so a planner that knows the future holds it awake instead."""
+    warmed = priced_plan(
+        plan.need,
+        offer=plan.offer,
+        spot=plan.spot,
+        slot_s=plan.slot_s,
+        boot_s=plan.boot_s,
+        end_s=plan.end_s,
+        misses=plan.misses,
+        allowance=plan.allowance,
+        warm=warm,
+    )
+    warmed = replace(warmed, relaxed_cost_usd=warmed.cost_usd)
+    if replay is None or warmed.warm is None:
+        return replace(warmed, replayed=plan.replayed, repair_rounds=plan.repair_rounds)
+    return repair(warmed, replay=replay)
 
 
 def more_where_missed(

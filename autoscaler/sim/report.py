@@ -20,6 +20,15 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 @dataclass(frozen=True, slots=True)
+class ColdStarts:
+    """Scale-from-zero requests served by one start path: how many, and their TTFT."""
+
+    requests: int
+    ttft_p50_s: float | None
+    ttft_p95_s: float | None
+
+
+@dataclass(frozen=True, slots=True)
 class RunReport:
     """One policy's run on one trace."""
 
@@ -60,6 +69,17 @@ class RunReport:
     fleet mean (``autoscaler.sim.prefix.HotSpotMeter``)."""
     hot_spot_work: float = 0.0
     """The same for outstanding prefill work (prompt tokens awaiting their first token)."""
+    parked_usd: float = 0.0
+    """Of ``cost_usd``, what parked replicas cost (asleep: the machine; stopped: its disk)."""
+    parks: int = 0
+    resumes: dict[str, int] = field(default_factory=dict)
+    """Resumes by path (``wake``: a sleeping engine; ``start``: a stopped machine)."""
+    start_p50_s: dict[str, float] = field(default_factory=dict)
+    """Median seconds from asking to ready per start path (``fresh``, ``start``,
+    ``wake``), over the boots of the run."""
+    cold: dict[str, ColdStarts] = field(default_factory=dict)
+    """Requests that arrived with no replica ready (scale from zero), by the start path of
+    the replica that served them (``unserved``: never served)."""
     timeline: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -105,6 +125,22 @@ class RunReport:
             f"{self.hot_spot_requests:.2f}x requests, {self.hot_spot_work:.2f}x work",
             f"  scale events        {events}",
         ]
+        if self.parks or self.resumes or self.parked_usd:
+            resumes = ", ".join(f"{n} {k}" for k, n in sorted(self.resumes.items())) or "none"
+            lines.append(
+                f"  warm pool           {self.parks} parks, resumes: {resumes}; parked "
+                f"replicas cost ${self.parked_usd:.2f} of the ${self.cost_usd:.2f}"
+            )
+        if self.start_p50_s:
+            starts = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(self.start_p50_s.items()))
+            lines.append(f"  start p50           {starts}")
+        if self.cold:
+            cold = "; ".join(
+                f"{path}: {c.requests} requests, TTFT p95 "
+                + ("-" if c.ttft_p95_s is None else f"{c.ttft_p95_s:.2f} s")
+                for path, c in sorted(self.cold.items())
+            )
+            lines.append(f"  scale from zero     {cold}")
         return "\n".join(lines)
 
     def _scaling(self) -> str:
@@ -137,6 +173,24 @@ def build_report(
     flat = sum(1 for r in counted if r.ttft_s is not None and r.ttft_s <= slo.target_s)
     kinds = Counter(e.kind for e in outcomes.events)
     tpots = sorted(r.tpot_s for r in records if not math.isnan(r.tpot_s))
+    by_path: dict[str, list[float]] = {}
+    counts: Counter[str] = Counter()
+    for r in counted:
+        if r.cold_path is not None:
+            counts[r.cold_path] += 1
+            if r.ttft_s is not None:
+                by_path.setdefault(r.cold_path, []).append(r.ttft_s)
+    cold = {
+        path: ColdStarts(
+            requests=n,
+            ttft_p50_s=percentile(sorted(by_path.get(path, [])), 0.50),
+            ttft_p95_s=percentile(sorted(by_path.get(path, [])), 0.95),
+        )
+        for path, n in counts.items()
+    }
+    starts = {
+        path: percentile(times, 0.50) for path, times in outcomes.start_times.items() if times
+    }
     return RunReport(
         policy=policy,
         trace=trace,
@@ -170,6 +224,11 @@ def build_report(
         tpot_mean_s=sum(tpots) / len(tpots) if tpots else None,
         hot_spot_requests=outcomes.hot_spot_requests,
         hot_spot_work=outcomes.hot_spot_work,
+        parked_usd=outcomes.parked_usd,
+        parks=kinds.get("park", 0),
+        resumes=dict(outcomes.resumes),
+        start_p50_s={k: v for k, v in starts.items() if v is not None},
+        cold=cold,
         timeline=[asdict(s) for s in outcomes.timeline],
         events=[asdict(e) for e in outcomes.events],
     )

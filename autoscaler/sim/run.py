@@ -14,7 +14,7 @@ from pathlib import Path
 from autoscaler.decide.queueing import SAFE_UTILIZATION, ReplicaCapacity, burst_floor, load_need
 from autoscaler.decide.signals import Signals
 from autoscaler.sim.gateway import Outcome, as_datetime
-from autoscaler.sim.oracle import OraclePlan, Replayed, oracle
+from autoscaler.sim.oracle import OraclePlan, Replayed, WarmCosts, oracle, with_warm_pools
 from autoscaler.sim.policies import (
     ConcurrencyPolicy,
     ControllerPolicy,
@@ -32,6 +32,7 @@ from autoscaler.sim.trace import (
     scale_rate,
     trace_stats,
 )
+from autoscaler.sim.warm import stopped_usd_per_hour
 from autoscaler.sim.workload import (
     SimWorkload,
     SloRule,
@@ -39,7 +40,7 @@ from autoscaler.sim.workload import (
     feasible_offers,
 )
 from autoscaler.sim.world import EPOCH_S, CloudSettings, Outcomes, World, with_spot
-from autoscaler.spec import AutoscalingPolicy, FixedPolicy
+from autoscaler.spec import AutoscalingPolicy, FixedPolicy, WorkloadSpec
 from catalog.model import Offer
 from catalog.perf import ServingProfile
 from gateway.window import replica_cap
@@ -51,6 +52,17 @@ KNATIVE_TARGET_UTILIZATION = 0.7
 """Knative's ``container-concurrency-target-percentage`` default."""
 
 POLICY_NAMES = ("ours", "static-peak", "static-mean", "skyserve-qps", "knative-kpa")
+
+WARM_POOLS: dict[str, object] = {
+    "ours-warm": "auto",
+    "ours-pool": {"stopped": 2, "sleeping": 1},
+    "ours-sleep1": {"sleeping": 1},
+    "ours-stop1": {"stopped": 1},
+}
+"""Our controller with a warm pool (``execution_policy_config.warm_pool``): automatic,
+an explicit pool of two stopped machines and one sleeping engine, and one of a single
+sleeping engine or stopped machine (the scale-from-zero rows). Measured against
+the oracle with warm pools (:attr:`Prepared.warm_plan`)."""
 
 
 class RateMode(StrEnum):
@@ -97,6 +109,16 @@ class Prepared:
     """One replica on ``offer`` (placement's first choice) at this trace's mean token mix."""
     plan: OraclePlan | None
     """The oracle; ``None`` when prepared without it (:func:`compare_forked`)."""
+    warm_plan: OraclePlan | None = None
+    """The oracle that may also stop machines through gaps (``oracle.with_warm_pools``):
+    what a policy with a warm pool is measured against."""
+
+    def oracle_for(self, policy: Policy) -> OraclePlan | None:
+        """The oracle ``policy`` is measured against: with warm pools when its spec keeps
+        one (and the warm oracle was planned), else the fresh-machine oracle."""
+        if self.warm_plan is not None and uses_warm_pool(policy):
+            return self.warm_plan
+        return self.plan
 
     @property
     def oracle(self) -> OraclePlan:
@@ -106,9 +128,14 @@ class Prepared:
         return self.plan
 
 
-def prepare(scenario: Scenario, *, with_oracle: bool = True) -> Prepared:
+def prepare(
+    scenario: Scenario, *, with_oracle: bool = True, with_warm: bool | None = None
+) -> Prepared:
     """Scale the trace, fix the SLO, find placement's first offer, and compute the oracle
-    (unless ``with_oracle`` is false)."""
+    (unless ``with_oracle`` is false) and, from it, the oracle with warm pools
+    (``with_warm``; by default when the scenario's workload keeps a warm pool)."""
+    if with_warm is None:
+        with_warm = _wants_warm(scenario)
     workload = _with_target(with_spot(scenario.workload, scenario.allow_spot), scenario.ttft_slo_s)
     auto = workload.autoscaling
     target = auto.upper_allowed_latency_sec if auto else (scenario.ttft_slo_s or 1.0)
@@ -143,6 +170,14 @@ def prepare(scenario: Scenario, *, with_oracle: bool = True) -> Prepared:
     capacity = profile.capacity_rps(
         input_tokens=stats.mean_input_tokens, output_tokens=stats.mean_output_tokens
     )
+    replay = _PlanReplay(
+        workload=workload,
+        offers=offers,
+        requests=requests,
+        slo=slo,
+        seed=scenario.seed,
+        cloud=scenario.cloud,
+    )
     plan = (
         None
         if not with_oracle
@@ -155,15 +190,13 @@ def prepare(scenario: Scenario, *, with_oracle: bool = True) -> Prepared:
             boot_s=scenario.cloud.boot_median_s,
             allow_spot=scenario.allow_spot,
             seed=scenario.seed,
-            replay=_PlanReplay(
-                workload=workload,
-                offers=offers,
-                requests=requests,
-                slo=slo,
-                seed=scenario.seed,
-                cloud=scenario.cloud,
-            ),
+            replay=replay,
         )
+    )
+    warm_plan = (
+        None
+        if plan is None or not with_warm
+        else with_warm_pools(plan, warm=warm_costs(plan.offer, scenario.cloud), replay=replay)
     )
     return Prepared(
         scenario=scenario,
@@ -176,7 +209,38 @@ def prepare(scenario: Scenario, *, with_oracle: bool = True) -> Prepared:
         profile=profile,
         capacity_rps=capacity,
         plan=plan,
+        warm_plan=warm_plan,
     )
+
+
+def with_warm_pool(spec: WorkloadSpec, pool: object) -> WorkloadSpec:
+    """``spec`` (autoscaling) keeping the warm pool ``pool`` (as the spec field reads it)."""
+    config = spec.execution_policy_config
+    if not isinstance(config, AutoscalingPolicy):
+        raise ValueError(f"workload {spec.slug}: a warm pool needs an autoscaling policy")
+    data = config.model_dump(mode="json", exclude_unset=True)
+    data["warm_pool"] = pool
+    return spec.model_copy(
+        update={"execution_policy_config": AutoscalingPolicy.model_validate(data)}
+    )
+
+
+def warm_costs(offer: Offer, cloud: CloudSettings) -> WarmCosts:
+    """A stopped machine of ``offer`` as the simulator models it (``autoscaler.sim.warm``):
+    the oracle knows a start's median as it knows a boot's."""
+    return WarmCosts(
+        stop_s=cloud.stop_s,
+        start_s=cloud.start_median_s,
+        stopped_usd_per_hour=stopped_usd_per_hour(offer),
+    )
+
+
+def uses_warm_pool(policy: Policy) -> bool:
+    """Whether ``policy`` is our controller on a spec that keeps a warm pool."""
+    if not isinstance(policy, ControllerPolicy):
+        return False
+    config = policy.spec.execution_policy_config
+    return isinstance(config, AutoscalingPolicy) and config.warm_pool is not None
 
 
 def first_minute_mix(requests: Sequence[TraceRequest]) -> tuple[float, float] | None:
@@ -214,9 +278,10 @@ def _bounds(prepared: Prepared) -> tuple[int, int]:
 
 def policies(prepared: Prepared, names: Sequence[str] = POLICY_NAMES) -> list[Policy]:
     """Our policy and the baselines, each tuned to this trace as the docs describe."""
-    unknown = sorted(set(names) - set(POLICY_NAMES))
+    known = (*POLICY_NAMES, *WARM_POOLS)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ValueError(f"unknown policy {', '.join(unknown)}; known: {', '.join(POLICY_NAMES)}")
+        raise ValueError(f"unknown policy {', '.join(unknown)}; known: {', '.join(known)}")
     low, high = _bounds(prepared)
     per_replica = prepared.capacity_rps * SAFE_UTILIZATION
     stats = prepared.stats
@@ -226,6 +291,10 @@ def policies(prepared: Prepared, names: Sequence[str] = POLICY_NAMES) -> list[Po
             # No fixed capacity: the simulated controller computes it every tick from the
             # measured token mix on the fleet's offer (``World._capacity``).
             made[name] = ControllerPolicy(spec=prepared.workload.spec)
+        elif name in WARM_POOLS:
+            made[name] = ControllerPolicy(
+                spec=with_warm_pool(prepared.workload.spec, WARM_POOLS[name]), name=name
+            )
         elif name == "static-peak":
             count = min(max(math.ceil(stats.peak_rps / per_replica), 1), high)
             made[name] = static_policy(prepared.workload.spec, replicas=count, name=name)
@@ -299,8 +368,12 @@ def _controller_warm_count(
 def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
     """Replay the scenario's trace under ``policy``."""
     scenario = prepared.scenario
+    workload = prepared.workload
+    if isinstance(policy, ControllerPolicy) and uses_warm_pool(policy):
+        # The world runs the controller on the workload's spec: this one keeps a pool.
+        workload = replace(workload, spec=policy.spec)
     world = World(
-        workload=prepared.workload,
+        workload=workload,
         offers=prepared.offers,
         policy=policy,
         requests=prepared.requests,
@@ -312,6 +385,7 @@ def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
         routing=scenario.routing,
     )
     outcomes = world.run()
+    measured = prepared.oracle_for(policy)
     return build_report(
         outcomes=outcomes,
         slo=prepared.slo,
@@ -320,7 +394,7 @@ def run_policy(prepared: Prepared, policy: Policy) -> RunReport:
         rate_scale=scenario.rate_scale,
         seed=scenario.seed,
         spot=scenario.allow_spot,
-        oracle_cost_usd=None if prepared.plan is None else prepared.plan.cost_usd,
+        oracle_cost_usd=None if measured is None else measured.cost_usd,
         rate_mode=scenario.rate_mode.value,
         routing=scenario.routing.value,
     )
@@ -344,10 +418,18 @@ def compare_forked(
     ) as pool:
         planned = pool.submit(_held_oracle)
         draft = prepare(scenario, with_oracle=False)
-        reports = [run_policy(draft, p) for p in policies(draft, names)]
-        plan = planned.result()
-    prepared = replace(draft, plan=plan)
-    return prepared, [replace(r, oracle_cost_usd=plan.cost_usd) for r in reports]
+        made = policies(draft, names)
+        reports = [run_policy(draft, p) for p in made]
+        plan, warm_plan = planned.result()
+    prepared = replace(draft, plan=plan, warm_plan=warm_plan)
+    return prepared, [
+        replace(r, oracle_cost_usd=_cost(prepared.oracle_for(p)))
+        for r, p in zip(reports, made, strict=True)
+    ]
+
+
+def _cost(plan: OraclePlan | None) -> float | None:
+    return None if plan is None else plan.cost_usd
 
 
 _held: list[Scenario] = []
@@ -358,8 +440,14 @@ def _hold(scenario: Scenario) -> None:
     _held[:] = [scenario]
 
 
-def _held_oracle() -> OraclePlan:
-    return prepare(_held[0]).oracle
+def _held_oracle() -> tuple[OraclePlan, OraclePlan | None]:
+    prepared = prepare(_held[0])
+    return prepared.oracle, prepared.warm_plan
+
+
+def _wants_warm(scenario: Scenario) -> bool:
+    auto = scenario.workload.autoscaling
+    return auto is not None and auto.warm_pool is not None
 
 
 def compare(

@@ -9,6 +9,7 @@ cloud's (stock-outs, boot times, spot lifetimes) and the gateway's (balancing ti
 
 from __future__ import annotations
 
+import bisect
 import math
 import random
 from collections.abc import Sequence
@@ -17,7 +18,15 @@ from datetime import datetime
 
 from autoscaler.decide.inputs import TokenMix, measured_of, shape_of
 from autoscaler.decide.placement import Placement, pool_gpu_kinds
-from autoscaler.decide.plan import Drain, Launch, ReplicaPhase, ReplicaView, Terminate
+from autoscaler.decide.plan import (
+    Drain,
+    Launch,
+    Park,
+    ReplicaPhase,
+    ReplicaView,
+    Resume,
+    Terminate,
+)
 from autoscaler.decide.scaling import FleetCounts, ScaleMemory
 from autoscaler.decide.step import (
     ReplicaState,
@@ -29,22 +38,34 @@ from autoscaler.decide.step import (
     step,
     unplaced_reason,
 )
+from autoscaler.decide.warm import DEFAULT_START_TIMES, ParkMode, StartTimes, warm_policy_of
+from autoscaler.reconcile.provisioner import may_sleep
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
 from autoscaler.sim.policies import ControllerPolicy, ControlView, Policy
 from autoscaler.sim.prefix import DEFAULT_ROUTING, HotSpotMeter, PrefixRouter, Routing, tpot_s
 from autoscaler.sim.trace import TraceRequest
+from autoscaler.sim.warm import START_MEDIAN_S, START_SIGMA, STOP_S, sleep_seconds, wake_seconds
 from autoscaler.sim.workload import SimWorkload
 from catalog.engine import BatchEngine, EventKind
 from catalog.model import Offer
 from catalog.query import Market
+from catalog.storage import stopped_usd_per_hour
 from gateway.balancing import ReplicaLoad
 from gateway.window import replica_cap
 from providers.base import BootSpec, LaunchRequest, instance_tags
 from providers.errors import InsufficientCapacity, QuotaExceeded
-from providers.simulated import SimulatedCloud, SimulationConfig
+from providers.simulated import LogNormalBootTime, SimulatedCloud, SimulationConfig
 
 EPOCH_S = 1_700_000_000.0
 """Simulated time 0 on the cloud's clock (any fixed instant would do)."""
+
+FRESH, START, WAKE = "fresh", "start", "wake"
+"""The start paths a replica's boot takes (``autoscaler.decide.warm``)."""
+
+START_PATHS = (FRESH, START, WAKE)
+
+UNSERVED = "unserved"
+"""The ``cold_path`` of a scale-from-zero request no replica served."""
 
 SAMPLE_INTERVAL_S = 10.0
 """Timeline resolution."""
@@ -84,13 +105,64 @@ class SimReplica:
     requests: dict[int, RequestRecord] = field(default_factory=dict)
     work: int = 0
     """The balancer's weight of ``requests`` (``gateway.balancing.request_work``)."""
+    path: str = FRESH
+    """How its current boot started: ``fresh``, ``start`` (a stopped machine) or ``wake``."""
+    boot_asked_s: float = 0.0
+    """When its current boot was asked for (the launch, or the resume)."""
+    prefill: bool = False
+    """Launched to refill a warm pool: not routed until it is resumed after its park."""
+    park_mode: ParkMode | None = None
+    park_done_s: float | None = None
+    """When its current park (sleep or stop) completes."""
+    parked: bool = False
+    """Whether that park has completed."""
+    resumed_s: float | None = None
+    park_asked_s: float | None = None
+    """When its current park was asked for (``None``: not parked)."""
+    parked_span_s: float = 0.0
+    """Seconds it spent parking or parked before its current park."""
+    stopped_since_s: float | None = None
+    """When its machine stopped (billed for its disk from then), while stopped."""
+    stopped_s: float = 0.0
+    """Seconds its machine spent stopped before ``stopped_since_s``."""
+    stopped_usd_per_hour: float | None = None
+    """What it costs stopped (``None``: a spot machine, which cannot stop)."""
 
     def phase(self) -> ReplicaPhase:
         if self.ended_s is not None:
             return ReplicaPhase.TERMINATED
+        if self.park_mode is not None:
+            return ReplicaPhase.PARKED if self.parked else ReplicaPhase.PARKING
         if self.drain_s is not None:
             return ReplicaPhase.DRAINING
         return ReplicaPhase.READY if self.engine is not None else ReplicaPhase.BOOTING
+
+    @property
+    def refilling(self) -> bool:
+        """A warm-pool refill on its way to its first park: never routed."""
+        return self.prefill and self.resumed_s is None and self.park_mode is None
+
+    def stopped_seconds(self, t: float) -> float:
+        """Seconds its machine was stopped up to ``t`` (or its end)."""
+        since = self.stopped_since_s
+        if since is None:
+            return self.stopped_s
+        stop = t if self.ended_s is None else min(t, self.ended_s)
+        return self.stopped_s + max(0.0, stop - since)
+
+    def stop_credit_usd(self, t: float) -> float:
+        """What its time stopped cost less than the same time running."""
+        if self.stopped_usd_per_hour is None:
+            return 0.0
+        return self.stopped_seconds(t) * (self.usd_per_hour - self.stopped_usd_per_hour) / 3600.0
+
+    def hourly_usd(self, t: float) -> float:
+        """What it costs an hour at ``t``: its disk while stopped, else its machine."""
+        if self.ended_s is not None:
+            return 0.0
+        if self.stopped_since_s is not None and self.stopped_usd_per_hour is not None:
+            return self.stopped_usd_per_hour
+        return self.usd_per_hour
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +177,8 @@ class Sample:
     desired: int
     ttft_p95_s: float | None
     usd_per_hour: float
+    parked: int = 0
+    """Replicas parking or parked (asleep or stopped)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +207,13 @@ class Outcomes:
     the fleet's mean (``autoscaler.sim.prefix.HotSpotMeter``; 0 when never measured)."""
     hot_spot_work: float = 0.0
     """The same ratio for the balancer's outstanding work (prompt tokens awaiting prefill)."""
+    parked_usd: float = 0.0
+    """Of ``cost_usd``, what parked and parking replicas cost (asleep: the machine's
+    price; stopped: the disk's; stopping: the machine's)."""
+    start_times: dict[str, list[float]] = field(default_factory=dict)
+    """Seconds from asking to ready of every boot, by start path (sorted)."""
+    resumes: dict[str, int] = field(default_factory=dict)
+    """Resumes by start path (``wake``, ``start``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +224,9 @@ class RecordOutcome:
     outcome: Outcome
     tpot_s: float = math.nan
     """Time per output token after the first (``nan``: not measured)."""
+    cold_path: str | None = None
+    """For a request that arrived with no replica ready (scale from zero), the start
+    path of the replica that served it (``None``: another request, or never served)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +238,11 @@ class CloudSettings:
     stockout_probability: float = 0.02
     stockout_s: float = 900.0
     spot_interruptions_per_hour: float = 0.2
+    start_median_s: float = START_MEDIAN_S
+    """A stopped machine's start until it serves: median and lognormal spread
+    (``autoscaler.sim.warm``)."""
+    start_sigma: float = START_SIGMA
+    stop_s: float = STOP_S
 
 
 class World:
@@ -174,8 +263,6 @@ class World:
         knobs: StepKnobs | None = None,
         routing: Routing = DEFAULT_ROUTING,
     ) -> None:
-        from providers.simulated import LogNormalBootTime
-
         self.workload = workload
         self.spec = with_spot(workload, allow_spot).spec
         self.offers = list(offers)
@@ -190,6 +277,8 @@ class World:
                 stockout_probability=cloud.stockout_probability,
                 stockout_seconds=cloud.stockout_s,
                 spot_interruptions_per_hour=cloud.spot_interruptions_per_hour,
+                start_time=LogNormalBootTime(cloud.start_median_s, cloud.start_sigma),
+                stop_seconds=cloud.stop_s,
             ),
         )
         self.gateway = SimGateway(
@@ -213,6 +302,7 @@ class World:
         auto = workload.autoscaling
         self.knobs = StepKnobs() if knobs is None else knobs
         """The controller's settings, at their defaults unless a run says otherwise."""
+        self.cloud_settings = cloud
         self.keep_s = max(
             60.0,
             auto.scale_up_time_window_sec if auto else 0.0,
@@ -233,6 +323,18 @@ class World:
         self._machine_due = math.inf
         self._initial_mix = initial_mix
         self._pool_gpus = pool_gpu_kinds(self.spec, self.offers)
+        # Warm pools (``autoscaler.sim.warm`` holds the times and prices assumed).
+        warm = warm_policy_of(self.spec)
+        self._sleep_level = 1 if warm is None else warm.sleep_level
+        self._can_sleep = may_sleep(self.spec)
+        """As the provisioner boots them: able to sleep when the pool may put them to sleep."""
+        self._weights_bytes = workload.params_b * 1e9 * workload.bytes_per_param
+        self._starts: dict[str, list[float]] = {path: [] for path in START_PATHS}
+        """Seconds from asking to ready of every boot so far, by path, sorted."""
+        self._cold: set[int] = set()
+        """Requests (by index) that arrived with no replica ready."""
+        self._cold_path: dict[int, str] = {}
+        self._resumes: dict[str, int] = {}
         self._warm_start(initial_replicas)
 
     # --- time -------------------------------------------------------------------------
@@ -304,6 +406,7 @@ class World:
                     )
                     if r.outcome is Outcome.SERVED
                     else math.nan,
+                    self._cold_path.get(r.index, UNSERVED if r.index in self._cold else None),
                 )
                 for r in self.records
             ],
@@ -316,6 +419,9 @@ class World:
             prefix_hits_tokens=hits,
             hot_spot_requests=self.hot_spots.worst_requests,
             hot_spot_work=self.hot_spots.worst_work,
+            parked_usd=self._parked_usd(end),
+            start_times={path: list(times) for path, times in self._starts.items()},
+            resumes=dict(self._resumes),
         )
 
     def _serving_loads(self) -> list[tuple[str, int, int]]:
@@ -326,11 +432,34 @@ class World:
         ]
 
     def _gpu_hours(self, end: float) -> float:
+        """GPU-hours held (a stopped machine holds none)."""
         total = 0.0
         for r in self.replicas.values():
             stop = min(x for x in (r.ended_s, r.interrupt_s, end) if x is not None)
-            total += max(0.0, stop - max(r.intent_s, 0.0)) * r.offer.gpu_count
+            held = max(0.0, stop - max(r.intent_s, 0.0)) - r.stopped_seconds(stop)
+            total += max(0.0, held) * r.offer.gpu_count
         return total / 3600.0
+
+    def _parked_usd(self, t: float) -> float:
+        """What parked and parking replicas cost up to ``t``."""
+        total = 0.0
+        for r in self.replicas.values():
+            span = r.parked_span_s
+            if r.park_asked_s is not None:
+                stop = t if r.ended_s is None else min(t, r.ended_s)
+                span += max(0.0, stop - r.park_asked_s)
+            total += span * r.usd_per_hour / 3600.0 - r.stop_credit_usd(t)
+        return total
+
+    def start_times(self) -> StartTimes:
+        """The measured median seconds to ready per start path, as the controller keeps
+        them (``decide.warm.DEFAULT_START_TIMES`` for a path not measured yet)."""
+        default = DEFAULT_START_TIMES
+        return StartTimes(
+            fresh_s=_median(self._starts[FRESH], default.fresh_s),
+            start_s=_median(self._starts[START], default.start_s),
+            wake_s=_median(self._starts[WAKE], default.wake_s),
+        )
 
     # --- events -----------------------------------------------------------------------
 
@@ -346,9 +475,12 @@ class World:
         for r in self.replicas.values():
             if r.ended_s is not None:
                 continue
-            if r.engine is None:
+            if r.park_mode is not None:
+                if not r.parked and r.park_done_s is not None:
+                    soonest = min(soonest, r.park_done_s)
+            elif r.engine is None:
                 soonest = min(soonest, r.running_s)
-            else:
+            elif not r.refilling:
                 serving.append(r)
                 any_ready = any_ready or r.drain_s is None
             if r.interrupt_s is not None:
@@ -396,13 +528,37 @@ class World:
                 self._end(r, t, why="spot interruption")
                 self.events.append(ScaleEvent(t, "interrupted", f"{r.launch_id} {r.offer.key}"))
                 continue
+            if r.park_mode is not None:
+                if not r.parked and r.park_done_s is not None and r.park_done_s <= t:
+                    r.parked = True
+                    if r.park_mode is ParkMode.STOPPED:
+                        r.stopped_since_s = r.park_done_s
+                    self._fleet_changed()
+                    self.events.append(
+                        ScaleEvent(t, "parked", f"{r.launch_id} {r.park_mode.value}")
+                    )
+                continue
             if r.engine is None and r.running_s <= t:
                 r.engine = BatchEngine(self.workload.profile(r.offer), start_s=t)
+                bisect.insort(self._starts[r.path], r.running_s - r.boot_asked_s)
                 self._fleet_changed()
-                self.events.append(ScaleEvent(t, "ready", f"{r.launch_id} {r.offer.key}"))
+                self.events.append(
+                    ScaleEvent(t, "ready", f"{r.launch_id} {r.offer.key} ({r.path})")
+                )
 
     def _end(self, r: SimReplica, t: float, *, why: str) -> None:
         r.ended_s = t
+        if r.stopped_since_s is not None:
+            r.stopped_s += max(0.0, t - r.stopped_since_s)
+            r.stopped_since_s = None
+        if r.park_asked_s is not None:
+            r.parked_span_s += max(0.0, t - r.park_asked_s)
+            r.park_asked_s = None
+        self._drop_engine(r, t)
+
+    def _drop_engine(self, r: SimReplica, t: float) -> None:
+        """Its engine stops serving (ended, asleep or stopped): its prefix cache is gone,
+        requests not yet answered go back to the queue, answered ones are cut."""
         self.router.ended(r.launch_id)
         self._fleet_changed()
         for record in r.requests.values():
@@ -426,6 +582,8 @@ class World:
             return
         if self._fleet_stale:
             self._refresh_fleet()
+        if not self._any_ready:
+            self._cold.add(record.index)
         self.gateway.arrive(record, t=t, any_ready=self._any_ready)
 
     def _dispatch(self, t: float) -> None:
@@ -471,6 +629,8 @@ class World:
             )
             replica.requests[engine_id] = record
             self.gateway.sent(record, replica.launch_id)
+            if record.index in self._cold:
+                self._cold_path[record.index] = replica.path
             # The gateway weighs a request by its body's length / 4 characters per
             # token, about its prompt tokens (less what it expects cached there): the
             # simulator passes the prompt's tokens.
@@ -549,9 +709,23 @@ class World:
                         ScaleEvent(t, "refused", unplaced_reason(placement, result.headroom))
                     )
                     break
-                if not self._launch(placement, t):
+                if not self._launch(placement, t, prefill=action.prefill):
                     break  # the market is marked unavailable: place again next step
                 launched.append(placement)
+            elif isinstance(action, Park):
+                self._park(self.replicas[action.launch_id], action.mode, t)
+                self.events.append(
+                    ScaleEvent(
+                        t, "park", f"{action.launch_id} {action.mode.value}: {action.reason}"
+                    )
+                )
+            elif isinstance(action, Resume):
+                r = self.replicas[action.launch_id]
+                path = self._resume(r, t)
+                if path is not None:
+                    self.events.append(
+                        ScaleEvent(t, "resume", f"{action.launch_id} {path}: {action.reason}")
+                    )
             elif isinstance(action, Drain):
                 self.replicas[action.launch_id].drain_s = t
                 self._fleet_changed()
@@ -564,6 +738,55 @@ class World:
                     ScaleEvent(t, "terminate", f"{action.launch_id}: {action.reason}")
                 )
         return result.plan.requeue_after
+
+    def _park(self, r: SimReplica, mode: ParkMode, t: float) -> None:
+        """Put a drained replica's engine to sleep, or stop its machine (a sleeping one's
+        too): it leaves routing now and is parked once the sleep or the stop completes
+        (``autoscaler.sim.warm``)."""
+        if r.park_mode is None:
+            self._drop_engine(r, t)
+            r.drain_s = None
+            r.park_asked_s = t
+        if mode is ParkMode.SLEEPING:
+            took = sleep_seconds(
+                weights_bytes=self._weights_bytes, offer=r.offer, level=self._sleep_level
+            )
+        else:
+            took = self.cloud_settings.stop_s
+            self.cloud.stop(r.instance_id)  # billed as running until the stop completes
+        r.park_mode, r.parked, r.park_done_s = mode, False, t + took
+        self._fleet_changed()
+
+    def _resume(self, r: SimReplica, t: float) -> str | None:
+        """Wake a sleeping replica or start a stopped one; it is ready after the modelled
+        wake or the cloud's start draw (``autoscaler.sim.warm``). Returns the path taken
+        (``None``: the start found its offer stocked out; the machine stays stopped)."""
+        assert r.park_mode is not None and r.parked
+        if r.park_mode is ParkMode.SLEEPING:
+            path = WAKE
+            took = wake_seconds(
+                weights_bytes=self._weights_bytes, offer=r.offer, level=self._sleep_level
+            )
+        else:
+            path = START
+            try:
+                self.cloud.start(r.instance_id)
+            except (InsufficientCapacity, QuotaExceeded) as exc:
+                self.events.append(ScaleEvent(t, "stock-out", str(exc)))
+                return None
+            machine = next(m for m in self.cloud.visible() if m.instance_id == r.instance_id)
+            took = machine.running_at - EPOCH_S - t
+            if r.stopped_since_s is not None:
+                r.stopped_s += max(0.0, t - r.stopped_since_s)
+                r.stopped_since_s = None
+        if r.park_asked_s is not None:
+            r.parked_span_s += max(0.0, t - r.park_asked_s)
+        r.park_mode, r.parked, r.park_done_s, r.park_asked_s = None, False, None, None
+        r.path, r.boot_asked_s, r.resumed_s = path, t, t
+        self._resumes[path] = self._resumes.get(path, 0) + 1
+        r.running_s = t + took
+        self._fleet_changed()
+        return path
 
     def _view_now(self, t: float) -> WorkloadView:
         """The workload as the controller observes it: the replicas not ended, and the
@@ -584,36 +807,51 @@ class World:
             replicas=[self._state(r) for r in live],
             measured=measured,
             offers=self.offers,
-            fleet_usd_per_hour=sum(r.usd_per_hour for r in live),
+            fleet_usd_per_hour=sum(r.hourly_usd(t) for r in live),
             pool_gpus=self._pool_gpus,
+            start_times=self.start_times(),
         )
 
     def _state(self, r: SimReplica) -> ReplicaState:
+        stopped = r.stopped_since_s is not None
         return ReplicaState(
             view=ReplicaView(
                 launch_id=r.launch_id,
                 phase=r.phase(),
                 generation=1,
                 offer_key=r.offer.key,
-                usd_per_hour=r.usd_per_hour,
+                usd_per_hour=r.hourly_usd(self.t),
                 intent_at=as_datetime(EPOCH_S + r.intent_s),
                 ready_at=None if r.engine is None else as_datetime(EPOCH_S + r.running_s),
                 drain_requested_at=(
                     None if r.drain_s is None else as_datetime(EPOCH_S + r.drain_s)
                 ),
                 in_flight=0,
+                park_mode=r.park_mode,
+                parked_at=(
+                    as_datetime(EPOCH_S + r.park_done_s)
+                    if r.parked and r.park_done_s is not None
+                    else None
+                ),
+                resumed_at=None if r.resumed_s is None else as_datetime(EPOCH_S + r.resumed_s),
+                running_usd_per_hour=r.usd_per_hour if stopped else None,
+                stopped_usd_per_hour=r.stopped_usd_per_hour,
+                can_sleep=self._can_sleep,
+                prefill=r.prefill,
             ),
             zone=r.offer.zone,
             shape=shape_of(r.offer),
         )
 
-    def _launch(self, placement: Placement, t: float) -> bool:
+    def _launch(self, placement: Placement, t: float, *, prefill: bool = False) -> bool:
         """Buy the placed replica; on a stock-out or quota refusal, mark its market
         unavailable (as the provisioner does) and return ``False``."""
         assert placement.offer is not None and placement.market is not None
         spot = placement.market is Market.SPOT
         try:
-            self._buy(placement.offer, spot=spot, price=placement.usd_per_hour, t=t)
+            self._buy(
+                placement.offer, spot=spot, price=placement.usd_per_hour, t=t, prefill=prefill
+            )
         except (InsufficientCapacity, QuotaExceeded) as exc:
             mark_unavailable(
                 self.unavailable,
@@ -627,7 +865,9 @@ class World:
             return False
         return True
 
-    def _buy(self, offer: Offer, *, spot: bool, price: float, t: float) -> None:
+    def _buy(
+        self, offer: Offer, *, spot: bool, price: float, t: float, prefill: bool = False
+    ) -> None:
         self._launches += 1
         launch_id = f"l-{self._launches:05d}"
         request = LaunchRequest(
@@ -651,10 +891,14 @@ class World:
             intent_s=t,
             running_s=machine.running_at - EPOCH_S,
             interrupt_s=None if machine.interrupt_at is None else machine.interrupt_at - EPOCH_S,
+            boot_asked_s=t,
+            prefill=prefill,
+            stopped_usd_per_hour=None if spot else stopped_usd_per_hour(offer),
         )
         market = "spot" if spot else "on-demand"
+        refill = " (warm pool refill)" if prefill else ""
         self.events.append(
-            ScaleEvent(t, "launch", f"{launch_id} {offer.key} {market} ${price:.4g}/h")
+            ScaleEvent(t, "launch", f"{launch_id} {offer.key} {market} ${price:.4g}/h{refill}")
         )
 
     def first_placement(self) -> Offer | None:
@@ -694,6 +938,7 @@ class World:
 
     def _sample(self, t: float) -> None:
         fleet = self._fleet()
+        live = [r for r in self.replicas.values() if r.ended_s is None]
         self.timeline.append(
             Sample(
                 t=t,
@@ -704,8 +949,17 @@ class World:
                 desired=self._desired,
                 ttft_p95_s=self.gateway.ttft_quantile(t, window_s=60.0, q=0.95),
                 usd_per_hour=self.cloud.hourly_spend_usd(),
+                parked=sum(1 for r in live if r.park_mode is not None),
             )
         )
+
+
+def _median(values: Sequence[float], default: float) -> float:
+    """The median of sorted ``values`` (``default`` when empty)."""
+    n = len(values)
+    if not n:
+        return default
+    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2.0
 
 
 _BOOT = BootSpec(
