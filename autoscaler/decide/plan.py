@@ -284,6 +284,7 @@ def plan_actions(
     launch_limit: int | None = None,
     launch_machines: int = 1,
     warm: WarmPolicy | None = None,
+    launch_parks: frozenset[ParkMode] | None = None,
 ) -> Plan:
     """The actions that move ``replicas`` toward ``desired`` replicas of ``spec_generation``.
 
@@ -298,7 +299,10 @@ def plan_actions(
     gone. ``launch_limit``: at most this many launches in one plan (the rest come in the
     next, which is then due at once: ``requeue_after`` 0), so one workload's scale-up
     never makes a pass take more than its share. ``warm``: the workload's warm pool
-    (``None``: none; every replica leaving is terminated).
+    (``None``: none; every replica leaving is terminated). ``launch_parks``: how a fresh
+    launch of the chosen placement could be parked (a spot machine is never stopped, a
+    replica group never parked); a refill is launched only for a pool mode it can fill
+    (``None``: not known, any).
 
     Linear in the number of replicas and launches (plus sorting for drains and parked
     replicas).
@@ -343,7 +347,14 @@ def plan_actions(
         draining=sum(r.phase is ReplicaPhase.DRAINING for r in live),
         resumable=resumable,
     )
-    _refill(refilling, pool=pool, ledger=ledger, actions=actions, timed_out=timed_out)
+    _refill(
+        refilling,
+        pool=pool,
+        ledger=ledger,
+        actions=actions,
+        timed_out=timed_out,
+        launch_parks=launch_parks,
+    )
     if ledger.more_wanted and ledger.launched == launch_limit:
         due.append(0.0)  # more launches are wanted: the next plan continues at once
     return Plan(
@@ -517,18 +528,43 @@ def in_refill(r: ReplicaView, warm: WarmPolicy | None) -> bool:
     return warm is not None and _refilling(r)
 
 
-def refill_wanted(warm: WarmPolicy | None, replicas: Sequence[ReplicaView]) -> bool:
+def refill_wanted(
+    warm: WarmPolicy | None,
+    replicas: Sequence[ReplicaView],
+    *,
+    generation: int,
+    timeouts: Timeouts,
+    now: datetime,
+) -> bool:
     """Whether an explicit pool is below its refill count with no refill on its way (the
-    plan may then launch one, so its placement is needed)."""
+    plan may then launch one, so its placement is needed).
+
+    Counted as :func:`plan_actions` counts them: a refill given up this plan (not ready
+    in time, or of an older generation still starting) is not on its way, and a parked
+    replica of an older generation (terminated this plan) is not in the pool."""
     if warm is None or not (warm.fill_stopped or warm.fill_sleeping):
         return False
-    if any(_refilling(r) for r in replicas):
+    if any(_refill_on_way(r, generation, timeouts=timeouts, now=now) for r in replicas):
         return False
     held = dict.fromkeys(ParkMode, 0)
     for r in replicas:
-        if r.phase in (ReplicaPhase.PARKING, ReplicaPhase.PARKED) and r.park_mode is not None:
+        if r.park_mode is None:
+            continue
+        if r.phase is ReplicaPhase.PARKING or (
+            r.phase is ReplicaPhase.PARKED and r.generation >= generation
+        ):
             held[r.park_mode] += 1
     return any(held[mode] < warm.fill(mode) for mode in ParkMode)
+
+
+def _refill_on_way(r: ReplicaView, generation: int, *, timeouts: Timeouts, now: datetime) -> bool:
+    """A refill that will be parked: not given up for its boot's time or its generation."""
+    if not _refilling(r):
+        return False
+    if r.phase not in _STARTING:
+        return True  # ready or draining: it is parked (or, of an old spec, ended) soon
+    age = (now - (r.resumed_at or r.intent_at)).total_seconds()
+    return r.generation >= generation and age < timeouts.scaling_up_sec
 
 
 def _refill(
@@ -538,20 +574,37 @@ def _refill(
     ledger: _Ledger,
     actions: list[Action],
     timed_out: set[str],
+    launch_parks: frozenset[ParkMode] | None,
 ) -> None:
     """An explicit pool below its refill count: drain refill replicas once ready (they are
-    parked once drained), and launch one more when none is on its way."""
+    parked once drained; one of an older spec still starting is terminated: it would only
+    be terminated once ready), and launch one more when none is on its way, for a mode
+    the launch can be parked in (``launch_parks``; ``None``: any)."""
     policy = pool.policy
     if policy is None:
         return
+    on_way = 0
     for r in refilling:
+        if r.launch_id in timed_out:
+            continue
+        if r.generation < pool.generation and r.phase in _STARTING:
+            actions.append(
+                Terminate(
+                    r.launch_id,
+                    f"warm pool refill of generation {r.generation} while it booted; the "
+                    f"spec is at {pool.generation}",
+                )
+            )
+            continue
+        on_way += 1
         if r.phase is ReplicaPhase.READY:
             actions.append(Drain(r.launch_id, "warm pool refill ready: drain it, then park it"))
-    on_way = sum(1 for r in refilling if r.launch_id not in timed_out)
     if on_way or ledger.launched or ledger.more_wanted:
         return
     for mode in (ParkMode.SLEEPING, ParkMode.STOPPED):
         if pool.held[mode] < policy.fill(mode):
+            if launch_parks is not None and mode not in launch_parks:
+                continue  # bought, booted, then terminated for want of a way to park it
             if ledger.try_launch():
                 actions.append(
                     Launch(

@@ -61,8 +61,13 @@ from autoscaler.decide.plan import (
     refill_wanted,
 )
 from autoscaler.decide.scaling import Direction, FleetCounts, ScaleDecision, ScaleMemory
-from autoscaler.decide.warm import StartTimes, WarmPolicy, warm_policy_of
-from autoscaler.spec import DEFAULT_MAX_REPLICAS, AutoscalingPolicy, WorkloadSpec
+from autoscaler.decide.warm import ParkMode, StartTimes, WarmPolicy, warm_policy_of
+from autoscaler.spec import (
+    DEFAULT_MAX_REPLICAS,
+    SLEEPING_BACKENDS,
+    AutoscalingPolicy,
+    WorkloadSpec,
+)
 from catalog.model import Offer
 from catalog.query import Market
 from catalog.sizing import estimate_model_memory
@@ -257,7 +262,13 @@ def step(
         for r in view.replicas
     )
     drift = any(r.view.generation != view.generation for r in view.replicas)
-    refill = refill_wanted(warm, [r.view for r in view.replicas])
+    refill = refill_wanted(
+        warm,
+        [r.view for r in view.replicas],
+        generation=view.generation,
+        timeouts=timeouts,
+        now=now,
+    )
     may_launch = decision.desired > staying or overdue or drift or refill
     chosen = (
         placement()
@@ -286,6 +297,7 @@ def step(
         inherited_usd_per_hour=view.inherited_usd_per_hour,
         launch_machines=chosen.group_size if chosen is not None and chosen.found else 1,
         warm=warm,
+        launch_parks=launch_parks(chosen, view.spec, warm),
     )
     if chosen is not None and not chosen.found and plan.refusals:
         reason = unplaced_reason(chosen, room)
@@ -299,6 +311,26 @@ def step(
         headroom=room,
         warm=warm,
     )
+
+
+def launch_parks(
+    chosen: Placement | None, spec: WorkloadSpec, warm: WarmPolicy | None
+) -> frozenset[ParkMode] | None:
+    """How a fresh replica placed at ``chosen`` could be parked (``None``: nothing placed).
+
+    Asleep where its backend sleeps and the pool may sleep (it then boots able to); stopped
+    where it is one on-demand cloud machine: a spot machine is never stopped, a private
+    worker is the owner's, and a replica group is never parked."""
+    if chosen is None or not chosen.found:
+        return None
+    if chosen.group_size > 1:
+        return frozenset()
+    modes: set[ParkMode] = set()
+    if warm is not None and warm.max_sleeping > 0 and spec.backend in SLEEPING_BACKENDS:
+        modes.add(ParkMode.SLEEPING)
+    if chosen.offer is not None and chosen.market is not Market.SPOT:
+        modes.add(ParkMode.STOPPED)
+    return frozenset(modes)
 
 
 def unplaced_reason(placement: Placement, room: Headroom | None) -> str:

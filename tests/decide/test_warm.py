@@ -420,3 +420,17 @@ def test_parking_and_resuming_never_break_the_ceiling_nor_touch_a_replica_twice(
                 if r.park_mode is mode and r.phase in (ReplicaPhase.PARKING, ReplicaPhase.PARKED)
             )
             assert held <= warm.bound(mode)
+
+
+def test_a_refill_of_an_older_spec_still_booting_is_terminated_and_a_current_one_launched() -> None:
+    pool = WarmPolicy(max_stopped=1, max_sleeping=0, fill_stopped=1, expire=False)
+    booting = replica("f", ReplicaPhase.BOOTING, prefill=True, generation=1)
+    p = plan(0, [booting], warm=pool, generation=2)
+    assert kinds(p) == [("Terminate", "f", None), ("Launch", None, None)]
+    assert "refill of generation 1 while it booted" in p.actions[0].reason
+    assert p.launches[0].prefill
+    # One already ready is drained first (it may hold requests), then ended, not parked.
+    ready = replica("f", prefill=True, generation=1)
+    assert kinds(plan(0, [ready], warm=pool, generation=2)) == [("Drain", "f", None)]
+    drained = replica("f", ReplicaPhase.DRAINING, drain_age=5, prefill=True, generation=1)
+    assert kinds(plan(0, [drained], warm=pool, generation=2)) == [("Terminate", "f", None)]
