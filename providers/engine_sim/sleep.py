@@ -66,6 +66,8 @@ class SleepMode:
     """Requests queued while the scheduler is paused."""
     _resumed: asyncio.Event = field(default_factory=asyncio.Event)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _running: set[asyncio.Future[None]] = field(default_factory=set)
+    """Sleeps under way (kept referenced until they end, whoever still awaits them)."""
 
     def __post_init__(self) -> None:
         self._resumed.set()
@@ -88,7 +90,18 @@ class SleepMode:
         return True
 
     async def sleep(self, level: SleepLevel, mode: PauseMode) -> None:
-        """Pause, deal with the requests in flight by ``mode``, then free memory."""
+        """Pause, deal with the requests in flight by ``mode``, then free memory.
+
+        The sleep runs to its end even when its caller goes away (a client that times out
+        or disconnects cancels its request's handler): vLLM's engine core finishes a sleep
+        its HTTP client gave up on, and a sleep cut short would leave the scheduler paused
+        with no level for ``wake_up`` to wake from."""
+        task = asyncio.ensure_future(self._sleep(level, mode))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+        await asyncio.shield(task)
+
+    async def _sleep(self, level: SleepLevel, mode: PauseMode) -> None:
         async with self._lock, self._operation("sleep"):
             if self.level is not None:
                 return  # vLLM logs "Executor is already sleeping." and does nothing

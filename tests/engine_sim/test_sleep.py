@@ -293,3 +293,36 @@ async def test_an_engine_sim_process_sleeps_and_wakes() -> None:
     finally:
         process.kill()
         await process.wait()
+
+
+async def test_a_sleep_whose_caller_goes_away_still_completes_and_can_be_woken(
+    start_engine: StartEngine,
+) -> None:
+    server = await sleepy(start_engine)
+    chunks: list[dict[str, object]] = []
+    first = asyncio.Event()
+    running = asyncio.create_task(stream_completion(server.url, 1000, chunks, first))
+    await first.wait()
+
+    async def ask_sleep() -> None:
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            await client.post(f"{server.url}/sleep", params={"level": "1", "mode": "wait"})
+
+    asking = asyncio.create_task(ask_sleep())
+    sleeping = 'vllm:sleep_mode_operations_in_flight{operation="sleep"} 1.0'
+    for _ in range(2000):  # the sleep has paused the scheduler and waits for the stream
+        async with httpx.AsyncClient() as client:
+            if sleeping in (await client.get(f"{server.url}/metrics")).text:
+                break
+        await asyncio.sleep(0.005)
+    else:
+        raise AssertionError("the sleep never started")
+    asking.cancel()  # the caller gives up: its connection closes mid-sleep
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+
+    await wake_engine(server.url, level=1)
+    assert not await is_sleeping(server.url)
+    await running
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"  # type: ignore[index]
+    assert (await complete(server.url, 2)).status_code == 200
