@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from autoscaler.decide.warm import start_sample
 from autoscaler.store.models import Decision, Instance, Token, Workload, WorkloadSignals
 from autoscaler.store.phase import Phase, desired_phase_of, phase_of
 from providers.engines import masked_command
@@ -92,7 +93,23 @@ def instance_view(
         "resumed_at": _iso(row.resumed_at),
         "running_usd_per_hour": row.running_usd_per_hour,
         "prefill": row.prefill,
+        "start": _start_view(row),
     }
+
+
+def _start_view(row: Instance) -> dict[str, Any] | None:
+    """How the replica last became ready and how long it took (``decide.warm``):
+    ``launch`` (intent to ready), ``start`` (a stopped machine started) or ``wake``."""
+    sample = start_sample(
+        offer_key=row.offer_key,
+        intent_at=row.intent_at,
+        ready_at=row.ready_at,
+        resumed_at=row.resumed_at,
+        resumed_from=row.park_mode if row.park_requested_at is None else None,
+    )
+    if sample is None:
+        return None
+    return {"path": sample.path.value, "seconds": round(sample.seconds, 1)}
 
 
 def signals_view(row: WorkloadSignals | None) -> dict[str, Any]:

@@ -8,6 +8,7 @@ it is applied, so a bad document leaves the stored state untouched.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -399,6 +400,11 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
             click.echo(f"  {r['launch_id']}: warm pool: {r['park_mode']}{price}")
         if r.get("command") and r["phase"] != "terminated":
             click.echo(f"  {r['launch_id']}: command: {r['command']}")
+    starts = start_times_summary(replicas)
+    if starts:
+        click.echo("\nStart times (median seconds to ready, by offer and path):")
+        for line in starts:
+            click.echo(f"  {line}")
     click.echo("\n" + _measured(measured))
     click.echo(f"\nRecent decisions ({len(decisions)}):")
     print_table(
@@ -415,6 +421,26 @@ def describe(slug: str, limit: int, project: str, url: str, output: str) -> None
         ],
         empty="  (none)",
     )
+
+
+def start_times_summary(replicas: list[dict[str, Any]]) -> list[str]:
+    """One line per offer: each path's median seconds from asking to ready and how many
+    replicas it is measured on (launch: bought fresh; start: a stopped machine; wake: a
+    sleeping engine)."""
+    by_offer: dict[str, dict[str, list[float]]] = {}
+    for r in replicas:
+        start = r.get("start")
+        if start:
+            paths = by_offer.setdefault(r["offer"], {})
+            paths.setdefault(start["path"], []).append(float(start["seconds"]))
+    lines = []
+    for offer, paths in sorted(by_offer.items()):
+        parts = [
+            f"{path} {statistics.median(values):.0f}s (n={len(values)})"
+            for path, values in sorted(paths.items())
+        ]
+        lines.append(f"{offer}: " + ", ".join(parts))
+    return lines
 
 
 def _measured(found: dict[str, Any]) -> str:

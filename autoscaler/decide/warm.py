@@ -40,7 +40,10 @@ replica leaving is terminated, as before warm pools).
 
 from __future__ import annotations
 
+import statistics
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 
 from autoscaler.spec import SLEEPING_BACKENDS, AutoscalingPolicy, WarmPoolSpec, WorkloadSpec
@@ -159,4 +162,73 @@ def warm_policy_of(
         max_sleeping=policy.max_workers if spec.backend in SLEEPING_BACKENDS else 0,
         expire=True,
         times=measured,
+    )
+
+
+class StartPath(StrEnum):
+    """The way a replica became ready: bought fresh, its stopped machine started, or its
+    sleeping engine woken."""
+
+    LAUNCH = "launch"
+    START = "start"
+    WAKE = "wake"
+
+
+@dataclass(frozen=True, slots=True)
+class StartSample:
+    """One replica's measured seconds from asking to ready, by path and offer."""
+
+    offer_key: str
+    path: StartPath
+    seconds: float
+
+
+def start_sample(
+    *,
+    offer_key: str,
+    intent_at: datetime,
+    ready_at: datetime | None,
+    resumed_at: datetime | None,
+    resumed_from: str | None,
+) -> StartSample | None:
+    """The sample a replica's stored facts give (``None``: not ready since it was last
+    launched or resumed). ``resumed_from``: the park mode it was resumed from (``None``
+    where unknown: a replica parked again since keeps no trace of its last path)."""
+    if ready_at is None:
+        return None
+    if resumed_at is None:
+        return StartSample(offer_key, StartPath.LAUNCH, (ready_at - intent_at).total_seconds())
+    if resumed_from is None:
+        return None
+    path = StartPath.WAKE if resumed_from == ParkMode.SLEEPING.value else StartPath.START
+    return StartSample(offer_key, path, max(0.0, (ready_at - resumed_at).total_seconds()))
+
+
+def start_medians(samples: Sequence[StartSample]) -> dict[tuple[str, StartPath], tuple[float, int]]:
+    """Median seconds and sample count per (offer, path). Sorting: O(n log n)."""
+    grouped: dict[tuple[str, StartPath], list[float]] = {}
+    for sample in samples:
+        grouped.setdefault((sample.offer_key, sample.path), []).append(sample.seconds)
+    return {key: (statistics.median(values), len(values)) for key, values in grouped.items()}
+
+
+def start_times_from(
+    samples: Sequence[StartSample], *, fallback: StartTimes = DEFAULT_START_TIMES
+) -> StartTimes | None:
+    """The workload's start times: per path, the median over its offers' samples, the
+    fallback's where a path has none (``None``: no sample at all)."""
+    if not samples:
+        return None
+    by_path: dict[StartPath, list[float]] = {}
+    for sample in samples:
+        by_path.setdefault(sample.path, []).append(sample.seconds)
+
+    def median(path: StartPath, default: float) -> float:
+        found = by_path.get(path)
+        return max(0.0, statistics.median(found)) if found else default
+
+    return StartTimes(
+        fresh_s=median(StartPath.LAUNCH, fallback.fresh_s),
+        start_s=median(StartPath.START, fallback.start_s),
+        wake_s=median(StartPath.WAKE, fallback.wake_s),
     )

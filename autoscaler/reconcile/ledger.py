@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.plan import ReplicaPhase, ReplicaView
 from autoscaler.decide.scaling import FleetCounts
-from autoscaler.decide.warm import ParkMode
+from autoscaler.decide.warm import ParkMode, StartSample, start_sample
 from autoscaler.reconcile.deps import log
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
@@ -179,6 +179,34 @@ def park_mode_of(row: LedgerRow) -> ParkMode | None:
     if row.park_requested_at is None or row.park_mode is None:
         return None
     return ParkMode(row.park_mode)
+
+
+def start_sample_of(row: LedgerRow) -> StartSample | None:
+    """The measured start of the row's last launch or resume (``decide.warm``)."""
+    return start_sample(
+        offer_key=row.offer_key,
+        intent_at=row.intent_at,
+        ready_at=row.ready_at,
+        resumed_at=row.resumed_at,
+        resumed_from=row.park_mode if row.park_requested_at is None else None,
+    )
+
+
+START_SAMPLES = 50
+"""Replicas read for a workload's measured start times: its most recently ready."""
+
+
+async def recent_start_samples(session: AsyncSession, workload_id: int) -> list[StartSample]:
+    """The workload's measured starts (launch, start, wake to ready) of its
+    :data:`START_SAMPLES` most recently ready replicas, closed ones included: one query
+    by the ``workload_id`` index."""
+    rows = await session.scalars(
+        select(LedgerRow)
+        .where(LedgerRow.workload_id == workload_id, LedgerRow.ready_at.is_not(None))
+        .order_by(LedgerRow.ready_at.desc())
+        .limit(START_SAMPLES)
+    )
+    return [sample for sample in map(start_sample_of, rows) if sample is not None]
 
 
 def replica_view(row: LedgerRow, *, in_flight: int) -> ReplicaView:

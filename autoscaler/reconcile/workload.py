@@ -59,7 +59,7 @@ from autoscaler.decide.step import (
     timeouts_of,
     unplaced_reason,
 )
-from autoscaler.decide.warm import warm_policy_of
+from autoscaler.decide.warm import start_times_from, warm_policy_of
 from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
 from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
@@ -69,6 +69,7 @@ from autoscaler.reconcile.ledger import (
     fleet_usd_per_hour,
     open_rows,
     predecessor_prices,
+    recent_start_samples,
     record_decision,
     replica_view,
     replica_views,
@@ -190,6 +191,11 @@ async def reconcile_workload(
             deleted=workload.deleted_at is not None,
             inherited_usd_per_hour=await predecessor_prices(s, workload),
             fleet_usd_per_hour=await _fleet_usd(deps, s, fleet),
+            start_times=(
+                start_times_from(await recent_start_samples(s, workload.id))
+                if warm is not None
+                else None
+            ),
         )
         knobs = deps.settings.knobs
         memory = deps.memory.scale.get(workload.id, ScaleMemory())

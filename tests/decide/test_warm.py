@@ -28,8 +28,13 @@ from autoscaler.decide.warm import (
     DEFAULT_START_TIMES,
     WAIT_VALUE,
     ParkMode,
+    StartPath,
+    StartSample,
     StartTimes,
     WarmPolicy,
+    start_medians,
+    start_sample,
+    start_times_from,
     warm_policy_of,
 )
 from autoscaler.spec import WorkloadSpec
@@ -434,3 +439,46 @@ def test_a_refill_of_an_older_spec_still_booting_is_terminated_and_a_current_one
     assert kinds(plan(0, [ready], warm=pool, generation=2)) == [("Drain", "f", None)]
     drained = replica("f", ReplicaPhase.DRAINING, drain_age=5, prefill=True, generation=1)
     assert kinds(plan(0, [drained], warm=pool, generation=2)) == [("Terminate", "f", None)]
+
+
+def test_start_samples_say_how_a_replica_became_ready_and_medians_fill_in_defaults() -> None:
+    t0 = datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+    def at(seconds: float) -> datetime:
+        return t0 + timedelta(seconds=seconds)
+
+    launch = start_sample(
+        offer_key="a", intent_at=t0, ready_at=at(200), resumed_at=None, resumed_from=None
+    )
+    started = start_sample(
+        offer_key="a", intent_at=t0, ready_at=at(1060), resumed_at=at(1000), resumed_from="stopped"
+    )
+    woken = start_sample(
+        offer_key="a", intent_at=t0, ready_at=at(1003), resumed_at=at(1000), resumed_from="sleeping"
+    )
+    assert launch == StartSample("a", StartPath.LAUNCH, 200.0)
+    assert started == StartSample("a", StartPath.START, 60.0)
+    assert woken == StartSample("a", StartPath.WAKE, 3.0)
+    # Not ready since its resume, or parked again (the path it came back by is unknown).
+    assert (
+        start_sample(
+            offer_key="a", intent_at=t0, ready_at=None, resumed_at=at(5), resumed_from="stopped"
+        )
+        is None
+    )
+    assert (
+        start_sample(
+            offer_key="a", intent_at=t0, ready_at=at(9), resumed_at=at(5), resumed_from=None
+        )
+        is None
+    )
+
+    other = StartSample("b", StartPath.LAUNCH, 100.0)
+    times = start_times_from([launch, other, started])
+    assert times == StartTimes(fresh_s=150.0, start_s=60.0, wake_s=DEFAULT_START_TIMES.wake_s)
+    assert start_times_from([]) is None
+    assert start_medians([launch, other, started]) == {
+        ("a", StartPath.LAUNCH): (200.0, 1),
+        ("b", StartPath.LAUNCH): (100.0, 1),
+        ("a", StartPath.START): (60.0, 1),
+    }

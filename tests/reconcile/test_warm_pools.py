@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from autoscaler.api.views import instance_view
 from autoscaler.decide.signals import Signals
-from autoscaler.reconcile.ledger import fleet_usd_per_hour
+from autoscaler.decide.warm import DEFAULT_START_TIMES, start_times_from
+from autoscaler.reconcile.ledger import fleet_usd_per_hour, recent_start_samples
 from autoscaler.spec import WorkloadSpec
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
@@ -23,6 +25,10 @@ from providers.fake import FakeProvider
 from tests.reconcile.world import OFFERS, PROJECT, World, autoscaling
 
 STOPPED_USD = stopped_usd_per_hour(OFFERS[0])  # every test offer is an EC2 one
+FRESH_S = 150.0
+"""How long the tests' fresh machines take to be ready: an automatic pool holds a parked
+replica only while its path is faster than that (``decide.warm``'s hold rule reads the
+measured start times)."""
 
 
 class Crash(BaseException):
@@ -118,13 +124,21 @@ async def test_scale_up_resumes_the_stopped_machine_before_buying(world: World) 
     metrics = world.deps.metrics
     assert metrics.resumes.labels("aws", "stopped")._value.get() == 1
     assert metrics.resume_to_ready.labels("aws", "stopped")._sum.get() == 5
+    # Measured per path from the ledger's facts: what the next step's hold rule reads.
+    assert instance_view(resumed, world.now)["start"] == {"path": "start", "seconds": 5.0}
+    async with world.sessions() as s:
+        measured = start_times_from(await recent_start_samples(s, resumed.workload_id))
+    assert measured is not None and measured.start_s == 5.0
+    # Its launch sample gave way to its start; the new refill is not ready yet.
+    assert measured.fresh_s == DEFAULT_START_TIMES.fresh_s
+    assert measured.wake_s == DEFAULT_START_TIMES.wake_s  # nothing woken yet
 
 
 async def test_scale_down_parks_instead_of_terminating(world: World) -> None:
     await world.apply(pooled(warm_pool="auto", backend="sglang"))
     waiting(world)
     await world.step()
-    await world.step(5)
+    await world.step(FRESH_S)  # ready: a fresh machine's start is measured
     assert await world.phases("bot") == [Phase.READY]
     idle(world)
     for _ in range(4):
@@ -237,7 +251,7 @@ async def test_an_engine_sleeps_and_wakes_through_the_reconciler(world: World) -
     await world.apply(pooled(warm_pool="auto"))
     waiting(world)
     await world.step()
-    await world.step(5)
+    await world.step(FRESH_S)  # ready: a fresh machine's start is measured
     [row] = await world.rows("bot")
     assert phase_of(row) is Phase.READY
     assert "--enable-sleep-mode" in (row.engine_command or [])  # booted able to sleep
@@ -265,7 +279,7 @@ async def test_a_resumed_engine_that_still_sleeps_is_not_made_ready(world: World
     await world.apply(pooled(warm_pool="auto"))
     waiting(world)
     await world.step()
-    await world.step(5)
+    await world.step(FRESH_S)  # ready: a fresh machine's start is measured
     idle(world)
     for _ in range(4):
         await world.step(70)
@@ -285,7 +299,7 @@ async def test_a_sleep_not_confirmed_is_not_marked_parked(world: World) -> None:
     await world.apply(pooled(warm_pool="auto"))
     waiting(world)
     await world.step()
-    await world.step(5)
+    await world.step(FRESH_S)  # ready: a fresh machine's start is measured
     world.sleeper.refuse = True  # the engine does not answer its sleep calls
     idle(world)
     for _ in range(2):
