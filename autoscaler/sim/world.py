@@ -67,6 +67,11 @@ START_PATHS = (FRESH, START, WAKE)
 UNSERVED = "unserved"
 """The ``cold_path`` of a scale-from-zero request no replica served."""
 
+DEMAND_INTERVAL_S = 1.0
+"""A request arriving with no replica ready runs a controller pass at once, as the
+gateway's ``on_demand`` wakes the controller's loop, at most this often (the gateway's
+worker processes report demand at zero once a second at most)."""
+
 SAMPLE_INTERVAL_S = 10.0
 """Timeline resolution."""
 
@@ -335,6 +340,9 @@ class World:
         """Requests (by index) that arrived with no replica ready."""
         self._cold_path: dict[int, str] = {}
         self._resumes: dict[str, int] = {}
+        self._demand_at_zero = False
+        """A request arrived with no replica ready since the last controller pass."""
+        self._ticked_s = -math.inf
         self._warm_start(initial_replicas)
 
     # --- time -------------------------------------------------------------------------
@@ -381,8 +389,14 @@ class World:
                 i += 1
             self.gateway.expire(t)
             self._dispatch(t)
+            if self._demand_at_zero:
+                # The gateway tells the controller at once of a request with no replica
+                # ready (``Gateway(on_demand=...)`` wakes its loop), once a second at most.
+                self._demand_at_zero = False
+                next_tick = min(next_tick, max(t, self._ticked_s + DEMAND_INTERVAL_S))
             if t >= next_tick:
                 requeue = self._tick(t)
+                self._ticked_s = t
                 next_tick = t + min(self.policy.interval_s, requeue or math.inf)
             if t >= next_sample:
                 self._sample(t)
@@ -584,6 +598,7 @@ class World:
             self._refresh_fleet()
         if not self._any_ready:
             self._cold.add(record.index)
+            self._demand_at_zero = True
         self.gateway.arrive(record, t=t, any_ready=self._any_ready)
 
     def _dispatch(self, t: float) -> None:
