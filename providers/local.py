@@ -16,7 +16,9 @@ Stop and start: ``stop`` ends the engine process as ``terminate`` does but keeps
 instance (its record, its port, its log, and whatever the engine keeps on this disk:
 the model cache); it reads ``STOPPING`` until the process is gone, then ``STOPPED``.
 ``start`` runs the engine again from the launch request kept in the record, on the same
-port and under the same instance id, with its secrets resolved afresh
+port (no launch takes a port a stopped instance keeps; if another program took it
+meanwhile, on a new one, which the returned instance's address carries) and under the
+same instance id, with its secrets resolved afresh
 (``restart_command`` where the launcher has one, :class:`EngineRestarter`). A process
 that exited by itself is gone, not stopped, and is not started again.
 """
@@ -34,7 +36,7 @@ import signal
 import socket
 import sys
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -345,11 +347,27 @@ def _spawn(command: LaunchCommand, *, log_path: Path) -> int:
     )
 
 
-def _free_port(host: str) -> int:
+def _free_port(host: str, *, avoid: Collection[int] = ()) -> int:
+    """A port free on ``host`` now, none of ``avoid`` (those a stopped instance keeps)."""
+    for _ in range(64):
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port: int = s.getsockname()[1]
+        if port not in avoid:
+            return port
+    raise OSError(f"no free port on {host} outside the {len(avoid)} kept by instances")
+
+
+def _port_free(host: str, port: int) -> bool:
+    """Whether an engine could listen on ``port`` now (binding as servers do, with
+    ``SO_REUSEADDR``, so a just-closed listener's connections do not count)."""
     with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 # --- the provider -----------------------------------------------------------------
@@ -476,8 +494,12 @@ class LocalProvider:
 
     # -- internals ----------------------------------------------------------------
 
+    def _kept_ports(self) -> set[int]:
+        """Ports of instances not terminated: a stopped one starts there again."""
+        return {r.port for r in self._records.all() if r.terminated_at is None}
+
     def _start(self, request: LaunchRequest, secrets: Mapping[str, str]) -> _Record:
-        port = _free_port(self._host)
+        port = _free_port(self._host, avoid=self._kept_ports())
         instance_id = f"loc-{uuid.uuid4().hex[:16]}"
         log_path = self._records.directory / f"{instance_id}.log"
         try:
@@ -515,6 +537,8 @@ class LocalProvider:
             launcher.restart_command if isinstance(launcher, EngineRestarter) else launcher.command
         )
         try:
+            if not _port_free(record.host, record.port):  # another program took it meanwhile
+                record = replace(record, port=_free_port(record.host, avoid=self._kept_ports()))
             command = build(
                 request.boot,
                 host=record.host,

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -335,3 +336,25 @@ async def test_an_engine_that_exited_by_itself_is_gone_not_stopped(state_dir: Pa
         await local.stop(instance.instance_id)
     with pytest.raises(NotFound, match="exited"):
         await local.start(instance.instance_id)
+
+
+async def test_a_stopped_engine_whose_port_was_taken_starts_on_another_and_says_where(
+    state_dir: Path,
+) -> None:
+    local = provider(state_dir, launcher=EngineSimLauncher(time_scale=50.0))
+    instance = await local.launch(request_for())
+    assert instance.private_address is not None
+    await wait_healthy(f"http://{instance.private_address}")
+    await local.stop(instance.instance_id)
+    host, port = instance.private_address.rsplit(":", 1)
+
+    with socket.socket() as squatter:  # another program listens there meanwhile
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((host, int(port)))
+        squatter.listen()
+        started = await local.start(instance.instance_id)
+        assert started.private_address is not None
+        assert started.private_address != instance.private_address
+        await wait_healthy(f"http://{started.private_address}")
+        assert (await local.describe(instance.instance_id)).state is InstanceState.RUNNING
+    await local.terminate(instance.instance_id)
