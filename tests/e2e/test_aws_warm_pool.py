@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,7 +155,11 @@ def test_a_stopped_replica_survives_a_sigkill_and_serves_again(
                 return bool(found) and phase_of(found[0]) is Phase.READY
 
             wait_until(resumed_ready, timeout=60, what="the stopped replica started and ready")
-            time.sleep(2)  # a few more passes
+
+            def refilled() -> bool:  # the pool it left: a fresh replica, stopped in turn
+                return [phase_of(r) for r in rows()] == [Phase.READY, Phase.PARKED]
+
+            wait_until(refilled, timeout=60, what="the pool refilled")
             ledger = rows()
             cloud = _by_id(asyncio.run(_cloud(proxy, cluster)))
             resumed = next(r for r in ledger if r.launch_id == row.launch_id)
@@ -171,7 +174,9 @@ def test_a_stopped_replica_survives_a_sigkill_and_serves_again(
     assert resumed.resumed_at is not None, output
     assert resumed.hourly_usd == pytest.approx(A10G.on_demand_usd_per_hour)
     assert cloud[resumed.instance_id or ""] == "running"
-    # One machine per open row, none untracked (the pool's refill may have bought one).
-    assert set(cloud) == {r.instance_id for r in ledger}
+    # One machine per open row, none untracked: the resumed one and the new refill.
+    refill = next(r for r in ledger if r.launch_id != row.launch_id)
+    assert refill.prefill and refill.hourly_usd == pytest.approx(stopped_usd_per_hour(A10G))
+    assert cloud == {resumed.instance_id: "running", refill.instance_id: "stopped"}
     assert all(r.terminated_confirmed_at is None for r in ledger)
     assert answer.status_code == 200, answer.text
