@@ -5,6 +5,12 @@ driver against the CUDA pin, fetches the replica's secrets from the controller, 
 engine image, starts the engine container with the GPUs, host IPC, a model cache volume
 and a restart policy, waits for the engine's health path, and reports to the controller.
 
+The restart policy (``unless-stopped``) is what brings a warm pool's stopped machine back
+into service: EC2 runs user data at first boot only, so on a start Docker alone starts
+the container again, from the image and the weights already on the disk, and the
+controller's health check makes the replica ready. (GCE runs the startup script at every
+boot; it replaces the container, again from the disk's image and cache.)
+
 The callback contract (the controller serves it; ``{url}`` is :attr:`BootCallback.url`,
 every call carries ``Authorization: Bearer {token}``):
 
