@@ -12,6 +12,7 @@ from __future__ import annotations
 import bisect
 import math
 import random
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -38,7 +39,16 @@ from autoscaler.decide.step import (
     step,
     unplaced_reason,
 )
-from autoscaler.decide.warm import DEFAULT_START_TIMES, ParkMode, StartTimes, warm_policy_of
+from autoscaler.decide.warm import (
+    DEFAULT_START_TIMES,
+    ParkMode,
+    StartPath,
+    StartSample,
+    StartTimes,
+    start_times_from,
+    warm_policy_of,
+)
+from autoscaler.reconcile.ledger import START_SAMPLES
 from autoscaler.reconcile.provisioner import may_sleep
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
 from autoscaler.sim.policies import ControllerPolicy, ControlView, Policy
@@ -336,6 +346,8 @@ class World:
         self._weights_bytes = workload.params_b * 1e9 * workload.bytes_per_param
         self._starts: dict[str, list[float]] = {path: [] for path in START_PATHS}
         """Seconds from asking to ready of every boot so far, by path, sorted."""
+        self._samples: deque[StartSample] = deque(maxlen=START_SAMPLES)
+        """The most recent boots, as the controller keeps them for the step."""
         self._cold: set[int] = set()
         """Requests (by index) that arrived with no replica ready."""
         self._cold_path: dict[int, str] = {}
@@ -466,14 +478,11 @@ class World:
         return total
 
     def start_times(self) -> StartTimes:
-        """The measured median seconds to ready per start path, as the controller keeps
-        them (``decide.warm.DEFAULT_START_TIMES`` for a path not measured yet)."""
-        default = DEFAULT_START_TIMES
-        return StartTimes(
-            fresh_s=_median(self._starts[FRESH], default.fresh_s),
-            start_s=_median(self._starts[START], default.start_s),
-            wake_s=_median(self._starts[WAKE], default.wake_s),
-        )
+        """The measured median seconds to ready per start path, as the controller reads
+        them (``decide.warm.start_times_from`` over the workload's
+        ``reconcile.ledger.START_SAMPLES`` most recent boots; its defaults for a path not
+        measured)."""
+        return start_times_from(list(self._samples)) or DEFAULT_START_TIMES
 
     # --- events -----------------------------------------------------------------------
 
@@ -554,7 +563,9 @@ class World:
                 continue
             if r.engine is None and r.running_s <= t:
                 r.engine = BatchEngine(self.workload.profile(r.offer), start_s=t)
-                bisect.insort(self._starts[r.path], r.running_s - r.boot_asked_s)
+                took = r.running_s - r.boot_asked_s
+                bisect.insort(self._starts[r.path], took)
+                self._samples.append(StartSample(r.offer.key, _STEP_PATH[r.path], took))
                 self._fleet_changed()
                 self.events.append(
                     ScaleEvent(t, "ready", f"{r.launch_id} {r.offer.key} ({r.path})")
@@ -969,12 +980,7 @@ class World:
         )
 
 
-def _median(values: Sequence[float], default: float) -> float:
-    """The median of sorted ``values`` (``default`` when empty)."""
-    n = len(values)
-    if not n:
-        return default
-    return values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2.0
+_STEP_PATH = {FRESH: StartPath.LAUNCH, START: StartPath.START, WAKE: StartPath.WAKE}
 
 
 _BOOT = BootSpec(
