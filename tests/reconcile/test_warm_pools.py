@@ -20,6 +20,7 @@ from autoscaler.spec import WorkloadSpec
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
 from catalog.storage import stopped_usd_per_hour
+from gateway.routes import load_routes
 from providers.base import Instance, InstanceState
 from providers.fake import FakeProvider
 from tests.reconcile.world import OFFERS, PROJECT, World, autoscaling
@@ -104,8 +105,17 @@ async def test_an_explicit_pool_is_refilled_and_its_machine_stopped(world: World
     assert metrics.parks.labels("aws", "stopped")._value.get() == 1
 
 
+async def _routed(world: World) -> list[str]:
+    """The launch ids the gateway routes the workload to (its route table's query)."""
+    async with world.sessions() as s:
+        routes = await load_routes(s, now=world.now)
+    route = routes.get((PROJECT, "bot"))
+    return [] if route is None else [r.key for r in route.replicas]
+
+
 async def test_scale_up_resumes_the_stopped_machine_before_buying(world: World) -> None:
     parked = await _parked(world)
+    assert await _routed(world) == []  # parked: off the routes
     waiting(world)
     changes = world.changes
     await world.step(5)
@@ -119,6 +129,7 @@ async def test_scale_up_resumes_the_stopped_machine_before_buying(world: World) 
     assert phase_of(resumed) is Phase.READY and world.changes > changes
     assert resumed.launch_id == parked.launch_id and resumed.park_requested_at is None
     assert refill.prefill  # the pool it left is refilled by a fresh replica
+    assert await _routed(world) == [parked.launch_id]  # ready again: routed again
     instance = next(i for i in world.cloud.all() if i.launch_id == parked.launch_id)
     assert instance.state is InstanceState.RUNNING
     metrics = world.deps.metrics
@@ -161,6 +172,7 @@ async def test_a_stop_not_confirmed_is_not_marked_parked(world: World) -> None:
     [row] = await world.rows("bot")
     assert phase_of(row) is Phase.PARKING
     assert row.parked_at is None and row.hourly_usd > 0.5  # still billed running
+    assert await _routed(world) == []  # off the routes from the request on
     async with world.sessions() as s:
         assert await fleet_usd_per_hour(s) == pytest.approx(row.hourly_usd)
     await world.step(60)
