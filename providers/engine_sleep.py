@@ -22,7 +22,10 @@ Errors::
      │                       was not booted for it (no such route): boot it with sleep_mode
      └── EngineSleepFailed   the engine answered an error, timed out or could not be reached
 
-Every call has a bounded timeout; the modelled times of ``catalog.wake`` size it.
+Every call has a bounded timeout, one figure for every model: :data:`DEFAULT_TIMEOUT_S`
+sits above ``catalog.wake``'s longest modelled call (the level-2 reload of a 405B bf16
+model over 8 GPUs, about 236 s), so a hung engine holds its caller that long per call;
+a caller that must not wait so long passes a shorter ``timeout_s``.
 """
 
 from __future__ import annotations
@@ -47,7 +50,9 @@ __all__ = [
 ]
 
 DEFAULT_TIMEOUT_S = 300.0
-"""Longest wait for one call: a level-2 wake of a large model reads it all from disk."""
+"""Longest wait for one call: a level-2 wake of a large model reads it all from disk
+(``catalog.wake``: about 236 s for 405B parameters in bf16). A level-2 wake makes three
+calls, so up to three times this."""
 
 
 class EngineSleepError(Exception):
