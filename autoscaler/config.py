@@ -37,6 +37,7 @@ from autoscaler.decide.step import GROUP_PROVIDERS, UNAVAILABLE_SEC
 from autoscaler.reconcile.deps import (
     HEALTH_TIMEOUT_SEC,
     ORPHAN_GRACE_SEC,
+    RESYNC_SEC,
     TICK_SEC,
     UNHEALTHY_GRACE_SEC,
     VISIBILITY_GRACE_SEC,
@@ -296,6 +297,9 @@ class ControllerConfig(_Strict):
     close together (``decide.step.GROUP_PROVIDERS``). ``[]``: no groups anywhere."""
     providers: ProvidersSettings = ProvidersSettings(local=LocalSettings())
     tick_sec: Annotated[float, Field(gt=0)] = TICK_SEC
+    resync_sec: Annotated[float, Field(gt=0)] = RESYNC_SEC
+    """Every workload is stepped in full at least this often, whether or not anything it
+    reads changed (``autoscaler.reconcile.changes``)."""
     orphan_grace_sec: Annotated[float, Field(ge=0)] = ORPHAN_GRACE_SEC
     unavailable_sec: Annotated[float, Field(gt=0)] = UNAVAILABLE_SEC
     unhealthy_grace_sec: Annotated[float, Field(ge=0)] = UNHEALTHY_GRACE_SEC

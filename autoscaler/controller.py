@@ -371,6 +371,7 @@ def build_controller(
             cluster_id=config.cluster_id,
             fleet_max_hourly_cost_usd=config.fleet_max_hourly_cost_usd,
             tick_sec=config.tick_sec,
+            resync_sec=config.resync_sec,
             orphan_grace_sec=config.orphan_grace_sec,
             unavailable_sec=config.unavailable_sec,
             unhealthy_grace_sec=config.unhealthy_grace_sec,

@@ -144,7 +144,7 @@ class ControllerMetrics:
         )
         self.reconcile_duration = Histogram(
             "autoscaler_controller_reconcile_duration_seconds",
-            "One pass over every workload.",
+            "One reconcile pass over the fleet.",
             buckets=_DURATION_BUCKETS,
             registry=r,
         )
@@ -152,6 +152,14 @@ class ControllerMetrics:
             "autoscaler_controller_reconcile_errors",
             "Workload reconciles that failed (the others went on).",
             _WORKLOAD,
+            registry=r,
+        )
+        self.pass_workloads = Gauge(
+            "autoscaler_controller_pass_workloads",
+            "Workloads of the last pass: stepped in full (kind=stepped: changed, a timer "
+            "due, or due for their resync) or left alone (kind=left_alone: nothing they "
+            "read changed).",
+            ("kind",),
             registry=r,
         )
         self.pass_overruns = Counter(

@@ -159,6 +159,8 @@ class FakeCloud:
 
     def shown(self) -> builtins.list[Instance]:
         """The instances the API shows now."""
+        if not self.visibility_delay_sec:
+            return self.all()
         return [i for i in self.all() if self.visible(i.instance_id)]
 
     def set_state(self, instance_id: str, state: InstanceState) -> Instance:

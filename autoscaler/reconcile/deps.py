@@ -28,7 +28,8 @@ from autoscaler.decide.step import (
     StepKnobs,
 )
 from autoscaler.metrics import ControllerMetrics
-from autoscaler.spec import DEFAULT_MAX_REPLICAS
+from autoscaler.reconcile.fleet import WorkloadFacts
+from autoscaler.spec import DEFAULT_MAX_REPLICAS, WorkloadSpec
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
 from autoscaler.store.secrets import hf_token_of
@@ -50,6 +51,7 @@ ORPHAN_GRACE_SEC = 600.0
 UNHEALTHY_GRACE_SEC = 30.0
 VISIBILITY_GRACE_SEC = 300.0
 HEALTH_TIMEOUT_SEC = 3.0
+RESYNC_SEC = 600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +237,9 @@ class Settings:
     schedule_offset_sec: float = 0.0
     """Scheduled workloads are read at the clock's time plus this (a rehearsal of a
     schedule; 0 in production): ``ControllerConfig.schedule_offset_sec``."""
+    resync_sec: float = RESYNC_SEC
+    """Every workload is stepped in full at least this often, changed or not
+    (``autoscaler.reconcile.changes``); each between half and all of it, spread by id."""
 
     @property
     def knobs(self) -> StepKnobs:
@@ -266,6 +271,20 @@ class BootBackoff:
 
     failures: int
     retry_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """A workload as the last pass that looked at it left it (``reconcile.changes``)."""
+
+    facts: WorkloadFacts
+    """Its row and open rows as that pass read them (before its step, if it had one)."""
+    quiet: bool
+    """Its last full step planned nothing and had nothing refused."""
+    due_at: datetime | None
+    """When a timer of its own falls due (a plan's timeout, a schedule's change)."""
+    resync_at: datetime
+    """When it is stepped in full whatever changed (``Settings.resync_sec``)."""
 
 
 @dataclass
@@ -300,6 +319,16 @@ class Memory:
     """Launch ids whose failed boot has its decision."""
     boot_backoff: dict[int, BootBackoff] = field(default_factory=dict)
     """Per workload, failed boots in a row and when it may launch again."""
+    seen: dict[int, Seen] = field(default_factory=dict)
+    """Per workload, what the last pass saw of it: a workload absent here is stepped in
+    full (losing it only costs one full pass)."""
+    specs: dict[int, tuple[str, WorkloadSpec | None]] = field(default_factory=dict)
+    """Per workload, its stored spec parsed (``None``: not valid), by spec hash."""
+    engine_keys: dict[str, str | None] = field(default_factory=dict)
+    """Per open launch id, its engine key (read once: a row's key never changes)."""
+    pass_inputs: tuple[Settings, object] | None = None
+    """The settings and the offers (by identity) the last pass ran with; a pass that
+    finds either changed steps every workload."""
 
 
 @dataclass

@@ -15,9 +15,14 @@ from autoscaler.decide.plan import ReplicaPhase, ReplicaView
 from autoscaler.decide.scaling import FleetCounts
 from autoscaler.decide.warm import ParkMode, StartSample, start_sample
 from autoscaler.reconcile.deps import log
+from autoscaler.reconcile.fleet import SLEEP_FLAG, RowFacts
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
+
+Facts = LedgerRow | RowFacts
+"""A ledger row, or the same row read as a value by a pass (``reconcile.fleet``)."""
+
 
 _EPSILON_USD = 1e-9  # as in decide.budget: a launch that fits exactly is not refused
 
@@ -165,16 +170,16 @@ async def workloads_to_reconcile(session: AsyncSession) -> list[Workload]:
     )
 
 
-SLEEP_FLAG = "--enable-sleep-mode"
-"""In a replica's recorded engine command: its engine booted able to sleep."""
-
-
-def can_sleep(row: LedgerRow) -> bool:
+def can_sleep(row: Facts) -> bool:
     """Whether the replica's engine booted able to sleep (a replica group never parks)."""
-    return row.group_id is None and SLEEP_FLAG in (row.engine_command or ())
+    if row.group_id is not None:
+        return False
+    if isinstance(row, RowFacts):
+        return row.booted_to_sleep
+    return SLEEP_FLAG in (row.engine_command or ())
 
 
-def park_mode_of(row: LedgerRow) -> ParkMode | None:
+def park_mode_of(row: Facts) -> ParkMode | None:
     """How a parking or parked replica waits (``None`` for any other phase)."""
     if row.park_requested_at is None or row.park_mode is None:
         return None
@@ -209,7 +214,7 @@ async def recent_start_samples(session: AsyncSession, workload_id: int) -> list[
     return [sample for sample in map(start_sample_of, rows) if sample is not None]
 
 
-def replica_view(row: LedgerRow, *, in_flight: int) -> ReplicaView:
+def replica_view(row: Facts, *, in_flight: int) -> ReplicaView:
     """The plan's view of one ledger row. ``usd_per_hour`` is what the row costs now (a
     stopped machine's disks once the provider confirmed the stop), the price every
     ceiling counts; ``running_usd_per_hour`` its price running again."""
@@ -233,12 +238,14 @@ def replica_view(row: LedgerRow, *, in_flight: int) -> ReplicaView:
     )
 
 
-def replica_views(rows: Sequence[LedgerRow], *, in_flight: int) -> list[ReplicaView]:
+def replica_views(
+    rows: Sequence[LedgerRow] | Sequence[RowFacts], *, in_flight: int
+) -> list[ReplicaView]:
     """One view per replica for the plan. A replica group is one replica: its leader,
     priced at every open member and holding as many machines (so the ceilings and
     ``max_instances`` count the whole group); workers whose
     leader is already closed are listed on their own (terminating, still paid for)."""
-    members: dict[str, list[LedgerRow]] = {}
+    members: dict[str, list[Facts]] = {}
     for r in rows:
         if r.group_id is not None:
             members.setdefault(r.group_id, []).append(r)

@@ -1,7 +1,11 @@
-"""One reconcile pass over every workload: :func:`reconcile_once`.
+"""One reconcile pass over the fleet: :func:`reconcile_once`.
 
-A pass reads the providers once, the gateway's signals once, then reconciles each
-workload in turn. The orphan sweep runs last, when every intent of the pass is on record.
+A pass reads the providers once, the gateway's signals once and the fleet's state in two
+batched queries (``reconcile.fleet``), chooses the workloads it considers
+(:func:`workloads_this_pass`), and steps in full only those whose inputs changed or
+whose timers fell due (``reconcile.changes``, which says why leaving the others alone
+changes nothing; each is stepped in full at least every ``Settings.resync_sec``). The
+orphan sweep runs last, when every intent of the pass is on record.
 
 The work of a pass is bounded, so that the API and the gateway sharing the event loop
 keep answering and a stop signal is heard:
@@ -23,12 +27,16 @@ to ``Settings.quarantine_max_sec``); further failures are one log line each, wit
 traceback. A deleted workload is torn down even when its step fails: its replicas are
 drained and terminated without its spec (:func:`teardown_workload`).
 
-**What a pass costs.** O(workloads) store round trips: for each workload a constant
-number of reads (the workload, its open rows, a deleted predecessor's prices) and its
-commit, plus one per action or decision; the fleet's spend is one SUM over the open
-rows per pass, read only under a fleet ceiling (``ledger.FleetSpend``), and one more
-for the spend metric at the end. Placement, O(offers), runs only for a workload whose
-plan may launch or that has no replica to take its GPU shape from
+**What a pass costs.** Reading: one ``list`` per provider, two queries for the fleet
+(O(workloads + open rows), as values), one for the engine keys and specs not read yet,
+one SUM for the spend metric; in memory, O(workloads + open rows) to tell the changed
+workloads from the others, plus one health probe per ready or booting replica of a
+workload not changed otherwise, and an autoscaling workload's pure step. Then, for each
+workload stepped in full, a constant number of round trips and a commit, plus one per
+action or decision (``reconcile.workload``); a converged fleet steps none but the ones
+due for their resync. The fleet's spend for a fleet ceiling is the snapshot's total,
+moved by each step (``ledger.FleetSpend``). Placement, O(offers), runs only for a
+workload whose plan may launch or that has no replica to take its GPU shape from
 (``decide.step.step``).
 
 **Several controllers.** Where they share the store (``autoscaler.reconcile.shards``),
@@ -47,19 +55,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
 from autoscaler.decide.inputs import Measured
+from autoscaler.reconcile.changes import forget_step, record_step, work_for_pass
 from autoscaler.reconcile.deps import Deps, Failure, LeaseLost, WorkloadRef, log
-from autoscaler.reconcile.ledger import (
-    FleetSpend,
-    fleet_usd_per_hour,
-    record_decision,
-    workloads_to_reconcile,
-)
+from autoscaler.reconcile.fleet import Fleet, WorkloadFacts, read_fleet
+from autoscaler.reconcile.ledger import FleetSpend, fleet_usd_per_hour, record_decision
 from autoscaler.reconcile.measure import record_measurements, with_engines
 from autoscaler.reconcile.observe import Observation, observe
 from autoscaler.reconcile.orphans import sweep_orphans
@@ -67,17 +71,18 @@ from autoscaler.reconcile.workload import reconcile_workload, teardown_workload
 from providers.base import utc
 
 
-@dataclass(frozen=True, slots=True)
-class _Due:
-    id: int
-    project: str
-    slug: str
-    deleted: bool
+def workloads_this_pass(deps: Deps, fleet: Fleet) -> Sequence[WorkloadFacts]:
+    """The workloads this controller's pass considers, by id: every live workload and
+    every deleted one with rows still open, of the shards this controller holds (all of
+    them, alone). The one place the set is chosen. O(workloads)."""
+    if deps.shards is None:
+        return fleet.workloads
+    return [w for w in fleet.workloads if deps.owns(w.project, w.slug)]
 
 
 async def reconcile_once(deps: Deps) -> float:
-    """Reconcile every workload once (or as many as the pass budget allows); seconds
-    until the next pass is due."""
+    """Reconcile the workloads whose inputs changed or whose timers fell due (as many as
+    the pass budget allows); seconds until the next pass is due."""
     started = time.perf_counter()
     now = utc(deps.clock.now())
     deps.memory.started_at = deps.memory.started_at or now
@@ -89,14 +94,27 @@ async def reconcile_once(deps: Deps) -> float:
         except Exception:
             log.exception("recording the measurements failed")
     async with deps.sessions() as s:
-        found = [
-            _Due(w.id, w.project, w.slug, w.deleted_at is not None)
-            for w in await workloads_to_reconcile(s)
-            if deps.owns(w.project, w.slug)  # this controller's shards (all, alone)
-        ]
-    # The fleet's spend is read once per pass, and only under a fleet ceiling.
-    fleet = FleetSpend() if deps.settings.fleet_max_hourly_cost_usd is not None else None
+        snapshot = await read_fleet(s)
+    work = await work_for_pass(
+        deps,
+        workloads_this_pass(deps, snapshot),
+        fleet=snapshot,
+        observed=observed,
+        signals=signals,
+        now=now,
+    )
+    found = work.due
+    deps.metrics.pass_workloads.labels("stepped").set(len(found))
+    deps.metrics.pass_workloads.labels("left_alone").set(work.left_alone)
+    # The fleet's spend, under a fleet ceiling only: the snapshot's, moved by each step.
+    fleet = (
+        FleetSpend(snapshot.usd_per_hour)
+        if deps.settings.fleet_max_hourly_cost_usd is not None
+        else None
+    )
     due = deps.settings.tick_sec
+    if work.next_at is not None:
+        due = min(due, max(0.0, (work.next_at - now).total_seconds()))
     for index, workload in enumerate(_rotated(found, after=deps.memory.resume_after)):
         if index and time.perf_counter() - started >= deps.settings.pass_budget_sec:
             deps.memory.resume_after = _previous(found, workload)
@@ -120,7 +138,8 @@ async def reconcile_once(deps: Deps) -> float:
         deps.memory.resume_after = None
     try:
         if deps.shards is None or deps.shards.fleet_duties:
-            await sweep_orphans(deps, observed=observed, now=now)
+            claims = {r.launch_id: r.instance_id for r in snapshot.rows()}
+            await sweep_orphans(deps, observed=observed, now=now, claims=claims)
     except Exception:
         log.exception("orphan sweep failed")
     async with deps.sessions() as s:
@@ -131,7 +150,7 @@ async def reconcile_once(deps: Deps) -> float:
     return due
 
 
-def _rotated(found: Sequence[_Due], *, after: int | None) -> list[_Due]:
+def _rotated(found: Sequence[WorkloadFacts], *, after: int | None) -> list[WorkloadFacts]:
     """``found`` (by id) starting after workload ``after``: where a cut pass stopped."""
     if after is None:
         return list(found)
@@ -139,14 +158,14 @@ def _rotated(found: Sequence[_Due], *, after: int | None) -> list[_Due]:
     return [*later, *(w for w in found if w.id <= after)]
 
 
-def _previous(found: Sequence[_Due], workload: _Due) -> int | None:
+def _previous(found: Sequence[WorkloadFacts], workload: WorkloadFacts) -> int | None:
     earlier = [w.id for w in found if w.id < workload.id]
     return earlier[-1] if earlier else None
 
 
 async def _one(
     deps: Deps,
-    workload: _Due,
+    workload: WorkloadFacts,
     *,
     observed: Observation,
     signals: Mapping[WorkloadRef, Measured],
@@ -155,6 +174,7 @@ async def _one(
 ) -> float | None:
     """One workload's step within its share of the pass; ``None`` on the usual tick.
     A step that failed, was cut or tore a workload down leaves ``fleet`` to be read again."""
+    forget_step(deps, workload.id)  # stepped in full again unless this step ends well
     failure = deps.memory.failures.get(workload.id)
     if failure is not None and now < failure.retry_at:
         if workload.deleted:
@@ -164,7 +184,7 @@ async def _one(
         return (failure.retry_at - now).total_seconds()
     share = deps.settings.workload_share_sec
     try:
-        after = await asyncio.wait_for(
+        outcome = await asyncio.wait_for(
             reconcile_workload(
                 deps,
                 workload_id=workload.id,
@@ -208,10 +228,11 @@ async def _one(
             workload.slug,
             failure.attempts,
         )
-    return after
+    record_step(deps, workload, quiet=outcome.quiet, after=outcome.after, now=now)
+    return outcome.after
 
 
-async def _failed(deps: Deps, workload: _Due, *, error: Exception, now: datetime) -> None:
+async def _failed(deps: Deps, workload: WorkloadFacts, *, error: Exception, now: datetime) -> None:
     """Record a failure: the traceback and a decision the first time, one line after;
     the next try waits ``tick_sec`` doubled per failure, up to ``quarantine_max_sec``."""
     deps.metrics.reconcile_errors.labels(workload.project, workload.slug).inc()
@@ -269,7 +290,9 @@ def _one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {text[:500]}"
 
 
-async def _teardown(deps: Deps, workload: _Due, *, observed: Observation, now: datetime) -> None:
+async def _teardown(
+    deps: Deps, workload: WorkloadFacts, *, observed: Observation, now: datetime
+) -> None:
     try:
         await asyncio.wait_for(
             teardown_workload(deps, workload_id=workload.id, observed=observed, now=now),

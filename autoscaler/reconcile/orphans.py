@@ -10,10 +10,16 @@ like a running one: a stopped machine of a launch the ledger holds open is ours 
 alone, whatever its state; a stopped machine nobody claims is an orphan and terminated.
 Only terminated and interrupted instances are passed over. (The grace runs from the
 instance's ``launched_at``, which on EC2 is its last start.)
+
+The claims are the pass's snapshot of the open rows (``reconcile.fleet``); an instance
+that snapshot does not claim is looked up again in the store before it is judged (its
+row may have been written during the pass), so a sweep of a fleet with no orphan reads
+nothing more: O(instances listed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import select
@@ -24,47 +30,65 @@ from autoscaler.store.models import Instance as LedgerRow
 from providers.base import ProviderError
 
 
-async def sweep_orphans(deps: Deps, *, observed: Observation, now: datetime) -> list[str]:
-    """Terminate orphans past the grace period; the instance ids terminated."""
+async def sweep_orphans(
+    deps: Deps,
+    *,
+    observed: Observation,
+    now: datetime,
+    claims: Mapping[str, str | None] | None = None,
+) -> list[str]:
+    """Terminate orphans past the grace period; the instance ids terminated.
+    ``claims``: open rows' instance ids by launch id as the pass read them (``None``:
+    read them all here)."""
+    suspects = [
+        (name, instance)
+        for name, instances in observed.by_provider.items()
+        if deps.providers.get(name) is not None
+        for instance in instances.values()
+        if not instance.state.is_gone
+        and (now - instance.launched_at).total_seconds() >= deps.settings.orphan_grace_sec
+        and not _claimed(claims, instance.launch_id, instance.instance_id)
+    ]
+    if not suspects:
+        return []
     async with deps.sessions() as s:
-        rows = (
-            await s.execute(
-                select(LedgerRow.launch_id, LedgerRow.instance_id).where(
-                    LedgerRow.terminated_confirmed_at.is_(None)
-                )
-            )
-        ).all()
-    claimed = dict(rows)
+        query = select(LedgerRow.launch_id, LedgerRow.instance_id).where(
+            LedgerRow.terminated_confirmed_at.is_(None)
+        )
+        if claims is not None:
+            launches = {i.launch_id for _, i in suspects if i.launch_id}
+            query = query.where(LedgerRow.launch_id.in_(launches))
+        claimed = dict((await s.execute(query)).all())
     terminated: list[str] = []
-    for name, instances in observed.by_provider.items():
+    for name, instance in suspects:
         entry = deps.providers.get(name)
-        if entry is None:
+        if entry is None or _claimed(claimed, instance.launch_id, instance.instance_id):
             continue
-        for instance in instances.values():
-            if instance.state.is_gone:
-                continue
-            if instance.launch_id in claimed and claimed[instance.launch_id] in (
-                None,
-                instance.instance_id,
-            ):
-                continue
-            age = (now - instance.launched_at).total_seconds()
-            if age < deps.settings.orphan_grace_sec:
-                continue
-            deps.metrics.orphans.labels(name).inc()
-            if deps.settings.dry_run:
-                log.warning("dry-run: would terminate orphan %s", instance.instance_id)
-                continue
-            log.warning(
-                "terminating orphan %s (launch %s, %.0fs old): the ledger does not know it",
-                instance.instance_id,
-                instance.launch_id or "?",
-                age,
-            )
-            try:
-                await entry.provider.terminate(instance.instance_id)
-            except ProviderError as exc:
-                count_provider_error(deps, provider=name, operation="terminate", error=exc)
-                continue
-            terminated.append(instance.instance_id)
+        age = (now - instance.launched_at).total_seconds()
+        deps.metrics.orphans.labels(name).inc()
+        if deps.settings.dry_run:
+            log.warning("dry-run: would terminate orphan %s", instance.instance_id)
+            continue
+        log.warning(
+            "terminating orphan %s (launch %s, %.0fs old): the ledger does not know it",
+            instance.instance_id,
+            instance.launch_id or "?",
+            age,
+        )
+        try:
+            await entry.provider.terminate(instance.instance_id)
+        except ProviderError as exc:
+            count_provider_error(deps, provider=name, operation="terminate", error=exc)
+            continue
+        terminated.append(instance.instance_id)
     return terminated
+
+
+def _claimed(
+    claims: Mapping[str, str | None] | None, launch_id: str | None, instance_id: str
+) -> bool:
+    """Whether an open row claims the instance: its launch id, with no instance id yet
+    or this one."""
+    if claims is None or launch_id is None or launch_id not in claims:
+        return False
+    return claims[launch_id] in (None, instance_id)

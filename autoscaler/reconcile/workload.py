@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -63,6 +64,7 @@ from autoscaler.decide.warm import start_times_from, warm_policy_of
 from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
 from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
+from autoscaler.reconcile.fleet import RowFacts
 from autoscaler.reconcile.ledger import (
     FleetSpend,
     fleet_counts,
@@ -99,6 +101,18 @@ from autoscaler.store.phase import Phase, phase_of
 from providers.engines import engine_for
 
 
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """What one workload's step left: when it wants to run again, and whether its plan
+    was empty (nothing to launch, drain or terminate, nothing refused), which is what
+    lets a later pass leave it alone while nothing it reads changes
+    (:mod:`autoscaler.reconcile.changes`)."""
+
+    after: float | None = None
+    """Seconds until a timer of its own falls due (``None``: none pending)."""
+    quiet: bool = False
+
+
 async def reconcile_workload(
     deps: Deps,
     *,
@@ -107,17 +121,17 @@ async def reconcile_workload(
     signals: Mapping[WorkloadRef, Measured],
     now: datetime,
     fleet: FleetSpend | None = None,
-) -> float | None:
-    """One pass over one workload; seconds until it should run again (``None``: the
-    usual tick).
+) -> StepOutcome:
+    """One pass over one workload.
 
     ``fleet``: the pass's fleet spend, read under a fleet ceiling only (``None``: read
     here when there is a ceiling) and moved by this workload's change. Store round trips:
-    a constant number per workload, plus one per launch, termination or decision."""
+    a constant number per workload, plus one per launch, termination or decision; work
+    O(its rows), plus O(offers) for placement when the plan may launch."""
     async with deps.sessions() as s:
         workload = await s.get(Workload, workload_id)
         if workload is None:
-            return None
+            return StepOutcome()
         try:
             spec = WorkloadSpec.model_validate(workload.spec)
         except ValidationError as exc:
@@ -128,7 +142,7 @@ async def reconcile_workload(
                 await _tear_down(deps, s, workload=workload, observed=observed, now=now)
                 if fleet is not None:
                     fleet.forget()
-            return None
+            return StepOutcome()
         engine = engine_for(spec.backend.value)
         rows = await open_rows(s, workload.id)
         held = rows
@@ -176,16 +190,18 @@ async def reconcile_workload(
         if problems:
             await _report_unrunnable(deps, s, workload=workload, problems=problems, now=now)
             _moved(fleet, held)
-            return None
+            return StepOutcome()
         deps.memory.unrunnable.pop(workload.id, None)
         _avoid_slow_offers(deps, rows=rows, timeouts=timeouts_of(spec), now=now)
-        measured = _signals_for(workload, signals)
+        measured = signals_for(
+            (workload.project, workload.slug), signals, last_request_at=workload.last_request_at
+        )
         _moved(fleet, held)  # the fleet total the step reads counts the rows open now
         held = rows
         view = WorkloadView(
             spec=spec,
             generation=workload.generation,
-            replicas=_states(rows),
+            replicas=replica_states(rows),
             measured=measured,
             offers=deps.offers(),
             deleted=workload.deleted_at is not None,
@@ -205,6 +221,7 @@ async def reconcile_workload(
         if not view.deleted:
             deps.memory.scale[workload.id] = result.decision.memory
         decision, plan = result.decision, result.plan
+        quiet = not plan.actions and not plan.refusals
         hold = launch_hold(deps, workload_id=workload.id, rows=rows, now=now)
         if hold is not None:  # failed boots in a row: no launch before the backoff ends
             plan = dataclasses.replace(
@@ -253,6 +270,13 @@ async def reconcile_workload(
             deps.metrics.forget_workload(workload.project, workload.slug)
         else:
             _export(deps, workload=workload, spec=spec, rows=left, desired=decision.desired)
+    quiet = quiet and not plan.refusals
+    return StepOutcome(after=due_after(plan, decision, now=now), quiet=quiet)
+
+
+def due_after(plan: Plan, decision: ScaleDecision, *, now: datetime) -> float | None:
+    """Seconds until the step's nearest timer (a timeout of the plan, a change of the
+    decision such as a schedule's), ``None`` when none is pending."""
     due = [plan.requeue_after] if plan.requeue_after is not None else []
     if decision.recheck_at is not None:
         due.append(max(0.0, (decision.recheck_at - now).total_seconds()))
@@ -395,20 +419,27 @@ def _avoid_slow_offers(
             mark_unavailable(deps, row=row, now=now)
 
 
-def _signals_for(workload: Workload, signals: Mapping[WorkloadRef, Measured]) -> Measured:
-    measured = signals.get((workload.project, workload.slug), Measured())
+def signals_for(
+    ref: WorkloadRef,
+    signals: Mapping[WorkloadRef, Measured],
+    *,
+    last_request_at: datetime | None,
+) -> Measured:
+    """The workload's measurement, with the last request the store knows of (the
+    gateway records demand there) when that is later than the gateway's own."""
+    measured = signals.get(ref, Measured())
     signal = measured.signals
-    stored = workload.last_request_at
+    stored = last_request_at
     if stored is not None and (signal.last_request_at is None or stored > signal.last_request_at):
         signal = dataclasses.replace(signal, last_request_at=stored)
         measured = dataclasses.replace(measured, signals=signal)
     return measured
 
 
-def _states(rows: Sequence[LedgerRow]) -> list[ReplicaState]:
+def replica_states(rows: Sequence[LedgerRow] | Sequence[RowFacts]) -> list[ReplicaState]:
     """One state per replica (a replica group is its leader, priced whole:
     ``ledger.replica_views``), with the leader row's zone, worker and GPUs."""
-    by_id = {r.launch_id: r for r in rows}
+    by_id: dict[str, LedgerRow | RowFacts] = {r.launch_id: r for r in rows}
     states = []
     for view in replica_views(rows, in_flight=0):
         row = by_id[view.launch_id]

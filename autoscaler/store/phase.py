@@ -7,9 +7,31 @@ words a user reads side by side in ``describe`` and the API.
 
 from __future__ import annotations
 
+from datetime import datetime
 from enum import StrEnum
+from typing import Protocol
 
 from autoscaler.store.models import Instance
+
+
+class Stamps(Protocol):
+    """What a phase is derived from: a ledger row, or a value carrying its timestamps
+    (``autoscaler.reconcile.fleet.RowFacts``)."""
+
+    @property
+    def launched_at(self) -> datetime | None: ...
+    @property
+    def ready_at(self) -> datetime | None: ...
+    @property
+    def drain_requested_at(self) -> datetime | None: ...
+    @property
+    def terminate_requested_at(self) -> datetime | None: ...
+    @property
+    def terminated_confirmed_at(self) -> datetime | None: ...
+    @property
+    def park_requested_at(self) -> datetime | None: ...
+    @property
+    def parked_at(self) -> datetime | None: ...
 
 
 class Phase(StrEnum):
@@ -23,7 +45,7 @@ class Phase(StrEnum):
     PARKED = "parked"  # asleep or stopped (``park_mode``), kept for a fast scale-up
 
 
-def phase_of(instance: Instance) -> Phase:
+def phase_of(instance: Stamps) -> Phase:
     """A resumed replica has its park facts cleared (``resumed_at`` set, ``ready_at``
     cleared): it is booting until its engine answers again."""
     if instance.terminated_confirmed_at is not None:

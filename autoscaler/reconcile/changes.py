@@ -1,0 +1,340 @@
+"""Which workloads a pass steps in full, and why leaving the others alone changes nothing.
+
+A workload's full step (:func:`autoscaler.reconcile.workload.reconcile_workload`) costs
+store round trips and a commit; most of a converged fleet's steps would find nothing to
+do. :func:`work_for_pass` reads the fleet's state once (``reconcile.fleet``) and queues
+for a full step only the workloads for which one of these holds:
+
+1. **Not seen in the last pass, or changed since.** Anything it reads of its row and
+   its open rows (``fleet.WorkloadFacts``) differs from what the last pass read: a new
+   spec generation, a delete, a row added or closed, a boot callback's report, an agent's
+   heartbeat, this controller's own writes in that pass. The settings or the offers
+   (a catalog sync) changed: every workload.
+2. **Its last full step had work**: it planned an action or had a launch refused
+   (the refusal is counted, logged by interval, and tried again each pass).
+3. **A timer is due**: the plan's ``requeue_after`` (a boot or drain deadline, more
+   launches to come), a schedule's next change (``recheck_at``).
+4. **A replica needs attention**, as the step itself would find it: a pending intent, a
+   replica draining, being terminated, parking or parked (a warm pool's), an instance
+   the provider does not list running (or starting, for a booting replica), an engine
+   URL not learnt yet, a spot notice (queued or reported), a failed boot, a booting
+   replica group, a replica group missing a member, a grace
+   period running (not visible, unhealthy), a booting engine that now answers its
+   health path or a ready one that does not (every candidate's replicas are asked in
+   one batch, at most :data:`PROBES_AT_ONCE` at a time).
+5. **Its decision reads the clock.** An autoscaling workload's count depends on time
+   windows and idle timers, so its pure step (``decide.step.step``, no I/O) runs here
+   on the facts read; it is queued when that step plans or refuses anything or changes
+   the desired count, else its scaling memory is kept as the full step would keep it.
+   One with a warm pool is always queued: its plan also reads the measured start times
+   of closed rows, which the pass does not read.
+6. **Quarantined, backing off after failed boots, or unrunnable** (the full step handles
+   those), **deleted** (torn down), or **due for its resync**: every workload is stepped
+   in full at least every ``Settings.resync_sec`` (600 s by default), each between half
+   and all of it, spread by id, a safety net that does not depend on this list being
+   complete.
+
+Why a workload none of these hold for would do nothing in its full step: its rows are
+the ones its last full step read (1), and that step's plan was empty (2); sync, intent
+resolution, group settlement, health, spot notices and failed-boot handling find nothing
+(4; a closed row would have changed its facts, 1); a fixed count never changes and a
+schedule's changes and the plan's timeouts are timers (3); an autoscaling decision is
+computed here from the same inputs as the full step would use (5). Its spend, the fleet's
+and the offers only matter to a launch, which it does not plan.
+
+Cost per pass: O(workloads + open rows) in memory on top of the two queries of
+``fleet.read_fleet``, one health probe per ready or booting replica of a workload not
+queued for other reasons, an autoscaling workload's pure step, and one query for the
+engine keys and specs this controller has not read yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from pydantic import ValidationError
+
+from autoscaler.decide.inputs import Measured
+from autoscaler.decide.scaling import ScaleMemory
+from autoscaler.decide.step import WorkloadView, step
+from autoscaler.reconcile.deps import Deps, Seen, WorkloadRef
+from autoscaler.reconcile.fleet import (
+    Fleet,
+    RowFacts,
+    WorkloadFacts,
+    engine_keys,
+    workload_specs,
+)
+from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE
+from autoscaler.reconcile.observe import Observation
+from autoscaler.reconcile.workload import due_after, replica_states, signals_for
+from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
+from autoscaler.store.phase import Phase
+from providers.base import InstanceState
+from providers.engines import engine_for
+
+_RUNNING = frozenset({InstanceState.RUNNING})
+_STARTING = frozenset({InstanceState.PENDING, InstanceState.RUNNING})
+
+PROBES_AT_ONCE = 64
+"""Health probes in flight at once in a pass's batch."""
+
+_SPREAD = 0.6180339887  # the golden ratio's fraction: resync times spread evenly by id
+
+
+@dataclass(frozen=True, slots=True)
+class Work:
+    """A pass's queue: the workloads to step in full (by id), and the earliest timer of
+    those left alone (``None``: none pending)."""
+
+    due: tuple[WorkloadFacts, ...]
+    left_alone: int
+    next_at: datetime | None
+
+
+async def work_for_pass(
+    deps: Deps,
+    workloads: Sequence[WorkloadFacts],
+    *,
+    fleet: Fleet,
+    observed: Observation,
+    signals: Mapping[WorkloadRef, Measured],
+    now: datetime,
+) -> Work:
+    """Split ``workloads`` into those stepped in full and those left alone (see the
+    module docstring). O(workloads + their rows) plus the candidates' health probes."""
+    memory = deps.memory
+    inputs = (deps.settings, deps.offers())
+    if memory.pass_inputs is None or not _same_inputs(memory.pass_inputs, inputs):
+        memory.seen.clear()
+    memory.pass_inputs = inputs
+    candidates = [w for w in workloads if _needs_step(deps, w, observed=observed, now=now) is None]
+    await _load_specs(deps, candidates)
+    candidates = [w for w in candidates if _spec(deps, w) is not None]
+    answers = await _probe(deps, candidates)
+    due: list[WorkloadFacts] = []
+    left = 0
+    next_at: datetime | None = None
+    alone = {w.id for w in candidates if _health_as_left(w, answers)}
+    for w in workloads:
+        if w.id not in alone or not _decision_quiet(deps, w, fleet=fleet, signals=signals, now=now):
+            due.append(w)
+            continue
+        left += 1
+        seen = memory.seen[w.id]
+        if seen.due_at is not None and (next_at is None or seen.due_at < next_at):
+            next_at = seen.due_at
+    _forget_gone(deps, workloads)
+    return Work(due=tuple(due), left_alone=left, next_at=next_at)
+
+
+def record_step(
+    deps: Deps, workload: WorkloadFacts, *, quiet: bool, after: float | None, now: datetime
+) -> None:
+    """Remember what a full step of ``workload`` (as the pass read it) left: O(1)."""
+    period = deps.settings.resync_sec * (0.5 + 0.5 * ((workload.id * _SPREAD) % 1.0))
+    deps.memory.seen[workload.id] = Seen(
+        facts=workload,
+        quiet=quiet,
+        due_at=None if after is None else now + timedelta(seconds=after),
+        resync_at=now + timedelta(seconds=period),
+    )
+
+
+def forget_step(deps: Deps, workload_id: int) -> None:
+    """A step that failed or was cut: the workload is stepped in full next pass."""
+    deps.memory.seen.pop(workload_id, None)
+
+
+def _same_inputs(last: tuple[object, object], now: tuple[object, object]) -> bool:
+    return last[0] == now[0] and last[1] is now[1]
+
+
+def _needs_step(
+    deps: Deps, w: WorkloadFacts, *, observed: Observation, now: datetime
+) -> str | None:
+    """Why ``w`` is stepped in full this pass, as far as its facts alone tell (rules 1-4
+    and 6 of the module docstring, health aside); ``None``: it may be left alone."""
+    memory = deps.memory
+    seen = memory.seen.get(w.id)
+    if seen is None or seen.facts != w:
+        return "new or changed"
+    if not seen.quiet:
+        return "its last step had work"
+    if (seen.due_at is not None and now >= seen.due_at) or now >= seen.resync_at:
+        return "a timer is due"
+    if w.deleted or w.id in memory.failures or w.id in memory.boot_backoff:
+        return "deleted, quarantined or backing off"
+    if w.id in memory.unrunnable:
+        return "its spec cannot run"
+    return _replica_needs_step(deps, w, observed=observed)
+
+
+def _replica_needs_step(deps: Deps, w: WorkloadFacts, *, observed: Observation) -> str | None:
+    """O(its rows); the reason a replica gives for a full step, if any."""
+    memory = deps.memory
+    listed = observed.by_provider
+    for r in w.rows:
+        phase = r.phase
+        if phase is not Phase.READY and (phase is not Phase.BOOTING or r.group_id is not None):
+            return f"replica {r.launch_id} is {phase.value}"
+        if r.group_id is not None and _group_short(w, r):
+            return f"replica group {r.group_id} is missing a member"
+        if r.last_error is not None and r.last_error.startswith((SPOT_NOTICE, BOOT_FAILED)):
+            return f"replica {r.launch_id} reported: {r.last_error}"
+        if r.launch_id in memory.not_visible_since or r.launch_id in memory.unhealthy_since:
+            return f"a grace period of replica {r.launch_id} is running"
+        if r.instance_id is not None and r.instance_id in observed.notices:
+            return f"a spot notice for replica {r.launch_id}"
+        if r.worker_id is None and r.provider in listed:
+            instance = listed[r.provider].get(r.instance_id or "")
+            allowed = _RUNNING if phase is Phase.READY else _STARTING
+            if instance is None or instance.state not in allowed:
+                return f"the provider does not show replica {r.launch_id} running"
+            if r.url is None:
+                return f"the engine URL of replica {r.launch_id} is not known yet"
+    return None
+
+
+def _group_short(w: WorkloadFacts, row: RowFacts) -> bool:
+    """Whether ``row``'s replica group has fewer open members than its size."""
+    members = sum(1 for r in w.rows if r.group_id == row.group_id)
+    return members != (row.group_size or 1)
+
+
+def _spec(deps: Deps, w: WorkloadFacts) -> WorkloadSpec | None:
+    cached = deps.memory.specs.get(w.id)
+    return cached[1] if cached is not None and cached[0] == w.spec_hash else None
+
+
+async def _load_specs(deps: Deps, workloads: Iterable[WorkloadFacts]) -> None:
+    """Parse the stored specs not cached yet (one query); an invalid one is cached as
+    ``None`` and its workload stepped in full (which reports it)."""
+    missing = [w for w in workloads if _spec(deps, w) is None and w.id not in deps.memory.specs]
+    missing += [
+        w
+        for w in workloads
+        if w.id in deps.memory.specs and deps.memory.specs[w.id][0] != w.spec_hash
+    ]
+    if not missing:
+        return
+    async with deps.sessions() as s:
+        stored = await workload_specs(s, [w.id for w in missing])
+    for w in missing:
+        try:
+            spec: WorkloadSpec | None = WorkloadSpec.model_validate(stored.get(w.id))
+        except ValidationError:
+            spec = None
+        deps.memory.specs[w.id] = (w.spec_hash, spec)
+
+
+def _probe_targets(deps: Deps, workloads: Iterable[WorkloadFacts]) -> list[tuple[RowFacts, str]]:
+    """The replicas whose health a full step would ask, with their health path."""
+    targets = []
+    for w in workloads:
+        spec = _spec(deps, w)
+        assert spec is not None
+        path = engine_for(spec.backend.value).health_path
+        targets += [
+            (r, path)
+            for r in w.rows
+            if r.url is not None
+            and r.group_role != "worker"
+            and r.phase in (Phase.BOOTING, Phase.READY)
+        ]
+    return targets
+
+
+async def _probe(deps: Deps, workloads: Sequence[WorkloadFacts]) -> dict[str, bool]:
+    """Each candidate replica's health answer by launch id: one batch for the pass, at
+    most :data:`PROBES_AT_ONCE` in flight."""
+    targets = _probe_targets(deps, workloads)
+    keys = deps.memory.engine_keys
+    unknown = [r.launch_id for r, _ in targets if r.launch_id not in keys]
+    if unknown:
+        async with deps.sessions() as s:
+            keys.update(await engine_keys(s, unknown))
+    answers: dict[str, bool] = {}
+    queue = iter(targets)
+
+    async def worker() -> None:
+        for row, path in queue:
+            answers[row.launch_id] = await deps.health.healthy(
+                url=row.url or "", health_path=path, engine_key=keys.get(row.launch_id)
+            )
+
+    await asyncio.gather(*(worker() for _ in range(min(PROBES_AT_ONCE, len(targets)))))
+    return answers
+
+
+def _health_as_left(w: WorkloadFacts, answers: Mapping[str, bool]) -> bool:
+    """Whether every probed replica answers as its phase says (ready ones healthy,
+    booting ones not yet): the full step's health check would then change nothing."""
+    for r in w.rows:
+        answer = answers.get(r.launch_id)
+        if answer is not None and answer != (r.phase is Phase.READY):
+            return False
+    return True
+
+
+def _decision_quiet(
+    deps: Deps,
+    w: WorkloadFacts,
+    *,
+    fleet: Fleet,
+    signals: Mapping[WorkloadRef, Measured],
+    now: datetime,
+) -> bool:
+    """Rule 5: a fixed or scheduled count changes only at its timers; an autoscaling
+    workload's pure step is run on the facts read, and must plan, refuse and change
+    nothing (its scaling memory is then kept, as the full step keeps it)."""
+    spec = _spec(deps, w)
+    assert spec is not None
+    policy = spec.execution_policy_config
+    if not isinstance(policy, AutoscalingPolicy):
+        return True
+    if policy.warm_pool is not None:
+        return False  # its plan reads measured start times from closed rows too
+    settings = deps.settings
+    view = WorkloadView(
+        spec=spec,
+        generation=w.generation,
+        replicas=replica_states(w.rows),
+        measured=signals_for((w.project, w.slug), signals, last_request_at=w.last_request_at),
+        offers=deps.offers(),
+        inherited_usd_per_hour=fleet.inherited_prices(w),
+        fleet_usd_per_hour=fleet.usd_per_hour if settings.fleet_max_hourly_cost_usd else 0.0,
+    )
+    memory = deps.memory
+    result = step(
+        view,
+        memory=memory.scale.get(w.id, ScaleMemory()),
+        unavailable=memory.unavailable,
+        now=now,
+        knobs=settings.knobs,
+    )
+    decision, plan = result.decision, result.plan
+    if plan.actions or plan.refusals or memory.last_desired.get(w.id) != decision.desired:
+        return False
+    memory.scale[w.id] = decision.memory
+    after = due_after(plan, decision, now=now)
+    seen = memory.seen[w.id]
+    memory.seen[w.id] = replace(
+        seen, due_at=None if after is None else now + timedelta(seconds=after)
+    )
+    return True
+
+
+def _forget_gone(deps: Deps, workloads: Sequence[WorkloadFacts]) -> None:
+    """Drop what is remembered of workloads and rows no longer open: O(workloads + rows)."""
+    memory = deps.memory
+    ids = {w.id for w in workloads}
+    for table in (memory.seen, memory.specs):
+        for gone in [i for i in table if i not in ids]:
+            del table[gone]
+    launches = {r.launch_id for w in workloads for r in w.rows}
+    for gone_launch in [k for k in memory.engine_keys if k not in launches]:
+        del memory.engine_keys[gone_launch]

@@ -1,0 +1,262 @@
+"""The fleet as one pass reads it: every workload and every open ledger row, in two
+batched queries (:func:`read_fleet`), whatever the fleet's size.
+
+The rows are read as plain values (:class:`RowFacts`), not as ORM objects: a pass over
+10,000 workloads and 30,000 replicas reads them in about a tenth of a second on
+PostgreSQL here, where loading them as ORM rows took over a second. The columns are the
+ones a workload's step reads (:mod:`autoscaler.reconcile.workload`); an engine key is
+sealed at rest, so keys are read apart, only for rows this controller has not seen yet
+(:func:`engine_keys`), and kept in memory (a row's key never changes).
+
+Which of these workloads a pass steps is :mod:`autoscaler.reconcile.changes`' question.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple, cast
+
+from sqlalchemy import DateTime, Text, func, select, type_coerce
+from sqlalchemy import cast as sql_cast
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.models import Workload
+from autoscaler.store.phase import Phase
+
+_KEY_BATCH = 5_000  # launch ids per ``IN`` list
+
+SLEEP_FLAG = "--enable-sleep-mode"
+"""In a replica's recorded engine command: its engine booted able to sleep."""
+
+
+class RowFacts(NamedTuple):
+    """One open ledger row (not confirmed terminated), as a value. Its fields carry the
+    ledger's names, so :func:`autoscaler.store.phase.phase_of` and
+    :func:`autoscaler.reconcile.ledger.replica_views` read it as they read a row. A
+    tuple, so that comparing a fleet's facts with the last pass's runs at C speed."""
+
+    phase: Phase
+    launch_id: str
+    workload_id: int
+    project: str
+    workload_slug: str
+    provider: str
+    instance_id: str | None
+    worker_id: str | None
+    url: str | None
+    spec_generation: int
+    offer_key: str
+    zone: str
+    gpu: str
+    gpu_count: int
+    hourly_usd: float
+    intent_at: datetime
+    launched_at: datetime | None
+    ready_at: datetime | None
+    drain_requested_at: datetime | None
+    terminate_requested_at: datetime | None
+    last_error: str | None
+    group_id: str | None
+    group_role: str | None
+    group_size: int | None
+    joined_at: datetime | None
+    park_mode: str | None
+    park_requested_at: datetime | None
+    parked_at: datetime | None
+    resumed_at: datetime | None
+    running_usd_per_hour: float | None
+    stopped_usd_per_hour: float | None
+    prefill: bool
+    booted_to_sleep: bool
+    """Its recorded engine command holds :data:`SLEEP_FLAG` (``ledger.can_sleep``)."""
+    terminated_confirmed_at: datetime | None = None
+
+
+class WorkloadFacts(NamedTuple):
+    """One workload a pass considers (live, or deleted with rows still open): the
+    columns of its row a step reads, and its open rows, oldest first. Two facts are equal
+    exactly when nothing a step reads of the workload's row and rows changed."""
+
+    id: int
+    project: str
+    slug: str
+    generation: int
+    spec_hash: str
+    deleted: bool
+    last_request_at: datetime | None
+    rows: tuple[RowFacts, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    """What one pass read: the workloads by id (ascending) and the fleet's spend."""
+
+    workloads: tuple[WorkloadFacts, ...]
+    usd_per_hour: float
+    """The hourly total of every open row (``ledger.fleet_usd_per_hour``) as read."""
+    by_ref: Mapping[tuple[str, str], tuple[WorkloadFacts, ...]]
+    """The workloads of each ``(project, slug)``: a live one and deleted predecessors."""
+
+    def rows(self) -> Iterable[RowFacts]:
+        for workload in self.workloads:
+            yield from workload.rows
+
+    def inherited_prices(self, workload: WorkloadFacts) -> list[float]:
+        """Prices of open rows under a deleted workload of the same project and slug
+        (``ledger.predecessor_prices``): O(those rows)."""
+        return [
+            r.hourly_usd
+            for w in self.by_ref.get((workload.project, workload.slug), ())
+            if w.id != workload.id
+            for r in w.rows
+        ]
+
+
+_STAMPS = (
+    LedgerRow.intent_at,
+    LedgerRow.launched_at,
+    LedgerRow.ready_at,
+    LedgerRow.drain_requested_at,
+    LedgerRow.terminate_requested_at,
+)
+
+
+def _row_columns(postgres: bool) -> tuple[Any, ...]:
+    """The row's columns in :class:`RowFacts`' order (its phase aside). PostgreSQL's
+    driver hands ``timestamptz`` back as aware UTC datetimes already, so the timestamps
+    skip the UTC conversion there (a third of the read's time at 30,000 rows)."""
+
+    def stamp(column: Any) -> Any:
+        return type_coerce(column, DateTime(timezone=True)) if postgres else column
+
+    return (
+        LedgerRow.launch_id,
+        LedgerRow.workload_id,
+        LedgerRow.project,
+        LedgerRow.workload_slug,
+        LedgerRow.provider,
+        LedgerRow.instance_id,
+        LedgerRow.worker_id,
+        LedgerRow.url,
+        LedgerRow.spec_generation,
+        LedgerRow.offer_key,
+        LedgerRow.zone,
+        LedgerRow.gpu,
+        LedgerRow.gpu_count,
+        LedgerRow.hourly_usd,
+        *(stamp(c) for c in _STAMPS),
+        LedgerRow.last_error,
+        LedgerRow.group_id,
+        LedgerRow.group_role,
+        LedgerRow.group_size,
+        stamp(LedgerRow.joined_at),
+        LedgerRow.park_mode,
+        stamp(LedgerRow.park_requested_at),
+        stamp(LedgerRow.parked_at),
+        stamp(LedgerRow.resumed_at),
+        LedgerRow.running_usd_per_hour,
+        LedgerRow.stopped_usd_per_hour,
+        LedgerRow.prefill,
+        # The command is JSON; its text holds the flag as an element, quoted (not
+        # decoding every row's command each pass).
+        func.coalesce(sql_cast(LedgerRow.engine_command, Text), "").contains(f'"{SLEEP_FLAG}"'),
+    )
+
+
+def _phase(values: Sequence[Any]) -> Phase:
+    """``phase_of`` on a row's values (positions in :func:`_row_columns`)."""
+    if values[18] is not None:
+        return Phase.TERMINATING
+    if values[26] is not None:
+        return Phase.PARKED
+    if values[25] is not None:
+        return Phase.PARKING
+    if values[17] is not None:
+        return Phase.DRAINING
+    if values[16] is not None:
+        return Phase.READY
+    if values[15] is not None:
+        return Phase.BOOTING
+    return Phase.PENDING
+
+
+async def read_fleet(session: AsyncSession) -> Fleet:
+    """Every live workload, every deleted one with rows still open, and all open rows:
+    two queries, O(workloads + open rows)."""
+    connection = await session.connection()  # Core results: no ORM layer per row
+    postgres = connection.dialect.name == "postgresql"
+    found = await connection.execute(
+        select(*_row_columns(postgres))
+        .where(LedgerRow.terminated_confirmed_at.is_(None))
+        .order_by(LedgerRow.workload_id, LedgerRow.intent_at, LedgerRow.launch_id)
+    )
+    by_workload: dict[int, list[RowFacts]] = {}
+    total = 0.0
+    for values in found:
+        row = RowFacts(_phase(values), *cast(tuple[Any, ...], values))
+        total += row.hourly_usd
+        rows = by_workload.get(row.workload_id)
+        if rows is None:
+            by_workload[row.workload_id] = [row]
+        else:
+            rows.append(row)
+    still_open = select(LedgerRow.workload_id).where(LedgerRow.terminated_confirmed_at.is_(None))
+    listed = await connection.execute(
+        select(
+            Workload.id,
+            Workload.project,
+            Workload.slug,
+            Workload.generation,
+            Workload.spec_hash,
+            Workload.deleted_at.is_not(None),
+            type_coerce(Workload.last_request_at, DateTime(timezone=True))
+            if postgres
+            else Workload.last_request_at,
+        )
+        .where(Workload.deleted_at.is_(None) | Workload.id.in_(still_open))
+        .order_by(Workload.id)
+    )
+    workloads = tuple(
+        WorkloadFacts(
+            id=wid,
+            project=project,
+            slug=slug,
+            generation=generation,
+            spec_hash=spec_hash,
+            deleted=bool(deleted),
+            last_request_at=last_request_at,
+            rows=tuple(by_workload.get(wid, ())),
+        )
+        for wid, project, slug, generation, spec_hash, deleted, last_request_at in listed
+    )
+    by_ref: dict[tuple[str, str], tuple[WorkloadFacts, ...]] = {}
+    for w in workloads:
+        by_ref[(w.project, w.slug)] = (*by_ref.get((w.project, w.slug), ()), w)
+    return Fleet(workloads=workloads, usd_per_hour=total, by_ref=by_ref)
+
+
+async def engine_keys(session: AsyncSession, launch_ids: Sequence[str]) -> dict[str, str | None]:
+    """The engine key of each of these rows (unsealed): O(len(launch_ids))."""
+    keys: dict[str, str | None] = {}
+    for start in range(0, len(launch_ids), _KEY_BATCH):
+        chunk = list(launch_ids[start : start + _KEY_BATCH])
+        found = await session.execute(
+            select(LedgerRow.launch_id, LedgerRow.engine_key).where(LedgerRow.launch_id.in_(chunk))
+        )
+        keys.update((launch_id, key) for launch_id, key in found)
+    return keys
+
+
+async def workload_specs(session: AsyncSession, ids: Sequence[int]) -> Mapping[int, object]:
+    """The stored specs (JSON) of these workloads: O(len(ids))."""
+    specs: dict[int, object] = {}
+    for start in range(0, len(ids), _KEY_BATCH):
+        chunk = list(ids[start : start + _KEY_BATCH])
+        found = await session.execute(
+            select(Workload.id, Workload.spec).where(Workload.id.in_(chunk))
+        )
+        specs.update((wid, spec) for wid, spec in found)
+    return specs

@@ -1,0 +1,193 @@
+"""A pass steps only the workloads whose inputs changed or whose timers fell due, and
+leaving the others alone never hides what their own step would have done."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from autoscaler.decide.signals import Signals
+from autoscaler.reconcile.fleet import RowFacts, read_fleet
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.phase import Phase, phase_of
+from providers.base import InstanceState
+from tests.reconcile.world import PROJECT, World, autoscaling, fixed
+
+
+def stepped(world: World) -> tuple[int, int]:
+    """(stepped in full, left alone) in the last pass."""
+    gauge = world.deps.metrics.pass_workloads
+    return (
+        int(gauge.labels("stepped")._value.get()),
+        int(gauge.labels("left_alone")._value.get()),
+    )
+
+
+@contextmanager
+def writes(world: World) -> Iterator[list[str]]:
+    """Every INSERT, UPDATE or DELETE the store is asked for inside the block."""
+    engine: AsyncEngine = world.sessions.kw["bind"]
+    seen: list[str] = []
+
+    def before(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().split(" ", 1)[0].upper() in ("INSERT", "UPDATE", "DELETE"):
+            seen.append(statement)
+
+    event.listen(engine.sync_engine, "before_cursor_execute", before)
+    try:
+        yield seen
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", before)
+
+
+async def converged(world: World, *slugs: str, replicas: int = 2) -> None:
+    for slug in slugs:
+        await world.apply(fixed(slug, replicas))
+    await world.step()  # launch
+    await world.step(5)  # the engines answer: ready
+    await world.step(5)  # the rows the last pass changed are looked at once more
+    for slug in slugs:
+        assert await world.phases(slug) == [Phase.READY] * replicas
+
+
+async def test_a_converged_fleet_is_left_alone_without_a_write_or_a_provider_call(
+    world: World,
+) -> None:
+    await converged(world, "a", "b", "c")
+    calls = len(world.provider.calls)
+    with writes(world) as written:
+        await world.step(5)
+    assert stepped(world) == (0, 3)
+    assert written == []
+    assert [c.method for c in world.provider.calls[calls:]] == ["list"]
+    assert len(world.health.asked) > 0  # the engines are still asked, in one batch
+
+
+async def test_a_reapplied_spec_wakes_its_workload_alone(world: World) -> None:
+    await converged(world, "a", "b", "c")
+    await world.apply(fixed("b", 3))
+    await world.step(5)
+    assert stepped(world) == (1, 2)
+    assert len(await world.rows("b")) == 3
+    assert len(await world.rows("a")) == len(await world.rows("c")) == 2
+
+
+async def test_an_engine_that_stops_answering_is_noticed_while_left_alone(world: World) -> None:
+    await converged(world, "a", "b")
+    await world.step(5)
+    assert stepped(world) == (0, 2)
+    [first, _] = await world.rows("a")
+    world.health.down.add(first.url or "")
+    await world.step(5)
+    assert stepped(world) == (1, 1)
+    await world.step(25)  # past the unhealthy grace
+    rows = await world.rows("a")
+    assert rows[0].terminate_requested_at is not None
+    assert "unhealthy" in (await world.decisions("terminate"))[0].reason
+
+
+async def test_an_instance_gone_at_the_provider_is_closed_and_replaced(world: World) -> None:
+    await converged(world, "a", "b")
+    await world.step(5)
+    [first, _] = await world.rows("b")
+    world.cloud.set_state(first.instance_id or "", InstanceState.TERMINATED)
+    await world.step(5)
+    rows = await world.rows("b")
+    assert rows[0].terminated_confirmed_at is not None
+    assert len([r for r in rows if r.terminated_confirmed_at is None]) == 2  # replaced
+
+
+async def test_a_change_written_by_another_process_wakes_the_workload(world: World) -> None:
+    """A boot callback's report (here, a spot notice on a serving replica) changes the
+    rows the workload reads: its step runs and drains the replica."""
+    await converged(world, "a")
+    await world.step(5)
+    [first, _] = await world.rows("a")
+    async with world.sessions() as s:
+        row = await s.get(type(first), first.launch_id)
+        assert row is not None
+        row.last_error = "spot notice: the provider reclaims it"
+        await s.commit()
+    await world.step(5)
+    assert (await world.rows("a"))[0].drain_requested_at is not None
+
+
+async def test_every_workload_is_stepped_at_its_resync(world: World) -> None:
+    world.deps = world.make_deps(resync_sec=60.0)
+    await converged(world, "a", "b", "c")
+    await world.step(5)
+    assert stepped(world) == (0, 3)
+    await world.step(60)
+    assert stepped(world) == (3, 0)
+
+
+async def test_an_idle_autoscaling_workload_scales_down_with_nothing_changed(
+    world: World,
+) -> None:
+    """Its count reads the clock (the scale-down window), so its pure step runs each pass
+    on the facts read: it is left alone while the decision holds, and stepped the pass
+    the window has passed."""
+    await world.apply(autoscaling("bot", min_workers=1, scale_down_time_window_sec=60))
+    await world.step()
+    await world.step(5)
+    ref = (PROJECT, "bot")
+    for _ in range(8):  # slow answers: scale up to two
+        now = world.clock.now()
+        samples = tuple((t, 3.0) for t in range(int(now) - 120, int(now), 2))
+        world.signals.by_ref[ref] = Signals.from_epoch(
+            ttft_samples=samples, request_rate=5.0, in_flight=4, queue_depth=0, last_request_at=now
+        )
+        await world.step(5)
+    ready = (await world.phases("bot")).count(Phase.READY)
+    assert ready >= 2
+    del world.signals.by_ref[ref]  # then quiet: nothing measured, nothing written
+    left_alone = 0
+    for _ in range(40):
+        await world.step(5)
+        if Phase.DRAINING in await world.phases("bot"):
+            break
+        left_alone += stepped(world)[1]
+    assert Phase.DRAINING in await world.phases("bot")  # the window passed: one drained
+    assert left_alone > 0  # and the passes before it left the workload alone
+    assert any(d.result["direction"] == "down" for d in await world.decisions("scale"))
+
+
+# The ledger's columns a workload's step does not read: everything else must be in the
+# facts a pass compares, or a change to it would not wake the workload.
+NOT_READ_BY_A_STEP = {
+    "engine_key",  # read apart, once per row (fleet.engine_keys)
+    "engine_command",
+    "engine",
+    "engine_reason",
+    "private_address",  # read at a group member's launch only
+    "region",  # fixed at the intent, with the offer its offer_key names
+    "instance_type",
+    "spot",
+}
+
+
+def test_the_facts_a_pass_compares_cover_every_column_a_step_reads() -> None:
+    columns = {c.name for c in LedgerRow.__table__.columns}
+    assert columns - NOT_READ_BY_A_STEP <= set(RowFacts._fields)
+
+
+async def test_the_phase_read_with_the_facts_is_the_ledgers(world: World) -> None:
+    await world.apply(fixed("a", 3))
+    await world.step()
+    await world.step(5)
+    async with world.sessions() as s:
+        rows = await s.scalars(select(LedgerRow).order_by(LedgerRow.launch_id))
+        [_, second, third] = rows
+        second.drain_requested_at = world.now
+        third.terminate_requested_at = world.now
+        await s.commit()
+        fleet = await read_fleet(s)
+        ledger = {r.launch_id: phase_of(r) for r in await s.scalars(select(LedgerRow))}
+    facts = {r.launch_id: r.phase for r in fleet.rows()}
+    assert facts == ledger
+    assert sorted(facts.values()) == sorted([Phase.READY, Phase.DRAINING, Phase.TERMINATING])
+    assert {r.launch_id: phase_of(r) for r in fleet.rows()} == ledger
