@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.api.deps import Project, Session, State
 from autoscaler.api.errors import ApiError
+from autoscaler.reconcile.ledger import can_sleep
 from autoscaler.reconcile.liveness import BOOT_FAILED
 from autoscaler.spec import WorkloadSpec
 from autoscaler.store import workloads
@@ -248,6 +249,7 @@ def _assignment(
             command=spec.engine_command,
             vllm_version=spec.vllm_version,
             task_type=spec.task_type.value,
+            sleep_mode=can_sleep(row),  # as its intent recorded it (a warm pool's sleep)
         )
     except (CommandError, ValueError) as exc:
         item["error"] = str(exc)

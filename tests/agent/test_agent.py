@@ -99,7 +99,11 @@ async def create_workload(api: WorkersApiServer, slug: str = "support-bot") -> N
 
 
 async def assign(
-    sessions: async_sessionmaker[AsyncSession], *, worker_id: str, launch_id: str
+    sessions: async_sessionmaker[AsyncSession],
+    *,
+    worker_id: str,
+    launch_id: str,
+    engine_command: list[str] | None = None,
 ) -> None:
     """Write an assignment as the controller does: a ledger row with worker_id set."""
     async with sessions() as s, s.begin():
@@ -124,6 +128,7 @@ async def assign(
                 worker_id=worker_id,
                 engine_key=ENGINE_KEY,
                 intent_at=datetime.now(UTC),
+                engine_command=engine_command,
             )
         )
 
@@ -335,3 +340,27 @@ async def test_an_assignment_carries_the_workloads_stored_hf_token(
     [item] = answer.json()["items"]
     assert item["secrets"]["HF_TOKEN"] == token
     assert token not in json.dumps(item["boot"])
+
+
+async def test_an_assignment_booted_to_sleep_carries_the_sleep_flags(
+    api: WorkersApiServer, worker: Worker, store: async_sessionmaker[AsyncSession]
+) -> None:
+    """A warm pool that may sleep records the sleep flag in the intent's command; the
+    agent's boot must carry it too, or the engine could never be put to sleep."""
+    async with httpx.AsyncClient(base_url=api.url, headers=ADMIN) as client:
+        applied = await client.put(
+            "/v1/projects/acme/workloads/support-bot",
+            json={"name": "Support bot", "model": MODEL},
+        )
+        assert applied.status_code == 201, applied.text
+    recorded = ["vllm", "serve", MODEL, "--enable-sleep-mode"]
+    await assign(store, worker_id=worker.worker_id, launch_id="lch_sleepy", engine_command=recorded)
+    await assign(store, worker_id=worker.worker_id, launch_id="lch_awake")
+    async with httpx.AsyncClient(
+        base_url=api.url, headers={"Authorization": f"Bearer {worker.secret}"}
+    ) as client:
+        answer = await client.get(f"/v1/workers/{worker.worker_id}/assignments")
+    boots = {item["launch_id"]: item["boot"] for item in answer.json()["items"]}
+    assert "--enable-sleep-mode" in boots["lch_sleepy"]["command"]
+    assert boots["lch_sleepy"]["env"]["VLLM_SERVER_DEV_MODE"] == "1"
+    assert "--enable-sleep-mode" not in boots["lch_awake"]["command"]
