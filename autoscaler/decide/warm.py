@@ -34,9 +34,10 @@ The spec bounds the pools (``warm_pool: {stopped: N, sleeping: M}``): at most N 
 machines and M sleeping engines, each kept without expiry, and refilled up to N and M
 (a fresh replica is launched, made ready, then parked) so the pool is there before the
 first burst; a refill is launched only where placement gives a replica that can park
-that way (a spot machine or a replica group is never stopped). ``warm_pool: auto`` keeps what scale-downs leave, up to ``max_workers`` of
-each kind, for the hold time above, and refills nothing. Unset: no warm pool (every
-replica leaving is terminated, as before warm pools).
+that way (a spot machine or a replica group is never stopped). ``warm_pool: auto``
+keeps what scale-downs leave, up to ``max_workers`` of each kind, for the hold time
+above, and refills nothing. Unset: no warm pool (every replica leaving is terminated, as
+before warm pools).
 """
 
 from __future__ import annotations
