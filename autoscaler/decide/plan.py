@@ -237,7 +237,9 @@ class _Ledger:
             fleet_live_usd_per_hour=fleet,
             new_instances=r.machines,
         )
-        if not verdict.allowed:
+        # A resume that adds nothing (a sleeping engine's machine is paid already) is never
+        # refused: a ceiling lowered below the spend must not keep a paid machine asleep.
+        if not verdict.allowed and running > r.usd_per_hour:
             reason = verdict.reason.replace("launch refused", f"resume of {r.launch_id} refused", 1)
             return Refusal(reason)
         self.live = without.plus(running, machines=r.machines)

@@ -482,3 +482,14 @@ def test_start_samples_say_how_a_replica_became_ready_and_medians_fill_in_defaul
         ("b", StartPath.LAUNCH): (100.0, 1),
         ("a", StartPath.START): (60.0, 1),
     }
+
+
+def test_a_sleeping_replica_wakes_under_a_lowered_ceiling_since_waking_costs_nothing() -> None:
+    asleep = replica("a", ReplicaPhase.PARKED, park=ParkMode.SLEEPING, price=4.0)
+    serving = replica("r", price=4.0)
+    lowered = BudgetLimits(workload_usd_per_hour=5.0)  # below the $8/h already paid
+    assert kinds(plan(2, [serving, asleep], limits=lowered)) == [("Resume", "a", None)]
+    stopped = replica("s", ReplicaPhase.PARKED, park=ParkMode.STOPPED, price=4.0)
+    p = plan(2, [serving, stopped], limits=lowered)
+    assert p.resumes == ()
+    assert p.refusals and p.refusals[0].reason.startswith("resume of s refused")
