@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from sqlalchemy import inspect, select
+from sqlalchemy import func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store import tokens, workloads
-from autoscaler.store.db import migrate
-from autoscaler.store.models import Instance, Job, Workload
+from autoscaler.store.db import migrate, session_factory
+from autoscaler.store.models import Instance, Job, RouteChange, Workload
 from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.tokens import TokenKind
 from autoscaler.store.workloads import EnsureAction
@@ -225,6 +226,69 @@ async def test_migrations_are_idempotent(engine: AsyncEngine) -> None:
 
         version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar()
     assert version is not None
+
+
+async def test_the_warm_pool_migration_goes_down_and_up_keeping_the_route_log(
+    engine: AsyncEngine,
+) -> None:
+    """0012 names the park columns in the route change log's trigger: going down to 0011
+    puts 0007's trigger back (PostgreSQL refuses to drop a column a trigger names; SQLite
+    rebuilds the table without its triggers), and up again adds the park columns."""
+    from alembic import command
+    from sqlalchemy.engine import Connection
+
+    from autoscaler.store.db import _alembic_config
+
+    def to(revision: str) -> Callable[[Connection], None]:
+        def run(conn: Connection) -> None:
+            config = _alembic_config()
+            config.attributes["connection"] = conn
+            if revision == "head":
+                command.upgrade(config, revision)
+            else:
+                command.downgrade(config, revision)
+
+        return run
+
+    def columns(conn: Connection) -> set[str]:
+        return {c["name"] for c in inspect(conn).get_columns("instances")}
+
+    async with engine.begin() as conn:
+        await conn.run_sync(to("0011"))
+        assert "park_requested_at" not in await conn.run_sync(columns)
+        await conn.run_sync(to("head"))
+        assert "park_requested_at" in await conn.run_sync(columns)
+    sessions = session_factory(engine)
+    created = await ensure(sessions, spec())
+    logged = select(func.count()).select_from(RouteChange)
+    async with sessions() as session:
+        before = await session.scalar(logged)
+    async with sessions() as session, session.begin():
+        session.add(
+            Instance(
+                launch_id="l-warm",
+                workload_id=created.workload.id,
+                project="acme",
+                workload_slug="support-bot",
+                spec_generation=1,
+                provider="aws",
+                offer_key="aws/us-east-1a/g5.xlarge",
+                region="us-east-1",
+                zone="us-east-1a",
+                instance_type="g5.xlarge",
+                gpu="NVIDIA A10G",
+                gpu_count=1,
+                hourly_usd=1.0,
+                intent_at=NOW,
+            )
+        )
+    async with sessions() as session, session.begin():
+        row = await session.get(Instance, "l-warm")
+        assert row is not None
+        row.park_requested_at = NOW  # asked to park: off the routes
+    async with sessions() as session:
+        after = await session.scalar(logged)
+    assert before is not None and after == before + 2  # the insert, the park request
 
 
 async def test_a_batchs_lines_are_indexed_by_batch_and_status(engine: AsyncEngine) -> None:

@@ -75,6 +75,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    postgres = op.get_bind().dialect.name == "postgresql"
+    _create_trigger(_BEFORE)  # it names the park columns: it goes back to 0007's first
     with op.batch_alter_table("instances") as batch:
         for name in (
             "prefill",
@@ -87,7 +89,7 @@ def downgrade() -> None:
         ):
             batch.drop_column(name)
     # SQLite rebuilt the table without its triggers: create 0007's again.
-    if op.get_bind().dialect.name != "postgresql":
+    if not postgres:
         for name, event in (
             ("route_change_instance_insert", "INSERT"),
             ("route_change_instance_delete", "DELETE"),
@@ -98,4 +100,4 @@ def downgrade() -> None:
                 f"CREATE TRIGGER {name} AFTER {event} ON instances FOR EACH ROW BEGIN "
                 f"INSERT INTO route_changes (workload_id) VALUES ({row}.workload_id); END"
             )
-    _create_trigger(_BEFORE)
+        _create_trigger(_BEFORE)
