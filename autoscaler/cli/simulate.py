@@ -193,10 +193,15 @@ def command(
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(report.summary())
-    oracle = prepared.oracle
+    # Our controller on a spec with a warm pool is measured against the oracle that may
+    # stop machines too; every other policy against the oracle of fresh machines.
+    warm = prepared.warm_plan if policy == "ours" else None
+    oracle = warm or prepared.oracle
+    stops = f", {oracle.stops} gap(s) bridged by a stopped machine" if warm else ""
     click.echo(
         f"  oracle              ${oracle.cost_usd:.2f} on {oracle.offer.key} "
         f"({'spot' if oracle.spot else 'on-demand'}), peak {max(oracle.fleet, default=0)} replicas"
+        + stops
     )
     if report_path is not None:
         data = report.to_json()
@@ -207,6 +212,8 @@ def command(
             "slot_s": oracle.slot_s,
             "fleet": list(oracle.fleet),
             "gpu_hours": oracle.gpu_hours,
+            "warm_pools": warm is not None,
+            "stops": oracle.stops,
         }
         report_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         click.echo(f"report: {report_path}")
