@@ -155,14 +155,17 @@ def build_registry(
             timed(AwsProvider(p.aws.provider_config(), clock=clock)),
             engine_address=p.aws.engine_address,
             public=p.aws.address == "public",
+            disk_gib=p.aws.root_volume_gib,
         )
     if p.gcp is not None:
         from providers.gcp import GcpProvider
 
+        gcp_config = p.gcp.provider_config()
         entries[ProviderName.GCP.value] = ProviderEntry(
-            timed(GcpProvider(p.gcp.provider_config())),
+            timed(GcpProvider(gcp_config)),
             engine_address=p.gcp.engine_address,
             public=p.gcp.address == "public",
+            disk_gib=gcp_config.boot_disk_gib,
         )
     if p.simulated is not None:
         entries[ProviderName.SIMULATED.value] = ProviderEntry(

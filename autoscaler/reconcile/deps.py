@@ -34,6 +34,7 @@ from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
 from autoscaler.store.secrets import hf_token_of
 from catalog.model import Offer
+from catalog.storage import LAUNCH_DISK_GIB
 from providers import engine_sleep
 from providers.base import Clock, Instance, LaunchRequest, Provider
 from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET
@@ -171,11 +172,15 @@ class ProviderEntry:
 
     ``engine_address`` (``host`` or ``host:port``) replaces every instance's address (a
     tunnel, a local proxy, tests); else the private (or ``public``) address is used.
+    ``disk_gib``: the boot disk each launch asks for (``root_volume_gib`` on EC2,
+    ``boot_disk_gib`` on GCE); a stopped machine bills this disk
+    (``catalog.storage.stopped_usd_per_hour``).
     """
 
     provider: Provider
     engine_address: str | None = None
     public: bool = False
+    disk_gib: float = LAUNCH_DISK_GIB
 
     def engine_url(self, instance: Instance, *, port: int) -> str | None:
         address = self.engine_address or (

@@ -58,7 +58,7 @@ from catalog.cuda import offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import Offer, ProviderName
 from catalog.query import Market
-from catalog.storage import stopped_usd_per_hour
+from catalog.storage import LAUNCH_DISK_GIB, stopped_usd_per_hour
 from providers.base import (
     GROUP_TAG,
     ROLE_TAG,
@@ -183,7 +183,14 @@ async def launch_replica(
         return await _launch_group(
             deps, session, workload=workload, spec=spec, placement=placement, reason=reason, now=now
         )
-    row = _intent_row(workload, spec, placement=placement, launch_id=new_launch_id(), now=now)
+    row = _intent_row(
+        workload,
+        spec,
+        placement=placement,
+        launch_id=new_launch_id(),
+        now=now,
+        disk_gib=_disk_gib(deps, placement),
+    )
     row.prefill = prefill
     session.add(row)
     record_decision(
@@ -238,9 +245,11 @@ def _intent_row(
     placement: Placement,
     launch_id: str,
     now: datetime,
+    disk_gib: float,
     rank: int = 0,
 ) -> LedgerRow:
-    """The ledger row of one machine (one member of a group) to be bought."""
+    """The ledger row of one machine (one member of a group) to be bought; ``disk_gib``:
+    the boot disk the launch asks for, which a stopped machine bills."""
     nodes = placement.group_size
     row = LedgerRow(
         launch_id=launch_id,
@@ -269,7 +278,7 @@ def _intent_row(
         row.instance_type, row.gpu, row.gpu_count = offer.instance_type, offer.gpu, offer.gpu_count
         row.spot = placement.market is Market.SPOT
         if not row.spot and nodes == 1:  # a spot machine, a group member: never stopped
-            row.stopped_usd_per_hour = stopped_usd_per_hour(offer)
+            row.stopped_usd_per_hour = stopped_usd_per_hour(offer, disk_gib)
     else:
         row.offer_key = worker_key(placement.worker_id or "")
     boot = workload_boot(
@@ -281,6 +290,12 @@ def _intent_row(
     )
     row.engine_command = list(boot.command)
     return row
+
+
+def _disk_gib(deps: Deps, placement: Placement) -> float:
+    """The boot disk the provider's launches ask for (its configured size)."""
+    entry = deps.providers.get(placement.offer.provider.value) if placement.offer else None
+    return entry.disk_gib if entry is not None else LAUNCH_DISK_GIB
 
 
 async def _launch_group(
@@ -305,6 +320,7 @@ async def _launch_group(
             placement=placement,
             launch_id=launch_id,
             now=now,
+            disk_gib=_disk_gib(deps, placement),
             rank=node_rank(launch_id, leader=group_id, members=ids),
         )
         row.group_id, row.group_size = group_id, placement.group_size

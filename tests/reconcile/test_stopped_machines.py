@@ -3,11 +3,21 @@ swept like any orphan when nobody claims it, and terminated (again) when asked t
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
+from autoscaler.config import parse_config
+from autoscaler.controller import build_registry
 from autoscaler.decide.signals import Signals
+from autoscaler.reconcile.deps import ProviderEntry, ProviderRegistry
+from autoscaler.store.db import create_engine, session_factory
+from catalog.storage import stopped_usd_per_hour
 from providers.base import (
     BootSpec,
     InstanceState,
     LaunchRequest,
+    SystemClock,
     Transient,
     instance_tags,
 )
@@ -72,3 +82,28 @@ async def test_a_stopped_machine_asked_to_end_is_terminated_until_it_is(world: W
     assert world.cloud.get(row.instance_id or "").state is InstanceState.TERMINATED
     [ended] = await world.rows("bot")
     assert ended.terminated_confirmed_at is not None
+
+
+async def test_a_stopped_machine_is_priced_at_the_disk_the_launch_asked_for(world: World) -> None:
+    # A 1000 GiB root volume (``root_volume_gib``) bills five times the 200 GiB default.
+    world.deps.providers = ProviderRegistry({"aws": ProviderEntry(world.provider, disk_gib=1000)})
+    await world.apply(fixed("bot", 1))
+    await world.step()
+
+    [row] = await world.rows("bot")
+    assert row.stopped_usd_per_hour == pytest.approx(stopped_usd_per_hour(L4, 1000))
+    assert row.stopped_usd_per_hour == pytest.approx(5 * stopped_usd_per_hour(L4))
+
+
+def test_the_configured_root_volume_is_the_disk_a_stopped_machine_bills(tmp_path: Path) -> None:
+    config = parse_config(
+        {
+            "callback_url": "https://autoscaler.internal:8001",
+            "providers": {"aws": {"regions": ["us-east-1"], "root_volume_gib": 500}},
+        },
+        source="test",
+    )
+    sessions = session_factory(create_engine(f"sqlite+aiosqlite:///{tmp_path}/db.sqlite"))
+    registry = build_registry(config, sessions=sessions, data_dir=tmp_path, clock=SystemClock())
+    entry = registry.get("aws")
+    assert entry is not None and entry.disk_gib == 500
