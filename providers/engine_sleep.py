@@ -25,7 +25,8 @@ Errors::
 Every call has a bounded timeout, one figure for every model: :data:`DEFAULT_TIMEOUT_S`
 sits above ``catalog.wake``'s longest modelled call (the level-2 reload of a 405B bf16
 model over 8 GPUs, about 236 s), so a hung engine holds its caller that long per call;
-a caller that must not wait so long passes a shorter ``timeout_s``.
+a caller that must not wait so long passes a shorter ``timeout_s`` (the controller, within a
+reconcile pass: ``autoscaler.reconcile.deps.ENGINE_SLEEP_CALL_TIMEOUT_SEC``).
 """
 
 from __future__ import annotations

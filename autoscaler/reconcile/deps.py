@@ -153,17 +153,49 @@ class EngineSleeper(Protocol):
     async def is_sleeping(self, *, url: str, engine_key: str | None) -> bool: ...
 
 
+ENGINE_SLEEP_CALL_TIMEOUT_SEC = 15.0
+"""The longest one sleep or wake call to an engine may take inside a reconcile pass.
+
+``catalog.wake`` models a level-1 sleep or wake (one copy of the weights over the host
+link) of a 70B bf16 model at 2.9 s on one H100 and 5.6 s on one A100, and of a 405B bf16
+model over 8 A100s at 8.1 s: 15 s leaves about twice that as margin. A park's calls (two
+questions and the sleep) then fit in the workload's share of a pass
+(``Settings.workload_share_sec``, 30 s) instead of ``providers.engine_sleep``'s 300 s
+default per call; a wake that takes longer still is cut with the share. A level-2 wake
+reads the weights from disk (``catalog.wake``: 16 s for 25B bf16, 43 s for 70B bf16) and
+does not fit beyond about 20B parameters: such models should sleep at level 1. A call that
+times out raises ``EngineSleepFailed``: the replica is neither parked nor resumed on
+record, its ``last_error`` says why, and the next pass asks again (``reconcile.park``)."""
+
+ENGINE_SLEEP_QUERY_TIMEOUT_SEC = 5.0
+"""``GET /is_sleeping`` and ``GET /metrics``: no work on the engine, answered at once."""
+
+
 class HttpEngineSleeper:
-    """The engines' own sleep routes (``providers.engine_sleep``)."""
+    """The engines' own sleep routes (``providers.engine_sleep``), each call bounded by
+    :data:`ENGINE_SLEEP_CALL_TIMEOUT_SEC` (``client``: for tests)."""
+
+    def __init__(self, client: httpx.AsyncClient | None = None) -> None:
+        self._client = client
 
     async def sleep(self, *, url: str, level: int, engine_key: str | None) -> None:
-        await engine_sleep.sleep_engine(url, level, api_key=engine_key)
+        await engine_sleep.sleep_engine(
+            url,
+            level,
+            api_key=engine_key,
+            timeout_s=ENGINE_SLEEP_CALL_TIMEOUT_SEC,
+            client=self._client,
+        )
 
     async def wake(self, *, url: str, engine_key: str | None) -> None:
-        await engine_sleep.wake_engine(url, api_key=engine_key)
+        await engine_sleep.wake_engine(
+            url, api_key=engine_key, timeout_s=ENGINE_SLEEP_CALL_TIMEOUT_SEC, client=self._client
+        )
 
     async def is_sleeping(self, *, url: str, engine_key: str | None) -> bool:
-        return await engine_sleep.is_sleeping(url, api_key=engine_key)
+        return await engine_sleep.is_sleeping(
+            url, api_key=engine_key, timeout_s=ENGINE_SLEEP_QUERY_TIMEOUT_SEC, client=self._client
+        )
 
 
 @dataclass(frozen=True, slots=True)
