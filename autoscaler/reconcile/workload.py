@@ -60,7 +60,7 @@ from autoscaler.decide.step import (
     timeouts_of,
     unplaced_reason,
 )
-from autoscaler.decide.warm import start_times_from, warm_policy_of
+from autoscaler.decide.warm import WarmPolicy, start_times_from, warm_policy_of
 from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
 from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
@@ -237,6 +237,7 @@ async def reconcile_workload(
             workload=workload,
             decision=decision,
             rows=rows,
+            warm=warm,
             signal=measured.signals,
             inputs=result.inputs,
             now=now,
@@ -639,6 +640,7 @@ async def _log_scale(
     workload: Workload,
     decision: ScaleDecision,
     rows: Sequence[LedgerRow],
+    warm: WarmPolicy | None,
     signal: Signals,
     inputs: DecisionInputs,
     now: datetime,
@@ -646,7 +648,7 @@ async def _log_scale(
     if deps.memory.last_desired.get(workload.id) == decision.desired:
         return
     deps.memory.last_desired[workload.id] = decision.desired
-    counts = fleet_counts(rows)
+    counts = fleet_counts(rows, warm=warm)
     record_decision(
         s,
         workload_id=workload.id,

@@ -340,6 +340,7 @@ class World:
         self._pool_gpus = pool_gpu_kinds(self.spec, self.offers)
         # Warm pools (``autoscaler.sim.warm`` holds the times and prices assumed).
         warm = warm_policy_of(self.spec)
+        self._warm = warm
         self._sleep_level = 1 if warm is None else warm.sleep_level
         self._can_sleep = may_sleep(self.spec)
         """As the provisioner boots them: able to sleep when the pool may put them to sleep."""
@@ -673,7 +674,8 @@ class World:
     # --- the controller ---------------------------------------------------------------
 
     def _fleet(self) -> FleetCounts:
-        phases = [r.phase() for r in self.replicas.values()]
+        """As the step counts them (``decide.step.fleet_counts``): no warm pool refill."""
+        phases = [r.phase() for r in self.replicas.values() if not (self._warm and r.refilling)]
         return FleetCounts(
             ready=phases.count(ReplicaPhase.READY),
             booting=phases.count(ReplicaPhase.BOOTING),
@@ -693,7 +695,7 @@ class World:
                     now_s=t,
                     now=now,
                     signals=view.measured.signals,
-                    fleet=fleet_counts(view.replicas),
+                    fleet=fleet_counts(view.replicas, warm=self._warm),
                     gateway=self.gateway,
                 )
             )

@@ -326,3 +326,17 @@ async def test_a_sleep_not_confirmed_is_not_marked_parked(world: World) -> None:
     assert await world.phases("bot") == [Phase.TERMINATING]
     [terminate] = await world.decisions("terminate")
     assert terminate.reason.startswith("park not confirmed: sleeping asked")
+
+
+async def test_the_scale_decision_counts_no_refill_as_booting(world: World) -> None:
+    await world.apply(pooled())
+    idle(world)
+    await world.step()  # the pool's refill is bought: it boots, to be parked, not served
+    [refill] = await world.rows("bot")
+    assert refill.prefill and phase_of(refill) is Phase.BOOTING
+
+    waiting(world)  # a request comes: the scale-up does not wait for the refill
+    await world.step(5)
+
+    up = [d for d in await world.decisions("scale") if d.result["desired"] == 1]
+    assert up and up[0].inputs["booting"] == 0 and up[0].inputs["ready"] == 0

@@ -17,6 +17,7 @@ from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.warm import stopped_usd_per_hour, wake_seconds
 from autoscaler.sim.workload import SimWorkload, SloRule, load_workload
 from autoscaler.sim.world import DEMAND_INTERVAL_S, START, WAKE, CloudSettings, World
+from autoscaler.spec import WarmPoolSpec
 from catalog.model import Offer
 from tests.sim.conftest import WORKLOAD_YAML
 
@@ -173,3 +174,28 @@ def test_the_oracle_stops_a_machine_through_a_gap_when_cheaper() -> None:
     # A one-minute gap is shorter than a stop and a start: held.
     held = bridge_gaps([1, 0, 1], slot_s=60.0, boot_s=180.0, warm=warm, usd_per_hour=2.0)
     assert held.stops == 0 and held.fleet == [1, 1, 1]
+
+
+def test_a_refill_is_neither_ready_nor_booting_in_the_timeline(
+    warm_workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    config = warm_workload.autoscaling
+    assert config is not None
+    pool = config.model_copy(update={"warm_pool": WarmPoolSpec(stopped=1)})
+    spec = warm_workload.spec.model_copy(update={"execution_policy_config": pool})
+    pooled = replace(warm_workload, spec=spec)
+    world = World(
+        workload=pooled,
+        offers=offers,
+        policy=ControllerPolicy(spec=spec),
+        requests=_burst(C_AT),
+        seed=0,
+        cloud=EXACT,
+        allow_spot=False,
+        initial_replicas=0,
+    )
+    outcomes = world.run()
+    # Before the burst the pool's refill is bought, booted and stopped; it served nothing.
+    before = [s for s in outcomes.timeline if s.t < C_AT]
+    assert any(s.parked == 1 for s in before)
+    assert all(s.ready == 0 and s.booting == 0 for s in before)
