@@ -471,30 +471,24 @@ def _tend_parked(
         elif pool.held[mode] > policy.bound(mode):
             reason = f"warm pool holds {pool.held[mode]} {mode.value}, at most {policy.bound(mode)}"
         else:
-            then_stopped = (
-                mode is ParkMode.SLEEPING
-                and r.can_park(ParkMode.STOPPED)
-                and pool.held[ParkMode.STOPPED] < policy.bound(ParkMode.STOPPED)
-            )
             hold = policy.hold_seconds(
-                mode,
-                running_usd_per_hour=r.running_price,
-                holding_usd_per_hour=r.usd_per_hour,
-                then_stopped=then_stopped,
+                mode, running_usd_per_hour=r.running_price, holding_usd_per_hour=r.usd_per_hour
             )
             if hold is None or age < hold:
                 if hold is not None:
                     due.append(hold - age)
                 kept.append(r)
                 continue
-            saved = policy.saved_seconds(mode, then_stopped=then_stopped)
-            than = "a stopped machine's start" if then_stopped else "a fresh machine"
             reason = (
-                f"{mode.value} {age:.0f}s >= hold {hold:.0f}s ({saved:.0f}s faster than "
-                f"{than} x {WAIT_VALUE:g} x ${r.running_price:.4g}/h running "
+                f"{mode.value} {age:.0f}s >= hold {hold:.0f}s ({policy.saved_seconds(mode):.0f}s "
+                f"faster than a fresh machine x {WAIT_VALUE:g} x ${r.running_price:.4g}/h running "
                 f"/ ${r.usd_per_hour:.4g}/h parked)"
             )
-            if then_stopped:
+            if (
+                mode is ParkMode.SLEEPING
+                and r.can_park(ParkMode.STOPPED)
+                and pool.held[ParkMode.STOPPED] < policy.bound(ParkMode.STOPPED)
+            ):
                 pool.held[mode] -= 1
                 pool.held[ParkMode.STOPPED] += 1
                 actions.append(

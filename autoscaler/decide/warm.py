@@ -23,14 +23,11 @@ it would bring is missing meanwhile). So a parked replica is kept for
     hold = saved_seconds * WAIT_VALUE * running_price / holding_price
 
 and then moves down a path: a sleeping engine is stopped (when its machine can stop and
-the stopped pool has room), a stopped machine is terminated. Each level is priced against
-the next one down: a sleeping engine that will be stopped saves only the wake against
-the start, so it is held ``2 * (start - wake)`` seconds (100 s with the defaults); one
-that cannot be stopped saves the wake against a fresh machine and is held
-``2 * (fresh - wake)`` (340 s). Holding for exactly the cost of the next path is the
-deterministic ski-rental rule: whatever the next burst's timing, it never pays more than
-twice what the best choice in hindsight would have paid. A sleeping replica covers a
-short dip. A stopped one is held for hours, because disks cost about
+the stopped pool has room), a stopped machine is terminated. Holding for exactly the
+re-buy cost is the deterministic ski-rental rule: whatever the next burst's timing, it
+never pays more than twice what the best choice in hindsight would have paid. A sleeping
+replica is held about ``2 * (fresh - wake)`` seconds (six minutes for a three-minute
+boot): it covers a short dip. A stopped one is held for hours, because disks cost about
 a hundredth of the machine: it covers the night between two diurnal peaks.
 
 The spec bounds the pools (``warm_pool: {stopped: N, sleeping: M}``): at most N stopped
@@ -121,29 +118,20 @@ class WarmPolicy:
     def fill(self, mode: ParkMode) -> int:
         return self.fill_stopped if mode is ParkMode.STOPPED else self.fill_sleeping
 
-    def saved_seconds(self, mode: ParkMode, *, then_stopped: bool = False) -> float:
-        """Lead time a replica parked this way saves against the path it takes next: a
-        sleeping engine whose machine is stopped after its hold (``then_stopped``) saves
-        only the wake against the start, any other against a fresh launch."""
-        if mode is ParkMode.STOPPED:
-            return max(0.0, self.times.fresh_s - self.times.start_s)
-        slower = self.times.start_s if then_stopped else self.times.fresh_s
-        return max(0.0, slower - self.times.wake_s)
+    def saved_seconds(self, mode: ParkMode) -> float:
+        """Lead time a replica parked this way saves against a fresh launch."""
+        faster = self.times.start_s if mode is ParkMode.STOPPED else self.times.wake_s
+        return max(0.0, self.times.fresh_s - faster)
 
     def hold_seconds(
-        self,
-        mode: ParkMode,
-        *,
-        running_usd_per_hour: float,
-        holding_usd_per_hour: float,
-        then_stopped: bool = False,
+        self, mode: ParkMode, *, running_usd_per_hour: float, holding_usd_per_hour: float
     ) -> float | None:
         """How long a replica parked this way is kept (``None``: until the pool shrinks).
 
         Linear-time arithmetic; see the module docstring for the rule."""
         if not self.expire:
             return None
-        saved = self.saved_seconds(mode, then_stopped=then_stopped)
+        saved = self.saved_seconds(mode)
         if holding_usd_per_hour <= 0:
             return MAX_HOLD_SEC
         hold = saved * WAIT_VALUE * running_usd_per_hour / holding_usd_per_hour

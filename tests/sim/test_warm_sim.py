@@ -32,7 +32,7 @@ EXACT = CloudSettings(
     start_sigma=1e-9,
 )
 
-B_AT, C_AT = 150.0, 1200.0
+B_AT, C_AT = 200.0, 1200.0
 """Burst B comes while the replica sleeps; burst C after its sleep's hold, once stopped."""
 
 
