@@ -336,6 +336,9 @@ class Memory:
     not_visible_since: dict[str, datetime] = field(default_factory=dict)
     """Launch id -> when this controller first found no trace of its instance (losing it
     only restarts the visibility grace)."""
+    terminate_sent: dict[str, datetime] = field(default_factory=dict)
+    """Launch id -> when this controller last re-sent its terminate from the sync (losing
+    it only makes the row's ``terminate_requested_at`` the last request)."""
     spot_noticed: set[str] = field(default_factory=set)
     """Launch ids whose spot interruption notice was acted on (counted and logged once)."""
     last_desired: dict[int, int] = field(default_factory=dict)

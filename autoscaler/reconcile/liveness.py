@@ -23,7 +23,9 @@
   replica's price counts until the provider confirms it gone).
 * A replica asked to end whose instance still runs, boots, stops or is stopped is
   terminated again each pass until the provider shows it shutting down or gone: a
-  stopped machine is not gone (it keeps, and bills, its disk).
+  stopped machine is not gone (it keeps, and bills, its disk). One that shows
+  ``STOPPING`` (GCE's state of a VM being deleted, too) is asked again only
+  :data:`TERMINATE_RESEND_SEC` after the last request.
 * ``terminated_confirmed_at`` is set only on the provider's word: the instance shows
   as terminated (or interrupted), or a terminate call for it succeeded.
 
@@ -102,11 +104,14 @@ async def sync_with_provider(
             continue
         deps.memory.not_visible_since.pop(row.launch_id, None)
         if instance.state.is_gone:
+            deps.memory.terminate_sent.pop(row.launch_id, None)
             _confirm_gone(row, instance, now=now)
             if instance.state is InstanceState.INTERRUPTED:
                 mark_unavailable(deps, row=row, now=now)  # spot reclaimed: avoid it a while
         elif row.terminate_requested_at is not None and instance.state in _TERMINABLE:
-            await terminate_instance(deps, row)
+            if not _deletion_under_way(deps, row, instance, now=now):
+                deps.memory.terminate_sent[row.launch_id] = now
+                await terminate_instance(deps, row)
         elif row.url is None:
             entry = deps.providers.get(row.provider)
             if entry is not None:
@@ -125,6 +130,27 @@ _TERMINABLE = frozenset(
 """States in which an instance asked to end is terminated (again): a stopped machine
 too, since it stays (and bills its disk) until it is terminated; not one already
 shutting down."""
+
+
+TERMINATE_RESEND_SEC = 120.0
+"""How long a machine asked to end that shows ``STOPPING`` is left alone before its
+terminate is sent again. GCE shows a VM being deleted as ``STOPPING`` (``providers.gcp``),
+and a delete sent while one is under way is answered with an error (400 "the resource
+is not ready"; repeated, 403 ``rateLimitExceeded``), which would count a provider error
+and set a misleading ``last_error`` each pass; a GCE deletion takes about a minute, so
+two minutes lets it finish, and a
+machine still stopping after that (a stop of ours that was under way, or a lost
+request) is asked again."""
+
+
+def _deletion_under_way(deps: Deps, row: LedgerRow, instance: Instance, *, now: datetime) -> bool:
+    """Whether ``instance`` is ``STOPPING`` within :data:`TERMINATE_RESEND_SEC` of the
+    last terminate asked for it (this controller's last call, else the row's request)."""
+    if instance.state is not InstanceState.STOPPING or row.terminate_requested_at is None:
+        return False
+    sent = deps.memory.terminate_sent.get(row.launch_id, row.terminate_requested_at)
+    last = max(sent, row.terminate_requested_at)
+    return (now - last).total_seconds() < TERMINATE_RESEND_SEC
 
 
 async def _describe(deps: Deps, row: LedgerRow) -> Instance | bool | None:

@@ -3,6 +3,7 @@ swept like any orphan when nobody claims it, and terminated (again) when asked t
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,16 +12,20 @@ from autoscaler.config import parse_config
 from autoscaler.controller import build_registry
 from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.deps import ProviderEntry, ProviderRegistry
+from autoscaler.reconcile.liveness import TERMINATE_RESEND_SEC
 from autoscaler.store.db import create_engine, session_factory
 from catalog.storage import stopped_usd_per_hour
 from providers.base import (
     BootSpec,
+    Instance,
     InstanceState,
     LaunchRequest,
     SystemClock,
+    Terminal,
     Transient,
     instance_tags,
 )
+from providers.fake import FakeProvider
 from tests.reconcile.world import CLUSTER, L4, PROJECT, World, fixed
 
 
@@ -107,3 +112,54 @@ def test_the_configured_root_volume_is_the_disk_a_stopped_machine_bills(tmp_path
     registry = build_registry(config, sessions=sessions, data_dir=tmp_path, clock=SystemClock())
     entry = registry.get("aws")
     assert entry is not None and entry.disk_gib == 500
+
+
+class DeletingLikeGce(FakeProvider):
+    """Shows a VM being deleted as ``STOPPING``, as GCE does, and refuses a second
+    delete while the first is under way (GCE: 400, the resource is not ready)."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world.cloud, name="aws")
+        self.deleting: set[str] = set()
+
+    async def terminate(self, instance_id: str) -> None:
+        action = f"terminating {instance_id}"
+        self._enter("terminate", instance_id, action)
+        if instance_id in self.deleting:
+            raise Terminal(action, "HTTP 400: the resource is not ready")
+        self.deleting.add(instance_id)
+
+    async def list(self, cluster_id: str) -> list[Instance]:
+        return [self._shown(i) for i in await super().list(cluster_id)]
+
+    async def describe(self, instance_id: str) -> Instance:
+        return self._shown(await super().describe(instance_id))
+
+    def _shown(self, instance: Instance) -> Instance:
+        if instance.instance_id in self.deleting and not instance.state.is_gone:
+            return replace(instance, state=InstanceState.STOPPING)
+        return instance
+
+
+async def test_a_machine_being_deleted_is_not_sent_its_terminate_each_pass(world: World) -> None:
+    provider = DeletingLikeGce(world)
+    world.deps = world.make_deps(provider=provider)
+    await world.apply(fixed("bot", 1))
+    await world.step()
+    await world.step(5)
+    [row] = await world.rows("bot")
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=0)
+    await world.delete("bot")
+
+    for _ in range(10):  # 50 s: the deletion is under way, shown STOPPING
+        await world.step(5)
+
+    assert len(provider.calls_to("terminate")) == 1
+    [ending] = await world.rows("bot")
+    assert ending.last_error is None and ending.terminated_confirmed_at is None
+    await world.step(TERMINATE_RESEND_SEC)  # still stopping after that: asked again
+    assert len(provider.calls_to("terminate")) == 2
+    world.cloud.set_state(row.instance_id or "", InstanceState.TERMINATED)
+    await world.step(5)
+    [ended] = await world.rows("bot")
+    assert ended.terminated_confirmed_at is not None
