@@ -126,6 +126,8 @@ class GcpSettings(EngineAccess):
     """Who may reach the engine port: the gateway's address ranges."""
     images: Annotated[list[GcpImage], Field(min_length=1)] | None = None
     """Boot images to choose from by driver (default: the catalog's CUDA/driver table)."""
+    boot_disk_gib: Annotated[int, Field(ge=10)] = LAUNCH_DISK_GIB
+    """Each VM's boot disk (``pd-balanced``), which a stopped VM is billed for."""
 
     @field_validator("source_ranges")
     @classmethod
@@ -161,6 +163,7 @@ class GcpSettings(EngineAccess):
             firewall=self.firewall,
             source_ranges=tuple(self.source_ranges),
             images=images,
+            boot_disk_gib=self.boot_disk_gib,
             client_options={"api_endpoint": self.endpoint} if self.endpoint else None,
             credentials=credentials,
         )

@@ -163,3 +163,17 @@ async def test_a_machine_being_deleted_is_not_sent_its_terminate_each_pass(world
     await world.step(5)
     [ended] = await world.rows("bot")
     assert ended.terminated_confirmed_at is not None
+
+
+def test_the_configured_gce_boot_disk_is_the_disk_its_vms_ask_for() -> None:
+    config = parse_config(
+        {
+            "callback_url": "https://autoscaler.internal:8001",
+            "providers": {
+                "gcp": {"project": "p", "zones": ["us-central1-a"], "boot_disk_gib": 500}
+            },
+        },
+        source="test",
+    )
+    assert config.providers.gcp is not None
+    assert config.providers.gcp.provider_config().boot_disk_gib == 500
