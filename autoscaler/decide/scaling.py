@@ -529,7 +529,7 @@ def _up(ctx: _Context, window_sec: float) -> ScaleDecision | None:
     over = (
         f"upper {p.upper_allowed_latency_sec:g}s"
         if bound == p.upper_allowed_latency_sec
-        else f"{bound:.3g}s ({PREFILL_TTFT_FACTOR:g}x the {pct} prefill alone"
+        else f"{bound:.3f}s ({PREFILL_TTFT_FACTOR:g}x the {pct} prefill alone"
         + (" on the fastest GPU)" if ctx.capacity and ctx.capacity.fastest_prefill_s else ")")
     )
     breach = f"TTFT {pct} {ctx.ttft_up:.3f}s > {over} for {held:.0f}s (window {window_sec:g}s)"
@@ -578,7 +578,7 @@ def _down(ctx: _Context, window_sec: float) -> ScaleDecision | None:
     latency = (
         ("the job queue is calm" if ctx.jobs_only else "no traffic")
         if ctx.ttft_down is None
-        else f"TTFT {pct} {ctx.ttft_down:.3f}s < calm bound {bound:.3g}s ({set_by})"
+        else f"TTFT {pct} {ctx.ttft_down:.3f}s < calm bound {bound:.3f}s ({set_by})"
     )
     return ctx.decide(
         desired,

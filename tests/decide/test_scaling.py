@@ -681,6 +681,7 @@ _ABOVE = re.compile(r"TTFT p[\d.]+ ([\d.]+)s > (?:[a-z ]+ )?([\d.e+-]+)s")
 @settings(max_examples=120, deadline=None)
 @example(0.4, 10.0, None, 4, None)  # calm under half the upper bound, above the lower bound
 @example(1.3, 2.56, 0.361, 4, 0.066)  # a slow GPU's prefill judged against the fastest
+@example(1.869, 10.72, 0.659, 4, 0.4476)  # a bound just below 1.869s once printed "1.87s"
 @given(
     st.floats(0.01, 3.0),
     st.one_of(st.none(), st.floats(0.5, 30.0)),
