@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import secrets
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,8 +19,7 @@ from autoscaler.controller import LeaderLock, build_controller, offers_for
 from autoscaler.spec import DEFAULT_MAX_REPLICAS
 from autoscaler.store.db import open_store, session_factory
 from catalog.snapshot import load_bundled
-from tests.conftest import PG_HOST, _require_pg
-from tests.helpers import pg_create_database, pg_drop_database
+from tests.conftest import fresh_pg_database
 
 
 def test_no_config_means_this_machine_alone() -> None:
@@ -155,12 +153,7 @@ def test_unreadable_and_malformed_files_say_so(tmp_path: Path) -> None:
 
 @pytest.mark.postgres
 def test_one_leader_at_a_time_and_a_standby_takes_over() -> None:
-    _require_pg()
-    name = "autoscaler_test_" + secrets.token_hex(6)
-    asyncio.run(pg_create_database(PG_HOST, name))
-    url = f"{PG_HOST.replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
-
-    async def scenario() -> None:
+    async def scenario(url: str) -> None:
         async with open_store(url) as a, open_store(url) as b:
             first, second = LeaderLock(a), LeaderLock(b)
             assert await first.hold()
@@ -171,10 +164,8 @@ def test_one_leader_at_a_time_and_a_standby_takes_over() -> None:
             assert not await first.hold()
             await second.release()
 
-    try:
-        asyncio.run(scenario())
-    finally:
-        asyncio.run(pg_drop_database(PG_HOST, name))
+    with fresh_pg_database() as url:
+        asyncio.run(scenario(url))
 
 
 async def test_sqlite_has_a_single_leader(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ Required under ``CI=true``; elsewhere skipped with a message when no server answ
 from __future__ import annotations
 
 import asyncio
-import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -43,8 +42,7 @@ from autoscaler.store.workloads import ensure_workload
 from catalog.snapshot import load_bundled
 from providers.base import SystemClock, utc
 from providers.fake import FakeCloud, FakeProvider
-from tests.conftest import PG_HOST, _require_pg
-from tests.helpers import pg_create_database, pg_drop_database
+from tests.conftest import fresh_pg_database
 from tests.reconcile.world import A10G, CLUSTER, L4, OFFERS, PROJECT, FakeHealth, fixed
 
 pytestmark = pytest.mark.postgres
@@ -55,13 +53,8 @@ FAST = LeaseSettings(ttl_sec=3.0, renew_sec=0.5)
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    _require_pg()
-    name = "autoscaler_test_" + secrets.token_hex(6)
-    asyncio.run(pg_create_database(PG_HOST, name))
-    try:
-        yield f"{PG_HOST.replace('postgresql://', 'postgresql+asyncpg://')}/{name}"
-    finally:
-        asyncio.run(pg_drop_database(PG_HOST, name))
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture
