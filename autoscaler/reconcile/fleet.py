@@ -16,17 +16,21 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import DateTime, Text, func, select, type_coerce
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
 
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
 from autoscaler.store.phase import Phase
 
 _KEY_BATCH = 5_000  # launch ids per ``IN`` list
+
+_K = TypeVar("_K")
+_V = TypeVar("_V")
 
 SLEEP_FLAG = "--enable-sleep-mode"
 """In a replica's recorded engine command: its engine booted able to sleep."""
@@ -240,23 +244,25 @@ async def read_fleet(session: AsyncSession) -> Fleet:
 
 async def engine_keys(session: AsyncSession, launch_ids: Sequence[str]) -> dict[str, str | None]:
     """The engine key of each of these rows (unsealed): O(len(launch_ids))."""
-    keys: dict[str, str | None] = {}
-    for start in range(0, len(launch_ids), _KEY_BATCH):
-        chunk = list(launch_ids[start : start + _KEY_BATCH])
-        found = await session.execute(
-            select(LedgerRow.launch_id, LedgerRow.engine_key).where(LedgerRow.launch_id.in_(chunk))
-        )
-        keys.update((launch_id, key) for launch_id, key in found)
-    return keys
+    return await _column_by_key(session, LedgerRow.launch_id, LedgerRow.engine_key, launch_ids)
 
 
 async def workload_specs(session: AsyncSession, ids: Sequence[int]) -> Mapping[int, object]:
     """The stored specs (JSON) of these workloads: O(len(ids))."""
-    specs: dict[int, object] = {}
-    for start in range(0, len(ids), _KEY_BATCH):
-        chunk = list(ids[start : start + _KEY_BATCH])
-        found = await session.execute(
-            select(Workload.id, Workload.spec).where(Workload.id.in_(chunk))
-        )
-        specs.update((wid, spec) for wid, spec in found)
-    return specs
+    return await _column_by_key(session, Workload.id, Workload.spec, ids)
+
+
+async def _column_by_key(
+    session: AsyncSession,
+    key: InstrumentedAttribute[_K],
+    column: InstrumentedAttribute[_V],
+    keys: Sequence[_K],
+) -> dict[_K, _V]:
+    """``column`` of the rows whose ``key`` is in ``keys``, read in ``IN`` lists of
+    :data:`_KEY_BATCH`: O(len(keys))."""
+    found: dict[_K, _V] = {}
+    for start in range(0, len(keys), _KEY_BATCH):
+        chunk = list(keys[start : start + _KEY_BATCH])
+        rows = await session.execute(select(key, column).where(key.in_(chunk)))
+        found.update((k, v) for k, v in rows)
+    return found
