@@ -23,7 +23,9 @@ the engine or the provider hears of it, and nothing is marked done before they c
 * **Crash safety**: every step is level-based. Each pass :func:`settle_parks` reads the
   ledger and the provider's or engine's truth: a park not confirmed is asked again (a
   stop or a sleep is idempotent) or confirmed; a resume whose machine is still stopped is
-  started again, one whose engine still sleeps is woken again. A park neither confirmed
+  started again, one whose engine still sleeps is woken again. A parked machine the
+  provider shows running (started in a console) is billed at its running price again and
+  stopped again. A park neither confirmed
   nor under way (a machine not stopping, an engine not asleep) after
   ``scaling_down_timeout_sec`` is given up: the replica is terminated.
 """
@@ -165,6 +167,11 @@ async def settle_parks(
                 give_up.append(row)
                 continue
             await _ask_park(deps, s, row=row, sleep_level=sleep_level, now=now)
+        elif phase is Phase.PARKED and mode is ParkMode.STOPPED:
+            seen = _observed(observed, row)
+            if seen is not None and seen.state in _RUNNING:
+                _unconfirm_stopped(deps, s, row, seen=seen, now=now)
+                await _ask_park(deps, s, row=row, sleep_level=sleep_level, now=now)
         elif phase is Phase.BOOTING and row.resumed_at is not None and row.park_mode:
             resumed = ParkMode(row.park_mode)
             if resumed is ParkMode.SLEEPING:
@@ -183,6 +190,41 @@ def _observed(observed: Observation, row: LedgerRow) -> Instance | None:
     if row.instance_id is None or not observed.knows(row.provider):
         return None
     return observed.by_provider[row.provider].get(row.instance_id)
+
+
+_RUNNING = frozenset({InstanceState.PENDING, InstanceState.RUNNING})
+
+
+def _unconfirm_stopped(
+    deps: Deps, s: AsyncSession, row: LedgerRow, *, seen: Instance, now: datetime
+) -> None:
+    """A parked machine the provider shows running again (started outside the controller,
+    in a console): it bills its running price, so the ledger counts that price again and
+    the park is asked anew, confirmed once the provider shows it stopped."""
+    stopped_price = row.hourly_usd
+    if row.running_usd_per_hour is not None:
+        row.hourly_usd = row.running_usd_per_hour
+        row.running_usd_per_hour = None
+    row.parked_at = None
+    row.park_requested_at = now
+    row.last_error = f"parked machine shows {seen.state.value}: stopped again"
+    record_decision(
+        s,
+        workload_id=row.workload_id,
+        at=now,
+        kind="park",
+        reason=f"its stopped machine shows {seen.state.value} (started outside the "
+        "controller): billed running until it shows stopped again",
+        inputs={"launch_id": row.launch_id, "phase": "parked", "state": seen.state.value},
+        result={"launch_id": row.launch_id, "mode": "stopped", "usd_per_hour": row.hourly_usd},
+        cost_delta=row.hourly_usd - stopped_price,
+    )
+    log.warning(
+        "replica %s of %s: its stopped machine shows %s; stopping it again",
+        row.launch_id,
+        row.workload_slug,
+        seen.state.value,
+    )
 
 
 async def _ask_park(

@@ -337,3 +337,28 @@ async def test_the_scale_decision_counts_no_refill_as_booting(world: World) -> N
 
     up = [d for d in await world.decisions("scale") if d.result["desired"] == 1]
     assert up and up[0].inputs["booting"] == 0 and up[0].inputs["ready"] == 0
+
+
+async def test_a_parked_machine_started_in_a_console_is_billed_running_and_stopped_again(
+    world: World,
+) -> None:
+    parked = await _parked(world)
+    assert parked.instance_id is not None and parked.running_usd_per_hour is not None
+    world.cloud.stop_seconds = 20  # a stop takes a while: seen STOPPING between passes
+    world.cloud.start(parked.instance_id, action="console")  # not the controller's start
+    await world.step(5)
+    [row] = await world.rows("bot")
+    # It bills its running price: every ceiling counts that until it shows stopped again.
+    assert phase_of(row) is Phase.PARKING and row.parked_at is None
+    assert row.hourly_usd == pytest.approx(parked.running_usd_per_hour)
+    async with world.sessions() as s:
+        assert await fleet_usd_per_hour(s) == pytest.approx(parked.running_usd_per_hour)
+    assert await _routed(world) == []
+    _first, again = await world.decisions("park")
+    assert "started outside the controller" in again.reason
+    assert again.cost_delta_usd_per_hour == pytest.approx(parked.running_usd_per_hour - STOPPED_USD)
+    await world.step(25)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKED and row.hourly_usd == pytest.approx(STOPPED_USD)
+    assert [i.state for i in world.cloud.all()] == [InstanceState.STOPPED]
+    assert not world.provider.calls_to("terminate")
