@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -85,7 +86,13 @@ class ShardOwnership(Protocol):
 
     async def fence(self, session: AsyncSession, *, project: str, slug: str) -> None:
         """Hold the workload's lease in ``session``'s transaction; :class:`LeaseLost`
-        when it is no longer this controller's."""
+        when it is no longer this controller's, or no longer under the lease the running
+        step began under."""
+        ...
+
+    def step_scope(self, project: str, slug: str) -> AbstractContextManager[None]:
+        """Around a workload's step: its launches are fenced against the lease held when
+        it began."""
         ...
 
 

@@ -53,6 +53,7 @@ wall clock for the time a pass's work takes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -183,18 +184,24 @@ async def _one(
                 fleet.forget()
         return (failure.retry_at - now).total_seconds()
     share = deps.settings.workload_share_sec
+    scope: contextlib.AbstractContextManager[None] = (
+        contextlib.nullcontext()
+        if deps.shards is None
+        else deps.shards.step_scope(workload.project, workload.slug)
+    )
     try:
-        outcome = await asyncio.wait_for(
-            reconcile_workload(
-                deps,
-                workload_id=workload.id,
-                observed=observed,
-                signals=signals,
-                fleet=fleet,
-                now=now,
-            ),
-            timeout=share,
-        )
+        with scope:  # its launches only under the lease it began under
+            outcome = await asyncio.wait_for(
+                reconcile_workload(
+                    deps,
+                    workload_id=workload.id,
+                    observed=observed,
+                    signals=signals,
+                    fleet=fleet,
+                    now=now,
+                ),
+                timeout=share,
+            )
     except LeaseLost as exc:  # another controller holds it now: nothing to retry here
         if fleet is not None:
             fleet.forget()

@@ -51,7 +51,11 @@ fleet a pass covers, and the capacity to reconcile, grows with the processes.
    first read sees the intent; a launch after the lease moved raises :class:`LeaseLost` and buys
    nothing. The provider is called only after that commit, with the launch id as its
    idempotency token, so a launch call still in flight at the old holder and the new
-   holder's resolution of the same intent buy one machine.
+   holder's resolution of the same intent buy one machine. The token checked is the
+   one the step began under (:meth:`ShardMember.step_scope`), not merely the current
+   one: a step that outlived its lease while another controller held the shard (and
+   perhaps launched), then ran on after this controller took the shard back under a
+   new token, launches nothing from the rows it read before.
 
 Other writes a step makes (a drain, a terminate request, a confirmed termination) are
 idempotent and confirmed by the provider: the local deadline stops them, and one that
@@ -71,13 +75,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import hashlib
 import math
 import os
 import secrets
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import TextClause, text
@@ -197,6 +202,11 @@ _NEXT_EXPIRY = text(
 )
 """Seconds until the next member or wanted lease of another expires, if any."""
 _LEAVE = text("DELETE FROM controller_members WHERE member_id = :me")
+_STEP_LEASE: contextvars.ContextVar[tuple[str, int, int] | None] = contextvars.ContextVar(
+    "step_lease", default=None
+)
+"""(member, shard, token) of the lease the running workload step began under."""
+
 _FENCE = text(
     "SELECT 1 FROM shard_leases WHERE shard = :shard AND holder = :me AND token = :token "
     "AND expires_at > clock_timestamp() FOR SHARE"
@@ -260,11 +270,36 @@ class ShardMember:
         """The shards this controller may act on now."""
         return sorted(s for s in self._held if self._valid(s) is not None)
 
-    async def fence(self, session: AsyncSession, *, project: str, slug: str) -> None:
-        """Hold the workload's lease row in ``session``'s transaction until it commits;
-        :class:`LeaseLost` when this controller no longer holds it."""
+    @contextlib.contextmanager
+    def step_scope(self, project: str, slug: str) -> Iterator[None]:
+        """A workload's step runs under the lease held when it began: a launch it makes
+        (:meth:`fence`) is refused when the shard's token changed since, even if this
+        controller holds the shard again, because the rows the step read predate what
+        another holder may have written meanwhile."""
         shard = shard_of(project, slug)
         lease = self._valid(shard)
+        pinned = _STEP_LEASE.set((self.member_id, shard, -1 if lease is None else lease.token))
+        try:
+            yield
+        finally:
+            _STEP_LEASE.reset(pinned)
+
+    async def fence(self, session: AsyncSession, *, project: str, slug: str) -> None:
+        """Hold the workload's lease row in ``session``'s transaction until it commits;
+        :class:`LeaseLost` when this controller no longer holds it, or no longer under
+        the lease the running step began under (:meth:`step_scope`)."""
+        shard = shard_of(project, slug)
+        lease = self._valid(shard)
+        pinned = _STEP_LEASE.get()
+        if (
+            lease is not None
+            and pinned is not None
+            and pinned[:2] == (self.member_id, shard)
+            and pinned[2] != lease.token
+        ):
+            raise LeaseLost(
+                f"shard {shard} of {project}/{slug} changed holder since this step began"
+            )
         if lease is not None:
             held = await session.scalar(
                 _FENCE, {"shard": shard, "me": self.member_id, "token": lease.token}

@@ -177,6 +177,34 @@ async def test_a_launch_commits_only_under_its_lease_and_holds_off_a_taker(
     await a.close()
 
 
+async def test_a_step_that_outlived_its_lease_launches_nothing_after_the_shard_came_back(
+    engines: list[AsyncEngine],
+) -> None:
+    """A step reads the workload's rows under one lease; the lease lapses, another
+    controller takes the shard (and may launch), then this controller takes it back. The
+    step's launch would act on rows read before the other's writes: it is fenced out."""
+    a = _member(engines[0], "ctl-a")
+    await a.renew_once()
+    shard = shard_of(PROJECT, "bot")
+    with a.step_scope(PROJECT, "bot"):  # the step starts under a's first lease
+        for holder in ("ctl-b", "ctl-a"):  # taken by b, then taken back by a
+            async with session_factory(engines[4])() as s, s.begin():
+                await s.execute(
+                    update(ShardLease)
+                    .where(ShardLease.shard == shard)
+                    .values(holder=holder, token=ShardLease.token + 1)
+                )
+        await a.renew_once()
+        assert shard in a.shards()  # a holds it again, under a new token
+        async with session_factory(engines[0])() as s:
+            with pytest.raises(LeaseLost, match=f"shard {shard} of acme/bot"):
+                await a.fence(s, project=PROJECT, slug="bot")
+    async with session_factory(engines[0])() as s:  # a step started now may launch
+        await a.fence(s, project=PROJECT, slug="bot")
+        await s.commit()
+    await a.close()
+
+
 # --- the fleet ceiling across controllers ------------------------------------------------
 
 
