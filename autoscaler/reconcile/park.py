@@ -114,6 +114,10 @@ async def resume(
     row.ready_at = None
     row.resumed_at = now
     row.last_error = None
+    if mode is ParkMode.STOPPED:
+        # Its address may change at the start: read again from the provider (here, or by
+        # the sync should the controller die between the start and reading it).
+        row.url = None
     record_decision(
         s,
         workload_id=row.workload_id,

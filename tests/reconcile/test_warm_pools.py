@@ -7,6 +7,7 @@ provider."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -362,3 +363,30 @@ async def test_a_parked_machine_started_in_a_console_is_billed_running_and_stopp
     assert phase_of(row) is Phase.PARKED and row.hourly_usd == pytest.approx(STOPPED_USD)
     assert [i.state for i in world.cloud.all()] == [InstanceState.STOPPED]
     assert not world.provider.calls_to("terminate")
+
+
+class MovingProvider(FakeProvider):
+    """Starts the machine at a new address, then kills the controller before it reads it."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world.cloud, name="aws")
+
+    async def start(self, instance_id: str) -> Instance:
+        await super().start(instance_id)
+        machine = self.cloud._machines[instance_id]
+        machine.instance = replace(machine.instance, private_address="10.9.9.9")
+        raise Crash
+
+
+async def test_a_resume_killed_after_the_start_reads_the_new_address(world: World) -> None:
+    parked = await _parked(world)
+    world.deps = world.make_deps(provider=MovingProvider(world))
+    waiting(world)
+    with pytest.raises(Crash):
+        await world.step(5)  # started at a new address; the controller died before reading it
+    world.deps = world.make_deps()
+    await world.step(5)
+    await world.step(5)
+    resumed = next(r for r in await world.rows("bot") if r.launch_id == parked.launch_id)
+    assert resumed.url is not None and resumed.url.startswith("http://10.9.9.9:")
+    assert phase_of(resumed) is Phase.READY
