@@ -227,12 +227,30 @@ async def run_all(settings: RunSettings) -> None:
         try:
             roles: list[Awaitable[None]] = [api_server.serve(), loop]
             if isinstance(gateway, WorkerPool):
-                roles.append(gateway.run())  # a worker that cannot stay up stops the service
+                # A worker that cannot stay up stops the service; a stop ends the role.
+                roles.append(until_stopping(gateway.run(), stopping))
             await _serve_until_signal(roles, stop=[api_server], stopping=stopping)
         finally:
             for step in (gateway.stop, controller.stop_local_replicas, controller.close):
                 await _bounded(step(), what=step.__qualname__)
             log.info("stopped")
+
+
+async def until_stopping(role: Awaitable[None], stopping: asyncio.Event) -> None:
+    """Run ``role`` until it ends or ``stopping`` is set: a role that ends only when it
+    fails (``WorkerPool.run``) would otherwise hold a stop for ``STOP_GRACE_SEC`` and be
+    cancelled as work stuck. Its failure is raised."""
+    task = asyncio.ensure_future(role)
+    waiter = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait([task, waiter], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, waiter, return_exceptions=True)
+    if not task.cancelled() and task.exception() is not None:
+        raise task.exception()  # type: ignore[misc]
 
 
 def _snapshots_of(
