@@ -105,8 +105,7 @@ async def resume(
     running = row.running_usd_per_hour
     if running is not None:
         await admit(deps, s, workload=workload, usd_per_hour=running - parked_price)
-    if row.running_usd_per_hour is not None:
-        row.hourly_usd = row.running_usd_per_hour
+        row.hourly_usd = running
         row.running_usd_per_hour = None
     row.park_requested_at = None
     row.parked_at = None
