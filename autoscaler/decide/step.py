@@ -187,7 +187,12 @@ def fleet_counts(
 ) -> FleetCounts:
     """Ready, booting and draining replicas; a warm pool refill (``warm``) is none of
     them, since it is parked, not served from, once ready."""
-    phases = [r.view.phase for r in replicas if not in_refill(r.view, warm)]
+    return phase_counts([r.view for r in replicas], warm=warm)
+
+
+def phase_counts(views: Sequence[ReplicaView], *, warm: WarmPolicy | None = None) -> FleetCounts:
+    """:func:`fleet_counts` of plain replica views (the reconciler's decision log)."""
+    phases = [v.phase for v in views if not in_refill(v, warm)]
     return FleetCounts(
         ready=phases.count(ReplicaPhase.READY),
         booting=phases.count(ReplicaPhase.PENDING) + phases.count(ReplicaPhase.BOOTING),

@@ -11,14 +11,15 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from autoscaler.decide.plan import ReplicaPhase, ReplicaView, in_refill
+from autoscaler.decide.plan import ReplicaPhase, ReplicaView
 from autoscaler.decide.scaling import FleetCounts
+from autoscaler.decide.step import phase_counts
 from autoscaler.decide.warm import ParkMode, StartSample, WarmPolicy, start_sample
 from autoscaler.reconcile.deps import log
 from autoscaler.reconcile.fleet import SLEEP_FLAG, RowFacts
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import phase_of
 
 Facts = LedgerRow | RowFacts
 """A ledger row, or the same row read as a value by a pass (``reconcile.fleet``)."""
@@ -269,16 +270,8 @@ def replica_views(
 def fleet_counts(rows: Sequence[LedgerRow], *, warm: WarmPolicy | None = None) -> FleetCounts:
     """Ready, booting and draining replicas as the step counts them
     (``decide.step.fleet_counts``): a warm pool refill (``warm``) is none of them."""
-    phases = [
-        phase_of(r)
-        for r in rows
-        if r.group_role != "worker" and not in_refill(replica_view(r, in_flight=0), warm)
-    ]
-    return FleetCounts(
-        ready=phases.count(Phase.READY),
-        booting=phases.count(Phase.PENDING) + phases.count(Phase.BOOTING),
-        draining=phases.count(Phase.DRAINING),
-    )
+    views = [replica_view(r, in_flight=0) for r in rows if r.group_role != "worker"]
+    return phase_counts(views, warm=warm)
 
 
 def record_decision(
