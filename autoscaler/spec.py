@@ -141,9 +141,7 @@ class StrictModel(BaseModel):
     def _refuse_unknown_keys(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
         data = cls._normalise(data)
         if isinstance(data, Mapping):
-            known = set(cls.model_fields) | {
-                f.alias for f in cls.model_fields.values() if f.alias is not None
-            }
+            known = cls.known_keys()
             unknown = [k for k in data if k not in known]
             if unknown:
                 key = str(unknown[0])
@@ -158,6 +156,13 @@ class StrictModel(BaseModel):
                     {"field": key, "hint": hint, "allowed": ", ".join(sorted(known))},
                 )
         return handler(data)
+
+    @classmethod
+    def known_keys(cls) -> set[str]:
+        """The keys a document of this model may carry: field names and their aliases."""
+        return set(cls.model_fields) | {
+            f.alias for f in cls.model_fields.values() if f.alias is not None
+        }
 
     @classmethod
     def _normalise(cls, data: Any) -> Any:

@@ -117,6 +117,11 @@ async def patch(
             f"PATCH takes a JSON merge patch ({MERGE_PATCH}), not {media or 'no content type'!r}",
         )
     changes = await _json_object(request)
+    unknown = {k: v for k, v in changes.items() if k not in WorkloadSpec.known_keys()}
+    if unknown:
+        # A null on a key the spec does not have would merge to nothing and answer
+        # "unchanged"; it is refused like the same key in a PUT, naming what is allowed.
+        _validate_spec(unknown, max_replicas=state.max_replicas)
     row = await _existing(s, project, slug)
     raw = merge_patch(row.spec, changes)
     if raw.get("slug", slug) != slug:

@@ -97,6 +97,9 @@ def test_the_same_values_are_unchanged(stored: ApiServer) -> None:
             "execution_policy_config",
             "max_hourly_cost_usd",
         ),
+        # A null on a key the spec does not have is refused, not merged into "unchanged".
+        ({"max_replicas": None}, "(root)", "did you mean 'max_workers'"),
+        ({"": None}, "(root)", "unknown field ''"),
         (
             {
                 "worker_id": "wrk_nobody",
