@@ -21,6 +21,14 @@ with 409, and lets tests inject failures and preempt spot VMs:
   resume of one not suspended is refused with 400. ``fail_starts("capacity")`` fails
   the start operation with ``ZONE_RESOURCE_POOL_EXHAUSTED`` and leaves the VM stopped.
 * ``suspend(zone, name)``: the VM is ``SUSPENDED``, as ``instances.suspend`` leaves it.
+* ``settle_every(seconds)``: :meth:`settle` runs on its own every ``seconds`` until
+  :meth:`stop`, for a controller in another process; while ``hold_stops`` is set a VM
+  stopping stays ``STOPPING``.
+
+``POST /token`` answers an OAuth 2.0 token request (a service account's signed JWT
+grant, as ``google.oauth2.service_account`` sends it to its key file's ``token_uri``)
+with an access token; ``authorizations`` records the ``Authorization`` header of every
+API call, so a test can see the calls were made with it.
 
 Firewall rules (``global/firewalls``: insert, get, patch, delete, list) change through
 global operations (``global/operations``), which also report ``RUNNING`` first;
@@ -94,6 +102,9 @@ class FakeGceServer:
         self._start_failure: GceFailure | None = None
         self._ids = itertools.count(1000)
         self._lock = threading.Lock()
+        self.hold_stops = False
+        self.authorizations: set[str] = set()
+        self._stopped = threading.Event()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(
@@ -109,6 +120,7 @@ class FakeGceServer:
         self._thread.start()
 
     def stop(self) -> None:
+        self._stopped.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -128,10 +140,17 @@ class FakeGceServer:
             for instance in self.instances.values():
                 if instance["status"] in ("PROVISIONING", "STAGING"):
                     instance["status"] = "RUNNING"
-                elif instance["status"] == "STOPPING":
+                elif instance["status"] == "STOPPING" and not self.hold_stops:
                     instance["status"] = "TERMINATED"
                 elif instance["status"] == "SUSPENDING":
                     instance["status"] = "SUSPENDED"
+
+    def settle_every(self, seconds: float) -> None:
+        def settling() -> None:
+            while not self._stopped.wait(seconds):
+                self.settle()
+
+        threading.Thread(target=settling, daemon=True, name="gce-settle").start()
 
     def suspend(self, zone: str, name: str) -> None:
         with self._lock:
@@ -460,8 +479,20 @@ class FakeGceServer:
                 query = {k: v[0] for k, v in parse_qs(url.query).items()}
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length) if length else b""
-                body = json.loads(raw) if raw else {}
-                status, payload = server._route(self.command, url.path, query, body)
+                if url.path == "/token" and self.command == "POST":
+                    status, payload = (
+                        200,
+                        {
+                            "access_token": "fake-gce-token",
+                            "token_type": "Bearer",
+                            "expires_in": 3600,
+                        },
+                    )
+                else:
+                    with server._lock:
+                        server.authorizations.add(self.headers.get("Authorization") or "")
+                    body = json.loads(raw) if raw else {}
+                    status, payload = server._route(self.command, url.path, query, body)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
