@@ -15,8 +15,10 @@ for a full step only the workloads for which one of these holds:
 3. **A timer is due**: the plan's ``requeue_after`` (a boot or drain deadline, more
    launches to come), a schedule's next change (``recheck_at``).
 4. **A replica needs attention**, as the step itself would find it: a pending intent, a
-   replica draining, being terminated, parking or parked (a warm pool's), an instance
-   the provider does not list running (or starting, for a booting replica), an engine
+   replica draining, being terminated or parking, one resumed whose engine is being
+   woken, a parked replica of a group, an instance the provider does not list running
+   (or starting, for a booting replica; stopped, for a replica parked with its machine
+   stopped), an engine
    URL not learnt yet, a spot notice (queued or reported), a failed boot, a booting
    replica group, a replica group missing a member, a grace
    period running (not visible, unhealthy), a booting engine that now answers its
@@ -26,8 +28,10 @@ for a full step only the workloads for which one of these holds:
    windows and idle timers, so its pure step (``decide.step.step``, no I/O) runs here
    on the facts read; it is queued when that step plans or refuses anything or changes
    the desired count, else its scaling memory is kept as the full step would keep it.
-   One with a warm pool is always queued: its plan also reads the measured start times
-   of closed rows, which the pass does not read.
+   One with a warm pool plans with the measured start times of its replicas, closed
+   ones included, which the pass does not read: it runs with the ones its last full
+   step read (``Seen.start_times``), which stay the same while its facts do (a row
+   becomes a sample only when it is made ready or resumed, a change of its facts).
 6. **Quarantined, backing off after failed boots, or unrunnable** (the full step handles
    those), **deleted** (torn down), or **due for its resync**: every workload is stepped
    in full at least every ``Settings.resync_sec`` (600 s by default), each between half
@@ -37,9 +41,12 @@ for a full step only the workloads for which one of these holds:
 Why a workload none of these hold for would do nothing in its full step: its rows are
 the ones its last full step read (1), and that step's plan was empty (2); sync, intent
 resolution, group settlement, health, spot notices and failed-boot handling find nothing
-(4; a closed row would have changed its facts, 1); a fixed count never changes and a
-schedule's changes and the plan's timeouts are timers (3); an autoscaling decision is
-computed here from the same inputs as the full step would use (5). Its spend, the fleet's
+(4; a closed row would have changed its facts, 1); a parked replica's park is settled
+(a stopped machine the provider shows stopped, a sleeping engine's machine running: the
+step's park settling then does nothing) and its hold time is a timer of the plan (5); a
+fixed count never changes and a schedule's changes and the plan's timeouts are timers
+(3); an autoscaling decision is computed here from the same inputs as the full step
+would use (5). Its spend, the fleet's
 and the offers only matter to a launch, which it does not plan.
 
 Cost per pass: O(workloads + open rows) in memory on top of the two queries of
@@ -60,6 +67,7 @@ from pydantic import ValidationError
 from autoscaler.decide.inputs import Measured
 from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.decide.step import WorkloadView, step
+from autoscaler.decide.warm import ParkMode, StartTimes
 from autoscaler.reconcile.deps import Deps, Seen, WorkloadRef
 from autoscaler.reconcile.fleet import (
     Fleet,
@@ -78,6 +86,13 @@ from providers.engines import engine_for
 
 _RUNNING = frozenset({InstanceState.RUNNING})
 _STARTING = frozenset({InstanceState.PENDING, InstanceState.RUNNING})
+_SETTLED = frozenset({Phase.READY, Phase.BOOTING, Phase.PARKED})
+"""The phases whose replica a step may find nothing to do for (rule 4)."""
+_PARKED: Mapping[str | None, frozenset[InstanceState]] = {
+    ParkMode.STOPPED.value: frozenset({InstanceState.STOPPED}),
+    ParkMode.SLEEPING.value: _RUNNING,
+}
+"""The states the provider must show a parked replica's machine in, by park mode."""
 
 PROBES_AT_ONCE = 64
 """Health probes in flight at once in a pass's batch."""
@@ -132,15 +147,23 @@ async def work_for_pass(
 
 
 def record_step(
-    deps: Deps, workload: WorkloadFacts, *, quiet: bool, after: float | None, now: datetime
+    deps: Deps,
+    workload: WorkloadFacts,
+    *,
+    quiet: bool,
+    after: float | None,
+    now: datetime,
+    start_times: StartTimes | None = None,
 ) -> None:
-    """Remember what a full step of ``workload`` (as the pass read it) left: O(1)."""
+    """Remember what a full step of ``workload`` (as the pass read it) left: O(1).
+    ``start_times``: those its warm pool was planned with (``None``: no warm pool)."""
     period = deps.settings.resync_sec * (0.5 + 0.5 * ((workload.id * _SPREAD) % 1.0))
     deps.memory.seen[workload.id] = Seen(
         facts=workload,
         quiet=quiet,
         due_at=None if after is None else now + timedelta(seconds=after),
         resync_at=now + timedelta(seconds=period),
+        start_times=start_times,
     )
 
 
@@ -179,8 +202,10 @@ def _replica_needs_step(deps: Deps, w: WorkloadFacts, *, observed: Observation) 
     listed = observed.by_provider
     for r in w.rows:
         phase = r.phase
-        if phase is not Phase.READY and (phase is not Phase.BOOTING or r.group_id is not None):
+        if phase not in _SETTLED or (phase is not Phase.READY and r.group_id is not None):
             return f"replica {r.launch_id} is {phase.value}"
+        if phase is Phase.BOOTING and r.resumed_at is not None and r.park_mode is not None:
+            return f"replica {r.launch_id} is resuming"  # a sleeping engine is woken each step
         if r.group_id is not None and _group_short(w, r):
             return f"replica group {r.group_id} is missing a member"
         if r.last_error is not None and r.last_error.startswith((SPOT_NOTICE, BOOT_FAILED)):
@@ -191,12 +216,22 @@ def _replica_needs_step(deps: Deps, w: WorkloadFacts, *, observed: Observation) 
             return f"a spot notice for replica {r.launch_id}"
         if r.worker_id is None and r.provider in listed:
             instance = listed[r.provider].get(r.instance_id or "")
-            allowed = _RUNNING if phase is Phase.READY else _STARTING
+            allowed = _allowed_states(r)
             if instance is None or instance.state not in allowed:
                 return f"the provider does not show replica {r.launch_id} running"
             if r.url is None:
                 return f"the engine URL of replica {r.launch_id} is not known yet"
     return None
+
+
+def _allowed_states(r: RowFacts) -> frozenset[InstanceState]:
+    """The states in which the provider's machine of ``r`` gives its step nothing to do
+    (none: a parked replica of no known park mode)."""
+    if r.phase is Phase.READY:
+        return _RUNNING
+    if r.phase is Phase.BOOTING:
+        return _STARTING
+    return _PARKED.get(r.park_mode, frozenset())
 
 
 def _group_short(w: WorkloadFacts, row: RowFacts) -> bool:
@@ -296,8 +331,10 @@ def _decision_quiet(
     policy = spec.execution_policy_config
     if not isinstance(policy, AutoscalingPolicy):
         return True
-    if policy.warm_pool is not None:
-        return False  # its plan reads measured start times from closed rows too
+    memory = deps.memory
+    seen = memory.seen[w.id]
+    if policy.warm_pool is not None and seen.start_times is None:
+        return False  # its plan reads start times its last full step did not read
     settings = deps.settings
     view = WorkloadView(
         spec=spec,
@@ -307,8 +344,8 @@ def _decision_quiet(
         offers=deps.offers(),
         inherited_usd_per_hour=fleet.inherited_prices(w),
         fleet_usd_per_hour=fleet.usd_per_hour if settings.fleet_max_hourly_cost_usd else 0.0,
+        start_times=seen.start_times,
     )
-    memory = deps.memory
     result = step(
         view,
         memory=memory.scale.get(w.id, ScaleMemory()),
@@ -321,7 +358,6 @@ def _decision_quiet(
         return False
     memory.scale[w.id] = decision.memory
     after = due_after(plan, decision, now=now)
-    seen = memory.seen[w.id]
     memory.seen[w.id] = replace(
         seen, due_at=None if after is None else now + timedelta(seconds=after)
     )

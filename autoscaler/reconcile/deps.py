@@ -28,6 +28,7 @@ from autoscaler.decide.step import (
     UNAVAILABLE_SEC,
     StepKnobs,
 )
+from autoscaler.decide.warm import StartTimes
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.reconcile.fleet import WorkloadFacts
 from autoscaler.spec import DEFAULT_MAX_REPLICAS, WorkloadSpec
@@ -329,6 +330,11 @@ class Seen:
     """When a timer of its own falls due (a plan's timeout, a schedule's change)."""
     resync_at: datetime
     """When it is stepped in full whatever changed (``Settings.resync_sec``)."""
+    start_times: StartTimes | None = None
+    """The measured start times its last full step planned a warm pool with (``None``:
+    it read none, having no warm pool). They are read from closed rows too, which a
+    pass does not read; they change only when one of its rows becomes ready or is
+    resumed, which changes its facts first."""
 
 
 @dataclass

@@ -235,7 +235,14 @@ async def _one(
             workload.slug,
             failure.attempts,
         )
-    record_step(deps, workload, quiet=outcome.quiet, after=outcome.after, now=now)
+    record_step(
+        deps,
+        workload,
+        quiet=outcome.quiet,
+        after=outcome.after,
+        start_times=outcome.start_times,
+        now=now,
+    )
     return outcome.after
 
 

@@ -60,7 +60,13 @@ from autoscaler.decide.step import (
     timeouts_of,
     unplaced_reason,
 )
-from autoscaler.decide.warm import WarmPolicy, start_times_from, warm_policy_of
+from autoscaler.decide.warm import (
+    DEFAULT_START_TIMES,
+    StartTimes,
+    WarmPolicy,
+    start_times_from,
+    warm_policy_of,
+)
 from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
 from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
@@ -111,6 +117,8 @@ class StepOutcome:
     after: float | None = None
     """Seconds until a timer of its own falls due (``None``: none pending)."""
     quiet: bool = False
+    start_times: StartTimes | None = None
+    """The start times its warm pool was planned with (``None``: no warm pool)."""
 
 
 async def reconcile_workload(
@@ -272,7 +280,11 @@ async def reconcile_workload(
         else:
             _export(deps, workload=workload, spec=spec, rows=left, desired=decision.desired)
     quiet = quiet and not plan.refusals
-    return StepOutcome(after=due_after(plan, decision, now=now), quiet=quiet)
+    return StepOutcome(
+        after=due_after(plan, decision, now=now),
+        quiet=quiet,
+        start_times=(view.start_times or DEFAULT_START_TIMES) if warm is not None else None,
+    )
 
 
 def due_after(plan: Plan, decision: ScaleDecision, *, now: datetime) -> float | None:

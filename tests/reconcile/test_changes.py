@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import event, select
@@ -12,10 +13,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.fleet import RowFacts, read_fleet
+from autoscaler.spec import WorkloadSpec
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
 from providers.base import InstanceState
 from tests.reconcile.world import PROJECT, World, autoscaling, fixed
+
+HOUR = timedelta(hours=1)
 
 
 def stepped(world: World) -> tuple[int, int]:
@@ -191,3 +195,84 @@ async def test_the_phase_read_with_the_facts_is_the_ledgers(world: World) -> Non
     assert facts == ledger
     assert sorted(facts.values()) == sorted([Phase.READY, Phase.DRAINING, Phase.TERMINATING])
     assert {r.launch_id: phase_of(r) for r in fleet.rows()} == ledger
+
+
+def _pooled(slug: str, pool: object, *, backend: str = "vllm") -> WorkloadSpec:
+    """An autoscaling workload that scales to zero, with the warm pool ``pool``."""
+    spec = autoscaling(
+        slug,
+        min_workers=0,
+        scale_to_zero=True,
+        scale_to_zero_timeout_sec=60,
+        warm_pool=pool,
+    ).model_dump(mode="json", exclude_unset=True)
+    return WorkloadSpec.model_validate({**spec, "backend": backend})
+
+
+def _idle(world: World, *slugs: str) -> None:
+    for slug in slugs:
+        world.signals.by_ref[(PROJECT, slug)] = Signals(last_request_at=world.now - HOUR)
+
+
+async def _warm_fleet(world: World) -> None:
+    """A serving workload with an automatic pool, and two idle ones whose pools hold a
+    stopped machine and a sleeping engine, all settled."""
+    await world.apply(_pooled("stopped", {"stopped": 1}))
+    await world.apply(_pooled("asleep", {"sleeping": 1}))
+    await world.apply(_pooled("serving", "auto"))
+    _idle(world, "stopped", "asleep")
+    world.signals.by_ref[(PROJECT, "serving")] = Signals(queue_depth=1, last_request_at=world.now)
+    for _ in range(8):
+        await world.step(5)
+    world.signals.by_ref[(PROJECT, "serving")] = Signals(last_request_at=world.now)
+    for _ in range(3):
+        await world.step(5)
+    assert await world.phases("stopped") == [Phase.PARKED]
+    assert await world.phases("asleep") == [Phase.PARKED]
+    assert await world.phases("serving") == [Phase.READY]
+
+
+async def test_a_fleet_with_warm_pools_is_left_alone_without_a_write_or_a_call(
+    world: World,
+) -> None:
+    """A parked replica (a stopped machine the provider shows stopped, a sleeping engine)
+    and a warm pool's start times read no further: their workloads are not stepped."""
+    await _warm_fleet(world)
+    calls, sleeps = len(world.provider.calls), len(world.sleeper.calls)
+    with writes(world) as written:
+        for _ in range(3):
+            await world.step(5)
+            assert stepped(world) == (0, 3)
+    assert written == []
+    assert [c.method for c in world.provider.calls[calls:]] == ["list"] * 3
+    assert world.sleeper.calls[sleeps:] == []
+
+
+async def test_a_parked_replica_left_alone_moves_on_at_its_measured_hold_time(
+    world: World,
+) -> None:
+    """An automatic pool holds a sleeping engine for as long as the measured start times
+    say (here a fresh machine took 150 s, not the default 180 s): the passes that leave
+    the workload alone plan with the times its last full step read, so the park moves on
+    at that hold time, not later."""
+    await world.apply(_pooled("bot", "auto"))
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(queue_depth=1, last_request_at=world.now)
+    await world.step()
+    await world.step(150)  # ready: a fresh start of 150 s measured
+    _idle(world, "bot")
+    for _ in range(4):
+        await world.step(70)
+        if await world.phases("bot") == [Phase.PARKED]:
+            break
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKED and row.park_mode == "sleeping"
+    assert row.parked_at is not None
+    left_alone = 0
+    while (await world.rows("bot"))[0].park_mode == "sleeping":
+        await world.step(10)
+        left_alone += stepped(world)[1]
+        assert (world.now - row.parked_at).total_seconds() < 400
+    waited = (world.now - row.parked_at).total_seconds()
+    # Held (150 - 10) s x 2 = 280 s with the measured fresh start (340 s by default).
+    assert 280 <= waited < 290
+    assert left_alone > 0
