@@ -331,7 +331,7 @@ class Controller:
 
     async def close(self) -> None:
         """Release clients (HTTP health checks, gateway signals, cloud SDK clients)."""
-        for thing in (self.deps.health, self.deps.signals, self.deps.engines):
+        for thing in (self.deps.health, self.deps.signals, self.deps.engines, self.deps.wakes):
             closer = getattr(thing, "aclose", None)
             if closer is not None:
                 await closer()

@@ -8,9 +8,10 @@ pure workload step (``autoscaler.decide.step``) on its own simulated cloud.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -162,18 +163,26 @@ class EngineSleeper(Protocol):
 
 
 ENGINE_SLEEP_CALL_TIMEOUT_SEC = 15.0
-"""The longest one sleep or wake call to an engine may take inside a reconcile pass.
+"""The longest one sleep call to an engine may take, and the longest a reconcile pass
+waits for a wake.
 
 ``catalog.wake`` models a level-1 sleep or wake (one copy of the weights over the host
 link) of a 70B bf16 model at 2.9 s on one H100 and 5.6 s on one A100, and of a 405B bf16
 model over 8 A100s at 8.1 s: 15 s leaves about twice that as margin. A park's calls (two
 questions and the sleep) then fit in the workload's share of a pass
 (``Settings.workload_share_sec``, 30 s) instead of ``providers.engine_sleep``'s 300 s
-default per call; a wake that takes longer still is cut with the share. A level-2 wake
-reads the weights from disk (``catalog.wake``: 16 s for 25B bf16, 43 s for 70B bf16) and
-does not fit beyond about 20B parameters: such models should sleep at level 1. A call that
-times out raises ``EngineSleepFailed``: the replica is neither parked nor resumed on
-record, its ``last_error`` says why, and the next pass asks again (``reconcile.park``)."""
+default per call. A sleep call that times out raises ``EngineSleepFailed``: the replica is
+not parked on record, its ``last_error`` says why, and the next pass asks again
+(``reconcile.park``). A wake may take longer than a pass: see :class:`EngineWakes`."""
+
+ENGINE_WAKE_CALL_TIMEOUT_SEC = engine_sleep.DEFAULT_TIMEOUT_S
+"""The longest one call of a wake may take (300 s): a level-2 wake reads the weights from
+disk (``catalog.wake``: 16 s for 25B bf16, 43 s for 70B, about 236 s for 405B over eight
+GPUs), longer than a pass waits, so it runs beside the passes (:class:`EngineWakes`)."""
+
+WAKE_OUTCOMES_KEPT = 1024
+"""Finished wakes no pass has asked about yet (their replica was terminated meanwhile)
+are kept up to this many, the oldest dropped first."""
 
 ENGINE_SLEEP_QUERY_TIMEOUT_SEC = 5.0
 """``GET /is_sleeping`` and ``GET /metrics``: no work on the engine, answered at once."""
@@ -197,7 +206,7 @@ class HttpEngineSleeper:
 
     async def wake(self, *, url: str, engine_key: str | None) -> None:
         await engine_sleep.wake_engine(
-            url, api_key=engine_key, timeout_s=ENGINE_SLEEP_CALL_TIMEOUT_SEC, client=self._client
+            url, api_key=engine_key, timeout_s=ENGINE_WAKE_CALL_TIMEOUT_SEC, client=self._client
         )
 
     async def is_sleeping(self, *, url: str, engine_key: str | None) -> bool:
@@ -410,6 +419,72 @@ class Deps:
 
     sleeper: EngineSleeper = field(default_factory=HttpEngineSleeper)
     """Puts parked replicas' engines to sleep and wakes them (warm pools)."""
+    wakes: EngineWakes = field(default_factory=lambda: EngineWakes())
+    """Wakes under way, one per replica, carried on across passes."""
+
+
+class EngineWakes:
+    """Engine wakes that outlast a pass, one per replica at a time.
+
+    A pass waits up to ``wait_sec`` (:data:`ENGINE_SLEEP_CALL_TIMEOUT_SEC`) for a wake; one
+    not done by then goes on beside the passes (each of its calls bounded by
+    :data:`ENGINE_WAKE_CALL_TIMEOUT_SEC`), and later passes ask how it went instead of
+    waking again. Asking again would be wrong, not only wasteful: a level-2 wake reloads
+    the weights from disk, and the engine runs a second reload after the first, so a wake
+    re-sent every pass that each outlast (a 70B model's, 43 s) would never finish.
+
+    Held in memory: a controller that restarts loses its wakes (they die with it) and
+    wakes the engine once more. Every method is O(1); :meth:`aclose` cancels what is
+    under way (the controller's shutdown)."""
+
+    def __init__(self, *, wait_sec: float = ENGINE_SLEEP_CALL_TIMEOUT_SEC) -> None:
+        self.wait_sec = wait_sec
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._outcomes: dict[str, BaseException | None] = {}
+
+    def under_way(self, launch_id: str) -> bool:
+        """Whether a wake of this replica is running now."""
+        return launch_id in self._running
+
+    async def wake(self, launch_id: str, call: Callable[[], Awaitable[None]]) -> bool:
+        """Whether the replica's engine is awake: its wake's outcome when one finished
+        since the last question, else ``call()`` started (unless one runs) and waited for
+        up to ``wait_sec``. Raises what a finished wake raised."""
+        if launch_id not in self._outcomes and launch_id not in self._running:
+            task = asyncio.ensure_future(call())
+            self._running[launch_id] = task
+            task.add_done_callback(lambda done: self._finished(launch_id, done))
+        task_now = self._running.get(launch_id)
+        if task_now is not None:
+            await asyncio.wait({task_now}, timeout=self.wait_sec)
+            if not task_now.done():
+                return False
+            self._finished(launch_id, task_now)
+        error = self._outcomes.pop(launch_id)
+        if error is not None:
+            raise error
+        return True
+
+    def _finished(self, launch_id: str, task: asyncio.Task[None]) -> None:
+        if self._running.get(launch_id) is not task:
+            return
+        del self._running[launch_id]
+        self._outcomes[launch_id] = (
+            engine_sleep.EngineSleepFailed(f"waking replica {launch_id}", "the wake was cancelled")
+            if task.cancelled()
+            else task.exception()
+        )
+        while len(self._outcomes) > WAKE_OUTCOMES_KEPT:
+            del self._outcomes[next(iter(self._outcomes))]
+
+    async def aclose(self) -> None:
+        """Cancel the wakes under way."""
+        running = list(self._running.values())
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        self._running.clear()
+        self._outcomes.clear()
 
 
 def ledger_secrets(

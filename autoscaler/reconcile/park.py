@@ -329,16 +329,20 @@ async def _ask_resume(
 
 
 async def _wake(deps: Deps, row: LedgerRow) -> bool:
-    """Wake the engine (a no-op if awake); whether it is awake."""
-    if row.url is None:
+    """Wake the engine (a no-op if awake); whether it is awake. A wake that outlasts the
+    pass's wait goes on (``Deps.wakes``), and later passes learn how it went instead of
+    waking it again."""
+    url = row.url
+    if url is None:
         return False
     try:
-        await deps.sleeper.wake(url=row.url, engine_key=row.engine_key)
+        return await deps.wakes.wake(
+            row.launch_id, lambda: deps.sleeper.wake(url=url, engine_key=row.engine_key)
+        )
     except EngineSleepError as exc:
         row.last_error = str(exc)
         log.warning("replica %s of %s: %s", row.launch_id, row.workload_slug, exc)
         return False
-    return True
 
 
 def export_parked(deps: Deps, *, labels: tuple[str, str], rows: Sequence[LedgerRow]) -> None:

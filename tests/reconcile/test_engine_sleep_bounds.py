@@ -1,7 +1,10 @@
-"""The controller's sleep and wake calls are bounded to fit a reconcile pass, and a call
-that times out is an error the pass records (the replica is asked again next pass)."""
+"""The controller's sleep calls are bounded to fit a reconcile pass, a wake's calls by the
+longest modelled wake, and a call that times out is an error the pass records (the
+replica is asked again next pass)."""
 
 from __future__ import annotations
+
+import asyncio
 
 import httpx
 import pytest
@@ -9,6 +12,8 @@ import pytest
 from autoscaler.reconcile.deps import (
     ENGINE_SLEEP_CALL_TIMEOUT_SEC,
     ENGINE_SLEEP_QUERY_TIMEOUT_SEC,
+    ENGINE_WAKE_CALL_TIMEOUT_SEC,
+    EngineWakes,
     HttpEngineSleeper,
     Settings,
 )
@@ -39,7 +44,7 @@ def test_a_parks_calls_fit_in_a_workloads_share_of_a_pass() -> None:
     assert park < Settings(cluster_id="c").workload_share_sec
 
 
-async def test_sleep_and_wake_calls_wait_no_longer_than_the_bound() -> None:
+async def test_sleep_and_wake_calls_wait_no_longer_than_their_bounds() -> None:
     waits: dict[str, list[float]] = {}
     async with _engine(waits) as client:
         sleeper = HttpEngineSleeper(client)
@@ -48,8 +53,8 @@ async def test_sleep_and_wake_calls_wait_no_longer_than_the_bound() -> None:
         assert await sleeper.is_sleeping(url=URL, engine_key="k") is False
 
     assert waits["/sleep"] == [ENGINE_SLEEP_CALL_TIMEOUT_SEC]
-    assert waits["/wake_up"] == [ENGINE_SLEEP_CALL_TIMEOUT_SEC]
-    assert all(w <= ENGINE_SLEEP_CALL_TIMEOUT_SEC for ws in waits.values() for w in ws)
+    # A wake runs beside the passes (``EngineWakes``), each call bounded on its own.
+    assert waits["/wake_up"] == [ENGINE_WAKE_CALL_TIMEOUT_SEC]
     assert waits["/is_sleeping"][-1] == ENGINE_SLEEP_QUERY_TIMEOUT_SEC  # the question alone
 
 
@@ -58,3 +63,28 @@ async def test_a_hung_engine_is_a_sleep_error_not_a_park() -> None:
     async with _engine(waits, hang=True) as client:
         with pytest.raises(EngineSleepFailed, match="timed out"):
             await HttpEngineSleeper(client).sleep(url=URL, level=1, engine_key="k")
+
+
+async def test_a_wake_goes_on_beside_the_passes_and_ends_with_the_controller() -> None:
+    wakes = EngineWakes(wait_sec=0.01)
+    gate = asyncio.Event()
+    calls: list[str] = []
+
+    async def wake() -> None:
+        calls.append("wake")
+        await gate.wait()
+
+    assert await wakes.wake("r1", wake) is False  # not done within the pass's wait
+    assert await wakes.wake("r1", wake) is False and calls == ["wake"]  # not sent again
+    gate.set()
+    assert await wakes.wake("r1", wake) is True and not wakes.under_way("r1")
+
+    async def fails() -> None:
+        raise EngineSleepFailed("waking", "the engine did not answer")
+
+    with pytest.raises(EngineSleepFailed):
+        await wakes.wake("r2", fails)
+    gate.clear()
+    assert await wakes.wake("r3", wake) is False
+    await wakes.aclose()  # the controller's shutdown: nothing left running
+    assert not wakes.under_way("r3")

@@ -7,6 +7,7 @@ provider."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -306,6 +307,36 @@ async def test_a_resumed_engine_that_still_sleeps_is_not_made_ready(world: World
     world.sleeper.refuse = False
     await world.step(5)
     assert await world.phases("bot") == [Phase.READY]
+
+
+async def test_a_wake_that_outlasts_a_pass_is_asked_once_and_carried_on(world: World) -> None:
+    # A level-2 wake of a large model reads its weights from disk for longer than a pass
+    # waits; asked again each pass, the engine would queue a reload behind each reload.
+    await world.apply(pooled(warm_pool="auto"))
+    waiting(world)
+    await world.step()
+    await world.step(FRESH_S)
+    idle(world)
+    for _ in range(4):
+        await world.step(70)
+    assert await world.phases("bot") == [Phase.PARKED]
+    world.sleeper.wake_gate = asyncio.Event()
+    world.deps.wakes.wait_sec = 0.01
+    waiting(world)
+    for _ in range(3):
+        await world.step(5)
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.BOOTING and row.last_error is None  # waking, not failed
+    wakes = [call for call in world.sleeper.calls if call[0] == "wake"]
+    assert wakes == [("wake", row.url)]  # once, carried on across the passes
+    assert world.deps.wakes.under_way(row.launch_id)
+    world.sleeper.wake_gate.set()
+    await world.step(5)  # the wake's end learnt
+    await world.step(1)  # its health checked
+    assert await world.phases("bot") == [Phase.READY]
+    assert [call for call in world.sleeper.calls if call[0] == "wake"] == wakes
+    assert not world.deps.wakes.under_way(row.launch_id)
+    assert len(world.provider.calls_to("launch")) == 1
 
 
 async def test_a_sleep_not_confirmed_is_not_marked_parked(world: World) -> None:

@@ -3,6 +3,7 @@ health and signals, and helpers to apply workloads and read the ledger."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -75,6 +76,8 @@ class FakeSleeper:
         self.asleep: set[str] = set()
         self.refuse = False
         self.calls: list[tuple[str, str]] = []
+        self.wake_gate: asyncio.Event | None = None
+        """When set, a wake takes until the event is set (a level-2 wake of a large model)."""
 
     def _check(self, url: str, action: str) -> None:
         self.calls.append((action, url))
@@ -87,6 +90,8 @@ class FakeSleeper:
 
     async def wake(self, *, url: str, engine_key: str | None) -> None:
         self._check(url, "wake")
+        if self.wake_gate is not None:
+            await self.wake_gate.wait()
         self.asleep.discard(url)
 
     async def is_sleeping(self, *, url: str, engine_key: str | None) -> bool:
