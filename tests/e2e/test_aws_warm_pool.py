@@ -65,7 +65,8 @@ class StopHoldingProxy(Ec2Proxy):
         return result
 
 
-def _spec() -> WorkloadSpec:
+def _spec(gpu: str = "NVIDIA A10G") -> WorkloadSpec:
+    """A chat workload that scales to zero with one stopped machine in its pool."""
     return WorkloadSpec.model_validate(
         {
             "name": "chat",
@@ -79,7 +80,7 @@ def _spec() -> WorkloadSpec:
                 "scale_to_zero_timeout_sec": 600,
                 "scaling_down_timeout_sec": 30,
                 "warm_pool": {"stopped": 1},
-                "workers": {"source": "cloud", "cloud_pool": {"gpu_pool": ["NVIDIA A10G"]}},
+                "workers": {"source": "cloud", "cloud_pool": {"gpu_pool": [gpu]}},
             },
         }
     )

@@ -32,28 +32,18 @@ from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
 from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.workloads import ensure_workload
-from catalog.model import Offer, ProviderName
 from catalog.snapshot import Snapshot, snapshot_path, write_snapshot
 from catalog.storage import stopped_usd_per_hour
 from tests.e2e.test_aws_moto import _controller_argv, _ledger, _start, _stop
+from tests.e2e.test_aws_warm_pool import _spec as warm_spec
 from tests.fakes.gcp_compute import FakeGceServer
 from tests.helpers import Process, autoscaler_cli, free_port, http_ok, wait_until
+from tests.providers.test_gcp import OFFER, ZONE
 
 pytestmark = pytest.mark.slow
 
 PROJECT = "acme-serving"
-ZONE = "us-central1-a"
-L4 = Offer(
-    provider=ProviderName.GCP,
-    region="us-central1",
-    zone=ZONE,
-    instance_type="g2-standard-4",
-    gpu="NVIDIA L4",
-    gpu_count=1,
-    vcpus=4,
-    memory_gib=16,
-    on_demand_usd_per_hour=0.7068,
-)
+L4 = OFFER  # g2-standard-4, one NVIDIA L4, in us-central1-a
 CATALOG = Snapshot(offers=(L4,), taken_at=datetime.now(UTC), source="test catalog")
 
 
@@ -80,23 +70,7 @@ def _key_file(path: Path, token_uri: str) -> Path:
 
 
 def _spec() -> WorkloadSpec:
-    return WorkloadSpec.model_validate(
-        {
-            "name": "chat",
-            "slug": "chat",
-            "model": "meta-llama/Llama-3.1-8B-Instruct",
-            "execution_policy": "autoscaling",
-            "execution_policy_config": {
-                "min_workers": 0,
-                "max_workers": 2,
-                "max_hourly_cost_usd": 3.0,
-                "scale_to_zero_timeout_sec": 600,
-                "scaling_down_timeout_sec": 30,
-                "warm_pool": {"stopped": 1},
-                "workers": {"source": "cloud", "cloud_pool": {"gpu_pool": ["NVIDIA L4"]}},
-            },
-        }
-    )
+    return warm_spec(gpu=L4.gpu)
 
 
 def _vms(gce: FakeGceServer) -> dict[str, str]:
