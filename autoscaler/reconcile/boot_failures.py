@@ -37,15 +37,50 @@ LOOK_BACK = timedelta(hours=1)
 """How far back closed rows are read for failed boots not yet reported."""
 
 
+def reported_since(deps: Deps, *, now: datetime) -> datetime:
+    """From when closed rows are read for failed boots not yet reported."""
+    return max(deps.memory.started_at or now, now - LOOK_BACK)
+
+
+async def failed_boots_of(
+    session: AsyncSession, workload_ids: Sequence[int], *, since: datetime
+) -> dict[int, list[LedgerRow]]:
+    """The failed boots closed at or after ``since`` of these workloads, by workload,
+    oldest first: what :func:`report_failed_boots` reads, for a pass's workloads in one
+    query instead of one each."""
+    found: dict[int, list[LedgerRow]] = {wid: [] for wid in workload_ids}
+    for row in await failed_boots_closed_since(
+        session, workload_ids, since=since, marker=BOOT_FAILED
+    ):
+        found[row.workload_id].append(row)
+    return found
+
+
 async def report_failed_boots(
-    deps: Deps, session: AsyncSession, *, workload: Workload, now: datetime
+    deps: Deps,
+    session: AsyncSession,
+    *,
+    workload: Workload,
+    now: datetime,
+    read: Sequence[LedgerRow] | None = None,
+    rows: Sequence[LedgerRow] = (),
 ) -> None:
     """One ``boot_failed`` decision and one warning per failed boot not yet reported;
-    each lengthens the workload's wait before its next launch."""
+    each lengthens the workload's wait before its next launch. ``read``: its failed
+    boots as the pass read them (:func:`failed_boots_of`; ``None``: read here), to which
+    those of ``rows`` (its rows as its step read them) that closed since are added."""
     memory = deps.memory
-    since = max(memory.started_at or now, now - LOOK_BACK)
-    rows = await failed_boots_closed_since(session, workload.id, since=since, marker=BOOT_FAILED)
-    fresh = [r for r in rows if r.launch_id not in memory.boots_reported]
+    since = reported_since(deps, now=now)
+    if read is None:
+        found = await failed_boots_closed_since(
+            session, [workload.id], since=since, marker=BOOT_FAILED
+        )
+    else:
+        found = sorted(
+            {r.launch_id: r for r in [*read, *(r for r in rows if _failed(r, since))]}.values(),
+            key=lambda r: (r.terminated_confirmed_at or since, r.launch_id),
+        )
+    fresh = [r for r in found if r.launch_id not in memory.boots_reported]
     for row in fresh:
         memory.boots_reported.add(row.launch_id)
         wait = _back_off(deps, workload_id=workload.id, now=now)
@@ -71,6 +106,17 @@ async def report_failed_boots(
         log.warning("%s/%s: %s", workload.project, workload.slug, reason)
     if fresh:
         await session.commit()
+
+
+def _failed(row: LedgerRow, since: datetime) -> bool:
+    """``failed_boots_closed_since``'s condition, on a row in memory."""
+    closed = row.terminated_confirmed_at
+    return (
+        closed is not None
+        and closed >= since
+        and row.ready_at is None
+        and (row.last_error or "").startswith(BOOT_FAILED)
+    )
 
 
 def _back_off(deps: Deps, *, workload_id: int, now: datetime) -> float:

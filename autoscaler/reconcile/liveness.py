@@ -116,7 +116,8 @@ async def sync_with_provider(
             entry = deps.providers.get(row.provider)
             if entry is not None:
                 row.url = entry.engine_url(instance, port=port)
-    await session.commit()
+    if session.dirty or session.new:  # nothing learnt: no commit (a round trip) either
+        await session.commit()
 
 
 _TERMINABLE = frozenset(
@@ -316,7 +317,8 @@ async def settle_groups(
             leader.drain_requested_at = now
         leader.last_error = why
         log.warning("replica %s of %s: %s", leader.launch_id, leader.workload_slug, why)
-    await session.commit()  # the requests are on record before the provider hears of them
+    if session.dirty or session.new:
+        await session.commit()  # the requests are on record before the provider hears of them
     for m in ending:
         if m.instance_id is not None:
             await terminate_instance(deps, m)

@@ -18,9 +18,12 @@ keep answering and a stop signal is heard:
   not reached yet are left to the next pass, which is due at once and starts with them
   (``kind="pass"``). Workloads are taken in a rotating order, so none waits behind a
   slow one for ever.
-* **Yields.** The loop hands control back to the event loop between workloads.
+* **Yields.** The loop hands control back to the event loop between workloads, and
+  steps at most :data:`STEPS_AT_ONCE` workloads at once.
 
-**Failures are isolated and quarantined.** A workload whose step raises is logged with
+**Failures are isolated and quarantined.** Each step has its own session and
+transaction: one that raises rolls back only its own uncommitted writes, and the
+steps running beside it go on. A workload whose step raises is logged with
 its traceback once, its error recorded once as a decision (``kind = error``, shown by
 ``autoscaler describe``), and retried with exponential backoff (``tick_sec`` doubling up
 to ``Settings.quarantine_max_sec``); further failures are one log line each, with no
@@ -31,11 +34,15 @@ drained and terminated without its spec (:func:`teardown_workload`).
 (O(workloads + open rows), as values), one for the engine keys and specs not read yet,
 one SUM for the spend metric; in memory, O(workloads + open rows) to tell the changed
 workloads from the others, plus one health probe per ready or booting replica of a
-workload not changed otherwise, and an autoscaling workload's pure step. Then, for each
-workload stepped in full, a constant number of round trips and a commit, plus one per
-action or decision (``reconcile.workload``); a converged fleet steps none but the ones
-due for their resync. The fleet's spend for a fleet ceiling is the snapshot's total,
-moved by each step (``ledger.FleetSpend``). Placement, O(offers), runs only for a
+workload not changed otherwise, and an autoscaling workload's pure step. Then, for the
+workloads stepped in full, one query for their failed boots, and for each a constant
+number of round trips, plus a commit per action and one after each provider call
+(``reconcile.workload``); a converged fleet steps none but the ones due for their
+resync. On PostgreSQL :data:`STEPS_AT_ONCE` workloads are stepped at once, each in a
+session of its own, so their round trips and provider calls overlap; on SQLite one at
+a time. The fleet's spend for a fleet ceiling is the snapshot's total, moved by each
+step, which holds it from its read through its launches (``ledger.FleetSpend``): under
+a ceiling that part of the steps runs one at a time. Placement, O(offers), runs only for a
 workload whose plan may launch or that has no replica to take its GPU shape from
 (``decide.step.step``).
 
@@ -61,6 +68,7 @@ from datetime import datetime, timedelta
 from pydantic import ValidationError
 
 from autoscaler.decide.inputs import Measured
+from autoscaler.reconcile.boot_failures import failed_boots_of, reported_since
 from autoscaler.reconcile.changes import forget_step, record_step, work_for_pass
 from autoscaler.reconcile.deps import Deps, Failure, LeaseLost, WorkloadRef, log
 from autoscaler.reconcile.fleet import Fleet, WorkloadFacts, read_fleet
@@ -69,6 +77,7 @@ from autoscaler.reconcile.measure import record_measurements, with_engines
 from autoscaler.reconcile.observe import Observation, observe
 from autoscaler.reconcile.orphans import sweep_orphans
 from autoscaler.reconcile.workload import reconcile_workload, teardown_workload
+from autoscaler.store.models import Instance as LedgerRow
 from providers.base import utc
 
 
@@ -96,6 +105,7 @@ async def reconcile_once(deps: Deps) -> float:
             log.exception("recording the measurements failed")
     async with deps.sessions() as s:
         snapshot = await read_fleet(s)
+        width = steps_at_once(s.get_bind().dialect.name)
     work = await work_for_pass(
         deps,
         workloads_this_pass(deps, snapshot),
@@ -116,27 +126,61 @@ async def reconcile_once(deps: Deps) -> float:
     due = deps.settings.tick_sec
     if work.next_at is not None:
         due = min(due, max(0.0, (work.next_at - now).total_seconds()))
-    for index, workload in enumerate(_rotated(found, after=deps.memory.resume_after)):
-        if index and time.perf_counter() - started >= deps.settings.pass_budget_sec:
-            deps.memory.resume_after = _previous(found, workload)
-            deps.metrics.pass_overruns.labels("pass").inc()
-            log.warning(
-                "reconcile pass over its %gs budget: %s/%s and the workloads after it "
-                "continue in the next pass",
-                deps.settings.pass_budget_sec,
-                workload.project,
-                workload.slug,
+    boots: Mapping[int, Sequence[LedgerRow]] = {}
+    if found:
+        async with deps.sessions() as s:
+            since = reported_since(deps, now=now)
+            boots = await failed_boots_of(s, [w.id for w in found], since=since)
+    slots = asyncio.Semaphore(width)
+    steps: list[asyncio.Task[float | None]] = []
+
+    async def stepped(workload: WorkloadFacts) -> float | None:
+        try:
+            return await _one(
+                deps,
+                workload,
+                observed=observed,
+                signals=signals,
+                fleet=fleet,
+                inherited=snapshot.inherited_prices(workload),
+                failed_boots_read=boots.get(workload.id),
+                now=now,
             )
-            due = 0.0
-            break
-        if not deps.owns(workload.project, workload.slug):
-            continue  # its shard's lease lapsed during the pass: another controller's now
-        after = await _one(deps, workload, observed=observed, signals=signals, fleet=fleet, now=now)
-        if after is not None:
-            due = min(due, max(after, 0.0))
-        await asyncio.sleep(0)  # let the API and the gateway answer between workloads
-    else:
-        deps.memory.resume_after = None
+        finally:
+            slots.release()
+
+    try:
+        for index, workload in enumerate(_rotated(found, after=deps.memory.resume_after)):
+            await slots.acquire()  # at most ``width`` steps at once
+            if index and time.perf_counter() - started >= deps.settings.pass_budget_sec:
+                slots.release()
+                deps.memory.resume_after = _previous(found, workload)
+                deps.metrics.pass_overruns.labels("pass").inc()
+                log.warning(
+                    "reconcile pass over its %gs budget: %s/%s and the workloads after it "
+                    "continue in the next pass",
+                    deps.settings.pass_budget_sec,
+                    workload.project,
+                    workload.slug,
+                )
+                due = 0.0
+                break
+            if not deps.owns(workload.project, workload.slug):
+                slots.release()
+                continue  # its shard's lease lapsed during the pass: another controller's now
+            steps.append(asyncio.create_task(stepped(workload)))
+            await asyncio.sleep(0)  # let the API and the gateway answer between workloads
+        else:
+            deps.memory.resume_after = None
+        outcomes = await asyncio.gather(*steps, return_exceptions=True)
+    finally:
+        for task in steps:  # a pass stopped part-way stops its steps too
+            task.cancel()
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome  # not one workload's failure (``_one`` isolates those)
+        if outcome is not None:
+            due = min(due, max(outcome, 0.0))
     try:
         if deps.shards is None or deps.shards.fleet_duties:
             claims = {r.launch_id: r.instance_id for r in snapshot.rows()}
@@ -149,6 +193,20 @@ async def reconcile_once(deps: Deps) -> float:
     deps.metrics.reconcile_duration.observe(time.perf_counter() - started)
     deps.metrics.last_reconcile.set(deps.clock.now())
     return due
+
+
+STEPS_AT_ONCE = 8
+"""Workloads stepped at once in a pass on PostgreSQL: their store round trips, health
+probes and provider calls overlap (each step has a session of its own, and the store's
+pool holds 10 connections). Under a fleet ceiling, the part of a step from its read of
+the fleet's total through its launches runs one step at a time (``ledger.FleetSpend``)."""
+
+
+def steps_at_once(dialect: str) -> int:
+    """How many workloads a pass steps at once: :data:`STEPS_AT_ONCE` on PostgreSQL,
+    one at a time on SQLite (one writer at a time: of two write transactions begun by
+    reads, one would fail rather than wait)."""
+    return STEPS_AT_ONCE if dialect == "postgresql" else 1
 
 
 def _rotated(found: Sequence[WorkloadFacts], *, after: int | None) -> list[WorkloadFacts]:
@@ -171,10 +229,13 @@ async def _one(
     observed: Observation,
     signals: Mapping[WorkloadRef, Measured],
     fleet: FleetSpend | None,
+    inherited: Sequence[float] | None = None,
+    failed_boots_read: Sequence[LedgerRow] | None = None,
     now: datetime,
 ) -> float | None:
     """One workload's step within its share of the pass; ``None`` on the usual tick.
-    A step that failed, was cut or tore a workload down leaves ``fleet`` to be read again."""
+    A step that failed, was cut or tore a workload down leaves ``fleet`` to be read again
+    (and its scale decision to be logged again: it may not have been committed)."""
     forget_step(deps, workload.id)  # stepped in full again unless this step ends well
     failure = deps.memory.failures.get(workload.id)
     if failure is not None and now < failure.retry_at:
@@ -198,6 +259,8 @@ async def _one(
                     observed=observed,
                     signals=signals,
                     fleet=fleet,
+                    inherited=inherited,
+                    failed_boots_read=failed_boots_read,
                     now=now,
                 ),
                 timeout=share,
@@ -208,6 +271,7 @@ async def _one(
         log.info("%s/%s: %s; left to its new holder", workload.project, workload.slug, exc)
         return None
     except TimeoutError:
+        deps.memory.last_desired.pop(workload.id, None)
         if fleet is not None:
             fleet.forget()
         deps.metrics.pass_overruns.labels("workload").inc()
@@ -220,6 +284,7 @@ async def _one(
         )
         return 0.0
     except Exception as exc:  # isolate: one workload never stalls the others
+        deps.memory.last_desired.pop(workload.id, None)
         if fleet is not None:
             fleet.forget()
         await _failed(deps, workload, error=exc, now=now)

@@ -185,7 +185,8 @@ async def settle_parks(
             stopped = seen is not None and seen.state is InstanceState.STOPPED
             if stopped and not await _ask_resume(deps, s, row=row, mode=resumed, port=port):
                 give_up.append(row)
-    await s.commit()
+    if s.dirty or s.new:  # nothing to settle: no commit (a round trip) either
+        await s.commit()
     return give_up, asleep
 
 

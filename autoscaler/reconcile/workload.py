@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -129,14 +129,26 @@ async def reconcile_workload(
     signals: Mapping[WorkloadRef, Measured],
     now: datetime,
     fleet: FleetSpend | None = None,
+    inherited: Sequence[float] | None = None,
+    failed_boots_read: Sequence[LedgerRow] | None = None,
 ) -> StepOutcome:
     """One pass over one workload.
 
     ``fleet``: the pass's fleet spend, read under a fleet ceiling only (``None``: read
-    here when there is a ceiling) and moved by this workload's change. Store round trips:
-    a constant number per workload, plus one per launch, termination or decision; work
-    O(its rows), plus O(offers) for placement when the plan may launch."""
-    async with deps.sessions() as s:
+    here when there is a ceiling) and moved by this workload's change. ``inherited``:
+    the prices of open rows under deleted workloads of its project and slug as the pass
+    read them (``Fleet.inherited_prices``; ``None``: read here). A deleted workload
+    only closes rows, so the pass's figure can only overstate what it inherits.
+    ``failed_boots_read``: its failed boots as the pass read them
+    (``boot_failures.failed_boots_of``; ``None``: read here).
+
+    Store round trips: its workload and its open rows read (two), one commit of what the
+    sync and the health checks changed (when they did), one of the scale decision with
+    the step's first write (an intent, a termination) or at the end, and one after each
+    provider call that changed a row; work O(its rows), plus O(offers) for placement
+    when the plan may launch."""
+    spend = _StepSpend(fleet)
+    async with deps.sessions() as s, contextlib.AsyncExitStack() as region:
         workload = await s.get(Workload, workload_id)
         if workload is None:
             return StepOutcome()
@@ -156,7 +168,9 @@ async def reconcile_workload(
         held = rows
         prices = {r.launch_id: r.hourly_usd for r in rows}
         await sync_with_provider(deps, s, rows=rows, observed=observed, port=engine.port, now=now)
-        await report_failed_boots(deps, s, workload=workload, now=now)
+        await report_failed_boots(
+            deps, s, workload=workload, now=now, read=failed_boots_read, rows=rows
+        )
         for row in _still_open(rows):
             if row.worker_id is None and row.instance_id is None and _due(deps, row, now):
                 await resolve_intent(deps, s, row=row, spec=spec, now=now)
@@ -197,14 +211,17 @@ async def reconcile_workload(
         problems = [] if workload.deleted_at else [p.as_detail() for p in runnable_problems(spec)]
         if problems:
             await _report_unrunnable(deps, s, workload=workload, problems=problems, now=now)
-            _moved(fleet, held)
+            spend.closed(held)
             return StepOutcome()
         deps.memory.unrunnable.pop(workload.id, None)
         _avoid_slow_offers(deps, rows=rows, timeouts=timeouts_of(spec), now=now)
         measured = signals_for(
             (workload.project, workload.slug), signals, last_request_at=workload.last_request_at
         )
-        _moved(fleet, held)  # the fleet total the step reads counts the rows open now
+        # From the fleet total's read to its last move, one step at a time (the pass may
+        # step several workloads at once): a launch counts every one decided before it.
+        await region.enter_async_context(_spend_region(fleet))
+        spend.closed(held)  # the fleet total the step reads counts the rows open now
         held = rows
         view = WorkloadView(
             spec=spec,
@@ -213,8 +230,10 @@ async def reconcile_workload(
             measured=measured,
             offers=deps.offers(),
             deleted=workload.deleted_at is not None,
-            inherited_usd_per_hour=await predecessor_prices(s, workload),
-            fleet_usd_per_hour=await _fleet_usd(deps, s, fleet),
+            inherited_usd_per_hour=(
+                list(inherited) if inherited is not None else await predecessor_prices(s, workload)
+            ),
+            fleet_usd_per_hour=await _fleet_usd(deps, s, spend),
             start_times=(
                 start_times_from(await recent_start_samples(s, workload.id))
                 if warm is not None
@@ -268,12 +287,14 @@ async def reconcile_workload(
             if bought and fleet is not None and fleet.usd_per_hour is not None:
                 # New rows (a group's members too): this workload's total, read once.
                 now_usd = await workload_usd_per_hour(s, workload.id)
-                fleet.moved(now_usd - sum(r.hourly_usd for r in held))
+                spend.moved(now_usd - sum(r.hourly_usd for r in held))
                 held = []
-        _moved(fleet, held)
+        spend.closed(held)
         if fleet is not None and _repriced(prices, rows):
             fleet.forget()  # a park confirmed or a resume: read the total again
+        await region.aclose()
         await _log_refusals(deps, s, workload=workload, plan=plan, now=now)
+        await s.commit()  # the scale decision, where nothing after it committed
         left = _still_open(rows)
         if workload.deleted_at is not None and not left:
             deps.metrics.forget_workload(workload.project, workload.slug)
@@ -296,12 +317,65 @@ def due_after(plan: Plan, decision: ScaleDecision, *, now: datetime) -> float | 
     return min(due) if due else None
 
 
-async def _fleet_usd(deps: Deps, s: AsyncSession, fleet: FleetSpend | None) -> float:
+async def _fleet_usd(deps: Deps, s: AsyncSession, spend: _StepSpend) -> float:
     """The fleet's hourly total for the step: 0 without a fleet ceiling (no step reads
     it then), else the pass's running total (or a fresh SUM without one)."""
     if deps.settings.fleet_max_hourly_cost_usd is None:
         return 0.0
-    return await fleet.total(s) if fleet is not None else await fleet_usd_per_hour(s)
+    total = await spend.total(s)
+    return total if total is not None else await fleet_usd_per_hour(s)
+
+
+class _StepSpend:
+    """One step's moves of the pass's fleet total (``FleetSpend``), which other steps of
+    the pass may move and read again meanwhile.
+
+    A move is made only while the total is the one this step began with or read itself:
+    once another step read it again from the store (after a step that failed or was cut),
+    that read counts what this step had committed, so its moves are dropped and the
+    total is read again before this step uses it (a replica this step closes later then
+    counts until the next pass: the total errs high, never low)."""
+
+    def __init__(self, fleet: FleetSpend | None) -> None:
+        self.fleet = fleet
+        self.read = fleet.reads if fleet is not None else 0
+
+    def _current(self) -> bool:
+        return self.fleet is not None and self.fleet.reads == self.read
+
+    def moved(self, delta_usd_per_hour: float) -> None:
+        if self.fleet is not None and self._current():
+            self.fleet.moved(delta_usd_per_hour)
+
+    def closed(self, held: Sequence[LedgerRow]) -> None:
+        """Move the total by the rows of ``held`` (the workload's open rows the total
+        counts) confirmed terminated since: O(its rows), no query."""
+        self.moved(-sum(r.hourly_usd for r in held if r.terminated_confirmed_at is not None))
+
+    async def total(self, s: AsyncSession) -> float | None:
+        """The total for this step's decision (``None``: no pass total to read)."""
+        if self.fleet is None:
+            return None
+        if not self._current():
+            self.fleet.forget()  # read again: the store's total counts this step's rows
+        total = await self.fleet.total(s)
+        self.read = self.fleet.reads
+        return total
+
+
+@contextlib.asynccontextmanager
+async def _spend_region(fleet: FleetSpend | None) -> AsyncIterator[None]:
+    """Hold the pass's fleet total (``FleetSpend.lock``); a step that ends inside by an
+    exception (its launches unknown) leaves it to be read again."""
+    if fleet is None:
+        yield
+        return
+    async with fleet.lock:
+        try:
+            yield
+        except BaseException:
+            fleet.forget()
+            raise
 
 
 def _repriced(prices: Mapping[str, float], rows: Sequence[LedgerRow]) -> bool:
@@ -311,13 +385,6 @@ def _repriced(prices: Mapping[str, float], rows: Sequence[LedgerRow]) -> bool:
         r.terminated_confirmed_at is None and prices.get(r.launch_id, r.hourly_usd) != r.hourly_usd
         for r in rows
     )
-
-
-def _moved(fleet: FleetSpend | None, held: Sequence[LedgerRow]) -> None:
-    """Move the pass's fleet total by the rows of ``held`` (the workload's open rows the
-    total counts) confirmed terminated since: O(its rows), no query."""
-    if fleet is not None:
-        fleet.moved(-sum(r.hourly_usd for r in held if r.terminated_confirmed_at is not None))
 
 
 async def _report_unrunnable(
@@ -670,8 +737,7 @@ async def _log_scale(
         inputs=_inputs(counts, signal, decision, inputs),
         result={"desired": decision.desired, "direction": decision.direction.value},
         acted=not deps.settings.dry_run,
-    )
-    await s.commit()
+    )  # committed with the step's next write (before any provider call) or at its end
 
 
 def _inputs(
