@@ -129,6 +129,8 @@ class BatchEngine:
     _step_s: dict[int, float] = field(init=False, default_factory=dict)
     """``profile.decode_step_seconds(batch)`` by batch, as asked: the engine asks at every
     event (a day's replay runs millions), and the answer depends on the batch alone."""
+    _prefill_s: dict[int, float] = field(init=False, default_factory=dict)
+    """``profile.prefill_seconds(tokens)`` by prompt length, as asked."""
 
     def __post_init__(self) -> None:
         self._now = self.start_s
@@ -193,33 +195,55 @@ class BatchEngine:
         """When the next first token or finish happens if nothing else arrives; None if idle."""
         if self._prefilling:
             return self._now + self._prefill_left_s
-        self._drop_cancelled_heads()
-        if self._decode_heap:
-            steps = max(self._decode_heap[0][0] - self._progress, 0.0)
+        heap = self._decode_heap
+        decoding = self._decoding
+        while heap and heap[0][1] not in decoding:
+            heapq.heappop(heap)  # cancelled
+        if heap:
+            steps = max(heap[0][0] - self._progress, 0.0)
             return self._now + steps * self._decode_step_s()
         return None
 
     def advance(self, until_s: float) -> list[EngineEvent]:
         """Run the engine up to ``until_s``; the events that happened, in time order."""
-        if until_s < self._now:
-            raise ValueError(f"cannot advance back in time from {self._now} to {until_s}")
+        now = self._now
+        if until_s < now:
+            raise ValueError(f"cannot advance back in time from {now} to {until_s}")
         events: list[EngineEvent] = []
+        prefilling = self._prefilling
+        heap = self._decode_heap
+        decoding = self._decoding
+        # :meth:`next_event_s` and :meth:`_run_for` inlined, the same arithmetic: a day's
+        # replay advances engines millions of times.
         while True:
-            due = self.next_event_s()
-            if due is None or due > until_s:
-                self._run_for(until_s - self._now)
-                self._now = until_s
-                return events
-            self._run_for(due - self._now)
-            self._now = due
-            # Land exactly on the event, whatever the float arithmetic above rounded to.
-            if self._prefilling:
+            if prefilling:
+                due = now + self._prefill_left_s
+                if due > until_s:
+                    break
+                # Land exactly on the event, whatever the float arithmetic rounded to.
+                self._now = now = due
                 self._prefill_left_s = 0.0
                 self._finish_prefill(events)
             else:
-                self._progress = max(self._progress, self._decode_heap[0][0])
+                while heap and heap[0][1] not in decoding:
+                    heapq.heappop(heap)  # cancelled
+                if not heap:
+                    break
+                step_s = self._decode_step_s()
+                top = heap[0][0]
+                due = now + max(top - self._progress, 0.0) * step_s
+                if due > until_s:
+                    break
+                seconds = due - now
+                if seconds > 0:
+                    self._progress += seconds / step_s
+                self._now = now = due
+                self._progress = max(self._progress, top)
                 self._finish_decodes(events)
             self._admit()
+        self._run_for(until_s - now)
+        self._now = until_s
+        return events
 
     def drain(self) -> list[EngineEvent]:
         """Run until every submitted request has finished."""
@@ -246,16 +270,22 @@ class BatchEngine:
             self._progress += seconds / self._decode_step_s()
 
     def _admit(self) -> None:
-        while self._waiting and self.running < self.profile.max_batch:
-            seq = self._waiting.popleft()
+        waiting, prefilling, decoding = self._waiting, self._prefilling, self._decoding
+        most = self.profile.max_batch
+        while waiting and len(prefilling) + len(decoding) < most:
+            seq = waiting.popleft()
             seq.admitted_s = self._now
-            self._prefilling.append(seq)
-            if len(self._prefilling) == 1:
+            prefilling.append(seq)
+            if len(prefilling) == 1:
                 self._start_prefill()
 
     def _start_prefill(self) -> None:
         if self._prefilling:
-            self._prefill_left_s = self.profile.prefill_seconds(self._prefilling[0].input_tokens)
+            tokens = self._prefilling[0].input_tokens
+            seconds = self._prefill_s.get(tokens)
+            if seconds is None:
+                seconds = self._prefill_s[tokens] = self.profile.prefill_seconds(tokens)
+            self._prefill_left_s = seconds
 
     def _finish_prefill(self, events: list[EngineEvent]) -> None:
         seq = self._prefilling.popleft()
@@ -281,11 +311,6 @@ class BatchEngine:
     def _finished(self, seq: _Sequence) -> EngineEvent:
         timing = seq.timing(self._now)
         return EngineEvent(EventKind.FINISHED, seq.request_id, self._now, timing)
-
-    def _drop_cancelled_heads(self) -> None:
-        heap = self._decode_heap
-        while heap and heap[0][1] not in self._decoding:
-            heapq.heappop(heap)
 
 
 def simulate(profile: ServingProfile, requests: Iterable[EngineRequest]) -> list[RequestTiming]:

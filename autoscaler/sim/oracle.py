@@ -77,6 +77,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from autoscaler.sim.gcpause import paused_gc
 from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.workload import SimWorkload, SloRule
 from catalog.engine import BatchEngine, EventKind
@@ -224,44 +225,52 @@ def slot_misses(
     rng = random.Random(seed)
     misses = 0
     due = [math.inf] * replicas  # each engine's next event; only the touched ones change
+    bounds = slo.bounds()
+    everyone = range(replicas)
+    first_token = EventKind.FIRST_TOKEN
 
     def settle(k: int, until: float) -> int:
         found = 0
+        owned = owner[k]
         for event in engines[k].advance(until):
-            if event.kind is EventKind.FIRST_TOKEN:
-                r = owner[k][event.request_id]
+            if event.kind is first_token:
+                r = owned[event.request_id]
                 work[k] -= request_work(r.input_tokens)  # its prefill is done
-                if r.arrival_s >= counted_from and not slo.met(
-                    ttft_s=event.at_s - r.arrival_s, input_tokens=r.input_tokens
+                if (
+                    r.arrival_s >= counted_from
+                    and event.at_s - r.arrival_s > bounds[r.input_tokens]
                 ):
                     found += 1
             if event.timing is not None:
                 outstanding[k] -= 1
-                del owner[k][event.request_id]
+                del owned[event.request_id]
         return found
 
     for r in requests:
-        for k in range(replicas):
-            if due[k] <= r.arrival_s:
-                misses += settle(k, r.arrival_s)
+        arrival = r.arrival_s
+        for k in everyone:
+            if due[k] <= arrival:
+                misses += settle(k, arrival)
                 due[k] = engines[k].next_event_s() or math.inf
         # The gateway's rule (gateway.balancing): least outstanding work, then requests.
         least = min(zip(work, outstanding, strict=True))
-        choice = rng.choice([k for k in range(replicas) if (work[k], outstanding[k]) == least])
-        misses += settle(choice, r.arrival_s)  # nothing due, but the engine must reach now
-        request_id = engines[choice].submit(
-            input_tokens=r.input_tokens, output_tokens=r.output_tokens
+        choice = rng.choice(
+            [k for k in everyone if work[k] == least[0] and outstanding[k] == least[1]]
         )
-        due[choice] = engines[choice].next_event_s() or math.inf
+        misses += settle(choice, arrival)  # nothing due, but the engine must reach now
+        engine = engines[choice]
+        request_id = engine.submit(input_tokens=r.input_tokens, output_tokens=r.output_tokens)
+        due[choice] = engine.next_event_s() or math.inf
         owner[choice][request_id] = r
         outstanding[choice] += 1
         work[choice] += request_work(r.input_tokens)
-    for k in range(replicas):
+    for k in everyone:
         for event in engines[k].drain():
-            if event.kind is EventKind.FIRST_TOKEN:
+            if event.kind is first_token:
                 r = owner[k][event.request_id]
-                if r.arrival_s >= counted_from and not slo.met(
-                    ttft_s=event.at_s - r.arrival_s, input_tokens=r.input_tokens
+                if (
+                    r.arrival_s >= counted_from
+                    and event.at_s - r.arrival_s > bounds[r.input_tokens]
                 ):
                     misses += 1
     return misses
@@ -643,6 +652,34 @@ def oracle(
     """The cheapest oracle over the GPU shapes cheapest per capacity for this trace;
     with ``replay``, repaired until its replay in the simulator meets the SLO. A replica's
     batch is bounded by the workload's ``per_worker`` where set, else the gateway's cap."""
+    with paused_gc():  # ``autoscaler.sim.gcpause``: the same plan, sooner
+        return _oracle(
+            workload=workload,
+            offers=offers,
+            requests=requests,
+            slo=slo,
+            attainment=attainment,
+            boot_s=boot_s,
+            allow_spot=allow_spot,
+            slot_s=slot_s,
+            seed=seed,
+            replay=replay,
+        )
+
+
+def _oracle(
+    *,
+    workload: SimWorkload,
+    offers: Sequence[Offer],
+    requests: Sequence[TraceRequest],
+    slo: SloRule,
+    attainment: float,
+    boot_s: float,
+    allow_spot: bool,
+    slot_s: float,
+    seed: int,
+    replay: Replay | None,
+) -> OraclePlan:
     served = [
         r for r in requests if r.input_tokens + r.output_tokens <= workload.max_context_tokens
     ]

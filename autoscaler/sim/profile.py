@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from autoscaler.sim.gcpause import paused_gc
 from autoscaler.sim.trace import TraceError, TraceRequest
 
 PROFILE_COLUMNS = ("t_start_min", "t_end_min", "rpm_calibrated")
@@ -167,12 +168,13 @@ def poisson_trace(
     rng = random.Random(seed)
     pairs = [(r.input_tokens, r.output_tokens) for r in tokens]
     out: list[TraceRequest] = []
-    for b in profile.bins:
-        if b.rps <= 0:
-            continue
-        t = b.start_s + rng.expovariate(b.rps)
-        while t < b.end_s:
-            tokens_in, tokens_out = pairs[rng.randrange(len(pairs))]
-            out.append(TraceRequest(t, tokens_in, tokens_out))
-            t += rng.expovariate(b.rps)
+    with paused_gc():  # ``autoscaler.sim.gcpause``: a day is half a million requests
+        for b in profile.bins:
+            if b.rps <= 0:
+                continue
+            t = b.start_s + rng.expovariate(b.rps)
+            while t < b.end_s:
+                tokens_in, tokens_out = pairs[rng.randrange(len(pairs))]
+                out.append(TraceRequest(t, tokens_in, tokens_out))
+                t += rng.expovariate(b.rps)
     return out

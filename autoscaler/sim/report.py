@@ -165,11 +165,8 @@ def build_report(
     records = outcomes.records
     counted = [r for r in records if r.outcome is not Outcome.REFUSED]
     ttfts = sorted(r.ttft_s for r in counted if r.ttft_s is not None)
-    met = sum(
-        1
-        for r in counted
-        if r.ttft_s is not None and slo.met(ttft_s=r.ttft_s, input_tokens=r.input_tokens)
-    )
+    bounds = slo.bounds()
+    met = sum(1 for r in counted if r.ttft_s is not None and r.ttft_s <= bounds[r.input_tokens])
     flat = sum(1 for r in counted if r.ttft_s is not None and r.ttft_s <= slo.target_s)
     kinds = Counter(e.kind for e in outcomes.events)
     tpots = sorted(r.tpot_s for r in records if not math.isnan(r.tpot_s))

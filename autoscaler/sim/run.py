@@ -14,6 +14,7 @@ from pathlib import Path
 from autoscaler.decide.queueing import SAFE_UTILIZATION, ReplicaCapacity, burst_floor, load_need
 from autoscaler.decide.signals import Signals
 from autoscaler.sim.gateway import Outcome, as_datetime
+from autoscaler.sim.gcpause import paused_gc
 from autoscaler.sim.oracle import OraclePlan, Replayed, WarmCosts, oracle, with_warm_pools
 from autoscaler.sim.policies import (
     ConcurrencyPolicy,
@@ -410,6 +411,11 @@ def compare_forked(
     the other."""
     if "fork" not in multiprocessing.get_all_start_methods():
         return compare(scenario, names)
+    with paused_gc():  # ``autoscaler.sim.gcpause``: the same reports, sooner
+        return _compare_forked(scenario, names)
+
+
+def _compare_forked(scenario: Scenario, names: Sequence[str]) -> tuple[Prepared, list[RunReport]]:
     context = multiprocessing.get_context("fork")
     # The child inherits the scenario by the fork (a day holds half a million requests,
     # slow to pickle); only the plan comes back.
@@ -454,8 +460,9 @@ def compare(
     scenario: Scenario, names: Sequence[str] = POLICY_NAMES
 ) -> tuple[Prepared, list[RunReport]]:
     """Every named policy on the scenario, and the oracle it is measured against."""
-    prepared = prepare(scenario)
-    return prepared, [run_policy(prepared, p) for p in policies(prepared, names)]
+    with paused_gc():  # ``autoscaler.sim.gcpause``: the same reports, sooner
+        prepared = prepare(scenario)
+        return prepared, [run_policy(prepared, p) for p in policies(prepared, names)]
 
 
 def trace_name(path: Path) -> str:
@@ -529,12 +536,13 @@ def replayed(outcomes: Outcomes, *, slo: SloRule, slot_s: float, slots: int) -> 
     """Requests and SLO misses per slot of arrival (refused requests not counted)."""
     counted = [0] * slots
     missed = [0] * slots
+    bounds = slo.bounds()
     for r in outcomes.records:
         if r.outcome is Outcome.REFUSED:
             continue
         k = min(int(r.arrival_s // slot_s), slots - 1)
         counted[k] += 1
-        if r.ttft_s is None or not slo.met(ttft_s=r.ttft_s, input_tokens=r.input_tokens):
+        if r.ttft_s is None or r.ttft_s > bounds[r.input_tokens]:
             missed[k] += 1
     return Replayed(requests=tuple(counted), misses=tuple(missed), billed_usd=outcomes.cost_usd)
 

@@ -172,9 +172,13 @@ def overlay_rate(requests: Sequence[TraceRequest], factor: float) -> list[TraceR
             at = r.arrival_s - start + shift
             if at > span:
                 at -= span
-            out.append(replace(r, arrival_s=start + at))
-    out.sort(key=lambda r: r.arrival_s)
+            out.append(TraceRequest(start + at, r.input_tokens, r.output_tokens, r.hash_ids))
+    out.sort(key=_arrival)
     return out
+
+
+def _arrival(request: TraceRequest) -> float:
+    return request.arrival_s
 
 
 def trace_stats(requests: Sequence[TraceRequest]) -> TraceStats:

@@ -157,6 +157,24 @@ class SloRule:
     def met(self, *, ttft_s: float, input_tokens: int) -> bool:
         return ttft_s <= self.bound_s(input_tokens)
 
+    def bounds(self) -> dict[int, float]:
+        """:meth:`bound_s` by prompt length, filled as asked (``bounds[tokens]``): for
+        loops over every request of a replay, where a lookup in it costs a tenth of a
+        call to :meth:`bound_s`."""
+        return _Bounds(self)
+
+
+class _Bounds(dict[int, float]):
+    """:meth:`SloRule.bounds`."""
+
+    def __init__(self, rule: SloRule) -> None:
+        super().__init__()
+        self.rule = rule
+
+    def __missing__(self, input_tokens: int) -> float:
+        bound = self[input_tokens] = self.rule.bound_s(input_tokens)
+        return bound
+
 
 @functools.lru_cache(maxsize=65536)
 def _bound_s(target_s: float, fastest: ServingProfile, input_tokens: int) -> float:

@@ -51,6 +51,7 @@ from autoscaler.decide.warm import (
 from autoscaler.reconcile.ledger import START_SAMPLES
 from autoscaler.reconcile.provisioner import may_sleep
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
+from autoscaler.sim.gcpause import paused_gc
 from autoscaler.sim.policies import ControllerPolicy, ControlView, Policy
 from autoscaler.sim.prefix import DEFAULT_ROUTING, HotSpotMeter, PrefixRouter, Routing, tpot_s
 from autoscaler.sim.trace import TraceRequest
@@ -368,6 +369,11 @@ class World:
         self.clock.t = EPOCH_S + t
 
     def run(self) -> Outcomes:
+        """Replay the trace (with the cyclic collector paused: ``autoscaler.sim.gcpause``)."""
+        with paused_gc():
+            return self._run()
+
+    def _run(self) -> Outcomes:
         start_cost = self.cloud.cost_usd()
         pending = list(self.records)
         n, i = len(pending), 0
