@@ -21,8 +21,11 @@ crash or a missed event gives the same actions. The rules:
   any replica drains, none more is drained in place.
 * **Warm pools** (``decide.warm``, when the spec asks for one). A drained replica of the
   current generation is parked instead of terminated while its pool has room: its
-  engine put to sleep first (when it can sleep), else its machine stopped. A parked
-  replica past its hold time moves down a path (asleep, then stopped, then terminated);
+  engine put to sleep first (when it can sleep and its sleep would be held at all: an
+  automatic pool stops at once a replica leaving a fleet that keeps serving, whose
+  scale-down window already spent what the sleep is worth), else its machine stopped. A
+  parked replica past its hold time moves down a path (asleep, then stopped, then
+  terminated);
   one of an older generation, or beyond its pool's bound, is terminated. Scale-up resumes
   parked replicas before it launches fresh ones, sleeping first, then stopped, newest
   parked first; a resume is checked against the budget at its running price, and a
@@ -45,7 +48,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from autoscaler.decide.budget import BudgetLimits, Spend, check_launch
-from autoscaler.decide.warm import WAIT_VALUE, ParkMode, WarmPolicy
+from autoscaler.decide.warm import ParkMode, WarmPolicy
 
 SURGE = 1
 """Extra replicas a spec-drift rollout may run above the desired count."""
@@ -257,15 +260,39 @@ class _Pool:
     generation: int
     held: dict[ParkMode, int] = field(default_factory=lambda: dict.fromkeys(ParkMode, 0))
 
-    def mode_for(self, r: ReplicaView) -> ParkMode | None:
+    def mode_for(self, r: ReplicaView, *, serving: bool) -> tuple[ParkMode | None, str]:
         """Where a replica leaving service goes: asleep while that pool has room (and its
-        engine can sleep), else stopped, else nowhere (``None``: terminate it)."""
+        engine can sleep) and its sleep would be held at all, else stopped, else nowhere
+        (``None``: terminate it); and why not asleep when its sleep's hold was zero.
+        ``serving``: another replica stays ready or starting (a partial scale-down;
+        ``WarmPolicy.hold``)."""
         if self.policy is None or r.generation < self.generation:
-            return None
+            return None, ""
+        note = ""
         for mode in (ParkMode.SLEEPING, ParkMode.STOPPED):
             if self.held[mode] < self.policy.bound(mode) and r.can_park(mode):
-                return mode
-        return None
+                if mode is ParkMode.SLEEPING:
+                    hold = self.policy.hold(
+                        ParkMode.SLEEPING,
+                        running_usd_per_hour=r.running_price,
+                        holding_usd_per_hour=r.running_price,
+                        serving=serving,
+                        can_stop=self.can_stop(r),
+                    )
+                    if hold is not None and hold.seconds <= 0:
+                        # The scale-down window already spent what sleeping is worth.
+                        note = f"; not asleep: its sleep would be held 0s ({hold.text})"
+                        continue
+                return mode, note
+        return None, note
+
+    def can_stop(self, r: ReplicaView) -> bool:
+        """Whether ``r`` could be stopped now: its machine can, and the pool has room."""
+        return (
+            self.policy is not None
+            and r.can_park(ParkMode.STOPPED)
+            and self.held[ParkMode.STOPPED] < self.policy.bound(ParkMode.STOPPED)
+        )
 
     def text(self, mode: ParkMode) -> str:
         bound = 0 if self.policy is None else self.policy.bound(mode)
@@ -329,9 +356,6 @@ def plan_actions(
         if r.phase in (ReplicaPhase.PARKING, ReplicaPhase.PARKED) and r.park_mode is not None:
             pool.held[r.park_mode] += 1
     timed_out = _liveness(live, timeouts=timeouts, now=now, actions=actions, due=due)
-    _finish_drains(live, timeouts=timeouts, now=now, actions=actions, due=due, pool=pool)
-    resumable = _tend_parked(live, pool=pool, now=now, actions=actions, due=due)
-    refilling = [r for r in live if in_refill(r, warm)]
     active = [
         r
         for r in live
@@ -339,6 +363,12 @@ def plan_actions(
         and r.launch_id not in timed_out
         and not in_refill(r, warm)
     ]
+    serving = bool(active)
+    _finish_drains(
+        live, timeouts=timeouts, now=now, actions=actions, due=due, pool=pool, serving=serving
+    )
+    resumable = _tend_parked(live, pool=pool, now=now, actions=actions, due=due, serving=serving)
+    refilling = [r for r in live if in_refill(r, warm)]
     _converge(
         active,
         desired=desired,
@@ -404,6 +434,7 @@ def _finish_drains(
     actions: list[Action],
     due: list[float],
     pool: _Pool,
+    serving: bool,
 ) -> None:
     for r in live:
         if r.phase is not ReplicaPhase.DRAINING:
@@ -421,16 +452,16 @@ def _finish_drains(
         else:
             due.append(left)
             continue
-        mode = pool.mode_for(r)
+        mode, note = pool.mode_for(r, serving=serving)
         if mode is None:
-            actions.append(Terminate(r.launch_id, reason))
+            actions.append(Terminate(r.launch_id, reason + note))
             continue
         pool.held[mode] += 1
         actions.append(
             Park(
                 r.launch_id,
                 mode,
-                f"{reason}; park it {_parked_text(r, mode)} (warm pool {pool.text(mode)})",
+                f"{reason}; park it {_parked_text(r, mode)} (warm pool {pool.text(mode)})" + note,
             )
         )
 
@@ -448,10 +479,12 @@ def _tend_parked(
     now: datetime,
     actions: list[Action],
     due: list[float],
+    serving: bool,
 ) -> list[ReplicaView]:
     """Terminate parked replicas of an older generation, beyond their pool's bound or (an
     automatic pool) past their hold time, stopping a sleeping one instead where the stopped
-    pool has room; the rest can be resumed: sleeping first, then stopped, newest first."""
+    pool has room; the rest can be resumed: sleeping first, then stopped, newest first.
+    ``serving``: another replica is ready or starting (``WarmPolicy.hold``)."""
     parked = sorted(
         (r for r in live if r.phase is ReplicaPhase.PARKED and r.park_mode is not None),
         key=lambda r: ((r.parked_at or now).timestamp(), r.launch_id),
@@ -471,24 +504,20 @@ def _tend_parked(
         elif pool.held[mode] > policy.bound(mode):
             reason = f"warm pool holds {pool.held[mode]} {mode.value}, at most {policy.bound(mode)}"
         else:
-            hold = policy.hold_seconds(
-                mode, running_usd_per_hour=r.running_price, holding_usd_per_hour=r.usd_per_hour
+            hold = policy.hold(
+                mode,
+                running_usd_per_hour=r.running_price,
+                holding_usd_per_hour=r.usd_per_hour,
+                serving=serving,
+                can_stop=pool.can_stop(r),
             )
-            if hold is None or age < hold:
+            if hold is None or age < hold.seconds:
                 if hold is not None:
-                    due.append(hold - age)
+                    due.append(hold.seconds - age)
                 kept.append(r)
                 continue
-            reason = (
-                f"{mode.value} {age:.0f}s >= hold {hold:.0f}s ({policy.saved_seconds(mode):.0f}s "
-                f"faster than a fresh machine x {WAIT_VALUE:g} x ${r.running_price:.4g}/h running "
-                f"/ ${r.usd_per_hour:.4g}/h parked)"
-            )
-            if (
-                mode is ParkMode.SLEEPING
-                and r.can_park(ParkMode.STOPPED)
-                and pool.held[ParkMode.STOPPED] < policy.bound(ParkMode.STOPPED)
-            ):
+            reason = f"{mode.value} {age:.0f}s >= hold {hold.seconds:.0f}s ({hold.text})"
+            if mode is ParkMode.SLEEPING and pool.can_stop(r):
                 pool.held[mode] -= 1
                 pool.held[ParkMode.STOPPED] += 1
                 actions.append(

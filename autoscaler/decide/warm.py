@@ -26,9 +26,29 @@ and then moves down a path: a sleeping engine is stopped (when its machine can s
 the stopped pool has room), a stopped machine is terminated. Holding for exactly the
 re-buy cost is the deterministic ski-rental rule: whatever the next burst's timing, it
 never pays more than twice what the best choice in hindsight would have paid. A sleeping
-replica is held about ``2 * (fresh - wake)`` seconds (six minutes for a three-minute
-boot): it covers a short dip. A stopped one is held for hours, because disks cost about
-a hundredth of the machine: it covers the night between two diurnal peaks.
+replica of a fleet scaled to zero is held about ``2 * (fresh - wake)`` seconds (six to
+eight minutes for a three- to four-minute boot): every request waits through the lead
+time there, so the wake is priced against a fresh machine, not against the stopped
+machine it becomes next (``docs/decisions.md``: pricing it against the start lost the
+scale-from-zero scenario). A stopped one is held for hours, because disks cost about a
+hundredth of the machine: it covers the night between two diurnal peaks.
+
+**A replica leaving a fleet that keeps serving** (another replica ready or starting) was
+already held ready, at its full price and past the load that needed it, for the
+scale-down window (``scale_down_time_window_sec``, :attr:`WarmPolicy.held_ready_s`)
+before it drained: that is rent already paid towards the same re-buy. Its sleep is
+priced against the path it takes next (the stopped machine's start where it can stop,
+else a fresh machine), less that window:
+
+    hold = max(0, (next_s - wake_s) * WAIT_VALUE * running_price / sleeping_price - window)
+
+With a 300 s window that is zero for the simulator's paths (a 75 s start, a 0.74 s wake)
+and for :data:`DEFAULT_START_TIMES` (60 s, 10 s): the replica is stopped at once instead
+of sleeping at its full price. A spot machine, which cannot stop, sleeps
+``2 * (fresh - wake) - window`` seconds (about three minutes for a four-minute boot). The
+sleep buys only time: the controller scales up reactively, so a replica is billed from
+the ask whatever path it takes, and a faster path brings capacity sooner but saves no
+dollars (``docs/decisions.md`` has the measurement).
 
 The spec bounds the pools (``warm_pool: {stopped: N, sleeping: M}``): at most N stopped
 machines and M sleeping engines, each kept without expiry, and refilled up to N and M
@@ -104,11 +124,17 @@ class WarmPolicy:
     pool keeps its replicas until it shrinks."""
     times: StartTimes = DEFAULT_START_TIMES
     sleep_level: int = 1
+    held_ready_s: float = 0.0
+    """Seconds a replica leaving a fleet that keeps serving was held ready before it
+    drained (an automatic pool: the scale-down window); rent already paid against its
+    sleep's hold."""
 
     def __post_init__(self) -> None:
         for name in ("max_stopped", "max_sleeping", "fill_stopped", "fill_sleeping"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.held_ready_s >= 0:  # NaN too
+            raise ValueError(f"held_ready_s must be >= 0, got {self.held_ready_s}")
         if self.fill_stopped > self.max_stopped or self.fill_sleeping > self.max_sleeping:
             raise ValueError("a pool's refill cannot exceed its bound")
 
@@ -123,19 +149,68 @@ class WarmPolicy:
         faster = self.times.start_s if mode is ParkMode.STOPPED else self.times.wake_s
         return max(0.0, self.times.fresh_s - faster)
 
-    def hold_seconds(
-        self, mode: ParkMode, *, running_usd_per_hour: float, holding_usd_per_hour: float
-    ) -> float | None:
-        """How long a replica parked this way is kept (``None``: until the pool shrinks).
-
-        Linear-time arithmetic; see the module docstring for the rule."""
+    def hold(
+        self,
+        mode: ParkMode,
+        *,
+        running_usd_per_hour: float,
+        holding_usd_per_hour: float,
+        serving: bool = False,
+        can_stop: bool = False,
+    ) -> Hold | None:
+        """How long a replica parked this way is kept, and why (``None``: until the pool
+        shrinks). ``serving``: another replica of the fleet is ready or starting;
+        ``can_stop``: a sleeping replica would be stopped next (its machine can stop and
+        the stopped pool has room), not terminated. Constant time; the module docstring
+        has the rule."""
         if not self.expire:
             return None
-        saved = self.saved_seconds(mode)
+        window = 0.0
+        if mode is ParkMode.SLEEPING and serving:
+            next_s = self.times.start_s if can_stop else self.times.fresh_s
+            saved = max(0.0, next_s - self.times.wake_s)
+            path = "a stopped machine's start" if can_stop else "a fresh machine"
+            window = self.held_ready_s
+        else:
+            saved = self.saved_seconds(mode)
+            path = "a fresh machine"
+        text = (
+            f"{saved:.0f}s faster than {path} x {WAIT_VALUE:g} x ${running_usd_per_hour:.4g}/h "
+            f"running / ${holding_usd_per_hour:.4g}/h parked"
+        )
         if holding_usd_per_hour <= 0:
-            return MAX_HOLD_SEC
-        hold = saved * WAIT_VALUE * running_usd_per_hour / holding_usd_per_hour
-        return min(MAX_HOLD_SEC, hold)
+            return Hold(MAX_HOLD_SEC, text)
+        budget = min(MAX_HOLD_SEC, saved * WAIT_VALUE * running_usd_per_hour / holding_usd_per_hour)
+        if window > 0:
+            text += f", less the {window:.0f}s the scale-down window held it ready"
+        return Hold(max(0.0, budget - window), text)
+
+    def hold_seconds(
+        self,
+        mode: ParkMode,
+        *,
+        running_usd_per_hour: float,
+        holding_usd_per_hour: float,
+        serving: bool = False,
+        can_stop: bool = False,
+    ) -> float | None:
+        """:meth:`hold`'s seconds."""
+        found = self.hold(
+            mode,
+            running_usd_per_hour=running_usd_per_hour,
+            holding_usd_per_hour=holding_usd_per_hour,
+            serving=serving,
+            can_stop=can_stop,
+        )
+        return None if found is None else found.seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """How long a parked replica is kept, and the arithmetic behind it."""
+
+    seconds: float
+    text: str
 
 
 def warm_policy_of(
@@ -164,6 +239,7 @@ def warm_policy_of(
         max_sleeping=policy.max_workers if spec.backend in SLEEPING_BACKENDS else 0,
         expire=True,
         times=measured,
+        held_ready_s=policy.scale_down_time_window_sec,
     )
 
 

@@ -206,6 +206,93 @@ def test_an_automatic_pool_holds_a_sleeping_replica_for_the_re_buy_cost_then_sto
     assert f"sleeping {hold + 1:.0f}s >= hold {hold:.0f}s" in p.actions[0].reason
 
 
+# The automatic pool as the spec builds it: a 300 s scale-down window, the simulator's
+# start paths (a 180 s boot, a 75 s start, a 1 s wake).
+WINDOWED = WarmPolicy(
+    max_stopped=4,
+    max_sleeping=4,
+    held_ready_s=300.0,
+    times=StartTimes(fresh_s=180.0, start_s=75.0, wake_s=1.0),
+)
+
+
+def test_a_replica_leaving_a_serving_fleet_is_stopped_at_once_not_put_to_sleep() -> None:
+    # 2 x (75 s start - 1 s wake) = 148 s of sleep is worth less than the 300 s the
+    # scale-down window already held the replica ready at its full price: no sleep.
+    drained = replica("a", ReplicaPhase.DRAINING, drain_age=30)
+    p = plan(1, [replica("r"), drained], warm=WINDOWED)
+    assert kinds(p) == [("Park", "a", "stopped")]
+    assert p.actions[0].reason.endswith(
+        "; not asleep: its sleep would be held 0s (74s faster than a stopped machine's "
+        "start x 2 x $1/h running / $1/h parked, less the 300s the scale-down window held "
+        "it ready)"
+    )
+    # The last replica of a fleet going to zero still sleeps: every request waits on it.
+    assert kinds(plan(0, [drained], warm=WINDOWED)) == [("Park", "a", "sleeping")]
+    # So does one leaving a serving fleet where the stopped pool is full.
+    no_room = replace(WINDOWED, max_stopped=0)
+    assert kinds(plan(1, [replica("r"), drained], warm=no_room)) == [("Park", "a", "sleeping")]
+
+
+def test_a_serving_fleets_sleep_is_priced_against_the_next_path_less_the_window() -> None:
+    serving = replica("r")
+    # A spot machine cannot stop: its sleep is priced against a fresh machine,
+    # 2 x (180 - 1) - 300 = 58 s.
+    spot = replica("a", ReplicaPhase.PARKED, park=ParkMode.SLEEPING, can_stop=False)
+    young = replace(spot, parked_at=NOW - timedelta(seconds=50))
+    p = plan(1, [serving, young], warm=WINDOWED)
+    assert p.actions == ()
+    assert p.requeue_after == pytest.approx(8)
+    old = replace(spot, parked_at=NOW - timedelta(seconds=59))
+    p = plan(1, [serving, old], warm=WINDOWED)
+    assert kinds(p) == [("Terminate", "a", None)]
+    assert (
+        "sleeping 59s >= hold 58s (179s faster than a fresh machine x 2 x $1/h running / "
+        "$1/h parked, less the 300s the scale-down window held it ready)"
+    ) in p.actions[0].reason
+    # Where it can stop, the start is the lead it saves: 2 x 74 s < 300 s, stopped now.
+    asleep = replica("b", ReplicaPhase.PARKED, park=ParkMode.SLEEPING, parked_age=1)
+    p = plan(1, [serving, asleep], warm=WINDOWED)
+    assert kinds(p) == [("Park", "b", "stopped")]
+    assert "74s faster than a stopped machine's start" in p.actions[0].reason
+    # With nothing else serving, the same replica is held 2 x 179 s = 358 s.
+    assert plan(0, [asleep], warm=WINDOWED).actions == ()
+    assert (
+        plan(0, [replace(asleep, parked_at=NOW - timedelta(seconds=357))], warm=WINDOWED).actions
+        == ()
+    )
+    late = replace(asleep, parked_at=NOW - timedelta(seconds=359))
+    assert kinds(plan(0, [late], warm=WINDOWED)) == [("Park", "b", "stopped")]
+
+
+def test_a_slow_start_keeps_a_serving_fleets_replica_asleep_for_what_the_window_left() -> None:
+    # A 400 s start: sleeping saves 399 s, worth 798 s of sleep, less the 300 s window.
+    slow = replace(WINDOWED, times=StartTimes(fresh_s=900.0, start_s=400.0, wake_s=1.0))
+    assert slow.hold_seconds(
+        ParkMode.SLEEPING,
+        running_usd_per_hour=1.0,
+        holding_usd_per_hour=1.0,
+        serving=True,
+        can_stop=True,
+    ) == pytest.approx(2 * 399 - 300)
+    drained = replica("a", ReplicaPhase.DRAINING, drain_age=30)
+    assert kinds(plan(1, [replica("r"), drained], warm=slow)) == [("Park", "a", "sleeping")]
+    # A stopped replica's hold ignores the window (its disks cost a hundredth).
+    assert slow.hold_seconds(
+        ParkMode.STOPPED, running_usd_per_hour=2.0, holding_usd_per_hour=0.02, serving=True
+    ) == pytest.approx(500 * 2 * 2.0 / 0.02)
+
+
+def test_a_replica_starting_counts_as_serving_but_one_given_up_does_not() -> None:
+    drained = replica("a", ReplicaPhase.DRAINING, drain_age=30)
+    booting = replica("b", ReplicaPhase.BOOTING)
+    assert kinds(plan(1, [booting, drained], warm=WINDOWED)) == [("Park", "a", "stopped")]
+    overdue = replace(booting, intent_at=NOW - timedelta(seconds=TIMEOUTS.scaling_up_sec + 1))
+    p = plan(0, [overdue, drained], warm=WINDOWED)
+    assert ("Park", "a", "sleeping") in kinds(p)
+    assert ("Terminate", "b", None) in kinds(p)
+
+
 def test_a_stopped_replica_is_held_while_its_disks_cost_less_than_buying_again() -> None:
     price = 2.0
     saved = DEFAULT_START_TIMES.fresh_s - DEFAULT_START_TIMES.start_s
@@ -293,7 +380,8 @@ def test_the_warm_pool_the_spec_asks_for() -> None:
         max_stopped=2, max_sleeping=1, fill_stopped=2, fill_sleeping=1, expire=False
     )
     auto = warm_policy_of(spec("auto"))
-    assert auto == WarmPolicy(max_stopped=4, max_sleeping=4)
+    # The scale-down window (300 s by default) is rent a partial scale-down already paid.
+    assert auto == WarmPolicy(max_stopped=4, max_sleeping=4, held_ready_s=300.0)
     sglang = warm_policy_of(spec("auto", backend="sglang"))
     assert sglang is not None and sglang.max_sleeping == 0
     assert warm_policy_of(spec(None)) is None
