@@ -114,7 +114,11 @@ class FakeCloud:
         machine = self._machines.get(instance_id)
         if machine is None:
             raise KeyError(instance_id)
-        now = self.clock.now()
+        return self._settled(machine, self.clock.now())
+
+    @staticmethod
+    def _settled(machine: _Machine, now: float) -> Instance:
+        """The machine as of ``now``: a boot or a stop whose time has come is over."""
         if machine.instance.state is InstanceState.PENDING and now >= machine.running_at:
             machine.instance = replace(machine.instance, state=InstanceState.RUNNING)
         if machine.instance.state is InstanceState.STOPPING and now >= machine.stopped_at:
@@ -150,7 +154,8 @@ class FakeCloud:
         return self.get(instance_id)
 
     def all(self) -> builtins.list[Instance]:
-        return [self.get(instance_id) for instance_id in self._machines]
+        now = self.clock.now()
+        return [self._settled(machine, now) for machine in self._machines.values()]
 
     def visible(self, instance_id: str) -> bool:
         """Whether the API shows the instance yet (see ``visibility_delay_sec``)."""

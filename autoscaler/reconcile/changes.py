@@ -58,7 +58,7 @@ engine keys and specs this controller has not read yet.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
@@ -87,6 +87,7 @@ from providers.engines import engine_for
 _RUNNING = frozenset({InstanceState.RUNNING})
 _STARTING = frozenset({InstanceState.PENDING, InstanceState.RUNNING})
 _SETTLED = frozenset({Phase.READY, Phase.BOOTING, Phase.PARKED})
+_PROBED = frozenset({Phase.BOOTING, Phase.READY})
 """The phases whose replica a step may find nothing to do for (rule 4)."""
 _PARKED: Mapping[str | None, frozenset[InstanceState]] = {
     ParkMode.STOPPED.value: frozenset({InstanceState.STOPPED}),
@@ -167,6 +168,18 @@ def record_step(
     )
 
 
+def last_facts(deps: Deps) -> Callable[[int], WorkloadFacts | None]:
+    """The facts the last passes saw of a workload, by id (``fleet.read_fleet``'s
+    ``previous``): O(1) per call."""
+    seen = deps.memory.seen
+
+    def facts(workload_id: int) -> WorkloadFacts | None:
+        found = seen.get(workload_id)
+        return None if found is None else found.facts
+
+    return facts
+
+
 def forget_step(deps: Deps, workload_id: int) -> None:
     """A step that failed or was cut: the workload is stepped in full next pass."""
     deps.memory.seen.pop(workload_id, None)
@@ -183,7 +196,7 @@ def _needs_step(
     and 6 of the module docstring, health aside); ``None``: it may be left alone."""
     memory = deps.memory
     seen = memory.seen.get(w.id)
-    if seen is None or seen.facts != w:
+    if seen is None or (seen.facts is not w and seen.facts != w):
         return "new or changed"
     if not seen.quiet:
         return "its last step had work"
@@ -266,34 +279,36 @@ async def _load_specs(deps: Deps, workloads: Iterable[WorkloadFacts]) -> None:
         deps.memory.specs[w.id] = (w.spec_hash, spec)
 
 
-def _probe_targets(deps: Deps, workloads: Iterable[WorkloadFacts]) -> list[tuple[RowFacts, str]]:
-    """The replicas whose health a full step would ask, with their health path."""
-    targets = []
+def _probe_targets(
+    deps: Deps, workloads: Iterable[WorkloadFacts]
+) -> Iterator[tuple[RowFacts, str]]:
+    """The replicas whose health a full step would ask, with their health path (made
+    one at a time: a list of them would outlive the batch's collections)."""
     for w in workloads:
         spec = _spec(deps, w)
         assert spec is not None
         path = engine_for(spec.backend.value).health_path
-        targets += [
-            (r, path)
-            for r in w.rows
-            if r.url is not None
-            and r.group_role != "worker"
-            and r.phase in (Phase.BOOTING, Phase.READY)
-        ]
-    return targets
+        for r in w.rows:
+            if _probed(r):
+                yield r, path
+
+
+def _probed(r: RowFacts) -> bool:
+    return r.url is not None and r.group_role != "worker" and r.phase in _PROBED
 
 
 async def _probe(deps: Deps, workloads: Sequence[WorkloadFacts]) -> dict[str, bool]:
     """Each candidate replica's health answer by launch id: one batch for the pass, at
     most :data:`PROBES_AT_ONCE` in flight."""
-    targets = _probe_targets(deps, workloads)
     keys = deps.memory.engine_keys
-    unknown = [r.launch_id for r, _ in targets if r.launch_id not in keys]
+    unknown = [
+        r.launch_id for w in workloads for r in w.rows if r.launch_id not in keys and _probed(r)
+    ]
     if unknown:
         async with deps.sessions() as s:
             keys.update(await engine_keys(s, unknown))
     answers: dict[str, bool] = {}
-    queue = iter(targets)
+    queue = _probe_targets(deps, workloads)
 
     async def worker() -> None:
         for row, path in queue:
@@ -301,7 +316,7 @@ async def _probe(deps: Deps, workloads: Sequence[WorkloadFacts]) -> dict[str, bo
                 url=row.url or "", health_path=path, engine_key=keys.get(row.launch_id)
             )
 
-    await asyncio.gather(*(worker() for _ in range(min(PROBES_AT_ONCE, len(targets)))))
+    await asyncio.gather(*(worker() for _ in range(PROBES_AT_ONCE)))
     return answers
 
 

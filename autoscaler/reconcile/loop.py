@@ -69,7 +69,7 @@ from pydantic import ValidationError
 
 from autoscaler.decide.inputs import Measured
 from autoscaler.reconcile.boot_failures import failed_boots_of, reported_since
-from autoscaler.reconcile.changes import forget_step, record_step, work_for_pass
+from autoscaler.reconcile.changes import forget_step, last_facts, record_step, work_for_pass
 from autoscaler.reconcile.deps import Deps, Failure, LeaseLost, WorkloadRef, log
 from autoscaler.reconcile.fleet import Fleet, WorkloadFacts, read_fleet
 from autoscaler.reconcile.ledger import FleetSpend, fleet_usd_per_hour, record_decision
@@ -104,7 +104,7 @@ async def reconcile_once(deps: Deps) -> float:
         except Exception:
             log.exception("recording the measurements failed")
     async with deps.sessions() as s:
-        snapshot = await read_fleet(s)
+        snapshot = await read_fleet(s, previous=last_facts(deps))
         width = steps_at_once(s.get_bind().dialect.name)
     work = await work_for_pass(
         deps,

@@ -40,14 +40,15 @@ async def sweep_orphans(
     """Terminate orphans past the grace period; the instance ids terminated.
     ``claims``: open rows' instance ids by launch id as the pass read them (``None``:
     read them all here)."""
+    grace = deps.settings.orphan_grace_sec
     suspects = [
         (name, instance)
         for name, instances in observed.by_provider.items()
         if deps.providers.get(name) is not None
         for instance in instances.values()
-        if not instance.state.is_gone
-        and (now - instance.launched_at).total_seconds() >= deps.settings.orphan_grace_sec
-        and not _claimed(claims, instance.launch_id, instance.instance_id)
+        if not _claimed(claims, instance.launch_id, instance.instance_id)  # most are
+        and not instance.state.is_gone
+        and (now - instance.launched_at).total_seconds() >= grace
     ]
     if not suspects:
         return []

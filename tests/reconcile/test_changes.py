@@ -276,3 +276,23 @@ async def test_a_parked_replica_left_alone_moves_on_at_its_measured_hold_time(
     # Held (150 - 10) s x 2 = 280 s with the measured fresh start (340 s by default).
     assert 280 <= waited < 290
     assert left_alone > 0
+
+
+async def test_an_unchanged_fleet_is_read_as_the_facts_already_held(world: World) -> None:
+    """Facts equal to the last pass's are those very objects (a pass makes no new
+    long-lived objects for an unchanged fleet); a changed row is read anew."""
+    await converged(world, "a", "b")
+    async with world.sessions() as s:
+        first = await read_fleet(s)
+    held = {w.id: w for w in first.workloads}
+    async with world.sessions() as s:
+        row = await s.get(LedgerRow, first.workloads[1].rows[1].launch_id)
+        assert row is not None
+        row.drain_requested_at = world.now
+        await s.commit()
+        second = await read_fleet(s, previous=held.get)
+    [a, b] = second.workloads
+    assert a is first.workloads[0]
+    assert b is not first.workloads[1] and b != first.workloads[1]
+    assert b.rows[0] is first.workloads[1].rows[0]
+    assert [r.phase for r in b.rows] == [Phase.READY, Phase.DRAINING]
