@@ -293,6 +293,60 @@ def test_a_replica_starting_counts_as_serving_but_one_given_up_does_not() -> Non
     assert ("Terminate", "b", None) in kinds(p)
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    fresh=st.floats(30.0, 900.0),
+    start=st.floats(5.0, 900.0),
+    wake=st.floats(0.0, 30.0),
+    window=st.floats(0.0, 1200.0),
+    price=st.floats(0.1, 100.0),
+    can_stop=st.booleans(),
+    gap=st.floats(0.0, 20_000.0),
+)
+def test_a_serving_fleets_sleep_is_ski_rental_over_the_window_and_the_sleep(
+    fresh: float,
+    start: float,
+    wake: float,
+    window: float,
+    price: float,
+    can_stop: bool,
+    gap: float,
+) -> None:
+    """The window and the sleep together are the rent: they add up to the re-buy cost
+    (2 x the lead time the next path loses, at the machine's price), so whenever the next
+    need comes after the replica left service, what was paid is at most twice the best
+    choice in hindsight, as long as the window alone did not already exceed it."""
+    policy = WarmPolicy(
+        max_stopped=1,
+        max_sleeping=1,
+        held_ready_s=window,
+        times=StartTimes(fresh_s=fresh, start_s=start, wake_s=wake),
+    )
+    hold = policy.hold_seconds(
+        ParkMode.SLEEPING,
+        running_usd_per_hour=price,
+        holding_usd_per_hour=price,
+        serving=True,
+        can_stop=can_stop,
+    )
+    assert hold is not None
+    lead = max(0.0, (start if can_stop else fresh) - wake)
+    rebuy = WAIT_VALUE * lead  # in machine-seconds
+    assert window + hold == pytest.approx(max(window, rebuy))
+    # The idle time since the replica was last needed: the window, then ``gap`` more.
+    idle = window + gap
+    paid = window + min(gap, hold) + (rebuy if gap > hold else 0.0)
+    best = min(idle, rebuy)
+    if window <= rebuy:
+        assert paid <= 2 * best + 1e-6
+    # Never longer than the same replica's hold with nothing else serving.
+    alone = policy.hold_seconds(
+        ParkMode.SLEEPING, running_usd_per_hour=price, holding_usd_per_hour=price
+    )
+    assert alone is not None
+    assert hold <= alone + 1e-9 or start > fresh
+
+
 def test_a_stopped_replica_is_held_while_its_disks_cost_less_than_buying_again() -> None:
     price = 2.0
     saved = DEFAULT_START_TIMES.fresh_s - DEFAULT_START_TIMES.start_s
