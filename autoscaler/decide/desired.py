@@ -18,6 +18,7 @@ from autoscaler.decide.scaling import (
     FleetCounts,
     ScaleDecision,
     ScaleMemory,
+    SpotRisk,
     desired_replicas,
 )
 from autoscaler.decide.schedule import format_offset, schedule_state
@@ -41,10 +42,12 @@ def desired_count(
     capacity: ReplicaCapacity | None = None,
     schedule_offset: timedelta = timedelta(0),
     concurrency_target: int | None = None,
+    spot: SpotRisk | None = None,
 ) -> ScaleDecision:
     """How many replicas ``spec`` wants at ``now``, with the reason; a schedule is read
     at ``now + schedule_offset``. ``concurrency_target``: requests per replica the
-    autoscaler scales to (``decide.inputs.concurrency_target``)."""
+    autoscaler scales to (``decide.inputs.concurrency_target``); ``spot``: an
+    autoscaling fleet on spot, at this risk (``decide.scaling``'s spot spares)."""
     policy = spec.execution_policy_config
     if isinstance(policy, AutoscalingPolicy):
         return desired_replicas(
@@ -56,6 +59,7 @@ def desired_count(
             capacity=capacity,
             concurrency_target=concurrency_target,
             jobs_only=spec.endpoint_type is EndpointType.ASYNC,
+            spot=spot,
         )
     if isinstance(policy, ScheduledPolicy):
         state = schedule_state(policy, now=now + schedule_offset)

@@ -41,6 +41,21 @@ Beside them, three rules take the workload's concurrency and throughput:
   the measured mix), whatever the rules above say, scale to zero included; one when no
   figure is known.
 
+And one for spot fleets:
+
+* **Spot spares.** On spot (:class:`SpotRisk`: the market's interruptions per replica-hour
+  and the seconds a replacement takes to serve), the replicas down at once are about
+  Poisson with mean ``n x rate x replace_s / 3600`` for ``n`` replicas (each
+  interruption leaves one missing for a replacement's boot). The load rule lets
+  ``1 - WAIT_QUANTILE`` (1 %) of arrivals wait past the budget, so the fleet keeps the
+  fewest ``k`` spares for which more than ``k`` down at once is no likelier than that,
+  on top of the replicas that carry the busiest minute of the scale-down window at full
+  throughput (``ReplicaCapacity.requests_per_s``: losing ``k`` then slows the fleet
+  but its queue does not grow through the boot). The spares are added to whatever the
+  rules above decided only where that count falls short of the floor, so a fleet the
+  hysteresis already holds above the load's need buys none
+  (:func:`spot_spares`; the decision's reason gives the numbers).
+
 Hysteresis is time, never ticks: a breach must hold for the window measured in seconds
 from ``breach_since``. With ``enable_fast_autoscaling`` the scale-up window is cut to
 :data:`FAST_SCALE_UP_WINDOW_SEC` and the step may triple capacity instead of doubling
@@ -59,10 +74,12 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 
 from autoscaler.decide.queueing import (
+    BACKLOG_CLEAR_SEC,
     BURST_HEADROOM,
     PREFILL_TTFT_FACTOR,
     RECENT_LOAD_WINDOW_SEC,
     SAFE_UTILIZATION,
+    WAIT_QUANTILE,
     ReplicaCapacity,
     burst_floor,
     capacity_text,
@@ -79,6 +96,47 @@ FAST_SCALE_UP_WINDOW_SEC = 10.0
 
 CALM_SHARE_OF_UPPER = 0.5
 """With a capacity figure, TTFT below this share of the upper bound counts as calm."""
+
+DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR = 1.0 / 168.0
+"""Interruptions per spot replica-hour assumed where the market's rate is not known: one
+a machine-week. The simulated cloud sets its own (``autoscaler.sim.world.CloudSettings``:
+0.2 an hour, a machine-day's five)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SpotRisk:
+    """What spot interruptions put at risk: the fleet runs on spot, each replica is
+    interrupted ``interruptions_per_hour`` on average, and a replacement serves
+    ``replace_s`` seconds after it is bought (a fresh start's median)."""
+
+    interruptions_per_hour: float
+    replace_s: float
+
+    def __post_init__(self) -> None:
+        for name in ("interruptions_per_hour", "replace_s"):
+            value = getattr(self, name)
+            if not value >= 0:  # NaN too
+                raise ValueError(f"{name} must be >= 0, got {value}")
+
+    def down_mean(self, replicas: int) -> float:
+        """Replicas of ``replicas`` missing at once on average (interruptions within one
+        replacement's boot)."""
+        return replicas * self.interruptions_per_hour * self.replace_s / 3600.0
+
+
+def spot_spares(replicas: int, risk: SpotRisk, *, allowed: float = 1.0 - WAIT_QUANTILE) -> int:
+    """The fewest spares ``k`` for which more than ``k`` of ``replicas`` spot replicas
+    down at once (Poisson with mean :meth:`SpotRisk.down_mean`) is no likelier than
+    ``allowed``."""
+    mean = risk.down_mean(replicas)
+    term = math.exp(-mean)  # P(X = 0)
+    below = term
+    k = 0
+    while 1.0 - below > allowed and k < replicas:
+        k += 1
+        term *= mean / k
+        below += term
+    return k
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,11 +237,13 @@ def desired_replicas(
     capacity: ReplicaCapacity | None = None,
     concurrency_target: int | None = None,
     jobs_only: bool = False,
+    spot: SpotRisk | None = None,
 ) -> ScaleDecision:
     """How many replicas (ready + booting) the workload should have at ``now``.
 
     ``concurrency_target``: requests one replica serves at once, to scale to (``None``:
-    none); ``jobs_only``: an async endpoint, scaled on its job queue (module docstring).
+    none); ``jobs_only``: an async endpoint, scaled on its job queue; ``spot``: the fleet
+    runs on spot, at this risk (spot spares; module docstring).
     """
     up_window = scale_up_window_sec(policy)
     down_window = policy.scale_down_time_window_sec
@@ -203,6 +263,7 @@ def desired_replicas(
         ttft_down,
         concurrency_target,
         jobs_only,
+        spot,
     )
     ctx = replace(ctx, memory=_remember(ctx))
     decision = (
@@ -214,7 +275,7 @@ def desired_replicas(
         or _up(ctx, up_window)
         or _down(ctx, down_window)
     )
-    return _throughput_floor(ctx, decision or ctx.hold())
+    return _throughput_floor(ctx, _spot_spare(ctx, decision or ctx.hold()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +290,7 @@ class _Context:
     ttft_down: float | None
     concurrency_target: int | None = None
     jobs_only: bool = False
+    spot: SpotRisk | None = None
 
     @property
     def current(self) -> int:
@@ -476,6 +538,53 @@ def _throughput_floor(ctx: _Context, decision: ScaleDecision) -> ScaleDecision:
         desired=desired,
         direction=direction,
         reason=f"{why}{capped}: {ctx.current} -> {desired} (instead of: {decision.reason})",
+    )
+
+
+def _spot_spare(ctx: _Context, decision: ScaleDecision) -> ScaleDecision:
+    """``decision`` raised to the spot spares' floor (module docstring), where it falls
+    short of it."""
+    risk, cap, s = ctx.spot, ctx.capacity, ctx.signals
+    if risk is None or cap is None or ctx.jobs_only or decision.desired == 0:
+        return decision
+    if cap.requests_per_s <= 0:
+        return decision
+    window = ctx.policy.scale_down_time_window_sec
+    rate = max(recent_rate(s, now=ctx.now), peak_rate(s, now=ctx.now, over_s=window))
+    load = rate + s.queue_depth / BACKLOG_CLEAR_SEC
+    carry = max(math.ceil(load / cap.requests_per_s - 1e-9), 1)
+    fleet = decision.desired
+    spares = spot_spares(fleet, risk)
+    if carry + spares > fleet:  # the spares are spot too: their risk counts
+        fleet = carry + spares
+        spares = spot_spares(fleet, risk)
+    floor = carry + spares
+    if spares == 0 or decision.desired >= floor:
+        return decision
+    desired = ctx.clamp(floor)
+    if desired <= decision.desired:
+        return decision
+    allowed = 1.0 - WAIT_QUANTILE
+    queued = f" and {s.queue_depth} queued" if s.queue_depth else ""
+    why = (
+        f"spot spares: {floor} spot replicas interrupted {risk.interruptions_per_hour:g}/h "
+        f"each and replaced in {risk.replace_s:.0f}s have {risk.down_mean(floor):.3f} down "
+        f"on average, and more than {spares} down at once is no likelier than {allowed:.0%}, "
+        f"so {spares} spare(s) on top of the {carry} that carry {rate:.2f} req/s{queued} "
+        f"(the busiest {RECENT_LOAD_WINDOW_SEC:g}s of the last {window:g}s) at full "
+        f"throughput ({cap.requests_per_s:.2f} req/s each): {ctx.current} -> {desired}"
+    )
+    direction, memory = decision.direction, decision.memory
+    if desired > ctx.current:
+        direction, memory = Direction.UP, replace(memory, calm_since=None)
+    elif desired == ctx.current:
+        direction = Direction.HOLD
+    return replace(
+        decision,
+        desired=desired,
+        direction=direction,
+        memory=memory,
+        reason=f"{why} (instead of: {decision.reason})",
     )
 
 

@@ -60,8 +60,21 @@ from autoscaler.decide.plan import (
     plan_actions,
     refill_wanted,
 )
-from autoscaler.decide.scaling import Direction, FleetCounts, ScaleDecision, ScaleMemory
-from autoscaler.decide.warm import ParkMode, StartTimes, WarmPolicy, warm_policy_of
+from autoscaler.decide.scaling import (
+    DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR,
+    Direction,
+    FleetCounts,
+    ScaleDecision,
+    ScaleMemory,
+    SpotRisk,
+)
+from autoscaler.decide.warm import (
+    DEFAULT_START_TIMES,
+    ParkMode,
+    StartTimes,
+    WarmPolicy,
+    warm_policy_of,
+)
 from autoscaler.spec import (
     DEFAULT_MAX_REPLICAS,
     SLEEPING_BACKENDS,
@@ -119,6 +132,8 @@ class ReplicaState:
     worker_id: str | None = None
     shape: GpuShape | None = None
     """The replica's GPUs for the performance model (``None``: a private worker)."""
+    spot: bool = False
+    """Bought on the spot market (it may be interrupted)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +156,9 @@ class WorkloadView:
     start_times: StartTimes | None = None
     """Measured median seconds to ready per start path (``None``: the defaults of
     ``decide.warm``)."""
+    spot_interruptions_per_hour: float | None = None
+    """Interruptions per spot replica-hour on the workload's market (``None``:
+    ``decide.scaling.DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +215,26 @@ def phase_counts(views: Sequence[ReplicaView], *, warm: WarmPolicy | None = None
         ready=phases.count(ReplicaPhase.READY),
         booting=phases.count(ReplicaPhase.PENDING) + phases.count(ReplicaPhase.BOOTING),
         draining=phases.count(ReplicaPhase.DRAINING),
+    )
+
+
+def spot_risk(view: WorkloadView, *, warm: WarmPolicy | None = None) -> SpotRisk | None:
+    """The spot risk the scaling rules weigh (``decide.scaling``'s spot spares), or
+    ``None`` where the fleet is not on spot: the policy allows spot and most of the
+    replicas serving or booting are spot ones (with none yet, placement's spot price
+    comes first). A replacement serves a fresh start after it is bought (the measured
+    median, else ``decide.warm``'s default)."""
+    policy = autoscaling_policy(view.spec)
+    if policy is None or not policy.allow_spot_instances or view.deleted:
+        return None
+    staying = [r for r in view.replicas if r.view.phase in _STAYING and not in_refill(r.view, warm)]
+    if 2 * sum(1 for r in staying if r.spot) < len(staying):
+        return None
+    rate = view.spot_interruptions_per_hour
+    times = view.start_times or DEFAULT_START_TIMES
+    return SpotRisk(
+        interruptions_per_hour=DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR if rate is None else rate,
+        replace_s=times.fresh_s,
     )
 
 
@@ -405,6 +443,7 @@ def _decide(
         capacity=inputs.capacity,
         schedule_offset=timedelta(seconds=knobs.schedule_offset_sec),
         concurrency_target=concurrency_target(view.spec, view.measured),
+        spot=spot_risk(view, warm=warm),
     )
     cap = knobs.max_replicas_per_workload
     if decision.desired > cap:

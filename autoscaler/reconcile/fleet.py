@@ -78,6 +78,8 @@ class RowFacts(NamedTuple):
     prefill: bool
     booted_to_sleep: bool
     """Its recorded engine command holds :data:`SLEEP_FLAG` (``ledger.can_sleep``)."""
+    spot: bool
+    """Bought on the spot market."""
     terminated_confirmed_at: datetime | None = None
 
 
@@ -171,6 +173,7 @@ def _row_columns(postgres: bool) -> tuple[Any, ...]:
         # The command is JSON; its text holds the flag as an element, quoted (not
         # decoding every row's command each pass).
         func.coalesce(sql_cast(LedgerRow.engine_command, Text), "").contains(f'"{SLEEP_FLAG}"'),
+        LedgerRow.spot,
     )
 
 

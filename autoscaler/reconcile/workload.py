@@ -529,6 +529,7 @@ def replica_states(rows: Sequence[LedgerRow] | Sequence[RowFacts]) -> list[Repli
                 zone=row.zone or None,
                 worker_id=row.worker_id,
                 shape=(row.gpu, row.gpu_count) if row.gpu and row.gpu_count else None,
+                spot=bool(row.spot),
             )
         )
     return states

@@ -844,6 +844,7 @@ class World:
             fleet_usd_per_hour=sum(r.hourly_usd(t) for r in live),
             pool_gpus=self._pool_gpus,
             start_times=self.start_times(),
+            spot_interruptions_per_hour=self.cloud_settings.spot_interruptions_per_hour,
         )
 
     def _state(self, r: SimReplica) -> ReplicaState:
@@ -875,6 +876,7 @@ class World:
             ),
             zone=r.offer.zone,
             shape=shape_of(r.offer),
+            spot=r.spot,
         )
 
     def _launch(self, placement: Placement, t: float, *, prefill: bool = False) -> bool:
