@@ -12,7 +12,7 @@ the SLO, found by replaying 1, 2, ... replicas (:func:`cheapest_static`), the be
 static fleet in hindsight.
 
     .venv/bin/python -m bench.policy [--seed N] [--traces DIR] [--json FILE] [--check-oracle]
-        [--rate-scale X] [--scenarios all|hours|days]
+        [--rate-scale X] [--scenarios all|hours|days] [--spot both|no|yes]
 
 Beside the hour traces it replays the day-long diurnal scenarios of :data:`DAYS`: a day
 of the Azure 2024 conversation week's request rate drawn as a non-homogeneous Poisson
@@ -229,6 +229,12 @@ def main() -> None:
         "scale-from-zero scenario (all), or that one alone (zero)",
     )
     parser.add_argument(
+        "--spot",
+        choices=["both", "no", "yes"],
+        default="both",
+        help="each scenario on demand and with spot (both), or only one of them",
+    )
+    parser.add_argument(
         "--check-oracle",
         action="store_true",
         help="also print the full report of the oracle's replay (oracle-replay rows)",
@@ -258,7 +264,7 @@ def main() -> None:
             )
             scenarios.append((name, 1.0, drawn))
     for name, scale, requests in scenarios:
-        for spot in (False, True):
+        for spot in {"both": (False, True), "no": (False,), "yes": (True,)}[args.spot]:
             prepared = prepare(
                 Scenario(
                     workload=workload,
