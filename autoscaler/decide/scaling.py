@@ -572,7 +572,8 @@ def _spot_spare(ctx: _Context, decision: ScaleDecision) -> ScaleDecision:
         f"on average, and more than {spares} down at once is no likelier than {allowed:.0%}, "
         f"so {spares} spare(s) on top of the {carry} that carry {rate:.2f} req/s{queued} "
         f"(the busiest {RECENT_LOAD_WINDOW_SEC:g}s of the last {window:g}s) at full "
-        f"throughput ({cap.requests_per_s:.2f} req/s each): {ctx.current} -> {desired}"
+        f"throughput ({cap.requests_per_s:.2f} req/s each): "
+        + (f"keep {desired}" if desired == ctx.current else f"{ctx.current} -> {desired}")
     )
     direction, memory = decision.direction, decision.memory
     if desired > ctx.current:

@@ -162,7 +162,20 @@ def test_scale_down_keeps_the_spare() -> None:
         spot=SIMULATED,
     )
     assert spot.direction is Direction.DOWN and spot.desired == 3
-    assert "4 -> 3" in spot.reason and "instead of: TTFT" in spot.reason
+    assert "the 2 that carry 5.00 req/s" in spot.reason
+    assert ": 4 -> 3 (instead of: TTFT" in spot.reason
+    # On three, the same load keeps the three.
+    kept = desired_replicas(
+        policy=policy(),
+        signals=steady(5.0),
+        fleet=FleetCounts(ready=3),
+        memory=memory,
+        now=T0,
+        capacity=L40S_LIKE,
+        spot=SIMULATED,
+    )
+    assert kept.direction is Direction.HOLD and kept.desired == 3
+    assert ": keep 3 (instead of: TTFT" in kept.reason
 
 
 def _replica(launch_id: str, *, spot: bool) -> ReplicaState:
