@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,7 +52,7 @@ from autoscaler.catalog_sync import (
     start_scheduler,
 )
 from autoscaler.config import ConfigError, ControllerConfig, LocalSettings
-from autoscaler.decide.inputs import Measured, measured_of
+from autoscaler.decide.inputs import SignalsRead, measured_of
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.reconcile.deps import (
     Deps,
@@ -63,7 +63,6 @@ from autoscaler.reconcile.deps import (
     ProviderRegistry,
     Settings,
     SignalsSource,
-    WorkloadRef,
     ledger_secrets,
     log,
 )
@@ -73,7 +72,7 @@ from autoscaler.reconcile.shards import LeaseSettings, ShardMember
 from autoscaler.reconcile.timeouts import TimedProvider
 from catalog.model import Offer, ProviderName
 from catalog.snapshot import Snapshot, load_catalog
-from gateway.window import SignalSnapshot
+from gateway.window import SignalsView
 from providers.base import Clock, Provider, ProviderError, SystemClock
 from providers.local import (
     DockerLauncher,
@@ -93,15 +92,23 @@ LEADER_LOCK_ID = 7_264_002
 
 class GatewaySignals:
     """Signals from a gateway this process runs: in process (``gateway.app.Gateway
-    .signals``) or its worker processes' merged (``gateway.workers.WorkerPool.signals``)."""
+    .signals``) or its worker processes' merged (``gateway.workers.WorkerPool.signals``,
+    incomplete when a worker does not answer)."""
 
-    def __init__(
-        self, snapshots: Callable[[], Awaitable[Mapping[WorkloadRef, SignalSnapshot]]]
-    ) -> None:
+    def __init__(self, snapshots: Callable[[], Awaitable[SignalsView]]) -> None:
         self._snapshots = snapshots
 
-    async def signals(self) -> Mapping[WorkloadRef, Measured]:
-        return {ref: measured_of(snap) for ref, snap in (await self._snapshots()).items()}
+    async def signals(self) -> SignalsRead:
+        return read_of(await self._snapshots())
+
+
+def read_of(view: SignalsView) -> SignalsRead:
+    """The decisions' reading of one read of the gateway (``decide.inputs.measured_of``
+    per workload), incomplete where the read was."""
+    return SignalsRead(
+        measured={ref: measured_of(snap) for ref, snap in view.snapshots.items()},
+        incomplete=view.incomplete,
+    )
 
 
 class HttpSignals:
@@ -113,14 +120,12 @@ class HttpSignals:
             timeout=timeout_sec, trust_env=False, headers={"Authorization": f"Bearer {token}"}
         )
 
-    async def signals(self) -> Mapping[WorkloadRef, Measured]:
+    async def signals(self) -> SignalsRead:
         from gateway.app import signals_from_json
 
         response = await self._client.get(self._url)
         response.raise_for_status()
-        return {
-            (s.project, s.workload): measured_of(s) for s in signals_from_json(response.content)
-        }
+        return read_of(signals_from_json(response.content))
 
     async def aclose(self) -> None:
         await self._client.aclose()

@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,8 +54,7 @@ from autoscaler.store import sealed, tokens
 from autoscaler.store.db import open_store, session_factory, sqlite_url
 from autoscaler.store.tokens import TokenKind
 from gateway.app import Gateway
-from gateway.routes import WorkloadRef
-from gateway.window import SignalSnapshot
+from gateway.window import SignalsView
 from gateway.workers import WorkerPool, Workers, resolve_workers
 
 ADMIN_TOKEN_ENV = "AUTOSCALER_ADMIN_TOKEN"
@@ -253,16 +252,15 @@ async def until_stopping(role: Awaitable[None], stopping: asyncio.Event) -> None
         raise task.exception()  # type: ignore[misc]
 
 
-def _snapshots_of(
-    gateway: Gateway | WorkerPool,
-) -> Callable[[], Awaitable[Mapping[WorkloadRef, SignalSnapshot]]]:
-    """What the controller reads of the gateway: its window, or its workers' merged."""
+def _snapshots_of(gateway: Gateway | WorkerPool) -> Callable[[], Awaitable[SignalsView]]:
+    """What the controller reads of the gateway: its window (always complete), or its
+    workers' merged (incomplete when one does not answer)."""
     if isinstance(gateway, WorkerPool):
         return gateway.signals
     in_process = gateway
 
-    async def snapshots() -> Mapping[WorkloadRef, SignalSnapshot]:
-        return in_process.signals()
+    async def snapshots() -> SignalsView:
+        return SignalsView(in_process.signals())
 
     return snapshots
 

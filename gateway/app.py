@@ -64,6 +64,8 @@ from gateway.window import (
     REPLICA_CONCURRENCY_CAP,
     SIGNAL_WINDOW_SEC,
     SignalSnapshot,
+    SignalsView,
+    gateway_cap,
     replica_cap,
 )
 
@@ -127,8 +129,9 @@ class Cluster(Protocol):
     """The gateway processes that share a port, seen as one (``gateway.workers.Peers``):
     what ``/internal/signals`` and ``/metrics`` answer when there are several."""
 
-    async def signals(self) -> dict[WorkloadRef, SignalSnapshot]:
-        """Every process's signals, merged per workload."""
+    async def signals(self) -> SignalsView:
+        """Every process's signals, merged per workload, and which processes did not
+        answer (``SignalsView.incomplete``)."""
         ...
 
     async def metrics(self) -> bytes:
@@ -163,7 +166,9 @@ class Gateway:
         self._signals = Signals(
             window_sec=self.settings.signal_window_sec,
             metrics=self.metrics,
-            concurrency_cap=self.settings.replica_concurrency_cap,
+            concurrency_cap=gateway_cap(
+                self.settings.replica_concurrency_cap, self.settings.workers
+            ),
         )
         s = self.settings
         self._dispatcher = Dispatcher(
@@ -303,7 +308,10 @@ class Gateway:
             self._dispatcher.update(table.workloads)
             self._signals.set_caps(
                 {
-                    ref: replica_cap(route.per_worker, self.settings.replica_concurrency_cap)
+                    ref: gateway_cap(
+                        replica_cap(route.per_worker, self.settings.replica_concurrency_cap),
+                        self.settings.workers,
+                    )
                     for ref, route in table.workloads.items()
                 }
             )
@@ -549,8 +557,10 @@ class Gateway:
     async def _internal_signals(self, request: web.Request) -> web.Response:
         if not is_admin(self._table, request.headers.get("Authorization")):
             return error_response(401, "an admin token is required", code="invalid_api_key")
-        view = self.signals() if self._cluster is None else await self._cluster.signals()
-        return web.json_response(signals_json(view.values()))
+        view = (
+            SignalsView(self.signals()) if self._cluster is None else await self._cluster.signals()
+        )
+        return web.json_response(view.to_json())
 
     async def _metrics(self, request: web.Request) -> web.Response:
         # Its series name every project and workload: not for data-plane callers.
@@ -653,12 +663,13 @@ async def _serve_workers(
         raise failed.exception()  # type: ignore[misc]
 
 
-def signals_json(snapshots: Iterable[SignalSnapshot]) -> dict[str, list[dict[str, Any]]]:
-    """The body of ``GET /internal/signals`` (read back by :func:`signals_from_json`)."""
-    return {"signals": [snap.to_json() for snap in snapshots]}
+def signals_json(snapshots: Iterable[SignalSnapshot]) -> dict[str, Any]:
+    """One process's snapshots as ``GET /internal/signals`` words them (a complete read;
+    read back by :func:`signals_from_json`)."""
+    return SignalsView({(s.project, s.workload): s for s in snapshots}).to_json()
 
 
-def signals_from_json(payload: bytes) -> list[SignalSnapshot]:
-    """Parse ``GET /internal/signals`` (for a controller running apart)."""
-    data = json.loads(payload)
-    return [SignalSnapshot.from_json(item) for item in data["signals"]]
+def signals_from_json(payload: bytes) -> SignalsView:
+    """Parse ``GET /internal/signals`` (for a controller running apart) or a worker's
+    ``GET /window``."""
+    return SignalsView.from_json(json.loads(payload))

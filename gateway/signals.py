@@ -208,8 +208,9 @@ class Signals:
             self.metrics.async_queue_depth.labels(*ref).set(depth)
 
     def set_caps(self, caps: dict[WorkloadRef, int]) -> None:
-        """Each workload's per-replica cap (``gateway.window.replica_cap``), reported in
-        its snapshot; a workload left out has the gateway's."""
+        """Each workload's per-replica cap as the gateway enforces it over all its
+        worker processes (``gateway.window.gateway_cap``), reported in its snapshot; a
+        workload left out has the gateway's."""
         self._caps = caps
 
     def last_requests(self) -> dict[WorkloadRef, float]:

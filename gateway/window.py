@@ -47,6 +47,15 @@ def worker_share(cap: int, workers: int) -> int:
     return max(1, cap // max(1, workers))
 
 
+def gateway_cap(cap: int, workers: int) -> int:
+    """What ``workers`` gateway processes serving the same port send one replica at most,
+    all together: the sum of their shares (:func:`worker_share`), which is what a
+    snapshot reports as ``concurrency_cap``. The cap itself where the workers divide it,
+    less where they do not (64 over 3 workers: 3 times 21 is 63), more where the cap is below
+    the worker count (the floor of 1 each: a cap of 2 over 4 workers is 4)."""
+    return worker_share(cap, workers) * max(1, workers)
+
+
 def batch_reserve(cap: int) -> int:
     """The slots of a replica that batch lines leave to live traffic: a quarter of its
     cap, rounded down (none under a cap of 4, where live requests still go first
@@ -128,7 +137,8 @@ class SignalSnapshot:
     ``async_queue_depth`` counts queued async jobs, ``async_oldest_at`` is when the oldest
     of them was submitted (``None``: none queued).
     ``tokens`` is the token mix of requests answered within the window (``None``: none
-    was); ``concurrency_cap`` the most requests the gateway sends one replica at once.
+    was); ``concurrency_cap`` the most requests the gateway sends one replica at once
+    (over all its worker processes: :func:`gateway_cap`).
     """
 
     project: str
@@ -411,7 +421,8 @@ def merge_snapshots(parts: Sequence[SignalSnapshot]) -> SignalSnapshot:
     controller takes is the percentile of every request, never an average of
     percentiles; the token mix is pooled (:func:`merge_token_stats`). What every process
     reads from the store rather than counts itself is the same in each and taken once:
-    the async queue (its depth, its oldest job), the per-replica cap. A replica's prefix
+    the async queue (its depth, its oldest job), and the per-replica cap, which each
+    worker reports for the whole pool (:func:`gateway_cap`). A replica's prefix
     cache warmth is the most blocks any process believes it holds: a lower bound, as
     the processes' blocks overlap (shared system prompts) by an amount none of them
     knows. ``at`` and ``last_request_at`` are the latest."""
@@ -451,6 +462,36 @@ def merge_snapshots(parts: Sequence[SignalSnapshot]) -> SignalSnapshot:
         async_oldest_at=min(oldest) if oldest else None,
         replica_cache_blocks=warmth,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class SignalsView:
+    """One read of a gateway's signals: its snapshots per workload, ``(project,
+    workload)``, and, when the read did not reach all of it, what it missed
+    (``incomplete``, e.g. "1 of 4 gateway workers did not answer (worker 2)"; ``None``:
+    complete). The counts of an incomplete read are lower bounds: a worker's requests in
+    flight are in them only when it answered. A gateway in one process, and the trace
+    simulator's, always read complete."""
+
+    snapshots: Mapping[tuple[str, str], SignalSnapshot] = field(default_factory=dict)
+    incomplete: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The body of ``GET /internal/signals``."""
+        return {
+            "signals": [snap.to_json() for snap in self.snapshots.values()],
+            "incomplete": self.incomplete,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SignalsView:
+        snapshots = [SignalSnapshot.from_json(item) for item in data["signals"]]
+        # Absent from the answers of gateways that predate it: they read one process.
+        incomplete = data.get("incomplete")
+        return cls(
+            snapshots={(s.project, s.workload): s for s in snapshots},
+            incomplete=None if incomplete is None else str(incomplete),
+        )
 
 
 def merge_views(

@@ -38,7 +38,10 @@ is taken over every request), metrics by summing each series (:func:`merge_metri
 The controller in ``autoscaler run`` reads the pool's :meth:`WorkerPool.signals`; a
 controller apart reads ``GET /internal/signals`` on the shared port, and whichever worker
 answers it answers for all. A worker that does not answer (one restarting) is left out
-of that read, logged; the next read has it again.
+of that read, logged, and named in the read's ``incomplete``
+(``gateway.window.SignalsView``), so the controller counts no replica idle on it; the
+next read has it again. Merged counters stay monotonic across a worker's death
+(:class:`MetricsMerge`).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -68,7 +71,7 @@ from prometheus_client.samples import Sample
 
 from gateway.app import Gateway, GatewaySettings, signals_from_json, signals_json
 from gateway.routes import WorkloadRef
-from gateway.window import SignalSnapshot, merge_views
+from gateway.window import SignalsView, merge_views
 
 log = logging.getLogger("gateway.workers")  # also when run as __main__
 
@@ -84,6 +87,9 @@ STOP_GRACE_SEC = 6.0
 """After SIGTERM, how long workers get to finish requests in flight before SIGKILL."""
 PEER_TIMEOUT_SEC = 5.0
 """How long a read of one worker's control socket may take."""
+INCARNATION_HEADER = "X-Gateway-Worker"
+"""The header of a worker's control answers naming its process (pid and start time):
+a new name in a slot is a new process, whose counters start from zero."""
 
 Workers = int | Literal["auto"]
 
@@ -137,25 +143,45 @@ def control_socket(control_dir: str, index: int) -> str:
 # -- reading the workers ------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """One worker's answer on its control socket: the body, and which process it is."""
+
+    body: bytes
+    incarnation: str
+
+
 class Peers:
     """Every worker's control socket, read as one gateway (``gateway.app.Cluster``)."""
 
     def __init__(self, sockets: Sequence[str], *, timeout_sec: float = PEER_TIMEOUT_SEC) -> None:
         self._sockets = tuple(sockets)
         self._timeout = timeout_sec
+        self._totals = MetricsMerge(len(self._sockets))
 
-    async def signals(self) -> dict[WorkloadRef, SignalSnapshot]:
-        bodies = await self._read_all("/window")
-        return merge_views(signals_from_json(body) for body in bodies)
+    async def signals(self) -> SignalsView:
+        """Every answering worker's signals, merged per workload; the workers that did
+        not answer are named in ``incomplete`` (their requests are in no count)."""
+        answers = await self._read_all("/window")
+        merged = merge_views(
+            signals_from_json(a.body).snapshots.values() for a in answers if a is not None
+        )
+        missing = [index for index, a in enumerate(answers) if a is None]
+        return SignalsView(merged, incomplete=missing_text(missing, len(self._sockets)))
 
     async def metrics(self) -> bytes:
-        return merge_metrics(body.decode() for body in await self._read_all("/metrics"))
+        """Every worker's metrics, summed, with counters kept monotonic across a
+        worker's death (:class:`MetricsMerge`)."""
+        answers = await self._read_all("/metrics")
+        return self._totals.merge(
+            [None if a is None else (a.incarnation, a.body.decode()) for a in answers]
+        )
 
-    async def _read_all(self, path: str) -> list[bytes]:
-        answers = await asyncio.gather(*(self._read(sock, path) for sock in self._sockets))
-        return [a for a in answers if a is not None]
+    async def _read_all(self, path: str) -> list[_Answer | None]:
+        """Each worker's answer, by index (``None``: it did not answer)."""
+        return list(await asyncio.gather(*(self._read(sock, path) for sock in self._sockets)))
 
-    async def _read(self, path_of_socket: str, path: str) -> bytes | None:
+    async def _read(self, path_of_socket: str, path: str) -> _Answer | None:
         try:
             async with (
                 aiohttp.ClientSession(
@@ -165,21 +191,114 @@ class Peers:
                 http.get(f"http://worker{path}") as response,
             ):
                 response.raise_for_status()
-                return await response.read()
+                body = await response.read()
+                return _Answer(body, response.headers.get(INCARNATION_HEADER, ""))
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.warning("gateway worker at %s did not answer %s: %s", path_of_socket, path, exc)
             return None
+
+
+def missing_text(missing: Sequence[int], workers: int) -> str | None:
+    """What a read of ``workers`` missed, the workers by index as the pool logs them
+    (``None``: nothing)."""
+    if not missing:
+        return None
+    which = ", ".join(str(i) for i in missing)
+    return f"{len(missing)} of {workers} gateway workers did not answer (worker {which})"
+
+
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+"""A series: its sample name and sorted labels."""
+
+
+class MetricsMerge:
+    """The workers' metrics summed (:func:`merge_metrics`), with every counter (counters,
+    histogram buckets, counts and sums) monotonic across a worker's death.
+
+    A worker that dies takes its counters with it, and the one started in its slot
+    counts from zero: summed as they are, the totals would drop, which a scraper takes
+    for a counter reset (a ``rate()`` over it is wrong). So this keeps, per slot, the
+    totals of its last answer and which process gave them (:data:`INCARNATION_HEADER`):
+    when a new process answers in the slot, the old one's last totals are added for
+    good, and the new one's count on from there; a worker that does not answer counts
+    at its last totals. What a dead worker counted after the last read is lost (the
+    totals stay monotonic, and low by that much); gauges (requests in flight, queue
+    depth) are the live workers' only.
+
+    The memory is this reader's: the service's parent, which outlives its workers,
+    keeps it for the whole run; a worker answering ``/metrics`` on the shared port
+    carries the restarts it has seen since its own start."""
+
+    def __init__(self, slots: int) -> None:
+        self._families: dict[str, Metric] = {}
+        self._last: list[tuple[str | None, dict[_Key, float]]] = [(None, {})] * slots
+        self._retired: list[dict[_Key, float]] = [{} for _ in range(slots)]
+
+    def merge(self, answers: Sequence[tuple[str, str] | None]) -> bytes:
+        """``answers[slot]``: the worker's process name and its metrics text, ``None``
+        when it did not answer."""
+        parsed: list[list[Metric]] = []
+        carried: dict[_Key, float] = {}
+        for slot, answer in enumerate(answers):
+            incarnation, last = self._last[slot]
+            if answer is None:
+                _add(carried, last)
+            else:
+                families = list(text_string_to_metric_families(answer[1]))
+                parsed.append(families)
+                for family in families:
+                    self._families.setdefault(family.name, _shell(family))
+                if incarnation is not None and incarnation != answer[0]:
+                    _add(self._retired[slot], last)  # a new process: the old one's for good
+                self._last[slot] = (answer[0], _totals(families))
+            _add(carried, self._retired[slot])
+        return _merged(parsed, carried=carried, known=self._families)
+
+
+def _add(into: dict[_Key, float], values: Mapping[_Key, float]) -> None:
+    for key, value in values.items():
+        into[key] = into.get(key, 0.0) + value
+
+
+def _shell(family: Metric) -> Metric:
+    return Metric(family.name, family.documentation, family.type, family.unit)
+
+
+def _totals(families: Iterable[Metric]) -> dict[_Key, float]:
+    """The counting series of ``families``: what only grows while the process lives."""
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in families
+        if family.type in _COUNTING
+        for sample in family.samples
+        if not sample.name.endswith("_created")
+    }
+
+
+_COUNTING = frozenset({"counter", "histogram", "summary"})
 
 
 def merge_metrics(texts: Iterable[str]) -> bytes:
     """Several processes' metrics (Prometheus text) as one: each series' values summed
     (counters, histogram buckets, counts and sums, in-flight gauges), except a gauge every
     process reads from the store (the async queue depth), taken once; the creation time
-    of a series is the earliest."""
+    of a series is the earliest. (Summed as they are: :class:`MetricsMerge` keeps the
+    counters of processes that died.)"""
+    return _merged([list(text_string_to_metric_families(text)) for text in texts])
+
+
+def _merged(
+    parsed: Iterable[Iterable[Metric]],
+    *,
+    carried: Mapping[_Key, float] | None = None,
+    known: Mapping[str, Metric] | None = None,
+) -> bytes:
+    """``parsed`` processes' families summed as :func:`merge_metrics` says, plus the
+    ``carried`` totals of processes gone (their families in ``known``)."""
     families: dict[str, Metric] = {}
-    values: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-    for text in texts:
-        for family in text_string_to_metric_families(text):
+    values: dict[_Key, float] = {}
+    for process in parsed:
+        for family in process:
             families.setdefault(family.name, family)
             for sample in family.samples:
                 key = (sample.name, tuple(sorted(sample.labels.items())))
@@ -191,6 +310,10 @@ def merge_metrics(texts: Iterable[str]) -> bytes:
                     values[key] = max(values[key], sample.value)
                 else:
                     values[key] += sample.value
+    for key, value in (carried or {}).items():
+        values[key] = values.get(key, 0.0) + value
+    for name, family in (known or {}).items():
+        families.setdefault(name, family)
     merged = {
         name: Metric(name, family.documentation, family.type, family.unit)
         for name, family in families.items()
@@ -338,8 +461,8 @@ class WorkerPool:
                 with contextlib.suppress(ConnectionError, RuntimeError):
                     proc.stdin.write(b"change\n")
 
-    async def signals(self) -> dict[WorkloadRef, SignalSnapshot]:
-        """Every worker's signals, merged per workload."""
+    async def signals(self) -> SignalsView:
+        """Every worker's signals, merged per workload, and which did not answer."""
         assert self.peers is not None, "start() first"
         return await self.peers.signals()
 
@@ -568,11 +691,18 @@ async def serve_worker(plan: WorkerPlan, index: int) -> None:
 
 
 def _control_app(gateway: Gateway) -> web.Application:
+    incarnation = f"{os.getpid()}-{time.time_ns()}"
+
     async def window(_request: web.Request) -> web.Response:
-        return web.json_response(signals_json(gateway.signals().values()))
+        return web.json_response(
+            signals_json(gateway.signals().values()), headers={INCARNATION_HEADER: incarnation}
+        )
 
     async def metrics(_request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(gateway.metrics.registry))
+        return web.Response(
+            body=generate_latest(gateway.metrics.registry),
+            headers={INCARNATION_HEADER: incarnation},
+        )
 
     app = web.Application()
     app.router.add_get("/window", window)

@@ -92,6 +92,34 @@ class Measured:
     absent from a report has none)."""
     replica_cache_blocks: Mapping[str, int] = field(default_factory=dict)
     """Prefix-cache blocks the gateway believes each replica holds (absent: none)."""
+    incomplete: str | None = None
+    """Why the read this comes from did not reach the whole gateway (a worker process
+    that did not answer, a read that failed), ``None`` when it did. Its counts are then
+    lower bounds: requests on the part not read are in none of them, so a replica's
+    requests in flight are not known (``decide.step.in_flight_of``)."""
+
+
+_IDLE = Measured()
+
+
+@dataclass(frozen=True, slots=True)
+class SignalsRead:
+    """One read of the gateway's signals: each workload's measurement, and, when the
+    read did not reach the whole gateway, why (``incomplete``; ``None``: complete).
+
+    A workload the read has nothing for looks idle when the read is complete; when it
+    is not, its measurement says so (:meth:`of`), since its requests may all be on the
+    part not read. The trace simulator's reads are always complete."""
+
+    measured: Mapping[tuple[str, str], Measured] = field(default_factory=dict)
+    incomplete: str | None = None
+
+    def of(self, ref: tuple[str, str]) -> Measured:
+        """``ref``'s measurement (idle when there is none), marked incomplete with the read."""
+        found = self.measured.get(ref, _IDLE)
+        if self.incomplete is None or found.incomplete is not None:
+            return found
+        return replace(found, incomplete=self.incomplete)
 
 
 def signals_of(snapshot: SignalSnapshot, *, samples_since: float | None = None) -> Signals:
@@ -211,18 +239,24 @@ def decision_inputs(
 
 
 def concurrency_cap_of(spec: WorkloadSpec, measured: Measured) -> int:
-    """The most requests the gateway sends one replica of ``spec`` at once: its
-    ``per_worker``, else the cap the gateway reports (the default when it does not)."""
-    return replica_cap(spec.per_worker, measured.concurrency_cap or DEFAULT_CONCURRENCY_CAP)
+    """The most requests the gateway sends one replica of ``spec`` at once: the cap the
+    gateway reports, which is what its worker processes enforce together
+    (``gateway.window.gateway_cap``: ``per_worker`` 10 over 4 workers is 4 times 2 is 8);
+    where it reports none, the spec's ``per_worker``, else the gateway's default."""
+    if measured.concurrency_cap is not None:
+        return measured.concurrency_cap
+    return replica_cap(spec.per_worker, DEFAULT_CONCURRENCY_CAP)
 
 
 def concurrency_target(spec: WorkloadSpec, measured: Measured) -> int | None:
     """The requests per replica the autoscaler scales to (``decide.scaling``): the cap
     where the spec sets ``per_worker`` or serves only jobs (an async endpoint scales on
-    its queue), else ``None`` (TTFT and load decide)."""
+    its queue), else ``None`` (TTFT and load decide). Never above ``per_worker``, where
+    the gateway's workers send a replica more than it (a cap below their count)."""
     if spec.per_worker is None and spec.endpoint_type is not EndpointType.ASYNC:
         return None
-    return concurrency_cap_of(spec, measured)
+    cap = concurrency_cap_of(spec, measured)
+    return cap if spec.per_worker is None else min(cap, spec.per_worker)
 
 
 def replica_capacity(

@@ -7,6 +7,8 @@ crash or a missed event gives the same actions. The rules:
   (counted from its intent) is terminated: it will not become ready.
 * **Drain, then terminate.** A draining replica is terminated once nothing is in flight
   on it, or once ``scaling_down_timeout_sec`` has passed since the drain was asked.
+  While the gateway's signals are read in part its requests in flight are not known
+  (``ReplicaView.in_flight_unknown``): it waits, up to that timeout.
 * **Scale down.** Surplus replicas that are not serving yet (pending, booting) are
   terminated first, newest first: they carry no requests. Then ready replicas are
   drained, **most expensive first, then the coldest prefix cache first, newest first
@@ -85,6 +87,10 @@ class ReplicaView:
     ready_at: datetime | None = None
     drain_requested_at: datetime | None = None
     in_flight: int = 0
+    in_flight_unknown: str | None = None
+    """Why its requests in flight are not known (the gateway's signals were read in
+    part: ``decide.inputs.Measured.incomplete``); ``in_flight`` is then at least 1, so
+    its drain waits for a complete read or its timeout."""
     machines: int = 1
     """The machines this replica holds: a replica group's open members, else one."""
     cache_blocks: int = 0
@@ -444,6 +450,12 @@ def _finish_drains(
         left = timeouts.scaling_down_sec - waited
         if r.in_flight == 0:
             reason = f"drained: no request in flight after {waited:.0f}s"
+        elif left <= 0 and r.in_flight_unknown is not None:
+            reason = (
+                f"drain timeout: requests in flight not known after {waited:.0f}s "
+                f"(signals incomplete: {r.in_flight_unknown}; scaling_down_timeout_sec "
+                f"{timeouts.scaling_down_sec:g})"
+            )
         elif left <= 0:
             reason = (
                 f"drain timeout: {r.in_flight} request(s) still in flight after "

@@ -186,6 +186,10 @@ class ScaleDecision:
     """The TTFT percentile over the scale-down window."""
     recheck_at: datetime | None = None
     """When the decision changes by itself (a schedule opening or closing), if known."""
+    waits: str | None = None
+    """What waits on a read of the gateway's signals that did not reach all of it
+    (``decide.step``: a scale-down held, a drain kept), as the reason words it;
+    ``None``: nothing does."""
 
 
 def ttft_percentile(

@@ -52,6 +52,7 @@ from autoscaler.decide.placement import (
     worker_key,
 )
 from autoscaler.decide.plan import (
+    Launch,
     Plan,
     ReplicaPhase,
     ReplicaView,
@@ -240,11 +241,16 @@ def spot_risk(view: WorkloadView, *, warm: WarmPolicy | None = None) -> SpotRisk
 
 def in_flight_of(view: WorkloadView, launch_id: str) -> int:
     """Requests in flight on one replica: the gateway's count for it, or, from a gateway
-    that does not count per replica, every request of the workload (never cut one)."""
-    per_replica = view.measured.replica_in_flight
-    if per_replica is None:
-        return view.measured.signals.in_flight
-    return per_replica.get(launch_id, 0)
+    that does not count per replica, every request of the workload (never cut one).
+
+    From a read that did not reach the whole gateway (``Measured.incomplete``: a worker
+    process that did not answer, a failed read) the count is not known: the requests
+    the read missed may be on this replica. It is then at least 1, so a drain waits for
+    a complete read, or its timeout, rather than end under running requests."""
+    measured = view.measured
+    per_replica = measured.replica_in_flight
+    counted = measured.signals.in_flight if per_replica is None else per_replica.get(launch_id, 0)
+    return counted if measured.incomplete is None else max(1, counted)
 
 
 def headroom(limits: BudgetLimits, *, live: Sequence[float], fleet_usd: float) -> Headroom | None:
@@ -324,6 +330,7 @@ def step(
             replace(
                 r.view,
                 in_flight=in_flight_of(view, r.view.launch_id),
+                in_flight_unknown=view.measured.incomplete,
                 cache_blocks=view.measured.replica_cache_blocks.get(r.view.launch_id, 0),
             )
             for r in view.replicas
@@ -345,6 +352,16 @@ def step(
     if chosen is not None and not chosen.found and plan.refusals:
         reason = unplaced_reason(chosen, room)
         plan = replace(plan, refusals=tuple(replace(r, reason=reason) for r in plan.refusals))
+    waiting = _drains_waiting_on_signals(view, plan)
+    if waiting:
+        waits = (
+            f"signals incomplete ({view.measured.incomplete}): drain of {', '.join(waiting)} waits"
+        )
+        decision = replace(
+            decision,
+            reason=f"{decision.reason}; {waits}",
+            waits=waits if decision.waits is None else f"{decision.waits}; {waits}",
+        )
     return Step(
         decision=decision,
         inputs=inputs,
@@ -354,6 +371,27 @@ def step(
         headroom=room,
         warm=warm,
     )
+
+
+def _drains_waiting_on_signals(view: WorkloadView, plan: Plan) -> list[str]:
+    """The draining replicas left draining only because the read was incomplete: the
+    gateway's count for them is 0, the plan does not end their drain."""
+    if view.measured.incomplete is None:
+        return []
+    acted = {a.launch_id for a in plan.actions if not isinstance(a, Launch)}
+    per_replica = view.measured.replica_in_flight
+    return [
+        r.view.launch_id
+        for r in view.replicas
+        if r.view.phase is ReplicaPhase.DRAINING
+        and r.view.launch_id not in acted
+        and (
+            view.measured.signals.in_flight
+            if per_replica is None
+            else per_replica.get(r.view.launch_id, 0)
+        )
+        == 0
+    ]
 
 
 def launch_parks(
@@ -445,6 +483,7 @@ def _decide(
         concurrency_target=concurrency_target(view.spec, view.measured),
         spot=spot_risk(view, warm=warm),
     )
+    decision = _hold_on_partial_read(view, decision, memory=memory, warm=warm)
     cap = knobs.max_replicas_per_workload
     if decision.desired > cap:
         # Apply refuses such a spec; one stored by another route is planned to the cap.
@@ -454,6 +493,38 @@ def _decide(
             reason=f"{decision.reason}; capped at {cap} replicas (max_replicas_per_workload)",
         )
     return decision
+
+
+def _hold_on_partial_read(
+    view: WorkloadView,
+    decision: ScaleDecision,
+    *,
+    memory: ScaleMemory,
+    warm: WarmPolicy | None,
+) -> ScaleDecision:
+    """An autoscaling scale-down (or to zero) decided on a read that did not reach the
+    whole gateway is held at the replicas serving or booting (within ``max_workers``),
+    with the scaling memory as it was: the requests the read missed are in none of the
+    counts the rules read, so an idle or calm look may be the part read. The next
+    complete read decides again."""
+    why = view.measured.incomplete
+    if why is None or decision.direction not in (Direction.DOWN, Direction.ZERO):
+        return decision
+    policy = autoscaling_policy(view.spec)
+    current = fleet_counts(view.replicas, warm=warm).serving_or_soon
+    if policy is not None:
+        current = min(current, policy.max_workers)
+    if decision.desired >= current:
+        return decision
+    waits = f"signals incomplete ({why}): scale-down waits"
+    return replace(
+        decision,
+        desired=current,
+        direction=Direction.HOLD,
+        reason=f"{waits} (the rules said: {decision.reason})",
+        memory=memory,
+        waits=waits,
+    )
 
 
 def place_next(

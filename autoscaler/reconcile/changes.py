@@ -26,8 +26,9 @@ for a full step only the workloads for which one of these holds:
    one batch, at most :data:`PROBES_AT_ONCE` at a time).
 5. **Its decision reads the clock.** An autoscaling workload's count depends on time
    windows and idle timers, so its pure step (``decide.step.step``, no I/O) runs here
-   on the facts read; it is queued when that step plans or refuses anything or changes
-   the desired count, else its scaling memory is kept as the full step would keep it.
+   on the facts read; it is queued when that step plans or refuses anything, changes
+   the desired count, or begins or ends a wait on incomplete signals (a scale-down held:
+   ``decide.step``), else its scaling memory is kept as the full step would keep it.
    One with a warm pool plans with the measured start times of its replicas, closed
    ones included, which the pass does not read: it runs with the ones its last full
    step read (``Seen.start_times``), which stay the same while its facts do (a row
@@ -64,11 +65,11 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from autoscaler.decide.inputs import Measured
+from autoscaler.decide.inputs import SignalsRead
 from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.decide.step import WorkloadView, step
 from autoscaler.decide.warm import ParkMode, StartTimes
-from autoscaler.reconcile.deps import Deps, Seen, WorkloadRef
+from autoscaler.reconcile.deps import Deps, Seen
 from autoscaler.reconcile.fleet import (
     Fleet,
     RowFacts,
@@ -117,7 +118,7 @@ async def work_for_pass(
     *,
     fleet: Fleet,
     observed: Observation,
-    signals: Mapping[WorkloadRef, Measured],
+    signals: SignalsRead,
     now: datetime,
 ) -> Work:
     """Split ``workloads`` into those stepped in full and those left alone (see the
@@ -335,7 +336,7 @@ def _decision_quiet(
     w: WorkloadFacts,
     *,
     fleet: Fleet,
-    signals: Mapping[WorkloadRef, Measured],
+    signals: SignalsRead,
     now: datetime,
 ) -> bool:
     """Rule 5: a fixed or scheduled count changes only at its timers; an autoscaling
@@ -371,6 +372,8 @@ def _decision_quiet(
     decision, plan = result.decision, result.plan
     if plan.actions or plan.refusals or memory.last_desired.get(w.id) != decision.desired:
         return False
+    if (decision.waits is not None) != (w.id in memory.waiting_on_signals):
+        return False  # a wait on incomplete signals begins or ends: the full step logs it
     memory.scale[w.id] = decision.memory
     after = due_after(plan, decision, now=now)
     memory.seen[w.id] = replace(

@@ -20,7 +20,7 @@ from typing import Protocol
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from autoscaler.decide.inputs import Measured
+from autoscaler.decide.inputs import SignalsRead
 from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.decide.signals import EngineLoad
 from autoscaler.decide.step import (
@@ -99,16 +99,17 @@ class ShardOwnership(Protocol):
 
 
 class SignalsSource(Protocol):
-    """What the gateway measured, per workload: its scaling signals and token mix."""
+    """What the gateway measured, per workload: its scaling signals and token mix, and
+    whether the read reached the whole gateway (``SignalsRead.incomplete``)."""
 
-    async def signals(self) -> Mapping[WorkloadRef, Measured]: ...
+    async def signals(self) -> SignalsRead: ...
 
 
 class NoSignals:
     """No gateway: every workload looks idle."""
 
-    async def signals(self) -> Mapping[WorkloadRef, Measured]:
-        return {}
+    async def signals(self) -> SignalsRead:
+        return SignalsRead()
 
 
 class EngineMetricsSource(Protocol):
@@ -364,6 +365,9 @@ class Memory:
     spot_noticed: set[str] = field(default_factory=set)
     """Launch ids whose spot interruption notice was acted on (counted and logged once)."""
     last_desired: dict[int, int] = field(default_factory=dict)
+    waiting_on_signals: set[int] = field(default_factory=set)
+    """Workloads whose last scale decision logged a wait on incomplete signals
+    (``ScaleDecision.waits``): logged again only once it ends and starts anew."""
     last_refusal: dict[int, tuple[str, datetime]] = field(default_factory=dict)
     dry_run_plans: dict[int, tuple[str, ...]] = field(default_factory=dict)
     unrunnable: dict[int, str] = field(default_factory=dict)

@@ -61,16 +61,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from autoscaler.decide.inputs import Measured
+from autoscaler.decide.inputs import SignalsRead
 from autoscaler.reconcile.boot_failures import failed_boots_of, reported_since
 from autoscaler.reconcile.changes import forget_step, last_facts, record_step, work_for_pass
-from autoscaler.reconcile.deps import Deps, Failure, LeaseLost, WorkloadRef, log
+from autoscaler.reconcile.deps import Deps, Failure, LeaseLost, log
 from autoscaler.reconcile.fleet import Fleet, WorkloadFacts, read_fleet
 from autoscaler.reconcile.ledger import FleetSpend, fleet_usd_per_hour, record_decision
 from autoscaler.reconcile.measure import record_measurements, with_engines
@@ -227,7 +228,7 @@ async def _one(
     workload: WorkloadFacts,
     *,
     observed: Observation,
-    signals: Mapping[WorkloadRef, Measured],
+    signals: SignalsRead,
     fleet: FleetSpend | None,
     inherited: Sequence[float] | None = None,
     failed_boots_read: Sequence[LedgerRow] | None = None,
@@ -382,8 +383,8 @@ async def _teardown(
 
 
 async def _with_engines(
-    deps: Deps, signals: Mapping[WorkloadRef, Measured], *, now: datetime
-) -> tuple[Mapping[WorkloadRef, Measured], bool]:
+    deps: Deps, signals: SignalsRead, *, now: datetime
+) -> tuple[SignalsRead, bool]:
     try:
         return await with_engines(deps, signals, now=now)
     except Exception:  # the gateway's measurement alone still drives the pass
@@ -391,16 +392,21 @@ async def _with_engines(
         return signals, False
 
 
-def _owned(deps: Deps, signals: Mapping[WorkloadRef, Measured]) -> Mapping[WorkloadRef, Measured]:
+def _owned(deps: Deps, signals: SignalsRead) -> SignalsRead:
     """The signals of the workloads this controller acts on (every one, alone)."""
     if deps.shards is None:
         return signals
-    return {ref: measured for ref, measured in signals.items() if deps.owns(*ref)}
+    owned = {ref: measured for ref, measured in signals.measured.items() if deps.owns(*ref)}
+    return dataclasses.replace(signals, measured=owned)
 
 
-async def _signals(deps: Deps) -> Mapping[WorkloadRef, Measured]:
+async def _signals(deps: Deps) -> SignalsRead:
     try:
-        return await deps.signals.signals()
+        read = await deps.signals.signals()
     except Exception as exc:  # the controller acts without them rather than not at all
         log.warning("reading the gateway's signals failed: %s", exc)
-        return {}
+        # Nothing is known: no drain ends on it and no scale-down is decided on it.
+        return SignalsRead(incomplete=f"reading the gateway's signals failed: {exc}")
+    if read.incomplete is not None:
+        log.warning("the gateway's signals were read in part: %s", read.incomplete)
+    return read

@@ -11,16 +11,15 @@ per ready replica per interval, one upsert per measured workload.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
 
-from autoscaler.decide.inputs import Measured
+from autoscaler.decide.inputs import SignalsRead
 from autoscaler.decide.scaling import ttft_percentile
 from autoscaler.decide.signals import EngineLoad, Signals, with_engine_ttft
-from autoscaler.reconcile.deps import Deps, ReplicaTarget, WorkloadRef
+from autoscaler.reconcile.deps import Deps, ReplicaTarget
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload, WorkloadSignals
 
@@ -31,8 +30,8 @@ SUMMARY_WINDOW_SEC = 300.0
 
 
 async def with_engines(
-    deps: Deps, signals: Mapping[WorkloadRef, Measured], *, now: datetime
-) -> tuple[Mapping[WorkloadRef, Measured], bool]:
+    deps: Deps, signals: SignalsRead, *, now: datetime
+) -> tuple[SignalsRead, bool]:
     """``signals`` with the engines' TTFT added, and whether a scrape ran this pass."""
     engines = deps.engines
     if engines is None:
@@ -40,15 +39,15 @@ async def with_engines(
     scraped = engines.due(now.timestamp())
     if scraped:
         await engines.scrape(await _ready_replicas(deps), now=now.timestamp())
-    merged = dict(signals)
-    for ref in {*signals, *engines.refs()}:
+    merged = dict(signals.measured)
+    for ref in {*signals.measured, *engines.refs()}:
         samples = engines.ttft_samples(ref)
         if samples:
-            measured = merged.get(ref, Measured())
+            measured = signals.of(ref)
             merged[ref] = dataclasses.replace(
                 measured, signals=with_engine_ttft(measured.signals, samples)
             )
-    return merged, scraped
+    return dataclasses.replace(signals, measured=merged), scraped
 
 
 async def _ready_replicas(deps: Deps) -> list[ReplicaTarget]:
@@ -77,11 +76,9 @@ async def _ready_replicas(deps: Deps) -> list[ReplicaTarget]:
         ]
 
 
-async def record_measurements(
-    deps: Deps, signals: Mapping[WorkloadRef, Measured], *, now: datetime
-) -> None:
+async def record_measurements(deps: Deps, signals: SignalsRead, *, now: datetime) -> None:
     """Store each measured workload's summary (replacing the previous one)."""
-    if not signals:
+    if not signals.measured:
         return
     async with deps.sessions() as s, s.begin():
         ids = {
@@ -92,7 +89,7 @@ async def record_measurements(
                 )
             )
         }
-        for ref, measured in signals.items():
+        for ref, measured in signals.measured.items():
             workload_id = ids.get(ref)
             if workload_id is None:
                 continue

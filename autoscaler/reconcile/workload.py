@@ -36,7 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.admission import runnable_problems
 from autoscaler.decide.budget import BudgetLimits
-from autoscaler.decide.inputs import DecisionInputs, Measured
+from autoscaler.decide.inputs import DecisionInputs, Measured, SignalsRead
 from autoscaler.decide.placement import Placement
 from autoscaler.decide.plan import (
     Drain,
@@ -126,7 +126,7 @@ async def reconcile_workload(
     *,
     workload_id: int,
     observed: Observation,
-    signals: Mapping[WorkloadRef, Measured],
+    signals: SignalsRead,
     now: datetime,
     fleet: FleetSpend | None = None,
     inherited: Sequence[float] | None = None,
@@ -501,13 +501,14 @@ def _avoid_slow_offers(
 
 def signals_for(
     ref: WorkloadRef,
-    signals: Mapping[WorkloadRef, Measured],
+    signals: SignalsRead,
     *,
     last_request_at: datetime | None,
 ) -> Measured:
-    """The workload's measurement, with the last request the store knows of (the
-    gateway records demand there) when that is later than the gateway's own."""
-    measured = signals.get(ref, Measured())
+    """The workload's measurement (``SignalsRead.of``: marked when the read was
+    incomplete), with the last request the store knows of (the gateway records demand
+    there) when that is later than the gateway's own."""
+    measured = signals.of(ref)
     signal = measured.signals
     stored = last_request_at
     if stored is not None and (signal.last_request_at is None or stored > signal.last_request_at):
@@ -725,9 +726,16 @@ async def _log_scale(
     inputs: DecisionInputs,
     now: datetime,
 ) -> None:
-    if deps.memory.last_desired.get(workload.id) == decision.desired:
+    memory = deps.memory
+    waited = workload.id in memory.waiting_on_signals
+    if decision.waits is None:
+        memory.waiting_on_signals.discard(workload.id)
+    else:
+        memory.waiting_on_signals.add(workload.id)
+    starts_waiting = decision.waits is not None and not waited
+    if memory.last_desired.get(workload.id) == decision.desired and not starts_waiting:
         return
-    deps.memory.last_desired[workload.id] = decision.desired
+    memory.last_desired[workload.id] = decision.desired
     counts = fleet_counts(rows, warm=warm)
     record_decision(
         s,

@@ -29,9 +29,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.config import parse_config
 from autoscaler.controller import Controller, build_controller
-from autoscaler.decide.inputs import Measured
+from autoscaler.decide.inputs import Measured, SignalsRead
 from autoscaler.decide.signals import Signals
-from autoscaler.reconcile.deps import SignalsSource, WorkloadRef
+from autoscaler.reconcile.deps import SignalsSource
 from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store.db import open_store, session_factory
@@ -378,8 +378,8 @@ class InFlight:
     def __init__(self) -> None:
         self.count = 0
 
-    async def signals(self) -> dict[WorkloadRef, Measured]:
-        return {("acme", "chat"): Measured(signals=Signals(in_flight=self.count))}
+    async def signals(self) -> SignalsRead:
+        return SignalsRead({("acme", "chat"): Measured(signals=Signals(in_flight=self.count))})
 
 
 async def _until(check: Any, what: str) -> None:

@@ -155,3 +155,69 @@ def test_a_pool_of_stopped_machines_is_not_refilled_with_spot_machines_that_cann
     assert refusals == []
     actions, _ = _explicit_pool_step([serving], desired=1)
     assert actions == [("Launch", None, True)]  # on demand, it can stop
+
+
+WORKER_DOWN = "1 of 4 gateway workers did not answer (worker 2)"
+
+
+def test_a_drain_waits_while_the_signals_read_is_incomplete() -> None:
+    """The answering workers count nothing on the draining replica, but one worker did
+    not answer: its requests may be there. The drain waits, and the decision says why;
+    a complete read with nothing on it ends the drain."""
+    idle = Signals(last_request_at=NOW)
+    partial = Measured(signals=idle, replica_in_flight={}, incomplete=WORKER_DOWN)
+    assert _terminated(partial) == []
+    view = WorkloadView(
+        spec=autoscaling("bot"),
+        generation=1,
+        replicas=[_replica("a", ReplicaPhase.READY), _replica("b", ReplicaPhase.DRAINING)],
+        measured=partial,
+        offers=OFFERS,
+    )
+    decided = step(view, memory=ScaleMemory(), unavailable={}, now=NOW, knobs=StepKnobs())
+    assert f"signals incomplete ({WORKER_DOWN}): drain of b waits" in decided.decision.reason
+    assert decided.decision.waits is not None
+    assert decided.plan.requeue_after is not None  # woken at the drain's timeout
+    assert _terminated(Measured(signals=idle, replica_in_flight={})) == ["b"]
+
+
+def test_a_drain_on_an_incomplete_read_ends_at_its_timeout_saying_the_count_is_unknown() -> None:
+    late = _replica("b", ReplicaPhase.DRAINING)
+    late = replace(late, view=replace(late.view, drain_requested_at=NOW - timedelta(hours=1)))
+    view = WorkloadView(
+        spec=autoscaling("bot"),
+        generation=1,
+        replicas=[_replica("a", ReplicaPhase.READY), late],
+        measured=Measured(
+            signals=Signals(last_request_at=NOW), replica_in_flight={}, incomplete=WORKER_DOWN
+        ),
+        offers=OFFERS,
+    )
+    decided = step(view, memory=ScaleMemory(), unavailable={}, now=NOW, knobs=StepKnobs())
+    [ended] = [a for a in decided.plan.actions if isinstance(a, Terminate)]
+    assert ended.launch_id == "b"
+    assert "requests in flight not known" in ended.reason and WORKER_DOWN in ended.reason
+
+
+def test_no_scale_down_is_decided_on_an_incomplete_read() -> None:
+    """Three ready replicas and no request for an hour: the rules scale down on a
+    complete read; on one that missed a worker they hold, and say so."""
+    quiet = Signals(last_request_at=NOW - timedelta(hours=1))
+    spec = autoscaling("bot", min_workers=0, scale_to_zero=True)
+    replicas = [_replica(k, ReplicaPhase.READY) for k in "abc"]
+
+    def decided(measured: Measured) -> tuple[int, str]:
+        view = WorkloadView(
+            spec=spec, generation=1, replicas=replicas, measured=measured, offers=OFFERS
+        )
+        memory = ScaleMemory(calm_since=NOW - timedelta(hours=1))
+        result = step(view, memory=memory, unavailable={}, now=NOW, knobs=StepKnobs())
+        drained = [a for a in result.plan.actions if not isinstance(a, Terminate)]
+        assert bool(drained) == (result.decision.desired < 3)
+        return result.decision.desired, result.decision.reason
+
+    complete_desired, _ = decided(Measured(signals=quiet, replica_in_flight={}))
+    assert complete_desired < 3
+    held, reason = decided(Measured(signals=quiet, replica_in_flight={}, incomplete=WORKER_DOWN))
+    assert held == 3
+    assert reason.startswith(f"signals incomplete ({WORKER_DOWN}): scale-down waits")

@@ -128,7 +128,7 @@ async def test_signals_metrics_and_the_internal_endpoint(
     assert refused.status_code == 401
     assert anonymous.status_code == 401  # the data plane does not list workload names
     assert "support-bot" not in anonymous.text
-    [parsed] = signals_from_json(remote.content)
+    [parsed] = signals_from_json(remote.content).snapshots.values()
     assert (parsed.project, parsed.workload) == REF
     assert parsed.ttft_samples == local.ttft_samples
     assert parsed.unstreamed_samples == local.unstreamed_samples

@@ -14,6 +14,8 @@ import pytest
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from autoscaler.decide.inputs import concurrency_cap_of, concurrency_target, measured_of
+from autoscaler.spec import WorkloadSpec
 from providers.engine_sim.app import create_app
 from providers.engine_sim.config import EngineSimConfig
 from tests.gateway.conftest import (
@@ -186,3 +188,36 @@ async def test_signals_carry_the_age_of_the_oldest_queued_job(
     created = first.json()["created_at"]
     assert oldest is not None
     assert abs(oldest - datetime.fromisoformat(created).timestamp()) < 1e-3
+
+
+async def test_the_cap_reported_is_what_the_worker_processes_enforce_together(
+    seed: Seed, start_counted: StartCounted, start_gateway: StartGateway
+) -> None:
+    """One of four worker processes on a port, ``per_worker: 10``: it sends the replica
+    at most 10 // 4 = 2, so the four send at most 8, and 8 is the cap the controller
+    reads (its capacity and concurrency target), not 10."""
+    key = await seed.workload("capped", endpoint_type="streaming", per_worker=10)
+    engine = await start_counted()
+    await seed.replica("capped", engine.url)
+    gateway = await start_gateway(workers=4)
+    ref = ("acme", "capped")
+    async with sdk(gateway, "capped", key) as client:
+        calls = [asyncio.create_task(_chat(client)) for _ in range(4)]
+        await eventually(lambda: engine.active == 2 and gateway.signals()[ref].queued == 2)
+        snapshot = gateway.signals()[ref]
+        engine.release.set()
+        assert all(await asyncio.gather(*calls))
+    assert engine.peak == 2
+    assert snapshot.concurrency_cap == 8
+    spec = WorkloadSpec.model_validate(
+        {
+            "name": "capped",
+            "slug": "capped",
+            "model": MODEL,
+            "per_worker": 10,
+            "endpoint_type": "streaming",
+        }
+    )
+    measured = measured_of(snapshot)
+    assert concurrency_cap_of(spec, measured) == 8
+    assert concurrency_target(spec, measured) == 8

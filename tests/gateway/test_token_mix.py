@@ -94,7 +94,7 @@ async def test_token_mix_of_streamed_and_whole_answers_through_engine_sim(
             f"http://127.0.0.1:{gateway.port}/internal/signals",
             headers={"Authorization": f"Bearer {admin}"},
         )
-    [parsed] = signals_from_json(remote.content)
+    [parsed] = signals_from_json(remote.content).snapshots.values()
     assert parsed.tokens == stats
     assert parsed.concurrency_cap == 16
 

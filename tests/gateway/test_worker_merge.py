@@ -4,6 +4,7 @@ request; and each process's share of a replica's cap."""
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from datetime import UTC, datetime
 
@@ -15,8 +16,15 @@ from autoscaler.spec import TaskType
 from gateway.dispatch import Dispatcher, DispatchLimits
 from gateway.routes import Replica, WorkloadRef, WorkloadRoute
 from gateway.signals import Metrics, Signals
-from gateway.window import SignalSnapshot, WorkloadWindow, merge_views, worker_share
-from gateway.workers import merge_metrics, resolve_workers
+from gateway.window import (
+    SignalSnapshot,
+    SignalsView,
+    WorkloadWindow,
+    gateway_cap,
+    merge_views,
+    worker_share,
+)
+from gateway.workers import MetricsMerge, merge_metrics, resolve_workers
 
 REF: WorkloadRef = ("acme", "chat")
 NOW = 1_000_000.0
@@ -138,6 +146,11 @@ def test_each_worker_takes_its_share_of_a_replica_cap() -> None:
     assert worker_share(64, 2) == 32
     assert worker_share(5, 2) == 2  # never more than the cap in all
     assert worker_share(1, 4) == 1  # the floor: every worker can serve
+    # What the workers send a replica together, which they report as its cap.
+    assert gateway_cap(64, 1) == 64
+    assert gateway_cap(64, 3) == 63
+    assert gateway_cap(10, 4) == 8
+    assert gateway_cap(2, 4) == 4  # the floor again: the cap is exceeded
     assert resolve_workers("auto", cpus=6) == 6
     assert resolve_workers(3) == 3
     with pytest.raises(ValueError, match="at least 1"):
@@ -178,3 +191,62 @@ async def test_a_worker_sends_a_replica_at_most_its_share_of_the_cap() -> None:
     assert dispatcher.queued(REF) == 1
     dispatcher.release(leases[0])
     assert (await asyncio.wait_for(third, 5)).replica.key == "r"
+
+
+def _metrics_text(served: int, *, in_flight: int = 0) -> str:
+    """One worker's registry after answering ``served`` requests, ``in_flight`` running."""
+    from prometheus_client import generate_latest
+
+    signals = Signals(window_sec=60.0, metrics=Metrics())
+    children = signals.metrics_of(REF)
+    for _ in range(served):
+        children.requests(200).inc()
+        children.ttft.observe(0.2)
+    window = signals.window(REF)
+    for i in range(in_flight):
+        window.enter(f"lch_{i}")
+    return generate_latest(signals.metrics.registry).decode()
+
+
+def _series(text: bytes, name: str) -> float:
+    prefix = name + "{"
+    for line in text.decode().splitlines():
+        if line.startswith(prefix):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in the merged metrics")
+
+
+def test_merged_counters_stay_monotonic_when_a_worker_dies_and_is_replaced() -> None:
+    """Worker 0 answers 3 requests, worker 1 answers 5; worker 0 dies (no answer), then
+    a new process in its slot answers 1: the merged count goes 8, 8, 9, never back to
+    6; its histogram too. Its requests in flight (a gauge) died with it."""
+    merge = MetricsMerge(2)
+    requests, ttft, in_flight = (
+        "autoscaler_gateway_requests_total",
+        "autoscaler_gateway_ttft_seconds_count",
+        "autoscaler_gateway_in_flight_requests",
+    )
+    first = merge.merge([("a", _metrics_text(3, in_flight=2)), ("b", _metrics_text(5))])
+    assert _series(first, requests) == 8 and _series(first, ttft) == 8
+    assert _series(first, in_flight) == 2
+    gone = merge.merge([None, ("b", _metrics_text(5))])
+    assert _series(gone, requests) == 8 and _series(gone, ttft) == 8
+    assert _series(gone, in_flight) == 0
+    back = merge.merge([("c", _metrics_text(1)), ("b", _metrics_text(5))])
+    assert _series(back, requests) == 9 and _series(back, ttft) == 9
+    again = merge.merge([("c", _metrics_text(2)), ("b", _metrics_text(6))])
+    assert _series(again, requests) == 11
+    # Summed as they are, the replacement's zero would read as a counter reset.
+    assert _series(merge_metrics([_metrics_text(1), _metrics_text(5)]), requests) == 6
+
+
+def test_a_read_that_missed_a_worker_says_so_over_json() -> None:
+    window = WorkloadWindow()
+    _record(window, random.Random(3), NOW - 1, replica="lch_a")
+    missing = "1 of 4 gateway workers did not answer (worker 2)"
+    view = SignalsView({REF: _snapshot(window)}, incomplete=missing)
+    back = SignalsView.from_json(json.loads(json.dumps(view.to_json())))
+    assert back.incomplete == missing
+    assert back.snapshots[REF] == view.snapshots[REF]
+    # A gateway that predates the field read one process: complete.
+    assert SignalsView.from_json({"signals": []}).incomplete is None

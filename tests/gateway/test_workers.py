@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from autoscaler.controller import GatewaySignals
 from autoscaler.decide.scaling import ttft_percentile
@@ -113,7 +114,7 @@ async def test_two_workers_share_the_port_and_the_controller_sees_all_their_load
     each = [Peers([control_socket(pool.control_dir, i)]) for i in range(2)]
 
     async def in_flight_per_worker() -> list[int]:
-        views = [await p.signals() for p in each]
+        views = [(await p.signals()).snapshots for p in each]
         return [v[(PROJECT, SLUG)].in_flight if (PROJECT, SLUG) in v else 0 for v in views]
 
     streams: list[asyncio.Task[None]] = []
@@ -128,25 +129,35 @@ async def test_two_workers_share_the_port_and_the_controller_sees_all_their_load
     per_worker = await in_flight_per_worker()
     assert sum(per_worker) == held and min(per_worker) > 0
 
-    measured = (await GatewaySignals(pool.signals).signals())[(PROJECT, SLUG)]
+    read = await GatewaySignals(pool.signals).signals()
+    assert read.incomplete is None
+    measured = read.measured[(PROJECT, SLUG)]
     assert measured.signals.in_flight == held
     assert measured.replica_in_flight == {launch: held}
-    merged = (await pool.signals())[(PROJECT, SLUG)]
+    merged = (await pool.signals()).snapshots[(PROJECT, SLUG)]
     assert merged.requests_in_window == held
+    # A read with a worker that does not answer says which, and so does the controller's.
+    gone = str(Path(pool.control_dir) / "gone.sock")
+    partial = Peers([control_socket(pool.control_dir, i) for i in range(2)] + [gone])
+    view = await partial.signals()
+    assert view.incomplete == "1 of 3 gateway workers did not answer (worker 2)"
+    assert view.snapshots[(PROJECT, SLUG)].in_flight == held
+    read = await GatewaySignals(partial.signals).signals()
+    assert read.of(("other", "idle")).incomplete == view.incomplete
 
     engine.release.set()
     await asyncio.wait_for(asyncio.gather(*streams), 20)
 
     async def all_answered() -> bool:
-        view = (await pool.signals())[(PROJECT, SLUG)]
+        view = (await pool.signals()).snapshots[(PROJECT, SLUG)]
         return view.in_flight == 0 and len(view.ttft_samples) == held
 
     await eventually(all_answered)
-    merged = (await pool.signals())[(PROJECT, SLUG)]
-    apart = [(await p.signals())[(PROJECT, SLUG)] for p in each]
+    merged = (await pool.signals()).snapshots[(PROJECT, SLUG)]
+    apart = [(await p.signals()).snapshots[(PROJECT, SLUG)] for p in each]
     union = sorted(s for a in apart for s in a.ttft_samples)
     assert sorted(merged.ttft_samples) == union
-    measured = (await GatewaySignals(pool.signals).signals())[(PROJECT, SLUG)]
+    measured = (await GatewaySignals(pool.signals).signals()).measured[(PROJECT, SLUG)]
     since = measured.signals.ttft_samples[0][0].replace(year=2000)
     assert (
         ttft_percentile(measured.signals.ttft_samples, q=0.95, since=since)
@@ -171,18 +182,49 @@ async def test_a_worker_that_dies_is_restarted_and_none_is_left_after_stop(
     with contextlib.suppress(asyncio.CancelledError):
         await held
 
+    url = f"http://127.0.0.1:{pool.port}/endpoint/{PROJECT}/{SLUG}/v1/chat/completions"
+    assert pool.control_dir is not None
+    each = [Peers([control_socket(pool.control_dir, i)]) for i in range(2)]
+    # Requests until some worker has answered some: the one killed (its counters die).
+    while not any(served := [_answered(await p.metrics()) for p in each]):
+        await asyncio.wait_for(_stream(url, key, asyncio.Event()), 20)
+    before = _answered(await pool.metrics())
+    assert before == sum(served)
+    dead = served.index(max(served))
+
     first = pool.pids()
     assert all(first) and len(set(first)) == 2
-    os.kill(first[0], signal.SIGKILL)
+    os.kill(first[dead], signal.SIGKILL)
     await asyncio.wait_for(pool.wait_started(3), 30)
     again = pool.pids()
-    assert again[0] not in (0, first[0]) and again[1] == first[1]
-    url = f"http://127.0.0.1:{pool.port}/endpoint/{PROJECT}/{SLUG}/v1/chat/completions"
+    assert again[dead] not in (0, first[dead]) and again[1 - dead] == first[1 - dead]
+    # The new worker counts from zero; the merged total keeps what the dead one counted.
+    fresh = Peers([control_socket(pool.control_dir, dead)])  # a reader that never saw it
+    assert _answered(await fresh.metrics()) == 0
+    assert _answered(await each[dead].metrics()) == served[dead]
+    assert _answered(await pool.metrics()) == before
     for _ in range(4):  # whichever worker takes them, both serve
         await asyncio.wait_for(_stream(url, key, asyncio.Event()), 20)
+    assert _answered(await pool.metrics()) == before + 4
     await pool.stop()
     for pid in again:
         assert not _alive(pid)
+
+
+def _answered(metrics: bytes) -> int:
+    """Requests answered 200 for the workload, as the (merged) metrics count them."""
+    for family in text_string_to_metric_families(metrics.decode()):
+        if family.name == "autoscaler_gateway_requests":
+            return int(
+                sum(
+                    s.value
+                    for s in family.samples
+                    if s.name.endswith("_total")
+                    and s.labels.get("workload") == SLUG
+                    and s.labels.get("status") == "200"
+                )
+            )
+    return 0
 
 
 def _alive(pid: int) -> bool:

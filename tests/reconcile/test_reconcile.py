@@ -390,3 +390,41 @@ async def test_a_spot_interruption_is_replaced_away_from_that_spot_market(world:
     assert rows[0].terminated_confirmed_at is not None
     replacement = rows[1]
     assert (replacement.offer_key, replacement.spot) != (row.offer_key, True)
+
+
+async def test_a_drain_waits_while_a_gateway_worker_does_not_answer(world: World) -> None:
+    """The worker that did not answer may hold the draining replicas' requests: they are
+    not terminated until a read reaches every worker, and the decision log says why."""
+    await world.apply(fixed("bot", 2))
+    await world.step()
+    await world.step(5)
+    missing = "1 of 4 gateway workers did not answer (worker 2)"
+    world.signals.incomplete = missing
+    await world.delete("bot")
+    await world.step(5)
+    assert await world.phases("bot") == [Phase.DRAINING, Phase.DRAINING]
+    await world.step(5)  # the workers that answered count nothing on them
+    assert await world.phases("bot") == [Phase.DRAINING, Phase.DRAINING]
+    assert not world.provider.calls_to("terminate")
+    said = [d.reason for d in await world.decisions("scale")]
+    assert any(f"signals incomplete ({missing}): drain of" in r for r in said), said
+    world.signals.incomplete = None
+    await world.step(5)
+    assert await world.phases("bot") == [Phase.TERMINATING, Phase.TERMINATING]
+    assert "drained: no request in flight" in (await world.decisions("terminate"))[0].reason
+
+
+async def test_a_failed_signals_read_ends_no_drain_before_its_timeout(world: World) -> None:
+    await world.apply(fixed("bot", 1))
+    await world.step()
+    await world.step(5)
+    world.signals.failure = ConnectionError("gateway unreachable")
+    await world.delete("bot")
+    await world.step(5)
+    await world.step(30)
+    assert await world.phases("bot") == [Phase.DRAINING]
+    await world.step(121)  # the default scaling_down_timeout_sec is 120
+    assert await world.phases("bot") == [Phase.TERMINATING]
+    [ended] = await world.decisions("terminate")
+    assert "requests in flight not known" in ended.reason
+    assert "reading the gateway's signals failed: gateway unreachable" in ended.reason

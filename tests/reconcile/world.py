@@ -4,7 +4,6 @@ health and signals, and helpers to apply workloads and read the ledger."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -12,7 +11,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from autoscaler.decide.inputs import Measured, TokenMix
+from autoscaler.decide.inputs import Measured, SignalsRead, TokenMix
 from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.deps import (
     Deps,
@@ -107,14 +106,20 @@ class FakeSignals:
     mixes: dict[WorkloadRef, TokenMix] = field(default_factory=dict)
     measured: dict[WorkloadRef, Measured] = field(default_factory=dict)
     """Whole measurements (as ``decide.inputs.measured_of`` reads a gateway's); these win."""
+    incomplete: str | None = None
+    """What the read misses (``SignalsRead.incomplete``; ``None``: it is complete)."""
+    failure: Exception | None = None
+    """Raised by the read instead of answering (a gateway that cannot be reached)."""
 
-    async def signals(self) -> Mapping[WorkloadRef, Measured]:
+    async def signals(self) -> SignalsRead:
+        if self.failure is not None:
+            raise self.failure
         refs = set(self.by_ref) | set(self.mixes)
         found = {
             ref: Measured(signals=self.by_ref.get(ref, Signals()), token_mix=self.mixes.get(ref))
             for ref in refs
         }
-        return found | self.measured
+        return SignalsRead(found | self.measured, incomplete=self.incomplete)
 
 
 def fixed(slug: str, replicas: int = 1, **extra: Any) -> WorkloadSpec:
