@@ -50,7 +50,9 @@ workload whose plan may launch or that has no replica to take its GPU shape from
 a pass takes only the workloads of the shards this controller holds, skips one whose
 lease lapsed during the pass, measures and records only those, and leaves a workload
 whose launch found the lease gone (``LeaseLost``) to its new holder; the orphan sweep
-runs on the holder of shard 0.
+runs on the holder of shard 0. The spot warnings a provider's queue gave this
+controller are stored for the owner of their instance, and the pass reads every stored
+one (``autoscaler.reconcile.notices``).
 
 The caller sleeps between passes (``autoscaler.controller``), or the simulator advances
 its clock: this module never sleeps and reads time only from ``deps.clock`` (and the

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from autoscaler.reconcile.deps import Deps, log
-from providers.base import Instance, ProviderError, SpotInterruption, SpotNoticeSource
+from autoscaler.reconcile.notices import share_notices
+from providers.base import Instance, ProviderError, SpotInterruption, SpotNoticeSource, utc
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,7 +16,8 @@ class Observation:
     A provider whose ``list`` failed this pass is absent from ``by_provider``: nothing is
     concluded about its instances (no confirmation, no orphan) until it answers again.
     ``notices``: spot interruption warnings the providers reported this pass (an SQS
-    queue of EC2 events), by instance id.
+    queue of EC2 events), by instance id; with sharding, every warning stored for the
+    controller that owns its instance, whoever read it (``reconcile.notices``).
     """
 
     by_provider: dict[str, dict[str, Instance]]
@@ -35,11 +37,17 @@ async def observe(deps: Deps) -> Observation:
             log.warning("listing %s instances failed: %s", name, exc)
             continue
         seen[name] = {i.instance_id: i for i in instances}
-    return Observation(by_provider=seen, notices=await _notices(deps))
+    received = await _notices(deps)
+    if deps.shards is None:
+        notices = {instance_id: notice for instance_id, (_, notice) in received.items()}
+    else:  # a queue's message went to this controller, the instance's may be another
+        notices = await share_notices(deps, received, now=utc(deps.clock.now()))
+    return Observation(by_provider=seen, notices=notices)
 
 
-async def _notices(deps: Deps) -> dict[str, SpotInterruption]:
-    found: dict[str, SpotInterruption] = {}
+async def _notices(deps: Deps) -> dict[str, tuple[str, SpotInterruption]]:
+    """Instance id -> (provider, warning) of the warnings the providers gave this pass."""
+    found: dict[str, tuple[str, SpotInterruption]] = {}
     for name, entry in deps.providers.entries.items():
         if not isinstance(entry.provider, SpotNoticeSource):
             continue
@@ -49,7 +57,7 @@ async def _notices(deps: Deps) -> dict[str, SpotInterruption]:
             count_provider_error(deps, provider=name, operation="spot_notices", error=exc)
             log.warning("reading %s spot interruption warnings failed: %s", name, exc)
             continue
-        found.update((notice.instance_id, notice) for notice in notices)
+        found.update((notice.instance_id, (name, notice)) for notice in notices)
     return found
 
 

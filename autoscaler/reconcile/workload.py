@@ -92,6 +92,7 @@ from autoscaler.reconcile.liveness import (
     sync_with_provider,
     terminate_instance,
 )
+from autoscaler.reconcile.notices import forget_notices
 from autoscaler.reconcile.observe import Observation
 from autoscaler.reconcile.park import export_parked, park, resume, settle_parks
 from autoscaler.reconcile.provisioner import (
@@ -205,7 +206,7 @@ async def reconcile_workload(
         for row in failed_boots(rows):
             mark_unavailable(deps, row=row, now=now)
             await _terminate(deps, s, row=row, reason=row.last_error or "boot failed", now=now)
-        queued = _record_queued_notices(rows, observed=observed)
+        queued = await _record_queued_notices(deps, s, rows=rows, observed=observed)
         await _heed_spot_notices(deps, s, workload=workload, rows=rows, queued=queued, now=now)
         rows = _still_open(rows)
         problems = [] if workload.deleted_at else [p.as_detail() for p in runnable_problems(spec)]
@@ -417,17 +418,28 @@ async def _report_unrunnable(
     log.warning("%s/%s: spec cannot run: %s", workload.project, workload.slug, text)
 
 
-def _record_queued_notices(rows: Sequence[LedgerRow], *, observed: Observation) -> set[str]:
+async def _record_queued_notices(
+    deps: Deps, s: AsyncSession, *, rows: Sequence[LedgerRow], observed: Observation
+) -> set[str]:
     """Record the warnings a provider's event queue gave for these rows, as the boot
-    callback records an instance's own; the launch ids newly noticed this way."""
+    callback records an instance's own; the launch ids newly noticed this way. With
+    sharding, the matched warnings leave the store in the same commit
+    (``reconcile.notices``): each is recorded once, by the controller owning the row."""
     queued: set[str] = set()
+    matched: list[str] = []
     for row in rows:
         notice = observed.notices.get(row.instance_id or "")
-        if notice is None or (row.last_error or "").startswith(SPOT_NOTICE):
+        if notice is None:
+            continue
+        matched.append(notice.instance_id)
+        if (row.last_error or "").startswith(SPOT_NOTICE):
             continue
         if phase_of(row) in (Phase.PENDING, Phase.BOOTING, Phase.READY, Phase.DRAINING):
             row.last_error = f"{SPOT_NOTICE}{notice.reason}"
             queued.add(row.launch_id)
+    if deps.shards is not None and matched:
+        await forget_notices(s, matched)
+        await s.commit()
     return queued
 
 

@@ -352,3 +352,24 @@ class ShardLease(Base):
     token: Mapped[int] = mapped_column(BigInteger, default=0)
     acquired_at: Mapped[datetime | None]
     expires_at: Mapped[datetime | None]
+
+
+class SpotNotice(Base):
+    """A spot interruption warning read from a provider's event queue, kept for the
+    controller whose shard holds the instance (``autoscaler.reconcile.notices``): with
+    sharding, a queue's message goes to whichever controller reads it first. The owner
+    deletes it when its step records it on the replica's row; one no row matches is
+    dropped after a while or beyond a count."""
+
+    __tablename__ = "spot_notices"
+
+    instance_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    provider: Mapped[str] = mapped_column(String(16))
+    launch_id: Mapped[str] = mapped_column(String(64))
+    zone: Mapped[str] = mapped_column(String(64))
+    instance_type: Mapped[str] = mapped_column(String(64))
+    reason: Mapped[str] = mapped_column(Text)
+    noticed_at: Mapped[datetime]
+    """When the provider's reader saw it (the provider's own clock)."""
+    received_at: Mapped[datetime]
+    """When a controller stored it (its pass's time): what the bounds go by."""

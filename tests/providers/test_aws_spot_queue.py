@@ -11,10 +11,12 @@ from typing import Any
 import aioboto3
 import pytest
 from moto.server import ThreadedMotoServer
+from sqlalchemy import func, select
 
 from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.store.db import open_store, session_factory
+from autoscaler.store.models import SpotNotice
 from autoscaler.store.phase import Phase, phase_of
 from providers.aws import AwsProvider, interruption_warning
 from providers.aws_config import AwsConfig
@@ -103,6 +105,8 @@ async def test_a_queued_warning_drains_and_replaces_the_replica(
         left: Any = await sqs.receive_message(QueueUrl=url, WaitTimeSeconds=0)
         assert left.get("Messages", []) == []  # every message read was deleted
         assert await provider.spot_notices(world.deps.settings.cluster_id) == []
+        async with world.sessions() as s:  # one controller: nothing kept for another
+            assert await s.scalar(select(func.count()).select_from(SpotNotice)) == 0
 
 
 def test_only_spot_interruption_warnings_are_read() -> None:

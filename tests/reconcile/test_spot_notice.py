@@ -7,8 +7,10 @@ from sqlalchemy import update
 
 from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE
+from autoscaler.reconcile.notices import NOTICE_KEEP_SEC, share_notices
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
+from providers.base import SpotInterruption
 from tests.reconcile.world import PROJECT, World, autoscaling
 
 NOTICE = 'ec2 spot interruption notice: {"action": "terminate", "time": "2025-06-15T15:10:00Z"}'
@@ -94,3 +96,39 @@ async def test_a_notice_on_a_ready_replica_the_callback_could_not_drain_is_drain
     old, _replacement = await world.rows("bot")
     assert phase_of(old) is Phase.DRAINING
     assert world.changes > 0  # the gateway was told to stop routing to it
+
+
+async def test_stored_queue_warnings_are_kept_for_a_while_and_up_to_a_number(
+    world: World,
+) -> None:
+    """With sharding, warnings no step has matched yet wait in the store: each for
+    NOTICE_KEEP_SEC after it was first stored, and only the newest ``kept``."""
+
+    def read(*names: str) -> dict[str, tuple[str, SpotInterruption]]:
+        return {
+            f"i-{n}": (
+                "aws",
+                SpotInterruption(
+                    instance_id=f"i-{n}",
+                    launch_id=f"l-{n}",
+                    zone="us-east-1a",
+                    instance_type="g5.xlarge",
+                    noticed_at=world.now,
+                    reason=f"warning {n}",
+                ),
+            )
+            for n in names
+        }
+
+    async def share(*names: str) -> dict[str, SpotInterruption]:
+        return await share_notices(world.deps, read(*names), now=world.now, kept=3)
+
+    first = await share("a", "b")
+    assert sorted(first) == ["i-a", "i-b"] and first["i-a"].reason == "warning a"
+    world.clock.advance(NOTICE_KEEP_SEC / 2)
+    kept = await share("c", "d", "a")  # "a" read again: stored once, from its first time
+    assert len(kept) == 3 and {"i-c", "i-d"} <= set(kept)  # the newest three
+    world.clock.advance(NOTICE_KEEP_SEC / 2 + 1)
+    assert sorted(await share()) == ["i-c", "i-d"]  # "a" and "b" expired
+    world.clock.advance(NOTICE_KEEP_SEC / 2)
+    assert await share() == {}
