@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import DateTime, Text, func, select, type_coerce
 from sqlalchemy import cast as sql_cast
@@ -245,8 +245,9 @@ async def _read_fleet(
     by_workload: dict[int, list[RowFacts]] = {}
     total = 0.0
     held: tuple[RowFacts, ...] = ()  # the rows ``previous`` holds for this workload
-    for values in found.all():  # fetched at once: not a call per row
-        row = RowFacts(_phase(values), *cast(tuple[Any, ...], values))
+    read: Sequence[Sequence[Any]] = found.all()  # fetched at once: not a call per row
+    for values in read:
+        row = RowFacts(_phase(values), *values)
         total += row.hourly_usd
         rows = by_workload.get(row.workload_id)
         if rows is None:
