@@ -374,11 +374,13 @@ def _decision_quiet(
         return False
     if (decision.waits is not None) != (w.id in memory.waiting_on_signals):
         return False  # a wait on incomplete signals begins or ends: the full step logs it
-    memory.scale[w.id] = decision.memory
+    # Stored only when changed: a pass over a quiet fleet makes no long-lived objects.
+    if memory.scale.get(w.id) != decision.memory:
+        memory.scale[w.id] = decision.memory
     after = due_after(plan, decision, now=now)
-    memory.seen[w.id] = replace(
-        seen, due_at=None if after is None else now + timedelta(seconds=after)
-    )
+    due_at = None if after is None else now + timedelta(seconds=after)
+    if due_at != seen.due_at:
+        memory.seen[w.id] = replace(seen, due_at=due_at)
     return True
 
 
