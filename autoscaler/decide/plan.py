@@ -33,7 +33,8 @@ crash or a missed event gives the same actions. The rules:
   parked first; a resume is checked against the budget at its running price, and a
   parked replica whose running price does not fit is passed over for a fresh machine
   that does (a parked machine never makes a scale-up smaller than none would). An
-  explicit pool is refilled: a replica is launched, made ready, drained and parked.
+  explicit pool is refilled: a replica is launched, made ready, drained and parked; one
+  still booting when a scale-down has filled the pool is terminated.
 * **Budget per launch.** Each launch is checked with :func:`budget.check_launch` against
   every replica not confirmed terminated, the launches of this plan included; a refused
   launch becomes a :class:`Refusal` with the numbers.
@@ -621,13 +622,24 @@ def _refill(
 ) -> None:
     """An explicit pool below its refill count: drain refill replicas once ready (they are
     parked once drained; one of an older spec still starting is terminated: it would only
-    be terminated once ready), and launch one more when none is on its way, for a mode
+    be terminated once ready, and so is one still starting beyond the room the pool has
+    left, the youngest first), and launch one more when none is on its way, for a mode
     the launch can be parked in (``launch_parks``; ``None``: any)."""
     policy = pool.policy
     if policy is None:
         return
+    acted = {a.launch_id for a in actions if not isinstance(a, Launch)}
+    # Room the pool still has for refills: what it lacks, less the refills ready or
+    # draining (parked soonest); one still starting beyond that room (a scale-down filled
+    # the pool while it booted) would be bought, booted and terminated at its park.
+    room = sum(max(0, policy.fill(mode) - pool.held[mode]) for mode in ParkMode)
+    room -= sum(
+        1
+        for r in refilling
+        if r.phase not in _STARTING and r.launch_id not in acted and r.launch_id not in timed_out
+    )
     on_way = 0
-    for r in refilling:
+    for r in sorted(refilling, key=lambda r: (r.intent_at, r.launch_id)):  # oldest kept
         if r.launch_id in timed_out:
             continue
         if r.generation < pool.generation and r.phase in _STARTING:
@@ -639,6 +651,18 @@ def _refill(
                 )
             )
             continue
+        if r.phase in _STARTING:
+            if room <= 0:
+                actions.append(
+                    Terminate(
+                        r.launch_id,
+                        f"warm pool refill no longer needed while it booted: "
+                        f"{pool.text(ParkMode.SLEEPING)}, {pool.text(ParkMode.STOPPED)} "
+                        f"(keep {policy.fill_sleeping} sleeping, {policy.fill_stopped} stopped)",
+                    )
+                )
+                continue
+            room -= 1
         on_way += 1
         if r.phase is ReplicaPhase.READY:
             actions.append(Drain(r.launch_id, "warm pool refill ready: drain it, then park it"))

@@ -404,6 +404,30 @@ def test_an_explicit_pool_is_refilled_one_replica_at_a_time_and_parked_once_read
     assert p.launches[0].reason == "warm pool refill: 1/2 stopped, keep 2"
 
 
+def test_a_refill_still_booting_is_ended_once_a_scale_down_fills_the_pool() -> None:
+    pool = WarmPolicy(max_stopped=2, max_sleeping=0, fill_stopped=2, expire=False)
+    parked = replica("p", ReplicaPhase.PARKED, park=ParkMode.STOPPED)
+    booting = replica("f", ReplicaPhase.BOOTING, prefill=True)
+    drained = replica("d", ReplicaPhase.DRAINING, drain_age=30)
+    serving = replica("r")
+    # The scale-down's replica takes the pool's last place: the refill is not needed.
+    p = plan(1, [serving, parked, booting, drained], warm=pool)
+    assert kinds(p) == [("Park", "d", "stopped"), ("Terminate", "f", None)]
+    assert p.actions[1].reason == (
+        "warm pool refill no longer needed while it booted: 0/0 sleeping, 2/2 stopped "
+        "(keep 0 sleeping, 2 stopped)"
+    )
+    # Without that scale-down the refill boots on.
+    assert plan(1, [serving, parked, booting], warm=pool).actions == ()
+    # A refill already ready is drained and parked on: it is about to fill the place.
+    ready = replica("f", prefill=True)
+    assert kinds(plan(1, [serving, parked, ready], warm=pool)) == [("Drain", "f", None)]
+    # Two booting for one place (the pool shrank meanwhile): the newer one is ended.
+    older = replace(booting, launch_id="f0", intent_at=NOW - timedelta(seconds=90))
+    p = plan(1, [serving, parked, booting, older], warm=pool)
+    assert kinds(p) == [("Terminate", "f", None)]
+
+
 def test_an_explicit_pool_never_expires_its_replicas() -> None:
     pool = WarmPolicy(max_stopped=1, max_sleeping=0, fill_stopped=1, expire=False)
     ancient = replica("s", ReplicaPhase.PARKED, park=ParkMode.STOPPED, parked_age=30 * 86400)
