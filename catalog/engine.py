@@ -62,7 +62,8 @@ class RequestTiming:
 
 @dataclass(frozen=True, slots=True)
 class EngineEvent:
-    """A first token or a finish, at engine time ``at_s``; ``timing`` is set on FINISHED."""
+    """A first token or a finish, at engine time ``at_s``; ``timing`` is set on FINISHED
+    (unless the engine keeps no timings: ``BatchEngine.timings``)."""
 
     kind: EventKind
     request_id: int
@@ -118,6 +119,9 @@ class BatchEngine:
 
     profile: ServingProfile
     start_s: float = 0.0
+    timings: bool = True
+    """Whether a finish carries its :class:`RequestTiming` (``False``: ``None``; the
+    trace simulator reads only the events' kinds and times)."""
     _now: float = field(init=False)
     _progress: float = field(init=False, default=0.0)
     _next_id: int = field(init=False, default=0)
@@ -200,7 +204,9 @@ class BatchEngine:
         while heap and heap[0][1] not in decoding:
             heapq.heappop(heap)  # cancelled
         if heap:
-            steps = max(heap[0][0] - self._progress, 0.0)
+            steps = heap[0][0] - self._progress
+            if steps < 0.0:  # max(steps, 0.0)
+                steps = 0.0
             return self._now + steps * self._decode_step_s()
         return None
 
@@ -231,16 +237,21 @@ class BatchEngine:
                     break
                 step_s = self._decode_step_s()
                 top = heap[0][0]
-                due = now + max(top - self._progress, 0.0) * step_s
+                steps = top - self._progress
+                if steps < 0.0:  # max(steps, 0.0)
+                    steps = 0.0
+                due = now + steps * step_s
                 if due > until_s:
                     break
                 seconds = due - now
                 if seconds > 0:
                     self._progress += seconds / step_s
                 self._now = now = due
-                self._progress = max(self._progress, top)
+                if top > self._progress:  # max(progress, top)
+                    self._progress = top
                 self._finish_decodes(events)
-            self._admit()
+            if self._waiting:
+                self._admit()
         self._run_for(until_s - now)
         self._now = until_s
         return events
@@ -270,7 +281,10 @@ class BatchEngine:
             self._progress += seconds / self._decode_step_s()
 
     def _admit(self) -> None:
-        waiting, prefilling, decoding = self._waiting, self._prefilling, self._decoding
+        waiting = self._waiting
+        if not waiting:
+            return
+        prefilling, decoding = self._prefilling, self._decoding
         most = self.profile.max_batch
         while waiting and len(prefilling) + len(decoding) < most:
             seq = waiting.popleft()
@@ -309,7 +323,7 @@ class BatchEngine:
                 events.append(self._finished(seq))
 
     def _finished(self, seq: _Sequence) -> EngineEvent:
-        timing = seq.timing(self._now)
+        timing = seq.timing(self._now) if self.timings else None
         return EngineEvent(EventKind.FINISHED, seq.request_id, self._now, timing)
 
 

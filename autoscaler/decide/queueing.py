@@ -19,6 +19,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import compress, count, repeat
+from operator import add, itemgetter, lt
 from statistics import NormalDist
 
 from autoscaler.decide.signals import Signals
@@ -104,7 +106,8 @@ def recent_rate(signals: Signals, *, now: datetime) -> float:
     sample each), plus those queued, which arrived and await an answer. Never below the
     gateway's own (longer-window) ``request_rate``."""
     since = now - timedelta(seconds=RECENT_LOAD_WINDOW_SEC)
-    answered = sum(1 for at, _ in signals.answered_samples if at > since)
+    # The samples answered after ``since``, counted in C (``at > since`` for each).
+    answered = sum(map(since.__lt__, map(itemgetter(0), signals.answered_samples)))
     recent = (answered + signals.queue_depth) / RECENT_LOAD_WINDOW_SEC
     return max(recent, signals.request_rate)
 
@@ -149,11 +152,20 @@ def queue_need(
     allowed = 1.0 - quantile
     servers = max(math.floor(offered) + 1, 1)
     spread = (1.0 + max(service_scv, 0.0)) / 2.0
+    # :func:`erlang_c` for each count tried, its Erlang B recurrence carried from one
+    # count to the next instead of restarted (the same steps, so the same floats): a
+    # fleet's batch slots are hundreds of servers.
+    blocking = 1.0
+    for k in range(1, servers + 1):
+        blocking = offered * blocking / (k + offered * blocking)
     while servers < _MAX_QUEUE_REPLICAS:
         decay = (servers - offered) / (service_s * spread)
-        if erlang_c(servers, offered) * math.exp(-decay * max(wait_s, 0.0)) <= allowed:
+        rho = offered / servers
+        waits = blocking / (1.0 - rho * (1.0 - blocking))  # erlang_c(servers, offered)
+        if waits * math.exp(-decay * max(wait_s, 0.0)) <= allowed:
             return servers
         servers += 1
+        blocking = offered * blocking / (servers + offered * blocking)
     return servers
 
 
@@ -273,20 +285,26 @@ def arrival_curve(
     ages = _memo.ages.get((now, over_s))
     if ages is None:
         ages = [(now - at).total_seconds() + ttft for at, ttft in signals.answered_samples]
-        ages = _memo.ages[(now, over_s)] = sorted(age for age in ages if age < over_s)
+        ages = _memo.ages[(now, over_s)] = sorted([age for age in ages if age < over_s])
     curve: dict[float, int] = {}
-    n = len(ages)
     for window in windows:
         # The most requests within ``window`` after any one: ``most`` grows while the
         # request ``most`` places after the k-th is within the window of it (the ages
         # are sorted, so the k-th request's window holds a run from it). One pass,
         # about one comparison per sample (the controller asks this every tick over
-        # five minutes of samples, thousands on a busy service).
+        # five minutes of samples, thousands on a busy service): the comparisons
+        # ``ages[k + most] < ages[k] + span`` run in C, pairing each age with the
+        # one ``most`` places on (``later``, an iterator kept that far ahead), and
+        # Python steps in only where one holds and ``most`` grows.
         span = window - 1e-9
+        later = iter(ages)
         most = 0
-        for k, age in enumerate(ages):
-            limit = age + span
-            while k + most < n and ages[k + most] < limit:
+        for k in compress(count(), map(lt, later, map(add, ages, repeat(span)))):
+            most += 1  # ages[k + most] was within the window of ages[k]
+            limit = ages[k] + span
+            for age in later:  # ages[k + most], and on while within it
+                if not age < limit:
+                    break  # k + 1 pairs with the age after this one
                 most += 1
         curve[window] = most
     _memo.curves[(now, over_s, windows)] = dict(curve)

@@ -198,7 +198,7 @@ def ttft_percentile(
     """The ``q`` quantile (0 < q <= 1, nearest rank) of the TTFTs measured after ``since``."""
     if not 0 < q <= 1:
         raise ValueError(f"percentile q must be in (0, 1], got {q}")
-    values = sorted(ttft for at, ttft in samples if at > since)
+    values = sorted([ttft for at, ttft in samples if at > since])
     if not values:
         return None
     return values[max(math.ceil(q * len(values)) - 1, 0)]

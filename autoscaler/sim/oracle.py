@@ -218,7 +218,7 @@ def slot_misses(
     counted_from = requests[0].arrival_s
     requests = [*warmup, *requests]
     start = requests[0].arrival_s
-    engines = [BatchEngine(profile, start_s=start) for _ in range(replicas)]
+    engines = [BatchEngine(profile, start_s=start, timings=False) for _ in range(replicas)]
     outstanding = [0] * replicas
     work = [0] * replicas
     owner: list[dict[int, TraceRequest]] = [{} for _ in range(replicas)]
@@ -241,7 +241,7 @@ def slot_misses(
                     and event.at_s - r.arrival_s > bounds[r.input_tokens]
                 ):
                     found += 1
-            if event.timing is not None:
+            else:  # finished
                 outstanding[k] -= 1
                 del owned[event.request_id]
         return found
@@ -364,16 +364,26 @@ def _slot(
 
 def _unavoidable(profile: ServingProfile, requests: Sequence[TraceRequest], slo: SloRule) -> int:
     """Requests missing the SLO even alone on an idle replica of ``profile``."""
-    missed: dict[int, bool] = {}
+    missed = _MISSED_ALONE.get((profile, slo))
+    if missed is None:
+        if len(_MISSED_ALONE) >= 64:
+            _MISSED_ALONE.clear()
+        missed = _MISSED_ALONE[(profile, slo)] = {}
     count = 0
     for r in requests:
         tokens = r.input_tokens
-        if tokens not in missed:
-            missed[tokens] = not slo.met(
+        alone = missed.get(tokens)
+        if alone is None:
+            alone = missed[tokens] = not slo.met(
                 ttft_s=profile.prefill_seconds(tokens), input_tokens=tokens
             )
-        count += missed[tokens]
+        count += alone
     return count
+
+
+_MISSED_ALONE: dict[tuple[ServingProfile, SloRule], dict[int, bool]] = {}
+"""By shape and SLO, whether a prompt of each length misses alone on an idle replica:
+:func:`_unavoidable` is asked for every slot the oracle sizes (a pure memo)."""
 
 
 def _slots(requests: Sequence[TraceRequest], slot_s: float) -> list[list[TraceRequest]]:

@@ -533,22 +533,28 @@ class World:
             self._refresh_due(r)
 
     def _replica_events(self, r: SimReplica, t: float) -> None:
-        assert r.engine is not None
-        for event in r.engine.advance(max(t, r.engine.now_s)):
-            record = r.requests.get(event.request_id)
+        engine = r.engine
+        assert engine is not None
+        now = engine.now_s
+        events = engine.advance(now if now > t else t)  # max(t, now)
+        if not events:
+            return
+        requests, gateway = r.requests, self.gateway
+        for event in events:
+            record = requests.get(event.request_id)
             if record is None:
                 continue
-            if event.kind is EventKind.FIRST_TOKEN:
+            if event.kind is _FIRST_TOKEN:
                 record.first_token_s = event.at_s
-                self.gateway.first_token(record, t=event.at_s)
+                gateway.first_token(record, t=event.at_s)
                 r.work -= self._work.pop(record.index, 0)  # its prefill is done
-            if event.timing is not None:
+            else:  # finished
                 record.finished_s = event.at_s
                 record.outcome = Outcome.SERVED
                 cached = self._cached.pop(record.index, 0)
-                self.gateway.finish(record, t=event.at_s, cached_tokens=cached)
-                del r.requests[event.request_id]
-                self.gateway.left(record)
+                gateway.finish(record, t=event.at_s, cached_tokens=cached)
+                del requests[event.request_id]
+                gateway.left(record)
 
     def _machine_events(self, t: float) -> None:
         for r in list(self.replicas.values()):
@@ -569,7 +575,7 @@ class World:
                     )
                 continue
             if r.engine is None and r.running_s <= t:
-                r.engine = BatchEngine(self.workload.profile(r.offer), start_s=t)
+                r.engine = BatchEngine(self.workload.profile(r.offer), start_s=t, timings=False)
                 took = r.running_s - r.boot_asked_s
                 bisect.insort(self._starts[r.path], took)
                 self._samples.append(StartSample(r.offer.key, _STEP_PATH[r.path], took))
@@ -989,6 +995,8 @@ class World:
             )
         )
 
+
+_FIRST_TOKEN = EventKind.FIRST_TOKEN
 
 _STEP_PATH = {FRESH: StartPath.LAUNCH, START: StartPath.START, WAKE: StartPath.WAKE}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -779,3 +780,30 @@ def test_a_quiet_minute_amid_busy_ones_sheds_no_replica_the_next_busy_minute_buy
         shed.reason
     )
     assert "need 2" in shed.reason and "3 -> 2" in shed.reason
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    rate=st.floats(0.01, 50.0),
+    service_s=st.floats(0.01, 5.0),
+    service_scv=st.floats(0.0, 8.0),
+    wait_s=st.floats(0.0, 5.0),
+    quantile=st.sampled_from([0.5, 0.9, 0.99, 0.999]),
+)
+def test_queue_need_is_the_fewest_servers_whose_wait_quantile_fits(
+    rate: float, service_s: float, service_scv: float, wait_s: float, quantile: float
+) -> None:
+    # By hand, from erlang_c for each count: the first count past the offered load whose
+    # P(wait > wait_s) is within 1 - quantile.
+    offered = rate * service_s
+    spread = (1.0 + service_scv) / 2.0
+    servers = math.floor(offered) + 1
+    while servers < 4096:
+        decay = (servers - offered) / (service_s * spread)
+        if erlang_c(servers, offered) * math.exp(-decay * wait_s) <= 1.0 - quantile:
+            break
+        servers += 1
+    need = queue_need(
+        rate=rate, service_s=service_s, service_scv=service_scv, wait_s=wait_s, quantile=quantile
+    )
+    assert need == servers

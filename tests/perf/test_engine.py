@@ -114,3 +114,31 @@ def test_more_load_never_makes_a_request_faster(
     loaded = simulate(PROFILE, base + later)[: len(base)]
     for quiet, busy in zip(alone, loaded, strict=True):
         assert busy.first_token_s >= quiet.first_token_s - 1e-9
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.0, 20.0), st.integers(1, 4000), st.integers(1, 300)),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_an_engine_without_timings_reports_the_same_events(
+    rows: list[tuple[float, int, int]],
+) -> None:
+    # The trace simulator runs engines that keep no RequestTiming: the same first tokens
+    # and finishes at the same moments, a finish only without its timing.
+    def run(timings: bool) -> list[tuple[EventKind, int, float, bool]]:
+        engine = BatchEngine(PROFILE, timings=timings)
+        seen = []
+        for arrival, tokens_in, tokens_out in sorted(rows):
+            seen += engine.advance(max(arrival, engine.now_s))
+            engine.submit(input_tokens=tokens_in, output_tokens=tokens_out)
+        seen += engine.drain()
+        return [(e.kind, e.request_id, e.at_s, e.timing is None) for e in seen]
+
+    with_timings, without = run(True), run(False)
+    assert [e[:3] for e in without] == [e[:3] for e in with_timings]
+    assert all(none for *_, none in without)
+    assert [e[3] for e in with_timings] == [e[0] is EventKind.FIRST_TOKEN for e in with_timings]

@@ -14,6 +14,7 @@ import autoscaler.decide.scaling as scaling
 from autoscaler.sim.policies import ConcurrencyPolicy, ControllerPolicy, static_policy
 from autoscaler.sim.run import (
     Prepared,
+    RateMode,
     Scenario,
     compare,
     compare_forked,
@@ -28,6 +29,8 @@ from catalog.model import Offer
 from catalog.perf import serving_profile
 from gateway.window import SignalSnapshot
 from tests.sim.conftest import CALM_CLOUD, constant, ramp, write_trace
+
+TRACES = Path(__file__).resolve().parents[2] / "traces"
 
 
 def _prepare(
@@ -267,3 +270,54 @@ def test_baselines_and_oracle_size_a_per_worker_1_workload_by_its_cap(
     assert capped_kpa.target_concurrency == pytest.approx(1 * 0.7)
     # The oracle plans one-at-a-time replicas too: more of them at the peak.
     assert max(capped.oracle.fleet) > max(free.oracle.fleet)
+
+
+def test_a_bursty_trace_replays_to_the_figures_it_always_gave(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    # The first 20 minutes of the Azure code trace at twice its rate (bursts, SLO misses,
+    # stock-outs, an oracle that needed repair), our controller and Knative's KPA: the
+    # figures the simulator gave before its event loop, engine and oracle were made
+    # faster. A change in them is a change in what the simulator computes, not its speed.
+    requests = [r for r in load_trace(TRACES / "azure2023_code.csv") if r.arrival_s < 1200]
+    scenario = Scenario(
+        workload=workload,
+        offers=offers,
+        requests=requests,
+        trace_name="code",
+        rate_scale=2.0,
+        rate_mode=RateMode.OVERLAY,
+        seed=0,
+    )
+    prepared, (ours, kpa) = compare(scenario, ["ours", "knative-kpa"])
+    plan = prepared.oracle
+    assert plan.offer.key == "gcp/us-central1-a/a3-highgpu-1g"
+    assert plan.fleet == (1, 1, 1, 2, 4, 2, 2, 2, 2, 3, 2, 2, 2, 2, 4, 2, 2, 2, 2, 3)
+    assert (plan.misses, plan.launches) == (12, 7)
+    assert plan.cost_usd == pytest.approx(13.0216345877189, rel=1e-9)
+    assert (ours.served, ours.rejected_503) == (7256, 0)
+    assert ours.slo_attainment == pytest.approx(0.9319184123484013, rel=1e-12)
+    assert ours.ttft_p95_s == pytest.approx(2.4316355194364405, rel=1e-9)
+    assert ours.ttft_p99_s == pytest.approx(6.395446537257044, rel=1e-9)
+    assert ours.cost_usd == pytest.approx(20.730467858008446, rel=1e-9)
+    assert ours.tpot_mean_s == pytest.approx(0.03585953102553357, rel=1e-9)
+    assert dict(ours.scale_events) == {
+        "launch": 7,
+        "ready": 6,
+        "scale-up": 3,
+        "scale-down": 1,
+        "drain": 3,
+        "terminate": 3,
+    }
+    assert kpa.slo_attainment == pytest.approx(0.3784454244762955, rel=1e-12)
+    assert kpa.ttft_p99_s == pytest.approx(23.246198911381384, rel=1e-9)
+    assert kpa.cost_usd == pytest.approx(12.598858458388506, rel=1e-9)
+    assert dict(kpa.scale_events) == {
+        "launch": 22,
+        "ready": 3,
+        "scale-up": 19,
+        "scale-down": 4,
+        "terminate": 16,
+        "stock-out": 2,
+        "drain": 1,
+    }
