@@ -48,10 +48,11 @@ And one for spot fleets:
   Poisson with mean ``n x rate x replace_s / 3600`` for ``n`` replicas (each
   interruption leaves one missing for a replacement's boot). The load rule lets
   ``1 - WAIT_QUANTILE`` (1 %) of arrivals wait past the budget, so the fleet keeps the
-  fewest ``k`` spares for which more than ``k`` down at once is no likelier than that,
-  on top of the replicas that carry the busiest minute of the scale-down window at full
-  throughput (``ReplicaCapacity.requests_per_s``: losing ``k`` then slows the fleet
-  but its queue does not grow through the boot). The spares are added to whatever the
+  fewest ``k`` spares for which more than ``k`` of its ``carry + k`` down at once is no
+  likelier than that (:func:`spot_floor`), on top of the replicas that carry the
+  busiest minute of the scale-down window at full throughput
+  (``ReplicaCapacity.requests_per_s``: losing ``k`` then slows the fleet but its queue
+  does not grow through the boot). The spares are added to whatever the
   rules above decided only where that count falls short of the floor, so a fleet the
   hysteresis already holds above the load's need buys none
   (:func:`spot_spares`; the decision's reason gives the numbers).
@@ -122,6 +123,21 @@ class SpotRisk:
         """Replicas of ``replicas`` missing at once on average (interruptions within one
         replacement's boot)."""
         return replicas * self.interruptions_per_hour * self.replace_s / 3600.0
+
+
+def spot_floor(carry: int, risk: SpotRisk, *, at_least: int, most: int) -> tuple[int, int]:
+    """The spot fleet that keeps its spares on top of the ``carry`` replicas that carry
+    its load, and those spares: the fewest ``n`` from ``at_least`` up whose
+    :func:`spot_spares` fit in ``n - carry`` (the spares are spot too: their risk
+    counts), and ``spot_spares(n)``; the search stops once ``n`` reaches ``most`` (the
+    spares then counted are those of that ``n``). ``n`` grows at each of at most
+    ``most`` rounds of ``spot_spares``."""
+    fleet = at_least
+    spares = spot_spares(fleet, risk)
+    while carry + spares > fleet and fleet < most:
+        fleet = carry + spares
+        spares = spot_spares(fleet, risk)
+    return fleet, spares
 
 
 def spot_spares(replicas: int, risk: SpotRisk, *, allowed: float = 1.0 - WAIT_QUANTILE) -> int:
@@ -557,11 +573,7 @@ def _spot_spare(ctx: _Context, decision: ScaleDecision) -> ScaleDecision:
     rate = max(recent_rate(s, now=ctx.now), peak_rate(s, now=ctx.now, over_s=window))
     load = rate + s.queue_depth / BACKLOG_CLEAR_SEC
     carry = max(math.ceil(load / cap.requests_per_s - 1e-9), 1)
-    fleet = decision.desired
-    spares = spot_spares(fleet, risk)
-    if carry + spares > fleet:  # the spares are spot too: their risk counts
-        fleet = carry + spares
-        spares = spot_spares(fleet, risk)
+    fleet, spares = spot_floor(carry, risk, at_least=decision.desired, most=ctx.policy.max_workers)
     floor = carry + spares
     if spares == 0 or decision.desired >= floor:
         return decision
@@ -571,8 +583,8 @@ def _spot_spare(ctx: _Context, decision: ScaleDecision) -> ScaleDecision:
     allowed = 1.0 - WAIT_QUANTILE
     queued = f" and {s.queue_depth} queued" if s.queue_depth else ""
     why = (
-        f"spot spares: {floor} spot replicas interrupted {risk.interruptions_per_hour:g}/h "
-        f"each and replaced in {risk.replace_s:.0f}s have {risk.down_mean(floor):.3f} down "
+        f"spot spares: {fleet} spot replicas interrupted {risk.interruptions_per_hour:g}/h "
+        f"each and replaced in {risk.replace_s:.0f}s have {risk.down_mean(fleet):.3f} down "
         f"on average, and more than {spares} down at once is no likelier than {allowed:.0%}, "
         f"so {spares} spare(s) on top of the {carry} that carry {rate:.2f} req/s{queued} "
         f"(the busiest {RECENT_LOAD_WINDOW_SEC:g}s of the last {window:g}s) at full "

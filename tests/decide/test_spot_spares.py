@@ -218,3 +218,38 @@ def test_the_step_weighs_spot_risk_only_for_a_fleet_on_spot() -> None:
     )
     assert spot_risk(mixed) is None
     assert spot_risk(replace(view, spec=autoscaling("bot"))) is None
+
+
+def test_the_spares_kept_are_those_of_the_fleet_they_make() -> None:
+    # A contended market (one interruption an hour, five-minute boots). The scale-down
+    # window's busiest minute (182 req/s) needs 41 replicas at 4.5 req/s each, the last
+    # minute (100 req/s) fewer: the rules hold 42. Spares for 42 (8) make 49, whose own
+    # spares (9) make 50, whose own (10) make 51: the floor is where the spares counted
+    # are those of the fleet they make, and the reason's figures are that fleet's.
+    risk = SpotRisk(interruptions_per_hour=1.0, replace_s=300.0)
+    busy = [(T0 - timedelta(seconds=200 + i / 182), 0.3) for i in range(182 * 60)]
+    calm = [(T0 - timedelta(seconds=i / 100), 0.3) for i in range(100 * 60)]
+    decision = desired_replicas(
+        policy=policy(max_workers=80),
+        signals=Signals(
+            ttft_samples=tuple(sorted(busy + calm)),
+            request_rate=100.0,
+            in_flight=40,
+            last_request_at=T0,
+        ),
+        fleet=FleetCounts(ready=42),
+        memory=ScaleMemory(),
+        now=T0,
+        capacity=L40S_LIKE,
+        spot=risk,
+    )
+    assert "the 41 that carry 182.00 req/s" in decision.reason
+    spares = decision.desired - 41
+    assert spot_spares(decision.desired, risk) == spares
+    assert all(spot_spares(n, risk) > n - 41 for n in range(41, decision.desired))
+    assert poisson_tail(risk.down_mean(decision.desired), spares) <= 0.01
+    assert decision.reason.startswith(
+        f"spot spares: {decision.desired} spot replicas interrupted 1/h each and replaced "
+        f"in 300s have {risk.down_mean(decision.desired):.3f} down on average, and more "
+        f"than {spares} down at once is no likelier than 1%"
+    )
