@@ -11,7 +11,8 @@ The work of a pass is bounded, so that the API and the gateway sharing the event
 keep answering and a stop signal is heard:
 
 * **A share per workload.** One workload's step that runs past
-  ``Settings.workload_share_sec`` is cut (cancelled where it waits), counted in
+  ``Settings.workload_share_sec`` (not counting the time it waits for another step's
+  launches under a fleet ceiling) is cut (cancelled where it waits), counted in
   ``autoscaler_controller_pass_overruns_total{kind="workload"}`` and logged; being
   level-based, it carries on from the ledger in the next pass.
 * **A budget per pass.** Once a pass has run ``Settings.pass_budget_sec``, the workloads
@@ -79,7 +80,7 @@ from autoscaler.reconcile.ledger import FleetSpend, fleet_usd_per_hour, record_d
 from autoscaler.reconcile.measure import record_measurements, with_engines
 from autoscaler.reconcile.observe import Observation, observe
 from autoscaler.reconcile.orphans import sweep_orphans
-from autoscaler.reconcile.workload import reconcile_workload, teardown_workload
+from autoscaler.reconcile.workload import STEP_SHARE, reconcile_workload, teardown_workload
 from autoscaler.store.models import Instance as LedgerRow
 from providers.base import utc
 
@@ -254,20 +255,24 @@ async def _one(
         else deps.shards.step_scope(workload.project, workload.slug)
     )
     try:
-        with scope:  # its launches only under the lease it began under
-            outcome = await asyncio.wait_for(
-                reconcile_workload(
-                    deps,
-                    workload_id=workload.id,
-                    observed=observed,
-                    signals=signals,
-                    fleet=fleet,
-                    inherited=inherited,
-                    failed_boots_read=failed_boots_read,
-                    now=now,
-                ),
-                timeout=share,
-            )
+        # Its launches only under the lease it began under; its share does not count
+        # the time it waits for the fleet's total (``workload.STEP_SHARE``).
+        with scope:
+            async with asyncio.timeout(share) as limit:
+                pinned = STEP_SHARE.set(limit)
+                try:
+                    outcome = await reconcile_workload(
+                        deps,
+                        workload_id=workload.id,
+                        observed=observed,
+                        signals=signals,
+                        fleet=fleet,
+                        inherited=inherited,
+                        failed_boots_read=failed_boots_read,
+                        now=now,
+                    )
+                finally:
+                    STEP_SHARE.reset(pinned)
     except LeaseLost as exc:  # another controller holds it now: nothing to retry here
         if fleet is not None:
             fleet.forget()

@@ -24,7 +24,9 @@ the plan changes, and nothing is bought, drained or terminated.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import contextvars
 import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -364,6 +366,14 @@ class _StepSpend:
         return total
 
 
+STEP_SHARE: contextvars.ContextVar[asyncio.Timeout | None] = contextvars.ContextVar(
+    "step_share", default=None
+)
+"""The running step's share of the pass (``loop``'s ``workload_share_sec``), which
+stops while the step waits for the pass's fleet total: steps running at once wait for
+each other there, and one step's launches must not use up another's share."""
+
+
 @contextlib.asynccontextmanager
 async def _spend_region(fleet: FleetSpend | None) -> AsyncIterator[None]:
     """Hold the pass's fleet total (``FleetSpend.lock``); a step that ends inside by an
@@ -371,12 +381,22 @@ async def _spend_region(fleet: FleetSpend | None) -> AsyncIterator[None]:
     if fleet is None:
         yield
         return
-    async with fleet.lock:
-        try:
-            yield
-        except BaseException:
-            fleet.forget()
-            raise
+    share = STEP_SHARE.get()
+    loop = asyncio.get_running_loop()
+    deadline = share.when() if share is not None else None
+    waited_from = loop.time()
+    if share is not None and fleet.lock.locked():
+        share.reschedule(None)  # the wait is not this step's work
+    await fleet.lock.acquire()
+    if share is not None and deadline is not None:
+        share.reschedule(deadline + (loop.time() - waited_from))
+    try:
+        yield
+    except BaseException:
+        fleet.forget()
+        raise
+    finally:
+        fleet.lock.release()
 
 
 def _repriced(prices: Mapping[str, float], rows: Sequence[LedgerRow]) -> bool:

@@ -163,3 +163,34 @@ async def test_the_fleet_ceiling_stays_exact_with_steps_at_once(
         assert provider.intents_missing == []
         refused = await world.decisions("refused")
         assert refused and all("fleet ceiling" in d.reason for d in refused)
+
+
+class SlowProvider(FakeProvider):
+    """Each launch takes ``seconds`` (a cloud's launch call); counts the launches."""
+
+    def __init__(self, world: World, *, seconds: float) -> None:
+        super().__init__(world.cloud, name="aws")
+        self.seconds = seconds
+
+    async def launch(self, request: LaunchRequest) -> Instance:
+        await asyncio.sleep(self.seconds)
+        return await super().launch(request)
+
+
+async def test_waiting_for_the_fleet_total_uses_up_no_share(pg_url: str) -> None:
+    """Under a fleet ceiling the launches of steps running at once take turns; four steps
+    whose launch takes 2 s each, with a share of 5 s: the last one waits 6 s for its turn
+    and is not cut for it."""
+    async with open_store(pg_url) as engine:
+        world = World(session_factory(engine), fleet_ceiling=100.0)
+        world.deps = world.make_deps(
+            provider=SlowProvider(world, seconds=2.0),
+            fleet_ceiling=100.0,
+            workload_share_sec=5.0,
+        )
+        for n in range(4):
+            await world.apply(fixed(f"w{n:02d}", 1))
+        assert await world.step() > 0  # no step was cut: none asks for the next pass at once
+        assert world.deps.metrics.pass_overruns.labels("workload")._value.get() == 0
+        for n in range(4):
+            assert await world.phases(f"w{n:02d}") == [Phase.BOOTING]
