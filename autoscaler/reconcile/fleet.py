@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from operator import attrgetter
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import DateTime, Text, func, select, type_coerce
@@ -237,27 +238,22 @@ async def _read_fleet(
 ) -> Fleet:
     connection = await session.connection()  # Core results: no ORM layer per row
     postgres = connection.dialect.name == "postgresql"
+    # Not sorted by the store (at 30,000 rows its sort took half the query's time): each
+    # workload's few rows are put in order here.
     found = await connection.execute(
-        select(*_row_columns(postgres))
-        .where(LedgerRow.terminated_confirmed_at.is_(None))
-        .order_by(LedgerRow.workload_id, LedgerRow.intent_at, LedgerRow.launch_id)
+        select(*_row_columns(postgres)).where(LedgerRow.terminated_confirmed_at.is_(None))
     )
     by_workload: dict[int, list[RowFacts]] = {}
     total = 0.0
-    held: tuple[RowFacts, ...] = ()  # the rows ``previous`` holds for this workload
     read: Sequence[Sequence[Any]] = found.all()  # fetched at once: not a call per row
     for values in read:
         row = RowFacts(_phase(values), *values)
         total += row.hourly_usd
         rows = by_workload.get(row.workload_id)
         if rows is None:
-            was = previous(row.workload_id)
-            held = () if was is None else was.rows
-            rows = by_workload[row.workload_id] = []
-        index = len(rows)
-        if index < len(held) and held[index] == row:
-            row = held[index]
-        rows.append(row)
+            by_workload[row.workload_id] = [row]
+        else:
+            rows.append(row)
     still_open = select(LedgerRow.workload_id).where(LedgerRow.terminated_confirmed_at.is_(None))
     listed = await connection.execute(
         select(
@@ -274,35 +270,46 @@ async def _read_fleet(
         .where(Workload.deleted_at.is_(None) | Workload.id.in_(still_open))
         .order_by(Workload.id)
     )
-    workloads = tuple(
-        _held(
-            previous(wid),
-            WorkloadFacts(
-                id=wid,
-                project=project,
-                slug=slug,
-                generation=generation,
-                spec_hash=spec_hash,
-                deleted=bool(deleted),
-                last_request_at=last_request_at,
-                rows=tuple(by_workload.get(wid, ())),
-            ),
+    workloads: list[WorkloadFacts] = []
+    for wid, project, slug, generation, spec_hash, deleted, last_request_at in listed:
+        was = previous(wid)
+        facts = WorkloadFacts(
+            id=wid,
+            project=project,
+            slug=slug,
+            generation=generation,
+            spec_hash=spec_hash,
+            deleted=bool(deleted),
+            last_request_at=last_request_at,
+            rows=_in_order(by_workload.get(wid), () if was is None else was.rows),
         )
-        for wid, project, slug, generation, spec_hash, deleted, last_request_at in listed
-    )
+        workloads.append(was if was is not None and was == facts else facts)
     # Only a deleted workload has rows another of its project and slug inherits.
     shared = {(w.project, w.slug) for w in workloads if w.deleted}
     by_ref: dict[tuple[str, str], tuple[WorkloadFacts, ...]] = {}
     for w in workloads:
         if (w.project, w.slug) in shared:
             by_ref[(w.project, w.slug)] = (*by_ref.get((w.project, w.slug), ()), w)
-    return Fleet(workloads=workloads, usd_per_hour=total, by_ref=by_ref)
+    return Fleet(workloads=tuple(workloads), usd_per_hour=total, by_ref=by_ref)
 
 
-def _held(was: WorkloadFacts | None, facts: WorkloadFacts) -> WorkloadFacts:
-    """``was`` when it equals ``facts`` (its rows are then the same objects: O(1) per
-    row), else ``facts``."""
-    return was if was is not None and was == facts else facts
+_ROW_ORDER = attrgetter("intent_at", "launch_id")
+
+
+def _in_order(rows: list[RowFacts] | None, held: tuple[RowFacts, ...]) -> tuple[RowFacts, ...]:
+    """A workload's rows oldest first, each one ``held`` holds at its place when equal
+    to it (``held`` itself when every one is): O(its rows)."""
+    if not rows:
+        return ()
+    if len(rows) > 1:
+        rows.sort(key=_ROW_ORDER)
+    same = len(rows) == len(held)
+    for index, row in enumerate(rows):
+        if index < len(held) and held[index] == row:
+            rows[index] = held[index]
+        else:
+            same = False
+    return held if same else tuple(rows)
 
 
 async def engine_keys(session: AsyncSession, launch_ids: Sequence[str]) -> dict[str, str | None]:

@@ -296,3 +296,20 @@ async def test_an_unchanged_fleet_is_read_as_the_facts_already_held(world: World
     assert b is not first.workloads[1] and b != first.workloads[1]
     assert b.rows[0] is first.workloads[1].rows[0]
     assert [r.phase for r in b.rows] == [Phase.READY, Phase.DRAINING]
+
+
+async def test_a_workloads_rows_are_read_oldest_first(world: World) -> None:
+    """The store is not asked to sort the fleet's rows: each workload's are put in order
+    of their intents (the order a step and the last pass's facts have them in)."""
+    await world.apply(fixed("a", 3))
+    await world.step()
+    first = (await world.rows("a"))[0]
+    async with world.sessions() as s:
+        row = await s.get(LedgerRow, first.launch_id)
+        assert row is not None
+        row.intent_at = world.now + HOUR  # the first row stored is now the newest intent
+        await s.commit()
+        fleet = await read_fleet(s)
+    [a] = fleet.workloads
+    assert [r.launch_id for r in a.rows][-1] == first.launch_id
+    assert [r.intent_at for r in a.rows] == sorted(r.intent_at for r in a.rows)
