@@ -19,8 +19,9 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from itertools import compress, count, repeat
-from operator import add, itemgetter, lt
+from operator import add, gt, itemgetter, lt, sub
 from statistics import NormalDist
 
 from autoscaler.decide.signals import Signals
@@ -107,7 +108,7 @@ def recent_rate(signals: Signals, *, now: datetime) -> float:
     gateway's own (longer-window) ``request_rate``."""
     since = now - timedelta(seconds=RECENT_LOAD_WINDOW_SEC)
     # The samples answered after ``since``, counted in C (``at > since`` for each).
-    answered = sum(map(since.__lt__, map(itemgetter(0), signals.answered_samples)))
+    answered: int = sum(map(partial(lt, since), map(itemgetter(0), signals.answered_samples)))
     recent = (answered + signals.queue_depth) / RECENT_LOAD_WINDOW_SEC
     return max(recent, signals.request_rate)
 
@@ -284,8 +285,12 @@ def arrival_curve(
         return dict(known)  # the load, burst and consolidation rules ask, in one pass
     ages = _memo.ages.get((now, over_s))
     if ages is None:
-        ages = [(now - at).total_seconds() + ttft for at, ttft in signals.answered_samples]
-        ages = _memo.ages[(now, over_s)] = sorted([age for age in ages if age < over_s])
+        # ``(now - at).total_seconds() + ttft`` per sample and ``age < over_s``, in C.
+        samples = signals.answered_samples
+        since = map(timedelta.total_seconds, map(sub, repeat(now), map(itemgetter(0), samples)))
+        every = list(map(add, since, map(itemgetter(1), samples)))
+        ages = sorted(compress(every, map(partial(gt, over_s), every)))
+        _memo.ages[(now, over_s)] = ages
     curve: dict[float, int] = {}
     for window in windows:
         # The most requests within ``window`` after any one: ``most`` grows while the
