@@ -392,6 +392,9 @@ class Memory:
     """Per workload, its stored spec parsed (``None``: not valid), by spec hash."""
     engine_keys: dict[str, str | None] = field(default_factory=dict)
     """Per open launch id, its engine key (read once: a row's key never changes)."""
+    sleep_flags: dict[str, bool] = field(default_factory=dict)
+    """Per open launch id, whether its engine booted able to sleep (read once: a row's
+    engine command never changes)."""
     pass_inputs: tuple[Settings, object] | None = None
     """The settings and the offers (by identity) the last pass ran with; a pass that
     finds either changed steps every workload."""

@@ -21,7 +21,7 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import DateTime, Text, func, select, type_coerce
+from sqlalchemy import ColumnElement, DateTime, Text, func, select, type_coerce
 from sqlalchemy import cast as sql_cast
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
@@ -77,10 +77,10 @@ class RowFacts(NamedTuple):
     running_usd_per_hour: float | None
     stopped_usd_per_hour: float | None
     prefill: bool
-    booted_to_sleep: bool
-    """Its recorded engine command holds :data:`SLEEP_FLAG` (``ledger.can_sleep``)."""
     spot: bool
     """Bought on the spot market."""
+    booted_to_sleep: bool
+    """Its recorded engine command holds :data:`SLEEP_FLAG` (``ledger.can_sleep``)."""
     terminated_confirmed_at: datetime | None = None
 
 
@@ -171,11 +171,14 @@ def _row_columns(postgres: bool) -> tuple[Any, ...]:
         LedgerRow.running_usd_per_hour,
         LedgerRow.stopped_usd_per_hour,
         LedgerRow.prefill,
-        # The command is JSON; its text holds the flag as an element, quoted (not
-        # decoding every row's command each pass).
-        func.coalesce(sql_cast(LedgerRow.engine_command, Text), "").contains(f'"{SLEEP_FLAG}"'),
         LedgerRow.spot,
     )
+
+
+def _sleep_flag() -> ColumnElement[bool]:
+    """Whether the row's recorded engine command holds :data:`SLEEP_FLAG`. The command is
+    JSON; its text holds the flag as an element, quoted (not decoding the command)."""
+    return func.coalesce(sql_cast(LedgerRow.engine_command, Text), "").contains(f'"{SLEEP_FLAG}"')
 
 
 def _phase(values: Sequence[Any]) -> Phase:
@@ -216,7 +219,10 @@ def _collector_paused() -> Iterator[None]:
 
 
 async def read_fleet(
-    session: AsyncSession, *, previous: Callable[[int], WorkloadFacts | None] | None = None
+    session: AsyncSession,
+    *,
+    previous: Callable[[int], WorkloadFacts | None] | None = None,
+    sleep_flags: dict[str, bool] | None = None,
 ) -> Fleet:
     """Every live workload, every deleted one with rows still open, and all open rows:
     two queries, O(workloads + open rows).
@@ -224,9 +230,16 @@ async def read_fleet(
     ``previous``: the facts an earlier pass read of a workload, by id. A workload whose
     facts equal those is given those very objects (and so is an unchanged row): an
     unchanged fleet's facts are the ones already held, compared in O(1) per row, and a
-    pass makes no new long-lived objects for them."""
+    pass makes no new long-lived objects for them.
+
+    ``sleep_flags``: each row's :attr:`RowFacts.booted_to_sleep` by launch id, filled
+    here for the rows not in it (one more query). A row's engine command is written with
+    its intent and never changes: testing every row's in the fleet query each pass was
+    the store's time spent for nothing."""
     with _collector_paused():
-        return await _read_fleet(session, previous or _none)
+        return await _read_fleet(
+            session, previous or _none, {} if sleep_flags is None else sleep_flags
+        )
 
 
 def _none(workload_id: int) -> WorkloadFacts | None:
@@ -234,7 +247,9 @@ def _none(workload_id: int) -> WorkloadFacts | None:
 
 
 async def _read_fleet(
-    session: AsyncSession, previous: Callable[[int], WorkloadFacts | None]
+    session: AsyncSession,
+    previous: Callable[[int], WorkloadFacts | None],
+    sleep_flags: dict[str, bool],
 ) -> Fleet:
     connection = await session.connection()  # Core results: no ORM layer per row
     postgres = connection.dialect.name == "postgresql"
@@ -246,8 +261,12 @@ async def _read_fleet(
     by_workload: dict[int, list[RowFacts]] = {}
     total = 0.0
     read: Sequence[Sequence[Any]] = found.all()  # fetched at once: not a call per row
+    unknown = [values[0] for values in read if values[0] not in sleep_flags]
+    if unknown:
+        flags = await _column_by_key(session, LedgerRow.launch_id, _sleep_flag(), unknown)
+        sleep_flags.update((launch_id, bool(flag)) for launch_id, flag in flags.items())
     for values in read:
-        row = RowFacts(_phase(values), *values)
+        row = RowFacts._make((_phase(values), *values, sleep_flags.get(values[0], False), None))
         total += row.hourly_usd
         rows = by_workload.get(row.workload_id)
         if rows is None:
@@ -325,7 +344,7 @@ async def workload_specs(session: AsyncSession, ids: Sequence[int]) -> Mapping[i
 async def _column_by_key(
     session: AsyncSession,
     key: InstrumentedAttribute[_K],
-    column: InstrumentedAttribute[_V],
+    column: InstrumentedAttribute[_V] | ColumnElement[_V],
     keys: Sequence[_K],
 ) -> dict[_K, _V]:
     """``column`` of the rows whose ``key`` is in ``keys``, read in ``IN`` lists of

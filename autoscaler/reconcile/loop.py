@@ -108,7 +108,9 @@ async def reconcile_once(deps: Deps) -> float:
         except Exception:
             log.exception("recording the measurements failed")
     async with deps.sessions() as s:
-        snapshot = await read_fleet(s, previous=last_facts(deps))
+        snapshot = await read_fleet(
+            s, previous=last_facts(deps), sleep_flags=deps.memory.sleep_flags
+        )
         width = steps_at_once(s.get_bind().dialect.name)
     work = await work_for_pass(
         deps,
