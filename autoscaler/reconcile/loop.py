@@ -182,6 +182,9 @@ async def reconcile_once(deps: Deps) -> float:
     finally:
         for task in steps:  # a pass stopped part-way stops its steps too
             task.cancel()
+        # ... and ends after them: their sessions closed, none left running beside a
+        # shutdown (no-op when they are done).
+        await asyncio.gather(*steps, return_exceptions=True)
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
             raise outcome  # not one workload's failure (``_one`` isolates those)

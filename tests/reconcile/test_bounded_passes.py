@@ -114,6 +114,27 @@ async def test_a_workload_past_its_share_is_cut_and_the_others_go_on(world: Worl
     assert intent.instance_id is None and intent.terminated_confirmed_at is None
 
 
+async def test_a_pass_cancelled_while_its_steps_hang_ends_after_them(world: World) -> None:
+    """A stop cancels a pass stuck in a provider call (``controller``'s grace): the pass
+    ends only once its steps have unwound (their sessions closed), none left running
+    beside the controller's shutdown."""
+    provider = HangingProvider(world)
+    world.deps = world.make_deps(provider=provider)
+    await world.apply(fixed("slow", 1))
+    await world.apply(fixed("fine", 1))  # waits for a slot the hung step holds (SQLite)
+    stuck = asyncio.ensure_future(world.step())
+    await provider.hung.wait()
+    stuck.cancel()
+    await asyncio.gather(stuck, return_exceptions=True)
+    assert stuck.cancelled()
+    steps = [
+        t
+        for t in asyncio.all_tasks()
+        if getattr(t.get_coro(), "__qualname__", "").endswith("stepped")
+    ]
+    assert [t for t in steps if not t.done()] == []
+
+
 async def test_a_pass_past_its_budget_continues_where_it_stopped(world: World) -> None:
     world.deps = world.make_deps(pass_budget_sec=0.0)
     for slug in ("a", "b", "c"):
