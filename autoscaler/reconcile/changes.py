@@ -392,6 +392,5 @@ def _forget_gone(deps: Deps, workloads: Sequence[WorkloadFacts]) -> None:
         for gone in [i for i in table if i not in ids]:
             del table[gone]
     launches = {r.launch_id for w in workloads for r in w.rows}
-    for launch_table in (memory.engine_keys, memory.sleep_flags):
-        for gone_launch in [k for k in launch_table if k not in launches]:
-            del launch_table[gone_launch]
+    for gone_launch in [k for k in memory.engine_keys if k not in launches]:
+        del memory.engine_keys[gone_launch]

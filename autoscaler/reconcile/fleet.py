@@ -265,6 +265,10 @@ async def _read_fleet(
     if unknown:
         flags = await _column_by_key(session, LedgerRow.launch_id, _sleep_flag(), unknown)
         sleep_flags.update((launch_id, bool(flag)) for launch_id, flag in flags.items())
+    if len(sleep_flags) > len(read):  # rows closed since: their flags are forgotten
+        open_ids = {values[0] for values in read}
+        for gone in [launch_id for launch_id in sleep_flags if launch_id not in open_ids]:
+            del sleep_flags[gone]
     for values in read:
         row = RowFacts._make((_phase(values), *values, sleep_flags.get(values[0], False), None))
         total += row.hourly_usd

@@ -313,3 +313,23 @@ async def test_a_workloads_rows_are_read_oldest_first(world: World) -> None:
     [a] = fleet.workloads
     assert [r.launch_id for r in a.rows][-1] == first.launch_id
     assert [r.intent_at for r in a.rows] == sorted(r.intent_at for r in a.rows)
+
+
+async def test_a_rows_sleep_flag_is_read_once_and_forgotten_when_it_closes(world: World) -> None:
+    await world.apply(fixed("a", 2))
+    await world.step()
+    flags: dict[str, bool] = {}
+    async with world.sessions() as s:
+        fleet = await read_fleet(s, sleep_flags=flags)
+    assert flags == {r.launch_id: False for r in fleet.rows()}  # a fixed vLLM never sleeps
+    first, second = (r.launch_id for r in fleet.rows())
+    flags[first] = True  # kept: the store is not asked again (a command never changes)
+    async with world.sessions() as s:
+        fleet = await read_fleet(s, sleep_flags=flags)
+        assert {r.launch_id: r.booted_to_sleep for r in fleet.rows()}[first] is True
+        row = await s.get(LedgerRow, first)
+        assert row is not None
+        row.terminated_confirmed_at = world.now
+        await s.commit()
+        await read_fleet(s, sleep_flags=flags)
+    assert flags == {second: False}
