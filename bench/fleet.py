@@ -8,6 +8,9 @@ last one changed: ``autoscaler.reconcile.changes``), then times:
 * ``steady_pass_s``: the median of ``--passes`` passes over the unchanged fleet, and
   ``steady_cpu_s`` the CPU time this process spent in them (the controller and, for
   SQLite, the store; steadier than the wall clock on a shared machine);
+  ``steady_full_collections``: the cyclic garbage collector's full collections in
+  those passes (a steady pass makes no long-lived objects of its own, so none is
+  expected);
 * ``changed_pass_s``: one pass after ``--changed`` workloads (default ``N // 100``, at
   least 1) were re-applied with a fourth replica (each such workload launches one);
 * the gateway's route refresh over the same store: ``gateway_full_s``, a reload of the
@@ -29,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import secrets
@@ -72,6 +76,8 @@ class Row:
     replicas: int
     steady_pass_s: float
     steady_cpu_s: float
+    steady_full_collections: int
+    """Full collections of the cyclic garbage collector (its oldest generation) in them."""
     changed: int
     changed_pass_s: float
     gateway_full_s: float
@@ -146,7 +152,9 @@ async def measure(
                 f"{workloads} x {REPLICAS} replicas"
             )
         await timed_pass()  # the rows the last pass made ready are looked at once more
+        full_before = gc.get_stats()[2]["collections"]
         timed = [await timed_pass() for _ in range(passes)]
+        full_collections = gc.get_stats()[2]["collections"] - full_before
         gateway = Gateway(sessions=sessions, settings=GatewaySettings(route_resync_sec=1e9))
         full_s = await _timed(gateway.refresh)
         gateway_steady = statistics.median([await _timed(gateway.refresh) for _ in range(passes)])
@@ -163,6 +171,7 @@ async def measure(
         workloads * REPLICAS,
         steady,
         steady_cpu,
+        full_collections,
         changed,
         changed_s,
         full_s,
