@@ -289,7 +289,9 @@ async def test_an_engine_sleeps_and_wakes_through_the_reconciler(world: World) -
     assert world.deps.metrics.resume_to_ready.labels("aws", "sleeping")._sum.get() == 1
 
 
-async def test_a_resumed_engine_that_still_sleeps_is_not_made_ready(world: World) -> None:
+async def _asleep(world: World) -> LedgerRow:
+    """An automatic pool's replica made ready by a fresh machine (its start measured),
+    then idle until it is parked with its engine asleep."""
     await world.apply(pooled(warm_pool="auto"))
     waiting(world)
     await world.step()
@@ -297,7 +299,15 @@ async def test_a_resumed_engine_that_still_sleeps_is_not_made_ready(world: World
     idle(world)
     for _ in range(4):
         await world.step(70)
-    assert await world.phases("bot") == [Phase.PARKED]
+        if await world.phases("bot") == [Phase.PARKED]:
+            break
+    [row] = await world.rows("bot")
+    assert phase_of(row) is Phase.PARKED and row.park_mode == "sleeping"
+    return row
+
+
+async def test_a_resumed_engine_that_still_sleeps_is_not_made_ready(world: World) -> None:
+    await _asleep(world)
     world.sleeper.refuse = True  # the wake call fails: the engine sleeps on
     waiting(world)
     await world.step(5)
@@ -312,14 +322,7 @@ async def test_a_resumed_engine_that_still_sleeps_is_not_made_ready(world: World
 async def test_a_wake_that_outlasts_a_pass_is_asked_once_and_carried_on(world: World) -> None:
     # A level-2 wake of a large model reads its weights from disk for longer than a pass
     # waits; asked again each pass, the engine would queue a reload behind each reload.
-    await world.apply(pooled(warm_pool="auto"))
-    waiting(world)
-    await world.step()
-    await world.step(FRESH_S)
-    idle(world)
-    for _ in range(4):
-        await world.step(70)
-    assert await world.phases("bot") == [Phase.PARKED]
+    await _asleep(world)
     world.sleeper.wake_gate = asyncio.Event()
     world.deps.wakes.wait_sec = 0.01
     waiting(world)
