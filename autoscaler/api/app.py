@@ -117,7 +117,8 @@ async def patch(
             f"PATCH takes a JSON merge patch ({MERGE_PATCH}), not {media or 'no content type'!r}",
         )
     changes = await _json_object(request)
-    unknown = {k: v for k, v in changes.items() if k not in WorkloadSpec.known_keys()}
+    known = WorkloadSpec.known_keys()
+    unknown = {k: v for k, v in changes.items() if k not in known}
     if unknown:
         # A null on a key the spec does not have would merge to nothing and answer
         # "unchanged"; it is refused like the same key in a PUT, naming what is allowed.
