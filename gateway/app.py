@@ -58,6 +58,7 @@ from gateway.routes import (
     load_routes,
 )
 from gateway.signals import Metrics, Signals
+from gateway.upstream import UpstreamPool
 from gateway.window import (
     COLD_START_TIMEOUT_SEC,
     QUEUE_TIMEOUT_SEC,
@@ -187,6 +188,7 @@ class Gateway:
         )
         self._changed: asyncio.Event | None = None
         self._client: aiohttp.ClientSession | None = None
+        self._upstream: UpstreamPool | None = None
         self._forwarder: Forwarder | None = None
         self._jobs: jobs.JobRunner | None = None
         self._runner: web.AppRunner | None = None
@@ -209,7 +211,7 @@ class Gateway:
         self._changed = asyncio.Event()
         await self.refresh()
         s = self.settings
-        self._client = aiohttp.ClientSession(
+        self._client = aiohttp.ClientSession(  # jobs' requests; live ones use the pool below
             # A keep-alive pool per replica, unbounded here: the dispatcher caps requests.
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
             # Bodies pass through as the replica encoded them.
@@ -219,8 +221,11 @@ class Gateway:
             # not be replayed to the next (and a jar costs a lookup per request).
             cookie_jar=aiohttp.DummyCookieJar(),
         )
+        self._upstream = UpstreamPool(
+            connect_timeout_sec=s.connect_timeout_sec, idle_timeout_sec=s.idle_timeout_sec
+        )
         self._forwarder = Forwarder(
-            session=self._client,
+            pool=self._upstream,
             dispatcher=self._dispatcher,
             signals=self._signals,
             limits=ProxyLimits(
@@ -271,6 +276,8 @@ class Gateway:
                 await task
         if self._client is not None:
             await self._client.close()
+        if self._upstream is not None:
+            await self._upstream.close()
 
     @property
     def route_table(self) -> RouteTable:

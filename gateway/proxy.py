@@ -18,7 +18,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -29,6 +28,7 @@ from gateway.errors import GatewayError, error_body
 from gateway.prefix import hashes_prompt, json_object, model_named, object_blocks
 from gateway.routes import WorkloadRoute
 from gateway.signals import Signals
+from gateway.upstream import ConnectFailed, UpstreamError, UpstreamPool, UpstreamResponse
 
 HOP_BY_HOP = frozenset(
     {
@@ -64,7 +64,9 @@ class ProxyLimits:
     connect_timeout_sec: float
 
 
-def _drop_set(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset[str]:
+def _drop_set(
+    headers: CIMultiDictProxy[str] | CIMultiDict[str], base: frozenset[str]
+) -> frozenset[str]:
     """``base`` plus whatever the ``Connection`` header names as hop-by-hop."""
     named = headers.getall("Connection", ())
     if not named:
@@ -75,14 +77,21 @@ def _drop_set(headers: CIMultiDictProxy[str], base: frozenset[str]) -> frozenset
 
 
 def request_headers(incoming: CIMultiDictProxy[str], *, engine_key: str | None) -> CIMultiDict[str]:
+    return CIMultiDict(forwarded_headers(incoming, engine_key=engine_key))
+
+
+def forwarded_headers(
+    incoming: CIMultiDictProxy[str], *, engine_key: str | None
+) -> list[tuple[str, str]]:
+    """The caller's headers as the replica gets them, in order."""
     drop = _drop_set(incoming, _REQUEST_DROP)
-    out = CIMultiDict([(k, v) for k, v in incoming.items() if k.lower() not in drop])
+    out = [(k, v) for k, v in incoming.items() if k.lower() not in drop]
     if engine_key:
-        out["Authorization"] = f"Bearer {engine_key}"
+        out.append(("Authorization", f"Bearer {engine_key}"))
     return out
 
 
-def response_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def response_headers(upstream: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
     drop = _drop_set(upstream, _RESPONSE_DROP)
     return CIMultiDict([(k, v) for k, v in upstream.items() if k.lower() not in drop])
 
@@ -100,27 +109,22 @@ class _RelayedResponse(web.StreamResponse):
 
 
 class Forwarder:
-    """Sends requests to replicas over one shared aiohttp client session."""
+    """Sends requests to replicas over one pool of keep-alive connections."""
 
     def __init__(
         self,
         *,
-        session: aiohttp.ClientSession,
+        pool: UpstreamPool,
         dispatcher: Dispatcher,
         signals: Signals,
         limits: ProxyLimits,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        self._session = session
+        self._pool = pool
         self._dispatcher = dispatcher
         self._signals = signals
         self._limits = limits
         self._wall_clock = wall_clock
-        self._timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=limits.connect_timeout_sec,
-            sock_read=limits.idle_timeout_sec,
-        )
 
     async def forward(
         self, request: web.Request, *, route: WorkloadRoute, path: str, arrived: float
@@ -160,7 +164,7 @@ class Forwarder:
                 upstream = await self._open(
                     request, lease=lease, path=path, body=body, length=length
                 )
-            except aiohttp.ClientConnectorError:
+            except ConnectFailed:
                 self._dispatcher.refused(lease)
                 self._dispatcher.release(lease)
                 tried.append(lease.replica.key)
@@ -190,33 +194,28 @@ class Forwarder:
         path: str,
         body: bytes | AsyncIterator[bytes] | None,
         length: int | None,
-    ) -> aiohttp.ClientResponse:
-        headers = request_headers(request.headers, engine_key=lease.replica.engine_key)
-        if length is not None and body is not None:
-            headers["Content-Length"] = str(length)
-        url = f"{lease.replica.url}/v1/{path}"
+    ) -> UpstreamResponse:
+        target = f"/v1/{path}"
         if request.query_string:
-            url = f"{url}?{request.query_string}"
+            target = f"{target}?{request.query_string}"
         try:
-            return await self._session.request(
-                request.method,
-                url,
-                headers=headers,
-                data=body,
-                timeout=self._timeout,
-                allow_redirects=False,
+            return await self._pool.request(
+                url=lease.replica.url,
+                method=request.method,
+                target=target,
+                headers=forwarded_headers(request.headers, engine_key=lease.replica.engine_key),
+                body=body,
+                length=length if body is not None else None,
             )
         except BodyTooLarge:
             raise _too_large(self._limits.max_body_bytes) from None
-        except aiohttp.ClientConnectorError:
+        except ConnectFailed:
             raise
         except TimeoutError:
             raise GatewayError(
                 504, "the replica did not answer in time", code="upstream_timeout"
             ) from None
-        except aiohttp.ClientError as exc:
-            if _caused_by(exc, BodyTooLarge):  # the client library wraps our own refusal
-                raise _too_large(self._limits.max_body_bytes) from None
+        except (UpstreamError, OSError) as exc:
             raise GatewayError(
                 502, f"the replica failed before answering: {exc}", code="upstream_error"
             ) from None
@@ -237,7 +236,7 @@ class Forwarder:
         self,
         request: web.Request,
         *,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         route: WorkloadRoute,
         arrived: float,
         path: str,
@@ -260,27 +259,26 @@ class Forwarder:
         stream = kind is not None and upstream.content_type == "text/event-stream"
         events = 0
         previous = b""
-        content = upstream.content
         writer = await response.prepare(request)
         assert writer is not None
         try:
-            chunk = content.read_nowait()
-            if not chunk and not content.is_eof():
+            chunk = upstream.read_nowait()
+            if not chunk and not upstream.at_eof():
                 writer.send_headers()
-                chunk = await content.readany()
+                chunk = await upstream.read()
             self._dispatcher.prefilled(lease)
             if measure:  # the first body byte, or the end of an empty body
                 generated = kind in ("chat", "text")
                 self._record_first_byte(route, arrived, one_piece=generated and not stream)
             while chunk:
-                if content.at_eof():
+                if upstream.at_eof():
                     break
                 await response.write(chunk)
                 if stream:
                     events += chunk.count(b"data:")
                 previous = chunk
-                chunk = await content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+                chunk = await upstream.read()
+        except (UpstreamError, TimeoutError) as exc:
             await self._abort(request, response, writer, exc)
             return response, None
         await response.write_eof(chunk)
@@ -340,15 +338,3 @@ def _too_large(limit: int) -> GatewayError:
         f"request body exceeds the gateway's limit of {limit} bytes",
         code="request_too_large",
     )
-
-
-def _caused_by(error: BaseException, kind: type[BaseException]) -> bool:
-    """Whether ``kind`` is anywhere in ``error``'s chain of causes."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return True
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return False
