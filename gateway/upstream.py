@@ -32,6 +32,8 @@ from multidict import CIMultiDict
 
 #: Body bytes held for a slow reader before the socket stops being read.
 _HIGH_WATER = 256 * 1024
+#: Parsed replica URLs cached, at most.
+_ORIGINS_KEPT = 4096
 
 
 class ConnectFailed(Exception):
@@ -402,6 +404,8 @@ class UpstreamPool:
     def origin(self, url: str) -> Origin:
         origin = self._origins.get(url)
         if origin is None:
+            if len(self._origins) >= _ORIGINS_KEPT:  # replicas come and go: start afresh
+                self._origins.clear()
             origin = self._origins[url] = Origin.parse(url)
         return origin
 
@@ -481,8 +485,11 @@ class UpstreamPool:
 
     def forget(self, conn: _Connection) -> None:
         idle = self._idle.get(conn.origin)
-        if idle and conn in idle:
-            idle.remove(conn)
+        if idle is not None:
+            if conn in idle:
+                idle.remove(conn)
+            if not idle:  # a replica gone for good leaves no entry behind
+                del self._idle[conn.origin]
 
     def idle_connections(self) -> int:
         return sum(len(idle) for idle in self._idle.values())
