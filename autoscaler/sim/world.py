@@ -562,6 +562,16 @@ class World:
                 continue
             if r.interrupt_s is not None and r.interrupt_s <= t:
                 self._end(r, t, why="spot interruption")
+                # Spot reclaimed: its market is avoided a while, as the reconciler does
+                # (``reconcile.liveness``).
+                mark_unavailable(
+                    self.unavailable,
+                    offer=r.offer,
+                    spot=True,
+                    worker_id=None,
+                    now=as_datetime(EPOCH_S + t),
+                    knobs=self.knobs,
+                )
                 self.events.append(ScaleEvent(t, "interrupted", f"{r.launch_id} {r.offer.key}"))
                 continue
             if r.park_mode is not None:
