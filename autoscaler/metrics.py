@@ -224,6 +224,14 @@ class ControllerMetrics:
             _WORKLOAD,
             registry=r,
         )
+        self.spot_rate = Gauge(
+            "autoscaler_controller_workload_spot_interruptions_per_hour",
+            "The spot interruption rate the workload's spot spares weigh: measured from "
+            "its spot machines of the last 7 days, with a prior of one per machine-week "
+            "(decide.spot_rate; absent where the workload does not allow spot).",
+            _WORKLOAD,
+            registry=r,
+        )
         self.spot_notices = Counter(
             "autoscaler_controller_spot_notices",
             "Spot interruption notices acted on (the replica drained and replaced), by "
@@ -256,6 +264,7 @@ class ControllerMetrics:
             self.ttft_lower,
             self.max_replicas,
             self.quarantined,
+            self.spot_rate,
         ):
             with contextlib.suppress(KeyError):
                 gauge.remove(project, workload)

@@ -101,11 +101,6 @@ FAST_SCALE_UP_WINDOW_SEC = 10.0
 CALM_SHARE_OF_UPPER = 0.5
 """With a capacity figure, TTFT below this share of the upper bound counts as calm."""
 
-DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR = 1.0 / 168.0
-"""Interruptions per spot replica-hour assumed where the market's rate is not known: one
-a machine-week. The simulated cloud sets its own (``autoscaler.sim.world.CloudSettings``:
-0.2 an hour, a machine-day's five)."""
-
 
 @dataclass(frozen=True, slots=True)
 class SpotRisk:
@@ -115,6 +110,8 @@ class SpotRisk:
 
     interruptions_per_hour: float
     replace_s: float
+    basis: str | None = None
+    """How the rate was measured (``decide.spot_rate.SpotRate.basis``), for the reason."""
 
     def __post_init__(self) -> None:
         for name in ("interruptions_per_hour", "replace_s"):
@@ -589,10 +586,12 @@ def _spot_spare(ctx: _Context, decision: ScaleDecision) -> ScaleDecision:
         return decision
     allowed = 1.0 - WAIT_QUANTILE
     queued = f" and {s.queue_depth} queued" if s.queue_depth else ""
+    measured = "" if risk.basis is None else f" ({risk.basis})"
     why = (
-        f"spot spares: {fleet} spot replicas interrupted {risk.interruptions_per_hour:g}/h "
-        f"each and replaced in {risk.replace_s:.0f}s have {risk.down_mean(fleet):.3f} down "
-        f"on average, and more than {spares} down at once is no likelier than {allowed:.0%}, "
+        f"spot spares: {fleet} spot replicas interrupted {risk.interruptions_per_hour:.3g}/h "
+        f"each{measured} and replaced in {risk.replace_s:.0f}s have "
+        f"{risk.down_mean(fleet):.3f} down on average, and more than {spares} down at once "
+        f"is no likelier than {allowed:.0%}, "
         f"so {spares} spare(s) on top of the {carry} that carry {rate:.2f} req/s{queued} "
         f"(the busiest {RECENT_LOAD_WINDOW_SEC:g}s of the last {window:g}s) at full "
         f"throughput ({cap.requests_per_s:.2f} req/s each): "

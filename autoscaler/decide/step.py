@@ -62,13 +62,13 @@ from autoscaler.decide.plan import (
     refill_wanted,
 )
 from autoscaler.decide.scaling import (
-    DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR,
     Direction,
     FleetCounts,
     ScaleDecision,
     ScaleMemory,
     SpotRisk,
 )
+from autoscaler.decide.spot_rate import PRIOR_SPOT_RATE, SpotRate
 from autoscaler.decide.warm import (
     DEFAULT_START_TIMES,
     ParkMode,
@@ -157,9 +157,9 @@ class WorkloadView:
     start_times: StartTimes | None = None
     """Measured median seconds to ready per start path (``None``: the defaults of
     ``decide.warm``)."""
-    spot_interruptions_per_hour: float | None = None
-    """Interruptions per spot replica-hour on the workload's market (``None``:
-    ``decide.scaling.DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR``)."""
+    spot_rate: SpotRate = PRIOR_SPOT_RATE
+    """The interruptions and spot machine-hours the workload's spot machines showed
+    (``decide.spot_rate.spot_rate``; nothing measured: the prior alone)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,19 +223,20 @@ def spot_risk(view: WorkloadView, *, warm: WarmPolicy | None = None) -> SpotRisk
     """The spot risk the scaling rules weigh (``decide.scaling``'s spot spares), or
     ``None`` where the fleet is not on spot: the policy allows spot and most of the
     replicas serving or booting are spot ones (with none yet, placement's spot price
-    comes first). A replacement serves a fresh start after it is bought (the measured
-    median, else ``decide.warm``'s default)."""
+    comes first). The rate is the one measured (``view.spot_rate``); a replacement
+    serves a fresh start after it is bought (the measured median, else
+    ``decide.warm``'s default)."""
     policy = autoscaling_policy(view.spec)
     if policy is None or not policy.allow_spot_instances or view.deleted:
         return None
     staying = [r for r in view.replicas if r.view.phase in _STAYING and not in_refill(r.view, warm)]
     if 2 * sum(1 for r in staying if r.spot) < len(staying):
         return None
-    rate = view.spot_interruptions_per_hour
     times = view.start_times or DEFAULT_START_TIMES
     return SpotRisk(
-        interruptions_per_hour=DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR if rate is None else rate,
+        interruptions_per_hour=view.spot_rate.per_hour,
         replace_s=times.fresh_s,
+        basis=view.spot_rate.basis(),
     )
 
 

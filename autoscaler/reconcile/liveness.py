@@ -44,10 +44,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Collection, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
+from sqlalchemy import or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from autoscaler.decide.spot_rate import SPOT_RATE_WINDOW_SEC, SpotLife, SpotRate, spot_rate
 from autoscaler.reconcile.deps import Deps, log
 from autoscaler.reconcile.observe import Observation, count_provider_error
 from autoscaler.reconcile.provisioner import boots_from_script, mark_unavailable
@@ -62,11 +64,62 @@ BOOT_FAILED = "boot failed: "
 SPOT_NOTICE = "spot notice: "
 """How ``last_error`` starts when the provider announced it will reclaim the instance."""
 
+DIED = "died: "
+"""How ``last_error`` starts when the provider showed a serving instance gone."""
+
 
 def spot_notices(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     """Replicas not yet being terminated whose instance reported a spot interruption notice."""
     live = (Phase.PENDING, Phase.BOOTING, Phase.READY, Phase.DRAINING)
     return [r for r in rows if phase_of(r) in live and (r.last_error or "").startswith(SPOT_NOTICE)]
+
+
+def interrupted(row: LedgerRow) -> bool:
+    """Whether the row's machine ended by a provider interruption: its spot notice was
+    recorded, or the provider showed it interrupted (``_confirm_gone``)."""
+    error = row.last_error or ""
+    return error.startswith(SPOT_NOTICE) or (
+        error.startswith(DIED) and f" is {InstanceState.INTERRUPTED.value} at " in error
+    )
+
+
+def spot_life(row: LedgerRow) -> SpotLife | None:
+    """A spot row's record for the measured interruption rate (``decide.spot_rate``):
+    launched at ``launched_at``, exposed until the controller began to drain or
+    terminate it or the provider confirmed it gone (``None``: not a spot machine, or
+    never launched). The simulator keeps the same of its machines
+    (``autoscaler.sim.world``)."""
+    if not row.spot or row.launched_at is None:
+        return None
+    ends = [
+        at
+        for at in (row.drain_requested_at, row.terminate_requested_at, row.terminated_confirmed_at)
+        if at is not None
+    ]
+    return SpotLife(
+        started_at=row.launched_at,
+        ended_at=min(ends) if ends else None,
+        interrupted=interrupted(row),
+    )
+
+
+async def spot_record(session: AsyncSession, workload_id: int, *, now: datetime) -> SpotRate:
+    """What the workload's spot machines showed within ``decide.spot_rate``'s window:
+    its spot rows open or closed inside it, one query by the ``workload_id`` index."""
+    since = now - timedelta(seconds=SPOT_RATE_WINDOW_SEC)
+    rows = await session.scalars(
+        select(LedgerRow).where(
+            LedgerRow.workload_id == workload_id,
+            LedgerRow.spot.is_(True),
+            LedgerRow.launched_at.is_not(None),
+            or_(
+                LedgerRow.terminated_confirmed_at.is_(None),
+                LedgerRow.terminated_confirmed_at >= since,
+            ),
+        )
+    )
+    lives = [life for life in map(spot_life, rows) if life is not None]
+    return spot_rate(lives, now=now)
 
 
 def failed_boots(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
@@ -244,7 +297,7 @@ def _confirm_gone(row: LedgerRow, instance: Instance, *, now: datetime) -> None:
             or f"instance {row.instance_id} is terminated at the provider before it was ready"
         )
         return
-    row.last_error = f"died: instance {row.instance_id} is {instance.state.value} at the provider"
+    row.last_error = f"{DIED}instance {row.instance_id} is {instance.state.value} at the provider"
     if instance.ended_reason:
         row.last_error += f" ({instance.ended_reason})"
     log.warning("replica %s of %s %s", row.launch_id, row.workload_slug, row.last_error)
@@ -260,7 +313,8 @@ async def terminate_instance(deps: Deps, row: LedgerRow) -> None:
         await entry.provider.terminate(row.instance_id)
     except ProviderError as exc:
         count_provider_error(deps, provider=row.provider, operation="terminate", error=exc)
-        row.last_error = str(exc)
+        notice = (row.last_error or "").startswith(SPOT_NOTICE)  # kept: the rate counts it
+        row.last_error = f"{row.last_error}; terminating: {exc}" if notice else str(exc)
         log.warning("terminating %s: %s", row.instance_id, exc)
 
 

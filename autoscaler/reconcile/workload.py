@@ -53,6 +53,7 @@ from autoscaler.decide.plan import (
 )
 from autoscaler.decide.scaling import FleetCounts, ScaleDecision, ScaleMemory
 from autoscaler.decide.signals import Signals
+from autoscaler.decide.spot_rate import PRIOR_SPOT_RATE
 from autoscaler.decide.step import (
     ReplicaState,
     Step,
@@ -91,6 +92,7 @@ from autoscaler.reconcile.liveness import (
     failed_boots,
     settle_groups,
     spot_notices,
+    spot_record,
     sync_with_provider,
     terminate_instance,
 )
@@ -242,7 +244,14 @@ async def reconcile_workload(
                 if warm is not None
                 else None
             ),
+            spot_rate=(
+                await spot_record(s, workload.id, now=now) if _on_spot(spec) else PRIOR_SPOT_RATE
+            ),
         )
+        if _on_spot(spec):
+            deps.metrics.spot_rate.labels(workload.project, workload.slug).set(
+                view.spot_rate.per_hour
+            )
         knobs = deps.settings.knobs
         memory = deps.memory.scale.get(workload.id, ScaleMemory())
         result = step(
@@ -309,6 +318,12 @@ async def reconcile_workload(
         quiet=quiet,
         start_times=(view.start_times or DEFAULT_START_TIMES) if warm is not None else None,
     )
+
+
+def _on_spot(spec: WorkloadSpec) -> bool:
+    """Whether the workload may buy spot machines (only then is its spot record read)."""
+    policy = _autoscaling(spec)
+    return policy is not None and policy.allow_spot_instances
 
 
 def due_after(plan: Plan, decision: ScaleDecision, *, now: datetime) -> float | None:

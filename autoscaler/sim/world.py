@@ -29,6 +29,7 @@ from autoscaler.decide.plan import (
     Terminate,
 )
 from autoscaler.decide.scaling import FleetCounts, ScaleMemory
+from autoscaler.decide.spot_rate import SpotLife, spot_rate
 from autoscaler.decide.step import (
     ReplicaState,
     StepKnobs,
@@ -118,6 +119,8 @@ class SimReplica:
     engine: BatchEngine | None = None
     drain_s: float | None = None
     ended_s: float | None = None
+    interrupted: bool = False
+    """Ended by a spot interruption."""
     requests: dict[int, RequestRecord] = field(default_factory=dict)
     work: int = 0
     """The balancer's weight of ``requests`` (``gateway.balancing.request_work``)."""
@@ -308,6 +311,9 @@ class World:
         self._cached: dict[int, int] = {}
         """Each request's prompt tokens its engine found cached, by index, until answered."""
         self.replicas: dict[str, SimReplica] = {}
+        self._spot: list[SimReplica] = []
+        """Every spot machine bought, ended ones too: the record the measured spot
+        interruption rate reads (``decide.spot_rate``), as the ledger's rows are."""
         self.unavailable: dict[str, datetime] = {}
         self.events: list[ScaleEvent] = []
         self.timeline: list[Sample] = []
@@ -561,6 +567,7 @@ class World:
             if r.ended_s is not None:
                 continue
             if r.interrupt_s is not None and r.interrupt_s <= t:
+                r.interrupted = True
                 self._end(r, t, why="spot interruption")
                 # Spot reclaimed: its market is avoided a while, as the reconciler does
                 # (``reconcile.liveness``).
@@ -860,7 +867,7 @@ class World:
             fleet_usd_per_hour=sum(r.hourly_usd(t) for r in live),
             pool_gpus=self._pool_gpus,
             start_times=self.start_times(),
-            spot_interruptions_per_hour=self.cloud_settings.spot_interruptions_per_hour,
+            spot_rate=spot_rate(map(_spot_life, self._spot), now=as_datetime(EPOCH_S + t)),
         )
 
     def _state(self, r: SimReplica) -> ReplicaState:
@@ -934,7 +941,7 @@ class World:
         instance = self.cloud.launch(request)
         machine = next(m for m in self.cloud.visible() if m.instance_id == instance.instance_id)
         self._fleet_changed()
-        self.replicas[launch_id] = SimReplica(
+        self.replicas[launch_id] = replica = SimReplica(
             launch_id=launch_id,
             instance_id=instance.instance_id,
             offer=offer,
@@ -947,6 +954,8 @@ class World:
             prefill=prefill,
             stopped_usd_per_hour=None if spot else stopped_usd_per_hour(offer),
         )
+        if spot:
+            self._spot.append(replica)
         market = "spot" if spot else "on-demand"
         refill = " (warm pool refill)" if prefill else ""
         self.events.append(
@@ -1014,6 +1023,18 @@ _STEP_PATH = {FRESH: StartPath.LAUNCH, START: StartPath.START, WAKE: StartPath.W
 _BOOT = BootSpec(
     image="vllm/vllm-openai", command=("serve",), port=8000, health_path="/health", model_id="m"
 )
+
+
+def _spot_life(r: SimReplica) -> SpotLife:
+    """A spot machine's record as the reconciler reads a ledger row's
+    (``autoscaler.reconcile.ledger.spot_life``): launched when bought, exposed until the
+    controller began to drain or end it or the cloud ended it."""
+    ends = [x for x in (r.drain_s, r.ended_s) if x is not None]
+    return SpotLife(
+        started_at=as_datetime(EPOCH_S + r.intent_s),
+        ended_at=as_datetime(EPOCH_S + min(ends)) if ends else None,
+        interrupted=r.interrupted,
+    )
 
 
 def with_spot(workload: SimWorkload, allow_spot: bool) -> SimWorkload:

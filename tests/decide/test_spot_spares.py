@@ -14,7 +14,6 @@ from autoscaler.decide.inputs import Measured
 from autoscaler.decide.plan import ReplicaPhase, ReplicaView
 from autoscaler.decide.queueing import ReplicaCapacity
 from autoscaler.decide.scaling import (
-    DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR,
     Direction,
     FleetCounts,
     ScaleDecision,
@@ -24,6 +23,7 @@ from autoscaler.decide.scaling import (
     spot_spares,
 )
 from autoscaler.decide.signals import Signals
+from autoscaler.decide.spot_rate import DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR, SpotRate
 from autoscaler.decide.step import ReplicaState, WorkloadView, spot_risk
 from autoscaler.decide.warm import StartTimes
 from autoscaler.spec import AutoscalingPolicy
@@ -195,6 +195,18 @@ def _replica(launch_id: str, *, spot: bool) -> ReplicaState:
     )
 
 
+def test_the_reason_states_how_the_rate_was_measured() -> None:
+    rate = SpotRate(interruptions=60, hours=41.2)
+    risk = SpotRisk(interruptions_per_hour=rate.per_hour, replace_s=180.0, basis=rate.basis())
+    spot = decide(4.7, ready=2, spot=risk)
+    assert spot.desired == 3
+    assert spot.reason.startswith(
+        "spot spares: 3 spot replicas interrupted 0.292/h each (60 interruptions in 41.2 "
+        "spot machine-hours of the last 7 days (prior 1 per 168 h) = 0.292/h) and "
+        "replaced in 180s"
+    )
+
+
 def test_the_step_weighs_spot_risk_only_for_a_fleet_on_spot() -> None:
     view = WorkloadView(
         spec=autoscaling("bot", allow_spot_instances=True),
@@ -202,15 +214,24 @@ def test_the_step_weighs_spot_risk_only_for_a_fleet_on_spot() -> None:
         replicas=[_replica("a", spot=True), _replica("b", spot=True)],
         measured=Measured(),
         offers=OFFERS,
-        spot_interruptions_per_hour=0.2,
+        spot_rate=SpotRate(interruptions=3, hours=41.2),
         start_times=StartTimes(fresh_s=240.0, start_s=60.0, wake_s=10.0),
     )
-    assert spot_risk(view) == SpotRisk(interruptions_per_hour=0.2, replace_s=240.0)
-    # The market's rate unknown: the assumed one; no measured boot: three minutes.
-    assumed = replace(view, spot_interruptions_per_hour=None, start_times=None)
-    assert spot_risk(assumed) == SpotRisk(
-        interruptions_per_hour=DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR, replace_s=180.0
+    # The measured rate, with its basis for the reason: (1 + 3) / (168 + 41.2).
+    risk = spot_risk(view)
+    assert risk is not None
+    assert risk.interruptions_per_hour == pytest.approx(4 / 209.2)
+    assert risk.replace_s == 240.0
+    assert risk.basis == (
+        "3 interruptions in 41.2 spot machine-hours of the last 7 days "
+        "(prior 1 per 168 h) = 0.0191/h"
     )
+    # Nothing measured yet: the prior alone; no measured boot: three minutes.
+    assumed = replace(view, spot_rate=SpotRate(), start_times=None)
+    prior = spot_risk(assumed)
+    assert prior is not None
+    assert prior.interruptions_per_hour == DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR
+    assert prior.replace_s == 180.0
     # Mostly on demand (spot stocked out), or spot not allowed: no risk weighed.
     mixed = replace(
         view,

@@ -1,6 +1,8 @@
 """The reconciler and the simulator run one workload step (``decide.step``): driven
 through the same script (load up, a stock-out, a drain with requests still in flight, a
-scale-down), they buy, drain and terminate the same replicas at the same steps."""
+scale-down; on spot, machines reclaimed), they buy, drain and terminate the same
+replicas at the same steps, and feed the step the same measured spot interruption rate
+(``decide.spot_rate``), the reconciler from its ledger, the simulator from its machines."""
 
 from __future__ import annotations
 
@@ -12,7 +14,9 @@ from typing import Any
 import pytest
 
 from autoscaler.decide.inputs import measured_of
+from autoscaler.decide.spot_rate import SpotRate
 from autoscaler.reconcile import provisioner
+from autoscaler.reconcile.liveness import spot_record
 from autoscaler.sim.gateway import SimGateway
 from autoscaler.sim.policies import ControllerPolicy
 from autoscaler.sim.workload import sim_workload
@@ -70,6 +74,8 @@ class Beat:
     signals: Callable[[float], SignalSnapshot]
     draining_in_flight: int = 0
     stockout: bool = False
+    interrupt: int | None = None
+    """The replica (by the order it was bought in) the provider reclaims before the step."""
 
 
 SCRIPT = (
@@ -82,8 +88,26 @@ SCRIPT = (
 )
 
 
-def spec() -> WorkloadSpec:
-    return autoscaling("bot", max_workers=4, scale_down_time_window_sec=60)
+SPOT_SCRIPT = (
+    Beat(0, idle),  # one spot replica
+    Beat(5, busy),  # load up
+    Beat(1800, busy),  # half an hour of spot machine-hours
+    Beat(5, busy, interrupt=0),  # reclaimed: replaced away from its market
+    Beat(1800, busy),
+    Beat(5, busy, interrupt=2),
+    Beat(600, busy),
+    Beat(5, idle),
+)
+
+
+def spec(*, spot: bool = False) -> WorkloadSpec:
+    return autoscaling(
+        "bot", max_workers=4, scale_down_time_window_sec=60, allow_spot_instances=spot
+    )
+
+
+def measured(rate: SpotRate) -> tuple[int, float]:
+    return rate.interruptions, round(rate.hours, 9)
 
 
 @dataclass
@@ -96,15 +120,24 @@ class Ordinals:
         return f"#{self.ids.index(launch_id)}"
 
 
-async def run_reconciler(world: World) -> list[list[Action]]:
+async def run_reconciler(
+    world: World, script: tuple[Beat, ...] = SCRIPT, *, spot: bool = False
+) -> tuple[list[list[Action]], list[tuple[int, float]]]:
+    """The actions of each step, and the spot record each step read."""
     ref = (PROJECT, "bot")
-    await world.apply(spec())
+    workload_id = await world.apply(spec(spot=spot))
     bought = Ordinals()
     seen_calls = 0
     seen_decisions = 0
     steps: list[list[Action]] = []
-    for beat in SCRIPT:
+    rates: list[tuple[int, float]] = []
+    for beat in script:
         world.clock.advance(beat.after_s)
+        if beat.interrupt is not None:
+            [row] = [
+                r for r in await world.rows("bot") if r.launch_id == bought.ids[beat.interrupt]
+            ]
+            world.cloud.interrupt(row.instance_id or "")
         rows = await world.rows("bot")
         draining = [r.launch_id for r in rows if phase_of(r) is Phase.DRAINING]
         answer = beat.signals(world.now.timestamp())
@@ -129,7 +162,9 @@ async def run_reconciler(world: World) -> list[list[Action]]:
                 actions.append((decision.kind, bought.of(decision.inputs["launch_id"])))
         seen_decisions = len(decisions)
         steps.append(actions)
-    return steps
+        async with world.sessions() as s:
+            rates.append(measured(await spot_record(s, workload_id, now=world.now)))
+    return steps, rates
 
 
 class ScriptedGateway(SimGateway):
@@ -142,11 +177,13 @@ class ScriptedGateway(SimGateway):
         return self.script
 
 
-def run_simulator() -> list[list[Action]]:
+def run_simulator(
+    script: tuple[Beat, ...] = SCRIPT, *, spot: bool = False
+) -> tuple[list[list[Action]], list[tuple[int, float]]]:
     world = SimWorld(
-        workload=sim_workload(spec()),
+        workload=sim_workload(spec(spot=spot)),
         offers=OFFERS,
-        policy=ControllerPolicy(spec=spec()),
+        policy=ControllerPolicy(spec=spec(spot=spot)),
         requests=[],
         seed=0,
         cloud=CloudSettings(
@@ -155,7 +192,7 @@ def run_simulator() -> list[list[Action]]:
             stockout_probability=0.0,
             spot_interruptions_per_hour=0.0,
         ),
-        allow_spot=False,
+        allow_spot=spot,
         initial_replicas=0,
     )
     gateway = ScriptedGateway(rng=world.gateway.rng, epoch_s=world.gateway.epoch_s)
@@ -178,9 +215,12 @@ def run_simulator() -> list[list[Action]]:
     seen_calls = 0
     seen_events = 0
     steps: list[list[Action]] = []
-    for beat in SCRIPT:
+    rates: list[tuple[int, float]] = []
+    for beat in script:
         t += beat.after_s
         world._set_time(t)
+        if beat.interrupt is not None:
+            world.replicas[bought.ids[beat.interrupt]].interrupt_s = t
         world._machine_events(t)
         draining = [
             r.launch_id
@@ -202,7 +242,8 @@ def run_simulator() -> list[list[Action]]:
                 actions.append((event.kind, bought.of(event.detail.split(":")[0])))
         seen_events = len(world.events)
         steps.append(actions)
-    return steps
+        rates.append(measured(world._view_now(t).spot_rate))
+    return steps, rates
 
 
 async def test_the_reconciler_and_the_simulator_act_alike_on_one_script(
@@ -212,8 +253,8 @@ async def test_the_reconciler_and_the_simulator_act_alike_on_one_script(
     # id order, so both sides must name their launches alike to pick the same ones.
     names = (f"l-{n:05d}" for n in itertools.count(1))
     monkeypatch.setattr(provisioner, "new_launch_id", lambda: next(names))
-    reconciler = await run_reconciler(world)
-    simulator = run_simulator()
+    reconciler, _ = await run_reconciler(world)
+    simulator, _ = run_simulator()
 
     assert reconciler == simulator
     launches = [a for step in reconciler for a in step if a[0] == "launch"]
@@ -230,3 +271,29 @@ async def test_the_reconciler_and_the_simulator_act_alike_on_one_script(
         a[1] for a in drains
     )
     assert len(terminations) == len(drains)
+
+
+async def test_on_spot_both_measure_the_same_interruption_rate(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Machines reclaimed by the provider: each side counts them, and the spot
+    machine-hours, from its own record; the step reads the same rate on both."""
+    names = (f"l-{n:05d}" for n in itertools.count(1))
+    monkeypatch.setattr(provisioner, "new_launch_id", lambda: next(names))
+    reconciler, reconciler_rates = await run_reconciler(world, SPOT_SCRIPT, spot=True)
+    simulator, simulator_rates = run_simulator(SPOT_SCRIPT, spot=True)
+
+    assert reconciler == simulator
+    assert reconciler_rates == simulator_rates
+    launches = [a for step in reconciler for a in step if a[0] == "launch"]
+    assert launches and all(a[2] == "True" for a in launches[:4])  # bought on spot
+    interruptions, hours = reconciler_rates[-1]
+    assert interruptions == 2
+    assert hours > 2.0  # four machines for most of an hour, and more
+    assert [n for n, _ in reconciler_rates] == [0, 0, 0, 1, 1, 2, 2, 2]
+    registry = world.deps.metrics.registry
+    labels = {"project": PROJECT, "workload": "bot"}
+    fed = registry.get_sample_value(
+        "autoscaler_controller_workload_spot_interruptions_per_hour", labels
+    )
+    assert fed == pytest.approx(SpotRate(interruptions, hours).per_hour)
