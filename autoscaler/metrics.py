@@ -156,9 +156,10 @@ class ControllerMetrics:
         )
         self.pass_workloads = Gauge(
             "autoscaler_controller_pass_workloads",
-            "Workloads of the last pass: stepped in full (kind=stepped: changed, a timer "
-            "due, or due for their resync) or left alone (kind=left_alone: nothing they "
-            "read changed).",
+            "Workloads of the last pass: stepped (kind=stepped: changed, a timer due, or "
+            "due for their resync) or left alone (kind=left_alone: nothing they read "
+            "changed); kind=batched: of the stepped, those whose one launch went in the "
+            "pass's batch instead of a full step.",
             ("kind",),
             registry=r,
         )

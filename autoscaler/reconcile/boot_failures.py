@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.reconcile.deps import BootBackoff, Deps, log
-from autoscaler.reconcile.ledger import failed_boots_closed_since, record_decision
+from autoscaler.reconcile.ledger import Facts, failed_boots_closed_since, record_decision
 from autoscaler.reconcile.liveness import BOOT_FAILED
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
@@ -131,7 +131,7 @@ def _back_off(deps: Deps, *, workload_id: int, now: datetime) -> float:
 
 
 def launch_hold(
-    deps: Deps, *, workload_id: int, rows: Sequence[LedgerRow], now: datetime
+    deps: Deps, *, workload_id: int, rows: Sequence[Facts], now: datetime
 ) -> float | None:
     """Seconds the workload must still wait before launching after failed boots
     (``None``: it may launch now). A ready replica ends the series."""

@@ -33,11 +33,17 @@ for a full step only the workloads for which one of these holds:
    ones included, which the pass does not read: it runs with the ones its last full
    step read (``Seen.start_times``), which stay the same while its facts do (a row
    becomes a sample only when it is made ready or resumed, a change of its facts).
-6. **Quarantined, backing off after failed boots, or unrunnable** (the full step handles
-   those), **deleted** (torn down), or **due for its resync**: every workload is stepped
+6. **Quarantined or unrunnable** (the full step handles those), **deleted** (torn
+   down), or **due for its resync**: every workload is stepped
    in full at least every ``Settings.resync_sec`` (600 s by default), each between half
    and all of it, spread by id, a safety net that does not depend on this list being
    complete.
+
+A workload backing off after failed boots (``boot_failures``) is no exception: the
+backoff only holds launches, and a step whose launches it held planned them, so it had
+work (2) and is stepped every pass, its due time the backoff's end (3); one whose last
+step planned no launch (scaled to zero, say) plans one only on a change of its facts
+(1) or of its decision (5), and is then stepped in full, where the backoff holds it.
 
 Why a workload none of these hold for would do nothing in its full step: its rows are
 the ones its last full step read (1), and that step's plan was empty (2); sync, intent
@@ -128,14 +134,14 @@ async def work_for_pass(
     if memory.pass_inputs is None or not _same_inputs(memory.pass_inputs, inputs):
         memory.seen.clear()
     memory.pass_inputs = inputs
-    candidates = [w for w in workloads if _needs_step(deps, w, observed=observed, now=now) is None]
-    await _load_specs(deps, candidates)
-    candidates = [w for w in candidates if _spec(deps, w) is not None]
-    answers = await _probe(deps, candidates)
+    candidates = [w for w in workloads if needs_step(deps, w, observed=observed, now=now) is None]
+    await load_specs(deps, candidates)
+    candidates = [w for w in candidates if spec_of(deps, w) is not None]
+    answers = await probe(deps, candidates)
     due: list[WorkloadFacts] = []
     left = 0
     next_at: datetime | None = None
-    alone = {w.id for w in candidates if _health_as_left(w, answers)}
+    alone = {w.id for w in candidates if health_as_left(w, answers)}
     for w in workloads:
         if w.id not in alone or not _decision_quiet(deps, w, fleet=fleet, signals=signals, now=now):
             due.append(w)
@@ -190,9 +196,7 @@ def _same_inputs(last: tuple[object, object], now: tuple[object, object]) -> boo
     return last[0] == now[0] and last[1] is now[1]
 
 
-def _needs_step(
-    deps: Deps, w: WorkloadFacts, *, observed: Observation, now: datetime
-) -> str | None:
+def needs_step(deps: Deps, w: WorkloadFacts, *, observed: Observation, now: datetime) -> str | None:
     """Why ``w`` is stepped in full this pass, as far as its facts alone tell (rules 1-4
     and 6 of the module docstring, health aside); ``None``: it may be left alone."""
     memory = deps.memory
@@ -203,14 +207,14 @@ def _needs_step(
         return "its last step had work"
     if (seen.due_at is not None and now >= seen.due_at) or now >= seen.resync_at:
         return "a timer is due"
-    if w.deleted or w.id in memory.failures or w.id in memory.boot_backoff:
-        return "deleted, quarantined or backing off"
+    if w.deleted or w.id in memory.failures:
+        return "deleted or quarantined"
     if w.id in memory.unrunnable:
         return "its spec cannot run"
-    return _replica_needs_step(deps, w, observed=observed)
+    return replica_needs_step(deps, w, observed=observed)
 
 
-def _replica_needs_step(deps: Deps, w: WorkloadFacts, *, observed: Observation) -> str | None:
+def replica_needs_step(deps: Deps, w: WorkloadFacts, *, observed: Observation) -> str | None:
     """O(its rows); the reason a replica gives for a full step, if any."""
     memory = deps.memory
     listed = observed.by_provider
@@ -254,15 +258,15 @@ def _group_short(w: WorkloadFacts, row: RowFacts) -> bool:
     return members != (row.group_size or 1)
 
 
-def _spec(deps: Deps, w: WorkloadFacts) -> WorkloadSpec | None:
+def spec_of(deps: Deps, w: WorkloadFacts) -> WorkloadSpec | None:
     cached = deps.memory.specs.get(w.id)
     return cached[1] if cached is not None and cached[0] == w.spec_hash else None
 
 
-async def _load_specs(deps: Deps, workloads: Iterable[WorkloadFacts]) -> None:
+async def load_specs(deps: Deps, workloads: Iterable[WorkloadFacts]) -> None:
     """Parse the stored specs not cached yet (one query); an invalid one is cached as
     ``None`` and its workload stepped in full (which reports it)."""
-    missing = [w for w in workloads if _spec(deps, w) is None and w.id not in deps.memory.specs]
+    missing = [w for w in workloads if spec_of(deps, w) is None and w.id not in deps.memory.specs]
     missing += [
         w
         for w in workloads
@@ -286,7 +290,7 @@ def _probe_targets(
     """The replicas whose health a full step would ask, with their health path (made
     one at a time: a list of them would outlive the batch's collections)."""
     for w in workloads:
-        spec = _spec(deps, w)
+        spec = spec_of(deps, w)
         assert spec is not None
         path = engine_for(spec.backend.value).health_path
         for r in w.rows:
@@ -298,7 +302,7 @@ def _probed(r: RowFacts) -> bool:
     return r.url is not None and r.group_role != "worker" and r.phase in _PROBED
 
 
-async def _probe(deps: Deps, workloads: Sequence[WorkloadFacts]) -> dict[str, bool]:
+async def probe(deps: Deps, workloads: Sequence[WorkloadFacts]) -> dict[str, bool]:
     """Each candidate replica's health answer by launch id: one batch for the pass, at
     most :data:`PROBES_AT_ONCE` in flight."""
     keys = deps.memory.engine_keys
@@ -321,7 +325,7 @@ async def _probe(deps: Deps, workloads: Sequence[WorkloadFacts]) -> dict[str, bo
     return answers
 
 
-def _health_as_left(w: WorkloadFacts, answers: Mapping[str, bool]) -> bool:
+def health_as_left(w: WorkloadFacts, answers: Mapping[str, bool]) -> bool:
     """Whether every probed replica answers as its phase says (ready ones healthy,
     booting ones not yet): the full step's health check would then change nothing."""
     for r in w.rows:
@@ -342,7 +346,7 @@ def _decision_quiet(
     """Rule 5: a fixed or scheduled count changes only at its timers; an autoscaling
     workload's pure step is run on the facts read, and must plan, refuse and change
     nothing (its scaling memory is then kept, as the full step keeps it)."""
-    spec = _spec(deps, w)
+    spec = spec_of(deps, w)
     assert spec is not None
     policy = spec.execution_policy_config
     if not isinstance(policy, AutoscalingPolicy):

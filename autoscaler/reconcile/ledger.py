@@ -280,7 +280,7 @@ def replica_views(
     return views
 
 
-def fleet_counts(rows: Sequence[LedgerRow], *, warm: WarmPolicy | None = None) -> FleetCounts:
+def fleet_counts(rows: Sequence[Facts], *, warm: WarmPolicy | None = None) -> FleetCounts:
     """Ready, booting and draining replicas as the step counts them
     (``decide.step.fleet_counts``): a warm pool refill (``warm``) is none of them."""
     views = [replica_view(r, in_flight=0) for r in rows if r.group_role != "worker"]
@@ -299,17 +299,45 @@ def record_decision(
     cost_delta: float = 0.0,
     acted: bool = True,
 ) -> None:
-    if acted:  # one log line per decision acted on; refusals and dry runs log their own
-        log.info("workload %d: %s: %s", workload_id, kind, reason)
     session.add(
         Decision(
-            workload_id=workload_id,
-            at=at,
-            kind=kind,
-            inputs=inputs,
-            result=result,
-            reason=reason,
-            cost_delta_usd_per_hour=cost_delta,
-            acted=acted,
+            **decision_values(
+                workload_id=workload_id,
+                at=at,
+                kind=kind,
+                reason=reason,
+                inputs=inputs,
+                result=result,
+                cost_delta=cost_delta,
+                acted=acted,
+            )
         )
     )
+
+
+def decision_values(
+    *,
+    workload_id: int,
+    at: datetime,
+    kind: str,
+    reason: str,
+    inputs: dict[str, Any],
+    result: dict[str, Any],
+    cost_delta: float = 0.0,
+    acted: bool = True,
+) -> dict[str, Any]:
+    """A decision's row as column values (:func:`record_decision` adds it to a session;
+    a pass's batch of launches inserts many at once: ``reconcile.batch``), and its log
+    line when acted on."""
+    if acted:  # one log line per decision acted on; refusals and dry runs log their own
+        log.info("workload %d: %s: %s", workload_id, kind, reason)
+    return {
+        "workload_id": workload_id,
+        "at": at,
+        "kind": kind,
+        "inputs": inputs,
+        "result": result,
+        "reason": reason,
+        "cost_delta_usd_per_hour": cost_delta,
+        "acted": acted,
+    }

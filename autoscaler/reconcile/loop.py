@@ -72,6 +72,7 @@ from datetime import datetime, timedelta
 from pydantic import ValidationError
 
 from autoscaler.decide.inputs import SignalsRead
+from autoscaler.reconcile.batch import launch_batch
 from autoscaler.reconcile.boot_failures import failed_boots_of, reported_since
 from autoscaler.reconcile.changes import forget_step, last_facts, record_step, work_for_pass
 from autoscaler.reconcile.deps import Deps, Failure, LeaseLost, log
@@ -120,7 +121,7 @@ async def reconcile_once(deps: Deps) -> float:
         signals=signals,
         now=now,
     )
-    found = work.due
+    found: Sequence[WorkloadFacts] = work.due
     deps.metrics.pass_workloads.labels("stepped").set(len(found))
     deps.metrics.pass_workloads.labels("left_alone").set(work.left_alone)
     # The fleet's spend, under a fleet ceiling only: the snapshot's, moved by each step.
@@ -137,6 +138,21 @@ async def reconcile_once(deps: Deps) -> float:
         async with deps.sessions() as s:
             since = reported_since(deps, now=now)
             boots = await failed_boots_of(s, [w.id for w in found], since=since)
+    queued = len(found)
+    if found and width > 1:  # on PostgreSQL: one launch each, in one batch
+        found, after = await _batch(
+            deps,
+            found,
+            snapshot=snapshot,
+            observed=observed,
+            signals=signals,
+            fleet=fleet,
+            boots=boots,
+            now=now,
+        )
+        if after is not None:
+            due = min(due, max(after, 0.0))
+    deps.metrics.pass_workloads.labels("batched").set(queued - len(found))
     slots = asyncio.Semaphore(width)
     steps: list[asyncio.Task[float | None]] = []
 
@@ -216,6 +232,46 @@ def steps_at_once(dialect: str) -> int:
     one at a time on SQLite (one writer at a time: of two write transactions begun by
     reads, one would fail rather than wait)."""
     return STEPS_AT_ONCE if dialect == "postgresql" else 1
+
+
+async def _batch(
+    deps: Deps,
+    found: Sequence[WorkloadFacts],
+    *,
+    snapshot: Fleet,
+    observed: Observation,
+    signals: SignalsRead,
+    fleet: FleetSpend | None,
+    boots: Mapping[int, Sequence[LedgerRow]],
+    now: datetime,
+) -> tuple[Sequence[WorkloadFacts], float | None]:
+    """The queued workloads whose step is one launch, launched in one batch
+    (``reconcile.batch``); the ones left to step in full, and the earliest timer of the
+    batched ones. A workload whose call raised is quarantined as a failed step is."""
+    try:
+        batched = await launch_batch(
+            deps,
+            found,
+            snapshot=snapshot,
+            observed=observed,
+            signals=signals,
+            fleet=fleet,
+            boots=boots,
+            now=now,
+        )
+    except Exception:  # not one workload's: each is stepped in full, reading the store
+        log.exception("the pass's batch of launches failed: each workload is stepped in full")
+        if fleet is not None:
+            fleet.forget()
+        return found, None
+    for workload, error in batched.failed:
+        if fleet is not None:
+            fleet.forget()
+        await _failed(deps, workload, error=error, now=now)
+    afters = [a for a in batched.after.values() if a is not None]
+    if batched.failed:
+        afters.append(deps.settings.tick_sec)
+    return batched.rest, min(afters) if afters else None
 
 
 def _rotated(found: Sequence[WorkloadFacts], *, after: int | None) -> list[WorkloadFacts]:

@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from autoscaler.decide.plan import Timeouts
 from autoscaler.decide.warm import ParkMode
 from autoscaler.reconcile.deps import Deps, log
-from autoscaler.reconcile.ledger import park_mode_of, record_decision
+from autoscaler.reconcile.ledger import Facts, park_mode_of, record_decision
 from autoscaler.reconcile.observe import Observation, count_provider_error
 from autoscaler.reconcile.provisioner import admit
 from autoscaler.store.models import Instance as LedgerRow
@@ -346,7 +346,7 @@ async def _wake(deps: Deps, row: LedgerRow) -> bool:
         return False
 
 
-def export_parked(deps: Deps, *, labels: tuple[str, str], rows: Sequence[LedgerRow]) -> None:
+def export_parked(deps: Deps, *, labels: tuple[str, str], rows: Sequence[Facts]) -> None:
     """The workload's parked replicas by mode (confirmed parks only)."""
     for mode in ParkMode:
         count = sum(1 for r in rows if phase_of(r) is Phase.PARKED and r.park_mode == mode.value)

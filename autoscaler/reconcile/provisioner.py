@@ -42,6 +42,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -49,11 +50,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from autoscaler.decide.placement import Placement, worker_key
 from autoscaler.decide.warm import warm_policy_of
 from autoscaler.reconcile.deps import Deps, ProviderEntry, log
-from autoscaler.reconcile.ledger import can_sleep, record_decision, reserve_fleet
+from autoscaler.reconcile.fleet import WorkloadFacts
+from autoscaler.reconcile.ledger import (
+    Facts,
+    can_sleep,
+    decision_values,
+    record_decision,
+    reserve_fleet,
+)
 from autoscaler.reconcile.observe import count_provider_error
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
+from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.models import Workload
 from catalog.cuda import offer_cuda_problem
 from catalog.gpus import UnknownGpuError, resolve_gpu
 from catalog.model import Offer, ProviderName
@@ -183,19 +191,29 @@ async def launch_replica(
         return await _launch_group(
             deps, session, workload=workload, spec=spec, placement=placement, reason=reason, now=now
         )
-    row = _intent_row(
+    row = intent_row(
         workload,
         spec,
         placement=placement,
         launch_id=new_launch_id(),
         now=now,
-        disk_gib=_disk_gib(deps, placement),
+        disk_gib=launch_disk_gib(deps, placement),
     )
     row.prefill = prefill
     session.add(row)
-    record_decision(
-        session,
-        workload_id=workload.id,
+    session.add(Decision(**launch_entry(row, placement=placement, reason=reason, now=now)))
+    await session.commit()  # the intent exists before the provider hears of it
+    if placement.offer is None:
+        return LaunchOutcome(row=row, bought=True)  # the worker's agent starts it
+    return await _call_launch(deps, session, row=row, spec=spec, now=now)
+
+
+def launch_entry(
+    row: LedgerRow, *, placement: Placement, reason: str, now: datetime
+) -> dict[str, Any]:
+    """The ``launch`` decision of one machine's intent (``ledger.decision_values``)."""
+    return decision_values(
+        workload_id=row.workload_id,
         at=now,
         kind="launch",
         reason=f"{reason}: {placement.reason}",
@@ -203,10 +221,6 @@ async def launch_replica(
         result={"launch_id": row.launch_id, "usd_per_hour": row.hourly_usd},
         cost_delta=row.hourly_usd,
     )
-    await session.commit()  # the intent exists before the provider hears of it
-    if placement.offer is None:
-        return LaunchOutcome(row=row, bought=True)  # the worker's agent starts it
-    return await _call_launch(deps, session, row=row, spec=spec, now=now)
 
 
 class LaunchRefused(Exception):
@@ -238,8 +252,8 @@ async def admit(
         raise LaunchRefused(refusal)
 
 
-def _intent_row(
-    workload: Workload,
+def intent_row(
+    workload: Workload | WorkloadFacts,
     spec: WorkloadSpec,
     *,
     placement: Placement,
@@ -292,7 +306,7 @@ def _intent_row(
     return row
 
 
-def _disk_gib(deps: Deps, placement: Placement) -> float:
+def launch_disk_gib(deps: Deps, placement: Placement) -> float:
     """The boot disk the provider's launches ask for (its configured size)."""
     entry = deps.providers.get(placement.offer.provider.value) if placement.offer else None
     return entry.disk_gib if entry is not None else LAUNCH_DISK_GIB
@@ -314,13 +328,13 @@ async def _launch_group(
     ids = [group_id, *(new_launch_id() for _ in range(placement.group_size - 1))]
     rows = []
     for index, launch_id in enumerate(ids):
-        row = _intent_row(
+        row = intent_row(
             workload,
             spec,
             placement=placement,
             launch_id=launch_id,
             now=now,
-            disk_gib=_disk_gib(deps, placement),
+            disk_gib=launch_disk_gib(deps, placement),
             rank=node_rank(launch_id, leader=group_id, members=ids),
         )
         row.group_id, row.group_size = group_id, placement.group_size
@@ -421,26 +435,42 @@ async def _call_launch(
     now: datetime,
     never_called: Sequence[LedgerRow] = (),
 ) -> LaunchOutcome:
-    entry = deps.providers.get(row.provider)
-    if entry is None:
+    request = launch_request(deps, row=row, spec=spec, rank=await _rank_of(session, row))
+    if isinstance(request, str):
+        return await _refused(
+            deps, session, row=row, now=now, error=request, never_called=never_called
+        )
+    try:
+        await call_launch(deps, row=row, request=request, now=now)
+    except Transient as exc:
+        launch_retry(deps, row=row, error=exc, now=now)
+        await session.commit()
+        return LaunchOutcome(row=row, bought=False, error=str(exc))
+    except ProviderError as exc:
+        mark_unavailable(deps, row=row, now=now)
         return await _refused(
             deps,
             session,
             row=row,
             now=now,
-            error=f"no provider {row.provider}",
+            error=str(exc),
+            error_type=exc,
             never_called=never_called,
         )
+    await session.commit()
+    return LaunchOutcome(row=row, bought=True)
+
+
+def launch_request(
+    deps: Deps, *, row: LedgerRow, spec: WorkloadSpec, rank: int
+) -> LaunchRequest | str:
+    """The provider's request for ``row``'s machine (its member ``rank`` of a group), or
+    why none can be made (no such provider, its offer left the catalog): no I/O."""
+    if deps.providers.get(row.provider) is None:
+        return f"no provider {row.provider}"
     offer = next((o for o in deps.offers() if o.key == row.offer_key), None)
     if offer is None:
-        return await _refused(
-            deps,
-            session,
-            row=row,
-            now=now,
-            error=f"offer {row.offer_key} left the catalog",
-            never_called=never_called,
-        )
+        return f"offer {row.offer_key} left the catalog"
     boot = _scripted(
         deps,
         row=row,
@@ -450,7 +480,7 @@ async def _call_launch(
             cuda_version=_cuda_pin(spec, offer),
             gpu_count=offer.gpu_count,
             nodes=row.group_size or 1,
-            node_rank=await _rank_of(session, row),
+            node_rank=rank,
             sleep_mode=can_sleep(row),  # as its intent recorded it
         ),
     )
@@ -462,36 +492,62 @@ async def _call_launch(
     )
     if row.group_id is not None:
         tags |= {GROUP_TAG: row.group_id, ROLE_TAG: row.group_role or "worker"}
-    request = LaunchRequest(
-        offer=offer, spot=row.spot, boot=boot, launch_id=row.launch_id, tags=tags
-    )
+    return LaunchRequest(offer=offer, spot=row.spot, boot=boot, launch_id=row.launch_id, tags=tags)
+
+
+async def call_launch(deps: Deps, *, row: LedgerRow, request: LaunchRequest, now: datetime) -> None:
+    """Ask the provider for ``row``'s machine (its intent committed) and record the
+    instance on the row (not committed); a :class:`ProviderError` is counted and raised."""
+    entry = deps.providers.get(row.provider)
+    assert entry is not None  # ``launch_request`` made the request
     deps.memory.not_visible_since.pop(row.launch_id, None)  # a machine may exist from now
     try:
         instance = await entry.provider.launch(request)
-    except Transient as exc:
-        count_provider_error(deps, provider=row.provider, operation="launch", error=exc)
-        row.last_error = str(exc)
-        await session.commit()
-        retry_at = now + timedelta(seconds=exc.retry_after)
-        deps.memory.launch_retry_at[row.launch_id] = retry_at
-        log.warning("launch %s: %s (tried again from %s)", row.launch_id, exc, retry_at.isoformat())
-        return LaunchOutcome(row=row, bought=False, error=str(exc))
     except ProviderError as exc:
         count_provider_error(deps, provider=row.provider, operation="launch", error=exc)
-        mark_unavailable(deps, row=row, now=now)
-        return await _refused(
-            deps,
-            session,
-            row=row,
-            now=now,
-            error=str(exc),
-            error_type=exc,
-            never_called=never_called,
-        )
-    adopt(row, instance, entry=entry, port=boot.port, now=now)
+        raise
+    adopt(row, instance, entry=entry, port=request.boot.port, now=now)
     deps.metrics.launches.labels(row.provider).inc()
-    await session.commit()
-    return LaunchOutcome(row=row, bought=True)
+
+
+def launch_retry(deps: Deps, *, row: LedgerRow, error: Transient, now: datetime) -> None:
+    """A transient launch error: the row stays pending, tried again from the provider's
+    ``retry_after`` (the caller commits the row's ``last_error``)."""
+    row.last_error = str(error)
+    retry_at = now + timedelta(seconds=error.retry_after)
+    deps.memory.launch_retry_at[row.launch_id] = retry_at
+    log.warning("launch %s: %s (tried again from %s)", row.launch_id, error, retry_at.isoformat())
+
+
+def refuse(
+    deps: Deps,
+    *,
+    row: LedgerRow,
+    now: datetime,
+    error: str,
+    error_type: ProviderError | None = None,
+) -> dict[str, Any]:
+    """Close ``row`` on the provider's word that it bought nothing (not committed); the
+    ``launch_failed`` decision's values (``ledger.decision_values``)."""
+    row.last_error = f"launch failed: {error}"
+    row.terminated_confirmed_at = now
+    what = (
+        "no capacity"
+        if isinstance(error_type, InsufficientCapacity)
+        else "quota"
+        if isinstance(error_type, QuotaExceeded)
+        else "refused"
+    )
+    return decision_values(
+        workload_id=row.workload_id,
+        at=now,
+        kind="launch_failed",
+        reason=f"launch {row.launch_id} failed ({what}); {row.offer_key} skipped for "
+        f"{deps.settings.unavailable_sec:g}s: {error}",
+        inputs={"launch_id": row.launch_id, "offer": row.offer_key, "spot": row.spot},
+        result={"error": error},
+        cost_delta=-row.hourly_usd,
+    )
 
 
 def boots_from_script(deps: Deps, row: LedgerRow) -> bool:
@@ -564,7 +620,7 @@ def adopt(
     row.last_error = None
 
 
-def mark_unavailable(deps: Deps, *, row: LedgerRow, now: datetime) -> None:
+def mark_unavailable(deps: Deps, *, row: Facts, now: datetime) -> None:
     """Skip this offer's market (or this worker) for ``unavailable_sec``."""
     key = (
         worker_key(row.worker_id)
@@ -586,26 +642,7 @@ async def _refused(
 ) -> LaunchOutcome:
     """The provider bought nothing (its word): close the row, log why; a group member's
     refusal abandons its group (:func:`_abandon_group`)."""
-    row.last_error = f"launch failed: {error}"
-    row.terminated_confirmed_at = now
-    what = (
-        "no capacity"
-        if isinstance(error_type, InsufficientCapacity)
-        else "quota"
-        if isinstance(error_type, QuotaExceeded)
-        else "refused"
-    )
-    record_decision(
-        session,
-        workload_id=row.workload_id,
-        at=now,
-        kind="launch_failed",
-        reason=f"launch {row.launch_id} failed ({what}); {row.offer_key} skipped for "
-        f"{deps.settings.unavailable_sec:g}s: {error}",
-        inputs={"launch_id": row.launch_id, "offer": row.offer_key, "spot": row.spot},
-        result={"error": error},
-        cost_delta=-row.hourly_usd,
-    )
+    session.add(Decision(**refuse(deps, row=row, now=now, error=error, error_type=error_type)))
     await session.commit()
     log.warning("launch %s failed: %s", row.launch_id, error)
     if row.group_id is not None:

@@ -75,7 +75,9 @@ from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
 from autoscaler.reconcile.fleet import RowFacts
 from autoscaler.reconcile.ledger import (
+    Facts,
     FleetSpend,
+    decision_values,
     fleet_counts,
     fleet_usd_per_hour,
     open_rows,
@@ -106,8 +108,8 @@ from autoscaler.reconcile.provisioner import (
     resolve_intent,
 )
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec, describe_errors
+from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.models import Workload
 from autoscaler.store.phase import Phase, phase_of
 from providers.engines import engine_for
 
@@ -219,7 +221,7 @@ async def reconcile_workload(
             spend.closed(held)
             return StepOutcome()
         deps.memory.unrunnable.pop(workload.id, None)
-        _avoid_slow_offers(deps, rows=rows, timeouts=timeouts_of(spec), now=now)
+        avoid_slow_offers(deps, rows=rows, timeouts=timeouts_of(spec), now=now)
         measured = signals_for(
             (workload.project, workload.slug), signals, last_request_at=workload.last_request_at
         )
@@ -260,6 +262,8 @@ async def reconcile_workload(
         if not view.deleted:
             deps.memory.scale[workload.id] = result.decision.memory
         decision, plan = result.decision, result.plan
+        # Before the launch hold: launches held after failed boots are work, so the
+        # workload is stepped every pass until they go out (``changes``).
         quiet = not plan.actions and not plan.refusals
         hold = launch_hold(deps, workload_id=workload.id, rows=rows, now=now)
         if hold is not None:  # failed boots in a row: no launch before the backoff ends
@@ -534,8 +538,8 @@ def _still_open(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     return [r for r in rows if r.terminated_confirmed_at is None]
 
 
-def _avoid_slow_offers(
-    deps: Deps, *, rows: Sequence[LedgerRow], timeouts: Timeouts, now: datetime
+def avoid_slow_offers(
+    deps: Deps, *, rows: Sequence[Facts], timeouts: Timeouts, now: datetime
 ) -> None:
     """Mark the offers of replicas past their boot deadline unavailable before placing,
     so their replacements go elsewhere (the plan terminates them)."""
@@ -773,27 +777,60 @@ async def _log_scale(
     inputs: DecisionInputs,
     now: datetime,
 ) -> None:
-    memory = deps.memory
-    waited = workload.id in memory.waiting_on_signals
-    if decision.waits is None:
-        memory.waiting_on_signals.discard(workload.id)
-    else:
-        memory.waiting_on_signals.add(workload.id)
-    starts_waiting = decision.waits is not None and not waited
-    if memory.last_desired.get(workload.id) == decision.desired and not starts_waiting:
-        return
-    memory.last_desired[workload.id] = decision.desired
-    counts = fleet_counts(rows, warm=warm)
-    record_decision(
-        s,
+    values = scale_entry(
+        deps,
         workload_id=workload.id,
+        decision=decision,
+        rows=rows,
+        warm=warm,
+        signal=signal,
+        inputs=inputs,
+        now=now,
+    )
+    remember_scale(deps, workload_id=workload.id, decision=decision)
+    if values is not None:
+        # Committed with the step's next write (before any provider call) or at its end.
+        s.add(Decision(**values))
+
+
+def scale_entry(
+    deps: Deps,
+    *,
+    workload_id: int,
+    decision: ScaleDecision,
+    rows: Sequence[Facts],
+    warm: WarmPolicy | None,
+    signal: Signals,
+    inputs: DecisionInputs,
+    now: datetime,
+) -> dict[str, Any] | None:
+    """The scale decision to log (``ledger.decision_values``), or ``None`` when the
+    count and its wait on incomplete signals are the ones last logged; changes nothing
+    (:func:`remember_scale` records it as logged)."""
+    memory = deps.memory
+    starts_waiting = decision.waits is not None and workload_id not in memory.waiting_on_signals
+    if memory.last_desired.get(workload_id) == decision.desired and not starts_waiting:
+        return None
+    counts = fleet_counts(rows, warm=warm)
+    return decision_values(
+        workload_id=workload_id,
         at=now,
         kind="scale",
         reason=("dry-run: " if deps.settings.dry_run else "") + decision.reason,
         inputs=_inputs(counts, signal, decision, inputs),
         result={"desired": decision.desired, "direction": decision.direction.value},
         acted=not deps.settings.dry_run,
-    )  # committed with the step's next write (before any provider call) or at its end
+    )
+
+
+def remember_scale(deps: Deps, *, workload_id: int, decision: ScaleDecision) -> None:
+    """The scale decision is logged (:func:`scale_entry`): its count and its wait."""
+    memory = deps.memory
+    if decision.waits is None:
+        memory.waiting_on_signals.discard(workload_id)
+    else:
+        memory.waiting_on_signals.add(workload_id)
+    memory.last_desired[workload_id] = decision.desired
 
 
 def _inputs(
@@ -821,9 +858,7 @@ async def _log_refusals(
     deps: Deps, s: AsyncSession, *, workload: Workload, plan: Plan, now: datetime
 ) -> None:
     labels = (workload.project, workload.slug)
-    reasons = {refusal_reason(r.reason): r.reason for r in plan.refusals}
-    for label in REFUSAL_REASONS:
-        deps.metrics.blocked.labels(*labels, label).set(1 if label in reasons else 0)
+    reasons = export_refusals(deps, labels=labels, plan=plan)
     if not reasons:
         return
     label, text = next(iter(reasons.items()))
@@ -845,6 +880,14 @@ async def _log_refusals(
     )
     await s.commit()
     log.warning("%s/%s: %s", workload.project, workload.slug, text)
+
+
+def export_refusals(deps: Deps, *, labels: tuple[str, str], plan: Plan) -> dict[str, str]:
+    """Set the workload's refusal gauges from its plan; its refusals by label."""
+    reasons = {refusal_reason(r.reason): r.reason for r in plan.refusals}
+    for label in REFUSAL_REASONS:
+        deps.metrics.blocked.labels(*labels, label).set(1 if label in reasons else 0)
+    return reasons
 
 
 async def _log_dry_run(
@@ -871,8 +914,21 @@ async def _log_dry_run(
 def _export(
     deps: Deps, *, workload: Workload, spec: WorkloadSpec, rows: Sequence[LedgerRow], desired: int
 ) -> None:
+    export_workload(
+        deps, labels=(workload.project, workload.slug), spec=spec, rows=rows, desired=desired
+    )
+
+
+def export_workload(
+    deps: Deps,
+    *,
+    labels: tuple[str, str],
+    spec: WorkloadSpec,
+    rows: Sequence[Facts],
+    desired: int,
+) -> None:
+    """The workload's gauges: replicas by phase, desired count, spend, bounds."""
     m = deps.metrics
-    labels = (workload.project, workload.slug)
     phases = [phase_of(r) for r in rows]
     for phase in Phase:
         if phase is not Phase.TERMINATED:

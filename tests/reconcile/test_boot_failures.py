@@ -62,3 +62,28 @@ async def test_a_replica_that_served_and_then_died_is_no_failed_boot(world: Worl
     assert (row.last_error or "").startswith("died: ")
     assert await world.decisions("boot_failed") == []
     assert len(await world.rows("bot")) == 2  # replaced at once
+
+
+async def test_a_workload_at_zero_after_a_failed_boot_is_left_alone_and_still_backs_off(
+    world: World,
+) -> None:
+    """Its backoff alone does not step it in full every pass; when it launches again,
+    the backoff holds the launch until its end, and the launch goes out then."""
+    await world.apply(fixed("bot", 1))
+    await world.step()
+    await _fail_the_booting_replica(world)
+    await world.step(1)  # reported: the next launch waits 5 s
+    assert "next launch in 5s" in (await world.decisions("boot_failed"))[0].reason
+    await world.apply(fixed("bot", 0))
+    await world.step(0.5)
+    await world.step(0.5)
+    stepped = world.deps.metrics.pass_workloads.labels("stepped")._value.get()
+    assert stepped == 0
+    assert world.deps.memory.boot_backoff  # still backing off, yet left alone
+    await world.apply(fixed("bot", 1))
+    await world.step(1)  # 3 s into the wait: held
+    assert len(await world.rows("bot")) == 1
+    await world.step(1)
+    assert len(await world.rows("bot")) == 1
+    await world.step(2)  # the wait is over: launched
+    assert len(await world.rows("bot")) == 2
