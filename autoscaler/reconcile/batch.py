@@ -385,8 +385,14 @@ async def _still_as_read(s: AsyncSession, workloads: Sequence[WorkloadFacts]) ->
     return {wid for wid, generation, spec_hash in found if read[wid] == (generation, spec_hash)}
 
 
+_COLUMNS = tuple(c.key for c in _INSTANCES.columns)
+
+
 def _values(row: LedgerRow) -> dict[str, Any]:
-    return {c.key: getattr(row, c.key) for c in _INSTANCES.columns}
+    """The intent's column values, from the attributes set on it (the others ``None``,
+    as the ORM would read them): not through the ORM's attribute instrumentation."""
+    values = vars(row)
+    return {key: values.get(key) for key in _COLUMNS}
 
 
 async def _call(deps: Deps, launches: Sequence[_Launch], *, now: datetime) -> None:
