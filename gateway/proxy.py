@@ -196,8 +196,9 @@ class Forwarder:
         length: int | None,
     ) -> UpstreamResponse:
         target = f"/v1/{path}"
-        if request.query_string:
-            target = f"{target}?{request.query_string}"
+        query = request.rel_url.raw_query_string  # as the caller encoded it: never decoded
+        if query:
+            target = f"{target}?{query}"
         try:
             return await self._pool.request(
                 url=lease.replica.url,

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 import pytest
+import yarl
 from aiohttp import web
 
 from tests.gateway.conftest import Seed, StartGateway, base_url
@@ -137,3 +138,38 @@ async def test_a_cookie_one_caller_got_is_not_replayed_for_the_next(
             assert response.status == 200, caller
             assert response.cookies["session"].value == "first-callers-session"
     assert [r.headers.get("Cookie") for r in replica.seen] == [None, None]
+
+
+async def test_a_query_string_cannot_smuggle_lines_to_the_replica(
+    seed: Seed, start_gateway: StartGateway
+) -> None:
+    """The query reaches the replica as the caller encoded it: an encoded line break
+    stays encoded instead of ending the request line (and starting a request of its own)."""
+    heads: list[bytes] = []
+
+    async def raw(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(raw, "127.0.0.1", 0)
+    try:
+        key = await seed.workload("support-bot")
+        await seed.replica("support-bot", f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        gateway = await start_gateway()
+        query = "a=%20HTTP/1.1%0D%0AX-Injected:%20yes&b=%26"
+        url = yarl.URL(f"{base_url(gateway, 'support-bot')}/chat/completions?{query}", encoded=True)
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url, json={}, headers={"Authorization": f"Bearer {key}"}) as response,
+        ):
+            assert response.status == 200
+        request_line, *header_lines = heads[0].split(b"\r\n")
+        assert request_line == f"POST /v1/chat/completions?{query} HTTP/1.1".encode()
+        assert not [line for line in header_lines if line.lower().startswith(b"x-injected")]
+    finally:
+        server.close()
+        await server.wait_closed()
