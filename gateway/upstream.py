@@ -7,9 +7,15 @@ hands the body bytes it holds to the waiting relay, with no per-chunk stream obj
 A connection goes back to its replica's idle list only after a complete response that
 allows keep-alive, with every body byte taken and nothing more received; any other end
 (a response cut short, a parse error, bytes past the response, a request whose body was
-not sent whole, a caller that went away) closes it, so two requests' bytes never mix.
-Idle connections are dropped after ``keepalive_sec``, below the 5 s that uvicorn (vLLM)
-keeps an idle connection open, so the replica rarely closes one just as it is reused.
+not sent whole, a response that began before the request was sent whole, a caller that
+went away) closes it, so two requests' bytes never mix. Idle connections are closed
+after ``keepalive_sec`` (by a timer, so a replica that vanished without closing leaves
+no socket behind), below the 5 s that uvicorn (vLLM) keeps an idle connection open, so
+the replica rarely closes one just as it is reused.
+
+A replica's head and trailers are not buffered without bound: more than ``_HEAD_LIMIT``
+bytes in a row that carry no body byte fail the response. The request target and
+header fields must not hold line breaks (or, for the target, spaces and controls).
 
 Errors::
 
@@ -21,6 +27,7 @@ Errors::
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -34,6 +41,13 @@ from multidict import CIMultiDict
 _HIGH_WATER = 256 * 1024
 #: Parsed replica URLs cached, at most.
 _ORIGINS_KEPT = 4096
+#: Bytes received in a row without a body byte (a head, 1xx heads, trailers), at most.
+_HEAD_LIMIT = 128 * 1024
+#: What a request target may not hold: it would end the request line.
+_BAD_TARGET = re.compile(r"[\x00-\x20\x7f]")
+#: What a header name may not hold, and what a header value may not.
+_BAD_NAME = re.compile(r"[\x00-\x20\x7f:]")
+_BAD_VALUE = re.compile(r"[\x00\r\n]")
 
 
 class ConnectFailed(Exception):
@@ -151,6 +165,9 @@ class _Connection(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None
         self._until_close = False  # a body without length or chunking: it ends at EOF
         self._interim = False  # between a 1xx answer's headers and its end
+        self._answered = False  # the final response's head is in
+        self._body_seen = 0  # body bytes of this response so far
+        self._bare = 0  # bytes received since the last body byte
 
     # -- asyncio.Protocol --------------------------------------------------------------
 
@@ -164,8 +181,16 @@ class _Connection(asyncio.Protocol):
         if self._complete:
             self._clean = False
             return
+        body_seen = self._body_seen
         try:
             self._parser.feed_data(data)
+            if self._body_seen != body_seen:
+                self._bare = 0
+            elif not self._complete:
+                self._bare += len(data)
+                if self._bare > _HEAD_LIMIT:
+                    self._fail(UpstreamError("the replica's head or trailers are too large"))
+                    self._close()
         except httptools.HttpParserError as exc:
             if self.complete():  # (the callbacks may have completed it)
                 self._clean = False  # bytes past the response: not a reusable connection
@@ -187,7 +212,7 @@ class _Connection(asyncio.Protocol):
             self.gone.set_result(None)
         self._pool.forget(self)
         if self._head is not None and not self._complete:
-            if self._until_close:
+            if self._until_close and exc is None:
                 self.on_message_complete()
             else:
                 reason = "closed the connection" if exc is None else f"connection lost: {exc}"
@@ -216,7 +241,7 @@ class _Connection(asyncio.Protocol):
             self._reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._complete:
+        if self._answered:  # trailers: not relayed
             return
         self._headers.append(
             (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
@@ -231,6 +256,7 @@ class _Connection(asyncio.Protocol):
             self._reason = b""
             self._interim = True
             return
+        self._answered = True
         headers = CIMultiDict(self._headers)
         response = UpstreamResponse(
             self,
@@ -247,6 +273,9 @@ class _Connection(asyncio.Protocol):
         )
         if self._until_close:
             self._clean = False
+        if self.transport is not None and self.transport.get_write_buffer_size():
+            # Answered before the request left: the replica may never read the rest.
+            self._clean = False
         head = self._head
         if head is not None and not head.done():
             head.set_result(response)
@@ -256,6 +285,7 @@ class _Connection(asyncio.Protocol):
             return
         self._chunks.append(body)
         self._held += len(body)
+        self._body_seen += len(body)
         if self._held > _HIGH_WATER and not self._paused and self.transport is not None:
             self._paused = True
             self.transport.pause_reading()
@@ -288,7 +318,10 @@ class _Connection(asyncio.Protocol):
     def _close(self) -> None:
         self._clean = False
         if self.transport is not None:
-            self.transport.close()
+            if self.transport.get_write_buffer_size():
+                self.transport.abort()  # close() would wait for a reader that may never read
+            else:
+                self.transport.close()
 
     def usable(self) -> bool:
         return not self.lost and self.transport is not None and not self.transport.is_closing()
@@ -374,7 +407,14 @@ class _Connection(asyncio.Protocol):
         head, self._head = self._head, None
         if head is not None and head.done() and not head.cancelled():
             head.exception()  # retrieved: a failure already answered needs no log
-        if self._complete and self._clean and not self._chunks and self.usable():
+        if (
+            self._complete
+            and self._clean
+            and not self._chunks
+            and self.usable()
+            and self.transport is not None
+            and not self.transport.get_write_buffer_size()
+        ):
             self._reset()
             self._pool.put(self)
         else:
@@ -400,6 +440,7 @@ class UpstreamPool:
         self._origins: dict[str, Origin] = {}
         self._ssl: ssl.SSLContext | None = None
         self._closed = False
+        self._reaper: asyncio.TimerHandle | None = None
 
     def origin(self, url: str) -> Origin:
         origin = self._origins.get(url)
@@ -425,11 +466,13 @@ class UpstreamPool:
         if method == "HEAD":  # its response's length would describe a body never sent
             raise ValueError("HEAD is not relayed")
         origin = self.origin(url)
+        if _BAD_TARGET.search(target):
+            raise ValueError(f"request target {target!r} holds a space or control character")
         chunked = body is not None and not isinstance(body, bytes) and length is None
         lines = [f"{method} {origin.prefix}{target} HTTP/1.1", f"Host: {origin.authority}"]
         for name, value in headers:
-            if "\n" in value or "\r" in value:
-                raise ValueError(f"header {name!r} holds a line break")
+            if _BAD_VALUE.search(value) or _BAD_NAME.search(name) or not name:
+                raise ValueError(f"header {name!r} holds a line break or is no field name")
             lines.append(f"{name}: {value}")
         if chunked:
             lines.append("Transfer-Encoding: chunked")
@@ -482,6 +525,25 @@ class UpstreamPool:
         while idle and idle[0].idle_since < oldest_kept:  # the oldest are at the front
             idle.pop(0).finish()
         idle.append(conn)
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().call_later(self._keepalive_sec, self._reap)
+
+    def _reap(self) -> None:
+        """Close the connections idle past ``keepalive_sec``; come back while any is left."""
+        self._reaper = None
+        now = self._clock()
+        oldest_kept = now - self._keepalive_sec
+        first = now
+        for origin, idle in list(self._idle.items()):
+            while idle and idle[0].idle_since < oldest_kept:
+                idle.pop(0).finish()
+            if idle:
+                first = min(first, idle[0].idle_since)
+            else:
+                del self._idle[origin]
+        if self._idle and not self._closed:
+            delay = max(first + self._keepalive_sec - now, 0.0) + 0.001
+            self._reaper = asyncio.get_running_loop().call_later(delay, self._reap)
 
     def forget(self, conn: _Connection) -> None:
         idle = self._idle.get(conn.origin)
@@ -497,6 +559,9 @@ class UpstreamPool:
     async def close(self) -> None:
         """Close the idle connections (those in use close when their response does)."""
         self._closed = True
+        if self._reaper is not None:
+            self._reaper.cancel()
+            self._reaper = None
         closing = [conn for idle in self._idle.values() for conn in idle]
         self._idle.clear()
         for conn in closing:

@@ -4,7 +4,9 @@ every way a response can end that must close the connection instead."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import cast
@@ -405,3 +407,203 @@ def test_the_client_runs_on_uvloop() -> None:
             await _stop_raw(servers, replicas)
 
     uvloop.run(scenario())
+
+
+StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+Serve = Callable[[StreamHandler], Awaitable[str]]
+
+
+@pytest.fixture
+async def serve() -> AsyncIterator[Serve]:
+    """A replica scripted byte by byte: ``handler`` runs once per connection."""
+    servers: list[asyncio.Server] = []
+    writers: list[asyncio.StreamWriter] = []
+
+    async def start(handler: StreamHandler) -> str:
+        async def tracked(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writers.append(writer)
+            with contextlib.suppress(ConnectionError):
+                await handler(reader, writer)
+
+        server = await asyncio.start_server(tracked, "127.0.0.1", 0)
+        servers.append(server)
+        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+
+    yield start
+    for writer in writers:
+        writer.close()
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+async def fetch(pool: UpstreamPool, url: str) -> bytes:
+    response = await pool.request(
+        url=url, method="POST", target="/v1/x", headers=[], body=b"{}", length=2
+    )
+    try:
+        return await read_all(response)
+    finally:
+        response.close()
+
+
+async def test_a_replica_sending_endless_headers_is_cut_off(
+    pool: UpstreamPool, serve: Serve
+) -> None:
+    """A head (or trailer section) that never ends is an error once it passes the limit,
+    not memory held until the idle timeout."""
+    sent: list[int] = []
+
+    def endless(trailers: bool) -> StreamHandler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            start = b"HTTP/1.1 200 OK\r\n"
+            if trailers:
+                start += b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+            writer.write(start)
+            total = 0
+            while total < 64 * 1024 * 1024:
+                writer.write(b"X-Filler: " + b"a" * 4000 + b"\r\n")
+                total += 4012
+                await writer.drain()
+            sent.append(total)
+            await reader.read()  # until the gateway closes the connection
+
+        return handler
+
+    for trailers in (False, True):
+        url = await serve(endless(trailers))
+        with pytest.raises(UpstreamError, match="too large"):
+            await fetch(pool, url)
+        assert not sent, "the replica wrote 64 MiB of headers and the gateway took them all"
+
+
+async def test_an_answer_before_the_request_body_was_sent_closes_the_connection(
+    serve: Serve,
+) -> None:
+    """A replica that answers (413) without reading the body may never read again: the
+    next request must not wait behind the unsent body on that connection."""
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await reader.readuntil(b"\r\n\r\n")
+        if connections == 1:
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+            await asyncio.Event().wait()  # reads nothing more, keeps the connection
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await reader.read()
+
+    url = await serve(handler)
+    pool = UpstreamPool(connect_timeout_sec=5, idle_timeout_sec=2)
+    try:
+        big = b"x" * (32 * 1024 * 1024)
+        response = await pool.request(
+            url=url, method="POST", target="/v1/x", headers=[], body=big, length=len(big)
+        )
+        assert response.status == 413
+        response.close()
+        response = await pool.request(
+            url=url, method="GET", target="/v1/x", headers=[], body=None, length=None
+        )
+        assert await read_all(response) == b"ok"
+        response.close()
+        assert connections == 2
+    finally:
+        await pool.close()
+
+
+async def test_a_reset_cuts_a_body_that_ends_at_close(pool: UpstreamPool, serve: Serve) -> None:
+    """Only a clean close ends a body without length; a reset is a failure."""
+    reset = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npart")
+        await writer.drain()
+        await reset.wait()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    url = await serve(handler)
+    response = await pool.request(
+        url=url, method="POST", target="/v1/x", headers=[], body=b"{}", length=2
+    )
+    try:
+        assert response.read_nowait() or await response.read() == b"part"
+        reset.set()
+        with pytest.raises(UpstreamError):
+            await response.read()
+    finally:
+        response.close()
+
+
+async def test_idle_connections_close_after_keepalive_without_further_traffic(
+    start_raw: StartRaw,
+) -> None:
+    """A replica that vanished without closing (terminated instance) leaves no socket."""
+    replica = await start_raw([ok(b"one")])
+    pool = UpstreamPool(connect_timeout_sec=5, idle_timeout_sec=5, keepalive_sec=0.05)
+    try:
+        assert await exchange(pool, replica) == b"one"
+        assert pool.idle_connections() == 1
+        async with asyncio.timeout(5):
+            await replica.gone[0]
+        assert pool.idle_connections() == 0
+    finally:
+        await pool.close()
+
+
+async def test_a_target_with_a_line_break_or_space_is_refused(pool: UpstreamPool) -> None:
+    for target in ("/v1/x?a=\r\nX-Injected: yes", "/v1/x?a b", "/v1/x\n"):
+        with pytest.raises(ValueError, match="target"):
+            await pool.request(
+                url="http://127.0.0.1:9",
+                method="POST",
+                target=target,
+                headers=[],
+                body=b"",
+                length=0,
+            )
+
+
+async def test_a_fast_replica_waits_for_a_slow_reader(pool: UpstreamPool, serve: Serve) -> None:
+    """The client stops reading the socket while the body bytes it holds go unread: a
+    large answer waits in the replica's send buffer, not in the gateway's memory."""
+    written = 0
+    blocked = asyncio.Event()
+    size = 256 * 1024 * 1024
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal written
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        piece = b"x" * (1024 * 1024)
+        while written < size:
+            writer.write(piece)
+            written += len(piece)
+            try:
+                async with asyncio.timeout(1):
+                    await writer.drain()
+            except TimeoutError:  # the gateway stopped reading
+                blocked.set()
+                await writer.drain()
+
+    url = await serve(handler)
+    response = await pool.request(
+        url=url, method="POST", target="/v1/x", headers=[], body=b"{}", length=2
+    )
+    try:
+        async with asyncio.timeout(10):
+            await blocked.wait()
+        assert written < size // 4
+        got = len(response.read_nowait())
+        assert got <= 2 * 1024 * 1024  # at most what the socket held when reading paused
+        async with asyncio.timeout(20):
+            while got < size:  # reading resumes once the held bytes are taken
+                got += len(await response.read())
+        assert response.at_eof()
+    finally:
+        response.close()
