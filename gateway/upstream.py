@@ -363,8 +363,9 @@ class _Connection(asyncio.Protocol):
                     self.transport.write(
                         b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
                     )
-                if self._writable is not None:
-                    await self._writable
+                if self._writable is not None:  # the replica stopped reading the body
+                    async with asyncio.timeout(self._idle_timeout):
+                        await self._writable
             else:
                 sent_whole = True
                 if chunked:

@@ -607,3 +607,25 @@ async def test_a_fast_replica_waits_for_a_slow_reader(pool: UpstreamPool, serve:
         assert response.at_eof()
     finally:
         response.close()
+
+
+async def test_a_replica_that_stops_reading_a_streamed_body_times_out(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        await asyncio.Event().wait()  # neither reads the body nor answers
+
+    async def parts() -> AsyncIterator[bytes]:
+        for _ in range(256):
+            yield b"x" * (1024 * 1024)
+
+    url = await serve(handler)
+    pool = UpstreamPool(connect_timeout_sec=5, idle_timeout_sec=0.5)
+    try:
+        async with asyncio.timeout(30):  # (a failure, not a hang, when nothing times out)
+            with pytest.raises(TimeoutError):
+                await pool.request(
+                    url=url, method="POST", target="/v1/x", headers=[], body=parts(), length=None
+                )
+        assert pool.idle_connections() == 0
+    finally:
+        await pool.close()
