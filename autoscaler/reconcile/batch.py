@@ -10,8 +10,10 @@ one launch and nothing else, from facts the pass has already read (``reconcile.f
 1. **Which.** A queued workload whose facts changed since its last step
    (``changes``, rule 1) and for which nothing but the decision could have work:
    live, not quarantined, not backing off after failed boots, none read this pass,
-   runnable, no warm pool, every replica settled as far as its facts and the provider's
-   list tell and every probed engine answering as its phase says (``changes``, rule 4:
+   runnable, no warm pool, not allowed spot machines (its step reads their measured
+   interruption rate from the store), every replica settled as far as its facts and
+   the provider's list tell and every probed engine answering as its phase says
+   (``changes``, rule 4:
    sync, intent resolution, group and park settlement, health checks and spot notices
    would find nothing). Its pure step (``decide.step.step``) runs on those facts, with
    the fleet's spend counting every launch decided before it in the batch; a plan of
@@ -96,6 +98,7 @@ from autoscaler.reconcile.workload import (
     due_after,
     export_refusals,
     export_workload,
+    on_spot,
     remember_scale,
     replica_states,
     scale_entry,
@@ -229,10 +232,12 @@ def _may_batch(
 
 
 def _runnable_spec(deps: Deps, w: WorkloadFacts) -> WorkloadSpec | None:
+    """Its spec, when its step reads nothing but the pass's facts: runnable, no warm
+    pool (start times), no spot machines (the measured interruption rate)."""
     spec = spec_of(deps, w)
-    if spec is None or warm_policy_of(spec) is not None or runnable_problems(spec):
+    if spec is None or warm_policy_of(spec) is not None or on_spot(spec):
         return None
-    return spec
+    return None if runnable_problems(spec) else spec
 
 
 async def _decide(

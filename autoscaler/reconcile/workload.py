@@ -247,10 +247,10 @@ async def reconcile_workload(
                 else None
             ),
             spot_rate=(
-                await spot_record(s, workload.id, now=now) if _on_spot(spec) else PRIOR_SPOT_RATE
+                await spot_record(s, workload.id, now=now) if on_spot(spec) else PRIOR_SPOT_RATE
             ),
         )
-        if _on_spot(spec):
+        if on_spot(spec):
             deps.metrics.spot_rate.labels(workload.project, workload.slug).set(
                 view.spot_rate.per_hour
             )
@@ -324,7 +324,7 @@ async def reconcile_workload(
     )
 
 
-def _on_spot(spec: WorkloadSpec) -> bool:
+def on_spot(spec: WorkloadSpec) -> bool:
     """Whether the workload may buy spot machines (only then is its spot record read)."""
     policy = _autoscaling(spec)
     return policy is not None and policy.allow_spot_instances

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from autoscaler.reconcile.loop import STEPS_AT_ONCE
+from autoscaler.reconcile.batch import CALLS_AT_ONCE
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase
@@ -81,7 +81,8 @@ async def test_launches_of_several_workloads_overlap_each_after_its_intent(
     for n in range(WORKLOADS):
         await world.apply(fixed(f"w{n:02d}", 1))
     await world.step()
-    assert 1 < provider.most_in_flight <= STEPS_AT_ONCE
+    # One launch each: they go in the pass's batch, at most ``CALLS_AT_ONCE`` at once.
+    assert 1 < provider.most_in_flight <= CALLS_AT_ONCE
     assert provider.intents_missing == []
     rows = await world.rows()
     assert len(rows) == WORKLOADS
