@@ -9,17 +9,21 @@ own record, and the trace simulator builds the same record from its own machines
   launched, when its exposure ended (the controller began to drain or terminate it, or
   the provider ended it; ``None``: still running) and whether it ended by a provider
   interruption (a spot notice, or the provider showing it interrupted). The reconciler
-  reads the workload's ledger rows (``autoscaler.reconcile.ledger.spot_lives``).
+  reads the workload's ledger rows (``autoscaler.reconcile.liveness.spot_life``).
 * **Window.** Only the last :data:`SPOT_RATE_WINDOW_SEC` (7 days) count: the machine-hours
   inside it and the interruptions whose machine ended inside it. Markets change; a week
   is the span of the prior's own assumption.
 * **Prior.** A Gamma-Poisson posterior mean: ``(PRIOR_INTERRUPTIONS + interruptions) /
   (PRIOR_HOURS + spot machine-hours)``, the prior one interruption in 168 machine-hours
   (:data:`DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR`, one a machine-week). Its weight is that of
-  one machine-week observed with one interruption in it: the least-informative prior
-  (shape 1, an exponential one, whose spread equals its mean) that states a mean at
-  all. Once the workload's spot machines have run a machine-week, what they showed
-  weighs as much as the assumption; after ten, ten times as much.
+  one machine-week observed with one interruption in it: shape 1, an exponential prior
+  whose spread equals its mean. A smaller shape would be vaguer but would also pull the
+  estimate towards zero after any quiet run (as the shape goes to zero, no interruption
+  yet reads as a rate of zero, and no spare is kept until the first one), a larger one
+  would hold an unmeasured assumption longer. Shape 1 is a choice between the two, not
+  a fit. Once
+  the workload's spot machines have run a machine-week, what they showed weighs as much
+  as the assumption; after ten, ten times as much.
 
 Scope: the workload's own spot machines, all its markets together. A fleet-wide rate per
 market (provider, region, GPU) would learn faster and is what a real rate depends on,

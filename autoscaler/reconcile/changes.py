@@ -33,6 +33,10 @@ for a full step only the workloads for which one of these holds:
    ones included, which the pass does not read: it runs with the ones its last full
    step read (``Seen.start_times``), which stay the same while its facts do (a row
    becomes a sample only when it is made ready or resumed, a change of its facts).
+   One allowed spot machines weighs its measured interruption rate
+   (``decide.spot_rate``): the closed spot machines its last full step read
+   (``Seen.spot_closed``, which change only when a row closes, a change of its facts)
+   and the open ones in its facts, at this pass's time, as the full step would.
 6. **Quarantined or unrunnable** (the full step handles those), **deleted** (torn
    down), or **due for its resync**: every workload is stepped
    in full at least every ``Settings.resync_sec`` (600 s by default), each between half
@@ -73,6 +77,7 @@ from pydantic import ValidationError
 
 from autoscaler.decide.inputs import SignalsRead
 from autoscaler.decide.scaling import ScaleMemory
+from autoscaler.decide.spot_rate import PRIOR_SPOT_RATE, SpotLife, spot_rate
 from autoscaler.decide.step import WorkloadView, step
 from autoscaler.decide.warm import ParkMode, StartTimes
 from autoscaler.reconcile.deps import Deps, Seen
@@ -83,7 +88,7 @@ from autoscaler.reconcile.fleet import (
     engine_keys,
     workload_specs,
 )
-from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE
+from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE, open_spot_lives
 from autoscaler.reconcile.observe import Observation
 from autoscaler.reconcile.workload import due_after, replica_states, signals_for
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
@@ -162,9 +167,12 @@ def record_step(
     after: float | None,
     now: datetime,
     start_times: StartTimes | None = None,
+    spot_closed: tuple[SpotLife, ...] | None = None,
 ) -> None:
     """Remember what a full step of ``workload`` (as the pass read it) left: O(1).
-    ``start_times``: those its warm pool was planned with (``None``: no warm pool)."""
+    ``start_times``: those its warm pool was planned with (``None``: no warm pool);
+    ``spot_closed``: the closed spot machines its interruption rate read (``None``: it
+    does not allow spot)."""
     period = deps.settings.resync_sec * (0.5 + 0.5 * ((workload.id * _SPREAD) % 1.0))
     deps.memory.seen[workload.id] = Seen(
         facts=workload,
@@ -172,6 +180,7 @@ def record_step(
         due_at=None if after is None else now + timedelta(seconds=after),
         resync_at=now + timedelta(seconds=period),
         start_times=start_times,
+        spot_closed=spot_closed,
     )
 
 
@@ -355,6 +364,12 @@ def _decision_quiet(
     seen = memory.seen[w.id]
     if policy.warm_pool is not None and seen.start_times is None:
         return False  # its plan reads start times its last full step did not read
+    rate = PRIOR_SPOT_RATE
+    if policy.allow_spot_instances:
+        if seen.spot_closed is None:
+            return False  # its spares read a spot record its last full step did not read
+        rate = spot_rate([*seen.spot_closed, *open_spot_lives(w.rows)], now=now)
+        deps.metrics.spot_rate.labels(w.project, w.slug).set(rate.per_hour)
     settings = deps.settings
     view = WorkloadView(
         spec=spec,
@@ -365,6 +380,7 @@ def _decision_quiet(
         inherited_usd_per_hour=fleet.inherited_prices(w),
         fleet_usd_per_hour=fleet.usd_per_hour if settings.fleet_max_hourly_cost_usd else 0.0,
         start_times=seen.start_times,
+        spot_rate=rate,
     )
     result = step(
         view,

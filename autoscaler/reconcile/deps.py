@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.decide.inputs import SignalsRead
 from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.decide.signals import EngineLoad
+from autoscaler.decide.spot_rate import SpotLife
 from autoscaler.decide.step import (
     GROUP_PROVIDERS,
     MAX_LAUNCHES_PER_STEP,
@@ -345,6 +346,10 @@ class Seen:
     it read none, having no warm pool). They are read from closed rows too, which a
     pass does not read; they change only when one of its rows becomes ready or is
     resumed, which changes its facts first."""
+    spot_closed: tuple[SpotLife, ...] | None = None
+    """The closed spot machines its last full step measured the interruption rate with
+    (``None``: it read none, not allowing spot). They change only when one of its rows
+    closes, which changes its facts first; its open ones are in its facts."""
 
 
 @dataclass

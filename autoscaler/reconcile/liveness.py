@@ -43,7 +43,7 @@ orphan sweep terminates it once it shows.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import datetime, timedelta
 
 from sqlalchemy import or_, select
@@ -51,6 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.spot_rate import SPOT_RATE_WINDOW_SEC, SpotLife, SpotRate, spot_rate
 from autoscaler.reconcile.deps import Deps, log
+from autoscaler.reconcile.ledger import Facts
 from autoscaler.reconcile.observe import Observation, count_provider_error
 from autoscaler.reconcile.provisioner import boots_from_script, mark_unavailable
 from autoscaler.store.models import Instance as LedgerRow
@@ -67,6 +68,10 @@ SPOT_NOTICE = "spot notice: "
 DIED = "died: "
 """How ``last_error`` starts when the provider showed a serving instance gone."""
 
+TERMINATING = "; terminating: "
+"""What follows a recorded spot notice in ``last_error`` when a terminate call failed
+(the latest failure only: retries do not make it grow)."""
+
 
 def spot_notices(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     """Replicas not yet being terminated whose instance reported a spot interruption notice."""
@@ -74,7 +79,7 @@ def spot_notices(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     return [r for r in rows if phase_of(r) in live and (r.last_error or "").startswith(SPOT_NOTICE)]
 
 
-def interrupted(row: LedgerRow) -> bool:
+def interrupted(row: Facts) -> bool:
     """Whether the row's machine ended by a provider interruption: its spot notice was
     recorded, or the provider showed it interrupted (``_confirm_gone``)."""
     error = row.last_error or ""
@@ -83,7 +88,7 @@ def interrupted(row: LedgerRow) -> bool:
     )
 
 
-def spot_life(row: LedgerRow) -> SpotLife | None:
+def spot_life(row: Facts) -> SpotLife | None:
     """A spot row's record for the measured interruption rate (``decide.spot_rate``):
     launched at ``launched_at``, exposed until the controller began to drain or
     terminate it or the provider confirmed it gone (``None``: not a spot machine, or
@@ -101,6 +106,32 @@ def spot_life(row: LedgerRow) -> SpotLife | None:
         ended_at=min(ends) if ends else None,
         interrupted=interrupted(row),
     )
+
+
+def open_spot_lives(rows: Iterable[Facts]) -> list[SpotLife]:
+    """The records of the open rows among ``rows`` (not confirmed terminated)."""
+    lives = (spot_life(r) for r in rows if r.terminated_confirmed_at is None)
+    return [life for life in lives if life is not None]
+
+
+async def closed_spot_lives(
+    session: AsyncSession, workload_id: int, *, now: datetime
+) -> tuple[SpotLife, ...]:
+    """The records of the workload's spot rows confirmed terminated within
+    ``decide.spot_rate``'s window: one query by the ``ix_instances_spot_record`` index.
+    They change only when a row closes, which changes the workload's facts
+    (``reconcile.changes``): a pass that leaves it alone measures its rate from these,
+    as its last full step read them, and its open rows."""
+    since = now - timedelta(seconds=SPOT_RATE_WINDOW_SEC)
+    rows = await session.scalars(
+        select(LedgerRow).where(
+            LedgerRow.workload_id == workload_id,
+            LedgerRow.spot.is_(True),
+            LedgerRow.terminated_confirmed_at >= since,
+            LedgerRow.launched_at.is_not(None),
+        )
+    )
+    return tuple(life for life in map(spot_life, rows) if life is not None)
 
 
 async def spot_record(session: AsyncSession, workload_id: int, *, now: datetime) -> SpotRate:
@@ -313,8 +344,12 @@ async def terminate_instance(deps: Deps, row: LedgerRow) -> None:
         await entry.provider.terminate(row.instance_id)
     except ProviderError as exc:
         count_provider_error(deps, provider=row.provider, operation="terminate", error=exc)
-        notice = (row.last_error or "").startswith(SPOT_NOTICE)  # kept: the rate counts it
-        row.last_error = f"{row.last_error}; terminating: {exc}" if notice else str(exc)
+        error = row.last_error or ""
+        if error.startswith(SPOT_NOTICE):  # kept, once: the measured rate counts it
+            notice = error.split(TERMINATING, 1)[0]
+            row.last_error = f"{notice}{TERMINATING}{exc}"
+        else:
+            row.last_error = str(exc)
         log.warning("terminating %s: %s", row.instance_id, exc)
 
 

@@ -375,6 +375,7 @@ async def _one(
         quiet=outcome.quiet,
         after=outcome.after,
         start_times=outcome.start_times,
+        spot_closed=outcome.spot_closed,
         now=now,
     )
     return outcome.after

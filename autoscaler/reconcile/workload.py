@@ -53,7 +53,7 @@ from autoscaler.decide.plan import (
 )
 from autoscaler.decide.scaling import FleetCounts, ScaleDecision, ScaleMemory
 from autoscaler.decide.signals import Signals
-from autoscaler.decide.spot_rate import PRIOR_SPOT_RATE
+from autoscaler.decide.spot_rate import PRIOR_SPOT_RATE, SpotLife, spot_rate
 from autoscaler.decide.step import (
     ReplicaState,
     Step,
@@ -91,10 +91,11 @@ from autoscaler.reconcile.ledger import (
 from autoscaler.reconcile.liveness import (
     SPOT_NOTICE,
     check_health,
+    closed_spot_lives,
     failed_boots,
+    open_spot_lives,
     settle_groups,
     spot_notices,
-    spot_record,
     sync_with_provider,
     terminate_instance,
 )
@@ -126,6 +127,9 @@ class StepOutcome:
     quiet: bool = False
     start_times: StartTimes | None = None
     """The start times its warm pool was planned with (``None``: no warm pool)."""
+    spot_closed: tuple[SpotLife, ...] | None = None
+    """The closed spot machines its measured interruption rate read
+    (``liveness.closed_spot_lives``; ``None``: it does not allow spot)."""
 
 
 async def reconcile_workload(
@@ -230,6 +234,7 @@ async def reconcile_workload(
         await region.enter_async_context(_spend_region(fleet))
         spend.closed(held)  # the fleet total the step reads counts the rows open now
         held = rows
+        spot_closed = await closed_spot_lives(s, workload.id, now=now) if on_spot(spec) else None
         view = WorkloadView(
             spec=spec,
             generation=workload.generation,
@@ -247,7 +252,9 @@ async def reconcile_workload(
                 else None
             ),
             spot_rate=(
-                await spot_record(s, workload.id, now=now) if on_spot(spec) else PRIOR_SPOT_RATE
+                spot_rate([*spot_closed, *open_spot_lives(rows)], now=now)
+                if spot_closed is not None
+                else PRIOR_SPOT_RATE
             ),
         )
         if on_spot(spec):
@@ -321,6 +328,7 @@ async def reconcile_workload(
         after=due_after(plan, decision, now=now),
         quiet=quiet,
         start_times=(view.start_times or DEFAULT_START_TIMES) if warm is not None else None,
+        spot_closed=spot_closed,
     )
 
 

@@ -1027,7 +1027,7 @@ _BOOT = BootSpec(
 
 def _spot_life(r: SimReplica) -> SpotLife:
     """A spot machine's record as the reconciler reads a ledger row's
-    (``autoscaler.reconcile.ledger.spot_life``): launched when bought, exposed until the
+    (``autoscaler.reconcile.liveness.spot_life``): launched when bought, exposed until the
     controller began to drain or end it or the cloud ended it."""
     ends = [x for x in (r.drain_s, r.ended_s) if x is not None]
     return SpotLife(

@@ -118,6 +118,17 @@ class Instance(Base):
     """
 
     __tablename__ = "instances"
+    __table_args__ = (
+        # A workload's spot machines closed within the measured interruption rate's
+        # window (``reconcile.liveness.closed_spot_lives``).
+        Index(
+            "ix_instances_spot_record",
+            "workload_id",
+            "terminated_confirmed_at",
+            sqlite_where=text("spot"),
+            postgresql_where=text("spot"),
+        ),
+    )
 
     launch_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     workload_id: Mapped[int] = mapped_column(ForeignKey("workloads.id"), index=True)

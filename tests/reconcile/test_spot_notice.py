@@ -6,11 +6,12 @@ from __future__ import annotations
 from sqlalchemy import update
 
 from autoscaler.decide.signals import Signals
-from autoscaler.reconcile.liveness import SPOT_NOTICE
+from autoscaler.reconcile.liveness import SPOT_NOTICE, TERMINATING, interrupted, spot_record
 from autoscaler.reconcile.notices import NOTICE_KEEP_SEC, share_notices
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
 from providers.base import SpotInterruption
+from providers.errors import Transient
 from tests.reconcile.world import PROJECT, World, autoscaling
 
 NOTICE = 'ec2 spot interruption notice: {"action": "terminate", "time": "2025-06-15T15:10:00Z"}'
@@ -132,3 +133,27 @@ async def test_stored_queue_warnings_are_kept_for_a_while_and_up_to_a_number(
     assert sorted(await share()) == ["i-c", "i-d"]  # "a" and "b" expired
     world.clock.advance(NOTICE_KEEP_SEC / 2)
     assert await share() == {}
+
+
+async def test_a_failed_terminate_keeps_the_notice_the_rate_counts(world: World) -> None:
+    """A terminate call the provider refuses, again and again, leaves the recorded notice
+    in place (the measured interruption rate counts it: ``liveness.interrupted``) with
+    the latest failure after it, not one more per try."""
+    world.health.all_healthy = False
+    workload_id = await world.apply(autoscaling("bot", allow_spot_instances=True))
+    await world.step()
+    [doomed] = await world.rows("bot")
+    await _notice(world, doomed.launch_id, drain=False)
+    for _ in range(3):
+        world.provider.fail_next("terminate", Transient)
+    tries = len(world.provider.calls_to("terminate"))
+    for _ in range(6):
+        await world.step(60)
+    assert len(world.provider.calls_to("terminate")) - tries >= 3
+    [old] = [r for r in await world.rows("bot") if r.launch_id == doomed.launch_id]
+    assert old.last_error is not None
+    assert old.last_error.startswith(f"{SPOT_NOTICE}{NOTICE}{TERMINATING}")
+    assert old.last_error.count(TERMINATING) == 1
+    assert interrupted(old)
+    async with world.sessions() as s:
+        assert (await spot_record(s, workload_id, now=world.now)).interruptions == 1
