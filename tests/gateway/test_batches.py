@@ -442,35 +442,68 @@ async def test_a_line_queued_again_after_its_batch_was_cancelled_is_not_run(
 
 
 async def test_a_line_taken_over_by_another_gateway_is_left_to_it(
-    seed: Seed, sessions: Sessions, start_engine: StartEngine, start_gateway: StartGateway
+    seed: Seed, sessions: Sessions, start_gateway: StartGateway
 ) -> None:
     """A line found stale and claimed by another gateway while this one still runs it:
-    this one's answer does not overwrite the new claim."""
+    this one's answer does not overwrite the new claim.
+
+    The replica holds its answer until the takeover is written, so the run cannot end
+    before it however slowly the test proceeds."""
+    release = asyncio.Event()
+
+    async def answer_when_released(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the request reached the replica
+        await release.wait()
+        body = json.dumps(
+            {"object": "chat.completion", "choices": [{"index": 0, "message": {
+                "role": "assistant", "content": "late"}, "finish_reason": "stop"}]}
+        ).encode()  # fmt: skip
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer_when_released, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
     key = await seed.workload("support-bot")
-    await seed.replica("support-bot", (await start_engine(time_scale=1.0)).url)
+    await seed.replica("support-bot", f"http://127.0.0.1:{port}")
     gateway = await start_gateway()
     runner = gateway._jobs
     assert runner is not None
-    async with sdk(gateway, "support-bot", key) as client:
-        batch = await submit(client, [chat_line("a", max_tokens=40)])
+    try:
+        async with sdk(gateway, "support-bot", key) as client:
+            batch = await submit(client, [chat_line("a")])
 
-        async def status() -> str | None:
+            async def status() -> str | None:
+                async with sessions() as s:
+                    return await s.scalar(select(Job.status).where(Job.batch_id == batch.id))
+
+            async def claimed() -> bool:
+                # The runner holds its claim before the claim's transaction commits.
+                return bool(runner._held) and await status() == "running"
+
+            await eventually(claimed)
+            theirs = datetime.now(UTC) + timedelta(seconds=1)
+            async with sessions() as s, s.begin():
+                await s.execute(
+                    update(Job)
+                    .where(Job.batch_id == batch.id)
+                    .values(started_at=theirs, attempts=2)
+                )
+            release.set()  # now this gateway's answer comes
+            await eventually(lambda: not runner._held)  # this gateway's run ended
             async with sessions() as s:
-                return await s.scalar(select(Job.status).where(Job.batch_id == batch.id))
-
-        await eventually(lambda: bool(runner._held))
-        assert await status() == "running"
-        theirs = datetime.now(UTC) + timedelta(seconds=1)
-        async with sessions() as s, s.begin():
-            await s.execute(
-                update(Job).where(Job.batch_id == batch.id).values(started_at=theirs, attempts=2)
-            )
-        await eventually(lambda: not runner._held)  # this gateway's run ended
-        async with sessions() as s:
-            job = await s.scalar(select(Job).where(Job.batch_id == batch.id))
-        assert job is not None
-        assert (job.status, job.started_at, job.result) == ("running", theirs, None)
-        assert (await client.batches.retrieve(batch.id)).status == "in_progress"
+                job = await s.scalar(select(Job).where(Job.batch_id == batch.id))
+            assert job is not None
+            assert (job.status, job.started_at, job.result) == ("running", theirs, None)
+            assert (await client.batches.retrieve(batch.id)).status == "in_progress"
+    finally:
+        release.set()
+        server.close()
 
 
 async def test_listing_files_reads_no_content(
