@@ -178,6 +178,18 @@ class ScaleMemory:
 
     breach_since: datetime | None = None
     calm_since: datetime | None = None
+    rebalance: Rebalance | None = None
+    """A replacement on a cheaper offer under way (``decide.step``); ``None``: none."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rebalance:
+    """A replacement on a cheaper market in flight: the fleet was ``count`` replicas
+    when one more was launched (``since``) to replace ``launch_id``, its dearest."""
+
+    count: int
+    launch_id: str
+    since: datetime
 
 
 class Direction(StrEnum):

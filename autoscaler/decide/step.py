@@ -28,6 +28,7 @@ says why each of these is so.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -64,6 +65,7 @@ from autoscaler.decide.plan import (
 from autoscaler.decide.scaling import (
     Direction,
     FleetCounts,
+    Rebalance,
     ScaleDecision,
     ScaleMemory,
     SpotRisk,
@@ -99,6 +101,20 @@ together. AWS runs them into a cluster placement group (``providers.aws``), GCP 
 compact placement policy (``providers.gcp``); the simulated cloud's members are
 processes of one machine. A provider left out places no
 group: a model no single machine of the pool holds gets "no offer fits" there."""
+
+REBALANCE_MIN_SAVING = 0.20
+"""A ready replica is replaced on a cheaper offer only when that offer is at least this
+share cheaper per hour: a smaller difference is price noise, and replacing on it would
+churn (buy, boot, drain) for little."""
+
+REBALANCE_MIN_AGE_SEC = 600.0
+"""A replica ready for less than this is not replaced on a cheaper offer: it was just
+bought, most often because the cheaper market was refused or reclaimed, which keeps that
+market skipped for :data:`UNAVAILABLE_SEC` (the same 10 minutes)."""
+
+REBALANCE_MAX_PAYBACK_SEC = 1800.0
+"""A replacement is launched only when what it saves repays its overlap (the new machine
+paid while it boots and the dear one drains) within this time."""
 
 _STAYING = frozenset({ReplicaPhase.PENDING, ReplicaPhase.BOOTING, ReplicaPhase.READY})
 
@@ -303,6 +319,18 @@ def step(
         view, memory=memory, inputs=inputs, now=now, knobs=knobs, count=count, warm=warm
     )
     timeouts = timeouts_of(view.spec)
+    decision = _rebalanced(
+        view,
+        decision,
+        prior=memory.rebalance,
+        placement=placement,
+        unavailable=unavailable,
+        now=now,
+        knobs=knobs,
+        policy=policy,
+        warm=warm,
+        timeouts=timeouts,
+    )
     staying = sum(
         1 for r in view.replicas if r.view.phase in _STAYING and not in_refill(r.view, warm)
     )
@@ -350,6 +378,18 @@ def step(
         warm=warm,
         launch_parks=launch_parks(chosen, view.spec, warm),
     )
+    started = decision.memory.rebalance
+    if started is not None and memory.rebalance is None:
+        scale_up = f"scale up {started.count} -> {started.count + 1}"
+        plan = replace(
+            plan,
+            actions=tuple(
+                replace(a, reason=a.reason.replace(scale_up, f"replace {started.launch_id}", 1))
+                if isinstance(a, Launch)
+                else a
+                for a in plan.actions
+            ),
+        )
     if chosen is not None and not chosen.found and plan.refusals:
         reason = unplaced_reason(chosen, room)
         plan = replace(plan, refusals=tuple(replace(r, reason=reason) for r in plan.refusals))
@@ -372,6 +412,151 @@ def step(
         headroom=room,
         warm=warm,
     )
+
+
+def _rebalanced(
+    view: WorkloadView,
+    decision: ScaleDecision,
+    *,
+    prior: Rebalance | None,
+    placement: Callable[[], Placement],
+    unavailable: Mapping[str, datetime],
+    now: datetime,
+    knobs: StepKnobs,
+    policy: AutoscalingPolicy | None,
+    warm: WarmPolicy | None,
+    timeouts: Timeouts,
+) -> ScaleDecision:
+    """``decision`` with a replacement on a cheaper offer: the count one above for the
+    replacement's boot, then back, so the plan drains the dearest replica (make before
+    break). Three states, read from what is observed and ``prior`` (the scaling memory):
+
+    * **Start.** Every replica ready (nothing starting, draining or parked), the count
+      decided is the count serving with no scale-up pending, every replica of the current
+      spec on one machine, a read of the whole gateway, and one more replica within
+      ``max_workers`` and ``max_replicas_per_workload`` (a fleet at its bound is not
+      replaced: the overlap would go above it). The dearest replica is ready for
+      :data:`REBALANCE_MIN_AGE_SEC`, and placement's offer, of its GPU shape or the one
+      most of the fleet runs (the count's), no market of that shape marked unavailable,
+      within every ceiling with the dearest still paid, is at least
+      :data:`REBALANCE_MIN_SAVING` cheaper per hour and repays the overlap within
+      :data:`REBALANCE_MAX_PAYBACK_SEC`: one more replica is wanted.
+    * **Boot.** The replacement starts, the rest ready, the dearest among them: the count
+      stays one above.
+    * **Ready.** All ready, one above: the count goes back and the plan drains the most
+      expensive replica (``decide.plan``).
+
+    Anything else (a scale decision, the replacement lost or timed out, the dearest gone)
+    ends the replacement: the decision stands as the rules made it. One replacement at a
+    time per workload; a replacement never replaces one cheaper than itself (the margin).
+    """
+    memory = replace(decision.memory, rebalance=None)
+    base = replace(decision, memory=memory)
+    if view.deleted or warm is not None:
+        return base
+    replicas = list(view.replicas)
+    ready = [r for r in replicas if r.view.phase is ReplicaPhase.READY]
+    starting = [r for r in replicas if r.view.phase in (ReplicaPhase.PENDING, ReplicaPhase.BOOTING)]
+    others = len(replicas) - len(ready) - len(starting)
+    drift = any(r.view.generation != view.generation for r in replicas)
+    if prior is not None:
+        n = prior.count
+        dear_ready = any(r.view.launch_id == prior.launch_id for r in ready)
+        if not (
+            dear_ready
+            and not others
+            and not drift
+            and len(ready) + len(starting) == n + 1
+            and len(starting) <= 1
+            and decision.desired in (n, n + 1)
+        ):
+            return base
+        if starting:
+            return replace(
+                decision,
+                desired=n + 1,
+                reason=f"replacement on a cheaper offer booting: keep {n + 1} (then {n})",
+                memory=replace(memory, rebalance=prior),
+            )
+        return replace(
+            decision,
+            desired=n,
+            reason=(
+                f"replacement on a cheaper offer ready: {n + 1} -> {n}, the most expensive "
+                "replica drained"
+            ),
+            memory=memory,
+        )
+    n = len(ready)
+    cap = knobs.max_replicas_per_workload
+    if policy is not None:
+        cap = min(cap, policy.max_workers)
+    if (
+        not ready
+        or starting
+        or others
+        or drift
+        or decision.desired != n
+        or decision.direction is not Direction.HOLD
+        or memory.breach_since is not None
+        or n + 1 > cap
+        or view.measured.incomplete is not None
+        or any(r.view.machines != 1 or r.shape is None for r in ready)
+    ):
+        return base
+    dear = max(ready, key=lambda r: r.view.usd_per_hour)
+    old = dear.view.usd_per_hour
+    if dear.view.ready_at is None or (now - dear.view.ready_at).total_seconds() < (
+        REBALANCE_MIN_AGE_SEC
+    ):
+        return base
+    chosen = placement()
+    offer = chosen.offer
+    shapes = Counter(r.shape for r in ready)
+    if (
+        offer is None
+        or chosen.market is None
+        or chosen.group_size != 1
+        or shape_of(offer) not in (dear.shape, shapes.most_common(1)[0][0])
+        or chosen.usd_per_hour > (1.0 - REBALANCE_MIN_SAVING) * old
+        or _shape_marked(shape_of(offer), view.offers, unavailable, now=now)
+    ):
+        return base
+    new = chosen.usd_per_hour
+    overlap_s = (view.start_times or DEFAULT_START_TIMES).fresh_s + timeouts.scaling_down_sec
+    cost = new * overlap_s / 3600.0
+    saving = old - new
+    payback_s = cost / saving * 3600.0
+    if payback_s > REBALANCE_MAX_PAYBACK_SEC:
+        return base
+    was = "spot" if dear.spot else "on-demand"
+    gpu = dear.shape[0] if dear.shape is not None else offer.gpu
+    return replace(
+        decision,
+        desired=n + 1,
+        reason=(
+            f"replace 1 x {gpu} {was} at ${old:.2f}/h with {offer.gpu} "
+            f"{chosen.market.value} at ${new:.2f}/h: saves ${saving:.2f}/h; overlap "
+            f"~{overlap_s:.0f} s costs ${cost:.2f} (repaid in {payback_s / 60:.0f} min); "
+            f"{n} -> {n + 1}, then the most expensive drained ({decision.reason})"
+        ),
+        memory=replace(memory, rebalance=Rebalance(n, dear.view.launch_id, now)),
+    )
+
+
+def _shape_marked(
+    shape: GpuShape, offers: Sequence[Offer], unavailable: Mapping[str, datetime], *, now: datetime
+) -> bool:
+    """Whether a market of any offer of ``shape`` (either market, any zone or provider)
+    is marked unavailable now: its capacity was just refused or reclaimed there."""
+    for offer in offers:
+        if shape_of(offer) != shape:
+            continue
+        for market in (Market.ON_DEMAND, Market.SPOT):
+            until = unavailable.get(unavailable_key(offer, market))
+            if until is not None and until > now:
+                return True
+    return False
 
 
 def _drains_waiting_on_signals(view: WorkloadView, plan: Plan) -> list[str]:

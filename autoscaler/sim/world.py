@@ -315,6 +315,9 @@ class World:
         """Every spot machine bought, ended ones too: the record the measured spot
         interruption rate reads (``decide.spot_rate``), as the ledger's rows are."""
         self.unavailable: dict[str, datetime] = {}
+        self._memory = ScaleMemory()
+        """A baseline's step memory (a replacement on a cheaper offer under way): the
+        controller's own is its policy's."""
         self.events: list[ScaleEvent] = []
         self.timeline: list[Sample] = []
         self.records = [
@@ -729,10 +732,14 @@ class World:
                 )
             )
             count = (want.count, want.reason)
-        memory = self.policy.memory if isinstance(self.policy, ControllerPolicy) else None
+        memory = (
+            self.policy.memory
+            if shipped and isinstance(self.policy, ControllerPolicy)
+            else self._memory
+        )
         result = step(
             view,
-            memory=memory or ScaleMemory(),
+            memory=memory,
             unavailable=self.unavailable,
             now=now,
             knobs=self.knobs,
@@ -740,6 +747,8 @@ class World:
         )
         if shipped and isinstance(self.policy, ControllerPolicy):
             self.policy.memory = result.decision.memory
+        else:
+            self._memory = result.decision.memory
         desired = result.decision.desired
         if desired != self._desired:
             kind = "scale-up" if desired > self._desired else "scale-down"
