@@ -56,7 +56,9 @@ resolution, group settlement, health, spot notices and failed-boot handling find
 (a stopped machine the provider shows stopped, a sleeping engine's machine running: the
 step's park settling then does nothing) and its hold time is a timer of the plan (5); a
 fixed count never changes and a schedule's changes and the plan's timeouts are timers
-(3); an autoscaling decision is computed here from the same inputs as the full step
+(3), save a fixed fleet's replacement on a cheaper offer (``decide.step``), which the
+clock alone can make due (a replica's age, a market's mark ending) and which waits for
+the next resync (6); an autoscaling decision is computed here from the same inputs as the full step
 would use (5). Its spend, the fleet's
 and the offers only matter to a launch, which it does not plan.
 
