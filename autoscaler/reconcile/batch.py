@@ -31,7 +31,11 @@ one launch and nothing else, from facts the pass has already read (``reconcile.f
    its intents are pending rows that a full step resolves by launch id) and every one
    of its workloads is stepped in full in the same pass.
 3. **Calls.** The launches go to the providers :data:`CALLS_AT_ONCE` at a time, each
-   within its workload's share of the pass (``Settings.workload_share_sec``).
+   within its workload's share of the pass (``Settings.workload_share_sec``) and none
+   past the pass's budget (``Settings.pass_budget_sec``, counted from the pass's
+   start): a call not started by then is not made, its intent left to the next pass,
+   which is due at once. A pass whose budget is spent before its batch batches
+   nothing (its full steps stop at the budget).
 4. **Results.** The instances, transient errors and refusals (the row closed on the
    provider's word, a ``launch_failed`` decision) in one transaction; if it fails,
    each row in a transaction of its own, so one row's failure costs only that row,
@@ -52,6 +56,7 @@ not in dry-run mode.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -144,6 +149,8 @@ class _Launch:
     changed: bool = False
     """The call changed the row (an instance, an error, a refusal)."""
     cut: bool = False
+    late: bool = False
+    """Not called: the pass's budget was spent before its turn (``cut`` too)."""
     error: Exception | None = None
 
 
@@ -168,10 +175,15 @@ async def launch_batch(
     fleet: FleetSpend | None,
     boots: Mapping[int, Sequence[LedgerRow]],
     now: datetime,
+    started: float | None = None,
 ) -> Batched:
     """Launch the queued workloads whose step is one launch in one batch (see the module
-    docstring); the rest are left to their full steps."""
+    docstring); the rest are left to their full steps. ``started``: the pass's start
+    (``time.perf_counter``), from which its budget counts (``None``: from now)."""
     if deps.shards is not None or deps.settings.dry_run or not due:
+        return Batched(rest=tuple(due))
+    started = time.perf_counter() if started is None else started
+    if _budget_left(deps, started) <= 0:
         return Batched(rest=tuple(due))
     candidates = [w for w in due if _may_batch(deps, w, observed=observed, boots=boots, now=now)]
     if not candidates:
@@ -197,11 +209,19 @@ async def launch_batch(
         if not written:
             return Batched(rest=tuple(due))
         launches = written
-        await _call(deps, launches, now=now)
+        await _call(deps, launches, started=started, now=now)
         await _write_results(deps, launches, fleet=fleet)
     batched = {b.workload.id for b in launches}
     after: dict[int, float | None] = {}
     failed: list[tuple[WorkloadFacts, Exception]] = []
+    if any(b.late for b in launches):
+        deps.metrics.pass_overruns.labels("pass").inc()
+        log.warning(
+            "reconcile pass over its %gs budget: %d launches of its batch are made in the "
+            "next pass",
+            deps.settings.pass_budget_sec,
+            sum(b.late for b in launches),
+        )
     for b in launches:
         outcome = _settle(deps, b, now=now)
         if isinstance(outcome, Exception):
@@ -209,6 +229,11 @@ async def launch_batch(
         else:
             after[b.workload.id] = outcome
     return Batched(rest=tuple(w for w in due if w.id not in batched), after=after, failed=failed)
+
+
+def _budget_left(deps: Deps, started: float) -> float:
+    """Seconds of the pass's budget left."""
+    return deps.settings.pass_budget_sec - (time.perf_counter() - started)
 
 
 def _may_batch(
@@ -400,16 +425,20 @@ def _values(row: LedgerRow) -> dict[str, Any]:
     return {key: values.get(key) for key in _COLUMNS}
 
 
-async def _call(deps: Deps, launches: Sequence[_Launch], *, now: datetime) -> None:
+async def _call(deps: Deps, launches: Sequence[_Launch], *, started: float, now: datetime) -> None:
     """The provider calls, :data:`CALLS_AT_ONCE` at a time, each within its share of the
-    pass and all within the pass's budget (one cut leaves its intent pending)."""
+    pass and all within the pass's budget, counted from its start (one cut, or not made
+    once the budget is spent, leaves its intent pending)."""
     slots = asyncio.Semaphore(CALLS_AT_ONCE)
     loop = asyncio.get_running_loop()
     settings = deps.settings
-    last = loop.time() + settings.pass_budget_sec  # none starts a wait past the pass's
+    last = loop.time() + _budget_left(deps, started)  # none waits past the pass's budget
 
     async def one(b: _Launch) -> None:
         async with slots:
+            if loop.time() >= last:
+                b.cut = b.late = True
+                return
             try:
                 async with asyncio.timeout_at(min(loop.time() + settings.workload_share_sec, last)):
                     await _launch(deps, b, now=now)
@@ -491,6 +520,8 @@ def _settle(deps: Deps, b: _Launch, *, now: datetime) -> float | Exception | Non
     if b.error is not None:
         deps.memory.last_desired.pop(w.id, None)
         return b.error
+    if b.late:
+        return 0.0  # its intent is launched in the next pass (``resolve_intent``)
     if b.cut:
         deps.memory.last_desired.pop(w.id, None)
         deps.metrics.pass_overruns.labels("workload").inc()

@@ -149,6 +149,7 @@ async def reconcile_once(deps: Deps) -> float:
             fleet=fleet,
             boots=boots,
             now=now,
+            started=started,
         )
         if after is not None:
             due = min(due, max(after, 0.0))
@@ -244,6 +245,7 @@ async def _batch(
     fleet: FleetSpend | None,
     boots: Mapping[int, Sequence[LedgerRow]],
     now: datetime,
+    started: float,
 ) -> tuple[Sequence[WorkloadFacts], float | None]:
     """The queued workloads whose step is one launch, launched in one batch
     (``reconcile.batch``); the ones left to step in full, and the earliest timer of the
@@ -258,6 +260,7 @@ async def _batch(
             fleet=fleet,
             boots=boots,
             now=now,
+            started=started,
         )
     except Exception:  # not one workload's: each is stepped in full, reading the store
         log.exception("the pass's batch of launches failed: each workload is stepped in full")

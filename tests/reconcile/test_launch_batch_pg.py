@@ -197,3 +197,24 @@ async def test_a_failed_write_of_the_results_writes_each_row_on_its_own(
     assert adopted.instance_id is not None
     assert len(await world.rows()) == WORKLOADS  # adopted, not bought twice
     assert len(world.live_instances()) == WORKLOADS
+
+
+async def test_a_pass_past_its_budget_batches_nothing_and_continues_where_it_stopped(
+    engine: AsyncEngine,
+) -> None:
+    """A pass whose budget is spent before its batch starts no launch of it: no intent
+    is written that no call follows, and no workload is reported over its share."""
+    world = World(session_factory(engine))
+    world.deps = world.make_deps(pass_budget_sec=0.0)
+    for slug in ("a", "b", "c"):
+        await world.apply(fixed(slug, 1))
+    assert await world.step() == 0
+    assert [len(await world.rows(slug)) for slug in "abc"] == [1, 0, 0]
+    assert len(world.live_instances()) == 1
+    overruns = world.deps.metrics.pass_overruns
+    assert overruns.labels("workload")._value.get() == 0
+    assert overruns.labels("pass")._value.get() == 1
+    await world.step()
+    await world.step()
+    assert [len(await world.rows(slug)) for slug in "abc"] == [1, 1, 1]
+    assert len(world.live_instances()) == 3
