@@ -13,6 +13,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from autoscaler.catalog_sync import LiveCatalog
 from autoscaler.controller import Controller, run_controller
 from autoscaler.metrics import ControllerMetrics
+from autoscaler.reconcile import batch
 from autoscaler.reconcile.deps import (
     Deps,
     LeaseLost,
@@ -373,8 +375,16 @@ async def _fleet(engine: AsyncEngine) -> list[LedgerRow]:
 
 
 async def test_four_controllers_share_forty_workloads_and_survive_losing_one(
-    engines: list[AsyncEngine], tmp_path: Path
+    engines: list[AsyncEngine], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    batches: list[int] = []
+    write_intents = batch._write_intents
+
+    async def recorded(deps: Any, launches: Any, *, fleet: Any) -> Any:
+        batches.append(len(launches))
+        return await write_intents(deps, launches, fleet=fleet)
+
+    monkeypatch.setattr(batch, "_write_intents", recorded)
     observer = engines[4]
     cloud = FakeCloud(clock=SystemClock())
     fleet = [
@@ -420,6 +430,7 @@ async def test_four_controllers_share_forty_workloads_and_survive_losing_one(
         await _until(launched, what="every workload reconciled and the ceiling reached")
         owners = {slug: [r.name for r in fleet if slug in r.reconciled()] for slug in slugs}
         assert all(len(names) == 1 for names in owners.values()), owners  # exactly one each
+        assert batches == []  # sharded: each launch stepped in full, under its lease
 
         victim, survivors = fleet[1], [fleet[0], *fleet[2:]]
         its_workloads = victim.reconciled()
