@@ -28,7 +28,6 @@ says why each of these is so.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -436,8 +435,9 @@ def _rebalanced(
       spec on one machine, a read of the whole gateway, and one more replica within
       ``max_workers`` and ``max_replicas_per_workload`` (a fleet at its bound is not
       replaced: the overlap would go above it). The dearest replica is ready for
-      :data:`REBALANCE_MIN_AGE_SEC`, and placement's offer, of its GPU shape or the one
-      most of the fleet runs (the count's), no market of that shape marked unavailable,
+      :data:`REBALANCE_MIN_AGE_SEC`, and placement's offer, of its GPU shape (the same
+      capacity: a replica of another GPU carries another load), no market of that shape
+      marked unavailable,
       within every ceiling with the dearest still paid, is at least
       :data:`REBALANCE_MIN_SAVING` cheaper per hour and repays the overlap within
       :data:`REBALANCE_MAX_PAYBACK_SEC`: one more replica is wanted.
@@ -512,12 +512,11 @@ def _rebalanced(
         return base
     chosen = placement()
     offer = chosen.offer
-    shapes = Counter(r.shape for r in ready)
     if (
         offer is None
         or chosen.market is None
         or chosen.group_size != 1
-        or shape_of(offer) not in (dear.shape, shapes.most_common(1)[0][0])
+        or shape_of(offer) != dear.shape
         or chosen.usd_per_hour > (1.0 - REBALANCE_MIN_SAVING) * old
         or _shape_marked(shape_of(offer), view.offers, unavailable, now=now)
     ):
