@@ -69,8 +69,7 @@ from autoscaler.admission import runnable_problems
 from autoscaler.decide.inputs import SignalsRead
 from autoscaler.decide.placement import Placement
 from autoscaler.decide.plan import Launch
-from autoscaler.decide.scaling import ScaleMemory
-from autoscaler.decide.step import Step, WorkloadView, step, timeouts_of
+from autoscaler.decide.step import Step, timeouts_of
 from autoscaler.decide.warm import warm_policy_of
 from autoscaler.reconcile.boot_failures import launch_hold
 from autoscaler.reconcile.changes import (
@@ -82,6 +81,7 @@ from autoscaler.reconcile.changes import (
     record_step,
     replica_needs_step,
     spec_of,
+    step_on_facts,
 )
 from autoscaler.reconcile.deps import Deps, log
 from autoscaler.reconcile.fleet import Fleet, WorkloadFacts
@@ -105,7 +105,6 @@ from autoscaler.reconcile.workload import (
     export_workload,
     on_spot,
     remember_scale,
-    replica_states,
     scale_entry,
     signals_for,
 )
@@ -309,25 +308,10 @@ def _plan(
     total: float,
     now: datetime,
 ) -> _Launch | None:
-    settings = deps.settings
-    memory = deps.memory
     avoid_slow_offers(deps, rows=w.rows, timeouts=timeouts_of(spec), now=now)
     measured = signals_for((w.project, w.slug), signals, last_request_at=w.last_request_at)
-    view = WorkloadView(
-        spec=spec,
-        generation=w.generation,
-        replicas=replica_states(w.rows),
-        measured=measured,
-        offers=deps.offers(),
-        inherited_usd_per_hour=snapshot.inherited_prices(w),
-        fleet_usd_per_hour=total if settings.fleet_max_hourly_cost_usd is not None else 0.0,
-    )
-    result = step(
-        view,
-        memory=memory.scale.get(w.id, ScaleMemory()),
-        unavailable=memory.unavailable,
-        now=now,
-        knobs=settings.knobs,
+    result = step_on_facts(
+        deps, w, spec=spec, measured=measured, fleet=snapshot, fleet_usd_per_hour=total, now=now
     )
     plan = result.plan
     placement = result.placement

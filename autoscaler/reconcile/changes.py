@@ -77,10 +77,10 @@ from datetime import datetime, timedelta
 
 from pydantic import ValidationError
 
-from autoscaler.decide.inputs import SignalsRead
+from autoscaler.decide.inputs import Measured, SignalsRead
 from autoscaler.decide.scaling import ScaleMemory
-from autoscaler.decide.spot_rate import PRIOR_SPOT_RATE, SpotLife, spot_rate
-from autoscaler.decide.step import WorkloadView, step
+from autoscaler.decide.spot_rate import PRIOR_SPOT_RATE, SpotLife, SpotRate, spot_rate
+from autoscaler.decide.step import Step, WorkloadView, step
 from autoscaler.decide.warm import ParkMode, StartTimes
 from autoscaler.reconcile.deps import Deps, Seen
 from autoscaler.reconcile.fleet import (
@@ -346,6 +346,45 @@ def health_as_left(w: WorkloadFacts, answers: Mapping[str, bool]) -> bool:
     return True
 
 
+def step_on_facts(
+    deps: Deps,
+    w: WorkloadFacts,
+    *,
+    spec: WorkloadSpec,
+    measured: Measured,
+    fleet: Fleet,
+    fleet_usd_per_hour: float,
+    now: datetime,
+    start_times: StartTimes | None = None,
+    spot_rate: SpotRate = PRIOR_SPOT_RATE,
+) -> Step:
+    """The controller's pure step on a workload's facts and measurement as the pass read
+    them, without a store read of its own: the quiet check here and a pass's batch of launches
+    (``reconcile.batch``) both run it. ``fleet_usd_per_hour`` is the fleet total the
+    step weighs against the fleet ceiling; it counts only where a ceiling is set."""
+    settings = deps.settings
+    view = WorkloadView(
+        spec=spec,
+        generation=w.generation,
+        replicas=replica_states(w.rows),
+        measured=measured,
+        offers=deps.offers(),
+        inherited_usd_per_hour=fleet.inherited_prices(w),
+        fleet_usd_per_hour=(
+            fleet_usd_per_hour if settings.fleet_max_hourly_cost_usd is not None else 0.0
+        ),
+        start_times=start_times,
+        spot_rate=spot_rate,
+    )
+    return step(
+        view,
+        memory=deps.memory.scale.get(w.id, ScaleMemory()),
+        unavailable=deps.memory.unavailable,
+        now=now,
+        knobs=settings.knobs,
+    )
+
+
 def _decision_quiet(
     deps: Deps,
     w: WorkloadFacts,
@@ -372,24 +411,16 @@ def _decision_quiet(
             return False  # its spares read a spot record its last full step did not read
         rate = spot_rate([*seen.spot_closed, *open_spot_lives(w.rows)], now=now)
         deps.metrics.spot_rate.labels(w.project, w.slug).set(rate.per_hour)
-    settings = deps.settings
-    view = WorkloadView(
+    result = step_on_facts(
+        deps,
+        w,
         spec=spec,
-        generation=w.generation,
-        replicas=replica_states(w.rows),
         measured=signals_for((w.project, w.slug), signals, last_request_at=w.last_request_at),
-        offers=deps.offers(),
-        inherited_usd_per_hour=fleet.inherited_prices(w),
-        fleet_usd_per_hour=fleet.usd_per_hour if settings.fleet_max_hourly_cost_usd else 0.0,
+        fleet=fleet,
+        fleet_usd_per_hour=fleet.usd_per_hour,
+        now=now,
         start_times=seen.start_times,
         spot_rate=rate,
-    )
-    result = step(
-        view,
-        memory=memory.scale.get(w.id, ScaleMemory()),
-        unavailable=memory.unavailable,
-        now=now,
-        knobs=settings.knobs,
     )
     decision, plan = result.decision, result.plan
     if plan.actions or plan.refusals or memory.last_desired.get(w.id) != decision.desired:
