@@ -64,6 +64,13 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 
 @pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, for tests that need PostgreSQL alone."""
+    with fresh_pg_database() as url:
+        yield url
+
+
+@pytest.fixture
 async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     async with open_store(database_url) as engine:
         yield engine

@@ -19,7 +19,7 @@ import asyncio
 import os
 import re
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -39,7 +39,6 @@ from autoscaler.store.models import Decision, ShardLease, Workload
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.workloads import ensure_workload
 from providers.local import LocalProvider
-from tests.conftest import fresh_pg_database
 from tests.helpers import Process, autoscaler_cli, free_port, kill_surviving_engines
 from tests.reconcile.world import fixed
 
@@ -77,12 +76,6 @@ class Controller:
             return None  # not serving yet
         found = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
         return None if found is None else float(found.group(1))
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_pg_database() as url:
-        yield url
 
 
 @pytest.fixture

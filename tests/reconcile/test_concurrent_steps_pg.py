@@ -8,7 +8,7 @@ Required under ``CI=true``; elsewhere skipped with a message when no server answ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -18,19 +18,12 @@ from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase
 from providers.base import Instance, LaunchRequest
 from providers.fake import FakeProvider
-from tests.conftest import fresh_pg_database
 from tests.reconcile.world import L40S, PROJECT, World, fixed
 
 pytestmark = pytest.mark.postgres
 
 WORKLOADS = 12
 CEILING = 5 * L40S.on_demand_usd_per_hour
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_pg_database() as url:
-        yield url
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ Required under ``CI=true``; elsewhere skipped with a message when no server answ
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from sqlalchemy import func, select, text
@@ -17,18 +17,11 @@ from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase
 from providers.base import Instance, InsufficientCapacity, LaunchRequest, Transient
 from providers.fake import FakeProvider
-from tests.conftest import fresh_pg_database
 from tests.reconcile.world import PROJECT, World, fixed
 
 pytestmark = pytest.mark.postgres
 
 WORKLOADS = 6
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_pg_database() as url:
-        yield url
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ Required under ``CI=true``; elsewhere skipped with a message when no server answ
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -44,19 +44,12 @@ from autoscaler.store.workloads import ensure_workload
 from catalog.snapshot import load_bundled
 from providers.base import SystemClock, utc
 from providers.fake import FakeCloud, FakeProvider
-from tests.conftest import fresh_pg_database
 from tests.reconcile.world import A10G, CLUSTER, L4, OFFERS, PROJECT, FakeHealth, fixed
 
 pytestmark = pytest.mark.postgres
 
 FAST = LeaseSettings(ttl_sec=3.0, renew_sec=0.5)
 """Short leases keep the tests quick; the defaults' bound is checked in test_shards."""
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_pg_database() as url:
-        yield url
 
 
 @pytest.fixture

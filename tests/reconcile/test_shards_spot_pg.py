@@ -7,7 +7,7 @@ Required under ``CI=true``; elsewhere skipped with a message when no server answ
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 
@@ -24,7 +24,6 @@ from autoscaler.store.models import SpotNotice
 from autoscaler.store.phase import Phase, phase_of
 from providers.base import SpotInterruption
 from providers.fake import FakeCloud, FakeProvider
-from tests.conftest import fresh_pg_database
 from tests.reconcile.world import PROJECT, World, autoscaling
 
 pytestmark = pytest.mark.postgres
@@ -85,12 +84,6 @@ class Fleet:
                 reason=WARNING,
             )
         )
-
-
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    with fresh_pg_database() as url:
-        yield url
 
 
 @pytest.fixture
