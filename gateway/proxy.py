@@ -76,10 +76,6 @@ def _drop_set(
     return base | tokens
 
 
-def request_headers(incoming: CIMultiDictProxy[str], *, engine_key: str | None) -> CIMultiDict[str]:
-    return CIMultiDict(forwarded_headers(incoming, engine_key=engine_key))
-
-
 def forwarded_headers(
     incoming: CIMultiDictProxy[str], *, engine_key: str | None
 ) -> list[tuple[str, str]]:
