@@ -34,6 +34,12 @@ built from published parts, not a measurement of a GPU machine:
 
 So about 30 s of machine and 30-100 s of engine: 75 s at the median. ``start_time``
 replaces it for a scenario that measured its own.
+
+Spot interruptions come with the warning the real clouds give (:data:`SPOT_NOTICE_LEAD_S`,
+by the provider of the machine's offer): a machine's notice comes that long before its
+reclaim, never before its launch. :meth:`SimulatedProvider.spot_notices` reports each
+warning once, from its notice until the reclaim, as the EC2 provider reads its
+interruption queue; :meth:`SimulatedProvider.interruptions` reports the reclaim itself.
 """
 
 from __future__ import annotations
@@ -80,6 +86,17 @@ class LogNormalBootTime:
 
     def sample(self, rng: random.Random) -> float:
         return rng.lognormvariate(math.log(self.median_seconds), self.sigma)
+
+
+SPOT_NOTICE_LEAD_S: dict[ProviderName, float] = {ProviderName.AWS: 120.0, ProviderName.GCP: 30.0}
+"""Seconds from a spot interruption warning to the reclaim, by the provider of the offer.
+EC2 warns two minutes before it stops or terminates a Spot Instance (EC2 user guide,
+"Spot Instance interruption notices":
+https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html);
+GCE sends a Spot or preemptible VM its preemption notice (ACPI G2 Soft Off) 30 s before it
+stops it (Compute Engine, "Preemption process":
+https://cloud.google.com/compute/docs/instances/spot#preemption-process). An offer of
+another provider is reclaimed without a warning."""
 
 
 START_TIME = LogNormalBootTime(median_seconds=75.0, sigma=0.35)
@@ -138,6 +155,8 @@ class _Machine:
     running_at: float
     price_per_hour: float
     interrupt_at: float | None
+    notice_at: float | None = None
+    """When its provider warns of the reclaim at ``interrupt_at`` (``None``: no warning)."""
     disk_usd_per_hour: float = 0.0
     ended_at: float | None = None
     ended_by: InstanceState | None = None
@@ -215,6 +234,8 @@ class SimulatedCloud:
         self._by_token: dict[str, str] = {}
         self._stocked_out_until: dict[str, float] = {}
         self._ids = itertools.count(1)
+        self._warned: set[str] = set()
+        """Machines whose warning a provider view has reported (each is reported once)."""
         self.launch_error: type[ProviderError] | None = None
         """While set, every launch fails with this error (e.g. ``Transient`` throttling)."""
 
@@ -231,13 +252,21 @@ class SimulatedCloud:
         self._stocked_out_until.pop(offer_key, None)
 
     def interrupt(self, instance_id: str) -> None:
-        """Reclaim a spot instance now."""
+        """Reclaim a spot instance now, with no warning."""
+        self.reclaim_at(instance_id, self.clock.now())
+
+    def reclaim_at(self, instance_id: str, at: float) -> None:
+        """Reclaim a spot instance at ``at`` (the clock's time, not before now), warned
+        :data:`SPOT_NOTICE_LEAD_S` before as its provider warns (none when ``at`` is now)."""
         machine = self._machine(instance_id)
         if not machine.request.spot:
             raise ValueError(f"{instance_id} is on-demand; only spot instances are interrupted")
         now = self.clock.now()
         if machine.end(now=now) is None:
-            machine.interrupt_at = now
+            machine.interrupt_at = max(now, at)
+            machine.notice_at = _notice_at(
+                machine.request, since=now, interrupt_at=machine.interrupt_at
+            )
 
     # Accounting.
 
@@ -266,13 +295,15 @@ class SimulatedCloud:
         self._check_capacity(request, now=now, draw=stockout_draw)
         self._check_quota(request, now=now)
         instance_id = f"sim-{next(self._ids):06d}"
+        interrupt_at = self._interrupt_at(request, now=now, draw=lifetime_draw)
         machine = _Machine(
             request=request,
             instance_id=instance_id,
             launched_at=now,
             running_at=now + boot_seconds,
             price_per_hour=request.offer.price(spot=request.spot),
-            interrupt_at=self._interrupt_at(request, now=now, draw=lifetime_draw),
+            interrupt_at=interrupt_at,
+            notice_at=_notice_at(request, since=now, interrupt_at=interrupt_at),
             disk_usd_per_hour=stopped_usd_per_hour(request.offer, self.config.disk_gb),
         )
         self._machines[instance_id] = machine
@@ -334,6 +365,25 @@ class SimulatedCloud:
             if (end := m.end(now=now)) is None or now - end[0] <= horizon
         ]
 
+    def warnings(self, cluster_id: str) -> builtins.list[_Machine]:
+        """The cluster's machines warned of a reclaim and not yet reported, each once:
+        those past their notice and not gone (a warning read after the reclaim is
+        dropped, as the EC2 provider drops one for an instance already gone)."""
+        now = self.clock.now()
+        warned = []
+        for machine in self._machines.values():
+            if (
+                machine.notice_at is None
+                or machine.notice_at > now
+                or machine.instance_id in self._warned
+                or machine.request.tags[CLUSTER_TAG] != cluster_id
+            ):
+                continue
+            self._warned.add(machine.instance_id)
+            if machine.end(now=now) is None:
+                warned.append(machine)
+        return warned
+
     def _machine(self, instance_id: str) -> _Machine:
         machine = self._machines.get(instance_id)
         if machine is None:
@@ -366,6 +416,16 @@ class SimulatedCloud:
             return None
         # Exponential lifetime by inverse transform of a draw already taken.
         return now + -math.log(1.0 - draw) / rate * 3600.0
+
+
+def _notice_at(request: LaunchRequest, *, since: float, interrupt_at: float | None) -> float | None:
+    """When the reclaim at ``interrupt_at`` is warned of: its provider's lead before it,
+    not before ``since`` (the launch, or the moment the reclaim was set); ``None``: no
+    reclaim, a reclaim at once, or a provider that gives no warning."""
+    lead = SPOT_NOTICE_LEAD_S.get(request.offer.provider, 0.0)
+    if interrupt_at is None or lead <= 0 or interrupt_at <= since:
+        return None
+    return max(since, interrupt_at - lead)
 
 
 class SimulatedProvider:
@@ -422,4 +482,28 @@ class SimulatedProvider:
                         noticed_at=utc(end[0]),
                     )
                 )
+        return reported
+
+    async def spot_notices(self, cluster_id: str) -> builtins.list[SpotInterruption]:
+        """The cluster's machines warned of a reclaim since the last call, each once
+        (:meth:`SimulatedCloud.warnings`), with the reclaim's time in the reason."""
+        reported = []
+        for machine in self.cloud.warnings(cluster_id):
+            offer = machine.request.offer
+            assert machine.notice_at is not None and machine.interrupt_at is not None
+            lead = machine.interrupt_at - machine.notice_at
+            reported.append(
+                SpotInterruption(
+                    instance_id=machine.instance_id,
+                    launch_id=machine.request.launch_id,
+                    zone=offer.zone,
+                    instance_type=offer.instance_type,
+                    noticed_at=utc(machine.notice_at),
+                    reason=(
+                        f"simulated {offer.provider.value} spot interruption warning: "
+                        f"reclaimed at {utc(machine.interrupt_at).isoformat()} "
+                        f"(in {lead:.0f} s)"
+                    ),
+                )
+            )
         return reported

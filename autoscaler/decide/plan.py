@@ -35,6 +35,11 @@ crash or a missed event gives the same actions. The rules:
   that does (a parked machine never makes a scale-up smaller than none would). An
   explicit pool is refilled: a replica is launched, made ready, drained and parked; one
   still booting when a scale-down has filled the pool is terminated.
+* **Spot notices.** A replica whose provider warned it will reclaim the machine
+  (:func:`heed_spot_notice`, which the reconciler and the simulator both ask before the
+  step) is terminated while pending or booting (it would not serve before the reclaim)
+  and drained while ready: it finishes its requests in flight and takes no new one, and
+  the plan, which counts no draining replica, launches its replacement in the same step.
 * **Budget per launch.** Each launch is checked with :func:`budget.check_launch` against
   every replica not confirmed terminated, the launches of this plan included; a refused
   launch becomes a :class:`Refusal` with the numbers.
@@ -304,6 +309,20 @@ class _Pool:
     def text(self, mode: ParkMode) -> str:
         bound = 0 if self.policy is None else self.policy.bound(mode)
         return f"{self.held[mode]}/{bound} {mode.value}"
+
+
+def heed_spot_notice(
+    launch_id: str, phase: ReplicaPhase, *, reason: str
+) -> Drain | Terminate | None:
+    """What a spot interruption notice asks of a replica in ``phase``: terminate one still
+    pending or booting, drain a ready one; a replica already draining, parked or ending
+    is left as it is (``None``). The step that follows counts neither as serving or
+    soon serving, so it launches the replacement now, not once the machine is gone."""
+    if phase in _STARTING:
+        return Terminate(launch_id, reason)
+    if phase is ReplicaPhase.READY:
+        return Drain(launch_id, reason)
+    return None
 
 
 def plan_actions(

@@ -46,9 +46,11 @@ from autoscaler.decide.plan import (
     Park,
     Plan,
     Refusal,
+    ReplicaPhase,
     Resume,
     Terminate,
     Timeouts,
+    heed_spot_notice,
     plan_actions,
 )
 from autoscaler.decide.scaling import FleetCounts, ScaleDecision, ScaleMemory
@@ -500,7 +502,8 @@ async def _heed_spot_notices(
     now: datetime,
 ) -> None:
     """The provider will reclaim these instances: avoid their spot market, stop serving
-    from them, and (through the plan, which no longer counts them) replace them now."""
+    from them (``decide.plan.heed_spot_notice``, which the simulator asks too), and
+    (through the plan, which no longer counts them) replace them now."""
     for row in spot_notices(rows):
         reason = row.last_error or "spot interruption notice"
         first = row.launch_id not in deps.memory.spot_noticed
@@ -510,10 +513,11 @@ async def _heed_spot_notices(
             source = "queue" if row.launch_id in queued else "instance"
             deps.metrics.spot_notices.labels(row.provider, source).inc()
         phase = phase_of(row)
-        if phase in (Phase.PENDING, Phase.BOOTING):
+        action = heed_spot_notice(row.launch_id, ReplicaPhase(phase.value), reason=reason)
+        if isinstance(action, Terminate):
             await _terminate(deps, s, row=row, reason=reason, now=now)
             continue
-        if phase is Phase.READY and not deps.settings.dry_run:
+        if isinstance(action, Drain) and not deps.settings.dry_run:
             row.drain_requested_at = now
         elif not first:
             continue

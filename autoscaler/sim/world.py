@@ -2,9 +2,17 @@
 a controller that carries out a policy's count with the controller's own decisions.
 
 Time jumps from event to event (an arrival, a first token, a finish, a machine becoming
-ready or being reclaimed, a controller tick, a timeline sample), so an hour of traffic
-replays in seconds. Every random draw comes from generators seeded by ``seed``: the
-cloud's (stock-outs, boot times, spot lifetimes) and the gateway's (balancing ties).
+ready, warned of its reclaim or reclaimed, a controller tick, a timeline sample), so an
+hour of traffic replays in seconds.
+
+A spot machine's warning (``providers.simulated.SPOT_NOTICE_LEAD_S`` before its reclaim:
+120 s on AWS, 30 s on GCP) wakes the controller, which heeds it as the reconciler does
+(``reconcile.workload``): its spot market skipped for ``unavailable_sec``, the replica
+drained if ready or terminated if still booting (``decide.plan.heed_spot_notice``), and
+the replacement launched by the same step.
+
+Every random draw comes from generators seeded by ``seed``: the cloud's (stock-outs, boot
+times, spot lifetimes) and the gateway's (balancing ties).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from autoscaler.decide.plan import (
     ReplicaView,
     Resume,
     Terminate,
+    heed_spot_notice,
 )
 from autoscaler.decide.scaling import FleetCounts, ScaleMemory
 from autoscaler.decide.spot_rate import SpotLife, spot_rate
@@ -50,6 +59,7 @@ from autoscaler.decide.warm import (
     warm_policy_of,
 )
 from autoscaler.reconcile.ledger import START_SAMPLES
+from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.reconcile.provisioner import may_sleep
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
 from autoscaler.sim.gcpause import paused_gc
@@ -116,11 +126,19 @@ class SimReplica:
     intent_s: float
     running_s: float
     interrupt_s: float | None
+    notice_s: float | None = None
+    """When its provider warns of the reclaim at ``interrupt_s`` (``None``: no warning;
+    ``providers.simulated.SPOT_NOTICE_LEAD_S``)."""
     engine: BatchEngine | None = None
     drain_s: float | None = None
     ended_s: float | None = None
     interrupted: bool = False
-    """Ended by a spot interruption."""
+    """Warned of a spot interruption, or ended by one (the measured rate counts it, as
+    ``reconcile.liveness.interrupted`` counts a row with a recorded notice)."""
+    noticed: bool = False
+    """Its warning has come; the controller heeds it at its next step."""
+    heeded: bool = False
+    """The controller has acted on its warning (``decide.plan.heed_spot_notice``)."""
     requests: dict[int, RequestRecord] = field(default_factory=dict)
     work: int = 0
     """The balancer's weight of ``requests`` (``gateway.balancing.request_work``)."""
@@ -365,6 +383,8 @@ class World:
         self._resumes: dict[str, int] = {}
         self._demand_at_zero = False
         """A request arrived with no replica ready since the last controller pass."""
+        self._notice_due = False
+        """A spot warning came since the last controller pass."""
         self._ticked_s = -math.inf
         self._warm_start(initial_replicas)
 
@@ -417,6 +437,11 @@ class World:
                 i += 1
             self.gateway.expire(t)
             self._dispatch(t)
+            if self._notice_due:
+                # A warning wakes the controller at once, as the instance's report through
+                # the boot callback (or the provider's queue) wakes the reconciler's loop.
+                self._notice_due = False
+                next_tick = min(next_tick, max(t, 0.0))  # the first step is at time 0
             if self._demand_at_zero:
                 # The gateway tells the controller at once of a request with no replica
                 # ready (``Gateway(on_demand=...)`` wakes its loop), once a second at most.
@@ -524,6 +549,8 @@ class World:
                 any_ready = any_ready or r.drain_s is None
             if r.interrupt_s is not None:
                 soonest = min(soonest, r.interrupt_s)
+            if r.notice_s is not None and not r.noticed:
+                soonest = min(soonest, r.notice_s)
         self._serving, self._any_ready, self._machine_due = serving, any_ready, soonest
         self._fleet_stale = False
 
@@ -569,6 +596,13 @@ class World:
         for r in list(self.replicas.values()):
             if r.ended_s is not None:
                 continue
+            if r.notice_s is not None and not r.noticed and r.notice_s <= t:
+                r.noticed = r.interrupted = True
+                self._notice_due = True
+                self._fleet_changed()
+                self.events.append(
+                    ScaleEvent(t, "notice", f"{r.launch_id} {r.offer.key}: {self._warning(r)}")
+                )
             if r.interrupt_s is not None and r.interrupt_s <= t:
                 r.interrupted = True
                 self._end(r, t, why="spot interruption")
@@ -603,6 +637,41 @@ class World:
                 self.events.append(
                     ScaleEvent(t, "ready", f"{r.launch_id} {r.offer.key} ({r.path})")
                 )
+
+    @staticmethod
+    def _warning(r: SimReplica) -> str:
+        assert r.notice_s is not None and r.interrupt_s is not None
+        lead = r.interrupt_s - r.notice_s
+        return f"{r.offer.provider.value} spot interruption warning: reclaimed in {lead:.0f} s"
+
+    def _heed_notices(self, t: float) -> None:
+        """Act on the spot warnings that came since the last step, before the step, as
+        the reconciler's pass does (``reconcile.workload``): skip the machine's spot
+        market for ``unavailable_sec``, drain the replica if it serves (it finishes its
+        requests in flight) or terminate it if it still boots; the step then counts it
+        no more and launches its replacement."""
+        for r in self.replicas.values():
+            if not r.noticed or r.heeded or r.ended_s is not None:
+                continue
+            r.heeded = True
+            mark_unavailable(
+                self.unavailable,
+                offer=r.offer,
+                spot=True,
+                worker_id=None,
+                now=as_datetime(EPOCH_S + t),
+                knobs=self.knobs,
+            )
+            reason = f"{SPOT_NOTICE}{self._warning(r)}"
+            action = heed_spot_notice(r.launch_id, r.phase(), reason=reason)
+            if isinstance(action, Terminate):
+                self.cloud.terminate(r.instance_id)
+                self._end(r, t, why=reason)
+                self.events.append(ScaleEvent(t, "terminate", f"{r.launch_id}: {reason}"))
+            elif isinstance(action, Drain):
+                r.drain_s = t
+                self._fleet_changed()
+                self.events.append(ScaleEvent(t, "drain", f"{r.launch_id}: {reason}"))
 
     def _end(self, r: SimReplica, t: float, *, why: str) -> None:
         r.ended_s = t
@@ -717,6 +786,7 @@ class World:
     def _tick(self, t: float) -> float | None:
         """One controller step (``decide.step``, as the reconciler runs it) and its plan
         carried out on the simulated cloud."""
+        self._heed_notices(t)
         now = as_datetime(self.clock.t)
         view = self._view_now(t)
         shipped = isinstance(self.policy, ControllerPolicy) and self.policy.shipped
@@ -959,6 +1029,7 @@ class World:
             intent_s=t,
             running_s=machine.running_at - EPOCH_S,
             interrupt_s=None if machine.interrupt_at is None else machine.interrupt_at - EPOCH_S,
+            notice_s=None if machine.notice_at is None else machine.notice_at - EPOCH_S,
             boot_asked_s=t,
             prefill=prefill,
             stopped_usd_per_hour=None if spot else stopped_usd_per_hour(offer),

@@ -17,6 +17,7 @@ from autoscaler.decide.plan import (
     ReplicaView,
     Terminate,
     Timeouts,
+    heed_spot_notice,
     plan_actions,
 )
 
@@ -378,3 +379,19 @@ def test_a_deleted_predecessor_s_instances_count_against_the_ceiling() -> None:
     assert p.refusals[0].reason == (
         "launch refused: 2 x $1.00/h + $1.00/h = $3.00/h would exceed the workload ceiling $2.50/h"
     )
+
+
+def test_a_spot_notice_drains_a_serving_replica_and_the_plan_replaces_it_now() -> None:
+    """The plan counts no draining replica: the drain the notice asks for is what makes
+    the same step launch the replacement, before the machine is reclaimed."""
+    notice = heed_spot_notice("a", ReplicaPhase.READY, reason="spot notice: in 120 s")
+    assert notice == Drain("a", "spot notice: in 120 s")
+    drained = replica("a", ReplicaPhase.DRAINING, drain_age=0, in_flight=2)
+    assert kinds(plan(2, [drained, replica("b")])) == [("Launch", None)]
+
+
+def test_a_spot_notice_terminates_a_replica_that_would_not_serve_before_the_reclaim() -> None:
+    for phase in (ReplicaPhase.PENDING, ReplicaPhase.BOOTING):
+        assert heed_spot_notice("a", phase, reason="r") == Terminate("a", "r")
+    for phase in (ReplicaPhase.DRAINING, ReplicaPhase.PARKED, ReplicaPhase.TERMINATING):
+        assert heed_spot_notice("a", phase, reason="r") is None

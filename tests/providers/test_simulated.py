@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from catalog.model import Offer, ProviderName
@@ -14,8 +16,10 @@ from providers.base import (
     ProviderError,
     QuotaExceeded,
     Transient,
+    utc,
 )
 from providers.simulated import (
+    SPOT_NOTICE_LEAD_S,
     FixedBootTime,
     LogNormalBootTime,
     SimulatedCloud,
@@ -174,6 +178,73 @@ async def test_spot_instances_are_interrupted_at_the_configured_hazard() -> None
     assert on_demand.instance_id not in {r.instance_id for r in reported}
     states = {i.instance_id: i.state for i in await provider.list("c")}
     assert all(states[r.instance_id] is InstanceState.INTERRUPTED for r in reported)
+
+
+def _harness_of(provider: ProviderName) -> SimulatedHarness:
+    """A harness whose requests are for the offer sold by ``provider``."""
+    harness = SimulatedHarness()
+    harness.offer = replace(OFFER, provider=provider)
+    return harness
+
+
+@pytest.mark.parametrize(
+    ("provider", "lead"), [(ProviderName.AWS, 120.0), (ProviderName.GCP, 30.0)]
+)
+async def test_a_reclaim_is_warned_of_its_providers_lead_ahead_and_reported_once(
+    provider: ProviderName, lead: float
+) -> None:
+    assert SPOT_NOTICE_LEAD_S[provider] == lead
+    clock, cloud = _cloud(SimulationConfig(boot_time=FixedBootTime(1)))
+    sim = cloud.provider()
+    harness = _harness_of(provider)
+    spot = await sim.launch(make_request(harness, cluster_id="c", spot=True))
+    await sim.launch(make_request(harness, cluster_id="c"))
+    reclaim = clock.now() + 600
+    cloud.reclaim_at(spot.instance_id, reclaim)
+
+    clock.advance(600 - lead - 1)
+    assert await sim.spot_notices("c") == []  # not yet in the window
+
+    clock.advance(2)
+    [notice] = await sim.spot_notices("c")
+    assert notice.instance_id == spot.instance_id and notice.launch_id == spot.launch_id
+    assert notice.noticed_at == utc(reclaim - lead)
+    assert f"(in {lead:.0f} s)" in notice.reason
+    assert (await sim.describe(spot.instance_id)).state is InstanceState.RUNNING
+    assert await sim.spot_notices("c") == []  # each warning once
+    assert await sim.spot_notices("another-cluster") == []
+
+    clock.advance(lead)
+    assert (await sim.describe(spot.instance_id)).state is InstanceState.INTERRUPTED
+    assert [i.instance_id for i in await sim.interruptions("c")] == [spot.instance_id]
+
+
+async def test_seeded_reclaims_are_warned_and_a_reclaim_at_once_or_a_late_read_is_not() -> None:
+    clock, cloud = _cloud(
+        SimulationConfig(seed=3, spot_interruptions_per_hour=6.0, boot_time=FixedBootTime(1))
+    )
+    sim = cloud.provider()
+    harness = _harness_of(ProviderName.AWS)
+    launched = [
+        await sim.launch(make_request(harness, cluster_id="c", spot=True)) for _ in range(20)
+    ]
+    warned: set[str] = set()
+    for _ in range(3600 // 10):  # read every 10 s for an hour
+        clock.advance(10)
+        warned |= {n.instance_id for n in await sim.spot_notices("c")}
+    reclaimed = {i.instance_id for i in await sim.interruptions("c")}
+    assert len(reclaimed) >= 15 and reclaimed <= warned  # every reclaim was warned of
+    assert warned <= {i.instance_id for i in launched}
+
+    now_gone = await sim.launch(make_request(harness, cluster_id="c", spot=True))
+    cloud.interrupt(now_gone.instance_id)  # reclaimed at once: no warning
+    unread = await sim.launch(make_request(harness, cluster_id="c", spot=True))
+    cloud.reclaim_at(unread.instance_id, clock.now() + 60)
+    clock.advance(61)  # the warning was never read before the machine went
+    assert {n.instance_id for n in await sim.spot_notices("c")} & {
+        now_gone.instance_id,
+        unread.instance_id,
+    } == set()
 
 
 async def test_cost_accrues_at_the_market_price_until_termination() -> None:

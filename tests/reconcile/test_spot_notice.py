@@ -12,6 +12,7 @@ from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase, phase_of
 from providers.base import SpotInterruption
 from providers.errors import Transient
+from providers.simulated import FixedBootTime, SimulatedCloud, SimulationConfig
 from tests.reconcile.world import PROJECT, World, autoscaling
 
 NOTICE = 'ec2 spot interruption notice: {"action": "terminate", "time": "2025-06-15T15:10:00Z"}'
@@ -157,3 +158,40 @@ async def test_a_failed_terminate_keeps_the_notice_the_rate_counts(world: World)
     assert interrupted(old)
     async with world.sessions() as s:
         assert (await spot_record(s, workload_id, now=world.now)).interruptions == 1
+
+
+async def test_the_simulated_clouds_warning_is_heeded_before_its_reclaim(world: World) -> None:
+    """Against the simulated cloud, whose provider reports a warning from its notice until
+    the reclaim (``providers.simulated``), the reconciler drains the warned replica and
+    launches its replacement in the pass that reads it, before the machine is gone."""
+    cloud = SimulatedCloud(clock=world.clock, config=SimulationConfig(boot_time=FixedBootTime(5)))
+    world.deps = world.make_deps(provider=cloud.provider("aws"))
+    await world.apply(autoscaling("bot", allow_spot_instances=True, max_hourly_cost_usd=10.0))
+    await world.step()
+    await world.step(5)  # booted and healthy: ready
+    [doomed] = await world.rows("bot")
+    assert doomed.spot and phase_of(doomed) is Phase.READY and doomed.instance_id
+    reclaim = world.clock.now() + 600
+    cloud.reclaim_at(doomed.instance_id, reclaim)
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=2)  # requests still on it
+
+    await world.step(600 - 121)  # a second before the warning: nothing to heed yet
+    assert len(await world.rows("bot")) == 1
+    await world.step(2)  # in the warning window (EC2: 120 s ahead)
+
+    old, replacement = await world.rows("bot")
+    assert world.clock.now() < reclaim
+    assert phase_of(old) is Phase.DRAINING  # still serving its two requests
+    assert (old.last_error or "").startswith(f"{SPOT_NOTICE}simulated aws spot interruption")
+    assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
+    assert (replacement.offer_key, replacement.spot) != (doomed.offer_key, True)
+    assert f"{doomed.offer_key}#spot" in world.deps.memory.unavailable
+    registry = world.deps.metrics.registry
+    counted = {"provider": "aws", "source": "queue"}
+    assert registry.get_sample_value("autoscaler_controller_spot_notices_total", counted) == 1
+
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=0)
+    await world.step(125)  # past the reclaim: the replacement serves, the old row closes
+    old, replacement = await world.rows("bot")
+    assert old.terminated_confirmed_at is not None and interrupted(old)
+    assert phase_of(replacement) is Phase.READY
