@@ -20,7 +20,9 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
+
+_K = TypeVar("_K")
 
 REPLICA_CONCURRENCY_CAP = 64
 """The most requests the gateway sends one replica at once (``GatewaySettings``), for a
@@ -72,6 +74,41 @@ QUEUE_TIMEOUT_SEC = 60.0
 COLD_START_TIMEOUT_SEC = 300.0
 """How long a request is held while the workload has no ready replica."""
 
+PROMPT_BUCKETS_PER_DOUBLING = 8
+"""Resolution of the prompt-length histogram: a bucket's upper bound is 2^(1/8), about
+9%, above its lower one. Bucket ``b`` holds prompts of ``2^((b-1)/8)`` (exclusive) to
+``2^(b/8)`` tokens (inclusive); bucket 0 holds prompts of at most one token. A prompt of a
+million tokens is bucket 160, so a histogram has at most about 160 entries whatever the
+traffic."""
+
+
+def prompt_bucket(tokens: int) -> int:
+    """The histogram bucket of a prompt of ``tokens`` tokens
+    (:data:`PROMPT_BUCKETS_PER_DOUBLING` to a doubling)."""
+    if tokens <= 1:
+        return 0
+    bucket = math.ceil(PROMPT_BUCKETS_PER_DOUBLING * math.log2(tokens) - 1e-9)
+    # Float rounding near a bound: the bucket's upper bound must hold the prompt.
+    return bucket if bucket_tokens(bucket) >= tokens else bucket + 1
+
+
+def bucket_tokens(bucket: int) -> int:
+    """The longest prompt bucket ``bucket`` holds (tokens)."""
+    bound: float = 2.0 ** (bucket / PROMPT_BUCKETS_PER_DOUBLING)
+    return math.floor(bound + 1e-9)
+
+
+def share_within(histogram: Mapping[int, int], tokens: int) -> float | None:
+    """The share of the prompts counted in ``histogram`` (bucket -> prompts) whose bucket
+    lies wholly within ``tokens`` tokens: a lower bound on the share no longer than
+    ``tokens`` (a prompt is taken at its bucket's upper bound, so at most 9% longer than it
+    was). ``None`` for an empty histogram."""
+    total = sum(histogram.values())
+    if total <= 0:
+        return None
+    within = sum(n for b, n in histogram.items() if bucket_tokens(b) <= tokens)
+    return within / total
+
 
 @dataclass(frozen=True, slots=True)
 class TokenStats:
@@ -86,6 +123,10 @@ class TokenStats:
     cached_mean: float = 0.0
     """Mean prompt tokens per request the engines found in their prefix caches (the
     answer's ``usage.prompt_tokens_details.cached_tokens``; 0 when not reported)."""
+    input_histogram: Mapping[int, int] = field(default_factory=dict)
+    """Prompts per length bucket (:func:`prompt_bucket`): the measured distribution of
+    prompt lengths, its tail included, which a mean and a spread do not give (empty: not
+    reported, from a gateway that predates it)."""
 
     @property
     def cached_share(self) -> float:
@@ -109,6 +150,7 @@ class TokenStats:
             "output_mean": self.output_mean,
             "output_std": self.output_std,
             "cached_mean": self.cached_mean,
+            "input_histogram": {str(b): n for b, n in sorted(self.input_histogram.items())},
         }
 
     @classmethod
@@ -120,6 +162,9 @@ class TokenStats:
             output_mean=float(data["output_mean"]),
             output_std=float(data["output_std"]),
             cached_mean=float(data.get("cached_mean", 0.0)),
+            input_histogram={
+                int(b): int(n) for b, n in (data.get("input_histogram") or {}).items()
+            },
         )
 
 
@@ -248,6 +293,7 @@ class WorkloadWindow:
         "async_queue_depth",
         "cold_start_waiting",
         "in_flight",
+        "input_buckets",
         "last_request_at",
         "queued",
         "replica_cache_blocks",
@@ -266,6 +312,9 @@ class WorkloadWindow:
         # Sums of input, output, input², output² and cached over ``tokens``; whole numbers, so
         # adding and removing samples never drifts.
         self.token_sums = [0, 0, 0, 0, 0]
+        # Prompts per length bucket over ``tokens`` (``prompt_bucket``), kept as they come
+        # and go: at most about 160 entries.
+        self.input_buckets: dict[int, int] = {}
         self.in_flight = 0
         self.replica_in_flight: dict[str, int] = {}
         """Requests in flight per replica (its route key: the launch id)."""
@@ -288,6 +337,12 @@ class WorkloadWindow:
         tokens, sums = self.tokens, self.token_sums
         while tokens and tokens[0][0] < horizon:
             _, tokens_in, tokens_out, cached = tokens.popleft()
+            bucket = prompt_bucket(tokens_in)
+            left = self.input_buckets[bucket] - 1
+            if left:
+                self.input_buckets[bucket] = left
+            else:
+                del self.input_buckets[bucket]
             sums[4] -= cached
             sums[0] -= tokens_in
             sums[1] -= tokens_out
@@ -314,6 +369,8 @@ class WorkloadWindow:
         """A request answered with these token counts; ``cached_tokens`` of its prompt
         came from the engine's prefix cache."""
         self.tokens.append((now, input_tokens, output_tokens, cached_tokens))
+        bucket = prompt_bucket(input_tokens)
+        self.input_buckets[bucket] = self.input_buckets.get(bucket, 0) + 1
         sums = self.token_sums
         sums[4] += cached_tokens
         sums[0] += input_tokens
@@ -369,6 +426,7 @@ class WorkloadWindow:
             output_mean=total_out / n,
             output_std=_std(total_out, square_out, n),
             cached_mean=cached / n,
+            input_histogram=dict(self.input_buckets),
         )
 
 
@@ -401,11 +459,12 @@ def merge_token_stats(parts: Iterable[TokenStats | None]) -> TokenStats | None:
         output_mean=output_mean,
         output_std=output_std,
         cached_mean=sum(t.requests * t.cached_mean for t in present) / n,
+        input_histogram=_sum_counts(t.input_histogram for t in present),
     )
 
 
-def _sum_counts(parts: Iterable[Mapping[str, int] | None]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _sum_counts(parts: Iterable[Mapping[_K, int] | None]) -> dict[_K, int]:
+    out: dict[_K, int] = {}
     for part in parts:
         for key, value in (part or {}).items():
             out[key] = out.get(key, 0) + value

@@ -62,6 +62,9 @@ class TokenMix:
     cached_share: float = 0.0
     """Share of prompt tokens the engines found in their prefix caches (the measured hit
     rate): those tokens cost no prefill, so a replica's capacity counts only the rest."""
+    input_histogram: Mapping[int, int] = field(default_factory=dict)
+    """The measured prompt lengths by bucket (``gateway.window.prompt_bucket``; empty: not
+    reported): the tail itself, where ``input_scv`` only models it."""
 
     @property
     def prefilled_tokens(self) -> float:
@@ -161,6 +164,7 @@ def measured_of(snapshot: SignalSnapshot, *, samples_since: float | None = None)
             output_tokens=tokens.output_mean,
             input_scv=tokens.input_scv,
             cached_share=tokens.cached_share,
+            input_histogram=tokens.input_histogram,
         )
     return Measured(
         signals=signals_of(snapshot, samples_since=samples_since),

@@ -1,30 +1,37 @@
 """Where the next replica goes: a private worker, or the catalog offer that serves the
-model at the lowest cost per unit of capacity.
+model's measured load at the lowest cost (per unit of capacity before any is measured).
 
 The rules:
 
 * **Private workers first.** A workload pinned to a worker (``worker_id``) or sourcing
   private workers goes to the named worker carrying the fewest of its replicas (ties in
   the order named), never to the cloud. Workers marked unavailable are skipped.
-* **Cheapest per capacity.** Every feasible offer (GPU pool, regions, CUDA pins, model
-  memory: ``catalog.query``) is priced on each market it may use: spot when the policy
-  allows it and the offer sells it, and on-demand always (the fallback when spot has
-  just failed). Options are ranked by dollars per hour per request/s of serving capacity
-  for this model (``catalog.perf``, the model engine-sim and the simulator use): a GPU a
-  third the price that serves a tenth of the load is not cheaper. The capacity is the
+* **Cheapest for the load measured, else per capacity.** Every feasible offer (GPU
+  pool, regions, CUDA pins, model memory: ``catalog.query``) is priced on each market
+  it may use: spot when the policy allows it and the offer sells it, and on-demand
+  always (the fallback when spot has just failed). Options are ranked by dollars per
+  hour per request/s of serving capacity for this model (``catalog.perf``, the model
+  engine-sim and the simulator use): a GPU a third the price that serves a tenth of the
+  load is not cheaper. The capacity is the
   *usable* one: the batch is bounded by the gateway's per-replica concurrency cap
   (``concurrency_cap``, :data:`GATEWAY_CONCURRENCY_CAP` by default), because the gateway
   never sends a replica more requests at once, so a GPU whose KV cache could batch 220
   sequences serves like one that batches 64. Offers without performance figures rank
-  after all those with figures, by raw price.
+  after all those with figures, by raw price. Once the gateway has measured the load
+  (``replicas_needed``, from the caller: the scaling rules' count for a fleet of that
+  shape), options rank by what that fleet would cost, needed replicas times price, and
+  per capacity only among equals: at 2.5 req/s an H100 that carries 14 req/s at
+  $0.86/h per req/s is still a $12.22/h replica, where one 4 x L4 machine at $3.99/h
+  carries the load. At a load of many replicas the two orders agree.
 * **Prompts must fit the TTFT target.** Given the prompt length the gateway measures,
   an option whose prefill of a typical prompt alone takes more than
   :data:`PREFILL_SHARE_OF_TARGET` of ``upper_allowed_latency_sec`` ranks after every
   option that does not (fastest prefill first among them): a GPU that spends most of
   the target prefilling one prompt misses it as soon as two arrive together, and no
   number of replicas fixes that.
-* **The tail too, not just the mean.** With the measured prompt-length spread (mean and
-  squared coefficient of variation, taken as lognormal as ``decide.scaling`` takes it),
+* **The tail too, not just the mean.** With the measured prompt lengths (the gateway's
+  histogram of them once it holds :data:`TAIL_MIN_SAMPLES`; before that, the mean and
+  squared coefficient of variation taken as lognormal as ``decide.scaling`` takes it),
   each GPU shape is judged by the share of prompts it prefills, alone, within the SLO's
   bound for that prompt: ``max(target, PREFILL_TTFT_FACTOR x`` its prefill on the
   fastest shape the workload may use``)`` (the simulator's SLO rule). A shape must serve
@@ -36,7 +43,7 @@ The rules:
 * **Skip recent failures.** ``unavailable`` maps :func:`unavailable_key` (offer and
   market, or a worker) to the time until which it is skipped: a spot stock-out leaves the
   same offer's on-demand market usable.
-* **Spread on ties.** Among options of equal cost per capacity, the zone and then the
+* **Spread on ties.** Among options of equal cost, the zone and then the
   region carrying fewest of the workload's replicas wins; then the offer key, so the same
   inputs always give the same answer.
 * **Stay in the budget.** ``max_usd_per_hour`` (the headroom left under the ceilings)
@@ -78,7 +85,7 @@ from catalog.perf import (
     serving_profile,
 )
 from catalog.query import Candidate, Market, OfferRequest, select_offers
-from gateway.window import REPLICA_CONCURRENCY_CAP
+from gateway.window import REPLICA_CONCURRENCY_CAP, share_within
 from providers.engines import parallel_size
 
 DEFAULT_INPUT_TOKENS = 1024.0
@@ -110,6 +117,13 @@ room for a single queued request)."""
 TAIL_MAX_TOKENS = 1_048_576
 """The longest prompt the tail search considers."""
 
+TAIL_MIN_SAMPLES = 200
+"""Prompts the gateway's histogram must hold before the tail rule reads the share from it
+rather than from the lognormal model of the mean and spread: 1% of them is then two
+prompts, not a fraction of one. The model's tail is a guess (a trace whose prompts stop at
+7,437 tokens has a lognormal 99th percentile near 9,700); the histogram is the measured
+one."""
+
 
 @dataclass(frozen=True, slots=True)
 class PlacementOption:
@@ -125,6 +139,10 @@ class PlacementOption:
     tail_share: float | None = None
     """The share of measured prompts it prefills alone within their SLO bound
     (``None``: not known)."""
+    replicas_needed: int | None = None
+    """Replicas of this shape the measured load needs, by the scaling rules (``None``:
+    no load measured): what a fleet of it would cost, where capacity per dollar says
+    only what a saturated replica would."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +233,12 @@ class _Priced:
         capacity = self.option.capacity_rps
         return self.usd_per_hour / capacity if capacity else math.inf
 
+    @property
+    def fleet_usd_per_hour(self) -> float | None:
+        """What the replicas the measured load needs would cost on this option."""
+        needed = self.option.replicas_needed
+        return None if needed is None else needed * self.usd_per_hour
+
     def too_slow(self, budget_s: float | None) -> bool:
         prefill = self.option.prefill_s
         return budget_s is not None and prefill is not None and prefill > budget_s
@@ -299,11 +323,14 @@ def _blocked(unavailable: Mapping[str, datetime], key: str, now: datetime) -> bo
 
 def _rank(
     p: _Priced, *, zones: Counter[str], regions: Counter[str]
-) -> tuple[bool, float, int, int, float, str, str]:
+) -> tuple[bool, bool, float, float, int, int, float, str, str]:
     offer = p.option.offer
+    fleet = p.fleet_usd_per_hour
     return (
         p.option.capacity_rps is None,
+        fleet is None,
         # Rounded so that float noise does not break a tie that should spread zones.
+        round(fleet or 0.0, 9),
         round(p.cost_per_capacity, 9) if p.option.capacity_rps else round(p.usd_per_hour, 9),
         zones[offer.zone],
         regions[offer.region],
@@ -384,7 +411,14 @@ def _chosen_reason(best: _Priced, *, among: int, zones: Counter[str], skipped: C
             f"{n * offer.gpu_count} x {offer.gpu}) {best.market.value} "
             f"${best.usd_per_hour:.4g}/h for the group"
         )
-    if best.option.capacity_rps:
+    fleet = best.fleet_usd_per_hour
+    if best.option.capacity_rps and fleet is not None:
+        why = (
+            f"lowest cost for the measured load: {best.option.replicas_needed} replica(s) "
+            f"of it carry it, ${fleet:.4g}/h ({best.option.capacity_rps:.3g} req/s per "
+            f"replica, ${best.cost_per_capacity:.4g}/h per req/s)"
+        )
+    elif best.option.capacity_rps:
         why = (
             f"lowest cost per capacity: ${best.cost_per_capacity:.4g}/h per req/s "
             f"({best.option.capacity_rps:.3g} req/s per replica)"
@@ -422,6 +456,8 @@ def place_replica(
     allow_groups: bool = False,
     input_scv: float | None = None,
     group_providers: Collection[str] | None = None,
+    input_histogram: Mapping[int, int] | None = None,
+    replicas_needed: Callable[[tuple[str, int]], int | None] | None = None,
 ) -> Placement:
     """Where the workload's next replica goes.
 
@@ -489,16 +525,24 @@ def place_replica(
                 mean_tokens=input_tokens,
                 scv=input_scv,
                 target_s=autoscaling.upper_allowed_latency_sec,
+                histogram=input_histogram,
             )
             if tails:
                 required = min(TAIL_SHARE, max(tails.values()))
+    needs: dict[tuple[str, int], int | None] = {}
+    if replicas_needed is not None:
+        needs = {k: replicas_needed(k) if v[0] else None for k, v in shapes.items()}
     options: list[PlacementOption] = []
     for c in selection.feasible:
         shape = (c.offer.gpu, c.offer.gpu_count)
         capacity, prefill, _ = shapes[shape]
         options.append(
             PlacementOption(
-                offer=c.offer, capacity_rps=capacity, prefill_s=prefill, tail_share=tails.get(shape)
+                offer=c.offer,
+                capacity_rps=capacity,
+                prefill_s=prefill,
+                tail_share=tails.get(shape),
+                replicas_needed=needs.get(shape),
             )
         )
     placement = choose_offer(
@@ -683,22 +727,29 @@ def tail_shares(
     mean_tokens: float,
     scv: float,
     target_s: float,
+    histogram: Mapping[int, int] | None = None,
 ) -> dict[tuple[str, int], float]:
-    """Per GPU shape, the share of prompts (lognormal of mean ``mean_tokens`` and squared
-    coefficient of variation ``scv``) it prefills alone within their SLO bound:
+    """Per GPU shape, the share of prompts it prefills alone within their SLO bound:
     ``max(target_s, PREFILL_TTFT_FACTOR x`` the prompt's prefill on ``fastest``)``, the
-    SLO rule's bound with one GPU of the fastest kind the workload may use."""
+    SLO rule's bound with one GPU of the fastest kind the workload may use. The prompts
+    are the measured ones (``histogram``, the gateway's prompt-length buckets) once it
+    holds :data:`TAIL_MIN_SAMPLES`, else a lognormal of mean ``mean_tokens`` and squared
+    coefficient of variation ``scv``."""
     if not profiles or fastest is None or mean_tokens <= 0:
         return {}
+    measured = histogram if histogram and sum(histogram.values()) >= TAIL_MIN_SAMPLES else None
 
     def within(profile: ServingProfile, tokens: int) -> bool:
         bound = max(target_s, PREFILL_TTFT_FACTOR * fastest.prefill_seconds(tokens))
         return profile.prefill_seconds(tokens) <= bound
 
-    return {
-        shape: prompt_share_below(longest_within(functools.partial(within, p)), mean_tokens, scv)
-        for shape, p in profiles.items()
-    }
+    def share(profile: ServingProfile) -> float:
+        longest = longest_within(functools.partial(within, profile))
+        if measured is not None:
+            return share_within(measured, longest) or 0.0
+        return prompt_share_below(longest, mean_tokens, scv)
+
+    return {shape: share(p) for shape, p in profiles.items()}
 
 
 def longest_within(ok: Callable[[int], bool]) -> int:

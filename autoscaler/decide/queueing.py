@@ -377,6 +377,24 @@ def burst_floor(
     return (0, None) if worst is None else (worst.replicas, worst)
 
 
+def fleet_need(
+    capacity: ReplicaCapacity, signals: Signals, *, now: datetime, policy: AutoscalingPolicy
+) -> int:
+    """Replicas of ``capacity`` the measured load needs, at least one: the larger of the
+    load rule at the busier of the last minute and the busiest minute of the scale-down
+    window (:func:`load_need`) and the burst floor (:func:`burst_floor`), the counts a
+    scale-down keeps (``decide.scaling``). Placement prices a fleet of each GPU shape by
+    it. O(samples in the window)."""
+    upper = policy.upper_allowed_latency_sec
+    rate = max(
+        recent_rate(signals, now=now),
+        peak_rate(signals, now=now, over_s=policy.scale_down_time_window_sec),
+    )
+    by_rate, _ = load_need(capacity, signals, now=now, upper_s=upper, rate=rate)
+    by_burst, _ = burst_floor(capacity, signals, now=now, policy=policy)
+    return max(by_rate, by_burst, 1)
+
+
 def capacity_text(cap: ReplicaCapacity) -> str:
     if cap.prefill_s is not None and cap.max_concurrency:
         text = f"{cap.max_concurrency} batch slots at {cap.requests_per_s:.2f} req/s each"

@@ -42,6 +42,7 @@ from autoscaler.decide.inputs import (
     concurrency_target,
     decision_inputs,
     model_size,
+    replica_capacity,
     shape_of,
 )
 from autoscaler.decide.placement import (
@@ -61,6 +62,7 @@ from autoscaler.decide.plan import (
     plan_actions,
     refill_wanted,
 )
+from autoscaler.decide.queueing import fleet_need
 from autoscaler.decide.scaling import (
     Direction,
     FleetCounts,
@@ -756,9 +758,11 @@ def place_next(
         input_tokens=None if mix is None else mix.input_tokens,
         output_tokens=None if mix is None else mix.output_tokens,
         input_scv=None if mix is None else mix.input_scv,
+        input_histogram=None if mix is None else mix.input_histogram,
         allow_groups=True,
         group_providers=knobs.group_providers,
         concurrency_cap=concurrency_cap_of(spec, view.measured),
+        replicas_needed=_replicas_needed(view, policy=policy, now=now),
     )
     if not placement.found:
         return placement
@@ -773,6 +777,27 @@ def place_next(
     if verdict.allowed:
         return placement
     return replace(placement, offer=None, market=None, worker_id=None, reason=verdict.reason)
+
+
+def _replicas_needed(
+    view: WorkloadView, *, policy: AutoscalingPolicy | None, now: datetime
+) -> Callable[[GpuShape], int | None] | None:
+    """Per GPU shape, the replicas of it the measured load needs (``queueing.fleet_need``,
+    the counts a scale-down keeps), for placement to price a fleet of each shape; ``None``
+    for a workload not autoscaled, of a model of unknown size, or with no request
+    answered in the gateway's window."""
+    size = model_size(view.spec)
+    signals = view.measured.signals
+    if policy is None or size is None or not signals.answered_samples:
+        return None
+    mix = view.measured.token_mix
+    cap = concurrency_cap_of(view.spec, view.measured)
+
+    def needed(shape: GpuShape) -> int | None:
+        capacity = replica_capacity(shape, model=size, mix=mix, concurrency_cap=cap)
+        return None if capacity is None else fleet_need(capacity, signals, now=now, policy=policy)
+
+    return needed
 
 
 def mark_unavailable(

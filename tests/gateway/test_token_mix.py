@@ -11,7 +11,14 @@ import pytest
 from autoscaler.store.tokens import TokenKind, issue_token
 from gateway.app import Gateway, signals_from_json
 from gateway.tokens import Answer, token_counts
-from gateway.window import TokenStats
+from gateway.window import (
+    TokenStats,
+    WorkloadWindow,
+    bucket_tokens,
+    merge_token_stats,
+    prompt_bucket,
+    share_within,
+)
 from tests.gateway.conftest import (
     MODEL,
     Seed,
@@ -87,6 +94,8 @@ async def test_token_mix_of_streamed_and_whole_answers_through_engine_sim(
     assert stats.input_std == pytest.approx(statistics.pstdev(inputs))
     assert stats.output_mean == pytest.approx(statistics.mean(outputs))
     assert stats.output_std == pytest.approx(statistics.pstdev(outputs))
+    # The prompts' lengths themselves, by bucket: the tail placement reads.
+    assert stats.input_histogram == {prompt_bucket(n): 1 for n in inputs}
 
     # The controller running apart reads the same figures, and the gateway's cap.
     async with httpx.AsyncClient() as http:
@@ -159,3 +168,34 @@ def test_prompt_estimate_reads_the_raw_body_like_a_parse() -> None:
     assert prompt({"messages": [{"role": "user", "content": parts}], "x": '"prompt": "zz'}) == 2
     # Token ids are counted one each (by a parse).
     assert prompt({"prompt": [[5, 6, 7, 8, 9]]}) == 5
+
+
+def test_prompt_histogram_follows_the_window_and_merges_across_workers() -> None:
+    """Each prompt counts in the bucket whose top holds it (at most 9% above it), leaves
+    with the window, and two gateway processes' histograms add up to the one a single
+    process would have measured; an older gateway's JSON carries none."""
+    for tokens in (1, 2, 3, 100, 1000, 1024, 2047, 7437, 1_000_000):
+        top = bucket_tokens(prompt_bucket(tokens))
+        assert tokens <= top <= tokens * 1.1 + 1
+        assert prompt_bucket(tokens) == 0 or bucket_tokens(prompt_bucket(tokens) - 1) < tokens
+    window, first, second = WorkloadWindow(), WorkloadWindow(), WorkloadWindow()
+    prompts = [100, 120, 2000, 7000, 7437, 30]
+    for at, tokens in enumerate(prompts):
+        window.add_tokens(now=float(at), input_tokens=tokens, output_tokens=5)
+        (first if at % 2 else second).add_tokens(
+            now=float(at), input_tokens=tokens, output_tokens=5
+        )
+    whole = window.token_stats()
+    assert whole is not None and sum(whole.input_histogram.values()) == len(prompts)
+    assert share_within(whole.input_histogram, 2200) == pytest.approx(4 / 6)
+    merged = merge_token_stats([first.token_stats(), second.token_stats()])
+    assert merged is not None and merged.input_histogram == whole.input_histogram
+    assert TokenStats.from_json(whole.to_json()) == whole
+    old = whole.to_json()
+    del old["input_histogram"]
+    assert TokenStats.from_json(old).input_histogram == {}
+    window.trim(now=10.5, window_sec=7.0)  # the first four (at 0-3) leave
+    left = window.token_stats()
+    assert left is not None
+    assert left.input_histogram == {prompt_bucket(7437): 1, prompt_bucket(30): 1}
+    assert share_within({}, 100) is None

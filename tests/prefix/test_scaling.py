@@ -8,7 +8,7 @@ import pytest
 
 from autoscaler.decide.inputs import ModelSize, TokenMix, measured_of, replica_capacity
 from autoscaler.decide.plan import Drain
-from gateway.window import TokenStats, WorkloadWindow
+from gateway.window import TokenStats, WorkloadWindow, prompt_bucket
 from tests.decide.test_plan import plan, replica
 
 SHAPE = ("NVIDIA H100 80GB HBM3", 1)
@@ -32,7 +32,9 @@ def test_the_window_reports_the_share_of_prompt_tokens_found_cached() -> None:
     assert mix is not None and mix.cached_share == pytest.approx(0.6)
     # Samples leave the window with their cached tokens.
     window.trim(now=160.5, window_sec=60.0)
-    assert window.token_stats() == TokenStats(1, 2000.0, 0.0, 100.0, 0.0, 0.0)
+    assert window.token_stats() == TokenStats(
+        1, 2000.0, 0.0, 100.0, 0.0, 0.0, input_histogram={prompt_bucket(2000): 1}
+    )
 
 
 def test_a_fleet_that_finds_its_prefixes_cached_needs_fewer_replicas() -> None:
