@@ -239,7 +239,13 @@ async def admit(
     the intent rows commit in: hold the shard's lease (``LeaseLost`` otherwise), then
     reserve the price under the fleet ceiling (:class:`LaunchRefused` otherwise; the
     transaction is committed first, which ends its locks). One controller alone needs
-    neither: its pass's own total is exact (``ledger.FleetSpend``)."""
+    neither: its pass's own total is exact (``ledger.FleetSpend``).
+
+    Always the lease row first, then the reservation (no lock order the other way, so
+    no deadlock); the lease rounds wait for neither (``shards``). The wait for the
+    reservation can outlast the lease (a stalled controller, its rounds failing): the
+    lease is checked again once the reservation is held, so a launch whose lease lapsed
+    meanwhile raises ``LeaseLost`` and writes nothing."""
     if deps.shards is None:
         return
     await deps.shards.fence(session, project=workload.project, slug=workload.slug)
@@ -247,6 +253,8 @@ async def admit(
     if ceiling is None:
         return
     refusal = await reserve_fleet(session, usd_per_hour=usd_per_hour, ceiling=ceiling)
+    # The row is still held by this transaction: checking it again waits for nothing.
+    await deps.shards.fence(session, project=workload.project, slug=workload.slug)
     if refusal is not None:
         await session.commit()
         raise LaunchRefused(refusal)

@@ -44,22 +44,37 @@ fleet a pass covers, and the capacity to reconcile, grows with the processes.
    workload steps on the shard (:meth:`ShardMember.owns`) while its lease is still
    valid in the database, where nobody else may take it.
 2. *In the database*, a launch's intent row commits only in a transaction that first
-   holds the shard's lease row (``SELECT … FOR SHARE``) with this member as holder, its
-   token unchanged and its expiry ahead (:meth:`ShardMember.fence`). No round
-   can take the row while it is held (a taker skips a locked row and tries again at its
-   next round), so the new holder takes it only after the intent committed, and its
-   first read sees the intent; a launch after the lease moved raises :class:`LeaseLost` and buys
-   nothing. The provider is called only after that commit, with the launch id as its
-   idempotency token, so a launch call still in flight at the old holder and the new
-   holder's resolution of the same intent buy one machine. The token checked is the
-   one the step began under (:meth:`ShardMember.step_scope`), not merely the current
-   one: a step that outlived its lease while another controller held the shard (and
-   perhaps launched), then ran on after this controller took the shard back under a
-   new token, launches nothing from the rows it read before.
+   holds the shard's lease row (``SELECT … FOR KEY SHARE``) with this member as holder,
+   its token unchanged and its expiry ahead (:meth:`ShardMember.fence`). No round
+   can take the row while it is held (a taker's ``FOR UPDATE SKIP LOCKED`` skips it and
+   tries again at its next round), so the new holder takes it only after the intent
+   committed, and its first read sees the intent; a launch after the lease moved raises
+   :class:`LeaseLost` and buys nothing. The provider is called only after that
+   commit, with the launch id as its idempotency token, so a launch call still in
+   flight at the old holder and the new holder's resolution of the same intent buy
+   one machine. The token checked is the one the step began under
+   (:meth:`ShardMember.step_scope`), not merely the current one: a step that outlived
+   its lease while another controller held the shard (and perhaps launched), then ran
+   on after this controller took the shard back under a new token, launches nothing
+   from the rows it read before.
 
 Other writes a step makes (a drain, a terminate request, a confirmed termination) are
 idempotent and confirmed by the provider: the local deadline stops them, and one that
 races a takeover repeats what the new holder does anyway.
+
+**Renewals never wait for launches.** A launch holds its lease row from its fence to
+its commit, which includes its wait for the fleet reservation (below), behind every
+other controller's launch. The lock is ``FOR KEY SHARE``, which the round's updates of
+the row (expiry, holder, token: no key changes) do not wait for, so a round renews
+(or releases) the row while a launch holds it; and the rounds run on a connection of
+their own outside the store's pool, bounded by half the lease
+(:attr:`LeaseSettings.round_timeout_sec`, on the client and as the server's
+``statement_timeout``). Locks are always taken in one order, the lease row then the
+reservation; a round takes no reservation and no taker waits for a held row, so the
+two cannot deadlock. The wait for the reservation may outlast the lease (a controller
+whose rounds fail): :func:`~autoscaler.reconcile.provisioner.admit` fences again once
+it holds the reservation (the row is still its own: that waits for nothing), so a
+launch whose lease lapsed meanwhile raises :class:`LeaseLost` and writes nothing.
 
 **Fleet-wide duties** (the orphan sweep, the scheduled catalog sync) go with shard 0:
 its holder does them, as the leader did before. The fleet ceiling is kept exact across
@@ -86,7 +101,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import TextClause, text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    create_async_engine,
+)
+from sqlalchemy.pool import NullPool
 
 from autoscaler.metrics import ControllerMetrics
 from autoscaler.reconcile.deps import LeaseLost, log
@@ -111,6 +132,12 @@ class LeaseSettings:
 
     ttl_sec: float = DEFAULT_LEASE_TTL_SEC
     renew_sec: float = DEFAULT_RENEW_SEC
+
+    @property
+    def round_timeout_sec(self) -> float:
+        """The longest a round may take (half the lease): a round cut there, on the
+        client and by the server's ``statement_timeout``, is a failed round."""
+        return self.ttl_sec / 2
 
 
 def move_bound_sec(settings: LeaseSettings) -> float:
@@ -209,8 +236,10 @@ _STEP_LEASE: contextvars.ContextVar[tuple[str, int, int] | None] = contextvars.C
 
 _FENCE = text(
     "SELECT 1 FROM shard_leases WHERE shard = :shard AND holder = :me AND token = :token "
-    "AND expires_at > clock_timestamp() FOR SHARE"
+    "AND expires_at > clock_timestamp() FOR KEY SHARE"
 )
+"""``FOR KEY SHARE``: a round's updates of the row (expiry, holder, token; no key
+changes) never wait for it, while a taker's ``FOR UPDATE SKIP LOCKED`` skips the row."""
 
 
 async def _leases(
@@ -225,8 +254,9 @@ async def _leases(
 class ShardMember:
     """One controller's membership and shard leases (see the module docstring).
 
-    The rounds run on a connection of their own, so a pass holding the pool's
-    connections never delays a renewal."""
+    The rounds run on a connection of their own, opened outside the store's pool, so a
+    pass holding the pool's connections (launches waiting for the fleet reservation
+    among them) never delays a renewal, and a round waits for no launch's locks."""
 
     def __init__(
         self,
@@ -239,7 +269,8 @@ class ShardMember:
     ) -> None:
         self.member_id = member_id or new_member_id()
         self.settings = settings
-        self._engine = engine
+        # Rounds connect without the pool: a reconnect never waits for its connections.
+        self._engine = create_async_engine(engine.url, poolclass=NullPool)
         self._metrics = metrics
         self._on_gain = on_gain
         self._conn: AsyncConnection | None = None
@@ -351,7 +382,7 @@ class ShardMember:
         logged and its connection dropped; leases lapse locally at their deadline."""
         while not stopping.is_set():
             try:
-                await asyncio.wait_for(self.renew_once(), timeout=self.settings.ttl_sec)
+                await asyncio.wait_for(self.renew_once(), timeout=self.settings.round_timeout_sec)
             except Exception as exc:
                 log.warning("shard lease round failed: %s: %s", type(exc).__name__, exc)
                 await self._drop_connection()
@@ -378,10 +409,19 @@ class ShardMember:
         """Drop the connection without releasing anything (leases expire)."""
         self._held.clear()
         await self._drop_connection()
+        await self._engine.dispose()
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:
-            self._conn = await self._engine.connect()
+            conn = await self._engine.connect()
+            try:  # the server, too, cuts a round that takes too long
+                ms = max(int(self.settings.round_timeout_sec * 1000), 1)
+                await conn.execute(text(f"SET statement_timeout = {ms}"))
+                await conn.commit()
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
         return self._conn
 
     async def _drop_connection(self) -> None:

@@ -34,6 +34,7 @@ from autoscaler.reconcile.deps import (
     ProviderRegistry,
     Settings,
 )
+from autoscaler.reconcile.ledger import FLEET_LOCK_ID
 from autoscaler.reconcile.provisioner import LaunchRefused, admit, new_launch_id
 from autoscaler.reconcile.shards import NUM_SHARDS, LeaseSettings, ShardMember, shard_of
 from autoscaler.spec import OnDrift
@@ -151,12 +152,13 @@ async def test_a_launch_commits_only_under_its_lease_and_holds_off_a_taker(
     shard = shard_of(PROJECT, "bot")
     async with session_factory(engines[0])() as s:
         await a.fence(s, project=PROJECT, slug="bot")  # held until this transaction ends
-        async with engines[4].connect() as conn:
-            await conn.execute(text("SET lock_timeout = '300ms'"))
-            with pytest.raises(DBAPIError, match="lock timeout"):
+        async with engines[4].connect() as conn:  # a taker's lock on the row is refused
+            with pytest.raises(DBAPIError, match="could not obtain lock"):
                 await conn.execute(
-                    update(ShardLease).where(ShardLease.shard == shard).values(holder="ctl-b")
+                    select(ShardLease).where(ShardLease.shard == shard).with_for_update(nowait=True)
                 )
+        await a.renew_once()  # while a's own round renews it
+        assert shard in a.shards()
         await s.commit()
     # Taken behind a's back (a clock gone wrong, an operator): a's next launch finds out.
     async with session_factory(engines[4])() as s, s.begin():
@@ -311,6 +313,117 @@ def test_concurrent_controllers_never_launch_past_the_fleet_ceiling(
                 await member.close()
 
     asyncio.run(scenario())
+
+
+# --- renewals and launches waiting for the fleet reservation ---------------------------
+
+
+async def _waiting_for_the_reservation(engine: AsyncEngine) -> bool:
+    """Whether a transaction waits for the fleet reservation's advisory lock."""
+    async with engine.connect() as conn:
+        waiting = await conn.scalar(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND objid = :id AND NOT granted"
+            ),
+            {"id": FLEET_LOCK_ID},
+        )
+    return bool(waiting)
+
+
+async def _intents(engine: AsyncEngine, workload: Workload) -> int:
+    async with session_factory(engine)() as s:
+        count = await s.scalar(
+            select(func.count()).select_from(LedgerRow).where(LedgerRow.workload_id == workload.id)
+        )
+    return int(count or 0)
+
+
+async def test_a_round_renews_while_a_launch_waits_for_the_fleet_reservation(
+    engines: list[AsyncEngine],
+) -> None:
+    """Another controller's launch holds the reservation, so this controller's launch
+    waits for it with its shard's lease row fenced; the round still renews that lease
+    (and the others), and the launch then commits under it."""
+    a = _member(engines[0], "ctl-a")
+    await a.renew_once()
+    workload = await _workload(engines[0], "bot")
+    deps = _deps(engines[0], ceiling=100.0, member=a)
+    shard = shard_of(PROJECT, "bot")
+    async with engines[4].connect() as other:
+        await other.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": FLEET_LOCK_ID})
+        launch = asyncio.create_task(_launch(deps, workload, 1.0))
+        renewal: asyncio.Task[None] | None = None
+        try:
+
+            async def launch_waits() -> bool:
+                return await _waiting_for_the_reservation(engines[4])
+
+            await _until(launch_waits, what="the launch waits for the reservation")
+            before = (await _leases(engines[4]))[shard].expires_at
+            renewal = asyncio.create_task(a.renew_once())
+
+            async def renewed() -> bool:
+                return renewal is not None and renewal.done()
+
+            await _until(renewed, what="the round while the launch waits", within=30)
+            renewal.result()
+            after = (await _leases(engines[4]))[shard]
+            assert after.holder == "ctl-a" and before is not None and after.expires_at is not None
+            assert after.expires_at > before
+            assert shard in a.shards()
+            assert not launch.done()  # still waiting for the reservation
+        finally:
+            await other.rollback()  # the other launch commits: the reservation is free
+            if renewal is not None:
+                await asyncio.gather(renewal, return_exceptions=True)
+    assert await launch is None  # launched, under the renewed lease
+    assert await _intents(engines[4], workload) == 1
+    await a.close()
+
+
+async def test_a_launch_whose_lease_lapsed_while_it_waited_for_the_reservation_buys_nothing(
+    engines: list[AsyncEngine],
+) -> None:
+    """A controller stops renewing (stalled) while its launch waits for the reservation:
+    no other controller takes the fenced shard meanwhile, the launch, once it gets the
+    reservation, finds its lease lapsed and writes nothing, and the shard then moves."""
+    a = _member(engines[0], "ctl-a")
+    await a.renew_once()  # and no round after this one
+    workload = await _workload(engines[0], "bot")
+    deps = _deps(engines[0], ceiling=100.0, member=a)
+    shard = shard_of(PROJECT, "bot")
+    b = _member(engines[1], "ctl-b")
+    async with engines[4].connect() as other:
+        await other.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": FLEET_LOCK_ID})
+        launch = asyncio.create_task(_launch(deps, workload, 1.0))
+        try:
+
+            async def launch_waits() -> bool:
+                return await _waiting_for_the_reservation(engines[4])
+
+            await _until(launch_waits, what="the launch waits for the reservation")
+
+            async def b_took_the_rest() -> bool:
+                await b.renew_once()
+                return len(b.shards()) == NUM_SHARDS - 1
+
+            await _until(b_took_the_rest, what="b takes every lapsed shard but the fenced one")
+            assert shard not in b.shards()
+            assert not a.owns(PROJECT, "bot")
+        finally:
+            await other.rollback()
+    with pytest.raises(LeaseLost, match=f"shard {shard} of acme/bot"):
+        await launch
+    assert await _intents(engines[4], workload) == 0
+
+    async def b_holds_all() -> bool:
+        await b.renew_once()
+        return len(b.shards()) == NUM_SHARDS
+
+    await _until(b_holds_all, what="b takes the shard once the launch gave up")
+    await a.close()
+    await b.close()
 
 
 # --- four controllers, forty workloads, one killed ----------------------------------------
