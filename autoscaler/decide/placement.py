@@ -161,6 +161,10 @@ class Placement:
     capacity_rps: float | None = None
     worker_id: str | None = None
     group_size: int = 1
+    short_of_tail: frozenset[tuple[str, int]] = frozenset()
+    """The GPU shapes ``(gpu, count)`` of the pool that prefill too few of the measured
+    prompts within their SLO bound (the tail rule): replicas on them are drained first
+    and replaced (``decide.step``). Empty without a measured spread."""
 
     @property
     def found(self) -> bool:
@@ -555,6 +559,9 @@ def place_replica(
         prefill_budget_s=budget,
         tail_share_required=required,
     )
+    if required is not None:
+        short = frozenset(k for k, v in tails.items() if v < required - 1e-9)
+        placement = replace(placement, short_of_tail=short)
     if placement.found:
         return placement
     single_fits = any(o.capacity_rps is None or o.capacity_rps > 0 for o in options)

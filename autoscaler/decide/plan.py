@@ -117,6 +117,9 @@ class ReplicaView:
     """Whether its engine was started able to sleep."""
     prefill: bool = False
     """Launched to refill a warm pool: parked once ready, not counted as serving."""
+    misfit: bool = False
+    """Its GPU shape prefills too few of the measured prompts within the SLO (placement's
+    tail rule): drained before any other on a scale-down."""
 
     @property
     def running_price(self) -> float:
@@ -815,11 +818,11 @@ def _shed(
             )
 
 
-def _drain_order(r: ReplicaView) -> tuple[float, int, float, str]:
-    """Most expensive first, then the coldest prefix cache, then newest (latest ready)
-    first, then by launch id."""
+def _drain_order(r: ReplicaView) -> tuple[bool, float, int, float, str]:
+    """A misfit shape first, then most expensive, then the coldest prefix cache, then
+    newest (latest ready) first, then by launch id."""
     ready = r.ready_at.timestamp() if r.ready_at else r.intent_at.timestamp()
-    return (-r.usd_per_hour, r.cache_blocks, -ready, r.launch_id)
+    return (not r.misfit, -r.usd_per_hour, r.cache_blocks, -ready, r.launch_id)
 
 
 def _launch_reason(desired: int, current: int, replaces: str | None) -> str:

@@ -179,7 +179,8 @@ class ScaleMemory:
     breach_since: datetime | None = None
     calm_since: datetime | None = None
     rebalance: Rebalance | None = None
-    """A replacement on a cheaper offer under way (``decide.step``); ``None``: none."""
+    """A replacement under way (``decide.step``: of a misfit shape, or on a cheaper
+    offer); ``None``: none."""
 
 
 @dataclass(frozen=True, slots=True)

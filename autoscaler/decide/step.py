@@ -349,6 +349,12 @@ def step(
         now=now,
     )
     may_launch = decision.desired > staying or overdue or drift or refill
+    # A scale-down drains replicas of a shape short of the prompts' tail first.
+    misfits = (
+        placement().short_of_tail
+        if policy is not None and not view.deleted and decision.desired < staying
+        else frozenset()
+    )
     chosen = (
         placement()
         if not view.deleted and (decision.desired > 0 or refill) and may_launch
@@ -362,6 +368,7 @@ def step(
                 in_flight=in_flight_of(view, r.view.launch_id),
                 in_flight_unknown=view.measured.incomplete,
                 cache_blocks=view.measured.replica_cache_blocks.get(r.view.launch_id, 0),
+                misfit=r.shape in misfits,
             )
             for r in view.replicas
         ],
@@ -428,29 +435,39 @@ def _rebalanced(
     warm: WarmPolicy | None,
     timeouts: Timeouts,
 ) -> ScaleDecision:
-    """``decision`` with a replacement on a cheaper offer: the count one above for the
-    replacement's boot, then back, so the plan drains the dearest replica (make before
-    break). Three states, read from what is observed and ``prior`` (the scaling memory):
+    """``decision`` with a replacement: the count one above for the replacement's boot,
+    then back, so the plan drains the replica replaced (make before break). A replica is
+    replaced for one of two reasons, the first first:
+
+    * **A misfit shape.** Its GPU shape prefills too few of the measured prompts within
+      their SLO bound (placement's tail rule, ``Placement.short_of_tail``) and placement
+      now chooses a shape that does not: typically a fleet placed before any prompt was
+      measured. Replaced whatever the prices (the reason is the SLO); the dearest misfit
+      first.
+    * **A cheaper offer.** Placement's offer of the dearest replica's own GPU shape (the
+      same capacity: a replica of another GPU carries another load) is at least
+      :data:`REBALANCE_MIN_SAVING` cheaper per hour and repays the overlap within
+      :data:`REBALANCE_MAX_PAYBACK_SEC`.
+
+    Three states, read from what is observed and ``prior`` (the scaling memory):
 
     * **Start.** Every replica ready (nothing starting, draining or parked), the count
       decided is the count serving with no scale-up pending, every replica of the current
       spec on one machine, a read of the whole gateway, and one more replica within
       ``max_workers`` and ``max_replicas_per_workload`` (a fleet at its bound is not
-      replaced: the overlap would go above it). The dearest replica is ready for
-      :data:`REBALANCE_MIN_AGE_SEC`, and placement's offer, of its GPU shape (the same
-      capacity: a replica of another GPU carries another load), no market of that shape
-      marked unavailable,
-      within every ceiling with the dearest still paid, is at least
-      :data:`REBALANCE_MIN_SAVING` cheaper per hour and repays the overlap within
-      :data:`REBALANCE_MAX_PAYBACK_SEC`: one more replica is wanted.
-    * **Boot.** The replacement starts, the rest ready, the dearest among them: the count
-      stays one above.
-    * **Ready.** All ready, one above: the count goes back and the plan drains the most
-      expensive replica (``decide.plan``).
+      replaced: the overlap would go above it). The replica replaced is ready for
+      :data:`REBALANCE_MIN_AGE_SEC`, and placement's offer, no market of its shape
+      marked unavailable, is within every ceiling with that replica still paid: one more
+      replica is wanted.
+    * **Boot.** The replacement starts, the rest ready, the replaced one among them: the
+      count stays one above.
+    * **Ready.** All ready, one above: the count goes back and the plan drains a misfit
+      first, else the most expensive replica (``decide.plan``).
 
-    Anything else (a scale decision, the replacement lost or timed out, the dearest gone)
-    ends the replacement: the decision stands as the rules made it. One replacement at a
-    time per workload; a replacement never replaces one cheaper than itself (the margin).
+    Anything else (a scale decision, the replacement lost or timed out, the replaced one
+    gone) ends the replacement: the decision stands as the rules made it. One replacement
+    at a time per workload; a replacement for price never replaces one cheaper than
+    itself (the margin).
     """
     memory = replace(decision.memory, rebalance=None)
     base = replace(decision, memory=memory)
@@ -477,16 +494,19 @@ def _rebalanced(
             return replace(
                 decision,
                 desired=n + 1,
-                reason=f"replacement on a cheaper offer booting: keep {n + 1} (then {n})",
+                reason=f"replacement booting: keep {n + 1} (then {n})",
                 memory=replace(memory, rebalance=prior),
             )
+        replaced = next(r for r in ready if r.view.launch_id == prior.launch_id)
+        drained = (
+            f"{prior.launch_id}, of a shape short of the prompts' tail, drained"
+            if replaced.shape in placement().short_of_tail
+            else "the most expensive replica drained"
+        )
         return replace(
             decision,
             desired=n,
-            reason=(
-                f"replacement on a cheaper offer ready: {n + 1} -> {n}, the most expensive "
-                "replica drained"
-            ),
+            reason=f"replacement ready: {n + 1} -> {n}, {drained}",
             memory=memory,
         )
     n = len(ready)
@@ -506,11 +526,13 @@ def _rebalanced(
         or any(r.view.machines != 1 or r.shape is None for r in ready)
     ):
         return base
-    dear = max(ready, key=lambda r: r.view.usd_per_hour)
-    old = dear.view.usd_per_hour
-    if dear.view.ready_at is None or (now - dear.view.ready_at).total_seconds() < (
-        REBALANCE_MIN_AGE_SEC
-    ):
+    aged = [
+        r
+        for r in ready
+        if r.view.ready_at is not None
+        and (now - r.view.ready_at).total_seconds() >= REBALANCE_MIN_AGE_SEC
+    ]
+    if not aged:
         return base
     chosen = placement()
     offer = chosen.offer
@@ -518,9 +540,33 @@ def _rebalanced(
         offer is None
         or chosen.market is None
         or chosen.group_size != 1
+        or _shape_marked(shape_of(offer), view.offers, unavailable, now=now)
+    ):
+        return base
+    misfit = sorted(
+        (r for r in aged if r.shape in chosen.short_of_tail),
+        key=lambda r: (-r.view.usd_per_hour, r.view.launch_id),
+    )
+    if misfit and shape_of(offer) not in chosen.short_of_tail:
+        slow = misfit[0]
+        gpus = f"{slow.shape[1]} x {slow.shape[0]}" if slow.shape is not None else "?"
+        return replace(
+            decision,
+            desired=n + 1,
+            reason=(
+                f"replace {slow.view.launch_id} ({gpus} prefills too few of the measured "
+                f"prompts within the TTFT target) with {offer.gpu_count} x {offer.gpu} "
+                f"{chosen.market.value} at ${chosen.usd_per_hour:.2f}/h: {n} -> {n + 1}, "
+                f"then it is drained ({decision.reason})"
+            ),
+            memory=replace(memory, rebalance=Rebalance(n, slow.view.launch_id, now)),
+        )
+    dear = max(ready, key=lambda r: r.view.usd_per_hour)
+    old = dear.view.usd_per_hour
+    if (
+        dear not in aged
         or shape_of(offer) != dear.shape
         or chosen.usd_per_hour > (1.0 - REBALANCE_MIN_SAVING) * old
-        or _shape_marked(shape_of(offer), view.offers, unavailable, now=now)
     ):
         return base
     new = chosen.usd_per_hour

@@ -7,7 +7,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from autoscaler.decide.inputs import Measured
+from autoscaler.decide.inputs import Measured, TokenMix
 from autoscaler.decide.placement import unavailable_key
 from autoscaler.decide.plan import Drain, Launch, ReplicaPhase, ReplicaView
 from autoscaler.decide.scaling import ScaleMemory
@@ -211,3 +211,79 @@ def _stand_in(launch_id: str) -> ReplicaState:
 def test_a_stand_in_of_another_gpu_is_not_swapped_for_one_of_less_capacity() -> None:
     fleet = [_replica("a", spot=True), _replica("b", spot=True), _stand_in("c")]
     assert _kinds(_step(fleet, count=3)) == []
+
+
+def test_a_replica_of_a_shape_short_of_the_prompts_tail_is_replaced_then_drained() -> None:
+    """A fleet placed before any prompt was measured sits on 2 x L4 machines, which
+    prefill about 91% of code prompts within the 1 s target. Once the gateway's
+    histogram shows the tail, the stable fleet buys one replica of a shape that serves
+    it (make before break), and drains the misfit when that one is ready, cheaper or
+    not: the reason is the SLO, not the price."""
+    from catalog.snapshot import load_catalog
+    from tests.decide.test_placement import _code_prompts
+
+    prompts, histogram = _code_prompts()
+    mix = TokenMix(
+        input_tokens=sum(prompts) / len(prompts),
+        output_tokens=28.0,
+        input_scv=0.93,
+        input_histogram=histogram,
+    )
+    pool = ["NVIDIA L4", "NVIDIA A10G", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"]
+    spec = autoscaling(
+        "code",
+        max_workers=8,
+        max_hourly_cost_usd=100.0,
+        upper_allowed_latency_sec=1.0,
+        lower_allowed_latency_sec=0.2,
+        workers={"source": "cloud", "cloud_pool": {"gpu_pool": pool}},
+    )
+    l4x2 = next(o for o in load_catalog().offers if o.instance_type == "g2-standard-24")
+
+    def l4(launch_id: str) -> ReplicaState:
+        state = _replica(launch_id, usd=l4x2.on_demand_usd_per_hour)
+        return replace(
+            state,
+            view=replace(state.view, offer_key=l4x2.key),
+            zone=l4x2.zone,
+            shape=(l4x2.gpu, l4x2.gpu_count),
+        )
+
+    def run(replicas: list[ReplicaState], memory: ScaleMemory, now: datetime) -> Step:
+        view = WorkloadView(
+            spec=spec,
+            generation=1,
+            replicas=replicas,
+            measured=Measured(signals=Signals(last_request_at=now), token_mix=mix),
+            offers=load_catalog().offers,
+        )
+        return step(
+            view, memory=memory, unavailable={}, now=now, knobs=StepKnobs(), count=(2, "2 wanted")
+        )
+
+    first = run([l4("a"), l4("b")], ScaleMemory(), NOW)
+    assert _kinds(first) == [("Launch", None)]
+    chosen = first.placement
+    assert chosen is not None and chosen.offer is not None
+    assert ("NVIDIA L4", 2) in chosen.short_of_tail
+    assert (chosen.offer.gpu, chosen.offer.gpu_count) not in chosen.short_of_tail
+    assert first.decision.reason.startswith(
+        "replace a (2 x NVIDIA L4 prefills too few of the measured prompts within the TTFT "
+        f"target) with {chosen.offer.gpu_count} x {chosen.offer.gpu}"
+    )
+
+    # Ready: the misfit is drained, not the dearest (the new replica costs more).
+    new = replace(
+        _replica("new", usd=chosen.usd_per_hour, ready_ago_s=10),
+        shape=(chosen.offer.gpu, chosen.offer.gpu_count),
+    )
+    assert chosen.usd_per_hour > l4x2.on_demand_usd_per_hour
+    later = NOW + timedelta(seconds=240)
+    done = run([l4("a"), l4("b"), new], first.decision.memory, later)
+    assert _kinds(done) == [("Drain", "a")]
+    assert done.decision.reason == (
+        "replacement ready: 3 -> 2, a, of a shape short of the prompts' tail, drained"
+    )
+    # The other misfit goes the same way once the fleet is stable again.
+    again = run([l4("b"), new], done.decision.memory, later + timedelta(seconds=60))
+    assert again.decision.desired == 3 and _kinds(again) == [("Launch", None)]
