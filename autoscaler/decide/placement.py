@@ -19,10 +19,13 @@ The rules:
   sequences serves like one that batches 64. Offers without performance figures rank
   after all those with figures, by raw price. Once the gateway has measured the load
   (``replicas_needed``, from the caller: the scaling rules' count for a fleet of that
-  shape), options rank by what that fleet would cost, needed replicas times price, and
-  per capacity only among equals: at 2.5 req/s an H100 that carries 14 req/s at
-  $0.86/h per req/s is still a $12.22/h replica, where one 4 x L4 machine at $3.99/h
-  carries the load. At a load of many replicas the two orders agree.
+  shape), the options no dearer per hour than the cheapest per capacity rank by what
+  that fleet would cost, needed replicas times price, and per capacity only among
+  equals: at 2.5 req/s an H100 that carries 14 req/s at $0.86/h per req/s is still a
+  $12.22/h replica, where one 4 x L4 machine at $3.99/h carries the load. The load may
+  step placement down to a smaller machine, never up to a dearer one: a burst that
+  needs eight H100s is carried by more replicas (the scaling rules' part), not by one
+  eight-GPU machine added to a fleet of one-GPU ones.
 * **Prompts must fit the TTFT target.** Given the prompt length the gateway measures,
   an option whose prefill of a typical prompt alone takes more than
   :data:`PREFILL_SHARE_OF_TARGET` of ``upper_allowed_latency_sec`` ranks after every
@@ -164,7 +167,9 @@ class Placement:
     short_of_tail: frozenset[tuple[str, int]] = frozenset()
     """The GPU shapes ``(gpu, count)`` of the pool that prefill too few of the measured
     prompts within their SLO bound (the tail rule): replicas on them are drained first
-    and replaced (``decide.step``). Empty without a measured spread."""
+    and replaced (``decide.step``). Empty until the gateway's histogram holds
+    :data:`TAIL_MIN_SAMPLES` prompts: a replica is moved on measured prompts, never on
+    the lognormal model's guess at their tail."""
 
     @property
     def found(self) -> bool:
@@ -288,14 +293,20 @@ def choose_offer(
         return Placement(reason=f"no offer fits: {_counts(skipped) or 'no candidate offers'}")
     zones = Counter(current_zones)
     regions = Counter(_region_of(z, priced) for z in current_zones)
-    best = min(
-        priced,
-        key=lambda p: (
+
+    def order(p: _Priced, *, by_fleet: bool) -> tuple[object, ...]:
+        return (
             _tail_rank(p, tail_share_required),
             _speed_rank(p, prefill_budget_s),
-            _rank(p, zones=zones, regions=regions),
-        ),
-    )
+            _rank(p, zones=zones, regions=regions, by_fleet=by_fleet),
+        )
+
+    best = min(priced, key=functools.partial(order, by_fleet=False))
+    # The measured load may step down to a smaller replica that carries it for less,
+    # never up to a dearer one: more load is more replicas (the scaling rules' part).
+    smaller = [p for p in priced if p.usd_per_hour <= best.usd_per_hour + 1e-9]
+    if any(p.fleet_usd_per_hour is not None for p in smaller):
+        best = min(smaller, key=functools.partial(order, by_fleet=True))
     reason = _chosen_reason(best, among=len(priced), zones=zones, skipped=skipped)
     reason += _tail_reason(best, priced, tail_share_required, prefill_budget_s)
     if best.too_slow(prefill_budget_s):
@@ -326,10 +337,10 @@ def _blocked(unavailable: Mapping[str, datetime], key: str, now: datetime) -> bo
 
 
 def _rank(
-    p: _Priced, *, zones: Counter[str], regions: Counter[str]
+    p: _Priced, *, zones: Counter[str], regions: Counter[str], by_fleet: bool
 ) -> tuple[bool, bool, float, float, int, int, float, str, str]:
     offer = p.option.offer
-    fleet = p.fleet_usd_per_hour
+    fleet = p.fleet_usd_per_hour if by_fleet else None
     return (
         p.option.capacity_rps is None,
         fleet is None,
@@ -368,8 +379,11 @@ def _tail_reason(
         p
         for p in priced
         if p.short_of_tail(required)
-        and (_speed_rank(p, budget_s), _rank(p, zones=Counter(), regions=Counter()))
-        < (_speed_rank(best, budget_s), _rank(best, zones=Counter(), regions=Counter()))
+        and (_speed_rank(p, budget_s), _rank(p, zones=Counter(), regions=Counter(), by_fleet=False))
+        < (
+            _speed_rank(best, budget_s),
+            _rank(best, zones=Counter(), regions=Counter(), by_fleet=False),
+        )
     ]
     if not passed_over:
         return ""
@@ -377,7 +391,7 @@ def _tail_reason(
         passed_over,
         key=lambda p: (
             _speed_rank(p, budget_s),
-            _rank(p, zones=Counter(), regions=Counter()),
+            _rank(p, zones=Counter(), regions=Counter(), by_fleet=False),
         ),
     )
     offer = cheaper.option.offer
@@ -559,7 +573,7 @@ def place_replica(
         prefill_budget_s=budget,
         tail_share_required=required,
     )
-    if required is not None:
+    if required is not None and _measured_tail(input_histogram):
         short = frozenset(k for k, v in tails.items() if v < required - 1e-9)
         placement = replace(placement, short_of_tail=short)
     if placement.found:
@@ -744,7 +758,7 @@ def tail_shares(
     coefficient of variation ``scv``."""
     if not profiles or fastest is None or mean_tokens <= 0:
         return {}
-    measured = histogram if histogram and sum(histogram.values()) >= TAIL_MIN_SAMPLES else None
+    measured = histogram if _measured_tail(histogram) else None
 
     def within(profile: ServingProfile, tokens: int) -> bool:
         bound = max(target_s, PREFILL_TTFT_FACTOR * fastest.prefill_seconds(tokens))
@@ -757,6 +771,12 @@ def tail_shares(
         return prompt_share_below(longest, mean_tokens, scv)
 
     return {shape: share(p) for shape, p in profiles.items()}
+
+
+def _measured_tail(histogram: Mapping[int, int] | None) -> bool:
+    """Whether ``histogram`` holds enough prompts to read the tail from
+    (:data:`TAIL_MIN_SAMPLES`)."""
+    return bool(histogram) and sum((histogram or {}).values()) >= TAIL_MIN_SAMPLES
 
 
 def longest_within(ok: Callable[[int], bool]) -> int:
