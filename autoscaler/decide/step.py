@@ -550,16 +550,14 @@ def _rebalanced(
     if misfit and shape_of(offer) not in chosen.short_of_tail:
         slow = misfit[0]
         gpus = f"{slow.shape[1]} x {slow.shape[0]}" if slow.shape is not None else "?"
-        return replace(
+        return _replacing(
             decision,
-            desired=n + 1,
-            reason=(
-                f"replace {slow.view.launch_id} ({gpus} prefills too few of the measured "
-                f"prompts within the TTFT target) with {offer.gpu_count} x {offer.gpu} "
-                f"{chosen.market.value} at ${chosen.usd_per_hour:.2f}/h: {n} -> {n + 1}, "
-                f"then it is drained ({decision.reason})"
-            ),
-            memory=replace(memory, rebalance=Rebalance(n, slow.view.launch_id, now)),
+            memory,
+            Rebalance(n, slow.view.launch_id, now),
+            f"replace {slow.view.launch_id} ({gpus} prefills too few of the measured "
+            f"prompts within the TTFT target) with {offer.gpu_count} x {offer.gpu} "
+            f"{chosen.market.value} at ${chosen.usd_per_hour:.2f}/h: {n} -> {n + 1}, "
+            f"then it is drained ({decision.reason})",
         )
     dear = max(ready, key=lambda r: r.view.usd_per_hour)
     old = dear.view.usd_per_hour
@@ -578,16 +576,27 @@ def _rebalanced(
         return base
     was = "spot" if dear.spot else "on-demand"
     gpu = dear.shape[0] if dear.shape is not None else offer.gpu
+    return _replacing(
+        decision,
+        memory,
+        Rebalance(n, dear.view.launch_id, now),
+        f"replace 1 x {gpu} {was} at ${old:.2f}/h with {offer.gpu} "
+        f"{chosen.market.value} at ${new:.2f}/h: saves ${saving:.2f}/h; overlap "
+        f"~{overlap_s:.0f} s costs ${cost:.2f} (repaid in {payback_s / 60:.0f} min); "
+        f"{n} -> {n + 1}, then the most expensive drained ({decision.reason})",
+    )
+
+
+def _replacing(
+    decision: ScaleDecision, memory: ScaleMemory, started: Rebalance, reason: str
+) -> ScaleDecision:
+    """``decision`` raised to one replica above ``started.count`` for a replacement,
+    remembered in the scaling memory."""
     return replace(
         decision,
-        desired=n + 1,
-        reason=(
-            f"replace 1 x {gpu} {was} at ${old:.2f}/h with {offer.gpu} "
-            f"{chosen.market.value} at ${new:.2f}/h: saves ${saving:.2f}/h; overlap "
-            f"~{overlap_s:.0f} s costs ${cost:.2f} (repaid in {payback_s / 60:.0f} min); "
-            f"{n} -> {n + 1}, then the most expensive drained ({decision.reason})"
-        ),
-        memory=replace(memory, rebalance=Rebalance(n, dear.view.launch_id, now)),
+        desired=started.count + 1,
+        reason=reason,
+        memory=replace(memory, rebalance=started),
     )
 
 
