@@ -21,8 +21,9 @@ fleet a pass covers, and the capacity to reconcile, grows with the processes.
   round (:meth:`ShardMember.renew_once`, every ``renew_sec``) heartbeats, releases the
   shards now assigned elsewhere, renews the ones it keeps and takes those assigned to
   it that are free or expired, in one transaction. A controller that stops (SIGTERM)
-  releases its leases, which the others take in their next round; one that dies
-  leaves them to expire.
+  releases its leases, which the others take in their next round (within a round's
+  bound: a database that hangs leaves them to expire); one that dies leaves them to
+  expire.
 * **How fast a dead controller's shards move.** Its last renewal happened before it
   died (at the latest just before), so its leases expire at most ``lease_ttl_sec``
   after its death, and the next round of each shard's new owner comes at most
@@ -393,23 +394,35 @@ class ShardMember:
 
     async def leave(self) -> None:
         """Release every lease and the membership (an orderly stop): the others take the
-        shards in their next round instead of after the TTL."""
+        shards in their next round instead of after the TTL. Bounded as a round is
+        (:attr:`LeaseSettings.round_timeout_sec`); the connection is closed however it
+        ends (failed, cut, cancelled)."""
         self._held.clear()
         self._metrics.shards_owned.set(0)
         try:
-            conn = await self._connection()
-            async with conn.begin():
-                await conn.execute(_RELEASE, {"me": self.member_id, "keep": []})
-                await conn.execute(_LEAVE, {"me": self.member_id})
+            await asyncio.wait_for(self._release_all(), timeout=self.settings.round_timeout_sec)
         except Exception as exc:
-            log.warning("releasing the shard leases failed (they expire instead): %s", exc)
-        await self.close()
+            log.warning(
+                "releasing the shard leases failed (they expire instead): %s: %s",
+                type(exc).__name__,
+                exc,
+            )
+        finally:
+            await self.close()
+
+    async def _release_all(self) -> None:
+        conn = await self._connection()
+        async with conn.begin():
+            await conn.execute(_RELEASE, {"me": self.member_id, "keep": []})
+            await conn.execute(_LEAVE, {"me": self.member_id})
 
     async def close(self) -> None:
         """Drop the connection without releasing anything (leases expire)."""
         self._held.clear()
-        await self._drop_connection()
-        await self._engine.dispose()
+        try:
+            await self._drop_connection()
+        finally:
+            await self._engine.dispose()
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:

@@ -3,16 +3,20 @@ hold it, how fast a dead controller's shards move) and the configuration."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from pathlib import Path
 
 import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from autoscaler.config import ConfigError, load_config, parse_config
 from autoscaler.controller import check_sharding
+from autoscaler.metrics import ControllerMetrics
 from autoscaler.reconcile.shards import (
     NUM_SHARDS,
     LeaseSettings,
+    ShardMember,
     assign,
     move_bound_sec,
     shard_of,
@@ -97,3 +101,45 @@ async def test_sharding_on_sqlite_is_refused_with_the_key(tmp_path: Path) -> Non
         check_sharding(load_config(None), engine)  # off: nothing to refuse
         with pytest.raises(ConfigError, match=r"^sharding.enabled: true needs a PostgreSQL"):
             check_sharding(config, engine)
+
+
+async def test_a_stop_while_the_database_hangs_is_bounded_and_closes_every_connection() -> None:
+    """The database accepts connections and never answers (a hung server, a network
+    partition): the rounds fail, each cut after its bound, and the orderly stop (releasing
+    the leases) gives up after a round's bound too instead of the driver's minute-long
+    connect timeout, with every connection the member opened closed by it."""
+    accepted: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    two_tried = asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append((reader, writer))
+        if len(accepted) >= 2:  # two rounds tried, and failed
+            two_tried.set()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{port}/hung")
+    member = ShardMember(
+        engine,
+        settings=LeaseSettings(ttl_sec=0.4, renew_sec=0.1),
+        metrics=ControllerMetrics(),
+        member_id="ctl-a",
+    )
+    try:
+        stopping = asyncio.Event()
+        rounds = asyncio.ensure_future(member.run(stopping))
+        await asyncio.wait_for(two_tried.wait(), timeout=30)
+        stopping.set()
+        await rounds
+        assert member.shards() == []
+        # asyncpg waits 60 s for a server to answer a new connection
+        await asyncio.wait_for(member.leave(), timeout=30)
+        for reader, _ in accepted:  # closed by the member: the server reads its end
+            await asyncio.wait_for(reader.read(), timeout=30)
+            assert reader.at_eof()
+    finally:
+        for _, writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+        await engine.dispose()
