@@ -38,6 +38,7 @@ from autoscaler.reconcile.deps import (
     HEALTH_TIMEOUT_SEC,
     ORPHAN_GRACE_SEC,
     RESYNC_SEC,
+    SWEEP_SEC,
     TICK_SEC,
     UNHEALTHY_GRACE_SEC,
     VISIBILITY_GRACE_SEC,
@@ -302,7 +303,9 @@ class ControllerConfig(_Strict):
     tick_sec: Annotated[float, Field(gt=0)] = TICK_SEC
     resync_sec: Annotated[float, Field(gt=0)] = RESYNC_SEC
     """Every workload is stepped in full at least this often, whether or not anything it
-    reads changed (``autoscaler.reconcile.changes``)."""
+    reads changed (``autoscaler.reconcile.changes``); the fleet is read whole as often."""
+    sweep_sec: Annotated[float, Field(gt=0)] = SWEEP_SEC
+    """The orphan sweep and the fleet-spend metric's SUM run at most this often."""
     orphan_grace_sec: Annotated[float, Field(ge=0)] = ORPHAN_GRACE_SEC
     unavailable_sec: Annotated[float, Field(gt=0)] = UNAVAILABLE_SEC
     unhealthy_grace_sec: Annotated[float, Field(ge=0)] = UNHEALTHY_GRACE_SEC

@@ -380,6 +380,7 @@ def build_controller(
             fleet_max_hourly_cost_usd=config.fleet_max_hourly_cost_usd,
             tick_sec=config.tick_sec,
             resync_sec=config.resync_sec,
+            sweep_sec=config.sweep_sec,
             orphan_grace_sec=config.orphan_grace_sec,
             unavailable_sec=config.unavailable_sec,
             unhealthy_grace_sec=config.unhealthy_grace_sec,

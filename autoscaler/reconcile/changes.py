@@ -22,8 +22,9 @@ for a full step only the workloads for which one of these holds:
    URL not learnt yet, a spot notice (queued or reported), a failed boot, a booting
    replica group, a replica group missing a member, a grace
    period running (not visible, unhealthy), a booting engine that now answers its
-   health path or a ready one that does not (every candidate's replicas are asked in
-   one batch, at most :data:`PROBES_AT_ONCE` at a time).
+   health path or a ready one that does not (asked in one batch, at most
+   :data:`PROBES_AT_ONCE` at a time; a ready replica of a workload not compared this
+   pass is asked once every :data:`PROBE_EVERY` passes, below).
 5. **Its decision reads the clock.** An autoscaling workload's count depends on time
    windows and idle timers, so its pure step (``decide.step.step``, no I/O) runs here
    on the facts read; it is queued when that step plans or refuses anything, changes
@@ -62,18 +63,41 @@ the next resync (6); an autoscaling decision is computed here from the same inpu
 would use (5). Its spend, the fleet's
 and the offers only matter to a launch, which it does not plan.
 
-Cost per pass: O(workloads + open rows) in memory on top of the two queries of
-``fleet.read_fleet``, one health probe per ready or booting replica of a workload not
-queued for other reasons, an autoscaling workload's pure step, and one query for the
-engine keys and specs this controller has not read yet.
+**Only what may have moved is compared.** After an incremental read (``fleet.FleetCache``:
+the rows written since the last pass), :func:`work_for_pass` checks the rules above only
+for the workloads whose facts that read changed (1), those the last pass queued (2, 4,
+6: quarantined, unrunnable and deleted ones are queued every pass), those whose own timer
+or resync fell due (3, 6: two heaps of due times), those with an instance whose state
+the providers' lists show otherwise than the last pass's lists (4: both diffed by
+instance id and state) or a spot notice (4), and the autoscaling ones (5). Any other
+workload was left alone by the last pass, which checked every rule for it, and none of
+its inputs has moved since: its rows and row, its timers, its instances' states, its
+notices, the settings and offers; so every rule gives the same answer. Its health is
+the one input that moves unseen: its ready replicas are probed once every
+:data:`PROBE_EVERY` passes (its id choosing the pass), its booting ones every pass. A
+change of the settings, the offers, or the set of providers whose ``list`` answered, a
+full read (the first pass, every ``Settings.resync_sec``, after a pass that raised), or
+several controllers sharing the store: every workload is compared, every candidate's
+replicas probed, as without the cache.
+
+Cost per pass, incremental: O(changed + queued + due + moved workloads and their rows)
+to compare, O(instances listed) to diff the providers' lists (a dict of states built,
+then compared at C speed), O(workloads) at C speed to pick this pass's probe slice, the
+probes of a sixth of the ready replicas and of the booting ones, an autoscaling
+workload's pure step, and one query for the engine keys and specs this controller has
+not read yet. After a full read: O(workloads + open rows) in memory, one health probe
+per ready or booting replica of a workload not queued for other reasons.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
+from operator import attrgetter
 
 from pydantic import ValidationError
 
@@ -135,30 +159,185 @@ async def work_for_pass(
     now: datetime,
 ) -> Work:
     """Split ``workloads`` into those stepped in full and those left alone (see the
-    module docstring). O(workloads + their rows) plus the candidates' health probes."""
+    module docstring).
+
+    After an incremental read (``fleet.changed``), only the workloads something may have
+    moved for are compared: O(those + their rows), plus O(instances listed) to diff the
+    providers' lists with the last pass's (states, at C speed but for the building of
+    one dict), O(workloads) at C speed to pick this pass's slice of probes, and the
+    probes of that slice. After a full read, with several controllers, or when the
+    settings, the offers or the set of providers that answered changed: every workload,
+    O(workloads + their rows) plus the candidates' health probes."""
     memory = deps.memory
     inputs = (deps.settings, deps.offers())
+    full = fleet.changed is None or deps.shards is not None
     if memory.pass_inputs is None or not _same_inputs(memory.pass_inputs, inputs):
         memory.seen.clear()
+        memory.timers.clear()
+        memory.resyncs.clear()
+        full = True
     memory.pass_inputs = inputs
-    candidates = [w for w in workloads if needs_step(deps, w, observed=observed, now=now) is None]
+    moved = _listing_moved(deps, observed)
+    memory.passes += 1
+    if full or moved is None or fleet.changed is None:
+        considered: Sequence[WorkloadFacts] = workloads
+        extra: list[WorkloadFacts] = []
+    else:
+        ids = _maybe_moved(deps, fleet, observed, moved=moved, changed=fleet.changed, now=now)
+        considered = [fleet.by_id[i] for i in sorted(ids) if i in fleet.by_id]
+        extra = [
+            fleet.by_id[i]
+            for i in _probe_turn(deps, fleet)
+            if i not in ids and spec_of(deps, fleet.by_id[i]) is not None
+        ]
+    candidates = [w for w in considered if needs_step(deps, w, observed=observed, now=now) is None]
     await load_specs(deps, candidates)
     candidates = [w for w in candidates if spec_of(deps, w) is not None]
-    answers = await probe(deps, candidates)
+    answers = await probe(deps, [*candidates, *extra])
     due: list[WorkloadFacts] = []
-    left = 0
     next_at: datetime | None = None
     alone = {w.id for w in candidates if health_as_left(w, answers)}
-    for w in workloads:
+    for w in considered:
         if w.id not in alone or not _decision_quiet(deps, w, fleet=fleet, signals=signals, now=now):
             due.append(w)
             continue
-        left += 1
-        seen = memory.seen[w.id]
-        if seen.due_at is not None and (next_at is None or seen.due_at < next_at):
-            next_at = seen.due_at
-    _forget_gone(deps, workloads)
-    return Work(due=tuple(due), left_alone=left, next_at=next_at)
+        if considered is workloads:
+            seen = memory.seen[w.id]
+            if seen.due_at is not None and (next_at is None or seen.due_at < next_at):
+                next_at = seen.due_at
+    # The slice's workloads were left alone and nothing of theirs moved: only a probe
+    # that contradicts a replica's phase queues one.
+    due.extend(w for w in extra if not health_as_left(w, answers))
+    if considered is not workloads:
+        due.sort(key=_ID)
+        next_at = _next_timer(deps, {w.id for w in due})
+    if considered is workloads:
+        _forget_gone(deps, workloads)
+    else:
+        _forget(deps, [i for i in fleet.changed or () if i not in fleet.by_id], fleet.closed)
+    memory.attention = {w.id for w in due}
+    return Work(due=tuple(due), left_alone=len(workloads) - len(due), next_at=next_at)
+
+
+_ID = attrgetter("id")
+
+PROBE_EVERY = 6
+"""A ready replica of a workload left alone is probed once every this many passes
+(booting ones every pass), its workload's id choosing which: a ready replica whose
+engine stops answering is noticed within this many passes (30 s at the default 5 s
+tick), then goes through ``Settings.unhealthy_grace_sec`` as before."""
+
+
+def _probe_turn(deps: Deps, fleet: Fleet) -> list[int]:
+    """The workloads whose replicas this pass probes though nothing of theirs moved:
+    those whose id falls in this pass's turn, and those with a booting replica.
+    O(workloads) at C speed."""
+    turn = deps.memory.passes % PROBE_EVERY
+    ids = [i for i in fleet.by_id if i % PROBE_EVERY == turn]
+    ids.extend(i for i in fleet.booting if i % PROBE_EVERY != turn)
+    return ids
+
+
+def _listing_moved(deps: Deps, observed: Observation) -> set[str] | None:
+    """The instance ids whose state the providers' lists show otherwise than last
+    pass (new, gone or moved); ``None``: the set of providers that answered changed
+    (every workload is compared). O(instances listed)."""
+    memory = deps.memory
+    states = {
+        name: {instance_id: i.state for instance_id, i in instances.items()}
+        for name, instances in observed.by_provider.items()
+    }
+    last, memory.listed = memory.listed, states
+    if last is None or last.keys() != states.keys():
+        return None
+    moved: set[str] = set()
+    for name, now_states in states.items():
+        before = last[name]
+        if now_states != before:
+            moved.update(instance_id for instance_id, _ in now_states.items() ^ before.items())
+    return moved
+
+
+def _maybe_moved(
+    deps: Deps,
+    fleet: Fleet,
+    observed: Observation,
+    *,
+    moved: set[str],
+    changed: AbstractSet[int],
+    now: datetime,
+) -> set[int]:
+    """The workloads a pass after an incremental read compares: those whose facts
+    changed, those the last pass queued, those whose own timer or resync fell due, whose
+    instance moved at the provider or has a spot notice, those quarantined or
+    unrunnable, and the autoscaling ones (their decision reads the clock). Every other
+    one was left alone by the last pass and nothing it is judged on moved since.
+    O(those + the timers that fell due)."""
+    memory = deps.memory
+    ids = set(changed)
+    ids |= memory.attention
+    ids |= memory.autoscaling
+    ids.update(memory.failures)
+    ids.update(memory.unrunnable)
+    by_instance = fleet.by_instance
+    for instance_id in (*moved, *observed.notices):
+        owner = by_instance.get(instance_id)
+        if owner is not None:
+            ids.add(owner)
+    for heap in (memory.timers, memory.resyncs):
+        while heap and heap[0][0] <= now:
+            ids.add(heapq.heappop(heap)[1])
+    return ids
+
+
+def _next_timer(deps: Deps, due: AbstractSet[int]) -> datetime | None:
+    """The earliest own timer of a workload not in ``due``: O(stale and due entries
+    at the heap's top · log of its size)."""
+    memory = deps.memory
+    heap = memory.timers
+    held: list[tuple[datetime, int]] = []
+    found: datetime | None = None
+    while heap:
+        at, wid = heap[0]
+        seen = memory.seen.get(wid)
+        if seen is None or seen.due_at != at:
+            heapq.heappop(heap)  # stale: a later step or decision moved it
+            continue
+        if wid in due:
+            held.append(heapq.heappop(heap))
+            continue
+        found = at
+        break
+    for entry in held:
+        heapq.heappush(heap, entry)
+    return found
+
+
+def _remember(deps: Deps, workload_id: int, seen: Seen) -> None:
+    """Store what a pass saw of a workload and push its timers: O(log timers). The
+    heaps are rebuilt from what is remembered when stale entries outnumber it."""
+    memory = deps.memory
+    memory.seen[workload_id] = seen
+    if seen.due_at is not None:
+        heapq.heappush(memory.timers, (seen.due_at, workload_id))
+    heapq.heappush(memory.resyncs, (seen.resync_at, workload_id))
+    limit = 2 * len(memory.seen) + 1024
+    if len(memory.timers) > limit or len(memory.resyncs) > limit:
+        memory.timers = [(x.due_at, i) for i, x in memory.seen.items() if x.due_at is not None]
+        memory.resyncs = [(x.resync_at, i) for i, x in memory.seen.items()]
+        heapq.heapify(memory.timers)
+        heapq.heapify(memory.resyncs)
+
+
+def _forget(deps: Deps, gone: Sequence[int], closed: Sequence[str]) -> None:
+    """Drop what is remembered of workloads gone and rows closed: O(those)."""
+    memory = deps.memory
+    for workload_id in gone:
+        memory.seen.pop(workload_id, None)
+        memory.specs.pop(workload_id, None)
+        memory.autoscaling.discard(workload_id)
+    for launch_id in closed:
+        memory.engine_keys.pop(launch_id, None)
 
 
 def record_step(
@@ -176,7 +355,7 @@ def record_step(
     ``spot_closed``: the closed spot machines its interruption rate read (``None``: it
     does not allow spot)."""
     period = deps.settings.resync_sec * (0.5 + 0.5 * ((workload.id * _SPREAD) % 1.0))
-    deps.memory.seen[workload.id] = Seen(
+    seen = Seen(
         facts=workload,
         quiet=quiet,
         due_at=None if after is None else now + timedelta(seconds=after),
@@ -184,6 +363,7 @@ def record_step(
         start_times=start_times,
         spot_closed=spot_closed,
     )
+    _remember(deps, workload.id, seen)
 
 
 def last_facts(deps: Deps) -> Callable[[int], WorkloadFacts | None]:
@@ -293,6 +473,10 @@ async def load_specs(deps: Deps, workloads: Iterable[WorkloadFacts]) -> None:
         except ValidationError:
             spec = None
         deps.memory.specs[w.id] = (w.spec_hash, spec)
+        if spec is not None and isinstance(spec.execution_policy_config, AutoscalingPolicy):
+            deps.memory.autoscaling.add(w.id)
+        else:
+            deps.memory.autoscaling.discard(w.id)
 
 
 def _probe_targets(
@@ -433,7 +617,7 @@ def _decision_quiet(
     after = due_after(plan, decision, now=now)
     due_at = None if after is None else now + timedelta(seconds=after)
     if due_at != seen.due_at:
-        memory.seen[w.id] = replace(seen, due_at=due_at)
+        _remember(deps, w.id, replace(seen, due_at=due_at))
     return True
 
 
@@ -444,6 +628,7 @@ def _forget_gone(deps: Deps, workloads: Sequence[WorkloadFacts]) -> None:
     for table in (memory.seen, memory.specs):
         for gone in [i for i in table if i not in ids]:
             del table[gone]
+    memory.autoscaling &= ids
     launches = {r.launch_id for w in workloads for r in w.rows}
     for gone_launch in [k for k in memory.engine_keys if k not in launches]:
         del memory.engine_keys[gone_launch]

@@ -32,7 +32,7 @@ from autoscaler.decide.step import (
 )
 from autoscaler.decide.warm import StartTimes
 from autoscaler.metrics import ControllerMetrics
-from autoscaler.reconcile.fleet import WorkloadFacts
+from autoscaler.reconcile.fleet import FleetCache, WorkloadFacts
 from autoscaler.spec import DEFAULT_MAX_REPLICAS, WorkloadSpec
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
@@ -40,7 +40,7 @@ from autoscaler.store.secrets import hf_token_of
 from catalog.model import Offer
 from catalog.storage import LAUNCH_DISK_GIB
 from providers import engine_sleep
-from providers.base import Clock, Instance, LaunchRequest, Provider
+from providers.base import Clock, Instance, InstanceState, LaunchRequest, Provider
 from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET
 from providers.local import SecretSource
 
@@ -57,6 +57,7 @@ UNHEALTHY_GRACE_SEC = 30.0
 VISIBILITY_GRACE_SEC = 300.0
 HEALTH_TIMEOUT_SEC = 3.0
 RESYNC_SEC = 600.0
+SWEEP_SEC = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,6 +297,9 @@ class Settings:
     resync_sec: float = RESYNC_SEC
     """Every workload is stepped in full at least this often, changed or not
     (``autoscaler.reconcile.changes``); each between half and all of it, spread by id."""
+    sweep_sec: float = SWEEP_SEC
+    """The orphan sweep and the fleet-spend metric's SUM run at most this often (both
+    O(the fleet)); the spend metric follows each pass's read in between."""
 
     @property
     def knobs(self) -> StepKnobs:
@@ -403,6 +407,25 @@ class Memory:
     pass_inputs: tuple[Settings, object] | None = None
     """The settings and the offers (by identity) the last pass ran with; a pass that
     finds either changed steps every workload."""
+    fleet: FleetCache | None = None
+    """The fleet as the last pass read it; the next reads only the rows written since
+    (``reconcile.fleet``). ``None``: the next pass reads it whole."""
+    fleet_full_at: datetime | None = None
+    """When the fleet is next read whole (every ``Settings.resync_sec``)."""
+    attention: set[int] = field(default_factory=set)
+    """The workloads the last pass queued for a full step: compared again this pass."""
+    timers: list[tuple[datetime, int]] = field(default_factory=list)
+    """A heap of the workloads' own timers (``Seen.due_at``), with stale entries."""
+    resyncs: list[tuple[datetime, int]] = field(default_factory=list)
+    """A heap of the workloads' resync times (``Seen.resync_at``), with stale entries."""
+    autoscaling: set[int] = field(default_factory=set)
+    """The workloads whose cached spec autoscales (their pure step runs every pass)."""
+    listed: dict[str, dict[str, InstanceState]] | None = None
+    """Each provider's instances' states as the last pass's ``list`` showed them."""
+    passes: int = 0
+    """Passes run: which slice of the ready replicas is probed (``reconcile.changes``)."""
+    swept_at: datetime | None = None
+    """When the orphan sweep and the fleet-spend SUM last ran (``Settings.sweep_sec``)."""
 
 
 @dataclass

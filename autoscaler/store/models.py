@@ -109,6 +109,9 @@ class Workload(Base):
     updated_at: Mapped[datetime]
     deleted_at: Mapped[datetime | None]
     last_request_at: Mapped[datetime | None]
+    revision: Mapped[int] = mapped_column(BigInteger, index=True, server_default=text("0"))
+    """Set by a trigger on every write (migration 0015): the controller reads only the
+    rows written since its last pass (``reconcile.fleet``)."""
 
 
 class Instance(Base):
@@ -191,6 +194,8 @@ class Instance(Base):
     machine, a private worker, this machine, a replica group's member)."""
     prefill: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     """Launched to refill a warm pool: drained and parked once ready."""
+    revision: Mapped[int] = mapped_column(BigInteger, index=True, server_default=text("0"))
+    """Set by a trigger on every write, as the workload's is (migration 0015)."""
 
 
 class WorkloadSignals(Base):

@@ -14,6 +14,7 @@ cluster tag is unknown to the ledger.
 from __future__ import annotations
 
 import asyncio
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -156,7 +157,8 @@ async def _run(steps: list[tuple[Any, ...]], directory: Path) -> None:
             await world.step(5)
             await _check_budget(world)
         world.health.all_healthy = True
-        for _ in range(3):  # providers answering again: the sweep catches up
+        # Providers answering again: the sweep (at most every sweep_sec) catches up.
+        for _ in range(3 + math.ceil(world.deps.settings.sweep_sec / 5)):
             await world.step(5)
             await _check_budget(world)
         await _check_no_unknown_instance(world)
