@@ -20,10 +20,11 @@ Time comes from an injected :class:`Clock` wherever a provider needs it.
 from __future__ import annotations
 
 import builtins
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
@@ -295,6 +296,42 @@ class SpotInterruption:
     instance_type: str
     noticed_at: datetime
     reason: str = "spot capacity reclaimed"
+    reclaim_at: datetime | None = None
+    """When the provider reclaims the machine, where the notice says (``None``: not
+    known; :func:`reclaim_time` estimates it from the provider's lead)."""
+
+
+SPOT_NOTICE_LEAD_S: dict[ProviderName, float] = {ProviderName.AWS: 120.0, ProviderName.GCP: 30.0}
+"""Seconds from a spot interruption warning to the reclaim, by the provider of the offer.
+EC2 warns two minutes before it stops or terminates a Spot Instance (EC2 user guide,
+"Spot Instance interruption notices":
+https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html);
+GCE sends a Spot or preemptible VM its preemption notice (ACPI G2 Soft Off) 30 s before it
+stops it (Compute Engine, "Preemption process":
+https://cloud.google.com/compute/docs/instances/spot#preemption-process). An offer of
+another provider is reclaimed without a warning."""
+
+_ACTION_TIME = re.compile(r'"time"\s*:\s*"([^"]+)"')
+
+
+def reclaim_time(notice: str, *, provider: str, noticed_at: datetime) -> datetime | None:
+    """When a spot notice's machine is reclaimed: the action time EC2's instance metadata
+    ``spot/instance-action`` carries (``{"action": "terminate", "time": "…"}``) where the
+    notice quotes it, else ``noticed_at`` plus the provider's lead
+    (:data:`SPOT_NOTICE_LEAD_S`); ``None`` for a provider of unknown lead."""
+    match = _ACTION_TIME.search(notice)
+    if match is not None:
+        try:
+            at = datetime.fromisoformat(match.group(1).replace("Z", "+00:00"))
+        except ValueError:
+            at = None
+        if at is not None and at.tzinfo is not None:
+            return at
+    lead = SPOT_NOTICE_LEAD_S.get(ProviderName(provider)) if provider in _PROVIDERS else None
+    return None if lead is None else noticed_at + timedelta(seconds=lead)
+
+
+_PROVIDERS = frozenset(p.value for p in ProviderName)
 
 
 @runtime_checkable

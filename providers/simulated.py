@@ -55,6 +55,7 @@ from catalog.model import ProviderName
 from catalog.storage import LAUNCH_DISK_GIB, stopped_usd_per_hour
 from providers.base import (
     CLUSTER_TAG,
+    SPOT_NOTICE_LEAD_S,
     Clock,
     Instance,
     InstanceState,
@@ -86,17 +87,6 @@ class LogNormalBootTime:
 
     def sample(self, rng: random.Random) -> float:
         return rng.lognormvariate(math.log(self.median_seconds), self.sigma)
-
-
-SPOT_NOTICE_LEAD_S: dict[ProviderName, float] = {ProviderName.AWS: 120.0, ProviderName.GCP: 30.0}
-"""Seconds from a spot interruption warning to the reclaim, by the provider of the offer.
-EC2 warns two minutes before it stops or terminates a Spot Instance (EC2 user guide,
-"Spot Instance interruption notices":
-https://docs.aws.amazon.com/AWSEC2/latest/UserGuide/spot-instance-termination-notices.html);
-GCE sends a Spot or preemptible VM its preemption notice (ACPI G2 Soft Off) 30 s before it
-stops it (Compute Engine, "Preemption process":
-https://cloud.google.com/compute/docs/instances/spot#preemption-process). An offer of
-another provider is reclaimed without a warning."""
 
 
 START_TIME = LogNormalBootTime(median_seconds=75.0, sigma=0.35)
@@ -499,6 +489,7 @@ class SimulatedProvider:
                     zone=offer.zone,
                     instance_type=offer.instance_type,
                     noticed_at=utc(machine.notice_at),
+                    reclaim_at=utc(machine.interrupt_at),
                     reason=(
                         f"simulated {offer.provider.value} spot interruption warning: "
                         f"reclaimed at {utc(machine.interrupt_at).isoformat()} "

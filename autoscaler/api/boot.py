@@ -18,11 +18,15 @@
   group's worker it is the worker's check-in (its role started against the leader) and
   sets ``joined_at``: the leader is ready only once every worker has checked in and its
   own engine answers.
-  ``interrupted`` is a spot interruption notice: ``last_error`` records it
-  (``spot notice: …``) and a serving replica is marked draining at once, so the gateway
-  stops routing new requests to it while those in flight finish; the controller, woken,
-  launches the replacement, skips the offer's spot market for a while and terminates a
-  replica that was still booting (``autoscaler.reconcile.liveness.heed_spot_notices``).
+  ``interrupted`` is a spot interruption notice: ``last_error`` records it with its
+  reclaim time (``spot notice: …; reclaim at …``: EC2's action time, else the provider's
+  lead, ``providers.base.reclaim_time``). A serving replica keeps serving while
+  ``decide.plan.heed_spot_notice`` allows (until its replacement serves, at most until
+  30 s before the reclaim); one whose reclaim is closer, or not known, is marked
+  draining at once, so the gateway stops routing new requests to it while those in
+  flight finish. The controller, woken, launches the replacement, skips the offer's spot
+  market for a while, starts the drain when due and terminates a replica that was still
+  booting (``autoscaler.reconcile.workload``).
 
 The bearer token is per instance: HMAC-SHA256 of the launch id keyed by the replica's
 engine key (:func:`autoscaler.reconcile.provisioner.boot_token`), derived again here, so
@@ -47,11 +51,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from autoscaler.api.deps import Session, State
 from autoscaler.api.errors import ApiError
+from autoscaler.decide.plan import Drain, ReplicaPhase, heed_spot_notice
 from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE
 from autoscaler.reconcile.provisioner import boot_token
 from autoscaler.store.models import Instance, Workload
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import Phase, phase_of, with_reclaim_at
 from autoscaler.store.secrets import hf_token_of
+from providers.base import reclaim_time
 from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET, engine_for
 
 log = logging.getLogger("autoscaler.api.boot")
@@ -167,9 +173,17 @@ async def status(row: Launch, body: BootStatus, s: Session, state: State) -> dic
         log.warning("boot %s of %s failed: %s", row.launch_id, row.workload_slug, reason)
     elif body.state == "interrupted":
         reason = body.reason.strip() or "the provider will reclaim this spot instance"
-        row.last_error = f"{SPOT_NOTICE}{reason}"
-        if phase_of(row) is Phase.READY:
-            row.drain_requested_at = state.now()  # the gateway stops routing to it now
+        now = state.now()
+        reclaim_at = reclaim_time(reason, provider=row.provider, noticed_at=now)
+        row.last_error = with_reclaim_at(f"{SPOT_NOTICE}{reason}", reclaim_at)
+        phase = ReplicaPhase(phase_of(row).value)
+        notice = heed_spot_notice(
+            row.launch_id, phase, reason=reason, now=now, reclaim_at=reclaim_at
+        )
+        if isinstance(notice, Drain):
+            # The gateway stops routing to it now; one that may serve on does until the
+            # controller drains it (``decide.plan.heed_spot_notice``).
+            row.drain_requested_at = now
         log.warning("spot notice for %s of %s: %s", row.launch_id, row.workload_slug, reason)
     else:
         if row.group_role == "worker":

@@ -37,9 +37,14 @@ crash or a missed event gives the same actions. The rules:
   still booting when a scale-down has filled the pool is terminated.
 * **Spot notices.** A replica whose provider warned it will reclaim the machine
   (:func:`heed_spot_notice`, which the reconciler and the simulator both ask before the
-  step) is terminated while pending or booting (it would not serve before the reclaim)
-  and drained while ready: it finishes its requests in flight and takes no new one, and
+  step and the plan asks again) is terminated while pending or booting (it would not
+  serve before the reclaim). A ready one keeps serving: its view is ``DRAINING`` with
+  its ``reclaim_at`` and no ``drain_requested_at`` (the gateway still routes to it), so
   the plan, which counts no draining replica, launches its replacement in the same step.
+  Its drain starts once the replicas ready besides the warned ones reach the desired
+  count (the replacement serves), or at :data:`SPOT_DRAIN_MARGIN_S` before the reclaim,
+  whichever comes first; a reclaim closer than the margin, or at a time not known,
+  drains it at once.
 * **Budget per launch.** Each launch is checked with :func:`budget.check_launch` against
   every replica not confirmed terminated, the launches of this plan included; a refused
   launch becomes a :class:`Refusal` with the numbers.
@@ -52,7 +57,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from enum import StrEnum
 
 from autoscaler.decide.budget import BudgetLimits, Spend, check_launch
@@ -120,6 +125,20 @@ class ReplicaView:
     misfit: bool = False
     """Its GPU shape prefills too few of the measured prompts within the SLO (placement's
     tail rule): drained before any other on a scale-down."""
+    reclaim_at: datetime | None = None
+    """When its provider will reclaim the machine, as its spot notice says (``None``: no
+    notice, or a notice without a time). With phase ``DRAINING`` and no
+    ``drain_requested_at`` it is a warned replica still serving (:func:`heed_spot_notice`)."""
+
+    @property
+    def still_serving(self) -> bool:
+        """Warned of a spot reclaim, counted as draining, its drain not started: the
+        gateway still routes to it."""
+        return (
+            self.phase is ReplicaPhase.DRAINING
+            and self.drain_requested_at is None
+            and self.reclaim_at is not None
+        )
 
     @property
     def running_price(self) -> float:
@@ -314,18 +333,92 @@ class _Pool:
         return f"{self.held[mode]}/{bound} {mode.value}"
 
 
+SPOT_DRAIN_MARGIN_S = 30.0
+"""How long before a spot reclaim a warned replica that still serves starts its drain:
+time for the requests in flight on it to finish (a chat answer of a few hundred tokens
+streams in 5-20 s at 20-50 ms a token; the drain's own ``scaling_down_timeout_sec``
+defaults to 120 s for the longest). Of EC2's 120 s warning it leaves 90 s of serving;
+GCE's 30 s leaves none, so a GCE replica drains at the warning."""
+
+
+def spot_drain_at(
+    reclaim_at: datetime | None, *, margin_s: float = SPOT_DRAIN_MARGIN_S
+) -> datetime | None:
+    """When a warned replica must start its drain at the latest: ``margin_s`` before its
+    reclaim (``None``: the reclaim's time is not known; drain at once)."""
+    if reclaim_at is None:
+        return None
+    return reclaim_at - timedelta(seconds=margin_s)
+
+
 def heed_spot_notice(
-    launch_id: str, phase: ReplicaPhase, *, reason: str
+    launch_id: str,
+    phase: ReplicaPhase,
+    *,
+    reason: str,
+    now: datetime,
+    reclaim_at: datetime | None,
+    replaced: bool = False,
+    margin_s: float = SPOT_DRAIN_MARGIN_S,
 ) -> Drain | Terminate | None:
-    """What a spot interruption notice asks of a replica in ``phase``: terminate one still
-    pending or booting, drain a ready one; a replica already draining, parked or ending
-    is left as it is (``None``). The step that follows counts neither as serving or
-    soon serving, so it launches the replacement now, not once the machine is gone."""
+    """What a spot interruption notice asks of a replica in ``phase`` at ``now``:
+
+    * pending or booting: terminate it (it would not serve before the reclaim);
+    * ready (or warned and still serving): ``None`` while it may keep serving, that is
+      before ``margin_s`` ahead of ``reclaim_at`` and while not ``replaced`` (the replicas
+      ready besides the warned ones do not reach the desired count yet); else drain it.
+      A reclaim whose time is not known drains it at once;
+    * draining, parked or ending: left as it is (``None``).
+
+    The step counts a warned replica as draining whether or not its drain has started
+    (``ReplicaView.still_serving``), so it launches the replacement at the warning, not
+    once the machine is gone, while the warned machine serves what the gateway sends it."""
     if phase in _STARTING:
         return Terminate(launch_id, reason)
-    if phase is ReplicaPhase.READY:
-        return Drain(launch_id, reason)
+    if phase is not ReplicaPhase.READY:
+        return None
+    drain_at = spot_drain_at(reclaim_at, margin_s=margin_s)
+    if drain_at is None:
+        return Drain(launch_id, f"{reason}; reclaim time not known: drained at once")
+    if now >= drain_at:
+        return Drain(
+            launch_id,
+            f"{reason}; {margin_s:g}s or less before the reclaim: drained so its "
+            "requests in flight finish",
+        )
+    if replaced:
+        return Drain(launch_id, f"{reason}; its replacement serves: drained")
     return None
+
+
+def _heed_warned(
+    live: Sequence[ReplicaView],
+    *,
+    ready: int,
+    desired: int,
+    now: datetime,
+    actions: list[Action],
+    due: list[float],
+) -> None:
+    """Start the drain of warned replicas still serving once ``ready`` replicas (ready,
+    not warned) reach ``desired``, or at the margin before their reclaim, soonest
+    reclaim first; until then wake when the next one is due."""
+    warned = sorted((r for r in live if r.still_serving), key=lambda r: (r.reclaim_at, r.launch_id))
+    for r in warned:
+        action = heed_spot_notice(
+            r.launch_id,
+            ReplicaPhase.READY,
+            reason=f"spot notice: reclaim at {r.reclaim_at:%H:%M:%S}",
+            now=now,
+            reclaim_at=r.reclaim_at,
+            replaced=ready >= desired,
+        )
+        if action is not None:
+            actions.append(action)
+            continue
+        drain_at = spot_drain_at(r.reclaim_at)
+        assert drain_at is not None
+        due.append((drain_at - now).total_seconds())
 
 
 def plan_actions(
@@ -393,6 +486,14 @@ def plan_actions(
         and not in_refill(r, warm)
     ]
     serving = bool(active)
+    _heed_warned(
+        live,
+        ready=sum(r.phase is ReplicaPhase.READY for r in active if r.generation >= spec_generation),
+        desired=desired,
+        now=now,
+        actions=actions,
+        due=due,
+    )
     _finish_drains(
         live, timeouts=timeouts, now=now, actions=actions, due=due, pool=pool, serving=serving
     )
@@ -466,7 +567,7 @@ def _finish_drains(
     serving: bool,
 ) -> None:
     for r in live:
-        if r.phase is not ReplicaPhase.DRAINING:
+        if r.phase is not ReplicaPhase.DRAINING or r.still_serving:
             continue
         since = r.drain_requested_at or now
         waited = (now - since).total_seconds()

@@ -20,7 +20,7 @@ from autoscaler.reconcile.deps import log
 from autoscaler.reconcile.fleet import SLEEP_FLAG, RowFacts
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import phase_of
+from autoscaler.store.phase import phase_of, reclaim_at_of
 
 Facts = LedgerRow | RowFacts
 """A ledger row, or the same row read as a value by a pass (``reconcile.fleet``)."""
@@ -231,10 +231,16 @@ async def recent_start_samples(session: AsyncSession, workload_id: int) -> list[
 def replica_view(row: Facts, *, in_flight: int) -> ReplicaView:
     """The plan's view of one ledger row. ``usd_per_hour`` is what the row costs now (a
     stopped machine's disks once the provider confirmed the stop), the price every
-    ceiling counts; ``running_usd_per_hour`` its price running again."""
+    ceiling counts; ``running_usd_per_hour`` its price running again. A ready replica
+    warned of its spot reclaim at a known time is a draining one still serving
+    (``ReplicaView.still_serving``): counted out, its drain not started."""
+    phase = ReplicaPhase(phase_of(row).value)
+    reclaim_at = reclaim_at_of(row.last_error)
+    if phase is ReplicaPhase.READY and reclaim_at is not None:
+        phase = ReplicaPhase.DRAINING
     return ReplicaView(
         launch_id=row.launch_id,
-        phase=ReplicaPhase(phase_of(row).value),
+        phase=phase,
         generation=row.spec_generation,
         offer_key=row.offer_key,
         usd_per_hour=row.hourly_usd,
@@ -249,6 +255,7 @@ def replica_view(row: Facts, *, in_flight: int) -> ReplicaView:
         stopped_usd_per_hour=row.stopped_usd_per_hour if row.group_id is None else None,
         can_sleep=can_sleep(row),
         prefill=row.prefill,
+        reclaim_at=reclaim_at,
     )
 
 

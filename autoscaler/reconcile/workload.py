@@ -52,6 +52,7 @@ from autoscaler.decide.plan import (
     Timeouts,
     heed_spot_notice,
     plan_actions,
+    spot_drain_at,
 )
 from autoscaler.decide.scaling import FleetCounts, ScaleDecision, ScaleMemory
 from autoscaler.decide.signals import Signals
@@ -113,7 +114,8 @@ from autoscaler.reconcile.provisioner import (
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec, describe_errors
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import Phase, phase_of, reclaim_at_of, with_reclaim_at
+from providers.base import reclaim_time
 from providers.engines import engine_for
 
 
@@ -484,7 +486,10 @@ async def _record_queued_notices(
         if (row.last_error or "").startswith(SPOT_NOTICE):
             continue
         if phase_of(row) in (Phase.PENDING, Phase.BOOTING, Phase.READY, Phase.DRAINING):
-            row.last_error = f"{SPOT_NOTICE}{notice.reason}"
+            reclaim_at = notice.reclaim_at or reclaim_time(
+                notice.reason, provider=row.provider, noticed_at=notice.noticed_at
+            )
+            row.last_error = with_reclaim_at(f"{SPOT_NOTICE}{notice.reason}", reclaim_at)
             queued.add(row.launch_id)
     if deps.shards is not None and matched:
         await forget_notices(s, matched)
@@ -501,9 +506,11 @@ async def _heed_spot_notices(
     queued: set[str],
     now: datetime,
 ) -> None:
-    """The provider will reclaim these instances: avoid their spot market, stop serving
-    from them (``decide.plan.heed_spot_notice``, which the simulator asks too), and
-    (through the plan, which no longer counts them) replace them now."""
+    """The provider will reclaim these instances: avoid their spot market, and (through
+    the plan, which counts a warned replica as draining) replace them now. A ready one
+    keeps serving until its drain is due (``decide.plan.heed_spot_notice``, which the
+    simulator and the plan ask too): at the margin before its reclaim, at once when its
+    reclaim time is not known; the plan drains it earlier once its replacement serves."""
     for row in spot_notices(rows):
         reason = row.last_error or "spot interruption notice"
         first = row.launch_id not in deps.memory.spot_noticed
@@ -513,20 +520,29 @@ async def _heed_spot_notices(
             source = "queue" if row.launch_id in queued else "instance"
             deps.metrics.spot_notices.labels(row.provider, source).inc()
         phase = phase_of(row)
-        action = heed_spot_notice(row.launch_id, ReplicaPhase(phase.value), reason=reason)
+        reclaim_at = reclaim_at_of(row.last_error)
+        action = heed_spot_notice(
+            row.launch_id, ReplicaPhase(phase.value), reason=reason, now=now, reclaim_at=reclaim_at
+        )
         if isinstance(action, Terminate):
             await _terminate(deps, s, row=row, reason=reason, now=now)
             continue
         if isinstance(action, Drain) and not deps.settings.dry_run:
             row.drain_requested_at = now
+            what = action.reason
         elif not first:
             continue
+        elif phase is Phase.READY and reclaim_at is not None:
+            drain_at = spot_drain_at(reclaim_at)
+            what = f"{reason}; serves until {drain_at:%H:%M:%S} at the latest"
+        else:
+            what = reason
         record_decision(
             s,
             workload_id=workload.id,
             at=now,
             kind="drain",
-            reason=f"{reason}; replaced now, its spot market skipped for "
+            reason=f"{what}; replaced now, its spot market skipped for "
             f"{deps.settings.unavailable_sec:g}s",
             inputs={"launch_id": row.launch_id, "phase": phase.value, "spot": row.spot},
             result={"launch_id": row.launch_id},

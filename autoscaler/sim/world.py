@@ -8,8 +8,10 @@ hour of traffic replays in seconds.
 A spot machine's warning (``providers.simulated.SPOT_NOTICE_LEAD_S`` before its reclaim:
 120 s on AWS, 30 s on GCP) wakes the controller, which heeds it as the reconciler does
 (``reconcile.workload``): its spot market skipped for ``unavailable_sec``, the replica
-drained if ready or terminated if still booting (``decide.plan.heed_spot_notice``), and
-the replacement launched by the same step.
+terminated if still booting, and the replacement launched by the same step. A ready
+one keeps taking requests until its replacement is ready or until
+``decide.plan.SPOT_DRAIN_MARGIN_S`` before the reclaim, whichever comes first
+(``decide.plan.heed_spot_notice``), then drains.
 
 Every random draw comes from generators seeded by ``seed``: the cloud's (stock-outs, boot
 times, spot lifetimes) and the gateway's (balancing ties).
@@ -173,6 +175,15 @@ class SimReplica:
         if self.drain_s is not None:
             return ReplicaPhase.DRAINING
         return ReplicaPhase.READY if self.engine is not None else ReplicaPhase.BOOTING
+
+    def plan_phase(self) -> ReplicaPhase:
+        """Its phase as the step counts it: a ready replica warned of its reclaim is
+        draining there (replaced at once) while it still serves until its drain
+        (``decide.plan.ReplicaView.still_serving``)."""
+        phase = self.phase()
+        if phase is ReplicaPhase.READY and self.heeded and self.interrupt_s is not None:
+            return ReplicaPhase.DRAINING
+        return phase
 
     @property
     def refilling(self) -> bool:
@@ -645,25 +656,39 @@ class World:
         return f"{r.offer.provider.value} spot interruption warning: reclaimed in {lead:.0f} s"
 
     def _heed_notices(self, t: float) -> None:
-        """Act on the spot warnings that came since the last step, before the step, as
-        the reconciler's pass does (``reconcile.workload``): skip the machine's spot
-        market for ``unavailable_sec``, drain the replica if it serves (it finishes its
-        requests in flight) or terminate it if it still boots; the step then counts it
-        no more and launches its replacement."""
+        """Act on the spot warnings before the step, as the reconciler's pass does
+        (``reconcile.workload``): at a warning, skip the machine's spot market for
+        ``unavailable_sec`` and terminate the replica if it still boots; a ready one
+        keeps serving until ``decide.plan.heed_spot_notice`` drains it (here at the
+        margin before its reclaim; the step's plan drains it once its replacement
+        serves). The step counts it no more and launches its replacement."""
+        now = as_datetime(EPOCH_S + t)
         for r in self.replicas.values():
-            if not r.noticed or r.heeded or r.ended_s is not None:
+            if not r.noticed or r.ended_s is not None or r.interrupt_s is None:
                 continue
-            r.heeded = True
-            mark_unavailable(
-                self.unavailable,
-                offer=r.offer,
-                spot=True,
-                worker_id=None,
-                now=as_datetime(EPOCH_S + t),
-                knobs=self.knobs,
-            )
+            if r.heeded and r.plan_phase() is not ReplicaPhase.DRAINING:
+                continue
+            if r.heeded and r.drain_s is not None:
+                continue
+            if not r.heeded:
+                r.heeded = True
+                self._fleet_changed()
+                mark_unavailable(
+                    self.unavailable,
+                    offer=r.offer,
+                    spot=True,
+                    worker_id=None,
+                    now=now,
+                    knobs=self.knobs,
+                )
             reason = f"{SPOT_NOTICE}{self._warning(r)}"
-            action = heed_spot_notice(r.launch_id, r.phase(), reason=reason)
+            action = heed_spot_notice(
+                r.launch_id,
+                r.phase(),
+                reason=reason,
+                now=now,
+                reclaim_at=as_datetime(EPOCH_S + r.interrupt_s),
+            )
             if isinstance(action, Terminate):
                 self.cloud.terminate(r.instance_id)
                 self._end(r, t, why=reason)
@@ -671,7 +696,7 @@ class World:
             elif isinstance(action, Drain):
                 r.drain_s = t
                 self._fleet_changed()
-                self.events.append(ScaleEvent(t, "drain", f"{r.launch_id}: {reason}"))
+                self.events.append(ScaleEvent(t, "drain", f"{r.launch_id}: {action.reason}"))
 
     def _end(self, r: SimReplica, t: float, *, why: str) -> None:
         r.ended_s = t
@@ -776,7 +801,9 @@ class World:
 
     def _fleet(self) -> FleetCounts:
         """As the step counts them (``decide.step.fleet_counts``): no warm pool refill."""
-        phases = [r.phase() for r in self.replicas.values() if not (self._warm and r.refilling)]
+        phases = [
+            r.plan_phase() for r in self.replicas.values() if not (self._warm and r.refilling)
+        ]
         return FleetCounts(
             ready=phases.count(ReplicaPhase.READY),
             booting=phases.count(ReplicaPhase.BOOTING),
@@ -954,7 +981,7 @@ class World:
         return ReplicaState(
             view=ReplicaView(
                 launch_id=r.launch_id,
-                phase=r.phase(),
+                phase=r.plan_phase(),
                 generation=1,
                 offer_key=r.offer.key,
                 usd_per_hour=r.hourly_usd(self.t),
@@ -975,6 +1002,11 @@ class World:
                 stopped_usd_per_hour=r.stopped_usd_per_hour,
                 can_sleep=self._can_sleep,
                 prefill=r.prefill,
+                reclaim_at=(
+                    as_datetime(EPOCH_S + r.interrupt_s)
+                    if r.heeded and r.interrupt_s is not None
+                    else None
+                ),
             ),
             zone=r.offer.zone,
             shape=shape_of(r.offer),

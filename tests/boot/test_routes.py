@@ -3,7 +3,7 @@ instance that proves itself, status reports stored as facts, the right refusals.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from autoscaler.api.boot import BootSecrets
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Instance
+from autoscaler.store.phase import RECLAIM_AT, reclaim_at_of
 from tests.boot.conftest import HF_TOKEN, BootApiServer, Launch, add_launch
 from tests.conftest import ADMIN_TOKEN
 
@@ -159,37 +160,61 @@ async def test_ready_alone_does_not_make_a_replica_serve(
     assert boot_api.wakes == 1
 
 
-async def test_a_spot_notice_drains_a_serving_replica_at_once_and_wakes_the_controller(
+def _ec2_notice(at: datetime) -> str:
+    when = at.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return f'ec2 spot interruption notice: {{"action": "terminate", "time": "{when}"}}'
+
+
+async def test_a_spot_notice_records_the_reclaim_and_drains_only_a_close_one(
     boot_api: BootApiServer, store: Sessions
 ) -> None:
-    serving, booting = await add_launch(store), await add_launch(store, backend="sglang")
+    """EC2's notice carries its action time: a serving replica two minutes from it keeps
+    serving (the controller drains it when due), one within the drain margin is drained
+    at once, a booting one is left to the controller to terminate."""
+    later, close = await add_launch(store), await add_launch(store)
+    booting = await add_launch(store, backend="sglang")
     async with store() as s, s.begin():
         await s.execute(
             update(Instance)
-            .where(Instance.launch_id == serving.launch_id)
+            .where(Instance.launch_id.in_([later.launch_id, close.launch_id]))
             .values(ready_at=datetime.now(UTC))
         )
-    notice = 'ec2 spot interruption notice: {"action": "terminate", "time": "2026-11-30T09:02:00Z"}'
+    now = datetime.now(UTC).replace(microsecond=0)
+    notices = {
+        later.launch_id: _ec2_notice(now + timedelta(seconds=120)),
+        close.launch_id: _ec2_notice(now + timedelta(seconds=20)),
+        booting.launch_id: _ec2_notice(now + timedelta(seconds=120)),
+    }
 
     async with httpx.AsyncClient() as client:
         answers = [
             await client.post(
                 _url(boot_api, launch.launch_id, "status"),
                 headers=launch.auth(),
-                json={"launch_id": launch.launch_id, "state": "interrupted", "reason": notice},
+                json={
+                    "launch_id": launch.launch_id,
+                    "state": "interrupted",
+                    "reason": notices[launch.launch_id],
+                },
             )
-            for launch in (serving, booting)
+            for launch in (later, close, booting)
         ]
 
-    assert [a.status_code for a in answers] == [202, 202]
-    assert [a.json()["phase"] for a in answers] == ["draining", "booting"]
-    drained = await _row(store, serving.launch_id)
-    assert drained.last_error == f"spot notice: {notice}"
+    assert [a.status_code for a in answers] == [202, 202, 202]
+    assert [a.json()["phase"] for a in answers] == ["ready", "draining", "booting"]
+    serving = await _row(store, later.launch_id)
+    assert serving.last_error == (
+        f"spot notice: {notices[later.launch_id]}{RECLAIM_AT}"
+        f"{(now + timedelta(seconds=120)).isoformat()}"
+    )
+    assert reclaim_at_of(serving.last_error) == now + timedelta(seconds=120)
+    assert serving.drain_requested_at is None and serving.terminate_requested_at is None
+    drained = await _row(store, close.launch_id)
     assert drained.drain_requested_at is not None and drained.terminate_requested_at is None
     still_booting = await _row(store, booting.launch_id)
-    assert still_booting.last_error == f"spot notice: {notice}"  # the controller terminates it
-    assert still_booting.drain_requested_at is None
-    assert boot_api.wakes == 2
+    assert (still_booting.last_error or "").startswith(f"spot notice: {notices[booting.launch_id]}")
+    assert still_booting.drain_requested_at is None  # the controller terminates it
+    assert boot_api.wakes == 3
 
 
 @pytest.mark.parametrize(

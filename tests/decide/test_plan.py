@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from autoscaler.decide.budget import BudgetLimits
 from autoscaler.decide.plan import (
+    SPOT_DRAIN_MARGIN_S,
     Drain,
     Launch,
     Plan,
@@ -20,6 +21,7 @@ from autoscaler.decide.plan import (
     heed_spot_notice,
     plan_actions,
 )
+from autoscaler.store.phase import reclaim_at_of, with_reclaim_at
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 TIMEOUTS = Timeouts(scaling_up_sec=600, scaling_down_sec=120)
@@ -381,17 +383,80 @@ def test_a_deleted_predecessor_s_instances_count_against_the_ceiling() -> None:
     )
 
 
-def test_a_spot_notice_drains_a_serving_replica_and_the_plan_replaces_it_now() -> None:
-    """The plan counts no draining replica: the drain the notice asks for is what makes
-    the same step launch the replacement, before the machine is reclaimed."""
-    notice = heed_spot_notice("a", ReplicaPhase.READY, reason="spot notice: in 120 s")
-    assert notice == Drain("a", "spot notice: in 120 s")
-    drained = replica("a", ReplicaPhase.DRAINING, drain_age=0, in_flight=2)
-    assert kinds(plan(2, [drained, replica("b")])) == [("Launch", None)]
+RECLAIM = NOW + timedelta(seconds=120)
+
+
+def warned(launch_id: str, *, reclaim: datetime = RECLAIM) -> ReplicaView:
+    """A ready replica warned of its reclaim, still serving (the ledger's view of it)."""
+    return replace(replica(launch_id, ReplicaPhase.DRAINING), reclaim_at=reclaim)
+
+
+def test_a_warned_replica_keeps_serving_while_the_plan_replaces_it_now() -> None:
+    """At EC2's warning (120 s ahead) a ready replica is not drained: the plan counts it
+    out, so the same step launches its replacement, and wakes at the drain margin."""
+    notice = heed_spot_notice(
+        "a", ReplicaPhase.READY, reason="spot notice", now=NOW, reclaim_at=RECLAIM
+    )
+    assert notice is None
+    a = warned("a")
+    assert a.still_serving
+    p = plan(2, [a, replica("b")])
+    assert kinds(p) == [("Launch", None)]
+    assert p.requeue_after == 120 - SPOT_DRAIN_MARGIN_S
+
+
+def test_a_warned_replica_drains_at_the_margin_before_its_reclaim() -> None:
+    drain_at = RECLAIM - timedelta(seconds=SPOT_DRAIN_MARGIN_S)
+    before = heed_spot_notice(
+        "a",
+        ReplicaPhase.READY,
+        reason="n",
+        now=drain_at - timedelta(seconds=1),
+        reclaim_at=RECLAIM,
+    )
+    assert before is None
+    at = heed_spot_notice("a", ReplicaPhase.READY, reason="n", now=drain_at, reclaim_at=RECLAIM)
+    assert isinstance(at, Drain) and at.launch_id == "a"
+    # In the plan: 30 s before its reclaim the replacement still boots, yet it drains.
+    near = warned("a", reclaim=NOW + timedelta(seconds=SPOT_DRAIN_MARGIN_S))
+    assert kinds(plan(2, [near, replica("b"), replica("c", ReplicaPhase.BOOTING, age=60)])) == [
+        ("Drain", "a")
+    ]
+    # GCE's 30 s warning leaves no margin: drained at the warning; so is one whose
+    # reclaim time is not known.
+    gce = heed_spot_notice(
+        "a", ReplicaPhase.READY, reason="n", now=NOW, reclaim_at=NOW + timedelta(seconds=30)
+    )
+    assert isinstance(gce, Drain)
+    assert isinstance(
+        heed_spot_notice("a", ReplicaPhase.READY, reason="n", now=NOW, reclaim_at=None), Drain
+    )
+
+
+def test_a_warned_replica_drains_once_its_replacement_is_ready() -> None:
+    booting = plan(2, [warned("a"), replica("b"), replica("c", ReplicaPhase.BOOTING, age=60)])
+    assert kinds(booting) == []  # the replacement boots: the warned replica serves on
+    ready = plan(2, [warned("a"), replica("b"), replica("c")])
+    assert kinds(ready) == [("Drain", "a")]
+    assert "replacement serves" in ready.actions[0].reason
+    # Once its drain started it is a draining replica like any other: ended when empty.
+    drained = replace(warned("a"), drain_requested_at=NOW - timedelta(seconds=5))
+    assert not drained.still_serving
+    assert kinds(plan(2, [drained, replica("b"), replica("c")])) == [("Terminate", "a")]
 
 
 def test_a_spot_notice_terminates_a_replica_that_would_not_serve_before_the_reclaim() -> None:
     for phase in (ReplicaPhase.PENDING, ReplicaPhase.BOOTING):
-        assert heed_spot_notice("a", phase, reason="r") == Terminate("a", "r")
+        assert heed_spot_notice("a", phase, reason="r", now=NOW, reclaim_at=RECLAIM) == Terminate(
+            "a", "r"
+        )
     for phase in (ReplicaPhase.DRAINING, ReplicaPhase.PARKED, ReplicaPhase.TERMINATING):
-        assert heed_spot_notice("a", phase, reason="r") is None
+        assert heed_spot_notice("a", phase, reason="r", now=NOW, reclaim_at=RECLAIM) is None
+
+
+def test_a_recorded_notice_gives_its_reclaim_time_back() -> None:
+    text = with_reclaim_at("spot notice: ec2 warning", RECLAIM)
+    assert reclaim_at_of(text) == RECLAIM
+    assert reclaim_at_of(f"{text}; terminating: throttled") == RECLAIM
+    assert reclaim_at_of(with_reclaim_at("spot notice: gce", None)) is None
+    assert reclaim_at_of(None) is None and reclaim_at_of("spot notice; reclaim at soon") is None

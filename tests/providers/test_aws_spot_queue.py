@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,10 @@ from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import SpotNotice
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import Phase, phase_of, reclaim_at_of
 from providers.aws import AwsProvider, interruption_warning
 from providers.aws_config import AwsConfig
-from providers.base import SpotNoticeSource
+from providers.base import SpotNoticeSource, reclaim_time
 from tests.fakes.ec2_proxy import Ec2Proxy
 from tests.reconcile.world import A10G, PROJECT, World, autoscaling
 
@@ -94,7 +95,10 @@ async def test_a_queued_warning_drains_and_replaces_the_replica(
         await world.step(1)
 
         old, replacement = await world.rows("bot")
-        assert phase_of(old) is Phase.DRAINING
+        # The queue's warning is EC2's two minutes ahead: it serves on until its
+        # replacement is ready or 30 s before the reclaim (``decide.plan.heed_spot_notice``).
+        assert phase_of(old) is Phase.READY
+        assert reclaim_at_of(old.last_error) == world.now + timedelta(seconds=120)
         assert (old.last_error or "").startswith(
             f"{SPOT_NOTICE}EC2 Spot Instance Interruption Warning (SQS): terminate at "
         )
@@ -120,3 +124,20 @@ def test_only_spot_interruption_warnings_are_read() -> None:
     assert interruption_warning(json.dumps(rebalance)) is None
     assert interruption_warning("not json") is None
     assert interruption_warning("[]") is None
+
+
+def test_a_notices_reclaim_time_is_ec2s_action_time_else_the_providers_lead() -> None:
+    noticed = datetime(2026, 11, 30, 9, 0, tzinfo=UTC)
+    metadata = (
+        'ec2 spot interruption notice: {"action": "terminate", "time": "2026-11-30T09:01:50Z"}'
+    )
+    assert reclaim_time(metadata, provider="aws", noticed_at=noticed) == datetime(
+        2026, 11, 30, 9, 1, 50, tzinfo=UTC
+    )
+    queued = "EC2 Spot Instance Interruption Warning (SQS): terminate at 2026-11-30T09:00:00Z"
+    assert reclaim_time(queued, provider="aws", noticed_at=noticed) == noticed + timedelta(
+        seconds=120
+    )
+    gce = "gce spot interruption notice: instance/preempted is TRUE"
+    assert reclaim_time(gce, provider="gcp", noticed_at=noticed) == noticed + timedelta(seconds=30)
+    assert reclaim_time("reclaimed", provider="local", noticed_at=noticed) is None

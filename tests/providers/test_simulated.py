@@ -9,6 +9,7 @@ import pytest
 from catalog.model import Offer, ProviderName
 from catalog.storage import stopped_usd_per_hour
 from providers.base import (
+    SPOT_NOTICE_LEAD_S,
     InstanceState,
     InsufficientCapacity,
     ManualClock,
@@ -19,7 +20,6 @@ from providers.base import (
     utc,
 )
 from providers.simulated import (
-    SPOT_NOTICE_LEAD_S,
     FixedBootTime,
     LogNormalBootTime,
     SimulatedCloud,
@@ -209,6 +209,7 @@ async def test_a_reclaim_is_warned_of_its_providers_lead_ahead_and_reported_once
     [notice] = await sim.spot_notices("c")
     assert notice.instance_id == spot.instance_id and notice.launch_id == spot.launch_id
     assert notice.noticed_at == utc(reclaim - lead)
+    assert notice.reclaim_at == utc(reclaim)
     assert f"(in {lead:.0f} s)" in notice.reason
     assert (await sim.describe(spot.instance_id)).state is InstanceState.RUNNING
     assert await sim.spot_notices("c") == []  # each warning once

@@ -10,6 +10,7 @@ import builtins
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import func, select
@@ -21,7 +22,7 @@ from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.reconcile.shards import LeaseSettings, ShardMember
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import SpotNotice
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import Phase, phase_of, with_reclaim_at
 from providers.base import SpotInterruption
 from providers.fake import FakeCloud, FakeProvider
 from tests.reconcile.world import PROJECT, World, autoscaling
@@ -130,6 +131,7 @@ async def test_a_warning_is_acted_on_by_the_owner_whoever_reads_it(
     [doomed] = await owner.rows(fleet.slug)
     assert doomed.instance_id is not None
     fleet.warn(doomed.instance_id, doomed.launch_id)
+    reclaim = owner.now + timedelta(seconds=120)  # the queue's warning: EC2's lead
 
     if reader == "other":
         await other.step(1)  # reads the queue: the warning is another controller's
@@ -143,8 +145,8 @@ async def test_a_warning_is_acted_on_by_the_owner_whoever_reads_it(
 
     old, replacement = await owner.rows(fleet.slug)
     assert old.launch_id == doomed.launch_id
-    assert phase_of(old) is Phase.DRAINING  # still serving its request
-    assert old.last_error == f"{SPOT_NOTICE}{WARNING}"
+    assert phase_of(old) is Phase.READY  # warned two minutes ahead: it serves on
+    assert old.last_error == with_reclaim_at(f"{SPOT_NOTICE}{WARNING}", reclaim)
     assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
     assert (replacement.offer_key, replacement.spot) != (doomed.offer_key, True)
     assert fleet.counted(owner) == 1 and fleet.counted(other) == 0
@@ -154,7 +156,9 @@ async def test_a_warning_is_acted_on_by_the_owner_whoever_reads_it(
     for world in (other, owner, other, owner):
         await world.step(1)
     assert len(await owner.rows(fleet.slug)) == 2  # one replacement
-    assert len(await owner.decisions("drain")) == 1
+    # One decision heeds the warning; the drain once the replacement serves is another.
+    heeded = [d for d in await owner.decisions("drain") if "replaced now" in d.reason]
+    assert len(heeded) == 1
     assert fleet.counted(owner) == 1 and fleet.counted(other) == 0
     assert await fleet.stored() == 0
 
@@ -167,6 +171,7 @@ async def test_a_warning_read_while_its_shard_has_no_holder_waits_for_the_next_o
     assert doomed.instance_id is not None
     await fleet.owner_member.leave()  # the owner stops; the other has not taken over yet
     fleet.warn(doomed.instance_id, doomed.launch_id)
+    reclaim = owner.now + timedelta(seconds=120)  # the queue's warning: EC2's lead
     fleet.warn("i-0nobodys0", "l-nobody")  # an instance no row will ever match
 
     await other.step(1)
@@ -176,7 +181,8 @@ async def test_a_warning_read_while_its_shard_has_no_holder_waits_for_the_next_o
     await other.step()
 
     old, replacement = await other.rows(fleet.slug)
-    assert phase_of(old) is Phase.DRAINING and old.last_error == f"{SPOT_NOTICE}{WARNING}"
+    assert phase_of(old) is Phase.READY
+    assert old.last_error == with_reclaim_at(f"{SPOT_NOTICE}{WARNING}", reclaim)
     assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
     assert fleet.counted(other) == 1
     assert await fleet.stored() == 1  # the unmatched one, until it expires

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 from sqlalchemy import update
 
+from autoscaler.decide.plan import SPOT_DRAIN_MARGIN_S
 from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE, TERMINATING, interrupted, spot_record
 from autoscaler.reconcile.notices import NOTICE_KEEP_SEC, share_notices
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of
-from providers.base import SpotInterruption
+from autoscaler.store.phase import Phase, phase_of, reclaim_at_of
+from gateway.routes import load_routes
+from providers.base import SpotInterruption, utc
 from providers.errors import Transient
 from providers.simulated import FixedBootTime, SimulatedCloud, SimulationConfig
 from tests.reconcile.world import PROJECT, World, autoscaling
@@ -160,29 +162,48 @@ async def test_a_failed_terminate_keeps_the_notice_the_rate_counts(world: World)
         assert (await spot_record(s, workload_id, now=world.now)).interruptions == 1
 
 
-async def test_the_simulated_clouds_warning_is_heeded_before_its_reclaim(world: World) -> None:
-    """Against the simulated cloud, whose provider reports a warning from its notice until
-    the reclaim (``providers.simulated``), the reconciler drains the warned replica and
-    launches its replacement in the pass that reads it, before the machine is gone."""
-    cloud = SimulatedCloud(clock=world.clock, config=SimulationConfig(boot_time=FixedBootTime(5)))
+async def _warned(world: World, *, boot_s: float) -> tuple[SimulatedCloud, LedgerRow, float]:
+    """A ready spot replica against the simulated cloud, its reclaim set 600 s ahead;
+    replacements boot in ``boot_s``."""
+    cloud = SimulatedCloud(
+        clock=world.clock, config=SimulationConfig(boot_time=FixedBootTime(boot_s))
+    )
     world.deps = world.make_deps(provider=cloud.provider("aws"))
-    await world.apply(autoscaling("bot", allow_spot_instances=True, max_hourly_cost_usd=10.0))
+    await world.apply(autoscaling("bot", allow_spot_instances=True, max_hourly_cost_usd=40.0))
     await world.step()
-    await world.step(5)  # booted and healthy: ready
+    await world.step(boot_s)  # booted and healthy: ready
     [doomed] = await world.rows("bot")
     assert doomed.spot and phase_of(doomed) is Phase.READY and doomed.instance_id
     reclaim = world.clock.now() + 600
     cloud.reclaim_at(doomed.instance_id, reclaim)
-    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=2)  # requests still on it
+    world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=2)  # requests on it
+    return cloud, doomed, reclaim
 
+
+async def _routed(world: World, launch_id: str) -> bool:
+    """Whether the gateway's route table (as loaded now) sends new requests to it."""
+    async with world.sessions() as s:
+        routes = await load_routes(s, now=world.now)
+    return launch_id in {r.key for r in routes[(PROJECT, "bot")].ready}
+
+
+async def test_the_simulated_clouds_warning_is_heeded_before_its_reclaim(world: World) -> None:
+    """Against the simulated cloud, whose provider reports a warning from its notice until
+    the reclaim (``providers.simulated``), the reconciler launches the replacement in the
+    pass that reads it, away from that spot market; the warned replica keeps serving
+    (the gateway routes to it) and, its replacement still booting, is drained 30 s
+    before the reclaim, when the pass wakes for it."""
+    _, doomed, reclaim = await _warned(world, boot_s=200)
+    world.health.down_but(doomed.url)  # the replacement's engine is still loading
     await world.step(600 - 121)  # a second before the warning: nothing to heed yet
     assert len(await world.rows("bot")) == 1
     await world.step(2)  # in the warning window (EC2: 120 s ahead)
 
     old, replacement = await world.rows("bot")
-    assert world.clock.now() < reclaim
-    assert phase_of(old) is Phase.DRAINING  # still serving its two requests
+    assert phase_of(old) is Phase.READY and old.drain_requested_at is None
     assert (old.last_error or "").startswith(f"{SPOT_NOTICE}simulated aws spot interruption")
+    assert reclaim_at_of(old.last_error) == utc(reclaim)
+    assert await _routed(world, old.launch_id)
     assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
     assert (replacement.offer_key, replacement.spot) != (doomed.offer_key, True)
     assert f"{doomed.offer_key}#spot" in world.deps.memory.unavailable
@@ -190,8 +211,55 @@ async def test_the_simulated_clouds_warning_is_heeded_before_its_reclaim(world: 
     counted = {"provider": "aws", "source": "queue"}
     assert registry.get_sample_value("autoscaler_controller_spot_notices_total", counted) == 1
 
+    drain_at = reclaim - SPOT_DRAIN_MARGIN_S
+    wake = await world.step()
+    assert world.clock.now() + wake <= drain_at + 1e-6  # the pass wakes for the drain
+    await world.step(drain_at - 1 - world.clock.now())
+    old = (await world.rows("bot"))[0]
+    assert phase_of(old) is Phase.READY and await _routed(world, old.launch_id)
+    await world.step(1)  # 30 s before the reclaim: drained, the replacement still boots
+    old, replacement = await world.rows("bot")
+    assert phase_of(old) is Phase.DRAINING and old.drain_requested_at == utc(drain_at)
+    assert not await _routed(world, old.launch_id)
+    assert phase_of(replacement) is Phase.BOOTING
+    assert old.terminate_requested_at is None  # its two requests finish first
+
     world.signals.by_ref[(PROJECT, "bot")] = Signals(in_flight=0)
+    world.health.down_but(None)
     await world.step(125)  # past the reclaim: the replacement serves, the old row closes
     old, replacement = await world.rows("bot")
     assert old.terminated_confirmed_at is not None and interrupted(old)
     assert phase_of(replacement) is Phase.READY
+
+
+async def test_a_warned_replica_is_drained_once_its_replacement_is_ready(world: World) -> None:
+    _, doomed, reclaim = await _warned(world, boot_s=20)
+    world.health.down_but(doomed.url)  # the replacement's engine loads
+    await world.step(600 - 119)  # the warning: the replacement is bought
+    old, replacement = await world.rows("bot")
+    assert phase_of(old) is Phase.READY and phase_of(replacement) is Phase.BOOTING
+    await world.step(10)  # the replacement still boots: the warned replica serves
+    assert phase_of((await world.rows("bot"))[0]) is Phase.READY
+    assert await _routed(world, old.launch_id)
+    world.health.down_but(None)
+    await world.step(15)  # booted and healthy: ready, so the warned one drains
+    old, replacement = await world.rows("bot")
+    assert phase_of(replacement) is Phase.READY
+    assert phase_of(old) is Phase.DRAINING and old.drain_requested_at == world.now
+    assert world.clock.now() < reclaim - SPOT_DRAIN_MARGIN_S
+    assert not await _routed(world, old.launch_id)
+    assert await _routed(world, replacement.launch_id)
+    [*_, drain] = await world.decisions("drain")
+    assert "its replacement serves" in drain.reason
+
+
+async def test_the_gateway_routes_no_request_past_the_drain_margin(world: World) -> None:
+    """The controller late (no pass at the margin), the route table loaded past it
+    sends the warned replica no new request."""
+    _, doomed, reclaim = await _warned(world, boot_s=200)
+    world.health.down_but(doomed.url)
+    await world.step(600 - 119)
+    old = (await world.rows("bot"))[0]
+    assert await _routed(world, old.launch_id)
+    world.clock.advance(reclaim - SPOT_DRAIN_MARGIN_S - world.clock.now())
+    assert not await _routed(world, old.launch_id)

@@ -62,9 +62,16 @@ class FakeHealth:
         self.all_healthy = True
         self.down: set[str] = set()
         self.asked: list[tuple[str, str | None]] = []
+        self.only: str | None = None
+
+    def down_but(self, url: str | None) -> None:
+        """Only the engine at ``url`` answers (``None``: every engine, as before)."""
+        self.only = url
 
     async def healthy(self, *, url: str, health_path: str, engine_key: str | None) -> bool:
         self.asked.append((url + health_path, engine_key))
+        if self.only is not None and url != self.only:
+            return False
         return self.all_healthy and url not in self.down
 
 
