@@ -9,9 +9,10 @@ Triggers rather than application code: every writer (the controller, the API, th
 callback, the gateway's request stamps, an operator's SQL) moves it.
 
 * PostgreSQL: the writing transaction's id (``txid_current()``, 64 bits, never
-  wrapping). Transactions commit out of the order of their ids; the reader bounds its
-  next read by its snapshot's ``xmin`` (every transaction below it had ended when it
-  read), so a row committed late by an older transaction is still read
+  wrapping). Transactions commit out of the order of their ids; the reader's next read
+  takes the revisions at or above its snapshot's ``xmax`` and those of the
+  transactions the snapshot shows in progress (every other one below ``xmax`` had
+  ended when it read), so a row committed late by an older transaction is still read
   (``reconcile.fleet``).
 * SQLite: one counter (``fleet_revision``), moved by each row written. SQLite has one
   writer at a time, so revisions are committed in their order.
