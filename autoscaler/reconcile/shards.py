@@ -100,8 +100,9 @@ import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import TextClause, text
+from sqlalchemy import TextClause, event, text
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -272,6 +273,22 @@ class ShardMember:
         self.settings = settings
         # Rounds connect without the pool: a reconnect never waits for its connections.
         self._engine = create_async_engine(engine.url, poolclass=NullPool)
+        # The server cuts a round that takes too long, on every connection the engine
+        # opens: the first, and one it opens again by itself after a cancelled round.
+        timeout_ms = max(int(settings.round_timeout_sec * 1000), 1)
+
+        def limit_statements(dbapi_connection: Any, _record: object) -> None:
+            # Outside a transaction, so that no rollback undoes it (SQLAlchemy's recipe).
+            autocommit = dbapi_connection.autocommit
+            dbapi_connection.autocommit = True
+            cursor = dbapi_connection.cursor()
+            try:
+                cursor.execute(f"SET SESSION statement_timeout = {timeout_ms}")
+            finally:
+                cursor.close()
+                dbapi_connection.autocommit = autocommit
+
+        event.listen(self._engine.sync_engine, "connect", limit_statements)
         self._metrics = metrics
         self._on_gain = on_gain
         self._conn: AsyncConnection | None = None
@@ -426,15 +443,7 @@ class ShardMember:
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:
-            conn = await self._engine.connect()
-            try:  # the server, too, cuts a round that takes too long
-                ms = max(int(self.settings.round_timeout_sec * 1000), 1)
-                await conn.execute(text(f"SET statement_timeout = {ms}"))
-                await conn.commit()
-            except BaseException:
-                await conn.close()
-                raise
-            self._conn = conn
+            self._conn = await self._engine.connect()
         return self._conn
 
     async def _drop_connection(self) -> None:

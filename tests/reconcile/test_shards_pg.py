@@ -584,3 +584,22 @@ async def test_four_controllers_share_forty_workloads_and_survive_losing_one(
     assert len(rows) < len(slugs)  # so some workloads were refused
     assert max(sum(1 for r in rows if r.workload_slug == s) for s in slugs) == 1
     assert peak <= CEILING
+
+
+async def test_every_connection_a_member_opens_has_the_servers_round_limit(
+    engines: list[AsyncEngine],
+) -> None:
+    """The server cuts a statement of a round past half the lease on the member's first
+    connection and on one the driver opens again by itself after a round was cancelled
+    mid-statement (the connection invalidated), not only on the first."""
+    member = _member(engines[0], "limits")
+    try:
+        conn = await member._connection()
+        first = (await conn.execute(text("SHOW statement_timeout"))).scalar_one()
+        await conn.rollback()
+        await conn.invalidate()  # what a cancelled statement leaves
+        again = (await conn.execute(text("SHOW statement_timeout"))).scalar_one()
+        await conn.rollback()
+    finally:
+        await member.close()
+    assert first == again == f"{int(FAST.round_timeout_sec * 1000)}ms"
