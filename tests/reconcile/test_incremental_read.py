@@ -19,16 +19,8 @@ from autoscaler.store.db import session_factory
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import Phase
 from providers.base import InstanceState
+from tests.reconcile.test_changes import stepped
 from tests.reconcile.world import World, fixed
-
-
-def stepped(world: World) -> tuple[int, int]:
-    """(stepped in full, left alone) in the last pass."""
-    gauge = world.deps.metrics.pass_workloads
-    return (
-        int(gauge.labels("stepped")._value.get()),
-        int(gauge.labels("left_alone")._value.get()),
-    )
 
 
 @contextmanager
