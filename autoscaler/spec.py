@@ -14,7 +14,7 @@ import json
 import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import time
+from datetime import UTC, datetime, time
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -101,6 +101,20 @@ class EndpointType(StrEnum):
 LIVE_ENDPOINT_TYPES = frozenset({EndpointType.SYNC, EndpointType.STREAMING})
 
 MAX_PER_WORKER = 100_000
+
+MAX_DURATION_SEC = 366 * 24 * 3600
+"""The longest a scheduled policy's ``duration`` may be: a year and a day (a yearly cron
+that runs all year)."""
+
+MAX_MODEL_GIB = 100_000.0
+"""The largest ``model_memory_gib`` taken: far above any machine sold, so a real model is
+never refused here; placement says which machines fit."""
+
+MAX_NAME = 256
+MAX_MODEL = 1024
+MAX_COMMAND = 16 * 1024
+"""Longest display name, model reference and engine command, in characters: a spec is
+stored whole and shown in every listing, so one field cannot grow without bound."""
 """The largest ``per_worker`` (a bound on a count, not a tuning limit)."""
 
 
@@ -209,6 +223,11 @@ def parse_duration(text: str | int) -> int:
         seconds = h * 3600 + mi * 60 + s
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
+    if seconds > MAX_DURATION_SEC:
+        raise ValueError(
+            f"duration {text!r} is {seconds} s, above the longest allowed, "
+            f"{MAX_DURATION_SEC} s (366 days)"
+        )
     return seconds
 
 
@@ -297,9 +316,12 @@ def validate_cron(expr: str) -> str:
             "minute hour day-of-month month day-of-week"
         )
     try:
-        CronTrigger.from_crontab(expr, timezone="UTC")
+        trigger = CronTrigger.from_crontab(expr, timezone="UTC")
     except ValueError as exc:
         raise ValueError(f"cron {expr!r} is not valid: {exc}") from None
+    if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+        # A day that no month has (31 February): stored, it would never run a replica.
+        raise ValueError(f"cron {expr!r} never fires: no date matches its day and month")
     return " ".join(fields)
 
 
@@ -365,6 +387,16 @@ class ScheduledPolicy(StrictModel):
 # --- autoscaling ------------------------------------------------------------------------
 
 PositiveUsd = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+MAX_POLICY_SEC = 30 * 24 * 3600
+"""The longest TTFT target, window or timeout a policy may give: 30 days. Longer changes
+nothing a user could see, and past it the clock arithmetic of a step overflows."""
+
+PolicySeconds = Annotated[float, Field(gt=0, le=MAX_POLICY_SEC, allow_inf_nan=False)]
+
+MIN_BOOT_DEADLINE_SEC = 10.0
+"""The shortest boot deadline (``scaling_up_timeout_sec``) taken: no engine is ready
+sooner, and a shorter one would terminate every replica it launches."""
 
 
 def _check_cuda_versions(values: list[str] | None) -> list[str] | None:
@@ -491,19 +523,25 @@ class AutoscalingPolicy(StrictModel):
     ) = None
     gpu_pool: Annotated[list[str] | None, Field(exclude=True)] = None  # legacy; see _normalise
     autoscaling_strategy: Literal["ttft_latency_sec"] = "ttft_latency_sec"
-    upper_allowed_latency_sec: PositiveUsd = 1.0
-    lower_allowed_latency_sec: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.2
+    upper_allowed_latency_sec: PolicySeconds = 1.0
+    lower_allowed_latency_sec: Annotated[
+        float, Field(ge=0, le=MAX_POLICY_SEC, allow_inf_nan=False)
+    ] = 0.2
     ttft_percentile: Annotated[float, Field(gt=0, le=1)] = 0.95
     min_throughput_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     """Generated tokens per second the fleet must be able to sustain: a floor on the
     replica count beside the TTFT rule, from the performance model's throughput of one
     replica (``decide.scaling``); unset: no floor."""
-    scale_up_time_window_sec: Annotated[float, Field(gt=0)] = 60.0
-    scale_down_time_window_sec: Annotated[float, Field(gt=0)] = 300.0
-    scaling_up_timeout_sec: Annotated[float, Field(gt=0)] = 1200.0
-    scaling_down_timeout_sec: Annotated[float, Field(gt=0)] = 120.0
+    scale_up_time_window_sec: PolicySeconds = 60.0
+    scale_down_time_window_sec: PolicySeconds = 300.0
+    scaling_up_timeout_sec: Annotated[
+        float, Field(ge=MIN_BOOT_DEADLINE_SEC, le=MAX_POLICY_SEC, allow_inf_nan=False)
+    ] = 1200.0
+    """How long a replica may take from launch to ready before it is terminated and its
+    offer skipped for a while; at least :data:`MIN_BOOT_DEADLINE_SEC`."""
+    scaling_down_timeout_sec: PolicySeconds = 120.0
     scale_to_zero: bool = True
-    scale_to_zero_timeout_sec: Annotated[float, Field(gt=0)] = 900.0
+    scale_to_zero_timeout_sec: PolicySeconds = 900.0
     enable_fast_autoscaling: bool = False
     allow_spot_instances: bool = False
     warm_pool: WarmPoolSpec | Literal["auto"] | None = None
@@ -708,15 +746,17 @@ def adapters_in_command(argv: Sequence[str] | None) -> frozenset[str]:
 class WorkloadSpec(StrictModel):
     """A declared serving workload. ``slug`` identifies it in its project."""
 
-    name: Annotated[str, Field(min_length=1)]
+    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
     slug: str
-    model: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL)]
     backend: Backend = Backend.VLLM
     task_type: TaskType = TaskType.TEXT2TEXT
-    command: str | None = None
+    command: Annotated[str, Field(max_length=MAX_COMMAND)] | None = None
     vllm_version: str | None = None
     worker_id: str | None = None
-    model_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    model_memory_gib: (
+        Annotated[float, Field(gt=0, le=MAX_MODEL_GIB, allow_inf_nan=False)] | None
+    ) = None
     max_model_len: Annotated[int, Field(ge=16, le=10_000_000, strict=True), WHOLE] | None = None
     """The context length the engine serves and sizing reserves KV cache for (vLLM
     ``--max-model-len``, SGLang ``--context-length``); unset: the command's flag, else
@@ -1132,8 +1172,10 @@ def describe_errors(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 def _jsonable(value: Any) -> Any:
+    """``value`` as the error may echo it: itself where it is strict JSON (no NaN or
+    infinity, which no JSON parser takes back), else its ``repr``."""
     try:
-        json.dumps(value)
+        json.dumps(value, allow_nan=False)
     except (TypeError, ValueError):
         return repr(value)
     return value

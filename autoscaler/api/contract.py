@@ -31,6 +31,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from autoscaler.api.errors import error_body
 from autoscaler.api.spec_schema import workload_schema
@@ -44,6 +45,7 @@ _REASONS = {
     409: "The body's slug names another workload than the path (`slug_mismatch`), or the "
     "stored spec differs and `on_drift` is `fail` (`drift_refused`): nothing changed.",
     410: "The launch is terminating or terminated.",
+    413: "The body is larger than the API takes (`MAX_BODY_BYTES`, 1 MiB).",
     415: "A workload `PATCH` takes a JSON merge patch (`application/merge-patch+json`).",
     422: "The request parses but is not valid: `details` lists every problem.",
 }
@@ -55,11 +57,11 @@ _SECRET_CONFLICT = (
 )
 
 ERRORS: tuple[tuple[str, frozenset[int]], ...] = (
-    ("/v1/projects/{project}/workloads/{slug}", frozenset({400, 401, 403, 404, 409, 422})),
-    (_SECRETS, frozenset({400, 401, 403, 404, 409, 422})),
-    ("/v1/boot/", frozenset({400, 401, 404, 410, 422})),
-    ("/v1/workers/", frozenset({400, 401, 404, 422})),
-    ("/v1/", frozenset({400, 401, 403, 404, 422})),
+    ("/v1/projects/{project}/workloads/{slug}", frozenset({400, 401, 403, 404, 409, 413, 422})),
+    (_SECRETS, frozenset({400, 401, 403, 404, 409, 413, 422})),
+    ("/v1/boot/", frozenset({400, 401, 404, 410, 413, 422})),
+    ("/v1/workers/", frozenset({400, 401, 404, 413, 422})),
+    ("/v1/", frozenset({400, 401, 403, 404, 413, 422})),
 )
 """Error statuses by path prefix (the first that matches)."""
 
@@ -98,6 +100,50 @@ def install(app: FastAPI) -> None:
 
     app.openapi = openapi  # type: ignore[method-assign]
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(BodyLimit)
+
+
+MAX_BODY_BYTES = 1 << 20
+"""The largest request body the management API reads: a workload spec is a few KiB (its
+largest field, a chat template, at most 32 KiB), so a body over a MiB is refused with 413
+before it is held in memory."""
+
+
+class BodyLimit:
+    """ASGI middleware answering 413 ``too_large`` to a body over :data:`MAX_BODY_BYTES`:
+    at once when ``Content-Length`` says so, else as soon as the chunks read pass it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            await _too_large(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY_BYTES:
+                    raise StarletteHTTPException(413, _TOO_LARGE)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+_TOO_LARGE = f"the body is larger than the {MAX_BODY_BYTES} bytes this API takes"
+
+
+async def _too_large(scope: Scope, receive: Receive, send: Send) -> None:
+    response = JSONResponse(error_body("too_large", _TOO_LARGE), status_code=413)
+    await response(scope, receive, send)
 
 
 def _conflicts(path: str, method: str) -> bool:

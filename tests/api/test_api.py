@@ -305,3 +305,87 @@ def test_a_sync_endpoint_without_a_replica_floor_is_422_with_the_reason(
     floor = {**SPEC["execution_policy_config"], "min_workers": 1}
     body = {**SPEC, "endpoint_type": "sync", "execution_policy_config": floor}
     assert httpx.put(url, json=body, headers=headers).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "allowed"),
+    [
+        ({"scale_up_time_window_sec": float("inf")}, "scale_up_time_window_sec", "finite"),
+        ({"scale_to_zero_timeout_sec": 1e18}, "scale_to_zero_timeout_sec", "2592000"),
+        ({"upper_allowed_latency_sec": float("nan")}, "upper_allowed_latency_sec", "finite"),
+        ({"scaling_up_timeout_sec": 1e-300}, "scaling_up_timeout_sec", "10"),
+        ({"max_hourly_cost_usd": float("-inf")}, "max_hourly_cost_usd", "finite"),
+    ],
+)
+def test_a_number_the_controller_cannot_run_is_422_and_never_stored(
+    api_server: ApiServer, change: dict[str, float], path: str, allowed: str
+) -> None:
+    """Infinity, NaN or a window past 30 days used to be stored (or its refusal failed to
+    render): the step then overflowed on every pass. Refused at apply, naming the field and
+    the bound, as JSON a client can parse."""
+    import json
+
+    body = {**SPEC, "execution_policy_config": {**SPEC["execution_policy_config"], **change}}
+    url = f"{api_server.url}/v1/projects/acme/workloads/support-bot"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "content-type": "application/json"}
+    answer = httpx.put(url, content=json.dumps(body, allow_nan=True), headers=headers)
+    assert answer.status_code == 422
+    error = answer.json()["error"]
+    assert error["code"] == "invalid_spec"
+    (detail,) = error["details"]
+    assert detail["path"] == f"execution_policy_config.{path}"
+    assert allowed in detail["message"]
+    assert httpx.get(url, headers=headers).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"cron": "0 0 31 2 *", "replicas": 1}, "never fires"),
+        ({"cron": "0 9 * * *", "duration": 10**12, "replicas": 1}, "366 days"),
+    ],
+)
+def test_a_schedule_that_cannot_run_is_refused_at_apply(
+    api_server: ApiServer, config: dict[str, Any], message: str
+) -> None:
+    spec = {**SPEC, "execution_policy": "scheduled", "execution_policy_config": config}
+    with client(api_server) as c:
+        with pytest.raises(ApiError) as info:
+            c.ensure(spec)
+        assert (info.value.status, info.value.code) == (422, "invalid_spec")
+        assert message in info.value.details[0]["message"]
+        assert c.list() == []
+
+
+def test_a_body_over_a_mebibyte_is_413_and_changes_nothing(api_server: ApiServer) -> None:
+    url = f"{api_server.url}/v1/projects/acme/workloads/support-bot"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    big = {**SPEC, "labels": {f"k{i}": "v" * 60 for i in range(20_000)}}
+    answer = httpx.put(url, json=big, headers=headers)
+    assert answer.status_code == 413
+    assert answer.json()["error"]["code"] == "too_large"
+
+    def chunks() -> Any:  # no Content-Length: refused once the chunks read pass the limit
+        yield b'{"name": "'
+        for _ in range(20):
+            yield b"x" * 100_000
+        yield b'"}'
+
+    streamed = httpx.put(url, content=chunks(), headers=headers)
+    assert (streamed.status_code, streamed.json()["error"]["code"]) == (413, "too_large")
+    assert httpx.get(url, headers=headers).status_code == 404
+    assert httpx.put(url, json=SPEC, headers=headers).status_code == 201
+
+
+def test_names_models_and_commands_have_a_stated_length_limit(api_server: ApiServer) -> None:
+    with client(api_server) as c:
+        for field, value, limit in (
+            ("name", "n" * 257, "256"),
+            ("model", "m" * 1025, "1024"),
+            ("command", "--x " * 5000, "16384"),
+        ):
+            with pytest.raises(ApiError) as info:
+                c.ensure({**SPEC, field: value})
+            detail = info.value.details[0]
+            assert (detail["path"], limit in detail["message"]) == (field, True)
+        assert c.list() == []
