@@ -243,6 +243,12 @@ def command_context(flags: dict[str, str]) -> tuple[int, str] | None:
     return None
 
 
+def command_flags(argv: Sequence[str]) -> dict[str, str]:
+    """``--flag value`` and ``--flag=value`` pairs of an engine's argv, keyed without
+    dashes (as :func:`command_context` reads them)."""
+    return _flags(shlex.join(argv))
+
+
 def _context(flags: dict[str, str], known: _Known | None) -> tuple[int, str]:
     given = command_context(flags)
     if given is not None:

@@ -55,6 +55,10 @@ from providers.engine_sim.config import DEFAULT_GPU, DEFAULT_MODEL, EngineSimCon
     help="Accepted as vLLM takes it (adapters in one batch); it changes no latency here.",
 )  # fmt: skip
 @click.option(
+    "--max-model-len", type=click.IntRange(min=1), default=None,
+    help="Context length served, prompt and output together (default: no window).",
+)  # fmt: skip
+@click.option(
     "--enable-sleep-mode", is_flag=True, default=False,
     help="Serve vLLM's sleep routes (/sleep, /wake_up, /is_sleeping), as vLLM with "
     "--enable-sleep-mode and VLLM_SERVER_DEV_MODE=1 does.",
@@ -77,6 +81,7 @@ def command(
     enable_lora: bool,
     lora_modules: tuple[str, ...],
     max_loras: int | None,
+    max_model_len: int | None,
     enable_sleep_mode: bool,
     more_lora_modules: tuple[str, ...],
 ) -> None:
@@ -103,6 +108,7 @@ def command(
             fail_after=fail_after,
             enable_lora=enable_lora,
             lora_modules=modules,
+            max_model_len=max_model_len,
             enable_sleep_mode=enable_sleep_mode,
         )
         config.profile()

@@ -39,6 +39,10 @@ class EngineSimConfig:
     """LoRA adapters served beside the model, as ``(name, source)`` (vLLM's
     ``--lora-modules name=source``; needs ``enable_lora``). A request naming one is
     answered as the base model would be, under the adapter's name."""
+    max_model_len: int | None = None
+    """The context length served (vLLM's ``--max-model-len``): a prompt longer is refused
+    with vLLM's 400, and the output is cut to what is left of it; unset, no window (the
+    model's own, which engine-sim does not know, is long)."""
     enable_sleep_mode: bool = False
     """Serve vLLM's sleep-mode routes (``POST /sleep``, ``POST /wake_up``, ``GET
     /is_sleeping``, ``POST /collective_rpc`` for ``reload_weights``): what vLLM offers
@@ -56,6 +60,8 @@ class EngineSimConfig:
             raise ValueError(f"startup_delay_s must be >= 0, got {self.startup_delay_s}")
         if self.fail_after is not None and self.fail_after < 1:
             raise ValueError(f"fail_after must be >= 1, got {self.fail_after}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be non-empty when given")
         if self.lora_modules and not self.enable_lora:

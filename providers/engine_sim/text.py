@@ -137,18 +137,48 @@ def _generation(state: EngineState, body: JsonObject, *, chat: bool) -> _Generat
         raise bad_request("stream_options", "must be an object")
     prompt_hint = usage_hint(body, "prompt_tokens")
     completion_hint = usage_hint(body, "completion_tokens")
+    input_tokens = estimated if prompt_hint is None else prompt_hint
+    context = state.config.max_model_len
+    if context is not None:
+        limit = _within_context(context, input_tokens, limit, field)
     return _Generation(
         chat=chat,
         model=model,
         seed=prompt,
-        input_tokens=estimated if prompt_hint is None else prompt_hint,
-        output_tokens=limit if completion_hint is None else completion_hint,
+        input_tokens=input_tokens,
+        output_tokens=limit if completion_hint is None else min(limit, completion_hint),
         finish_reason="length" if body.get(field) is not None else "stop",
         stream=stream,
         include_usage=stream and bool_field(options, "include_usage", default=False),
         request_id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
         created=int(time.time()),
     )
+
+
+def _within_context(context: int, input_tokens: int, limit: int, field: str) -> int:
+    """The output limit left by a prompt of ``input_tokens`` in a ``context``-token window,
+    as vLLM checks it: a prompt over the window, or an output limit over the whole window,
+    is a 400 with vLLM's words; otherwise the limit is cut to what the prompt leaves."""
+    if input_tokens > context:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {context} tokens. However, your "
+            f"prompt contains {input_tokens} input tokens, which exceeds this limit even "
+            "without any output tokens. Please reduce the length of the input prompt.",
+            kind="BadRequestError",
+            param="input_tokens",
+            code=400,
+        )
+    if limit > context:
+        raise ApiError(
+            400,
+            f"{field}={limit} cannot be greater than max_model_len={context}. "
+            "Please request fewer output tokens.",
+            kind="BadRequestError",
+            param=field,
+            code=400,
+        )
+    return max(0, min(limit, context - input_tokens))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

@@ -358,3 +358,17 @@ async def test_a_stopped_engine_whose_port_was_taken_starts_on_another_and_says_
         await wait_healthy(f"http://{started.private_address}")
         assert (await local.describe(instance.instance_id)).state is InstanceState.RUNNING
     await local.terminate(instance.instance_id)
+
+
+def test_engine_sim_serves_the_context_window_the_command_gives() -> None:
+    """A workload's ``--max-model-len`` reaches engine-sim, which then refuses a longer
+    prompt as the real engine would; without one engine-sim keeps no window."""
+    launcher = EngineSimLauncher()
+
+    def argv(command: str | None) -> tuple[str, ...]:
+        boot = boot_spec(backend="vllm", model="m", command=command)
+        return launcher.command(boot, host="127.0.0.1", port=1, offer=OFFER, secrets={}).argv
+
+    windowed = argv("--max-model-len 16384 --enable-prefix-caching")
+    assert windowed[windowed.index("--max-model-len") + 1] == "16384"
+    assert "--max-model-len" not in argv(None)

@@ -1,0 +1,49 @@
+"""engine-sim refuses and cuts by its context window as vLLM does, so a request the real
+engine would refuse is not served in a test or a local run either."""
+
+from __future__ import annotations
+
+import httpx
+
+from catalog.sizing import command_context, command_flags
+from providers.engine_sim.config import EngineSimConfig
+from providers.engine_sim.server import EngineSimServer
+from tests.engine_sim.conftest import StartEngine
+
+
+async def _post(server: EngineSimServer, body: dict[str, object]) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=server.url) as client:
+        return await client.post("/v1/completions", json=body)
+
+
+async def test_a_prompt_past_the_window_is_vllms_400_and_the_output_is_cut_to_fit(
+    start_engine: StartEngine,
+) -> None:
+    server = await start_engine(max_model_len=64)
+    over = await _post(server, {"prompt": "word " * 80, "max_tokens": 4})
+    assert over.status_code == 400
+    error = over.json()["error"]
+    assert error["param"] == "input_tokens"
+    assert "maximum context length is 64 tokens" in error["message"]
+
+    too_many = await _post(server, {"prompt": "hi", "max_tokens": 65})
+    assert too_many.status_code == 400
+    assert (
+        "max_tokens=65 cannot be greater than max_model_len=64"
+        in (too_many.json()["error"]["message"])
+    )
+
+    cut = await _post(server, {"prompt": "word " * 30, "max_tokens": 64})
+    assert cut.status_code == 200
+    usage = cut.json()["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == 64
+
+
+def test_no_window_unless_the_command_gives_one() -> None:
+    """A launch passes the window only when the engine command sets one (vLLM's own
+    default is the model's context, which engine-sim does not know)."""
+    assert EngineSimConfig().max_model_len is None
+    assert command_context(command_flags(["vllm", "serve", "m", "--max-model-len", "4096"])) == (
+        4096,
+        "--max-model-len",
+    )
