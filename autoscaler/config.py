@@ -55,6 +55,15 @@ if TYPE_CHECKING:  # the GCE client library takes seconds to import: only when c
     from providers.gcp import GcpConfig
 
 
+MAX_CONFIG_SEC = 366 * 86400.0
+"""The longest interval, grace or timeout the controller's settings take: a year. Every
+one is finite: an infinite tick would stop the loop, and clock arithmetic past it
+overflows."""
+
+Seconds = Annotated[float, Field(gt=0, le=MAX_CONFIG_SEC, allow_inf_nan=False)]
+SecondsOrZero = Annotated[float, Field(ge=0, le=MAX_CONFIG_SEC, allow_inf_nan=False)]
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message names the file and the key."""
 
@@ -84,7 +93,7 @@ class AwsSettings(EngineAccess):
     root_volume_gib: Annotated[int, Field(ge=8)] = LAUNCH_DISK_GIB
     endpoint_url: str | None = None
     max_attempts: Annotated[int, Field(ge=1)] = 4
-    retry_wait_seconds: Annotated[float, Field(ge=0)] = 1.0
+    retry_wait_seconds: SecondsOrZero = 1.0
     interruption_queue_url: str | None = None
     """An SQS queue of EC2 Spot Instance Interruption Warnings (EventBridge), one per cluster."""
     sqs_endpoint_url: str | None = None
@@ -186,7 +195,7 @@ class LocalSettings(_Strict):
     vllm_python: str | None = None
     gpu: str = "NVIDIA H100 80GB HBM3"
     gpu_count: Annotated[int, Field(ge=1)] = 1
-    time_scale: Annotated[float, Field(gt=0)] = 1.0
+    time_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     state_dir: Path | None = None
 
 
@@ -200,11 +209,11 @@ class SimulatedSettings(_Strict):
 
     clouds: Annotated[list[Literal["aws", "gcp"]], Field(min_length=1)] = ["aws", "gcp"]
     regions: Annotated[list[str], Field(min_length=1)] | None = None
-    boot_median_sec: Annotated[float, Field(gt=0)] = 180.0
-    boot_sigma: Annotated[float, Field(ge=0)] = 0.35
-    boot_time_scale: Annotated[float, Field(gt=0)] = 0.1
+    boot_median_sec: Seconds = 180.0
+    boot_sigma: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.35
+    boot_time_scale: Seconds = 0.1
     seed: int = 0
-    time_scale: Annotated[float, Field(gt=0)] = 1.0
+    time_scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     state_dir: Path | None = None
 
 
@@ -221,8 +230,10 @@ class CatalogSyncSettings(_Strict):
     where ``providers.aws`` or ``providers.gcp`` is configured (there is nothing to fetch
     otherwise), on the leading controller (with sharding: the holder of shard 0)."""
 
-    interval_sec: Annotated[float, Field(ge=60)] | None = 86400.0
-    jitter_sec: Annotated[float, Field(ge=0)] = 900.0
+    interval_sec: Annotated[float, Field(ge=60, le=MAX_CONFIG_SEC, allow_inf_nan=False)] | None = (
+        86400.0
+    )
+    jitter_sec: SecondsOrZero = 900.0
 
 
 class ShardingSettings(_Strict):
@@ -234,7 +245,7 @@ class ShardingSettings(_Strict):
 
     enabled: bool = False
     lease_ttl_sec: Annotated[float, Field(gt=0, le=300)] = DEFAULT_LEASE_TTL_SEC
-    renew_sec: Annotated[float, Field(gt=0)] = DEFAULT_RENEW_SEC
+    renew_sec: Seconds = DEFAULT_RENEW_SEC
 
     @model_validator(mode="after")
     def _renewed_in_time(self) -> ShardingSettings:
@@ -300,27 +311,27 @@ class ControllerConfig(_Strict):
     replica group (a leader and workers): by default those that place a group's members
     close together (``decide.step.GROUP_PROVIDERS``). ``[]``: no groups anywhere."""
     providers: ProvidersSettings = ProvidersSettings(local=LocalSettings())
-    tick_sec: Annotated[float, Field(gt=0)] = TICK_SEC
-    resync_sec: Annotated[float, Field(gt=0)] = RESYNC_SEC
+    tick_sec: Seconds = TICK_SEC
+    resync_sec: Seconds = RESYNC_SEC
     """Every workload is stepped in full at least this often, whether or not anything it
     reads changed (``autoscaler.reconcile.changes``); the fleet is read whole as often."""
-    sweep_sec: Annotated[float, Field(gt=0)] = SWEEP_SEC
+    sweep_sec: Seconds = SWEEP_SEC
     """The orphan sweep and the fleet-spend metric's SUM run at most this often."""
-    orphan_grace_sec: Annotated[float, Field(ge=0)] = ORPHAN_GRACE_SEC
-    unavailable_sec: Annotated[float, Field(gt=0)] = UNAVAILABLE_SEC
-    unhealthy_grace_sec: Annotated[float, Field(ge=0)] = UNHEALTHY_GRACE_SEC
-    visibility_grace_sec: Annotated[float, Field(ge=0)] = VISIBILITY_GRACE_SEC
+    orphan_grace_sec: SecondsOrZero = ORPHAN_GRACE_SEC
+    unavailable_sec: Seconds = UNAVAILABLE_SEC
+    unhealthy_grace_sec: SecondsOrZero = UNHEALTHY_GRACE_SEC
+    visibility_grace_sec: SecondsOrZero = VISIBILITY_GRACE_SEC
     """How long an instance missing at the provider counts as not visible yet (eventual
     consistency) before it is settled by tag lookup and a terminate by id."""
-    health_timeout_sec: Annotated[float, Field(gt=0)] = HEALTH_TIMEOUT_SEC
-    provider_call_timeout_sec: Annotated[float, Field(gt=0)] = DEFAULT_CALL_TIMEOUT_SEC
+    health_timeout_sec: Seconds = HEALTH_TIMEOUT_SEC
+    provider_call_timeout_sec: Seconds = DEFAULT_CALL_TIMEOUT_SEC
     """The longest a provider's list, describe, terminate or lookup may take."""
-    provider_launch_timeout_sec: Annotated[float, Field(gt=0)] = DEFAULT_LAUNCH_TIMEOUT_SEC
+    provider_launch_timeout_sec: Seconds = DEFAULT_LAUNCH_TIMEOUT_SEC
     """The longest a provider's launch may take (GCP waits on a zone operation)."""
-    engine_metrics_sec: Annotated[float, Field(ge=0)] = 10.0
+    engine_metrics_sec: SecondsOrZero = 10.0
     """How often each ready replica's ``/metrics`` is read (0: never; the gateway's
     measurement alone drives scaling then)."""
-    catalog_max_age_sec: Annotated[float, Field(gt=0)] = 7 * 86400.0
+    catalog_max_age_sec: Seconds = 7 * 86400.0
     """A catalog older than this is stale (the CatalogStale alert)."""
     catalog_sync: CatalogSyncSettings = CatalogSyncSettings()
     sharding: ShardingSettings = ShardingSettings()

@@ -113,6 +113,10 @@ def test_a_full_config_reads_every_provider(tmp_path: Path) -> None:
         ({"providers": {"aws": {"regon": "x"}}}, "providers.aws.regon"),
         ({"cluster_id": "Not Valid!"}, "cluster_id"),
         ({"tick_sec": "soon"}, "tick_sec"),
+        ({"tick_sec": float("inf")}, "tick_sec"),  # the loop would never tick again
+        ({"unavailable_sec": 1e300}, "unavailable_sec"),  # overflows the clock arithmetic
+        ({"orphan_grace_sec": float("nan")}, "orphan_grace_sec"),
+        ({"catalog_sync": {"interval_sec": float("inf")}}, "catalog_sync.interval_sec"),
         ({"group_providers": ["local"]}, "group_providers"),
     ],
 )
