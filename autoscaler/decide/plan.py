@@ -38,7 +38,9 @@ crash or a missed event gives the same actions. The rules:
 * **Spot notices.** A replica whose provider warned it will reclaim the machine
   (:func:`heed_spot_notice`, which the reconciler and the simulator both ask before the
   step and the plan asks again) is terminated while pending or booting (it would not
-  serve before the reclaim). A ready one keeps serving: its view is ``DRAINING`` with
+  serve before the reclaim), and so is one parking or parked in a warm pool (resumed, it
+  would be reclaimed: it leaves the pool, refilled elsewhere). A warned replica
+  leaving service is never parked. A ready one keeps serving: its view is ``DRAINING`` with
   its ``reclaim_at`` and no ``drain_requested_at`` (the gateway still routes to it), so
   the plan, which counts no draining replica, launches its replacement in the same step.
   Its drain starts once the replicas ready besides the warned ones reach the desired
@@ -83,6 +85,7 @@ class ReplicaPhase(StrEnum):
 
 
 _STARTING = frozenset({ReplicaPhase.PENDING, ReplicaPhase.BOOTING})
+_PARKED = frozenset({ReplicaPhase.PARKING, ReplicaPhase.PARKED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +302,12 @@ class _Pool:
         engine can sleep) and its sleep would be held at all, else stopped, else nowhere
         (``None``: terminate it); and why not asleep when its sleep's hold was zero.
         ``serving``: another replica stays ready or starting (a partial scale-down;
-        ``WarmPolicy.hold``)."""
+        ``WarmPolicy.hold``). A replica warned of its spot reclaim is never parked: it
+        would be no start path (:func:`heed_spot_notice`)."""
         if self.policy is None or r.generation < self.generation:
             return None, ""
+        if r.reclaim_at is not None:
+            return None, f"; not parked: its machine is reclaimed at {r.reclaim_at:%H:%M:%S}"
         note = ""
         for mode in (ParkMode.SLEEPING, ParkMode.STOPPED):
             if self.held[mode] < self.policy.bound(mode) and r.can_park(mode):
@@ -368,13 +374,19 @@ def heed_spot_notice(
       before ``margin_s`` ahead of ``reclaim_at`` and while not ``replaced`` (the replicas
       ready besides the warned ones do not reach the desired count yet); else drain it.
       A reclaim whose time is not known drains it at once;
-    * draining, parked or ending: left as it is (``None``).
+    * parking or parked (a warm pool's member: its engine asleep, kept as warm
+      capacity): terminate it. It is no start path any more (resumed, it would be
+      reclaimed); released, it leaves its pool, which the plan refills elsewhere (its
+      spot market is skipped for ``unavailable_sec`` by both callers);
+    * draining or ending: left as it is (``None``).
 
     The step counts a warned replica as draining whether or not its drain has started
     (``ReplicaView.still_serving``), so it launches the replacement at the warning, not
     once the machine is gone, while the warned machine serves what the gateway sends it."""
     if phase in _STARTING:
         return Terminate(launch_id, reason)
+    if phase in _PARKED:
+        return Terminate(launch_id, f"{reason}; parked in the warm pool: released, not resumed")
     if phase is not ReplicaPhase.READY:
         return None
     drain_at = spot_drain_at(reclaim_at, margin_s=margin_s)

@@ -18,9 +18,11 @@
   warning through the boot callback, which records ``last_error`` starting with
   :data:`SPOT_NOTICE` and drains a serving replica at once) is heeded on the next pass
   (``autoscaler.reconcile.workload``): the offer's spot market is skipped for
-  ``unavailable_sec``, a replica still booting is terminated, a serving one drained, and
-  the plan launches the replacement in the same pass, budget permitting (the doomed
-  replica's price counts until the provider confirms it gone).
+  ``unavailable_sec``, a replica still booting is terminated, a serving one drained, one
+  parked in a warm pool (an engine asleep on its spot machine) terminated instead of
+  kept as a start path, and the plan launches the replacement (or refills the pool) in
+  the same pass, budget permitting (the doomed replica's price counts until the
+  provider confirms it gone).
 * A replica asked to end whose instance still runs, boots, stops or is stopped is
   terminated again each pass until the provider shows it shutting down or gone: a
   stopped machine is not gone (it keeps, and bills, its disk). One that shows
@@ -73,10 +75,20 @@ TERMINATING = "; terminating: "
 (the latest failure only: retries do not make it grow)."""
 
 
+NOTICED_PHASES = frozenset(
+    {Phase.PENDING, Phase.BOOTING, Phase.READY, Phase.DRAINING, Phase.PARKING, Phase.PARKED}
+)
+"""The phases in which a spot notice is heeded: every one not yet being terminated, a
+warm pool's parked replicas included (``decide.plan.heed_spot_notice`` releases them)."""
+
+
 def spot_notices(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     """Replicas not yet being terminated whose instance reported a spot interruption notice."""
-    live = (Phase.PENDING, Phase.BOOTING, Phase.READY, Phase.DRAINING)
-    return [r for r in rows if phase_of(r) in live and (r.last_error or "").startswith(SPOT_NOTICE)]
+    return [
+        r
+        for r in rows
+        if phase_of(r) in NOTICED_PHASES and (r.last_error or "").startswith(SPOT_NOTICE)
+    ]
 
 
 def interrupted(row: Facts) -> bool:

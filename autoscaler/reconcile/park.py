@@ -41,6 +41,7 @@ from autoscaler.decide.plan import Timeouts
 from autoscaler.decide.warm import ParkMode
 from autoscaler.reconcile.deps import Deps, log
 from autoscaler.reconcile.ledger import Facts, park_mode_of, record_decision
+from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.reconcile.observe import Observation, count_provider_error
 from autoscaler.reconcile.provisioner import admit
 from autoscaler.store.models import Instance as LedgerRow
@@ -256,7 +257,8 @@ async def _sleep(deps: Deps, row: LedgerRow, *, level: int, now: datetime) -> No
         return
     if asleep:
         row.parked_at = now
-        row.last_error = None
+        if not (row.last_error or "").startswith(SPOT_NOTICE):  # kept: its machine goes
+            row.last_error = None
         deps.metrics.parks.labels(row.provider, ParkMode.SLEEPING.value).inc()
         log.info("replica %s of %s asleep", row.launch_id, row.workload_slug)
 

@@ -92,6 +92,7 @@ from autoscaler.reconcile.ledger import (
     workload_usd_per_hour,
 )
 from autoscaler.reconcile.liveness import (
+    NOTICED_PHASES,
     SPOT_NOTICE,
     check_health,
     closed_spot_lives,
@@ -485,7 +486,7 @@ async def _record_queued_notices(
         matched.append(notice.instance_id)
         if (row.last_error or "").startswith(SPOT_NOTICE):
             continue
-        if phase_of(row) in (Phase.PENDING, Phase.BOOTING, Phase.READY, Phase.DRAINING):
+        if phase_of(row) in NOTICED_PHASES:
             reclaim_at = notice.reclaim_at or reclaim_time(
                 notice.reason, provider=row.provider, noticed_at=notice.noticed_at
             )
@@ -510,7 +511,9 @@ async def _heed_spot_notices(
     the plan, which counts a warned replica as draining) replace them now. A ready one
     keeps serving until its drain is due (``decide.plan.heed_spot_notice``, which the
     simulator and the plan ask too): at the margin before its reclaim, at once when its
-    reclaim time is not known; the plan drains it earlier once its replacement serves."""
+    reclaim time is not known; the plan drains it earlier once its replacement serves.
+    One parked in a warm pool is terminated (confirmed by the provider as any other), so
+    the plan refills the pool elsewhere instead of resuming a machine being reclaimed."""
     for row in spot_notices(rows):
         reason = row.last_error or "spot interruption notice"
         first = row.launch_id not in deps.memory.spot_noticed
@@ -525,7 +528,7 @@ async def _heed_spot_notices(
             row.launch_id, ReplicaPhase(phase.value), reason=reason, now=now, reclaim_at=reclaim_at
         )
         if isinstance(action, Terminate):
-            await _terminate(deps, s, row=row, reason=reason, now=now)
+            await _terminate(deps, s, row=row, reason=action.reason, now=now)
             continue
         if isinstance(action, Drain) and not deps.settings.dry_run:
             row.drain_requested_at = now

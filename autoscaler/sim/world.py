@@ -8,7 +8,8 @@ hour of traffic replays in seconds.
 A spot machine's warning (``providers.simulated.SPOT_NOTICE_LEAD_S`` before its reclaim:
 120 s on AWS, 30 s on GCP) wakes the controller, which heeds it as the reconciler does
 (``reconcile.workload``): its spot market skipped for ``unavailable_sec``, the replica
-terminated if still booting, and the replacement launched by the same step. A ready
+terminated if still booting or parked in a warm pool (asleep), and the replacement (or
+the pool's refill) launched by the same step. A ready
 one keeps taking requests until its replacement is ready or until
 ``decide.plan.SPOT_DRAIN_MARGIN_S`` before the reclaim, whichever comes first
 (``decide.plan.heed_spot_notice``), then drains.
@@ -658,7 +659,8 @@ class World:
     def _heed_notices(self, t: float) -> None:
         """Act on the spot warnings before the step, as the reconciler's pass does
         (``reconcile.workload``): at a warning, skip the machine's spot market for
-        ``unavailable_sec`` and terminate the replica if it still boots; a ready one
+        ``unavailable_sec`` and terminate the replica if it still boots or is parked in
+        the warm pool (no start path: the pool is refilled elsewhere); a ready one
         keeps serving until ``decide.plan.heed_spot_notice`` drains it (here at the
         margin before its reclaim; the step's plan drains it once its replacement
         serves). The step counts it no more and launches its replacement."""

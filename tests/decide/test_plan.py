@@ -450,7 +450,7 @@ def test_a_spot_notice_terminates_a_replica_that_would_not_serve_before_the_recl
         assert heed_spot_notice("a", phase, reason="r", now=NOW, reclaim_at=RECLAIM) == Terminate(
             "a", "r"
         )
-    for phase in (ReplicaPhase.DRAINING, ReplicaPhase.PARKED, ReplicaPhase.TERMINATING):
+    for phase in (ReplicaPhase.DRAINING, ReplicaPhase.TERMINATING):
         assert heed_spot_notice("a", phase, reason="r", now=NOW, reclaim_at=RECLAIM) is None
 
 

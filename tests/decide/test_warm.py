@@ -22,6 +22,7 @@ from autoscaler.decide.plan import (
     Resume,
     Terminate,
     Timeouts,
+    heed_spot_notice,
     plan_actions,
 )
 from autoscaler.decide.warm import (
@@ -131,6 +132,26 @@ def test_without_a_pool_or_room_or_for_an_old_generation_a_drained_replica_is_te
     assert kinds(plan(0, [drained], generation=2)) == [("Terminate", "a", None)]
     spot = replica("a", ReplicaPhase.DRAINING, drain_age=30, can_sleep=False, can_stop=False)
     assert kinds(plan(0, [spot])) == [("Terminate", "a", None)]
+
+
+def test_a_spot_notice_releases_a_pool_member_and_a_warned_replica_is_never_parked() -> None:
+    """A spot machine warned of its reclaim is no start path: asleep (or going to sleep)
+    in the pool it is terminated, and the pool is refilled, elsewhere for the callers'
+    unavailable market; drained, it is terminated instead of parked."""
+    reclaim = NOW + timedelta(seconds=120)
+    for phase in (ReplicaPhase.PARKING, ReplicaPhase.PARKED):
+        action = heed_spot_notice("a", phase, reason="spot notice: r", now=NOW, reclaim_at=reclaim)
+        assert isinstance(action, Terminate) and action.launch_id == "a"
+        assert action.reason.startswith("spot notice: r; parked in the warm pool")
+        # A notice without a time releases it all the same.
+        untimed = heed_spot_notice("a", phase, reason="r", now=NOW, reclaim_at=None)
+        assert untimed == Terminate("a", "r; parked in the warm pool: released, not resumed")
+    drained = replace(
+        replica("a", ReplicaPhase.DRAINING, drain_age=30, can_stop=False), reclaim_at=reclaim
+    )
+    p = plan(0, [drained])
+    assert kinds(p) == [("Terminate", "a", None)]
+    assert "not parked: its machine is reclaimed at 12:02:00" in p.actions[0].reason
 
 
 def test_a_replica_still_serving_requests_is_not_parked_before_its_drain_ends() -> None:

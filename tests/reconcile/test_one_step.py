@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -25,7 +26,8 @@ from autoscaler.sim.world import World as SimWorld
 from autoscaler.spec import WorkloadSpec
 from autoscaler.store.phase import Phase, phase_of
 from gateway.window import SIGNAL_WINDOW_SEC, SignalSnapshot
-from providers.base import Instance, InsufficientCapacity, LaunchRequest
+from providers.base import Instance, InsufficientCapacity, LaunchRequest, SpotInterruption
+from providers.fake import FakeProvider
 from tests.reconcile.world import OFFERS, PROJECT, World, autoscaling
 
 Action = tuple[str, ...]
@@ -76,6 +78,13 @@ class Beat:
     stockout: bool = False
     interrupt: int | None = None
     """The replica (by the order it was bought in) the provider reclaims before the step."""
+    warn: int | None = None
+    """The replica (by the order it was bought in) its provider warns, before the step,
+    that it reclaims the machine in :data:`WARNING_LEAD_S`."""
+
+
+WARNING_LEAD_S = 120.0
+"""EC2's lead between its spot interruption warning and the reclaim."""
 
 
 SCRIPT = (
@@ -100,10 +109,37 @@ SPOT_SCRIPT = (
 )
 
 
+POOL_SCRIPT = (
+    Beat(0, idle),  # woken from zero: one spot replica serves
+    Beat(5, idle),  # the pool's refill: one more
+    Beat(5, idle),  # the refill is ready: drained
+    Beat(5, idle),  # drained: put to sleep
+    Beat(5, idle, warn=1),  # warned asleep: released, the pool refilled on another market
+    Beat(5, idle),
+    Beat(5, idle),
+    Beat(5, busy),  # load: the new pool member is woken, never the warned one
+)
+
+
 def spec(*, spot: bool = False) -> WorkloadSpec:
     return autoscaling(
         "bot", max_workers=4, scale_down_time_window_sec=60, allow_spot_instances=spot
     )
+
+
+def pooled_spec(*, spot: bool = True) -> WorkloadSpec:
+    """Scales to zero and keeps one sleeping engine as warm capacity (vLLM)."""
+    base = autoscaling(
+        "bot",
+        min_workers=0,
+        max_workers=4,
+        scale_to_zero=True,
+        scale_to_zero_timeout_sec=60,
+        scale_down_time_window_sec=60,
+        allow_spot_instances=spot,
+        warm_pool={"sleeping": 1},
+    ).model_dump(mode="json", exclude_unset=True)
+    return WorkloadSpec.model_validate({**base, "backend": "vllm"})
 
 
 def measured(rate: SpotRate) -> tuple[int, float]:
@@ -120,12 +156,35 @@ class Ordinals:
         return f"#{self.ids.index(launch_id)}"
 
 
+KINDS = ("drain", "terminate", "park", "resume")
+"""The decisions compared, besides launches."""
+
+
+class WarningProvider(FakeProvider):
+    """The fake cloud with a spot notice queue (EC2's through EventBridge and SQS)."""
+
+    def __init__(self, world: World) -> None:
+        super().__init__(world.cloud, name="aws")
+        self.queue: list[SpotInterruption] = []
+
+    async def spot_notices(self, cluster_id: str) -> list[SpotInterruption]:
+        read, self.queue = self.queue, []
+        return read
+
+
 async def run_reconciler(
-    world: World, script: tuple[Beat, ...] = SCRIPT, *, spot: bool = False
+    world: World,
+    script: tuple[Beat, ...] = SCRIPT,
+    *,
+    spot: bool = False,
+    workload: WorkloadSpec | None = None,
 ) -> tuple[list[list[Action]], list[tuple[int, float]]]:
     """The actions of each step, and the spot record each step read."""
     ref = (PROJECT, "bot")
-    workload_id = await world.apply(spec(spot=spot))
+    warnings = WarningProvider(world)
+    world.provider = warnings
+    world.deps = world.make_deps(provider=warnings)
+    workload_id = await world.apply(workload or spec(spot=spot))
     bought = Ordinals()
     seen_calls = 0
     seen_decisions = 0
@@ -138,6 +197,20 @@ async def run_reconciler(
                 r for r in await world.rows("bot") if r.launch_id == bought.ids[beat.interrupt]
             ]
             world.cloud.interrupt(row.instance_id or "")
+        if beat.warn is not None:
+            [row] = [r for r in await world.rows("bot") if r.launch_id == bought.ids[beat.warn]]
+            instance = world.cloud.get(row.instance_id or "")
+            warnings.queue.append(
+                SpotInterruption(
+                    instance_id=instance.instance_id,
+                    launch_id=row.launch_id,
+                    zone=instance.zone,
+                    instance_type=instance.instance_type,
+                    noticed_at=world.now,
+                    reclaim_at=world.now + timedelta(seconds=WARNING_LEAD_S),
+                    reason="EC2 Spot Instance Interruption Warning",
+                )
+            )
         rows = await world.rows("bot")
         draining = [r.launch_id for r in rows if phase_of(r) is Phase.DRAINING]
         answer = beat.signals(world.now.timestamp())
@@ -158,7 +231,7 @@ async def run_reconciler(
         seen_calls = len(world.provider.calls_to("launch"))
         decisions = await world.decisions()
         for decision in decisions[seen_decisions:]:
-            if decision.kind in ("drain", "terminate"):
+            if decision.kind in KINDS:
                 actions.append((decision.kind, bought.of(decision.inputs["launch_id"])))
         seen_decisions = len(decisions)
         steps.append(actions)
@@ -178,12 +251,13 @@ class ScriptedGateway(SimGateway):
 
 
 def run_simulator(
-    script: tuple[Beat, ...] = SCRIPT, *, spot: bool = False
+    script: tuple[Beat, ...] = SCRIPT, *, spot: bool = False, workload: WorkloadSpec | None = None
 ) -> tuple[list[list[Action]], list[tuple[int, float]]]:
+    workload = workload or spec(spot=spot)
     world = SimWorld(
-        workload=sim_workload(spec(spot=spot)),
+        workload=sim_workload(workload),
         offers=OFFERS,
-        policy=ControllerPolicy(spec=spec(spot=spot)),
+        policy=ControllerPolicy(spec=workload),
         requests=[],
         seed=0,
         cloud=CloudSettings(
@@ -221,6 +295,9 @@ def run_simulator(
         world._set_time(t)
         if beat.interrupt is not None:
             world.replicas[bought.ids[beat.interrupt]].interrupt_s = t
+        if beat.warn is not None:
+            warned = world.replicas[bought.ids[beat.warn]]
+            warned.notice_s, warned.interrupt_s = t, t + WARNING_LEAD_S
         world._machine_events(t)
         draining = [
             r.launch_id
@@ -238,8 +315,9 @@ def run_simulator(
             actions.append(("launch", request.offer.key, str(request.spot), str(ok)))
         seen_calls = len(calls)
         for event in world.events[seen_events:]:
-            if event.kind in ("drain", "terminate"):
-                actions.append((event.kind, bought.of(event.detail.split(":")[0])))
+            if event.kind in KINDS:
+                launch_id = event.detail.split(":")[0].split()[0]  # "l-00001 sleeping: …"
+                actions.append((event.kind, bought.of(launch_id)))
         seen_events = len(world.events)
         steps.append(actions)
         rates.append(measured(world._view_now(t).spot_rate))
@@ -297,3 +375,41 @@ async def test_on_spot_both_measure_the_same_interruption_rate(
         "autoscaler_controller_workload_spot_interruptions_per_hour", labels
     )
     assert fed == pytest.approx(SpotRate(interruptions, hours).per_hour)
+
+
+async def test_a_warned_spot_engine_asleep_in_the_pool_is_released_alike(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A spot machine whose engine sleeps in the warm pool is warned of its reclaim: on
+    both sides its market is skipped, it is terminated (not kept, never woken) and the
+    pool refilled on another market; the load then wakes the new member."""
+    names = (f"l-{n:05d}" for n in itertools.count(1))
+    monkeypatch.setattr(provisioner, "new_launch_id", lambda: next(names))
+    reconciler, _ = await run_reconciler(world, POOL_SCRIPT, workload=pooled_spec())
+    simulator, _ = run_simulator(POOL_SCRIPT, spot=True, workload=pooled_spec())
+
+    assert reconciler == simulator
+    spot_market = reconciler[1][0][1:3]
+    assert reconciler[1] == [("launch", *spot_market, "True")] and spot_market[1] == "True"
+    assert reconciler[2:4] == [[("drain", "#1")], [("park", "#1")]]
+    # At the warning: released, and the pool's refill bought away from its spot market.
+    warned_step = reconciler[4]
+    assert ("terminate", "#1") in warned_step
+    [refill] = [a for a in warned_step if a[0] == "launch"]
+    assert refill[1:3] != spot_market
+    everything = [a for step in reconciler for a in step]
+    assert ("resume", "#1") not in everything
+    assert ("resume", "#2") in reconciler[-1]  # the load woke the pool's new member
+    # Ended as any replica is: the provider asked, the row closed on its word.
+    [decision] = await world.decisions("terminate")
+    assert "parked in the warm pool: released, not resumed" in decision.reason
+    [warned] = [r for r in await world.rows("bot") if r.launch_id == decision.inputs["launch_id"]]
+    assert [c.argument for c in world.provider.calls_to("terminate")] == [warned.instance_id]
+    assert warned.terminated_confirmed_at is not None
+    registry = world.deps.metrics.registry
+    assert (
+        registry.get_sample_value(
+            "autoscaler_controller_spot_notices_total", {"provider": "aws", "source": "queue"}
+        )
+        == 1
+    )
