@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from autoscaler.decide.plan import spot_drain_at
 from autoscaler.spec import JOB_ONLY_TASK_TYPES, EndpointType, TaskType, adapters_in_command
 from autoscaler.store.models import Instance, Token, Workload
-from autoscaler.store.phase import Phase, phase_of, reclaim_at_of
+from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.records import placement_blocks
 from autoscaler.store.tokens import TokenKind
 
@@ -131,7 +131,7 @@ async def load_routes(
                 key=row.launch_id,
                 url=row.url.rstrip("/"),
                 engine_key=row.engine_key,
-                draining=phase is Phase.DRAINING or _reclaim_near(row.last_error, now),
+                draining=phase is Phase.DRAINING or _reclaim_near(row.reclaim_at, now),
                 adapters=adapters_in_command(row.engine_command),
             )
         )
@@ -152,12 +152,12 @@ async def load_routes(
     }
 
 
-def _reclaim_near(last_error: str | None, now: datetime) -> bool:
+def _reclaim_near(reclaim_at: datetime | None, now: datetime) -> bool:
     """A ready replica warned of its spot reclaim serves until the controller drains it
     (``decide.plan.heed_spot_notice``), whose drain reaches the gateway through the
     change feed; a load past the drain's latest time (the controller late) routes no
     new request to it either, so none is sent to a machine about to be reclaimed."""
-    drain_at = spot_drain_at(reclaim_at_of(last_error))
+    drain_at = spot_drain_at(reclaim_at)
     return drain_at is not None and now >= drain_at
 
 

@@ -18,9 +18,9 @@
   group's worker it is the worker's check-in (its role started against the leader) and
   sets ``joined_at``: the leader is ready only once every worker has checked in and its
   own engine answers.
-  ``interrupted`` is a spot interruption notice: ``last_error`` records it with its
-  reclaim time (``spot notice: …; reclaim at …``: EC2's action time, else the provider's
-  lead, ``providers.base.reclaim_time``). A serving replica keeps serving while
+  ``interrupted`` is a spot interruption notice: ``last_error`` records it
+  (``spot notice: …``) and ``reclaim_at`` its reclaim time (EC2's action time, else the
+  provider's lead, ``providers.base.reclaim_time``). A serving replica keeps serving while
   ``decide.plan.heed_spot_notice`` allows (until its replacement serves, at most until
   30 s before the reclaim); one whose reclaim is closer, or not known, is marked
   draining at once, so the gateway stops routing new requests to it while those in
@@ -55,7 +55,7 @@ from autoscaler.decide.plan import Drain, ReplicaPhase, heed_spot_notice
 from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE
 from autoscaler.reconcile.provisioner import boot_token
 from autoscaler.store.models import Instance, Workload
-from autoscaler.store.phase import Phase, phase_of, with_reclaim_at
+from autoscaler.store.phase import Phase, phase_of
 from autoscaler.store.secrets import hf_token_of
 from providers.base import reclaim_time
 from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET, engine_for
@@ -175,7 +175,8 @@ async def status(row: Launch, body: BootStatus, s: Session, state: State) -> dic
         reason = body.reason.strip() or "the provider will reclaim this spot instance"
         now = state.now()
         reclaim_at = reclaim_time(reason, provider=row.provider, noticed_at=now)
-        row.last_error = with_reclaim_at(f"{SPOT_NOTICE}{reason}", reclaim_at)
+        row.last_error = f"{SPOT_NOTICE}{reason}"
+        row.reclaim_at = reclaim_at
         phase = ReplicaPhase(phase_of(row).value)
         notice = heed_spot_notice(
             row.launch_id, phase, reason=reason, now=now, reclaim_at=reclaim_at

@@ -82,6 +82,8 @@ class RowFacts(NamedTuple):
     prefill: bool
     spot: bool
     """Bought on the spot market."""
+    reclaim_at: datetime | None
+    """When its provider reclaims the machine, as its spot notice said."""
     booted_to_sleep: bool
     """Its recorded engine command holds :data:`SLEEP_FLAG` (``ledger.can_sleep``)."""
     terminated_confirmed_at: datetime | None = None
@@ -247,6 +249,7 @@ def _row_columns(postgres: bool) -> tuple[Any, ...]:
         LedgerRow.stopped_usd_per_hour,
         LedgerRow.prefill,
         LedgerRow.spot,
+        stamp(LedgerRow.reclaim_at),
     )
 
 

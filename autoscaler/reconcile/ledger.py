@@ -20,7 +20,7 @@ from autoscaler.reconcile.deps import log
 from autoscaler.reconcile.fleet import SLEEP_FLAG, RowFacts
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import phase_of, reclaim_at_of
+from autoscaler.store.phase import phase_of
 
 Facts = LedgerRow | RowFacts
 """A ledger row, or the same row read as a value by a pass (``reconcile.fleet``)."""
@@ -235,7 +235,7 @@ def replica_view(row: Facts, *, in_flight: int) -> ReplicaView:
     warned of its spot reclaim at a known time is a draining one still serving
     (``ReplicaView.still_serving``): counted out, its drain not started."""
     phase = ReplicaPhase(phase_of(row).value)
-    reclaim_at = reclaim_at_of(row.last_error)
+    reclaim_at = row.reclaim_at
     if phase is ReplicaPhase.READY and reclaim_at is not None:
         phase = ReplicaPhase.DRAINING
     return ReplicaView(

@@ -115,7 +115,7 @@ from autoscaler.reconcile.provisioner import (
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec, describe_errors
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of, reclaim_at_of, with_reclaim_at
+from autoscaler.store.phase import Phase, phase_of
 from providers.base import reclaim_time
 from providers.engines import engine_for
 
@@ -490,7 +490,8 @@ async def _record_queued_notices(
             reclaim_at = notice.reclaim_at or reclaim_time(
                 notice.reason, provider=row.provider, noticed_at=notice.noticed_at
             )
-            row.last_error = with_reclaim_at(f"{SPOT_NOTICE}{notice.reason}", reclaim_at)
+            row.last_error = f"{SPOT_NOTICE}{notice.reason}"
+            row.reclaim_at = reclaim_at
             queued.add(row.launch_id)
     if deps.shards is not None and matched:
         await forget_notices(s, matched)
@@ -523,7 +524,7 @@ async def _heed_spot_notices(
             source = "queue" if row.launch_id in queued else "instance"
             deps.metrics.spot_notices.labels(row.provider, source).inc()
         phase = phase_of(row)
-        reclaim_at = reclaim_at_of(row.last_error)
+        reclaim_at = row.reclaim_at
         action = heed_spot_notice(
             row.launch_id, ReplicaPhase(phase.value), reason=reason, now=now, reclaim_at=reclaim_at
         )

@@ -194,6 +194,10 @@ class Instance(Base):
     machine, a private worker, this machine, a replica group's member)."""
     prefill: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     """Launched to refill a warm pool: drained and parked once ready."""
+    reclaim_at: Mapped[datetime | None]
+    """When its provider will reclaim the machine, as its spot notice said (recorded with
+    the notice in ``last_error``; ``None``: no notice, or one without a time). Migration
+    0016."""
     revision: Mapped[int] = mapped_column(BigInteger, index=True, server_default=text("0"))
     """Set by a trigger on every write, as the workload's is (migration 0015)."""
 

@@ -86,29 +86,3 @@ def desired_phase_of(instance: Instance, *, workload_deleted: bool = False) -> D
     if instance.drain_requested_at is not None:
         return DesiredPhase.TERMINATED
     return DesiredPhase.RUNNING
-
-
-RECLAIM_AT = "; reclaim at "
-"""Ends a spot notice recorded in ``last_error`` (``reconcile.liveness.SPOT_NOTICE``)
-whose reclaim time is known, followed by that time in ISO 8601 (:func:`with_reclaim_at`)."""
-
-
-def with_reclaim_at(notice: str, reclaim_at: datetime | None) -> str:
-    """A spot notice's text as recorded: with its reclaim time where known."""
-    return notice if reclaim_at is None else f"{notice}{RECLAIM_AT}{reclaim_at.isoformat()}"
-
-
-def reclaim_at_of(last_error: str | None) -> datetime | None:
-    """The reclaim time a recorded spot notice carries (:func:`with_reclaim_at`); ``None``
-    for no notice, or one recorded without a time."""
-    if not last_error:
-        return None
-    at = last_error.rfind(RECLAIM_AT)
-    if at < 0:
-        return None
-    text = last_error[at + len(RECLAIM_AT) :].split(";", 1)[0]  # a later note may follow
-    try:
-        when = datetime.fromisoformat(text.strip())
-    except ValueError:
-        return None
-    return when if when.tzinfo is not None else None

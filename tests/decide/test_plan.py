@@ -21,7 +21,6 @@ from autoscaler.decide.plan import (
     heed_spot_notice,
     plan_actions,
 )
-from autoscaler.store.phase import reclaim_at_of, with_reclaim_at
 
 NOW = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 TIMEOUTS = Timeouts(scaling_up_sec=600, scaling_down_sec=120)
@@ -452,11 +451,3 @@ def test_a_spot_notice_terminates_a_replica_that_would_not_serve_before_the_recl
         )
     for phase in (ReplicaPhase.DRAINING, ReplicaPhase.TERMINATING):
         assert heed_spot_notice("a", phase, reason="r", now=NOW, reclaim_at=RECLAIM) is None
-
-
-def test_a_recorded_notice_gives_its_reclaim_time_back() -> None:
-    text = with_reclaim_at("spot notice: ec2 warning", RECLAIM)
-    assert reclaim_at_of(text) == RECLAIM
-    assert reclaim_at_of(f"{text}; terminating: throttled") == RECLAIM
-    assert reclaim_at_of(with_reclaim_at("spot notice: gce", None)) is None
-    assert reclaim_at_of(None) is None and reclaim_at_of("spot notice; reclaim at soon") is None

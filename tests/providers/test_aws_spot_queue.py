@@ -18,7 +18,7 @@ from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import SpotNotice
-from autoscaler.store.phase import Phase, phase_of, reclaim_at_of
+from autoscaler.store.phase import Phase, phase_of
 from providers.aws import AwsProvider, interruption_warning
 from providers.aws_config import AwsConfig
 from providers.base import SpotNoticeSource, reclaim_time
@@ -98,7 +98,7 @@ async def test_a_queued_warning_drains_and_replaces_the_replica(
         # The queue's warning is EC2's two minutes ahead: it serves on until its
         # replacement is ready or 30 s before the reclaim (``decide.plan.heed_spot_notice``).
         assert phase_of(old) is Phase.READY
-        assert reclaim_at_of(old.last_error) == world.now + timedelta(seconds=120)
+        assert old.reclaim_at == world.now + timedelta(seconds=120)
         assert (old.last_error or "").startswith(
             f"{SPOT_NOTICE}EC2 Spot Instance Interruption Warning (SQS): terminate at "
         )

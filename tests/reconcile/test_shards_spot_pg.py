@@ -22,7 +22,7 @@ from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.reconcile.shards import LeaseSettings, ShardMember
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import SpotNotice
-from autoscaler.store.phase import Phase, phase_of, with_reclaim_at
+from autoscaler.store.phase import Phase, phase_of
 from providers.base import SpotInterruption
 from providers.fake import FakeCloud, FakeProvider
 from tests.reconcile.world import PROJECT, World, autoscaling
@@ -146,7 +146,7 @@ async def test_a_warning_is_acted_on_by_the_owner_whoever_reads_it(
     old, replacement = await owner.rows(fleet.slug)
     assert old.launch_id == doomed.launch_id
     assert phase_of(old) is Phase.READY  # warned two minutes ahead: it serves on
-    assert old.last_error == with_reclaim_at(f"{SPOT_NOTICE}{WARNING}", reclaim)
+    assert old.last_error == f"{SPOT_NOTICE}{WARNING}" and old.reclaim_at == reclaim
     assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
     assert (replacement.offer_key, replacement.spot) != (doomed.offer_key, True)
     assert fleet.counted(owner) == 1 and fleet.counted(other) == 0
@@ -182,7 +182,7 @@ async def test_a_warning_read_while_its_shard_has_no_holder_waits_for_the_next_o
 
     old, replacement = await other.rows(fleet.slug)
     assert phase_of(old) is Phase.READY
-    assert old.last_error == with_reclaim_at(f"{SPOT_NOTICE}{WARNING}", reclaim)
+    assert old.last_error == f"{SPOT_NOTICE}{WARNING}" and old.reclaim_at == reclaim
     assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
     assert fleet.counted(other) == 1
     assert await fleet.stored() == 1  # the unmatched one, until it expires

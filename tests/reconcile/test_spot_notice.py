@@ -10,7 +10,7 @@ from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.liveness import SPOT_NOTICE, TERMINATING, interrupted, spot_record
 from autoscaler.reconcile.notices import NOTICE_KEEP_SEC, share_notices
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of, reclaim_at_of
+from autoscaler.store.phase import Phase, phase_of
 from gateway.routes import load_routes
 from providers.base import SpotInterruption, utc
 from providers.errors import Transient
@@ -202,7 +202,7 @@ async def test_the_simulated_clouds_warning_is_heeded_before_its_reclaim(world: 
     old, replacement = await world.rows("bot")
     assert phase_of(old) is Phase.READY and old.drain_requested_at is None
     assert (old.last_error or "").startswith(f"{SPOT_NOTICE}simulated aws spot interruption")
-    assert reclaim_at_of(old.last_error) == utc(reclaim)
+    assert old.reclaim_at == utc(reclaim)
     assert await _routed(world, old.launch_id)
     assert phase_of(replacement) in (Phase.PENDING, Phase.BOOTING)
     assert (replacement.offer_key, replacement.spot) != (doomed.offer_key, True)

@@ -304,3 +304,88 @@ async def test_a_batchs_lines_are_indexed_by_batch_and_status(engine: AsyncEngin
     assert {name for name in on if name and name.startswith("ix_jobs_batch")} == {
         name for name in declared if name and name.startswith("ix_jobs_batch")
     }
+
+
+async def test_the_reclaim_time_migration_moves_it_out_of_the_text_and_back(
+    engine: AsyncEngine,
+) -> None:
+    """0016 gives the reclaim time its own column: a spot notice recorded before it keeps
+    its text, less ``; reclaim at …`` (a failed termination's note after it kept), and
+    the time, as an aware UTC datetime, is in ``reclaim_at``; a notice without a time, or
+    with one that does not parse, is left as it was. Down again, the text is back."""
+    from alembic import command
+    from sqlalchemy import text
+    from sqlalchemy.engine import Connection
+
+    from autoscaler.store.db import _alembic_config
+
+    def to(revision: str) -> Callable[[Connection], None]:
+        def run(conn: Connection) -> None:
+            config = _alembic_config()
+            config.attributes["connection"] = conn
+            if revision == "head":
+                command.upgrade(config, revision)
+            else:
+                command.downgrade(config, revision)
+
+        return run
+
+    reclaim = datetime(2026, 12, 1, 1, 0, tzinfo=UTC)
+    recorded = {
+        "l-timed": f"spot notice: ec2 warning; reclaim at {reclaim.isoformat()}",
+        "l-retried": (
+            "spot notice: ec2 warning; reclaim at "
+            f"{reclaim.astimezone(timezone(timedelta(hours=2))).isoformat()}"
+            "; terminating: throttled"
+        ),
+        "l-untimed": "spot notice: gce preempted",
+        "l-garbled": "spot notice: x; reclaim at soon",
+        "l-other": "boot failed: driver too old",
+    }
+    created = await ensure(session_factory(engine), spec())
+    async with engine.begin() as conn:
+        await conn.run_sync(to("0015"))
+        for launch_id, error in recorded.items():
+            await conn.execute(
+                text(
+                    "INSERT INTO instances (launch_id, workload_id, project, workload_slug, "
+                    "spec_generation, provider, offer_key, region, zone, instance_type, gpu, "
+                    "gpu_count, spot, hourly_usd, intent_at, last_error) VALUES (:launch_id, "
+                    ":workload_id, 'acme', 'support-bot', 1, 'aws', 'aws/us-east-1a/g5.xlarge', "
+                    "'us-east-1', 'us-east-1a', 'g5.xlarge', 'NVIDIA A10G', 1, true, 1.0, "
+                    ":intent_at, :last_error)"
+                ),
+                {
+                    "launch_id": launch_id,
+                    "workload_id": created.workload.id,
+                    "intent_at": NOW.replace(tzinfo=None) if conn.dialect.name == "sqlite" else NOW,
+                    "last_error": error,
+                },
+            )
+        await conn.run_sync(to("head"))
+    sessions = session_factory(engine)
+    async with sessions() as session:
+        rows = {r.launch_id: r for r in await session.scalars(select(Instance))}
+    assert rows["l-timed"].last_error == "spot notice: ec2 warning"
+    assert rows["l-retried"].last_error == "spot notice: ec2 warning; terminating: throttled"
+    assert rows["l-timed"].reclaim_at == reclaim and rows["l-retried"].reclaim_at == reclaim
+    assert rows["l-timed"].reclaim_at.tzinfo is UTC
+    for launch_id in ("l-untimed", "l-garbled", "l-other"):
+        assert rows[launch_id].last_error == recorded[launch_id]
+        assert rows[launch_id].reclaim_at is None
+
+    async with engine.begin() as conn:
+        await conn.run_sync(to("0015"))
+        found = await conn.execute(text("SELECT launch_id, last_error FROM instances"))
+        back: dict[str, str | None] = {str(launch_id): error for launch_id, error in found}
+        assert "reclaim_at" not in await conn.run_sync(
+            lambda sync: {col["name"] for col in inspect(sync).get_columns("instances")}
+        )
+        await conn.run_sync(to("head"))
+    assert back["l-timed"] == recorded["l-timed"]
+    assert back["l-retried"] == (
+        f"spot notice: ec2 warning; reclaim at {reclaim.isoformat()}; terminating: throttled"
+    )
+    assert {k: back[k] for k in ("l-untimed", "l-garbled", "l-other")} == {
+        k: recorded[k] for k in ("l-untimed", "l-garbled", "l-other")
+    }
