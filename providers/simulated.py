@@ -48,7 +48,8 @@ import builtins
 import itertools
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Protocol
 
 from catalog.model import ProviderName
@@ -418,6 +419,27 @@ def _notice_at(request: LaunchRequest, *, since: float, interrupt_at: float | No
     return max(since, interrupt_at - lead)
 
 
+def _interruption(
+    machine: _Machine,
+    *,
+    noticed_at: float,
+    reclaim_at: datetime | None = None,
+    reason: str | None = None,
+) -> SpotInterruption:
+    """A reclaim (or its warning) of ``machine`` as the provider reports it, noticed at
+    ``noticed_at`` (epoch seconds); ``reason``: the default's where not given."""
+    offer = machine.request.offer
+    interruption = SpotInterruption(
+        instance_id=machine.instance_id,
+        launch_id=machine.request.launch_id,
+        zone=offer.zone,
+        instance_type=offer.instance_type,
+        noticed_at=utc(noticed_at),
+        reclaim_at=reclaim_at,
+    )
+    return interruption if reason is None else replace(interruption, reason=reason)
+
+
 class SimulatedProvider:
     """A :class:`providers.base.Provider` view of a :class:`SimulatedCloud`."""
 
@@ -462,16 +484,7 @@ class SimulatedProvider:
             if machine.request.tags[CLUSTER_TAG] != cluster_id or end is None:
                 continue
             if end[1] is InstanceState.INTERRUPTED:
-                offer = machine.request.offer
-                reported.append(
-                    SpotInterruption(
-                        instance_id=machine.instance_id,
-                        launch_id=machine.request.launch_id,
-                        zone=offer.zone,
-                        instance_type=offer.instance_type,
-                        noticed_at=utc(end[0]),
-                    )
-                )
+                reported.append(_interruption(machine, noticed_at=end[0]))
         return reported
 
     async def spot_notices(self, cluster_id: str) -> builtins.list[SpotInterruption]:
@@ -479,21 +492,17 @@ class SimulatedProvider:
         (:meth:`SimulatedCloud.warnings`), with the reclaim's time in the reason."""
         reported = []
         for machine in self.cloud.warnings(cluster_id):
-            offer = machine.request.offer
             assert machine.notice_at is not None and machine.interrupt_at is not None
             lead = machine.interrupt_at - machine.notice_at
+            reclaim_at = utc(machine.interrupt_at)
             reported.append(
-                SpotInterruption(
-                    instance_id=machine.instance_id,
-                    launch_id=machine.request.launch_id,
-                    zone=offer.zone,
-                    instance_type=offer.instance_type,
-                    noticed_at=utc(machine.notice_at),
-                    reclaim_at=utc(machine.interrupt_at),
+                _interruption(
+                    machine,
+                    noticed_at=machine.notice_at,
+                    reclaim_at=reclaim_at,
                     reason=(
-                        f"simulated {offer.provider.value} spot interruption warning: "
-                        f"reclaimed at {utc(machine.interrupt_at).isoformat()} "
-                        f"(in {lead:.0f} s)"
+                        f"simulated {machine.request.offer.provider.value} spot interruption "
+                        f"warning: reclaimed at {reclaim_at.isoformat()} (in {lead:.0f} s)"
                     ),
                 )
             )

@@ -141,18 +141,6 @@ class Fleet:
         ]
 
 
-class _WorkloadRow(NamedTuple):
-    """A workload's row as read: :class:`WorkloadFacts` less its rows."""
-
-    id: int
-    project: str
-    slug: str
-    generation: int
-    spec_hash: str
-    deleted: bool
-    last_request_at: datetime | None
-
-
 class FleetCache:
     """The fleet as the last read left it, kept between passes, so that a pass reads
     only the rows written since (:func:`read_fleet`). Losing it (a restart, a failed
@@ -191,7 +179,8 @@ class FleetCache:
     def __init__(self) -> None:
         self.bound: int | None = None
         self.pending: tuple[int, ...] = ()
-        self.workloads: dict[int, _WorkloadRow] = {}
+        self.workloads: dict[int, WorkloadFacts] = {}
+        """Each workload's row as read (:func:`_workload_of`: its facts, rows left out)."""
         self.rows: dict[int, dict[str, RowFacts]] = {}
         """Open rows by workload id, by launch id."""
         self.facts: dict[int, WorkloadFacts] = {}
@@ -335,7 +324,14 @@ def _none(workload_id: int) -> WorkloadFacts | None:
     return None
 
 
+def _workload_of(values: Sequence[Any]) -> WorkloadFacts:
+    """A workload's row as read (:func:`_workload_columns`): its facts with no rows yet."""
+    workload = WorkloadFacts._make((*values, ()))
+    return workload._replace(deleted=bool(workload.deleted))
+
+
 def _workload_columns(postgres: bool) -> tuple[Any, ...]:
+    """The columns of :class:`WorkloadFacts` in its order, its rows aside."""
     return (
         Workload.id,
         Workload.project,
@@ -431,8 +427,7 @@ async def _read_fleet(
         if row.instance_id is not None:
             cache.by_instance[row.instance_id] = workload_id
     for values in await connection.execute(workloads_query):
-        workload = _WorkloadRow._make(values)
-        workload = workload._replace(deleted=bool(workload.deleted))
+        workload = _workload_of(values)
         cache.workloads[workload.id] = workload
         touched.add(workload.id)
     missing = [wid for wid in touched if wid not in cache.workloads]
@@ -440,8 +435,8 @@ async def _read_fleet(
         for values in await connection.execute(
             select(*_workload_columns(postgres)).where(Workload.id.in_(missing))
         ):
-            workload = _WorkloadRow._make(values)
-            cache.workloads[workload.id] = workload._replace(deleted=bool(workload.deleted))
+            workload = _workload_of(values)
+            cache.workloads[workload.id] = workload
     changed: set[int] = set()
     for wid in sorted(touched) if full else touched:
         if _refresh(cache, wid, previous):
@@ -469,9 +464,8 @@ def _refresh(cache: FleetCache, wid: int, previous: Callable[[int], WorkloadFact
         if row is not None:
             del cache.workloads[wid]
         return cache.facts.pop(wid, None) is not None
-    facts = WorkloadFacts(
-        *row,
-        rows=_in_order(list(rows.values()) if rows else None, () if was is None else was.rows),
+    facts = row._replace(
+        rows=_in_order(list(rows.values()) if rows else None, () if was is None else was.rows)
     )
     if was is not None and was == facts:
         facts = was

@@ -63,6 +63,17 @@ async def converged(world: World, *slugs: str) -> None:
     assert stepped(world) == (0, len(slugs))
 
 
+async def drain_by_sql(world: World, launch_id: str) -> None:
+    """Ask for a replica's drain as an operator's SQL would, outside the controller."""
+    async with world.sessions() as s:
+        await s.execute(
+            update(LedgerRow)
+            .where(LedgerRow.launch_id == launch_id)
+            .values(drain_requested_at=world.now)
+        )
+        await s.commit()
+
+
 async def test_a_steady_pass_reads_no_unchanged_row(engine: AsyncEngine) -> None:
     world = World(session_factory(engine))
     world.deps = world.make_deps(sweep_sec=3600.0)  # the spend SUM: the first pass only
@@ -73,13 +84,7 @@ async def test_a_steady_pass_reads_no_unchanged_row(engine: AsyncEngine) -> None
     assert await rows_returned(engine, steady) == 0
     # One row written (an operator's SQL): the next pass reads it, and steps its workload.
     [first, _] = await world.rows("b")
-    async with world.sessions() as s:
-        await s.execute(
-            update(LedgerRow)
-            .where(LedgerRow.launch_id == first.launch_id)
-            .values(drain_requested_at=world.now)
-        )
-        await s.commit()
+    await drain_by_sql(world, first.launch_id)
     with selects(engine) as changed:
         await world.step(5)
     assert stepped(world) == (1, 2)
@@ -92,13 +97,7 @@ async def test_a_row_written_outside_the_controller_steps_its_workload(
     world = World(session_factory(engine))
     await converged(world, "a", "b", "c")
     [first, _] = await world.rows("b")
-    async with world.sessions() as s:
-        await s.execute(
-            update(LedgerRow)
-            .where(LedgerRow.launch_id == first.launch_id)
-            .values(drain_requested_at=world.now)
-        )
-        await s.commit()
+    await drain_by_sql(world, first.launch_id)
     await world.step(5)
     assert stepped(world) == (1, 2)
     assert [r.phase for r in world.deps.memory.seen[first.workload_id].facts.rows].count(
