@@ -10,7 +10,8 @@ rejected offer carries the first constraint it failed, in the order of ``RejectR
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -143,6 +144,69 @@ def select_offers(
             rejected.append(Rejection(offer=offer, reason=reason, detail=detail))
     feasible.sort(key=_order)
     return Selection(feasible=tuple(feasible), rejected=tuple(rejected))
+
+
+class OfferIndex:
+    """One catalog load's offers, indexed once, for callers that ask many requests of the
+    same offers (placement, for every launching workload of every pass).
+
+    Built in O(offers): the offers grouped by GPU kind (canonical name; an unknown GPU
+    fits no request). :meth:`feasible` answers as ``select_offers(...).feasible`` does,
+    checking only the offers of the request's GPU kinds (every offer without a GPU pool):
+    O(those) plus their sort the first time a request is asked, O(1) after (kept by the
+    request, a frozen value). :meth:`rejected` counts the other offers by the first
+    constraint each fails, O(offers) the first time a request is asked and O(1) after:
+    it is the explanation, asked only when nothing fits. The offers are a tuple, so they
+    cannot change under the index.
+    """
+
+    def __init__(self, offers: Iterable[Offer]) -> None:
+        self.offers: tuple[Offer, ...] = tuple(offers)
+        by_gpu: dict[str, list[Offer]] = {}
+        for offer in self.offers:
+            try:
+                name = resolve_gpu(offer.gpu).display_name
+            except UnknownGpuError:
+                continue
+            by_gpu.setdefault(name, []).append(offer)
+        self._by_gpu = {name: tuple(group) for name, group in by_gpu.items()}
+        self._feasible: dict[OfferRequest, tuple[Candidate, ...]] = {}
+        self._shapes: dict[OfferRequest, tuple[tuple[str, int], ...]] = {}
+        self._rejected: dict[OfferRequest, Mapping[RejectReason, int]] = {}
+
+    def feasible(self, request: OfferRequest) -> tuple[Candidate, ...]:
+        """The offers that satisfy ``request``, cheapest first (``select_offers``'s order)."""
+        found = self._feasible.get(request)
+        if found is None:
+            if request.gpus:
+                pool = [o for gpu in request.gpus for o in self._by_gpu.get(gpu, ())]
+            else:
+                pool = list(self.offers)
+            found = select_offers(pool, request, explain=False).feasible
+            self._feasible[request] = found
+        return found
+
+    def shapes(self, request: OfferRequest) -> tuple[tuple[str, int], ...]:
+        """The GPU shapes (GPU, count) of the offers that satisfy ``request``, each once,
+        in the order of their first offer in :meth:`feasible`: O(1) after the first time."""
+        found = self._shapes.get(request)
+        if found is None:
+            found = tuple(
+                dict.fromkeys((c.offer.gpu, c.offer.gpu_count) for c in self.feasible(request))
+            )
+            self._shapes[request] = found
+        return found
+
+    def rejected(self, request: OfferRequest) -> Mapping[RejectReason, int]:
+        """How many offers fail ``request``, by the first constraint each fails."""
+        counts = self._rejected.get(request)
+        if counts is None:
+            checker = _Checker(request)
+            counts = Counter(
+                reason for o in self.offers if (reason := checker.problem(o)) is not None
+            )
+            self._rejected[request] = counts
+        return counts
 
 
 def _order(candidate: Candidate) -> tuple[Any, ...]:

@@ -87,7 +87,7 @@ from catalog.perf import (
     fits,
     serving_profile,
 )
-from catalog.query import Candidate, Market, OfferRequest, select_offers
+from catalog.query import Candidate, Market, OfferIndex, OfferRequest
 from gateway.window import REPLICA_CONCURRENCY_CAP, share_within
 from providers.engines import parallel_size
 
@@ -174,6 +174,65 @@ class Placement:
     @property
     def found(self) -> bool:
         return self.offer is not None or self.worker_id is not None
+
+
+class PlacementMemo:
+    """Placements shared within a pass, over one catalog load's offers.
+
+    :func:`place_replica` keys each placement by every input it reads (the spec's offer
+    request, policy fields and backend, the model's size and memory, the measured token
+    mix and prompt histogram, the replicas the load needs per shape, the gateway's cap,
+    the ceiling headroom, the zones of the workload's replicas, the markets marked
+    unavailable now, the group options) over this memo's offers; a workload whose key
+    equals an earlier one's gets the same :class:`Placement` (a frozen value), so
+    workloads of one spec shape cost one ranking of the offers. The key holds values
+    only, never the workload, so the memo is exact: inputs that differ in anything
+    placement reads give keys that differ.
+
+    The offers' :class:`~catalog.query.OfferIndex` is built when the memo first sees an
+    offers object and kept while the same object (by identity: a catalog load's tuple)
+    is passed; another object, or one that is not a tuple (it could change in place),
+    is indexed anew, and the placements kept are dropped. :meth:`next_pass` drops the
+    placements and keeps the index. Memory: one entry per distinct key of the pass.
+    """
+
+    def __init__(self) -> None:
+        self._offers: tuple[Offer, ...] | None = None
+        self._index: OfferIndex | None = None
+        self._placements: dict[object, Placement] = {}
+        self.computed = 0
+        """Placements computed since the last :meth:`next_pass`."""
+        self.shared = 0
+        """Placements handed out again since the last :meth:`next_pass`."""
+
+    def index(self, offers: Iterable[Offer]) -> OfferIndex:
+        """The index of ``offers``: kept for a tuple seen last time, else built (O(offers))."""
+        if self._index is not None and offers is self._offers:
+            return self._index
+        index = OfferIndex(offers)
+        if isinstance(offers, tuple):
+            self._offers, self._index = offers, index
+            self._placements = {}
+        return index
+
+    def keeps(self, offers: Iterable[Offer]) -> bool:
+        """Whether placements over ``offers`` are kept: the tuple the index was built on."""
+        return self._index is not None and offers is self._offers
+
+    def placed(self, key: object) -> Placement | None:
+        found = self._placements.get(key)
+        if found is not None:
+            self.shared += 1
+        return found
+
+    def keep(self, key: object, placement: Placement) -> None:
+        self._placements[key] = placement
+        self.computed += 1
+
+    def next_pass(self) -> None:
+        """Drop the placements kept (the inputs of the next pass differ): O(1)."""
+        self._placements = {}
+        self.computed = self.shared = 0
 
 
 def unavailable_key(offer: Offer, market: Market) -> str:
@@ -476,6 +535,7 @@ def place_replica(
     group_providers: Collection[str] | None = None,
     input_histogram: Mapping[int, int] | None = None,
     replicas_needed: Callable[[tuple[str, int]], int | None] | None = None,
+    memo: PlacementMemo | None = None,
 ) -> Placement:
     """Where the workload's next replica goes.
 
@@ -493,6 +553,14 @@ def place_replica(
     measured prompt-length spread (variance over squared mean); with it and a measured
     prompt length, shapes are judged by the share of prompts they serve in time (the
     tail rule of the module docstring).
+
+    ``memo``: the pass's :class:`PlacementMemo`. Its index answers the catalog's part
+    (the feasible offers and shapes of the spec's request) in O(1) after its first time,
+    and a workload whose placement inputs equal an earlier one's (the key below: every
+    input this function reads) gets that placement, not a new one. Cost: O(shapes) for
+    the key (the shapes' figures are kept by value, ``replicas_needed`` is asked per
+    shape) plus O(unavailable markets + current zones); then O(feasible offers) to rank
+    them when the key is new. Without a memo, O(offers) as well to index them.
     """
     _cap(concurrency_cap)
     policy = spec.execution_policy_config
@@ -509,25 +577,107 @@ def place_replica(
     memory_gib = spec.model_memory_gib or model_memory_gib
     user_split = parallel_size(backend=spec.backend.value, command=spec.engine_command)
     request = _offer_request(autoscaling, memory_gib=memory_gib, gpu_count=user_split)
-    offers = tuple(offers)
-    selection = select_offers(offers, request, explain=False)  # reasons counted only
+    index = memo.index(offers) if memo is not None else OfferIndex(offers)
     mix = (input_tokens or DEFAULT_INPUT_TOKENS, output_tokens or DEFAULT_OUTPUT_TOKENS)
     # One profile per GPU shape, not per offer: a catalog repeats shapes across zones.
-    shapes: dict[tuple[str, int], tuple[float | None, float | None, ServingProfile | None]] = {}
-    for c in selection.feasible:
-        shape = (c.offer.gpu, c.offer.gpu_count)
-        if shape not in shapes:
-            shapes[shape] = (
-                (None, None, None)
-                if params_b is None
-                else _shape_figures(
-                    c.offer,
-                    params_b=params_b,
-                    bytes_per_param=bytes_per_param,
-                    mix=mix,
-                    concurrency_cap=concurrency_cap,
-                )
+    shapes = {
+        shape: (
+            (None, None, None)
+            if params_b is None
+            else _shape_figures(
+                shape,
+                params_b=params_b,
+                bytes_per_param=bytes_per_param,
+                mix=mix,
+                concurrency_cap=concurrency_cap,
             )
+        )
+        for shape in index.shapes(request)
+    }
+    needs: dict[tuple[str, int], int | None] = {}
+    if replicas_needed is not None:
+        needs = {k: replicas_needed(k) if v[0] else None for k, v in shapes.items()}
+    key = None
+    if memo is not None and memo.keeps(offers):
+        key = (
+            request,
+            None
+            if autoscaling is None
+            else (autoscaling.allow_spot_instances, autoscaling.upper_allowed_latency_sec),
+            spec.backend.value,
+            allow_groups,
+            None if group_providers is None else frozenset(group_providers),
+            memory_gib,
+            params_b,
+            bytes_per_param,
+            input_tokens,
+            output_tokens,
+            input_scv,
+            None if input_histogram is None else tuple(sorted(input_histogram.items())),
+            concurrency_cap,
+            max_usd_per_hour,
+            tuple(sorted(current_zones)),
+            frozenset(k for k, until in unavailable.items() if until > now),
+            tuple(sorted(needs.items())),
+        )
+        shared = memo.placed(key)
+        if shared is not None:
+            return shared
+    placement = _place_on_offers(
+        index,
+        request,
+        shapes=shapes,
+        needs=needs,
+        spec=spec,
+        autoscaling=autoscaling,
+        unavailable=unavailable,
+        now=now,
+        current_zones=current_zones,
+        params_b=params_b,
+        bytes_per_param=bytes_per_param,
+        memory_gib=memory_gib,
+        max_usd_per_hour=max_usd_per_hour,
+        input_tokens=input_tokens,
+        mix=mix,
+        concurrency_cap=concurrency_cap,
+        allow_groups=allow_groups,
+        input_scv=input_scv,
+        group_providers=group_providers,
+        input_histogram=input_histogram,
+    )
+    if memo is not None and key is not None:
+        memo.keep(key, placement)
+    return placement
+
+
+def _place_on_offers(
+    index: OfferIndex,
+    request: OfferRequest,
+    *,
+    shapes: Mapping[tuple[str, int], _Figures],
+    needs: Mapping[tuple[str, int], int | None],
+    spec: WorkloadSpec,
+    autoscaling: AutoscalingPolicy | None,
+    unavailable: Mapping[str, datetime],
+    now: datetime,
+    current_zones: Sequence[str],
+    params_b: float | None,
+    bytes_per_param: float,
+    memory_gib: float | None,
+    max_usd_per_hour: float | None,
+    input_tokens: float | None,
+    mix: tuple[float, float],
+    concurrency_cap: int,
+    allow_groups: bool,
+    input_scv: float | None,
+    group_providers: Collection[str] | None,
+    input_histogram: Mapping[int, int] | None,
+) -> Placement:
+    """:func:`place_replica` on the catalog's offers, ``shapes`` the figures of the GPU
+    shapes ``request`` admits and ``needs`` the replicas of each the measured load needs:
+    O(feasible offers) to price and rank, O(shapes) for the tail rule, and, when no
+    single machine fits, O(offers) for the groups and the catalog's rejections."""
+    feasible = index.feasible(request)
     budget = None
     tails: dict[tuple[str, int], float] = {}
     required = None
@@ -547,11 +697,8 @@ def place_replica(
             )
             if tails:
                 required = min(TAIL_SHARE, max(tails.values()))
-    needs: dict[tuple[str, int], int | None] = {}
-    if replicas_needed is not None:
-        needs = {k: replicas_needed(k) if v[0] else None for k, v in shapes.items()}
     options: list[PlacementOption] = []
-    for c in selection.feasible:
+    for c in feasible:
         shape = (c.offer.gpu, c.offer.gpu_count)
         capacity, prefill, _ = shapes[shape]
         options.append(
@@ -581,15 +728,13 @@ def place_replica(
     single_fits = any(o.capacity_rps is None or o.capacity_rps > 0 for o in options)
     groups_apply = (
         allow_groups
-        and user_split is None
+        and request.gpu_count is None
         and spec.backend.value in GROUP_BACKENDS
         and memory_gib is not None
         and not single_fits
     )
     if groups_apply and memory_gib is not None:
-        candidates = select_offers(
-            offers, replace(request, min_vram_gib=None), explain=False
-        ).feasible
+        candidates = index.feasible(replace(request, min_vram_gib=None))
         group_options = _group_options(
             [
                 c
@@ -621,10 +766,11 @@ def place_replica(
             placement = replace(
                 placement, reason=f"{placement.reason}; as a group: {grouped.reason}"
             )
-    if not selection.rejected:
+    rejected = index.rejected(request)  # the explanation: only when nothing was placed
+    if not rejected:
         return placement
-    rejected = Counter(r.reason.value for r in selection.rejected)
-    return Placement(reason=f"{placement.reason}; catalog rejected {_counts(rejected)}")
+    counts = Counter({reason.value: n for reason, n in rejected.items()})
+    return Placement(reason=f"{placement.reason}; catalog rejected {_counts(counts)}")
 
 
 def group_size_for(
@@ -678,9 +824,8 @@ def _group_options(
             continue
         capacity, prefill = (None, None)
         if params_b is not None:
-            whole = replace(c.offer, gpu_count=n * c.offer.gpu_count)
             capacity, prefill, _ = _shape_figures(
-                whole,
+                (c.offer.gpu, n * c.offer.gpu_count),
                 params_b=params_b,
                 bytes_per_param=bytes_per_param,
                 mix=mix,
@@ -692,29 +837,39 @@ def _group_options(
     return options
 
 
-def pool_gpu_kinds(spec: WorkloadSpec, offers: Iterable[Offer]) -> list[str]:
+def pool_gpu_kinds(
+    spec: WorkloadSpec, offers: Iterable[Offer], *, memo: PlacementMemo | None = None
+) -> list[str]:
     """The GPU kinds of ``offers`` the workload may use (its cloud pool, regions and CUDA
     pins, as placement filters them): where the SLO's reference GPU is chosen from. The
-    reconciler and the simulator both ask this, so they judge prompts by the same GPU."""
+    reconciler and the simulator both ask this, so they judge prompts by the same GPU.
+    O(offers of the pool's GPU kinds); O(kinds) for a pool ``memo``'s index has seen."""
     policy = spec.execution_policy_config
     autoscaling = policy if isinstance(policy, AutoscalingPolicy) else None
     request = _offer_request(autoscaling, memory_gib=None, gpu_count=None)
-    return sorted({c.offer.gpu for c in select_offers(offers, request, explain=False).feasible})
+    index = memo.index(offers) if memo is not None else OfferIndex(offers)
+    return sorted({gpu for gpu, _ in index.shapes(request)})
 
 
+_Figures = tuple[float | None, float | None, ServingProfile | None]
+
+
+@functools.lru_cache(maxsize=4096)
 def _shape_figures(
-    offer: Offer,
+    shape: tuple[str, int],
     *,
     params_b: float,
     bytes_per_param: float,
     mix: tuple[float, float],
     concurrency_cap: int,
-) -> tuple[float | None, float | None, ServingProfile | None]:
+) -> _Figures:
     """One replica's usable capacity (requests/s, batch bounded by ``concurrency_cap``) at
-    ``mix``, its prefill of the mean prompt, and its serving profile."""
+    ``mix`` on ``shape`` (GPU, count), its prefill of the mean prompt, and its serving
+    profile. Kept for the last 4,096 arguments: a pure function of values, asked for the
+    same few shapes and models by every placement."""
     try:
         profile = serving_profile(
-            offer.gpu, offer.gpu_count, params_b, bytes_per_param, max_batch=concurrency_cap
+            shape[0], shape[1], params_b, bytes_per_param, max_batch=concurrency_cap
         )
     except ModelDoesNotFit:
         return 0.0, None, None

@@ -47,6 +47,7 @@ from autoscaler.decide.inputs import (
 )
 from autoscaler.decide.placement import (
     Placement,
+    PlacementMemo,
     place_replica,
     pool_gpu_kinds,
     unavailable_key,
@@ -297,10 +298,13 @@ def step(
     now: datetime,
     knobs: StepKnobs,
     count: tuple[int, str] | None = None,
+    memo: PlacementMemo | None = None,
 ) -> Step:
     """One step of one workload (see the module docstring). ``count``: a desired count
     and its reason decided elsewhere (the simulator's baselines) instead of the spec's
-    policy."""
+    policy. ``memo``: placements shared with the other steps of the pass (or tick) whose
+    placement inputs are equal (``decide.placement.PlacementMemo``), the catalog's
+    offers indexed once; the same plan as without it."""
     policy = autoscaling_policy(view.spec)
     limits = limits_for(policy, fleet_usd_per_hour=knobs.fleet_max_hourly_cost_usd)
     live = [*view.inherited_usd_per_hour, *(r.view.usd_per_hour for r in view.replicas)]
@@ -310,12 +314,14 @@ def step(
     def placement() -> Placement:
         if not first:
             first.append(
-                place_next(view, unavailable=unavailable, now=now, knobs=knobs, launched=())
+                place_next(
+                    view, unavailable=unavailable, now=now, knobs=knobs, launched=(), memo=memo
+                )
             )
         return first[0]
 
     warm = warm_policy_of(view.spec, times=view.start_times, deleted=view.deleted)
-    inputs = _inputs(view, policy=policy, placement=placement)
+    inputs = _inputs(view, policy=policy, placement=placement, memo=memo)
     decision = _decide(
         view, memory=memory, inputs=inputs, now=now, knobs=knobs, count=count, warm=warm
     )
@@ -673,6 +679,7 @@ def _inputs(
     *,
     policy: AutoscalingPolicy | None,
     placement: Callable[[], Placement],
+    memo: PlacementMemo | None,
 ) -> DecisionInputs:
     mix = view.measured.token_mix
     if view.deleted or policy is None:
@@ -688,7 +695,9 @@ def _inputs(
         next_shape=lambda: shape_of(placement().offer),
         concurrency_cap=concurrency_cap_of(view.spec, view.measured),
         pool_gpus=(
-            pool_gpu_kinds(view.spec, view.offers) if view.pool_gpus is None else view.pool_gpus
+            pool_gpu_kinds(view.spec, view.offers, memo=memo)
+            if view.pool_gpus is None
+            else view.pool_gpus
         ),
     )
 
@@ -776,11 +785,14 @@ def place_next(
     now: datetime,
     knobs: StepKnobs,
     launched: Sequence[Placement],
+    memo: PlacementMemo | None = None,
 ) -> Placement:
     """Where the next replica goes, with the replicas ``launched`` earlier in this step
     counted as live (their zones, workers and prices): within the budget headroom left,
     and refused (``found`` false, the budget's numbers as the reason) when its price
-    would break a ceiling or the pool's instance count."""
+    would break a ceiling or the pool's instance count. ``memo``: placements shared
+    within the pass (``decide.placement.place_replica``). O(replicas + launched) here,
+    plus placement's cost."""
     policy = autoscaling_policy(view.spec)
     limits = limits_for(policy, fleet_usd_per_hour=knobs.fleet_max_hourly_cost_usd)
     added = [p.usd_per_hour for p in launched]
@@ -818,6 +830,7 @@ def place_next(
         group_providers=knobs.group_providers,
         concurrency_cap=concurrency_cap_of(spec, view.measured),
         replicas_needed=_replicas_needed(view, policy=policy, now=now),
+        memo=memo,
     )
     if not placement.found:
         return placement

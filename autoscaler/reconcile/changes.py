@@ -566,6 +566,7 @@ def step_on_facts(
         unavailable=deps.memory.unavailable,
         now=now,
         knobs=settings.knobs,
+        memo=deps.memory.placements,
     )
 
 

@@ -21,6 +21,7 @@ import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from autoscaler.decide.inputs import SignalsRead
+from autoscaler.decide.placement import PlacementMemo
 from autoscaler.decide.scaling import ScaleMemory
 from autoscaler.decide.signals import EngineLoad
 from autoscaler.decide.spot_rate import SpotLife
@@ -426,6 +427,11 @@ class Memory:
     """Passes run: which slice of the ready replicas is probed (``reconcile.changes``)."""
     swept_at: datetime | None = None
     """When the orphan sweep and the fleet-spend SUM last ran (``Settings.sweep_sec``)."""
+    placements: PlacementMemo = field(default_factory=PlacementMemo)
+    """The pass's placements, shared by steps whose placement inputs are equal, and the
+    offers' index, kept while the catalog load's offers are the same object
+    (``decide.placement.PlacementMemo``); its placements are dropped at each pass's
+    start."""
 
 
 @dataclass

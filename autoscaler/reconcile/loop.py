@@ -126,6 +126,7 @@ async def _reconcile_once(deps: Deps) -> float:
         except Exception:
             log.exception("recording the measurements failed")
     memory = deps.memory
+    memory.placements.next_pass()
     if memory.fleet is None or memory.fleet_full_at is None or now >= memory.fleet_full_at:
         memory.fleet = FleetCache()  # read whole: the first pass, and every resync_sec
         memory.fleet_full_at = now + timedelta(seconds=deps.settings.resync_sec)

@@ -269,7 +269,12 @@ async def reconcile_workload(
         knobs = deps.settings.knobs
         memory = deps.memory.scale.get(workload.id, ScaleMemory())
         result = step(
-            view, memory=memory, unavailable=deps.memory.unavailable, now=now, knobs=knobs
+            view,
+            memory=memory,
+            unavailable=deps.memory.unavailable,
+            now=now,
+            knobs=knobs,
+            memo=deps.memory.placements,
         )
         if not view.deleted:
             deps.memory.scale[workload.id] = result.decision.memory
@@ -678,6 +683,7 @@ async def _act(
                     now=now,
                     knobs=deps.settings.knobs,
                     launched=launched,
+                    memo=deps.memory.placements,
                 )
             if not placement.found:
                 return (Refusal(unplaced_reason(placement, result.headroom)),), len(launched)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 
 from autoscaler.decide.inputs import TokenMix, measured_of, shape_of
-from autoscaler.decide.placement import Placement, pool_gpu_kinds
+from autoscaler.decide.placement import Placement, PlacementMemo, pool_gpu_kinds
 from autoscaler.decide.plan import (
     Drain,
     Launch,
@@ -314,7 +314,9 @@ class World:
     ) -> None:
         self.workload = workload
         self.spec = with_spot(workload, allow_spot).spec
-        self.offers = list(offers)
+        self.offers = tuple(offers)
+        self._placements = PlacementMemo()
+        """The offers indexed once for the run; a tick's placements shared within it."""
         self.policy = policy
         self.requests = requests
         self.clock = SimClock(EPOCH_S)
@@ -836,6 +838,7 @@ class World:
             if shipped and isinstance(self.policy, ControllerPolicy)
             else self._memory
         )
+        self._placements.next_pass()
         result = step(
             view,
             memory=memory,
@@ -843,6 +846,7 @@ class World:
             now=now,
             knobs=self.knobs,
             count=count,
+            memo=self._placements,
         )
         if shipped and isinstance(self.policy, ControllerPolicy):
             self.policy.memory = result.decision.memory
@@ -868,6 +872,7 @@ class World:
                         now=now,
                         knobs=self.knobs,
                         launched=launched,
+                        memo=self._placements,
                     )
                 if not placement.found:
                     self.events.append(

@@ -211,3 +211,21 @@ async def test_a_pass_past_its_budget_batches_nothing_and_continues_where_it_sto
     await world.step()
     assert [len(await world.rows(slug)) for slug in "abc"] == [1, 1, 1]
     assert len(world.live_instances()) == 3
+
+
+async def test_workloads_of_equal_placement_inputs_share_one_placement_in_a_pass(
+    engine: AsyncEngine,
+) -> None:
+    world, _ = _world(engine)
+    await world.apply(fixed("small-a", 1))
+    await world.apply(fixed("small-b", 1))
+    await world.apply(fixed("large", 1, model_memory_gib=40.0))  # only the L40S holds it
+    await world.step()
+    memo = world.deps.memory.placements
+    assert (memo.computed, memo.shared) == (2, 1)
+    [a], [b], [large] = [await world.rows(slug) for slug in ("small-a", "small-b", "large")]
+    placed = {d.workload_id: d.inputs["placement"] for d in await world.decisions("launch")}
+    assert placed[a.workload_id] == placed[b.workload_id] != placed[large.workload_id]
+    assert "of 3 option(s)" in placed[a.workload_id]
+    assert "of 1 option(s)" in placed[large.workload_id]  # only the L40S holds 40 GiB
+    assert large.instance_type == "g6e.xlarge"
