@@ -52,9 +52,12 @@ resync. On PostgreSQL :data:`STEPS_AT_ONCE` workloads are stepped at once, each 
 session of its own, so their round trips and provider calls overlap; on SQLite one at
 a time. The fleet's spend for a fleet ceiling is the snapshot's total, moved by each
 step, which holds it from its read through its launches (``ledger.FleetSpend``): under
-a ceiling that part of the steps runs one at a time. Placement, O(offers), runs only for a
+a ceiling that part of the steps runs one at a time. Placement runs only for a
 workload whose plan may launch or that has no replica to take its GPU shape from
-(``decide.step.step``).
+(``decide.step.step``): O(feasible offers) to rank them for a workload whose placement
+inputs are new in the pass, O(shapes) for one whose inputs equal an earlier one's (the
+pass's ``decide.placement.PlacementMemo``, dropped at its start; the offers' index is
+kept while the catalog load is the same).
 
 **Several controllers.** Where they share the store (``autoscaler.reconcile.shards``),
 a pass takes only the workloads of the shards this controller holds, skips one whose
