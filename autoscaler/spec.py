@@ -13,13 +13,14 @@ import hashlib
 import json
 import re
 import shlex
-from collections.abc import Iterator, Mapping, Sequence
-from datetime import UTC, datetime, time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -101,6 +102,54 @@ class EndpointType(StrEnum):
 LIVE_ENDPOINT_TYPES = frozenset({EndpointType.SYNC, EndpointType.STREAMING})
 
 MAX_PER_WORKER = 100_000
+"""The largest ``per_worker`` (a bound on a count, not a tuning limit)."""
+
+APPLY = "apply"
+"""Validation context key (``context={APPLY: True}``): the spec is being applied. The
+bounds below that guard the service against one large value are checked then, and not
+when a stored spec is read back, so a spec stored before a bound existed keeps running
+(and is refused only when it is applied again)."""
+
+
+def at_apply(check: Callable[[Any], str | None]) -> AfterValidator:
+    """A field validator that runs ``check`` (the problem, or None) only at apply."""
+
+    def validate(value: Any, info: ValidationInfo) -> Any:
+        context = info.context
+        if value is not None and isinstance(context, dict) and context.get(APPLY):
+            problem = check(value)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    return AfterValidator(validate)
+
+
+def _number(value: float) -> str:
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:g}"
+
+
+def _at_most(limit: float, unit: str = "") -> AfterValidator:
+    return at_apply(
+        lambda v: (
+            None if v <= limit else f"Input should be less than or equal to {_number(limit)}{unit}"
+        )
+    )
+
+
+def _at_least(limit: float) -> AfterValidator:
+    return at_apply(
+        lambda v: (
+            None if v >= limit else f"Input should be greater than or equal to {_number(limit)}"
+        )
+    )
+
+
+def _longest(limit: int) -> AfterValidator:
+    return at_apply(
+        lambda v: None if len(v) <= limit else f"String should have at most {limit} characters"
+    )
+
 
 MAX_DURATION_SEC = 366 * 24 * 3600
 """The longest a scheduled policy's ``duration`` may be: a year and a day (a yearly cron
@@ -115,7 +164,6 @@ MAX_MODEL = 1024
 MAX_COMMAND = 16 * 1024
 """Longest display name, model reference and engine command, in characters: a spec is
 stored whole and shown in every listing, so one field cannot grow without bound."""
-"""The largest ``per_worker`` (a bound on a count, not a tuning limit)."""
 
 
 class ExecutionPolicy(StrEnum):
@@ -223,12 +271,17 @@ def parse_duration(text: str | int) -> int:
         seconds = h * 3600 + mi * 60 + s
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
+    return seconds
+
+
+def _duration_problem(value: str | int) -> str | None:
+    seconds = parse_duration(value)
     if seconds > MAX_DURATION_SEC:
-        raise ValueError(
-            f"duration {text!r} is {seconds} s, above the longest allowed, "
+        return (
+            f"duration {value!r} is {seconds} s, above the longest allowed, "
             f"{MAX_DURATION_SEC} s (366 days)"
         )
-    return seconds
+    return None
 
 
 def _parse_days(text: str) -> frozenset[int]:
@@ -316,13 +369,29 @@ def validate_cron(expr: str) -> str:
             "minute hour day-of-month month day-of-week"
         )
     try:
-        trigger = CronTrigger.from_crontab(expr, timezone="UTC")
+        CronTrigger.from_crontab(expr, timezone="UTC")
     except ValueError as exc:
         raise ValueError(f"cron {expr!r} is not valid: {exc}") from None
-    if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
-        # A day that no month has (31 February): stored, it would never run a replica.
-        raise ValueError(f"cron {expr!r} never fires: no date matches its day and month")
     return " ".join(fields)
+
+
+NEVER_FIRES_YEARS = 30
+"""How far ahead apply looks for a cron's next firing: every date and weekday pairing
+(29 February on a Monday included) recurs within 28 years."""
+
+
+def _cron_problem(expr: str) -> str | None:
+    """Why a valid cron cannot run a replica (no date matches its day and month, as 31
+    February), or None. The search stops after :data:`NEVER_FIRES_YEARS`: unbounded, the
+    scheduler's own search runs to the year 9999, seconds of CPU."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    now = datetime.now(UTC)
+    trigger = CronTrigger.from_crontab(expr, timezone="UTC")
+    trigger.end_date = now + timedelta(days=366 * NEVER_FIRES_YEARS)
+    if trigger.get_next_fire_time(None, now) is None:
+        return f"cron {expr!r} never fires: no date matches its day and month"
+    return None
 
 
 class ScheduledPolicy(StrictModel):
@@ -332,9 +401,9 @@ class ScheduledPolicy(StrictModel):
     defaults to UTC) or ``window`` (``"Mon-Fri 08:00-20:00 Europe/Madrid"``).
     """
 
-    cron: str | None = None
+    cron: Annotated[str | None, at_apply(_cron_problem)] = None
     window: str | None = None
-    duration: str | int | None = None
+    duration: Annotated[str | int | None, at_apply(_duration_problem)] = None
     timezone: str = "UTC"
     replicas: Annotated[int, Field(ge=0, strict=True), WHOLE] = 1
 
@@ -392,7 +461,11 @@ MAX_POLICY_SEC = 30 * 24 * 3600
 """The longest TTFT target, window or timeout a policy may give: 30 days. Longer changes
 nothing a user could see, and past it the clock arithmetic of a step overflows."""
 
-PolicySeconds = Annotated[float, Field(gt=0, le=MAX_POLICY_SEC, allow_inf_nan=False)]
+PolicySeconds = Annotated[
+    float,
+    Field(gt=0, allow_inf_nan=False, json_schema_extra={"maximum": MAX_POLICY_SEC}),
+    _at_most(MAX_POLICY_SEC, " (30 days)"),
+]
 
 MIN_BOOT_DEADLINE_SEC = 10.0
 """The shortest boot deadline (``scaling_up_timeout_sec``) taken: no engine is ready
@@ -525,7 +598,9 @@ class AutoscalingPolicy(StrictModel):
     autoscaling_strategy: Literal["ttft_latency_sec"] = "ttft_latency_sec"
     upper_allowed_latency_sec: PolicySeconds = 1.0
     lower_allowed_latency_sec: Annotated[
-        float, Field(ge=0, le=MAX_POLICY_SEC, allow_inf_nan=False)
+        float,
+        Field(ge=0, allow_inf_nan=False, json_schema_extra={"maximum": MAX_POLICY_SEC}),
+        _at_most(MAX_POLICY_SEC, " (30 days)"),
     ] = 0.2
     ttft_percentile: Annotated[float, Field(gt=0, le=1)] = 0.95
     min_throughput_rate: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
@@ -535,7 +610,9 @@ class AutoscalingPolicy(StrictModel):
     scale_up_time_window_sec: PolicySeconds = 60.0
     scale_down_time_window_sec: PolicySeconds = 300.0
     scaling_up_timeout_sec: Annotated[
-        float, Field(ge=MIN_BOOT_DEADLINE_SEC, le=MAX_POLICY_SEC, allow_inf_nan=False)
+        PolicySeconds,
+        Field(json_schema_extra={"minimum": MIN_BOOT_DEADLINE_SEC}),
+        _at_least(MIN_BOOT_DEADLINE_SEC),
     ] = 1200.0
     """How long a replica may take from launch to ready before it is terminated and its
     offer skipped for a while; at least :data:`MIN_BOOT_DEADLINE_SEC`."""
@@ -746,16 +823,28 @@ def adapters_in_command(argv: Sequence[str] | None) -> frozenset[str]:
 class WorkloadSpec(StrictModel):
     """A declared serving workload. ``slug`` identifies it in its project."""
 
-    name: Annotated[str, Field(min_length=1, max_length=MAX_NAME)]
+    name: Annotated[
+        str, Field(min_length=1, json_schema_extra={"maxLength": MAX_NAME}), _longest(MAX_NAME)
+    ]
     slug: str
-    model: Annotated[str, Field(min_length=1, max_length=MAX_MODEL)]
+    model: Annotated[
+        str, Field(min_length=1, json_schema_extra={"maxLength": MAX_MODEL}), _longest(MAX_MODEL)
+    ]
     backend: Backend = Backend.VLLM
     task_type: TaskType = TaskType.TEXT2TEXT
-    command: Annotated[str, Field(max_length=MAX_COMMAND)] | None = None
+    command: (
+        Annotated[str, Field(json_schema_extra={"maxLength": MAX_COMMAND}), _longest(MAX_COMMAND)]
+        | None
+    ) = None
     vllm_version: str | None = None
     worker_id: str | None = None
     model_memory_gib: (
-        Annotated[float, Field(gt=0, le=MAX_MODEL_GIB, allow_inf_nan=False)] | None
+        Annotated[
+            float,
+            Field(gt=0, allow_inf_nan=False, json_schema_extra={"maximum": MAX_MODEL_GIB}),
+            _at_most(MAX_MODEL_GIB),
+        ]
+        | None
     ) = None
     max_model_len: Annotated[int, Field(ge=16, le=10_000_000, strict=True), WHOLE] | None = None
     """The context length the engine serves and sizing reserves KV cache for (vLLM
@@ -860,7 +949,7 @@ class WorkloadSpec(StrictModel):
                 "a {given} config does not fit execution_policy {policy}",
                 {"given": type(value).__name__, "policy": repr(policy.value)},
             )
-        return config_type.model_validate(value)
+        return config_type.model_validate(value, context=info.context)
 
     @model_validator(mode="after")
     def _cross_field(self) -> Self:

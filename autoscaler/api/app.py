@@ -36,6 +36,7 @@ from autoscaler.api.views import (
 from autoscaler.api.workers import router as workers_router
 from autoscaler.labels import SELECTOR_PATTERN, LabelError, Selector
 from autoscaler.spec import (
+    APPLY,
     OnDrift,
     WorkloadSpec,
     deprecations,
@@ -317,7 +318,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
 
 def _validate_spec(raw: dict[str, Any], *, max_replicas: int) -> WorkloadSpec:
     try:
-        spec = WorkloadSpec.model_validate(raw)
+        spec = WorkloadSpec.model_validate(raw, context={APPLY: True})
     except ValidationError as exc:
         raise _invalid_spec(describe_errors(exc)) from None
     over = limit_errors(spec, max_replicas=max_replicas)

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from autoscaler.cli.output import emit, print_table
 from autoscaler.sdk import ApiError, ConfigError, ManagementClient
-from autoscaler.spec import WorkloadDocument, describe_errors
+from autoscaler.spec import APPLY, WorkloadDocument, describe_errors
 
 EXIT_API, EXIT_INPUT = 1, 2
 
@@ -107,7 +107,7 @@ def _validate_all(path: Path, docs: Sequence[dict[str, Any]]) -> list[WorkloadDo
     for i, doc in enumerate(docs, 1):
         label = f"{path}: document {i}" + (f" ({doc['slug']})" if "slug" in doc else "")
         try:
-            valid.append(WorkloadDocument.model_validate(doc))
+            valid.append(WorkloadDocument.model_validate(doc, context={APPLY: True}))
         except ValidationError as exc:
             problems += [
                 f"{label}: {d['path']}: {d['message']} (got {d['value']!r})"

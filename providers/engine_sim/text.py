@@ -157,28 +157,30 @@ def _generation(state: EngineState, body: JsonObject, *, chat: bool) -> _Generat
 
 def _within_context(context: int, input_tokens: int, limit: int, field: str) -> int:
     """The output limit left by a prompt of ``input_tokens`` in a ``context``-token window,
-    as vLLM checks it: a prompt over the window, or an output limit over the whole window,
-    is a 400 with vLLM's words; otherwise the limit is cut to what the prompt leaves."""
+    checked in vLLM's order and words: an output limit over the whole window, then a
+    prompt over it, then a prompt that leaves no token to generate, are each a 400;
+    otherwise the limit is cut to what the prompt leaves."""
+
+    def refused(message: str, param: str) -> ApiError:
+        return ApiError(400, message, kind="BadRequestError", param=param, code=400)
+
+    if limit > context:
+        raise refused(
+            f"{field}={limit} cannot be greater than max_model_len={context}. "
+            "Please request fewer output tokens.",
+            field,
+        )
     if input_tokens > context:
-        raise ApiError(
-            400,
+        raise refused(
             f"This model's maximum context length is {context} tokens. However, your "
             f"prompt contains {input_tokens} input tokens, which exceeds this limit even "
             "without any output tokens. Please reduce the length of the input prompt.",
-            kind="BadRequestError",
-            param="input_tokens",
-            code=400,
+            "input_tokens",
         )
-    if limit > context:
-        raise ApiError(
-            400,
-            f"{field}={limit} cannot be greater than max_model_len={context}. "
-            "Please request fewer output tokens.",
-            kind="BadRequestError",
-            param=field,
-            code=400,
-        )
-    return max(0, min(limit, context - input_tokens))
+    left = min(limit, context - input_tokens)
+    if left < 1:  # vLLM cuts max_tokens to 0, which its sampling parameters refuse
+        raise refused(f"max_tokens must be at least 1, got {left}.", "max_tokens")
+    return left
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

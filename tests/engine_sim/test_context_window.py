@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import httpx
 
-from catalog.sizing import command_context, command_flags
-from providers.engine_sim.config import EngineSimConfig
 from providers.engine_sim.server import EngineSimServer
 from tests.engine_sim.conftest import StartEngine
 
@@ -33,17 +31,19 @@ async def test_a_prompt_past_the_window_is_vllms_400_and_the_output_is_cut_to_fi
         in (too_many.json()["error"]["message"])
     )
 
+    full = await _post(server, {"prompt": "hi", "usage": {"prompt_tokens": 64}})
+    assert (full.status_code, full.json()["error"]["param"]) == (400, "max_tokens")
+
     cut = await _post(server, {"prompt": "word " * 30, "max_tokens": 64})
     assert cut.status_code == 200
     usage = cut.json()["usage"]
     assert usage["prompt_tokens"] + usage["completion_tokens"] == 64
 
 
-def test_no_window_unless_the_command_gives_one() -> None:
-    """A launch passes the window only when the engine command sets one (vLLM's own
-    default is the model's context, which engine-sim does not know)."""
-    assert EngineSimConfig().max_model_len is None
-    assert command_context(command_flags(["vllm", "serve", "m", "--max-model-len", "4096"])) == (
-        4096,
-        "--max-model-len",
-    )
+async def test_without_a_window_a_long_prompt_is_served(start_engine: StartEngine) -> None:
+    """With no ``--max-model-len`` (the command gave none) engine-sim keeps no window:
+    vLLM's own default is the model's context, which engine-sim does not know."""
+    server = await start_engine()
+    long = await _post(server, {"prompt": "hi", "usage": {"prompt_tokens": 200_000}})
+    assert long.status_code == 200
+    assert long.json()["usage"]["prompt_tokens"] == 200_000

@@ -447,3 +447,39 @@ def test_merge_patch_follows_rfc_7396(
     target: dict[str, Any], patch: dict[str, Any], result: dict[str, Any]
 ) -> None:
     assert merge_patch(target, patch) == result
+
+
+def test_bounds_added_for_apply_do_not_stop_a_spec_stored_before_them() -> None:
+    """The bounds against one large value are checked when a spec is applied; a spec
+    stored before they existed (a 300-character name, a 115-day scale-to-zero timeout,
+    a 5 s boot deadline, a cron no date matches) still reads back, so the controller keeps
+    stepping its replicas, and is refused only when it is applied again."""
+    from autoscaler.spec import APPLY
+
+    stored: dict[str, object] = {
+        "name": "n" * 300,
+        "slug": "old",
+        "model": "meta-llama/Llama-3.1-8B-Instruct",
+        "execution_policy": "autoscaling",
+        "execution_policy_config": {
+            "max_workers": 2,
+            "max_hourly_cost_usd": 5,
+            "scale_to_zero_timeout_sec": 1e7,
+            "scaling_up_timeout_sec": 5,
+        },
+    }
+    spec = WorkloadSpec.model_validate(stored)
+    assert spec.name == "n" * 300
+    with pytest.raises(ValidationError) as caught:
+        WorkloadSpec.model_validate(stored, context={APPLY: True})
+    paths = {".".join(map(str, e["loc"])) for e in caught.value.errors()}
+    assert paths == {
+        "name",
+        "execution_policy_config.scale_to_zero_timeout_sec",
+        "execution_policy_config.scaling_up_timeout_sec",
+    }
+    never = {**stored, "name": "n", "execution_policy": "scheduled"}
+    never["execution_policy_config"] = {"cron": "0 0 31 2 *", "replicas": 1}
+    assert WorkloadSpec.model_validate(never).execution_policy_config is not None
+    with pytest.raises(ValidationError, match="never fires"):
+        WorkloadSpec.model_validate(never, context={APPLY: True})
