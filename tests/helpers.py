@@ -35,10 +35,13 @@ async def pg_available(dsn: str) -> bool:
     return True
 
 
-async def pg_create_database(dsn: str, name: str) -> None:
+async def pg_create_database(dsn: str, name: str, *, template: str | None = None) -> None:
+    """Create database ``name``: empty, or a copy of database ``template`` (which must
+    have no connections open)."""
     conn = await asyncpg.connect(f"{dsn}/postgres")
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        copy = f' TEMPLATE "{template}"' if template else ""
+        await conn.execute(f'CREATE DATABASE "{name}"{copy}')
     finally:
         await conn.close()
 

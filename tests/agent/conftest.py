@@ -15,7 +15,7 @@ from autoscaler.api.app import create_app
 from autoscaler.api.deps import ApiState
 from autoscaler.service import ensure_admin_token
 from autoscaler.store.db import open_store, session_factory
-from tests.conftest import ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN, sqlite_store
 from tests.helpers import ApiServer
 
 
@@ -54,8 +54,8 @@ def clock() -> SteppedNow:
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite+aiosqlite:///{tmp_path / 'state.db'}"
+def database_url(tmp_path: Path, sqlite_template: Path) -> str:
+    return sqlite_store(sqlite_template, tmp_path / "state.db")
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ from autoscaler.store.workloads import ensure_workload, get_workload
 from gateway.app import Gateway, GatewaySettings
 from providers.engine_sim.config import EngineSimConfig
 from providers.engine_sim.server import EngineSimServer
+from tests.conftest import sqlite_store
 
 MODEL = "sim/llama-8b"
 ENGINE_KEY = "engine-secret-key"
@@ -43,8 +44,8 @@ def now() -> datetime:
 
 
 @pytest.fixture
-async def sessions(tmp_path: Path) -> AsyncIterator[Sessions]:
-    async with open_store(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}") as engine:
+async def sessions(tmp_path: Path, sqlite_template: Path) -> AsyncIterator[Sessions]:
+    async with open_store(sqlite_store(sqlite_template, tmp_path / "state.db")) as engine:
         yield session_factory(engine)
 
 

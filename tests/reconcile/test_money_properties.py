@@ -35,6 +35,7 @@ from providers.base import (
     Transient,
     instance_tags,
 )
+from tests.conftest import sqlite_store
 from tests.reconcile.world import CLUSTER, L4, OFFERS, PROJECT, World, autoscaling, fixed
 
 WORKLOAD_CEILING = 3.0
@@ -146,8 +147,8 @@ async def _check_no_unknown_instance(world: World) -> None:
         assert known[instance.launch_id] in (None, instance.instance_id)
 
 
-async def _run(steps: list[tuple[Any, ...]], directory: Path) -> None:
-    async with open_store(f"sqlite+aiosqlite:///{directory / 'state.db'}") as engine:
+async def _run(steps: list[tuple[Any, ...]], database_url: str) -> None:
+    async with open_store(database_url) as engine:
         world = World(session_factory(engine))
         world.deps = world.make_deps(fleet_ceiling=FLEET_CEILING, orphan_grace_sec=0)
         await world.apply(autoscaling("auto", max_hourly_cost_usd=WORKLOAD_CEILING))
@@ -170,6 +171,8 @@ async def _run(steps: list[tuple[Any, ...]], directory: Path) -> None:
     suppress_health_check=[HealthCheck.too_slow],
 )
 @given(steps=st.lists(step, min_size=1, max_size=14))
-def test_money_invariants_hold_under_random_failures(steps: list[tuple[Any, ...]]) -> None:
+def test_money_invariants_hold_under_random_failures(
+    sqlite_template: Path, steps: list[tuple[Any, ...]]
+) -> None:
     with tempfile.TemporaryDirectory() as directory:
-        asyncio.run(_run(steps, Path(directory)))
+        asyncio.run(_run(steps, sqlite_store(sqlite_template, Path(directory) / "state.db")))
