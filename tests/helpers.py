@@ -71,9 +71,14 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float = 20.0, what: st
     raise AssertionError(f"timed out waiting for {what}")
 
 
+_PROBE = httpx.Client(timeout=1.0, limits=httpx.Limits(max_keepalive_connections=0))
+"""The one client every probe uses (each request on a new connection, as before): a client
+made per request builds its SSL context each time, most of what a refused probe costs."""
+
+
 def http_ok(url: str) -> bool:
     try:
-        return httpx.get(url, timeout=1.0).status_code == 200
+        return _PROBE.get(url).status_code == 200
     except httpx.TransportError:
         return False
 
