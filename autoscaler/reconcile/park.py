@@ -113,7 +113,7 @@ async def resume(
     row.drain_requested_at = None
     row.ready_at = None
     row.resumed_at = now
-    row.last_error = None
+    _note(row, None)
     if mode is ParkMode.STOPPED:
         # Its address may change at the start: read again from the provider (here, or by
         # the sync should the controller die between the start and reading it).
@@ -164,9 +164,10 @@ async def settle_parks(
                 continue  # gone: the sync closes it; stopping: confirmed once stopped
             waited = (now - (row.park_requested_at or now)).total_seconds()
             if waited >= timeouts.scaling_down_sec:
-                row.last_error = (
+                _note(
+                    row,
                     f"park not confirmed: {mode.value} asked {waited:.0f}s ago and not under "
-                    f"way (scaling_down_timeout_sec {timeouts.scaling_down_sec:g})"
+                    f"way (scaling_down_timeout_sec {timeouts.scaling_down_sec:g})",
                 )
                 give_up.append(row)
                 continue
@@ -212,7 +213,7 @@ def _unconfirm_stopped(
         row.running_usd_per_hour = None
     row.parked_at = None
     row.park_requested_at = now
-    row.last_error = f"parked machine shows {seen.state.value}: stopped again"
+    _note(row, f"parked machine shows {seen.state.value}: stopped again")
     record_decision(
         s,
         workload_id=row.workload_id,
@@ -252,13 +253,12 @@ async def _sleep(deps: Deps, row: LedgerRow, *, level: int, now: datetime) -> No
             await deps.sleeper.sleep(url=row.url, level=level, engine_key=row.engine_key)
         asleep = await deps.sleeper.is_sleeping(url=row.url, engine_key=row.engine_key)
     except EngineSleepError as exc:
-        row.last_error = str(exc)
+        _note(row, str(exc))
         log.warning("replica %s of %s: %s", row.launch_id, row.workload_slug, exc)
         return
     if asleep:
         row.parked_at = now
-        if not (row.last_error or "").startswith(SPOT_NOTICE):  # kept: its machine goes
-            row.last_error = None
+        _note(row, None)
         deps.metrics.parks.labels(row.provider, ParkMode.SLEEPING.value).inc()
         log.info("replica %s of %s asleep", row.launch_id, row.workload_slug)
 
@@ -275,7 +275,7 @@ async def _stop(deps: Deps, row: LedgerRow, *, now: datetime) -> None:
         return  # gone: the sync confirms it from the provider's list
     except ProviderError as exc:
         count_provider_error(deps, provider=row.provider, operation="stop", error=exc)
-        row.last_error = str(exc)
+        _note(row, str(exc))
         log.warning("stopping %s: %s", row.instance_id, exc)
         return
     if seen.state is InstanceState.STOPPED:
@@ -287,7 +287,7 @@ def _confirm_stopped(deps: Deps, row: LedgerRow, *, now: datetime) -> None:
     if row.parked_at is not None:
         return
     row.parked_at = now
-    row.last_error = None
+    _note(row, None)
     if row.stopped_usd_per_hour is not None and row.running_usd_per_hour is None:
         row.running_usd_per_hour = row.hourly_usd
         row.hourly_usd = row.stopped_usd_per_hour
@@ -313,14 +313,14 @@ async def _ask_resume(
         started = await entry.provider.start(row.instance_id)
     except InsufficientCapacity as exc:
         count_provider_error(deps, provider=row.provider, operation="start", error=exc)
-        row.last_error = f"start refused: {exc}"
+        _note(row, f"start refused: {exc}")
         await s.commit()
         return False
     except NotFound:
         return True  # gone: the sync confirms it from the provider's list
     except ProviderError as exc:  # a machine still stopping: started again next pass
         count_provider_error(deps, provider=row.provider, operation="start", error=exc)
-        row.last_error = str(exc)
+        _note(row, str(exc))
         await s.commit()
         return True
     # A public address is released at stop: read it again (``None`` until the machine
@@ -343,7 +343,7 @@ async def _wake(deps: Deps, row: LedgerRow) -> bool:
             row.launch_id, lambda: deps.sleeper.wake(url=url, engine_key=row.engine_key)
         )
     except EngineSleepError as exc:
-        row.last_error = str(exc)
+        _note(row, str(exc))
         log.warning("replica %s of %s: %s", row.launch_id, row.workload_slug, exc)
         return False
 
@@ -353,3 +353,11 @@ def export_parked(deps: Deps, *, labels: tuple[str, str], rows: Sequence[Facts])
     for mode in ParkMode:
         count = sum(1 for r in rows if phase_of(r) is Phase.PARKED and r.park_mode == mode.value)
         deps.metrics.parked.labels(*labels, mode.value).set(count)
+
+
+def _note(row: LedgerRow, error: str | None) -> None:
+    """Record (or clear) what went wrong with ``row``'s park, sleep, stop or start, unless
+    its ``last_error`` holds a spot notice: that is kept until the warned machine is
+    released (``liveness.spot_notices`` reads it there), whatever its park does meanwhile."""
+    if not (row.last_error or "").startswith(SPOT_NOTICE):
+        row.last_error = error

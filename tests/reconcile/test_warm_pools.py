@@ -424,3 +424,47 @@ async def test_a_resume_killed_after_the_start_reads_the_new_address(world: Worl
     resumed = next(r for r in await world.rows("bot") if r.launch_id == parked.launch_id)
     assert resumed.url is not None and resumed.url.startswith("http://10.9.9.9:")
     assert phase_of(resumed) is Phase.READY
+
+
+async def test_a_spot_notice_on_an_engine_whose_sleep_fails_is_still_heeded(
+    world: World,
+) -> None:
+    """The park settles before the pass reads the notices: a sleep call that failed in
+    the pass that first saw a warning used to overwrite the warning with its own error,
+    and the warned machine was never released nor its market skipped."""
+    from sqlalchemy import update
+
+    from autoscaler.reconcile.liveness import SPOT_NOTICE
+
+    spec = pooled(
+        allow_spot_instances=True,
+        max_hourly_cost_usd=10.0,
+        warm_pool={"stopped": 0, "sleeping": 1},
+    )
+    await world.apply(spec)
+    waiting(world)
+    await world.step()
+    await world.step(5)  # ready
+    world.sleeper.refuse = True  # its sleep calls fail from now on
+    idle(world)
+    for _ in range(4):
+        await world.step(30)
+        parking = [r for r in await world.rows("bot") if phase_of(r) is Phase.PARKING]
+        if parking:
+            break
+    row = parking[0]
+    assert row.spot
+    notice = 'ec2 spot interruption notice: {"action": "terminate"}'
+    async with world.sessions() as s, s.begin():
+        await s.execute(
+            update(LedgerRow)
+            .where(LedgerRow.launch_id == row.launch_id)
+            .values(last_error=f"{SPOT_NOTICE}{notice}")
+        )
+
+    await world.step(1)  # the sleep fails again in the pass that reads the notice
+
+    warned = next(r for r in await world.rows("bot") if r.launch_id == row.launch_id)
+    assert (warned.last_error or "").startswith(SPOT_NOTICE)
+    assert f"{warned.offer_key}#spot" in world.deps.memory.unavailable
+    assert warned.terminate_requested_at is not None  # released, not kept in the pool
