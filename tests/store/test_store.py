@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import func, inspect, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from autoscaler.spec import OnDrift, WorkloadSpec
@@ -37,6 +38,24 @@ async def ensure(
         return await workloads.ensure_workload(
             session, project=project, spec=s, on_drift=on_drift, now=NOW
         )
+
+
+def to(revision: str) -> Callable[[Connection], None]:
+    """A ``run_sync`` step migrating the connection's database up to ``head`` or down to
+    ``revision``."""
+    from alembic import command
+
+    from autoscaler.store.db import _alembic_config
+
+    def run(conn: Connection) -> None:
+        config = _alembic_config()
+        config.attributes["connection"] = conn
+        if revision == "head":
+            command.upgrade(config, revision)
+        else:
+            command.downgrade(config, revision)
+
+    return run
 
 
 async def test_ensure_creates_then_is_idempotent(
@@ -234,21 +253,6 @@ async def test_the_warm_pool_migration_goes_down_and_up_keeping_the_route_log(
     """0012 names the park columns in the route change log's trigger: going down to 0011
     puts 0007's trigger back (PostgreSQL refuses to drop a column a trigger names; SQLite
     rebuilds the table without its triggers), and up again adds the park columns."""
-    from alembic import command
-    from sqlalchemy.engine import Connection
-
-    from autoscaler.store.db import _alembic_config
-
-    def to(revision: str) -> Callable[[Connection], None]:
-        def run(conn: Connection) -> None:
-            config = _alembic_config()
-            config.attributes["connection"] = conn
-            if revision == "head":
-                command.upgrade(config, revision)
-            else:
-                command.downgrade(config, revision)
-
-        return run
 
     def columns(conn: Connection) -> set[str]:
         return {c["name"] for c in inspect(conn).get_columns("instances")}
@@ -313,22 +317,7 @@ async def test_the_reclaim_time_migration_moves_it_out_of_the_text_and_back(
     its text, less ``; reclaim at …`` (a failed termination's note after it kept), and
     the time, as an aware UTC datetime, is in ``reclaim_at``; a notice without a time, or
     with one that does not parse, is left as it was. Down again, the text is back."""
-    from alembic import command
     from sqlalchemy import text
-    from sqlalchemy.engine import Connection
-
-    from autoscaler.store.db import _alembic_config
-
-    def to(revision: str) -> Callable[[Connection], None]:
-        def run(conn: Connection) -> None:
-            config = _alembic_config()
-            config.attributes["connection"] = conn
-            if revision == "head":
-                command.upgrade(config, revision)
-            else:
-                command.downgrade(config, revision)
-
-        return run
 
     reclaim = datetime(2026, 12, 1, 1, 0, tzinfo=UTC)
     recorded = {
