@@ -59,6 +59,7 @@ _SECRET_CONFLICT = (
 ERRORS: tuple[tuple[str, frozenset[int]], ...] = (
     ("/v1/projects/{project}/workloads/{slug}", frozenset({400, 401, 403, 404, 409, 413, 422})),
     (_SECRETS, frozenset({400, 401, 403, 404, 409, 413, 422})),
+    (_SECRETS + "/", frozenset({400, 401, 403, 404, 409, 413, 422})),  # one secret, by name
     ("/v1/boot/", frozenset({400, 401, 404, 410, 413, 422})),
     ("/v1/workers/", frozenset({400, 401, 404, 413, 422})),
     ("/v1/", frozenset({400, 401, 403, 404, 413, 422})),

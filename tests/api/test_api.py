@@ -241,6 +241,10 @@ def test_openapi_document_lists_the_routes(api_server: ApiServer) -> None:
     paths = httpx.get(f"{api_server.url}/openapi.json").json()["paths"]
     assert "/v1/projects/{project}/workloads/{slug}" in paths
     assert "/v1/projects/{project}/workloads/{slug}/keys" in paths
+    # Deleting a secret a workload still names is a 409 (secret_in_use): documented.
+    deleting = paths["/v1/projects/{project}/secrets/{name}"]["delete"]["responses"]
+    assert {"409", "413"} <= set(deleting)
+    assert "409" not in paths["/v1/projects/{project}/secrets/{name}"]["put"]["responses"]
 
 
 def test_sdk_from_env(api_server: ApiServer, monkeypatch: pytest.MonkeyPatch) -> None:
