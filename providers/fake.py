@@ -213,6 +213,10 @@ class FakeProvider:
         """Queue ``error`` for the next call of ``method`` (errors queue up in order)."""
         self._errors[method].append(error)
 
+    def answer_again(self) -> None:
+        """Drop every queued error: from now on each call is answered."""
+        self._errors.clear()
+
     def calls_to(self, method: Method) -> builtins.list[FakeCall]:
         return [call for call in self.calls if call.method == method]
 

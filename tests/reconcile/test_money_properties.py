@@ -158,7 +158,10 @@ async def _run(steps: list[tuple[Any, ...]], database_url: str) -> None:
             await world.step(5)
             await _check_budget(world)
         world.health.all_healthy = True
-        # Providers answering again: the sweep (at most every sweep_sec) catches up.
+        # Providers answering again (an error still queued, say for a terminate the
+        # steps never reached, would fail the sweep's first try at an orphan created
+        # last): the sweep (at most every sweep_sec) catches up.
+        world.provider.answer_again()
         for _ in range(3 + math.ceil(world.deps.settings.sweep_sec / 5)):
             await world.step(5)
             await _check_budget(world)
