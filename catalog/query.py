@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 from catalog.cuda import cuda_version, offer_cuda_problem
@@ -146,6 +147,10 @@ def select_offers(
     return Selection(feasible=tuple(feasible), rejected=tuple(rejected))
 
 
+INDEX_REQUESTS = 4096
+"""The most distinct offer requests an :class:`OfferIndex` keeps answers for."""
+
+
 class OfferIndex:
     """One catalog load's offers, indexed once, for callers that ask many requests of the
     same offers (placement, for every launching workload of every pass).
@@ -178,6 +183,7 @@ class OfferIndex:
         """The offers that satisfy ``request``, cheapest first (``select_offers``'s order)."""
         found = self._feasible.get(request)
         if found is None:
+            self._bound()
             if request.gpus:
                 pool = [o for gpu in request.gpus for o in self._by_gpu.get(gpu, ())]
             else:
@@ -198,15 +204,26 @@ class OfferIndex:
         return found
 
     def rejected(self, request: OfferRequest) -> Mapping[RejectReason, int]:
-        """How many offers fail ``request``, by the first constraint each fails."""
+        """How many offers fail ``request``, by the first constraint each fails (a
+        read-only view: the index keeps it)."""
         counts = self._rejected.get(request)
         if counts is None:
+            self._bound()
             checker = _Checker(request)
             counts = Counter(
                 reason for o in self.offers if (reason := checker.problem(o)) is not None
             )
-            self._rejected[request] = counts
-        return counts
+            self._rejected[request] = MappingProxyType(counts)
+        return self._rejected[request]
+
+    def _bound(self) -> None:
+        """Keep the caches to :data:`INDEX_REQUESTS` requests: a catalog that is never
+        reloaded would otherwise keep every request ever asked (deleted workloads'
+        too). Past the bound they are emptied and fill again from the requests in use."""
+        if max(len(self._feasible), len(self._rejected)) >= INDEX_REQUESTS:
+            self._feasible.clear()
+            self._shapes.clear()
+            self._rejected.clear()
 
 
 def _order(candidate: Candidate) -> tuple[Any, ...]:

@@ -191,9 +191,12 @@ class PlacementMemo:
 
     The offers' :class:`~catalog.query.OfferIndex` is built when the memo first sees an
     offers object and kept while the same object (by identity: a catalog load's tuple)
-    is passed; another object, or one that is not a tuple (it could change in place),
-    is indexed anew, and the placements kept are dropped. :meth:`next_pass` drops the
-    placements and keeps the index. Memory: one entry per distinct key of the pass.
+    is passed; another object is indexed anew and the placements kept are dropped; one
+    that is not a tuple (it could change in place) is indexed anew for each call and
+    shares nothing. :meth:`next_pass` drops the placements and keeps the index. Memory:
+    one placement per distinct key of the pass, and the index's answers per distinct
+    offer request (at most :data:`catalog.query.INDEX_REQUESTS`, kept across passes
+    until the catalog is loaded again).
     """
 
     def __init__(self) -> None:

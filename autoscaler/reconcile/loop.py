@@ -55,7 +55,8 @@ step, which holds it from its read through its launches (``ledger.FleetSpend``):
 a ceiling that part of the steps runs one at a time. Placement runs only for a
 workload whose plan may launch or that has no replica to take its GPU shape from
 (``decide.step.step``): O(feasible offers) to rank them for a workload whose placement
-inputs are new in the pass, O(shapes) for one whose inputs equal an earlier one's (the
+inputs are new in the pass, O(shapes + unavailable markets) for one whose inputs equal
+an earlier one's (its key's replicas needed per shape and live unavailable markets; the
 pass's ``decide.placement.PlacementMemo``, dropped at its start; the offers' index is
 kept while the catalog load is the same).
 

@@ -118,6 +118,12 @@ _FIELDS = {
     "input_scv",
     "input_histogram",
     "replicas_needed",
+    "params_b",
+    "bytes_per_param",
+    "model_memory_gib",
+    "concurrency_cap",
+    "allow_groups",
+    "group_providers",
 }
 
 
@@ -134,7 +140,9 @@ def _inputs(draw: st.DrawFn) -> dict[str, Any]:
     marked = draw(st.lists(st.sampled_from(OFFERS), max_size=3))
     measured = draw(st.booleans())
     return {
-        "spec": pool(*gpus, spot=draw(st.booleans())),
+        "spec": pool(*gpus, spot=draw(st.booleans())).model_copy(
+            update={"command": draw(st.sampled_from([None, "--tensor-parallel-size 4"]))}
+        ),
         "current_zones": draw(st.lists(st.sampled_from(["us-east-1a", "us-east-1b"]), max_size=3)),
         "unavailable": {
             unavailable_key(o, draw(st.sampled_from(list(Market)))): NOW
@@ -147,6 +155,12 @@ def _inputs(draw: st.DrawFn) -> dict[str, Any]:
         "input_scv": draw(st.sampled_from([None, 1.5])) if measured else None,
         "input_histogram": draw(st.sampled_from(_HISTOGRAMS)) if measured else None,
         "replicas_needed": draw(st.sampled_from([None, _two_small, _three_small])),
+        "params_b": draw(st.sampled_from([8.0, 70.0])),
+        "bytes_per_param": draw(st.sampled_from([2.0, 1.0])),
+        "model_memory_gib": draw(st.sampled_from([20.0, 60.0])),
+        "concurrency_cap": draw(st.sampled_from([2, 256])),
+        "allow_groups": draw(st.booleans()),
+        "group_providers": draw(st.sampled_from([None, ("aws",)])),
     }
 
 
@@ -160,12 +174,7 @@ def test_a_shared_memo_gives_every_workload_the_placement_it_gets_alone(
     workloads = [base, *({**base, field: other[field]} for field, other in changes)]
     memo = PlacementMemo()
     for inputs in [*workloads, *reversed(workloads)]:
-        common: dict[str, Any] = {
-            "now": NOW,
-            "params_b": 8.0,
-            "model_memory_gib": 20.0,
-            "offers": OFFERS,
-        }
+        common: dict[str, Any] = {"now": NOW, "offers": OFFERS}
         alone = place_replica(**common, **inputs)
         assert place_replica(**common, **inputs, memo=memo) == alone
     assert memo.computed + memo.shared == 2 * len(workloads)
