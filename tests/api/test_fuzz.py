@@ -35,10 +35,10 @@ from autoscaler.store.models import Workload
 from tests.conftest import ADMIN_TOKEN
 from tests.helpers import ApiServer
 
-FUZZ_SECONDS = 25
-PUT_SECONDS = 40
-PATCH_SECONDS = 10
-STATEFUL_SECONDS = 20
+FUZZ_SECONDS = 15
+PUT_SECONDS = 25
+PATCH_SECONDS = 8
+STATEFUL_SECONDS = 15
 WORKLOAD_PUT = "PUT /v1/projects/{project}/workloads/{slug}"
 WORKLOAD_PATCH = "PATCH /v1/projects/{project}/workloads/{slug}"
 
