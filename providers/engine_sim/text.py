@@ -138,15 +138,16 @@ def _generation(state: EngineState, body: JsonObject, *, chat: bool) -> _Generat
     prompt_hint = usage_hint(body, "prompt_tokens")
     completion_hint = usage_hint(body, "completion_tokens")
     input_tokens = estimated if prompt_hint is None else prompt_hint
+    output_tokens = limit if completion_hint is None else completion_hint
     context = state.config.max_model_len
-    if context is not None:
-        limit = _within_context(context, input_tokens, limit, field)
+    if context is not None:  # the window checks and cuts the output, a stated one too
+        output_tokens = _within_context(context, input_tokens, output_tokens, field)
     return _Generation(
         chat=chat,
         model=model,
         seed=prompt,
         input_tokens=input_tokens,
-        output_tokens=limit if completion_hint is None else min(limit, completion_hint),
+        output_tokens=output_tokens,
         finish_reason="length" if body.get(field) is not None else "stop",
         stream=stream,
         include_usage=stream and bool_field(options, "include_usage", default=False),

@@ -47,3 +47,18 @@ async def test_without_a_window_a_long_prompt_is_served(start_engine: StartEngin
     long = await _post(server, {"prompt": "hi", "usage": {"prompt_tokens": 200_000}})
     assert long.status_code == 200
     assert long.json()["usage"]["prompt_tokens"] == 200_000
+
+
+async def test_a_stated_output_is_kept_without_a_window_and_cut_by_one(
+    start_engine: StartEngine,
+) -> None:
+    """``usage.completion_tokens`` sets the output whatever ``max_tokens`` says, as it
+    always did; a window cuts it to what the prompt leaves."""
+    free = await start_engine()
+    stated: dict[str, object] = {
+        "prompt": "hi",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 40},
+    }
+    assert (await _post(free, stated)).json()["usage"]["completion_tokens"] == 40
+    windowed = await start_engine(max_model_len=48)
+    assert (await _post(windowed, stated)).json()["usage"]["completion_tokens"] == 38
