@@ -165,15 +165,7 @@ def _flags(command: str | None) -> dict[str, str]:
         words = shlex.split(command)
     except ValueError:
         words = command.split()
-    flags: dict[str, str] = {}
-    for index, word in enumerate(words):
-        if not word.startswith("--"):
-            continue
-        key, sep, value = word[2:].partition("=")
-        if not sep and index + 1 < len(words) and not words[index + 1].startswith("--"):
-            value = words[index + 1]
-        flags[key.replace("_", "-")] = value
-    return flags
+    return command_flags(words)
 
 
 def command_adapters(argv: Sequence[str] | None) -> tuple[tuple[str, str], ...]:
@@ -246,7 +238,15 @@ def command_context(flags: dict[str, str]) -> tuple[int, str] | None:
 def command_flags(argv: Sequence[str]) -> dict[str, str]:
     """``--flag value`` and ``--flag=value`` pairs of an engine's argv, keyed without
     dashes (as :func:`command_context` reads them)."""
-    return _flags(shlex.join(argv))
+    flags: dict[str, str] = {}
+    for index, word in enumerate(argv):
+        if not word.startswith("--"):
+            continue
+        key, sep, value = word[2:].partition("=")
+        if not sep and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+            value = argv[index + 1]
+        flags[key.replace("_", "-")] = value
+    return flags
 
 
 def _context(flags: dict[str, str], known: _Known | None) -> tuple[int, str]:
