@@ -63,7 +63,11 @@ REF = "#/components/schemas/{model}"
 
 _VERSION = r"^v?[0-9]+\.[0-9]+(\.[0-9]+)?[-.+a-zA-Z0-9]*$"
 _DURATION = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
-_NOT_BLANK = r"\S"
+# A character that is not whitespace as ``str.isspace`` (the spec's blank check, which
+# strips) counts it. Spelled out, not ``\S``: JSON Schema's patterns are ECMA-262, whose
+# ``\s`` differs from Python's (it leaves out \x1c-\x1f and \x85, and takes in \ufeff), so
+# a name of separators alone would be schema-valid and refused.
+_NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
 def _ref(name: str) -> dict[str, Any]:

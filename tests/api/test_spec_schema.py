@@ -3,6 +3,8 @@ stored, and one it calls invalid for a rule JSON Schema can express is refused b
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import Any
 
 import pytest
@@ -152,6 +154,8 @@ INVALID = {
         "execution_policy_config": {**AUTOSCALING, "min_throughput_rate": 0},
     },
     "a blank name": {"name": "   "},
+    "a name of separators": {"name": "\x1c\x1f\x85"},
+    "a model of line separators": {"model": "\u2028\u2029"},
     "a slug that is no DNS label": {"slug": "Not_A_Slug"},
 }
 
@@ -179,3 +183,16 @@ def test_the_document_publishes_the_service_maximum_and_the_merge_patch_shape() 
     patch = schemas["WorkloadPatch"]
     assert patch["additionalProperties"] is False
     assert set(patch["properties"]) == set(schemas["WorkloadSpec"]["properties"])
+
+
+def test_the_blank_rule_is_one_pattern_in_python_and_in_json_schemas_dialect() -> None:
+    """JSON Schema's patterns are ECMA-262, whose ``\\s`` is not Python's (U+0085 and
+    U+001C-U+001F are not whitespace to it): the published rule spells its characters out,
+    and over every code point it calls blank exactly what the spec's check strips."""
+    spec = _document()["components"]["schemas"]["WorkloadSpec"]["properties"]
+    for field in ("name", "model"):
+        pattern = spec[field]["pattern"]
+        assert "\\s" not in pattern.lower(), pattern
+        for point in range(sys.maxunicode + 1):
+            char = chr(point)
+            assert (re.search(pattern, char) is not None) == bool(char.strip()), hex(point)
