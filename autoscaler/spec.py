@@ -923,7 +923,7 @@ class WorkloadSpec(StrictModel):
     @field_validator("slug")
     @classmethod
     def _slug(cls, value: str) -> str:
-        if not SLUG_RE.match(value):
+        if not SLUG_RE.fullmatch(value):
             raise ValueError(
                 f"slug {value!r} must be a lowercase DNS label: a-z, 0-9 and '-', "
                 "at most 63 characters, starting and ending with a letter or digit"

@@ -133,7 +133,7 @@ def check_endpoint(lines: list[BatchLine], endpoint: str) -> None:
 
 def parse_window(window: object) -> int:
     """A completion window's length in seconds: ``"24h"``, ``"90m"``, ``"600s"``."""
-    match = _WINDOW.match(window) if isinstance(window, str) else None
+    match = _WINDOW.fullmatch(window) if isinstance(window, str) else None
     seconds = int(match[1]) * _UNIT_SEC[match[2]] if match else 0
     if not MIN_WINDOW_SEC <= seconds <= MAX_WINDOW_SEC:
         raise BatchFormatError(

@@ -68,7 +68,9 @@ _VLLM_TASK_FLAG = {
     "reward": "reward",
 }
 _VLLM_RUNNER_SINCE = (0, 10, 1)
-_VERSION_RE = re.compile(r"^v?(\d+)\.(\d+)(?:\.(\d+))?([-.+a-zA-Z0-9]*)$")
+# ASCII digits only (Python's ``\d`` takes any script's), the whole string (``$`` would
+# let a final newline through into the image tag): matched with ``fullmatch``.
+_VERSION_RE = re.compile(r"v?([0-9]+)\.([0-9]+)(?:\.([0-9]+))?([-.+a-zA-Z0-9]*)")
 
 
 class CommandError(ValueError):
@@ -576,7 +578,7 @@ def _task_args(
 
 
 def _tag(version: str, *, backend: str) -> str:
-    if not _VERSION_RE.match(version):
+    if not _VERSION_RE.fullmatch(version):
         raise ValueError(
             f"vllm_version {version!r} for backend {backend!r} is not a version like 0.11.0"
         )
@@ -584,7 +586,7 @@ def _tag(version: str, *, backend: str) -> str:
 
 
 def _version_tuple(version: str) -> tuple[int, ...]:
-    match = _VERSION_RE.match(version)
+    match = _VERSION_RE.fullmatch(version)
     if match is None:
         raise ValueError(f"vllm_version {version!r} is not a version like 0.11.0")
     return tuple(int(part) for part in match.groups()[:3] if part is not None)

@@ -204,7 +204,29 @@ def complete(schema: dict[str, Any], *, max_replicas: int = DEFAULT_MAX_REPLICAS
             "required": True,
             "content": {"application/merge-patch+json": merge, "application/json": merge},
         }
+    _anchor_ends(schema)
     return schema
+
+
+_END = r"(?!\n)$"
+
+
+def _anchor_ends(node: object) -> None:
+    """Every ``pattern`` in the document that ends with ``$`` made to end with
+    ``(?!\\n)$``. JSON Schema's patterns are ECMA-262, whose ``$`` is the string's end;
+    Python's ``re`` (which most Python validators and generators use) also lets ``$``
+    match before a final newline, so ``slug\\n`` would pass for a valid slug there and be
+    refused by the server. The guard means the same in both dialects."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str):
+                if value.endswith("$") and not value.endswith(_END):
+                    node[key] = value[:-1] + _END
+            else:
+                _anchor_ends(value)
+    elif isinstance(node, list):
+        for item in node:
+            _anchor_ends(item)
 
 
 def workload_patch_schema(spec: dict[str, Any]) -> dict[str, Any]:

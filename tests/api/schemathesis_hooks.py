@@ -8,6 +8,8 @@ cannot, and nothing else:
 * the formats ``cron``, ``schedule-window`` and ``engine-command`` (the schema names them;
   their grammar is the spec's parsers and the engine's command line): generated from
   valid examples, and a positive case's value that does not parse is replaced by one;
+* a scheduled ``duration`` string of at most 366 days in all (a sum of its parts): a
+  longer one is replaced by ``1h``;
 * ``max_workers`` at least ``min_workers``, the lower latency bound below the upper
   (comparisons between two fields): the bound that breaks it is moved;
 * CUDA pins that some GPU of the pool runs (the catalog's driver tables): pins that fit
@@ -38,10 +40,12 @@ from pydantic import ValidationError
 from autoscaler.admission import runnable_problems
 from autoscaler.spec import (
     LORA_BACKENDS,
+    MAX_DURATION_SEC,
     SLEEPING_BACKENDS,
     CloudPool,
     Window,
     WorkloadSpec,
+    parse_duration,
     validate_cron,
 )
 from catalog.sizing import CONTEXT_FLAGS
@@ -128,6 +132,9 @@ def _policy(config: dict[str, Any]) -> None:
         config["cron"] = CRONS[0]
     if isinstance(window, str) and not _parses(Window.parse, window):
         config["window"] = WINDOWS[0]
+    duration = config.get("duration")
+    if isinstance(duration, str) and _parses(parse_duration, duration):
+        config["duration"] = duration if parse_duration(duration) <= MAX_DURATION_SEC else "1h"
     if "max_workers" not in config:
         return
     low, high = config.get("min_workers", 0), config["max_workers"]

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from autoscaler.admission import runnable_problems
 from autoscaler.api.contract import complete
-from autoscaler.spec import WorkloadSpec, limit_errors
+from autoscaler.spec import APPLY, WorkloadSpec, limit_errors
 
 MAX_REPLICAS = 100
 
@@ -34,7 +34,7 @@ def _validator() -> Draft202012Validator:
 def _server_accepts(body: dict[str, Any]) -> bool:
     """What the API's PUT checks, but for the registered workers (the store's)."""
     try:
-        spec = WorkloadSpec.model_validate({"slug": "s", **body})
+        spec = WorkloadSpec.model_validate({"slug": "s", **body}, context={APPLY: True})
     except ValidationError:
         return False
     return not limit_errors(spec, max_replicas=MAX_REPLICAS) and not runnable_problems(spec)
@@ -156,6 +156,14 @@ INVALID = {
     "a blank name": {"name": "   "},
     "a name of separators": {"name": "\x1c\x1f\x85"},
     "a model of line separators": {"model": "\u2028\u2029"},
+    "a version with a final newline": {"vllm_version": "0.11.0\n"},
+    "a version in another script's digits": {"vllm_version": "\u0660.\u0661\u0661.\u0660"},
+    "a slug with a final newline": {"slug": "bot\n"},
+    "a scheduled run longer than 366 days": {
+        "execution_policy": "scheduled",
+        "execution_policy_config": {"cron": "0 2 * * *", "duration": 366 * 86400 + 1},
+    },
+    "a secret name with a final newline": {"hf_token_secret": "hf-token\n"},
     "a slug that is no DNS label": {"slug": "Not_A_Slug"},
 }
 
@@ -196,3 +204,26 @@ def test_the_blank_rule_is_one_pattern_in_python_and_in_json_schemas_dialect() -
         for point in range(sys.maxunicode + 1):
             char = chr(point)
             assert (re.search(pattern, char) is not None) == bool(char.strip()), hex(point)
+
+
+def test_every_published_pattern_ends_where_the_string_ends_in_both_dialects() -> None:
+    """A pattern's ``$`` is the string's end in ECMA-262, but also the place before a
+    final newline in Python's ``re``: each one the document publishes is guarded, so
+    ``value\\n`` is refused by the schema as by the server (the cases above)."""
+    patterns: list[str] = []
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "pattern" and isinstance(value, str):
+                    patterns.append(value)
+                else:
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(_document())
+    ends = [p for p in patterns if p.endswith("$")]
+    assert len(ends) >= 8
+    assert all(p.endswith("(?!\\n)$") for p in ends), ends

@@ -73,7 +73,7 @@ def test_windows_in_hours_minutes_or_seconds(window: str, seconds: int) -> None:
     assert fmt.parse_window(window) == seconds
 
 
-@pytest.mark.parametrize("window", ["0h", "59s", "169h", "1d", "24", 24, None, "01h"])
+@pytest.mark.parametrize("window", ["0h", "59s", "169h", "1d", "24", 24, None, "01h", "24h\n"])
 def test_windows_outside_a_minute_to_a_week_are_refused(window: object) -> None:
     with pytest.raises(fmt.BatchFormatError, match="from 1m to 168h") as refused:
         fmt.parse_window(window)
