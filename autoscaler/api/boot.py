@@ -52,10 +52,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoscaler.api.deps import Session, State
 from autoscaler.api.errors import ApiError
 from autoscaler.decide.plan import Drain, ReplicaPhase, heed_spot_notice
-from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE
+from autoscaler.reconcile.liveness import BOOT_FAILED
 from autoscaler.reconcile.provisioner import boot_token
 from autoscaler.store.models import Instance, Workload
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from autoscaler.store.secrets import hf_token_of
 from providers.base import reclaim_time
 from providers.engines import ENGINE_KEY_SECRET, HF_TOKEN_SECRET, engine_for

@@ -40,8 +40,9 @@ crash or a missed event gives the same actions. The rules:
   step and the plan asks again) is terminated while pending or booting (it would not
   serve before the reclaim), and so is one parking or parked in a warm pool (resumed, it
   would be reclaimed: it leaves the pool, refilled elsewhere). A warned replica
-  leaving service is never parked. A ready one keeps serving: its view is ``DRAINING`` with
-  its ``reclaim_at`` and no ``drain_requested_at`` (the gateway still routes to it), so
+  (``ReplicaView.warned``, whether or not its notice gave a time) leaving service is
+  never parked. A ready one keeps serving: its view is ``DRAINING``, warned, with no
+  ``drain_requested_at`` (:func:`counted_phase`; the gateway still routes to it), so
   the plan, which counts no draining replica, launches its replacement in the same step.
   Its drain starts once the replicas ready besides the warned ones reach the desired
   count (the replacement serves), or at :data:`SPOT_DRAIN_MARGIN_S` before the reclaim,
@@ -128,19 +129,21 @@ class ReplicaView:
     misfit: bool = False
     """Its GPU shape prefills too few of the measured prompts within the SLO (placement's
     tail rule): drained before any other on a scale-down."""
+    warned: bool = False
+    """Its provider warned it will reclaim the machine (a spot notice is recorded), with
+    or without a time (``reclaim_at``). A warned replica is never parked; with phase
+    ``DRAINING`` and no ``drain_requested_at`` it is one still serving
+    (:func:`counted_phase`, :func:`heed_spot_notice`)."""
     reclaim_at: datetime | None = None
     """When its provider will reclaim the machine, as its spot notice says (``None``: no
-    notice, or a notice without a time). With phase ``DRAINING`` and no
-    ``drain_requested_at`` it is a warned replica still serving (:func:`heed_spot_notice`)."""
+    notice, or a notice without a time: a warned one is then drained at once)."""
 
     @property
     def still_serving(self) -> bool:
         """Warned of a spot reclaim, counted as draining, its drain not started: the
         gateway still routes to it."""
         return (
-            self.phase is ReplicaPhase.DRAINING
-            and self.drain_requested_at is None
-            and self.reclaim_at is not None
+            self.phase is ReplicaPhase.DRAINING and self.drain_requested_at is None and self.warned
         )
 
     @property
@@ -151,6 +154,16 @@ class ReplicaView:
         if mode is ParkMode.SLEEPING:
             return self.can_sleep
         return self.stopped_usd_per_hour is not None
+
+
+def counted_phase(phase: ReplicaPhase, *, warned: bool) -> ReplicaPhase:
+    """The phase the plan counts a replica in (``ReplicaView.phase``): a ready replica
+    warned of its spot reclaim is draining, its drain not started while it may serve on
+    (``ReplicaView.still_serving``), so the plan replaces it at the warning. The
+    reconciler and the simulator build their views with it alike."""
+    if phase is ReplicaPhase.READY and warned:
+        return ReplicaPhase.DRAINING
+    return phase
 
 
 @dataclass(frozen=True, slots=True)
@@ -306,8 +319,8 @@ class _Pool:
         would be no start path (:func:`heed_spot_notice`)."""
         if self.policy is None or r.generation < self.generation:
             return None, ""
-        if r.reclaim_at is not None:
-            return None, f"; not parked: its machine is reclaimed at {r.reclaim_at:%H:%M:%S}"
+        if r.warned:
+            return None, f"; not parked: its machine is reclaimed {_reclaim_text(r.reclaim_at)}"
         note = ""
         for mode in (ParkMode.SLEEPING, ParkMode.STOPPED):
             if self.held[mode] < self.policy.bound(mode) and r.can_park(mode):
@@ -345,6 +358,10 @@ time for the requests in flight on it to finish (a chat answer of a few hundred 
 streams in 5-20 s at 20-50 ms a token; the drain's own ``scaling_down_timeout_sec``
 defaults to 120 s for the longest). Of EC2's 120 s warning it leaves 90 s of serving;
 GCE's 30 s leaves none, so a GCE replica drains at the warning."""
+
+
+def _reclaim_text(reclaim_at: datetime | None) -> str:
+    return "at a time not known" if reclaim_at is None else f"at {reclaim_at:%H:%M:%S}"
 
 
 def spot_drain_at(
@@ -415,12 +432,15 @@ def _heed_warned(
     """Start the drain of warned replicas still serving once ``ready`` replicas (ready,
     not warned) reach ``desired``, or at the margin before their reclaim, soonest
     reclaim first; until then wake when the next one is due."""
-    warned = sorted((r for r in live if r.still_serving), key=lambda r: (r.reclaim_at, r.launch_id))
+    warned = sorted(
+        (r for r in live if r.still_serving),
+        key=lambda r: (r.reclaim_at is not None, r.reclaim_at or now, r.launch_id),
+    )
     for r in warned:
         action = heed_spot_notice(
             r.launch_id,
             ReplicaPhase.READY,
-            reason=f"spot notice: reclaim at {r.reclaim_at:%H:%M:%S}",
+            reason=f"spot notice: reclaim {_reclaim_text(r.reclaim_at)}",
             now=now,
             reclaim_at=r.reclaim_at,
             replaced=ready >= desired,

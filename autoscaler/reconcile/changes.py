@@ -114,11 +114,11 @@ from autoscaler.reconcile.fleet import (
     engine_keys,
     workload_specs,
 )
-from autoscaler.reconcile.liveness import BOOT_FAILED, SPOT_NOTICE, open_spot_lives
+from autoscaler.reconcile.liveness import BOOT_FAILED, open_spot_lives
 from autoscaler.reconcile.observe import Observation
 from autoscaler.reconcile.workload import due_after, replica_states, signals_for
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
-from autoscaler.store.phase import Phase
+from autoscaler.store.phase import SPOT_NOTICE, Phase
 from providers.base import InstanceState
 from providers.engines import engine_for
 

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from autoscaler.decide.plan import ReplicaPhase, ReplicaView
+from autoscaler.decide.plan import ReplicaPhase, ReplicaView, counted_phase
 from autoscaler.decide.scaling import FleetCounts
 from autoscaler.decide.step import phase_counts
 from autoscaler.decide.warm import ParkMode, StartSample, WarmPolicy, start_sample
@@ -20,7 +20,7 @@ from autoscaler.reconcile.deps import log
 from autoscaler.reconcile.fleet import SLEEP_FLAG, RowFacts
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import phase_of
+from autoscaler.store.phase import phase_of, spot_warned
 
 Facts = LedgerRow | RowFacts
 """A ledger row, or the same row read as a value by a pass (``reconcile.fleet``)."""
@@ -231,16 +231,14 @@ async def recent_start_samples(session: AsyncSession, workload_id: int) -> list[
 def replica_view(row: Facts, *, in_flight: int) -> ReplicaView:
     """The plan's view of one ledger row. ``usd_per_hour`` is what the row costs now (a
     stopped machine's disks once the provider confirmed the stop), the price every
-    ceiling counts; ``running_usd_per_hour`` its price running again. A ready replica
-    warned of its spot reclaim at a known time is a draining one still serving
-    (``ReplicaView.still_serving``): counted out, its drain not started."""
-    phase = ReplicaPhase(phase_of(row).value)
-    reclaim_at = row.reclaim_at
-    if phase is ReplicaPhase.READY and reclaim_at is not None:
-        phase = ReplicaPhase.DRAINING
+    ceiling counts; ``running_usd_per_hour`` its price running again. A replica whose
+    spot notice is recorded is warned, with or without a reclaim time; a ready one is a
+    draining one still serving (``decide.plan.counted_phase``): counted out, its drain
+    not started."""
+    warned = spot_warned(row)
     return ReplicaView(
         launch_id=row.launch_id,
-        phase=phase,
+        phase=counted_phase(ReplicaPhase(phase_of(row).value), warned=warned),
         generation=row.spec_generation,
         offer_key=row.offer_key,
         usd_per_hour=row.hourly_usd,
@@ -255,7 +253,8 @@ def replica_view(row: Facts, *, in_flight: int) -> ReplicaView:
         stopped_usd_per_hour=row.stopped_usd_per_hour if row.group_id is None else None,
         can_sleep=can_sleep(row),
         prefill=row.prefill,
-        reclaim_at=reclaim_at,
+        warned=warned,
+        reclaim_at=row.reclaim_at,
     )
 
 

@@ -16,8 +16,8 @@
   launches a replacement.
 * A spot interruption notice (the startup script's watcher reports the provider's
   warning through the boot callback, which records ``last_error`` starting with
-  :data:`SPOT_NOTICE` and drains a serving replica at once) is heeded on the next pass
-  (``autoscaler.reconcile.workload``): the offer's spot market is skipped for
+  ``store.phase.SPOT_NOTICE`` and drains a serving replica at once) is heeded on the next
+  pass (``autoscaler.reconcile.workload``): the offer's spot market is skipped for
   ``unavailable_sec``, a replica still booting is terminated, a serving one drained, one
   parked in a warm pool (an engine asleep on its spot machine) terminated instead of
   kept as a start path, and the plan launches the replacement (or refills the pool) in
@@ -57,15 +57,12 @@ from autoscaler.reconcile.ledger import Facts
 from autoscaler.reconcile.observe import Observation, count_provider_error
 from autoscaler.reconcile.provisioner import boots_from_script, mark_unavailable
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of, spot_warned
 from providers.base import Instance, InstanceState, NotFound, ProviderError
 
 BOOT_FAILED = "boot failed: "
 """How ``last_error`` starts when an instance's startup script reported failure."""
 
-
-SPOT_NOTICE = "spot notice: "
-"""How ``last_error`` starts when the provider announced it will reclaim the instance."""
 
 DIED = "died: "
 """How ``last_error`` starts when the provider showed a serving instance gone."""
@@ -84,11 +81,7 @@ warm pool's parked replicas included (``decide.plan.heed_spot_notice`` releases 
 
 def spot_notices(rows: Sequence[LedgerRow]) -> list[LedgerRow]:
     """Replicas not yet being terminated whose instance reported a spot interruption notice."""
-    return [
-        r
-        for r in rows
-        if phase_of(r) in NOTICED_PHASES and (r.last_error or "").startswith(SPOT_NOTICE)
-    ]
+    return [r for r in rows if phase_of(r) in NOTICED_PHASES and spot_warned(r)]
 
 
 def interrupted(row: Facts) -> bool:

@@ -41,12 +41,11 @@ from autoscaler.decide.plan import Timeouts
 from autoscaler.decide.warm import ParkMode
 from autoscaler.reconcile.deps import Deps, log
 from autoscaler.reconcile.ledger import Facts, park_mode_of, record_decision
-from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.reconcile.observe import Observation, count_provider_error
 from autoscaler.reconcile.provisioner import admit
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.models import Workload
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from providers.base import Instance, InstanceState, InsufficientCapacity, NotFound, ProviderError
 from providers.engine_sleep import EngineSleepError
 

@@ -93,7 +93,6 @@ from autoscaler.reconcile.ledger import (
 )
 from autoscaler.reconcile.liveness import (
     NOTICED_PHASES,
-    SPOT_NOTICE,
     check_health,
     closed_spot_lives,
     failed_boots,
@@ -115,7 +114,7 @@ from autoscaler.reconcile.provisioner import (
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec, describe_errors
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from providers.base import reclaim_time
 from providers.engines import engine_for
 

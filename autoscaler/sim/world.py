@@ -38,6 +38,7 @@ from autoscaler.decide.plan import (
     ReplicaView,
     Resume,
     Terminate,
+    counted_phase,
     heed_spot_notice,
 )
 from autoscaler.decide.scaling import FleetCounts, ScaleMemory
@@ -62,7 +63,6 @@ from autoscaler.decide.warm import (
     warm_policy_of,
 )
 from autoscaler.reconcile.ledger import START_SAMPLES
-from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.reconcile.provisioner import may_sleep
 from autoscaler.sim.gateway import Outcome, RequestRecord, SimGateway, as_datetime
 from autoscaler.sim.gcpause import paused_gc
@@ -71,6 +71,7 @@ from autoscaler.sim.prefix import DEFAULT_ROUTING, HotSpotMeter, PrefixRouter, R
 from autoscaler.sim.trace import TraceRequest
 from autoscaler.sim.warm import START_MEDIAN_S, START_SIGMA, STOP_S, sleep_seconds, wake_seconds
 from autoscaler.sim.workload import SimWorkload
+from autoscaler.store.phase import SPOT_NOTICE
 from catalog.engine import BatchEngine, EventKind
 from catalog.model import Offer
 from catalog.query import Market
@@ -141,7 +142,13 @@ class SimReplica:
     noticed: bool = False
     """Its warning has come; the controller heeds it at its next step."""
     heeded: bool = False
-    """The controller has acted on its warning (``decide.plan.heed_spot_notice``)."""
+    """The controller has acted on its warning (``decide.plan.heed_spot_notice``): the
+    plan sees it warned (``decide.plan.ReplicaView.warned``), as the reconciler's does a
+    row whose spot notice is recorded."""
+    reclaim_known: bool = True
+    """Whether its warning says when the reclaim comes (``False``: a notice without a
+    time, as ``providers.base.reclaim_time`` leaves one of a provider of unknown lead;
+    the controller drains it at once)."""
     requests: dict[int, RequestRecord] = field(default_factory=dict)
     work: int = 0
     """The balancer's weight of ``requests`` (``gateway.balancing.request_work``)."""
@@ -181,10 +188,13 @@ class SimReplica:
         """Its phase as the step counts it: a ready replica warned of its reclaim is
         draining there (replaced at once) while it still serves until its drain
         (``decide.plan.ReplicaView.still_serving``)."""
-        phase = self.phase()
-        if phase is ReplicaPhase.READY and self.heeded and self.interrupt_s is not None:
-            return ReplicaPhase.DRAINING
-        return phase
+        return counted_phase(self.phase(), warned=self.heeded)
+
+    def reclaim_at(self) -> datetime | None:
+        """When its reclaim comes as its warning says (``None``: not said, or no reclaim)."""
+        if not self.reclaim_known or self.interrupt_s is None:
+            return None
+        return as_datetime(EPOCH_S + self.interrupt_s)
 
     @property
     def refilling(self) -> bool:
@@ -655,8 +665,10 @@ class World:
     @staticmethod
     def _warning(r: SimReplica) -> str:
         assert r.notice_s is not None and r.interrupt_s is not None
-        lead = r.interrupt_s - r.notice_s
-        return f"{r.offer.provider.value} spot interruption warning: reclaimed in {lead:.0f} s"
+        warning = f"{r.offer.provider.value} spot interruption warning"
+        if not r.reclaim_known:
+            return f"{warning}: reclaim time not given"
+        return f"{warning}: reclaimed in {r.interrupt_s - r.notice_s:.0f} s"
 
     def _heed_notices(self, t: float) -> None:
         """Act on the spot warnings before the step, as the reconciler's pass does
@@ -691,7 +703,7 @@ class World:
                 r.phase(),
                 reason=reason,
                 now=now,
-                reclaim_at=as_datetime(EPOCH_S + r.interrupt_s),
+                reclaim_at=r.reclaim_at(),
             )
             if isinstance(action, Terminate):
                 self.cloud.terminate(r.instance_id)
@@ -1009,11 +1021,8 @@ class World:
                 stopped_usd_per_hour=r.stopped_usd_per_hour,
                 can_sleep=self._can_sleep,
                 prefill=r.prefill,
-                reclaim_at=(
-                    as_datetime(EPOCH_S + r.interrupt_s)
-                    if r.heeded and r.interrupt_s is not None
-                    else None
-                ),
+                warned=r.heeded,
+                reclaim_at=r.reclaim_at() if r.heeded else None,
             ),
             zone=r.offer.zone,
             shape=shape_of(r.offer),

@@ -34,6 +34,23 @@ class Stamps(Protocol):
     def parked_at(self) -> datetime | None: ...
 
 
+class Noted(Protocol):
+    """What a spot warning is read from: a ledger row, or its facts."""
+
+    @property
+    def last_error(self) -> str | None: ...
+
+
+SPOT_NOTICE = "spot notice: "
+"""How ``last_error`` starts when the provider announced it will reclaim the instance."""
+
+
+def spot_warned(instance: Noted) -> bool:
+    """Whether its provider warned it will reclaim the machine: a spot notice is recorded
+    (its time, where known, in ``reclaim_at``). The notice stays until the row closes."""
+    return (instance.last_error or "").startswith(SPOT_NOTICE)
+
+
 class Phase(StrEnum):
     PENDING = "pending"  # intent written; the provider has not confirmed a launch
     BOOTING = "booting"  # launched, engine not healthy yet

@@ -32,11 +32,10 @@ from autoscaler.controller import Controller, build_controller
 from autoscaler.decide.inputs import Measured, SignalsRead
 from autoscaler.decide.signals import Signals
 from autoscaler.reconcile.deps import SignalsSource
-from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.spec import OnDrift, WorkloadSpec
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import Instance
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from autoscaler.store.workloads import ensure_workload
 from catalog.model import Offer, ProviderName
 from catalog.snapshot import Snapshot

@@ -387,7 +387,7 @@ RECLAIM = NOW + timedelta(seconds=120)
 
 def warned(launch_id: str, *, reclaim: datetime = RECLAIM) -> ReplicaView:
     """A ready replica warned of its reclaim, still serving (the ledger's view of it)."""
-    return replace(replica(launch_id, ReplicaPhase.DRAINING), reclaim_at=reclaim)
+    return replace(replica(launch_id, ReplicaPhase.DRAINING), warned=True, reclaim_at=reclaim)
 
 
 def test_a_warned_replica_keeps_serving_while_the_plan_replaces_it_now() -> None:

@@ -22,6 +22,7 @@ from autoscaler.decide.plan import (
     Resume,
     Terminate,
     Timeouts,
+    counted_phase,
     heed_spot_notice,
     plan_actions,
 )
@@ -147,11 +148,39 @@ def test_a_spot_notice_releases_a_pool_member_and_a_warned_replica_is_never_park
         untimed = heed_spot_notice("a", phase, reason="r", now=NOW, reclaim_at=None)
         assert untimed == Terminate("a", "r; parked in the warm pool: released, not resumed")
     drained = replace(
-        replica("a", ReplicaPhase.DRAINING, drain_age=30, can_stop=False), reclaim_at=reclaim
+        replica("a", ReplicaPhase.DRAINING, drain_age=30, can_stop=False),
+        warned=True,
+        reclaim_at=reclaim,
     )
     p = plan(0, [drained])
     assert kinds(p) == [("Terminate", "a", None)]
     assert "not parked: its machine is reclaimed at 12:02:00" in p.actions[0].reason
+
+
+def test_a_ready_replica_warned_without_a_reclaim_time_is_drained_at_once_never_parked() -> None:
+    """A spot notice that gives no time (a provider of unknown lead) warns all the same:
+    on a scale-down with room in the pool, the warned replica is counted out and drained
+    at once, then terminated; the pool keeps its room for a replica that can come back."""
+    warned = replace(
+        replica("w", can_stop=False),
+        phase=counted_phase(ReplicaPhase.READY, warned=True),
+        warned=True,
+    )
+    assert warned.reclaim_at is None and warned.still_serving
+    p = plan(1, [replica("a"), replica("b"), warned])
+    assert ("Drain", "w", None) in kinds(p)
+    assert not [a for a in p.actions if isinstance(a, Park)]
+    [drain] = [a for a in p.actions if isinstance(a, Drain) and a.launch_id == "w"]
+    assert "reclaim time not known: drained at once" in drain.reason
+    # Its drain done, it is terminated; the replica drained beside it takes the pool's room.
+    drained = [
+        replica("a"),
+        replace(warned, drain_requested_at=NOW - timedelta(seconds=5)),
+        replica("b", ReplicaPhase.DRAINING, drain_age=5),
+    ]
+    p = plan(1, drained, warm=WarmPolicy(max_stopped=0, max_sleeping=1))
+    assert kinds(p) == [("Terminate", "w", None), ("Park", "b", "sleeping")]
+    assert "not parked: its machine is reclaimed at a time not known" in p.actions[0].reason
 
 
 def test_a_replica_still_serving_requests_is_not_parked_before_its_drain_ends() -> None:

@@ -15,10 +15,9 @@ from moto.server import ThreadedMotoServer
 from sqlalchemy import func, select
 
 from autoscaler.decide.signals import Signals
-from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import SpotNotice
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from providers.aws import AwsProvider, interruption_warning
 from providers.aws_config import AwsConfig
 from providers.base import SpotNoticeSource, reclaim_time

@@ -13,6 +13,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from autoscaler.decide.inputs import measured_of
 from autoscaler.decide.spot_rate import SpotRate
@@ -24,7 +25,8 @@ from autoscaler.sim.workload import sim_workload
 from autoscaler.sim.world import CloudSettings
 from autoscaler.sim.world import World as SimWorld
 from autoscaler.spec import WorkloadSpec
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.models import Instance as LedgerRow
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from gateway.window import SIGNAL_WINDOW_SEC, SignalSnapshot
 from providers.base import Instance, InsufficientCapacity, LaunchRequest, SpotInterruption
 from providers.fake import FakeProvider
@@ -81,6 +83,9 @@ class Beat:
     warn: int | None = None
     """The replica (by the order it was bought in) its provider warns, before the step,
     that it reclaims the machine in :data:`WARNING_LEAD_S`."""
+    untimed: bool = False
+    """That warning does not say when (a provider of unknown lead: the reconciler has
+    the notice recorded with no ``reclaim_at``, as the boot callback records one)."""
 
 
 WARNING_LEAD_S = 120.0
@@ -119,6 +124,19 @@ POOL_SCRIPT = (
     Beat(5, idle),
     Beat(5, busy),  # load: the new pool member is woken, never the warned one
 )
+
+
+UNTIMED_SCRIPT = (
+    Beat(0, idle),  # woken from zero: one spot replica
+    Beat(5, idle),  # it serves; the pool's refill is bought
+    Beat(5, idle, warn=0, untimed=True),  # warned, no time given: drained at once
+    Beat(5, idle),
+    Beat(5, idle),
+    Beat(5, idle),
+)
+
+
+UNTIMED_WARNING = "spot interruption warning: reclaim time not given"
 
 
 def spec(*, spot: bool = False) -> WorkloadSpec:
@@ -197,7 +215,14 @@ async def run_reconciler(
                 r for r in await world.rows("bot") if r.launch_id == bought.ids[beat.interrupt]
             ]
             world.cloud.interrupt(row.instance_id or "")
-        if beat.warn is not None:
+        if beat.warn is not None and beat.untimed:
+            async with world.sessions() as s, s.begin():
+                await s.execute(
+                    update(LedgerRow)
+                    .where(LedgerRow.launch_id == bought.ids[beat.warn])
+                    .values(last_error=f"{SPOT_NOTICE}{UNTIMED_WARNING}")
+                )
+        elif beat.warn is not None:
             [row] = [r for r in await world.rows("bot") if r.launch_id == bought.ids[beat.warn]]
             instance = world.cloud.get(row.instance_id or "")
             warnings.queue.append(
@@ -298,6 +323,7 @@ def run_simulator(
         if beat.warn is not None:
             warned = world.replicas[bought.ids[beat.warn]]
             warned.notice_s, warned.interrupt_s = t, t + WARNING_LEAD_S
+            warned.reclaim_known = not beat.untimed
         world._machine_events(t)
         draining = [
             r.launch_id
@@ -413,3 +439,31 @@ async def test_a_warned_spot_engine_asleep_in_the_pool_is_released_alike(
         )
         == 1
     )
+
+
+async def test_a_spot_warning_without_a_time_drains_at_once_and_never_parks_alike(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A serving spot replica is warned with no reclaim time while its warm pool has room:
+    on both sides it is drained at once and terminated once drained, never put to sleep
+    in the pool; the pool is filled by its own refill."""
+    names = (f"l-{n:05d}" for n in itertools.count(1))
+    monkeypatch.setattr(provisioner, "new_launch_id", lambda: next(names))
+    reconciler, _ = await run_reconciler(world, UNTIMED_SCRIPT, workload=pooled_spec())
+    simulator, _ = run_simulator(UNTIMED_SCRIPT, spot=True, workload=pooled_spec())
+
+    assert reconciler == simulator
+    # At the warning: replaced (off its skipped spot market), drained and, empty, ended.
+    warned_step = reconciler[2]
+    assert [a[0] for a in warned_step if a[1] == "#0"] == ["drain", "terminate"]
+    [replacement] = [a for a in warned_step if a[0] == "launch"]
+    assert replacement[2] == "False"
+    everything = [a for step in reconciler for a in step]
+    assert ("park", "#0") not in everything
+    assert ("park", "#1") in everything  # the pool had room: its refill fills it
+    [warned] = [r for r in await world.rows("bot") if (r.last_error or "").startswith(SPOT_NOTICE)]
+    assert warned.reclaim_at is None and warned.park_requested_at is None
+    [ended] = [
+        d for d in await world.decisions("terminate") if d.inputs["launch_id"] == warned.launch_id
+    ]
+    assert "not parked: its machine is reclaimed at a time not known" in ended.reason

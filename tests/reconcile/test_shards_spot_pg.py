@@ -18,11 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from autoscaler.decide.signals import Signals
 from autoscaler.metrics import ControllerMetrics
-from autoscaler.reconcile.liveness import SPOT_NOTICE
 from autoscaler.reconcile.shards import LeaseSettings, ShardMember
 from autoscaler.store.db import open_store, session_factory
 from autoscaler.store.models import SpotNotice
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from providers.base import SpotInterruption
 from providers.fake import FakeCloud, FakeProvider
 from tests.reconcile.world import PROJECT, World, autoscaling

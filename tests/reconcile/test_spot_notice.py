@@ -7,10 +7,10 @@ from sqlalchemy import update
 
 from autoscaler.decide.plan import SPOT_DRAIN_MARGIN_S
 from autoscaler.decide.signals import Signals
-from autoscaler.reconcile.liveness import SPOT_NOTICE, TERMINATING, interrupted, spot_record
+from autoscaler.reconcile.liveness import TERMINATING, interrupted, spot_record
 from autoscaler.reconcile.notices import NOTICE_KEEP_SEC, share_notices
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from gateway.routes import load_routes
 from providers.base import SpotInterruption, utc
 from providers.errors import Transient

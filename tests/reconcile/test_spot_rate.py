@@ -11,9 +11,9 @@ from sqlalchemy import update
 
 from autoscaler.decide.inputs import measured_of
 from autoscaler.decide.spot_rate import DEFAULT_SPOT_INTERRUPTIONS_PER_HOUR
-from autoscaler.reconcile.liveness import DIED, SPOT_NOTICE, spot_record
+from autoscaler.reconcile.liveness import DIED, spot_record
 from autoscaler.store.models import Instance as LedgerRow
-from autoscaler.store.phase import Phase, phase_of
+from autoscaler.store.phase import SPOT_NOTICE, Phase, phase_of
 from gateway.window import SignalSnapshot
 from tests.reconcile.test_changes import stepped
 from tests.reconcile.test_one_step import snapshot

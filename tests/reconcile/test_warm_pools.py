@@ -434,7 +434,7 @@ async def test_a_spot_notice_on_an_engine_whose_sleep_fails_is_still_heeded(
     and the warned machine was never released nor its market skipped."""
     from sqlalchemy import update
 
-    from autoscaler.reconcile.liveness import SPOT_NOTICE
+    from autoscaler.store.phase import SPOT_NOTICE
 
     spec = pooled(
         allow_spot_instances=True,
