@@ -14,6 +14,7 @@ import json
 import re
 import shlex
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Self
@@ -26,6 +27,8 @@ from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
     Tag,
     ValidationError,
     ValidationInfo,
@@ -33,7 +36,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import PydanticCustomError, core_schema
 
 from autoscaler.labels import LABELS_SCHEMA, check_labels
 from catalog.cuda import cuda_version, offer_cuda_problem
@@ -129,25 +133,54 @@ def _number(value: float) -> str:
     return f"{value:.0f}" if float(value).is_integer() else f"{value:g}"
 
 
-def _at_most(limit: float, unit: str = "") -> AfterValidator:
-    return at_apply(
+@dataclass(frozen=True, slots=True)
+class ApplyBound:
+    """A bound declared once, in ``Annotated``: published in the JSON schema as
+    ``keyword`` with ``limit`` and checked only at apply (:func:`at_apply`), where
+    ``problem`` says what is wrong with a value (``None``: nothing)."""
+
+    keyword: Literal["maximum", "minimum", "maxLength"]
+    limit: float
+    problem: Callable[[Any], str | None]
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> core_schema.CoreSchema:
+        return at_apply(self.problem).__get_pydantic_core_schema__(source, handler)
+
+    def __get_pydantic_json_schema__(
+        self, schema: core_schema.CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        json_schema = handler.resolve_ref_schema(handler(schema))
+        json_schema[self.keyword] = self.limit
+        return json_schema
+
+
+def _at_most(limit: float, unit: str = "") -> ApplyBound:
+    return ApplyBound(
+        "maximum",
+        limit,
         lambda v: (
             None if v <= limit else f"Input should be less than or equal to {_number(limit)}{unit}"
-        )
+        ),
     )
 
 
-def _at_least(limit: float) -> AfterValidator:
-    return at_apply(
+def _at_least(limit: float) -> ApplyBound:
+    return ApplyBound(
+        "minimum",
+        limit,
         lambda v: (
             None if v >= limit else f"Input should be greater than or equal to {_number(limit)}"
-        )
+        ),
     )
 
 
-def _longest(limit: int) -> AfterValidator:
-    return at_apply(
-        lambda v: None if len(v) <= limit else f"String should have at most {limit} characters"
+def _longest(limit: int) -> ApplyBound:
+    return ApplyBound(
+        "maxLength",
+        limit,
+        lambda v: None if len(v) <= limit else f"String should have at most {limit} characters",
     )
 
 
@@ -463,7 +496,7 @@ nothing a user could see, and past it the clock arithmetic of a step overflows."
 
 PolicySeconds = Annotated[
     float,
-    Field(gt=0, allow_inf_nan=False, json_schema_extra={"maximum": MAX_POLICY_SEC}),
+    Field(gt=0, allow_inf_nan=False),
     _at_most(MAX_POLICY_SEC, " (30 days)"),
 ]
 
@@ -599,7 +632,7 @@ class AutoscalingPolicy(StrictModel):
     upper_allowed_latency_sec: PolicySeconds = 1.0
     lower_allowed_latency_sec: Annotated[
         float,
-        Field(ge=0, allow_inf_nan=False, json_schema_extra={"maximum": MAX_POLICY_SEC}),
+        Field(ge=0, allow_inf_nan=False),
         _at_most(MAX_POLICY_SEC, " (30 days)"),
     ] = 0.2
     ttft_percentile: Annotated[float, Field(gt=0, le=1)] = 0.95
@@ -611,7 +644,6 @@ class AutoscalingPolicy(StrictModel):
     scale_down_time_window_sec: PolicySeconds = 300.0
     scaling_up_timeout_sec: Annotated[
         PolicySeconds,
-        Field(json_schema_extra={"minimum": MIN_BOOT_DEADLINE_SEC}),
         _at_least(MIN_BOOT_DEADLINE_SEC),
     ] = 1200.0
     """How long a replica may take from launch to ready before it is terminated and its
@@ -823,25 +855,18 @@ def adapters_in_command(argv: Sequence[str] | None) -> frozenset[str]:
 class WorkloadSpec(StrictModel):
     """A declared serving workload. ``slug`` identifies it in its project."""
 
-    name: Annotated[
-        str, Field(min_length=1, json_schema_extra={"maxLength": MAX_NAME}), _longest(MAX_NAME)
-    ]
+    name: Annotated[str, Field(min_length=1), _longest(MAX_NAME)]
     slug: str
-    model: Annotated[
-        str, Field(min_length=1, json_schema_extra={"maxLength": MAX_MODEL}), _longest(MAX_MODEL)
-    ]
+    model: Annotated[str, Field(min_length=1), _longest(MAX_MODEL)]
     backend: Backend = Backend.VLLM
     task_type: TaskType = TaskType.TEXT2TEXT
-    command: (
-        Annotated[str, Field(json_schema_extra={"maxLength": MAX_COMMAND}), _longest(MAX_COMMAND)]
-        | None
-    ) = None
+    command: Annotated[str, _longest(MAX_COMMAND)] | None = None
     vllm_version: str | None = None
     worker_id: str | None = None
     model_memory_gib: (
         Annotated[
             float,
-            Field(gt=0, allow_inf_nan=False, json_schema_extra={"maximum": MAX_MODEL_GIB}),
+            Field(gt=0, allow_inf_nan=False),
             _at_most(MAX_MODEL_GIB),
         ]
         | None
