@@ -21,15 +21,21 @@ from pydantic.config import JsonDict
 
 MAX_LABELS = 64
 
+SPACE = r"[\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+"""One whitespace character as ``str.isspace`` counts it, spelled out for patterns that
+are published: JSON Schema's patterns are ECMA-262, whose ``\\s`` is not Python's (it
+leaves out U+001C-U+001F and U+0085, and takes in U+FEFF)."""
+
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?"
 _PREFIX = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
 KEY_PATTERN = rf"(?:{_PREFIX}/)?{_NAME}"
 VALUE_PATTERN = rf"(?:{_NAME})?"
 _REQUIREMENT = (
-    rf"\s*(?:!\s*(?P<absent>{KEY_PATTERN})"
-    rf"|(?P<key>{KEY_PATTERN})(?:\s*(?P<op>==|=|!=)\s*(?P<value>{VALUE_PATTERN}))?)\s*"
+    rf"{SPACE}*(?:!{SPACE}*(?P<absent>{KEY_PATTERN})"
+    rf"|(?P<key>{KEY_PATTERN})(?:{SPACE}*(?P<op>==|=|!=){SPACE}*(?P<value>{VALUE_PATTERN}))?)"
+    rf"{SPACE}*"
 )
-_PART = rf"(?:{re.sub(r'[(][?]P<[a-z]+>', '(?:', _REQUIREMENT)}|\s*)"
+_PART = rf"(?:{re.sub(r'[(][?]P<[a-z]+>', '(?:', _REQUIREMENT)}|{SPACE}*)"
 SELECTOR_PATTERN = rf"^{_PART}(?:,{_PART})*$"
 """What a selector may be, as published in the API's schema; :meth:`Selector.parse`
 accepts exactly this."""

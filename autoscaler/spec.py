@@ -214,7 +214,7 @@ class OnDrift(StrEnum):
 
 
 SLUG_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-CUDA_VERSION_RE = re.compile(r"^\d{2}\.\d$")
+CUDA_VERSION_RE = re.compile(r"[0-9]{2}\.[0-9]")  # fullmatch: ASCII digits, nothing after
 
 
 def _suggest(word: str, choices: list[str]) -> str:
@@ -289,7 +289,8 @@ class FixedPolicy(StrictModel):
 # --- scheduled --------------------------------------------------------------------------
 
 DAY_NAMES = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
-_DURATION_RE = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_DURATION_RE = re.compile(r"(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
+_DURATION_FORM = re.compile(r"(?:[0-9]+h)?(?:[0-9]+m)?(?:[0-9]+s)?")
 
 
 def parse_duration(text: str | int) -> int:
@@ -297,7 +298,7 @@ def parse_duration(text: str | int) -> int:
     if isinstance(text, int):
         seconds = text
     else:
-        m = _DURATION_RE.match(text.strip().lower())
+        m = _DURATION_RE.fullmatch(text.strip().lower())
         if not text.strip() or m is None:
             raise ValueError(f"duration {text!r} is not like '1h', '90m', '1h30m' or seconds")
         h, mi, s = (int(g) if g else 0 for g in m.groups())
@@ -305,6 +306,20 @@ def parse_duration(text: str | int) -> int:
     if seconds <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
     return seconds
+
+
+def _duration_form(value: Any, info: ValidationInfo) -> Any:
+    """At apply, a duration exactly as published: ``1h30m`` (lower case, no spaces) or a
+    whole number of seconds, not ``true``. A stored spec keeps the looser reading of
+    :func:`parse_duration` (``" 1H "``), which specs applied before this check may hold."""
+    context = info.context
+    if isinstance(context, dict) and context.get(APPLY):
+        loose = isinstance(value, str) and not _DURATION_FORM.fullmatch(value)
+        if isinstance(value, bool) or loose:
+            raise ValueError(
+                f"duration {value!r} is not like '1h', '90m', '1h30m' or a whole number of seconds"
+            )
+    return value
 
 
 def _duration_problem(value: str | int) -> str | None:
@@ -436,7 +451,9 @@ class ScheduledPolicy(StrictModel):
 
     cron: Annotated[str | None, at_apply(_cron_problem)] = None
     window: str | None = None
-    duration: Annotated[str | int | None, at_apply(_duration_problem)] = None
+    duration: Annotated[
+        str | int | None, BeforeValidator(_duration_form), at_apply(_duration_problem)
+    ] = None
     timezone: str = "UTC"
     replicas: Annotated[int, Field(ge=0, strict=True), WHOLE] = 1
 
@@ -507,7 +524,7 @@ sooner, and a shorter one would terminate every replica it launches."""
 
 def _check_cuda_versions(values: list[str] | None) -> list[str] | None:
     for v in values or []:
-        if not CUDA_VERSION_RE.match(v):
+        if not CUDA_VERSION_RE.fullmatch(v):
             raise ValueError(f"CUDA version {v!r} is not like '12.4' or '13.0'")
         cuda_version(v)  # an unknown version: the error lists the known ones
     return values

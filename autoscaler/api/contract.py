@@ -220,7 +220,7 @@ def _anchor_ends(node: object) -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "pattern" and isinstance(value, str):
-                if value.endswith("$") and not value.endswith(_END):
+                if value.endswith("$") and not value.endswith((_END, "\\$")):
                     node[key] = value[:-1] + _END
             else:
                 _anchor_ends(value)

@@ -45,10 +45,12 @@ import copy
 from typing import Any
 from zoneinfo import available_timezones
 
+from autoscaler.labels import SPACE
 from autoscaler.spec import (
     BACKENDS,
     JOB_ONLY_TASK_TYPES,
     LIVE_ENDPOINT_TYPES,
+    MAX_COMMAND,
     MAX_DURATION_SEC,
     OMNI_TASK_TYPES,
     SECRET_NAME_PATTERN,
@@ -65,10 +67,9 @@ REF = "#/components/schemas/{model}"
 _VERSION = r"^v?[0-9]+\.[0-9]+(\.[0-9]+)?[-.+a-zA-Z0-9]*$"
 _DURATION = r"^([0-9]+h)?([0-9]+m)?([0-9]+s)?$"
 # A character that is not whitespace as ``str.isspace`` (the spec's blank check, which
-# strips) counts it. Spelled out, not ``\S``: JSON Schema's patterns are ECMA-262, whose
-# ``\s`` differs from Python's (it leaves out \x1c-\x1f and \x85, and takes in \ufeff), so
-# a name of separators alone would be schema-valid and refused.
-_NOT_BLANK = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+# strips) counts it: spelled out (``labels.SPACE``), not ``\S``, which ECMA-262 reads
+# otherwise, so a name of separators alone would be schema-valid and refused.
+_NOT_BLANK = "[^" + SPACE[1:]
 
 
 def _ref(name: str) -> dict[str, Any]:
@@ -254,6 +255,7 @@ def _workload(spec: dict[str, Any]) -> None:
         {
             "type": "string",
             "format": "engine-command",
+            "maxLength": MAX_COMMAND,
             "description": "Arguments for the engine's serve command: it must parse as a "
             "shell command line, name no other model than `model`, and give parallel sizes "
             "as whole numbers of at least 1 that a machine of the pool can hold (else 422).",

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import UTC, datetime
 
 import httpx
@@ -45,11 +45,19 @@ async def served(url: str) -> float:
     return await engine_metric(url, "vllm:e2e_request_latency_seconds_count")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
+@pytest.fixture
+def closed_port() -> Iterator[Callable[[], int]]:
+    """Ports held bound and not listening for the test: connecting is refused, and no
+    other process (the tests run in several) can start listening there meanwhile."""
+    with contextlib.ExitStack() as held:
+
+        def port() -> int:
+            sock = held.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            bound: int = sock.getsockname()[1]
+            return bound
+
+        yield port
 
 
 @contextlib.asynccontextmanager
@@ -83,7 +91,10 @@ async def engine_process(
 
 
 async def test_refused_connections_are_retried_on_other_replicas(
-    seed: Seed, start_engine: StartEngine, start_gateway: StartGateway
+    seed: Seed,
+    start_engine: StartEngine,
+    start_gateway: StartGateway,
+    closed_port: Callable[[], int],
 ) -> None:
     key = await seed.workload("support-bot")
     engine = await start_engine()
@@ -99,7 +110,7 @@ async def test_refused_connections_are_retried_on_other_replicas(
 
 
 async def test_only_refusing_replicas_is_a_clean_502(
-    seed: Seed, start_gateway: StartGateway
+    seed: Seed, start_gateway: StartGateway, closed_port: Callable[[], int]
 ) -> None:
     key = await seed.workload("support-bot")
     await seed.replica("support-bot", f"http://127.0.0.1:{closed_port()}")

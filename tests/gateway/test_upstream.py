@@ -305,18 +305,20 @@ async def test_a_replica_slow_to_answer_times_out(start_raw: StartRaw) -> None:
 
 
 async def test_a_refused_connection_is_connect_failed(pool: UpstreamPool) -> None:
-    with socket.socket() as sock:  # a port nobody listens on
+    # A port held bound and not listening: connecting is refused, and no other process
+    # (the tests run in several) can start listening there meanwhile.
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    with pytest.raises(ConnectFailed):
-        await pool.request(
-            url=f"http://127.0.0.1:{port}",
-            method="POST",
-            target="/v1/x",
-            headers=[],
-            body=None,
-            length=None,
-        )
+        with pytest.raises(ConnectFailed):
+            await pool.request(
+                url=f"http://127.0.0.1:{port}",
+                method="POST",
+                target="/v1/x",
+                headers=[],
+                body=None,
+                length=None,
+            )
 
 
 async def test_a_streamed_body_of_unknown_size_is_sent_chunked(

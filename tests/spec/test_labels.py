@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import sys
 
+import jsonschema_rs
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -91,6 +93,26 @@ def test_a_selector_the_pattern_refuses_is_refused(text: str) -> None:
             Selector.parse(text)
     else:
         Selector.parse(text)
+
+
+_SPACES = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()] + ["\ufeff"]
+
+
+@pytest.mark.parametrize("space", _SPACES, ids=[hex(ord(c)) for c in _SPACES])
+def test_the_published_pattern_read_as_ecma_262_takes_exactly_the_selectors_read(
+    space: str,
+) -> None:
+    """JSON Schema's patterns are ECMA-262 (``jsonschema_rs`` reads them so), whose
+    whitespace is not Python's: around a requirement, each kind of space is taken by the
+    published pattern exactly when the server reads the selector."""
+    published = jsonschema_rs.validator_for({"type": "string", "pattern": SELECTOR_PATTERN})
+    for text in (f"team=a{space}", f"{space}team=a", f"team{space}=a,tier=b"):
+        try:
+            Selector.parse(text)
+            read = True
+        except LabelError:
+            read = False
+        assert published.is_valid(text) == read, repr(text)
 
 
 @given(
