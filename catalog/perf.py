@@ -17,6 +17,12 @@ parameter, tensor-parallel over ``n`` GPUs:
   2·P·batch / (n · TFLOPS · PREFILL_MFU · tp)) + STEP_OVERHEAD_S``.
   Per-sequence speed is ``1 / step``: highest at batch 1, falling slowly as the batch
   grows and the KV reads add up.
+* **A step with a prompt chunk in it is one pass.** With chunked prefill (vLLM V1's
+  only scheduler) one forward pass decodes every running sequence and prefills up to
+  ``max_batched_tokens`` less those decodes of prompt tokens: ``step_seconds`` is the
+  decode step's formula over all the pass's tokens, the larger of the reads (weights,
+  the decoding sequences' KV caches) and the compute (decodes and chunk), plus the
+  overhead; the decodes ride almost free on a compute-bound chunk.
 * **The batch is bounded by KV-cache memory.** ``GPU_MEMORY_UTILIZATION`` of the memory,
   less the weights and a runtime reserve per GPU, holds the KV cache; each sequence
   reserves ``KV_TOKENS_PER_SEQUENCE`` tokens of it. vLLM's ``max_num_seqs`` default (256)
@@ -53,6 +59,10 @@ Sources:
 * Memory: vLLM's defaults (``gpu_memory_utilization`` 0.9, ``max_num_seqs`` 256); the
   Llama-3.1-8B KV cache is 32 layers x 8 KV heads x 128 dims x 2 (K and V) x 2 bytes =
   128 KiB per token. Other sizes scale it as ``(P / 8) ** 0.43`` (Llama-3.1-70B: 320 KiB).
+* The per-step token budget (``max_batched_tokens``): vLLM's OpenAI server default,
+  ``EngineArgs.get_batch_defaults`` in ``vllm/engine/arg_utils.py``: 8,192 tokens on a
+  GPU of at least 70 GiB other than an A100 (H100, H200, B200, MI300X), 2,048 on the
+  rest (the A100 is kept low because larger budgets cost it throughput, vLLM PR #17885).
 * Tensor parallelism keeps ``TP_EFFICIENCY_NVLINK`` (NVLink) or ``TP_EFFICIENCY_PCIE`` of
   linear scaling per doubling of GPUs.
 
@@ -84,6 +94,15 @@ RUNTIME_RESERVE_BYTES_PER_GPU = 1.5e9
 
 MAX_NUM_SEQS = 256
 """vLLM's default cap on concurrently running sequences."""
+
+MAX_BATCHED_TOKENS_LARGE_GPU = 8192
+"""vLLM's OpenAI-server ``max_num_batched_tokens`` on a GPU of 70 GiB or more (not an A100)."""
+
+MAX_BATCHED_TOKENS = 2048
+"""vLLM's OpenAI-server ``max_num_batched_tokens`` on every other GPU."""
+
+LARGE_GPU_GIB = 70.0
+"""The memory from which vLLM counts a GPU as large (its ``70 * GiB_bytes``)."""
 
 KV_TOKENS_PER_SEQUENCE = 2048
 """KV-cache tokens reserved per running sequence when sizing the batch."""
@@ -204,13 +223,20 @@ class ServingProfile:
     kv_capacity_tokens: int
     effective_bandwidth_bytes_s: float
     effective_flops: float
+    max_batched_tokens: int
+    """Tokens one engine step may process, decodes and prompt chunks together (vLLM's
+    ``max_num_batched_tokens``); never below ``max_batch``, as vLLM requires."""
 
     def decode_step_seconds(self, batch: int) -> float:
         """One decode step with ``batch`` running sequences (each gains one token)."""
-        batch = max(batch, 1)
-        read = self.weight_bytes + batch * DECODE_CONTEXT_TOKENS * self.kv_bytes_per_token
+        return self._pass_seconds(decodes=max(batch, 1), tokens=max(batch, 1))
+
+    def _pass_seconds(self, *, decodes: int, tokens: int) -> float:
+        """One forward pass over ``tokens`` tokens, ``decodes`` of them decoding sequences
+        whose KV caches it reads: the slower of the reads and the compute, plus overhead."""
+        read = self.weight_bytes + decodes * DECODE_CONTEXT_TOKENS * self.kv_bytes_per_token
         memory = read / self.effective_bandwidth_bytes_s
-        compute = 2e9 * self.params_b * batch / self.effective_flops
+        compute = 2e9 * self.params_b * tokens / self.effective_flops
         return max(memory, compute) + STEP_OVERHEAD_S
 
     def decode_tokens_per_s_at(self, batch: int) -> float:
@@ -222,6 +248,22 @@ class ServingProfile:
         if input_tokens < 0:
             raise ValueError(f"input_tokens must be >= 0, got {input_tokens}")
         return max(input_tokens / self.prefill_tokens_per_s, self.decode_step_seconds(1))
+
+    def step_seconds(self, *, decodes: int, prefill_tokens: int) -> float:
+        """One chunked-prefill engine step: ``decodes`` running sequences gain a token each
+        and ``prefill_tokens`` prompt tokens are prefilled, in one forward pass.
+
+        The pass reads the weights once and the decoding sequences' KV caches, and
+        computes every token it holds: the slower of the two, plus overhead, like a decode
+        step. So the decodes ride almost free on a chunk big enough to be compute-bound,
+        and a small chunk costs little more than the decode step. With nothing decoding it
+        is a plain prefill (:meth:`prefill_seconds`), with no chunk a decode step.
+        """
+        if prefill_tokens <= 0:
+            return self.decode_step_seconds(decodes)
+        if decodes <= 0:
+            return self.prefill_seconds(prefill_tokens)
+        return self._pass_seconds(decodes=decodes, tokens=decodes + prefill_tokens)
 
     def ttft_seconds(self, input_tokens: int, *, queued_prefill_tokens: int = 0) -> float:
         """Time to first token behind ``queued_prefill_tokens`` of prompts not yet prefilled."""
@@ -272,11 +314,15 @@ def serving_profile(
     bytes_per_param: float = 2.0,
     *,
     max_batch: int | None = None,
+    max_batched_tokens: int | None = None,
 ) -> ServingProfile:
     """The serving profile of ``gpu_count`` x ``gpu`` for a ``params_b``-billion model.
 
     ``bytes_per_param`` is 2 for bf16/fp16, 1 for fp8/int8, 0.5 for 4-bit. ``max_batch``
-    lowers (never raises) the batch the KV cache allows, like vLLM's ``--max-num-seqs``.
+    lowers (never raises) the batch the KV cache allows, like vLLM's ``--max-num-seqs``;
+    ``max_batched_tokens`` sets the step's token budget, like ``--max-num-batched-tokens``
+    (default: vLLM's for the GPU, :data:`MAX_BATCHED_TOKENS_LARGE_GPU` or
+    :data:`MAX_BATCHED_TOKENS`), and must be at least the batch.
     Raises ``ValueError`` for an unknown GPU or bad numbers, and :class:`ModelDoesNotFit`
     when the model leaves no room for even one sequence's KV cache.
     """
@@ -297,6 +343,13 @@ def serving_profile(
         )
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    batch = fitting if max_batch is None else min(fitting, max_batch)
+    budget = _default_batched_tokens(spec) if max_batched_tokens is None else max_batched_tokens
+    if budget < batch:
+        raise ValueError(
+            f"max_batched_tokens ({budget}) must be at least the batch ({batch}), "
+            "as vLLM requires of max_num_batched_tokens and max_num_seqs"
+        )
     flops = spec.tflops * 1e12 * PREFILL_MFU * gpu_count * tp
     bandwidth = spec.bandwidth_tb_s * 1e12 * DECODE_BANDWIDTH_EFFICIENCY * gpu_count * tp
     profile = ServingProfile(
@@ -306,14 +359,20 @@ def serving_profile(
         bytes_per_param=bytes_per_param,
         prefill_tokens_per_s=flops / (2e9 * params_b),
         decode_tokens_per_s=0.0,
-        max_batch=fitting if max_batch is None else min(fitting, max_batch),
+        max_batch=batch,
         weight_bytes=weight_bytes,
         kv_bytes_per_token=kv_per_token,
         kv_capacity_tokens=capacity,
         effective_bandwidth_bytes_s=bandwidth,
         effective_flops=flops,
+        max_batched_tokens=budget,
     )
     return _with_decode_speed(profile)
+
+
+def _default_batched_tokens(spec: GpuSpec) -> int:
+    large = spec.vram_gib >= LARGE_GPU_GIB and "a100" not in spec.display_name.casefold()
+    return MAX_BATCHED_TOKENS_LARGE_GPU if large else MAX_BATCHED_TOKENS
 
 
 def _with_decode_speed(profile: ServingProfile) -> ServingProfile:

@@ -38,6 +38,35 @@ def test_batch_is_bounded_by_kv_memory() -> None:
     assert serving_profile(A100, 1, 8.0, max_batch=4).max_batch == 4
 
 
+def test_the_step_budget_is_vllms_openai_server_default_for_the_gpu() -> None:
+    # vLLM's EngineArgs.get_batch_defaults: 8,192 on a GPU of 70 GiB or more, the A100
+    # excepted; 2,048 elsewhere.
+    assert serving_profile(H100, 1, 8.0).max_batched_tokens == 8192
+    assert serving_profile("NVIDIA H200", 1, 8.0).max_batched_tokens == 8192
+    assert serving_profile(A100, 1, 8.0).max_batched_tokens == 2048
+    assert serving_profile(L4, 1, 8.0).max_batched_tokens == 2048
+    assert serving_profile(L4, 1, 8.0, max_batched_tokens=512).max_batched_tokens == 512
+    with pytest.raises(ValueError, match="at least the batch"):
+        serving_profile(A100, 1, 8.0, max_batched_tokens=16)
+
+
+def test_a_step_with_a_prompt_chunk_is_one_pass_for_the_decodes_and_the_chunk() -> None:
+    a100 = serving_profile(A100, 1, 8.0)
+    decode = a100.decode_step_seconds(8)
+    assert a100.step_seconds(decodes=8, prefill_tokens=0) == decode
+    assert a100.step_seconds(decodes=0, prefill_tokens=1500) == a100.prefill_seconds(1500)
+    # A big chunk is compute-bound: the decodes ride on it for the compute of their
+    # tokens, not a second read of the weights.
+    mixed = a100.step_seconds(decodes=8, prefill_tokens=1500)
+    assert a100.prefill_seconds(1500) < mixed < a100.prefill_seconds(1510) + 0.001
+    assert mixed < decode + a100.prefill_seconds(1500) - decode / 2
+    # A small chunk hides in the decode step's memory time.
+    assert a100.step_seconds(decodes=8, prefill_tokens=10) == decode
+    # More work in a step never makes it faster.
+    steps = [a100.step_seconds(decodes=8, prefill_tokens=c) for c in range(0, 4000, 50)]
+    assert steps == sorted(steps)
+
+
 def test_model_sizes_scale_prefill_by_compute_and_decode_by_bytes() -> None:
     small = serving_profile(H100, 1, 8.0)
     large = serving_profile(H100, 1, 32.0)
