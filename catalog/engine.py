@@ -1,14 +1,27 @@
-"""A continuous-batching engine on a ``catalog.perf.ServingProfile``.
+"""A continuous-batching engine on a ``catalog.perf.ServingProfile``, scheduled as vLLM V1 does.
 
-The engine (:class:`BatchEngine`) is continuous batching on a serving profile: requests are
-admitted while fewer than ``max_batch`` sequences run, and wait in FIFO order beyond it;
-admitted prompts are prefilled one at a time, first come first served, and prefill takes
-priority over decoding (decode steps pause while a prompt is prefilled, as in vLLM's
-default scheduler before chunked prefill). The first token appears when a request's
-prefill ends; the rest come one per decode step. Between events every running sequence
-advances at the same rate, so the engine jumps from event to event instead of stepping
-token by token: a one-hour trace of twenty thousand requests simulates in well under a
-second.
+The engine (:class:`BatchEngine`) is continuous batching with chunked prefill, the only
+scheduler vLLM V1 has; the simulator and engine-sim model every backend with it.
+Requests are admitted while fewer than ``max_batch`` sequences run, and wait in FIFO
+order beyond it. The engine runs in steps, each one forward pass with a token budget
+(``ServingProfile.max_batched_tokens``, vLLM's ``max_num_batched_tokens``): every
+decoding sequence is scheduled first, one token each, and the rest of the budget goes to
+the prompts still being prefilled, first come first served, the oldest taking as much as
+it has left (so a prompt longer than the budget is prefilled in chunks over several
+steps, and several short ones may share a step). A step lasts
+``ServingProfile.step_seconds``: one forward pass over the batch's decodes and the
+chunk, so a long prompt slows the decoding sequences' tokens by its chunk's share of
+each step instead of stopping them for its whole prefill. A prompt's first token appears
+at the end of the step that prefills its last token; the rest come one per step. A
+request admitted while a step runs joins the next one (one admitted the moment a step
+starts joins that one); with nothing to prefill, decode steps follow one another and a
+new prompt starts a step at once.
+
+Between events (a first token, a finish) every rate is constant: while prompts are
+prefilled, every step but the last decodes the same batch and prefills a full chunk; with
+none, decode steps are all alike. So the engine jumps from event to event instead of
+stepping token by token, and from step to step only while a prompt is being prefilled: a
+one-hour trace of twenty thousand requests simulates in well under a second.
 
 Pure: no clock, no I/O; time is whatever its caller says.
 """
@@ -90,6 +103,9 @@ class _Sequence:
     first_token_s: float = math.nan
     finish_progress: float = math.nan
     start_progress: float = math.nan
+    prefill_left: int = 0
+    """Prompt tokens not yet prefilled (those the running step prefills included)."""
+    cancelled: bool = False
 
     def timing(self, finished_s: float) -> RequestTiming:
         return RequestTiming(
@@ -115,6 +131,11 @@ class BatchEngine:
     simulator passes simulated time, engine-sim the scaled wall clock. Call
     :meth:`advance` up to a moment before :meth:`submit` at that moment; each call
     returns the events that happened on the way, in time order.
+
+    Decode progress is counted in steps (``_progress``): a decoding sequence gains a
+    token per unit, and finishes when the count reaches its ``finish_progress``. While a
+    step with a prompt chunk runs (``_stepping``), the count rises by one over that step;
+    otherwise at one per decode step of the running batch.
     """
 
     profile: ServingProfile
@@ -127,14 +148,20 @@ class BatchEngine:
     _next_id: int = field(init=False, default=0)
     _waiting: deque[_Sequence] = field(init=False, default_factory=deque)
     _prefilling: deque[_Sequence] = field(init=False, default_factory=deque)
-    _prefill_left_s: float = field(init=False, default=0.0)
+    _pending: int = field(init=False, default=0)
+    """Prompt tokens the prefilling sequences have left, in all."""
+    _stepping: bool = field(init=False, default=False)
+    """Whether a step with prompt tokens in it is running (until ``_step_end``)."""
+    _step_start: float = field(init=False, default=0.0)
+    _step_end: float = field(init=False, default=0.0)
+    _step_len: float = field(init=False, default=1.0)
+    _plan: list[tuple[_Sequence, int]] = field(init=False, default_factory=list)
+    """The running step's prompt chunks: each sequence and the tokens it prefills."""
     _decode_heap: list[tuple[float, int]] = field(init=False, default_factory=list)
     _decoding: dict[int, _Sequence] = field(init=False, default_factory=dict)
-    _step_s: dict[int, float] = field(init=False, default_factory=dict)
+    _decode_s: dict[int, float] = field(init=False, default_factory=dict)
     """``profile.decode_step_seconds(batch)`` by batch, as asked: the engine asks at every
     event (a day's replay runs millions), and the answer depends on the batch alone."""
-    _prefill_s: dict[int, float] = field(init=False, default_factory=dict)
-    """``profile.prefill_seconds(tokens)`` by prompt length, as asked."""
 
     def __post_init__(self) -> None:
         self._now = self.start_s
@@ -182,8 +209,10 @@ class BatchEngine:
             for index, seq in enumerate(queue):
                 if seq.request_id == request_id:
                     del queue[index]
-                    if queue is self._prefilling and index == 0:
-                        self._start_prefill()
+                    if queue is self._prefilling:
+                        # The running step still runs; its chunk for this one is wasted.
+                        seq.cancelled = True
+                        self._pending -= seq.prefill_left
                     self._admit()
                     return True
         return False
@@ -197,18 +226,32 @@ class BatchEngine:
 
     def next_event_s(self) -> float | None:
         """When the next first token or finish happens if nothing else arrives; None if idle."""
-        if self._prefilling:
-            return self._now + self._prefill_left_s
         heap = self._decode_heap
         decoding = self._decoding
         while heap and heap[0][1] not in decoding:
             heapq.heappop(heap)  # cancelled
-        if heap:
-            steps = heap[0][0] - self._progress
-            if steps < 0.0:  # max(steps, 0.0)
-                steps = 0.0
-            return self._now + steps * self._decode_step_s()
-        return None
+        top = heap[0][0] if heap else None
+        if not self._stepping:
+            if top is None:
+                return None
+            return self._now + max(top - self._progress, 0.0) * self._decode_step_s()
+        # Within the running step, progress rises at one per step (as :meth:`advance`
+        # reckons it, comparisons included).
+        end, length = self._step_end, self._step_len
+        if top is not None:
+            due = self._now + max(top - self._progress, 0.0) * length
+            if due < end:
+                return due
+        # Steps a finish lies beyond this one; never below 0, whatever the float rounding
+        # (a finish due a hair before ``end`` is met at ``end``, as advance() meets it).
+        beyond = (
+            None if top is None else max(top - self._progress - (end - self._now) / length, 0.0)
+        )
+        if any(not seq.cancelled and tokens == seq.prefill_left for seq, tokens in self._plan):
+            return end  # a first token at the end of this step
+        if not self._prefilling:  # the chunks were cancelled: decode steps follow
+            return None if beyond is None else end + beyond * self._decode_step_s()
+        return self._after_step(end, beyond)
 
     def advance(self, until_s: float) -> list[EngineEvent]:
         """Run the engine up to ``until_s``; the events that happened, in time order."""
@@ -216,23 +259,42 @@ class BatchEngine:
         if until_s < now:
             raise ValueError(f"cannot advance back in time from {now} to {until_s}")
         events: list[EngineEvent] = []
-        prefilling = self._prefilling
         heap = self._decode_heap
         decoding = self._decoding
         # :meth:`next_event_s` and :meth:`_run_for` inlined, the same arithmetic: a day's
         # replay advances engines millions of times.
         while True:
-            if prefilling:
-                due = now + self._prefill_left_s
-                if due > until_s:
+            while heap and heap[0][1] not in decoding:
+                heapq.heappop(heap)  # cancelled
+            if self._stepping:
+                end, step_s = self._step_end, self._step_len
+                if heap:
+                    top = heap[0][0]
+                    steps = top - self._progress
+                    if steps < 0.0:  # max(steps, 0.0)
+                        steps = 0.0
+                    due = now + steps * step_s
+                    if due < end:  # a sequence finishes within this step
+                        if due > until_s:
+                            break
+                        self._progress += (due - now) / step_s
+                        self._now = now = due
+                        if top > self._progress:  # max(progress, top)
+                            self._progress = top
+                        self._finish_decodes(events)
+                        if self._waiting:
+                            self._admit()
+                        continue
+                if end > until_s:
                     break
+                self._progress += (end - now) / step_s
                 # Land exactly on the event, whatever the float arithmetic rounded to.
-                self._now = now = due
-                self._prefill_left_s = 0.0
-                self._finish_prefill(events)
+                self._now = now = end
+                self._end_step(events)
+                if heap and heap[0][0] <= self._progress + _EPS:
+                    self._finish_decodes(events)
+                self._admit()  # and the next step, if anything is left to prefill
             else:
-                while heap and heap[0][1] not in decoding:
-                    heapq.heappop(heap)  # cancelled
                 if not heap:
                     break
                 step_s = self._decode_step_s()
@@ -250,8 +312,8 @@ class BatchEngine:
                 if top > self._progress:  # max(progress, top)
                     self._progress = top
                 self._finish_decodes(events)
-            if self._waiting:
-                self._admit()
+                if self._waiting:
+                    self._admit()
         self._run_for(until_s - now)
         self._now = until_s
         return events
@@ -263,46 +325,107 @@ class BatchEngine:
             events.extend(self.advance(due))
         return events
 
-    # Internals: time passes for prefill (if any) or else decode.
+    # Internals: steps with prompt chunks, and decode steps between them.
 
     def _decode_step_s(self) -> float:
         batch = len(self._decoding)
-        seconds = self._step_s.get(batch)
+        seconds = self._decode_s.get(batch)
         if seconds is None:
-            seconds = self._step_s[batch] = self.profile.decode_step_seconds(batch)
+            seconds = self._decode_s[batch] = self.profile.decode_step_seconds(batch)
         return seconds
 
     def _run_for(self, seconds: float) -> None:
         if seconds <= 0:
             return
-        if self._prefilling:
-            self._prefill_left_s = max(self._prefill_left_s - seconds, 0.0)
+        if self._stepping:
+            self._progress += seconds / self._step_len
         elif self._decoding:
             self._progress += seconds / self._decode_step_s()
 
+    def _after_step(self, end: float, steps_to_finish: float | None) -> float:
+        """The next event after the running step ends at ``end`` with no first token in
+        it: the oldest prompt's first token, or a finish ``steps_to_finish`` steps on."""
+        head = self._prefilling[0]
+        scheduled = 0
+        if self._plan:
+            last, tokens = self._plan[-1]
+            if last is head:
+                scheduled = tokens
+        left = head.prefill_left - scheduled
+        pending = self._pending - scheduled
+        decodes = len(self._decoding)
+        chunk = self.profile.max_batched_tokens - decodes
+        full = max(-(-left // chunk) - 1, 0)  # steps with a full chunk before the last
+        full_s = self.profile.step_seconds(decodes=decodes, prefill_tokens=chunk)
+        last_s = self.profile.step_seconds(
+            decodes=decodes, prefill_tokens=min(chunk, pending - full * chunk)
+        )
+        first_token = end
+        for _ in range(full):  # the sum advance() makes, step by step, to the float
+            first_token += full_s
+        first_token += last_s
+        if steps_to_finish is None:
+            return first_token
+        if steps_to_finish <= full:
+            finish = end + steps_to_finish * full_s
+        else:
+            finish = end + full * full_s + (steps_to_finish - full) * last_s
+        return min(first_token, finish)
+
     def _admit(self) -> None:
         waiting = self._waiting
-        if not waiting:
+        prefilling = self._prefilling
+        if waiting:
+            decoding = self._decoding
+            most = self.profile.max_batch
+            while waiting and len(prefilling) + len(decoding) < most:
+                seq = waiting.popleft()
+                seq.admitted_s = self._now
+                seq.prefill_left = seq.input_tokens
+                self._pending += seq.input_tokens
+                prefilling.append(seq)
+        if not prefilling:
             return
-        prefilling, decoding = self._prefilling, self._decoding
-        most = self.profile.max_batch
-        while waiting and len(prefilling) + len(decoding) < most:
-            seq = waiting.popleft()
-            seq.admitted_s = self._now
-            prefilling.append(seq)
-            if len(prefilling) == 1:
-                self._start_prefill()
+        if not self._stepping:
+            self._start_step()
+        elif self._now == self._step_start:
+            # Admitted the moment the step began, before any of it ran: it joins that step.
+            self._plan.clear()
+            self._start_step()
 
-    def _start_prefill(self) -> None:
-        if self._prefilling:
-            tokens = self._prefilling[0].input_tokens
-            seconds = self._prefill_s.get(tokens)
-            if seconds is None:
-                seconds = self._prefill_s[tokens] = self.profile.prefill_seconds(tokens)
-            self._prefill_left_s = seconds
+    def _start_step(self) -> None:
+        """Schedule a step now: a token for every decoding sequence, then prompt chunks,
+        oldest first, up to the budget."""
+        decodes = len(self._decoding)
+        room = self.profile.max_batched_tokens - decodes
+        plan = self._plan
+        chunk = 0
+        for seq in self._prefilling:
+            if room <= 0:
+                break
+            tokens = seq.prefill_left if seq.prefill_left < room else room
+            plan.append((seq, tokens))
+            chunk += tokens
+            room -= tokens
+        self._step_len = self.profile.step_seconds(decodes=decodes, prefill_tokens=chunk)
+        self._step_start = self._now
+        self._step_end = self._now + self._step_len
+        self._stepping = True
 
-    def _finish_prefill(self, events: list[EngineEvent]) -> None:
-        seq = self._prefilling.popleft()
+    def _end_step(self, events: list[EngineEvent]) -> None:
+        prefilling = self._prefilling
+        for seq, tokens in self._plan:
+            if seq.cancelled:
+                continue
+            seq.prefill_left -= tokens
+            self._pending -= tokens
+            if seq.prefill_left == 0:
+                prefilling.popleft()  # the plan is the front of the queue, in order
+                self._finish_prefill(seq, events)
+        self._plan.clear()
+        self._stepping = False
+
+    def _finish_prefill(self, seq: _Sequence, events: list[EngineEvent]) -> None:
         seq.first_token_s = self._now
         events.append(EngineEvent(EventKind.FIRST_TOKEN, seq.request_id, self._now))
         if seq.output_tokens <= 1:
@@ -312,7 +435,6 @@ class BatchEngine:
             seq.finish_progress = self._progress + seq.output_tokens - 1
             self._decoding[seq.request_id] = seq
             heapq.heappush(self._decode_heap, (seq.finish_progress, seq.request_id))
-        self._start_prefill()
 
     def _finish_decodes(self, events: list[EngineEvent]) -> None:
         heap = self._decode_heap

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 
 import pytest
@@ -58,6 +60,123 @@ def test_cancelling_a_running_request_admits_the_next() -> None:
     assert [(e.kind, e.request_id) for e in events] == [(EventKind.FIRST_TOKEN, ids[4])]
     assert {e.request_id for e in engine.drain()} == set(ids[1:])
     assert engine.idle
+
+
+def _token_times(engine: BatchEngine, request_id: int, until_s: float) -> list[float]:
+    """When each of a decoding request's tokens appeared, sampled every millisecond."""
+    times, seen, t = [], engine.generated_tokens(request_id), engine.now_s
+    while t < until_s:
+        t = min(t + 0.001, until_s)
+        engine.advance(t)
+        now = engine.generated_tokens(request_id)
+        times += [t] * (now - seen)
+        seen = now
+    return times
+
+
+def test_a_long_prompt_slows_the_running_decodes_by_its_chunks_instead_of_stalling_them() -> None:
+    # Chunked prefill (vLLM V1): each step decodes the running sequence and prefills
+    # what is left of the token budget, so a long prompt costs each of the running
+    # sequence's tokens one chunk's prefill, not the whole prompt's.
+    engine = BatchEngine(PROFILE)
+    talker = engine.submit(input_tokens=100, output_tokens=5_000)
+    engine.advance(1.0)
+    before = _token_times(engine, talker, 1.5)
+    reader = engine.submit(input_tokens=16_000, output_tokens=10)
+    # Sampled for as long as the prompt alone would take: every step of it a chunk's.
+    during = _token_times(engine, talker, 1.5 + PROFILE.prefill_seconds(16_000))
+    chunk = PROFILE.max_batched_tokens - 1
+    chunk_step = PROFILE.step_seconds(decodes=1, prefill_tokens=chunk)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(during)]
+    assert max(gaps) <= chunk_step + 0.002  # sampling slack
+    assert max(gaps) < PROFILE.prefill_seconds(16_000) / 5
+    # Slower than plain decoding by the chunk's share, and tokens kept coming.
+    assert (
+        max(b - a for a, b in itertools.pairwise(before)) < PROFILE.decode_step_seconds(1) + 0.002
+    )
+    assert min(gaps) > PROFILE.decode_step_seconds(1) + chunk / PROFILE.prefill_tokens_per_s / 2
+    assert len(during) >= math.ceil(16_000 / chunk) - 1
+    assert engine.generated_tokens(reader) == 0  # still prefilling: the decodes shared it
+
+
+def test_a_prompt_longer_than_the_budget_is_prefilled_over_several_steps() -> None:
+    engine = BatchEngine(PROFILE)
+    talker = engine.submit(input_tokens=100, output_tokens=5_000)
+    engine.advance(1.0)
+    tokens_before = engine.generated_tokens(talker)
+    long_prompt = 2 * PROFILE.max_batched_tokens + 500
+    reader = engine.submit(input_tokens=long_prompt, output_tokens=10)
+    events = engine.advance(10.0)
+    [first] = [e for e in events if e.request_id == reader and e.kind is EventKind.FIRST_TOKEN]
+    # Three steps, each one token for the running sequence and a chunk of the prompt:
+    # the budget less that token, twice, then the rest.
+    chunk = PROFILE.max_batched_tokens - 1
+    chunks = [chunk, chunk, long_prompt - 2 * chunk]
+    steps = [PROFILE.step_seconds(decodes=1, prefill_tokens=c) for c in chunks]
+    assert first.at_s - 1.0 == pytest.approx(sum(steps))
+    assert first.at_s - 1.0 > PROFILE.prefill_seconds(long_prompt)  # the decodes share the steps
+    # The running sequence gained one token per step while the prompt was prefilled.
+    probe = BatchEngine(PROFILE)
+    probe_talker = probe.submit(input_tokens=100, output_tokens=5_000)
+    probe.advance(1.0)
+    probe.submit(input_tokens=long_prompt, output_tokens=10)
+    probe.advance(first.at_s)
+    assert probe.generated_tokens(probe_talker) - tokens_before == len(chunks)
+
+
+def test_short_prompts_arriving_together_share_a_step() -> None:
+    # The budget holds both prompts: one step prefills them, and both first tokens come
+    # at its end (before chunked prefill the second waited for the first's prefill).
+    timings = simulate(PROFILE, [EngineRequest(0.0, 600, 5), EngineRequest(0.0, 700, 5)])
+    assert [t.ttft_s for t in timings] == [pytest.approx(PROFILE.prefill_seconds(1300))] * 2
+
+
+def test_chunked_prefill_neither_loses_nor_invents_work() -> None:
+    # Prompts of one token's output only prefill: the last first token comes when all
+    # their tokens have been prefilled, in full chunks of the budget and the remainder.
+    budget = PROFILE.max_batched_tokens
+    sizes = [3_000, 1_200, 5_500, 40, 2_600]
+    timings = simulate(PROFILE, [EngineRequest(0.0, size, 1) for size in sizes])
+    total = sum(sizes)
+    chunks = [budget] * (total // budget) + [total % budget]
+    assert max(t.first_token_s for t in timings) == pytest.approx(
+        sum(PROFILE.prefill_seconds(c) for c in chunks)
+    )
+    # A running request's output tokens all come, one per step; each step that also
+    # carried a chunk of another prompt is longer by that chunk's share, no more.
+    engine = BatchEngine(PROFILE)
+    talker = engine.submit(input_tokens=100, output_tokens=300)
+    engine.advance(0.5)
+    engine.submit(input_tokens=9_000, output_tokens=1)
+    events = engine.drain()
+    [finish] = [e for e in events if e.request_id == talker and e.kind is EventKind.FINISHED]
+    assert finish.timing is not None
+    assert finish.timing.output_tokens == 300
+    decode = PROFILE.decode_step_seconds(1)
+    shares = [
+        PROFILE.step_seconds(decodes=1, prefill_tokens=min(budget - 1, 9_000 - k * (budget - 1)))
+        - decode
+        for k in range(math.ceil(9_000 / (budget - 1)))
+    ]
+    assert finish.at_s == pytest.approx(PROFILE.prefill_seconds(100) + 299 * decode + sum(shares))
+
+
+def test_cancelling_a_prompt_halfway_through_its_prefill_frees_its_steps() -> None:
+    engine = BatchEngine(PROFILE)
+    talker = engine.submit(input_tokens=100, output_tokens=5_000)
+    engine.advance(1.0)
+    reader = engine.submit(input_tokens=20_000, output_tokens=10)
+    engine.advance(1.5)  # a few chunks in
+    assert engine.cancel(reader)
+    assert engine.running == 1
+    # The step already running ends; then plain decode steps again.
+    engine.advance(2.0)
+    tokens = engine.generated_tokens(talker)
+    engine.advance(3.0)
+    assert engine.generated_tokens(talker) - tokens == pytest.approx(
+        1.0 / PROFILE.decode_step_seconds(1), abs=1
+    )
+    assert [e.request_id for e in engine.drain()] == [talker]
 
 
 def test_the_engine_refuses_to_go_back_in_time() -> None:
@@ -142,3 +261,44 @@ def test_an_engine_without_timings_reports_the_same_events(
     assert [e[:3] for e in without] == [e[:3] for e in with_timings]
     assert all(none for *_, none in without)
     assert [e[3] for e in with_timings] == [e[0] is EventKind.FIRST_TOKEN for e in with_timings]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=arrivals)
+def test_next_event_s_never_skips_an_event(rows: list[tuple[float, int, int]]) -> None:
+    # The simulator and engine-sim sleep until next_event_s(): nothing may happen before
+    # it, and chunks spanning several steps included, it is when something does happen.
+    engine = BatchEngine(PROFILE)
+    for arrival, tokens_in, tokens_out in sorted(rows):
+        while (due := engine.next_event_s()) is not None and due <= arrival:
+            events = engine.advance(max(due, engine.now_s))
+            assert all(event.at_s >= due - 1e-9 for event in events)
+        before = engine.next_event_s()
+        events = engine.advance(max(arrival, engine.now_s))
+        assert not events or (before is not None and before <= arrival)
+        engine.submit(input_tokens=tokens_in, output_tokens=tokens_out)
+    while (due := engine.next_event_s()) is not None:
+        events = engine.advance(due)
+        assert all(event.at_s == pytest.approx(due, abs=1e-9) for event in events)
+    assert engine.idle
+
+
+def test_a_busy_engine_always_reaches_the_event_it_announced() -> None:
+    # A replica kept busy with long prompts on an H100: decodes that joined at a step's
+    # end finish on later steps' ends, where float rounding once put next_event_s() a
+    # hair before the end advance() waits for, and the simulator's event loop spun on it.
+    profile = serving_profile("NVIDIA H100 80GB HBM3", 1, 8.0)
+    rng = random.Random(2)
+    engine = BatchEngine(profile)
+    clock = 0.0
+    for _ in range(300):
+        clock += rng.expovariate(3.0)
+        while (due := engine.next_event_s()) is not None and due <= clock:
+            if not engine.advance(max(due, engine.now_s)):
+                # Nothing at ``due``: then the engine must have moved on past it.
+                assert engine.next_event_s() != due or engine.advance(due)
+        engine.advance(clock)
+        engine.submit(input_tokens=rng.randint(1000, 30_000), output_tokens=rng.randint(1, 300))
+    events = engine.drain()
+    assert engine.idle
+    assert events
