@@ -253,9 +253,19 @@ class ControllerMetrics:
         )
         self.workload_labels = WorkloadLabels()
         r.register(self.workload_labels)
+        self._workloads: dict[tuple[str, str], WorkloadGauges] = {}
+
+    def workload(self, project: str, workload: str) -> WorkloadGauges:
+        """The workload's gauge children, each looked up once (:class:`WorkloadGauges`)."""
+        key = (project, workload)
+        gauges = self._workloads.get(key)
+        if gauges is None:
+            gauges = self._workloads[key] = WorkloadGauges(key)
+        return gauges
 
     def forget_workload(self, project: str, workload: str) -> None:
         """Drop a gone workload's series so dashboards do not show it forever."""
+        self._workloads.pop((project, workload), None)
         self.workload_labels.forget(project, workload)
         for gauge in (
             self.desired,
@@ -286,6 +296,39 @@ class ControllerMetrics:
         for reason in REFUSAL_REASONS:
             with contextlib.suppress(KeyError):
                 self.blocked.remove(project, workload, reason)
+
+
+class WorkloadGauges:
+    """One workload's labelled gauge children, each looked up once and kept.
+
+    ``Gauge.labels`` checks, converts and locks on every call, and a step sets some 18
+    of a workload's gauges: with the children kept, a step pays a dictionary lookup for
+    each. A child is made on its first use, so a workload exports the series its calls
+    made, as before. Only :meth:`remove` and :meth:`ControllerMetrics.forget_workload`
+    drop a series of these gauges, and they drop the kept child with it (a child kept
+    after its series was removed would be set and never exported)."""
+
+    __slots__ = ("_children", "_labels")
+
+    def __init__(self, labels: tuple[str, str]) -> None:
+        self._labels = labels
+        self._children: dict[tuple[Gauge, str], Gauge] = {}
+
+    def child(self, gauge: Gauge, extra: str = "") -> Gauge:
+        """``gauge``'s child for this workload (and ``extra``, the third label's value
+        of a gauge that has one): O(1) once made."""
+        key = (gauge, extra)
+        child = self._children.get(key)
+        if child is None:
+            labels = (*self._labels, extra) if extra else self._labels
+            child = self._children[key] = gauge.labels(*labels)
+        return child
+
+    def remove(self, gauge: Gauge) -> None:
+        """Drop the workload's series of a two-label ``gauge`` (none: nothing)."""
+        if self._children.pop((gauge, ""), None) is not None:
+            with contextlib.suppress(KeyError):
+                gauge.remove(*self._labels)
 
 
 class WorkloadLabels(Collector):

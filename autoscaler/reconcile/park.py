@@ -32,6 +32,7 @@ the engine or the provider hears of it, and nothing is marked done before they c
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -348,10 +349,12 @@ async def _wake(deps: Deps, row: LedgerRow) -> bool:
 
 
 def export_parked(deps: Deps, *, labels: tuple[str, str], rows: Sequence[Facts]) -> None:
-    """The workload's parked replicas by mode (confirmed parks only)."""
+    """The workload's parked replicas by mode (confirmed parks only): O(rows)."""
+    m = deps.metrics
+    gauges = m.workload(*labels)
+    parked = Counter(r.park_mode for r in rows if phase_of(r) is Phase.PARKED)
     for mode in ParkMode:
-        count = sum(1 for r in rows if phase_of(r) is Phase.PARKED and r.park_mode == mode.value)
-        deps.metrics.parked.labels(*labels, mode.value).set(count)
+        gauges.child(m.parked, mode.value).set(parked[mode.value])
 
 
 def _note(row: LedgerRow, error: str | None) -> None:

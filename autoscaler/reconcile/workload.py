@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import contextvars
 import dataclasses
+from collections import Counter
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,7 +74,12 @@ from autoscaler.decide.warm import (
     start_times_from,
     warm_policy_of,
 )
-from autoscaler.metrics import REFUSAL_REASONS, ControllerMetrics, refusal_reason
+from autoscaler.metrics import (
+    REFUSAL_REASONS,
+    ControllerMetrics,
+    WorkloadGauges,
+    refusal_reason,
+)
 from autoscaler.reconcile.boot_failures import launch_hold, report_failed_boots
 from autoscaler.reconcile.deps import Deps, WorkloadRef, log
 from autoscaler.reconcile.fleet import RowFacts
@@ -922,8 +928,10 @@ async def _log_refusals(
 def export_refusals(deps: Deps, *, labels: tuple[str, str], plan: Plan) -> dict[str, str]:
     """Set the workload's refusal gauges from its plan; its refusals by label."""
     reasons = {refusal_reason(r.reason): r.reason for r in plan.refusals}
+    m = deps.metrics
+    gauges = m.workload(*labels)
     for label in REFUSAL_REASONS:
-        deps.metrics.blocked.labels(*labels, label).set(1 if label in reasons else 0)
+        gauges.child(m.blocked, label).set(1 if label in reasons else 0)
     return reasons
 
 
@@ -964,31 +972,34 @@ def export_workload(
     rows: Sequence[Facts],
     desired: int,
 ) -> None:
-    """The workload's gauges: replicas by phase, desired count, spend, bounds."""
+    """The workload's gauges: replicas by phase, desired count, spend, bounds. O(rows),
+    each gauge's child looked up once per workload (``metrics.WorkloadGauges``)."""
     m = deps.metrics
-    phases = [phase_of(r) for r in rows]
-    for phase in Phase:
-        if phase is not Phase.TERMINATED:
-            m.replicas.labels(*labels, phase.value).set(phases.count(phase))
-    m.desired.labels(*labels).set(desired)
-    m.workload_usd.labels(*labels).set(sum(r.hourly_usd for r in rows))
+    gauges = m.workload(*labels)
+    phases = Counter(phase_of(r) for r in rows)
+    for phase in _EXPORTED_PHASES:
+        gauges.child(m.replicas, phase.value).set(phases[phase])
+    gauges.child(m.desired).set(desired)
+    gauges.child(m.workload_usd).set(sum(r.hourly_usd for r in rows))
     export_parked(deps, labels=labels, rows=rows)
     m.workload_labels.set(*labels, spec.labels)
     policy = _autoscaling(spec)
     if policy is not None and policy.max_hourly_cost_usd is not None:
-        m.workload_ceiling.labels(*labels).set(policy.max_hourly_cost_usd)
-    _export_bounds(m, labels=labels, spec=spec)
+        gauges.child(m.workload_ceiling).set(policy.max_hourly_cost_usd)
+    _export_bounds(m, gauges, spec=spec)
 
 
-def _export_bounds(m: ControllerMetrics, *, labels: tuple[str, str], spec: WorkloadSpec) -> None:
+_EXPORTED_PHASES = tuple(phase for phase in Phase if phase is not Phase.TERMINATED)
+
+
+def _export_bounds(m: ControllerMetrics, gauges: WorkloadGauges, *, spec: WorkloadSpec) -> None:
     """The workload's own targets, for alert rules and dashboards to compare against."""
     config = spec.execution_policy_config
     if isinstance(config, AutoscalingPolicy):
-        m.ttft_target.labels(*labels).set(config.upper_allowed_latency_sec)
-        m.ttft_lower.labels(*labels).set(config.lower_allowed_latency_sec)
-        m.max_replicas.labels(*labels).set(config.max_workers)
+        gauges.child(m.ttft_target).set(config.upper_allowed_latency_sec)
+        gauges.child(m.ttft_lower).set(config.lower_allowed_latency_sec)
+        gauges.child(m.max_replicas).set(config.max_workers)
         return
     for gauge in (m.ttft_target, m.ttft_lower):
-        with contextlib.suppress(KeyError):
-            gauge.remove(*labels)  # a policy changed away from autoscaling has no target
-    m.max_replicas.labels(*labels).set(config.replicas)
+        gauges.remove(gauge)  # a policy changed away from autoscaling has no target
+    gauges.child(m.max_replicas).set(config.replicas)

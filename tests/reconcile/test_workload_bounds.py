@@ -73,3 +73,44 @@ async def test_labels_are_exported_and_a_label_edit_keeps_the_replica(world: Wor
     for _ in range(6):
         await world.step(30)
     assert "chat" not in _labels_series(world.deps.metrics.registry)
+
+
+async def test_a_workload_made_again_after_its_delete_exports_its_gauges_again(
+    world: World,
+) -> None:
+    """The gauges' children are kept per workload: a series dropped (a delete, a policy
+    changed away from autoscaling) must come back when the workload sets it again."""
+    registry = world.deps.metrics.registry
+    target = "autoscaler_controller_workload_ttft_target_seconds"
+    desired = "autoscaler_controller_desired_replicas"
+    await world.apply(autoscaling("chat", upper_allowed_latency_sec=0.8))
+    await world.step()
+    await world.delete("chat")
+    for _ in range(6):
+        await world.step(30)
+    assert _value(registry, desired, "chat") is None
+
+    await world.apply(fixed("chat", replicas=2))
+    await world.step(5)
+    await world.step(5)
+    assert _value(registry, desired, "chat") == 2
+    assert _value(registry, "autoscaler_controller_workload_max_replicas", "chat") == 2
+    assert _value(registry, target, "chat") is None
+    replicas = {
+        phase: registry.get_sample_value(
+            "autoscaler_controller_replicas",
+            {"project": "acme", "workload": "chat", "phase": phase},
+        )
+        for phase in ("pending", "booting", "ready")
+    }
+    assert sum(v or 0 for v in replicas.values()) == 2
+
+    await world.apply(autoscaling("chat", upper_allowed_latency_sec=1.5))
+    await world.step(5)
+    assert _value(registry, target, "chat") == 1.5
+    await world.apply(fixed("chat", replicas=1))
+    await world.step(5)
+    assert _value(registry, target, "chat") is None
+    await world.apply(autoscaling("chat", upper_allowed_latency_sec=2.5))
+    await world.step(5)
+    assert _value(registry, target, "chat") == 2.5
