@@ -10,6 +10,7 @@ confidence says which. A hint (the workload's ``model_memory_gib``) overrides it
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import shlex
@@ -114,7 +115,22 @@ _PARAMS_M = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)m(?![a-z])")
 def estimate_model_memory(
     model_id: str, command: str | None = None, *, hint_gib: float | None = None
 ) -> MemoryEstimate:
-    """GPU memory (GiB, all replicas' GPUs together) to serve ``model_id`` with ``command``."""
+    """GPU memory (GiB, all replicas' GPUs together) to serve ``model_id`` with ``command``.
+
+    A pure function of its arguments: the last :data:`ESTIMATES_KEPT` answers are kept,
+    so the steps of a pass that size the same model and command (placement, admission)
+    parse the command once; an invalid hint raises each time."""
+    return _estimate_model_memory(model_id, command, hint_gib)
+
+
+ESTIMATES_KEPT = 1024
+"""Estimates :func:`estimate_model_memory` keeps (least recently used dropped first)."""
+
+
+@functools.lru_cache(maxsize=ESTIMATES_KEPT)
+def _estimate_model_memory(
+    model_id: str, command: str | None, hint_gib: float | None
+) -> MemoryEstimate:
     if hint_gib is not None:
         if not hint_gib > 0:
             raise ValueError(f"model_memory_gib must be > 0, got {hint_gib}")

@@ -20,6 +20,8 @@ gateway only (``Engine.api_key`` is False so callers can tell).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -472,7 +474,47 @@ def boot_spec(
 
     The engine's API key and the Hugging Face token are named in ``secret_env_names``
     and resolved where the engine starts; see the module docstring.
+
+    A pure function of its arguments, and its answer immutable: the last
+    :data:`BOOT_SPECS_KEPT` answers without a startup script are kept, so a controller
+    that asks for the same workload's boot several times in a step (admission, the
+    intent row, the provider's request) parses its command once; an invalid command
+    raises each time. A startup script (it may carry a launch's own token) is never kept.
     """
+    boot = _boot_spec(
+        backend,
+        model,
+        command,
+        vllm_version,
+        task_type,
+        cuda_version,
+        gpu_count,
+        nodes,
+        node_rank,
+        sleep_mode,
+    )
+    return (
+        boot if startup_script is None else dataclasses.replace(boot, startup_script=startup_script)
+    )
+
+
+BOOT_SPECS_KEPT = 1024
+"""Boot specs :func:`boot_spec` keeps (least recently used dropped first)."""
+
+
+@functools.lru_cache(maxsize=BOOT_SPECS_KEPT)
+def _boot_spec(
+    backend: str,
+    model: str,
+    command: str | None,
+    vllm_version: str | None,
+    task_type: str,
+    cuda_version: str | None,
+    gpu_count: int,
+    nodes: int,
+    node_rank: int,
+    sleep_mode: bool,
+) -> BootSpec:
     engine = engine_for(backend)
     argv = engine_argv(
         backend=backend,
@@ -498,7 +540,6 @@ def boot_spec(
         env=env,
         secret_env_names=secrets,
         cuda_version=cuda_version,
-        startup_script=startup_script,
     )
 
 
