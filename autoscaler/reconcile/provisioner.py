@@ -272,46 +272,78 @@ def intent_row(
 ) -> LedgerRow:
     """The ledger row of one machine (one member of a group) to be bought; ``disk_gib``:
     the boot disk the launch asks for, which a stopped machine bills."""
-    nodes = placement.group_size
-    row = LedgerRow(
-        launch_id=launch_id,
-        workload_id=workload.id,
-        project=workload.project,
-        workload_slug=workload.slug,
-        spec_generation=workload.generation,
-        provider=ProviderName.PRIVATE.value,
-        offer_key="",
-        region="",
-        zone="",
-        instance_type="",
-        gpu="",
-        gpu_count=0,
-        spot=False,
-        hourly_usd=placement.usd_per_hour / nodes,
-        worker_id=placement.worker_id,
-        engine_key=secrets.token_urlsafe(24),
-        intent_at=now,
+    return LedgerRow(
+        **intent_values(
+            workload,
+            spec,
+            placement=placement,
+            launch_id=launch_id,
+            now=now,
+            disk_gib=disk_gib,
+            rank=rank,
+        )
     )
+
+
+def intent_values(
+    workload: Workload | WorkloadFacts,
+    spec: WorkloadSpec,
+    *,
+    placement: Placement,
+    launch_id: str,
+    now: datetime,
+    disk_gib: float,
+    rank: int = 0,
+) -> dict[str, Any]:
+    """The column values of :func:`intent_row`'s row, as a plain dictionary (a batch of
+    intents is inserted as values: ``reconcile.batch``). O(1); the boot command is asked
+    of ``providers.engines.boot_spec`` once."""
+    nodes = placement.group_size
     offer = placement.offer
+    values: dict[str, Any] = {
+        "launch_id": launch_id,
+        "workload_id": workload.id,
+        "project": workload.project,
+        "workload_slug": workload.slug,
+        "spec_generation": workload.generation,
+        "provider": ProviderName.PRIVATE.value,
+        "offer_key": "",
+        "region": "",
+        "zone": "",
+        "instance_type": "",
+        "gpu": "",
+        "gpu_count": 0,
+        "spot": False,
+        "hourly_usd": placement.usd_per_hour / nodes,
+        "worker_id": placement.worker_id,
+        "engine_key": secrets.token_urlsafe(24),
+        "intent_at": now,
+    }
     if offer is not None:
-        row.provider = offer.provider.value
-        row.offer_key = offer.key
-        row.region, row.zone = offer.region, offer.zone
-        row.instance_type, row.gpu, row.gpu_count = offer.instance_type, offer.gpu, offer.gpu_count
-        row.spot = placement.market is Market.SPOT
-        if not row.spot and nodes == 1:  # a spot machine, a group member: never stopped
-            row.stopped_usd_per_hour = stopped_usd_per_hour(offer, disk_gib)
+        spot = placement.market is Market.SPOT
+        values |= {
+            "provider": offer.provider.value,
+            "offer_key": offer.key,
+            "region": offer.region,
+            "zone": offer.zone,
+            "instance_type": offer.instance_type,
+            "gpu": offer.gpu,
+            "gpu_count": offer.gpu_count,
+            "spot": spot,
+        }
+        if not spot and nodes == 1:  # a spot machine, a group member: never stopped
+            values["stopped_usd_per_hour"] = stopped_usd_per_hour(offer, disk_gib)
     else:
-        row.offer_key = worker_key(placement.worker_id or "")
+        values["offer_key"] = worker_key(placement.worker_id or "")
     boot = workload_boot(
         spec,
-        gpu_count=max(row.gpu_count, 1),
+        gpu_count=max(values["gpu_count"], 1),
         nodes=nodes,
         node_rank=rank,
         sleep_mode=nodes == 1 and may_sleep(spec),
     )
-    row.engine_command = list(boot.command)
-    return row
+    values["engine_command"] = list(boot.command)
+    return values
 
 
 def launch_disk_gib(deps: Deps, placement: Placement) -> float:
