@@ -178,6 +178,17 @@ class OfferIndex:
         self._feasible: dict[OfferRequest, tuple[Candidate, ...]] = {}
         self._shapes: dict[OfferRequest, tuple[tuple[str, int], ...]] = {}
         self._rejected: dict[OfferRequest, Mapping[RejectReason, int]] = {}
+        self._by_key: dict[str, Offer] | None = None
+
+    def by_key(self, key: str) -> Offer | None:
+        """The first offer whose :attr:`~catalog.model.Offer.key` is ``key`` (``None``:
+        none): O(offers) the first time, to index every key, O(1) after."""
+        if self._by_key is None:
+            by_key: dict[str, Offer] = {}
+            for offer in self.offers:
+                by_key.setdefault(offer.key, offer)
+            self._by_key = by_key
+        return self._by_key.get(key)
 
     def feasible(self, request: OfferRequest) -> tuple[Candidate, ...]:
         """The offers that satisfy ``request``, cheapest first (``select_offers``'s order)."""
