@@ -369,7 +369,7 @@ def step(
     plan = plan_actions(
         desired=decision.desired,
         replicas=[
-            replace(
+            _with_load(
                 r.view,
                 in_flight=in_flight_of(view, r.view.launch_id),
                 in_flight_unknown=view.measured.incomplete,
@@ -425,6 +425,32 @@ def step(
         limits=limits,
         headroom=room,
         warm=warm,
+    )
+
+
+def _with_load(
+    view: ReplicaView,
+    *,
+    in_flight: int,
+    in_flight_unknown: str | None,
+    cache_blocks: int,
+    misfit: bool,
+) -> ReplicaView:
+    """``view`` with the load the step measured on it: ``view`` itself when it already
+    says so (a replica idle as its view was made: no copy of its fields)."""
+    if (
+        view.in_flight == in_flight
+        and view.in_flight_unknown == in_flight_unknown
+        and view.cache_blocks == cache_blocks
+        and view.misfit == misfit
+    ):
+        return view
+    return replace(
+        view,
+        in_flight=in_flight,
+        in_flight_unknown=in_flight_unknown,
+        cache_blocks=cache_blocks,
+        misfit=misfit,
     )
 
 

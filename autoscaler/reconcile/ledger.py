@@ -288,9 +288,25 @@ def replica_views(
 
 def fleet_counts(rows: Sequence[Facts], *, warm: WarmPolicy | None = None) -> FleetCounts:
     """Ready, booting and draining replicas as the step counts them
-    (``decide.step.fleet_counts``): a warm pool refill (``warm``) is none of them."""
-    views = [replica_view(r, in_flight=0) for r in rows if r.group_role != "worker"]
-    return phase_counts(views, warm=warm)
+    (``decide.step.fleet_counts``): a warm pool refill (``warm``) is none of them.
+    O(rows); without a warm pool no replica is a refill, and each row's phase is counted
+    as :func:`replica_view` gives it (``decide.plan.counted_phase``) without making the
+    views."""
+    if warm is not None:
+        views = [replica_view(r, in_flight=0) for r in rows if r.group_role != "worker"]
+        return phase_counts(views, warm=warm)
+    ready = booting = draining = 0
+    for r in rows:
+        if r.group_role == "worker":
+            continue
+        phase = counted_phase(ReplicaPhase(phase_of(r).value), warned=spot_warned(r))
+        if phase is ReplicaPhase.READY:
+            ready += 1
+        elif phase is ReplicaPhase.PENDING or phase is ReplicaPhase.BOOTING:
+            booting += 1
+        elif phase is ReplicaPhase.DRAINING:
+            draining += 1
+    return FleetCounts(ready=ready, booting=booting, draining=draining)
 
 
 def record_decision(
