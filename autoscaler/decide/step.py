@@ -501,8 +501,11 @@ def _rebalanced(
     at a time per workload; a replacement for price never replaces one cheaper than
     itself (the margin).
     """
-    memory = replace(decision.memory, rebalance=None)
-    base = replace(decision, memory=memory)
+    if decision.memory.rebalance is None:  # already the decision without one: no copy
+        memory, base = decision.memory, decision
+    else:
+        memory = replace(decision.memory, rebalance=None)
+        base = replace(decision, memory=memory)
     if view.deleted or warm is not None:
         return base
     replicas = list(view.replicas)
