@@ -16,7 +16,11 @@ last one changed: ``autoscaler.reconcile.changes``), then times:
   ``changed_cpu_s`` the CPU time this process spent in it; ``changed_full_collections``:
   the cyclic garbage collector's full collections in it (one costs 0.13-0.19 s of CPU
   over a 1,000-workload fleet, and whether one falls in this pass is chance: a figure
-  with one is not the pass's own cost);
+  with one is not the pass's own cost); with ``--changed-passes K`` (default 1), K - 1
+  more such passes follow, each over workloads not changed before (two passes apart, so
+  the last launches are settled): ``later_changed_cpu_s``, ``later_changed_pass_s`` and
+  ``later_changed_full_collections`` list each (the first changed pass also prepares
+  the batch's statements, which later passes find cached);
 * the gateway's route refresh over the same store: ``gateway_full_s``, a reload of the
   whole table (what every refresh cost before the change log); ``gateway_steady_s``, the
   median refresh with nothing changed; ``gateway_changed_s``, the refresh that follows
@@ -89,6 +93,9 @@ class Row:
     gateway_full_s: float
     gateway_steady_s: float
     gateway_changed_s: float
+    later_changed_pass_s: tuple[float, ...] = ()
+    later_changed_cpu_s: tuple[float, ...] = ()
+    later_changed_full_collections: tuple[int, ...] = ()
 
 
 class _AlwaysHealthy:
@@ -109,7 +116,14 @@ def _spec(index: int, replicas: int) -> WorkloadSpec:
 
 
 async def measure(
-    url: str, *, store: str, workloads: int, passes: int, changed: int, fleet_ceiling: float | None
+    url: str,
+    *,
+    store: str,
+    workloads: int,
+    passes: int,
+    changed: int,
+    fleet_ceiling: float | None,
+    changed_passes: int = 1,
 ) -> Row:
     clock = ManualClock(start=1_750_000_000.0)
     cloud = FakeCloud(clock=clock)
@@ -169,6 +183,14 @@ async def measure(
         changed_s, changed_cpu = await timed_pass()
         changed_full = gc.get_stats()[2]["collections"] - full_before
         gateway_changed = await _timed(gateway.refresh)
+        later: list[tuple[float, float, int]] = []
+        for j in range(1, changed_passes):
+            for _ in range(2):  # the last changed pass's launches are seen ready
+                await timed_pass()
+            await apply(list(range(j * changed, (j + 1) * changed)), REPLICAS + 1)
+            full_before = gc.get_stats()[2]["collections"]
+            wall, cpu = await timed_pass()
+            later.append((wall, cpu, gc.get_stats()[2]["collections"] - full_before))
         if gateway.full_reloads != 1:
             raise RuntimeError(f"the gateway reloaded whole {gateway.full_reloads} times, not once")
     steady = statistics.median(t[0] for t in timed)
@@ -187,6 +209,9 @@ async def measure(
         full_s,
         gateway_steady,
         gateway_changed,
+        tuple(t[0] for t in later),
+        tuple(t[1] for t in later),
+        tuple(t[2] for t in later),
     )
 
 
@@ -204,6 +229,7 @@ async def _row(
         "workloads": n,
         "passes": args.passes,
         "changed": min(changed, n),
+        "changed_passes": max(1, min(args.changed_passes, n // max(1, min(changed, n)))),
         "fleet_ceiling": args.fleet_ceiling,
     }
     if url is not None:
@@ -263,6 +289,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--pg", default=PG, help=f"PostgreSQL server (default {PG})")
     parser.add_argument("--passes", type=int, default=3, help="steady passes timed (median)")
     parser.add_argument("--changed", type=int, help="workloads changed (default N // 100)")
+    parser.add_argument(
+        "--changed-passes",
+        type=int,
+        default=1,
+        help="changed passes, each over workloads not changed before (default 1)",
+    )
     parser.add_argument(
         "--fleet-ceiling", type=float, help="a fleet-wide ceiling in $/h (default none)"
     )
