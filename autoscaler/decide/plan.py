@@ -649,9 +649,10 @@ def _tend_parked(
     due: list[float],
     serving: bool,
 ) -> list[ReplicaView]:
-    """Terminate parked replicas of an older generation, beyond their pool's bound or (an
-    automatic pool) past their hold time, stopping a sleeping one instead where the stopped
-    pool has room; the rest can be resumed: sleeping first, then stopped, newest first.
+    """Terminate parked replicas warned of their spot reclaim, of an older generation,
+    beyond their pool's bound or (an automatic pool) past their hold time, stopping a
+    sleeping one instead where the stopped pool has room; the rest can be resumed:
+    sleeping first, then stopped, newest first.
     ``serving``: another replica is ready or starting (``WarmPolicy.hold``)."""
     parked = sorted(
         (r for r in live if r.phase is ReplicaPhase.PARKED and r.park_mode is not None),
@@ -663,7 +664,9 @@ def _tend_parked(
         mode = r.park_mode
         assert mode is not None
         age = (now - (r.parked_at or now)).total_seconds()
-        if policy is None:
+        if r.warned:  # as heed_spot_notice says: no start path, released
+            reason = "warned of its spot reclaim: released, not resumed"
+        elif policy is None:
             reason = "no warm pool (unset, or the workload is deleted)"
         elif r.generation < pool.generation:
             reason = (

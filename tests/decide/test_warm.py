@@ -183,6 +183,22 @@ def test_a_ready_replica_warned_without_a_reclaim_time_is_drained_at_once_never_
     assert "not parked: its machine is reclaimed at a time not known" in p.actions[0].reason
 
 
+def test_the_plan_releases_a_warned_pool_member_and_never_resumes_it() -> None:
+    """The plan alone says what heed_spot_notice says, whoever calls it first: a member of
+    the warm pool warned of its reclaim is terminated, and a scale-up resumes the other
+    member instead of it."""
+    warned = replace(
+        replica("warned", ReplicaPhase.PARKED, park=ParkMode.SLEEPING, parked_age=10),
+        warned=True,
+    )
+    other = replica("other", ReplicaPhase.PARKED, park=ParkMode.STOPPED, parked_age=300)
+    p = plan(1, [warned, other])
+    assert ("Terminate", "warned", None) in kinds(p)
+    assert [a.launch_id for a in p.actions if isinstance(a, Resume)] == ["other"]
+    [released] = [a for a in p.actions if a.launch_id == "warned"]
+    assert "warned of its spot reclaim: released, not resumed" in released.reason
+
+
 def test_a_replica_still_serving_requests_is_not_parked_before_its_drain_ends() -> None:
     busy = replica("a", ReplicaPhase.DRAINING, drain_age=30, in_flight=2)
     p = plan(0, [busy])
