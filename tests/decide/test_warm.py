@@ -195,7 +195,7 @@ def test_the_plan_releases_a_warned_pool_member_and_never_resumes_it() -> None:
     p = plan(1, [warned, other])
     assert ("Terminate", "warned", None) in kinds(p)
     assert [a.launch_id for a in p.actions if isinstance(a, Resume)] == ["other"]
-    [released] = [a for a in p.actions if a.launch_id == "warned"]
+    [released] = [a for a in p.actions if isinstance(a, Terminate) and a.launch_id == "warned"]
     assert "warned of its spot reclaim: released, not resumed" in released.reason
 
 
