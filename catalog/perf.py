@@ -322,7 +322,8 @@ def serving_profile(
     lowers (never raises) the batch the KV cache allows, like vLLM's ``--max-num-seqs``;
     ``max_batched_tokens`` sets the step's token budget, like ``--max-num-batched-tokens``
     (default: vLLM's for the GPU, :data:`MAX_BATCHED_TOKENS_LARGE_GPU` or
-    :data:`MAX_BATCHED_TOKENS`), and must be at least the batch.
+    :data:`MAX_BATCHED_TOKENS`), and must be at least ``max_batch`` when both are given;
+    given alone, a budget below the batch the KV cache allows lowers the batch to it.
     Raises ``ValueError`` for an unknown GPU or bad numbers, and :class:`ModelDoesNotFit`
     when the model leaves no room for even one sequence's KV cache.
     """
@@ -343,8 +344,9 @@ def serving_profile(
         )
     if max_batch is not None and max_batch < 1:
         raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-    batch = fitting if max_batch is None else min(fitting, max_batch)
     budget = _default_batched_tokens(spec) if max_batched_tokens is None else max_batched_tokens
+    # As vLLM's EngineArgs: a default sequence cap is lowered to a smaller budget.
+    batch = min(fitting, budget) if max_batch is None else min(fitting, max_batch)
     if budget < batch:
         raise ValueError(
             f"max_batched_tokens ({budget}) must be at least the batch ({batch}), "

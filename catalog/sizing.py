@@ -23,6 +23,10 @@ DEFAULT_CONTEXT_TOKENS = 8192
 CONTEXT_FLAGS = ("--max-model-len", "--context-length", "--max-seq-len")
 """The engines' context-length flags (vLLM, SGLang, older vLLM), in the order they are read."""
 UNKNOWN_MODEL_GIB = 16.0
+BATCHED_TOKENS_FLAGS = ("--max-num-batched-tokens", "--chunked-prefill-size")
+"""The engines' per-step token budget flags (vLLM, SGLang), in the order they are read."""
+MAX_SEQS_FLAGS = ("--max-num-seqs", "--max-running-requests")
+"""The engines' running-sequence cap flags (vLLM, SGLang), in the order they are read."""
 ADAPTER_LIST_FLAGS = ("--lora-modules", "--lora-paths")
 """The engines' flags that list LoRA adapters as ``name=source`` words (vLLM, SGLang)."""
 
@@ -248,6 +252,62 @@ def command_context(flags: dict[str, str]) -> tuple[int, str] | None:
                 return int(value.replace("k", "000").replace("K", "000")), flag
             except ValueError:
                 raise ValueError(f"{flag} must be a whole number, got {value!r}") from None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class BatchLimits:
+    """The step token budget and running-sequence cap a command sets; None: not set."""
+
+    max_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+
+
+def command_batch_limits(flags: dict[str, str]) -> BatchLimits:
+    """The batch limits a command's flags set: vLLM's ``--max-num-batched-tokens`` and
+    ``--max-num-seqs``, or SGLang's ``--chunked-prefill-size`` and
+    ``--max-running-requests``. ``flags`` are keyed without dashes. SGLang's
+    ``--chunked-prefill-size -1`` (chunking off) reads as not set.
+
+    Raises ValueError naming the flag when a value is not a whole number of at least 1,
+    and, in vLLM's own words, for what vLLM's ``SchedulerConfig`` refuses to start with:
+    a budget below the sequence cap, or (with chunked prefill turned off) below the
+    context length."""
+    budget = _whole_flag(flags, BATCHED_TOKENS_FLAGS)
+    seqs = _whole_flag(flags, MAX_SEQS_FLAGS)
+    if budget is not None and seqs is not None and budget < seqs:
+        raise ValueError(
+            f"max_num_batched_tokens ({budget}) must be greater than or equal to "
+            f"max_num_seqs ({seqs})."
+        )
+    context = command_context(flags)
+    if budget is not None and context is not None and budget < context[0] and _unchunked(flags):
+        raise ValueError(
+            f"max_num_batched_tokens ({budget}) is smaller than max_model_len ({context[0]}). "
+            "This effectively limits the maximum sequence length to max_num_batched_tokens "
+            "and makes vLLM reject longer sequences. Please increase max_num_batched_tokens "
+            "or decrease max_model_len."
+        )
+    return BatchLimits(max_batched_tokens=budget, max_num_seqs=seqs)
+
+
+def _unchunked(flags: dict[str, str]) -> bool:
+    """Whether the command turns vLLM's chunked prefill (on by default in V1) off."""
+    return "no-enable-chunked-prefill" in flags or (
+        flags.get("enable-chunked-prefill", "").casefold() in ("false", "0")
+    )
+
+
+def _whole_flag(flags: dict[str, str], names: Sequence[str]) -> int | None:
+    for flag in names:
+        value = flags.get(flag.removeprefix("--"))
+        if not value:
+            continue
+        if flag == "--chunked-prefill-size" and value == "-1":
+            return None
+        if not (value.isdigit() and int(value) >= 1):
+            raise ValueError(f"{flag} must be a whole number of at least 1, got {value!r}")
+        return int(value)
     return None
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from catalog.sizing import Confidence, estimate_model_memory
+from catalog.sizing import (
+    BatchLimits,
+    Confidence,
+    command_batch_limits,
+    command_flags,
+    estimate_model_memory,
+)
 
 
 def test_known_model_is_high_confidence_and_fits_where_it_really_fits() -> None:
@@ -67,3 +73,42 @@ def test_hint_overrides_the_estimate() -> None:
 def test_bad_max_model_len_names_the_flag() -> None:
     with pytest.raises(ValueError, match="--max-model-len must be a whole number, got 'lots'"):
         estimate_model_memory("meta-llama/Llama-3.1-8B", "--max-model-len lots")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-num-batched-tokens", "512", "--max-num-seqs", "64"],
+        ["--max-num-batched-tokens=512", "--max-num-seqs=64"],
+        ["--chunked-prefill-size", "512", "--max-running-requests", "64"],
+    ],
+    ids=["vllm-spaced", "vllm-equals", "sglang"],
+)
+def test_batch_limits_are_read_in_either_spelling(argv: list[str]) -> None:
+    limits = command_batch_limits(command_flags(["vllm", "serve", "m", *argv]))
+    assert limits == BatchLimits(max_batched_tokens=512, max_num_seqs=64)
+
+
+def test_batch_limits_unset_or_chunking_off_read_as_the_engines_defaults() -> None:
+    assert command_batch_limits(command_flags(["--max-model-len", "4096"])) == BatchLimits()
+    off = command_batch_limits(command_flags(["--chunked-prefill-size", "-1"]))
+    assert off.max_batched_tokens is None
+
+
+def test_a_budget_below_the_sequence_cap_is_refused_in_vllms_words() -> None:
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(128\)") as refused:
+        command_batch_limits(
+            command_flags(["--max-num-batched-tokens", "128", "--max-num-seqs", "256"])
+        )
+    assert str(refused.value) == (
+        "max_num_batched_tokens (128) must be greater than or equal to max_num_seqs (256)."
+    )
+    with pytest.raises(ValueError, match="--max-num-seqs must be a whole number"):
+        command_batch_limits(command_flags(["--max-num-seqs", "lots"]))
+
+
+def test_a_budget_below_the_context_is_refused_only_with_chunked_prefill_off() -> None:
+    argv = ["--max-num-batched-tokens", "2048", "--max-model-len", "8192"]
+    assert command_batch_limits(command_flags(argv)).max_batched_tokens == 2048
+    with pytest.raises(ValueError, match=r"is smaller than max_model_len \(8192\)"):
+        command_batch_limits(command_flags([*argv, "--no-enable-chunked-prefill"]))

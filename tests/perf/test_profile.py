@@ -46,8 +46,12 @@ def test_the_step_budget_is_vllms_openai_server_default_for_the_gpu() -> None:
     assert serving_profile(A100, 1, 8.0).max_batched_tokens == 2048
     assert serving_profile(L4, 1, 8.0).max_batched_tokens == 2048
     assert serving_profile(L4, 1, 8.0, max_batched_tokens=512).max_batched_tokens == 512
+    # A budget alone lowers the default sequence cap to it (vLLM's EngineArgs: "if
+    # orig_max_num_seqs is None: max_num_seqs = min(max_num_seqs, max_num_batched_tokens)");
+    # a cap given beside a smaller budget is refused, as vLLM's SchedulerConfig does.
+    assert serving_profile(A100, 1, 8.0, max_batched_tokens=16).max_batch == 16
     with pytest.raises(ValueError, match="at least the batch"):
-        serving_profile(A100, 1, 8.0, max_batched_tokens=16)
+        serving_profile(A100, 1, 8.0, max_batched_tokens=16, max_batch=32)
 
 
 def test_a_step_with_a_prompt_chunk_is_one_pass_for_the_decodes_and_the_chunk() -> None:
