@@ -21,7 +21,7 @@ from typing import Any
 from autoscaler.decide.inputs import command_flags, model_size
 from autoscaler.reconcile.provisioner import workload_boot
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
-from catalog.sizing import estimate_model_memory
+from catalog.sizing import command_batch_limits, estimate_model_memory
 from catalog.snapshot import load_bundled
 from providers.engines import CommandError, parallel_size
 
@@ -67,6 +67,7 @@ def runnable_problems(spec: WorkloadSpec) -> list[Problem]:
     try:
         estimate_model_memory(spec.model, spec.engine_command, hint_gib=spec.model_memory_gib)
         model_size(spec)
+        command_batch_limits(command_flags(spec.engine_command))  # what vLLM refuses to start
     except ValueError as exc:
         problems.append(Problem("command", str(exc), spec.command))
     return problems

@@ -102,6 +102,12 @@ REFUSED: list[tuple[str, dict[str, Any], str, str]] = [
         "give it once",
     ),
     (
+        "a step token budget below the sequence cap",
+        {"command": "vllm serve --max-num-batched-tokens 128 --max-num-seqs=256"},
+        "command",
+        "max_num_batched_tokens (128) must be greater than or equal to max_num_seqs (256).",
+    ),
+    (
         "an unknown region",
         {
             "execution_policy": "autoscaling",
