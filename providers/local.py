@@ -42,7 +42,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from catalog.model import Offer, ProviderName
-from catalog.sizing import command_adapters, command_context, command_flags
+from catalog.sizing import (
+    command_adapters,
+    command_batch_limits,
+    command_context,
+    command_flags,
+)
 from providers.base import (
     CLUSTER_TAG,
     BootSpec,
@@ -148,9 +153,15 @@ class EngineSimLauncher:
         if adapters:  # engine-sim takes vLLM's adapter flags, whichever engine was asked
             argv += ["--enable-lora", "--lora-modules"]
             argv += [f"{name}={source}" for name, source in adapters]
-        context = command_context(command_flags(boot.command))
+        flags = command_flags(boot.command)
+        context = command_context(flags)
         if context is not None:  # the window the command gives the real engine
             argv += ["--max-model-len", str(context[0])]
+        limits = command_batch_limits(flags)  # the batch limits it gives the real engine
+        if limits.max_batched_tokens is not None:
+            argv += ["--max-num-batched-tokens", str(limits.max_batched_tokens)]
+        if limits.max_num_seqs is not None:
+            argv += ["--max-num-seqs", str(limits.max_num_seqs)]
         if "--enable-sleep-mode" in boot.command:  # booted to sleep later: serve /sleep too
             argv.append("--enable-sleep-mode")
         # engine-sim reads its key from the environment, which keeps it out of `ps`.

@@ -23,8 +23,13 @@ from providers.engine_sim.config import DEFAULT_GPU, DEFAULT_MODEL, EngineSimCon
     show_default=True, help="2 for bf16, 1 for fp8, 0.5 for 4-bit.",
 )  # fmt: skip
 @click.option(
-    "--max-batch", type=click.IntRange(min=1), default=None,
+    "--max-batch", "--max-num-seqs", "max_batch", type=click.IntRange(min=1), default=None,
     help="Cap on concurrent sequences (default: what the KV cache holds, at most 256).",
+)  # fmt: skip
+@click.option(
+    "--max-num-batched-tokens", "max_batched_tokens", type=click.IntRange(min=1),
+    default=None, help="Tokens one engine step holds, as vLLM's flag (default: vLLM's for "
+    "the GPU, 8192 at 70 GiB or more, else 2048); longer prompts prefill over several steps.",
 )  # fmt: skip
 @click.option(
     "--api-key", envvar="ENGINE_SIM_API_KEY", default=None,
@@ -74,6 +79,7 @@ def command(
     params_b: float,
     bytes_per_param: float,
     max_batch: int | None,
+    max_batched_tokens: int | None,
     api_key: str | None,
     time_scale: float,
     startup_delay: float,
@@ -102,6 +108,7 @@ def command(
             params_b=params_b,
             bytes_per_param=bytes_per_param,
             max_batch=max_batch,
+            max_batched_tokens=max_batched_tokens,
             api_key=api_key,
             time_scale=time_scale,
             startup_delay_s=startup_delay,

@@ -30,6 +30,12 @@ class EngineSimConfig:
     params_b: float = 8.0
     bytes_per_param: float = 2.0
     max_batch: int | None = None
+    """Cap on running sequences (vLLM's ``--max-num-seqs``); unset, what the KV cache
+    holds, at most 256."""
+    max_batched_tokens: int | None = None
+    """Tokens one engine step may hold, decodes and prompt chunks together (vLLM's
+    ``--max-num-batched-tokens``): a longer prompt is prefilled over several steps;
+    unset, vLLM's default for the GPU."""
     api_key: str | None = None
     time_scale: float = 1.0
     startup_delay_s: float = 0.0
@@ -60,6 +66,8 @@ class EngineSimConfig:
             raise ValueError(f"startup_delay_s must be >= 0, got {self.startup_delay_s}")
         if self.fail_after is not None and self.fail_after < 1:
             raise ValueError(f"fail_after must be >= 1, got {self.fail_after}")
+        if self.max_batched_tokens is not None and self.max_batched_tokens < 1:
+            raise ValueError(f"max_batched_tokens must be >= 1, got {self.max_batched_tokens}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.api_key is not None and not self.api_key:
@@ -88,4 +96,5 @@ class EngineSimConfig:
             self.params_b,
             self.bytes_per_param,
             max_batch=self.max_batch,
+            max_batched_tokens=self.max_batched_tokens,
         )

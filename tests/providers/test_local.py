@@ -372,3 +372,25 @@ def test_engine_sim_serves_the_context_window_the_command_gives() -> None:
     windowed = argv("--max-model-len 16384 --enable-prefix-caching")
     assert windowed[windowed.index("--max-model-len") + 1] == "16384"
     assert "--max-model-len" not in argv(None)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "--max-num-batched-tokens 512 --max-num-seqs=64",
+        "--chunked-prefill-size=512 --max-running-requests 64",
+    ],
+)
+def test_engine_sim_gets_the_batch_limits_the_command_gives(command: str) -> None:
+    """The step token budget and sequence cap of the command reach engine-sim in vLLM's
+    spelling, whichever engine's spelling the command used; without them, no flag."""
+    launcher = EngineSimLauncher()
+
+    def argv(command: str | None) -> tuple[str, ...]:
+        boot = boot_spec(backend="vllm", model="m", command=command)
+        return launcher.command(boot, host="127.0.0.1", port=1, offer=OFFER, secrets={}).argv
+
+    limited = argv(command)
+    assert limited[limited.index("--max-num-batched-tokens") + 1] == "512"
+    assert limited[limited.index("--max-num-seqs") + 1] == "64"
+    assert not {"--max-num-batched-tokens", "--max-num-seqs"} & set(argv("--max-model-len 4096"))
