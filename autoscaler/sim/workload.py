@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -16,7 +16,7 @@ from autoscaler.spec import AutoscalingPolicy, WorkloadDocument, WorkloadSpec, d
 from catalog.model import Offer
 from catalog.perf import ModelDoesNotFit, ServingProfile, serving_profile
 from catalog.query import OfferRequest, select_offers
-from catalog.sizing import KNOWN_MODELS, command_context
+from catalog.sizing import KNOWN_MODELS, BatchLimits, command_batch_limits, command_context
 
 LLAMA3_CONTEXT_TOKENS = 131_072
 """Context of a model the sizing table knows no limit for: Llama 3.1's 128k."""
@@ -37,6 +37,8 @@ class SimWorkload:
     params_b: float
     bytes_per_param: float
     max_context_tokens: int
+    batch_limits: BatchLimits = field(default_factory=BatchLimits)
+    """The step token budget and sequence cap the command sets, as engine-sim reads them."""
 
     @property
     def autoscaling(self) -> AutoscalingPolicy | None:
@@ -44,7 +46,14 @@ class SimWorkload:
         return policy if isinstance(policy, AutoscalingPolicy) else None
 
     def profile(self, offer: Offer) -> ServingProfile:
-        return serving_profile(offer.gpu, offer.gpu_count, self.params_b, self.bytes_per_param)
+        return serving_profile(
+            offer.gpu,
+            offer.gpu_count,
+            self.params_b,
+            self.bytes_per_param,
+            max_batch=self.batch_limits.max_num_seqs,
+            max_batched_tokens=self.batch_limits.max_batched_tokens,
+        )
 
 
 def load_workload(path: Path) -> SimWorkload:
@@ -81,7 +90,15 @@ def sim_workload(spec: WorkloadSpec) -> SimWorkload:
         params_b=size.params_b,
         bytes_per_param=size.bytes_per_param,
         max_context_tokens=_context(spec),
+        batch_limits=_batch_limits(spec),
     )
+
+
+def _batch_limits(spec: WorkloadSpec) -> BatchLimits:
+    try:
+        return command_batch_limits(command_flags(spec.engine_command))
+    except ValueError as exc:
+        raise WorkloadFileError(f"workload {spec.slug}: {exc}") from None
 
 
 def _context(spec: WorkloadSpec) -> int:
