@@ -18,10 +18,10 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from autoscaler.decide.inputs import command_flags, model_size
+from autoscaler.decide.inputs import model_size
 from autoscaler.reconcile.provisioner import workload_boot
 from autoscaler.spec import AutoscalingPolicy, WorkloadSpec
-from catalog.sizing import command_batch_limits, estimate_model_memory
+from catalog.sizing import command_batch_limits, command_line_flags, estimate_model_memory
 from catalog.snapshot import load_bundled
 from providers.engines import CommandError, parallel_size
 
@@ -67,7 +67,7 @@ def runnable_problems(spec: WorkloadSpec) -> list[Problem]:
     try:
         estimate_model_memory(spec.model, spec.engine_command, hint_gib=spec.model_memory_gib)
         model_size(spec)
-        command_batch_limits(command_flags(spec.engine_command))  # what vLLM refuses to start
+        command_batch_limits(command_line_flags(spec.engine_command))  # what vLLM refuses to start
     except ValueError as exc:
         problems.append(Problem("command", str(exc), spec.command))
     return problems
@@ -75,8 +75,7 @@ def runnable_problems(spec: WorkloadSpec) -> list[Problem]:
 
 def _parallel_problems(command: str | None) -> list[Problem]:
     problems = []
-    for name, value in command_flags(command).items():
-        flag = name.replace("_", "-")
+    for flag, value in command_line_flags(command).items():
         if flag in PARALLEL_FLAGS and not (value.isdigit() and int(value) >= 1):
             problems.append(
                 Problem(

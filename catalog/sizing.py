@@ -143,7 +143,7 @@ def _estimate_model_memory(
             confidence=Confidence.GIVEN,
             explanation=f"model_memory_gib={hint_gib:g} given by the workload",
         )
-    flags = _flags(command)
+    flags = command_line_flags(command)
     name = model_id.rsplit("/", 1)[-1].casefold()
     known = _lookup(name)
     params_b, confidence, source = _parameters(name, known)
@@ -177,8 +177,10 @@ def _estimate_model_memory(
     )
 
 
-def _flags(command: str | None) -> dict[str, str]:
-    """``--flag value`` and ``--flag=value`` pairs of a launch command."""
+def command_line_flags(command: str | None) -> dict[str, str]:
+    """``--flag value`` and ``--flag=value`` pairs of a command line (a workload's engine
+    command, a launch command), read as :func:`command_flags` reads an argv: the one
+    reading the controller, the simulator, admission and engine-sim share."""
     if not command:
         return {}
     try:

@@ -23,7 +23,6 @@ workload spec (``catalog.sizing``), the figures ``catalog.perf`` needs.
 from __future__ import annotations
 
 import functools
-import shlex
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,7 +35,7 @@ from autoscaler.decide.signals import Signals
 from autoscaler.spec import EndpointType, WorkloadSpec
 from catalog.model import Offer
 from catalog.perf import fastest_single_gpu, serving_profile
-from catalog.sizing import GIB, QUANT_PATTERNS, estimate_model_memory
+from catalog.sizing import GIB, QUANT_PATTERNS, command_line_flags, estimate_model_memory
 from gateway.window import REPLICA_CONCURRENCY_CAP, SignalSnapshot, replica_cap
 
 DEFAULT_CONCURRENCY_CAP = REPLICA_CONCURRENCY_CAP
@@ -314,23 +313,9 @@ def _model_size(model: str, engine_command: str | None) -> ModelSize | None:
 
 
 def _bytes_per_param(model: str, engine_command: str | None) -> float:
-    flags = command_flags(engine_command)
+    flags = command_line_flags(engine_command)
     text = " ".join([model.casefold(), flags.get("dtype", ""), flags.get("quantization", "")])
     for pattern, size, _label in QUANT_PATTERNS:
         if pattern.search(text):
             return size
     return 2.0
-
-
-def command_flags(command: str | None) -> dict[str, str]:
-    """``--name value`` and ``--name=value`` flags of an engine command, by name."""
-    words = shlex.split(command or "")
-    flags: dict[str, str] = {}
-    for index, word in enumerate(words):
-        if not word.startswith("--"):
-            continue
-        name, _, value = word[2:].partition("=")
-        if not value and index + 1 < len(words) and not words[index + 1].startswith("--"):
-            value = words[index + 1]
-        flags[name] = value
-    return flags

@@ -11,12 +11,18 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from autoscaler.decide.inputs import command_flags, model_size
+from autoscaler.decide.inputs import model_size
 from autoscaler.spec import AutoscalingPolicy, WorkloadDocument, WorkloadSpec, describe_errors
 from catalog.model import Offer
 from catalog.perf import ModelDoesNotFit, ServingProfile, serving_profile
 from catalog.query import OfferRequest, select_offers
-from catalog.sizing import KNOWN_MODELS, BatchLimits, command_batch_limits, command_context
+from catalog.sizing import (
+    KNOWN_MODELS,
+    BatchLimits,
+    command_batch_limits,
+    command_context,
+    command_line_flags,
+)
 
 LLAMA3_CONTEXT_TOKENS = 131_072
 """Context of a model the sizing table knows no limit for: Llama 3.1's 128k."""
@@ -96,14 +102,14 @@ def sim_workload(spec: WorkloadSpec) -> SimWorkload:
 
 def _batch_limits(spec: WorkloadSpec) -> BatchLimits:
     try:
-        return command_batch_limits(command_flags(spec.engine_command))
+        return command_batch_limits(command_line_flags(spec.engine_command))
     except ValueError as exc:
         raise WorkloadFileError(f"workload {spec.slug}: {exc}") from None
 
 
 def _context(spec: WorkloadSpec) -> int:
     try:
-        given = command_context(command_flags(spec.engine_command))
+        given = command_context(command_line_flags(spec.engine_command))
     except ValueError as exc:
         raise WorkloadFileError(f"workload {spec.slug}: {exc}") from None
     if given is not None:

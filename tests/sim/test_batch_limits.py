@@ -47,6 +47,15 @@ def test_a_replica_gets_the_budget_and_cap_of_the_command(offers: tuple[Offer, .
     assert chunked.ttft_s > whole.ttft_s
 
 
+def test_the_underscore_spelling_vllm_accepts_is_read_as_engine_sim_reads_it(
+    offers: tuple[Offer, ...],
+) -> None:
+    limited = _workload("--max_num_batched_tokens=64 --max_num_seqs 32")
+    offer = next(o for o in feasible_offers(limited, offers) if o.gpu == "NVIDIA H100 80GB HBM3")
+    replica = limited.profile(offer)
+    assert (replica.max_batched_tokens, replica.max_batch) == (64, 32)
+
+
 def test_a_budget_below_the_cap_is_refused_with_vllms_words() -> None:
     with pytest.raises(WorkloadFileError, match=r"max_num_batched_tokens \(16\) must be"):
         _workload("--max-num-batched-tokens 16 --max-num-seqs 32")
