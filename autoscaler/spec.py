@@ -115,8 +115,12 @@ when a stored spec is read back, so a spec stored before a bound existed keeps r
 (and is refused only when it is applied again)."""
 
 
-def at_apply(check: Callable[[Any], str | None]) -> AfterValidator:
-    """A field validator that runs ``check`` (the problem, or None) only at apply."""
+def at_apply(
+    check: Callable[[Any], str | None], *, raw: bool = False
+) -> AfterValidator | BeforeValidator:
+    """A field validator that runs ``check`` (the problem, or None) only at apply; on the
+    value as given (``raw``: before pydantic coerces it, so ``true`` is not yet ``1``)
+    or on the field's value."""
 
     def validate(value: Any, info: ValidationInfo) -> Any:
         context = info.context
@@ -126,7 +130,7 @@ def at_apply(check: Callable[[Any], str | None]) -> AfterValidator:
                 raise ValueError(problem)
         return value
 
-    return AfterValidator(validate)
+    return BeforeValidator(validate) if raw else AfterValidator(validate)
 
 
 def _number(value: float) -> str:
@@ -308,18 +312,15 @@ def parse_duration(text: str | int) -> int:
     return seconds
 
 
-def _duration_form(value: Any, info: ValidationInfo) -> Any:
-    """At apply, a duration exactly as published: ``1h30m`` (lower case, no spaces) or a
-    whole number of seconds, not ``true``. A stored spec keeps the looser reading of
-    :func:`parse_duration` (``" 1H "``), which specs applied before this check may hold."""
-    context = info.context
-    if isinstance(context, dict) and context.get(APPLY):
-        loose = isinstance(value, str) and not _DURATION_FORM.fullmatch(value)
-        if isinstance(value, bool) or loose:
-            raise ValueError(
-                f"duration {value!r} is not like '1h', '90m', '1h30m' or a whole number of seconds"
-            )
-    return value
+def _duration_form(value: Any) -> str | None:
+    """A duration exactly as published (checked at apply, on the value as given): ``1h30m``
+    (lower case, no spaces) or a whole number of seconds, not ``true``. A stored spec
+    keeps the looser reading of :func:`parse_duration` (``" 1H "``), which specs applied
+    before this check may hold."""
+    loose = isinstance(value, str) and not _DURATION_FORM.fullmatch(value)
+    if isinstance(value, bool) or loose:
+        return f"duration {value!r} is not like '1h', '90m', '1h30m' or a whole number of seconds"
+    return None
 
 
 def _duration_problem(value: str | int) -> str | None:
@@ -452,7 +453,7 @@ class ScheduledPolicy(StrictModel):
     cron: Annotated[str | None, at_apply(_cron_problem)] = None
     window: str | None = None
     duration: Annotated[
-        str | int | None, BeforeValidator(_duration_form), at_apply(_duration_problem)
+        str | int | None, at_apply(_duration_form, raw=True), at_apply(_duration_problem)
     ] = None
     timezone: str = "UTC"
     replicas: Annotated[int, Field(ge=0, strict=True), WHOLE] = 1
