@@ -43,6 +43,9 @@ class FakeCall:
     argument: object
 
 
+_MOVING = frozenset({InstanceState.PENDING, InstanceState.STOPPING})
+
+
 @dataclass(slots=True)
 class _Machine:
     instance: Instance
@@ -81,6 +84,12 @@ class FakeCloud:
         self.visibility_delay_sec = visibility_delay_sec
         self._created_at: dict[str, float] = {}
         self._machines: dict[str, _Machine] = {}
+        self._instances: dict[str, Instance] = {}
+        """Each machine's instance as last settled, in launch order."""
+        self._by_cluster: dict[str | None, dict[str, Instance]] = defaultdict(dict)
+        """The same instances by their cluster tag, so ``list`` reads one cluster's."""
+        self._moving: set[str] = set()
+        """Machines pending or stopping: those a clock's tick may settle."""
         self._by_token: dict[str, str] = {}
         self._interruptions: dict[str, SpotInterruption] = {}
         self._ids = itertools.count(1)
@@ -106,6 +115,7 @@ class FakeCloud:
             private_address=f"10.0.{len(self._machines) // 250}.{len(self._machines) % 250 + 2}",
         )
         self._machines[instance_id] = _Machine(instance, running_at=now + self.boot_seconds)
+        self._keep(instance)
         self._created_at[instance_id] = now
         self._by_token[request.client_token] = instance_id
         return self.get(instance_id)
@@ -116,13 +126,53 @@ class FakeCloud:
             raise KeyError(instance_id)
         return self._settled(machine, self.clock.now())
 
-    @staticmethod
-    def _settled(machine: _Machine, now: float) -> Instance:
+    def _settled(self, machine: _Machine, now: float) -> Instance:
         """The machine as of ``now``: a boot or a stop whose time has come is over."""
-        if machine.instance.state is InstanceState.PENDING and now >= machine.running_at:
-            machine.instance = replace(machine.instance, state=InstanceState.RUNNING)
-        if machine.instance.state is InstanceState.STOPPING and now >= machine.stopped_at:
-            machine.instance = replace(machine.instance, state=InstanceState.STOPPED)
+        instance = machine.instance
+        if instance.state is InstanceState.PENDING and now >= machine.running_at:
+            instance = replace(instance, state=InstanceState.RUNNING)
+        if instance.state is InstanceState.STOPPING and now >= machine.stopped_at:
+            instance = replace(instance, state=InstanceState.STOPPED)
+        if instance is not machine.instance:
+            machine.instance = instance
+            self._keep(instance)
+        return instance
+
+    def _keep(self, instance: Instance) -> None:
+        """Index ``instance`` as its machine's current state. O(1)."""
+        instance_id = instance.instance_id
+        self._instances[instance_id] = instance
+        self._by_cluster[instance.tags.get(CLUSTER_TAG)][instance_id] = instance
+        if instance.state in _MOVING:
+            self._moving.add(instance_id)
+        else:
+            self._moving.discard(instance_id)
+
+    def _settle_due(self) -> None:
+        """Settle every pending or stopping machine as of now. O(those machines)."""
+        now = self.clock.now()
+        for instance_id in builtins.list(self._moving):
+            self._settled(self._machines[instance_id], now)
+
+    def replace_instance(
+        self,
+        instance_id: str,
+        *,
+        state: InstanceState | None = None,
+        private_address: str | None = None,
+    ) -> Instance:
+        """Change what the cloud shows of an instance (its state, or its address after a
+        start), as the provider would on its own."""
+        machine = self._machines[instance_id]
+        instance = machine.instance
+        machine.instance = replace(
+            instance,
+            state=instance.state if state is None else state,
+            private_address=instance.private_address
+            if private_address is None
+            else private_address,
+        )
+        self._keep(machine.instance)
         return machine.instance
 
     def stop(self, instance_id: str, *, action: str) -> None:
@@ -154,24 +204,27 @@ class FakeCloud:
         return self.get(instance_id)
 
     def all(self) -> builtins.list[Instance]:
-        now = self.clock.now()
-        return [self._settled(machine, now) for machine in self._machines.values()]
+        """Every instance the cloud holds, in launch order. O(machines) at C speed, plus
+        O(pending or stopping machines) to settle them."""
+        self._settle_due()
+        return builtins.list(self._instances.values())
+
+    def in_cluster(self, cluster_id: str) -> builtins.list[Instance]:
+        """The instances the API shows now of one cluster (by its tag). O(its instances)
+        at C speed, plus O(pending or stopping machines)."""
+        self._settle_due()
+        instances = self._by_cluster.get(cluster_id, {})
+        if not self.visibility_delay_sec:
+            return builtins.list(instances.values())
+        return [i for i in instances.values() if self.visible(i.instance_id)]
 
     def visible(self, instance_id: str) -> bool:
         """Whether the API shows the instance yet (see ``visibility_delay_sec``)."""
         created = self._created_at.get(instance_id)
         return created is None or self.clock.now() - created >= self.visibility_delay_sec
 
-    def shown(self) -> builtins.list[Instance]:
-        """The instances the API shows now."""
-        if not self.visibility_delay_sec:
-            return self.all()
-        return [i for i in self.all() if self.visible(i.instance_id)]
-
     def set_state(self, instance_id: str, state: InstanceState) -> Instance:
-        machine = self._machines[instance_id]
-        machine.instance = replace(machine.instance, state=state)
-        return machine.instance
+        return self.replace_instance(instance_id, state=state)
 
     def interrupt(self, instance_id: str, *, reason: str = "spot capacity reclaimed") -> None:
         """Reclaim a spot instance as the provider would."""
@@ -193,7 +246,11 @@ class FakeCloud:
 
     def forget(self, instance_id: str) -> None:
         """The provider stops showing the instance at all (after termination)."""
-        self._machines.pop(instance_id, None)
+        if self._machines.pop(instance_id, None) is None:
+            return
+        instance = self._instances.pop(instance_id)
+        self._by_cluster[instance.tags.get(CLUSTER_TAG)].pop(instance_id, None)
+        self._moving.discard(instance_id)
 
 
 class FakeProvider:
@@ -265,7 +322,7 @@ class FakeProvider:
 
     async def list(self, cluster_id: str) -> builtins.list[Instance]:
         self._enter("list", cluster_id, f"listing instances of cluster {cluster_id}")
-        return [i for i in self.cloud.shown() if i.tags.get(CLUSTER_TAG) == cluster_id]
+        return self.cloud.in_cluster(cluster_id)
 
     async def describe(self, instance_id: str) -> Instance:
         action = f"describing {instance_id}"
@@ -280,14 +337,10 @@ class FakeProvider:
     async def find_by_launch_id(self, cluster_id: str, launch_id: str) -> Instance | None:
         self._enter("find_by_launch_id", (cluster_id, launch_id), f"finding launch {launch_id}")
         return pick_for_launch(
-            [
-                i
-                for i in self.cloud.shown()
-                if i.tags.get(CLUSTER_TAG) == cluster_id and i.launch_id == launch_id
-            ]
+            [i for i in self.cloud.in_cluster(cluster_id) if i.launch_id == launch_id]
         )
 
     async def interruptions(self, cluster_id: str) -> builtins.list[SpotInterruption]:
         self._enter("interruptions", cluster_id, f"listing interruptions of {cluster_id}")
-        ids = {i.instance_id for i in self.cloud.all() if i.tags.get(CLUSTER_TAG) == cluster_id}
+        ids = {i.instance_id for i in self.cloud.in_cluster(cluster_id)}
         return [i for i in self.cloud.interruptions() if i.instance_id in ids]

@@ -8,7 +8,6 @@ provider."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -407,8 +406,7 @@ class MovingProvider(FakeProvider):
 
     async def start(self, instance_id: str) -> Instance:
         await super().start(instance_id)
-        machine = self.cloud._machines[instance_id]
-        machine.instance = replace(machine.instance, private_address="10.9.9.9")
+        self.cloud.replace_instance(instance_id, private_address="10.9.9.9")
         raise Crash
 
 
