@@ -117,3 +117,29 @@ def test_only_spot_instances_can_be_interrupted() -> None:
     instance = cloud.create(make_request(FakeHarness(), cluster_id="c1"), "fake")
     with pytest.raises(ValueError, match="on-demand"):
         cloud.interrupt(instance.instance_id)
+
+
+async def test_lists_show_each_machine_as_of_the_clock_whichever_call_read_it_last() -> None:
+    clock = ManualClock()
+    cloud = FakeCloud(clock=clock, boot_seconds=60, stop_seconds=30)
+    provider = FakeProvider(cloud)
+    first = await provider.launch(make_request(FakeHarness(), cluster_id="c1"))
+    second = await provider.launch(make_request(FakeHarness(), cluster_id="c1"))
+    await provider.launch(make_request(FakeHarness(), cluster_id="c2"))
+
+    clock.advance(60)  # both boots are over, though no call has read either since
+    assert [i.state for i in await provider.list("c1")] == [InstanceState.RUNNING] * 2
+    await provider.stop(first.instance_id)
+    assert (await provider.describe(second.instance_id)).state is InstanceState.RUNNING
+    assert [i.state for i in await provider.list("c1")] == [
+        InstanceState.STOPPING,
+        InstanceState.RUNNING,
+    ]
+
+    clock.advance(30)
+    assert [i.state for i in cloud.all()] == [
+        InstanceState.STOPPED,
+        InstanceState.RUNNING,
+        InstanceState.RUNNING,
+    ]
+    assert [i.instance_id for i in await provider.list("c2")] == [cloud.all()[2].instance_id]
