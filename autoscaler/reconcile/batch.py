@@ -86,7 +86,7 @@ from autoscaler.reconcile.changes import (
     step_on_facts,
 )
 from autoscaler.reconcile.deps import Deps, log
-from autoscaler.reconcile.fleet import Fleet, WorkloadFacts
+from autoscaler.reconcile.fleet import Fleet, WorkloadFacts, in_keys
 from autoscaler.reconcile.ledger import Facts, FleetSpend
 from autoscaler.reconcile.observe import Observation
 from autoscaler.reconcile.provisioner import (
@@ -392,11 +392,15 @@ async def _write_intents(
 
 async def _still_as_read(s: AsyncSession, workloads: Sequence[WorkloadFacts]) -> set[int]:
     """The ids of these workloads whose row is as the pass read it (live, same spec),
-    each locked ``FOR SHARE`` until the transaction ends: one query."""
+    each locked ``FOR SHARE`` until the transaction ends: one query, its ids one array
+    parameter on PostgreSQL (``fleet.in_keys``). O(len(workloads))."""
     read = {w.id: (w.generation, w.spec_hash) for w in workloads}
     found = await s.execute(
         select(Workload.id, Workload.generation, Workload.spec_hash)
-        .where(Workload.id.in_(list(read)), Workload.deleted_at.is_(None))
+        .where(
+            in_keys(Workload.id, list(read), s.get_bind().dialect.name),
+            Workload.deleted_at.is_(None),
+        )
         .with_for_update(read=True)
     )
     return {wid for wid, generation, spec_hash in found if read[wid] == (generation, spec_hash)}

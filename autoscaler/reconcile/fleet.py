@@ -24,8 +24,19 @@ from datetime import datetime
 from operator import attrgetter
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import ColumnElement, DateTime, Text, func, select, text, type_coerce
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Text,
+    any_,
+    bindparam,
+    func,
+    select,
+    text,
+    type_coerce,
+)
 from sqlalchemy import cast as sql_cast
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
@@ -551,8 +562,19 @@ async def _column_by_key(
     """``column`` of the rows whose ``key`` is in ``keys``, read in ``IN`` lists of
     :data:`_KEY_BATCH`: O(len(keys))."""
     found: dict[_K, _V] = {}
+    dialect = session.get_bind().dialect.name
     for start in range(0, len(keys), _KEY_BATCH):
         chunk = list(keys[start : start + _KEY_BATCH])
-        rows = await session.execute(select(key, column).where(key.in_(chunk)))
+        rows = await session.execute(select(key, column).where(in_keys(key, chunk, dialect)))
         found.update((k, v) for k, v in rows)
     return found
+
+
+def in_keys(key: InstrumentedAttribute[_K], keys: list[_K], dialect: str) -> ColumnElement[bool]:
+    """``key`` is one of ``keys``: on PostgreSQL ``key = ANY(:keys)``, one array
+    parameter, so the statement is the same whatever the count and is not rendered
+    again for each list (an ``IN`` list's parameters are); elsewhere ``key IN (...)``.
+    The same rows either way. O(len(keys)) to bind."""
+    if dialect == "postgresql":
+        return key == any_(bindparam(None, keys, type_=ARRAY(key.type)))
+    return key.in_(keys)
