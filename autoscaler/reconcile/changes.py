@@ -81,11 +81,11 @@ several controllers sharing the store: every workload is compared, every candida
 replicas probed, as without the cache.
 
 Cost per pass, incremental: O(changed + queued + due + moved workloads and their rows)
-to compare, O(instances listed) to diff the providers' lists (a dict of states built,
-then compared at C speed), O(workloads) at C speed to pick this pass's probe slice, the
-probes of a sixth of the ready replicas and of the booting ones, an autoscaling
-workload's pure step, and one query for the engine keys and specs this controller has
-not read yet. After a full read: O(workloads + open rows) in memory, one health probe
+to compare, O(instances listed) to diff the providers' lists (their states, read by
+``observe`` with the instances, compared at C speed), O(workloads) at C speed to pick
+this pass's probe slice, the probes of a sixth of the ready replicas and of the booting
+ones, an autoscaling workload's pure step, and one query for the engine keys and specs
+this controller has not read yet. After a full read: O(workloads + open rows) in memory, one health probe
 per ready or booting replica of a workload not queued for other reasons.
 """
 
@@ -243,10 +243,7 @@ def _listing_moved(deps: Deps, observed: Observation) -> set[str] | None:
     pass (new, gone or moved); ``None``: the set of providers that answered changed
     (every workload is compared). O(instances listed)."""
     memory = deps.memory
-    states = {
-        name: {instance_id: i.state for instance_id, i in instances.items()}
-        for name, instances in observed.by_provider.items()
-    }
+    states = observed.states
     last, memory.listed = memory.listed, states
     if last is None or last.keys() != states.keys():
         return None

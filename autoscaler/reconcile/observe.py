@@ -6,7 +6,14 @@ from dataclasses import dataclass, field
 
 from autoscaler.reconcile.deps import Deps, log
 from autoscaler.reconcile.notices import share_notices
-from providers.base import Instance, ProviderError, SpotInterruption, SpotNoticeSource, utc
+from providers.base import (
+    Instance,
+    InstanceState,
+    ProviderError,
+    SpotInterruption,
+    SpotNoticeSource,
+    utc,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,13 +29,20 @@ class Observation:
 
     by_provider: dict[str, dict[str, Instance]]
     notices: dict[str, SpotInterruption] = field(default_factory=dict)
+    states: dict[str, dict[str, InstanceState]] = field(default_factory=dict)
+    """The same instances' states, by provider and instance id: what a pass diffs against
+    the last pass's (``reconcile.changes``)."""
 
     def knows(self, provider: str) -> bool:
         return provider in self.by_provider
 
 
 async def observe(deps: Deps) -> Observation:
+    """List each provider's instances of this cluster once. O(instances listed): each
+    instance is read once, for both maps (at tens of thousands of instances, reading
+    each object again costs about as much as the first read)."""
     seen: dict[str, dict[str, Instance]] = {}
+    states: dict[str, dict[str, InstanceState]] = {}
     for name, entry in deps.providers.entries.items():
         try:
             instances = await entry.provider.list(deps.settings.cluster_id)
@@ -36,13 +50,19 @@ async def observe(deps: Deps) -> Observation:
             count_provider_error(deps, provider=name, operation="list", error=exc)
             log.warning("listing %s instances failed: %s", name, exc)
             continue
-        seen[name] = {i.instance_id: i for i in instances}
+        by_id: dict[str, Instance] = {}
+        state_of: dict[str, InstanceState] = {}
+        for instance in instances:
+            instance_id = instance.instance_id
+            by_id[instance_id] = instance
+            state_of[instance_id] = instance.state
+        seen[name], states[name] = by_id, state_of
     received = await _notices(deps)
     if deps.shards is None:
         notices = {instance_id: notice for instance_id, (_, notice) in received.items()}
     else:  # a queue's message went to this controller, the instance's may be another
         notices = await share_notices(deps, received, now=utc(deps.clock.now()))
-    return Observation(by_provider=seen, notices=notices)
+    return Observation(by_provider=seen, notices=notices, states=states)
 
 
 async def _notices(deps: Deps) -> dict[str, tuple[str, SpotInterruption]]:
