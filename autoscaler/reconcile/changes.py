@@ -85,8 +85,9 @@ to compare, O(instances listed) to diff the providers' lists (their states, read
 ``observe`` with the instances, compared at C speed), O(workloads) at C speed to pick
 this pass's probe slice, the probes of a sixth of the ready replicas and of the booting
 ones, an autoscaling workload's pure step, and one query for the engine keys and specs
-this controller has not read yet. After a full read: O(workloads + open rows) in memory, one health probe
-per ready or booting replica of a workload not queued for other reasons.
+this controller has not read yet. After a full read: O(workloads + open rows) in memory,
+one health probe per ready or booting replica of a workload not queued for other
+reasons.
 """
 
 from __future__ import annotations
