@@ -63,7 +63,7 @@ from datetime import datetime
 from operator import itemgetter
 from typing import Any, cast
 
-from sqlalchemy import Table, bindparam, insert, inspect, select, update
+from sqlalchemy import JSON, Table, bindparam, insert, inspect, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import configure_mappers
 
@@ -369,7 +369,7 @@ async def _write_intents(
             unchanged = await _still_as_read(s, [b.workload for b in launches])
             written = [b for b in launches if b.workload.id in unchanged]
             if written:
-                await s.execute(insert(_INSTANCES), [_values(b.row) for b in written])
+                await s.execute(insert(_INSTANCES), _intent_params([b.row for b in written]))
                 await s.execute(insert(_DECISIONS), [e for b in written for e in b.entries])
             await s.commit()
     except Exception as exc:  # written or not, the full steps find out from the store
@@ -428,11 +428,32 @@ _ROWS = inspect(LedgerRow).class_manager
 
 _COLUMN_VALUES = itemgetter(*_COLUMNS)
 
+_ALWAYS_WRITTEN = frozenset(
+    c.key
+    for c in _INSTANCES.columns
+    if c.default is not None or c.server_default is not None or isinstance(c.type, JSON)
+)
+"""The columns an intent insert names even where every row leaves them ``None``: one
+with a default would take it if left out, and a JSON one holds JSON ``null`` for
+``None`` where left out it holds SQL ``NULL``."""
 
-def _values(row: LedgerRow) -> dict[str, Any]:
-    """The intent's column values, read from a :func:`_detached_row` (which holds every
-    column): not through the ORM's attribute instrumentation."""
-    return dict(zip(_COLUMNS, _COLUMN_VALUES(vars(row)), strict=True))
+
+def _intent_params(rows: Sequence[LedgerRow]) -> list[dict[str, Any]]:
+    """The intents' column values, read from :func:`_detached_row`s (which hold every
+    column), not through the ORM's attribute instrumentation. A column every row
+    leaves ``None`` is left out (SQL ``NULL`` is what the insert writes there either
+    way, and no bind processor runs on it), except those of :data:`_ALWAYS_WRITTEN`.
+    O(rows x columns)."""
+    if not rows:
+        return []
+    table = zip(*(_COLUMN_VALUES(vars(row)) for row in rows), strict=True)  # by column
+    kept = [
+        (column, values)
+        for column, values in zip(_COLUMNS, table, strict=True)
+        if column in _ALWAYS_WRITTEN or values.count(None) < len(values)
+    ]
+    columns = [column for column, _ in kept]
+    return [dict(zip(columns, row, strict=True)) for row in zip(*(v for _, v in kept), strict=True)]
 
 
 async def _call(deps: Deps, launches: Sequence[_Launch], *, started: float, now: datetime) -> None:
