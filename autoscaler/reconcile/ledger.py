@@ -17,7 +17,7 @@ from autoscaler.decide.scaling import FleetCounts
 from autoscaler.decide.step import phase_counts
 from autoscaler.decide.warm import ParkMode, StartSample, WarmPolicy, start_sample
 from autoscaler.reconcile.deps import log
-from autoscaler.reconcile.fleet import SLEEP_FLAG, RowFacts
+from autoscaler.reconcile.fleet import SLEEP_FLAG, RowFacts, in_keys
 from autoscaler.store.models import Decision, Workload
 from autoscaler.store.models import Instance as LedgerRow
 from autoscaler.store.phase import phase_of, spot_warned
@@ -48,13 +48,14 @@ async def failed_boots_closed_since(
 ) -> list[LedgerRow]:
     """These workloads' replicas closed at or after ``since`` that were never ready and
     whose ``last_error`` starts with ``marker`` (a failed boot), oldest first: by the
-    ``workload_id`` index, in ``IN`` lists of at most 5,000 ids."""
+    ``workload_id`` index, at most 5,000 ids a query (``fleet.in_keys``)."""
     found: list[LedgerRow] = []
+    dialect = session.get_bind().dialect.name
     for start in range(0, len(workload_ids), 5_000):
         found += await session.scalars(
             select(LedgerRow)
             .where(
-                LedgerRow.workload_id.in_(list(workload_ids[start : start + 5_000])),
+                in_keys(LedgerRow.workload_id, list(workload_ids[start : start + 5_000]), dialect),
                 LedgerRow.terminated_confirmed_at >= since,
                 LedgerRow.ready_at.is_(None),
                 LedgerRow.last_error.startswith(marker, autoescape=True),
