@@ -209,12 +209,13 @@ class FakeCloud:
         self._settle_due()
         return builtins.list(self._instances.values())
 
-    def in_cluster(self, cluster_id: str) -> builtins.list[Instance]:
-        """The instances the API shows now of one cluster (by its tag). O(its instances)
-        at C speed, plus O(pending or stopping machines)."""
+    def in_cluster(self, cluster_id: str, *, shown: bool = True) -> builtins.list[Instance]:
+        """The instances of one cluster (by its tag): those the API shows now, or with
+        ``shown=False`` every one, new ones still hidden by ``visibility_delay_sec``
+        included. O(its instances) at C speed, plus O(pending or stopping machines)."""
         self._settle_due()
         instances = self._by_cluster.get(cluster_id, {})
-        if not self.visibility_delay_sec:
+        if not shown or not self.visibility_delay_sec:
             return builtins.list(instances.values())
         return [i for i in instances.values() if self.visible(i.instance_id)]
 
@@ -342,5 +343,5 @@ class FakeProvider:
 
     async def interruptions(self, cluster_id: str) -> builtins.list[SpotInterruption]:
         self._enter("interruptions", cluster_id, f"listing interruptions of {cluster_id}")
-        ids = {i.instance_id for i in self.cloud.in_cluster(cluster_id)}
+        ids = {i.instance_id for i in self.cloud.in_cluster(cluster_id, shown=False)}
         return [i for i in self.cloud.interruptions() if i.instance_id in ids]

@@ -405,7 +405,8 @@ async def _read_fleet(
             # without fresh statistics (a table autovacuum has not analyzed since the
             # fleet grew) estimates a third of the table and scans all of it: at 30,000
             # rows and their dead versions, 20-30 ms a query instead of well under one.
-            # Index and bitmap scans only, for this transaction's two reads.
+            # Index and bitmap scans only, for this transaction: the two reads by
+            # revision and the lookups by key that follow them.
             await connection.execute(text("SET LOCAL enable_seqscan = off"))
         rows_query = select(*columns).where(_written_since(LedgerRow.revision, cache))
         workloads_query = select(*_workload_columns(postgres)).where(

@@ -28,10 +28,10 @@ class Observation:
     """
 
     by_provider: dict[str, dict[str, Instance]]
-    notices: dict[str, SpotInterruption] = field(default_factory=dict)
-    states: dict[str, dict[str, InstanceState]] = field(default_factory=dict)
+    states: dict[str, dict[str, InstanceState]]
     """The same instances' states, by provider and instance id: what a pass diffs against
     the last pass's (``reconcile.changes``)."""
+    notices: dict[str, SpotInterruption] = field(default_factory=dict)
 
     def knows(self, provider: str) -> bool:
         return provider in self.by_provider

@@ -143,3 +143,14 @@ async def test_lists_show_each_machine_as_of_the_clock_whichever_call_read_it_la
         InstanceState.RUNNING,
     ]
     assert [i.instance_id for i in await provider.list("c2")] == [cloud.all()[2].instance_id]
+
+
+async def test_an_interruption_is_reported_while_the_new_instance_is_not_listed_yet() -> None:
+    cloud = FakeCloud(visibility_delay_sec=30)
+    provider = FakeProvider(cloud)
+    instance = await provider.launch(make_request(FakeHarness(), cluster_id="c1", spot=True))
+    cloud.interrupt(instance.instance_id)
+
+    assert await provider.list("c1") == []  # not shown yet
+    assert [i.instance_id for i in await provider.interruptions("c1")] == [instance.instance_id]
+    assert await provider.interruptions("c2") == []
