@@ -229,7 +229,12 @@ def fleet_counts(
 
 def phase_counts(views: Sequence[ReplicaView], *, warm: WarmPolicy | None = None) -> FleetCounts:
     """:func:`fleet_counts` of plain replica views (the reconciler's decision log)."""
-    phases = [v.phase for v in views if not in_refill(v, warm)]
+    return counts_of_phases([v.phase for v in views if not in_refill(v, warm)])
+
+
+def counts_of_phases(phases: Sequence[ReplicaPhase]) -> FleetCounts:
+    """Ready, booting (pending included) and draining replicas among ``phases``, each a
+    replica's counted phase (``decide.plan.counted_phase``). O(len(phases))."""
     return FleetCounts(
         ready=phases.count(ReplicaPhase.READY),
         booting=phases.count(ReplicaPhase.PENDING) + phases.count(ReplicaPhase.BOOTING),

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from autoscaler.decide.plan import ReplicaPhase, ReplicaView, counted_phase
 from autoscaler.decide.scaling import FleetCounts
-from autoscaler.decide.step import phase_counts
+from autoscaler.decide.step import counts_of_phases, phase_counts
 from autoscaler.decide.warm import ParkMode, StartSample, WarmPolicy, start_sample
 from autoscaler.reconcile.deps import log
 from autoscaler.reconcile.fleet import SLEEP_FLAG, RowFacts, in_keys
@@ -296,18 +296,13 @@ def fleet_counts(rows: Sequence[Facts], *, warm: WarmPolicy | None = None) -> Fl
     if warm is not None:
         views = [replica_view(r, in_flight=0) for r in rows if r.group_role != "worker"]
         return phase_counts(views, warm=warm)
-    ready = booting = draining = 0
-    for r in rows:
-        if r.group_role == "worker":
-            continue
-        phase = counted_phase(ReplicaPhase(phase_of(r).value), warned=spot_warned(r))
-        if phase is ReplicaPhase.READY:
-            ready += 1
-        elif phase is ReplicaPhase.PENDING or phase is ReplicaPhase.BOOTING:
-            booting += 1
-        elif phase is ReplicaPhase.DRAINING:
-            draining += 1
-    return FleetCounts(ready=ready, booting=booting, draining=draining)
+    return counts_of_phases(
+        [
+            counted_phase(ReplicaPhase(phase_of(r).value), warned=spot_warned(r))
+            for r in rows
+            if r.group_role != "worker"
+        ]
+    )
 
 
 def record_decision(
