@@ -84,10 +84,9 @@ class FakeCloud:
         self.visibility_delay_sec = visibility_delay_sec
         self._created_at: dict[str, float] = {}
         self._machines: dict[str, _Machine] = {}
-        self._instances: dict[str, Instance] = {}
-        """Each machine's instance as last settled, in launch order."""
         self._by_cluster: dict[str | None, dict[str, Instance]] = defaultdict(dict)
-        """The same instances by their cluster tag, so ``list`` reads one cluster's."""
+        """Each machine's instance as last settled, by its cluster tag, in launch order, so
+        ``list`` reads one cluster's."""
         self._moving: set[str] = set()
         """Machines pending or stopping: those a clock's tick may settle."""
         self._by_token: dict[str, str] = {}
@@ -141,7 +140,6 @@ class FakeCloud:
     def _keep(self, instance: Instance) -> None:
         """Index ``instance`` as its machine's current state. O(1)."""
         instance_id = instance.instance_id
-        self._instances[instance_id] = instance
         self._by_cluster[instance.tags.get(CLUSTER_TAG)][instance_id] = instance
         if instance.state in _MOVING:
             self._moving.add(instance_id)
@@ -204,10 +202,10 @@ class FakeCloud:
         return self.get(instance_id)
 
     def all(self) -> builtins.list[Instance]:
-        """Every instance the cloud holds, in launch order. O(machines) at C speed, plus
-        O(pending or stopping machines) to settle them."""
+        """Every instance the cloud holds, in launch order. O(machines), plus O(pending
+        or stopping machines) to settle them."""
         self._settle_due()
-        return builtins.list(self._instances.values())
+        return [machine.instance for machine in self._machines.values()]
 
     def in_cluster(self, cluster_id: str, *, shown: bool = True) -> builtins.list[Instance]:
         """The instances of one cluster (by its tag): those the API shows now, or with
@@ -247,10 +245,10 @@ class FakeCloud:
 
     def forget(self, instance_id: str) -> None:
         """The provider stops showing the instance at all (after termination)."""
-        if self._machines.pop(instance_id, None) is None:
+        machine = self._machines.pop(instance_id, None)
+        if machine is None:
             return
-        instance = self._instances.pop(instance_id)
-        self._by_cluster[instance.tags.get(CLUSTER_TAG)].pop(instance_id, None)
+        self._by_cluster[machine.instance.tags.get(CLUSTER_TAG)].pop(instance_id, None)
         self._moving.discard(instance_id)
 
 
