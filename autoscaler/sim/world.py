@@ -12,7 +12,10 @@ terminated if still booting or parked in a warm pool (asleep), and the replaceme
 the pool's refill) launched by the same step. A ready
 one keeps taking requests until its replacement is ready or until
 ``decide.plan.SPOT_DRAIN_MARGIN_S`` before the reclaim, whichever comes first
-(``decide.plan.heed_spot_notice``), then drains.
+(``decide.plan.heed_spot_notice``), then drains. The warm fleet, bought
+:data:`WARM_LEAD_S` before time 0, is heeded the same way: a warning before time 0 wakes
+the controller, which steps from then on with the warm fleet's count (no traffic before
+time 0 to measure), so what the cloud reclaims of it is replaced before the trace starts.
 
 Every random draw comes from generators seeded by ``seed``: the cloud's (stock-outs, boot
 times, spot lifetimes) and the gateway's (balancing ties).
@@ -103,6 +106,10 @@ SAMPLE_INTERVAL_S = 10.0
 
 WARM_LEAD_S = 1800.0
 """Warm-start replicas are bought this long before time 0; billing starts at time 0."""
+
+WARM_FLEET_REASON = "the warm fleet: the count the traffic before time 0 asked for"
+"""The count a step before time 0 is given: the simulator has no traffic before time 0
+to measure, and the warm fleet is what the policy held for it."""
 
 WARM_START_ATTEMPTS = 8
 """Offers tried per warm-start replica before the warm fleet is left smaller."""
@@ -377,6 +384,8 @@ class World:
         )
         self._launches = 0
         self._desired = initial_replicas
+        self._warm_count = initial_replicas
+        """The count the controller holds before time 0 (:data:`WARM_FLEET_REASON`)."""
         # When each serving engine next produces a first token or a finish. Engines are
         # advanced lazily (only when due or when a request is submitted), which is exact:
         # between its own events an engine's state evolves deterministically.
@@ -427,7 +436,8 @@ class World:
             return self._run()
 
     def _run(self) -> Outcomes:
-        start_cost = self.cloud.cost_usd()
+        start_cost: float | None = None  # spent by time 0, where billing starts
+        start_parked = 0.0
         pending = list(self.records)
         n, i = len(pending), 0
         next_tick = 0.0
@@ -452,6 +462,11 @@ class World:
             if t >= self.hot_spots.due_s:
                 self.hot_spots.observe_until(t, self._serving_loads())
             self._set_time(t)
+            if start_cost is None and t >= 0.0:
+                # The warm fleet, and anything the controller bought or ended before time
+                # 0 (a warning heeded), is billed from time 0: this moment, since the
+                # first sample and the replay's first step are at time 0.
+                start_cost, start_parked = self.cloud.cost_usd(), self._parked_usd(t)
             if engine_due <= t:
                 self._engine_events(t)
             if machine_due <= t:
@@ -463,9 +478,11 @@ class World:
             self._dispatch(t)
             if self._notice_due:
                 # A warning wakes the controller at once, as the instance's report through
-                # the boot callback (or the provider's queue) wakes the reconciler's loop.
+                # the boot callback (or the provider's queue) wakes the reconciler's loop;
+                # before time 0 too: the controller runs while the warm fleet waits for
+                # the traffic, and from the first warning on it steps as always.
                 self._notice_due = False
-                next_tick = min(next_tick, max(t, 0.0))  # the first step is at time 0
+                next_tick = min(next_tick, t)
             if self._demand_at_zero:
                 # The gateway tells the controller at once of a request with no replica
                 # ready (``Gateway(on_demand=...)`` wakes its loop), once a second at most.
@@ -475,6 +492,8 @@ class World:
                 requeue = self._tick(t)
                 self._ticked_s = t
                 next_tick = t + min(self.policy.interval_s, requeue or math.inf)
+                if t < 0.0:
+                    next_tick = min(next_tick, 0.0)  # the replay's first step is at time 0
             if t >= next_sample:
                 self._sample(t)
                 next_sample = t + SAMPLE_INTERVAL_S
@@ -503,14 +522,14 @@ class World:
             ],
             timeline=self.timeline,
             events=self.events,
-            cost_usd=self.cloud.cost_usd() - start_cost,
+            cost_usd=0.0 if start_cost is None else self.cloud.cost_usd() - start_cost,
             gpu_hours=self._gpu_hours(end),
             end_s=end,
             prefix_queries_tokens=queries,
             prefix_hits_tokens=hits,
             hot_spot_requests=self.hot_spots.worst_requests,
             hot_spot_work=self.hot_spots.worst_work,
-            parked_usd=self._parked_usd(end),
+            parked_usd=self._parked_usd(end) - start_parked,
             start_times={path: list(times) for path, times in self._starts.items()},
             resumes=dict(self._resumes),
         )
@@ -834,7 +853,12 @@ class World:
         view = self._view_now(t)
         shipped = isinstance(self.policy, ControllerPolicy) and self.policy.shipped
         count = None
-        if not shipped:
+        if t < 0.0:
+            # Before time 0 (a warning woke the controller) there is no traffic to
+            # measure: the count is the warm fleet's, which the policy held for the
+            # traffic before the trace, and the step replaces what the cloud takes of it.
+            count = (self._warm_count, WARM_FLEET_REASON)
+        elif not shipped:
             want = self.policy.desired(
                 ControlView(
                     now_s=t,

@@ -1,17 +1,20 @@
 """A spot machine's warning reaches the simulated controller before the reclaim, and it
 acts as the reconciler does: the market skipped, the replacement launched by the same
 step, the warned replica serving new requests until its replacement is ready or the
-drain margin before the reclaim, then drained."""
+drain margin before the reclaim, then drained; before the trace starts too, for the
+warm fleet."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
+
 from autoscaler.decide.plan import SPOT_DRAIN_MARGIN_S
 from autoscaler.sim.gateway import Outcome
-from autoscaler.sim.policies import static_policy
+from autoscaler.sim.policies import ControllerPolicy, static_policy
 from autoscaler.sim.workload import SimWorkload
-from autoscaler.sim.world import CloudSettings, ScaleEvent, World
+from autoscaler.sim.world import WARM_LEAD_S, CloudSettings, ScaleEvent, World
 from catalog.model import Offer, ProviderName
 from providers.base import SPOT_NOTICE_LEAD_S
 from tests.sim.conftest import constant
@@ -63,14 +66,16 @@ def _served_on(world: World) -> tuple[int, int]:
         # The replacement is bought by the same step, away from the warned spot market.
         [launch] = _at(world.events, "launch", notice.t)
         assert f"{warned.offer.key} spot" not in launch.detail
+        # The drain at the margin is due at the reclaim's time less the margin, as the
+        # step's datetimes carry it (to the microsecond).
         drain_at = warned.interrupt_s - SPOT_DRAIN_MARGIN_S
-        assert notice.t < warned.drain_s <= drain_at
+        assert notice.t < warned.drain_s <= drain_at + 1e-6
         # It took requests that arrived after the warning, until its drain.
         assert any(
             r.replica == launch_id and notice.t < r.arrival_s < warned.drain_s
             for r in world.records
         )
-        if warned.drain_s == drain_at:
+        if warned.drain_s == pytest.approx(drain_at, abs=1e-6):
             at_margin += 1
             continue
         # Drained before the margin only once a replica ready since the warning serves,
@@ -105,7 +110,7 @@ def test_a_warned_replica_serves_until_its_replacement_is_ready(
 
 def test_a_gce_warning_drains_at_once(workload: SimWorkload, offers: tuple[Offer, ...]) -> None:
     """GCE's 30 s warning is within the drain margin: no time to serve on."""
-    world = _world(workload, offers, seed=4)
+    world = _world(workload, offers, seed=5)
     world.run()
     gce = [e for e in world.events if e.kind == "notice" and e.t >= 0 and "gcp/" in e.detail]
     assert len(gce) >= 2
@@ -124,3 +129,51 @@ def test_a_run_with_warnings_is_the_same_for_a_seed(
         (e.t, e.kind, e.detail) for e in again.events
     ]
     assert first.cost_usd == again.cost_usd
+
+
+def _warm_ours(workload: SimWorkload, offers: tuple[Offer, ...], *, seed: int) -> World:
+    """Our controller on two warm spot replicas, bought 30 minutes before the traffic,
+    at 2 reclaims a machine-hour: the warm fleet is warned before time 0."""
+    return World(
+        workload=workload,
+        offers=offers,
+        policy=ControllerPolicy(spec=workload.spec),
+        requests=constant(rps=2.0, seconds=600),
+        seed=seed,
+        cloud=RECLAIMING,
+        allow_spot=True,
+        initial_replicas=2,
+    )
+
+
+def test_a_warm_replica_warned_before_the_trace_is_replaced_before_it(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    """The controller runs while the warm fleet waits for the traffic: a warning then is
+    heeded as during the replay, so the fleet meets the first request at its warm size."""
+    world = _warm_ours(workload, offers, seed=6)
+    outcomes = world.run()
+    [notice] = [e for e in outcomes.events if e.kind == "notice"]
+    assert -WARM_LEAD_S < notice.t < -300.0  # a warm replica, well before the trace
+    # The replacement is bought at the warning, away from the warned spot market.
+    warned = world.replicas[notice.detail.split()[0]]
+    [launch] = _at(outcomes.events, "launch", notice.t)
+    assert f"{warned.offer.key} spot" not in launch.detail
+    first = outcomes.timeline[0]
+    assert first.t == 0.0 and (first.ready, first.booting, first.draining) == (2, 0, 0)
+    assert all(r.ttft_s is not None and r.ttft_s < 1.0 for r in outcomes.records)
+
+
+def test_what_the_controller_buys_before_the_trace_is_billed_from_time_0(
+    workload: SimWorkload, offers: tuple[Offer, ...]
+) -> None:
+    """Replacements bought and warned machines ended before time 0 are billed as the
+    warm fleet is: for the time they run after time 0."""
+    world = _warm_ours(workload, offers, seed=7)
+    outcomes = world.run()
+    assert sum(1 for e in outcomes.events if e.kind == "launch" and e.t < 0) > 2
+    held = 0.0
+    for r in world.replicas.values():
+        stop = min(x for x in (r.ended_s, r.interrupt_s, outcomes.end_s) if x is not None)
+        held += max(0.0, stop - max(r.intent_s, 0.0)) * r.usd_per_hour / 3600.0
+    assert outcomes.cost_usd == pytest.approx(held)
