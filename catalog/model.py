@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 
 class ProviderName(StrEnum):
@@ -38,7 +39,7 @@ class GpuModel:
     aliases: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Offer:
     """A rentable instance type in one zone, priced per hour in USD (the total, GPUs included).
 
@@ -57,12 +58,16 @@ class Offer:
     spot_usd_per_hour: float | None = None
     labels: tuple[tuple[str, str], ...] = field(default=())
 
-    @property
+    @cached_property
     def key(self) -> str:
         """A stable identity: provider/zone/instance type.
 
         GCP N1 machines take GPUs as attachments, so one machine type carries several
         offers; for those (label ``accelerator_type``) the key adds ``+COUNTxTYPE``.
+        Formatted once per offer and kept (placement ranks every feasible offer by it on
+        every pass; the offer is frozen, so the key cannot go stale): O(labels) the first
+        time, O(1) after. Kept outside the dataclass fields, so equality, hashing and
+        ``asdict`` are unchanged.
         """
         base = f"{self.provider.value}/{self.zone}/{self.instance_type}"
         attached = self.label("accelerator_type")

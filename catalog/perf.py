@@ -71,6 +71,7 @@ The continuous-batching engine that runs on a profile is ``catalog.engine``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -118,6 +119,9 @@ TP_EFFICIENCY_NVLINK = 0.9
 TP_EFFICIENCY_PCIE = 0.75
 
 _GIB = 1024**3
+
+SERVING_PROFILES_KEPT = 1024
+"""The most serving profiles :func:`serving_profile` keeps (a few hundred bytes each)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +311,7 @@ def _kv_capacity_tokens(
     return max(int(free // kv_per_token), 0)
 
 
+@functools.lru_cache(maxsize=SERVING_PROFILES_KEPT)
 def serving_profile(
     gpu: str,
     gpu_count: int,
@@ -326,6 +331,11 @@ def serving_profile(
     given alone, a budget below the batch the KV cache allows lowers the batch to it.
     Raises ``ValueError`` for an unknown GPU or bad numbers, and :class:`ModelDoesNotFit`
     when the model leaves no room for even one sequence's KV cache.
+
+    A pure function of its arguments returning a frozen value, so the last
+    :data:`SERVING_PROFILES_KEPT` profiles asked for are kept and handed out again:
+    placement and the scaling rules ask for the same few shapes on every pass (an
+    error is not kept; it is raised again each time).
     """
     spec = gpu_spec(gpu)
     _check_sizes(gpu_count=gpu_count, params_b=params_b, bytes_per_param=bytes_per_param)

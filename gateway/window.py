@@ -14,6 +14,7 @@ a measurement does not say, live here too: :data:`REPLICA_CONCURRENCY_CAP`,
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections import deque
@@ -92,8 +93,11 @@ def prompt_bucket(tokens: int) -> int:
     return bucket if bucket_tokens(bucket) >= tokens else bucket + 1
 
 
+@functools.lru_cache(maxsize=1024)
 def bucket_tokens(bucket: int) -> int:
-    """The longest prompt bucket ``bucket`` holds (tokens)."""
+    """The longest prompt bucket ``bucket`` holds (tokens): computed once per bucket and
+    kept (the histogram's readers ask it of every bucket on every read; a histogram of
+    prompts up to 2^64 tokens has fewer buckets than the 1024 kept)."""
     bound: float = 2.0 ** (bucket / PROMPT_BUCKETS_PER_DOUBLING)
     return math.floor(bound + 1e-9)
 

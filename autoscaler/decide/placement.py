@@ -355,20 +355,19 @@ def choose_offer(
         return Placement(reason=f"no offer fits: {_counts(skipped) or 'no candidate offers'}")
     zones = Counter(current_zones)
     regions = Counter(_region_of(z, priced) for z in current_zones)
-
-    def order(p: _Priced, *, by_fleet: bool) -> tuple[object, ...]:
-        return (
-            _tail_rank(p, tail_share_required),
-            _speed_rank(p, prefill_budget_s),
-            _rank(p, zones=zones, regions=regions, by_fleet=by_fleet),
-        )
-
-    best = min(priced, key=functools.partial(order, by_fleet=False))
+    orders = functools.partial(
+        _orders,
+        zones=zones,
+        regions=regions,
+        required=tail_share_required,
+        budget_s=prefill_budget_s,
+    )
+    best = _first_least(priced, orders(priced, by_fleet=False))
     # The measured load may step down to a smaller replica that carries it for less,
     # never up to a dearer one: more load is more replicas (the scaling rules' part).
     smaller = [p for p in priced if p.usd_per_hour <= best.usd_per_hour + 1e-9]
     if any(p.fleet_usd_per_hour is not None for p in smaller):
-        best = min(smaller, key=functools.partial(order, by_fleet=True))
+        best = _first_least(smaller, orders(smaller, by_fleet=True))
     reason = _chosen_reason(best, among=len(priced), zones=zones, skipped=skipped)
     reason += _tail_reason(best, priced, tail_share_required, prefill_budget_s)
     if best.too_slow(prefill_budget_s):
@@ -415,6 +414,56 @@ def _rank(
         offer.key,
         p.market.value,
     )
+
+
+_Order = tuple[tuple[bool, float], tuple[bool, float], tuple[object, ...]]
+
+
+def _orders(
+    priced: Sequence[_Priced],
+    *,
+    zones: Counter[str],
+    regions: Counter[str],
+    required: float | None,
+    budget_s: float | None,
+    by_fleet: bool,
+) -> list[_Order]:
+    """Each option's place in :func:`choose_offer`'s order: the tail rule
+    (:func:`_tail_rank`), then the prefill budget (:func:`_speed_rank`), then price and
+    spread (:func:`_rank`), the same tuples those give, formed in one O(options) pass
+    with each option's fields read once (placement ranks every feasible offer on every
+    pass of the controller)."""
+    orders: list[_Order] = []
+    for p in priced:
+        option, usd = p.option, p.usd_per_hour
+        offer, capacity, share = option.offer, option.capacity_rps, option.tail_share
+        prefill, needed = option.prefill_s, option.replicas_needed
+        short = required is not None and share is not None and share < required - 1e-9
+        slow = budget_s is not None and prefill is not None and prefill > budget_s
+        fleet = None if not by_fleet or needed is None else needed * usd
+        orders.append(
+            (
+                (True, -(share or 0.0)) if short else (False, 0.0),
+                (True, prefill or 0.0) if slow else (False, 0.0),
+                (
+                    capacity is None,
+                    fleet is None,
+                    round(fleet or 0.0, 9),
+                    round(usd / capacity, 9) if capacity else round(usd, 9),
+                    zones.get(offer.zone, 0),
+                    regions.get(offer.region, 0),
+                    usd,
+                    offer.key,
+                    p.market.value,
+                ),
+            )
+        )
+    return orders
+
+
+def _first_least(priced: Sequence[_Priced], orders: Sequence[_Order]) -> _Priced:
+    """The first option of least order, as ``min(priced, key=...)`` picks it."""
+    return priced[min(range(len(orders)), key=orders.__getitem__)]
 
 
 def _tail_rank(p: _Priced, required: float | None) -> tuple[bool, float]:

@@ -377,19 +377,33 @@ def burst_floor(
     return (0, None) if worst is None else (worst.replicas, worst)
 
 
-def fleet_need(
-    capacity: ReplicaCapacity, signals: Signals, *, now: datetime, policy: AutoscalingPolicy
-) -> int:
-    """Replicas of ``capacity`` the measured load needs, at least one: the larger of the
-    load rule at the busier of the last minute and the busiest minute of the scale-down
-    window (:func:`load_need`) and the burst floor (:func:`burst_floor`), the counts a
-    scale-down keeps (``decide.scaling``). Placement prices a fleet of each GPU shape by
-    it. O(samples in the window)."""
-    upper = policy.upper_allowed_latency_sec
-    rate = max(
+def fleet_rate(signals: Signals, *, now: datetime, policy: AutoscalingPolicy) -> float:
+    """The rate :func:`fleet_need` sizes a fleet for: the busier of the last minute
+    (:func:`recent_rate`) and the busiest minute of the scale-down window
+    (:func:`peak_rate`). O(samples in the window); the same for every GPU shape."""
+    return max(
         recent_rate(signals, now=now),
         peak_rate(signals, now=now, over_s=policy.scale_down_time_window_sec),
     )
+
+
+def fleet_need(
+    capacity: ReplicaCapacity,
+    signals: Signals,
+    *,
+    now: datetime,
+    policy: AutoscalingPolicy,
+    rate: float | None = None,
+) -> int:
+    """Replicas of ``capacity`` the measured load needs, at least one: the larger of the
+    load rule at :func:`fleet_rate` (:func:`load_need`) and the burst floor
+    (:func:`burst_floor`), the counts a scale-down keeps (``decide.scaling``). Placement
+    prices a fleet of each GPU shape by it, and passes ``rate`` (``fleet_rate`` of the
+    same signals, moment and policy) read once for all the shapes. O(samples in the
+    window)."""
+    upper = policy.upper_allowed_latency_sec
+    if rate is None:
+        rate = fleet_rate(signals, now=now, policy=policy)
     by_rate, _ = load_need(capacity, signals, now=now, upper_s=upper, rate=rate)
     by_burst, _ = burst_floor(capacity, signals, now=now, policy=policy)
     return max(by_rate, by_burst, 1)

@@ -63,7 +63,7 @@ from autoscaler.decide.plan import (
     plan_actions,
     refill_wanted,
 )
-from autoscaler.decide.queueing import fleet_need
+from autoscaler.decide.queueing import fleet_need, fleet_rate
 from autoscaler.decide.scaling import (
     Direction,
     FleetCounts,
@@ -887,17 +887,24 @@ def _replicas_needed(
     """Per GPU shape, the replicas of it the measured load needs (``queueing.fleet_need``,
     the counts a scale-down keeps), for placement to price a fleet of each shape; ``None``
     for a workload not autoscaled, of a model of unknown size, or with no request
-    answered in the gateway's window."""
+    answered in the gateway's window. The rate the fleets are sized for is the same for
+    every shape: read once (O(samples in the window)), then O(samples) per shape for the
+    burst floor alone."""
     size = model_size(view.spec)
     signals = view.measured.signals
     if policy is None or size is None or not signals.answered_samples:
         return None
     mix = view.measured.token_mix
     cap = concurrency_cap_of(view.spec, view.measured)
+    rates: list[float] = []  # ``fleet_rate``, read by the first shape asked, kept for the rest
 
     def needed(shape: GpuShape) -> int | None:
         capacity = replica_capacity(shape, model=size, mix=mix, concurrency_cap=cap)
-        return None if capacity is None else fleet_need(capacity, signals, now=now, policy=policy)
+        if capacity is None:
+            return None
+        if not rates:
+            rates.append(fleet_rate(signals, now=now, policy=policy))
+        return fleet_need(capacity, signals, now=now, policy=policy, rate=rates[0])
 
     return needed
 
