@@ -967,17 +967,30 @@ def tail_shares(
         return {}
     measured = histogram if _measured_tail(histogram) else None
 
-    def within(profile: ServingProfile, tokens: int) -> bool:
-        bound = max(target_s, PREFILL_TTFT_FACTOR * fastest.prefill_seconds(tokens))
-        return profile.prefill_seconds(tokens) <= bound
-
     def share(profile: ServingProfile) -> float:
-        longest = longest_within(functools.partial(within, profile))
+        longest = _longest_in_time(profile, fastest, target_s)
         if measured is not None:
             return share_within(measured, longest) or 0.0
         return prompt_share_below(longest, mean_tokens, scv)
 
     return {shape: share(p) for shape, p in profiles.items()}
+
+
+@functools.lru_cache(maxsize=1024)
+def _longest_in_time(profile: ServingProfile, fastest: ServingProfile, target_s: float) -> int:
+    """The longest prompt ``profile`` prefills alone within its SLO bound, ``max(target_s,
+    PREFILL_TTFT_FACTOR x`` its prefill on ``fastest``)`` (:func:`longest_within`).
+
+    It depends on the two profiles (frozen values) and the target only, not on the
+    prompts measured, so it is kept: a bisection of O(log TAIL_MAX_TOKENS) prefill times
+    the first time a shape is judged against a target, O(1) after (placement judges every
+    shape on every pass)."""
+
+    def within(tokens: int) -> bool:
+        bound = max(target_s, PREFILL_TTFT_FACTOR * fastest.prefill_seconds(tokens))
+        return profile.prefill_seconds(tokens) <= bound
+
+    return longest_within(within)
 
 
 def _measured_tail(histogram: Mapping[int, int] | None) -> bool:
