@@ -311,7 +311,7 @@ def _kv_capacity_tokens(
     return max(int(free // kv_per_token), 0)
 
 
-@functools.lru_cache(maxsize=SERVING_PROFILES_KEPT)
+@functools.lru_cache(maxsize=SERVING_PROFILES_KEPT, typed=True)
 def serving_profile(
     gpu: str,
     gpu_count: int,
@@ -335,7 +335,9 @@ def serving_profile(
     A pure function of its arguments returning a frozen value, so the last
     :data:`SERVING_PROFILES_KEPT` profiles asked for are kept and handed out again:
     placement and the scaling rules ask for the same few shapes on every pass (an
-    error is not kept; it is raised again each time).
+    error is not kept; it is raised again each time). They are kept by the arguments'
+    values and types: ``True`` or ``1.0`` equals ``1`` as a key, and a ``gpu_count`` of
+    either is refused whatever was asked before.
     """
     spec = gpu_spec(gpu)
     _check_sizes(gpu_count=gpu_count, params_b=params_b, bytes_per_param=bytes_per_param)

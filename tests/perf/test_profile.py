@@ -120,6 +120,15 @@ def test_bad_sizes_are_named(kwargs: dict[str, float], message: str) -> None:
         )
 
 
+@pytest.mark.parametrize("gpu_count", [True, 1.0])
+def test_a_gpu_count_not_a_whole_number_is_refused_after_a_good_one(gpu_count: object) -> None:
+    """The profiles kept for their arguments do not let a count equal to 1 but not a
+    whole number (``True``, ``1.0``) through once 1 GPU was asked for."""
+    assert serving_profile(A100, 1, 8.0).gpu_count == 1
+    with pytest.raises(ValueError, match="gpu_count"):
+        serving_profile(A100, gpu_count, 8.0)
+
+
 def test_every_gpu_in_the_table_has_figures_that_agree_on_memory() -> None:
     for gpu in all_gpus():
         spec = gpu_spec(gpu.display_name)
