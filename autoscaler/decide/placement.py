@@ -397,25 +397,6 @@ def _blocked(unavailable: Mapping[str, datetime], key: str, now: datetime) -> bo
     return until is not None and until > now
 
 
-def _rank(
-    p: _Priced, *, zones: Counter[str], regions: Counter[str], by_fleet: bool
-) -> tuple[bool, bool, float, float, int, int, float, str, str]:
-    offer = p.option.offer
-    fleet = p.fleet_usd_per_hour if by_fleet else None
-    return (
-        p.option.capacity_rps is None,
-        fleet is None,
-        # Rounded so that float noise does not break a tie that should spread zones.
-        round(fleet or 0.0, 9),
-        round(p.cost_per_capacity, 9) if p.option.capacity_rps else round(p.usd_per_hour, 9),
-        zones[offer.zone],
-        regions[offer.region],
-        p.usd_per_hour,
-        offer.key,
-        p.market.value,
-    )
-
-
 _Order = tuple[tuple[bool, float], tuple[bool, float], tuple[object, ...]]
 
 
@@ -428,23 +409,25 @@ def _orders(
     budget_s: float | None,
     by_fleet: bool,
 ) -> list[_Order]:
-    """Each option's place in :func:`choose_offer`'s order: the tail rule
-    (:func:`_tail_rank`), then the prefill budget (:func:`_speed_rank`), then price and
-    spread (:func:`_rank`), the same tuples those give, formed in one O(options) pass
-    with each option's fields read once (placement ranks every feasible offer on every
-    pass of the controller)."""
+    """Each option's place in :func:`choose_offer`'s order, the one home of that order:
+    first the tail rule (options serving the ``required`` share of prompts in time; short
+    of it, the highest share first), then the prefill budget (options within
+    ``budget_s``; beyond it, the fastest first), then price and spread: known capacity,
+    the measured load's fleet price (``by_fleet``), the cost per capacity, the fewest
+    replicas already in the zone and the region, the price, then the offer's key and
+    market for a stable tie. Prices are rounded so that float noise does not break a tie
+    that should spread zones. One O(options) pass, each option's fields read once
+    (placement ranks every feasible offer on every pass of the controller)."""
     orders: list[_Order] = []
     for p in priced:
         option, usd = p.option, p.usd_per_hour
         offer, capacity, share = option.offer, option.capacity_rps, option.tail_share
         prefill, needed = option.prefill_s, option.replicas_needed
-        short = required is not None and share is not None and share < required - 1e-9
-        slow = budget_s is not None and prefill is not None and prefill > budget_s
         fleet = None if not by_fleet or needed is None else needed * usd
         orders.append(
             (
-                (True, -(share or 0.0)) if short else (False, 0.0),
-                (True, prefill or 0.0) if slow else (False, 0.0),
+                (True, -(share or 0.0)) if p.short_of_tail(required) else (False, 0.0),
+                (True, prefill or 0.0) if p.too_slow(budget_s) else (False, 0.0),
                 (
                     capacity is None,
                     fleet is None,
@@ -466,14 +449,6 @@ def _first_least(priced: Sequence[_Priced], orders: Sequence[_Order]) -> _Priced
     return priced[min(range(len(orders)), key=orders.__getitem__)]
 
 
-def _tail_rank(p: _Priced, required: float | None) -> tuple[bool, float]:
-    """Options serving the required share of prompts first; short of it, the highest
-    share first."""
-    if p.short_of_tail(required):
-        return True, -(p.option.tail_share or 0.0)
-    return False, 0.0
-
-
 def _tail_reason(
     best: _Priced, priced: Sequence[_Priced], required: float | None, budget_s: float | None
 ) -> str:
@@ -486,38 +461,33 @@ def _tail_reason(
             f"; it prefills {share:.2%} of prompts within their TTFT bound, short of the "
             f"{required:.2%} required, and no option does better"
         )
-    passed_over = [
-        p
-        for p in priced
-        if p.short_of_tail(required)
-        and (_speed_rank(p, budget_s), _rank(p, zones=Counter(), regions=Counter(), by_fleet=False))
-        < (
-            _speed_rank(best, budget_s),
-            _rank(best, zones=Counter(), regions=Counter(), by_fleet=False),
+    # The order without the tail rule and the spread: what would have come first.
+    orders = [
+        order[1:]
+        for order in _orders(
+            priced,
+            zones=Counter(),
+            regions=Counter(),
+            required=None,
+            budget_s=budget_s,
+            by_fleet=False,
         )
+    ]
+    mine = orders[priced.index(best)]
+    passed_over = [
+        (order, i)
+        for i, (p, order) in enumerate(zip(priced, orders, strict=True))
+        if p.short_of_tail(required) and order < mine
     ]
     if not passed_over:
         return ""
-    cheaper = min(
-        passed_over,
-        key=lambda p: (
-            _speed_rank(p, budget_s),
-            _rank(p, zones=Counter(), regions=Counter(), by_fleet=False),
-        ),
-    )
+    cheaper = priced[min(passed_over)[1]]
     offer = cheaper.option.offer
     return (
         f"; {offer.gpu_count} x {offer.gpu} is cheaper per capacity but prefills only "
         f"{cheaper.option.tail_share or 0.0:.2%} of prompts within their TTFT bound "
         f"(< {required:.2%} required; this one {share:.2%})"
     )
-
-
-def _speed_rank(p: _Priced, budget_s: float | None) -> tuple[bool, float]:
-    """Options within the prefill budget first; beyond it, the fastest first."""
-    if p.too_slow(budget_s):
-        return True, p.option.prefill_s or 0.0
-    return False, 0.0
 
 
 def _region_of(zone: str, priced: Sequence[_Priced]) -> str:
