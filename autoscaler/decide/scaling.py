@@ -162,6 +162,9 @@ class FleetCounts:
     ready: int = 0
     booting: int = 0
     draining: int = 0
+    warned: int = 0
+    """Of the draining, those drained because their provider warned it will reclaim the
+    machine (``decide.plan.counted_phase``): lost to the provider, not dropped by a rule."""
 
     @property
     def serving_or_soon(self) -> int:
@@ -181,6 +184,10 @@ class ScaleMemory:
     rebalance: Rebalance | None = None
     """A replacement under way (``decide.step``: of a misfit shape, or on a cheaper
     offer); ``None``: none."""
+    held: int | None = None
+    """The replicas the last decision left the fleet at (its desired count): a hold keeps
+    them when the provider takes some (a spot warning), rather than the fewer left;
+    ``None``: no decision yet (a controller just started holds what it finds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,7 +319,10 @@ def desired_replicas(
         or _up(ctx, up_window)
         or _down(ctx, down_window)
     )
-    return _throughput_floor(ctx, _spot_spare(ctx, decision or ctx.hold()))
+    decided = _throughput_floor(ctx, _spot_spare(ctx, decision or ctx.hold()))
+    if decided.memory.held == decided.desired:
+        return decided
+    return replace(decided, memory=replace(decided.memory, held=decided.desired))
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,13 +380,27 @@ class _Context:
         )
 
     def hold(self) -> ScaleDecision:
-        desired = self.clamp(self.current)
-        if desired != self.current:
-            bound = "min_workers floor" if desired > self.current else "max_workers"
-            return self.decide(
-                desired, Direction.HOLD, f"{self.current} replicas -> {desired}: the {bound}"
+        """Keep the fleet as the last decision left it: the replicas serving or booting,
+        and those of them the provider has since warned it will reclaim, whose
+        replacements the plan then launches (at most as many as the last decision held;
+        none once a replacement serves or boots). Within the policy's bounds."""
+        kept, replaced = self.current, ""
+        held, warned = self.memory.held, self.fleet.warned
+        if warned and held is not None and held > kept:
+            kept = min(held, kept + warned)
+            replaced = (
+                f"; {kept - self.current} of {warned} replica(s) warned of a spot reclaim "
+                f"replaced (the fleet held {held})"
             )
-        return self.decide(desired, Direction.HOLD, f"hold at {desired}: {self.latency_text()}")
+        desired = self.clamp(kept)
+        if desired != kept:
+            bound = "min_workers floor" if desired > kept else "max_workers"
+            return self.decide(
+                desired, Direction.HOLD, f"{kept} replicas -> {desired}: the {bound}{replaced}"
+            )
+        return self.decide(
+            desired, Direction.HOLD, f"hold at {desired}: {self.latency_text()}{replaced}"
+        )
 
     def latency_text(self) -> str:
         p = self.policy
@@ -413,6 +437,7 @@ def _remember(ctx: _Context) -> ScaleMemory:
     return ScaleMemory(
         breach_since=(memory.breach_since or now) if breach else None,
         calm_since=(memory.calm_since or now) if calm else None,
+        held=memory.held,
     )
 
 

@@ -228,17 +228,28 @@ def fleet_counts(
 
 
 def phase_counts(views: Sequence[ReplicaView], *, warm: WarmPolicy | None = None) -> FleetCounts:
-    """:func:`fleet_counts` of plain replica views (the reconciler's decision log)."""
-    return counts_of_phases([v.phase for v in views if not in_refill(v, warm)])
+    """:func:`fleet_counts` of plain replica views (the reconciler's decision log), with
+    the draining ones warned of a spot reclaim counted apart too. O(len(views))."""
+    counted = [v for v in views if not in_refill(v, warm)]
+    return counts_of_phases([v.phase for v in counted], warned=[v.warned for v in counted])
 
 
-def counts_of_phases(phases: Sequence[ReplicaPhase]) -> FleetCounts:
+def counts_of_phases(phases: Sequence[ReplicaPhase], *, warned: Sequence[bool] = ()) -> FleetCounts:
     """Ready, booting (pending included) and draining replicas among ``phases``, each a
-    replica's counted phase (``decide.plan.counted_phase``). O(len(phases))."""
+    replica's counted phase (``decide.plan.counted_phase``), and of the draining those
+    ``warned`` of a spot reclaim (``warned[i]`` for ``phases[i]``; none when empty).
+    O(len(phases))."""
     return FleetCounts(
         ready=phases.count(ReplicaPhase.READY),
         booting=phases.count(ReplicaPhase.PENDING) + phases.count(ReplicaPhase.BOOTING),
         draining=phases.count(ReplicaPhase.DRAINING),
+        warned=sum(
+            1
+            for phase, w in zip(phases, warned, strict=True)
+            if w and phase is ReplicaPhase.DRAINING
+        )
+        if warned
+        else 0,
     )
 
 

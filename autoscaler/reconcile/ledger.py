@@ -296,12 +296,14 @@ def fleet_counts(rows: Sequence[Facts], *, warm: WarmPolicy | None = None) -> Fl
     if warm is not None:
         views = [replica_view(r, in_flight=0) for r in rows if r.group_role != "worker"]
         return phase_counts(views, warm=warm)
+    counted = [r for r in rows if r.group_role != "worker"]
+    warned = [spot_warned(r) for r in counted]
     return counts_of_phases(
         [
-            counted_phase(ReplicaPhase(phase_of(r).value), warned=spot_warned(r))
-            for r in rows
-            if r.group_role != "worker"
-        ]
+            counted_phase(ReplicaPhase(phase_of(r).value), warned=w)
+            for r, w in zip(counted, warned, strict=True)
+        ],
+        warned=warned,
     )
 
 

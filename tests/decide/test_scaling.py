@@ -807,3 +807,51 @@ def test_queue_need_is_the_fewest_servers_whose_wait_quantile_fits(
         rate=rate, service_s=service_s, service_scv=service_scv, wait_s=wait_s, quantile=quantile
     )
     assert need == servers
+
+
+def test_a_hold_keeps_the_replicas_a_spot_warning_takes() -> None:
+    """Three replicas held with TTFT within bounds; the provider warns one of them of its
+    reclaim. The hold keeps three, so the plan replaces it, and no more than that: not
+    while its replacement boots, nor once it serves beside the warned one still draining."""
+    p = policy(min_workers=1)
+    signals = busy(0.5, T0)
+    first = desired_replicas(
+        policy=p, signals=signals, fleet=FleetCounts(ready=3), memory=ScaleMemory(), now=T0
+    )
+    assert (first.desired, first.direction) == (3, Direction.HOLD)
+    assert first.memory.held == 3
+    later = T0 + timedelta(seconds=5)
+    warned = desired_replicas(
+        policy=p,
+        signals=signals,
+        fleet=FleetCounts(ready=2, draining=1, warned=1),
+        memory=first.memory,
+        now=later,
+    )
+    assert (warned.desired, warned.direction) == (3, Direction.HOLD)
+    assert "1 of 1 replica(s) warned of a spot reclaim replaced (the fleet held 3)" in (
+        warned.reason
+    )
+    for fleet in (
+        FleetCounts(ready=2, booting=1, draining=1, warned=1),  # its replacement boots
+        FleetCounts(ready=3, draining=1, warned=1),  # its replacement serves
+    ):
+        again = desired_replicas(
+            policy=p, signals=signals, fleet=fleet, memory=warned.memory, now=later
+        )
+        assert again.desired == 3, fleet
+
+
+def test_a_hold_without_a_decision_before_keeps_what_it_finds_when_warned() -> None:
+    """A controller just started has no count held: a warned replica is not replaced by
+    the hold (only by a rule that asks for it), and the floor still applies."""
+    p = policy(min_workers=1)
+    decision = desired_replicas(
+        policy=p,
+        signals=busy(0.5, T0),
+        fleet=FleetCounts(ready=2, draining=1, warned=1),
+        memory=ScaleMemory(),
+        now=T0,
+    )
+    assert decision.desired == 2
+    assert "warned" not in decision.reason

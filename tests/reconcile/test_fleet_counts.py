@@ -1,7 +1,7 @@
 """The scale decision's log counts a workload's replicas as the step does: ready,
 booting (pending intents too) and draining, a ready replica warned of its spot reclaim
-(with or without its time) draining, a group once (its leader), a warm pool refill in
-none."""
+(with or without its time) draining and counted as warned, a group once (its leader), a
+warm pool refill in none."""
 
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ ROWS = [
 
 
 def test_the_replicas_are_counted_by_phase() -> None:
-    assert fleet_counts(ROWS) == FleetCounts(ready=2, booting=3, draining=3)
+    # Of the three draining, two were warned of their spot reclaim (timed or not).
+    assert fleet_counts(ROWS) == FleetCounts(ready=2, booting=3, draining=3, warned=2)
 
 
 @pytest.mark.parametrize("warm", [None, warm_policy_of(autoscaling("chat", warm_pool={}))])
