@@ -416,14 +416,19 @@ def _orders(
     the measured load's fleet price (``by_fleet``), the cost per capacity, the fewest
     replicas already in the zone and the region, the price, then the offer's key and
     market for a stable tie. Prices are rounded so that float noise does not break a tie
-    that should spread zones. One O(options) pass, each option's fields read once
-    (placement ranks every feasible offer on every pass of the controller)."""
+    that should spread zones. A short tail, a slow prefill, the fleet price and the cost
+    per capacity are the options' own (:class:`_Priced`). One O(options) pass (placement
+    ranks every feasible offer on every pass of the controller)."""
     orders: list[_Order] = []
     for p in priced:
         option, usd = p.option, p.usd_per_hour
-        offer, capacity, share = option.offer, option.capacity_rps, option.tail_share
-        prefill, needed = option.prefill_s, option.replicas_needed
-        fleet = None if not by_fleet or needed is None else needed * usd
+        offer, capacity, share, prefill = (
+            option.offer,
+            option.capacity_rps,
+            option.tail_share,
+            option.prefill_s,
+        )
+        fleet = p.fleet_usd_per_hour if by_fleet else None
         orders.append(
             (
                 (True, -(share or 0.0)) if p.short_of_tail(required) else (False, 0.0),
@@ -432,7 +437,7 @@ def _orders(
                     capacity is None,
                     fleet is None,
                     round(fleet or 0.0, 9),
-                    round(usd / capacity, 9) if capacity else round(usd, 9),
+                    round(p.cost_per_capacity, 9) if capacity else round(usd, 9),
                     zones.get(offer.zone, 0),
                     regions.get(offer.region, 0),
                     usd,

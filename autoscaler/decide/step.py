@@ -907,15 +907,13 @@ def _replicas_needed(
         return None
     mix = view.measured.token_mix
     cap = concurrency_cap_of(view.spec, view.measured)
-    rates: list[float] = []  # ``fleet_rate``, read by the first shape asked, kept for the rest
+    rate = fleet_rate(signals, now=now, policy=policy)
 
     def needed(shape: GpuShape) -> int | None:
         capacity = replica_capacity(shape, model=size, mix=mix, concurrency_cap=cap)
         if capacity is None:
             return None
-        if not rates:
-            rates.append(fleet_rate(signals, now=now, policy=policy))
-        return fleet_need(capacity, signals, now=now, policy=policy, rate=rates[0])
+        return fleet_need(capacity, signals, now=now, policy=policy, rate=rate)
 
     return needed
 
